@@ -1,0 +1,61 @@
+"""rag-rerank-plugins: shared, thread-safe reranker and embedder handles for RAG apps.
+
+Importing the package is cheap: names resolve on first use (as in langchain_core), so torch,
+transformers, sentence-transformers, LangChain and LlamaIndex load only when a model or adapter
+that needs them is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .exceptions import (
+        ConfigurationError,
+        InferenceError,
+        InvalidInputError,
+        MissingDependencyError,
+        ModelLoadError,
+        ModelNotFoundError,
+        ModelReleasedError,
+        RagRerankError,
+        UnknownBackendError,
+    )
+    from .pool import ModelHandle, ModelPool, get_pool
+    from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
+
+_LAZY: dict[str, str] = {
+    "ModelSpec": "spec",
+    "DEFAULT_RERANKER": "spec",
+    "DEFAULT_EMBEDDER": "spec",
+    "ModelPool": "pool",
+    "ModelHandle": "pool",
+    "get_pool": "pool",
+    "RagRerankError": "exceptions",
+    "ConfigurationError": "exceptions",
+    "UnknownBackendError": "exceptions",
+    "InvalidInputError": "exceptions",
+    "MissingDependencyError": "exceptions",
+    "ModelLoadError": "exceptions",
+    "ModelNotFoundError": "exceptions",
+    "ModelReleasedError": "exceptions",
+    "InferenceError": "exceptions",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,107 @@
+"""Backend registry: backend name -> kind and (lazily imported) loader.
+
+Built-in backends are listed by module path so that naming one costs nothing until it loads;
+heavy libraries (torch, sentence-transformers, FlagEmbedding) are imported by the loader only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass
+
+from ..exceptions import UnknownBackendError
+from .base import EmbedderModel, Kind, LoadedModel, Loader, RerankerModel
+
+__all__ = [
+    "BackendInfo",
+    "EmbedderModel",
+    "LoadedModel",
+    "Loader",
+    "RerankerModel",
+    "backend_info",
+    "available_backends",
+    "get_loader",
+    "register_backend",
+]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    kind: Kind
+    target: str | Loader  # "module:function" for built-ins, a callable for registered ones
+    description: str = ""
+
+
+_lock = threading.Lock()
+_REGISTRY: dict[str, BackendInfo] = {}
+
+
+def _builtin(name: str, kind: Kind, target: str, description: str) -> None:
+    _REGISTRY[name] = BackendInfo(name, kind, target, description)
+
+
+_builtin(
+    "cross-encoder",
+    "reranker",
+    "rag_rerank_plugins.backends.st_cross_encoder:load",
+    "sentence-transformers CrossEncoder (extra: st)",
+)
+_builtin(
+    "sentence-transformers",
+    "embedder",
+    "rag_rerank_plugins.backends.st_embedder:load",
+    "sentence-transformers SentenceTransformer (extra: st)",
+)
+_builtin(
+    "bi-encoder",
+    "reranker",
+    "rag_rerank_plugins.backends.bi_encoder:load",
+    "cosine similarity of shared embedder vectors (extra: st)",
+)
+_builtin(
+    "fake-reranker",
+    "reranker",
+    "rag_rerank_plugins.testing:load_fake_reranker",
+    "deterministic word-overlap reranker for tests, no dependencies",
+)
+_builtin(
+    "fake-embedder",
+    "embedder",
+    "rag_rerank_plugins.testing:load_fake_embedder",
+    "deterministic hashing embedder for tests, no dependencies",
+)
+
+
+def register_backend(
+    name: str, loader: Loader, kind: Kind, *, description: str = "", replace: bool = False
+) -> None:
+    """Add a backend. ``loader(spec, pool)`` returns a RerankerModel or EmbedderModel."""
+    if kind not in ("reranker", "embedder"):
+        raise ValueError(f"kind must be 'reranker' or 'embedder', got {kind!r}")
+    with _lock:
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"Backend {name!r} is already registered; pass replace=True.")
+        _REGISTRY[name] = BackendInfo(name, kind, loader, description)
+
+
+def available_backends() -> dict[str, BackendInfo]:
+    return dict(_REGISTRY)
+
+
+def backend_info(name: str) -> BackendInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownBackendError(name, list(_REGISTRY)) from None
+
+
+def get_loader(name: str) -> Loader:
+    """The loader callable for ``name``; imports the backend module on first use."""
+    target = backend_info(name).target
+    if callable(target):
+        return target
+    module_name, func_name = target.split(":")
+    loader: Loader = getattr(importlib.import_module(module_name), func_name)
+    return loader

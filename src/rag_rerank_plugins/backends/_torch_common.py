@@ -1,0 +1,62 @@
+"""Shared loading steps for torch-based backends: imports, dtype, eval mode, error mapping.
+
+Every torch backend loads the same way: import lazily (clear error if the extra is missing), put
+the weights on one device in the policy's dtype, switch to ``eval()`` with gradients off, and turn
+"not found offline" into :class:`ModelNotFoundError` with instructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from ..exceptions import MissingDependencyError, ModelLoadError, ModelNotFoundError
+from ..spec import ModelSpec
+
+__all__ = ["import_optional", "loading_errors", "prepare_module", "torch_dtype"]
+
+
+def import_optional(module: str, package: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise MissingDependencyError naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] != module.split(".")[0]:
+            raise  # a broken install of something else: show the real error
+        raise MissingDependencyError(package, extra, purpose) from exc
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def prepare_module(module: Any, dtype: str) -> Any:
+    """eval() + no grad on every parameter + the chosen dtype. Returns the module."""
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    current = next(iter(module.parameters()), None)
+    wanted = torch_dtype(dtype)
+    if current is not None and current.dtype != wanted:
+        module.to(wanted)
+    return module
+
+
+@contextlib.contextmanager
+def loading_errors(spec: ModelSpec) -> Iterator[None]:
+    """Map library errors at load time to this package's exceptions."""
+    try:
+        yield
+    except (MissingDependencyError, ModelLoadError):
+        raise
+    except OSError as exc:
+        if spec.is_local_path:
+            raise ModelLoadError(spec.model, spec.backend, exc) from exc
+        raise ModelNotFoundError(spec.model, spec.backend, exc) from exc
+    except Exception as exc:
+        raise ModelLoadError(spec.model, spec.backend, exc) from exc

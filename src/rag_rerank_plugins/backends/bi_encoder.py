@@ -1,0 +1,58 @@
+"""Bi-encoder reranker (``backend="bi-encoder"``): cosine similarity of shared embeddings.
+
+Why it exists: it reranks with any embedding model (no cross-encoder weights needed, so it works
+offline with the packaged MiniLM), and it reuses the *same* pooled embedder handle that the
+retriever already embeds with, so it costs no extra memory. Scores are cosines in [-1, 1].
+
+``model`` names the embedding model; option ``embedder_backend`` (default
+"sentence-transformers") picks the embedder backend. Other options go to the embedder spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .base import RerankerModel
+
+if TYPE_CHECKING:
+    from ..pool import ModelPool
+    from ..spec import ModelSpec
+
+__all__ = ["BiEncoderReranker", "embedder_spec_for", "load"]
+
+
+def embedder_spec_for(spec: ModelSpec) -> ModelSpec:
+    """The embedder spec a bi-encoder spec scores with (same model, device, dtype, max_length)."""
+    options = spec.options_dict
+    backend = options.pop("embedder_backend", "sentence-transformers")
+    return spec.with_options(backend=backend, options=options)
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(sum(x * y for x, y in zip(a, b)))
+
+
+class BiEncoderReranker(RerankerModel):
+    # Stateless: the embedder handle it calls does its own locking.
+    thread_safe = True
+
+    def __init__(self, pool: ModelPool, embedder: ModelSpec, device: str, dtype: str) -> None:
+        self._pool = pool
+        self.embedder = embedder
+        self.device = device
+        self.dtype = dtype
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        texts = [t for _, t in pairs]
+        qvecs = self._pool.embed(self.embedder, queries, batch_size, is_query=True, normalize=True)
+        dvecs = self._pool.embed(self.embedder, texts, batch_size, is_query=False, normalize=True)
+        by_query = dict(zip(queries, qvecs))
+        return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs)]
+
+
+def load(spec: ModelSpec, pool: ModelPool) -> BiEncoderReranker:
+    embedder = embedder_spec_for(spec)
+    handle = pool.get(embedder)  # loads (once) or reuses the shared embedder
+    return BiEncoderReranker(pool, embedder, handle.device, handle.dtype)
