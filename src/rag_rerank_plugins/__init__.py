@@ -45,7 +45,24 @@ _LAZY: dict[str, str] = {
     "InferenceError": "exceptions",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "DEFAULT_EMBEDDER",
+    "DEFAULT_RERANKER",
+    "ConfigurationError",
+    "InferenceError",
+    "InvalidInputError",
+    "MissingDependencyError",
+    "ModelHandle",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ModelPool",
+    "ModelReleasedError",
+    "ModelSpec",
+    "RagRerankError",
+    "UnknownBackendError",
+    "__version__",
+    "get_pool",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ Catch :class:`RagRerankError` to handle all of them::
     RagRerankError
     ├── ConfigurationError          (also a ValueError) a spec or adapter setting is invalid
     │   ├── UnknownBackendError     the backend name is not registered
-    │   └── InvalidInputError       (also a TypeError) documents/query/top_n the adapter cannot accept
+    │   └── InvalidInputError       (also a TypeError) text, query or pairs it cannot accept
     ├── MissingDependencyError      (also an ImportError) an optional extra is not installed
     ├── ModelLoadError              loading failed; the next call retries the load
     │   └── ModelNotFoundError      the model is neither a local path nor reachable on the hub

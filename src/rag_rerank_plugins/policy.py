@@ -114,7 +114,7 @@ class DtypeDecision:
 
 
 def decide_dtype(requested: str, device: str) -> DtypeDecision:
-    """Pick the dtype for ``device``. Explicit requests win, except FP16 on a CPU (see module doc)."""
+    """Pick the dtype for ``device``. Explicit requests win, except FP16 on a CPU (module doc)."""
     on_cpu = device == "cpu"
     if requested == "auto":
         if not on_cpu:

@@ -117,7 +117,7 @@ class ModelHandle:
 
     @property
     def model(self) -> LoadedModel:
-        """The backend object (e.g. to reach the underlying CrossEncoder). Not locked: read-only use."""
+        """The backend object (e.g. the underlying CrossEncoder). Not locked: read-only use."""
         return self._require_model()
 
     def _require_model(self) -> LoadedModel:
@@ -340,7 +340,7 @@ class ModelPool:
     def preload(self, *specs: ModelSpec, warmup: bool = True) -> list[ModelHandle]:
         """Load ``specs`` now (e.g. in a FastAPI lifespan) and optionally run one tiny forward pass.
 
-        Warm-up moves first-call costs (kernel selection, allocator growth) out of the first request.
+        Warm-up moves first-call costs (kernel choice, allocator growth) out of the first request.
         """
         handles = [self.get(spec) for spec in specs]
         if warmup:

@@ -30,7 +30,7 @@ def embedder_spec_for(spec: ModelSpec) -> ModelSpec:
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
-    return float(sum(x * y for x, y in zip(a, b)))
+    return float(sum(x * y for x, y in zip(a, b, strict=True)))
 
 
 class BiEncoderReranker(RerankerModel):
@@ -48,8 +48,8 @@ class BiEncoderReranker(RerankerModel):
         texts = [t for _, t in pairs]
         qvecs = self._pool.embed(self.embedder, queries, batch_size, is_query=True, normalize=True)
         dvecs = self._pool.embed(self.embedder, texts, batch_size, is_query=False, normalize=True)
-        by_query = dict(zip(queries, qvecs))
-        return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs)]
+        by_query = dict(zip(queries, qvecs, strict=True))
+        return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs, strict=True)]
 
 
 def load(spec: ModelSpec, pool: ModelPool) -> BiEncoderReranker:
