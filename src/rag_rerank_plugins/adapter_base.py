@@ -1,0 +1,154 @@
+"""Fields and behaviour every framework adapter shares: spec building, pool access, reranking.
+
+An adapter is a cheap, pydantic-validated *description* of a model plus per-call settings. It
+never holds the weights: each call asks the pool, which is why building one per request costs
+microseconds and why ``release()`` frees memory even while adapters exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .backends import backend_info
+from .exceptions import ConfigurationError, InvalidInputError
+from .pool import ModelHandle, ModelPool, get_pool
+from .ranking import Ranked, rank, validate_threshold, validate_top_n
+from .spec import ModelSpec
+
+__all__ = ["RerankSettings", "SharedModelFields"]
+
+
+class SharedModelFields(BaseModel):
+    """Mixin: what identifies the shared model (-> :class:`ModelSpec`) and which pool serves it.
+
+    Subclasses say where the model name lives (``_model_field``) and which backend kind they need.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    _kind: ClassVar[str] = "reranker"
+    _model_field: ClassVar[str] = "model"
+
+    backend: str = Field(description="Backend name, e.g. 'cross-encoder' or 'bi-encoder'.")
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    dtype: str = Field(default="auto", description="'auto', 'float32', 'float16' or 'bfloat16'.")
+    max_length: int | None = Field(
+        default=None, description="Token limit fixed at load time (None: the model's own)."
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Backend options that change the loaded model (trust_remote_code, revision).",
+    )
+    pool: ModelPool | None = Field(
+        default=None, exclude=True, repr=False, description="Pool to use; None = get_pool()."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_device_kwarg(cls, data: Any) -> Any:
+        # HuggingFaceCrossEncoder / HuggingFaceEmbeddings users pass model_kwargs={"device": ...}.
+        if isinstance(data, dict):
+            kwargs = data.get("model_kwargs")
+            if isinstance(kwargs, dict) and "device" in kwargs:
+                kwargs = dict(kwargs)
+                data = {**data, "model_kwargs": kwargs}
+                device = kwargs.pop("device")
+                data.setdefault("device", device)
+            if data.get("device") is None and "device" in data:
+                data["device"] = "auto"  # LlamaIndex passes device=None for "infer"
+        return data
+
+    @model_validator(mode="after")
+    def _check_spec(self) -> SharedModelFields:
+        info = backend_info(self.backend)
+        if info.kind != self._kind:
+            article = {"reranker": "a reranker", "embedder": "an embedder"}
+            raise ConfigurationError(
+                f"{type(self).__name__} needs {article[self._kind]} backend, but "
+                f"{self.backend!r} is {article[info.kind]} backend."
+            )
+        _ = self.spec  # validate model, device, dtype, max_length and options now, not per call
+        return self
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The pool key this adapter uses (rebuilt from the fields, so it is never stale)."""
+        return ModelSpec(
+            model=getattr(self, self._model_field),
+            backend=self.backend,
+            device=self.device,
+            dtype=self.dtype,
+            max_length=self.max_length,
+            options={**self.model_kwargs, **self._extra_options()},
+        )
+
+    def _extra_options(self) -> dict[str, Any]:
+        """Backend options that come from adapter fields rather than ``model_kwargs``."""
+        return {}
+
+    def _pool(self) -> ModelPool:
+        return self.pool if self.pool is not None else get_pool()
+
+    def handle(self) -> ModelHandle:
+        """The shared handle (loads on first use). Prefer the adapter methods for calls."""
+        return self._pool().get(self.spec)
+
+    def preload(self, warmup: bool = True) -> None:
+        """Load the model now (and run one tiny forward pass), e.g. at application start-up."""
+        self._pool().preload(self.spec, warmup=warmup)
+
+    def release(self) -> bool:
+        """Free this adapter's model in its pool (every adapter sharing it reloads on next use)."""
+        return self._pool().release(self.spec)
+
+
+class RerankSettings(SharedModelFields):
+    """Mixin for rerankers: batch size, top_n, score threshold and the shared rerank routine."""
+
+    top_n: int | None = Field(default=3, description="Documents to keep; None keeps all.")
+    score_threshold: float | None = Field(
+        default=None, description="Drop documents scoring below this (after reranking)."
+    )
+    batch_size: int = Field(default=32, gt=0, description="Pairs per forward pass.")
+
+    @field_validator("top_n")
+    @classmethod
+    def _check_top_n(cls, value: int | None) -> int | None:
+        return validate_top_n(value)
+
+    @field_validator("score_threshold")
+    @classmethod
+    def _check_threshold(cls, value: float | None) -> float | None:
+        return validate_threshold(value)
+
+    @staticmethod
+    def _check_query(query: Any) -> str:
+        if not isinstance(query, str):
+            raise InvalidInputError(
+                f"The query must be a str, got {type(query).__name__}. Pass the user's question."
+            )
+        return query
+
+    def _pairs(self, query: str, texts: Sequence[str]) -> list[tuple[str, str]]:
+        return [(query, text) for text in texts]
+
+    def rank_texts(self, query: str, texts: Sequence[str]) -> list[Ranked]:
+        """Score ``texts`` against ``query`` and rank them (indices into ``texts``)."""
+        query = self._check_query(query)
+        if not texts:
+            return []
+        scores = self._pool().score_pairs(self.spec, self._pairs(query, texts), self.batch_size)
+        return rank(scores, self.top_n, self.score_threshold)
+
+    async def arank_texts(self, query: str, texts: Sequence[str]) -> list[Ranked]:
+        """Async :meth:`rank_texts`: the forward pass runs off the event loop."""
+        query = self._check_query(query)
+        if not texts:
+            return []
+        scores = await self._pool().ascore_pairs(
+            self.spec, self._pairs(query, texts), self.batch_size
+        )
+        return rank(scores, self.top_n, self.score_threshold)

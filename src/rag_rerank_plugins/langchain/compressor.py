@@ -1,0 +1,82 @@
+"""``SharedRerankCompressor``: a LangChain document compressor on a shared reranker handle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from langchain_core.callbacks import Callbacks
+from langchain_core.documents import BaseDocumentCompressor, Document
+from pydantic import ConfigDict, Field
+
+from ..adapter_base import RerankSettings
+from ..exceptions import InvalidInputError
+from ..ranking import Ranked
+from ..spec import DEFAULT_RERANKER
+from . import _compat  # noqa: F401  (clear error when langchain-core is missing)
+
+__all__ = ["SharedRerankCompressor"]
+
+#: Metadata key of the score on returned documents (same as LangChain's Cohere/Jina rerankers).
+SCORE_KEY = "relevance_score"
+
+
+class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
+    """Rerank retrieved documents with a model loaded once per process.
+
+    Drop-in for ``ContextualCompressionRetriever(base_compressor=..., base_retriever=...)``.
+    Build one per request if you like: construction validates a few fields and never loads.
+
+    Returns new ``Document`` objects, best first, each with ``metadata["relevance_score"]`` (float)
+    and the input's ``id``; the input documents are never modified.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+
+    model: str = Field(default=DEFAULT_RERANKER, description="Hub name or local path.")
+    backend: str = "cross-encoder"
+
+    def _texts(self, documents: Sequence[Document]) -> list[str]:
+        texts = []
+        for i, doc in enumerate(documents):
+            content = getattr(doc, "page_content", None)
+            if not isinstance(content, str):
+                raise InvalidInputError(
+                    f"documents[{i}] has no text page_content ({type(doc).__name__}); "
+                    "pass langchain_core Document objects."
+                )
+            texts.append(content)
+        return texts
+
+    @staticmethod
+    def _build(documents: Sequence[Document], ranked: list[Ranked]) -> list[Document]:
+        out = []
+        for index, score in ranked:
+            doc = documents[index]
+            out.append(
+                Document(
+                    page_content=doc.page_content,
+                    metadata={**doc.metadata, SCORE_KEY: score},
+                    id=doc.id,
+                )
+            )
+        return out
+
+    def compress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> Sequence[Document]:
+        """Rerank ``documents`` for ``query``; keep ``top_n`` scoring at least ``score_threshold``."""
+        ranked = self.rank_texts(query, self._texts(documents))
+        return self._build(documents, ranked)
+
+    async def acompress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> Sequence[Document]:
+        """Async version; the forward pass runs in a worker thread, never on the event loop."""
+        ranked = await self.arank_texts(query, self._texts(documents))
+        return self._build(documents, ranked)

@@ -1,0 +1,39 @@
+"""``SharedCrossEncoder``: LangChain's ``BaseCrossEncoder`` interface on a shared handle.
+
+For code that already uses LangChain's ``CrossEncoderReranker(model=HuggingFaceCrossEncoder(...))``:
+swap in ``SharedCrossEncoder(model_name=...)`` and the model is loaded once per process.
+"""
+
+from __future__ import annotations
+
+from langchain_core.cross_encoders import BaseCrossEncoder
+from pydantic import AliasChoices, ConfigDict, Field
+
+from ..adapter_base import SharedModelFields
+from ..spec import DEFAULT_RERANKER
+from . import _compat  # noqa: F401
+
+__all__ = ["SharedCrossEncoder"]
+
+
+class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
+    """``score(pairs)`` through the shared pool. Accepts ``model_name=`` like HuggingFaceCrossEncoder."""
+
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        protected_namespaces=(),
+        populate_by_name=True,
+        extra="forbid",
+    )
+
+    model: str = Field(
+        default=DEFAULT_RERANKER,
+        validation_alias=AliasChoices("model", "model_name"),
+        description="Hub name or local path.",
+    )
+    backend: str = "cross-encoder"
+    batch_size: int = Field(default=32, gt=0)
+
+    def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
+        """One relevance score per (query, passage) pair, in input order."""
+        return self._pool().score_pairs(self.spec, text_pairs, self.batch_size)

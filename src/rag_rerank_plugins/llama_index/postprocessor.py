@@ -1,0 +1,146 @@
+"""``SharedRerankPostprocessor``: a LlamaIndex node postprocessor on a shared reranker handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_index.core.callbacks import CBEventType, EventPayload
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from pydantic import ConfigDict, Field
+
+from ..adapter_base import RerankSettings
+from ..exceptions import InvalidInputError
+from ..ranking import Ranked
+from ..spec import DEFAULT_RERANKER
+from . import _compat  # noqa: F401  (clear error when llama-index-core is missing)
+
+__all__ = ["SharedRerankPostprocessor"]
+
+dispatcher = get_dispatcher(__name__)
+
+#: Metadata key for the retriever's score when ``keep_retrieval_score`` is on (as in LlamaIndex).
+RETRIEVAL_SCORE_KEY = "retrieval_score"
+
+
+class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
+    """Rerank retrieved nodes with a model loaded once per process.
+
+    Takes ``SentenceTransformerRerank``'s arguments (``model``, ``top_n``, ``device``,
+    ``keep_retrieval_score``, ``trust_remote_code``), so switching is a one-line change. Returns
+    new ``NodeWithScore`` objects best first; the input nodes and their scores are never modified.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str = Field(default=DEFAULT_RERANKER, description="Hub name or local path.")
+    backend: str = "cross-encoder"
+    top_n: int | None = Field(default=2, description="Nodes to keep; None keeps all.")
+    keep_retrieval_score: bool = Field(
+        default=False,
+        description="Copy the retriever's score into metadata['retrieval_score'] (on a copy).",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow custom model code from the hub (off: safer default)."
+    )
+
+    def _extra_options(self) -> dict[str, Any]:
+        # Only when on, so the spec equals that of other adapters naming the same model.
+        return {"trust_remote_code": True} if self.trust_remote_code else {}
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SharedRerankPostprocessor"
+
+    def _query(self, query_bundle: QueryBundle | None) -> str:
+        if query_bundle is None:
+            raise InvalidInputError(
+                "SharedRerankPostprocessor needs a query: call postprocess_nodes(nodes, "
+                "query_str='...') or pass query_bundle=QueryBundle('...'). Query engines do this."
+            )
+        return query_bundle.query_str
+
+    def _start(self, nodes: list[NodeWithScore], query_bundle: QueryBundle) -> dict[Any, Any]:
+        dispatcher.event(
+            ReRankStartEvent(
+                query=query_bundle,
+                nodes=nodes,
+                top_n=self.top_n if self.top_n is not None else len(nodes),
+                model_name=self.model,
+            )
+        )
+        return {
+            EventPayload.NODES: nodes,
+            EventPayload.MODEL_NAME: self.model,
+            EventPayload.QUERY_STR: query_bundle.query_str,
+            EventPayload.TOP_K: self.top_n,
+        }
+
+    @staticmethod
+    def _texts(nodes: list[NodeWithScore]) -> list[str]:
+        texts = []
+        for i, item in enumerate(nodes):
+            node = getattr(item, "node", None)
+            if node is None:
+                raise InvalidInputError(
+                    f"nodes[{i}] is {type(item).__name__}, not NodeWithScore; wrap nodes as "
+                    "NodeWithScore(node=..., score=...)."
+                )
+            texts.append(node.get_content(metadata_mode=MetadataMode.EMBED))
+        return texts
+
+    def _build(self, nodes: list[NodeWithScore], ranked: list[Ranked]) -> list[NodeWithScore]:
+        out = []
+        for index, score in ranked:
+            item = nodes[index]
+            node = item.node
+            if self.keep_retrieval_score:
+                # On a copy: the caller's node (often shared with a docstore) stays untouched, and
+                # the score is hidden from the LLM and embedding text like other bookkeeping keys.
+                node = node.model_copy(
+                    update={
+                        "metadata": {**node.metadata, RETRIEVAL_SCORE_KEY: item.score},
+                        "excluded_llm_metadata_keys": [
+                            *node.excluded_llm_metadata_keys,
+                            RETRIEVAL_SCORE_KEY,
+                        ],
+                        "excluded_embed_metadata_keys": [
+                            *node.excluded_embed_metadata_keys,
+                            RETRIEVAL_SCORE_KEY,
+                        ],
+                    }
+                )
+            out.append(NodeWithScore(node=node, score=score))
+        return out
+
+    def _postprocess_nodes(
+        self,
+        nodes: list[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+    ) -> list[NodeWithScore]:
+        query = self._query(query_bundle)
+        assert query_bundle is not None
+        texts = self._texts(nodes)
+        payload = self._start(nodes, query_bundle)
+        with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
+            result = self._build(nodes, self.rank_texts(query, texts))
+            event.on_end(payload={EventPayload.NODES: result})
+        dispatcher.event(ReRankEndEvent(nodes=result))
+        return result
+
+    async def _apostprocess_nodes(
+        self,
+        nodes: list[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+    ) -> list[NodeWithScore]:
+        query = self._query(query_bundle)
+        assert query_bundle is not None
+        texts = self._texts(nodes)
+        payload = self._start(nodes, query_bundle)
+        with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
+            result = self._build(nodes, await self.arank_texts(query, texts))
+            event.on_end(payload={EventPayload.NODES: result})
+        dispatcher.event(ReRankEndEvent(nodes=result))
+        return result
