@@ -1,6 +1,6 @@
 """LangChain adapters backed by the shared pool (extra ``langchain``).
 
-* :class:`SharedRerankCompressor` - ``BaseDocumentCompressor`` for ``ContextualCompressionRetriever``.
+* :class:`SharedRerankCompressor` - document compressor for ``ContextualCompressionRetriever``.
 * :class:`SharedCrossEncoder` - ``BaseCrossEncoder`` for LangChain's own ``CrossEncoderReranker``.
 * :class:`SharedEmbeddings` - ``Embeddings`` (sync + async) for vector stores.
 """

@@ -67,7 +67,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
-        """Rerank ``documents`` for ``query``; keep ``top_n`` scoring at least ``score_threshold``."""
+        """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``."""
         ranked = self.rank_texts(query, self._texts(documents))
         return self._build(documents, ranked)
 

@@ -17,7 +17,7 @@ __all__ = ["SharedCrossEncoder"]
 
 
 class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
-    """``score(pairs)`` through the shared pool. Accepts ``model_name=`` like HuggingFaceCrossEncoder."""
+    """``score(pairs)`` via the shared pool; takes ``model_name=`` like HuggingFaceCrossEncoder."""
 
     model_config = ConfigDict(
         arbitrary_types_allowed=True,
