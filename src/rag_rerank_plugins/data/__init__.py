@@ -1,0 +1,1 @@
+"""Bundled sample data for the demo and the quickstart notebook."""

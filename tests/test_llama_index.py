@@ -1,0 +1,192 @@
+"""LlamaIndex adapters: postprocessor contract, events, no mutation, query engines."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+from rag_rerank_plugins import InvalidInputError, ModelPool
+from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+
+QUERY = "which organelle produces ATP?"
+
+
+def _nodes(passages: list[str]) -> list[NodeWithScore]:
+    return [
+        NodeWithScore(
+            node=TextNode(text=p, id_=f"n{i}", metadata={"title": f"t{i}"}), score=1.0 - i / 10
+        )
+        for i, p in enumerate(passages)
+    ]
+
+
+class _Recorder(BaseEventHandler):
+    events: list = []
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "Recorder"
+
+    def handle(self, event, **kwargs) -> None:
+        if isinstance(event, (ReRankStartEvent, ReRankEndEvent)):
+            self.events.append(event)
+
+
+@pytest.fixture
+def recorder():
+    handler = _Recorder(events=[])
+    root = get_dispatcher()
+    root.add_event_handler(handler)
+    yield handler
+    root.event_handlers.remove(handler)
+
+
+def test_postprocessor_orders_scores_and_leaves_inputs_alone(
+    pool: ModelPool, tiny_ce_path: str, direct_cross_encoder, passages: list[str], recorder
+) -> None:
+    nodes = _nodes(passages)
+    before = copy.deepcopy(nodes)
+    debug = LlamaDebugHandler()
+    post = SharedRerankPostprocessor(
+        model=tiny_ce_path,
+        top_n=3,
+        device="cpu",
+        pool=pool,
+        callback_manager=CallbackManager([debug]),
+    )
+    out = post.postprocess_nodes(nodes, query_bundle=QueryBundle(QUERY))
+
+    texts = [n.node.get_content(metadata_mode="embed") for n in nodes]
+    assert "t0" in texts[0], "scored text includes embed-mode metadata, like LlamaIndex"
+    ref = direct_cross_encoder.predict([(QUERY, t) for t in texts], show_progress_bar=False)
+    order = sorted(range(len(texts)), key=lambda i: (-ref[i], i))[:3]
+    assert [n.node.node_id for n in out] == [f"n{i}" for i in order]
+    np.testing.assert_allclose([n.score for n in out], [ref[i] for i in order], atol=1e-5)
+    assert all(isinstance(n.score, float) for n in out)
+    # Inputs untouched: same scores, same metadata; outputs are new NodeWithScore objects.
+    assert [(n.node.node_id, n.score, n.node.metadata) for n in nodes] == [
+        (n.node.node_id, n.score, n.node.metadata) for n in before
+    ]
+    assert all(o is not i for o in out for i in nodes)
+    # Instrumentation and callbacks, as LlamaIndex's own rerankers emit them.
+    start, end = recorder.events[-2:]
+    assert isinstance(start, ReRankStartEvent) and isinstance(end, ReRankEndEvent)
+    assert start.top_n == 3 and start.model_name == tiny_ce_path
+    assert [n.node.node_id for n in end.nodes] == [n.node.node_id for n in out]
+    pairs = debug.get_event_pairs(CBEventType.RERANKING)
+    assert len(pairs) == 1
+
+
+def test_keep_retrieval_score_goes_on_a_copy(pool: ModelPool, passages: list[str]) -> None:
+    nodes = _nodes(passages)
+    post = SharedRerankPostprocessor(
+        model="f", backend="fake-reranker", keep_retrieval_score=True, top_n=None, pool=pool
+    )
+    out = post.postprocess_nodes(nodes, query_str="powerhouse of the cell")
+    assert len(out) == len(nodes)
+    first = out[0]
+    assert first.node.node_id == "n0"
+    assert first.node.metadata["retrieval_score"] == 1.0
+    assert "retrieval_score" not in first.node.get_content(metadata_mode="llm")
+    assert all("retrieval_score" not in n.node.metadata for n in nodes)
+
+
+def test_empty_nodes_emit_matching_events(pool: ModelPool, recorder) -> None:
+    post = SharedRerankPostprocessor(model="f", backend="fake-reranker", pool=pool)
+    assert post.postprocess_nodes([], query_str="q") == []
+    start, end = recorder.events[-2:]
+    assert isinstance(start, ReRankStartEvent) and start.nodes == []
+    assert isinstance(end, ReRankEndEvent) and end.nodes == []
+
+
+def test_missing_query_is_a_clear_error(pool: ModelPool, passages: list[str]) -> None:
+    post = SharedRerankPostprocessor(model="f", backend="fake-reranker", pool=pool)
+    with pytest.raises(InvalidInputError, match="needs a query"):
+        post.postprocess_nodes(_nodes(passages))
+
+
+def test_sentence_transformer_rerank_arguments_are_accepted(pool: ModelPool) -> None:
+    post = SharedRerankPostprocessor(
+        top_n=4,
+        model="cross-encoder/ms-marco-MiniLM-L-6-v2",
+        device=None,
+        keep_retrieval_score=True,
+        trust_remote_code=True,
+        pool=pool,
+    )
+    assert post.device == "auto"
+    assert post.spec.option("trust_remote_code") is True
+    assert SharedRerankPostprocessor(model="m").spec.options == ()
+    assert post.class_name() == "SharedRerankPostprocessor"
+
+
+def test_async_postprocess_matches_sync(pool: ModelPool, minilm_path: str, passages) -> None:
+    post = SharedRerankPostprocessor(model=minilm_path, backend="bi-encoder", top_n=3, pool=pool)
+    nodes = _nodes(passages)
+    sync = post.postprocess_nodes(nodes, query_str=QUERY)
+    async_ = asyncio.run(post.apostprocess_nodes(nodes, query_str=QUERY))
+    assert [(n.node.node_id, n.score) for n in sync] == [(n.node.node_id, n.score) for n in async_]
+    assert sync[0].node.node_id == "n0"
+
+
+def test_shared_embedding_matches_sentence_transformers(
+    pool: ModelPool, minilm_path: str, direct_embedder, passages: list[str]
+) -> None:
+    emb = SharedEmbedding(model_name=minilm_path, pool=pool, embed_batch_size=3)
+    ref = direct_embedder.encode_document(passages, normalize_embeddings=True)
+    np.testing.assert_allclose(emb.get_text_embedding_batch(passages), ref, atol=1e-5)
+    np.testing.assert_allclose(
+        emb.get_query_embedding(QUERY),
+        direct_embedder.encode_query([QUERY], normalize_embeddings=True)[0],
+        atol=1e-5,
+    )
+    a = asyncio.run(emb.aget_text_embedding_batch(passages))
+    np.testing.assert_allclose(a, ref, atol=1e-5)
+    assert pool.spec_stats(emb.spec)["loads"] == 1
+
+
+def test_query_engine_end_to_end_with_shared_adapters(
+    pool: ModelPool, minilm_path: str, passages: list[str]
+) -> None:
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.core.response_synthesizers.no_text import NoText
+
+    nodes = [TextNode(text=p, id_=f"n{i}") for i, p in enumerate(passages)]
+    index = VectorStoreIndex(nodes, embed_model=SharedEmbedding(model_name=minilm_path, pool=pool))
+
+    def request(_: int) -> list[str]:
+        post = SharedRerankPostprocessor(
+            model=minilm_path, backend="bi-encoder", top_n=2, pool=pool
+        )
+        # LLM-free synthesis: NoText returns the (reranked) source nodes only.
+        engine = RetrieverQueryEngine.from_args(
+            index.as_retriever(similarity_top_k=5),
+            llm=MockLLM(),
+            response_synthesizer=NoText(llm=MockLLM()),
+            node_postprocessors=[post],
+        )
+        response = engine.query(QUERY)
+        return [n.node.node_id for n in response.source_nodes]
+
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(request, range(24)))
+    assert all(r == results[0] for r in results)
+    assert len(results[0]) == 2 and results[0][0] == "n0"
+    assert {s["backend"]: s["loads"] for s in pool.stats().values()} == {
+        "sentence-transformers": 1,
+        "bi-encoder": 1,
+    }
