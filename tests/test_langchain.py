@@ -15,7 +15,7 @@ pytest.importorskip("langchain_core")
 from langchain_core.documents import Document
 from pydantic import ValidationError
 
-from rag_rerank_plugins import InvalidInputError, ModelPool, ModelSpec
+from rag_rerank_plugins import InvalidInputError, ModelPool
 from rag_rerank_plugins.langchain import (
     SharedCrossEncoder,
     SharedEmbeddings,
@@ -123,6 +123,8 @@ def test_200_adapters_in_16_threads_share_one_model_per_spec(
     stats = pool.stats()
     assert len(stats) == 2
     assert all(s["loads"] == 1 for s in stats.values()), stats
+    comp_stats = SharedRerankCompressor(model=tiny_ce_path, pool=pool).stats()
+    assert (comp_stats["loads"], comp_stats["calls"]) == (1, 200)
     ref_q = direct_embedder.encode_query([QUERY], show_progress_bar=False)[0]
     for i, ranked, vector in results:
         query = f"{QUERY} {i % 3}"
@@ -130,9 +132,7 @@ def test_200_adapters_in_16_threads_share_one_model_per_spec(
         order = sorted(range(len(passages)), key=lambda j: (-ref[j], j))
         assert [doc_id for doc_id, _ in ranked] == [f"doc-{j}" for j in order]
         got = dict(ranked)
-        np.testing.assert_allclose(
-            [got[f"doc-{j}"] for j in range(len(passages))], ref, atol=1e-5
-        )
+        np.testing.assert_allclose([got[f"doc-{j}"] for j in range(len(passages))], ref, atol=1e-5)
         np.testing.assert_allclose(vector, ref_q, atol=1e-5)
 
 
@@ -149,9 +149,7 @@ def test_shared_cross_encoder_in_langchains_own_reranker(
     out = reranker.compress_documents(_docs(passages), QUERY)
     ref = direct_cross_encoder.predict([(QUERY, p) for p in passages], show_progress_bar=False)
     assert [d.page_content for d in out] == [passages[i] for i in np.argsort(-ref)[:3]]
-    np.testing.assert_allclose(
-        model.score([(QUERY, p) for p in passages]), ref, atol=1e-5
-    )
+    np.testing.assert_allclose(model.score([(QUERY, p) for p in passages]), ref, atol=1e-5)
 
 
 def test_contextual_compression_retriever_end_to_end(

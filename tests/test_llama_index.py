@@ -33,7 +33,7 @@ def _nodes(passages: list[str]) -> list[NodeWithScore]:
 
 
 class _Recorder(BaseEventHandler):
-    events: list = []
+    events: list = []  # noqa: RUF012 - a pydantic field, copied per instance
 
     @classmethod
     def class_name(cls) -> str:
@@ -82,8 +82,10 @@ def test_postprocessor_orders_scores_and_leaves_inputs_alone(
     assert all(o is not i for o in out for i in nodes)
     # Instrumentation and callbacks, as LlamaIndex's own rerankers emit them.
     start, end = recorder.events[-2:]
-    assert isinstance(start, ReRankStartEvent) and isinstance(end, ReRankEndEvent)
-    assert start.top_n == 3 and start.model_name == tiny_ce_path
+    assert isinstance(start, ReRankStartEvent)
+    assert isinstance(end, ReRankEndEvent)
+    assert start.top_n == 3
+    assert start.model_name == tiny_ce_path
     assert [n.node.node_id for n in end.nodes] == [n.node.node_id for n in out]
     pairs = debug.get_event_pairs(CBEventType.RERANKING)
     assert len(pairs) == 1
@@ -107,8 +109,10 @@ def test_empty_nodes_emit_matching_events(pool: ModelPool, recorder) -> None:
     post = SharedRerankPostprocessor(model="f", backend="fake-reranker", pool=pool)
     assert post.postprocess_nodes([], query_str="q") == []
     start, end = recorder.events[-2:]
-    assert isinstance(start, ReRankStartEvent) and start.nodes == []
-    assert isinstance(end, ReRankEndEvent) and end.nodes == []
+    assert isinstance(start, ReRankStartEvent)
+    assert start.nodes == []
+    assert isinstance(end, ReRankEndEvent)
+    assert end.nodes == []
 
 
 def test_missing_query_is_a_clear_error(pool: ModelPool, passages: list[str]) -> None:
@@ -185,7 +189,8 @@ def test_query_engine_end_to_end_with_shared_adapters(
     with ThreadPoolExecutor(8) as ex:
         results = list(ex.map(request, range(24)))
     assert all(r == results[0] for r in results)
-    assert len(results[0]) == 2 and results[0][0] == "n0"
+    assert len(results[0]) == 2
+    assert results[0][0] == "n0"
     assert {s["backend"]: s["loads"] for s in pool.stats().values()} == {
         "sentence-transformers": 1,
         "bi-encoder": 1,

@@ -184,7 +184,7 @@ def test_non_string_text_is_rejected_before_the_model(pool: ModelPool) -> None:
 
 def test_preload_warms_up(pool: ModelPool) -> None:
     spec = fake_reranker_spec()
-    (handle,) = pool.preload(spec)
+    (_handle,) = pool.preload(spec)
     assert pool.is_loaded(spec)
     assert pool.spec_stats(spec)["calls"] == 1  # the warm-up forward pass
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rag_rerank_plugins import ConfigurationError, ModelSpec
-from rag_rerank_plugins import policy
+from rag_rerank_plugins import ConfigurationError, ModelSpec, policy
 from rag_rerank_plugins.policy import decide_dtype
 
 

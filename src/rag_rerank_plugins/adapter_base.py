@@ -100,6 +100,10 @@ class SharedModelFields(BaseModel):
         """Load the model now (and run one tiny forward pass), e.g. at application start-up."""
         self._pool().preload(self.spec, warmup=warmup)
 
+    def stats(self) -> dict[str, Any]:
+        """This model's pool counters (loads, calls, items, device, dtype, ...)."""
+        return self._pool().spec_stats(self.spec)
+
     def release(self) -> bool:
         """Free this adapter's model in its pool (every adapter sharing it reloads on next use)."""
         return self._pool().release(self.spec)
