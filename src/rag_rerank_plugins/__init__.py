@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .engine_config import EngineConfig
     from .exceptions import (
         ConfigurationError,
         InferenceError,
@@ -21,7 +22,10 @@ if TYPE_CHECKING:
         ModelLoadError,
         ModelNotFoundError,
         ModelReleasedError,
+        OutOfMemoryError,
+        QueueFullError,
         RagRerankError,
+        RequestTimeoutError,
         UnknownBackendError,
     )
     from .pool import ModelHandle, ModelPool, get_pool
@@ -43,12 +47,17 @@ _LAZY: dict[str, str] = {
     "ModelNotFoundError": "exceptions",
     "ModelReleasedError": "exceptions",
     "InferenceError": "exceptions",
+    "OutOfMemoryError": "exceptions",
+    "QueueFullError": "exceptions",
+    "RequestTimeoutError": "exceptions",
+    "EngineConfig": "engine_config",
 }
 
 __all__ = [
     "DEFAULT_EMBEDDER",
     "DEFAULT_RERANKER",
     "ConfigurationError",
+    "EngineConfig",
     "InferenceError",
     "InvalidInputError",
     "MissingDependencyError",
@@ -58,7 +67,10 @@ __all__ = [
     "ModelPool",
     "ModelReleasedError",
     "ModelSpec",
+    "OutOfMemoryError",
+    "QueueFullError",
     "RagRerankError",
+    "RequestTimeoutError",
     "UnknownBackendError",
     "__version__",
     "get_pool",

@@ -10,7 +10,15 @@ Catch :class:`RagRerankError` to handle all of them::
     ├── ModelLoadError              loading failed; the next call retries the load
     │   └── ModelNotFoundError      the model is neither a local path nor reachable on the hub
     ├── ModelReleasedError          the model was released while a call still needed it
+    ├── QueueFullError              the model's request queue is full: back off and retry
+    ├── RequestTimeoutError         (also a TimeoutError) the caller's timeout expired
     └── InferenceError              the backend failed during a forward pass
+        └── RemoteError             a model server (remote backend) failed the call
+            ├── RemoteUnavailableError  unreachable, overloaded (429) or 5xx after all retries
+            ├── RemoteTimeoutError      no answer within the timeout (not retried)
+            ├── RemoteAuthError         401/403: the bearer token is missing or wrong
+            └── RemoteRequestError      another 4xx: too large (413), invalid (422), ...
+        └── OutOfMemoryError        out of memory even for a batch of one item
 
 Messages say what to do next, because they are read in a stack trace at 3 a.m.
 """
@@ -25,7 +33,10 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelReleasedError",
+    "OutOfMemoryError",
+    "QueueFullError",
     "RagRerankError",
+    "RequestTimeoutError",
     "UnknownBackendError",
 ]
 
@@ -95,3 +106,48 @@ class ModelReleasedError(RagRerankError):
 
 class InferenceError(RagRerankError):
     """The backend failed while scoring or embedding; the model stays loaded."""
+
+
+class OutOfMemoryError(InferenceError):
+    """Out of memory although the batch was split down to a single item."""
+
+
+class QueueFullError(RagRerankError):
+    """Too many requests are waiting for this model (``EngineConfig.max_queue``).
+
+    Back off and retry, add replicas, or raise ``max_queue`` / set ``queue_timeout_s``.
+    """
+
+
+class RequestTimeoutError(RagRerankError, TimeoutError):
+    """The request did not finish within its timeout; it was withdrawn if still queued."""
+
+
+class RemoteError(InferenceError):
+    """A model server used through the remote backend failed the call.
+
+    ``url`` is the endpoint, ``status`` the HTTP status (None when no answer came back).
+    """
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+
+class RemoteUnavailableError(RemoteError):
+    """The server could not be reached, or stayed overloaded (429) or failing (5xx) after every
+    retry. Check that it is running, or add replicas / raise its concurrency limits."""
+
+
+class RemoteTimeoutError(RemoteError):
+    """The server accepted the request but did not answer within the timeout. Not retried (the
+    work may still be running there); raise the ``timeout`` option or send smaller batches."""
+
+
+class RemoteAuthError(RemoteError):
+    """401/403: the server wants a bearer token that was not sent or is wrong."""
+
+
+class RemoteRequestError(RemoteError):
+    """The server rejected the request (a 4xx other than 401/403/429): too large, invalid, ..."""

@@ -18,26 +18,24 @@ Guarantees:
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from ._memory import free_memory
-from .backends import EmbedderModel, LoadedModel, backend_info, get_loader
+from .backends import backend_info, get_loader
+from .engine_config import EngineConfig
 from .exceptions import (
-    InferenceError,
     InvalidInputError,
     ModelLoadError,
     ModelReleasedError,
     RagRerankError,
 )
+from .handle import ModelHandle, SpecStats
 from .policy import configure_torch_threads, resolve_spec
 from .spec import ModelSpec
 
@@ -45,184 +43,6 @@ __all__ = ["ModelHandle", "ModelPool", "SpecStats", "get_pool"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class SpecStats:
-    """Counters for one spec. They survive ``release()`` so reloads are visible as ``loads > 1``."""
-
-    spec: str
-    backend: str
-    model: str
-    kind: str
-    device: str
-    dtype: str
-    dtype_reason: str = ""
-    loaded: bool = False
-    loads: int = 0
-    load_failures: int = 0
-    load_seconds: float = 0.0
-    releases: int = 0
-    calls: int = 0
-    items: int = 0  # pairs scored (rerankers) or texts embedded (embedders)
-    errors: int = 0
-    busy_seconds: float = 0.0
-    last_used: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _require_strings(texts: Sequence[Any], what: str) -> None:
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InvalidInputError(
-                f"{what} #{i} is {type(text).__name__}, not str. Convert it to text first "
-                "(rag-rerank-plugins never guesses how to stringify a document)."
-            )
-
-
-class ModelHandle:
-    """A loaded model plus the lock and counters that make it safe to share.
-
-    Obtain one from :meth:`ModelPool.get`; do not keep it across requests if you want
-    :meth:`ModelPool.release` to free memory (adapters never do).
-    """
-
-    def __init__(self, spec: ModelSpec, model: LoadedModel, stats: SpecStats) -> None:
-        self.spec = spec
-        self._model: LoadedModel | None = model
-        self._stats = stats
-        self._lock = threading.Lock()
-        self._stats_lock = threading.Lock()
-        # Models that declare themselves thread-safe (fakes, remote clients) skip the call lock.
-        self._serialise = not getattr(model, "thread_safe", False)
-
-    @property
-    def kind(self) -> str:
-        return self._require_model().kind
-
-    @property
-    def device(self) -> str:
-        return self._stats.device
-
-    @property
-    def dtype(self) -> str:
-        return self._stats.dtype
-
-    @property
-    def released(self) -> bool:
-        return self._model is None
-
-    @property
-    def model(self) -> LoadedModel:
-        """The backend object (e.g. the underlying CrossEncoder). Not locked: read-only use."""
-        return self._require_model()
-
-    def _require_model(self) -> LoadedModel:
-        model = self._model
-        if model is None:
-            raise ModelReleasedError(
-                f"{self.spec.label} was released. Ask the pool again (pool.get(spec)) to reload it."
-            )
-        return model
-
-    def _run(self, n_items: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            if self._serialise:
-                with self._lock:
-                    model = self._require_model()
-                    result = getattr(model, method)(*args, **kwargs)
-            else:
-                result = getattr(self._require_model(), method)(*args, **kwargs)
-        except RagRerankError:
-            self._count(n_items, start, error=True)
-            raise
-        except Exception as exc:
-            self._count(n_items, start, error=True)
-            raise InferenceError(f"{self.spec.label} failed: {type(exc).__name__}: {exc}") from exc
-        self._count(n_items, start)
-        return result
-
-    def _count(self, n_items: int, start: float, error: bool = False) -> None:
-        now = time.perf_counter()
-        with self._stats_lock:
-            s = self._stats
-            s.calls += 1
-            s.items += n_items
-            s.busy_seconds += now - start
-            s.last_used = time.time()
-            if error:
-                s.errors += 1
-
-    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:
-        """Relevance score per (query, passage) pair, in input order."""
-        pairs = [tuple(p) for p in pairs]
-        for i, pair in enumerate(pairs):
-            if len(pair) != 2:
-                raise InvalidInputError(f"pair #{i} has {len(pair)} items; expected (query, text).")
-            _require_strings(pair, f"pair #{i} item")
-        if not pairs:
-            return []
-        if batch_size <= 0:
-            raise InvalidInputError(f"batch_size must be positive, got {batch_size}.")
-        if self.kind != "reranker":
-            raise InvalidInputError(f"{self.spec.label} is an embedder; it cannot score pairs.")
-        scores: list[float] = self._run(len(pairs), "score_pairs", pairs, batch_size=batch_size)
-        return scores
-
-    def rerank_scores(self, query: str, texts: Sequence[str], batch_size: int = 32) -> list[float]:
-        """Score each text against one query."""
-        _require_strings([query], "query")
-        return self.score_pairs([(query, t) for t in texts], batch_size=batch_size)
-
-    def embed(
-        self,
-        texts: Sequence[str],
-        batch_size: int = 32,
-        *,
-        is_query: bool = False,
-        normalize: bool = False,
-    ) -> list[list[float]]:
-        """One vector per text. ``is_query`` selects the model's query prompt, if it has one."""
-        texts = list(texts)
-        _require_strings(texts, "text")
-        if not texts:
-            return []
-        if batch_size <= 0:
-            raise InvalidInputError(f"batch_size must be positive, got {batch_size}.")
-        if self.kind != "embedder":
-            raise InvalidInputError(f"{self.spec.label} is a reranker; it cannot embed texts.")
-        vectors: list[list[float]] = self._run(
-            len(texts),
-            "embed",
-            texts,
-            batch_size=batch_size,
-            is_query=is_query,
-            normalize=normalize,
-        )
-        return vectors
-
-    @property
-    def dimension(self) -> int:
-        model = self._require_model()
-        if not isinstance(model, EmbedderModel):
-            raise InvalidInputError(f"{self.spec.label} is not an embedder.")
-        return model.dimension
-
-    def _close(self) -> None:
-        """Wait for the in-flight call, then drop the weights. Idempotent."""
-        with self._lock:
-            model, self._model = self._model, None
-        if model is not None:
-            model.close()
-            del model
-
-    def __repr__(self) -> str:
-        state = "released" if self.released else "loaded"
-        return f"<ModelHandle {self.spec.label} {state}>"
 
 
 class _Slot:
@@ -245,7 +65,11 @@ class ModelPool:
     Most applications use the process-wide :func:`get_pool`; separate pools are useful in tests.
     """
 
-    def __init__(self, *, num_threads: int | None = None) -> None:
+    def __init__(
+        self, *, config: EngineConfig | None = None, num_threads: int | None = None
+    ) -> None:
+        #: Scheduling, queue and cache settings for every model this pool loads.
+        self.config = config if config is not None else EngineConfig.from_env()
         self._num_threads = num_threads
         self._init_state()
         _POOLS.add(self)
@@ -335,7 +159,7 @@ class ModelPool:
             model.dtype,
             stats.dtype_reason,
         )
-        return ModelHandle(key, model, stats)
+        return ModelHandle(key, model, stats, self.config)
 
     def preload(self, *specs: ModelSpec, warmup: bool = True) -> list[ModelHandle]:
         """Load ``specs`` now (e.g. in a FastAPI lifespan) and optionally run one tiny forward pass.
@@ -414,7 +238,7 @@ class ModelPool:
 
     # -- calls with one retry when a release races the call -----------------------------------
 
-    def _call(self, spec: ModelSpec, fn: Any) -> Any:
+    def _call(self, spec: ModelSpec, fn: Callable[[ModelHandle], T]) -> T:
         for attempt in (1, 2):
             handle = self.get(spec)
             try:
@@ -424,11 +248,26 @@ class ModelPool:
                     raise
         raise AssertionError("unreachable")
 
+    async def _acall(self, spec: ModelSpec, fn: Callable[[ModelHandle], Awaitable[T]]) -> T:
+        for attempt in (1, 2):
+            handle = self.get(spec)  # may load: the first call of a cold spec blocks once
+            try:
+                return await fn(handle)
+            except ModelReleasedError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def score_pairs(
-        self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int = 32
+        self,
+        spec: ModelSpec,
+        pairs: Sequence[tuple[str, str]],
+        batch_size: int = 32,
+        *,
+        timeout: float | None = None,
     ) -> list[float]:
-        result: list[float] = self._call(spec, lambda h: h.score_pairs(pairs, batch_size))
-        return result
+        """Score (query, passage) pairs with the shared model for ``spec``."""
+        return self._call(spec, lambda h: h.score_pairs(pairs, batch_size, timeout=timeout))
 
     def embed(
         self,
@@ -438,17 +277,26 @@ class ModelPool:
         *,
         is_query: bool = False,
         normalize: bool = False,
+        timeout: float | None = None,
     ) -> list[list[float]]:
-        result: list[list[float]] = self._call(
-            spec, lambda h: h.embed(texts, batch_size, is_query=is_query, normalize=normalize)
+        """Embed texts with the shared model for ``spec``."""
+        return self._call(
+            spec,
+            lambda h: h.embed(
+                texts, batch_size, is_query=is_query, normalize=normalize, timeout=timeout
+            ),
         )
-        return result
 
     async def ascore_pairs(
-        self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int = 32
+        self,
+        spec: ModelSpec,
+        pairs: Sequence[tuple[str, str]],
+        batch_size: int = 32,
+        *,
+        timeout: float | None = None,
     ) -> list[float]:
-        """Like :meth:`score_pairs`, in a worker thread so the event loop keeps running."""
-        return await _in_thread(self.score_pairs, spec, pairs, batch_size)
+        """Like :meth:`score_pairs`; awaits the model's worker without blocking the event loop."""
+        return await self._acall(spec, lambda h: h.ascore_pairs(pairs, batch_size, timeout=timeout))
 
     async def aembed(
         self,
@@ -458,12 +306,13 @@ class ModelPool:
         *,
         is_query: bool = False,
         normalize: bool = False,
+        timeout: float | None = None,
     ) -> list[list[float]]:
-        return await _in_thread(
-            functools.partial(self.embed, is_query=is_query, normalize=normalize),
+        return await self._acall(
             spec,
-            texts,
-            batch_size,
+            lambda h: h.aembed(
+                texts, batch_size, is_query=is_query, normalize=normalize, timeout=timeout
+            ),
         )
 
     # -- fork ---------------------------------------------------------------------------------
@@ -480,9 +329,8 @@ class ModelPool:
             if handle is None:
                 continue
             if handle.device == "cpu":
-                # Same weights, shared copy-on-write with the parent; only the locks are new.
-                handle._lock = threading.Lock()
-                handle._stats_lock = threading.Lock()
+                # Same weights, shared copy-on-write with the parent; new locks and worker.
+                handle._after_fork()
                 fresh = _Slot()
                 fresh.handle = handle
                 self._slots[key] = fresh
@@ -492,10 +340,6 @@ class ModelPool:
                 self._fork_orphans.append(handle)
                 old_stats[key].loaded = False
         self._stats = old_stats
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
 
 
 def _after_fork_in_child() -> None:

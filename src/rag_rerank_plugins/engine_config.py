@@ -1,0 +1,92 @@
+"""`EngineConfig`: how a pool schedules, batches, bounds and caches work for its models.
+
+Defaults are chosen for correctness under load first: a bounded queue (memory cannot grow without
+limit), no added latency on CPU (``max_wait_ms`` 0: merging requests adds no throughput when the
+cores are already busy inside one forward pass), a few milliseconds of merging on GPUs (where
+shared forward passes are the main throughput lever), the score cache off (scores of changing
+documents must never be stale unless asked for) and a small query-embedding cache on.
+
+Every field can be set with a ``RAG_RERANK_<FIELD>`` environment variable (upper case).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+__all__ = ["EngineConfig"]
+
+_ENV_PREFIX = "RAG_RERANK_"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: Most items (pairs or texts) in one forward pass.
+    max_batch_size: int = 64
+    #: Most padded tokens (items x longest item) in one forward pass.
+    token_budget: int = 8192
+    #: How long the worker waits for more requests to merge; None = 0 on CPU, 2 ms elsewhere.
+    max_wait_ms: float | None = None
+    #: Requests waiting per model before new ones are refused with QueueFullError.
+    max_queue: int = 1024
+    #: With a full queue, wait this long for room instead of failing at once (None: fail at once).
+    queue_timeout_s: float | None = None
+    #: Default caller timeout for one request (None: wait as long as it takes).
+    request_timeout_s: float | None = None
+    #: (query, passage) -> score cache entries per model; 0 disables it.
+    score_cache_size: int = 0
+    score_cache_ttl_s: float = 600.0
+    #: Query-embedding cache entries per model; 0 disables it.
+    query_cache_size: int = 1024
+    query_cache_ttl_s: float = 600.0
+    #: Latency/queue-wait samples kept per model for p50/p95.
+    metrics_window: int = 2048
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_size", "token_budget", "max_queue", "metrics_window")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigurationError(
+                    f"EngineConfig.{name} must be a positive int, got {value!r}"
+                )
+        for name in ("score_cache_size", "query_cache_size"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"EngineConfig.{name} must be >= 0")
+        for name in ("max_wait_ms", "queue_timeout_s", "request_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigurationError(f"EngineConfig.{name} must be >= 0 or None")
+
+    def wait_seconds(self, device: str) -> float:
+        if self.max_wait_ms is not None:
+            return self.max_wait_ms / 1000
+        return 0.0 if device == "cpu" else 0.002
+
+    def with_changes(self, **changes: Any) -> EngineConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> EngineConfig:
+        """Defaults overridden by ``RAG_RERANK_*`` variables (e.g. RAG_RERANK_TOKEN_BUDGET=4096)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                if raw.lower() == "none":
+                    values[f.name] = None
+                elif "float" in str(f.type):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = int(raw)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{_ENV_PREFIX}{f.name.upper()}={raw!r} is not a number"
+                ) from None
+        return cls(**values)
