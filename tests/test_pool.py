@@ -248,3 +248,33 @@ def test_fork_child_reuses_cpu_models_and_reloads_gpu_models() -> None:
     assert result["gpu_loads"] == 2  # the child loaded its own
     pool.release(cpu_spec)
     pool.release(gpu_spec)
+
+
+class _ScheduledFake(FakeReranker):
+    thread_safe = False  # goes through the scheduler's worker thread, like torch models
+
+
+register_backend(
+    "test-scheduled-fake", lambda spec, _pool: _ScheduledFake(), "reranker", replace=True
+)
+
+
+def _scheduled_child(queue, spec) -> None:
+    pool = get_pool()
+    queue.put((pool.score_pairs(spec, [("a b", "a")]), pool.spec_stats(spec)["loads"]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+def test_fork_child_gets_a_fresh_worker_for_a_scheduled_cpu_model() -> None:
+    spec = ModelSpec("fork-scheduled", backend="test-scheduled-fake", device="cpu")
+    pool = get_pool()
+    assert pool.score_pairs(spec, [("a b", "a")]) == [0.5]  # the parent's worker is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_scheduled_child, args=(queue, spec))
+    child.start()
+    scores, loads = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert (scores, loads) == ([0.5], 1)
+    pool.release(spec)
