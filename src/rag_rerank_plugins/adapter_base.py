@@ -7,8 +7,9 @@ microseconds and why ``release()`` frees memory even while adapters exist.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +18,7 @@ from .exceptions import ConfigurationError, InvalidInputError
 from .pool import ModelHandle, ModelPool, get_pool
 from .ranking import Ranked, rank, validate_threshold, validate_top_n
 from .spec import ModelSpec
+from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
 __all__ = ["RerankSettings", "SharedModelFields"]
 
@@ -117,6 +119,25 @@ class RerankSettings(SharedModelFields):
         default=None, description="Drop documents scoring below this (after reranking)."
     )
     batch_size: int = Field(default=32, gt=0, description="Pairs per forward pass.")
+    score_mode: Literal["raw", "sigmoid"] | None = Field(
+        default=None,
+        description="'sigmoid' (sigmoid of the logit) or 'raw' (the logit), both from FP32 logits; "
+        "None = the backend's default (sigmoid for single-logit rerankers). Part of the spec.",
+    )
+    window_tokens: int | Literal["auto"] | None = Field(
+        default=None,
+        description="Long passages: score overlapping windows of this many tokens ('auto': fill "
+        "the model's input). None: off, the model truncates.",
+    )
+    window_stride: int | None = Field(
+        default=None, description="Tokens between window starts (None: half a window)."
+    )
+    window_query_tokens: int = Field(
+        default=64, description="Query token budget per window (longer queries are cut)."
+    )
+    window_aggregate: Literal["max", "mean", "first"] = Field(
+        default="max", description="How window scores become the passage score."
+    )
 
     @field_validator("top_n")
     @classmethod
@@ -127,6 +148,32 @@ class RerankSettings(SharedModelFields):
     @classmethod
     def _check_threshold(cls, value: float | None) -> float | None:
         return validate_threshold(value)
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> RerankSettings:
+        _ = self.window_settings  # invalid window settings fail at construction, not per call
+        return self
+
+    def _extra_options(self) -> dict[str, Any]:
+        # Only when set, so the spec equals that of adapters leaving the backend's default.
+        return {"score_mode": self.score_mode} if self.score_mode is not None else {}
+
+    @property
+    def window_settings(self) -> WindowSettings | None:
+        """The long-document window settings, or None when windows are off."""
+        if self.window_tokens is None:
+            return None
+        return WindowSettings(
+            tokens=self.window_tokens,
+            stride=self.window_stride,
+            query_tokens=self.window_query_tokens,
+            aggregate=self.window_aggregate,
+        )
+
+    def _window_plan(
+        self, query: str, texts: Sequence[str], settings: WindowSettings
+    ) -> WindowPlan:
+        return windower_for(self._pool().get(self.spec).model).plan(query, texts, settings)
 
     @staticmethod
     def _check_query(query: Any) -> str:
@@ -141,18 +188,43 @@ class RerankSettings(SharedModelFields):
 
     def rank_texts(self, query: str, texts: Sequence[str]) -> list[Ranked]:
         """Score ``texts`` against ``query`` and rank them (indices into ``texts``)."""
-        query = self._check_query(query)
-        if not texts:
-            return []
-        scores = self._pool().score_pairs(self.spec, self._pairs(query, texts), self.batch_size)
-        return rank(scores, self.top_n, self.score_threshold)
+        return self.rank_texts_windowed(query, texts)[0]
 
     async def arank_texts(self, query: str, texts: Sequence[str]) -> list[Ranked]:
         """Async :meth:`rank_texts`: the forward pass runs off the event loop."""
+        return (await self.arank_texts_windowed(query, texts))[0]
+
+    def rank_texts_windowed(
+        self, query: str, texts: Sequence[str]
+    ) -> tuple[list[Ranked], list[WindowInfo] | None]:
+        """:meth:`rank_texts` plus, when windows are on, the deciding window of every text
+        (indexed like ``texts``); None when windows are off."""
         query = self._check_query(query)
         if not texts:
-            return []
-        scores = await self._pool().ascore_pairs(
-            self.spec, self._pairs(query, texts), self.batch_size
-        )
-        return rank(scores, self.top_n, self.score_threshold)
+            return [], None
+        settings = self.window_settings
+        if settings is None:
+            scores = self._pool().score_pairs(self.spec, self._pairs(query, texts), self.batch_size)
+            return rank(scores, self.top_n, self.score_threshold), None
+        plan = self._window_plan(query, texts, settings)
+        window_scores = self._pool().score_pairs(self.spec, plan.pairs, self.batch_size)
+        scores, infos = plan.aggregate(window_scores)
+        return rank(scores, self.top_n, self.score_threshold), infos
+
+    async def arank_texts_windowed(
+        self, query: str, texts: Sequence[str]
+    ) -> tuple[list[Ranked], list[WindowInfo] | None]:
+        """Async :meth:`rank_texts_windowed`: tokenizing and the forward pass run off the loop."""
+        query = self._check_query(query)
+        if not texts:
+            return [], None
+        settings = self.window_settings
+        if settings is None:
+            scores = await self._pool().ascore_pairs(
+                self.spec, self._pairs(query, texts), self.batch_size
+            )
+            return rank(scores, self.top_n, self.score_threshold), None
+        plan = await asyncio.to_thread(self._window_plan, query, texts, settings)
+        window_scores = await self._pool().ascore_pairs(self.spec, plan.pairs, self.batch_size)
+        scores, infos = plan.aggregate(window_scores)
+        return rank(scores, self.top_n, self.score_threshold), infos

@@ -61,6 +61,30 @@ _builtin(
     "cosine similarity of shared embedder vectors (extra: st)",
 )
 _builtin(
+    "flag-reranker",
+    "reranker",
+    "rag_rerank_plugins.backends.flag:load_reranker",
+    "FlagEmbedding FlagReranker, e.g. bge-reranker-v2-m3 (extra: flag)",
+)
+_builtin(
+    "flag-bge-m3",
+    "embedder",
+    "rag_rerank_plugins.backends.flag:load_m3",
+    "FlagEmbedding BGEM3FlagModel dense vectors, e.g. BAAI/bge-m3 (extra: flag)",
+)
+_builtin(
+    "remote-reranker",
+    "reranker",
+    "rag_rerank_plugins.backends.remote:load_reranker",
+    "a rerank server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
+)
+_builtin(
+    "remote-embedder",
+    "embedder",
+    "rag_rerank_plugins.backends.remote:load_embedder",
+    "an embedding server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
+)
+_builtin(
     "fake-reranker",
     "reranker",
     "rag_rerank_plugins.testing:load_fake_reranker",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     from ..pool import ModelPool
@@ -41,6 +41,15 @@ class RerankerModel(LoadedModel):
     @abstractmethod
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         """One float per pair, in input order."""
+
+    def window_source(self) -> tuple[Any, int] | None:
+        """``(tokenizer, max tokens of one query+passage input)`` for long-document windows.
+
+        Optional; the default (None) means this backend cannot be windowed. The tokenizer is the
+        model's own Hugging Face tokenizer: :mod:`rag_rerank_plugins.windows` uses a private copy,
+        never this object, because the model tokenizes with it under the handle's lock.
+        """
+        return None
 
 
 class EmbedderModel(LoadedModel):

@@ -12,12 +12,15 @@ from ..adapter_base import RerankSettings
 from ..exceptions import InvalidInputError
 from ..ranking import Ranked
 from ..spec import DEFAULT_RERANKER
+from ..windows import WindowInfo
 from . import _compat  # noqa: F401  (clear error when langchain-core is missing)
 
 __all__ = ["SharedRerankCompressor"]
 
 #: Metadata key of the score on returned documents (same as LangChain's Cohere/Jina rerankers).
 SCORE_KEY = "relevance_score"
+#: Metadata key of the deciding window (a dict, see WindowInfo) when long-document windows are on.
+WINDOW_KEY = "rerank_window"
 
 
 class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
@@ -27,7 +30,8 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     Build one per request if you like: construction validates a few fields and never loads.
 
     Returns new ``Document`` objects, best first, each with ``metadata["relevance_score"]`` (float)
-    and the input's ``id``; the input documents are never modified.
+    and the input's ``id``; the input documents are never modified. With ``window_tokens`` set,
+    ``metadata["rerank_window"]`` says which token window of the document decided its score.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
@@ -48,17 +52,18 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         return texts
 
     @staticmethod
-    def _build(documents: Sequence[Document], ranked: list[Ranked]) -> list[Document]:
+    def _build(
+        documents: Sequence[Document],
+        ranked: list[Ranked],
+        windows: list[WindowInfo] | None = None,
+    ) -> list[Document]:
         out = []
         for index, score in ranked:
             doc = documents[index]
-            out.append(
-                Document(
-                    page_content=doc.page_content,
-                    metadata={**doc.metadata, SCORE_KEY: score},
-                    id=doc.id,
-                )
-            )
+            metadata = {**doc.metadata, SCORE_KEY: score}
+            if windows is not None:
+                metadata[WINDOW_KEY] = windows[index].as_dict()
+            out.append(Document(page_content=doc.page_content, metadata=metadata, id=doc.id))
         return out
 
     def compress_documents(
@@ -68,8 +73,8 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``."""
-        ranked = self.rank_texts(query, self._texts(documents))
-        return self._build(documents, ranked)
+        ranked, windows = self.rank_texts_windowed(query, self._texts(documents))
+        return self._build(documents, ranked, windows)
 
     async def acompress_documents(
         self,
@@ -78,5 +83,5 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
-        ranked = await self.arank_texts(query, self._texts(documents))
-        return self._build(documents, ranked)
+        ranked, windows = await self.arank_texts_windowed(query, self._texts(documents))
+        return self._build(documents, ranked, windows)

@@ -9,12 +9,13 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from ..adapter_base import RerankSettings
-from ..exceptions import InvalidInputError
+from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
 from ..spec import DEFAULT_RERANKER
+from ..windows import WindowInfo
 from . import _compat  # noqa: F401  (clear error when llama-index-core is missing)
 
 __all__ = ["SharedRerankPostprocessor"]
@@ -23,14 +24,18 @@ dispatcher = get_dispatcher(__name__)
 
 #: Metadata key for the retriever's score when ``keep_retrieval_score`` is on (as in LlamaIndex).
 RETRIEVAL_SCORE_KEY = "retrieval_score"
+#: Metadata key of the deciding window (a dict, see WindowInfo) when long-document windows are on.
+WINDOW_KEY = "rerank_window"
 
 
 class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     """Rerank retrieved nodes with a model loaded once per process.
 
     Takes ``SentenceTransformerRerank``'s arguments (``model``, ``top_n``, ``device``,
-    ``keep_retrieval_score``, ``trust_remote_code``), so switching is a one-line change. Returns
-    new ``NodeWithScore`` objects best first; the input nodes and their scores are never modified.
+    ``keep_retrieval_score``, ``trust_remote_code``) and ``FlagEmbeddingReranker``'s (``model``,
+    ``top_n``, ``use_fp16``; with ``backend="flag-reranker"``), so switching is a one-line change.
+    Returns new ``NodeWithScore`` objects best first; the input nodes and their scores are never
+    modified. With ``window_tokens`` set, a copy of each node gets ``metadata["rerank_window"]``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -45,10 +50,31 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     trust_remote_code: bool = Field(
         default=False, description="Allow custom model code from the hub (off: safer default)."
     )
+    use_fp16: bool | None = Field(
+        default=None,
+        description="FlagEmbeddingReranker compatibility: True = dtype 'float16' (float32 on a "
+        "CPU, by policy), False = 'float32'. None: use dtype.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _use_fp16_to_dtype(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("use_fp16") is not None:
+            wanted = "float16" if data["use_fp16"] else "float32"
+            given = data.get("dtype", "auto")
+            if given not in ("auto", wanted):
+                raise ConfigurationError(
+                    f"use_fp16={data['use_fp16']} contradicts dtype={given!r}; pass only one."
+                )
+            data = {**data, "dtype": wanted}
+        return data
 
     def _extra_options(self) -> dict[str, Any]:
         # Only when on, so the spec equals that of other adapters naming the same model.
-        return {"trust_remote_code": True} if self.trust_remote_code else {}
+        options = super()._extra_options()
+        if self.trust_remote_code:
+            options["trust_remote_code"] = True
+        return options
 
     @classmethod
     def class_name(cls) -> str:
@@ -91,24 +117,34 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
             texts.append(node.get_content(metadata_mode=MetadataMode.EMBED))
         return texts
 
-    def _build(self, nodes: list[NodeWithScore], ranked: list[Ranked]) -> list[NodeWithScore]:
+    def _build(
+        self,
+        nodes: list[NodeWithScore],
+        ranked: list[Ranked],
+        windows: list[WindowInfo] | None = None,
+    ) -> list[NodeWithScore]:
         out = []
         for index, score in ranked:
             item = nodes[index]
             node = item.node
+            extra: dict[str, Any] = {}
             if self.keep_retrieval_score:
+                extra[RETRIEVAL_SCORE_KEY] = item.score
+            if windows is not None:
+                extra[WINDOW_KEY] = windows[index].as_dict()
+            if extra:
                 # On a copy: the caller's node (often shared with a docstore) stays untouched, and
-                # the score is hidden from the LLM and embedding text like other bookkeeping keys.
+                # the keys are hidden from the LLM and embedding text like other bookkeeping keys.
                 node = node.model_copy(
                     update={
-                        "metadata": {**node.metadata, RETRIEVAL_SCORE_KEY: item.score},
+                        "metadata": {**node.metadata, **extra},
                         "excluded_llm_metadata_keys": [
                             *node.excluded_llm_metadata_keys,
-                            RETRIEVAL_SCORE_KEY,
+                            *extra,
                         ],
                         "excluded_embed_metadata_keys": [
                             *node.excluded_embed_metadata_keys,
-                            RETRIEVAL_SCORE_KEY,
+                            *extra,
                         ],
                     }
                 )
@@ -125,7 +161,7 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         texts = self._texts(nodes)
         payload = self._start(nodes, query_bundle)
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            result = self._build(nodes, self.rank_texts(query, texts))
+            result = self._build(nodes, *self.rank_texts_windowed(query, texts))
             event.on_end(payload={EventPayload.NODES: result})
         dispatcher.event(ReRankEndEvent(nodes=result))
         return result
@@ -140,7 +176,7 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         texts = self._texts(nodes)
         payload = self._start(nodes, query_bundle)
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            result = self._build(nodes, await self.arank_texts(query, texts))
+            result = self._build(nodes, *(await self.arank_texts_windowed(query, texts)))
             event.on_end(payload={EventPayload.NODES: result})
         dispatcher.event(ReRankEndEvent(nodes=result))
         return result

@@ -1,0 +1,325 @@
+"""FlagEmbedding backends (extra ``flag``): ``flag-reranker`` (``FlagReranker``) and ``flag-bge-m3``
+(``BGEM3FlagModel``, dense vectors).
+
+Why not just call ``compute_score`` / ``encode``: FlagEmbedding 1.4.2 calls ``model.half()`` and
+``model.to(device)`` inside *every* call (``.float()`` on CPU for BGE-M3), starts one process per
+visible GPU when several are visible, and retries any ``RuntimeError`` with a smaller batch forever.
+On a shared model that is slow at best and a crash at worst. So we let FlagEmbedding *load* (its
+classes, its tokenizer, BGE-M3's ColBERT/sparse heads) with ``devices=[our device]``, put the
+weights on our device in the dtype our policy chose, once, and then run the forward pass ourselves
+with FlagEmbedding's own pre-processing (instruction formats, query/passage truncation,
+``prepare_for_model`` pairs, padding). Results equal ``compute_score`` / ``encode_queries`` /
+``encode_corpus`` on the same model (tested to 1e-5 in FP32).
+
+Score mode (option ``score_mode``): ``"sigmoid"`` (default) = ``sigmoid(logit)``, i.e.
+``compute_score(normalize=True)``; ``"raw"`` = the logit, i.e. ``compute_score()``. Logits are
+upcast to FP32 before the activation. The same names mean the same thing for ``cross-encoder``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ConfigurationError
+from ._torch_common import import_optional, loading_errors, prepare_module
+from .base import EmbedderModel, RerankerModel
+
+if TYPE_CHECKING:
+    from ..pool import ModelPool
+    from ..spec import ModelSpec
+
+__all__ = ["SCORE_MODES", "FlagM3Embedder", "FlagReranker", "load_m3", "load_reranker"]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted values of the ``score_mode`` backend option (rerankers).
+SCORE_MODES = ("raw", "sigmoid")
+
+#: FlagEmbedding's own default when ``max_length`` is not given.
+FLAG_DEFAULT_MAX_LENGTH = 512
+
+_RERANKER_OPTIONS = {
+    "score_mode",
+    "query_max_length",
+    "query_instruction_for_rerank",
+    "query_instruction_format",
+    "passage_instruction_for_rerank",
+    "passage_instruction_format",
+    "trust_remote_code",
+    "cache_dir",
+}
+_M3_OPTIONS = {
+    "query_max_length",
+    "query_instruction_for_retrieval",
+    "query_instruction_format",
+    "normalize_embeddings",
+    "pooling_method",
+    "colbert_dim",
+    "trust_remote_code",
+    "cache_dir",
+}
+
+
+def score_mode_of(spec: ModelSpec, default: str | None) -> str | None:
+    """The spec's ``score_mode`` option, validated (``default`` when absent)."""
+    mode = spec.option("score_mode", default)
+    if mode is not None and mode not in SCORE_MODES:
+        raise ConfigurationError(
+            f"score_mode must be 'raw' (logits) or 'sigmoid' (sigmoid of the logit), got {mode!r}."
+        )
+    return mode
+
+
+def sigmoid(x: float) -> float:
+    """Numerically stable logistic function in float64 (same values as FlagEmbedding's)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def _check_options(spec: ModelSpec, allowed: set[str], backend: str) -> dict[str, Any]:
+    options = spec.options_dict
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        hint = ""
+        if {"use_fp16", "use_bf16"} & set(unknown):
+            hint = " Precision is chosen by dtype= ('auto', 'float32', 'float16', 'bfloat16')."
+        elif {"devices", "device"} & set(unknown):
+            hint = " The device is chosen by device= (one device per spec)."
+        elif "normalize" in unknown:
+            hint = " Use score_mode='sigmoid' (or 'raw')."
+        raise ConfigurationError(
+            f"Unsupported option(s) {unknown} for backend {backend!r}. Supported: "
+            f"{sorted(allowed)}.{hint}"
+        )
+    return options
+
+
+def _tokenizer_helpers() -> tuple[Any, Any]:
+    """FlagEmbedding's transformers-v4/v5 compatible ``prepare_for_model`` and ``pad``."""
+    try:
+        from FlagEmbedding.utils.tokenizer_compat import (
+            pad_with_compat,
+            prepare_for_model_compat,
+        )
+    except ImportError:  # FlagEmbedding < 1.4: transformers 4 only, the tokenizer methods exist
+
+        def prepare_for_model_compat(tokenizer: Any, first: Any, second: Any, **kw: Any) -> Any:
+            return tokenizer.prepare_for_model(first, second, **kw)
+
+        def pad_with_compat(tokenizer: Any, encoded: Any, **kw: Any) -> Any:
+            return tokenizer.pad(encoded, **kw)
+
+    return prepare_for_model_compat, pad_with_compat
+
+
+def _length_sorted(items: list[dict[str, Any]]) -> list[int]:
+    """Indices longest first (less padding), as FlagEmbedding orders its batches."""
+    return sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+
+
+class FlagReranker(RerankerModel):
+    """``FlagEmbedding.FlagReranker`` (encoder-only, e.g. bge-reranker-v2-m3), loaded once.
+
+    Not thread-safe (shared fast tokenizer): the pool serialises calls.
+    """
+
+    def __init__(self, flag: Any, device: str, dtype: str, score_mode: str) -> None:
+        self._flag = flag
+        self.tokenizer = flag.tokenizer
+        self.model = flag.model
+        self.device = device
+        self.dtype = dtype
+        self.score_mode = score_mode
+        self.max_length: int = int(flag.max_length)
+        qmax = flag.query_max_length
+        self.query_max_length: int = int(qmax) if qmax is not None else self.max_length * 3 // 4
+        self._prepare, self._pad = _tokenizer_helpers()
+
+    def window_source(self) -> tuple[Any, int] | None:
+        return self.tokenizer, self.max_length
+
+    def _encode(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        # FlagEmbedding's pre-processing, step by step (compute_score_single_gpu in 1.4.2).
+        detailed = self._flag.get_detailed_inputs([[q, p] for q, p in pairs])
+        tok = self.tokenizer
+        q_ids = tok(
+            [q for q, _ in detailed],
+            return_tensors=None,
+            add_special_tokens=False,
+            max_length=self.query_max_length,
+            truncation=True,
+        )["input_ids"]
+        p_ids = tok(
+            [p for _, p in detailed],
+            return_tensors=None,
+            add_special_tokens=False,
+            max_length=self.max_length,
+            truncation=True,
+        )["input_ids"]
+        return [
+            self._prepare(
+                tok, q, d, truncation="only_second", max_length=self.max_length, padding=False
+            )
+            for q, d in zip(q_ids, p_ids, strict=True)
+        ]
+
+    def logits(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
+        """First logit per pair, upcast to FP32, in input order."""
+        import torch
+
+        items = self._encode(pairs)
+        order = _length_sorted(items)
+        out: list[float] = [0.0] * len(items)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                inputs = self._pad(
+                    self.tokenizer, [items[i] for i in chunk], padding=True, return_tensors="pt"
+                ).to(self.device)
+                logits = self.model(**inputs, return_dict=True).logits
+                values = logits.reshape(len(chunk), -1)[:, 0].float().cpu().tolist()
+                for i, value in zip(chunk, values, strict=True):
+                    out[i] = float(value)
+        return out
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
+        logits = self.logits(pairs, batch_size)
+        if self.score_mode == "sigmoid":
+            return [sigmoid(x) for x in logits]
+        return logits
+
+    def close(self) -> None:
+        flag, self._flag = self._flag, None
+        if flag is not None:
+            # FlagEmbedding's __del__ moves the model to the CPU: drop it first so release never
+            # copies GPU weights into host memory.
+            flag.model = None
+        self.model = None
+        self.tokenizer = None
+
+
+def _import_flag(backend: str) -> Any:
+    import_optional("torch", "torch", "flag", f"The {backend!r} backend")
+    return import_optional("FlagEmbedding", "FlagEmbedding", "flag", f"The {backend!r} backend")
+
+
+def load_reranker(spec: ModelSpec, pool: ModelPool) -> FlagReranker:
+    """Loader of ``backend="flag-reranker"``."""
+    options = _check_options(spec, _RERANKER_OPTIONS, spec.backend)
+    mode = score_mode_of(spec, "sigmoid")
+    options.pop("score_mode", None)
+    flag_mod = _import_flag(spec.backend)
+    with loading_errors(spec):
+        flag = flag_mod.FlagReranker(
+            spec.model,
+            use_fp16=False,  # our policy casts once, below; FlagEmbedding must never cast per call
+            devices=[spec.device],  # one device: never a process per visible GPU
+            max_length=spec.max_length or FLAG_DEFAULT_MAX_LENGTH,
+            **options,
+        )
+        prepare_module(flag.model, spec.dtype)
+        flag.model.to(spec.device)
+    assert mode is not None
+    return FlagReranker(flag, spec.device, spec.dtype, mode)
+
+
+class FlagM3Embedder(EmbedderModel):
+    """``FlagEmbedding.BGEM3FlagModel`` dense vectors (CLS pooling, normalised by default).
+
+    Queries use ``query_max_length`` and the query instruction (``encode_queries``); documents use
+    ``max_length`` (``encode_corpus``). ``normalize=True`` additionally L2-normalises (idempotent
+    with the model's own ``normalize_embeddings=True``).
+    """
+
+    def __init__(self, flag: Any, device: str, dtype: str) -> None:
+        self._flag = flag
+        self.tokenizer = flag.tokenizer
+        self.model = flag.model
+        self.device = device
+        self.dtype = dtype
+        self.query_max_length = int(flag.query_max_length)
+        self.passage_max_length = int(flag.passage_max_length)
+        self.truncate_dim = getattr(flag, "truncate_dim", None)
+        hidden = int(self.model.model.config.hidden_size)
+        self._dimension = min(hidden, self.truncate_dim) if self.truncate_dim else hidden
+        self._pad = _tokenizer_helpers()[1]
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    def _texts(self, texts: Sequence[str], is_query: bool) -> list[str]:
+        flag = self._flag
+        if is_query and flag.query_instruction_for_retrieval is not None:
+            fmt, instruction = flag.query_instruction_format, flag.query_instruction_for_retrieval
+        elif not is_query and flag.kwargs.get("passage_instruction_for_retrieval") is not None:
+            fmt = flag.kwargs.get("passage_instruction_format", "{}{}")
+            instruction = flag.kwargs["passage_instruction_for_retrieval"]
+        else:
+            return list(texts)
+        return [flag.get_detailed_instruct(fmt, instruction, t) for t in texts]
+
+    def embed(
+        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+    ) -> list[list[float]]:
+        import torch
+
+        max_length = self.query_max_length if is_query else self.passage_max_length
+        encoded = self.tokenizer(
+            self._texts(texts, is_query), truncation=True, max_length=max_length
+        )
+        items = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+        order = _length_sorted(items)
+        out: list[list[float]] = [[] for _ in items]
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                inputs = self._pad(
+                    self.tokenizer, [items[i] for i in chunk], padding=True, return_tensors="pt"
+                ).to(self.device)
+                dense = self.model(
+                    inputs,
+                    return_dense=True,
+                    return_sparse=False,
+                    return_colbert_vecs=False,
+                    truncate_dim=self.truncate_dim,
+                )["dense_vecs"].float()
+                if normalize:
+                    dense = torch.nn.functional.normalize(dense, dim=-1)
+                for i, vec in zip(chunk, dense.cpu().tolist(), strict=True):
+                    out[i] = vec
+        return out
+
+    def close(self) -> None:
+        flag, self._flag = self._flag, None
+        if flag is not None:
+            flag.model = None  # see FlagReranker.close
+        self.model = None
+        self.tokenizer = None
+
+
+def load_m3(spec: ModelSpec, pool: ModelPool) -> FlagM3Embedder:
+    """Loader of ``backend="flag-bge-m3"``."""
+    options = _check_options(spec, _M3_OPTIONS, spec.backend)
+    flag_mod = _import_flag(spec.backend)
+    max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
+    options.setdefault("query_max_length", max_length)
+    with loading_errors(spec):
+        flag = flag_mod.BGEM3FlagModel(
+            spec.model,
+            # Only selects the dtype the weights are *loaded* in (no FP32 detour); every later
+            # cast and device move is ours, once, below.
+            use_fp16=spec.dtype == "float16",
+            use_bf16=spec.dtype == "bfloat16",
+            devices=[spec.device],
+            passage_max_length=max_length,
+            **options,
+        )
+        prepare_module(flag.model, spec.dtype)
+        flag.model.to(spec.device)
+    return FlagM3Embedder(flag, spec.device, spec.dtype)

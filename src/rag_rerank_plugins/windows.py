@@ -1,0 +1,293 @@
+"""Long-document reranking: split passages into overlapping token windows, score, aggregate.
+
+Why: every cross-encoder truncates its input (512 tokens for most rerankers), so a passage whose
+relevant sentence sits at token 3,000 is scored on its first page only. With windows on, a passage
+longer than one window becomes several ``(query, window)`` pairs scored by the same model through
+the same pool (so the scheduler batches them with everything else), and the passage score is the
+``max`` (default), ``mean`` or ``first`` of its window scores. Passages that fit in one window are
+scored unchanged.
+
+Sizes are in the *model's* tokens, from a private copy of the model's own tokenizer (the model
+tokenizes with the original under the handle lock; fast tokenizers must not be shared across
+threads). The query is kept whole in every window as long as it fits in ``query_tokens``; a longer
+query is cut to that budget. ``tokens="auto"`` fills the model's input (``max_length`` minus query
+and special tokens); an explicit size is capped to that. Windows start every ``stride`` tokens
+(default half a window) and the last one ends at the passage's end. Window texts are exact slices
+of the passage (character offsets from the tokenizer), so the model sees the passage's own text.
+
+Which window decided the score (the best one for ``max``/``mean``, the first for ``first``) is
+reported per passage as a :class:`WindowInfo` (adapters put it in result metadata).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .exceptions import ConfigurationError, InvalidInputError
+
+if TYPE_CHECKING:
+    from .backends.base import LoadedModel
+
+__all__ = [
+    "AGGREGATES",
+    "Window",
+    "WindowInfo",
+    "WindowPlan",
+    "WindowSettings",
+    "Windower",
+    "aggregate_scores",
+    "windower_for",
+]
+
+Aggregate = Literal["max", "mean", "first"]
+AGGREGATES: tuple[str, ...] = ("max", "mean", "first")
+
+#: Tokenizer limits above this mean "no real limit" (HF uses 1e30): windows need a real one.
+_NO_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How to window long passages. Per-call settings: never part of the model's pool key."""
+
+    tokens: int | Literal["auto"] = "auto"
+    stride: int | None = None
+    query_tokens: int = 64
+    aggregate: Aggregate = "max"
+
+    def __post_init__(self) -> None:
+        if self.tokens != "auto" and (
+            isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0
+        ):
+            raise ConfigurationError(
+                f"window_tokens must be a positive int, 'auto' or None (off), got {self.tokens!r}."
+            )
+        if self.stride is not None and (
+            isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride <= 0
+        ):
+            raise ConfigurationError(
+                f"window_stride must be a positive int or None, got {self.stride!r}."
+            )
+        if isinstance(self.tokens, int) and self.stride is not None and self.stride > self.tokens:
+            raise ConfigurationError(
+                f"window_stride ({self.stride}) must not exceed window_tokens ({self.tokens}): "
+                "the text between windows would never be scored."
+            )
+        if (
+            isinstance(self.query_tokens, bool)
+            or not isinstance(self.query_tokens, int)
+            or self.query_tokens <= 0
+        ):
+            raise ConfigurationError(
+                f"window_query_tokens must be a positive int, got {self.query_tokens!r}."
+            )
+        if self.aggregate not in AGGREGATES:
+            raise ConfigurationError(
+                f"window_aggregate must be one of {AGGREGATES}, got {self.aggregate!r}."
+            )
+
+
+@dataclass(frozen=True)
+class Window:
+    """One slice of a passage: token range ``[token_start, token_end)`` and its characters."""
+
+    text: str
+    token_start: int
+    token_end: int
+    char_start: int | None
+    char_end: int | None
+
+
+@dataclass(frozen=True)
+class WindowInfo:
+    """The window that decided a passage's score, as reported in result metadata."""
+
+    index: int  # which window (0-based) of ``count``
+    count: int
+    token_start: int
+    token_end: int
+    char_start: int | None  # None with slow tokenizers (no offsets)
+    char_end: int | None
+    score: float  # that window's own score
+    aggregate: str
+    window_tokens: int  # the effective window size used for this passage's query
+    stride: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def aggregate_scores(scores: Sequence[float], how: str) -> tuple[float, int]:
+    """``(passage score, index of the reported window)``. NaN windows are ignored unless all are."""
+    if how == "first":
+        return float(scores[0]), 0
+    valid = [(s, i) for i, s in enumerate(scores) if not math.isnan(s)]
+    if not valid:
+        return math.nan, 0
+    best_score, best = max(valid, key=lambda si: (si[0], -si[1]))  # ties: the earliest window
+    if how == "max":
+        return float(best_score), best
+    if how == "mean":
+        return math.fsum(s for s, _ in valid) / len(valid), best
+    raise ConfigurationError(f"window_aggregate must be one of {AGGREGATES}, got {how!r}.")
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The (query, window) pairs for one rerank call and how to fold their scores back."""
+
+    query: str
+    windows: tuple[tuple[Window, ...], ...]  # per passage, at least one
+    settings: WindowSettings
+    window_tokens: int
+    stride: int
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(self.query, w.text) for doc in self.windows for w in doc]
+
+    def aggregate(self, scores: Sequence[float]) -> tuple[list[float], list[WindowInfo]]:
+        """Passage scores (input order) and the reporting window of each."""
+        expected = sum(len(doc) for doc in self.windows)
+        if len(scores) != expected:
+            raise ValueError(f"expected {expected} window scores, got {len(scores)}")
+        out: list[float] = []
+        infos: list[WindowInfo] = []
+        pos = 0
+        for doc in self.windows:
+            doc_scores = [float(s) for s in scores[pos : pos + len(doc)]]
+            pos += len(doc)
+            score, index = aggregate_scores(doc_scores, self.settings.aggregate)
+            w = doc[index]
+            out.append(score)
+            infos.append(
+                WindowInfo(
+                    index=index,
+                    count=len(doc),
+                    token_start=w.token_start,
+                    token_end=w.token_end,
+                    char_start=w.char_start,
+                    char_end=w.char_end,
+                    score=doc_scores[index],
+                    aggregate=self.settings.aggregate,
+                    window_tokens=self.window_tokens,
+                    stride=self.stride,
+                )
+            )
+        return out, infos
+
+
+def _starts(n_tokens: int, size: int, stride: int) -> list[int]:
+    """Window starts covering ``n_tokens``: every ``stride``, the last one ending at the end."""
+    if n_tokens <= size:
+        return [0]
+    starts = list(range(0, n_tokens - size + 1, stride))
+    if starts[-1] + size < n_tokens:
+        starts.append(n_tokens - size)
+    return starts
+
+
+class Windower:
+    """Splits passages with a private tokenizer copy (thread-safe: one lock per windower)."""
+
+    def __init__(self, tokenizer: Any, max_pair_tokens: int) -> None:
+        if not max_pair_tokens or max_pair_tokens >= _NO_LIMIT:
+            raise ConfigurationError(
+                "Long-document windows need the model's token limit, and this model has none. "
+                "Set max_length= on the adapter or spec (e.g. 512)."
+            )
+        self._tok = copy.deepcopy(tokenizer)
+        # The copy tokenizes whole passages on purpose: no "sequence too long" warnings.
+        self._tok.model_max_length = _NO_LIMIT * 1000
+        self._lock = threading.Lock()
+        self.max_pair_tokens = int(max_pair_tokens)
+        self.special_tokens = int(self._tok.num_special_tokens_to_add(pair=True))
+        self._offsets = bool(getattr(self._tok, "is_fast", False))
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
+        with self._lock:
+            if self._offsets:
+                enc = self._tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+                return [
+                    (list(ids), [tuple(o) for o in offs])  # type: ignore[misc]
+                    for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+                ]
+            enc = self._tok(texts, add_special_tokens=False)
+            return [(list(ids), None) for ids in enc["input_ids"]]
+
+    def _slice(
+        self, text: str, ids: list[int], offsets: list[tuple[int, int]] | None, start: int, end: int
+    ) -> Window:
+        if offsets is not None:
+            c0, c1 = offsets[start][0], offsets[end - 1][1]
+            return Window(text[c0:c1], start, end, c0, c1)
+        with self._lock:
+            piece = self._tok.decode(ids[start:end], skip_special_tokens=True)
+        return Window(piece, start, end, None, None)
+
+    def plan(self, query: str, texts: Sequence[str], settings: WindowSettings) -> WindowPlan:
+        """Windows for every passage (input order) against ``query``."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidInputError(
+                    f"text #{i} is {type(text).__name__}, not str. Convert it to text first "
+                    "(rag-rerank-plugins never guesses how to stringify a document)."
+                )
+        tokenized = self._tokenize([query, *texts])
+        q_ids, q_offsets = tokenized[0]
+        if len(q_ids) > settings.query_tokens:
+            query = self._slice(query, q_ids, q_offsets, 0, settings.query_tokens).text
+            q_len = settings.query_tokens
+        else:
+            q_len = len(q_ids)
+        room = self.max_pair_tokens - q_len - self.special_tokens
+        if room <= 0:
+            raise ConfigurationError(
+                f"No room for passage tokens: the model takes {self.max_pair_tokens} tokens and "
+                f"the query uses {q_len} (+{self.special_tokens} special). Lower "
+                "window_query_tokens."
+            )
+        size = room if settings.tokens == "auto" else min(int(settings.tokens), room)
+        stride = min(settings.stride or max(size // 2, 1), size)
+        windows: list[tuple[Window, ...]] = []
+        for text, (ids, offsets) in zip(texts, tokenized[1:], strict=True):
+            if len(ids) <= size:
+                windows.append((Window(text, 0, len(ids), 0, len(text)),))
+                continue
+            windows.append(
+                tuple(
+                    self._slice(text, ids, offsets, s, min(s + size, len(ids)))
+                    for s in _starts(len(ids), size, stride)
+                )
+            )
+        return WindowPlan(query, tuple(windows), settings, size, stride)
+
+
+_cache_lock = threading.Lock()
+_windowers: weakref.WeakKeyDictionary[Any, Windower] = weakref.WeakKeyDictionary()
+
+
+def windower_for(model: LoadedModel) -> Windower:
+    """The (cached) windower of a loaded reranker; ConfigurationError when it has no tokenizer."""
+    windower = _windowers.get(model)
+    if windower is not None:
+        return windower
+    source = getattr(model, "window_source", None)
+    info = source() if callable(source) else None
+    if info is None:
+        raise ConfigurationError(
+            f"Long-document windows need a backend with a tokenizer; {type(model).__name__} has "
+            "none. Use 'cross-encoder' or 'flag-reranker', or turn windows off "
+            "(window_tokens=None)."
+        )
+    with _cache_lock:
+        windower = _windowers.get(model)
+        if windower is None:
+            windower = _windowers[model] = Windower(*info)
+    return windower
