@@ -300,5 +300,7 @@ def test_engine_config_from_env() -> None:
     assert config.wait_seconds("cpu") == 0.005
     assert EngineConfig().wait_seconds("cpu") == 0.0
     assert EngineConfig().wait_seconds("cuda:0") == 0.002
+    assert EngineConfig().tokens_per_batch("cpu") == 4096
+    assert EngineConfig(token_budget=100).tokens_per_batch("cuda:0") == 100
     with pytest.raises(ValueError, match="positive"):
         EngineConfig(max_queue=0)

@@ -177,6 +177,7 @@ class Scheduler:
         self._config = config
         self._metrics = metrics
         self._wait_s = config.wait_seconds(device)
+        self._budget = config.tokens_per_batch(device)
         self._max_tokens = max_tokens or 512
         self._name = name
         self._queue: deque[_Work] = deque()
@@ -287,7 +288,7 @@ class Scheduler:
     def _take_round(self) -> list[tuple[_Work, int]]:
         """Items for one round: FIFO over requests of the head's kind, a few batches' worth."""
         cap_items = self._config.max_batch_size * 4
-        cap_tokens = self._config.token_budget * 4
+        cap_tokens = self._budget * 4
         entries: list[tuple[_Work, int]] = []
         tokens = 0
         group = None
@@ -331,7 +332,7 @@ class Scheduler:
             cap_if_added = min(cap, entry[0].batch_size)
             if current and (
                 len(current) >= cap_if_added
-                or longest_if_added * (len(current) + 1) > self._config.token_budget
+                or longest_if_added * (len(current) + 1) > self._budget
             ):
                 batches.append(current)
                 current, longest_if_added = [], length
