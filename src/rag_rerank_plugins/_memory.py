@@ -7,20 +7,22 @@ caches when torch is already imported, and asks glibc to trim its heap.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import gc
 import os
 import sys
+from typing import Any
 
 __all__ = ["free_memory", "rss_bytes"]
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
+def _libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

@@ -9,7 +9,6 @@ across releases so reloads show up as ``loads > 1``.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -207,6 +206,8 @@ class ModelHandle:
         kwargs: dict[str, Any],
         timeout: float | None,
     ) -> list[Any]:
+        import asyncio  # lazily: keeps `import rag_rerank_plugins` cheap for sync-only apps
+
         start = time.perf_counter()
         timeout = self._timeout(timeout)
         try:
