@@ -221,9 +221,7 @@ def scenario_warm(model: Path, reps: int, **ours_kw: Any) -> dict[str, Any]:
         "llama_index_cached": li_anchor_factory(model)(),
     }
     if ours_kw:
-        systems["ours_" + "_".join(f"{k}" for k in ours_kw)] = ours_factory(
-            model, pool, **ours_kw
-        )()
+        systems["ours_int8"] = ours_factory(model, pool, **ours_kw)()
     times: dict[str, list[float]] = {name: [] for name in systems}
     for system in systems.values():  # warm-up
         run_request(system, docs[:4], nodes[:4], QUERY)
@@ -596,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             "construction",
             lambda: scenario_construction(models["minilm"], 100, anchor_n),
         ),
-        ("warm", lambda: scenario_warm(models["minilm"], reps)),
+        ("warm", lambda: scenario_warm(models["minilm"], reps, model_kwargs={"quantize": "int8"})),
         (
             "concurrency",
             lambda: scenario_concurrency(models["minilm"], args.callers, per_caller),

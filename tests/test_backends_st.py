@@ -77,3 +77,19 @@ def test_bi_encoder_scores_are_cosines_of_the_shared_embedder(
     # It reused the embedder handle rather than loading a second copy.
     emb = ModelSpec(minilm_path, backend="sentence-transformers", device="cpu")
     assert pool.spec_stats(emb)["loads"] == 1
+
+
+def test_opt_in_int8_quantization_stays_close_to_float32(
+    pool: ModelPool, tiny_ce_path: str, passages: list[str]
+) -> None:
+    from rag_rerank_plugins import ConfigurationError, ModelLoadError
+
+    pairs = [("how do plants make energy?", p) for p in passages]
+    fp32 = pool.score_pairs(ModelSpec(tiny_ce_path, device="cpu"), pairs)
+    int8_spec = ModelSpec(tiny_ce_path, device="cpu", options={"quantize": "int8"})
+    int8 = pool.score_pairs(int8_spec, pairs)
+    np.testing.assert_allclose(int8, fp32, atol=0.02)
+    linear_types = {type(m).__name__ for m in pool.get(int8_spec).model.model.modules()}
+    assert "LinearPackedParams" in linear_types  # really quantized, not silently ignored
+    with pytest.raises((ConfigurationError, ModelLoadError), match="int4"):
+        pool.get(ModelSpec(tiny_ce_path, device="cpu", options={"quantize": "int4"}))

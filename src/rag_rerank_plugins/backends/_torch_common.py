@@ -13,7 +13,12 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from ..exceptions import MissingDependencyError, ModelLoadError, ModelNotFoundError
+from ..exceptions import (
+    ConfigurationError,
+    MissingDependencyError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from ..spec import ModelSpec
 
 __all__ = ["import_optional", "loading_errors", "prepare_module", "torch_dtype"]
@@ -47,12 +52,40 @@ def prepare_module(module: Any, dtype: str) -> Any:
     return module
 
 
+QUANTIZE_MODES = ("int8",)
+
+
+def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> Any:
+    """Opt-in dynamic int8 quantization of every ``nn.Linear`` (CPU, float32 models only).
+
+    Weights become int8 and activations are quantized on the fly, so scores differ slightly
+    (~1e-3 here) from float32; whether it is faster depends on the CPU (VNNI helps; on an AVX2
+    EPYC we measured no gain): measure with ``benchmarks/run.py`` before turning it on. Uses
+    ``torch.ao.quantization.quantize_dynamic``, which torch deprecates in favour of torchao (it
+    warns); the option stays opt-in until torchao is a dependency worth adding.
+    """
+    if mode is None:
+        return module
+    if mode not in QUANTIZE_MODES:
+        raise ConfigurationError(f"quantize={mode!r} is not supported; use 'int8' or leave it out.")
+    if device != "cpu" or dtype != "float32":
+        raise ConfigurationError(
+            f"quantize='int8' needs device='cpu' and dtype float32 (got {device}/{dtype}); "
+            "on GPUs use dtype='float16' instead."
+        )
+    import torch
+
+    return torch.ao.quantization.quantize_dynamic(
+        module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+    )
+
+
 @contextlib.contextmanager
 def loading_errors(spec: ModelSpec) -> Iterator[None]:
     """Map library errors at load time to this package's exceptions."""
     try:
         yield
-    except (MissingDependencyError, ModelLoadError):
+    except (MissingDependencyError, ModelLoadError, ConfigurationError):
         raise
     except OSError as exc:
         if spec.is_local_path:

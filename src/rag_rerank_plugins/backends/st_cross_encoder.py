@@ -14,7 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._torch_common import import_optional, loading_errors, prepare_module, torch_dtype
+from ._torch_common import (
+    import_optional,
+    loading_errors,
+    prepare_module,
+    quantize_module,
+    torch_dtype,
+)
 from .base import RerankerModel
 from .flag import score_mode_of  # light: flag.py imports FlagEmbedding only inside its loaders
 
@@ -79,6 +85,7 @@ def load(spec: ModelSpec, pool: ModelPool) -> CrossEncoderReranker:
     options = spec.options_dict
     mode = score_mode_of(spec, None)
     options.pop("score_mode", None)
+    quantize = options.pop("quantize", None)
     with loading_errors(spec):
         model = st.CrossEncoder(
             spec.model,
@@ -88,4 +95,5 @@ def load(spec: ModelSpec, pool: ModelPool) -> CrossEncoderReranker:
             **options,
         )
         prepare_module(model, spec.dtype)
+        quantize_module(model, quantize, spec.device, spec.dtype)
     return CrossEncoderReranker(model, spec.device, spec.dtype, mode)

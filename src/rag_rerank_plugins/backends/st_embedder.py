@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._torch_common import import_optional, loading_errors, prepare_module
+from ._torch_common import import_optional, loading_errors, prepare_module, quantize_module
 from .base import EmbedderModel
 from .st_cross_encoder import model_kwargs_for
 
@@ -65,14 +65,17 @@ def load(spec: ModelSpec, pool: ModelPool) -> SentenceTransformerEmbedder:
         "st",
         "The 'sentence-transformers' backend",
     )
+    options = spec.options_dict
+    quantize = options.pop("quantize", None)
     with loading_errors(spec):
         model = st.SentenceTransformer(
             spec.model,
             device=spec.device,
             model_kwargs=model_kwargs_for(spec.dtype),
-            **spec.options_dict,
+            **options,
         )
         if spec.max_length is not None:
             model.max_seq_length = spec.max_length
         prepare_module(model, spec.dtype)
+        quantize_module(model, quantize, spec.device, spec.dtype)
     return SentenceTransformerEmbedder(model, spec.device, spec.dtype)
