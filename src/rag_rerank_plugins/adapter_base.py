@@ -8,6 +8,8 @@ microseconds and why ``release()`` frees memory even while adapters exist.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +23,11 @@ from .spec import ModelSpec
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
 __all__ = ["RerankSettings", "SharedModelFields"]
+
+logger = logging.getLogger(__name__)
+
+#: Longest ``rerank_error`` message put on a passed-through document.
+_ERROR_CHARS = 200
 
 
 class SharedModelFields(BaseModel):
@@ -138,6 +145,13 @@ class RerankSettings(SharedModelFields):
     window_aggregate: Literal["max", "mean", "first"] = Field(
         default="max", description="How window scores become the passage score."
     )
+    on_error: Literal["raise", "passthrough"] = Field(
+        default="raise",
+        description="When scoring fails (load, inference, OOM, timeout, full queue): 'raise' the "
+        "error, or 'passthrough': return the documents in retrieval order (top_n applies, no "
+        "threshold, no scores), each with metadata['rerank_error'], counted in "
+        "stats()['passthrough']. Invalid input (missing query, non-text documents) always raises.",
+    )
 
     @field_validator("top_n")
     @classmethod
@@ -210,6 +224,53 @@ class RerankSettings(SharedModelFields):
         window_scores = self._pool().score_pairs(self.spec, plan.pairs, self.batch_size)
         scores, infos = plan.aggregate(window_scores)
         return rank(scores, self.top_n, self.score_threshold), infos
+
+    def rank_texts_guarded(
+        self, query: str, texts: Sequence[str]
+    ) -> tuple[list[Ranked], list[WindowInfo] | None, str | None]:
+        """:meth:`rank_texts_windowed` plus ``on_error``: the third item is None on success, or,
+        with ``on_error="passthrough"``, the error message when texts come in retrieval order."""
+        try:
+            ranked, windows = self.rank_texts_windowed(query, texts)
+        except ConfigurationError:  # the caller's mistake (incl. InvalidInputError): never hidden
+            raise
+        except Exception as exc:
+            if self.on_error != "passthrough":
+                raise
+            return self._passthrough(len(texts), exc)
+        return ranked, windows, None
+
+    async def arank_texts_guarded(
+        self, query: str, texts: Sequence[str]
+    ) -> tuple[list[Ranked], list[WindowInfo] | None, str | None]:
+        """Async :meth:`rank_texts_guarded` (cancellation always propagates)."""
+        try:
+            ranked, windows = await self.arank_texts_windowed(query, texts)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            if self.on_error != "passthrough":
+                raise
+            return self._passthrough(len(texts), exc)
+        return ranked, windows, None
+
+    def _passthrough(self, n: int, exc: Exception) -> tuple[list[Ranked], None, str]:
+        """Retrieval order, cut to ``top_n``, NaN scores; logged and counted in the pool."""
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:_ERROR_CHARS]
+        spec = self.spec
+        logger.warning(
+            "rag-rerank: reranking with %s failed; returning %d documents in retrieval order "
+            "(on_error='passthrough'): %s",
+            spec.model,
+            n,
+            message,
+        )
+        try:
+            self._pool().record_passthrough(spec)
+        except Exception:  # counting must never turn a degraded answer into an error
+            logger.debug("rag-rerank: could not count a passthrough", exc_info=True)
+        keep = n if self.top_n is None else min(n, self.top_n)
+        return [Ranked(i, math.nan) for i in range(keep)], None, message
 
     async def arank_texts_windowed(
         self, query: str, texts: Sequence[str]

@@ -9,6 +9,7 @@ across releases so reloads show up as ``loads > 1``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ class SpecStats:
     calls: int = 0
     items: int = 0  # pairs scored (rerankers) or texts embedded (embedders)
     errors: int = 0
+    passthrough: int = 0  # adapter calls answered in retrieval order (on_error)
     cache_hits: int = 0
     cache_misses: int = 0
     busy_seconds: float = 0.0
@@ -64,13 +66,28 @@ class SpecStats:
         return data
 
 
-def _require_strings(texts: Sequence[Any], what: str) -> None:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates (e.g. ``"\\ud800"``, not encodable as UTF-8) replaced by
+    U+FFFD. Fast tokenizers raise on them, which would fail every request sharing the batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _require_strings(texts: Sequence[Any], what: str) -> list[str]:
+    """``texts`` checked to be str and cleaned with :func:`clean_text`."""
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InvalidInputError(
                 f"{what} #{i} is {type(text).__name__}, not str. Convert it to text first "
                 "(rag-rerank-plugins never guesses how to stringify a document)."
             )
+    return [clean_text(text) for text in texts]
 
 
 def _check_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:
@@ -79,8 +96,8 @@ def _check_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:
         pair = tuple(pair)
         if len(pair) != 2:
             raise InvalidInputError(f"pair #{i} has {len(pair)} items; expected (query, text).")
-        _require_strings(pair, f"pair #{i} item")
-        checked.append(pair)
+        query, text = _require_strings(pair, f"pair #{i} item")
+        checked.append((query, text))
     return checked
 
 
@@ -338,8 +355,7 @@ class ModelHandle:
     def _embed_args(
         self, texts: Sequence[str], batch_size: int, is_query: bool, normalize: bool
     ) -> tuple[list[str], dict[str, Any]]:
-        texts = list(texts)
-        _require_strings(texts, "text")
+        texts = _require_strings(list(texts), "text")
         if texts:
             self._require_kind("embedder")
         if batch_size <= 0:

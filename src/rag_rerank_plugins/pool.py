@@ -229,11 +229,17 @@ class ModelPool:
         stats = self._stats.get(key) or self._stats_for(key)
         return stats.as_dict()
 
+    def record_passthrough(self, spec: ModelSpec) -> None:
+        """Count one adapter call answered in retrieval order (``on_error="passthrough"``)."""
+        stats = self._stats_for(self.key(spec))
+        with self._lock:
+            stats.passthrough += 1
+
     def reset_stats(self) -> None:
         """Zero the call counters; load counters and state are kept."""
         with self._lock:
             for stats in self._stats.values():
-                stats.calls = stats.items = stats.errors = 0
+                stats.calls = stats.items = stats.errors = stats.passthrough = 0
                 stats.busy_seconds = 0.0
 
     # -- calls with one retry when a release races the call -----------------------------------

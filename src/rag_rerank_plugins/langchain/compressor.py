@@ -21,6 +21,8 @@ __all__ = ["SharedRerankCompressor"]
 SCORE_KEY = "relevance_score"
 #: Metadata key of the deciding window (a dict, see WindowInfo) when long-document windows are on.
 WINDOW_KEY = "rerank_window"
+#: Metadata key set (to a short message) on documents passed through unscored (on_error).
+ERROR_KEY = "rerank_error"
 
 
 class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
@@ -32,6 +34,8 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     Returns new ``Document`` objects, best first, each with ``metadata["relevance_score"]`` (float)
     and the input's ``id``; the input documents are never modified. With ``window_tokens`` set,
     ``metadata["rerank_window"]`` says which token window of the document decided its score.
+    With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` documents in
+    retrieval order with ``metadata["rerank_error"]`` set and no ``relevance_score`` key.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
@@ -56,11 +60,16 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         documents: Sequence[Document],
         ranked: list[Ranked],
         windows: list[WindowInfo] | None = None,
+        error: str | None = None,
     ) -> list[Document]:
         out = []
         for index, score in ranked:
             doc = documents[index]
-            metadata = {**doc.metadata, SCORE_KEY: score}
+            if error is None:
+                metadata = {**doc.metadata, SCORE_KEY: score}
+            else:  # unscored: drop any earlier stage's score rather than pass it off as ours
+                metadata = {k: v for k, v in doc.metadata.items() if k != SCORE_KEY}
+                metadata[ERROR_KEY] = error
             if windows is not None:
                 metadata[WINDOW_KEY] = windows[index].as_dict()
             out.append(Document(page_content=doc.page_content, metadata=metadata, id=doc.id))
@@ -73,8 +82,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``."""
-        ranked, windows = self.rank_texts_windowed(query, self._texts(documents))
-        return self._build(documents, ranked, windows)
+        return self._build(documents, *self.rank_texts_guarded(query, self._texts(documents)))
 
     async def acompress_documents(
         self,
@@ -83,5 +91,5 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
-        ranked, windows = await self.arank_texts_windowed(query, self._texts(documents))
-        return self._build(documents, ranked, windows)
+        result = await self.arank_texts_guarded(query, self._texts(documents))
+        return self._build(documents, *result)

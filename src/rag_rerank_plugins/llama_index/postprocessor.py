@@ -26,6 +26,8 @@ dispatcher = get_dispatcher(__name__)
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 #: Metadata key of the deciding window (a dict, see WindowInfo) when long-document windows are on.
 WINDOW_KEY = "rerank_window"
+#: Metadata key set (to a short message) on nodes passed through unscored (on_error).
+ERROR_KEY = "rerank_error"
 
 
 class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
@@ -36,6 +38,8 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     ``top_n``, ``use_fp16``; with ``backend="flag-reranker"``), so switching is a one-line change.
     Returns new ``NodeWithScore`` objects best first; the input nodes and their scores are never
     modified. With ``window_tokens`` set, a copy of each node gets ``metadata["rerank_window"]``.
+    With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` nodes in retrieval
+    order, each a copy with ``metadata["rerank_error"]`` and ``score=None``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -122,6 +126,7 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         nodes: list[NodeWithScore],
         ranked: list[Ranked],
         windows: list[WindowInfo] | None = None,
+        error: str | None = None,
     ) -> list[NodeWithScore]:
         out = []
         for index, score in ranked:
@@ -132,6 +137,8 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
                 extra[RETRIEVAL_SCORE_KEY] = item.score
             if windows is not None:
                 extra[WINDOW_KEY] = windows[index].as_dict()
+            if error is not None:
+                extra[ERROR_KEY] = error
             if extra:
                 # On a copy: the caller's node (often shared with a docstore) stays untouched, and
                 # the keys are hidden from the LLM and embedding text like other bookkeeping keys.
@@ -148,7 +155,7 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
                         ],
                     }
                 )
-            out.append(NodeWithScore(node=node, score=score))
+            out.append(NodeWithScore(node=node, score=score if error is None else None))
         return out
 
     def _postprocess_nodes(
@@ -161,7 +168,7 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         texts = self._texts(nodes)
         payload = self._start(nodes, query_bundle)
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            result = self._build(nodes, *self.rank_texts_windowed(query, texts))
+            result = self._build(nodes, *self.rank_texts_guarded(query, texts))
             event.on_end(payload={EventPayload.NODES: result})
         dispatcher.event(ReRankEndEvent(nodes=result))
         return result
@@ -176,7 +183,7 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         texts = self._texts(nodes)
         payload = self._start(nodes, query_bundle)
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            result = self._build(nodes, *(await self.arank_texts_windowed(query, texts)))
+            result = self._build(nodes, *(await self.arank_texts_guarded(query, texts)))
             event.on_end(payload={EventPayload.NODES: result})
         dispatcher.event(ReRankEndEvent(nodes=result))
         return result
