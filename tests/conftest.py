@@ -101,3 +101,38 @@ def passages() -> list[str]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+# -- servers on loopback (tests of `rag-rerank serve` and the remote backends) -----------------
+
+
+@pytest.fixture(scope="session")
+def model_server(tiny_ce_path: str, minilm_path: str):
+    """Our server app on 127.0.0.1 (uvicorn in a thread) with its own pool, serving the tiny
+    cross-encoder as ``tiny-ce`` and MiniLM as ``minilm``. Yields url, pool, state, config."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from types import SimpleNamespace
+
+    from rag_rerank_plugins.server import ServerConfig, create_app
+    from rag_rerank_plugins.server.testing import ServerThread, wait_until_healthy
+
+    server_pool = ModelPool()
+    config = ServerConfig(
+        rerankers=[f"tiny-ce={tiny_ce_path}"],
+        embedders=[f"minilm={minilm_path}"],
+        device="cpu",
+        max_client_batch=64,
+        max_request_bytes=256 * 1024,
+    )
+    app = create_app(config, pool=server_pool)
+    server = ServerThread(app)
+    url = server.start()
+    try:
+        wait_until_healthy(url, timeout=180)
+        yield SimpleNamespace(
+            url=url, pool=server_pool, app=app, state=app.state.server, config=config
+        )
+    finally:
+        server.stop()
+        server_pool.clear()

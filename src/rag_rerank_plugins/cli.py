@@ -89,7 +89,165 @@ def build_parser() -> argparse.ArgumentParser:
         "policy picks for device 'auto' (and why), registered backends and packaged models.",
     )
     info.set_defaults(handler=_cmd_info)
+    _add_serve_parser(sub)
     return parser
+
+
+_SERVE_DESCRIPTION = """\
+Serve rerankers and embedders over HTTP from one shared pool (extra 'server'): TEI-compatible
+POST /rerank and /embed, Cohere-compatible POST /v1/rerank and /v1/embed, OpenAI/infinity
+POST /embeddings, GET /health (200 once warmed up), GET /metrics (Prometheus), GET /info.
+
+Three deployment shapes, same adapters in all of them:
+  1. in-process      no server: adapters load the model once per process (backend
+                     'cross-encoder', 'sentence-transformers', ...). Best for one process.
+  2. one per machine `rag-rerank serve` next to the app; every worker process, CLI run and
+                     notebook uses backend='remote-reranker'/'remote-embedder' with
+                     model='http://127.0.0.1:8080': one model in memory instead of one per
+                     worker, and no cold start per script.
+  3. a fleet         several `rag-rerank serve` replicas (or TEI / infinity servers) behind a
+                     load balancer; clients point the remote backend at the balancer's URL and
+                     retry 429/5xx with backoff. See docs/deployment.md.
+
+Every flag can also be set with an environment variable RAG_RERANK_<FLAG> (e.g.
+RAG_RERANK_PORT=9000, RAG_RERANK_RERANKERS=a=/models/a,b=/models/b); a flag wins over its
+variable. The bearer token comes only from RAG_RERANK_API_KEY or --api-key-file, never from a
+flag, so it does not show up in the process list.
+"""
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = sub.add_parser(
+        "serve",
+        help="serve the shared pool over HTTP (TEI/Cohere/infinity-compatible; extra 'server')",
+        description=_SERVE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = serve.add_argument_group("models")
+    models.add_argument(
+        "--reranker",
+        dest="rerankers",
+        action="append",
+        metavar="[NAME=]MODEL",
+        help="reranker to serve: hub name or local path, optionally named (repeatable)",
+    )
+    models.add_argument(
+        "--embedder",
+        dest="embedders",
+        action="append",
+        metavar="[NAME=]MODEL",
+        help="embedder to serve: hub name or local path, optionally named (repeatable)",
+    )
+    models.add_argument(
+        "--spec",
+        dest="specs",
+        action="append",
+        metavar="JSON",
+        help='any spec as JSON, e.g. \'{"name": "r", "model": "m", "backend": "cross-encoder", '
+        '"options": {"revision": "v2"}}\' (repeatable)',
+    )
+    models.add_argument("--reranker-backend", help="backend for --reranker (cross-encoder)")
+    models.add_argument("--embedder-backend", help="backend for --embedder (sentence-transformers)")
+    models.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    models.add_argument("--dtype", help="auto, float32, float16 or bfloat16 (auto)")
+    models.add_argument("--max-length", type=_positive_int, help="token limit (model's own)")
+    models.add_argument(
+        "--threads", type=_positive_int, help="torch intra-op threads (RAG_RERANK_TORCH_THREADS)"
+    )
+    net = serve.add_argument_group("server")
+    net.add_argument("--host", help="address to bind (127.0.0.1; 0.0.0.0 in a container)")
+    net.add_argument("--port", type=int, help="port (8080)")
+    net.add_argument("--api-key-file", metavar="PATH", help="file holding the bearer token")
+    net.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_const",
+        const=False,
+        help="skip the warm-up forward pass before /health turns ready",
+    )
+    net.add_argument(
+        "--graceful-timeout",
+        type=float,
+        help="seconds a shutdown waits for in-flight requests (30)",
+    )
+    net.add_argument("--log-level", help="uvicorn log level (info)")
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--max-concurrency", type=_positive_int, help="model calls running at once (4)"
+    )
+    limits.add_argument(
+        "--max-pending", type=int, help="requests waiting beyond that; more get 429 (32)"
+    )
+    limits.add_argument(
+        "--max-client-batch", type=_positive_int, help="texts per request; more get 413 (256)"
+    )
+    limits.add_argument(
+        "--max-request-bytes", type=_positive_int, help="body size; larger get 413 (2 MiB)"
+    )
+    limits.add_argument("--batch-size", type=_positive_int, help="texts per forward pass (32)")
+    limits.add_argument(
+        "--retry-after", type=_positive_int, help="Retry-After seconds on 429 (estimated)"
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
+    import json
+    import os
+
+    from .exceptions import ConfigurationError
+    from .server.config import ServerConfig
+
+    specs = None
+    if args.specs:
+        try:
+            specs = [json.loads(text) for text in args.specs]
+        except ValueError as exc:
+            raise ConfigurationError(f"--spec must be JSON: {exc}") from None
+    api_key = None
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as fh:
+                api_key = fh.read().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot read --api-key-file: {exc}") from None
+        if not api_key:
+            raise ConfigurationError(f"--api-key-file {args.api_key_file} is empty.")
+    config = ServerConfig.from_env(
+        host=args.host,
+        port=args.port,
+        rerankers=args.rerankers,
+        embedders=args.embedders,
+        specs=specs,
+        reranker_backend=args.reranker_backend,
+        embedder_backend=args.embedder_backend,
+        device=args.device,
+        dtype=args.dtype,
+        max_length=args.max_length,
+        max_concurrency=args.max_concurrency,
+        max_pending=args.max_pending,
+        max_client_batch=args.max_client_batch,
+        max_request_bytes=args.max_request_bytes,
+        batch_size=args.batch_size,
+        api_key=api_key,
+        warmup=args.warmup,
+        graceful_timeout=args.graceful_timeout,
+        retry_after=args.retry_after,
+        log_level=args.log_level,
+    )
+    if args.threads:
+        os.environ["RAG_RERANK_TORCH_THREADS"] = str(args.threads)
+    package_logger = logging.getLogger("rag_rerank_plugins")
+    if not package_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(config.log_level.upper())
+    from .server.run import serve
+
+    names = ", ".join(m.name for m in config.served_models())
+    out(f"rag-rerank serve: http://{config.host}:{config.port} serving {names}")
+    return serve(config)
 
 
 def _cmd_demo(args: argparse.Namespace, out: Callable[[str], object]) -> int:

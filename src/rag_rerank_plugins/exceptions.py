@@ -13,12 +13,12 @@ Catch :class:`RagRerankError` to handle all of them::
     ├── QueueFullError              the model's request queue is full: back off and retry
     ├── RequestTimeoutError         (also a TimeoutError) the caller's timeout expired
     └── InferenceError              the backend failed during a forward pass
+        ├── OutOfMemoryError        out of memory even for a batch of one item
         └── RemoteError             a model server (remote backend) failed the call
             ├── RemoteUnavailableError  unreachable, overloaded (429) or 5xx after all retries
             ├── RemoteTimeoutError      no answer within the timeout (not retried)
             ├── RemoteAuthError         401/403: the bearer token is missing or wrong
             └── RemoteRequestError      another 4xx: too large (413), invalid (422), ...
-        └── OutOfMemoryError        out of memory even for a batch of one item
 
 Messages say what to do next, because they are read in a stack trace at 3 a.m.
 """
@@ -36,6 +36,11 @@ __all__ = [
     "OutOfMemoryError",
     "QueueFullError",
     "RagRerankError",
+    "RemoteAuthError",
+    "RemoteError",
+    "RemoteRequestError",
+    "RemoteTimeoutError",
+    "RemoteUnavailableError",
     "RequestTimeoutError",
     "UnknownBackendError",
 ]

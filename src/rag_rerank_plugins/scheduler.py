@@ -331,8 +331,7 @@ class Scheduler:
             longest_if_added = max(longest, length)
             cap_if_added = min(cap, entry[0].batch_size)
             if current and (
-                len(current) >= cap_if_added
-                or longest_if_added * (len(current) + 1) > self._budget
+                len(current) >= cap_if_added or longest_if_added * (len(current) + 1) > self._budget
             ):
                 batches.append(current)
                 current, longest_if_added = [], length

@@ -1,0 +1,241 @@
+"""Admission control and request guards of the server: 401, 413 and 429 before any inference.
+
+* :class:`Admission` bounds work: ``max_concurrency`` model calls run, ``max_pending`` more wait,
+  and anything beyond is refused at once with 429 and a ``Retry-After`` estimated from recent
+  request durations. Refusing early keeps latency bounded under overload, and tells clients (our
+  remote backend retries with backoff) and load balancers to try again or elsewhere.
+* :class:`GuardMiddleware` (pure ASGI, outermost) checks the bearer token, then the body size
+  (``Content-Length`` or the bytes actually received) before FastAPI parses anything, and counts
+  every request by endpoint and status for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .metrics import RequestMetrics
+
+__all__ = ["Admission", "GuardMiddleware", "Overloaded", "error_body"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    """Error JSON readable by TEI clients (``error``, ``error_type``) and Cohere/OpenAI-style
+    clients (``message``)."""
+    return {"error": message, "error_type": error_type, "message": message}
+
+
+class Overloaded(Exception):
+    """Raised by :meth:`Admission.enter` when running + queued requests are at the limit."""
+
+    def __init__(self, retry_after: int, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Admission:
+    """Bounded concurrency plus a bounded queue, for one event loop."""
+
+    def __init__(
+        self, max_concurrency: int, max_pending: int, retry_after: int | None = None
+    ) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_pending = max_pending
+        self.fixed_retry_after = retry_after
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self._semaphore: asyncio.Semaphore | None = None
+        self._mean_seconds = 0.0
+
+    @property
+    def queued(self) -> int:
+        return self.admitted - self.running
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: queue length x mean duration / concurrency."""
+        if self.fixed_retry_after is not None:
+            return self.fixed_retry_after
+        waiting = self.queued + 1
+        estimate = self._mean_seconds * waiting / self.max_concurrency
+        return max(1, min(60, math.ceil(estimate)))
+
+    @asynccontextmanager
+    async def enter(self) -> AsyncIterator[None]:
+        """Hold one slot for the body of the ``async with``; raise :class:`Overloaded` if full."""
+        if self.admitted >= self.max_concurrency + self.max_pending:
+            raise Overloaded(
+                self.retry_after(),
+                f"Server busy: {self.running} request(s) running and {self.queued} queued "
+                f"(limits: --max-concurrency {self.max_concurrency}, --max-pending "
+                f"{self.max_pending}). Retry after the Retry-After delay, or add replicas.",
+            )
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        self.admitted += 1
+        try:
+            async with self._semaphore:
+                self.running += 1
+                start = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self.running -= 1
+                    elapsed = time.perf_counter() - start
+                    self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
+        finally:
+            self.admitted -= 1
+
+
+#: Paths counted under their own name in /metrics; anything else is "other" (bounded labels).
+KNOWN_PATHS = frozenset(
+    {
+        "/rerank",
+        "/embed",
+        "/embeddings",
+        "/v1/rerank",
+        "/v1/embed",
+        "/v1/embeddings",
+        "/health",
+        "/metrics",
+        "/info",
+    }
+)
+#: Paths answered without a token: load balancers and orchestrators probe them unauthenticated.
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class GuardMiddleware:
+    """Outermost ASGI layer: metrics per request, bearer token (401), body size (413)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_request_bytes: int,
+        metrics: RequestMetrics,
+    ) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_request_bytes = max_request_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in KNOWN_PATHS else "other"
+        start = time.perf_counter()
+        status_box = [500]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send, path)
+        finally:
+            self.metrics.observe(endpoint, status_box[0], time.perf_counter() - start)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.api_key is not None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(
+                    token.strip(), self.api_key
+                )
+        return False
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
+            self.metrics.reject("auth")
+            await _send_json(
+                send,
+                401,
+                error_body(
+                    "Missing or wrong bearer token. Send 'Authorization: Bearer <token>' with the "
+                    "token the server was started with (RAG_RERANK_API_KEY).",
+                    "Unauthorized",
+                ),
+                {"www-authenticate": "Bearer"},
+            )
+            return
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_request_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    await self._too_large(send, declared)
+                    return
+        # Read the body here (bounded), then replay it: a chunked body cannot sneak past the limit.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                await self._too_large(send, size)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        self.metrics.reject("too_large")
+        await _send_json(
+            send,
+            413,
+            error_body(
+                f"Request body of {size} bytes or more exceeds the limit of "
+                f"{self.max_request_bytes} bytes (--max-request-bytes). Split the texts over "
+                "several requests.",
+                "Validation",
+            ),
+        )

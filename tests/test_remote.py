@@ -1,0 +1,376 @@
+"""Remote backends: option checks, the three protocols against our server, retries and errors.
+
+Protocol results are compared with the local model; retry/timeout/error paths use a scripted
+``http.server`` on 127.0.0.1 whose answers are listed per test (bounded: every script is finite,
+every client call has a small timeout and retry budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+pytest.importorskip("httpx")
+
+from rag_rerank_plugins import ConfigurationError, ModelPool, ModelSpec
+from rag_rerank_plugins.exceptions import (
+    InferenceError,
+    RemoteAuthError,
+    RemoteError,
+    RemoteRequestError,
+    RemoteTimeoutError,
+    RemoteUnavailableError,
+)
+
+QUERY = "which organelle produces ATP?"
+FAST = {"backoff": 0.01, "max_backoff": 0.05, "timeout": 5, "connect_timeout": 1}
+
+
+def reranker(model: str, **options: Any) -> ModelSpec:
+    return ModelSpec(model, backend="remote-reranker", device="cpu", options=options)
+
+
+def embedder(model: str, **options: Any) -> ModelSpec:
+    return ModelSpec(model, backend="remote-embedder", device="cpu", options=options)
+
+
+# -- a scripted server -------------------------------------------------------------------------
+
+
+class Script:
+    """Answers POSTs in order from ``replies`` (status, body, headers, delay); then 500s."""
+
+    def __init__(self, replies: list[tuple[int, Any, dict[str, str], float]]) -> None:
+        self.replies = list(replies)
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(*replies: tuple) -> tuple[str, Script]:
+        script = Script([(*r, *({}, 0.0)[len(r) - 2 :]) for r in replies])
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"null")
+                with script.lock:
+                    script.requests.append(
+                        {"path": self.path, "body": body, "auth": self.headers.get("authorization")}
+                    )
+                    reply = script.replies.pop(0) if script.replies else (500, "end", {}, 0.0)
+                status, payload, headers, delay = reply
+                if delay:
+                    time.sleep(delay)
+                raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}).start()
+        return f"http://127.0.0.1:{server.server_address[1]}", script
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+OK_TEI = [{"index": 1, "score": 0.25}, {"index": 0, "score": 0.75}]
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        (reranker("http://127.0.0.1:1", api_key="x"), "api_key_env"),
+        (reranker("http://127.0.0.1:1", tiemout=3), "Unknown remote backend option(s) 'tiemout'"),
+        (reranker("my-model"), "needs the server's URL"),
+        (reranker("my-model", url="ftp://x"), "needs the server's URL"),
+        (reranker("http://127.0.0.1:1", protocol="grpc"), "Unknown remote protocol 'grpc'"),
+        (reranker("http://127.0.0.1:1", protocol="cohere"), "model_name"),
+        (reranker("http://127.0.0.1:1", api_key_env="RAG_RERANK_TEST_UNSET_VAR"), "not set"),
+        (reranker("http://127.0.0.1:1", url="http://127.0.0.1:2"), "two URLs"),
+        (reranker("http://127.0.0.1:1", timeout=0), "positive"),
+        (
+            ModelSpec("http://127.0.0.1:1", backend="remote-reranker", max_length=8),
+            "max_length",
+        ),
+    ],
+)
+def test_bad_options_are_clear_configuration_errors(
+    pool: ModelPool, spec: ModelSpec, needle: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        pool.get(spec)
+    assert not pool.loaded_specs()
+
+
+def test_model_name_with_url_option_and_no_secret_in_labels(
+    pool: ModelPool, scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, script = scripted((200, {"results": [{"index": 0, "relevance_score": 0.5}]}))
+    monkeypatch.setenv("RAG_RERANK_TEST_TOKEN", "very-secret")
+    spec = ModelSpec(
+        "rerank-v3",
+        backend="remote-reranker",
+        device="cpu",
+        options={"url": url, "protocol": "cohere", "api_key_env": "RAG_RERANK_TEST_TOKEN"},
+    )
+    assert pool.score_pairs(spec, [("q", "a")]) == [0.5]
+    request = script.requests[0]
+    assert request["path"] == "/v1/rerank"
+    assert request["body"]["model"] == "rerank-v3"
+    assert request["auth"] == "Bearer very-secret"
+    stats = pool.spec_stats(spec)
+    assert "very-secret" not in json.dumps(pool.stats())
+    assert (stats["device"], stats["loads"], stats["calls"]) == ("remote", 1, 1)
+
+
+# -- retries and errors ------------------------------------------------------------------------
+
+
+def test_retries_429_and_5xx_then_succeeds(pool: ModelPool, scripted) -> None:
+    url, script = scripted(
+        (503, {"error": "warming up"}),
+        (429, {"error": "busy"}, {"retry-after": "0"}),
+        (502, b"<html>bad gateway</html>"),
+        (200, OK_TEI),
+    )
+    scores = pool.score_pairs(reranker(url, retries=3, **FAST), [("q", "a"), ("q", "b")])
+    assert scores == [0.75, 0.25]
+    assert len(script.requests) == 4
+
+
+def test_gives_up_after_the_retry_budget(pool: ModelPool, scripted) -> None:
+    url, script = scripted(*[(503, {"error": "overloaded"})] * 5)
+    with pytest.raises(RemoteUnavailableError, match="HTTP 503 to all 3 attempt") as info:
+        pool.score_pairs(reranker(url, retries=2, **FAST), [("q", "a")])
+    assert len(script.requests) == 3
+    assert info.value.status == 503
+    assert "overloaded" in str(info.value)
+    assert isinstance(info.value, InferenceError)
+
+
+def test_429_advice_mentions_scaling(pool: ModelPool, scripted) -> None:
+    url, _ = scripted((429, {"error": "queue full"}), (429, {"error": "queue full"}))
+    with pytest.raises(RemoteUnavailableError, match="add replicas"):
+        pool.score_pairs(reranker(url, retries=1, **FAST), [("q", "a")])
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "needle"),
+    [
+        (401, RemoteAuthError, "bearer token"),
+        (403, RemoteAuthError, "HTTP 403"),
+        (413, RemoteRequestError, "lower batch_size"),
+        (422, RemoteRequestError, "texts must not be empty"),
+        (404, RemoteRequestError, "protocol='tei'"),
+    ],
+)
+def test_client_errors_are_not_retried(
+    pool: ModelPool, scripted, status: int, error: type, needle: str
+) -> None:
+    url, script = scripted((status, {"error": "texts must not be empty"}))
+    with pytest.raises(error, match=needle):
+        pool.score_pairs(reranker(url, retries=3, **FAST), [("q", "a")])
+    assert len(script.requests) == 1
+
+
+def test_connection_refused_is_retried_then_unavailable(pool: ModelPool) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(RemoteUnavailableError, match=r"could not reach .* after 3 attempt"):
+        pool.score_pairs(reranker(f"http://127.0.0.1:{port}", retries=2, **FAST), [("q", "a")])
+    assert time.monotonic() - start < 5
+
+
+def test_timeout_is_not_retried(pool: ModelPool, scripted) -> None:
+    url, script = scripted((200, OK_TEI, {}, 1.0))
+    spec = reranker(url, retries=3, **{**FAST, "timeout": 0.2})
+    with pytest.raises(RemoteTimeoutError, match=r"did not answer within 0\.2s"):
+        pool.score_pairs(spec, [("q", "a"), ("q", "b")])
+    assert len(script.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "needle"),
+    [
+        ((200, b"<html>hello</html>"), "not JSON"),
+        ((200, {"results": []}), "protocol"),
+        ((200, [{"index": 0, "score": 0.5}]), "one score for each of the 2 texts"),
+    ],
+)
+def test_unexpected_bodies_are_clear_errors(
+    pool: ModelPool, scripted, reply: tuple, needle: str
+) -> None:
+    url, _ = scripted(reply)
+    with pytest.raises(RemoteError, match=needle):
+        pool.score_pairs(reranker(url, **FAST), [("q", "a"), ("q", "b")])
+
+
+def test_requests_are_split_per_query_and_batch(pool: ModelPool, scripted) -> None:
+    url, script = scripted(
+        (200, [{"index": 0, "score": 0.1}, {"index": 1, "score": 0.2}]),
+        (200, [{"index": 0, "score": 0.3}]),
+        (200, [{"index": 0, "score": 0.9}]),
+    )
+    pairs = [("q1", "a"), ("q2", "z"), ("q1", "b"), ("q1", "c")]
+    assert pool.score_pairs(reranker(url, **FAST), pairs, batch_size=2) == [0.1, 0.9, 0.2, 0.3]
+    bodies = [r["body"] for r in script.requests]
+    assert [(b["query"], b["texts"]) for b in bodies] == [
+        ("q1", ["a", "b"]),
+        ("q1", ["c"]),
+        ("q2", ["z"]),
+    ]
+    assert all(b["truncate"] is True and b["raw_scores"] is False for b in bodies)
+
+
+def test_tei_embed_payload(pool: ModelPool, scripted) -> None:
+    url, script = scripted((200, [[3.0, 4.0]]), (200, [[1.0, 0.0], [0.0, 2.0]]))
+    spec = embedder(url, query_prompt_name="query", **FAST)
+    assert pool.embed(spec, ["q"], is_query=True, normalize=True) == [[0.6, 0.8]]
+    assert pool.embed(spec, ["a", "b"]) == [[1.0, 0.0], [0.0, 2.0]]
+    first, second = (r["body"] for r in script.requests)
+    assert first == {"inputs": ["q"], "normalize": True, "truncate": True, "prompt_name": "query"}
+    assert "prompt_name" not in second
+    assert pool.get(spec).dimension == 2
+
+
+# -- the three protocols against `rag-rerank serve` ---------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["tei", "cohere", "infinity"])
+def test_protocols_against_our_server_equal_local_results(
+    pool: ModelPool,
+    model_server,
+    direct_cross_encoder,
+    direct_embedder,
+    passages: list[str],
+    protocol: str,
+) -> None:
+    rerank = reranker(model_server.url, protocol=protocol, model_name="tiny-ce")
+    embed = embedder(model_server.url, protocol=protocol, model_name="minilm")
+    pairs = [(QUERY, p) for p in passages] + [("another query", passages[0])]
+    ref = direct_cross_encoder.predict(pairs, show_progress_bar=False)
+    assert pool.score_pairs(rerank, pairs, batch_size=3) == pytest.approx(
+        [float(s) for s in ref], abs=1e-6
+    )
+    vectors = pool.embed(embed, passages, batch_size=5, normalize=True)
+    want = direct_embedder.encode(passages, normalize_embeddings=True)
+    for got, expected in zip(vectors, want, strict=True):
+        assert got == pytest.approx(expected.tolist(), abs=1e-5)
+    assert pool.get(embed).dimension == 384
+
+
+async def test_async_clients_match_sync(pool: ModelPool, model_server, passages: list[str]) -> None:
+    rerank = reranker(model_server.url)
+    embed = embedder(model_server.url)
+    pairs = [(QUERY, p) for p in passages]
+    model = pool.get(rerank).model
+    sync_scores = pool.score_pairs(rerank, pairs)
+    async_scores = await asyncio.gather(*(model.ascore_pairs(pairs) for _ in range(4)))
+    assert all(s == pytest.approx(sync_scores, abs=1e-7) for s in async_scores)
+    emb_model = pool.get(embed).model
+    vectors = await emb_model.aembed(passages[:2], batch_size=1)
+    for got, want in zip(vectors, pool.embed(embed, passages[:2]), strict=True):
+        assert got == pytest.approx(want, abs=1e-7)
+    assert await pool.ascore_pairs(rerank, pairs) == pytest.approx(sync_scores, abs=1e-7)
+
+
+def test_threads_share_one_pooled_client(
+    pool: ModelPool, model_server, passages: list[str]
+) -> None:
+    spec = reranker(model_server.url)
+    handle = pool.get(spec)
+    assert handle.model.thread_safe is True, "HTTP clients are thread-safe: no call lock"
+    pairs = [(QUERY, p) for p in passages]
+    expected = pool.score_pairs(spec, pairs)
+    with ThreadPoolExecutor(8) as executor:
+        results = list(executor.map(lambda _: pool.score_pairs(spec, pairs), range(24)))
+    assert all(r == expected for r in results)
+    assert pool.spec_stats(spec)["loads"] == 1
+    client = handle.model.client
+    assert client._sync is not None
+
+
+def test_bearer_token_from_env_against_our_server(
+    pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rag_rerank_plugins.server import ServerConfig, create_app
+    from rag_rerank_plugins.server.testing import ServerThread, wait_until_healthy
+
+    server_pool = ModelPool()
+    app = create_app(
+        ServerConfig(
+            specs=[{"model": "f", "backend": "fake-reranker", "device": "cpu"}], api_key="tok"
+        ),
+        pool=server_pool,
+    )
+    with ServerThread(app) as url:
+        wait_until_healthy(url, timeout=30)
+        monkeypatch.setenv("RAG_RERANK_TEST_TOKEN", "tok")
+        good = reranker(url, api_key_env="RAG_RERANK_TEST_TOKEN")
+        assert pool.score_pairs(good, [("a b", "a")]) == [0.5]
+        monkeypatch.setenv("RAG_RERANK_TEST_TOKEN", "rotated-wrong")
+        with pytest.raises(RemoteAuthError, match="RAG_RERANK_TEST_TOKEN"):
+            pool.score_pairs(good, [("a b", "a")])
+        with pytest.raises(RemoteAuthError, match="api_key_env"):
+            pool.score_pairs(reranker(url), [("a b", "a")])
+    server_pool.clear()
+
+
+def test_overloaded_server_is_absorbed_by_retries(pool: ModelPool) -> None:
+    """429 + Retry-After from a busy server: clients back off and every call still succeeds."""
+    from rag_rerank_plugins.server import ServerConfig, create_app
+    from rag_rerank_plugins.server.testing import ServerThread, wait_until_healthy
+
+    server_pool = ModelPool()
+    slow = {"model": "f", "backend": "fake-reranker", "device": "cpu", "options": {"delay_ms": 50}}
+    app = create_app(
+        ServerConfig(specs=[slow], max_concurrency=1, max_pending=0, retry_after=1),
+        pool=server_pool,
+    )
+    with ServerThread(app) as url:
+        wait_until_healthy(url, timeout=30)
+        spec = reranker(url, retries=8, backoff=0.05, max_backoff=0.3, timeout=10)
+        with ThreadPoolExecutor(4) as executor:
+            results = list(executor.map(lambda _: pool.score_pairs(spec, [("a", "a")]), range(8)))
+        assert results == [[1.0]] * 8
+        assert app.state.server.metrics.rejected.get("overloaded", 0) >= 1
+    server_pool.clear()
+
+
+def test_release_closes_the_clients(pool: ModelPool, model_server) -> None:
+    spec = reranker(model_server.url)
+    model = pool.get(spec).model
+    pool.score_pairs(spec, [("q", "a")])
+    assert pool.release(spec)
+    with pytest.raises(RemoteError, match="closed"):
+        model.score_pairs([("q", "a")], batch_size=4)
+    assert pool.score_pairs(spec, [("q", "a")]), "the pool builds fresh clients on reload"
