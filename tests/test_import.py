@@ -52,3 +52,13 @@ def test_public_names() -> None:
     for name in pkg.__all__:
         assert getattr(pkg, name) is not None
     assert sorted(dir(pkg)) == sorted(pkg.__all__)
+
+
+def test_remote_and_fake_specs_never_import_torch() -> None:
+    loaded = _modules_after(
+        "from rag_rerank_plugins import ModelPool, ModelSpec\n"
+        "pool = ModelPool()\n"
+        "pool.key(ModelSpec('http://127.0.0.1:9', backend='remote-reranker', device='auto'))\n"
+        "pool.key(ModelSpec('f', backend='fake-embedder', device='auto', dtype='auto'))"
+    )
+    assert "torch" not in loaded

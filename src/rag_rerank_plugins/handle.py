@@ -229,7 +229,10 @@ class ModelHandle:
         timeout = self._timeout(timeout)
         try:
             future = self._submit(method, items, batch_size, kwargs)
-            if future is None:
+            native = getattr(self._require_model(), f"a{method}", None)
+            if future is None and native is not None:  # e.g. remote clients: no thread needed
+                call = native(items, batch_size=batch_size, **kwargs)
+            elif future is None:
                 call = asyncio.to_thread(self._direct, method, items, batch_size, kwargs)
             else:
                 call = asyncio.wrap_future(future)  # cancelling the task withdraws the request

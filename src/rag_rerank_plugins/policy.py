@@ -136,7 +136,7 @@ def decide_dtype(requested: str, device: str) -> DtypeDecision:
     return DtypeDecision(requested, "requested explicitly")
 
 
-def resolve_spec(spec: ModelSpec) -> tuple[ModelSpec, DtypeDecision]:
+def resolve_spec(spec: ModelSpec, uses_torch: bool = True) -> tuple[ModelSpec, DtypeDecision]:
     """The pool key for ``spec`` (concrete device and dtype, local paths made absolute) and why
     that dtype was chosen.
 
@@ -145,8 +145,13 @@ def resolve_spec(spec: ModelSpec) -> tuple[ModelSpec, DtypeDecision]:
     """
     from .offline import resolve_model_location
 
-    device = resolve_device(spec.device)
-    decision = decide_dtype(spec.dtype, device)
+    if uses_torch:
+        device = resolve_device(spec.device)
+        decision = decide_dtype(spec.dtype, device)
+    else:  # no local weights: nothing to place, and no reason to import torch
+        device = "cpu" if spec.device == "auto" else spec.device
+        dtype = "float32" if spec.dtype == "auto" else spec.dtype
+        decision = DtypeDecision(dtype, "no local weights (the backend runs elsewhere)")
     model = resolve_model_location(spec.model)
     if (device, decision.dtype, model) == (spec.device, spec.dtype, spec.model):
         return spec, decision

@@ -90,8 +90,8 @@ class ModelPool:
         if key is None:
             if not isinstance(spec, ModelSpec):
                 raise InvalidInputError(f"expected a ModelSpec, got {type(spec).__name__}")
-            backend_info(spec.backend)  # unknown backend -> clear error before any work
-            key, decision = resolve_spec(spec)
+            info = backend_info(spec.backend)  # unknown backend -> clear error before any work
+            key, decision = resolve_spec(spec, uses_torch=info.uses_torch)
             self._reasons.setdefault(key, decision.reason)
             self._keys[spec] = key
         return key

@@ -32,14 +32,19 @@ class BackendInfo:
     kind: Kind
     target: str | Loader  # "module:function" for built-ins, a callable for registered ones
     description: str = ""
+    #: False for backends with no local weights (remote, fakes): "auto" then means "cpu" and
+    #: resolving a spec never imports torch (~650 MB in a client process).
+    uses_torch: bool = True
 
 
 _lock = threading.Lock()
 _REGISTRY: dict[str, BackendInfo] = {}
 
 
-def _builtin(name: str, kind: Kind, target: str, description: str) -> None:
-    _REGISTRY[name] = BackendInfo(name, kind, target, description)
+def _builtin(
+    name: str, kind: Kind, target: str, description: str, *, uses_torch: bool = True
+) -> None:
+    _REGISTRY[name] = BackendInfo(name, kind, target, description, uses_torch)
 
 
 _builtin(
@@ -77,37 +82,51 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.backends.remote:load_reranker",
     "a rerank server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
+    uses_torch=False,
 )
 _builtin(
     "remote-embedder",
     "embedder",
     "rag_rerank_plugins.backends.remote:load_embedder",
     "an embedding server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
+    uses_torch=False,
 )
 _builtin(
     "fake-reranker",
     "reranker",
     "rag_rerank_plugins.testing:load_fake_reranker",
     "deterministic word-overlap reranker for tests, no dependencies",
+    uses_torch=False,
 )
 _builtin(
     "fake-embedder",
     "embedder",
     "rag_rerank_plugins.testing:load_fake_embedder",
     "deterministic hashing embedder for tests, no dependencies",
+    uses_torch=False,
 )
 
 
 def register_backend(
-    name: str, loader: Loader, kind: Kind, *, description: str = "", replace: bool = False
+    name: str,
+    loader: Loader,
+    kind: Kind,
+    *,
+    description: str = "",
+    replace: bool = False,
+    uses_torch: bool = True,
 ) -> None:
-    """Add a backend. ``loader(spec, pool)`` returns a RerankerModel or EmbedderModel."""
+    """Add a backend. ``loader(spec, pool)`` returns a RerankerModel or EmbedderModel.
+
+    Pass ``uses_torch=False`` for backends without local weights, so resolving their specs
+    never imports torch.
+    """
     if kind not in ("reranker", "embedder"):
         raise ValueError(f"kind must be 'reranker' or 'embedder', got {kind!r}")
     with _lock:
         if name in _REGISTRY and not replace:
             raise ValueError(f"Backend {name!r} is already registered; pass replace=True.")
-        _REGISTRY[name] = BackendInfo(name, kind, loader, description)
+        _REGISTRY[name] = BackendInfo(name, kind, loader, description, uses_torch)
 
 
 def available_backends() -> dict[str, BackendInfo]:
