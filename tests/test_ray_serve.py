@@ -51,9 +51,7 @@ def test_ray_serve_recipe_with_two_replicas(monkeypatch: pytest.MonkeyPatch) -> 
 
     port = _free_port()
     # Every Ray process on loopback: never the host's network address.
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
-    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Reranker.bind(), route_prefix="/", blocking=False)

@@ -7,8 +7,9 @@ that needs them is used.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
         RequestTimeoutError,
         UnknownBackendError,
     )
-    from .pool import ModelHandle, ModelPool, get_pool
+    from .handle import ModelHandle
+    from .pool import ModelPool, get_pool
     from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
 
 _LAZY: dict[str, str] = {
@@ -41,7 +43,7 @@ _LAZY: dict[str, str] = {
     "DEFAULT_RERANKER": "spec",
     "DEFAULT_EMBEDDER": "spec",
     "ModelPool": "pool",
-    "ModelHandle": "pool",
+    "ModelHandle": "handle",
     "get_pool": "pool",
     "RagRerankError": "exceptions",
     "ConfigurationError": "exceptions",
@@ -92,13 +94,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .backends import backend_info
 from .exceptions import ConfigurationError, InvalidInputError
-from .pool import ModelHandle, ModelPool, get_pool
+from .handle import ModelHandle
+from .pool import ModelPool, get_pool
 from .ranking import Ranked, rank, validate_threshold, validate_top_n
 from .spec import ModelSpec
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for

