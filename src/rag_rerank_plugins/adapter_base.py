@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,12 +23,25 @@ from .ranking import Ranked, rank, validate_threshold, validate_top_n
 from .spec import ModelSpec
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
-__all__ = ["RerankSettings", "SharedModelFields"]
+__all__ = ["RerankSettings", "SharedModelFields", "from_settings"]
 
 logger = logging.getLogger(__name__)
 
 #: Longest ``rerank_error`` message put on a passed-through document.
 _ERROR_CHARS = 200
+
+
+def from_settings(name: str) -> Callable[[], Any]:
+    """A ``default_factory`` reading field ``name`` of the cached process
+    :class:`~rag_rerank_plugins.settings.Settings` (``RAG_RERANK_*`` variables, read once)."""
+
+    def factory() -> Any:
+        from .settings import get_settings  # pydantic-settings only once an adapter is built
+
+        return getattr(get_settings(), name)
+
+    factory.__name__ = f"settings.{name}"
+    return factory
 
 
 class SharedModelFields(BaseModel):
@@ -43,8 +56,14 @@ class SharedModelFields(BaseModel):
     _model_field: ClassVar[str] = "model"
 
     backend: str = Field(description="Backend name, e.g. 'cross-encoder' or 'bi-encoder'.")
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
-    dtype: str = Field(default="auto", description="'auto', 'float32', 'float16' or 'bfloat16'.")
+    device: str = Field(
+        default_factory=from_settings("device"),
+        description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: RAG_RERANK_DEVICE, auto).",
+    )
+    dtype: str = Field(
+        default_factory=from_settings("dtype"),
+        description="'auto', 'float32', 'float16' or 'bfloat16' (default: RAG_RERANK_DTYPE, auto).",
+    )
     max_length: int | None = Field(
         default=None, description="Token limit fixed at load time (None: the model's own)."
     )
@@ -68,7 +87,8 @@ class SharedModelFields(BaseModel):
                 device = kwargs.pop("device")
                 data.setdefault("device", device)
             if data.get("device") is None and "device" in data:
-                data["device"] = "auto"  # LlamaIndex passes device=None for "infer"
+                # LlamaIndex passes device=None for "infer": the default applies.
+                data = {k: v for k, v in data.items() if k != "device"}
         return data
 
     @model_validator(mode="after")
@@ -92,7 +112,7 @@ class SharedModelFields(BaseModel):
             device=self.device,
             dtype=self.dtype,
             max_length=self.max_length,
-            options={**self.model_kwargs, **self._extra_options()},
+            options=tuple({**self.model_kwargs, **self._extra_options()}.items()),
         )
 
     def _extra_options(self) -> dict[str, Any]:
@@ -126,7 +146,11 @@ class RerankSettings(SharedModelFields):
     score_threshold: float | None = Field(
         default=None, description="Drop documents scoring below this (after reranking)."
     )
-    batch_size: int = Field(default=32, gt=0, description="Pairs per forward pass.")
+    batch_size: int = Field(
+        default_factory=from_settings("batch_size"),
+        gt=0,
+        description="Pairs per forward pass (default: RAG_RERANK_BATCH_SIZE, 32).",
+    )
     score_mode: Literal["raw", "sigmoid"] | None = Field(
         default=None,
         description="'sigmoid' (sigmoid of the logit) or 'raw' (the logit), both from FP32 logits; "

@@ -116,7 +116,7 @@ flag, so it does not show up in the process list.
 """
 
 
-def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="serve the shared pool over HTTP (TEI/Cohere/infinity-compatible; extra 'server')",

@@ -6,7 +6,9 @@ cores are already busy inside one forward pass), a few milliseconds of merging o
 shared forward passes are the main throughput lever), the score cache off (scores of changing
 documents must never be stale unless asked for) and a small query-embedding cache on.
 
-Every field can be set with a ``RAG_RERANK_<FIELD>`` environment variable (upper case).
+Every field can be set with a ``RAG_RERANK_<FIELD>`` environment variable (upper case);
+:meth:`EngineConfig.from_env` is the one parser of them (``rag_rerank_plugins.settings.Settings``
+uses it for its ``engine`` field).
 """
 
 from __future__ import annotations

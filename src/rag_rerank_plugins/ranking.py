@@ -17,7 +17,7 @@ __all__ = ["Ranked", "rank", "validate_top_n"]
 
 
 class Ranked(NamedTuple):
-    index: int  # position in the input
+    index: int  # type: ignore[assignment]  # position in the input (shadows tuple.index)
     score: float
 
 

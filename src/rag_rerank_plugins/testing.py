@@ -98,11 +98,11 @@ def load_fake_embedder(spec: ModelSpec, pool: ModelPool) -> FakeEmbedder:
 
 
 def fake_reranker_spec(name: str = "fake", **options: object) -> ModelSpec:
-    return ModelSpec(name, backend="fake-reranker", device="cpu", options=options)
+    return ModelSpec(name, backend="fake-reranker", device="cpu", options=tuple(options.items()))
 
 
 def fake_embedder_spec(name: str = "fake", **options: object) -> ModelSpec:
-    return ModelSpec(name, backend="fake-embedder", device="cpu", options=options)
+    return ModelSpec(name, backend="fake-embedder", device="cpu", options=tuple(options.items()))
 
 
 def build_cross_encoder(

@@ -215,7 +215,7 @@ class Windower:
             if self._offsets:
                 enc = self._tok(texts, add_special_tokens=False, return_offsets_mapping=True)
                 return [
-                    (list(ids), [tuple(o) for o in offs])  # type: ignore[misc]
+                    (list(ids), [tuple(o) for o in offs])
                     for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
                 ]
             enc = self._tok(texts, add_special_tokens=False)

@@ -153,6 +153,7 @@ class RemoteSettings:
                 "max_length cannot be set on a remote spec: the server fixes it when it loads "
                 "the model. Set it there (e.g. `rag-rerank serve --max-length N`)."
             )
+        base_url: Any
         if _is_url(spec.model):
             base_url, model_name = spec.model, options.get("model_name")
             if options.get("url") not in (None, spec.model):
@@ -629,7 +630,7 @@ class RemoteReranker(_RemoteModel, RerankerModel):
     """Scores pairs on a rerank server: one request per distinct query and ``batch_size`` texts."""
 
     def _calls(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[list[int]]:
-        groups = []
+        groups: list[list[int]] = []
         for indices in _group_by_query(pairs).values():
             groups.extend(list(chunk) for chunk in _chunks(indices, batch_size))
         return groups

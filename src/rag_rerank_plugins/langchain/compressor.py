@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.callbacks import Callbacks
+from langchain_core.callbacks.manager import AsyncCallbackManager, CallbackManager
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field
 
-from ..adapter_base import RerankSettings
+from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import InvalidInputError
 from ..ranking import Ranked
-from ..spec import DEFAULT_RERANKER
 from ..windows import WindowInfo
 from . import _compat  # noqa: F401  (clear error when langchain-core is missing)
 
@@ -23,6 +25,8 @@ SCORE_KEY = "relevance_score"
 WINDOW_KEY = "rerank_window"
 #: Metadata key set (to a short message) on documents passed through unscored (on_error).
 ERROR_KEY = "rerank_error"
+#: Name of the custom callback event sent to ``callbacks`` after each rerank (``on_custom_event``).
+EVENT_NAME = "rag_rerank"
 
 
 class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
@@ -40,8 +44,11 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
 
-    model: str = Field(default=DEFAULT_RERANKER, description="Hub name or local path.")
-    backend: str = "cross-encoder"
+    model: str = Field(
+        default_factory=from_settings("reranker_model"),
+        description="Hub name or local path (default: RAG_RERANK_RERANKER_MODEL).",
+    )
+    backend: str = Field(default_factory=from_settings("reranker_backend"))
 
     def _texts(self, documents: Sequence[Document]) -> list[str]:
         texts = []
@@ -75,14 +82,35 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
             out.append(Document(page_content=doc.page_content, metadata=metadata, id=doc.id))
         return out
 
+    def _event(self, n_in: int, n_out: int, seconds: float, error: str | None) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "backend": self.backend,
+            "documents_in": n_in,
+            "documents_out": n_out,
+            "seconds": seconds,
+            "error": error,
+        }
+
     def compress_documents(
         self,
         documents: Sequence[Document],
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
-        """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``."""
-        return self._build(documents, *self.rank_texts_guarded(query, self._texts(documents)))
+        """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``.
+
+        With ``callbacks``, their handlers get ``on_custom_event("rag_rerank", data)`` after
+        scoring, ``data`` = {model, backend, documents_in, documents_out, seconds, error}.
+        """
+        start = time.perf_counter()
+        ranked, windows, error = self.rank_texts_guarded(query, self._texts(documents))
+        out = self._build(documents, ranked, windows, error)
+        if callbacks is not None:
+            manager = CallbackManager.configure(inheritable_callbacks=callbacks)
+            data = self._event(len(documents), len(out), time.perf_counter() - start, error)
+            manager.on_custom_event(EVENT_NAME, data, run_id=manager.parent_run_id)
+        return out
 
     async def acompress_documents(
         self,
@@ -91,5 +119,11 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
-        result = await self.arank_texts_guarded(query, self._texts(documents))
-        return self._build(documents, *result)
+        start = time.perf_counter()
+        ranked, windows, error = await self.arank_texts_guarded(query, self._texts(documents))
+        out = self._build(documents, ranked, windows, error)
+        if callbacks is not None:
+            manager = AsyncCallbackManager.configure(inheritable_callbacks=callbacks)
+            data = self._event(len(documents), len(out), time.perf_counter() - start, error)
+            await manager.on_custom_event(EVENT_NAME, data, run_id=manager.parent_run_id)
+        return out

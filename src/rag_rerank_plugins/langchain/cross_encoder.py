@@ -9,8 +9,7 @@ from __future__ import annotations
 from langchain_core.cross_encoders import BaseCrossEncoder
 from pydantic import AliasChoices, ConfigDict, Field
 
-from ..adapter_base import SharedModelFields
-from ..spec import DEFAULT_RERANKER
+from ..adapter_base import SharedModelFields, from_settings
 from . import _compat  # noqa: F401
 
 __all__ = ["SharedCrossEncoder"]
@@ -27,12 +26,12 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
     )
 
     model: str = Field(
-        default=DEFAULT_RERANKER,
+        default_factory=from_settings("reranker_model"),
         validation_alias=AliasChoices("model", "model_name"),
         description="Hub name or local path.",
     )
-    backend: str = "cross-encoder"
-    batch_size: int = Field(default=32, gt=0)
+    backend: str = Field(default_factory=from_settings("reranker_backend"))
+    batch_size: int = Field(default_factory=from_settings("batch_size"), gt=0)
 
     def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
         """One relevance score per (query, passage) pair, in input order."""

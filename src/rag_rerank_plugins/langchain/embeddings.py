@@ -5,8 +5,8 @@ from __future__ import annotations
 from langchain_core.embeddings import Embeddings
 from pydantic import AliasChoices, ConfigDict, Field
 
-from ..adapter_base import SharedModelFields
-from ..spec import DEFAULT_EMBEDDER
+from .._progress import chunks, progress_bar
+from ..adapter_base import SharedModelFields, from_settings
 from . import _compat  # noqa: F401
 
 __all__ = ["SharedEmbeddings"]
@@ -28,18 +28,33 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     _kind = "embedder"
 
     model: str = Field(
-        default=DEFAULT_EMBEDDER,
+        default_factory=from_settings("embedder_model"),
         validation_alias=AliasChoices("model", "model_name"),
         description="Hub name or local path.",
     )
-    backend: str = "sentence-transformers"
-    batch_size: int = Field(default=32, gt=0)
+    backend: str = Field(default_factory=from_settings("embedder_backend"))
+    batch_size: int = Field(default_factory=from_settings("batch_size"), gt=0)
     normalize_embeddings: bool = Field(default=False, description="Scale vectors to unit length.")
+    show_progress: bool = Field(
+        default=False,
+        description="Show a tqdm bar (on stderr) while embed_documents works through the texts.",
+    )
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self._pool().embed(
-            self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
-        )
+        if not self.show_progress:
+            return self._pool().embed(
+                self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
+            )
+        spec, vectors = self.spec, []
+        with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
+            for chunk in chunks(texts, self.batch_size):
+                vectors.extend(
+                    self._pool().embed(
+                        spec, chunk, self.batch_size, normalize=self.normalize_embeddings
+                    )
+                )
+                bar.update(len(chunk))
+        return vectors
 
     def embed_query(self, text: str) -> list[float]:
         return self._pool().embed(
@@ -47,9 +62,20 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         )[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
-        return await self._pool().aembed(
-            self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
-        )
+        if not self.show_progress:
+            return await self._pool().aembed(
+                self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
+            )
+        spec, vectors = self.spec, []
+        with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
+            for chunk in chunks(texts, self.batch_size):
+                vectors.extend(
+                    await self._pool().aembed(
+                        spec, chunk, self.batch_size, normalize=self.normalize_embeddings
+                    )
+                )
+                bar.update(len(chunk))
+        return vectors
 
     async def aembed_query(self, text: str) -> list[float]:
         vectors = await self._pool().aembed(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import ConfigDict, Field
 
-from ..adapter_base import SharedModelFields
-from ..spec import DEFAULT_EMBEDDER
+from ..adapter_base import SharedModelFields, from_settings
 from . import _compat  # noqa: F401
 
 __all__ = ["SharedEmbedding"]
@@ -24,14 +25,37 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
     _kind = "embedder"
     _model_field = "model_name"
 
-    model_name: str = Field(default=DEFAULT_EMBEDDER, description="Hub name or local path.")
-    backend: str = "sentence-transformers"
-    embed_batch_size: int = Field(default=32, gt=0, le=2048)
+    model_name: str = Field(
+        default_factory=from_settings("embedder_model"),
+        description="Hub name or local path (default: RAG_RERANK_EMBEDDER_MODEL).",
+    )
+    backend: str = Field(default_factory=from_settings("embedder_backend"))
+    embed_batch_size: int = Field(default_factory=from_settings("batch_size"), gt=0, le=2048)
     normalize: bool = Field(default=True, description="Scale vectors to unit length.")
+    show_progress: bool = Field(
+        default=False,
+        description="Default for get_text_embedding_batch(show_progress=...): a tqdm bar while "
+        "bulk texts are embedded (index building). Either one switches the bar on.",
+    )
 
     @classmethod
     def class_name(cls) -> str:
         return "SharedEmbedding"
+
+    def get_text_embedding_batch(
+        self, texts: list[str], show_progress: bool = False, **kwargs: Any
+    ) -> list[Embedding]:
+        """LlamaIndex's batched embedding (its own tqdm bar), on when either flag asks for it."""
+        return super().get_text_embedding_batch(
+            texts, show_progress=show_progress or self.show_progress, **kwargs
+        )
+
+    async def aget_text_embedding_batch(
+        self, texts: list[str], show_progress: bool = False, **kwargs: Any
+    ) -> list[Embedding]:
+        return await super().aget_text_embedding_batch(
+            texts, show_progress=show_progress or self.show_progress, **kwargs
+        )
 
     def _embed(self, texts: list[str], is_query: bool) -> list[Embedding]:
         return self._pool().embed(

@@ -11,10 +11,9 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from pydantic import ConfigDict, Field, model_validator
 
-from ..adapter_base import RerankSettings
+from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
-from ..spec import DEFAULT_RERANKER
 from ..windows import WindowInfo
 from . import _compat  # noqa: F401  (clear error when llama-index-core is missing)
 
@@ -44,8 +43,11 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
-    model: str = Field(default=DEFAULT_RERANKER, description="Hub name or local path.")
-    backend: str = "cross-encoder"
+    model: str = Field(
+        default_factory=from_settings("reranker_model"),
+        description="Hub name or local path (default: RAG_RERANK_RERANKER_MODEL).",
+    )
+    backend: str = Field(default_factory=from_settings("reranker_backend"))
     top_n: int | None = Field(default=2, description="Nodes to keep; None keeps all.")
     keep_retrieval_score: bool = Field(
         default=False,

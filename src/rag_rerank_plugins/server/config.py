@@ -131,7 +131,7 @@ class ServerConfig:
                 elif kind is bool:
                     values[name] = _bool(raw, var)
                 else:
-                    values[name] = kind(raw)  # type: ignore[operator]
+                    values[name] = kind(raw)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"{var}={raw!r} is invalid: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})

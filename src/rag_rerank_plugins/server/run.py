@@ -39,7 +39,8 @@ def serve(config: ServerConfig, *, pool: ModelPool | None = None) -> int:
         port=config.port,
         log_level=config.log_level,
         lifespan="on",
-        timeout_graceful_shutdown=config.graceful_timeout,
+        # uvicorn annotates int, but only passes it to asyncio.wait_for (floats work).
+        timeout_graceful_shutdown=config.graceful_timeout,  # type: ignore[arg-type]
         access_log=config.log_level == "debug",
     )
     server = uvicorn.Server(uv_config)

@@ -61,7 +61,8 @@ class ServerThread:
                 app,
                 lifespan="on",
                 log_level="warning",
-                timeout_graceful_shutdown=graceful_timeout,
+                # uvicorn annotates int, but only passes it to asyncio.wait_for (floats work).
+                timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
             )
         )
         self._thread = threading.Thread(
