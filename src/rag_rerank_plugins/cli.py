@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser(
         "info",
-        help="show versions, devices, the dtype policy, backends and packaged models",
+        help="show versions, devices, the dtype policy, backends, packaged and configured models",
         description="Show what this installation can do: versions, devices, the dtype the "
-        "policy picks for device 'auto' (and why), registered backends and packaged models.",
+        "policy picks for device 'auto' (and why), registered backends, packaged models, the "
+        "configured defaults (RAG_RERANK_* variables) and the models loaded in this process.",
     )
     info.set_defaults(handler=_cmd_info)
     _add_serve_parser(sub)
@@ -328,6 +329,24 @@ def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
         path = packaged_model_path(name)
         where = path if path is not None else f"not installed (pip install {dist})"
         out(f"  {name}: {where}")
+
+    out("configured defaults (RAG_RERANK_* variables):")
+    try:
+        from .settings import get_settings
+
+        settings = get_settings()
+        out(f"  reranker  {settings.reranker_model} (backend {settings.reranker_backend})")
+        out(f"  embedder  {settings.embedder_model} (backend {settings.embedder_backend})")
+        out(f"  device {settings.device}, dtype {settings.dtype}, batch_size {settings.batch_size}")
+        out(f"  engine    {settings.engine}")
+    except ImportError as exc:  # pydantic-settings missing: say so, the rest still works
+        out(f"  unavailable: {exc}")
+    from .pool import get_pool
+
+    loaded = get_pool().loaded_specs()
+    out(f"models loaded in this process: {len(loaded)}")
+    for spec in loaded:
+        out(f"  {spec.label}")
     return 0
 
 
