@@ -422,13 +422,7 @@ class _Client:
             if verdict.delay is None:
                 assert response is not None
                 return self._json(url, response)
-            logger.info(
-                "rag-rerank remote: retrying %s in %.2fs (attempt %d: %s)",
-                url,
-                verdict.delay,
-                attempt + 1,
-                response.status_code if response is not None else type(exc).__name__,
-            )
+            self._log_retry(url, verdict.delay, attempt, response, exc)
             time.sleep(verdict.delay)
             attempt += 1
 
@@ -449,8 +443,26 @@ class _Client:
             if verdict.delay is None:
                 assert response is not None
                 return self._json(url, response)
+            self._log_retry(url, verdict.delay, attempt, response, exc)
             await asyncio.sleep(verdict.delay)
             attempt += 1
+
+    @staticmethod
+    def _log_retry(
+        url: str,
+        delay: float,
+        attempt: int,
+        response: httpx.Response | None,
+        exc: BaseException | None,
+    ) -> None:
+        """One log line per retry, for the sync and the async path alike."""
+        logger.info(
+            "rag-rerank remote: retrying %s in %.2fs (attempt %d: %s)",
+            url,
+            delay,
+            attempt + 1,
+            response.status_code if response is not None else type(exc).__name__,
+        )
 
     def _json(self, url: str, response: httpx.Response) -> Any:
         try:
