@@ -12,6 +12,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The dtype policy never reads the host's CPU flags in tests: `dtype="auto"` on the CPU means
+# float32 unless a run asks for the BF16 policy (`RAG_RERANK_CPU_BF16=1`; CI runs the
+# `dtype_policy` tests under both). So the suite behaves the same on AVX2-only and AVX512-BF16 CPUs.
+os.environ.setdefault("RAG_RERANK_CPU_BF16", "0")
 
 from pathlib import Path
 
