@@ -76,12 +76,12 @@ def pool() -> ModelPool:
 
 @pytest.fixture
 def ce_spec(tiny_ce_path: str) -> ModelSpec:
-    return ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu")
+    return ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
 
 
 @pytest.fixture
 def emb_spec(minilm_path: str) -> ModelSpec:
-    return ModelSpec(minilm_path, backend="sentence-transformers", device="cpu")
+    return ModelSpec(minilm_path, backend="sentence-transformers", device="cpu", dtype="float32")
 
 
 PASSAGES = [
@@ -126,6 +126,7 @@ def model_server(tiny_ce_path: str, minilm_path: str):
         rerankers=[f"tiny-ce={tiny_ce_path}"],
         embedders=[f"minilm={minilm_path}"],
         device="cpu",
+        dtype="float32",  # its tests compare with FP32 references at 1e-5
         max_client_batch=64,
         max_request_bytes=256 * 1024,
     )

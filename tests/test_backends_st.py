@@ -30,8 +30,8 @@ def test_model_is_in_eval_mode_without_gradients(pool: ModelPool, ce_spec: Model
 def test_max_length_is_fixed_at_load_and_changes_the_key(
     pool: ModelPool, tiny_ce_path: str
 ) -> None:
-    short = ModelSpec(tiny_ce_path, device="cpu", max_length=8)
-    full = ModelSpec(tiny_ce_path, device="cpu")
+    short = ModelSpec(tiny_ce_path, device="cpu", dtype="float32", max_length=8)
+    full = ModelSpec(tiny_ce_path, device="cpu", dtype="float32")
     long_text = "energy " * 200
     s_short = pool.score_pairs(short, [("q", long_text), ("q", "energy")])
     s_full = pool.score_pairs(full, [("q", long_text), ("q", "energy")])
@@ -67,7 +67,7 @@ def test_embedder_matches_direct_encode(
 def test_bi_encoder_scores_are_cosines_of_the_shared_embedder(
     pool: ModelPool, minilm_path: str, direct_embedder, passages: list[str]
 ) -> None:
-    spec = ModelSpec(minilm_path, backend="bi-encoder", device="cpu")
+    spec = ModelSpec(minilm_path, backend="bi-encoder", device="cpu", dtype="float32")
     query = "which organelle produces ATP?"
     scores = pool.score_pairs(spec, [(query, p) for p in passages])
     q = direct_embedder.encode_query([query], normalize_embeddings=True)[0]
@@ -75,7 +75,7 @@ def test_bi_encoder_scores_are_cosines_of_the_shared_embedder(
     np.testing.assert_allclose(scores, d @ q, atol=1e-5)
     assert int(np.argmax(scores)) == 0  # the mitochondria passage: real relevance, offline
     # It reused the embedder handle rather than loading a second copy.
-    emb = ModelSpec(minilm_path, backend="sentence-transformers", device="cpu")
+    emb = ModelSpec(minilm_path, backend="sentence-transformers", device="cpu", dtype="float32")
     assert pool.spec_stats(emb)["loads"] == 1
 
 
@@ -85,11 +85,13 @@ def test_opt_in_int8_quantization_stays_close_to_float32(
     from rag_rerank_plugins import ConfigurationError, ModelLoadError
 
     pairs = [("how do plants make energy?", p) for p in passages]
-    fp32 = pool.score_pairs(ModelSpec(tiny_ce_path, device="cpu"), pairs)
-    int8_spec = ModelSpec(tiny_ce_path, device="cpu", options={"quantize": "int8"})
+    fp32 = pool.score_pairs(ModelSpec(tiny_ce_path, device="cpu", dtype="float32"), pairs)
+    int8_spec = ModelSpec(tiny_ce_path, device="cpu", dtype="float32", options={"quantize": "int8"})
     int8 = pool.score_pairs(int8_spec, pairs)
     np.testing.assert_allclose(int8, fp32, atol=0.02)
     linear_types = {type(m).__name__ for m in pool.get(int8_spec).model.model.modules()}
     assert "LinearPackedParams" in linear_types  # really quantized, not silently ignored
     with pytest.raises((ConfigurationError, ModelLoadError), match="int4"):
-        pool.get(ModelSpec(tiny_ce_path, device="cpu", options={"quantize": "int4"}))
+        pool.get(
+            ModelSpec(tiny_ce_path, device="cpu", dtype="float32", options={"quantize": "int4"})
+        )

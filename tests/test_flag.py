@@ -155,7 +155,11 @@ def test_score_mode_means_the_same_across_backends(
     for backend in ("cross-encoder", "flag-reranker"):
         for mode in ("raw", "sigmoid"):
             spec = ModelSpec(
-                tiny_ce_path, backend=backend, device="cpu", options={"score_mode": mode}
+                tiny_ce_path,
+                backend=backend,
+                device="cpu",
+                dtype="float32",
+                options={"score_mode": mode},
             )
             scores[backend, mode] = pool.score_pairs(spec, pairs)
     for mode in ("raw", "sigmoid"):
@@ -169,7 +173,7 @@ def test_score_mode_means_the_same_across_backends(
     identity = direct_cross_encoder.predict(pairs, activation_fn=torch.nn.Identity())
     np.testing.assert_allclose(raw, identity, atol=1e-5)
     # No score_mode: cross-encoder keeps CrossEncoder.predict's default (sigmoid for 1 label).
-    default = pool.score_pairs(ModelSpec(tiny_ce_path, device="cpu"), pairs)
+    default = pool.score_pairs(ModelSpec(tiny_ce_path, device="cpu", dtype="float32"), pairs)
     np.testing.assert_allclose(default, direct_cross_encoder.predict(pairs), atol=1e-6)
 
 
@@ -184,7 +188,9 @@ def test_score_mode_means_the_same_across_backends(
 def test_bad_options_are_explicit(
     pool: ModelPool, xlmr_path: str, options: dict, match: str
 ) -> None:
-    spec = ModelSpec(xlmr_path, backend="flag-reranker", device="cpu", options=options)
+    spec = ModelSpec(
+        xlmr_path, backend="flag-reranker", device="cpu", dtype="float32", options=options
+    )
     with pytest.raises(RagRerankError, match=match):
         pool.get(spec)
 
@@ -203,7 +209,7 @@ def test_bge_m3_dense_equals_encode(pool: ModelPool, minilm_path: str, passages:
     from FlagEmbedding import BGEM3FlagModel
 
     ref = BGEM3FlagModel(minilm_path, use_fp16=False, devices=["cpu"])
-    spec = ModelSpec(minilm_path, backend="flag-bge-m3", device="cpu")
+    spec = ModelSpec(minilm_path, backend="flag-bge-m3", device="cpu", dtype="float32")
     docs = np.array(pool.embed(spec, passages, batch_size=3))
     queries = np.array(pool.embed(spec, ["a question", QUERY], is_query=True))
     np.testing.assert_allclose(docs, ref.encode_corpus(passages)["dense_vecs"], atol=1e-5)
@@ -219,7 +225,9 @@ def test_bge_m3_query_instruction_and_adapter(pool: ModelPool, minilm_path: str)
 
     options = {"query_instruction_for_retrieval": "query: "}
     ref = BGEM3FlagModel(minilm_path, use_fp16=False, devices=["cpu"], **options)
-    spec = ModelSpec(minilm_path, backend="flag-bge-m3", device="cpu", options=options)
+    spec = ModelSpec(
+        minilm_path, backend="flag-bge-m3", device="cpu", dtype="float32", options=options
+    )
     ours = pool.embed(spec, [QUERY], is_query=True)
     np.testing.assert_allclose(ours, ref.encode_queries([QUERY])["dense_vecs"], atol=1e-5)
 
@@ -260,7 +268,12 @@ def test_langchain_compressor_selects_the_flag_backend(
     from rag_rerank_plugins.langchain import SharedRerankCompressor
 
     comp = SharedRerankCompressor(
-        model=xlmr_path, backend="flag-reranker", device="cpu", top_n=None, pool=pool
+        model=xlmr_path,
+        backend="flag-reranker",
+        device="cpu",
+        dtype="float32",
+        top_n=None,
+        pool=pool,
     )
     docs = [Document(page_content=p) for p in passages]
     out = comp.compress_documents(docs, QUERY)

@@ -158,7 +158,9 @@ def test_adapters_on_infinity_equal_local(
         top_n=None,
         pool=pool,
     )
-    local = SharedRerankCompressor(model=tiny_ce_path, device="cpu", top_n=None, pool=pool)
+    local = SharedRerankCompressor(
+        model=tiny_ce_path, device="cpu", dtype="float32", top_n=None, pool=pool
+    )
     out = remote.compress_documents(docs, QUERY)
     ref = local.compress_documents(docs, QUERY)
     assert [d.id for d in out] == [d.id for d in ref]

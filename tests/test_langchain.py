@@ -37,7 +37,9 @@ def test_compressor_orders_by_the_models_scores(
 ) -> None:
     docs = _docs(passages)
     before = copy.deepcopy(docs)
-    comp = SharedRerankCompressor(model=tiny_ce_path, device="cpu", top_n=None, pool=pool)
+    comp = SharedRerankCompressor(
+        model=tiny_ce_path, device="cpu", dtype="float32", top_n=None, pool=pool
+    )
     out = comp.compress_documents(docs, QUERY)
 
     ref = direct_cross_encoder.predict([(QUERY, p) for p in passages], show_progress_bar=False)
@@ -112,8 +114,10 @@ def test_200_adapters_in_16_threads_share_one_model_per_spec(
     docs = _docs(passages)
 
     def request(i: int):
-        comp = SharedRerankCompressor(model=tiny_ce_path, top_n=None, batch_size=4, pool=pool)
-        emb = SharedEmbeddings(model=minilm_path, pool=pool)
+        comp = SharedRerankCompressor(
+            model=tiny_ce_path, dtype="float32", top_n=None, batch_size=4, pool=pool
+        )
+        emb = SharedEmbeddings(model=minilm_path, dtype="float32", pool=pool)
         ranked = comp.compress_documents(docs, f"{QUERY} {i % 3}")
         return i, [(d.id, d.metadata["relevance_score"]) for d in ranked], emb.embed_query(QUERY)
 
@@ -123,7 +127,7 @@ def test_200_adapters_in_16_threads_share_one_model_per_spec(
     stats = pool.stats()
     assert len(stats) == 2
     assert all(s["loads"] == 1 for s in stats.values()), stats
-    comp_stats = SharedRerankCompressor(model=tiny_ce_path, pool=pool).stats()
+    comp_stats = SharedRerankCompressor(model=tiny_ce_path, dtype="float32", pool=pool).stats()
     assert (comp_stats["loads"], comp_stats["calls"]) == (1, 200)
     ref_q = direct_embedder.encode_query([QUERY], show_progress_bar=False)[0]
     for i, ranked, vector in results:
@@ -142,7 +146,9 @@ def test_shared_cross_encoder_in_langchains_own_reranker(
     reranker_mod = pytest.importorskip(
         "langchain_classic.retrievers.document_compressors.cross_encoder_rerank"
     )
-    model = SharedCrossEncoder(model_name=tiny_ce_path, model_kwargs={"device": "cpu"}, pool=pool)
+    model = SharedCrossEncoder(
+        model_name=tiny_ce_path, model_kwargs={"device": "cpu"}, dtype="float32", pool=pool
+    )
     assert model.device == "cpu"
     assert model.model_kwargs == {}
     reranker = reranker_mod.CrossEncoderReranker(model=model, top_n=3)
@@ -180,7 +186,7 @@ def test_contextual_compression_retriever_end_to_end(
 def test_embeddings_match_sentence_transformers(
     pool: ModelPool, minilm_path: str, direct_embedder, passages: list[str]
 ) -> None:
-    emb = SharedEmbeddings(model_name=minilm_path, pool=pool, batch_size=3)
+    emb = SharedEmbeddings(model_name=minilm_path, dtype="float32", pool=pool, batch_size=3)
     np.testing.assert_allclose(
         emb.embed_documents(passages),
         direct_embedder.encode_document(passages, show_progress_bar=False),

@@ -63,6 +63,7 @@ def test_postprocessor_orders_scores_and_leaves_inputs_alone(
         model=tiny_ce_path,
         top_n=3,
         device="cpu",
+        dtype="float32",
         pool=pool,
         callback_manager=CallbackManager([debug]),
     )
@@ -148,7 +149,7 @@ def test_async_postprocess_matches_sync(pool: ModelPool, minilm_path: str, passa
 def test_shared_embedding_matches_sentence_transformers(
     pool: ModelPool, minilm_path: str, direct_embedder, passages: list[str]
 ) -> None:
-    emb = SharedEmbedding(model_name=minilm_path, pool=pool, embed_batch_size=3)
+    emb = SharedEmbedding(model_name=minilm_path, dtype="float32", pool=pool, embed_batch_size=3)
     ref = direct_embedder.encode_document(passages, normalize_embeddings=True)
     np.testing.assert_allclose(emb.get_text_embedding_batch(passages), ref, atol=1e-5)
     np.testing.assert_allclose(

@@ -24,18 +24,18 @@ PROBE = textwrap.dedent(
 
     torch.set_num_threads(1)
     # Load and release a tiny model first, so lazily imported modules are in the baseline.
-    warm = ModelSpec(sys.argv[2], device="cpu")
+    warm = ModelSpec(sys.argv[2], device="cpu", dtype="float32")
     get_pool().score_pairs(warm, [("a", "b")])
     get_pool().release(warm)
     free_memory()
     base = rss_bytes()
     docs = [Document(page_content=f"passage number {i} " * 10) for i in range(4)]
     # 1000 live adapters (one per request): they must not pin or copy the model.
-    adapters = [SharedRerankCompressor(model=sys.argv[1], device="cpu") for _ in range(1000)]
+    adapters = [SharedRerankCompressor(model=sys.argv[1], device="cpu", dtype="float32") for _ in range(1000)]
     for adapter in adapters[::100]:
         adapter.compress_documents(docs, "which passage?")
     loaded = rss_bytes()
-    spec = SharedRerankCompressor(model=sys.argv[1], device="cpu").spec
+    spec = SharedRerankCompressor(model=sys.argv[1], device="cpu", dtype="float32").spec
     assert get_pool().stats()[get_pool().key(spec).label]["loads"] == 1
     released = get_pool().release(spec)
     after = rss_bytes()

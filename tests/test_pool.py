@@ -105,14 +105,17 @@ def test_missing_model_offline_says_how_to_use_a_local_path(pool: ModelPool) -> 
     assert not pool.is_loaded(spec)
 
 
+@pytest.mark.dtype_policy
 def test_auto_and_explicit_cpu_share_one_model(pool: ModelPool, tiny_ce_path: str) -> None:
     pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("auto resolves to CUDA here")
+    from rag_rerank_plugins.policy import decide_dtype
+
     a = pool.get(ModelSpec(tiny_ce_path, device="auto"))
-    b = pool.get(ModelSpec(tiny_ce_path, device="cpu", dtype="float32"))
+    b = pool.get(ModelSpec(tiny_ce_path, device="cpu", dtype=decide_dtype("auto", "cpu").dtype))
     assert a is b
     assert len(pool.loaded_specs()) == 1
 

@@ -36,11 +36,15 @@ FAST = {"backoff": 0.01, "max_backoff": 0.05, "timeout": 5, "connect_timeout": 1
 
 
 def reranker(model: str, **options: Any) -> ModelSpec:
-    return ModelSpec(model, backend="remote-reranker", device="cpu", options=options)
+    return ModelSpec(
+        model, backend="remote-reranker", device="cpu", dtype="float32", options=options
+    )
 
 
 def embedder(model: str, **options: Any) -> ModelSpec:
-    return ModelSpec(model, backend="remote-embedder", device="cpu", options=options)
+    return ModelSpec(
+        model, backend="remote-embedder", device="cpu", dtype="float32", options=options
+    )
 
 
 # -- a scripted server -------------------------------------------------------------------------
@@ -138,6 +142,7 @@ def test_model_name_with_url_option_and_no_secret_in_labels(
         "rerank-v3",
         backend="remote-reranker",
         device="cpu",
+        dtype="float32",
         options={"url": url, "protocol": "cohere", "api_key_env": "RAG_RERANK_TEST_TOKEN"},
     )
     assert pool.score_pairs(spec, [("q", "a")]) == [0.5]

@@ -78,7 +78,9 @@ def test_compressor_equals_local_and_leaves_inputs_alone(
         pool=pool,
         **_remote(model_server, "tiny-ce", protocol),
     )
-    local = SharedRerankCompressor(model=tiny_ce_path, device="cpu", top_n=None, pool=pool)
+    local = SharedRerankCompressor(
+        model=tiny_ce_path, device="cpu", dtype="float32", top_n=None, pool=pool
+    )
     out = remote.compress_documents(docs, QUERY)
     ref = local.compress_documents(docs, QUERY)
     assert [d.id for d in out] == [d.id for d in ref]
@@ -102,7 +104,12 @@ async def test_async_compress_equals_sync(
     pool: ModelPool, model_server, passages: list[str]
 ) -> None:
     comp = SharedRerankCompressor(
-        model=model_server.url, backend="remote-reranker", device="cpu", top_n=4, pool=pool
+        model=model_server.url,
+        backend="remote-reranker",
+        device="cpu",
+        dtype="float32",
+        top_n=4,
+        pool=pool,
     )
     docs = _docs(passages)
     sync = comp.compress_documents(docs, QUERY)
@@ -114,7 +121,7 @@ async def test_async_compress_equals_sync(
 def test_empty_input_sends_nothing_and_bad_input_is_clear(pool: ModelPool, model_server) -> None:
     calls = _server_calls(model_server, "tiny-ce")
     comp = SharedRerankCompressor(
-        model=model_server.url, backend="remote-reranker", device="cpu", pool=pool
+        model=model_server.url, backend="remote-reranker", device="cpu", dtype="float32", pool=pool
     )
     assert comp.compress_documents([], "q") == []
     assert not pool.loaded_specs(), "an empty call must not even build the client"
@@ -129,7 +136,11 @@ def test_cross_encoder_interface(
     pool: ModelPool, model_server, direct_cross_encoder, passages: list[str]
 ) -> None:
     ce = SharedCrossEncoder(
-        model_name=model_server.url, backend="remote-reranker", device="cpu", pool=pool
+        model_name=model_server.url,
+        backend="remote-reranker",
+        device="cpu",
+        dtype="float32",
+        pool=pool,
     )
     pairs = [(QUERY, p) for p in passages] + [("other", passages[1])]
     np.testing.assert_allclose(
@@ -176,7 +187,12 @@ def test_postprocessor_equals_local_and_leaves_nodes_alone(
         **_remote(model_server, "tiny-ce", protocol),
     )
     local = SharedRerankPostprocessor(
-        model=tiny_ce_path, device="cpu", top_n=5, keep_retrieval_score=True, pool=pool
+        model=tiny_ce_path,
+        device="cpu",
+        dtype="float32",
+        top_n=5,
+        keep_retrieval_score=True,
+        pool=pool,
     )
     out = remote.postprocess_nodes(nodes, query_str=QUERY)
     ref = local.postprocess_nodes(nodes, query_str=QUERY)
@@ -202,6 +218,7 @@ def test_llama_index_embedding_equals_local(
         model_name=model_server.url,
         backend="remote-embedder",
         device="cpu",
+        dtype="float32",
         embed_batch_size=4,
         pool=pool,
     )
@@ -220,7 +237,12 @@ def test_per_request_adapters_share_one_model_in_the_server(
 
     def request(i: int) -> list[str]:
         comp = SharedRerankCompressor(
-            model=model_server.url, backend="remote-reranker", device="cpu", top_n=3, pool=pool
+            model=model_server.url,
+            backend="remote-reranker",
+            device="cpu",
+            dtype="float32",
+            top_n=3,
+            pool=pool,
         )
         return [d.id for d in comp.compress_documents(docs, QUERY)]
 
