@@ -31,7 +31,10 @@ PROBE = textwrap.dedent(
     base = rss_bytes()
     docs = [Document(page_content=f"passage number {i} " * 10) for i in range(4)]
     # 1000 live adapters (one per request): they must not pin or copy the model.
-    adapters = [SharedRerankCompressor(model=sys.argv[1], device="cpu", dtype="float32") for _ in range(1000)]
+    adapters = [
+        SharedRerankCompressor(model=sys.argv[1], device="cpu", dtype="float32")
+        for _ in range(1000)
+    ]
     for adapter in adapters[::100]:
         adapter.compress_documents(docs, "which passage?")
     loaded = rss_bytes()
