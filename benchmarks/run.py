@@ -218,8 +218,26 @@ def scenario_construction(model: Path, requests: int, anchor_requests: int) -> d
     return out
 
 
-def scenario_warm(model: Path, reps: int, **ours_kw: Any) -> dict[str, Any]:
+def warm_variants(native_bf16: bool) -> dict[str, dict[str, Any]]:
+    """Our rows of the warm scenario: the policy's default plus each dtype pinned explicitly.
+
+    Every row but ``ours`` pins its dtype, so the table means the same on every CPU: int8 runs on
+    float32 weights (what dynamic quantization needs), and explicit BF16 only runs where the CPU
+    computes it natively (emulated BF16 is ~150x slower: minutes per request, nothing to learn).
+    """
+    variants: dict[str, dict[str, Any]] = {
+        "ours": {},
+        "ours_float32": {"dtype": "float32"},
+        "ours_int8": {"dtype": "float32", "model_kwargs": {"quantize": "int8"}},
+    }
+    if native_bf16:
+        variants["ours_bfloat16"] = {"dtype": "bfloat16"}
+    return variants
+
+
+def scenario_warm(model: Path, reps: int, native_bf16: bool) -> dict[str, Any]:
     from rag_rerank_plugins import ModelPool
+    from rag_rerank_plugins.policy import decide_dtype
 
     passages = mixed_passages(50, seed=2)
     docs, nodes = as_docs(passages)
@@ -229,8 +247,9 @@ def scenario_warm(model: Path, reps: int, **ours_kw: Any) -> dict[str, Any]:
         "langchain_cached": lc_anchor_factory(model)(),
         "llama_index_cached": li_anchor_factory(model)(),
     }
-    if ours_kw:
-        systems["ours_int8"] = ours_factory(model, pool, **ours_kw)()
+    for name, kw in warm_variants(native_bf16).items():
+        if name != "ours":
+            systems[name] = ours_factory(model, pool, **kw)()
     times: dict[str, list[float]] = {name: [] for name in systems}
     for system in systems.values():  # warm-up
         run_request(system, docs[:4], nodes[:4], QUERY)
@@ -244,8 +263,11 @@ def scenario_warm(model: Path, reps: int, **ours_kw: Any) -> dict[str, Any]:
     for name, ts in times.items():
         s = median(ts)
         result[name] = {"request_s_median": s, "pairs_per_s": 50 / s, "gflops": flops / s / 1e9}
-    stats = next(iter(pool.stats().values()))
+    stats = systems["ours"].stats()
     result["ours"]["padding_ratio"] = stats.get("padding_ratio")
+    decision = decide_dtype("auto", "cpu")
+    result["ours"]["dtype"] = stats["dtype"]
+    result["policy"] = {"dtype": decision.dtype, "reason": decision.reason}
     pool.clear()
     return result
 
@@ -497,7 +519,12 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "| system | request median | pairs/s | vs LangChain cached | GFLOP/s | of FP32 peak |",
         "|---|---|---|---|---|---|",
     ]
+    policy = w.get("policy", {})
     for name, v in w.items():
+        if name == "policy":
+            continue
+        if name == "ours" and policy:
+            name = f"ours (default: {policy['dtype']})"
         lines.append(
             f"| {name} | {v['request_s_median'] * 1000:.0f} ms | {v['pairs_per_s']:.1f} | "
             f"{lc / v['request_s_median']:.2f}x | {v['gflops']:.1f} | "
@@ -509,6 +536,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"BF16 {r['peak_gflops']['bfloat16']:.1f} GFLOP/s (native BF16: "
         f"{r['native_bf16']}); padding share in our batches: "
         f"{(w['ours'].get('padding_ratio') or 0):.0%}.",
+        "",
+        f"Dtype policy on this CPU: `dtype='auto'` -> **{policy.get('dtype', '?')}** "
+        f"({policy.get('reason', '?')}). The other `ours_*` rows pin their dtype"
+        + ("." if r["native_bf16"] else "; no BF16 row: this CPU only emulates BF16."),
         "",
         f"## 3. {r['concurrency_callers']} concurrent callers x 1 query x 20 passages",
         "",
@@ -565,7 +596,7 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     axes[0].bar(list(c), [v["request_ms_median"] for v in c.values()], color="#4c72b0")
     axes[0].set_yscale("log")
     axes[0].set_title("Per-request pipeline (ms, log)")
-    w = results["warm"]
+    w = {k: v for k, v in results["warm"].items() if k != "policy"}
     axes[1].bar(list(w), [v["pairs_per_s"] for v in w.values()], color="#55a868")
     axes[1].set_title("Warm: pairs/s, 1 x 50 mixed")
     cc = results["concurrency"]
@@ -611,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             "construction",
             lambda: scenario_construction(models["minilm"], 100, anchor_n),
         ),
-        ("warm", lambda: scenario_warm(models["minilm"], reps, model_kwargs={"quantize": "int8"})),
+        ("warm", lambda: scenario_warm(models["minilm"], reps, results["native_bf16"])),
         (
             "concurrency",
             lambda: scenario_concurrency(models["minilm"], args.callers, per_caller),

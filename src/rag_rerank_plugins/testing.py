@@ -8,7 +8,9 @@ or weights:
 * ``backend="fake-embedder"``: hashed bag-of-words vectors, unit length, ``dim`` option (64).
 
 Both accept ``delay_ms`` (sleep per call) to simulate a slow model. ``build_cross_encoder``
-writes a tiny random-weight BERT cross-encoder to disk, for testing the real loading code offline.
+writes a tiny random-weight BERT cross-encoder to disk, for testing the real loading code offline;
+``build_cross_encoder_from_encoder`` one with the packaged MiniLM's real encoder weights and a seeded
+head, whose activations have realistic ranges (for dtype and quantization tests).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "FakeEmbedder",
     "FakeReranker",
     "build_cross_encoder",
+    "build_cross_encoder_from_encoder",
     "fake_embedder_spec",
     "fake_reranker_spec",
 ]
@@ -147,4 +150,39 @@ def build_cross_encoder(
     out = Path(path)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def build_cross_encoder_from_encoder(
+    path: str | Path,
+    *,
+    encoder: str | Path | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a cross-encoder whose encoder carries real pretrained weights, at ``path``.
+
+    ``BertForSequenceClassification`` on ``encoder`` (default: the packaged all-MiniLM-L6-v2,
+    extra ``offline``) with a seeded random one-logit head. Unlike :func:`build_cross_encoder`,
+    its activations have the ranges of a trained model, so dtype effects (BF16, FP16, int8)
+    on scores and rankings are realistic; the scores still carry no relevance signal to speak of.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from .offline import packaged_model_path
+
+    source = encoder or packaged_model_path("sentence-transformers/all-MiniLM-L6-v2")
+    if source is None:
+        raise RuntimeError(
+            "build_cross_encoder_from_encoder needs encoder weights: install "
+            "'rag-rerank-plugins[offline]' or pass encoder='/path/to/bert'."
+        )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(str(source), num_labels=1)
+    torch.manual_seed(seed)
+    model.classifier.weight.data.normal_(0.0, 0.5)  # wide enough that scores spread out
+    model.classifier.bias.data.zero_()
+    out = Path(path)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(out)
     return out
