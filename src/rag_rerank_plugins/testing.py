@@ -8,9 +8,9 @@ or weights:
 * ``backend="fake-embedder"``: hashed bag-of-words vectors, unit length, ``dim`` option (64).
 
 Both accept ``delay_ms`` (sleep per call) to simulate a slow model. ``build_cross_encoder``
-writes a tiny random-weight BERT cross-encoder to disk, for testing the real loading code offline;
-``build_cross_encoder_from_encoder`` one with the packaged MiniLM's real encoder weights and a seeded
-head, whose activations have realistic ranges (for dtype and quantization tests).
+writes a tiny random-weight BERT cross-encoder to disk, for testing the real loading code
+offline; ``build_cross_encoder_from_encoder`` one with the packaged MiniLM's real encoder weights
+and a seeded head, whose activations have realistic ranges (for dtype and quantization tests).
 """
 
 from __future__ import annotations
