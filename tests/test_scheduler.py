@@ -299,7 +299,11 @@ def test_engine_config_from_env() -> None:
     assert config.max_wait_ms == 5.0
     assert config.wait_seconds("cpu") == 0.005
     assert EngineConfig().wait_seconds("cpu") == 0.0
-    assert EngineConfig().wait_seconds("cuda:0") == 0.002
+    # Requests that arrive during a pass merge into the next ones: an idle worker never waits.
+    assert EngineConfig().wait_seconds("cuda:0") == 0.0
+    assert EngineConfig.from_env({"RAG_RERANK_PIPELINE": "0"}).pipeline is False
+    with pytest.raises(ValueError, match="boolean"):
+        EngineConfig.from_env({"RAG_RERANK_PIPELINE": "maybe"})
     assert EngineConfig().tokens_per_batch("cpu") == 4096
     assert EngineConfig(token_budget=100).tokens_per_batch("cuda:0") == 100
     with pytest.raises(ValueError, match="positive"):

@@ -1,9 +1,9 @@
 """`EngineConfig`: how a pool schedules, batches, bounds and caches work for its models.
 
 Defaults are chosen for correctness under load first: a bounded queue (memory cannot grow without
-limit), no added latency on CPU (``max_wait_ms`` 0: merging requests adds no throughput when the
-cores are already busy inside one forward pass), a few milliseconds of merging on GPUs (where
-shared forward passes are the main throughput lever), the score cache off (scores of changing
+limit), no added latency (``max_wait_ms`` 0: requests that arrive while the device runs a pass are
+merged into the next passes anyway, so waiting only delays a lone request), the prepare/forward
+pipeline on (tokenising never stalls the device), the score cache off (scores of changing
 documents must never be stale unless asked for) and a small query-embedding cache on.
 
 Every field can be set with a ``RAG_RERANK_<FIELD>`` environment variable (upper case);
@@ -31,8 +31,11 @@ class EngineConfig:
     #: Most padded tokens (items x longest item) in one forward pass; None = 4096 on CPU (where
     #: big batches only cost cache misses; measured best there), 16384 on GPUs.
     token_budget: int | None = None
-    #: How long the worker waits for more requests to merge; None = 0 on CPU, 2 ms elsewhere.
+    #: How long an idle worker waits for more requests to merge into its first pass (None: 0).
     max_wait_ms: float | None = None
+    #: Tokenise the next micro-batches on a prepare thread while the device runs the current one
+    #: (False: the device worker prepares each batch itself, in sequence).
+    pipeline: bool = True
     #: Requests waiting per model before new ones are refused with QueueFullError.
     max_queue: int = 1024
     #: With a full queue, wait this long for room instead of failing at once (None: fail at once).
@@ -74,7 +77,7 @@ class EngineConfig:
     def wait_seconds(self, device: str) -> float:
         if self.max_wait_ms is not None:
             return self.max_wait_ms / 1000
-        return 0.0 if device == "cpu" else 0.002
+        return 0.0
 
     def with_changes(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)
@@ -88,6 +91,9 @@ class EngineConfig:
             raw = env.get(_ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
+            if "bool" in str(f.type):
+                values[f.name] = _parse_bool(f.name, raw)
+                continue
             try:
                 if raw.lower() == "none":
                     values[f.name] = None
@@ -100,3 +106,14 @@ class EngineConfig:
                     f"{_ENV_PREFIX}{f.name.upper()}={raw!r} is not a number"
                 ) from None
         return cls(**values)
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(
+        f"{_ENV_PREFIX}{name.upper()}={raw!r} is not a boolean (1/0, true/false)"
+    )

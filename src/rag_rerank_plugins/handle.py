@@ -1,10 +1,10 @@
 """`ModelHandle`: one loaded model plus what makes it safe and cheap to share.
 
-A handle validates input, answers from its caches, and hands the rest to its scheduler (see
-:mod:`rag_rerank_plugins.scheduler`), whose single worker thread is the only thread that touches
-the model. Models that declare ``thread_safe = True`` (fakes, HTTP clients, the bi-encoder
-wrapper) are called directly instead. Counters live in :class:`SpecStats`, which the pool keeps
-across releases so reloads show up as ``loads > 1``.
+A handle validates input (before any model work), answers from its caches, counts, and hands the
+rest to its executor (:mod:`rag_rerank_plugins.executor`): a scheduler whose device worker is the
+only thread that runs the model, or direct calls for models that declare ``thread_safe``.
+Counters live in :class:`~rag_rerank_plugins.stats.SpecStats`, which the pool keeps across
+releases so reloads show up as ``loads > 1``.
 """
 
 from __future__ import annotations
@@ -13,57 +13,17 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .backends import EmbedderModel, LoadedModel
+from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache
 from .engine_config import EngineConfig
-from .exceptions import (
-    InferenceError,
-    InvalidInputError,
-    ModelReleasedError,
-    RagRerankError,
-    RequestTimeoutError,
-)
-from .scheduler import Metrics, Scheduler, wait_result
+from .exceptions import InvalidInputError, ModelReleasedError
+from .executor import Executor, executor_for
 from .spec import ModelSpec
+from .stats import Metrics, SpecStats
 
 __all__ = ["ModelHandle", "SpecStats"]
-
-
-@dataclass
-class SpecStats:
-    """Counters for one spec, as reported by ``ModelPool.stats()``."""
-
-    spec: str
-    backend: str
-    model: str
-    kind: str
-    device: str
-    dtype: str
-    dtype_reason: str = ""
-    loaded: bool = False
-    loads: int = 0
-    load_failures: int = 0
-    load_seconds: float = 0.0
-    releases: int = 0
-    calls: int = 0
-    items: int = 0  # pairs scored (rerankers) or texts embedded (embedders)
-    errors: int = 0
-    passthrough: int = 0  # adapter calls answered in retrieval order (on_error)
-    cache_hits: int = 0
-    cache_misses: int = 0
-    busy_seconds: float = 0.0
-    last_used: float | None = None
-    metrics: Metrics | None = field(default=None, repr=False, compare=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "metrics"}
-        if self.metrics is not None:
-            data.update(self.metrics.snapshot())
-        return data
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -118,20 +78,7 @@ class ModelHandle:
         self._metrics = stats.metrics
         self._score_cache = TTLCache(config.score_cache_size, config.score_cache_ttl_s)
         self._query_cache = TTLCache(config.query_cache_size, config.query_cache_ttl_s)
-        self._scheduler = (
-            self._new_scheduler() if not getattr(model, "thread_safe", False) else None
-        )
-
-    def _new_scheduler(self) -> Scheduler:
-        model = self._require_model()
-        return Scheduler(
-            model,
-            self.config,
-            self._metrics,
-            device=model.device,
-            max_tokens=getattr(model, "max_tokens", None) or self.spec.max_length,
-            name=self.spec.label,
-        )
+        self._executor: Executor = executor_for(model, spec.label, config, self._metrics)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -177,82 +124,41 @@ class ModelHandle:
 
     # -- execution ----------------------------------------------------------------------------
 
-    def _submit(
-        self, method: str, items: list[Any], batch_size: int, kwargs: dict[str, Any]
-    ) -> Future[list[Any]] | None:
-        """A scheduler future, or None when the model is called directly (thread-safe models)."""
-        if batch_size <= 0:
-            raise InvalidInputError(f"batch_size must be positive, got {batch_size}.")
-        if self._scheduler is None:
-            return None
-        return self._scheduler.submit(method, items, {**kwargs}, batch_size=batch_size)
-
-    def _direct(
-        self, method: str, items: list[Any], batch_size: int, kwargs: dict[str, Any]
-    ) -> list[Any]:
-        return list(getattr(self._require_model(), method)(items, batch_size=batch_size, **kwargs))
-
     def _execute(
-        self,
-        method: str,
-        items: list[Any],
-        batch_size: int,
-        kwargs: dict[str, Any],
-        timeout: float | None,
+        self, task: Task, items: list[Any], batch_size: int, timeout: float | None
     ) -> list[Any]:
+        self._check_batch_size(batch_size)
         start = time.perf_counter()
         try:
-            future = self._submit(method, items, batch_size, kwargs)
-            if future is None:
-                result = self._direct(method, items, batch_size, kwargs)
-            else:
-                result = wait_result(future, self._timeout(timeout), self.spec.label)
-        except BaseException as exc:
-            error = self._count_error(exc, len(items), start)
-            if error is exc:
-                raise
-            raise error from exc
+            result = self._executor.run(task, items, batch_size, self._timeout(timeout))
+        except BaseException:
+            self._count(len(items), start, error=True)
+            raise
         self._count(len(items), start)
         return result
 
     async def _aexecute(
-        self,
-        method: str,
-        items: list[Any],
-        batch_size: int,
-        kwargs: dict[str, Any],
-        timeout: float | None,
+        self, task: Task, items: list[Any], batch_size: int, timeout: float | None
     ) -> list[Any]:
-        import asyncio  # lazily: keeps `import rag_rerank_plugins` cheap for sync-only apps
+        import asyncio
 
+        self._check_batch_size(batch_size)
         start = time.perf_counter()
-        timeout = self._timeout(timeout)
         try:
-            future = self._submit(method, items, batch_size, kwargs)
-            native = getattr(self._require_model(), f"a{method}", None)
-            if future is None and native is not None:  # e.g. remote clients: no thread needed
-                call = native(items, batch_size=batch_size, **kwargs)
-            elif future is None:
-                call = asyncio.to_thread(self._direct, method, items, batch_size, kwargs)
-            else:
-                call = asyncio.wrap_future(future)  # cancelling the task withdraws the request
-            try:
-                result = await asyncio.wait_for(call, timeout)
-            except asyncio.TimeoutError:
-                raise RequestTimeoutError(
-                    f"{self.spec.label}: no result within {timeout} s. Raise the timeout, "
-                    "reduce load, or add replicas."
-                ) from None
+            result = await self._executor.arun(task, items, batch_size, self._timeout(timeout))
         except asyncio.CancelledError:
             self._metrics.bump("cancelled")
             raise
-        except BaseException as exc:
-            error = self._count_error(exc, len(items), start)
-            if error is exc:
-                raise
-            raise error from exc
+        except BaseException:
+            self._count(len(items), start, error=True)
+            raise
         self._count(len(items), start)
         return result
+
+    @staticmethod
+    def _check_batch_size(batch_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
 
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.config.request_timeout_s
@@ -267,12 +173,6 @@ class ModelHandle:
             s.last_used = time.time()
             if error:
                 s.errors += 1
-
-    def _count_error(self, exc: BaseException, n_items: int, start: float) -> BaseException:
-        self._count(n_items, start, error=True)
-        if isinstance(exc, (RagRerankError, KeyboardInterrupt, SystemExit)):
-            return exc
-        return InferenceError(f"{self.spec.label} failed: {type(exc).__name__}: {exc}")
 
     def _cache_counts(self, hits: int, misses: int) -> None:
         with self._stats_lock:
@@ -332,7 +232,7 @@ class ModelHandle:
     ) -> list[float]:
         """Relevance score per (query, passage) pair, in input order."""
         checked, scores, missing, todo = self._score_plan(pairs)
-        fresh = self._execute("score_pairs", todo, batch_size, {}, timeout) if todo else []
+        fresh = self._execute(SCORE, todo, batch_size, timeout) if todo else []
         return self._merge_scores(checked, scores, missing, fresh)
 
     async def ascore_pairs(
@@ -344,25 +244,35 @@ class ModelHandle:
     ) -> list[float]:
         """Async :meth:`score_pairs`: awaits the worker without blocking the event loop."""
         checked, scores, missing, todo = self._score_plan(pairs)
-        fresh = await self._aexecute("score_pairs", todo, batch_size, {}, timeout) if todo else []
+        fresh = await self._aexecute(SCORE, todo, batch_size, timeout) if todo else []
         return self._merge_scores(checked, scores, missing, fresh)
 
     # -- embedding ----------------------------------------------------------------------------
 
-    def _embed_args(
-        self, texts: Sequence[str], batch_size: int, is_query: bool, normalize: bool
-    ) -> tuple[list[str], dict[str, Any]]:
+    def _embed_task(
+        self,
+        texts: Sequence[str],
+        batch_size: int,
+        is_query: bool,
+        normalize: bool,
+        prompt: str | None,
+    ) -> tuple[list[str], Task]:
+        if isinstance(texts, str):
+            raise InvalidInputError(
+                "texts is a single str; pass a list of texts (e.g. [text]), or embed_query(text)."
+            )
         texts = _require_strings(list(texts), "text")
         if texts:
             self._require_kind("embedder")
-        if batch_size <= 0:
-            raise InvalidInputError(f"batch_size must be positive, got {batch_size}.")
-        return texts, {"is_query": is_query, "normalize": normalize}
+        self._check_batch_size(batch_size)
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidInputError(f"prompt must be a str or None, got {type(prompt).__name__}.")
+        return texts, Task("embed", is_query=is_query, normalize=normalize, prompt=prompt)
 
-    def _cached_query(self, texts: list[str], kwargs: dict[str, Any]) -> list[list[float]] | None:
-        if not (kwargs["is_query"] and len(texts) == 1 and self._query_cache.enabled):
+    def _cached_query(self, texts: list[str], task: Task) -> list[list[float]] | None:
+        if not (task.is_query and len(texts) == 1 and self._query_cache.enabled):
             return None
-        value = self._query_cache.get((texts[0], kwargs["normalize"]))
+        value = self._query_cache.get((texts[0], task))
         hit = value is not TTLCache.MISSING
         self._cache_counts(int(hit), int(not hit))
         if hit:
@@ -370,11 +280,9 @@ class ModelHandle:
             return [list(value)]
         return None
 
-    def _remember_query(
-        self, texts: list[str], kwargs: dict[str, Any], vectors: list[list[float]]
-    ) -> None:
-        if kwargs["is_query"] and len(texts) == 1 and self._query_cache.enabled:
-            self._query_cache.put((texts[0], kwargs["normalize"]), tuple(vectors[0]))
+    def _remember_query(self, texts: list[str], task: Task, vectors: list[list[float]]) -> None:
+        if task.is_query and len(texts) == 1 and self._query_cache.enabled:
+            self._query_cache.put((texts[0], task), tuple(vectors[0]))
 
     def embed(
         self,
@@ -383,17 +291,19 @@ class ModelHandle:
         *,
         is_query: bool = False,
         normalize: bool = False,
+        prompt: str | None = None,
         timeout: float | None = None,
     ) -> list[list[float]]:
-        """One vector per text. ``is_query`` selects the model's query prompt, if it has one."""
-        items, kwargs = self._embed_args(texts, batch_size, is_query, normalize)
+        """One vector per text. ``is_query`` selects the model's query prompt, if it has one;
+        ``prompt`` (an instruction) replaces the model's own prompt."""
+        items, task = self._embed_task(texts, batch_size, is_query, normalize, prompt)
         if not items:
             return []
-        cached = self._cached_query(items, kwargs)
+        cached = self._cached_query(items, task)
         if cached is not None:
             return cached
-        vectors = self._execute("embed", items, batch_size, kwargs, timeout)
-        self._remember_query(items, kwargs, vectors)
+        vectors = self._execute(task, items, batch_size, timeout)
+        self._remember_query(items, task, vectors)
         return vectors
 
     async def aembed(
@@ -403,24 +313,30 @@ class ModelHandle:
         *,
         is_query: bool = False,
         normalize: bool = False,
+        prompt: str | None = None,
         timeout: float | None = None,
     ) -> list[list[float]]:
-        items, kwargs = self._embed_args(texts, batch_size, is_query, normalize)
+        """Async :meth:`embed`: awaits the worker without blocking the event loop."""
+        items, task = self._embed_task(texts, batch_size, is_query, normalize, prompt)
         if not items:
             return []
-        cached = self._cached_query(items, kwargs)
+        cached = self._cached_query(items, task)
         if cached is not None:
             return cached
-        vectors = await self._aexecute("embed", items, batch_size, kwargs, timeout)
-        self._remember_query(items, kwargs, vectors)
+        vectors = await self._aexecute(task, items, batch_size, timeout)
+        self._remember_query(items, task, vectors)
         return vectors
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def token_budget(self) -> int | None:
+        """Padded tokens per forward pass the scheduler allows now (None: not scheduled)."""
+        return self._metrics.token_budget
+
     def _close(self) -> None:
         """Finish queued work, stop the worker, drop caches and weights. Idempotent."""
-        if self._scheduler is not None:
-            self._scheduler.close()
+        self._executor.close()
         model, self._model = self._model, None
         self._score_cache.clear()
         self._query_cache.clear()
@@ -433,8 +349,7 @@ class ModelHandle:
         self._metrics._lock = threading.Lock()
         self._score_cache._lock = threading.Lock()
         self._query_cache._lock = threading.Lock()
-        if self._scheduler is not None:
-            self._scheduler = self._new_scheduler()
+        self._executor = self._executor.after_fork(self._metrics, self.config)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "loaded"

@@ -39,7 +39,8 @@ from .policy import configure_torch_threads, resolve_spec
 from .spec import ModelSpec
 
 if TYPE_CHECKING:  # imported on first load: keeps `get_pool()` cheap at start-up
-    from .handle import ModelHandle, SpecStats
+    from .handle import ModelHandle
+    from .stats import SpecStats
 
 __all__ = ["ModelPool", "get_pool"]
 
@@ -119,7 +120,7 @@ class ModelPool:
                 return slot.handle
 
     def _stats_for(self, key: ModelSpec) -> SpecStats:
-        from .handle import SpecStats
+        from .stats import SpecStats
 
         with self._lock:
             stats = self._stats.get(key)
@@ -166,6 +167,12 @@ class ModelPool:
         from .handle import ModelHandle
 
         return ModelHandle(key, model, stats, self.config)
+
+    def model_info(self, spec: ModelSpec) -> tuple[str, str]:
+        """Load ``spec`` if needed; its concrete ``(device, dtype)``. Backends that build on
+        another shared model (the bi-encoder) ask this through ``ModelProvider``."""
+        handle = self.get(spec)
+        return handle.device, handle.dtype
 
     def preload(self, *specs: ModelSpec, warmup: bool = True) -> list[ModelHandle]:
         """Load ``specs`` now (e.g. in a FastAPI lifespan) and optionally run one tiny forward pass.
@@ -289,13 +296,20 @@ class ModelPool:
         *,
         is_query: bool = False,
         normalize: bool = False,
+        prompt: str | None = None,
         timeout: float | None = None,
     ) -> list[list[float]]:
-        """Embed texts with the shared model for ``spec``."""
+        """Embed texts with the shared model for ``spec``; ``prompt`` (an instruction) replaces
+        the model's own query/document prompt."""
         return self._call(
             spec,
             lambda h: h.embed(
-                texts, batch_size, is_query=is_query, normalize=normalize, timeout=timeout
+                texts,
+                batch_size,
+                is_query=is_query,
+                normalize=normalize,
+                prompt=prompt,
+                timeout=timeout,
             ),
         )
 
@@ -318,12 +332,19 @@ class ModelPool:
         *,
         is_query: bool = False,
         normalize: bool = False,
+        prompt: str | None = None,
         timeout: float | None = None,
     ) -> list[list[float]]:
+        """Like :meth:`embed`; awaits the model's worker without blocking the event loop."""
         return await self._acall(
             spec,
             lambda h: h.aembed(
-                texts, batch_size, is_query=is_query, normalize=normalize, timeout=timeout
+                texts,
+                batch_size,
+                is_query=is_query,
+                normalize=normalize,
+                prompt=prompt,
+                timeout=timeout,
             ),
         )
 

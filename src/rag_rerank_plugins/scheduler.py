@@ -1,35 +1,48 @@
-"""Per-model request scheduler: one worker thread owns the model and forms token-budget batches.
+"""Per-model scheduler: FIFO requests, token-budget micro-batches, and a prepare/forward pipeline.
 
 Why a worker instead of a lock: a plain lock is unfair (measured p95 8.6 s vs p50 405 ms with 8
-callers) and cannot merge requests. Here callers (threads or asyncio tasks) enqueue work and wait
-on a future; one worker thread, the only thread that touches the model and its tokenizer:
+callers) and cannot merge requests. Callers (threads or asyncio tasks) enqueue work and wait on a
+future. Two kinds of threads serve one model:
 
-1. takes pending requests in arrival order (FIFO: nobody starves), optionally waiting
-   ``max_wait`` for more to arrive so concurrent requests share forward passes;
-2. sorts their items by estimated token length and cuts micro-batches bounded by
-   ``max_batch_size`` and ``token_budget`` padded tokens (sorting alone halved padding waste);
-3. runs each micro-batch; on out-of-memory it splits the batch in half and retries, down to one
-   item; an exception fails only the requests that had items in that batch;
-4. completes each request's future as soon as its last item is scored.
+* the **device worker**, the only thread that runs the model's forward. It
 
-A request cancelled while queued is skipped; one cancelled mid-flight finishes and its result is
-dropped, so cancellation never wedges the worker or touches other callers' results.
+  1. takes pending requests in arrival order (FIFO: nobody starves), optionally waiting
+     ``max_wait`` for more when it was idle, so concurrent requests share forward passes;
+  2. sorts their items by estimated token length and cuts micro-batches bounded by
+     ``max_batch_size`` and the token budget (sorting alone halved padding waste);
+  3. keeps up to ``LOOKAHEAD`` micro-batches being prepared ahead of the device;
+  4. launches pass k+1 before it finishes pass k (the device->host copy of k then overlaps the
+     kernels of k+1 on a GPU) and completes each request's future once its last item is done;
+
+* the **prepare thread** (``EngineConfig.pipeline``), which tokenises and collates the next
+  micro-batches while the device runs the current one, like infinity's pre-processing stage and
+  TEI's tokenisation workers. One thread per model, so a backend's tokenizer is never shared.
+  With the pipeline off, the worker prepares each batch itself (the sequential engine).
+
+Out of memory: the failed pass is dropped *before* anything is retried. The exception, its
+traceback and the frames holding the pass's activations are released (we leave the ``except``
+block first, collect garbage, and empty the device cache), then the batch is split in halves,
+down to one item. The scheduler also learns: the token budget shrinks to half the failed pass's
+padded tokens, so the next request does not hit the same wall. An exception fails only the
+requests that had items in that pass. A request cancelled while queued is skipped; one cancelled
+mid-flight finishes and its result is dropped.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import re
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backends.base import LoadedModel, Prepared, Task
 from .engine_config import EngineConfig
 from .exceptions import (
     InferenceError,
@@ -38,10 +51,14 @@ from .exceptions import (
     QueueFullError,
     RagRerankError,
 )
+from .stats import Metrics
 
-__all__ = ["Metrics", "Scheduler", "estimate_tokens"]
+__all__ = ["LOOKAHEAD", "Scheduler", "estimate_tokens"]
 
 logger = logging.getLogger(__name__)
+
+#: Micro-batches prepared ahead of the device: one running plus one ready hides tokenisation.
+LOOKAHEAD = 2
 
 
 @functools.cache
@@ -52,104 +69,20 @@ def _token_pattern() -> re.Pattern[str]:
 def estimate_tokens(text: str) -> int:
     """Cheap subword-count estimate (~1.3 tokens per word or symbol), no tokenizer call.
 
-    Only batch shapes depend on it, never results; the real tokenizer runs once, in the forward.
+    Only batch shapes depend on it, never results; the real tokenizer runs once, in prepare.
     """
     if len(text) > 20_000:  # long texts are truncated by the model anyway
         return len(text) // 3
     return int(len(_token_pattern().findall(text)) * 1.3) + 1
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
-class Metrics:
-    """Counters and recent samples for one model; read by ``ModelPool.stats()``."""
-
-    def __init__(self, window: int, max_batch_size: int) -> None:
-        self._lock = threading.Lock()
-        self.max_batch_size = max_batch_size
-        self.queue_waits: deque[float] = deque(maxlen=window)
-        self.latencies: deque[float] = deque(maxlen=window)
-        self.forward_passes = 0
-        self.forward_seconds = 0.0
-        self.batch_items = 0
-        self.padded_tokens = 0
-        self.real_tokens = 0
-        self.oom_splits = 0
-        self.rejected = 0
-        self.cancelled = 0
-        self.queue_depth = 0
-
-    def record_forward(self, items: int, real: int, padded: int, seconds: float) -> None:
-        with self._lock:
-            self.forward_passes += 1
-            self.forward_seconds += seconds
-            self.batch_items += items
-            self.real_tokens += real
-            self.padded_tokens += padded
-
-    def record_request(self, queue_wait: float, latency: float) -> None:
-        with self._lock:
-            self.queue_waits.append(queue_wait)
-            self.latencies.append(latency)
-
-    def bump(self, name: str, by: int = 1) -> None:
-        with self._lock:
-            setattr(self, name, getattr(self, name) + by)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            waits = list(self.queue_waits)
-            lats = list(self.latencies)
-            passes = self.forward_passes
-
-            def ms(v: float | None) -> float | None:
-                return None if v is None else round(v * 1000, 3)
-
-            return {
-                "forward_passes": passes,
-                "forward_seconds": self.forward_seconds,
-                "avg_batch_items": self.batch_items / passes if passes else None,
-                "batch_fill": self.batch_items / (passes * self.max_batch_size) if passes else None,
-                "avg_tokens_per_batch": self.padded_tokens / passes if passes else None,
-                "padding_ratio": (
-                    1 - self.real_tokens / self.padded_tokens if self.padded_tokens else None
-                ),
-                "queue_wait_ms_p50": ms(_percentile(waits, 0.5)),
-                "queue_wait_ms_p95": ms(_percentile(waits, 0.95)),
-                "latency_ms_p50": ms(_percentile(lats, 0.5)),
-                "latency_ms_p95": ms(_percentile(lats, 0.95)),
-                "oom_splits": self.oom_splits,
-                "rejected": self.rejected,
-                "cancelled": self.cancelled,
-                "queue_depth": self.queue_depth,
-            }
-
-
 @dataclass(eq=False)
 class _Work:
-    """One caller's request: items of one kind with the same call arguments."""
+    """One caller's request: items of one task."""
 
-    method: str
+    task: Task
     items: list[Any]
     lengths: list[int]
-    kwargs: dict[str, Any]
-    group: Hashable
     future: Future[list[Any]]
     enqueued: float
     batch_size: int
@@ -163,55 +96,86 @@ class _Work:
         self.results = [None] * len(self.items)
         self.remaining = len(self.items)
 
+    @property
+    def group(self) -> Hashable:
+        return self.task
+
+
+_Entry = tuple[_Work, int]
+
+
+@dataclass(eq=False)
+class _Batch:
+    """A micro-batch on its way through the pipeline."""
+
+    entries: list[_Entry]
+    prepared: Future[Prepared] | None = None
+    pending: Any = None
+    device_seconds: float = 0.0  # time inside the model's forward and finish
+    padded: int = 0
+
+    @property
+    def task(self) -> Task:
+        return self.entries[0][0].task
+
+    @property
+    def items(self) -> list[Any]:
+        return [work.items[index] for work, index in self.entries]
+
+    @property
+    def padded_estimate(self) -> int:
+        lengths = [work.lengths[index] for work, index in self.entries]
+        return max(lengths) * len(lengths)
+
+    @property
+    def real_estimate(self) -> int:
+        return sum(work.lengths[index] for work, index in self.entries)
+
+
+class _OutOfMemory(Exception):
+    """Internal signal: a pass ran out of memory (the original error is already dropped)."""
+
 
 class Scheduler:
     """Owns one loaded model; see the module docstring for the algorithm."""
 
     def __init__(
         self,
-        model: Any,
+        model: LoadedModel,
         config: EngineConfig,
         metrics: Metrics,
         *,
-        device: str = "cpu",
-        max_tokens: int | None = None,
         name: str = "model",
     ) -> None:
-        self._model = model
+        self._model: LoadedModel | None = model
         self._config = config
         self._metrics = metrics
-        self._wait_s = config.wait_seconds(device)
-        self._budget = config.tokens_per_batch(device)
-        self._max_tokens = max_tokens or 512
+        self._wait_s = config.wait_seconds(model.device)
+        self._budget = config.tokens_per_batch(model.device)
+        self._metrics.token_budget = self._budget
+        self._max_tokens = model.max_tokens or 512
         self._name = name
         self._queue: deque[_Work] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._prepare_pool: ThreadPoolExecutor | None = None
 
     # -- callers ------------------------------------------------------------------------------
 
     def submit(
-        self,
-        method: str,
-        items: Sequence[Any],
-        kwargs: dict[str, Any] | None = None,
-        *,
-        batch_size: int | None = None,
+        self, task: Task, items: Sequence[Any], *, batch_size: int | None = None
     ) -> Future[list[Any]]:
         """Enqueue a request; the future resolves to one result per item, in input order.
 
         ``batch_size`` caps the forward passes this request's items go into (merged requests
         get the smallest cap among them).
         """
-        kwargs = kwargs or {}
         future: Future[list[Any]] = Future()
         work = _Work(
-            method=method,
+            task=task,
             items=list(items),
             lengths=[self._length(item) for item in items],
-            kwargs=kwargs,
-            group=(method, tuple(sorted(kwargs.items()))),
             future=future,
             enqueued=time.perf_counter(),
             batch_size=min(batch_size or self._config.max_batch_size, self._config.max_batch_size),
@@ -220,25 +184,29 @@ class Scheduler:
             if self._closing:
                 raise ModelReleasedError(f"{self._name} is being released.")
             if len(self._queue) >= self._config.max_queue:
-                timeout = self._config.queue_timeout_s
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while len(self._queue) >= self._config.max_queue and not self._closing:
-                    remaining = 0.0 if deadline is None else deadline - time.monotonic()
-                    if remaining <= 0:
-                        self._metrics.bump("rejected")
-                        raise QueueFullError(
-                            f"{self._name}: {len(self._queue)} requests are already waiting "
-                            f"(max_queue={self._config.max_queue}). Back off and retry, add "
-                            "replicas, or raise EngineConfig.max_queue / queue_timeout_s."
-                        )
-                    self._cond.wait(remaining)
-                if self._closing:
-                    raise ModelReleasedError(f"{self._name} is being released.")
+                self._wait_for_room()
             self._queue.append(work)
             self._metrics.queue_depth = len(self._queue)
             self._ensure_worker()
             self._cond.notify_all()
         return future
+
+    def _wait_for_room(self) -> None:
+        """Under the lock: wait ``queue_timeout_s`` for room, else raise QueueFullError."""
+        timeout = self._config.queue_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self._queue) >= self._config.max_queue and not self._closing:
+            remaining = 0.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                self._metrics.bump("rejected")
+                raise QueueFullError(
+                    f"{self._name}: {len(self._queue)} requests are already waiting "
+                    f"(max_queue={self._config.max_queue}). Back off and retry, add "
+                    "replicas, or raise EngineConfig.max_queue / queue_timeout_s."
+                )
+            self._cond.wait(remaining)
+        if self._closing:
+            raise ModelReleasedError(f"{self._name} is being released.")
 
     def _length(self, item: Any) -> int:
         if isinstance(item, str):
@@ -248,31 +216,92 @@ class Scheduler:
         return min(n, self._max_tokens)
 
     def close(self) -> None:
-        """Stop accepting work, finish what is queued, and stop the worker."""
+        """Stop accepting work, finish what is queued, and stop the threads."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(wait=True)
         self._model = None
 
-    # -- worker -------------------------------------------------------------------------------
+    @property
+    def token_budget(self) -> int:
+        """Padded tokens per pass allowed now (shrinks after an out-of-memory pass)."""
+        return self._budget
+
+    # -- device worker ------------------------------------------------------------------------
 
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            if self._config.pipeline and self._prepare_pool is None:
+                self._prepare_pool = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"rag-rerank-prepare[{self._name}]"
+                )
             self._thread = threading.Thread(
                 target=self._loop, name=f"rag-rerank-worker[{self._name}]", daemon=True
             )
             self._thread.start()
 
     def _loop(self) -> None:
-        while True:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug here must not leave callers waiting forever
+            logger.exception("%s: scheduler worker crashed", self._name)
             with self._cond:
+                stranded = list(self._queue)
+                self._queue.clear()
+                self._thread = None
+            for work in stranded:
+                if not work.future.done() and work.future.set_running_or_notify_cancel():
+                    work.future.set_exception(
+                        InferenceError(f"{self._name}: the scheduler failed: {exc!r}")
+                    )
+            raise
+
+    def _serve(self) -> None:
+        formed: deque[_Batch] = deque()  # cut into micro-batches, not yet sent to prepare
+        ahead: deque[_Batch] = deque()  # being prepared (or prepared), in order
+        running: _Batch | None = None  # launched on the device, not yet finished
+        while True:
+            while len(ahead) < LOOKAHEAD:
+                if not formed:
+                    idle = not ahead and running is None
+                    entries = self._take_round(block=idle)
+                    if entries is None:
+                        return  # closing and drained
+                    if not entries:
+                        break
+                    formed.extend(_Batch(b) for b in self._micro_batches(entries))
+                batch = formed.popleft()
+                batch.entries = [e for e in batch.entries if not e[0].failed]
+                if batch.entries:
+                    self._start_prepare(batch)
+                    ahead.append(batch)
+            if not ahead:
+                if running is not None:
+                    self._finish(running)
+                    running = None
+                continue
+            batch = ahead.popleft()
+            launched = self._launch(batch)
+            if running is not None:  # finish pass k after launching pass k+1
+                self._finish(running)
+            running = batch if launched else None
+
+    def _take_round(self, *, block: bool) -> list[_Entry] | None:
+        """Items for one round (FIFO over requests of the head's task, a few batches' worth).
+
+        Blocks for work only when the device is idle; None means closing with nothing left.
+        """
+        with self._cond:
+            if block:
                 while not self._queue and not self._closing:
                     self._cond.wait()
                 if not self._queue:
-                    return  # closing and drained
+                    return None
                 if self._wait_s > 0 and not self._closing:
                     deadline = self._queue[0].enqueued + self._wait_s
                     while (
@@ -280,20 +309,18 @@ class Scheduler:
                         and (left := deadline - time.perf_counter()) > 0
                     ):
                         self._cond.wait(left)
-                entries = self._take_round()
-                self._metrics.queue_depth = len(self._queue)
-                self._cond.notify_all()  # room in the queue for waiting submitters
-            if entries:
-                self._execute(entries)
+            entries = self._take_entries()
+            self._metrics.queue_depth = len(self._queue)
+            self._cond.notify_all()  # room in the queue for waiting submitters
+            return entries
 
     def _pending_items(self) -> int:
         return sum(len(w.items) - w.next_index for w in self._queue)
 
-    def _take_round(self) -> list[tuple[_Work, int]]:
-        """Items for one round: FIFO over requests of the head's kind, a few batches' worth."""
-        cap_items = self._config.max_batch_size * 4
-        cap_tokens = self._budget * 4
-        entries: list[tuple[_Work, int]] = []
+    def _take_entries(self) -> list[_Entry]:
+        cap_items = self._config.max_batch_size * LOOKAHEAD * 2
+        cap_tokens = self._budget * LOOKAHEAD * 2
+        entries: list[_Entry] = []
         tokens = 0
         group = None
         kept: deque[_Work] = deque()
@@ -324,10 +351,10 @@ class Scheduler:
         self._queue.extendleft(reversed(kept))
         return entries
 
-    def _micro_batches(self, entries: list[tuple[_Work, int]]) -> list[list[tuple[_Work, int]]]:
+    def _micro_batches(self, entries: list[_Entry]) -> list[list[_Entry]]:
         ordered = sorted(entries, key=lambda e: -e[0].lengths[e[1]])
-        batches: list[list[tuple[_Work, int]]] = []
-        current: list[tuple[_Work, int]] = []
+        batches: list[list[_Entry]] = []
+        current: list[_Entry] = []
         longest = 0
         cap = self._config.max_batch_size
         for entry in ordered:
@@ -346,62 +373,172 @@ class Scheduler:
             batches.append(current)
         return batches
 
-    def _execute(self, entries: list[tuple[_Work, int]]) -> None:
-        for batch in self._micro_batches(entries):
-            batch = [e for e in batch if not e[0].failed]
-            if not batch:
-                continue
-            work0 = batch[0][0]
-            try:
-                results = self._forward(work0.method, batch, work0.kwargs)
-            except BaseException as exc:
-                self._fail({id(w): w for w, _ in batch}.values(), exc)
-                continue
-            now = time.perf_counter()
-            for (work, index), result in zip(batch, results, strict=True):
-                work.results[index] = result
-                work.remaining -= 1
-                if work.remaining == 0 and not work.failed:
-                    self._complete(work, now)
+    # -- pipeline stages ----------------------------------------------------------------------
 
-    def _forward(
-        self, method: str, batch: list[tuple[_Work, int]], kwargs: dict[str, Any]
-    ) -> list[Any]:
-        """Run one micro-batch; on OOM split it in halves, down to a single item."""
-        items = [work.items[index] for work, index in batch]
-        lengths = [work.lengths[index] for work, index in batch]
+    def _model_or_raise(self) -> LoadedModel:
+        model = self._model
+        if model is None:
+            raise ModelReleasedError(f"{self._name} was released.")
+        return model
+
+    def _prepare(self, task: Task, items: list[Any]) -> Prepared:
         start = time.perf_counter()
-        try:
-            results = list(getattr(self._model, method)(items, batch_size=len(items), **kwargs))
-        except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            self._free_cache()
-            if len(batch) == 1:
-                raise OutOfMemoryError(
-                    f"{self._name}: out of memory on a single item ({lengths[0]} tokens est.). "
-                    "Lower max_length, use a smaller dtype, or move the model to a larger device."
-                ) from exc
-            self._metrics.bump("oom_splits")
-            logger.warning("%s: out of memory on %d items; splitting", self._name, len(batch))
-            half = len(batch) // 2
-            return self._forward(method, batch[:half], kwargs) + self._forward(
-                method, batch[half:], kwargs
-            )
-        if len(results) != len(items):
-            raise InferenceError(
-                f"{self._name} returned {len(results)} results for {len(items)} items."
-            )
-        self._metrics.record_forward(
-            len(items), sum(lengths), max(lengths) * len(lengths), time.perf_counter() - start
-        )
-        return results
+        prepared = self._model_or_raise().prepare(task, items)
+        self._metrics.record_prepare(time.perf_counter() - start)
+        return prepared
 
-    @staticmethod
-    def _free_cache() -> None:
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+    def _start_prepare(self, batch: _Batch) -> None:
+        if self._prepare_pool is not None:
+            batch.prepared = self._prepare_pool.submit(self._prepare, batch.task, batch.items)
+
+    def _launch(self, batch: _Batch) -> bool:
+        """Prepare (if not done ahead) and launch one pass. False when it already ended (failed
+        requests, or an out-of-memory pass that was split and run to completion)."""
+        try:
+            if batch.prepared is not None:
+                prepared = batch.prepared.result()
+            else:
+                prepared = self._prepare(batch.task, batch.items)
+            start = time.perf_counter()
+            try:
+                batch.pending = self._model_or_raise().forward(batch.task, prepared)
+                batch.device_seconds += time.perf_counter() - start
+            except Exception as exc:
+                if not self._model_or_raise().is_oom(exc):
+                    raise
+                raise _OutOfMemory from None  # drop the failed pass's traceback and frames
+            batch.padded = prepared.padded_tokens or batch.padded_estimate
+            return True
+        except _OutOfMemory:
+            pass  # handled below, outside every except block
+        except BaseException as exc:
+            self._fail(batch.entries, exc)
+            return False
+        self._recover_from_oom(batch)
+        return False
+
+    def _finish(self, batch: _Batch) -> None:
+        try:
+            try:
+                start = time.perf_counter()
+                results = self._model_or_raise().finish(batch.task, batch.pending)
+                batch.device_seconds += time.perf_counter() - start
+            except Exception as exc:
+                if not self._model_or_raise().is_oom(exc):
+                    raise
+                raise _OutOfMemory from None
+        except _OutOfMemory:
+            batch.pending = None
+            self._recover_from_oom(batch)
+            return
+        except BaseException as exc:
+            batch.pending = None
+            self._fail(batch.entries, exc)
+            return
+        batch.pending = None
+        self._record(batch)
+        self._deliver(batch.entries, results)
+
+    def _record(self, batch: _Batch) -> None:
+        self._metrics.record_forward(
+            len(batch.entries), batch.real_estimate, batch.padded, batch.device_seconds
+        )
+
+    def _deliver(self, entries: list[_Entry], results: list[Any]) -> None:
+        if len(results) != len(entries):
+            self._fail(
+                entries,
+                InferenceError(
+                    f"{self._name} returned {len(results)} results for {len(entries)} items."
+                ),
+            )
+            return
+        now = time.perf_counter()
+        for (work, index), result in zip(entries, results, strict=True):
+            work.results[index] = result
+            work.remaining -= 1
+            if work.remaining == 0 and not work.failed:
+                self._complete(work, now)
+
+    # -- out of memory --------------------------------------------------------------------------
+
+    def _recover_from_oom(self, batch: _Batch) -> None:
+        """Free the failed pass, shrink the budget, then run the batch in halves (iteratively:
+        no frame of a failed pass stays alive while its halves run)."""
+        self._release_memory()
+        self._shrink_budget(batch)
+        stack: list[list[_Entry]] = [batch.entries]
+        while stack:
+            entries = [e for e in stack.pop() if not e[0].failed]
+            if not entries:
+                continue
+            if not self._run_alone(entries):
+                continue
+            if len(entries) == 1:
+                work, index = entries[0]
+                self._fail(
+                    entries,
+                    OutOfMemoryError(
+                        f"{self._name}: out of memory on a single item "
+                        f"({work.lengths[index]} tokens est.). Lower max_length, use a smaller "
+                        "dtype, or move the model to a larger device."
+                    ),
+                )
+                continue
+            self._metrics.bump("oom_splits")
+            logger.warning("%s: out of memory on %d items; splitting", self._name, len(entries))
+            half = len(entries) // 2
+            stack.extend([entries[half:], entries[:half]])  # first half runs first
+
+    def _run_alone(self, entries: list[_Entry]) -> bool:
+        """Run one pass start to end. True when it ran out of memory (already cleaned up)."""
+        batch = _Batch(entries)
+        try:
+            try:
+                model = self._model_or_raise()
+                prepared = self._prepare(batch.task, batch.items)
+                start = time.perf_counter()
+                pending = model.forward(batch.task, prepared)
+                batch.padded = prepared.padded_tokens or batch.padded_estimate
+                results = model.finish(batch.task, pending)
+                batch.device_seconds = time.perf_counter() - start
+                del pending, prepared
+            except Exception as exc:
+                if not self._model_or_raise().is_oom(exc):
+                    raise
+                raise _OutOfMemory from None
+        except _OutOfMemory:
+            self._release_memory()
+            self._shrink_budget(batch)
+            return True
+        except BaseException as exc:
+            self._fail(entries, exc)
+            return False
+        self._record(batch)
+        self._deliver(entries, results)
+        return False
+
+    def _release_memory(self) -> None:
+        gc.collect()  # tracebacks and activations of the failed pass may sit in cycles
+        model = self._model
+        if model is not None:
+            model.free_cache()
+
+    def _shrink_budget(self, failed: _Batch) -> None:
+        """Half the failed pass's padded tokens, but room for its longest item alone."""
+        longest = max(work.lengths[index] for work, index in failed.entries)
+        learned = max(longest, failed.padded_estimate // 2)
+        if learned < self._budget:
+            logger.warning(
+                "%s: token budget %d -> %d padded tokens per pass after running out of memory",
+                self._name,
+                self._budget,
+                learned,
+            )
+            self._budget = learned
+            self._metrics.token_budget = learned
+
+    # -- results --------------------------------------------------------------------------------
 
     def _complete(self, work: _Work, now: float) -> None:
         started = work.started if work.started is not None else now
@@ -409,30 +546,15 @@ class Scheduler:
         if not work.future.done():
             work.future.set_result(work.results)
 
-    def _fail(self, works: Any, exc: BaseException) -> None:
+    def _fail(self, entries: list[_Entry], exc: BaseException) -> None:
         if not isinstance(exc, RagRerankError):
             wrapped = InferenceError(f"{self._name} failed: {type(exc).__name__}: {exc}")
             wrapped.__cause__ = exc
             exc = wrapped
+        works = {id(w): w for w, _ in entries}.values()
         for work in works:
             work.failed = True
             if not work.future.done():
                 work.future.set_exception(exc)
         with self._cond:  # drop the rest of failed requests still queued
             self._queue = deque(w for w in self._queue if not w.failed)
-
-
-def wait_result(future: Future[list[Any]], timeout: float | None, name: str) -> list[Any]:
-    """Block for a scheduler future; on timeout withdraw the request if it is still queued."""
-    from concurrent.futures import TimeoutError as FutureTimeout
-
-    from .exceptions import RequestTimeoutError
-
-    try:
-        return future.result(timeout)
-    except FutureTimeout:
-        future.cancel()
-        raise RequestTimeoutError(
-            f"{name}: no result within {timeout} s (queued or running). Raise the timeout, "
-            "reduce load, or add replicas."
-        ) from None

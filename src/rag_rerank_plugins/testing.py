@@ -18,20 +18,21 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from .backends.base import EmbedderModel, RerankerModel
+from .backends.base import EmbedderModel, ModelProvider, Prepared, RerankerModel, Task
 from .spec import ModelSpec
-
-if TYPE_CHECKING:
-    from .pool import ModelPool
 
 __all__ = [
     "FakeEmbedder",
     "FakeReranker",
+    "SimulatedDevice",
+    "SimulatedOutOfMemoryError",
+    "SimulatedReranker",
     "build_cross_encoder",
     "build_cross_encoder_from_encoder",
     "fake_embedder_spec",
@@ -83,18 +84,24 @@ class FakeEmbedder(EmbedderModel):
         return [v / norm for v in vec] if norm else vec
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         if self.delay_ms:
             time.sleep(self.delay_ms / 1000)
-        return [self._vector(t) for t in texts]
+        return [self._vector((prompt or "") + t) for t in texts]
 
 
-def load_fake_reranker(spec: ModelSpec, pool: ModelPool) -> FakeReranker:
+def load_fake_reranker(spec: ModelSpec, provider: ModelProvider) -> FakeReranker:
     return FakeReranker(delay_ms=float(spec.option("delay_ms", 0.0)))
 
 
-def load_fake_embedder(spec: ModelSpec, pool: ModelPool) -> FakeEmbedder:
+def load_fake_embedder(spec: ModelSpec, provider: ModelProvider) -> FakeEmbedder:
     return FakeEmbedder(
         dim=int(spec.option("dim", 64)), delay_ms=float(spec.option("delay_ms", 0.0))
     )
@@ -186,3 +193,127 @@ def build_cross_encoder_from_encoder(
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(out)
     return out
+
+
+# -- a simulated accelerator: memory that stays allocated while referenced, and GIL-free waits ---
+
+
+class SimulatedOutOfMemoryError(RuntimeError):
+    """Raised by :class:`SimulatedDevice` like ``torch.OutOfMemoryError`` ("... out of memory")."""
+
+
+class _Block:
+    """Bytes held on a :class:`SimulatedDevice` until this object is garbage collected (exactly
+    like a CUDA tensor: a traceback that keeps a frame alive keeps its activations allocated)."""
+
+    __slots__ = ("__weakref__", "_device", "nbytes")
+
+    def __init__(self, device: SimulatedDevice, nbytes: int) -> None:
+        self._device = device
+        self.nbytes = nbytes
+
+    def __del__(self) -> None:
+        self._device._free(self.nbytes)
+
+
+class SimulatedDevice:
+    """A device with ``capacity_bytes`` of memory that counts live activations.
+
+    CI has no GPU; this fake makes the engine's GPU behaviour testable on a CPU: allocations fail
+    with an out-of-memory error once live blocks exceed the capacity, and memory returns only when
+    the blocks are really unreferenced. ``peak_bytes`` and ``allocated_bytes`` are for asserts.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.allocated_bytes = 0
+        self.peak_bytes = 0
+        self.ooms = 0
+        self._lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> _Block:
+        with self._lock:
+            if self.allocated_bytes + nbytes > self.capacity_bytes:
+                self.ooms += 1
+                raise SimulatedOutOfMemoryError(
+                    f"Simulated device out of memory: tried to allocate {nbytes} bytes with "
+                    f"{self.allocated_bytes} of {self.capacity_bytes} bytes in use."
+                )
+            self.allocated_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
+        return _Block(self, nbytes)
+
+    def _free(self, nbytes: int) -> None:
+        with self._lock:
+            self.allocated_bytes -= nbytes
+
+
+class SimulatedReranker(RerankerModel):
+    """A two-phase reranker on a :class:`SimulatedDevice`; scores are :class:`FakeReranker`'s.
+
+    * ``prepare`` tokenises for real when given a Hugging Face ``tokenizer`` (else counts words),
+      on the engine's prepare thread, like a real backend;
+    * ``forward`` holds ``bytes_per_token`` x padded tokens of activations per layer (``layers``)
+      while it runs, and waits ``seconds_per_token`` x padded tokens *without holding the GIL*, as
+      a GPU kernel would.
+    """
+
+    def __init__(
+        self,
+        device: SimulatedDevice | None = None,
+        *,
+        tokenizer: object | None = None,
+        seconds_per_token: float = 0.0,
+        bytes_per_token: int = 1024,
+        layers: int = 4,
+    ) -> None:
+        self.sim = device if device is not None else SimulatedDevice(1 << 40)
+        self.device = "cuda:sim"
+        self.tokenizer = tokenizer
+        self.seconds_per_token = seconds_per_token
+        self.bytes_per_token = bytes_per_token
+        self.layers = layers
+        self.prepare_threads: set[str] = set()
+        self.forward_threads: set[str] = set()
+        self.passes: list[int] = []  # padded tokens of every pass that completed
+        self._fake = FakeReranker()
+
+    def _padded(self, pairs: Sequence[tuple[str, str]]) -> int:
+        if self.tokenizer is not None:
+            encoded = self.tokenizer(  # type: ignore[operator]
+                [q for q, _ in pairs],
+                [p for _, p in pairs],
+                padding=True,
+                truncation="longest_first",
+                max_length=512,
+                return_tensors="np",  # like a real backend's tensors: no Python lists of ids
+            )
+            rows, width = encoded["input_ids"].shape
+            return int(rows * width)
+        longest = max(len(_words(q)) + len(_words(p)) + 3 for q, p in pairs)
+        return longest * len(pairs)
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        self.prepare_threads.add(threading.current_thread().name)
+        pairs = list(items)
+        return Prepared(pairs, len(pairs), self._padded(pairs))
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        self.forward_threads.add(threading.current_thread().name)
+        padded = batch.padded_tokens or self._padded(batch.payload)
+        activations = []  # a local, like a model's hidden states: a traceback keeps it alive
+        for _ in range(self.layers):
+            activations.append(self.sim.alloc(padded * self.bytes_per_token))
+        if self.seconds_per_token:
+            time.sleep(self.seconds_per_token * padded)  # releases the GIL, like a kernel
+        scores = self._fake.score_pairs(batch.payload, batch.size)
+        del activations
+        self.passes.append(padded)
+        return scores
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
+        prepared = self.prepare(Task("score"), pairs)
+        return list(self.forward(Task("score"), prepared))
+
+    def free_cache(self) -> None:
+        """Nothing cached: freed blocks return to the device at once."""

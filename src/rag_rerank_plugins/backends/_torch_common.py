@@ -1,8 +1,10 @@
-"""Shared loading steps for torch-based backends: imports, dtype, eval mode, error mapping.
+"""Shared steps of torch-based backends: loading, and the device plumbing of the two phases.
 
 Every torch backend loads the same way: import lazily (clear error if the extra is missing), put
 the weights on one device in the policy's dtype, switch to ``eval()`` with gradients off, and turn
-"not found offline" into :class:`ModelNotFoundError` with instructions.
+"not found offline" into :class:`ModelNotFoundError` with instructions. Two-phase backends (see
+:mod:`.base`) pin their prepared tensors, copy them to the device without blocking, and start one
+device->host copy per pass (:class:`HostCopy`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from ..exceptions import (
 )
 from ..spec import ModelSpec
 
-__all__ = ["import_optional", "loading_errors", "prepare_module", "torch_dtype"]
+__all__ = [
+    "HostCopy",
+    "features_to",
+    "import_optional",
+    "loading_errors",
+    "padded_tokens",
+    "pin_features",
+    "prepare_module",
+    "torch_dtype",
+]
 
 
 def import_optional(module: str, package: str, extra: str, purpose: str) -> ModuleType:
@@ -93,3 +104,60 @@ def loading_errors(spec: ModelSpec) -> Iterator[None]:
         raise ModelNotFoundError(spec.model, spec.backend, exc) from exc
     except Exception as exc:
         raise ModelLoadError(spec.model, spec.backend, exc) from exc
+
+
+# -- the two-phase protocol's device plumbing (prepare on the CPU, forward on the device) --------
+
+
+def pin_features(features: dict[str, Any], device: str) -> dict[str, Any]:
+    """Page-locked copies of the tensors for a CUDA device (so host->device copies can run
+    asynchronously); unchanged elsewhere. Runs in the prepare thread, off the device worker."""
+    if not device.startswith("cuda"):
+        return features
+    import torch
+
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def features_to(features: dict[str, Any], device: str) -> dict[str, Any]:
+    """The tensors on ``device``; non-blocking (pinned sources make that asynchronous on CUDA)."""
+    import torch
+
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in features.items()
+    }
+
+
+def padded_tokens(features: dict[str, Any]) -> int | None:
+    """Real padded token count of a tokenised batch (for stats), if it has ``input_ids``."""
+    ids: Any = features.get("input_ids")
+    return int(ids.numel()) if ids is not None and hasattr(ids, "numel") else None
+
+
+class HostCopy:
+    """One device->host copy of a pass's outputs, started without waiting.
+
+    On CUDA the copy goes to a pinned buffer behind an event, so the worker can launch the next
+    pass before it waits for this one; elsewhere it is an ordinary (synchronous) copy.
+    """
+
+    __slots__ = ("_event", "_host")
+
+    def __init__(self, tensor: Any) -> None:
+        import torch
+
+        self._event: Any = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.to("cpu")
+
+    def result(self) -> Any:
+        """The host tensor, once the copy has landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host

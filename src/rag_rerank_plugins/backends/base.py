@@ -1,33 +1,160 @@
-"""The seam between the pool and the model libraries: what a loaded backend must provide.
+"""The seam between the engine and the model libraries: what a loaded backend provides.
 
-A backend is a loader ``(spec, pool) -> LoadedModel``. The pool owns locking, statistics and
-lifetime; a backend only scores or embeds. Keeping that split is what lets one scheduler, one
-stats format and one release path serve every library (sentence-transformers, FlagEmbedding,
-remote servers, fakes).
+A backend is a loader ``(spec, provider) -> LoadedModel``. The pool owns loading, statistics and
+lifetime; the executor owns scheduling, timeouts and error mapping; a backend only turns items
+into results. Keeping that split is what lets one scheduler, one stats format and one release
+path serve every library (sentence-transformers, FlagEmbedding, remote servers, fakes).
+
+The protocol, in the order the engine uses it:
+
+* ``thread_safe`` (class attribute): True when concurrent calls are safe (HTTP clients, fakes,
+  the bi-encoder wrapper). Those models are called directly in the caller's thread; every other
+  model is owned by one scheduler whose device worker is the only thread that runs its forward.
+* Two phases, so the device never waits for the CPU (like infinity's pre/forward/post stages
+  and TEI's tokenisation workers ahead of its batcher):
+
+  - :meth:`LoadedModel.prepare` runs on the CPU off the device thread (tokenise, collate, pin
+    memory) and returns a :class:`Prepared` batch. It is called from one prepare thread at a
+    time per model, so a backend may use its tokenizer there without locking.
+  - :meth:`LoadedModel.forward` runs on the device worker: host->device copies, the model, and
+    *starting* the one device->host copy of the outputs; it returns a pending result.
+  - :meth:`LoadedModel.finish` waits for that copy and returns one result per item. The worker
+    launches the next pass before finishing the previous one, so on a GPU the copy-back of pass
+    k overlaps the kernels of pass k+1.
+
+  Backends that do not split (remote, fakes, FlagEmbedding) inherit defaults under which
+  ``prepare`` only packs the items and ``forward`` calls :meth:`LoadedModel.run` in one go.
+* :meth:`LoadedModel.is_oom` and :meth:`LoadedModel.free_cache`: how the engine recognises an
+  out-of-memory failure and gives cached device memory back before it splits a batch.
+* ``arun`` (optional, thread-safe models only): a native coroutine, so async callers need no
+  thread (the remote backends' ``httpx.AsyncClient``).
+
+Backends never import the pool: what a backend may ask of its pool (the bi-encoder reuses the
+shared embedder) is the :class:`ModelProvider` protocol below, so ``backends`` has no import
+edge, type-only included, to ``pool``, ``handle`` or the scheduler.
 """
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 if TYPE_CHECKING:
-    from ..pool import ModelPool
     from ..spec import ModelSpec
 
-__all__ = ["EmbedderModel", "Kind", "LoadedModel", "Loader", "RerankerModel"]
+__all__ = [
+    "EmbedderModel",
+    "Kind",
+    "LoadedModel",
+    "Loader",
+    "ModelProvider",
+    "Prepared",
+    "RerankerModel",
+    "Task",
+    "is_out_of_memory",
+]
 
 Kind = Literal["reranker", "embedder"]
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a request asks of a model; requests with equal tasks may share forward passes.
+
+    ``op`` is ``"score"`` (items are (query, passage) pairs) or ``"embed"`` (items are texts,
+    with ``is_query``, ``normalize`` and an optional instruction ``prompt``).
+    """
+
+    op: Literal["score", "embed"]
+    is_query: bool = False
+    normalize: bool = False
+    prompt: str | None = None
+
+
+SCORE = Task("score")
+
+
+@dataclass
+class Prepared:
+    """One micro-batch, ready for the device. ``payload`` is whatever the backend's forward needs
+    (token tensors for torch backends, the raw items for one-shot backends)."""
+
+    payload: Any
+    size: int
+    #: Real padded token count of the batch when the backend knows it (stats), else None.
+    padded_tokens: int | None = None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU out-of-memory failures, whatever the library raised them as."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    if isinstance(exc, RuntimeError):
+        message = str(exc).lower()
+        # CUDA: "CUDA out of memory"; MPS: "MPS backend out of memory"; CPU allocator: "can't
+        # allocate memory" / "DefaultCPUAllocator: not enough memory".
+        return any(
+            marker in message
+            for marker in ("out of memory", "can't allocate memory", "not enough memory")
+        )
+    return False
+
+
 class LoadedModel(ABC):
-    """A model in memory. Instances are used under the pool's per-handle lock."""
+    """A model in memory; see the module docstring for the protocol."""
 
     kind: ClassVar[Kind]
+    #: True when concurrent calls are safe: the model is then called directly, unscheduled.
+    thread_safe: ClassVar[bool] = False
     #: Concrete device and dtype the model runs with (reported in stats and logs).
     device: str = "cpu"
     dtype: str = "float32"
+    #: Longest input in tokens (batch shapes use it to cap estimates); None: unknown.
+    max_tokens: int | None = None
+
+    @abstractmethod
+    def run(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        """One result per item, in input order: the one-shot path (no separate phases)."""
+
+    async def arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        """Async :meth:`run` for thread-safe models (default: in a worker thread). Override with
+        a native coroutine where the library has one (HTTP clients)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.run, task, items, batch_size)
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        """CPU work for one micro-batch (default: none; :meth:`forward` does everything)."""
+        return Prepared(list(items), len(items))
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        """Device work for a prepared batch; returns what :meth:`finish` turns into results."""
+        return self.run(task, batch.payload, batch.size)
+
+    def finish(self, task: Task, pending: Any) -> list[Any]:
+        """Wait for the device->host copy started by :meth:`forward`; one result per item."""
+        return list(pending)
+
+    def is_oom(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the pass ran out of memory (the engine then splits it)."""
+        return is_out_of_memory(exc)
+
+    def free_cache(self) -> None:
+        """Give cached, unreferenced device memory back (after an OOM, before a retry)."""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        if self.device.startswith("cuda") and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        elif self.device == "mps":
+            torch.mps.empty_cache()
 
     def close(self) -> None:  # noqa: B027 - optional hook, default is "nothing to free"
         """Drop references to weights so the pool can free memory. Called once, on release."""
@@ -42,12 +169,15 @@ class RerankerModel(LoadedModel):
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         """One float per pair, in input order."""
 
+    def run(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        return list(self.score_pairs(items, batch_size))
+
     def window_source(self) -> tuple[Any, int] | None:
         """``(tokenizer, max tokens of one query+passage input)`` for long-document windows.
 
         Optional; the default (None) means this backend cannot be windowed. The tokenizer is the
         model's own Hugging Face tokenizer: :mod:`rag_rerank_plugins.windows` uses a private copy,
-        never this object, because the model tokenizes with it under the handle's lock.
+        never this object, because the model's prepare thread tokenizes with it.
         """
         return None
 
@@ -64,10 +194,49 @@ class EmbedderModel(LoadedModel):
 
     @abstractmethod
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
-        """One vector per text, in input order; unit length when ``normalize``."""
+        """One vector per text, in input order; unit length when ``normalize``. ``prompt``
+        replaces the model's own query/document prompt (instruction-tuned embedders)."""
+
+    def run(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        # ``prompt`` only when set: embedders written before it existed keep working.
+        extra = {} if task.prompt is None else {"prompt": task.prompt}
+        return list(
+            self.embed(
+                items,
+                batch_size=batch_size,
+                is_query=task.is_query,
+                normalize=task.normalize,
+                **extra,
+            )
+        )
 
 
-#: A backend: builds a loaded model for a resolved spec. May ask ``pool`` for other handles.
-Loader = Callable[["ModelSpec", "ModelPool"], LoadedModel]
+class ModelProvider(Protocol):
+    """What a loader may ask of the pool that loads it: other shared models, by spec."""
+
+    def embed(
+        self,
+        spec: ModelSpec,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        *,
+        is_query: bool = False,
+        normalize: bool = False,
+        timeout: float | None = None,
+    ) -> list[list[float]]: ...
+
+    def model_info(self, spec: ModelSpec) -> tuple[str, str]:
+        """Load ``spec`` if needed and return its concrete ``(device, dtype)``."""
+        ...
+
+
+#: A backend: builds a loaded model for a resolved spec; may use other shared models.
+Loader = Callable[["ModelSpec", ModelProvider], LoadedModel]

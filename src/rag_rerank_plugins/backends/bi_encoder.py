@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .base import RerankerModel
+from .base import ModelProvider, RerankerModel
 
 if TYPE_CHECKING:
-    from ..pool import ModelPool
     from ..spec import ModelSpec
 
 __all__ = ["BiEncoderReranker", "embedder_spec_for", "load"]
@@ -37,8 +36,10 @@ class BiEncoderReranker(RerankerModel):
     # Stateless: the embedder handle it calls does its own locking.
     thread_safe = True
 
-    def __init__(self, pool: ModelPool, embedder: ModelSpec, device: str, dtype: str) -> None:
-        self._pool = pool
+    def __init__(
+        self, provider: ModelProvider, embedder: ModelSpec, device: str, dtype: str
+    ) -> None:
+        self._provider = provider
         self.embedder = embedder
         self.device = device
         self.dtype = dtype
@@ -46,13 +47,14 @@ class BiEncoderReranker(RerankerModel):
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         queries = list(dict.fromkeys(q for q, _ in pairs))
         texts = [t for _, t in pairs]
-        qvecs = self._pool.embed(self.embedder, queries, batch_size, is_query=True, normalize=True)
-        dvecs = self._pool.embed(self.embedder, texts, batch_size, is_query=False, normalize=True)
+        embed = self._provider.embed
+        qvecs = embed(self.embedder, queries, batch_size, is_query=True, normalize=True)
+        dvecs = embed(self.embedder, texts, batch_size, is_query=False, normalize=True)
         by_query = dict(zip(queries, qvecs, strict=True))
         return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs, strict=True)]
 
 
-def load(spec: ModelSpec, pool: ModelPool) -> BiEncoderReranker:
+def load(spec: ModelSpec, provider: ModelProvider) -> BiEncoderReranker:
     embedder = embedder_spec_for(spec)
-    handle = pool.get(embedder)  # loads (once) or reuses the shared embedder
-    return BiEncoderReranker(pool, embedder, handle.device, handle.dtype)
+    device, dtype = provider.model_info(embedder)  # loads (once) or reuses the shared embedder
+    return BiEncoderReranker(provider, embedder, device, dtype)

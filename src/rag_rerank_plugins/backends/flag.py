@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
 from ._torch_common import import_optional, loading_errors, prepare_module
-from .base import EmbedderModel, RerankerModel
+from .base import EmbedderModel, ModelProvider, RerankerModel
 
 if TYPE_CHECKING:
-    from ..pool import ModelPool
     from ..spec import ModelSpec
 
 __all__ = ["SCORE_MODES", "FlagM3Embedder", "FlagReranker", "load_m3", "load_reranker"]
@@ -208,7 +207,7 @@ def _import_flag(backend: str) -> Any:
     return import_optional("FlagEmbedding", "FlagEmbedding", "flag", f"The {backend!r} backend")
 
 
-def load_reranker(spec: ModelSpec, pool: ModelPool) -> FlagReranker:
+def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     """Loader of ``backend="flag-reranker"``."""
     options = _check_options(spec, _RERANKER_OPTIONS, spec.backend)
     mode = score_mode_of(spec, "sigmoid")
@@ -265,14 +264,24 @@ class FlagM3Embedder(EmbedderModel):
         return [flag.get_detailed_instruct(fmt, instruction, t) for t in texts]
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         import torch
 
         max_length = self.query_max_length if is_query else self.passage_max_length
-        encoded = self.tokenizer(
-            self._texts(texts, is_query), truncation=True, max_length=max_length
-        )
+        # An explicit prompt replaces the model's configured instruction, as in sentence-
+        # transformers' encode(prompt=...).
+        if prompt is None:
+            inputs_text = self._texts(texts, is_query)
+        else:
+            inputs_text = [prompt + t for t in texts]
+        encoded = self.tokenizer(inputs_text, truncation=True, max_length=max_length)
         items = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
         order = _length_sorted(items)
         out: list[list[float]] = [[] for _ in items]
@@ -303,7 +312,7 @@ class FlagM3Embedder(EmbedderModel):
         self.tokenizer = None
 
 
-def load_m3(spec: ModelSpec, pool: ModelPool) -> FlagM3Embedder:
+def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
     """Loader of ``backend="flag-bge-m3"``."""
     options = _check_options(spec, _M3_OPTIONS, spec.backend)
     flag_mod = _import_flag(spec.backend)

@@ -60,12 +60,11 @@ from ..exceptions import (
     RemoteTimeoutError,
     RemoteUnavailableError,
 )
-from .base import EmbedderModel, RerankerModel
+from .base import EmbedderModel, ModelProvider, RerankerModel, Task
 
 if TYPE_CHECKING:
     import httpx
 
-    from ..pool import ModelPool
     from ..spec import ModelSpec
 
 __all__ = [
@@ -670,6 +669,9 @@ class RemoteReranker(_RemoteModel, RerankerModel):
                 scores[i] = score
         return scores
 
+    async def arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        return await self.ascore_pairs(items, batch_size)
+
 
 class RemoteEmbedder(_RemoteModel, EmbedderModel):
     """Embeds texts on an embedding server, ``batch_size`` texts per request."""
@@ -692,10 +694,16 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         return [_normalize(v) for v in vectors] if normalize else vectors
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         vectors: list[list[float]] = []
-        for chunk in _chunks(list(texts), batch_size):
+        for chunk in _chunks(_with_prompt(texts, prompt), batch_size):
             call = self.protocol.embed(chunk, is_query, normalize)
             body = self.client.post(call.path, call.payload)
             vectors.extend(call.parse(body, self.settings.base_url + call.path))
@@ -708,23 +716,38 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         batch_size: int = 32,
         is_query: bool = False,
         normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         """Like :meth:`embed` on the event loop's own pooled ``AsyncClient``."""
         vectors: list[list[float]] = []
-        for chunk in _chunks(list(texts), batch_size):
+        for chunk in _chunks(_with_prompt(texts, prompt), batch_size):
             call = self.protocol.embed(chunk, is_query, normalize)
             body = await self.client.apost(call.path, call.payload)
             vectors.extend(call.parse(body, self.settings.base_url + call.path))
         return self._finish(vectors, normalize)
 
+    async def arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        return await self.aembed(
+            items,
+            batch_size=batch_size,
+            is_query=task.is_query,
+            normalize=task.normalize,
+            prompt=task.prompt,
+        )
 
-def load_reranker(spec: ModelSpec, pool: ModelPool) -> RemoteReranker:
+
+def _with_prompt(texts: Sequence[str], prompt: str | None) -> list[str]:
+    """Servers know no per-request instruction: it is prepended, as sentence-transformers does."""
+    return [prompt + text for text in texts] if prompt else list(texts)
+
+
+def load_reranker(spec: ModelSpec, provider: ModelProvider) -> RemoteReranker:
     """Loader of ``backend="remote-reranker"``: validates options, contacts nothing yet."""
     _httpx()
     return RemoteReranker(spec, RemoteSettings.from_spec(spec))
 
 
-def load_embedder(spec: ModelSpec, pool: ModelPool) -> RemoteEmbedder:
+def load_embedder(spec: ModelSpec, provider: ModelProvider) -> RemoteEmbedder:
     """Loader of ``backend="remote-embedder"``: validates options, contacts nothing yet."""
     _httpx()
     return RemoteEmbedder(spec, RemoteSettings.from_spec(spec))

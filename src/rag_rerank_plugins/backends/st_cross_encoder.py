@@ -1,10 +1,15 @@
 """sentence-transformers ``CrossEncoder`` backend (``backend="cross-encoder"``, extra ``st``).
 
-Scores are exactly ``CrossEncoder.predict`` on the same model, computed with length-sorted batches
-under ``torch.inference_mode``. Option ``score_mode``: absent = the model's own default activation
-(sigmoid for single-label rerankers such as ms-marco-MiniLM and bge-reranker); ``"sigmoid"`` =
-sigmoid of the first logit; ``"raw"`` = the logit. Logits are upcast to FP32 before the activation
-(as in ``predict``), so the modes mean the same as for the ``flag-reranker`` backend.
+Scores are exactly ``CrossEncoder.predict`` on the same model. With sentence-transformers 6
+(``CrossEncoder.preprocess``) the backend runs in two phases: ``prepare`` tokenises a micro-batch
+on the CPU (pinned on CUDA), ``forward`` copies it to the device without blocking, runs the model,
+applies predict's upcast and activation and starts one device->host copy; ``finish`` reads it.
+Older versions fall back to ``predict`` per micro-batch.
+
+Option ``score_mode``: absent = the model's own default activation (sigmoid for single-label
+rerankers such as ms-marco-MiniLM and bge-reranker); ``"sigmoid"`` = sigmoid of the first logit;
+``"raw"`` = the logit. Logits are upcast to FP32 before the activation (as in ``predict``), so the
+modes mean the same as for the ``flag-reranker`` backend.
 ``max_length`` is fixed at load time and never changed per call (changing tokenizer settings on a
 shared model gives wrong results).
 """
@@ -15,17 +20,20 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._torch_common import (
+    HostCopy,
+    features_to,
     import_optional,
     loading_errors,
+    padded_tokens,
+    pin_features,
     prepare_module,
     quantize_module,
     torch_dtype,
 )
-from .base import RerankerModel
+from .base import ModelProvider, Prepared, RerankerModel, Task
 from .flag import score_mode_of  # light: flag.py imports FlagEmbedding only inside its loaders
 
 if TYPE_CHECKING:
-    from ..pool import ModelPool
     from ..spec import ModelSpec
 
 __all__ = ["CrossEncoderReranker", "load", "model_kwargs_for"]
@@ -46,6 +54,11 @@ class CrossEncoderReranker(RerankerModel):
         self.device = device
         self.dtype = dtype
         self.score_mode = score_mode
+        self.max_tokens = _max_length(model)
+        # Two phases need CrossEncoder.preprocess (sentence-transformers >= 6).
+        self._two_phase = callable(getattr(model, "preprocess", None))
+        resolve = getattr(model, "_resolve_prompt", None)
+        self._prompt = resolve(None, None) if callable(resolve) else None
 
     def _activation(self) -> Any:
         import torch
@@ -56,10 +69,36 @@ class CrossEncoderReranker(RerankerModel):
             return torch.nn.Sigmoid()
         return None  # predict's default: the model's own activation
 
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        if not self._two_phase:
+            return super().prepare(task, items)
+        features = self.model.preprocess(list(items), prompt=self._prompt)
+        return Prepared(pin_features(features, self.device), len(items), padded_tokens(features))
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        if not self._two_phase:
+            return super().forward(task, batch)
+        import torch
+
+        with torch.inference_mode():
+            scores = self.model(features_to(batch.payload, self.device))["scores"]
+            # As predict: upcast sub-FP32 logits, then the activation, then the first label.
+            if torch.is_floating_point(scores) and torch.finfo(scores.dtype).bits < 32:
+                scores = scores.float()
+            activation = self._activation()
+            if activation is None:
+                activation = self.model.activation_fn
+            if activation is not None:
+                scores = activation(scores)
+            return HostCopy(scores.reshape(batch.size, -1)[:, 0].float())
+
+    def finish(self, task: Task, pending: Any) -> list[Any]:
+        if not isinstance(pending, HostCopy):
+            return super().finish(task, pending)
+        return [float(s) for s in pending.result().tolist()]
+
     def window_source(self) -> tuple[Any, int] | None:
-        tokenizer = self.model.tokenizer
-        limit = getattr(self.model, "max_seq_length", None) or tokenizer.model_max_length
-        return tokenizer, int(limit)
+        return self.model.tokenizer, self.max_tokens or int(self.model.tokenizer.model_max_length)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         import torch
@@ -78,7 +117,14 @@ class CrossEncoderReranker(RerankerModel):
         self.model = None
 
 
-def load(spec: ModelSpec, pool: ModelPool) -> CrossEncoderReranker:
+def _max_length(model: Any) -> int | None:
+    limit = getattr(model, "max_seq_length", None)
+    if limit is None:
+        limit = getattr(getattr(model, "tokenizer", None), "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     st = import_optional(
         "sentence_transformers", "sentence-transformers", "st", "The 'cross-encoder' backend"
     )

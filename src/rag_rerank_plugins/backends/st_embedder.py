@@ -1,7 +1,11 @@
 """sentence-transformers ``SentenceTransformer`` backend (``backend="sentence-transformers"``).
 
-Queries go through ``encode_query`` and documents through ``encode_document`` when the library
-has them, so models with query/document prompts (E5, BGE, ...) get the right prompt.
+Vectors equal ``encode_query`` (queries) and ``encode_document`` (documents), so models with
+query/document prompts (E5, BGE, ...) get the right prompt; an explicit ``prompt`` replaces it,
+as ``encode(prompt=...)`` does. With sentence-transformers 6 (``preprocess``) the backend runs in
+two phases like the cross-encoder (tokenise on the CPU; forward and one device->host copy on the
+device worker); normalisation happens in FP32 (normalising BF16 vectors left norms off by up to
+0.4 %). Older versions fall back to ``encode_query``/``encode_document`` per micro-batch.
 """
 
 from __future__ import annotations
@@ -9,12 +13,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._torch_common import import_optional, loading_errors, prepare_module, quantize_module
-from .base import EmbedderModel
+from ._torch_common import (
+    HostCopy,
+    features_to,
+    import_optional,
+    loading_errors,
+    padded_tokens,
+    pin_features,
+    prepare_module,
+    quantize_module,
+)
+from .base import EmbedderModel, ModelProvider, Prepared, Task
 from .st_cross_encoder import model_kwargs_for
 
 if TYPE_CHECKING:
-    from ..pool import ModelPool
     from ..spec import ModelSpec
 
 __all__ = ["SentenceTransformerEmbedder", "load"]
@@ -30,15 +42,33 @@ class SentenceTransformerEmbedder(EmbedderModel):
             or model.get_sentence_embedding_dimension
         )
         self._dimension = int(dim())
+        self.max_tokens = getattr(model, "max_seq_length", None)
+        self._two_phase = callable(getattr(model, "preprocess", None)) and callable(
+            getattr(model, "_resolve_prompt", None)
+        )
 
     @property
     def dimension(self) -> int:
         return self._dimension
 
+    def _prompt_and_task(self, is_query: bool, prompt: str | None) -> tuple[str | None, str]:
+        """What ``encode_query``/``encode_document`` resolve: the explicit prompt, else the
+        model's "query"/"document" prompt, else its default prompt; and the router task."""
+        task = "query" if is_query else "document"
+        if prompt is not None:
+            return prompt, task
+        name = task if task in (self.model.prompts or {}) else None
+        return self.model._resolve_prompt(None, name), task
+
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
-        import numpy as np
         import torch
 
         encode = self.model.encode
@@ -47,23 +77,55 @@ class SentenceTransformerEmbedder(EmbedderModel):
         with torch.inference_mode():
             vectors = encode(
                 list(texts),
+                prompt=prompt,
                 batch_size=batch_size,
                 show_progress_bar=False,
                 convert_to_numpy=True,
                 normalize_embeddings=False,
             )
-        vectors = vectors.astype("float32", copy=False)
-        if normalize:  # in FP32: normalising BF16 vectors left norms off by up to 0.4 %
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
-        result: list[list[float]] = vectors.tolist()
-        return result
+        return _rows(torch.from_numpy(vectors.astype("float32", copy=False)), normalize)
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        if not self._two_phase:
+            return super().prepare(task, items)
+        prompt, router_task = self._prompt_and_task(task.is_query, task.prompt)
+        features = self.model.preprocess(list(items), prompt=prompt, task=router_task)
+        return Prepared(pin_features(features, self.device), len(items), padded_tokens(features))
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        if not self._two_phase:
+            return super().forward(task, batch)
+        import torch
+
+        router_task = "query" if task.is_query else "document"
+        with torch.inference_mode():
+            out = self.model(features_to(batch.payload, self.device), task=router_task)
+            vectors = out["sentence_embedding"]
+            if self.model.truncate_dim is not None:
+                vectors = vectors[:, : self.model.truncate_dim]
+            return HostCopy(vectors.float()), task.normalize
+
+    def finish(self, task: Task, pending: Any) -> list[Any]:
+        if not isinstance(pending, tuple):
+            return super().finish(task, pending)
+        copy, normalize = pending
+        return _rows(copy.result(), normalize)
 
     def close(self) -> None:
         self.model = None
 
 
-def load(spec: ModelSpec, pool: ModelPool) -> SentenceTransformerEmbedder:
+def _rows(vectors: Any, normalize: bool) -> list[list[float]]:
+    """FP32 host tensor -> lists, unit length when asked (computed in FP32)."""
+    import torch
+
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=1)
+    result: list[list[float]] = vectors.tolist()
+    return result
+
+
+def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedder:
     st = import_optional(
         "sentence_transformers",
         "sentence-transformers",

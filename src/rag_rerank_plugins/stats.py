@@ -1,0 +1,135 @@
+"""Counters of loaded models, in one place: :class:`SpecStats` per spec, :class:`Metrics` per model.
+
+``SpecStats`` survives releases (so reloads show as ``loads > 1``) and is what
+``ModelPool.stats()`` returns, merged with the engine's :class:`Metrics` snapshot (forward passes,
+batch fill, padding, queue wait and latency percentiles, OOM splits, the learned token budget).
+The Prometheus collector (:mod:`rag_rerank_plugins.metrics`) and the server read the same dicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["Metrics", "SpecStats"]
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class Metrics:
+    """Engine counters and recent samples for one model; read by ``ModelPool.stats()``.
+
+    ``forward_seconds`` is device-worker time in passes; ``prepare_seconds`` is CPU time spent
+    tokenising ahead of them (overlapped with forwards when the pipeline is on).
+    """
+
+    def __init__(self, window: int, max_batch_size: int) -> None:
+        self._lock = threading.Lock()
+        self.max_batch_size = max_batch_size
+        self.queue_waits: deque[float] = deque(maxlen=window)
+        self.latencies: deque[float] = deque(maxlen=window)
+        self.forward_passes = 0
+        self.forward_seconds = 0.0
+        self.batch_items = 0
+        self.padded_tokens = 0
+        self.real_tokens = 0
+        self.prepare_seconds = 0.0
+        self.oom_splits = 0
+        #: Padded tokens per pass the scheduler currently allows (shrinks after an OOM).
+        self.token_budget: int | None = None
+        self.rejected = 0
+        self.cancelled = 0
+        self.queue_depth = 0
+
+    def record_forward(self, items: int, real: int, padded: int, seconds: float) -> None:
+        with self._lock:
+            self.forward_passes += 1
+            self.forward_seconds += seconds
+            self.batch_items += items
+            self.real_tokens += real
+            self.padded_tokens += padded
+
+    def record_prepare(self, seconds: float) -> None:
+        with self._lock:
+            self.prepare_seconds += seconds
+
+    def record_request(self, queue_wait: float, latency: float) -> None:
+        with self._lock:
+            self.queue_waits.append(queue_wait)
+            self.latencies.append(latency)
+
+    def bump(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + by)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            waits = list(self.queue_waits)
+            lats = list(self.latencies)
+            passes = self.forward_passes
+
+            def ms(v: float | None) -> float | None:
+                return None if v is None else round(v * 1000, 3)
+
+            return {
+                "forward_passes": passes,
+                "forward_seconds": self.forward_seconds,
+                "prepare_seconds": self.prepare_seconds,
+                "avg_batch_items": self.batch_items / passes if passes else None,
+                "batch_fill": self.batch_items / (passes * self.max_batch_size) if passes else None,
+                "avg_tokens_per_batch": self.padded_tokens / passes if passes else None,
+                "padding_ratio": (
+                    1 - self.real_tokens / self.padded_tokens if self.padded_tokens else None
+                ),
+                "queue_wait_ms_p50": ms(_percentile(waits, 0.5)),
+                "queue_wait_ms_p95": ms(_percentile(waits, 0.95)),
+                "latency_ms_p50": ms(_percentile(lats, 0.5)),
+                "latency_ms_p95": ms(_percentile(lats, 0.95)),
+                "oom_splits": self.oom_splits,
+                "token_budget": self.token_budget,
+                "rejected": self.rejected,
+                "cancelled": self.cancelled,
+                "queue_depth": self.queue_depth,
+            }
+
+
+@dataclass
+class SpecStats:
+    """Counters for one spec, as reported by ``ModelPool.stats()``."""
+
+    spec: str
+    backend: str
+    model: str
+    kind: str
+    device: str
+    dtype: str
+    dtype_reason: str = ""
+    loaded: bool = False
+    loads: int = 0
+    load_failures: int = 0
+    load_seconds: float = 0.0
+    releases: int = 0
+    calls: int = 0
+    items: int = 0  # pairs scored (rerankers) or texts embedded (embedders)
+    errors: int = 0
+    passthrough: int = 0  # adapter calls answered in retrieval order (on_error)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    busy_seconds: float = 0.0
+    last_used: float | None = None
+    metrics: Metrics | None = field(default=None, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "metrics"}
+        if self.metrics is not None:
+            data.update(self.metrics.snapshot())
+        return data

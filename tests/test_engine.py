@@ -1,0 +1,279 @@
+"""The engine's GPU-grade behaviour, proven on a CPU with a simulated device.
+
+* Out of memory: the failed pass is freed before the retry (a device that keeps memory allocated
+  while anything references it, like CUDA), the batch is split, and the token budget shrinks so
+  the next request does not hit the same wall.
+* Pipeline: the device worker only runs forwards; tokenisation happens on the prepare thread,
+  overlapped with the running pass.
+* Architecture: no import circle among the pool, the handle, the executor, the scheduler and the
+  backends (type-only imports count).
+"""
+
+from __future__ import annotations
+
+import ast
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rag_rerank_plugins import ModelPool, ModelSpec, OutOfMemoryError
+from rag_rerank_plugins.backends import register_backend
+from rag_rerank_plugins.backends.base import Prepared, Task, is_out_of_memory
+from rag_rerank_plugins.engine_config import EngineConfig
+from rag_rerank_plugins.testing import (
+    FakeReranker,
+    SimulatedDevice,
+    SimulatedOutOfMemoryError,
+    SimulatedReranker,
+)
+
+WORDS = 10  # every passage below has this many words, so every item has the same length
+
+
+def _register(model: Any) -> ModelSpec:
+    name = f"sim-{uuid.uuid4().hex[:8]}"
+    register_backend(name, lambda spec, provider: model, "reranker", uses_torch=False)
+    return ModelSpec("m", backend=name, device="cpu")
+
+
+def _pairs(n: int, query: str = "alpha beta") -> list[tuple[str, str]]:
+    return [
+        (query, " ".join(["alpha"] + [f"w{i}x{j}" for j in range(WORDS - 1)])) for i in range(n)
+    ]
+
+
+def _pool(**config: Any) -> ModelPool:
+    return ModelPool(config=EngineConfig(**config))
+
+
+# -- out of memory --------------------------------------------------------------------------------
+
+
+def test_a_real_oom_is_freed_before_the_split_and_the_request_succeeds() -> None:
+    pairs = _pairs(16)
+    one = SimulatedReranker()._padded(pairs[:1])  # padded tokens of one item
+    layers, per_token = 4, 1000
+    # Room for the activations of 8 items across all layers, not 16: a pass of 16 fails in its
+    # third layer with the device full. Only if that pass is really freed can 8 items run.
+    device = SimulatedDevice(capacity_bytes=layers * 8 * one * per_token)
+    model = SimulatedReranker(device, bytes_per_token=per_token, layers=layers)
+    pool = _pool(max_batch_size=64, token_budget=100_000)
+    spec = _register(model)
+
+    scores = pool.score_pairs(spec, pairs)
+
+    assert scores == FakeReranker().score_pairs(pairs, 16)
+    stats = pool.spec_stats(spec)
+    assert stats["oom_splits"] > 0
+    assert device.ooms >= 1
+    assert device.allocated_bytes == 0, "every pass, failed or not, gave its memory back"
+    assert max(model.passes) <= 8 * one
+    pool.clear()
+
+
+def test_the_token_budget_shrinks_after_an_oom_so_the_next_request_fits() -> None:
+    pairs = _pairs(16)
+    one = SimulatedReranker()._padded(pairs[:1])
+    device = SimulatedDevice(capacity_bytes=2 * 8 * one * 1000)
+    model = SimulatedReranker(device, bytes_per_token=1000, layers=2)
+    pool = _pool(max_batch_size=64, token_budget=100_000)
+    spec = _register(model)
+    pool.score_pairs(spec, pairs)
+    learned = pool.spec_stats(spec)["token_budget"]
+    assert learned < 100_000
+    ooms = device.ooms
+
+    assert pool.score_pairs(spec, _pairs(16, "alpha gamma")) == [0.5] * 16
+    assert device.ooms == ooms, "the learned budget must keep the next request under the wall"
+    assert pool.spec_stats(spec)["token_budget"] == learned
+    pool.clear()
+
+
+def test_a_single_item_that_cannot_fit_fails_with_out_of_memory_and_frees_everything() -> None:
+    device = SimulatedDevice(capacity_bytes=10)
+    model = SimulatedReranker(device, bytes_per_token=1000, layers=2)
+    pool = _pool()
+    spec = _register(model)
+    with pytest.raises(OutOfMemoryError, match="single item"):
+        pool.score_pairs(spec, _pairs(4))
+    assert device.allocated_bytes == 0
+    assert pool.score_pairs(spec, []) == []
+    pool.clear()
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (MemoryError(), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("MPS backend out of memory (MPS allocated: 1.2 GB)"), True),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"
+            ),
+            True,
+        ),
+        (SimulatedOutOfMemoryError("Simulated device out of memory"), True),
+        (RuntimeError("expected scalar type Float but found Half"), False),
+        (ValueError("out of memory"), False),
+    ],
+)
+def test_out_of_memory_is_recognised_across_devices(error: BaseException, expected: bool) -> None:
+    assert is_out_of_memory(error) is expected
+
+
+def test_torch_out_of_memory_error_is_recognised() -> None:
+    torch = pytest.importorskip("torch")
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+
+class _Timed(SimulatedReranker):
+    """Records when prepare and forward run; prepare costs ``prepare_s`` of CPU-side waiting."""
+
+    def __init__(self, prepare_s: float, forward_s: float) -> None:
+        super().__init__()
+        self.prepare_s = prepare_s
+        self.forward_s = forward_s
+        self.intervals: list[tuple[str, float, float]] = []
+        self._lock = threading.Lock()
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        start = time.perf_counter()
+        time.sleep(self.prepare_s)
+        prepared = super().prepare(task, items)
+        with self._lock:
+            self.intervals.append(("prepare", start, time.perf_counter()))
+        return prepared
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        start = time.perf_counter()
+        time.sleep(self.forward_s)
+        result = super().forward(task, batch)
+        with self._lock:
+            self.intervals.append(("forward", start, time.perf_counter()))
+        return result
+
+
+def _overlapping(intervals: list[tuple[str, float, float]]) -> int:
+    prepares = [(a, b) for kind, a, b in intervals if kind == "prepare"]
+    forwards = [(a, b) for kind, a, b in intervals if kind == "forward"]
+    return sum(1 for pa, pb in prepares for fa, fb in forwards if pa < fb and fa < pb)
+
+
+def test_tokenisation_runs_on_the_prepare_thread_overlapped_with_forwards() -> None:
+    model = _Timed(prepare_s=0.03, forward_s=0.03)
+    pool = _pool(max_batch_size=4)
+    spec = _register(model)
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda i: pool.score_pairs(spec, _pairs(4, f"q{i}")), range(8)))
+    assert results == [[0.0] * 4] * 8
+    assert len(model.forward_threads) == 1, "one device worker runs every forward"
+    assert model.prepare_threads.isdisjoint(model.forward_threads)
+    assert _overlapping(model.intervals) >= 3, "the next batch must be prepared during a forward"
+    assert pool.spec_stats(spec)["prepare_seconds"] > 0
+    pool.clear()
+
+
+def test_without_the_pipeline_the_worker_prepares_in_sequence() -> None:
+    model = _Timed(prepare_s=0.01, forward_s=0.01)
+    pool = _pool(max_batch_size=4, pipeline=False)
+    spec = _register(model)
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda i: pool.score_pairs(spec, _pairs(4, f"q{i}")), range(4)))
+    assert model.prepare_threads == model.forward_threads
+    assert _overlapping(model.intervals) == 0
+    pool.clear()
+
+
+def test_two_phase_cross_encoder_uses_real_token_counts_and_equals_predict(
+    pool: ModelPool, ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
+) -> None:
+    import numpy as np
+
+    pairs = [("which organelle produces ATP?", p) for p in passages] * 3
+    ours = pool.score_pairs(ce_spec, pairs, batch_size=5)
+    ref = direct_cross_encoder.predict(pairs, batch_size=32, show_progress_bar=False)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    stats = pool.spec_stats(ce_spec)
+    assert stats["prepare_seconds"] > 0
+    assert stats["avg_tokens_per_batch"] > 0
+
+
+def test_two_phase_embedder_honours_prompts_like_encode(
+    pool: ModelPool, emb_spec: ModelSpec, direct_embedder, passages: list[str]
+) -> None:
+    import numpy as np
+
+    for is_query, encode in (
+        (True, direct_embedder.encode_query),
+        (False, direct_embedder.encode_document),
+    ):
+        for prompt in (None, "Represent this for retrieval: "):
+            ours = pool.embed(
+                emb_spec, passages, 3, is_query=is_query, normalize=True, prompt=prompt
+            )
+            ref = encode(passages, prompt=prompt, normalize_embeddings=True)
+            np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert pool.spec_stats(emb_spec)["prepare_seconds"] > 0
+
+
+# -- architecture ---------------------------------------------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rag_rerank_plugins"
+ENGINE = {"pool", "handle", "executor", "scheduler", "stats", "engine_config"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    """Package-internal modules ``path`` imports, at any depth (type-only imports included)."""
+    name = _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found.add(target)
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}" if target else alias.name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "rag_rerank_plugins"
+        ):
+            found.add(node.module.removeprefix("rag_rerank_plugins").lstrip("."))
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_import_circle_between_the_engine_and_the_backends() -> None:
+    graph = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+    scope = {m for m in graph if m in ENGINE or m == "backends" or m.startswith("backends.")}
+    for module in scope:
+        if module.startswith("backends"):
+            assert not (graph[module] & ENGINE), f"{module} imports {graph[module] & ENGINE}"
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph.get(stack.pop(), ()):
+                if nxt == goal:
+                    return True
+                if nxt in scope and nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    circles = sorted(m for m in scope if reaches(m, m))
+    assert not circles, f"import circles through {circles}"
