@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -21,7 +22,8 @@ import pytest
 
 pytest.importorskip("httpx")
 
-from rag_rerank_plugins import ConfigurationError, ModelPool, ModelSpec
+from rag_rerank_plugins import ConfigurationError, InvalidInputError, ModelPool, ModelSpec
+from rag_rerank_plugins.backends.remote import plan_chunks, truncate_json
 from rag_rerank_plugins.exceptions import (
     InferenceError,
     RemoteAuthError,
@@ -374,3 +376,97 @@ def test_release_closes_the_clients(pool: ModelPool, model_server) -> None:
     with pytest.raises(RemoteError, match="closed"):
         model.score_pairs([("q", "a")], batch_size=4)
     assert pool.score_pairs(spec, [("q", "a")]), "the pool builds fresh clients on reload"
+
+
+# -- request size: the planner and the truncation, on their own --------------------------------
+
+
+def test_plan_chunks_by_count() -> None:
+    assert plan_chunks([1] * 7, max_items=3, max_bytes=10**6) == [
+        range(0, 3),
+        range(3, 6),
+        range(6, 7),
+    ]
+    assert plan_chunks([1] * 3, max_items=3, max_bytes=10**6) == [range(0, 3)]
+
+
+def test_plan_chunks_by_bytes_counts_overhead_and_separators() -> None:
+    # 10 + 40 + 1 + 40 = 91: two items fit in 91 bytes exactly, not in 90.
+    sizes = [40, 40, 40, 40]
+    assert plan_chunks(sizes, max_items=99, max_bytes=91, overhead=10) == [
+        range(0, 2),
+        range(2, 4),
+    ]
+    assert plan_chunks(sizes, max_items=99, max_bytes=90, overhead=10) == [
+        range(i, i + 1) for i in range(4)
+    ]
+    assert plan_chunks(sizes, max_items=99, max_bytes=80, overhead=0, separator=0) == [
+        range(0, 2),
+        range(2, 4),
+    ]
+
+
+def test_plan_chunks_mixed_limits_keep_order() -> None:
+    sizes = [10, 10, 50, 10, 10, 10, 10]
+    # [10,10] + 50 would be 72 > 60 bytes; [50] + 10 = 61 > 60; then 3 items is the count limit.
+    assert plan_chunks(sizes, max_items=3, max_bytes=60) == [
+        range(0, 2),
+        range(2, 3),
+        range(3, 6),
+        range(6, 7),
+    ]
+
+
+def test_plan_chunks_random_inputs_are_covered_in_order_within_limits_and_greedy() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        overhead, max_bytes, max_items = rng.randint(0, 50), rng.randint(60, 400), rng.randint(1, 6)
+        sizes = [rng.randint(0, max_bytes - overhead) for _ in range(rng.randint(0, 30))]
+        chunks = plan_chunks(sizes, max_items=max_items, max_bytes=max_bytes, overhead=overhead)
+        assert [i for chunk in chunks for i in chunk] == list(range(len(sizes)))
+
+        def body(chunk: range, sizes: list[int] = sizes, overhead: int = overhead) -> int:
+            return overhead + sum(sizes[i] for i in chunk) + len(chunk) - 1
+
+        for k, chunk in enumerate(chunks):
+            assert 1 <= len(chunk) <= max_items
+            assert body(chunk) <= max_bytes
+            if k + 1 < len(chunks):  # greedy: the next item would have broken a limit
+                longer = range(chunk.start, chunk.stop + 1)
+                assert len(longer) > max_items or body(longer) > max_bytes
+
+
+def test_plan_chunks_single_oversized_item_and_empty_input() -> None:
+    with pytest.raises(InvalidInputError, match=r"Item 1 takes 110 bytes .* limit of 50"):
+        plan_chunks([5, 100, 5], max_items=8, max_bytes=50, overhead=10)
+    assert plan_chunks([5, 40, 5], max_items=8, max_bytes=50, overhead=10) == [
+        range(0, 1),
+        range(1, 2),
+        range(2, 3),
+    ]
+    assert plan_chunks([], max_items=8, max_bytes=50) == []
+    with pytest.raises(ValueError, match="max_items"):
+        plan_chunks([1], max_items=0, max_bytes=50)
+
+
+@pytest.mark.parametrize(
+    ("text", "max_bytes", "expected"),
+    [
+        ("abcdef", 5, "abc"),  # '"abc"'
+        ("abcdef", 8, "abcdef"),  # fits: unchanged
+        ("\u00e9\u00e9\u00e9", 7, "\u00e9\u00e9"),  # 2 bytes each in UTF-8, never half of one
+        ('a"b\nc', 7, 'a"b'),  # escapes count: '"a\\"b"' is 6 bytes, '"a\\"b\\n"' 8
+        ("\u4e2d\u6587", 4, ""),  # a 3-byte character does not fit in 4 - 2 bytes
+    ],
+)
+def test_truncate_json_keeps_the_longest_prefix_that_fits(
+    text: str, max_bytes: int, expected: str
+) -> None:
+    cut = truncate_json(text, max_bytes)
+    size = len(json.dumps(cut, ensure_ascii=False).encode())
+    assert text.startswith(cut)
+    assert size <= max_bytes
+    if cut != text:
+        longer = text[: len(cut) + 1]
+        assert len(json.dumps(longer, ensure_ascii=False).encode()) > max_bytes
+    assert cut == expected

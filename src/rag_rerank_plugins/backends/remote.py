@@ -40,6 +40,7 @@ and one ``httpx.AsyncClient`` per event loop for :meth:`ascore_pairs`/:meth:`aem
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
     ConfigurationError,
+    InvalidInputError,
     MissingDependencyError,
     RemoteAuthError,
     RemoteError,
@@ -210,6 +212,76 @@ class RemoteSettings:
         if settings.max_connections < 1:
             raise ConfigurationError("max_connections must be at least 1.")
         return settings
+
+
+# -- request size: packing texts into requests ------------------------------------------------
+
+
+def plan_chunks(
+    sizes: Sequence[int],
+    *,
+    max_items: int,
+    max_bytes: int,
+    overhead: int = 0,
+    separator: int = 1,
+) -> list[range]:
+    """Split items, in order, into contiguous chunks of one request each.
+
+    ``sizes[i]`` is the encoded size of item ``i``, ``overhead`` the size of the request body
+    without any item, ``separator`` the bytes between two items (``,`` in compact JSON). A chunk
+    of ``n`` items holds at most ``max_items`` of them, and its body, ``overhead + sum(sizes) +
+    separator * (n - 1)``, at most ``max_bytes``. Each chunk is as long as both limits allow, so
+    no contiguous split needs fewer requests. An item that does not fit even alone is an
+    :class:`InvalidInputError` (callers cut such items first, or report them better).
+    """
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items}")
+    chunks: list[range] = []
+    start, body = 0, overhead
+    for i, size in enumerate(sizes):
+        if overhead + size > max_bytes:
+            raise InvalidInputError(
+                f"Item {i} takes {overhead + size} bytes in a request on its own (with "
+                f"{overhead} bytes of envelope), over the limit of {max_bytes} bytes."
+            )
+        count = i - start
+        if count and (count >= max_items or body + separator + size > max_bytes):
+            chunks.append(range(start, i))
+            start, body = i, overhead + size
+        else:
+            body += size + (separator if count else 0)
+    if start < len(sizes):
+        chunks.append(range(start, len(sizes)))
+    return chunks
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as the client sends it: compact JSON in UTF-8 (what httpx's ``json=`` does)."""
+    try:
+        return json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"Text is not valid Unicode ({exc.reason} at character {exc.start}: a lone surrogate) "
+            "and cannot be sent as JSON; decode the source with errors='replace'."
+        ) from None
+
+
+def truncate_json(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` whose JSON string (quotes and escapes included) takes at
+    most ``max_bytes`` bytes in UTF-8; whole characters only."""
+    if len(_json_bytes(text)) <= max_bytes:
+        return text
+    # Every character takes at least one byte, and the quotes two: a bound for the search.
+    lo, hi = 0, min(len(text), max(max_bytes - 2, 0))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_json_bytes(text[:mid])) <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
 
 
 # -- the retry policy, shared by the sync and async paths ------------------------------------
