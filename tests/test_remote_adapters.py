@@ -254,3 +254,48 @@ def test_per_request_adapters_share_one_model_in_the_server(
     assert model_server.pool.stats().keys() == loads_before.keys()
     for label, stats in model_server.pool.stats().items():
         assert stats["loads"] == 1, label
+
+
+def _long(passages: list[str], size: int) -> list[str]:
+    return [(f"{i}: {p} " * (size // len(p) + 1))[:size] for i, p in enumerate(passages)]
+
+
+def test_long_documents_through_the_adapters_equal_local(
+    pool: ModelPool,
+    model_server,
+    tiny_ce_path: str,
+    minilm_path: str,
+    passages: list[str],
+    protocol: str,
+) -> None:
+    """8 x 100 KB documents against a server taking 256 KiB per request: the remote backend
+    splits them by bytes, so the adapters answer as the local model does instead of failing
+    with HTTP 413."""
+    long = _long(passages, 100_000)
+    docs = _docs(long)
+    remote = SharedRerankCompressor(
+        model=model_server.url,
+        backend="remote-reranker",
+        top_n=None,
+        pool=pool,
+        **_remote(model_server, "tiny-ce", protocol),
+    )
+    local = SharedRerankCompressor(
+        model=tiny_ce_path, device="cpu", dtype="float32", top_n=None, pool=pool
+    )
+    out, ref = remote.compress_documents(docs, QUERY), local.compress_documents(docs, QUERY)
+    assert [d.id for d in out] == [d.id for d in ref]
+    assert [d.metadata["relevance_score"] for d in out] == pytest.approx(
+        [d.metadata["relevance_score"] for d in ref], abs=1e-5
+    )
+    emb = SharedEmbedding(
+        model_name=model_server.url,
+        backend="remote-embedder",
+        embed_batch_size=32,
+        pool=pool,
+        **_remote(model_server, "minilm", protocol),
+    )
+    want = SharedEmbedding(model_name=minilm_path, device="cpu", dtype="float32", pool=pool)
+    np.testing.assert_allclose(
+        emb.get_text_embedding_batch(long), want.get_text_embedding_batch(long), atol=1e-5
+    )

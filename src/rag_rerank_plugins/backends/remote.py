@@ -28,6 +28,21 @@ option. Options (all plain values, so the spec stays a hashable pool key)::
     query_prompt_name  TEI ``prompt_name`` sent for queries (e.g. "query")  (default none)
     max_connections    connection pool size per client                         (default 32)
     verify         verify TLS certificates                                  (default True)
+    max_request_bytes  largest request body the server (and any proxy) accepts
+                   (default: what ``GET /info`` advertises, else 1 MiB)
+
+Requests are split by count *and* by bytes. The client asks ``GET /info`` once (``rag-rerank
+serve`` advertises ``max_request_bytes`` and ``max_client_batch_size``, TEI the latter), takes the
+``max_request_bytes`` option over it when given and 1 MiB when neither says, then packs texts, in
+order, into requests of at most ``batch_size`` texts (and the server's batch limit) whose encoded
+JSON body, query and envelope included, stays under that limit minus ``HEADROOM_BYTES``
+(:func:`plan_chunks`); results are mapped back to the input's positions. A text too large to fit
+in a request even alone is cut to its longest prefix that fits (:func:`truncate_json`; a warning
+says so). Rerankers and embedders read only their first ``max_length`` tokens (~512; 8192 for
+long-context models), and a prefix of hundreds of KB holds far more than that, so the scores and
+vectors are those of the whole text. With ``truncate=False`` such a text is an
+:class:`InvalidInputError` instead, raised before anything is sent; so is a query that alone
+fills a request.
 
 Secrets never go into the spec (its label shows up in stats, metrics and logs): the token is read
 from the environment variable named by ``api_key_env`` on every request, so rotation works.
@@ -40,6 +55,8 @@ and one ``httpx.AsyncClient`` per event loop for :meth:`ascore_pairs`/:meth:`aem
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import math
 import os
@@ -47,12 +64,13 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
     ConfigurationError,
+    InvalidInputError,
     MissingDependencyError,
     RemoteAuthError,
     RemoteError,
@@ -97,8 +115,17 @@ _OPTIONS = frozenset(
         "query_prompt_name",
         "max_connections",
         "verify",
+        "max_request_bytes",
     }
 )
+#: Request body limit assumed when neither the option nor ``GET /info`` gives one (TEI, Cohere,
+#: infinity): nginx's default ``client_max_body_size``, and below TEI's 2 MB payload limit.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+#: The smallest ``max_request_bytes`` option accepted.
+MIN_REQUEST_BYTES = 1024
+#: Bytes every body keeps free below the limit: the envelope is measured without texts, and a
+#: few fields grow with the number of texts (``top_n``: a few digits).
+HEADROOM_BYTES = 64
 
 
 def _httpx() -> Any:
@@ -130,6 +157,7 @@ class RemoteSettings:
     query_prompt_name: str | None = None
     max_connections: int = 32
     verify: bool = True
+    max_request_bytes: int | None = None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> RemoteSettings:
@@ -199,6 +227,11 @@ class RemoteSettings:
                 query_prompt_name=options.get("query_prompt_name"),
                 max_connections=int(options.get("max_connections", 32)),
                 verify=bool(options.get("verify", True)),
+                max_request_bytes=(
+                    int(options["max_request_bytes"])
+                    if options.get("max_request_bytes") is not None
+                    else None
+                ),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"Invalid remote backend option: {exc}") from None
@@ -208,7 +241,160 @@ class RemoteSettings:
             raise ConfigurationError("retries, backoff and max_backoff must not be negative.")
         if settings.max_connections < 1:
             raise ConfigurationError("max_connections must be at least 1.")
+        if (
+            settings.max_request_bytes is not None
+            and settings.max_request_bytes < MIN_REQUEST_BYTES
+        ):
+            raise ConfigurationError(
+                f"max_request_bytes must be at least {MIN_REQUEST_BYTES} (bytes of one request "
+                f"body), got {settings.max_request_bytes}."
+            )
         return settings
+
+
+# -- request size: what the server accepts, and how texts are packed into requests -------------
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How large one request may be: body bytes, and texts (None: only ``batch_size``)."""
+
+    max_bytes: int
+    max_items: int | None
+    source: str  # where max_bytes comes from, for messages
+
+    @classmethod
+    def resolve(cls, settings: RemoteSettings, info: dict[str, Any] | None) -> RequestLimits:
+        """The option wins, then what ``GET /info`` advertised, then the default."""
+        info = info or {}
+        advertised = _positive_int(info.get("max_request_bytes"))
+        if settings.max_request_bytes is not None:
+            max_bytes, source = settings.max_request_bytes, "option max_request_bytes"
+        elif advertised is not None:
+            max_bytes, source = advertised, "advertised by the server's GET /info"
+        else:
+            max_bytes, source = DEFAULT_MAX_REQUEST_BYTES, "the default; set max_request_bytes"
+        return cls(max_bytes, _positive_int(info.get("max_client_batch_size")), source)
+
+
+def plan_chunks(
+    sizes: Sequence[int],
+    *,
+    max_items: int,
+    max_bytes: int,
+    overhead: int = 0,
+    separator: int = 1,
+) -> list[range]:
+    """Split items, in order, into contiguous chunks of one request each.
+
+    ``sizes[i]`` is the encoded size of item ``i``, ``overhead`` the size of the request body
+    without any item, ``separator`` the bytes between two items (``,`` in compact JSON). A chunk
+    of ``n`` items holds at most ``max_items`` of them, and its body, ``overhead + sum(sizes) +
+    separator * (n - 1)``, at most ``max_bytes``. Each chunk is as long as both limits allow, so
+    no contiguous split needs fewer requests. An item that does not fit even alone is an
+    :class:`InvalidInputError` (callers cut such items first, or report them better).
+    """
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items}")
+    chunks: list[range] = []
+    start, body = 0, overhead
+    for i, size in enumerate(sizes):
+        if overhead + size > max_bytes:
+            raise InvalidInputError(
+                f"Item {i} takes {overhead + size} bytes in a request on its own (with "
+                f"{overhead} bytes of envelope), over the limit of {max_bytes} bytes."
+            )
+        count = i - start
+        if count and (count >= max_items or body + separator + size > max_bytes):
+            chunks.append(range(start, i))
+            start, body = i, overhead + size
+        else:
+            body += size + (separator if count else 0)
+    if start < len(sizes):
+        chunks.append(range(start, len(sizes)))
+    return chunks
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as the client sends it: compact JSON in UTF-8 (what httpx's ``json=`` does)."""
+    try:
+        return json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"Text is not valid Unicode ({exc.reason} at character {exc.start}: a lone surrogate) "
+            "and cannot be sent as JSON; decode the source with errors='replace'."
+        ) from None
+
+
+def truncate_json(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` whose JSON string (quotes and escapes included) takes at
+    most ``max_bytes`` bytes in UTF-8; whole characters only."""
+    if len(_json_bytes(text)) <= max_bytes:
+        return text
+    # Every character takes at least one byte, and the quotes two: a bound for the search.
+    lo, hi = 0, min(len(text), max(max_bytes - 2, 0))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_json_bytes(text[:mid])) <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+@dataclass(frozen=True)
+class _Packed:
+    texts: list[str]  # the texts to send, cut where one did not fit in a request
+    chunks: list[range]  # positions in ``texts``, one range per request
+    truncated: int  # how many texts were cut
+    longest: int  # the largest original size of a cut text, in bytes
+
+
+def _pack(
+    texts: Sequence[str],
+    positions: Sequence[int],
+    *,
+    overhead: int,
+    limits: RequestLimits,
+    batch_size: int,
+    truncate: bool,
+    what: str,
+) -> _Packed:
+    """Plan the requests for ``texts`` (``positions``: their indices in the caller's input)."""
+    budget = limits.max_bytes - HEADROOM_BYTES
+    room = budget - overhead  # for one text alone in a request
+    if room < len(b'""'):
+        raise InvalidInputError(
+            f"{what}: the query and request envelope alone take {overhead} bytes, over the "
+            f"request limit of {limits.max_bytes} bytes ({limits.source}). Shorten the query, or "
+            "raise the limit (the server's --max-request-bytes and the option max_request_bytes)."
+        )
+    out = list(texts)
+    sizes = [len(_json_bytes(text)) for text in out]
+    truncated = longest = 0
+    for i, size in enumerate(sizes):
+        if size <= room:
+            continue
+        if not truncate:
+            raise InvalidInputError(
+                f"{what}: text {positions[i]} takes {size} bytes as JSON; with the envelope and "
+                f"query ({overhead} bytes) it exceeds the request limit of {limits.max_bytes} "
+                f"bytes ({limits.source}). Shorten it, raise the limit, or leave truncate=True "
+                f"so that its first {room} bytes are sent (the model reads only its first "
+                "max_length tokens anyway)."
+            )
+        out[i] = truncate_json(out[i], room)
+        sizes[i] = len(_json_bytes(out[i]))
+        truncated, longest = truncated + 1, max(longest, size)
+    max_items = min(batch_size, limits.max_items or batch_size)
+    chunks = plan_chunks(sizes, max_items=max_items, max_bytes=budget, overhead=overhead)
+    return _Packed(out, chunks, truncated, longest)
 
 
 # -- the retry policy, shared by the sync and async paths ------------------------------------
@@ -262,6 +448,7 @@ class _Client:
             weakref.WeakKeyDictionary()
         )
         self._closed = False
+        self._limits: RequestLimits | None = None
 
     def _client_kwargs(self) -> dict[str, Any]:
         s = self.settings
@@ -393,18 +580,106 @@ class _Client:
             )
         hint = ""
         if status == 413:
-            hint = " Send fewer texts per request (lower batch_size) or shorter texts."
+            limits, self._limits = self._limits, None  # ask GET /info again on the next call
+            packed = f" of up to {limits.max_bytes} bytes ({limits.source})" if limits else ""
+            hint = (
+                f" The client sent requests{packed}: a proxy on the way may take less. Set the "
+                "option max_request_bytes to the smallest body limit between client and model "
+                "(or lower batch_size)."
+            )
         elif status == 404:
             hint = f" Is protocol={self.settings.protocol!r} the one this server speaks?"
         return _Attempt(
             error=RemoteRequestError(
-                f"{self.what}: {url} rejected the request with HTTP {status}: {message}.{hint}",
+                f"{self.what}: {url} rejected the request with HTTP {status}: "
+                f"{message.rstrip('.')}.{hint}",
                 url=url,
                 status=status,
             )
         )
 
-    def post(self, path: str, payload: dict[str, Any]) -> Any:
+    # -- the server's request limits, asked once per client --------------------------------------
+
+    def _probe_timeout(self) -> httpx.Timeout:
+        s = self.settings
+        timeout: httpx.Timeout = self._httpx.Timeout(min(s.timeout, 5.0), connect=s.connect_timeout)
+        return timeout
+
+    def _settle_limits(
+        self, response: httpx.Response | None, exc: BaseException | None
+    ) -> RequestLimits:
+        """The limits after one ``GET /info`` (``response`` or transport ``exc``). A definite
+        answer (200, or a 4xx such as TEI-less servers' 404) is cached for the client's life;
+        a failure that may pass (no connection, 429, 5xx, 401/403) is not: asked again next call."""
+        info: dict[str, Any] | None = None
+        definite = False
+        if response is not None:
+            status = response.status_code
+            definite = status not in RETRY_STATUSES and status not in (401, 403)
+            if status == 200:
+                try:
+                    body = response.json()
+                except ValueError:
+                    body = None
+                info = body if isinstance(body, dict) else None
+        limits = RequestLimits.resolve(self.settings, info)
+        if definite:
+            self._limits = limits
+            logger.debug(
+                "rag-rerank remote: %s: requests of up to %d bytes (%s) and %s texts",
+                self.what,
+                limits.max_bytes,
+                limits.source,
+                limits.max_items or "batch_size",
+            )
+        else:
+            why = response.status_code if response is not None else type(exc).__name__
+            logger.debug("rag-rerank remote: %s: GET /info failed (%s)", self.what, why)
+        return limits
+
+    def limits(self) -> RequestLimits:
+        """The request limits; the first call asks the server's ``GET /info``."""
+        limits = self._limits
+        if limits is not None:
+            return limits
+        client = self.sync_client()
+        response: httpx.Response | None = None
+        exc: BaseException | None = None
+        try:
+            response = client.get(
+                self.settings.base_url + "/info",
+                headers=self.headers(),
+                timeout=self._probe_timeout(),
+            )
+        except self._httpx.TransportError as error:
+            exc = error
+        return self._settle_limits(response, exc)
+
+    async def alimits(self) -> RequestLimits:
+        """:meth:`limits` on the event loop's ``AsyncClient``."""
+        limits = self._limits
+        if limits is not None:
+            return limits
+        client = self.async_client()
+        response: httpx.Response | None = None
+        exc: BaseException | None = None
+        try:
+            response = await client.get(
+                self.settings.base_url + "/info",
+                headers=self.headers(),
+                timeout=self._probe_timeout(),
+            )
+        except self._httpx.TransportError as error:
+            exc = error
+        return self._settle_limits(response, exc)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _post_headers(self) -> dict[str, str]:
+        return {"content-type": "application/json", **self.headers()}
+
+    def post(self, path: str, body: bytes) -> Any:
+        """POST the JSON ``body`` (already encoded: its size was planned) with retries."""
         url = self.settings.base_url + path
         client = self.sync_client()
         attempt = 0
@@ -412,7 +687,7 @@ class _Client:
             response: httpx.Response | None = None
             exc: BaseException | None = None
             try:
-                response = client.post(url, json=payload, headers=self.headers())
+                response = client.post(url, content=body, headers=self._post_headers())
             except self._httpx.TransportError as error:
                 exc = error
             verdict = self.judge(url, attempt, response, exc)
@@ -425,7 +700,8 @@ class _Client:
             time.sleep(verdict.delay)
             attempt += 1
 
-    async def apost(self, path: str, payload: dict[str, Any]) -> Any:
+    async def apost(self, path: str, body: bytes) -> Any:
+        """:meth:`post` on the event loop's ``AsyncClient``."""
         url = self.settings.base_url + path
         client = self.async_client()
         attempt = 0
@@ -433,7 +709,7 @@ class _Client:
             response: httpx.Response | None = None
             exc: BaseException | None = None
             try:
-                response = await client.post(url, json=payload, headers=self.headers())
+                response = await client.post(url, content=body, headers=self._post_headers())
             except self._httpx.TransportError as error:
                 exc = error
             verdict = self.judge(url, attempt, response, exc)
@@ -490,10 +766,6 @@ def _unexpected(what: str, url: str, body: Any, expected: str) -> RemoteError:
         f"{str(body)[:160]!r}. Check the 'protocol' option (tei, cohere or infinity).",
         url=url,
     )
-
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _normalize(vector: list[float]) -> list[float]:
@@ -622,6 +894,15 @@ def _group_by_query(pairs: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
     return groups
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One planned request: its call, its encoded body, and where its results go."""
+
+    positions: list[int]  # indices in the caller's input, in the order of the call's texts
+    call: _Call
+    body: bytes
+
+
 class _RemoteModel:
     thread_safe = True
     device = "remote"
@@ -629,30 +910,86 @@ class _RemoteModel:
 
     def __init__(self, spec: ModelSpec, settings: RemoteSettings) -> None:
         self.settings = settings
-        what = f"{spec.backend} {settings.base_url}"
-        self.client = _Client(settings, what)
-        self.protocol = _Protocol(settings, what)
+        self.what = f"{spec.backend} {settings.base_url}"
+        self.client = _Client(settings, self.what)
+        self.protocol = _Protocol(settings, self.what)
+        self._warned_truncation = False
 
     def close(self) -> None:
         self.client.close()
 
+    def _requests(
+        self,
+        texts: Sequence[str],
+        positions: Sequence[int],
+        build: Callable[[Sequence[str]], _Call],
+        limits: RequestLimits,
+        batch_size: int,
+    ) -> Iterator[_Request]:
+        """Requests for ``texts``, each body under the limits; ``build`` makes the protocol's
+        call for a list of texts (the same query, prompt and flags in every request)."""
+        overhead = len(_json_bytes(build([]).payload))
+        packed = _pack(
+            texts,
+            positions,
+            overhead=overhead,
+            limits=limits,
+            batch_size=batch_size,
+            truncate=self.settings.truncate,
+            what=self.what,
+        )
+        if packed.truncated:
+            self._log_truncation(packed, limits, overhead)
+        for chunk in packed.chunks:
+            call = build(packed.texts[chunk.start : chunk.stop])
+            yield _Request([positions[i] for i in chunk], call, _json_bytes(call.payload))
+
+    def _log_truncation(self, packed: _Packed, limits: RequestLimits, overhead: int) -> None:
+        level = logging.DEBUG if self._warned_truncation else logging.WARNING
+        self._warned_truncation = True
+        logger.log(
+            level,
+            "rag-rerank remote: %s: cut %d text(s) of up to %d bytes to the %d bytes that fit in "
+            "one request (limit %d bytes, %s); the model reads only its first max_length tokens. "
+            "Pass truncate=False to get an error instead.",
+            self.what,
+            packed.truncated,
+            packed.longest,
+            limits.max_bytes - HEADROOM_BYTES - overhead,
+            limits.max_bytes,
+            limits.source,
+        )
+
+    def _parse(self, request: _Request, body: Any) -> list[Any]:
+        return request.call.parse(body, self.settings.base_url + request.call.path)
+
 
 class RemoteReranker(_RemoteModel, RerankerModel):
-    """Scores pairs on a rerank server: one request per distinct query and ``batch_size`` texts."""
+    """Scores pairs on a rerank server: one request per distinct query and chunk of texts that
+    fits the server's limits (``batch_size`` texts, its body size)."""
 
-    def _calls(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[list[int]]:
-        groups: list[list[int]] = []
-        for indices in _group_by_query(pairs).values():
-            groups.extend(list(chunk) for chunk in _chunks(indices, batch_size))
-        return groups
+    def _rerank_requests(
+        self, pairs: Sequence[tuple[str, str]], batch_size: int, limits: RequestLimits
+    ) -> Iterator[_Request]:
+        for positions in _group_by_query(pairs).values():
+            query = pairs[positions[0]][0]
+            texts = [pairs[i][1] for i in positions]
+            yield from self._requests(
+                texts,
+                positions,
+                functools.partial(self.protocol.rerank, query),
+                limits,
+                batch_size,
+            )
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         scores = [0.0] * len(pairs)
-        for indices in self._calls(pairs, batch_size):
-            call = self.protocol.rerank(pairs[indices[0]][0], [pairs[i][1] for i in indices])
-            body = self.client.post(call.path, call.payload)
-            parsed = call.parse(body, self.settings.base_url + call.path)
-            for i, score in zip(indices, parsed, strict=True):
+        if not pairs:
+            return scores
+        for request in self._rerank_requests(pairs, batch_size, self.client.limits()):
+            body = self.client.post(request.call.path, request.body)
+            # Rerank answers index into the request's own texts: map them back to the input.
+            for i, score in zip(request.positions, self._parse(request, body), strict=True):
                 scores[i] = score
         return scores
 
@@ -661,11 +998,11 @@ class RemoteReranker(_RemoteModel, RerankerModel):
     ) -> list[float]:
         """Like :meth:`score_pairs` on the event loop's own pooled ``AsyncClient``."""
         scores = [0.0] * len(pairs)
-        for indices in self._calls(pairs, batch_size):
-            call = self.protocol.rerank(pairs[indices[0]][0], [pairs[i][1] for i in indices])
-            body = await self.client.apost(call.path, call.payload)
-            parsed = call.parse(body, self.settings.base_url + call.path)
-            for i, score in zip(indices, parsed, strict=True):
+        if not pairs:
+            return scores
+        for request in self._rerank_requests(pairs, batch_size, await self.client.alimits()):
+            body = await self.client.apost(request.call.path, request.body)
+            for i, score in zip(request.positions, self._parse(request, body), strict=True):
                 scores[i] = score
         return scores
 
@@ -674,7 +1011,8 @@ class RemoteReranker(_RemoteModel, RerankerModel):
 
 
 class RemoteEmbedder(_RemoteModel, EmbedderModel):
-    """Embeds texts on an embedding server, ``batch_size`` texts per request."""
+    """Embeds texts on an embedding server, in requests that fit its limits (``batch_size``
+    texts, its body size)."""
 
     def __init__(self, spec: ModelSpec, settings: RemoteSettings) -> None:
         super().__init__(spec, settings)
@@ -693,6 +1031,22 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         # Normalising here too makes normalize=True hold whatever the server's defaults are.
         return [_normalize(v) for v in vectors] if normalize else vectors
 
+    def _embed_requests(
+        self,
+        texts: Sequence[str],
+        batch_size: int,
+        is_query: bool,
+        normalize: bool,
+        limits: RequestLimits,
+    ) -> Iterator[_Request]:
+        return self._requests(
+            texts,
+            range(len(texts)),
+            lambda chunk: self.protocol.embed(chunk, is_query, normalize),
+            limits,
+            batch_size,
+        )
+
     def embed(
         self,
         texts: Sequence[str],
@@ -703,10 +1057,12 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         prompt: str | None = None,
     ) -> list[list[float]]:
         vectors: list[list[float]] = []
-        for chunk in _chunks(_with_prompt(texts, prompt), batch_size):
-            call = self.protocol.embed(chunk, is_query, normalize)
-            body = self.client.post(call.path, call.payload)
-            vectors.extend(call.parse(body, self.settings.base_url + call.path))
+        if not texts:
+            return vectors
+        texts, limits = _with_prompt(texts, prompt), self.client.limits()
+        for request in self._embed_requests(texts, batch_size, is_query, normalize, limits):
+            body = self.client.post(request.call.path, request.body)
+            vectors.extend(self._parse(request, body))  # requests follow the input's order
         return self._finish(vectors, normalize)
 
     async def aembed(
@@ -720,10 +1076,12 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
     ) -> list[list[float]]:
         """Like :meth:`embed` on the event loop's own pooled ``AsyncClient``."""
         vectors: list[list[float]] = []
-        for chunk in _chunks(_with_prompt(texts, prompt), batch_size):
-            call = self.protocol.embed(chunk, is_query, normalize)
-            body = await self.client.apost(call.path, call.payload)
-            vectors.extend(call.parse(body, self.settings.base_url + call.path))
+        if not texts:
+            return vectors
+        texts, limits = _with_prompt(texts, prompt), await self.client.alimits()
+        for request in self._embed_requests(texts, batch_size, is_query, normalize, limits):
+            body = await self.client.apost(request.call.path, request.body)
+            vectors.extend(self._parse(request, body))
         return self._finish(vectors, normalize)
 
     async def arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
