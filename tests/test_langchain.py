@@ -221,3 +221,52 @@ def test_callbacks_argument_is_accepted(pool: ModelPool) -> None:
     comp = SharedRerankCompressor(model="f", backend="fake-reranker", pool=pool)
     out = comp.compress_documents([Document(page_content="a")], "a", callbacks=CallbackManager([]))
     assert len(out) == 1
+
+
+# -- import guard ------------------------------------------------------------------------------
+
+_BLOCK_LANGCHAIN = """
+import importlib.abc, sys
+
+class _NoLangChain(importlib.abc.MetaPathFinder):
+    # Behaves as if langchain-core were not installed.
+    def find_spec(self, name, path=None, target=None):
+        if name == "langchain_core" or name.startswith("langchain_core."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+for name in [m for m in sys.modules if m.split(".")[0] == "langchain_core"]:
+    del sys.modules[name]
+sys.meta_path.insert(0, _NoLangChain())
+"""
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from rag_rerank_plugins.langchain import SharedRerankCompressor",
+        "from rag_rerank_plugins.langchain import SharedCrossEncoder",
+        "from rag_rerank_plugins.langchain import SharedEmbeddings",
+        "import rag_rerank_plugins.langchain as lc; lc.SharedEmbeddings",
+        "import rag_rerank_plugins.langchain.compressor",
+        "import rag_rerank_plugins.langchain.cross_encoder",
+        "import rag_rerank_plugins.langchain.embeddings",
+    ],
+)
+def test_missing_langchain_core_raises_missing_dependency_error(statement: str) -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        f"{_BLOCK_LANGCHAIN}\n"
+        "from rag_rerank_plugins import MissingDependencyError\n"
+        "import rag_rerank_plugins.langchain  # the package itself imports fine\n"
+        "try:\n"
+        f"    {statement}\n"
+        "except MissingDependencyError as exc:\n"
+        "    print('MissingDependencyError:', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MissingDependencyError:" in result.stdout
+    assert "pip install 'rag-rerank-plugins[langchain]'" in result.stdout

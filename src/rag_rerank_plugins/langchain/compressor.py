@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
+from . import _compat  # noqa: F401  # isort: skip
+
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +18,6 @@ from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import InvalidInputError
 from ..ranking import Ranked
 from ..windows import WindowInfo
-from . import _compat  # noqa: F401  (clear error when langchain-core is missing)
 
 __all__ = ["SharedRerankCompressor"]
 

@@ -6,11 +6,13 @@ swap in ``SharedCrossEncoder(model_name=...)`` and the model is loaded once per 
 
 from __future__ import annotations
 
+# First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
+from . import _compat  # noqa: F401  # isort: skip
+
 from langchain_core.cross_encoders import BaseCrossEncoder
 from pydantic import AliasChoices, ConfigDict, Field
 
 from ..adapter_base import SharedModelFields, from_settings
-from . import _compat  # noqa: F401
 
 __all__ = ["SharedCrossEncoder"]
 

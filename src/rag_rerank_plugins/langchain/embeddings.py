@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+# First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
+from . import _compat  # noqa: F401  # isort: skip
+
 from langchain_core.embeddings import Embeddings
 from pydantic import AliasChoices, ConfigDict, Field
 
 from .._progress import chunks, progress_bar
 from ..adapter_base import SharedModelFields, from_settings
-from . import _compat  # noqa: F401
 
 __all__ = ["SharedEmbeddings"]
 
