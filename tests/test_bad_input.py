@@ -360,3 +360,25 @@ def test_b22_batch_size_zero_fails_at_construction_and_in_the_pool(pool: ModelPo
         _lc(pool, batch_size=0)
     with pytest.raises(InvalidInputError, match="batch_size"):
         pool.score_pairs(ModelSpec("f", backend="fake-reranker"), [("q", "p")], batch_size=0)
+
+
+# -- B23: documents as a generator ----------------------------------------------------------------
+
+
+def test_b23_documents_from_a_generator_are_read_once(pool: ModelPool) -> None:
+    comp = _lc(pool)
+    texts = ["pear", "red apple", "apple"]
+    expected = comp.compress_documents(_docs(texts), QUERY)
+    calls = comp.stats()["calls"]
+    assert comp.compress_documents((d for d in _docs(texts)), QUERY) == expected
+    assert comp.stats()["calls"] == calls + 1, "scored exactly once"
+    assert asyncio.run(comp.acompress_documents(iter(_docs(texts)), QUERY)) == expected
+    assert comp.stats()["calls"] == calls + 2
+    assert comp.compress_documents(iter(()), QUERY) == []
+
+
+def test_b23_a_bad_item_in_a_generator_fails_before_scoring(pool: ModelPool) -> None:
+    items = (d for d in [Document(page_content="a"), "raw string"])
+    with pytest.raises(InvalidInputError, match=r"documents\[1\]"):
+        _lc(pool).compress_documents(items, QUERY)  # type: ignore[arg-type]
+    assert pool.loaded_specs() == []

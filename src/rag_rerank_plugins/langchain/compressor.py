@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import _compat  # noqa: F401  # isort: skip
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from langchain_core.callbacks import Callbacks
@@ -96,16 +96,18 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
 
     def compress_documents(
         self,
-        documents: Sequence[Document],
+        documents: Iterable[Document],
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``.
 
+        ``documents`` may be any iterable (a generator too): it is read once, before scoring.
         With ``callbacks``, their handlers get ``on_custom_event("rag_rerank", data)`` after
         scoring, ``data`` = {model, backend, documents_in, documents_out, seconds, error}.
         """
         start = time.perf_counter()
+        documents = list(documents)  # once: results are built by index after scoring
         ranked, windows, error = self.rank_texts_guarded(query, self._texts(documents))
         out = self._build(documents, ranked, windows, error)
         if callbacks is not None:
@@ -116,12 +118,13 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
 
     async def acompress_documents(
         self,
-        documents: Sequence[Document],
+        documents: Iterable[Document],
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
         start = time.perf_counter()
+        documents = list(documents)  # once: results are built by index after scoring
         ranked, windows, error = await self.arank_texts_guarded(query, self._texts(documents))
         out = self._build(documents, ranked, windows, error)
         if callbacks is not None:
