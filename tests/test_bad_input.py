@@ -382,3 +382,62 @@ def test_b23_a_bad_item_in_a_generator_fails_before_scoring(pool: ModelPool) -> 
     with pytest.raises(InvalidInputError, match=r"documents\[1\]"):
         _lc(pool).compress_documents(items, QUERY)  # type: ignore[arg-type]
     assert pool.loaded_specs() == []
+
+
+# -- B24: a bare str where a list is expected -----------------------------------------------------
+
+
+def test_b24_embed_documents_of_a_bare_string_is_invalid_input(pool: ModelPool) -> None:
+    from rag_rerank_plugins.langchain import SharedEmbeddings
+
+    emb = SharedEmbeddings(model="e", backend="fake-embedder", pool=pool)
+    with pytest.raises(InvalidInputError, match=r"list of str.*\['hello'\]"):
+        emb.embed_documents("hello")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"list of str"):
+        asyncio.run(emb.aembed_documents("hello"))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"texts\[1\]"):
+        emb.embed_documents(["a", 3])  # type: ignore[list-item]
+    with pytest.raises(InvalidInputError, match="str"):
+        emb.embed_query(["hello"])  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="str"):
+        asyncio.run(emb.aembed_query(None))  # type: ignore[arg-type]
+    assert pool.loaded_specs() == [], "rejected before the model loads"
+    shown = emb.model_copy(update={"show_progress": True})
+    with pytest.raises(InvalidInputError, match=r"list of str"):
+        shown.embed_documents("hello")  # type: ignore[arg-type]
+    assert len(emb.embed_documents(t for t in ["a", "b"])) == 2  # any iterable of str is fine
+
+
+def test_b24_the_handle_rejects_a_bare_string_too(pool: ModelPool) -> None:
+    spec = ModelSpec("e", backend="fake-embedder")
+    with pytest.raises(InvalidInputError, match="list of str"):
+        pool.embed(spec, "hello")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="list of str"):
+        asyncio.run(pool.aembed(spec, "hello"))  # type: ignore[arg-type]
+    assert len(pool.embed(spec, ["hello"])) == 1
+
+
+@pytest.mark.parametrize(
+    ("pairs", "match"),
+    [
+        ("query", r"list of \(query, passage\) pairs, got str"),
+        (("query", "passage"), r"text_pairs\[0\] is a str.*\[\(query, passage\)\]"),
+        ([("q",)], r"text_pairs\[0\] has 1 item"),
+        ([("q", "p"), ("q", "p", "x")], r"text_pairs\[1\] has 3 items"),
+        ([("q", "p"), "qp"], r"text_pairs\[1\] is a str"),
+        ([("q", None)], r"text_pairs\[0\]\[1\] is NoneType"),
+        (42, r"list of \(query, passage\) pairs, got int"),
+    ],
+)
+def test_b24_cross_encoder_score_rejects_wrong_shapes(
+    pool: ModelPool, pairs: object, match: str
+) -> None:
+    from rag_rerank_plugins.langchain import SharedCrossEncoder
+
+    model = SharedCrossEncoder(model_name="f", backend="fake-reranker", pool=pool)
+    with pytest.raises(InvalidInputError, match=match):
+        model.score(pairs)  # type: ignore[arg-type]
+    assert pool.loaded_specs() == []
+    assert model.score([]) == []
+    assert pool.loaded_specs() == [], "no pairs: nothing to load"
+    assert model.score([("red apple", "apple"), ["red", "pear"]]) == [0.5, 0.0]

@@ -352,6 +352,11 @@ class ModelHandle:
     def _embed_args(
         self, texts: Sequence[str], batch_size: int, is_query: bool, normalize: bool
     ) -> tuple[list[str], dict[str, Any]]:
+        if isinstance(texts, str):  # list("hello") would embed five one-letter texts
+            raise InvalidInputError(
+                f"texts must be a list of str, got a single str {texts[:40]!r}; "
+                "pass [text] to embed one text."
+            )
         texts = _require_strings(list(texts), "text")
         if texts:
             self._require_kind("embedder")
