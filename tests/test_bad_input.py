@@ -118,6 +118,28 @@ def test_b05_none_or_non_string_content_is_invalid_input(pool: ModelPool) -> Non
     assert comp.stats()["passthrough"] == 0
 
 
+class _LooksLikeADocument:
+    def __init__(self, text: str) -> None:
+        self.page_content = text
+        self.metadata: dict[str, object] = {}
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["raw text", {"page_content": "x", "metadata": {}}, _LooksLikeADocument("x")],
+    ids=["str", "dict", "look-alike"],
+)
+def test_b06_lc_items_that_are_not_documents_fail_before_scoring(
+    pool: ModelPool, item: object
+) -> None:
+    comp = _lc(pool, on_error="passthrough")
+    with pytest.raises(InvalidInputError, match=r"documents\[1\] is .*not a langchain_core"):
+        comp.compress_documents([Document(page_content="a"), item], QUERY)  # type: ignore[list-item]
+    with pytest.raises(InvalidInputError, match=r"documents\[0\]"):
+        asyncio.run(comp.acompress_documents([item], QUERY))  # type: ignore[list-item]
+    assert pool.loaded_specs() == []
+
+
 def test_b06_items_that_are_not_documents_or_nodes_are_invalid_input(pool: ModelPool) -> None:
     with pytest.raises(InvalidInputError, match=r"documents\[0\]"):
         _lc(pool).compress_documents(["raw text"], QUERY)  # type: ignore[list-item]

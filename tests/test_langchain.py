@@ -270,3 +270,32 @@ def test_missing_langchain_core_raises_missing_dependency_error(statement: str) 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MissingDependencyError:" in result.stdout
     assert "pip install 'rag-rerank-plugins[langchain]'" in result.stdout
+
+
+# -- Document subclasses and look-alikes -------------------------------------------------------
+
+
+class _ScoredDocument(Document):
+    """A caller's Document subclass with a field of its own."""
+
+    source_rank: int = 0
+
+
+def test_document_subclasses_come_back_as_the_callers_type(pool: ModelPool) -> None:
+    docs = [
+        _ScoredDocument(page_content=text, metadata={"i": i}, id=f"d{i}", source_rank=10 + i)
+        for i, text in enumerate(["pear", "red apple", "apple"])
+    ]
+    before = copy.deepcopy(docs)
+    comp = SharedRerankCompressor(model="f", backend="fake-reranker", top_n=None, pool=pool)
+    for out in (
+        comp.compress_documents(docs, "red apple"),
+        asyncio.run(comp.acompress_documents(docs, "red apple")),
+    ):
+        assert [type(d) for d in out] == [_ScoredDocument] * 3
+        assert [(d.id, d.source_rank) for d in out] == [("d1", 11), ("d2", 12), ("d0", 10)]
+        assert [d.metadata["i"] for d in out] == [1, 2, 0]
+        assert all(isinstance(d.metadata["relevance_score"], float) for d in out)
+        assert all(o is not d for o in out for d in docs)
+    assert docs == before, "input documents must not be mutated"
+    assert all("relevance_score" not in d.metadata for d in docs)

@@ -37,8 +37,9 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     Drop-in for ``ContextualCompressionRetriever(base_compressor=..., base_retriever=...)``.
     Build one per request if you like: construction validates a few fields and never loads.
 
-    Returns new ``Document`` objects, best first, each with ``metadata["relevance_score"]`` (float)
-    and the input's ``id``; the input documents are never modified. With ``window_tokens`` set,
+    Returns new documents of the caller's class (a ``Document`` subclass keeps its type and extra
+    fields: shallow copies), best first, each with ``metadata["relevance_score"]`` (float) and the
+    input's ``id``; the input documents are never modified. With ``window_tokens`` set,
     ``metadata["rerank_window"]`` says which token window of the document decided its score.
     With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` documents in
     retrieval order with ``metadata["rerank_error"]`` set and no ``relevance_score`` key.
@@ -53,13 +54,24 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     backend: str = Field(default_factory=from_settings("reranker_backend"))
 
     def _texts(self, documents: Sequence[Document]) -> list[str]:
+        """The texts to score, checked before any model work.
+
+        Only ``Document`` instances (subclasses included) are accepted: a look-alike (a dict, an
+        object with a ``page_content`` attribute) could not be returned as what it is, since
+        results are copies made with ``Document.model_copy``.
+        """
         texts = []
         for i, doc in enumerate(documents):
-            content = getattr(doc, "page_content", None)
+            if not isinstance(doc, Document):
+                raise InvalidInputError(
+                    f"documents[{i}] is {type(doc).__name__}, not a langchain_core Document. "
+                    "Wrap the text: Document(page_content=text, metadata={...})."
+                )
+            content = doc.page_content
             if not isinstance(content, str):
                 raise InvalidInputError(
-                    f"documents[{i}] has no text page_content ({type(doc).__name__}); "
-                    "pass langchain_core Document objects."
+                    f"documents[{i}] has no text page_content ({type(content).__name__}); "
+                    "page_content must be a str."
                 )
             texts.append(content)
         return texts
@@ -81,7 +93,8 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
                 metadata[ERROR_KEY] = error
             if windows is not None:
                 metadata[WINDOW_KEY] = windows[index].as_dict()
-            out.append(Document(page_content=doc.page_content, metadata=metadata, id=doc.id))
+            # A copy of the caller's own class (subclass fields kept); the input stays untouched.
+            out.append(doc.model_copy(update={"metadata": metadata}))
         return out
 
     def _event(self, n_in: int, n_out: int, seconds: float, error: str | None) -> dict[str, Any]:
