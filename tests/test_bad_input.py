@@ -463,3 +463,21 @@ def test_b24_cross_encoder_score_rejects_wrong_shapes(
     assert model.score([]) == []
     assert pool.loaded_specs() == [], "no pairs: nothing to load"
     assert model.score([("red apple", "apple"), ["red", "pear"]]) == [0.5, 0.0]
+
+
+# -- B25: numbers given as str or bool ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter", ["lc", "li"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"top_n": True}, {"top_n": "3"}, {"score_threshold": "0.5"}, {"batch_size": "4"}],
+    ids=["top_n-bool", "top_n-str", "threshold-str", "batch_size-str"],
+)
+def test_b25_numbers_given_as_str_or_bool_fail_at_construction(
+    pool: ModelPool, adapter: str, kwargs: dict
+) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(ValidationError, match=f"{name} must be"):
+        (_lc if adapter == "lc" else _li)(pool, **kwargs)
+    assert (_lc if adapter == "lc" else _li)(pool, score_threshold=1).score_threshold == 1.0

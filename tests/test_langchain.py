@@ -299,3 +299,45 @@ def test_document_subclasses_come_back_as_the_callers_type(pool: ModelPool) -> N
         assert all(o is not d for o in out for d in docs)
     assert docs == before, "input documents must not be mutated"
     assert all("relevance_score" not in d.metadata for d in docs)
+
+
+# -- numbers are numbers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_n": True}, r"top_n must be .*int.*got True \(bool\)"),
+        ({"top_n": "3"}, r"top_n must be .*int.*got '3' \(str\); pass top_n=3"),
+        ({"top_n": 3.0}, r"top_n must be .*int.*got 3.0 \(float\)"),
+        ({"score_threshold": "0.5"}, r"score_threshold must be a number.*pass score_threshold=0.5"),
+        ({"score_threshold": True}, r"score_threshold must be a number.*\(bool\)"),
+        ({"batch_size": "4"}, r"batch_size must be .*int.*pass batch_size=4"),
+        ({"batch_size": True}, r"batch_size must be .*int.*\(bool\)"),
+        ({"max_length": "128"}, r"max_length must be .*int.*pass max_length=128"),
+        ({"window_tokens": "64"}, r"window_tokens must be .*int.*'auto'"),
+    ],
+)
+def test_strings_and_bools_are_not_numbers(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        SharedRerankCompressor(model="f", backend="fake-reranker", **kwargs)
+
+
+@pytest.mark.parametrize("cls", [SharedCrossEncoder, SharedEmbeddings])
+@pytest.mark.parametrize("value", ["4", True, 4.0])
+def test_batch_size_must_be_an_int_on_every_langchain_adapter(cls: type, value: object) -> None:
+    backend = "fake-embedder" if cls is SharedEmbeddings else "fake-reranker"
+    with pytest.raises(ValidationError, match="batch_size must be"):
+        cls(model="f", backend=backend, batch_size=value)
+    assert cls(model="f", backend=backend, batch_size=4).batch_size == 4
+
+
+def test_numbers_of_the_right_type_are_kept() -> None:
+    comp = SharedRerankCompressor(
+        model="f", backend="fake-reranker", top_n=2, score_threshold=1, batch_size=8, max_length=64
+    )
+    assert (comp.top_n, comp.batch_size, comp.max_length) == (2, 8, 64)
+    assert comp.score_threshold == 1.0
+    assert isinstance(comp.score_threshold, float)
+    assert SharedRerankCompressor(model="f", score_threshold=-0.25).score_threshold == -0.25
+    assert SharedRerankCompressor(model="f", top_n=None, window_tokens="auto").top_n is None
