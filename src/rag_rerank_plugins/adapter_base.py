@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from .backends import backend_info
+from .backends import backend_info, check_options
 from .exceptions import ConfigurationError, InvalidInputError
 from .handle import ModelHandle
 from .pool import ModelPool, get_pool
@@ -127,8 +127,11 @@ class SharedModelFields(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _migrate_device_kwarg(cls, data: Any) -> Any:
-        # HuggingFaceCrossEncoder / HuggingFaceEmbeddings users pass model_kwargs={"device": ...}.
+    def _migrate_hf_kwargs(cls, data: Any) -> Any:
+        # HuggingFaceCrossEncoder / HuggingFaceEmbeddings users pass model_kwargs={"device": ...,
+        # "max_length": ...} (keyword arguments of sentence-transformers' loaders). Both are spec
+        # fields here; left in model_kwargs, max_length reached CrossEncoder(...) twice and the
+        # first call failed with "got multiple values for keyword argument 'max_length'".
         if isinstance(data, dict):
             kwargs = data.get("model_kwargs")
             if isinstance(kwargs, dict) and "device" in kwargs:
@@ -136,6 +139,17 @@ class SharedModelFields(BaseModel):
                 data = {**data, "model_kwargs": kwargs}
                 device = kwargs.pop("device")
                 data.setdefault("device", device)
+            if isinstance(kwargs, dict) and "max_length" in kwargs:
+                kwargs = dict(kwargs)
+                data = {**data, "model_kwargs": kwargs}
+                max_length = kwargs.pop("max_length")
+                explicit = data.get("max_length")
+                if explicit is not None and explicit != max_length:
+                    raise ConfigurationError(
+                        f"max_length={explicit!r} and model_kwargs['max_length']={max_length!r} "
+                        "disagree; give the token limit once, as max_length=."
+                    )
+                data["max_length"] = max_length
             if data.get("device") is None and "device" in data:
                 # LlamaIndex passes device=None for "infer": the default applies.
                 data = {k: v for k, v in data.items() if k != "device"}
@@ -150,7 +164,10 @@ class SharedModelFields(BaseModel):
                 f"{type(self).__name__} needs {article[self._kind]} backend, but "
                 f"{self.backend!r} is {article[info.kind]} backend."
             )
-        _ = self.spec  # validate model, device, dtype, max_length and options now, not per call
+        # Validate model, device, dtype, max_length and option names now, not at the first call
+        # (the load). check_options is set arithmetic: construction stays microseconds.
+        spec = self.spec
+        check_options(self.backend, spec.options_dict)
         return self
 
     @property
