@@ -341,3 +341,87 @@ def test_numbers_of_the_right_type_are_kept() -> None:
     assert isinstance(comp.score_threshold, float)
     assert SharedRerankCompressor(model="f", score_threshold=-0.25).score_threshold == -0.25
     assert SharedRerankCompressor(model="f", top_n=None, window_tokens="auto").top_n is None
+
+
+# -- HuggingFaceEmbeddings arguments ---------------------------------------------------------------
+
+
+def _recording_embedder() -> tuple[str, list[tuple[bool, bool]]]:
+    """A registered fake embedder recording (is_query, normalize) of every call."""
+    import uuid
+
+    from rag_rerank_plugins.backends import register_backend
+    from rag_rerank_plugins.testing import FakeEmbedder
+
+    calls: list[tuple[bool, bool]] = []
+
+    class Recording(FakeEmbedder):
+        def embed(self, texts, *, batch_size, is_query, normalize=False):  # type: ignore[no-untyped-def]
+            calls.append((is_query, normalize))
+            return super().embed(texts, batch_size=batch_size, is_query=is_query)
+
+    name = f"rec-{uuid.uuid4().hex[:8]}"
+    register_backend(name, lambda spec, pool: Recording(), "embedder")
+    return name, calls
+
+
+def test_hugging_face_embeddings_encode_kwargs_are_mapped() -> None:
+    emb = SharedEmbeddings(
+        model_name="m",
+        encode_kwargs={"normalize_embeddings": True, "batch_size": 8, "show_progress_bar": True},
+        cache_folder="/tmp/hf-cache",
+        multi_process=False,
+        show_progress=True,
+    )
+    assert (emb.normalize_embeddings, emb.batch_size, emb.show_progress) == (True, 8, True)
+    assert emb.model_kwargs == {"cache_folder": "/tmp/hf-cache"}
+    assert emb.spec.option("cache_folder") == "/tmp/hf-cache"
+    assert emb.query_normalize_embeddings is None
+    plain = SharedEmbeddings(model_name="m", encode_kwargs={}, query_encode_kwargs={})
+    assert plain.normalize_embeddings is False
+
+
+def test_query_encode_kwargs_normalisation_is_honoured_for_queries() -> None:
+    name, calls = _recording_embedder()
+    emb = SharedEmbeddings(
+        model="m",
+        backend=name,
+        encode_kwargs={"normalize_embeddings": False},
+        query_encode_kwargs={"normalize_embeddings": True},
+        pool=ModelPool(),
+    )
+    emb.embed_documents(["a document"])
+    emb.embed_query("a query")
+    asyncio.run(emb.aembed_query("another query"))
+    asyncio.run(emb.aembed_documents(["another document"]))
+    assert calls == [(False, False), (True, True), (True, True), (False, False)]
+    calls.clear()
+    same = SharedEmbeddings(model="m", backend=name, normalize_embeddings=True, pool=ModelPool())
+    same.embed_documents(["a document"])
+    same.embed_query("a query")
+    assert calls == [(False, True), (True, True)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"multi_process": True}, r"already batches concurrent requests.*rag-rerank serve"),
+        ({"encode_kwargs": {"prompt": "query: "}}, r"encode_kwargs.*'prompt'.*Supported: "),
+        ({"encode_kwargs": {"precision": "int8"}}, r"Supported: batch_size, normalize_emb"),
+        ({"query_encode_kwargs": {"convert_to_tensor": True}}, r"query_encode_kwargs.*'convert"),
+        (
+            {"encode_kwargs": {"normalize_embeddings": True}, "normalize_embeddings": False},
+            r"normalize_embeddings=False and encode_kwargs\['normalize_embeddings'\]=True",
+        ),
+        (
+            {"cache_folder": "/a", "model_kwargs": {"cache_folder": "/b"}},
+            r"cache_folder='/a' and model_kwargs\['cache_folder'\]='/b'",
+        ),
+        ({"encode_kwargs": "normalize"}, r"encode_kwargs must be a dict"),
+    ],
+)
+def test_hugging_face_embeddings_arguments_without_a_meaning_here_say_what_to_do(
+    kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValidationError, match=match):
+        SharedEmbeddings(model_name="m", **kwargs)
