@@ -49,7 +49,7 @@ def _hint(name: str, value: Any) -> str:
     return ""
 
 
-def strict_int(name: str, value: Any, *, allowed: str = "a positive int") -> Any:
+def _strict_int(name: str, value: Any, *, allowed: str = "a positive int") -> Any:
     """``value`` unchanged unless it is a bool, str or float where an int belongs.
 
     Pydantic's lax mode turns ``top_n=True`` into 1 and ``batch_size="4"`` into 4, which hides
@@ -63,8 +63,8 @@ def strict_int(name: str, value: Any, *, allowed: str = "a positive int") -> Any
     return value
 
 
-def strict_number(name: str, value: Any, *, allowed: str = "a number (int or float)") -> Any:
-    """Like :func:`strict_int` for float fields: ints are fine (1 means 1.0), str/bool are not."""
+def _strict_number(name: str, value: Any, *, allowed: str = "a number (int or float)") -> Any:
+    """Like :func:`_strict_int` for float fields: ints are fine (1 means 1.0), str/bool are not."""
     if isinstance(value, (bool, str)):
         raise ConfigurationError(
             f"{name} must be {allowed}, got {value!r} ({type(value).__name__}){_hint(name, value)}."
@@ -123,7 +123,7 @@ class SharedModelFields(BaseModel):
         if value is None and info.field_name == "max_length":
             return value
         allowed = "a positive int or None" if info.field_name == "max_length" else "a positive int"
-        return strict_int(str(info.field_name), value, allowed=allowed)
+        return _strict_int(str(info.field_name), value, allowed=allowed)
 
     @model_validator(mode="before")
     @classmethod
@@ -251,7 +251,7 @@ class RerankSettings(SharedModelFields):
     def _check_top_n(cls, value: Any) -> int | None:
         if value is None:
             return None
-        return validate_top_n(strict_int("top_n", value, allowed="a positive int or None"))
+        return validate_top_n(_strict_int("top_n", value, allowed="a positive int or None"))
 
     @field_validator("score_threshold", mode="before")
     @classmethod
@@ -259,21 +259,21 @@ class RerankSettings(SharedModelFields):
         if value is None:
             return None
         allowed = "a number (int or float) or None"
-        return validate_threshold(strict_number("score_threshold", value, allowed=allowed))
+        return validate_threshold(_strict_number("score_threshold", value, allowed=allowed))
 
     @field_validator("window_tokens", mode="before")
     @classmethod
     def _check_window_tokens(cls, value: Any) -> Any:
         if value is None or value == "auto":
             return value
-        return strict_int("window_tokens", value, allowed="a positive int, 'auto' or None")
+        return _strict_int("window_tokens", value, allowed="a positive int, 'auto' or None")
 
     @field_validator("window_stride", "window_query_tokens", mode="before")
     @classmethod
     def _check_window_ints(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return value
-        return strict_int(str(info.field_name), value, allowed="a positive int")
+        return _strict_int(str(info.field_name), value, allowed="a positive int")
 
     @model_validator(mode="after")
     def _check_windows(self) -> RerankSettings:
