@@ -430,6 +430,21 @@ def test_b24_embed_documents_of_a_bare_string_is_invalid_input(pool: ModelPool) 
     assert len(emb.embed_documents(t for t in ["a", "b"])) == 2  # any iterable of str is fine
 
 
+@pytest.mark.parametrize(
+    "documents", ["red apple", Document(page_content="red apple"), None], ids=["str", "doc", "none"]
+)
+def test_b24_compressing_a_single_document_or_str_is_invalid_input(
+    pool: ModelPool, documents: object
+) -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"list .* of langchain_core Documents.*\[document\]"
+    ):
+        _lc(pool).compress_documents(documents, QUERY)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"list .* of langchain_core Documents"):
+        asyncio.run(_lc(pool).acompress_documents(documents, QUERY))  # type: ignore[arg-type]
+    assert pool.loaded_specs() == []
+
+
 def test_b24_the_handle_rejects_a_bare_string_too(pool: ModelPool) -> None:
     spec = ModelSpec("e", backend="fake-embedder")
     with pytest.raises(InvalidInputError, match="list of str"):

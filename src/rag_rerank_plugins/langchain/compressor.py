@@ -31,6 +31,20 @@ ERROR_KEY = "rerank_error"
 EVENT_NAME = "rag_rerank"
 
 
+def _document_list(documents: Any) -> list[Document]:
+    """``documents`` read once into a list (a generator cannot be indexed after scoring).
+
+    A single Document or str is iterable too (pydantic models iterate over their fields), so
+    each would be taken apart into confusing items; they and non-iterables fail here instead.
+    """
+    if isinstance(documents, (str, Document)) or not isinstance(documents, Iterable):
+        raise InvalidInputError(
+            "documents must be a list (or other iterable) of langchain_core Documents, got "
+            f"{type(documents).__name__}. For one document pass [document]."
+        )
+    return list(documents)
+
+
 class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     """Rerank retrieved documents with a model loaded once per process.
 
@@ -120,7 +134,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         scoring, ``data`` = {model, backend, documents_in, documents_out, seconds, error}.
         """
         start = time.perf_counter()
-        documents = list(documents)  # once: results are built by index after scoring
+        documents = _document_list(documents)
         ranked, windows, error = self.rank_texts_guarded(query, self._texts(documents))
         out = self._build(documents, ranked, windows, error)
         if callbacks is not None:
@@ -137,7 +151,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
         start = time.perf_counter()
-        documents = list(documents)  # once: results are built by index after scoring
+        documents = _document_list(documents)
         ranked, windows, error = await self.arank_texts_guarded(query, self._texts(documents))
         out = self._build(documents, ranked, windows, error)
         if callbacks is not None:
