@@ -77,6 +77,11 @@ def test_model_kwargs_max_length_conflicting_with_max_length_is_an_error() -> No
             r"'config_kwargs'.*Dict-valued",
         ),
         (
+            SharedCrossEncoder,
+            {"model_kwargs": {"token": "hf_secret"}},
+            r"'token'.*Never put a token in a spec.*HF_TOKEN",
+        ),
+        (
             SharedEmbeddings,
             {"model_kwargs": {"torch_dtype": "float16"}},
             r"'sentence-transformers'.*'torch_dtype'.*dtype=",
@@ -126,7 +131,7 @@ def test_options_the_backends_read_are_accepted(pool: ModelPool) -> None:
         model_kwargs={"trust_remote_code": True, "revision": "main", "quantize": "int8"},
         score_mode="raw",
     )
-    SharedCrossEncoder(model_name="m", model_kwargs={"cache_folder": "/tmp/x", "token": True})
+    SharedCrossEncoder(model_name="m", model_kwargs={"cache_folder": "/tmp/x", "revision": "v1"})
     SharedEmbeddings(model="m", model_kwargs={"truncate_dim": 128, "local_files_only": True})
     SharedRerankCompressor(model="m", backend="flag-reranker", score_mode="sigmoid")
     SharedEmbeddings(model="m", backend="flag-bge-m3", model_kwargs={"cache_dir": "/tmp/x"})

@@ -53,10 +53,9 @@ class BackendInfo:
 #: Keyword arguments of sentence-transformers' loaders that are plain values (hashable, one per
 #: spec) and only change where/which weights load. Dict-valued ones (model_kwargs,
 #: config_kwargs, tokenizer/processor_kwargs, prompts) are left out: a spec freezes a dict into a
-#: tuple of pairs, which the loaders would reject at load time.
-_ST_LOADING = frozenset(
-    {"trust_remote_code", "revision", "cache_folder", "local_files_only", "token"}
-)
+#: tuple of pairs, which the loaders would reject at load time. So is ``token``: a spec is shown
+#: in stats, metrics and logs, and the hub reads HF_TOKEN / ``hf auth login`` by itself.
+_ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
 #: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
 _CROSS_ENCODER_OPTIONS = _ST_LOADING | {"score_mode", "quantize"}
 #: st_embedder.py: quantize is ours; the rest goes to SentenceTransformer(...).
@@ -118,6 +117,8 @@ _HINTS = {
     "default_activation_function": "Use score_mode='sigmoid' or score_mode='raw'.",
     "normalize": "Use score_mode='sigmoid' or score_mode='raw'.",
     "normalize_embeddings": "Use the embedder adapter's normalize_embeddings= / normalize= field.",
+    "token": "Never put a token in a spec (specs are shown in stats, metrics and logs): the hub "
+    "reads HF_TOKEN or the login saved by `hf auth login` by itself.",
 }
 _DICT_VALUED = (
     "model_kwargs",
