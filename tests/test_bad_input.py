@@ -118,6 +118,28 @@ def test_b05_none_or_non_string_content_is_invalid_input(pool: ModelPool) -> Non
     assert comp.stats()["passthrough"] == 0
 
 
+class _LooksLikeADocument:
+    def __init__(self, text: str) -> None:
+        self.page_content = text
+        self.metadata: dict[str, object] = {}
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["raw text", {"page_content": "x", "metadata": {}}, _LooksLikeADocument("x")],
+    ids=["str", "dict", "look-alike"],
+)
+def test_b06_lc_items_that_are_not_documents_fail_before_scoring(
+    pool: ModelPool, item: object
+) -> None:
+    comp = _lc(pool, on_error="passthrough")
+    with pytest.raises(InvalidInputError, match=r"documents\[1\] is .*not a langchain_core"):
+        comp.compress_documents([Document(page_content="a"), item], QUERY)  # type: ignore[list-item]
+    with pytest.raises(InvalidInputError, match=r"documents\[0\]"):
+        asyncio.run(comp.acompress_documents([item], QUERY))  # type: ignore[list-item]
+    assert pool.loaded_specs() == []
+
+
 def test_b06_items_that_are_not_documents_or_nodes_are_invalid_input(pool: ModelPool) -> None:
     with pytest.raises(InvalidInputError, match=r"documents\[0\]"):
         _lc(pool).compress_documents(["raw text"], QUERY)  # type: ignore[list-item]
@@ -360,3 +382,117 @@ def test_b22_batch_size_zero_fails_at_construction_and_in_the_pool(pool: ModelPo
         _lc(pool, batch_size=0)
     with pytest.raises(InvalidInputError, match="batch_size"):
         pool.score_pairs(ModelSpec("f", backend="fake-reranker"), [("q", "p")], batch_size=0)
+
+
+# -- B23: documents as a generator ----------------------------------------------------------------
+
+
+def test_b23_documents_from_a_generator_are_read_once(pool: ModelPool) -> None:
+    comp = _lc(pool)
+    texts = ["pear", "red apple", "apple"]
+    expected = comp.compress_documents(_docs(texts), QUERY)
+    calls = comp.stats()["calls"]
+    assert comp.compress_documents((d for d in _docs(texts)), QUERY) == expected
+    assert comp.stats()["calls"] == calls + 1, "scored exactly once"
+    assert asyncio.run(comp.acompress_documents(iter(_docs(texts)), QUERY)) == expected
+    assert comp.stats()["calls"] == calls + 2
+    assert comp.compress_documents(iter(()), QUERY) == []
+
+
+def test_b23_a_bad_item_in_a_generator_fails_before_scoring(pool: ModelPool) -> None:
+    items = (d for d in [Document(page_content="a"), "raw string"])
+    with pytest.raises(InvalidInputError, match=r"documents\[1\]"):
+        _lc(pool).compress_documents(items, QUERY)  # type: ignore[arg-type]
+    assert pool.loaded_specs() == []
+
+
+# -- B24: a bare str where a list is expected -----------------------------------------------------
+
+
+def test_b24_embed_documents_of_a_bare_string_is_invalid_input(pool: ModelPool) -> None:
+    from rag_rerank_plugins.langchain import SharedEmbeddings
+
+    emb = SharedEmbeddings(model="e", backend="fake-embedder", pool=pool)
+    with pytest.raises(InvalidInputError, match=r"list of str.*\['hello'\]"):
+        emb.embed_documents("hello")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"list of str"):
+        asyncio.run(emb.aembed_documents("hello"))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"texts\[1\]"):
+        emb.embed_documents(["a", 3])  # type: ignore[list-item]
+    with pytest.raises(InvalidInputError, match="str"):
+        emb.embed_query(["hello"])  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="str"):
+        asyncio.run(emb.aembed_query(None))  # type: ignore[arg-type]
+    assert pool.loaded_specs() == [], "rejected before the model loads"
+    shown = emb.model_copy(update={"show_progress": True})
+    with pytest.raises(InvalidInputError, match=r"list of str"):
+        shown.embed_documents("hello")  # type: ignore[arg-type]
+    assert len(emb.embed_documents(t for t in ["a", "b"])) == 2  # any iterable of str is fine
+
+
+@pytest.mark.parametrize(
+    "documents", ["red apple", Document(page_content="red apple"), None], ids=["str", "doc", "none"]
+)
+def test_b24_compressing_a_single_document_or_str_is_invalid_input(
+    pool: ModelPool, documents: object
+) -> None:
+    with pytest.raises(
+        InvalidInputError, match=r"list .* of langchain_core Documents.*\[document\]"
+    ):
+        _lc(pool).compress_documents(documents, QUERY)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"list .* of langchain_core Documents"):
+        asyncio.run(_lc(pool).acompress_documents(documents, QUERY))  # type: ignore[arg-type]
+    assert pool.loaded_specs() == []
+
+
+def test_b24_the_handle_rejects_a_bare_string_too(pool: ModelPool) -> None:
+    spec = ModelSpec("e", backend="fake-embedder")
+    with pytest.raises(InvalidInputError, match="list of str"):
+        pool.embed(spec, "hello")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="list of str"):
+        asyncio.run(pool.aembed(spec, "hello"))  # type: ignore[arg-type]
+    assert len(pool.embed(spec, ["hello"])) == 1
+
+
+@pytest.mark.parametrize(
+    ("pairs", "match"),
+    [
+        ("query", r"list of \(query, passage\) pairs, got str"),
+        (("query", "passage"), r"text_pairs\[0\] is a str.*\[\(query, passage\)\]"),
+        ([("q",)], r"text_pairs\[0\] has 1 item"),
+        ([("q", "p"), ("q", "p", "x")], r"text_pairs\[1\] has 3 items"),
+        ([("q", "p"), "qp"], r"text_pairs\[1\] is a str"),
+        ([("q", None)], r"text_pairs\[0\]\[1\] is NoneType"),
+        (42, r"list of \(query, passage\) pairs, got int"),
+    ],
+)
+def test_b24_cross_encoder_score_rejects_wrong_shapes(
+    pool: ModelPool, pairs: object, match: str
+) -> None:
+    from rag_rerank_plugins.langchain import SharedCrossEncoder
+
+    model = SharedCrossEncoder(model_name="f", backend="fake-reranker", pool=pool)
+    with pytest.raises(InvalidInputError, match=match):
+        model.score(pairs)  # type: ignore[arg-type]
+    assert pool.loaded_specs() == []
+    assert model.score([]) == []
+    assert pool.loaded_specs() == [], "no pairs: nothing to load"
+    assert model.score([("red apple", "apple"), ["red", "pear"]]) == [0.5, 0.0]
+
+
+# -- B25: numbers given as str or bool ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter", ["lc", "li"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"top_n": True}, {"top_n": "3"}, {"score_threshold": "0.5"}, {"batch_size": "4"}],
+    ids=["top_n-bool", "top_n-str", "threshold-str", "batch_size-str"],
+)
+def test_b25_numbers_given_as_str_or_bool_fail_at_construction(
+    pool: ModelPool, adapter: str, kwargs: dict
+) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(ValidationError, match=f"{name} must be"):
+        (_lc if adapter == "lc" else _li)(pool, **kwargs)
+    assert (_lc if adapter == "lc" else _li)(pool, score_threshold=1).score_threshold == 1.0

@@ -227,3 +227,207 @@ def test_callbacks_argument_is_accepted(pool: ModelPool) -> None:
     comp = SharedRerankCompressor(model="f", backend="fake-reranker", pool=pool)
     out = comp.compress_documents([Document(page_content="a")], "a", callbacks=CallbackManager([]))
     assert len(out) == 1
+
+
+# -- import guard ------------------------------------------------------------------------------
+
+_BLOCK_LANGCHAIN = """
+import importlib.abc, sys
+
+class _NoLangChain(importlib.abc.MetaPathFinder):
+    # Behaves as if langchain-core were not installed.
+    def find_spec(self, name, path=None, target=None):
+        if name == "langchain_core" or name.startswith("langchain_core."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+for name in [m for m in sys.modules if m.split(".")[0] == "langchain_core"]:
+    del sys.modules[name]
+sys.meta_path.insert(0, _NoLangChain())
+"""
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from rag_rerank_plugins.langchain import SharedRerankCompressor",
+        "from rag_rerank_plugins.langchain import SharedCrossEncoder",
+        "from rag_rerank_plugins.langchain import SharedEmbeddings",
+        "import rag_rerank_plugins.langchain as lc; lc.SharedEmbeddings",
+        "import rag_rerank_plugins.langchain.compressor",
+        "import rag_rerank_plugins.langchain.cross_encoder",
+        "import rag_rerank_plugins.langchain.embeddings",
+    ],
+)
+def test_missing_langchain_core_raises_missing_dependency_error(statement: str) -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        f"{_BLOCK_LANGCHAIN}\n"
+        "from rag_rerank_plugins import MissingDependencyError\n"
+        "import rag_rerank_plugins.langchain  # the package itself imports fine\n"
+        "try:\n"
+        f"    {statement}\n"
+        "except MissingDependencyError as exc:\n"
+        "    print('MissingDependencyError:', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MissingDependencyError:" in result.stdout
+    assert "pip install 'rag-rerank-plugins[langchain]'" in result.stdout
+
+
+# -- Document subclasses and look-alikes -------------------------------------------------------
+
+
+class _ScoredDocument(Document):
+    """A caller's Document subclass with a field of its own."""
+
+    source_rank: int = 0
+
+
+def test_document_subclasses_come_back_as_the_callers_type(pool: ModelPool) -> None:
+    docs = [
+        _ScoredDocument(page_content=text, metadata={"i": i}, id=f"d{i}", source_rank=10 + i)
+        for i, text in enumerate(["pear", "red apple", "apple"])
+    ]
+    before = copy.deepcopy(docs)
+    comp = SharedRerankCompressor(model="f", backend="fake-reranker", top_n=None, pool=pool)
+    for out in (
+        comp.compress_documents(docs, "red apple"),
+        asyncio.run(comp.acompress_documents(docs, "red apple")),
+    ):
+        assert [type(d) for d in out] == [_ScoredDocument] * 3
+        assert [(d.id, d.source_rank) for d in out] == [("d1", 11), ("d2", 12), ("d0", 10)]
+        assert [d.metadata["i"] for d in out] == [1, 2, 0]
+        assert all(isinstance(d.metadata["relevance_score"], float) for d in out)
+        assert all(o is not d for o in out for d in docs)
+    assert docs == before, "input documents must not be mutated"
+    assert all("relevance_score" not in d.metadata for d in docs)
+
+
+# -- numbers are numbers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_n": True}, r"top_n must be .*int.*got True \(bool\)"),
+        ({"top_n": "3"}, r"top_n must be .*int.*got '3' \(str\); pass top_n=3"),
+        ({"top_n": 3.0}, r"top_n must be .*int.*got 3.0 \(float\)"),
+        ({"score_threshold": "0.5"}, r"score_threshold must be a number.*pass score_threshold=0.5"),
+        ({"score_threshold": True}, r"score_threshold must be a number.*\(bool\)"),
+        ({"batch_size": "4"}, r"batch_size must be .*int.*pass batch_size=4"),
+        ({"batch_size": True}, r"batch_size must be .*int.*\(bool\)"),
+        ({"max_length": "128"}, r"max_length must be .*int.*pass max_length=128"),
+        ({"window_tokens": "64"}, r"window_tokens must be .*int.*'auto'"),
+    ],
+)
+def test_strings_and_bools_are_not_numbers(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        SharedRerankCompressor(model="f", backend="fake-reranker", **kwargs)
+
+
+@pytest.mark.parametrize("cls", [SharedCrossEncoder, SharedEmbeddings])
+@pytest.mark.parametrize("value", ["4", True, 4.0])
+def test_batch_size_must_be_an_int_on_every_langchain_adapter(cls: type, value: object) -> None:
+    backend = "fake-embedder" if cls is SharedEmbeddings else "fake-reranker"
+    with pytest.raises(ValidationError, match="batch_size must be"):
+        cls(model="f", backend=backend, batch_size=value)
+    assert cls(model="f", backend=backend, batch_size=4).batch_size == 4
+
+
+def test_numbers_of_the_right_type_are_kept() -> None:
+    comp = SharedRerankCompressor(
+        model="f", backend="fake-reranker", top_n=2, score_threshold=1, batch_size=8, max_length=64
+    )
+    assert (comp.top_n, comp.batch_size, comp.max_length) == (2, 8, 64)
+    assert comp.score_threshold == 1.0
+    assert isinstance(comp.score_threshold, float)
+    assert SharedRerankCompressor(model="f", score_threshold=-0.25).score_threshold == -0.25
+    assert SharedRerankCompressor(model="f", top_n=None, window_tokens="auto").top_n is None
+
+
+# -- HuggingFaceEmbeddings arguments ---------------------------------------------------------------
+
+
+def _recording_embedder() -> tuple[str, list[tuple[bool, bool]]]:
+    """A registered fake embedder recording (is_query, normalize) of every call."""
+    import uuid
+
+    from rag_rerank_plugins.backends import register_backend
+    from rag_rerank_plugins.testing import FakeEmbedder
+
+    calls: list[tuple[bool, bool]] = []
+
+    class Recording(FakeEmbedder):
+        def embed(self, texts, *, batch_size, is_query, normalize=False):  # type: ignore[no-untyped-def]
+            calls.append((is_query, normalize))
+            return super().embed(texts, batch_size=batch_size, is_query=is_query)
+
+    name = f"rec-{uuid.uuid4().hex[:8]}"
+    register_backend(name, lambda spec, pool: Recording(), "embedder")
+    return name, calls
+
+
+def test_hugging_face_embeddings_encode_kwargs_are_mapped() -> None:
+    emb = SharedEmbeddings(
+        model_name="m",
+        encode_kwargs={"normalize_embeddings": True, "batch_size": 8, "show_progress_bar": True},
+        cache_folder="/tmp/hf-cache",
+        multi_process=False,
+        show_progress=True,
+    )
+    assert (emb.normalize_embeddings, emb.batch_size, emb.show_progress) == (True, 8, True)
+    assert emb.model_kwargs == {"cache_folder": "/tmp/hf-cache"}
+    assert emb.spec.option("cache_folder") == "/tmp/hf-cache"
+    assert emb.query_normalize_embeddings is None
+    plain = SharedEmbeddings(model_name="m", encode_kwargs={}, query_encode_kwargs={})
+    assert plain.normalize_embeddings is False
+
+
+def test_query_encode_kwargs_normalisation_is_honoured_for_queries() -> None:
+    name, calls = _recording_embedder()
+    emb = SharedEmbeddings(
+        model="m",
+        backend=name,
+        encode_kwargs={"normalize_embeddings": False},
+        query_encode_kwargs={"normalize_embeddings": True},
+        pool=ModelPool(),
+    )
+    emb.embed_documents(["a document"])
+    emb.embed_query("a query")
+    asyncio.run(emb.aembed_query("another query"))
+    asyncio.run(emb.aembed_documents(["another document"]))
+    assert calls == [(False, False), (True, True), (True, True), (False, False)]
+    calls.clear()
+    same = SharedEmbeddings(model="m", backend=name, normalize_embeddings=True, pool=ModelPool())
+    same.embed_documents(["a document"])
+    same.embed_query("a query")
+    assert calls == [(False, True), (True, True)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"multi_process": True}, r"already batches concurrent requests.*rag-rerank serve"),
+        ({"encode_kwargs": {"prompt": "query: "}}, r"encode_kwargs.*'prompt'.*Supported: "),
+        ({"encode_kwargs": {"precision": "int8"}}, r"Supported: batch_size, normalize_emb"),
+        ({"query_encode_kwargs": {"convert_to_tensor": True}}, r"query_encode_kwargs.*'convert"),
+        (
+            {"encode_kwargs": {"normalize_embeddings": True}, "normalize_embeddings": False},
+            r"normalize_embeddings=False and encode_kwargs\['normalize_embeddings'\]=True",
+        ),
+        (
+            {"cache_folder": "/a", "model_kwargs": {"cache_folder": "/b"}},
+            r"cache_folder='/a' and model_kwargs\['cache_folder'\]='/b'",
+        ),
+        ({"encode_kwargs": "normalize"}, r"encode_kwargs must be a dict"),
+    ],
+)
+def test_hugging_face_embeddings_arguments_without_a_meaning_here_say_what_to_do(
+    kwargs: dict, match: str
+) -> None:
+    with pytest.raises(ValidationError, match=match):
+        SharedEmbeddings(model_name="m", **kwargs)

@@ -13,9 +13,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from .backends import backend_info
+from .backends import backend_info, check_options
 from .exceptions import ConfigurationError, InvalidInputError
 from .handle import ModelHandle
 from .pool import ModelPool, get_pool
@@ -29,6 +36,40 @@ logger = logging.getLogger(__name__)
 
 #: Longest ``rerank_error`` message put on a passed-through document.
 _ERROR_CHARS = 200
+
+
+def _hint(name: str, value: Any) -> str:
+    """``; pass name=3`` when ``value`` is a str holding a number, else ``""``."""
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return f"; pass {name}={parse(value.strip())!r}"
+            except ValueError:
+                continue
+    return ""
+
+
+def _strict_int(name: str, value: Any, *, allowed: str = "a positive int") -> Any:
+    """``value`` unchanged unless it is a bool, str or float where an int belongs.
+
+    Pydantic's lax mode turns ``top_n=True`` into 1 and ``batch_size="4"`` into 4, which hides
+    the caller's bug (a flag passed in the wrong place, an unparsed environment variable).
+    Runs before pydantic's own int validation, so the field's constraints still apply after it.
+    """
+    if isinstance(value, (bool, str, float)):
+        raise ConfigurationError(
+            f"{name} must be {allowed}, got {value!r} ({type(value).__name__}){_hint(name, value)}."
+        )
+    return value
+
+
+def _strict_number(name: str, value: Any, *, allowed: str = "a number (int or float)") -> Any:
+    """Like :func:`_strict_int` for float fields: ints are fine (1 means 1.0), str/bool are not."""
+    if isinstance(value, (bool, str)):
+        raise ConfigurationError(
+            f"{name} must be {allowed}, got {value!r} ({type(value).__name__}){_hint(name, value)}."
+        )
+    return value
 
 
 def from_settings(name: str) -> Callable[[], Any]:
@@ -75,10 +116,22 @@ class SharedModelFields(BaseModel):
         default=None, exclude=True, repr=False, description="Pool to use; None = get_pool()."
     )
 
+    @field_validator("max_length", "batch_size", mode="before", check_fields=False)
+    @classmethod
+    def _strict_ints(cls, value: Any, info: ValidationInfo) -> Any:
+        # batch_size is declared by the subclasses; check_fields=False lets this cover it there.
+        if value is None and info.field_name == "max_length":
+            return value
+        allowed = "a positive int or None" if info.field_name == "max_length" else "a positive int"
+        return _strict_int(str(info.field_name), value, allowed=allowed)
+
     @model_validator(mode="before")
     @classmethod
-    def _migrate_device_kwarg(cls, data: Any) -> Any:
-        # HuggingFaceCrossEncoder / HuggingFaceEmbeddings users pass model_kwargs={"device": ...}.
+    def _migrate_hf_kwargs(cls, data: Any) -> Any:
+        # HuggingFaceCrossEncoder / HuggingFaceEmbeddings users pass model_kwargs={"device": ...,
+        # "max_length": ...} (keyword arguments of sentence-transformers' loaders). Both are spec
+        # fields here; left in model_kwargs, max_length reached CrossEncoder(...) twice and the
+        # first call failed with "got multiple values for keyword argument 'max_length'".
         if isinstance(data, dict):
             kwargs = data.get("model_kwargs")
             if isinstance(kwargs, dict) and "device" in kwargs:
@@ -86,6 +139,17 @@ class SharedModelFields(BaseModel):
                 data = {**data, "model_kwargs": kwargs}
                 device = kwargs.pop("device")
                 data.setdefault("device", device)
+            if isinstance(kwargs, dict) and "max_length" in kwargs:
+                kwargs = dict(kwargs)
+                data = {**data, "model_kwargs": kwargs}
+                max_length = kwargs.pop("max_length")
+                explicit = data.get("max_length")
+                if explicit is not None and explicit != max_length:
+                    raise ConfigurationError(
+                        f"max_length={explicit!r} and model_kwargs['max_length']={max_length!r} "
+                        "disagree; give the token limit once, as max_length=."
+                    )
+                data["max_length"] = max_length
             if data.get("device") is None and "device" in data:
                 # LlamaIndex passes device=None for "infer": the default applies.
                 data = {k: v for k, v in data.items() if k != "device"}
@@ -100,7 +164,10 @@ class SharedModelFields(BaseModel):
                 f"{type(self).__name__} needs {article[self._kind]} backend, but "
                 f"{self.backend!r} is {article[info.kind]} backend."
             )
-        _ = self.spec  # validate model, device, dtype, max_length and options now, not per call
+        # Validate model, device, dtype, max_length and option names now, not at the first call
+        # (the load). check_options is set arithmetic: construction stays microseconds.
+        spec = self.spec
+        check_options(self.backend, spec.options_dict)
         return self
 
     @property
@@ -178,15 +245,35 @@ class RerankSettings(SharedModelFields):
         "stats()['passthrough']. Invalid input (missing query, non-text documents) always raises.",
     )
 
-    @field_validator("top_n")
+    # mode="before": checked on the caller's value, before pydantic's lax coercion ("3" -> 3).
+    @field_validator("top_n", mode="before")
     @classmethod
-    def _check_top_n(cls, value: int | None) -> int | None:
-        return validate_top_n(value)
+    def _check_top_n(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        return validate_top_n(_strict_int("top_n", value, allowed="a positive int or None"))
 
-    @field_validator("score_threshold")
+    @field_validator("score_threshold", mode="before")
     @classmethod
-    def _check_threshold(cls, value: float | None) -> float | None:
-        return validate_threshold(value)
+    def _check_threshold(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        allowed = "a number (int or float) or None"
+        return validate_threshold(_strict_number("score_threshold", value, allowed=allowed))
+
+    @field_validator("window_tokens", mode="before")
+    @classmethod
+    def _check_window_tokens(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        return _strict_int("window_tokens", value, allowed="a positive int, 'auto' or None")
+
+    @field_validator("window_stride", "window_query_tokens", mode="before")
+    @classmethod
+    def _check_window_ints(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        return _strict_int(str(info.field_name), value, allowed="a positive int")
 
     @model_validator(mode="after")
     def _check_windows(self) -> RerankSettings:

@@ -25,6 +25,8 @@ Messages say what to do next, because they are read in a stack trace at 3 a.m.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ConfigurationError",
     "InferenceError",
@@ -44,6 +46,10 @@ __all__ = [
     "RequestTimeoutError",
     "UnknownBackendError",
 ]
+
+
+#: A Hugging Face hub id ("name" or "org/name"), as opposed to a local path.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 class RagRerankError(Exception):
@@ -97,11 +103,18 @@ class ModelNotFoundError(ModelLoadError):
 
     def __init__(self, model: str, backend: str, cause: BaseException | str) -> None:
         super().__init__(model, backend, cause)
+        # huggingface-hub's command is `hf` (`huggingface-cli` is its deprecated old name).
+        if _HUB_ID.fullmatch(model):
+            folder = f"/models/{model.rsplit('/', 1)[-1]}"
+            download = f"`hf download {model} --local-dir {folder}`"
+        else:
+            folder = "/models/bge-reranker-v2-m3"
+            download = "`hf download <hub name> --local-dir <folder>`"
         self.args = (
             f"{self.args[0]}\nThe model was not found locally and the hub could not be reached "
             "(offline, HF_HUB_OFFLINE=1, or an unknown name). Pass a local directory instead, "
-            "e.g. model='/models/bge-reranker-v2-m3' (a folder saved with save_pretrained), or "
-            "download it once on a connected machine with `huggingface-cli download <name>`.",
+            f"e.g. model={folder!r}: download it once on a connected machine with {download} "
+            "(or save it there with save_pretrained).",
         )
 
 

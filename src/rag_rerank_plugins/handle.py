@@ -257,9 +257,10 @@ class ModelHandle:
         normalize: bool,
         prompt: str | None,
     ) -> tuple[list[str], Task]:
-        if isinstance(texts, str):
+        if isinstance(texts, str):  # list("hello") would embed five one-letter texts
             raise InvalidInputError(
-                "texts is a single str; pass a list of texts (e.g. [text]), or embed_query(text)."
+                f"texts must be a list of str, got a single str {texts[:40]!r}; "
+                "pass [text] to embed one text."
             )
         texts = _require_strings(list(texts), "text")
         if texts:

@@ -1,16 +1,20 @@
-"""Backend registry: backend name -> kind and (lazily imported) loader.
+"""Backend registry: backend name -> kind, (lazily imported) loader and accepted options.
 
 Built-in backends are listed by module path so that naming one costs nothing until it loads;
 heavy libraries (torch, sentence-transformers, FlagEmbedding) are imported by the loader only.
+Each built-in also declares the option names its loader reads, so adapters can reject a typo or
+an unsupported option when they are built instead of at the first call (the load).
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from ..exceptions import UnknownBackendError
+from ..exceptions import ConfigurationError, UnknownBackendError
 from .base import EmbedderModel, Kind, LoadedModel, Loader, RerankerModel
 
 __all__ = [
@@ -21,6 +25,7 @@ __all__ = [
     "RerankerModel",
     "backend_info",
     "available_backends",
+    "check_options",
     "get_loader",
     "register_backend",
 ]
@@ -35,6 +40,93 @@ class BackendInfo:
     #: False for backends with no local weights (remote, fakes): "auto" then means "cpu" and
     #: resolving a spec never imports torch (~650 MB in a client process).
     uses_torch: bool = True
+    #: Option names the loader reads; any other name is a mistake that would only surface at load
+    #: time. None accepts every name (user-registered backends that declare nothing).
+    options: frozenset[str] | None = None
+    #: ``(option, default)`` for backends that hand their other options to another backend:
+    #: the bi-encoder passes them to the embedder backend named by ``embedder_backend``.
+    forwards_options: tuple[str, str] | None = None
+
+
+# -- option names of the built-in backends (kept equal to the modules by tests) ---------------
+
+#: Keyword arguments of sentence-transformers' loaders that are plain values (hashable, one per
+#: spec) and only change where/which weights load. Dict-valued ones (model_kwargs,
+#: config_kwargs, tokenizer/processor_kwargs, prompts) are left out: a spec freezes a dict into a
+#: tuple of pairs, which the loaders would reject at load time. So is ``token``: a spec is shown
+#: in stats, metrics and logs, and the hub reads HF_TOKEN / ``hf auth login`` by itself.
+_ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
+#: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
+_CROSS_ENCODER_OPTIONS = _ST_LOADING | {"score_mode", "quantize"}
+#: st_embedder.py: quantize is ours; the rest goes to SentenceTransformer(...).
+_ST_EMBEDDER_OPTIONS = _ST_LOADING | {"quantize", "truncate_dim", "default_prompt_name"}
+#: flag.py (_RERANKER_OPTIONS, _M3_OPTIONS).
+_FLAG_RERANKER_OPTIONS = frozenset(
+    {
+        "score_mode",
+        "query_max_length",
+        "query_instruction_for_rerank",
+        "query_instruction_format",
+        "passage_instruction_for_rerank",
+        "passage_instruction_format",
+        "trust_remote_code",
+        "cache_dir",
+    }
+)
+_FLAG_M3_OPTIONS = frozenset(
+    {
+        "query_max_length",
+        "query_instruction_for_retrieval",
+        "query_instruction_format",
+        "normalize_embeddings",
+        "pooling_method",
+        "colbert_dim",
+        "trust_remote_code",
+        "cache_dir",
+    }
+)
+#: remote.py (_OPTIONS).
+_REMOTE_OPTIONS = frozenset(
+    {
+        "url",
+        "model_name",
+        "protocol",
+        "timeout",
+        "connect_timeout",
+        "retries",
+        "backoff",
+        "max_backoff",
+        "api_key_env",
+        "truncate",
+        "query_prompt_name",
+        "max_connections",
+        "verify",
+    }
+)
+
+#: What to use instead of an option name that is wrong on every backend.
+_HINTS = {
+    "device": "The device is chosen by device= (one device per spec).",
+    "devices": "The device is chosen by device= (one device per spec).",
+    "max_length": "Use max_length=.",
+    "dtype": "Precision is chosen by dtype= ('auto', 'float32', 'float16', 'bfloat16').",
+    "torch_dtype": "Precision is chosen by dtype= ('auto', 'float32', 'float16', 'bfloat16').",
+    "use_fp16": "Precision is chosen by dtype= ('auto', 'float32', 'float16', 'bfloat16').",
+    "use_bf16": "Precision is chosen by dtype= ('auto', 'float32', 'float16', 'bfloat16').",
+    "activation_fn": "Use score_mode='sigmoid' or score_mode='raw'.",
+    "default_activation_function": "Use score_mode='sigmoid' or score_mode='raw'.",
+    "normalize": "Use score_mode='sigmoid' or score_mode='raw'.",
+    "normalize_embeddings": "Use the embedder adapter's normalize_embeddings= / normalize= field.",
+    "token": "Never put a token in a spec (specs are shown in stats, metrics and logs): the hub "
+    "reads HF_TOKEN or the login saved by `hf auth login` by itself.",
+}
+_DICT_VALUED = (
+    "model_kwargs",
+    "config_kwargs",
+    "tokenizer_kwargs",
+    "processor_kwargs",
+    "prompts",
+)
 
 
 _lock = threading.Lock()
@@ -42,9 +134,18 @@ _REGISTRY: dict[str, BackendInfo] = {}
 
 
 def _builtin(
-    name: str, kind: Kind, target: str, description: str, *, uses_torch: bool = True
+    name: str,
+    kind: Kind,
+    target: str,
+    description: str,
+    *,
+    options: frozenset[str],
+    uses_torch: bool = True,
+    forwards_options: tuple[str, str] | None = None,
 ) -> None:
-    _REGISTRY[name] = BackendInfo(name, kind, target, description, uses_torch)
+    _REGISTRY[name] = BackendInfo(
+        name, kind, target, description, uses_torch, options, forwards_options
+    )
 
 
 _builtin(
@@ -52,36 +153,43 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.backends.st_cross_encoder:load",
     "sentence-transformers CrossEncoder (extra: st)",
+    options=_CROSS_ENCODER_OPTIONS,
 )
 _builtin(
     "sentence-transformers",
     "embedder",
     "rag_rerank_plugins.backends.st_embedder:load",
     "sentence-transformers SentenceTransformer (extra: st)",
+    options=_ST_EMBEDDER_OPTIONS,
 )
 _builtin(
     "bi-encoder",
     "reranker",
     "rag_rerank_plugins.backends.bi_encoder:load",
     "cosine similarity of shared embedder vectors (extra: st)",
+    options=frozenset({"embedder_backend"}),
+    forwards_options=("embedder_backend", "sentence-transformers"),
 )
 _builtin(
     "flag-reranker",
     "reranker",
     "rag_rerank_plugins.backends.flag:load_reranker",
     "FlagEmbedding FlagReranker, e.g. bge-reranker-v2-m3 (extra: flag)",
+    options=_FLAG_RERANKER_OPTIONS,
 )
 _builtin(
     "flag-bge-m3",
     "embedder",
     "rag_rerank_plugins.backends.flag:load_m3",
     "FlagEmbedding BGEM3FlagModel dense vectors, e.g. BAAI/bge-m3 (extra: flag)",
+    options=_FLAG_M3_OPTIONS,
 )
 _builtin(
     "remote-reranker",
     "reranker",
     "rag_rerank_plugins.backends.remote:load_reranker",
     "a rerank server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
+    options=_REMOTE_OPTIONS,
     uses_torch=False,
 )
 _builtin(
@@ -89,6 +197,7 @@ _builtin(
     "embedder",
     "rag_rerank_plugins.backends.remote:load_embedder",
     "an embedding server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
+    options=_REMOTE_OPTIONS,
     uses_torch=False,
 )
 _builtin(
@@ -96,6 +205,7 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.testing:load_fake_reranker",
     "deterministic word-overlap reranker for tests, no dependencies",
+    options=frozenset({"delay_ms"}),
     uses_torch=False,
 )
 _builtin(
@@ -103,6 +213,7 @@ _builtin(
     "embedder",
     "rag_rerank_plugins.testing:load_fake_embedder",
     "deterministic hashing embedder for tests, no dependencies",
+    options=frozenset({"dim", "delay_ms"}),
     uses_torch=False,
 )
 
@@ -115,18 +226,21 @@ def register_backend(
     description: str = "",
     replace: bool = False,
     uses_torch: bool = True,
+    options: Iterable[str] | None = None,
 ) -> None:
     """Add a backend. ``loader(spec, pool)`` returns a RerankerModel or EmbedderModel.
 
     Pass ``uses_torch=False`` for backends without local weights, so resolving their specs
-    never imports torch.
+    never imports torch. Pass ``options`` (the option names your loader reads) to have adapters
+    reject other names when they are built; None (the default) accepts any name.
     """
     if kind not in ("reranker", "embedder"):
         raise ValueError(f"kind must be 'reranker' or 'embedder', got {kind!r}")
+    accepted = None if options is None else frozenset(options)
     with _lock:
         if name in _REGISTRY and not replace:
             raise ValueError(f"Backend {name!r} is already registered; pass replace=True.")
-        _REGISTRY[name] = BackendInfo(name, kind, loader, description, uses_torch)
+        _REGISTRY[name] = BackendInfo(name, kind, loader, description, uses_torch, accepted)
 
 
 def available_backends() -> dict[str, BackendInfo]:
@@ -138,6 +252,48 @@ def backend_info(name: str) -> BackendInfo:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownBackendError(name, list(_REGISTRY)) from None
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigurationError` if backend ``name`` does not read one of ``options``.
+
+    Cheap (set arithmetic, no imports), so adapters call it at construction: a typo or an
+    unsupported option then fails where it was written, not at the first request's load. The
+    message lists the accepted names. Backends registered without ``options`` accept anything.
+    """
+    info = backend_info(name)
+    if info.options is None:
+        return
+    accepted = info.options
+    names = set(options)
+    where = f"Backend {name!r}"
+    if info.forwards_options is not None:
+        key, default = info.forwards_options
+        target = options.get(key, default)
+        target_info = backend_info(target)
+        if target_info.kind != "embedder":
+            raise ConfigurationError(
+                f"Option {key}={target!r} of backend {name!r} must name an embedder backend, but "
+                f"{target!r} is a {target_info.kind}."
+            )
+        if target_info.options is None:
+            return
+        accepted = accepted | target_info.options
+        where = f"Backend {name!r} (its other options go to the embedder backend {target!r})"
+    unknown = sorted(names - accepted)
+    if not unknown:
+        return
+    hints = {_HINTS[u] for u in unknown if u in _HINTS}
+    if any(u in _DICT_VALUED for u in unknown):
+        hints.add(
+            "Dict-valued backend options cannot be passed through yet: a spec freezes them into "
+            "a tuple, which the library's loader rejects."
+        )
+    raise ConfigurationError(
+        f"{where} does not accept option(s) {', '.join(map(repr, unknown))} "
+        f"(model_kwargs or an adapter field). Accepted: {', '.join(sorted(accepted))}."
+        + "".join(f" {hint}" for hint in sorted(hints))
+    )
 
 
 def get_loader(name: str) -> Loader:

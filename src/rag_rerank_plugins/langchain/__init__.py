@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import lazy_getattr
 
@@ -25,4 +26,17 @@ _LAZY = {
 }
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY, globals())
+_lazy_getattr = lazy_getattr(__name__, _LAZY, globals())
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve an adapter lazily, checking for langchain-core *first*.
+
+    The adapter modules import langchain_core at their top, so without this check a missing
+    extra surfaced as a bare ``ModuleNotFoundError`` instead of ``MissingDependencyError``
+    naming the extra. The check runs on attribute access, never on ``import
+    rag_rerank_plugins.langchain`` itself, which stays free of LangChain imports.
+    """
+    if name in _LAZY:
+        import_module("._compat", __name__)
+    return _lazy_getattr(name)

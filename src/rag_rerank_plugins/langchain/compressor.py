@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+# First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
+from . import _compat  # noqa: F401  # isort: skip
+
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from langchain_core.callbacks import Callbacks
@@ -15,7 +18,6 @@ from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import InvalidInputError
 from ..ranking import Ranked
 from ..windows import WindowInfo
-from . import _compat  # noqa: F401  (clear error when langchain-core is missing)
 
 __all__ = ["SharedRerankCompressor"]
 
@@ -29,14 +31,29 @@ ERROR_KEY = "rerank_error"
 EVENT_NAME = "rag_rerank"
 
 
+def _document_list(documents: Any) -> list[Document]:
+    """``documents`` read once into a list (a generator cannot be indexed after scoring).
+
+    A single Document or str is iterable too (pydantic models iterate over their fields), so
+    each would be taken apart into confusing items; they and non-iterables fail here instead.
+    """
+    if isinstance(documents, (str, Document)) or not isinstance(documents, Iterable):
+        raise InvalidInputError(
+            "documents must be a list (or other iterable) of langchain_core Documents, got "
+            f"{type(documents).__name__}. For one document pass [document]."
+        )
+    return list(documents)
+
+
 class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     """Rerank retrieved documents with a model loaded once per process.
 
     Drop-in for ``ContextualCompressionRetriever(base_compressor=..., base_retriever=...)``.
     Build one per request if you like: construction validates a few fields and never loads.
 
-    Returns new ``Document`` objects, best first, each with ``metadata["relevance_score"]`` (float)
-    and the input's ``id``; the input documents are never modified. With ``window_tokens`` set,
+    Returns new documents of the caller's class (a ``Document`` subclass keeps its type and extra
+    fields: shallow copies), best first, each with ``metadata["relevance_score"]`` (float) and the
+    input's ``id``; the input documents are never modified. With ``window_tokens`` set,
     ``metadata["rerank_window"]`` says which token window of the document decided its score.
     With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` documents in
     retrieval order with ``metadata["rerank_error"]`` set and no ``relevance_score`` key.
@@ -51,13 +68,24 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     backend: str = Field(default_factory=from_settings("reranker_backend"))
 
     def _texts(self, documents: Sequence[Document]) -> list[str]:
+        """The texts to score, checked before any model work.
+
+        Only ``Document`` instances (subclasses included) are accepted: a look-alike (a dict, an
+        object with a ``page_content`` attribute) could not be returned as what it is, since
+        results are copies made with ``Document.model_copy``.
+        """
         texts = []
         for i, doc in enumerate(documents):
-            content = getattr(doc, "page_content", None)
+            if not isinstance(doc, Document):
+                raise InvalidInputError(
+                    f"documents[{i}] is {type(doc).__name__}, not a langchain_core Document. "
+                    "Wrap the text: Document(page_content=text, metadata={...})."
+                )
+            content = doc.page_content
             if not isinstance(content, str):
                 raise InvalidInputError(
-                    f"documents[{i}] has no text page_content ({type(doc).__name__}); "
-                    "pass langchain_core Document objects."
+                    f"documents[{i}] has no text page_content ({type(content).__name__}); "
+                    "page_content must be a str."
                 )
             texts.append(content)
         return texts
@@ -79,7 +107,8 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
                 metadata[ERROR_KEY] = error
             if windows is not None:
                 metadata[WINDOW_KEY] = windows[index].as_dict()
-            out.append(Document(page_content=doc.page_content, metadata=metadata, id=doc.id))
+            # A copy of the caller's own class (subclass fields kept); the input stays untouched.
+            out.append(doc.model_copy(update={"metadata": metadata}))
         return out
 
     def _event(self, n_in: int, n_out: int, seconds: float, error: str | None) -> dict[str, Any]:
@@ -94,16 +123,18 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
 
     def compress_documents(
         self,
-        documents: Sequence[Document],
+        documents: Iterable[Document],
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``; keep ``top_n`` scoring >= ``score_threshold``.
 
+        ``documents`` may be any iterable (a generator too): it is read once, before scoring.
         With ``callbacks``, their handlers get ``on_custom_event("rag_rerank", data)`` after
         scoring, ``data`` = {model, backend, documents_in, documents_out, seconds, error}.
         """
         start = time.perf_counter()
+        documents = _document_list(documents)
         ranked, windows, error = self.rank_texts_guarded(query, self._texts(documents))
         out = self._build(documents, ranked, windows, error)
         if callbacks is not None:
@@ -114,12 +145,13 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
 
     async def acompress_documents(
         self,
-        documents: Sequence[Document],
+        documents: Iterable[Document],
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
         start = time.perf_counter()
+        documents = _document_list(documents)
         ranked, windows, error = await self.arank_texts_guarded(query, self._texts(documents))
         out = self._build(documents, ranked, windows, error)
         if callbacks is not None:

@@ -6,13 +6,57 @@ swap in ``SharedCrossEncoder(model_name=...)`` and the model is loaded once per 
 
 from __future__ import annotations
 
+# First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
+from . import _compat  # noqa: F401  # isort: skip
+
+from collections.abc import Iterable
+from typing import Any
+
 from langchain_core.cross_encoders import BaseCrossEncoder
 from pydantic import AliasChoices, ConfigDict, Field
 
 from ..adapter_base import SharedModelFields, from_settings
-from . import _compat  # noqa: F401
+from ..exceptions import InvalidInputError
 
 __all__ = ["SharedCrossEncoder"]
+
+
+def _checked_pairs(text_pairs: Any) -> list[tuple[str, str]]:
+    """``text_pairs`` as a list of (query, passage) str tuples, checked before the model loads.
+
+    Strings are sequences too, so without this a bare str or a single unwrapped pair was taken
+    apart letter by letter into confusing pair errors, or (two-letter strings) silently scored.
+    """
+    if isinstance(text_pairs, str) or not isinstance(text_pairs, Iterable):
+        raise InvalidInputError(
+            "score takes a list of (query, passage) pairs, got "
+            f"{type(text_pairs).__name__} {str(text_pairs)[:40]!r}. "
+            "For one pair pass [(query, passage)]."
+        )
+    pairs = []
+    for i, pair in enumerate(text_pairs):
+        if isinstance(pair, str):
+            raise InvalidInputError(
+                f"text_pairs[{i}] is a str, not a (query, passage) pair. For one pair pass "
+                "[(query, passage)], not (query, passage)."
+            )
+        if not isinstance(pair, (tuple, list)):
+            raise InvalidInputError(
+                f"text_pairs[{i}] is {type(pair).__name__}, not a (query, passage) tuple."
+            )
+        if len(pair) != 2:
+            raise InvalidInputError(
+                f"text_pairs[{i}] has {len(pair)} item{'s' if len(pair) != 1 else ''}; "
+                "expected (query, passage)."
+            )
+        for j, text in enumerate(pair):
+            if not isinstance(text, str):
+                raise InvalidInputError(
+                    f"text_pairs[{i}][{j}] is {type(text).__name__}, not str. Convert it to text "
+                    "first."
+                )
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
@@ -34,5 +78,12 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
     batch_size: int = Field(default_factory=from_settings("batch_size"), gt=0)
 
     def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
-        """One relevance score per (query, passage) pair, in input order."""
-        return self._pool().score_pairs(self.spec, text_pairs, self.batch_size)
+        """One relevance score per (query, passage) pair, in input order.
+
+        Raises :class:`InvalidInputError` (before any model work) unless ``text_pairs`` is a list
+        (or other iterable) of 2-item tuples/lists of str. No pairs: ``[]``, nothing loads.
+        """
+        pairs = _checked_pairs(text_pairs)
+        if not pairs:
+            return []
+        return self._pool().score_pairs(self.spec, pairs, self.batch_size)
