@@ -99,6 +99,7 @@ _REMOTE_OPTIONS = frozenset(
         "api_key_env",
         "truncate",
         "query_prompt_name",
+        "max_request_bytes",
         "max_connections",
         "verify",
     }
