@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+# The guard first: without llama-index-core, a MissingDependencyError naming the extra.
+from . import _compat  # noqa: F401
+
+# isort: split
+
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import ConfigDict, Field
 
 from ..adapter_base import SharedModelFields, from_settings
-from . import _compat  # noqa: F401
 
 __all__ = ["SharedEmbedding"]
 

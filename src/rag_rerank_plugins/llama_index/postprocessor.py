@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# The guard first: without llama-index-core, a MissingDependencyError naming the extra.
+from . import _compat  # noqa: F401
+
+# isort: split
+
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
@@ -15,7 +20,6 @@ from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
 from ..windows import WindowInfo
-from . import _compat  # noqa: F401  (clear error when llama-index-core is missing)
 
 __all__ = ["SharedRerankPostprocessor"]
 
