@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
@@ -14,7 +15,7 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
@@ -89,6 +90,41 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "SharedRerankPostprocessor"
+
+    def postprocess_nodes(
+        self,
+        nodes: Iterable[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+        query_str: str | None = None,
+    ) -> list[NodeWithScore]:
+        """Rerank ``nodes`` (any iterable of ``NodeWithScore``: a list, a tuple, a generator).
+
+        LlamaIndex's own signature says ``List``; a generator is accepted too because the nodes
+        are read several times (texts, events, results) and a generator can be read only once.
+        """
+        return super().postprocess_nodes(self._as_list(nodes), query_bundle, query_str)
+
+    async def apostprocess_nodes(
+        self,
+        nodes: Iterable[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+        query_str: str | None = None,
+    ) -> list[NodeWithScore]:
+        """Async :meth:`postprocess_nodes`: the forward pass never blocks the event loop."""
+        return await super().apostprocess_nodes(self._as_list(nodes), query_bundle, query_str)
+
+    @staticmethod
+    def _as_list(nodes: Iterable[NodeWithScore]) -> list[NodeWithScore]:
+        """``nodes`` as a list, read once; a list is used as it is (nothing is copied)."""
+        if isinstance(nodes, list):
+            return nodes
+        # A single node, a str or a dict are iterable too, but iterating them yields no nodes.
+        if isinstance(nodes, (str, bytes, BaseModel, Mapping)) or not isinstance(nodes, Iterable):
+            raise InvalidInputError(
+                f"nodes must be a list (or another iterable) of NodeWithScore, got "
+                f"{type(nodes).__name__}. Wrap a single node: [NodeWithScore(node=..., score=...)]."
+            )
+        return list(nodes)
 
     def _query(self, query_bundle: QueryBundle | None) -> str:
         if query_bundle is None:
