@@ -350,19 +350,33 @@ class ModelHandle:
     # -- embedding ----------------------------------------------------------------------------
 
     def _embed_args(
-        self, texts: Sequence[str], batch_size: int, is_query: bool, normalize: bool
+        self,
+        texts: Sequence[str],
+        batch_size: int,
+        is_query: bool,
+        normalize: bool,
+        prompt: str | None = None,
     ) -> tuple[list[str], dict[str, Any]]:
         texts = _require_strings(list(texts), "text")
         if texts:
             self._require_kind("embedder")
         if batch_size <= 0:
             raise InvalidInputError(f"batch_size must be positive, got {batch_size}.")
-        return texts, {"is_query": is_query, "normalize": normalize}
+        kwargs: dict[str, Any] = {"is_query": is_query, "normalize": normalize}
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidInputError(
+                    f"prompt must be a str or None, got {type(prompt).__name__}."
+                )
+            # Only when given, so backends written before `prompt` existed keep working. Being in
+            # kwargs also keeps requests with different prompts out of one forward pass.
+            kwargs["prompt"] = prompt
+        return texts, kwargs
 
     def _cached_query(self, texts: list[str], kwargs: dict[str, Any]) -> list[list[float]] | None:
         if not (kwargs["is_query"] and len(texts) == 1 and self._query_cache.enabled):
             return None
-        value = self._query_cache.get((texts[0], kwargs["normalize"]))
+        value = self._query_cache.get((texts[0], kwargs["normalize"], kwargs.get("prompt")))
         hit = value is not TTLCache.MISSING
         self._cache_counts(int(hit), int(not hit))
         if hit:
@@ -374,7 +388,8 @@ class ModelHandle:
         self, texts: list[str], kwargs: dict[str, Any], vectors: list[list[float]]
     ) -> None:
         if kwargs["is_query"] and len(texts) == 1 and self._query_cache.enabled:
-            self._query_cache.put((texts[0], kwargs["normalize"]), tuple(vectors[0]))
+            key = (texts[0], kwargs["normalize"], kwargs.get("prompt"))
+            self._query_cache.put(key, tuple(vectors[0]))
 
     def embed(
         self,
@@ -384,9 +399,11 @@ class ModelHandle:
         is_query: bool = False,
         normalize: bool = False,
         timeout: float | None = None,
+        prompt: str | None = None,
     ) -> list[list[float]]:
-        """One vector per text. ``is_query`` selects the model's query prompt, if it has one."""
-        items, kwargs = self._embed_args(texts, batch_size, is_query, normalize)
+        """One vector per text. ``is_query`` selects the model's query prompt, if it has one;
+        ``prompt`` (for this call only) replaces that prompt."""
+        items, kwargs = self._embed_args(texts, batch_size, is_query, normalize, prompt)
         if not items:
             return []
         cached = self._cached_query(items, kwargs)
@@ -404,8 +421,9 @@ class ModelHandle:
         is_query: bool = False,
         normalize: bool = False,
         timeout: float | None = None,
+        prompt: str | None = None,
     ) -> list[list[float]]:
-        items, kwargs = self._embed_args(texts, batch_size, is_query, normalize)
+        items, kwargs = self._embed_args(texts, batch_size, is_query, normalize, prompt)
         if not items:
             return []
         cached = self._cached_query(items, kwargs)

@@ -290,12 +290,22 @@ class ModelPool:
         is_query: bool = False,
         normalize: bool = False,
         timeout: float | None = None,
+        prompt: str | None = None,
     ) -> list[list[float]]:
-        """Embed texts with the shared model for ``spec``."""
+        """Embed texts with the shared model for ``spec``.
+
+        ``prompt``: text put before every input for this call only, replacing the model's own
+        query/document prompt (LlamaIndex's ``query_instruction``); None keeps the model's.
+        """
         return self._call(
             spec,
             lambda h: h.embed(
-                texts, batch_size, is_query=is_query, normalize=normalize, timeout=timeout
+                texts,
+                batch_size,
+                is_query=is_query,
+                normalize=normalize,
+                timeout=timeout,
+                prompt=prompt,
             ),
         )
 
@@ -319,11 +329,17 @@ class ModelPool:
         is_query: bool = False,
         normalize: bool = False,
         timeout: float | None = None,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         return await self._acall(
             spec,
             lambda h: h.aembed(
-                texts, batch_size, is_query=is_query, normalize=normalize, timeout=timeout
+                texts,
+                batch_size,
+                is_query=is_query,
+                normalize=normalize,
+                timeout=timeout,
+                prompt=prompt,
             ),
         )
 

@@ -83,11 +83,18 @@ class FakeEmbedder(EmbedderModel):
         return [v / norm for v in vec] if norm else vec
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         if self.delay_ms:
             time.sleep(self.delay_ms / 1000)
-        return [self._vector(t) for t in texts]
+        prefix = prompt or ""  # no prompts of its own: a given one goes in front of each text
+        return [self._vector(prefix + t) for t in texts]
 
 
 def load_fake_reranker(spec: ModelSpec, pool: ModelPool) -> FakeReranker:

@@ -64,9 +64,20 @@ class EmbedderModel(LoadedModel):
 
     @abstractmethod
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
-        """One vector per text, in input order; unit length when ``normalize``."""
+        """One vector per text, in input order; unit length when ``normalize``.
+
+        ``prompt`` (str) replaces the model's own query/document prompt or instruction for this
+        call; a backend with no notion of prompts puts it in front of each text. It is passed
+        only when the caller gives one, so a backend without the parameter works until then.
+        """
 
 
 #: A backend: builds a loaded model for a resolved spec. May ask ``pool`` for other handles.

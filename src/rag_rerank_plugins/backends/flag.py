@@ -253,8 +253,10 @@ class FlagM3Embedder(EmbedderModel):
     def dimension(self) -> int:
         return self._dimension
 
-    def _texts(self, texts: Sequence[str], is_query: bool) -> list[str]:
+    def _texts(self, texts: Sequence[str], is_query: bool, prompt: str | None) -> list[str]:
         flag = self._flag
+        if prompt is not None:  # replaces the model's instruction, like a SentenceTransformer
+            return [prompt + t for t in texts]
         if is_query and flag.query_instruction_for_retrieval is not None:
             fmt, instruction = flag.query_instruction_format, flag.query_instruction_for_retrieval
         elif not is_query and flag.kwargs.get("passage_instruction_for_retrieval") is not None:
@@ -265,13 +267,19 @@ class FlagM3Embedder(EmbedderModel):
         return [flag.get_detailed_instruct(fmt, instruction, t) for t in texts]
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         import torch
 
         max_length = self.query_max_length if is_query else self.passage_max_length
         encoded = self.tokenizer(
-            self._texts(texts, is_query), truncation=True, max_length=max_length
+            self._texts(texts, is_query, prompt), truncation=True, max_length=max_length
         )
         items = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
         order = _length_sorted(items)

@@ -692,9 +692,16 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         return [_normalize(v) for v in vectors] if normalize else vectors
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         vectors: list[list[float]] = []
+        texts = [prompt + t for t in texts] if prompt is not None else texts  # sent as text
         for chunk in _chunks(list(texts), batch_size):
             call = self.protocol.embed(chunk, is_query, normalize)
             body = self.client.post(call.path, call.payload)
@@ -708,9 +715,11 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         batch_size: int = 32,
         is_query: bool = False,
         normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         """Like :meth:`embed` on the event loop's own pooled ``AsyncClient``."""
         vectors: list[list[float]] = []
+        texts = [prompt + t for t in texts] if prompt is not None else texts
         for chunk in _chunks(list(texts), batch_size):
             call = self.protocol.embed(chunk, is_query, normalize)
             body = await self.client.apost(call.path, call.payload)

@@ -36,7 +36,13 @@ class SentenceTransformerEmbedder(EmbedderModel):
         return self._dimension
 
     def embed(
-        self, texts: Sequence[str], *, batch_size: int, is_query: bool, normalize: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int,
+        is_query: bool,
+        normalize: bool = False,
+        prompt: str | None = None,
     ) -> list[list[float]]:
         import numpy as np
         import torch
@@ -51,6 +57,7 @@ class SentenceTransformerEmbedder(EmbedderModel):
                 show_progress_bar=False,
                 convert_to_numpy=True,
                 normalize_embeddings=False,
+                prompt=prompt,  # given: used instead of the model's query/document prompt
             )
         vectors = vectors.astype("float32", copy=False)
         if normalize:  # in FP32: normalising BF16 vectors left norms off by up to 0.4 %
