@@ -21,6 +21,7 @@ from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
 from ..windows import WindowInfo
+from ._args import check_arguments
 
 __all__ = ["SharedRerankPostprocessor"]
 
@@ -40,13 +41,17 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     Takes ``SentenceTransformerRerank``'s arguments (``model``, ``top_n``, ``device``,
     ``keep_retrieval_score``, ``trust_remote_code``) and ``FlagEmbeddingReranker``'s (``model``,
     ``top_n``, ``use_fp16``; with ``backend="flag-reranker"``), so switching is a one-line change.
+    Like them it rejects unknown arguments (``topn=5`` raises, naming ``top_n``), where a
+    pydantic default would silently ignore them and rerank with the defaults.
     Returns new ``NodeWithScore`` objects best first; the input nodes and their scores are never
     modified. With ``window_tokens`` set, a copy of each node gets ``metadata["rerank_window"]``.
     With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` nodes in retrieval
     order, each a copy with ``metadata["rerank_error"]`` and ``score=None``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    # extra="forbid": SentenceTransformerRerank raises TypeError for topn=5; silently keeping the
+    # default top_n instead would change results unseen.
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
 
     model: str = Field(
         default_factory=from_settings("reranker_model"),
@@ -66,6 +71,11 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         description="FlagEmbeddingReranker compatibility: True = dtype 'float16' (float32 on a "
         "CPU, by policy), False = 'float32'. None: use dtype.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, data: Any) -> Any:
+        return check_arguments(cls, data)
 
     @model_validator(mode="before")
     @classmethod
