@@ -11,6 +11,7 @@ where backend options go, instead of pydantic's generic "Extra inputs are not pe
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 from pydantic import BaseModel
@@ -23,8 +24,12 @@ __all__ = ["accepted_arguments", "check_arguments"]
 CLASS_NAME_KEY = "class_name"
 
 
-def accepted_arguments(cls: type[BaseModel]) -> set[str]:
-    """Field names and their validation aliases: every keyword argument ``cls(...)`` accepts."""
+@functools.cache
+def accepted_arguments(cls: type[BaseModel]) -> frozenset[str]:
+    """Field names and their validation aliases: every keyword argument ``cls(...)`` accepts.
+
+    Cached per class (fields are fixed once a class exists): adapters are built per request.
+    """
     names: set[str] = set()
     for name, field in cls.model_fields.items():
         names.add(name)
@@ -35,7 +40,7 @@ def accepted_arguments(cls: type[BaseModel]) -> set[str]:
             names.update(c for c in alias.choices if isinstance(c, str))
         if field.alias:
             names.add(field.alias)
-    return names
+    return frozenset(names)
 
 
 def check_arguments(cls: type[BaseModel], data: Any) -> Any:
