@@ -89,7 +89,7 @@ def test_model_kwargs_max_length_conflicting_with_max_length_is_an_error() -> No
         (
             SharedRerankCompressor,
             {"backend": "fake-reranker", "model_kwargs": {"delay": 5}},
-            r"'fake-reranker'.*'delay'.*Accepted: delay_ms\.",
+            r"'fake-reranker'.*'delay'.*Accepted: cache_folder, delay_ms, ",
         ),
         (
             SharedRerankCompressor,
@@ -108,7 +108,7 @@ def test_model_kwargs_max_length_conflicting_with_max_length_is_an_error() -> No
                 "model_kwargs": {"embedder_backend": "fake-embedder", "x": 1},
             },
             r"'fake-embedder'\) does not accept option\(s\) 'x'"
-            r".*Accepted: delay_ms, dim, embedder_backend",
+            r".*Accepted: cache_folder, delay_ms, dim, embedder_backend",
         ),
         (
             SharedRerankCompressor,
@@ -169,8 +169,10 @@ def test_declared_options_match_the_backend_modules() -> None:
     assert backends["flag-bge-m3"].options == frozenset(flag._M3_OPTIONS)
     assert backends["remote-reranker"].options == remote._OPTIONS
     assert backends["remote-embedder"].options == remote._OPTIONS
-    assert backends["fake-reranker"].options == {"delay_ms"}
-    assert backends["fake-embedder"].options == {"delay_ms", "dim"}
+    # The fakes take (and ignore) a real model's loading options, so a test can swap them in.
+    loading = {"trust_remote_code", "revision", "cache_folder", "local_files_only", "score_mode"}
+    assert backends["fake-reranker"].options == {"delay_ms"} | loading
+    assert backends["fake-embedder"].options == {"delay_ms", "dim"} | loading
     assert backends["bi-encoder"].options == {"embedder_backend"}
 
 

@@ -196,3 +196,42 @@ def test_query_engine_end_to_end_with_shared_adapters(
         "sentence-transformers": 1,
         "bi-encoder": 1,
     }
+
+
+def test_any_iterable_of_nodes_is_accepted_sync_and_async(
+    pool: ModelPool, passages: list[str], recorder
+) -> None:
+    post = SharedRerankPostprocessor(model="f", backend="fake-reranker", top_n=3, pool=pool)
+    query = "powerhouse of the cell"
+    expected = [
+        (n.node.node_id, n.score) for n in post.postprocess_nodes(_nodes(passages), query_str=query)
+    ]
+    assert len(expected) == 3
+
+    def generated():
+        yield from _nodes(passages)
+
+    for nodes in (generated(), tuple(_nodes(passages)), iter(_nodes(passages))):
+        out = post.postprocess_nodes(nodes, query_str=query)
+        assert [(n.node.node_id, n.score) for n in out] == expected
+    start = recorder.events[-2]
+    assert isinstance(start, ReRankStartEvent)
+    assert len(start.nodes) == len(passages), "the event sees every node, not a used-up generator"
+
+    out = asyncio.run(post.apostprocess_nodes(generated(), query_bundle=QueryBundle(query)))
+    assert [(n.node.node_id, n.score) for n in out] == expected
+
+
+@pytest.mark.parametrize("nodes", [None, 3, "some text", {"n0": "x"}], ids=repr)
+def test_nodes_that_are_not_an_iterable_of_nodes_fail_before_model_work(
+    pool: ModelPool, passages: list[str], nodes
+) -> None:
+    post = SharedRerankPostprocessor(model="f", backend="fake-reranker", pool=pool)
+    with pytest.raises(InvalidInputError, match="nodes must be a list"):
+        post.postprocess_nodes(nodes, query_str=QUERY)
+    with pytest.raises(InvalidInputError, match="nodes must be a list"):
+        asyncio.run(post.apostprocess_nodes(nodes, query_str=QUERY))
+    single = _nodes(passages)[0]
+    with pytest.raises(InvalidInputError, match=r"Wrap a single node: \[NodeWithScore"):
+        post.postprocess_nodes(single, query_str=QUERY)
+    assert pool.stats() == {}, "nothing was loaded"

@@ -56,6 +56,9 @@ class BackendInfo:
 #: tuple of pairs, which the loaders would reject at load time. So is ``token``: a spec is shown
 #: in stats, metrics and logs, and the hub reads HF_TOKEN / ``hf auth login`` by itself.
 _ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
+#: The fakes stand in for real models in users' tests, so they take (and ignore) the loading
+#: options a real model would get: switching a test to backend="fake-..." changes nothing else.
+_FAKE_OPTIONS = _ST_LOADING | {"score_mode"}
 #: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
 _CROSS_ENCODER_OPTIONS = _ST_LOADING | {"score_mode", "quantize"}
 #: st_embedder.py: quantize is ours; the rest goes to SentenceTransformer(...).
@@ -206,7 +209,7 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.testing:load_fake_reranker",
     "deterministic word-overlap reranker for tests, no dependencies",
-    options=frozenset({"delay_ms"}),
+    options=_FAKE_OPTIONS | {"delay_ms"},
     uses_torch=False,
 )
 _builtin(
@@ -214,7 +217,7 @@ _builtin(
     "embedder",
     "rag_rerank_plugins.testing:load_fake_embedder",
     "deterministic hashing embedder for tests, no dependencies",
-    options=frozenset({"dim", "delay_ms"}),
+    options=_FAKE_OPTIONS | {"dim", "delay_ms"},
     uses_torch=False,
 )
 

@@ -2,11 +2,17 @@
 
 * :class:`SharedRerankPostprocessor` - ``BaseNodePostprocessor`` for query engines.
 * :class:`SharedEmbedding` - ``BaseEmbedding`` for indexes and retrievers.
+
+Importing this package imports no LlamaIndex code; the first access to an adapter does, after the
+dependency guard (:mod:`._compat`), so a missing ``llama-index-core`` is reported as
+:class:`~rag_rerank_plugins.exceptions.MissingDependencyError` naming the extra to install rather
+than as a bare ``ModuleNotFoundError`` from deep inside a submodule.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from .._lazy import lazy_getattr
 
@@ -18,5 +24,10 @@ __all__ = ["SharedEmbedding", "SharedRerankPostprocessor"]
 
 _LAZY = {"SharedRerankPostprocessor": "postprocessor", "SharedEmbedding": "embedding"}
 
+_lazy = lazy_getattr(__name__, _LAZY, globals())
 
-__getattr__ = lazy_getattr(__name__, _LAZY, globals())
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import_module("._compat", __name__)  # raises MissingDependencyError without llama-index
+    return _lazy(name)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+# The guard first: without llama-index-core, a MissingDependencyError naming the extra.
+from . import _compat  # noqa: F401
+
+# isort: split
 
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
 from ..windows import WindowInfo
-from . import _compat  # noqa: F401  (clear error when llama-index-core is missing)
+from ._args import check_arguments
 
 __all__ = ["SharedRerankPostprocessor"]
 
@@ -35,13 +41,17 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     Takes ``SentenceTransformerRerank``'s arguments (``model``, ``top_n``, ``device``,
     ``keep_retrieval_score``, ``trust_remote_code``) and ``FlagEmbeddingReranker``'s (``model``,
     ``top_n``, ``use_fp16``; with ``backend="flag-reranker"``), so switching is a one-line change.
+    Like them it rejects unknown arguments (``topn=5`` raises, naming ``top_n``), where a
+    pydantic default would silently ignore them and rerank with the defaults.
     Returns new ``NodeWithScore`` objects best first; the input nodes and their scores are never
     modified. With ``window_tokens`` set, a copy of each node gets ``metadata["rerank_window"]``.
     With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` nodes in retrieval
     order, each a copy with ``metadata["rerank_error"]`` and ``score=None``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    # extra="forbid": SentenceTransformerRerank raises TypeError for topn=5; silently keeping the
+    # default top_n instead would change results unseen.
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
 
     model: str = Field(
         default_factory=from_settings("reranker_model"),
@@ -61,6 +71,11 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         description="FlagEmbeddingReranker compatibility: True = dtype 'float16' (float32 on a "
         "CPU, by policy), False = 'float32'. None: use dtype.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, data: Any) -> Any:
+        return check_arguments(cls, data)
 
     @model_validator(mode="before")
     @classmethod
@@ -85,6 +100,41 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "SharedRerankPostprocessor"
+
+    def postprocess_nodes(
+        self,
+        nodes: Iterable[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+        query_str: str | None = None,
+    ) -> list[NodeWithScore]:
+        """Rerank ``nodes`` (any iterable of ``NodeWithScore``: a list, a tuple, a generator).
+
+        LlamaIndex's own signature says ``List``; a generator is accepted too because the nodes
+        are read several times (texts, events, results) and a generator can be read only once.
+        """
+        return super().postprocess_nodes(self._as_list(nodes), query_bundle, query_str)
+
+    async def apostprocess_nodes(
+        self,
+        nodes: Iterable[NodeWithScore],
+        query_bundle: QueryBundle | None = None,
+        query_str: str | None = None,
+    ) -> list[NodeWithScore]:
+        """Async :meth:`postprocess_nodes`: the forward pass never blocks the event loop."""
+        return await super().apostprocess_nodes(self._as_list(nodes), query_bundle, query_str)
+
+    @staticmethod
+    def _as_list(nodes: Iterable[NodeWithScore]) -> list[NodeWithScore]:
+        """``nodes`` as a list, read once; a list is used as it is (nothing is copied)."""
+        if isinstance(nodes, list):
+            return nodes
+        # A single node, a str or a dict are iterable too, but iterating them yields no nodes.
+        if isinstance(nodes, (str, bytes, BaseModel, Mapping)) or not isinstance(nodes, Iterable):
+            raise InvalidInputError(
+                f"nodes must be a list (or another iterable) of NodeWithScore, got "
+                f"{type(nodes).__name__}. Wrap a single node: [NodeWithScore(node=..., score=...)]."
+            )
+        return list(nodes)
 
     def _query(self, query_bundle: QueryBundle | None) -> str:
         if query_bundle is None:
