@@ -174,3 +174,38 @@ def test_documented_snippets_run_after_the_documented_install(page: str) -> None
 def test_resolve_follows_self_references() -> None:
     table = {"a": ["x>=1"], "b": ["rag-rerank-plugins[a]", "Y_Z"], "c": ["rag-rerank-plugins[b,c]"]}
     assert _resolve({"c"}, table) == {"x", "y-z"}
+
+
+# -- the notebooks run after the install the README gives for them ---------------------------
+
+
+def _notebook_imports(path: Path) -> set[str]:
+    import json
+
+    modules: set[str] = set()
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        lines = source.splitlines()
+        code = "\n".join(x for x in lines if not x.lstrip().startswith(("%", "!")))
+        modules |= _imported_modules(code)
+    return modules
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")))
+def test_notebooks_run_after_the_readmes_notebook_install(notebook: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Notebooks", 1)[1].split("\n## ", 1)[0]
+    table = _extras()
+    options = [_resolve(extras, table) for extras in _install_options(section)]
+    assert options, "README's Notebooks section has no pip install line"
+    needed = {
+        d
+        for m in _notebook_imports(ROOT / "notebooks" / notebook)
+        if (d := _distribution_of(m)) is not None
+    }
+    assert any(needed <= installed for installed in options), (
+        f"{notebook} imports {sorted(needed)}; the README's notebook install misses "
+        f"{sorted(needed - max(options, key=lambda o: len(needed & o)))}"
+    )
