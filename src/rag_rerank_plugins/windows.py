@@ -7,13 +7,13 @@ the same pool (so the scheduler batches them with everything else), and the pass
 ``max`` (default), ``mean`` or ``first`` of its window scores. Passages that fit in one window are
 scored unchanged.
 
-Sizes are in the *model's* tokens, from a private copy of the model's own tokenizer (the model
-tokenizes with the original under the handle lock; fast tokenizers must not be shared across
-threads). The query is kept whole in every window as long as it fits in ``query_tokens``; a longer
-query is cut to that budget. ``tokens="auto"`` fills the model's input (``max_length`` minus query
-and special tokens); an explicit size is capped to that. Windows start every ``stride`` tokens
-(default half a window) and the last one ends at the passage's end. Window texts are exact slices
-of the passage (character offsets from the tokenizer), so the model sees the passage's own text.
+Sizes are in the *model's* tokens, from a private copy of the model's own tokenizer (the model's
+prepare thread tokenizes with the original; fast tokenizers must not be shared across threads). The
+query is kept whole in every window as long as it fits in ``query_tokens``; a longer query is cut
+to that budget. ``tokens="auto"`` fills the model's input (``max_length`` minus query and special
+tokens); an explicit size is capped to that. Windows start every ``stride`` tokens (default half a
+window) and the last one ends at the passage's end. Window texts are exact slices of the passage
+(character offsets from the tokenizer), so the model sees the passage's own text.
 
 Which window decided the score (the best one for ``max``/``mean``, the first for ``first``) is
 reported per passage as a :class:`WindowInfo` (adapters put it in result metadata).
@@ -27,12 +27,10 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from .backends.base import LoadedModel, RerankerModel
 from .exceptions import ConfigurationError, InvalidInputError
-
-if TYPE_CHECKING:
-    from .backends.base import LoadedModel
 
 __all__ = [
     "AGGREGATES",
@@ -278,8 +276,7 @@ def windower_for(model: LoadedModel) -> Windower:
     windower = _windowers.get(model)
     if windower is not None:
         return windower
-    source = getattr(model, "window_source", None)
-    info = source() if callable(source) else None
+    info = model.window_source() if isinstance(model, RerankerModel) else None
     if info is None:
         raise ConfigurationError(
             f"Long-document windows need a backend with a tokenizer; {type(model).__name__} has "

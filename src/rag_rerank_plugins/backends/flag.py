@@ -124,7 +124,7 @@ def _length_sorted(items: list[dict[str, Any]]) -> list[int]:
 class FlagReranker(RerankerModel):
     """``FlagEmbedding.FlagReranker`` (encoder-only, e.g. bge-reranker-v2-m3), loaded once.
 
-    Not thread-safe (shared fast tokenizer): the pool serialises calls.
+    Not thread-safe (shared fast tokenizer): its scheduler's device worker is the only caller.
     """
 
     def __init__(self, flag: Any, device: str, dtype: str, score_mode: str) -> None:
