@@ -16,6 +16,14 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, UnknownBackendError
 from .base import EmbedderModel, Kind, LoadedModel, Loader, RerankerModel
+from .options import (
+    CROSS_ENCODER_OPTIONS,
+    FAKE_OPTIONS,
+    FLAG_M3_OPTIONS,
+    FLAG_RERANKER_OPTIONS,
+    REMOTE_OPTIONS,
+    ST_EMBEDDER_OPTIONS,
+)
 
 __all__ = [
     "BackendInfo",
@@ -47,66 +55,6 @@ class BackendInfo:
     #: the bi-encoder passes them to the embedder backend named by ``embedder_backend``.
     forwards_options: tuple[str, str] | None = None
 
-
-# -- option names of the built-in backends (kept equal to the modules by tests) ---------------
-
-#: Keyword arguments of sentence-transformers' loaders that are plain values (hashable, one per
-#: spec) and only change where/which weights load. Dict-valued ones (model_kwargs,
-#: config_kwargs, tokenizer/processor_kwargs, prompts) are left out: a spec freezes a dict into a
-#: tuple of pairs, which the loaders would reject at load time. So is ``token``: a spec is shown
-#: in stats, metrics and logs, and the hub reads HF_TOKEN / ``hf auth login`` by itself.
-_ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
-#: The fakes stand in for real models in users' tests, so they take (and ignore) the loading
-#: options a real model would get: switching a test to backend="fake-..." changes nothing else.
-_FAKE_OPTIONS = _ST_LOADING | {"score_mode"}
-#: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
-_CROSS_ENCODER_OPTIONS = _ST_LOADING | {"score_mode", "quantize"}
-#: st_embedder.py: quantize is ours; the rest goes to SentenceTransformer(...).
-_ST_EMBEDDER_OPTIONS = _ST_LOADING | {"quantize", "truncate_dim", "default_prompt_name"}
-#: flag.py (_RERANKER_OPTIONS, _M3_OPTIONS).
-_FLAG_RERANKER_OPTIONS = frozenset(
-    {
-        "score_mode",
-        "query_max_length",
-        "query_instruction_for_rerank",
-        "query_instruction_format",
-        "passage_instruction_for_rerank",
-        "passage_instruction_format",
-        "trust_remote_code",
-        "cache_dir",
-    }
-)
-_FLAG_M3_OPTIONS = frozenset(
-    {
-        "query_max_length",
-        "query_instruction_for_retrieval",
-        "query_instruction_format",
-        "normalize_embeddings",
-        "pooling_method",
-        "colbert_dim",
-        "trust_remote_code",
-        "cache_dir",
-    }
-)
-#: remote.py (_OPTIONS).
-_REMOTE_OPTIONS = frozenset(
-    {
-        "url",
-        "model_name",
-        "protocol",
-        "timeout",
-        "connect_timeout",
-        "retries",
-        "backoff",
-        "max_backoff",
-        "api_key_env",
-        "truncate",
-        "query_prompt_name",
-        "max_request_bytes",
-        "max_connections",
-        "verify",
-    }
-)
 
 #: What to use instead of an option name that is wrong on every backend.
 _HINTS = {
@@ -157,14 +105,14 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.backends.st_cross_encoder:load",
     "sentence-transformers CrossEncoder (extra: st)",
-    options=_CROSS_ENCODER_OPTIONS,
+    options=CROSS_ENCODER_OPTIONS,
 )
 _builtin(
     "sentence-transformers",
     "embedder",
     "rag_rerank_plugins.backends.st_embedder:load",
     "sentence-transformers SentenceTransformer (extra: st)",
-    options=_ST_EMBEDDER_OPTIONS,
+    options=ST_EMBEDDER_OPTIONS,
 )
 _builtin(
     "bi-encoder",
@@ -179,21 +127,21 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.backends.flag:load_reranker",
     "FlagEmbedding FlagReranker, e.g. bge-reranker-v2-m3 (extra: flag)",
-    options=_FLAG_RERANKER_OPTIONS,
+    options=FLAG_RERANKER_OPTIONS,
 )
 _builtin(
     "flag-bge-m3",
     "embedder",
     "rag_rerank_plugins.backends.flag:load_m3",
     "FlagEmbedding BGEM3FlagModel dense vectors, e.g. BAAI/bge-m3 (extra: flag)",
-    options=_FLAG_M3_OPTIONS,
+    options=FLAG_M3_OPTIONS,
 )
 _builtin(
     "remote-reranker",
     "reranker",
     "rag_rerank_plugins.backends.remote:load_reranker",
     "a rerank server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
-    options=_REMOTE_OPTIONS,
+    options=REMOTE_OPTIONS,
     uses_torch=False,
 )
 _builtin(
@@ -201,7 +149,7 @@ _builtin(
     "embedder",
     "rag_rerank_plugins.backends.remote:load_embedder",
     "an embedding server over HTTP: TEI, Cohere or infinity protocol (extra: remote)",
-    options=_REMOTE_OPTIONS,
+    options=REMOTE_OPTIONS,
     uses_torch=False,
 )
 _builtin(
@@ -209,7 +157,7 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.testing:load_fake_reranker",
     "deterministic word-overlap reranker for tests, no dependencies",
-    options=_FAKE_OPTIONS | {"delay_ms"},
+    options=FAKE_OPTIONS | {"delay_ms"},
     uses_torch=False,
 )
 _builtin(
@@ -217,7 +165,7 @@ _builtin(
     "embedder",
     "rag_rerank_plugins.testing:load_fake_embedder",
     "deterministic hashing embedder for tests, no dependencies",
-    options=_FAKE_OPTIONS | {"dim", "delay_ms"},
+    options=FAKE_OPTIONS | {"dim", "delay_ms"},
     uses_torch=False,
 )
 

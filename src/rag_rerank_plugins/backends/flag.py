@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import ConfigurationError
 from ._torch_common import import_optional, loading_errors, prepare_module
 from .base import EmbedderModel, ModelProvider, RerankerModel
+from .options import FLAG_M3_OPTIONS, FLAG_RERANKER_OPTIONS
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -40,26 +41,8 @@ SCORE_MODES = ("raw", "sigmoid")
 #: FlagEmbedding's own default when ``max_length`` is not given.
 FLAG_DEFAULT_MAX_LENGTH = 512
 
-_RERANKER_OPTIONS = {
-    "score_mode",
-    "query_max_length",
-    "query_instruction_for_rerank",
-    "query_instruction_format",
-    "passage_instruction_for_rerank",
-    "passage_instruction_format",
-    "trust_remote_code",
-    "cache_dir",
-}
-_M3_OPTIONS = {
-    "query_max_length",
-    "query_instruction_for_retrieval",
-    "query_instruction_format",
-    "normalize_embeddings",
-    "pooling_method",
-    "colbert_dim",
-    "trust_remote_code",
-    "cache_dir",
-}
+_RERANKER_OPTIONS = FLAG_RERANKER_OPTIONS
+_M3_OPTIONS = FLAG_M3_OPTIONS
 
 
 def score_mode_of(spec: ModelSpec, default: str | None) -> str | None:
@@ -80,7 +63,7 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def _check_options(spec: ModelSpec, allowed: set[str], backend: str) -> dict[str, Any]:
+def _check_options(spec: ModelSpec, allowed: frozenset[str], backend: str) -> dict[str, Any]:
     options = spec.options_dict
     unknown = sorted(set(options) - allowed)
     if unknown:

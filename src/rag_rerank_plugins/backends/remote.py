@@ -79,6 +79,7 @@ from ..exceptions import (
     RemoteUnavailableError,
 )
 from .base import EmbedderModel, ModelProvider, RerankerModel, Task
+from .options import REMOTE_OPTIONS
 
 if TYPE_CHECKING:
     import httpx
@@ -100,24 +101,7 @@ PROTOCOLS = ("tei", "cohere", "infinity")
 #: Statuses worth another attempt: overloaded, or a server/gateway failure that may be transient.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _SECRET_OPTIONS = ("api_key", "token", "bearer", "password", "authorization")
-_OPTIONS = frozenset(
-    {
-        "url",
-        "model_name",
-        "protocol",
-        "timeout",
-        "connect_timeout",
-        "retries",
-        "backoff",
-        "max_backoff",
-        "api_key_env",
-        "truncate",
-        "query_prompt_name",
-        "max_connections",
-        "verify",
-        "max_request_bytes",
-    }
-)
+_OPTIONS = REMOTE_OPTIONS
 #: Request body limit assumed when neither the option nor ``GET /info`` gives one (TEI, Cohere,
 #: infinity): nginx's default ``client_max_body_size``, and below TEI's 2 MB payload limit.
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024

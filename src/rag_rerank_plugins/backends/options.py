@@ -1,0 +1,77 @@
+"""Option names each built-in backend reads: the one list the registry and the loaders share.
+
+The registry checks an adapter's backend options against these when the adapter is built (a typo
+fails where it was written, not at the first request's load); the loaders validate against the
+same sets, so the two can never disagree. Plain data, no imports: the registry stays cheap.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CROSS_ENCODER_OPTIONS",
+    "FAKE_OPTIONS",
+    "FLAG_M3_OPTIONS",
+    "FLAG_RERANKER_OPTIONS",
+    "REMOTE_OPTIONS",
+    "ST_EMBEDDER_OPTIONS",
+    "ST_LOADING",
+]
+
+
+#: Keyword arguments of sentence-transformers' loaders that are plain values (hashable, one per
+#: spec) and only change where/which weights load. Dict-valued ones (model_kwargs,
+#: config_kwargs, tokenizer/processor_kwargs, prompts) are left out: a spec freezes a dict into a
+#: tuple of pairs, which the loaders would reject at load time. So is ``token``: a spec is shown
+#: in stats, metrics and logs, and the hub reads HF_TOKEN / ``hf auth login`` by itself.
+ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
+#: The fakes stand in for real models in users' tests, so they take (and ignore) the loading
+#: options a real model would get: switching a test to backend="fake-..." changes nothing else.
+FAKE_OPTIONS = ST_LOADING | {"score_mode"}
+#: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
+CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize"}
+#: st_embedder.py: quantize is ours; the rest goes to SentenceTransformer(...).
+ST_EMBEDDER_OPTIONS = ST_LOADING | {"quantize", "truncate_dim", "default_prompt_name"}
+#: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on.
+FLAG_RERANKER_OPTIONS = frozenset(
+    {
+        "score_mode",
+        "query_max_length",
+        "query_instruction_for_rerank",
+        "query_instruction_format",
+        "passage_instruction_for_rerank",
+        "passage_instruction_format",
+        "trust_remote_code",
+        "cache_dir",
+    }
+)
+FLAG_M3_OPTIONS = frozenset(
+    {
+        "query_max_length",
+        "query_instruction_for_retrieval",
+        "query_instruction_format",
+        "normalize_embeddings",
+        "pooling_method",
+        "colbert_dim",
+        "trust_remote_code",
+        "cache_dir",
+    }
+)
+#: remote.py: RemoteSettings.from_spec reads these.
+REMOTE_OPTIONS = frozenset(
+    {
+        "url",
+        "model_name",
+        "protocol",
+        "timeout",
+        "connect_timeout",
+        "retries",
+        "backoff",
+        "max_backoff",
+        "api_key_env",
+        "truncate",
+        "query_prompt_name",
+        "max_request_bytes",
+        "max_connections",
+        "verify",
+    }
+)
