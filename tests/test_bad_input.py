@@ -192,7 +192,9 @@ def test_b10_lone_surrogates_are_replaced_before_the_tokenizer(pool: ModelPool, 
     """Fast tokenizers raise on lone surrogates; they become U+FFFD, in one place (handle.py)."""
     assert clean_text("a\ud800b\udfff") == "a\ufffdb\ufffd"
     assert clean_text("plain") == "plain"
-    comp = SharedRerankCompressor(model=ce_spec.model, device="cpu", pool=pool, top_n=None)
+    comp = SharedRerankCompressor(
+        model=ce_spec.model, device="cpu", dtype="float32", pool=pool, top_n=None
+    )
     docs = _docs(["bad \ud800 text", "good text", "x\udc00"])
     out = comp.compress_documents(docs, "query \udfff")
     assert {d.id for d in out} == {"d0", "d1", "d2"}
@@ -203,7 +205,7 @@ def test_b10_lone_surrogates_are_replaced_before_the_tokenizer(pool: ModelPool, 
     # Merged with other callers' items in one forward pass, it no longer fails them.
     nodes = asyncio.run(
         SharedRerankPostprocessor(
-            model=ce_spec.model, device="cpu", pool=pool, top_n=None
+            model=ce_spec.model, device="cpu", dtype="float32", pool=pool, top_n=None
         ).apostprocess_nodes(_nodes(["\ud83d alone", "fine"]), query_str=QUERY)
     )
     assert len(nodes) == 2
