@@ -88,6 +88,8 @@ _FLAG_M3_OPTIONS = frozenset(
         "cache_dir",
     }
 )
+#: onnx.py (OPTIONS): sentence-transformers loading options (used when exporting) and ours.
+_ONNX_OPTIONS = _ST_LOADING | {"score_mode", "quantize", "opset", "cache_dir", "intra_op_threads"}
 #: remote.py (_OPTIONS).
 _REMOTE_OPTIONS = frozenset(
     {
@@ -158,6 +160,16 @@ _builtin(
     "rag_rerank_plugins.backends.st_cross_encoder:load",
     "sentence-transformers CrossEncoder (extra: st)",
     options=_CROSS_ENCODER_OPTIONS,
+)
+_builtin(
+    "onnx-cross-encoder",
+    "reranker",
+    "rag_rerank_plugins.backends.onnx:load",
+    "CrossEncoder exported once to ONNX, run by onnxruntime on the CPU (extra: onnx)",
+    options=_ONNX_OPTIONS,
+    # Torch only for the one-time export: "auto" means the CPU and float32 (ONNX Runtime's CPU
+    # provider has no fast BF16), and a cached export loads without importing torch.
+    uses_torch=False,
 )
 _builtin(
     "sentence-transformers",
