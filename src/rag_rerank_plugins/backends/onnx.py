@@ -295,7 +295,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         "inputs": names,
         "activation": activation.lower(),
         "num_labels": int(getattr(ce, "num_labels", 1)),
-        "max_length": int(ce.max_length) if ce.max_length else None,
+        "max_length": _max_length(ce),
         "truncation_side": tokenizer.truncation_side,
         "padding_side": tokenizer.padding_side,
         "pad_token": tokenizer.pad_token,
@@ -375,6 +375,14 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         time.perf_counter() - start,
         final,
     )
+
+
+def _max_length(ce: Any) -> int | None:
+    """The CrossEncoder's truncation length (``max_seq_length``; ``max_length`` before ST 6)."""
+    limit = getattr(ce, "max_seq_length", None)
+    if limit is None:
+        limit = getattr(ce, "max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 def _quantize_int8(source: Path, target: Path) -> None:
