@@ -332,6 +332,9 @@ def test_missing_onnxruntime_raises_missing_dependency_error(tiny_ce_path: str) 
 
 
 def test_options_are_checked(tiny_ce_path: str, onnx_cache: str, pool: ModelPool) -> None:
+    from rag_rerank_plugins.backends import available_backends
+
+    assert available_backends()[BACKEND].options == onnx_backend.OPTIONS
     check_options(BACKEND, {"quantize": "int8", "intra_op_threads": 1, "cache_dir": "/x"})
     with pytest.raises(ConfigurationError, match="Accepted"):
         check_options(BACKEND, {"quantise": "int8"})
