@@ -33,6 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
+# The ONNX rows export each model once into this folder; later runs reuse the exports.
+os.environ.setdefault("RAG_RERANK_ONNX_CACHE", str(HERE / ".models" / "onnx-cache"))
 WORDS = (  # noqa: SIM905 - a word bag reads better as one string
     "the of and to in is was for on that with as by at from his it an were are which this be "
     "model energy cell protein market river history system data light water city law music"
@@ -242,7 +244,20 @@ def warm_variants(native_bf16: bool) -> dict[str, dict[str, Any]]:
     }
     if native_bf16:
         variants["ours_bfloat16"] = {"dtype": "bfloat16"}
+    if onnx_available():
+        variants["ours_onnx_float32"] = {"backend": "onnx-cross-encoder", "dtype": "float32"}
+        variants["ours_onnx_int8"] = {
+            "backend": "onnx-cross-encoder",
+            "dtype": "float32",
+            "model_kwargs": {"quantize": "int8"},
+        }
     return variants
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def scenario_warm(model: Path, reps: int, native_bf16: bool) -> dict[str, Any]:
@@ -402,6 +417,48 @@ ANCHOR_MEMORY_PROBE = textwrap.dedent(
     print(json.dumps({"base": base, "peak": peak, "times": times}))
     """
 )
+
+
+LOAD_PROBE = textwrap.dedent(
+    """
+    import json, sys, time
+    start = time.perf_counter()
+    from rag_rerank_plugins import ModelPool, ModelSpec
+    options = json.loads(sys.argv[3])
+    spec = ModelSpec(sys.argv[1], backend=sys.argv[2], device="cpu", options=options)
+    pool = ModelPool()
+    pool.preload(spec, warmup=False)
+    total = time.perf_counter() - start
+    print(json.dumps({"total_s": total, "load_s": pool.spec_stats(spec)["load_seconds"],
+                      "torch_imported": "torch" in sys.modules}))
+    """
+)
+
+
+def load_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    variants: dict[str, tuple[str, dict[str, Any]]] = {"torch (default)": ("cross-encoder", {})}
+    if onnx_available():
+        variants["onnx float32, cached export"] = ("onnx-cross-encoder", {})
+        variants["onnx int8, cached export"] = ("onnx-cross-encoder", {"quantize": "int8"})
+    return variants
+
+
+def scenario_load(model: Path, runs: int) -> dict[str, Any]:
+    """A fresh process until the model is loaded (imports included), median of ``runs``.
+
+    The ONNX rows run once first so the export is cached: they measure a second process start.
+    """
+    out: dict[str, Any] = {}
+    for name, (backend, options) in load_variants().items():
+        args = (str(model), backend, json.dumps(options))
+        _probe(LOAD_PROBE, *args)  # export (ONNX) / warm the page cache (both)
+        probes = [_probe(LOAD_PROBE, *args) for _ in range(runs)]
+        out[name] = {
+            "process_to_loaded_s": median([p["total_s"] for p in probes]),
+            "pool_load_s": median([p["load_s"] for p in probes]),
+            "torch_imported": probes[0]["torch_imported"],
+        }
+    return out
 
 
 def _probe(code: str, *args: str) -> dict[str, Any]:
@@ -579,6 +636,20 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"({r['import']['import_and_pool_ms_median']:.1f} ms with `ModelSpec` and `get_pool()`); "
         f"torch imported: {r['import']['torch_imported']}",
     ]
+    if "load" in r:
+        torch_s = r["load"]["torch (default)"]["process_to_loaded_s"]
+        lines += [
+            "",
+            "## 5b. Model load in a fresh process (imports included; ONNX: export cached)",
+            "",
+            "| backend | process start to loaded | pool load_seconds | vs torch | torch imported |",
+            "|---|---|---|---|---|",
+        ]
+        for name, v in r["load"].items():
+            lines.append(
+                f"| {name} | {v['process_to_loaded_s']:.2f} s | {v['pool_load_s']:.2f} s | "
+                f"{v['process_to_loaded_s'] / torch_s:.2f}x | {v['torch_imported']} |"
+            )
     if "xlmr" in r:
         x = r["xlmr"]
         lines += [
@@ -660,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         ("async", lambda: scenario_async_concurrency(models["minilm"], args.callers)),
         ("memory", lambda: scenario_memory(models["minilm"], 5)),
         ("cache", lambda: scenario_cache(models["minilm"])),
+        ("load", lambda: scenario_load(models["minilm"], 3)),
         ("import", scenario_import),
     ]
     if "xlmr" in models:

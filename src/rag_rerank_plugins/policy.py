@@ -149,10 +149,11 @@ def resolve_spec(spec: ModelSpec, uses_torch: bool = True) -> tuple[ModelSpec, D
     if uses_torch:
         device = resolve_device(spec.device)
         decision = decide_dtype(spec.dtype, device)
-    else:  # no local weights: nothing to place, and no reason to import torch
+    else:  # no torch weights (remote, fakes, ONNX Runtime): nothing to place, no torch import
         device = "cpu" if spec.device == "auto" else spec.device
         dtype = "float32" if spec.dtype == "auto" else spec.dtype
-        decision = DtypeDecision(dtype, "no local weights (the backend runs elsewhere)")
+        reason = "auto: float32" if spec.dtype == "auto" else "requested explicitly"
+        decision = DtypeDecision(dtype, f"{reason} (backend without torch weights)")
     model = resolve_model_location(spec.model)
     if (device, decision.dtype, model) == (spec.device, spec.dtype, spec.model):
         return spec, decision

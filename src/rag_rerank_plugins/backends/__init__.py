@@ -21,6 +21,7 @@ from .options import (
     FAKE_OPTIONS,
     FLAG_M3_OPTIONS,
     FLAG_RERANKER_OPTIONS,
+    ONNX_OPTIONS,
     REMOTE_OPTIONS,
     ST_EMBEDDER_OPTIONS,
 )
@@ -106,6 +107,16 @@ _builtin(
     "rag_rerank_plugins.backends.st_cross_encoder:load",
     "sentence-transformers CrossEncoder (extra: st)",
     options=CROSS_ENCODER_OPTIONS,
+)
+_builtin(
+    "onnx-cross-encoder",
+    "reranker",
+    "rag_rerank_plugins.backends.onnx:load",
+    "CrossEncoder exported once to ONNX, run by onnxruntime on the CPU (extra: onnx)",
+    options=ONNX_OPTIONS,
+    # Torch only for the one-time export: "auto" means the CPU and float32 (ONNX Runtime's CPU
+    # provider has no fast BF16), and a cached export loads without importing torch.
+    uses_torch=False,
 )
 _builtin(
     "sentence-transformers",

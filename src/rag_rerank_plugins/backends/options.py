@@ -12,6 +12,7 @@ __all__ = [
     "FAKE_OPTIONS",
     "FLAG_M3_OPTIONS",
     "FLAG_RERANKER_OPTIONS",
+    "ONNX_OPTIONS",
     "REMOTE_OPTIONS",
     "ST_EMBEDDER_OPTIONS",
     "ST_LOADING",
@@ -56,6 +57,8 @@ FLAG_M3_OPTIONS = frozenset(
         "cache_dir",
     }
 )
+#: onnx.py: sentence-transformers loading options (used when exporting) and ours.
+ONNX_OPTIONS = ST_LOADING | {"score_mode", "quantize", "opset", "cache_dir", "intra_op_threads"}
 #: remote.py: RemoteSettings.from_spec reads these.
 REMOTE_OPTIONS = frozenset(
     {

@@ -1,0 +1,418 @@
+"""The ONNX Runtime cross-encoder backend: predict's scores, the int8 quality bound, the export
+cache (reused across pools and processes, invalidated by changed files, written atomically),
+the missing extra, the adapters, and concurrency.
+
+Offline: the models are the session's tiny random cross-encoder and one built from the packaged
+all-MiniLM-L6-v2 encoder (real activations, seeded head). The quality test reads SciFact from
+``../shared/data/scifact`` (skipped when absent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rag_rerank_plugins import ConfigurationError, ModelPool, ModelSpec
+from rag_rerank_plugins.backends import check_options
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("sentence_transformers")
+
+from rag_rerank_plugins.backends import onnx as onnx_backend
+
+SCIFACT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scifact"
+BACKEND = "onnx-cross-encoder"
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One export cache for the module, so each (model, mode) is exported once here."""
+    return str(tmp_path_factory.mktemp("onnx-cache"))
+
+
+@pytest.fixture(scope="module")
+def real_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
+    from rag_rerank_plugins.testing import build_cross_encoder_from_encoder
+
+    return str(build_cross_encoder_from_encoder(tmp_path_factory.mktemp("models") / "real-ce"))
+
+
+def onnx_spec(path: str, cache: str, **options: Any) -> ModelSpec:
+    return ModelSpec(path, backend=BACKEND, options={"cache_dir": cache, **options})
+
+
+def reference(path: str, pairs: list[tuple[str, str]], raw: bool = False, **kw: Any) -> list[float]:
+    """CrossEncoder.predict in float32: what the backend must reproduce."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(path, device="cpu", model_kwargs={"dtype": torch.float32}, **kw)
+    activation = torch.nn.Identity() if raw else None
+    return [float(s) for s in ce.predict(pairs, activation_fn=activation, batch_size=16)]
+
+
+def mixed_pairs(passages: list[str]) -> list[tuple[str, str]]:
+    long = " ".join(["the cell converts energy from food into ATP"] * 80)  # truncated
+    queries = ["what produces energy in cells", "capital of France", "Qu'est-ce qu'un qubit ?"]
+    return [(q, p) for q in queries for p in [*passages, long]]
+
+
+# -- scores ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_float32_scores_equal_cross_encoder_predict(
+    which: str,
+    tiny_ce_path: str,
+    real_ce_path: str,
+    onnx_cache: str,
+    passages: list[str],
+    pool: ModelPool,
+) -> None:
+    path = tiny_ce_path if which == "tiny" else real_ce_path
+    pairs = mixed_pairs(passages)
+    got = pool.score_pairs(onnx_spec(path, onnx_cache), pairs)
+    want = reference(path, pairs)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
+    raw = pool.score_pairs(onnx_spec(path, onnx_cache, score_mode="raw"), pairs)
+    want_raw = reference(path, pairs, raw=True)
+    assert max(abs(a - b) for a, b in zip(raw, want_raw, strict=True)) <= 1e-4
+    stats = pool.spec_stats(onnx_spec(path, onnx_cache))
+    assert (stats["device"], stats["dtype"]) == ("cpu", "float32")
+
+
+def test_max_length_truncates_like_cross_encoder(
+    real_ce_path: str, onnx_cache: str, passages: list[str], pool: ModelPool
+) -> None:
+    pairs = mixed_pairs(passages)
+    spec = ModelSpec(
+        real_ce_path, backend=BACKEND, max_length=24, options={"cache_dir": onnx_cache}
+    )
+    got = pool.score_pairs(spec, pairs)
+    want = reference(real_ce_path, pairs, max_length=24)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
+    assert pool.get(spec).model.max_tokens == 24
+
+
+def test_two_phase_protocol(tiny_ce_path: str, onnx_cache: str, pool: ModelPool) -> None:
+    import numpy as np
+
+    from rag_rerank_plugins.backends.base import Task
+
+    model = pool.get(onnx_spec(tiny_ce_path, onnx_cache)).model
+    assert model.thread_safe is False
+    task = Task("score")
+    items = [("q", "a short passage"), ("query two", "a somewhat longer passage here")]
+    batch = model.prepare(task, items)
+    assert batch.size == 2
+    assert all(v.dtype == np.int64 for v in batch.payload.values())
+    assert batch.padded_tokens == batch.payload["input_ids"].size
+    scores = model.finish(task, model.forward(task, batch))
+    assert scores == model.score_pairs(items, batch_size=1)
+
+
+# -- int8 quality on real text ---------------------------------------------------------------
+
+
+def scifact_pairs(n_queries: int = 16, per_query: int = 12) -> list[tuple[str, str]]:
+    """SciFact test claims x their top passages by word overlap (a cheap BM25 stand-in)."""
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip("../shared/data/scifact is not available")
+    word = re.compile(r"[a-z0-9]+")
+    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as fh:
+        queries = {q["_id"]: q["text"] for q in map(json.loads, fh)}
+    with open(SCIFACT / "qrels" / "test.tsv", encoding="utf-8") as fh:
+        qids = sorted({line.split("\t")[0] for line in list(fh)[1:]}, key=int)[:n_queries]
+    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh:
+        docs = [f"{d['title']} {d['text']}" for d in map(json.loads, fh)]
+    words = [set(word.findall(d.lower())) for d in docs]
+    pairs = []
+    for qid in qids:
+        query = set(word.findall(queries[qid].lower()))
+        ranked = sorted(range(len(docs)), key=lambda i: (-len(query & words[i]), i))
+        pairs += [(queries[qid], docs[i]) for i in ranked[:per_query]]
+    return pairs
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import numpy as np
+
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def scifact_quality(real_ce_path: str, onnx_cache: str) -> dict[str, tuple[float, float]]:
+    """Per mode: (max |error| / FP32 score range, Spearman) of raw logits vs torch FP32."""
+    pairs = scifact_pairs()
+    want = reference(real_ce_path, pairs, raw=True, max_length=256)
+    pool = ModelPool()
+    out = {}
+    for mode, options in (("float32", {}), ("int8", {"quantize": "int8"})):
+        spec = ModelSpec(
+            real_ce_path,
+            backend=BACKEND,
+            max_length=256,
+            options={"cache_dir": onnx_cache, "score_mode": "raw", **options},
+        )
+        got = pool.score_pairs(spec, pairs)
+        error = max(abs(a - b) for a, b in zip(got, want, strict=True)) / (max(want) - min(want))
+        out[mode] = (error, spearman(got, want))
+    pool.clear()
+    print(f"SciFact quality vs torch FP32 ({len(pairs)} pairs): {out}")
+    return out
+
+
+@pytest.mark.slow
+def test_float32_quality_on_scifact(scifact_quality: dict[str, tuple[float, float]]) -> None:
+    error, rho = scifact_quality["float32"]
+    assert error <= 1e-4
+    assert rho >= 0.9999
+
+
+@pytest.mark.slow
+def test_int8_quality_on_scifact_measured_envelope(
+    scifact_quality: dict[str, tuple[float, float]],
+) -> None:
+    """int8 stays within what was measured when it was built (10.7 % of the range, Spearman
+    0.986); it does NOT meet issue 12's bound (see the xfail below), so it stays opt-in.
+    Dynamic quantization scales depend on each pass's contents, so int8 scores also depend
+    (slightly) on how requests are batched."""
+    error, rho = scifact_quality["int8"]
+    assert error <= 0.15
+    assert rho >= 0.975
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="dynamic int8 (per-tensor activations) misses issue 12's bound on this model: "
+    "max error ~11 % of the FP32 range, Spearman ~0.986 (docs/onnx.md)",
+)
+def test_int8_meets_issue_quality_bound(scifact_quality: dict[str, tuple[float, float]]) -> None:
+    error, rho = scifact_quality["int8"]
+    assert error <= 0.02
+    assert rho >= 0.99
+
+
+# -- the export cache ------------------------------------------------------------------------
+
+
+def test_export_is_cached_across_pools_and_invalidated_by_changed_files(
+    tiny_ce_path: str, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ce_path, model)
+    cache = str(tmp_path / "cache")
+    spec = onnx_spec(str(model), cache)
+    pairs = [("q", "a passage"), ("another query", "another passage, longer")]
+
+    first, second = ModelPool(), ModelPool()
+    before = onnx_backend.export_count()
+    scores = first.score_pairs(spec, pairs)
+    assert onnx_backend.export_count() == before + 1
+    entries = [p for p in Path(cache).iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1
+    assert not [p for p in Path(cache).iterdir() if p.name.startswith(".tmp-")]
+    mtime = (entries[0] / "model.onnx").stat().st_mtime_ns
+
+    assert second.score_pairs(spec, pairs) == scores  # a second pool: reused, not exported
+    assert onnx_backend.export_count() == before + 1
+    assert (entries[0] / "model.onnx").stat().st_mtime_ns == mtime
+    first.clear()
+    second.clear()
+
+    config = json.loads((model / "config.json").read_text())
+    config["rag_rerank_test_marker"] = 1  # a changed model file -> a new export
+    (model / "config.json").write_text(json.dumps(config))
+    third = ModelPool()
+    third.score_pairs(spec, pairs)
+    third.clear()
+    assert onnx_backend.export_count() == before + 2
+    assert len([p for p in Path(cache).iterdir() if not p.name.startswith(".")]) == 2
+
+    third = ModelPool()  # int8 is its own entry
+    third.score_pairs(onnx_spec(str(model), cache, quantize="int8"), pairs)
+    third.clear()
+    assert onnx_backend.export_count() == before + 3
+
+
+def test_second_process_reuses_the_export_without_torch(
+    tiny_ce_path: str, onnx_cache: str, pool: ModelPool
+) -> None:
+    pairs = [("q", "a passage"), ("another query", "another passage, longer")]
+    scores = pool.score_pairs(onnx_spec(tiny_ce_path, onnx_cache), pairs)  # exported (or cached)
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from rag_rerank_plugins import ModelPool, ModelSpec
+        from rag_rerank_plugins.backends import onnx
+        spec = ModelSpec({tiny_ce_path!r}, backend="onnx-cross-encoder",
+                         options={{"cache_dir": {onnx_cache!r}}})
+        scores = ModelPool().score_pairs(spec, {pairs!r})
+        print(json.dumps([scores, onnx.export_count(), "torch" in sys.modules]))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    got, exports, torch_imported = json.loads(out.stdout.strip().splitlines()[-1])
+    assert exports == 0
+    assert torch_imported is False
+    assert got == pytest.approx(scores, abs=1e-6)
+
+
+def test_publish_keeps_the_winner_of_a_race(tmp_path: Path) -> None:
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "meta.json").write_text("{}")
+    loser = tmp_path / ".tmp-entry-x"
+    loser.mkdir()
+    (loser / "meta.json").write_text('{"loser": true}')
+    onnx_backend._publish(loser, final)
+    assert not loser.exists()
+    assert (final / "meta.json").read_text() == "{}"
+
+
+def test_fingerprint_follows_contents_of_small_files(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("x")
+    first = onnx_backend.model_fingerprint(tmp_path)
+    (tmp_path / ".git" / "HEAD").write_text("y")  # hidden folders do not count
+    assert onnx_backend.model_fingerprint(tmp_path) == first
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert onnx_backend.model_fingerprint(tmp_path) != first
+
+
+# -- missing extra ---------------------------------------------------------------------------
+
+
+def test_missing_onnxruntime_raises_missing_dependency_error(tiny_ce_path: str) -> None:
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "onnxruntime" or name.startswith("onnxruntime."):
+                    raise ImportError(f"No module named {{name!r}} (blocked)", name=name)
+                return None
+
+        sys.meta_path.insert(0, _Block())
+        from rag_rerank_plugins import MissingDependencyError, ModelPool, ModelSpec
+        from rag_rerank_plugins.langchain import SharedRerankCompressor
+
+        comp = SharedRerankCompressor(model={tiny_ce_path!r}, backend="onnx-cross-encoder")
+        try:
+            ModelPool().score_pairs(comp.spec, [("q", "p")])
+        except MissingDependencyError as exc:
+            assert isinstance(exc, ImportError)
+            print("OK", exc.extra, exc)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("OK onnx ")
+    assert "rag-rerank-plugins[onnx]" in out.stdout
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def test_options_are_checked(tiny_ce_path: str, onnx_cache: str, pool: ModelPool) -> None:
+    from rag_rerank_plugins.backends import available_backends
+
+    assert available_backends()[BACKEND].options == onnx_backend.OPTIONS
+    check_options(BACKEND, {"quantize": "int8", "intra_op_threads": 1, "cache_dir": "/x"})
+    with pytest.raises(ConfigurationError, match="Accepted"):
+        check_options(BACKEND, {"quantise": "int8"})
+    bad = [
+        ModelSpec(tiny_ce_path, backend=BACKEND, dtype="bfloat16"),
+        ModelSpec(tiny_ce_path, backend=BACKEND, device="cuda"),
+        onnx_spec(tiny_ce_path, onnx_cache, quantize="int4"),
+        onnx_spec(tiny_ce_path, onnx_cache, intra_op_threads=0),
+        onnx_spec(tiny_ce_path, onnx_cache, opset=3),
+        onnx_spec(tiny_ce_path, onnx_cache, score_mode="softmax"),
+    ]
+    for spec in bad:
+        with pytest.raises(ConfigurationError):
+            pool.get(spec)
+
+
+def test_thread_policy(
+    tiny_ce_path: str, onnx_cache: str, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cores = onnx_backend.default_threads()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert pool.get(onnx_spec(tiny_ce_path, onnx_cache)).model.threads == cores
+    assert pool.get(onnx_spec(tiny_ce_path, onnx_cache, intra_op_threads=1)).model.threads == 1
+    monkeypatch.setenv(onnx_backend.THREADS_ENV, "3")
+    spec = onnx_spec(tiny_ce_path, onnx_cache, opset=17)  # a new key: loads under the env var
+    assert pool.get(spec).model.threads == 3
+    monkeypatch.setenv(onnx_backend.THREADS_ENV, "many")
+    with pytest.raises(ConfigurationError, match=onnx_backend.THREADS_ENV):
+        pool.get(onnx_spec(tiny_ce_path, onnx_cache, opset=16))
+
+
+def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(onnx_backend.CACHE_ENV, str(tmp_path))
+    assert onnx_backend.default_cache_dir() == tmp_path
+    monkeypatch.delenv(onnx_backend.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert onnx_backend.default_cache_dir() == tmp_path / "xdg" / "rag-rerank-plugins" / "onnx"
+
+
+# -- adapters and concurrency ----------------------------------------------------------------
+
+
+def test_adapters_accept_the_onnx_backend(
+    tiny_ce_path: str, onnx_cache: str, passages: list[str], pool: ModelPool
+) -> None:
+    pytest.importorskip("langchain_core")
+    pytest.importorskip("llama_index.core")
+    from langchain_core.documents import Document
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from rag_rerank_plugins.langchain import SharedRerankCompressor
+    from rag_rerank_plugins.llama_index import SharedRerankPostprocessor
+
+    query = "where does the cell get energy"
+    want = reference(tiny_ce_path, [(query, p) for p in passages])
+    best = sorted(zip(want, passages, strict=True), reverse=True)
+    kw = {"backend": BACKEND, "model_kwargs": {"cache_dir": onnx_cache}, "pool": pool}
+
+    comp = SharedRerankCompressor(model=tiny_ce_path, top_n=3, **kw)
+    docs = comp.compress_documents([Document(page_content=p) for p in passages], query)
+    assert [d.page_content for d in docs] == [p for _, p in best[:3]]
+    assert docs[0].metadata["relevance_score"] == pytest.approx(best[0][0], abs=1e-4)
+
+    post = SharedRerankPostprocessor(model=tiny_ce_path, top_n=3, **kw)
+    nodes = [NodeWithScore(node=TextNode(text=p), score=0.0) for p in passages]
+    out = post.postprocess_nodes(nodes, query_str=query)
+    assert [n.node.get_content() for n in out] == [p for _, p in best[:3]]
+    assert pool.spec_stats(comp.spec)["loads"] == 1  # both adapters share one model
+
+
+def test_16_threads_load_once_and_match_sequential(
+    tiny_ce_path: str, onnx_cache: str, passages: list[str], pool: ModelPool
+) -> None:
+    spec = onnx_spec(tiny_ce_path, onnx_cache)
+    requests = [[(f"query {i} " * (i % 5 + 1), p) for p in passages] for i in range(32)]
+    with ThreadPoolExecutor(16) as ex:
+        concurrent = list(ex.map(lambda r: pool.score_pairs(spec, r), requests))
+    assert pool.spec_stats(spec)["loads"] == 1
+    sequential = [pool.score_pairs(spec, r) for r in requests]
+    for got, want in zip(concurrent, sequential, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
