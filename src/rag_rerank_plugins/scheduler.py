@@ -58,8 +58,11 @@ __all__ = ["LOOKAHEAD", "Scheduler", "estimate_tokens"]
 logger = logging.getLogger(__name__)
 
 #: Micro-batches prepared ahead of the device. Two would hide tokenisation in a steady state;
-#: three also bridge the bursts at round boundaries (measured on the simulated device).
-LOOKAHEAD = 3
+#: more bridge the bursts at round boundaries. On the simulated device (16 callers): 2 -> 82 %,
+#: 3 -> 85 %, 4 -> 89 %, 6 -> 90 % of the pipelined bound; 4 keeps rounds short for fairness.
+LOOKAHEAD = 4
+#: Passes' worth of items the worker takes from the queue at a time (sorted by length within).
+ROUND_PASSES = 4
 
 
 @functools.cache
@@ -325,8 +328,10 @@ class Scheduler:
         return sum(len(w.items) - w.next_index for w in self._queue)
 
     def _take_entries(self) -> list[_Entry]:
-        cap_items = self._config.max_batch_size * LOOKAHEAD * 2
-        cap_tokens = self._budget * LOOKAHEAD * 2
+        # A round is a few passes' worth: enough to sort by length, short enough that a request
+        # arriving now is considered after a few passes, not after a long backlog.
+        cap_items = self._config.max_batch_size * ROUND_PASSES
+        cap_tokens = self._budget * ROUND_PASSES
         entries: list[_Entry] = []
         tokens = 0
         group = None
