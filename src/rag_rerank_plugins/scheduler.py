@@ -71,9 +71,10 @@ def _token_pattern() -> re.Pattern[str]:
 
 
 def estimate_tokens(text: str) -> int:
-    """Cheap subword-count estimate, no tokenizer call: ~4 characters per token for ASCII text
-    (within 15 % of WordPiece on English), ~1.3 tokens per word or symbol otherwise (CJK and
-    other scripts pack more tokens per character).
+    """Cheap subword-count estimate, no tokenizer call: 2 tokens per 7 characters of ASCII text,
+    ~1.3 tokens per word or symbol otherwise (CJK and other scripts pack more tokens per
+    character). Both overestimate WordPiece on English by ~30 %, the scale the default token
+    budgets were tuned with (a tighter ASCII estimate made CPU passes ~6 % slower).
 
     Only batch shapes depend on it, never results; the real tokenizer runs once, in prepare. It
     runs in the callers' threads, under the GIL, for every item: the ASCII path costs ~0.1 us
@@ -82,7 +83,7 @@ def estimate_tokens(text: str) -> int:
     if len(text) > 20_000:  # long texts are truncated by the model anyway
         return len(text) // 3
     if text.isascii():
-        return len(text) // 4 + 1
+        return len(text) * 2 // 7 + 1
     return int(len(_token_pattern().findall(text)) * 1.3) + 1
 
 
