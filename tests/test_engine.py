@@ -206,6 +206,7 @@ def test_two_phase_cross_encoder_uses_real_token_counts_and_equals_predict(
     stats = pool.spec_stats(ce_spec)
     assert stats["prepare_seconds"] > 0
     assert stats["avg_tokens_per_batch"] > 0
+    assert 0 <= stats["padding_ratio"] < 1, "real token counts, not estimates, from prepare"
 
 
 def test_two_phase_embedder_honours_prompts_like_encode(

@@ -124,6 +124,7 @@ class _Batch:
     pending: Any = None
     device_seconds: float = 0.0  # time inside the model's forward and finish
     padded: int = 0
+    real: int = 0
 
     @property
     def task(self) -> Task:
@@ -421,6 +422,7 @@ class Scheduler:
                     raise
                 raise _OutOfMemory from None  # drop the failed pass's traceback and frames
             batch.padded = prepared.padded_tokens or batch.padded_estimate
+            batch.real = prepared.real_tokens or batch.real_estimate
             return True
         except _OutOfMemory:
             pass  # handled below, outside every except block
@@ -454,7 +456,7 @@ class Scheduler:
 
     def _record(self, batch: _Batch) -> None:
         self._metrics.record_forward(
-            len(batch.entries), batch.real_estimate, batch.padded, batch.device_seconds
+            len(batch.entries), batch.real, batch.padded, batch.device_seconds
         )
 
     def _deliver(self, entries: list[_Entry], results: list[Any]) -> None:
@@ -513,6 +515,7 @@ class Scheduler:
                 start = time.perf_counter()
                 pending = model.forward(batch.task, prepared)
                 batch.padded = prepared.padded_tokens or batch.padded_estimate
+                batch.real = prepared.real_tokens or batch.real_estimate
                 results = model.finish(batch.task, pending)
                 batch.device_seconds = time.perf_counter() - start
                 del pending, prepared

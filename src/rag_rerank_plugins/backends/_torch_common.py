@@ -22,6 +22,7 @@ from ..exceptions import (
     ModelNotFoundError,
 )
 from ..spec import ModelSpec
+from .base import Prepared
 
 __all__ = [
     "HostCopy",
@@ -30,6 +31,7 @@ __all__ = [
     "loading_errors",
     "padded_tokens",
     "pin_features",
+    "prepared_batch",
     "prepare_module",
     "torch_dtype",
 ]
@@ -134,6 +136,13 @@ def padded_tokens(features: dict[str, Any]) -> int | None:
     """Real padded token count of a tokenised batch (for stats), if it has ``input_ids``."""
     ids: Any = features.get("input_ids")
     return int(ids.numel()) if ids is not None and hasattr(ids, "numel") else None
+
+
+def prepared_batch(features: dict[str, Any], size: int, device: str) -> Prepared:
+    """A tokenised batch ready for ``device`` (pinned on CUDA), with its real token counts."""
+    mask: Any = features.get("attention_mask")
+    real = int(mask.sum()) if mask is not None and hasattr(mask, "sum") else None
+    return Prepared(pin_features(features, device), size, padded_tokens(features), real)
 
 
 class HostCopy:

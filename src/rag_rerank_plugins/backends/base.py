@@ -84,8 +84,10 @@ class Prepared:
 
     payload: Any
     size: int
-    #: Real padded token count of the batch when the backend knows it (stats), else None.
+    #: Real padded and unpadded token counts of the batch when the backend knows them (stats:
+    #: avg_tokens_per_batch, padding_ratio), else None (the scheduler's estimates are used).
     padded_tokens: int | None = None
+    real_tokens: int | None = None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -24,9 +24,8 @@ from ._torch_common import (
     features_to,
     import_optional,
     loading_errors,
-    padded_tokens,
-    pin_features,
     prepare_module,
+    prepared_batch,
     quantize_module,
     torch_dtype,
 )
@@ -73,7 +72,7 @@ class CrossEncoderReranker(RerankerModel):
         if not self._two_phase:
             return super().prepare(task, items)
         features = self.model.preprocess(list(items), prompt=self._prompt)
-        return Prepared(pin_features(features, self.device), len(items), padded_tokens(features))
+        return prepared_batch(features, len(items), self.device)
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         if not self._two_phase:

@@ -18,9 +18,8 @@ from ._torch_common import (
     features_to,
     import_optional,
     loading_errors,
-    padded_tokens,
-    pin_features,
     prepare_module,
+    prepared_batch,
     quantize_module,
 )
 from .base import EmbedderModel, ModelProvider, Prepared, Task
@@ -90,7 +89,7 @@ class SentenceTransformerEmbedder(EmbedderModel):
             return super().prepare(task, items)
         prompt, router_task = self._prompt_and_task(task.is_query, task.prompt)
         features = self.model.preprocess(list(items), prompt=prompt, task=router_task)
-        return Prepared(pin_features(features, self.device), len(items), padded_tokens(features))
+        return prepared_batch(features, len(items), self.device)
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         if not self._two_phase:
