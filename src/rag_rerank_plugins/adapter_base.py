@@ -115,6 +115,12 @@ class SharedModelFields(BaseModel):
     pool: ModelPool | None = Field(
         default=None, exclude=True, repr=False, description="Pool to use; None = get_pool()."
     )
+    priority: Literal["interactive", "bulk"] = Field(
+        default="interactive",
+        description="Scheduler lane: 'interactive' (query time) is served before 'bulk' (e.g. "
+        "re-embedding a corpus); bulk work waiting longer than EngineConfig.bulk_aging_ms is "
+        "served as interactive, so it never starves.",
+    )
 
     @field_validator("max_length", "batch_size", mode="before", check_fields=False)
     @classmethod
@@ -188,6 +194,28 @@ class SharedModelFields(BaseModel):
 
     def _pool(self) -> ModelPool:
         return self.pool if self.pool is not None else get_pool()
+
+    # The pool calls of every adapter, with this adapter's scheduling lane.
+
+    def _pool_score(
+        self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
+    ) -> list[float]:
+        return self._pool().score_pairs(spec, pairs, batch_size, priority=self.priority)
+
+    async def _pool_ascore(
+        self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
+    ) -> list[float]:
+        return await self._pool().ascore_pairs(spec, pairs, batch_size, priority=self.priority)
+
+    def _pool_embed(
+        self, spec: ModelSpec, texts: Sequence[str], batch_size: int, **kw: Any
+    ) -> list[list[float]]:
+        return self._pool().embed(spec, texts, batch_size, priority=self.priority, **kw)
+
+    async def _pool_aembed(
+        self, spec: ModelSpec, texts: Sequence[str], batch_size: int, **kw: Any
+    ) -> list[list[float]]:
+        return await self._pool().aembed(spec, texts, batch_size, priority=self.priority, **kw)
 
     def handle(self) -> ModelHandle:
         """The shared handle (loads on first use). Prefer the adapter methods for calls."""
@@ -330,10 +358,10 @@ class RerankSettings(SharedModelFields):
             return [], None
         settings = self.window_settings
         if settings is None:
-            scores = self._pool().score_pairs(self.spec, self._pairs(query, texts), self.batch_size)
+            scores = self._pool_score(self.spec, self._pairs(query, texts), self.batch_size)
             return rank(scores, self.top_n, self.score_threshold), None
         plan = self._window_plan(query, texts, settings)
-        window_scores = self._pool().score_pairs(self.spec, plan.pairs, self.batch_size)
+        window_scores = self._pool_score(self.spec, plan.pairs, self.batch_size)
         scores, infos = plan.aggregate(window_scores)
         return rank(scores, self.top_n, self.score_threshold), infos
 
@@ -393,11 +421,9 @@ class RerankSettings(SharedModelFields):
             return [], None
         settings = self.window_settings
         if settings is None:
-            scores = await self._pool().ascore_pairs(
-                self.spec, self._pairs(query, texts), self.batch_size
-            )
+            scores = await self._pool_ascore(self.spec, self._pairs(query, texts), self.batch_size)
             return rank(scores, self.top_n, self.score_threshold), None
         plan = await asyncio.to_thread(self._window_plan, query, texts, settings)
-        window_scores = await self._pool().ascore_pairs(self.spec, plan.pairs, self.batch_size)
+        window_scores = await self._pool_ascore(self.spec, plan.pairs, self.batch_size)
         scores, infos = plan.aggregate(window_scores)
         return rank(scores, self.top_n, self.score_threshold), infos

@@ -36,6 +36,9 @@ class EngineConfig:
     #: Tokenise the next micro-batches on a prepare thread while the device runs the current one
     #: (False: the device worker prepares each batch itself, in sequence).
     pipeline: bool = True
+    #: Bulk requests (``priority="bulk"``) that have waited this long are served like
+    #: interactive ones, so a steady stream of interactive traffic never starves them.
+    bulk_aging_ms: float = 2000.0
     #: Requests waiting per model before new ones are refused with QueueFullError.
     max_queue: int = 1024
     #: With a full queue, wait this long for room instead of failing at once (None: fail at once).
@@ -64,7 +67,7 @@ class EngineConfig:
         for name in ("score_cache_size", "query_cache_size"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"EngineConfig.{name} must be >= 0")
-        for name in ("max_wait_ms", "queue_timeout_s", "request_timeout_s"):
+        for name in ("max_wait_ms", "queue_timeout_s", "request_timeout_s", "bulk_aging_ms"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigurationError(f"EngineConfig.{name} must be >= 0 or None")

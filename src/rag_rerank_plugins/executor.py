@@ -21,7 +21,7 @@ from typing import Any
 from .backends.base import LoadedModel, Task
 from .engine_config import EngineConfig
 from .exceptions import InferenceError, RagRerankError, RequestTimeoutError
-from .scheduler import Scheduler
+from .scheduler import Lane, Scheduler
 from .stats import Metrics
 
 __all__ = ["DirectExecutor", "Executor", "ScheduledExecutor", "executor_for"]
@@ -51,11 +51,17 @@ class Executor(ABC):
         self.name = name
 
     def run(
-        self, task: Task, items: Sequence[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: Sequence[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane = "interactive",
     ) -> list[Any]:
-        """One result per item, waiting at most ``timeout`` seconds (None: as long as it takes)."""
+        """One result per item, waiting at most ``timeout`` seconds (None: as long as it takes).
+        ``priority`` picks the scheduler's lane (direct calls have no queue to order)."""
         try:
-            return self._run(task, items, batch_size, timeout)
+            return self._run(task, items, batch_size, timeout, priority)
         except BaseException as exc:
             error = map_error(exc, self.name)
             if error is exc:
@@ -63,14 +69,21 @@ class Executor(ABC):
             raise error from exc
 
     async def arun(
-        self, task: Task, items: Sequence[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: Sequence[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane = "interactive",
     ) -> list[Any]:
         """:meth:`run` for coroutines: never blocks the event loop; cancelling withdraws."""
         import asyncio  # lazily: keeps `import rag_rerank_plugins` cheap for sync-only apps
 
         try:
             try:
-                return await asyncio.wait_for(self._arun(task, items, batch_size), timeout)
+                return await asyncio.wait_for(
+                    self._arun(task, items, batch_size, priority), timeout
+                )
             except asyncio.TimeoutError:
                 raise _timeout_error(self.name, timeout) from None
         except asyncio.CancelledError:
@@ -83,11 +96,18 @@ class Executor(ABC):
 
     @abstractmethod
     def _run(
-        self, task: Task, items: Sequence[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: Sequence[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane,
     ) -> list[Any]: ...
 
     @abstractmethod
-    async def _arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]: ...
+    async def _arun(
+        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
+    ) -> list[Any]: ...
 
     def close(self) -> None:  # noqa: B027 - nothing to stop for direct calls
         """Finish queued work and stop any threads."""
@@ -105,11 +125,18 @@ class DirectExecutor(Executor):
     """
 
     def _run(
-        self, task: Task, items: Sequence[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: Sequence[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane,
     ) -> list[Any]:
         return self.model.run(task, items, batch_size)
 
-    async def _arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+    async def _arun(
+        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
+    ) -> list[Any]:
         return await self.model.arun(task, items, batch_size)
 
 
@@ -120,24 +147,33 @@ class ScheduledExecutor(Executor):
         super().__init__(model, name)
         self.scheduler = Scheduler(model, config, metrics, name=name)
 
-    def _submit(self, task: Task, items: Sequence[Any], batch_size: int) -> Future[list[Any]]:
-        return self.scheduler.submit(task, items, batch_size=batch_size)
+    def _submit(
+        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
+    ) -> Future[list[Any]]:
+        return self.scheduler.submit(task, items, batch_size=batch_size, priority=priority)
 
     def _run(
-        self, task: Task, items: Sequence[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: Sequence[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane,
     ) -> list[Any]:
-        future = self._submit(task, items, batch_size)
+        future = self._submit(task, items, batch_size, priority)
         try:
             return future.result(timeout)
         except FutureTimeout:
             future.cancel()  # withdraws the request if it is still queued
             raise _timeout_error(self.name, timeout) from None
 
-    async def _arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+    async def _arun(
+        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
+    ) -> list[Any]:
         import asyncio
 
         # Cancelling the awaiting task cancels the future: a queued request is withdrawn.
-        return await asyncio.wrap_future(self._submit(task, items, batch_size))
+        return await asyncio.wrap_future(self._submit(task, items, batch_size, priority))
 
     def close(self) -> None:
         self.scheduler.close()

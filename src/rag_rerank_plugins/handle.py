@@ -20,6 +20,7 @@ from .cache import TTLCache
 from .engine_config import EngineConfig
 from .exceptions import InvalidInputError, ModelReleasedError
 from .executor import Executor, executor_for
+from .scheduler import LANES, Lane
 from .spec import ModelSpec
 from .stats import Metrics, SpecStats
 
@@ -125,12 +126,18 @@ class ModelHandle:
     # -- execution ----------------------------------------------------------------------------
 
     def _execute(
-        self, task: Task, items: list[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: list[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane = "interactive",
     ) -> list[Any]:
         self._check_batch_size(batch_size)
+        self._check_priority(priority)
         start = time.perf_counter()
         try:
-            result = self._executor.run(task, items, batch_size, self._timeout(timeout))
+            result = self._executor.run(task, items, batch_size, self._timeout(timeout), priority)
         except BaseException:
             self._count(len(items), start, error=True)
             raise
@@ -138,14 +145,22 @@ class ModelHandle:
         return result
 
     async def _aexecute(
-        self, task: Task, items: list[Any], batch_size: int, timeout: float | None
+        self,
+        task: Task,
+        items: list[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane = "interactive",
     ) -> list[Any]:
         import asyncio
 
         self._check_batch_size(batch_size)
+        self._check_priority(priority)
         start = time.perf_counter()
         try:
-            result = await self._executor.arun(task, items, batch_size, self._timeout(timeout))
+            result = await self._executor.arun(
+                task, items, batch_size, self._timeout(timeout), priority
+            )
         except asyncio.CancelledError:
             self._metrics.bump("cancelled")
             raise
@@ -154,6 +169,14 @@ class ModelHandle:
             raise
         self._count(len(items), start)
         return result
+
+    @staticmethod
+    def _check_priority(priority: str) -> None:
+        if priority not in LANES:
+            raise InvalidInputError(
+                f"priority must be 'interactive' or 'bulk', got {priority!r}: interactive for "
+                "query-time calls, bulk for corpus (re-)embedding."
+            )
 
     @staticmethod
     def _check_batch_size(batch_size: int) -> None:
@@ -229,10 +252,11 @@ class ModelHandle:
         batch_size: int = 32,
         *,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[float]:
         """Relevance score per (query, passage) pair, in input order."""
         checked, scores, missing, todo = self._score_plan(pairs)
-        fresh = self._execute(SCORE, todo, batch_size, timeout) if todo else []
+        fresh = self._execute(SCORE, todo, batch_size, timeout, priority) if todo else []
         return self._merge_scores(checked, scores, missing, fresh)
 
     async def ascore_pairs(
@@ -241,10 +265,11 @@ class ModelHandle:
         batch_size: int = 32,
         *,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[float]:
         """Async :meth:`score_pairs`: awaits the worker without blocking the event loop."""
         checked, scores, missing, todo = self._score_plan(pairs)
-        fresh = await self._aexecute(SCORE, todo, batch_size, timeout) if todo else []
+        fresh = await self._aexecute(SCORE, todo, batch_size, timeout, priority) if todo else []
         return self._merge_scores(checked, scores, missing, fresh)
 
     # -- embedding ----------------------------------------------------------------------------
@@ -294,6 +319,7 @@ class ModelHandle:
         normalize: bool = False,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[list[float]]:
         """One vector per text. ``is_query`` selects the model's query prompt, if it has one;
         ``prompt`` (an instruction) replaces the model's own prompt."""
@@ -303,7 +329,7 @@ class ModelHandle:
         cached = self._cached_query(items, task)
         if cached is not None:
             return cached
-        vectors = self._execute(task, items, batch_size, timeout)
+        vectors = self._execute(task, items, batch_size, timeout, priority)
         self._remember_query(items, task, vectors)
         return vectors
 
@@ -316,6 +342,7 @@ class ModelHandle:
         normalize: bool = False,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[list[float]]:
         """Async :meth:`embed`: awaits the worker without blocking the event loop."""
         items, task = self._embed_task(texts, batch_size, is_query, normalize, prompt)
@@ -324,7 +351,7 @@ class ModelHandle:
         cached = self._cached_query(items, task)
         if cached is not None:
             return cached
-        vectors = await self._aexecute(task, items, batch_size, timeout)
+        vectors = await self._aexecute(task, items, batch_size, timeout, priority)
         self._remember_query(items, task, vectors)
         return vectors
 

@@ -40,6 +40,7 @@ from .spec import ModelSpec
 
 if TYPE_CHECKING:  # imported on first load: keeps `get_pool()` cheap at start-up
     from .handle import ModelHandle
+    from .scheduler import Lane
     from .stats import SpecStats
 
 __all__ = ["ModelPool", "get_pool"]
@@ -284,9 +285,13 @@ class ModelPool:
         batch_size: int = 32,
         *,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[float]:
-        """Score (query, passage) pairs with the shared model for ``spec``."""
-        return self._call(spec, lambda h: h.score_pairs(pairs, batch_size, timeout=timeout))
+        """Score (query, passage) pairs with the shared model for ``spec``. ``priority="bulk"``
+        yields to interactive calls of the same model (they wait for at most one pass)."""
+        return self._call(
+            spec, lambda h: h.score_pairs(pairs, batch_size, timeout=timeout, priority=priority)
+        )
 
     def embed(
         self,
@@ -298,6 +303,7 @@ class ModelPool:
         normalize: bool = False,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[list[float]]:
         """Embed texts with the shared model for ``spec``; ``prompt`` (an instruction) replaces
         the model's own query/document prompt."""
@@ -310,6 +316,7 @@ class ModelPool:
                 normalize=normalize,
                 prompt=prompt,
                 timeout=timeout,
+                priority=priority,
             ),
         )
 
@@ -320,9 +327,12 @@ class ModelPool:
         batch_size: int = 32,
         *,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[float]:
         """Like :meth:`score_pairs`; awaits the model's worker without blocking the event loop."""
-        return await self._acall(spec, lambda h: h.ascore_pairs(pairs, batch_size, timeout=timeout))
+        return await self._acall(
+            spec, lambda h: h.ascore_pairs(pairs, batch_size, timeout=timeout, priority=priority)
+        )
 
     async def aembed(
         self,
@@ -334,6 +344,7 @@ class ModelPool:
         normalize: bool = False,
         prompt: str | None = None,
         timeout: float | None = None,
+        priority: Lane = "interactive",
     ) -> list[list[float]]:
         """Like :meth:`embed`; awaits the model's worker without blocking the event loop."""
         return await self._acall(
@@ -345,6 +356,7 @@ class ModelPool:
                 normalize=normalize,
                 prompt=prompt,
                 timeout=timeout,
+                priority=priority,
             ),
         )
 

@@ -40,12 +40,13 @@ from collections import deque
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .backends.base import LoadedModel, Prepared, Task
 from .engine_config import EngineConfig
 from .exceptions import (
     InferenceError,
+    InvalidInputError,
     ModelReleasedError,
     OutOfMemoryError,
     QueueFullError,
@@ -53,7 +54,12 @@ from .exceptions import (
 )
 from .stats import Metrics
 
-__all__ = ["LOOKAHEAD", "Scheduler", "estimate_tokens"]
+__all__ = ["LANES", "LOOKAHEAD", "Lane", "Scheduler", "estimate_tokens"]
+
+#: Priority lanes: ``interactive`` (query-time reranking) is served before ``bulk`` (re-embedding a
+#: corpus); bulk work that has waited ``EngineConfig.bulk_aging_ms`` is served as interactive.
+Lane = Literal["interactive", "bulk"]
+LANES: tuple[Lane, ...] = ("interactive", "bulk")
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +103,7 @@ class _Work:
     future: Future[list[Any]]
     enqueued: float
     batch_size: int
+    lane: Lane = "interactive"
     results: list[Any] = field(default_factory=list)
     remaining: int = 0
     next_index: int = 0
@@ -110,6 +117,12 @@ class _Work:
     @property
     def group(self) -> Hashable:
         return self.task
+
+    def effective_lane(self, now: float, aging_s: float) -> Lane:
+        """Bulk work that has waited ``aging_s`` is served as interactive: bulk never starves."""
+        if self.lane == "bulk" and now - self.enqueued < aging_s:
+            return "bulk"
+        return "interactive"
 
 
 _Entry = tuple[_Work, int]
@@ -125,6 +138,7 @@ class _Batch:
     device_seconds: float = 0.0  # time inside the model's forward and finish
     padded: int = 0
     real: int = 0
+    lane: Lane = "interactive"
 
     @property
     def task(self) -> Task:
@@ -172,17 +186,33 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._prepare_pool: ThreadPoolExecutor | None = None
+        self._aging_s = config.bulk_aging_ms / 1000
+        #: Interactive requests queued and not yet taken (read by the worker without the lock).
+        self._interactive_waiting = 0
+        #: Items of bulk batches put back before reaching the device; the next bulk round
+        #: takes them first.
+        self._returned: deque[_Entry] = deque()
+        self._round_lane: Lane = "interactive"
 
     # -- callers ------------------------------------------------------------------------------
 
     def submit(
-        self, task: Task, items: Sequence[Any], *, batch_size: int | None = None
+        self,
+        task: Task,
+        items: Sequence[Any],
+        *,
+        batch_size: int | None = None,
+        priority: Lane = "interactive",
     ) -> Future[list[Any]]:
         """Enqueue a request; the future resolves to one result per item, in input order.
 
         ``batch_size`` caps the forward passes this request's items go into (merged requests
-        get the smallest cap among them).
+        get the smallest cap among them). ``priority="bulk"`` requests yield to interactive
+        ones: batches of bulk work not yet on the device are put back when interactive work
+        arrives, so an interactive request waits for at most the pass that is running.
         """
+        if priority not in LANES:
+            raise InvalidInputError(f"priority must be 'interactive' or 'bulk', got {priority!r}.")
         future: Future[list[Any]] = Future()
         work = _Work(
             task=task,
@@ -191,6 +221,7 @@ class Scheduler:
             future=future,
             enqueued=time.perf_counter(),
             batch_size=min(batch_size or self._config.max_batch_size, self._config.max_batch_size),
+            lane=priority,
         )
         with self._cond:
             if self._closing:
@@ -198,6 +229,8 @@ class Scheduler:
             if len(self._queue) >= self._config.max_queue:
                 self._wait_for_room()
             self._queue.append(work)
+            if priority == "interactive":
+                self._interactive_waiting += 1
             self._metrics.queue_depth = len(self._queue)
             self._ensure_worker()
             self._cond.notify_all()
@@ -286,7 +319,8 @@ class Scheduler:
                         return  # closing and drained
                     if not entries:
                         break
-                    formed.extend(_Batch(b) for b in self._micro_batches(entries))
+                    lane = self._round_lane  # set by _take_round (this thread only)
+                    formed.extend(_Batch(b, lane=lane) for b in self._micro_batches(entries))
                 batch = formed.popleft()
                 batch.entries = [e for e in batch.entries if not e[0].failed]
                 if batch.entries:
@@ -296,6 +330,9 @@ class Scheduler:
                 if running is not None:
                     self._finish(running)
                     running = None
+                continue
+            if ahead[0].lane == "bulk" and self._interactive_waiting:
+                self._yield_to_interactive(formed, ahead)
                 continue
             batch = ahead.popleft()
             launched = self._launch(batch)
@@ -310,9 +347,9 @@ class Scheduler:
         """
         with self._cond:
             if block:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._returned and not self._closing:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue and not self._returned:
                     return None
                 if self._wait_s > 0 and not self._closing:
                     deadline = self._queue[0].enqueued + self._wait_s
@@ -330,30 +367,53 @@ class Scheduler:
         return sum(len(w.items) - w.next_index for w in self._queue)
 
     def _take_entries(self) -> list[_Entry]:
+        """Under the lock: FIFO over requests of the head's task and lane (interactive first,
+        then returned bulk items, then queued bulk), a few passes' worth."""
         # A round is a few passes' worth: enough to sort by length, short enough that a request
         # arriving now is considered after a few passes, not after a long backlog.
         cap_items = self._config.max_batch_size * ROUND_PASSES
         cap_tokens = self._budget * ROUND_PASSES
+        now = time.perf_counter()
+        interactive = any(
+            w.effective_lane(now, self._aging_s) == "interactive" for w in self._queue
+        )
+        lane: Lane = "interactive" if interactive or not (self._queue or self._returned) else "bulk"
+        self._round_lane = lane
         entries: list[_Entry] = []
         tokens = 0
         group = None
+        if lane == "bulk":
+            while self._returned and len(entries) < cap_items and tokens < cap_tokens:
+                work, index = self._returned.popleft()
+                if work.failed or work.future.done():
+                    continue
+                if group is None:
+                    group = work.group
+                if work.group != group:
+                    self._returned.appendleft((work, index))
+                    break
+                entries.append((work, index))
+                tokens += work.lengths[index]
         kept: deque[_Work] = deque()
         while self._queue:
             work = self._queue.popleft()
             if work.future.cancelled():  # withdrawn while queued
                 self._metrics.bump("cancelled")
+                self._count_taken(work)
                 continue
-            if group is None:
+            if group is None and work.effective_lane(now, self._aging_s) == lane:
                 group = work.group
             full = len(entries) >= cap_items or tokens >= cap_tokens
-            if work.group != group or full:
+            if work.group != group or work.effective_lane(now, self._aging_s) != lane or full:
                 kept.append(work)
                 continue
             if work.started is None:
                 if not work.future.set_running_or_notify_cancel():
                     self._metrics.bump("cancelled")
+                    self._count_taken(work)
                     continue
                 work.started = time.perf_counter()
+                self._count_taken(work)
             while work.next_index < len(work.items) and len(entries) < cap_items:
                 if tokens >= cap_tokens and entries:
                     break
@@ -364,6 +424,27 @@ class Scheduler:
                 kept.append(work)
         self._queue.extendleft(reversed(kept))
         return entries
+
+    def _count_taken(self, work: _Work) -> None:
+        if work.lane == "interactive":
+            self._interactive_waiting -= 1
+
+    def _yield_to_interactive(self, formed: deque[_Batch], ahead: deque[_Batch]) -> None:
+        """Put back every bulk batch not yet on the device (its items go first in the next bulk
+        round); prepared work is dropped and done again later, a small price for latency."""
+        keep_formed = [b for b in formed if b.lane != "bulk"]
+        keep_ahead = [b for b in ahead if b.lane != "bulk"]
+        returned = [e for b in (*formed, *ahead) if b.lane == "bulk" for e in b.entries]
+        for batch in ahead:
+            if batch.lane == "bulk" and batch.prepared is not None:
+                batch.prepared.cancel()
+        formed.clear()
+        formed.extend(keep_formed)
+        ahead.clear()
+        ahead.extend(keep_ahead)
+        with self._cond:
+            self._returned.extendleft(reversed(returned))
+        self._metrics.bump("bulk_yields")
 
     def _micro_batches(self, entries: list[_Entry]) -> list[list[_Entry]]:
         ordered = sorted(entries, key=lambda e: -e[0].lengths[e[1]])
@@ -558,7 +639,7 @@ class Scheduler:
 
     def _complete(self, work: _Work, now: float) -> None:
         started = work.started if work.started is not None else now
-        self._metrics.record_request(started - work.enqueued, now - work.enqueued)
+        self._metrics.record_request(started - work.enqueued, now - work.enqueued, work.lane)
         if not work.future.done():
             work.future.set_result(work.results)
 

@@ -37,6 +37,10 @@ class Metrics:
         self.max_batch_size = max_batch_size
         self.queue_waits: deque[float] = deque(maxlen=window)
         self.latencies: deque[float] = deque(maxlen=window)
+        #: Queue waits per priority lane ("interactive", "bulk").
+        self.lane_waits: dict[str, deque[float]] = {
+            lane: deque(maxlen=window) for lane in ("interactive", "bulk")
+        }
         self.forward_passes = 0
         self.forward_seconds = 0.0
         self.batch_items = 0
@@ -46,6 +50,7 @@ class Metrics:
         self.oom_splits = 0
         #: Padded tokens per pass the scheduler currently allows (shrinks after an OOM).
         self.token_budget: int | None = None
+        self.bulk_yields = 0  # times bulk batches were put back for interactive work
         self.rejected = 0
         self.cancelled = 0
         self.queue_depth = 0
@@ -62,10 +67,11 @@ class Metrics:
         with self._lock:
             self.prepare_seconds += seconds
 
-    def record_request(self, queue_wait: float, latency: float) -> None:
+    def record_request(self, queue_wait: float, latency: float, lane: str = "interactive") -> None:
         with self._lock:
             self.queue_waits.append(queue_wait)
             self.latencies.append(latency)
+            self.lane_waits[lane].append(queue_wait)
 
     def bump(self, name: str, by: int = 1) -> None:
         with self._lock:
@@ -74,6 +80,7 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             waits = list(self.queue_waits)
+            by_lane = {lane: list(values) for lane, values in self.lane_waits.items()}
             lats = list(self.latencies)
             passes = self.forward_passes
 
@@ -94,6 +101,9 @@ class Metrics:
                 "queue_wait_ms_p95": ms(_percentile(waits, 0.95)),
                 "latency_ms_p50": ms(_percentile(lats, 0.5)),
                 "latency_ms_p95": ms(_percentile(lats, 0.95)),
+                "queue_wait_ms_p95_interactive": ms(_percentile(by_lane["interactive"], 0.95)),
+                "queue_wait_ms_p95_bulk": ms(_percentile(by_lane["bulk"], 0.95)),
+                "bulk_yields": self.bulk_yields,
                 "oom_splits": self.oom_splits,
                 "token_budget": self.token_budget,
                 "rejected": self.rejected,

@@ -86,4 +86,4 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
         pairs = _checked_pairs(text_pairs)
         if not pairs:
             return []
-        return self._pool().score_pairs(self.spec, pairs, self.batch_size)
+        return self._pool_score(self.spec, pairs, self.batch_size)

@@ -177,14 +177,14 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         texts = _document_texts(texts)
         if not self.show_progress:
-            return self._pool().embed(
+            return self._pool_embed(
                 self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
             )
         spec, vectors = self.spec, []
         with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
             for chunk in chunks(texts, self.batch_size):
                 vectors.extend(
-                    self._pool().embed(
+                    self._pool_embed(
                         spec, chunk, self.batch_size, normalize=self.normalize_embeddings
                     )
                 )
@@ -193,21 +193,21 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
 
     def embed_query(self, text: str) -> list[float]:
         text = _query_text(text)
-        return self._pool().embed(
+        return self._pool_embed(
             self.spec, [text], self.batch_size, is_query=True, normalize=self._normalize_queries()
         )[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         texts = _document_texts(texts)
         if not self.show_progress:
-            return await self._pool().aembed(
+            return await self._pool_aembed(
                 self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
             )
         spec, vectors = self.spec, []
         with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
             for chunk in chunks(texts, self.batch_size):
                 vectors.extend(
-                    await self._pool().aembed(
+                    await self._pool_aembed(
                         spec, chunk, self.batch_size, normalize=self.normalize_embeddings
                     )
                 )
@@ -216,7 +216,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         text = _query_text(text)
-        vectors = await self._pool().aembed(
+        vectors = await self._pool_aembed(
             self.spec, [text], self.batch_size, is_query=True, normalize=self._normalize_queries()
         )
         return vectors[0]

@@ -121,7 +121,7 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
         return (self.query_instruction if is_query else self.text_instruction) or None
 
     def _embed(self, texts: list[str], is_query: bool) -> list[Embedding]:
-        return self._pool().embed(
+        return self._pool_embed(
             self.spec,
             texts,
             self.embed_batch_size,
@@ -131,7 +131,7 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
         )
 
     async def _aembed(self, texts: list[str], is_query: bool) -> list[Embedding]:
-        return await self._pool().aembed(
+        return await self._pool_aembed(
             self.spec,
             texts,
             self.embed_batch_size,
