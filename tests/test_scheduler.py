@@ -121,13 +121,9 @@ def test_fifo_no_caller_starves() -> None:
     pool = _pool(max_batch_size=1)
     spec = _spec(model)
     pool.get(spec)
-    order: list[int] = []
-    lock = threading.Lock()
 
     def call(i: int) -> None:
         pool.score_pairs(spec, [("q", f"p{i}")])
-        with lock:
-            order.append(i)
 
     threads = []
     for i in range(10):
@@ -137,7 +133,10 @@ def test_fifo_no_caller_starves() -> None:
         time.sleep(0.005)  # arrival order 0..9
     for t in threads:
         t.join()
-    assert order == sorted(order)
+    # Served in arrival order (the model's own record: two callers whose results are delivered
+    # in the same microsecond may wake up in either order, so completion order proves nothing).
+    served = [int(passage[1:]) for batch in model.batches for _, passage in batch]
+    assert served == list(range(10))
     pool.clear()
 
 
@@ -146,8 +145,10 @@ def test_bounded_queue_rejects_then_waits_when_configured() -> None:
     pool = _pool(max_queue=2, max_batch_size=1)
     spec = _spec(model)
     pool.get(spec)
-    with ThreadPoolExecutor(6) as ex:
-        futures = [ex.submit(pool.score_pairs, spec, [("q", f"p{i}")]) for i in range(6)]
+    # While the first pass runs, the worker holds at most LOOKAHEAD more requests being prepared
+    # (they count as running) and the queue max_queue: 16 requests cannot all fit.
+    with ThreadPoolExecutor(16) as ex:
+        futures = [ex.submit(pool.score_pairs, spec, [("q", f"p{i}")]) for i in range(16)]
         outcomes = [f.exception() for f in futures]
     rejected = [e for e in outcomes if isinstance(e, QueueFullError)]
     assert rejected, "a full queue must refuse work instead of growing"
