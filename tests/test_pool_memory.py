@@ -8,7 +8,6 @@ import logging
 import multiprocessing
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -175,7 +174,8 @@ def test_per_device_budgets_are_separate(make_pool: Callable[..., ModelPool]) ->
     )
     pool.score_pairs(cpu_a, PAIRS)
     pool.score_pairs(gpu, PAIRS)
-    assert pool.is_loaded(cpu_a) and pool.is_loaded(gpu)  # 100 MB on each device: both fit
+    assert pool.is_loaded(cpu_a)
+    assert pool.is_loaded(gpu)
     pool.score_pairs(cpu_b, PAIRS)
     assert not pool.is_loaded(cpu_a)  # the CPU budget evicted a CPU model...
     assert pool.is_loaded(gpu)  # ...never the GPU one
@@ -186,7 +186,8 @@ def test_per_device_budgets_are_separate(make_pool: Callable[..., ModelPool]) ->
     one_number = make_pool(memory_budget_mb=1.5 * MB)  # applies to each device separately
     one_number.score_pairs(cpu_a, PAIRS)
     one_number.score_pairs(gpu, PAIRS)
-    assert one_number.is_loaded(cpu_a) and one_number.is_loaded(gpu)
+    assert one_number.is_loaded(cpu_a)
+    assert one_number.is_loaded(gpu)
 
 
 def test_a_model_bigger_than_the_budget_warns_or_raises(
@@ -207,7 +208,8 @@ def test_a_model_bigger_than_the_budget_warns_or_raises(
     with caplog.at_level(logging.WARNING, logger="rag_rerank_plugins.pool"):
         assert lenient.score_pairs(big, PAIRS) == _expected(PAIRS)
     assert "Loading it anyway" in caplog.text
-    assert lenient.is_loaded(big) and not lenient.is_loaded(small)
+    assert lenient.is_loaded(big)
+    assert not lenient.is_loaded(small)
     for _ in range(3):  # it stays: evicting the only model would only reload it
         assert lenient.score_pairs(big, PAIRS) == _expected(PAIRS)
     assert lenient.spec_stats(big)["loads"] == 1
@@ -307,7 +309,8 @@ def test_idle_unload_releases_after_the_configured_time(
     assert pool.score_pairs(spec, PAIRS) == _expected(PAIRS)  # reloads on the next call
     assert pool.spec_stats(spec)["reloads"] == 1
     thread = pool._reaper_thread
-    assert thread is not None and thread.is_alive()
+    assert thread is not None
+    assert thread.is_alive()
     pool.clear()
     assert not thread.is_alive()  # clear() stops the reaper without hanging
 
@@ -329,7 +332,8 @@ def test_the_reaper_ends_when_its_pool_is_collected() -> None:
     pool = ModelPool(idle_unload_s=0.05)
     pool.get(fake_reranker_spec("gc"))
     thread = pool._reaper_thread
-    assert thread is not None and thread.is_alive()
+    assert thread is not None
+    assert thread.is_alive()
     del pool
     gc.collect()
     thread.join(timeout=5)
@@ -377,7 +381,8 @@ def test_the_reaper_runs_in_a_forked_child(make_pool: Callable[..., ModelPool]) 
     child.join(timeout=30)
     assert child.exitcode == 0
     assert loaded_at_start is True  # the CPU model was inherited...
-    assert reaped is True and reason == "idle"  # ...and aged out by the child's own reaper
+    assert reaped is True
+    assert reason == "idle"
     assert scores == _expected(PAIRS)
 
 
