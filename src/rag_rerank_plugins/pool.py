@@ -134,6 +134,9 @@ class ModelPool:
         changes = {name: value for name, value in given.items() if value is not _UNSET}
         #: Memory budget, idle unload and over-budget policy of this pool.
         self.pool_config = base.with_changes(**changes) if changes else base
+        # Only a pool that evicts by itself pins handles for the whole call (without one, just
+        # an explicit release() can race a call, and the retry below covers that).
+        self._pins = self.pool_config.manages_memory or self.pool_config.idle_unload_s is not None
         self._num_threads = num_threads
         self._init_state()
         _POOLS.add(self)
@@ -223,6 +226,8 @@ class ModelPool:
         slot.handle = handle
         if managed:
             self._settle_after_load(key, handle.device)
+        else:
+            self._note_peak(handle.device)
         self._ensure_reaper()
         return handle
 
@@ -600,26 +605,28 @@ class ModelPool:
 
     def _call(self, spec: ModelSpec, fn: Callable[[ModelHandle], T]) -> T:
         for attempt in (1, 2):
-            handle = self._get(spec, pin=True)
+            handle = self._get(spec, pin=self._pins)
             try:
                 return fn(handle)
             except ModelReleasedError:
                 if attempt == 2:
                     raise
             finally:
-                self._unpin(handle)
+                if self._pins:
+                    self._unpin(handle)
         raise AssertionError("unreachable")
 
     async def _acall(self, spec: ModelSpec, fn: Callable[[ModelHandle], Awaitable[T]]) -> T:
         for attempt in (1, 2):
-            handle = self._get(spec, pin=True)  # may load: a cold spec's first call blocks once
+            handle = self._get(spec, pin=self._pins)  # may load (a cold spec blocks once)
             try:
                 return await fn(handle)
             except ModelReleasedError:
                 if attempt == 2:
                     raise
             finally:
-                self._unpin(handle)
+                if self._pins:
+                    self._unpin(handle)
         raise AssertionError("unreachable")
 
     def _unpin(self, handle: ModelHandle) -> None:
