@@ -171,8 +171,8 @@ def test_declared_options_match_the_backend_modules() -> None:
     assert backends["remote-embedder"].options == remote._OPTIONS
     # The fakes take (and ignore) a real model's loading options, so a test can swap them in.
     loading = {"trust_remote_code", "revision", "cache_folder", "local_files_only", "score_mode"}
-    assert backends["fake-reranker"].options == {"delay_ms"} | loading
-    assert backends["fake-embedder"].options == {"delay_ms", "dim"} | loading
+    assert backends["fake-reranker"].options == {"delay_ms", "footprint_mb"} | loading
+    assert backends["fake-embedder"].options == {"delay_ms", "dim", "footprint_mb"} | loading
     assert backends["bi-encoder"].options == {"embedder_backend"}
 
 

@@ -14,7 +14,7 @@ from ._lazy import lazy_getattr
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .engine_config import EngineConfig
+    from .engine_config import EngineConfig, PoolConfig
     from .exceptions import (
         ConfigurationError,
         InferenceError,
@@ -63,6 +63,7 @@ _LAZY: dict[str, str] = {
     "RemoteError": "exceptions",
     "RemoteAuthError": "exceptions",
     "EngineConfig": "engine_config",
+    "PoolConfig": "engine_config",
 }
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelPool",
+    "PoolConfig",
     "ModelReleasedError",
     "ModelSpec",
     "OutOfMemoryError",

@@ -1,4 +1,5 @@
-"""`EngineConfig`: how a pool schedules, batches, bounds and caches work for its models.
+"""`EngineConfig`: how a pool schedules, batches, bounds and caches work for its models;
+`PoolConfig`: how much memory the pool's models may take on each device.
 
 Defaults are chosen for correctness under load first: a bounded queue (memory cannot grow without
 limit), no added latency (``max_wait_ms`` 0: requests that arrive while the device runs a pass are
@@ -8,18 +9,20 @@ documents must never be stale unless asked for) and a small query-embedding cach
 
 Every field can be set with a ``RAG_RERANK_<FIELD>`` environment variable (upper case);
 :meth:`EngineConfig.from_env` is the one parser of them (``rag_rerank_plugins.settings.Settings``
-uses it for its ``engine`` field).
+uses it for its ``engine`` field). :meth:`PoolConfig.from_env` reads the pool's memory settings
+from ``RAG_RERANK_POOL_<FIELD>`` with the same rules.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 from .exceptions import ConfigurationError
 
-__all__ = ["EngineConfig"]
+__all__ = ["EngineConfig", "PoolConfig"]
 
 _ENV_PREFIX = "RAG_RERANK_"
 
@@ -86,37 +89,136 @@ class EngineConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> EngineConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EngineConfig:
         """Defaults overridden by ``RAG_RERANK_*`` variables (e.g. RAG_RERANK_TOKEN_BUDGET=4096)."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(_ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
+        return cls(**_values_from_env(cls, _ENV_PREFIX, environ))
+
+
+#: What ``memory_budget_mb`` may be: one budget for every device, or one per device.
+MemoryBudget = int | float | Mapping[str, int | float] | None
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Memory management of a :class:`~rag_rerank_plugins.pool.ModelPool` on a shared machine.
+
+    Every field can be set with ``RAG_RERANK_POOL_<FIELD>`` (upper case), read by
+    :meth:`from_env`; arguments given to ``ModelPool(...)`` win.
+    """
+
+    #: Most megabytes the pool's loaded models may take on a device (parameters and buffers;
+    #: on CUDA the allocator's growth at load). A number applies to every device separately; a
+    #: mapping such as ``{"cpu": 2000, "cuda:0": 6000}`` sets one per device (a key ``"cuda"``
+    #: applies to each CUDA device without its own key). None: no budget.
+    #: Env: ``RAG_RERANK_POOL_MEMORY_BUDGET_MB=6000`` or ``=cpu=2000,cuda:0=6000``.
+    memory_budget_mb: MemoryBudget = None
+    #: Release a model nobody has called for this many seconds (a background reaper thread).
+    #: None: never.
+    idle_unload_s: float | None = None
+    #: A model that alone exceeds its device's budget: "warn" loads it anyway (and logs a
+    #: warning), "raise" refuses it with ConfigurationError.
+    over_budget: Literal["warn", "raise"] = "warn"
+
+    def __post_init__(self) -> None:
+        budget = self.memory_budget_mb
+        if isinstance(budget, Mapping):
+            for device, value in budget.items():
+                _check_budget(f"memory_budget_mb[{device!r}]", value)
+            object.__setattr__(self, "memory_budget_mb", dict(budget))
+        elif budget is not None:
+            _check_budget("memory_budget_mb", budget)
+        idle = self.idle_unload_s
+        if idle is not None and (isinstance(idle, bool) or not idle > 0):
+            raise ConfigurationError(f"PoolConfig.idle_unload_s must be > 0 or None, got {idle!r}")
+        if self.over_budget not in ("warn", "raise"):
+            raise ConfigurationError(
+                f"PoolConfig.over_budget must be 'warn' or 'raise', got {self.over_budget!r}"
+            )
+
+    def budget_bytes(self, device: str) -> int | None:
+        """The budget of ``device`` in bytes (None: unlimited)."""
+        budget = self.memory_budget_mb
+        if budget is None:
+            return None
+        if isinstance(budget, Mapping):
+            value = budget.get(device)
+            if value is None:
+                value = budget.get(device.split(":", 1)[0])
+            if value is None:
+                return None
+        else:
+            value = budget
+        return int(value * 1024 * 1024)
+
+    @property
+    def manages_memory(self) -> bool:
+        return self.memory_budget_mb is not None
+
+    def with_changes(self, **changes: Any) -> PoolConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PoolConfig:
+        """Defaults overridden by ``RAG_RERANK_POOL_*`` variables."""
+        return cls(**_values_from_env(cls, _ENV_PREFIX + "POOL_", environ))
+
+
+def _check_budget(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(
+            f"PoolConfig.{name} must be a positive number of MB, got {value!r}"
+        )
+
+
+def _parse_budget(var: str, raw: str) -> Any:
+    """``6000`` (every device) or ``cpu=2000,cuda:0=6000`` (per device)."""
+    try:
+        if "=" not in raw:
+            return float(raw) if "." in raw else int(raw)
+        budget: dict[str, float] = {}
+        for part in raw.split(","):
+            if not part.strip():
                 continue
-            if "bool" in str(f.type):
-                values[f.name] = _parse_bool(f.name, raw)
-                continue
+            device, _, value = part.partition("=")
+            budget[device.strip()] = float(value)
+        return budget
+    except ValueError:
+        raise ConfigurationError(
+            f"{var}={raw!r} is not a number of MB or a list like 'cpu=2000,cuda:0=6000'"
+        ) from None
+
+
+def _values_from_env(cls: Any, prefix: str, environ: Mapping[str, str] | None) -> dict[str, Any]:
+    """The one parser of ``RAG_RERANK_*`` variables for config dataclasses: each field
+    ``name`` is read from ``prefix + NAME``; the field's type says how to parse it."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        var = prefix + f.name.upper()
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        kind = str(f.type)
+        if "bool" in kind:
+            values[f.name] = _parse_bool(var, raw)
+        elif raw.lower() == "none":
+            values[f.name] = None
+        elif "MemoryBudget" in kind:
+            values[f.name] = _parse_budget(var, raw)
+        elif "Literal" in kind:
+            values[f.name] = raw.strip().lower()
+        else:
             try:
-                if raw.lower() == "none":
-                    values[f.name] = None
-                elif "float" in str(f.type):
-                    values[f.name] = float(raw)
-                else:
-                    values[f.name] = int(raw)
+                values[f.name] = float(raw) if "float" in kind else int(raw)
             except ValueError:
-                raise ConfigurationError(
-                    f"{_ENV_PREFIX}{f.name.upper()}={raw!r} is not a number"
-                ) from None
-        return cls(**values)
+                raise ConfigurationError(f"{var}={raw!r} is not a number") from None
+    return values
 
 
-def _parse_bool(name: str, raw: str) -> bool:
+def _parse_bool(var: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ConfigurationError(
-        f"{_ENV_PREFIX}{name.upper()}={raw!r} is not a boolean (1/0, true/false)"
-    )
+    raise ConfigurationError(f"{var}={raw!r} is not a boolean (1/0, true/false)")

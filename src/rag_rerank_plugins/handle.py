@@ -74,6 +74,10 @@ class ModelHandle:
         self._model: LoadedModel | None = model
         self._stats = stats
         self._stats_lock = threading.Lock()
+        # Calls running on this handle (the pool pins around its calls too); a pool evicts a
+        # model only when none runs, and after _try_retire() new calls get ModelReleasedError.
+        self._in_flight = 0
+        self._retiring = False
         if stats.metrics is None:
             stats.metrics = Metrics(config.metrics_window, config.max_batch_size)
         self._metrics = stats.metrics
@@ -135,12 +139,15 @@ class ModelHandle:
     ) -> list[Any]:
         self._check_batch_size(batch_size)
         self._check_priority(priority)
+        self._pin_or_raise()
         start = time.perf_counter()
         try:
             result = self._executor.run(task, items, batch_size, self._timeout(timeout), priority)
         except BaseException:
             self._count(len(items), start, error=True)
             raise
+        finally:
+            self._unpin()
         self._count(len(items), start)
         return result
 
@@ -156,6 +163,7 @@ class ModelHandle:
 
         self._check_batch_size(batch_size)
         self._check_priority(priority)
+        self._pin_or_raise()
         start = time.perf_counter()
         try:
             result = await self._executor.arun(
@@ -167,8 +175,38 @@ class ModelHandle:
         except BaseException:
             self._count(len(items), start, error=True)
             raise
+        finally:
+            self._unpin()
         self._count(len(items), start)
         return result
+
+    # -- in-flight calls (what a pool's eviction checks) --------------------------------------
+
+    def _pin(self) -> bool:
+        """Count one call in flight; False (nothing counted) once the pool retired this handle."""
+        with self._stats_lock:
+            if self._retiring or self._model is None:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _pin_or_raise(self) -> None:
+        if not self._pin():
+            raise ModelReleasedError(
+                f"{self.spec.label} was released. Ask the pool again (pool.get(spec)) to reload it."
+            )
+
+    def _unpin(self) -> None:
+        with self._stats_lock:
+            self._in_flight -= 1
+
+    def _try_retire(self) -> bool:
+        """Atomically: if no call is in flight, refuse every later one. True when retired."""
+        with self._stats_lock:
+            if self._in_flight:
+                return False
+            self._retiring = True
+            return True
 
     @staticmethod
     def _check_priority(priority: str) -> None:
@@ -374,6 +412,7 @@ class ModelHandle:
     def _after_fork(self) -> None:
         """In a forked child: new locks and a new worker (threads do not survive fork)."""
         self._stats_lock = threading.Lock()
+        self._in_flight = 0  # the parent's calls do not run in the child
         self._metrics._lock = threading.Lock()
         self._score_cache._lock = threading.Lock()
         self._query_cache._lock = threading.Lock()

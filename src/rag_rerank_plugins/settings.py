@@ -4,7 +4,8 @@
 to load, on which device and dtype, the batch size, torch threads, and the pool's
 :class:`~rag_rerank_plugins.engine_config.EngineConfig` (queues, caches, batching). The engine
 fields are read by :meth:`EngineConfig.from_env`, the one parser of those variables, so
-``Settings().engine`` and ``EngineConfig.from_env()`` always agree.
+``Settings().engine`` and ``EngineConfig.from_env()`` always agree (``Settings().pool`` and
+``PoolConfig.from_env()`` likewise).
 
 This module imports pydantic-settings; ``import rag_rerank_plugins`` does not import it.
 :func:`get_settings` reads the environment once per process and caches the result
@@ -19,7 +20,7 @@ from functools import lru_cache
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .engine_config import EngineConfig
+from .engine_config import EngineConfig, PoolConfig
 from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER
 
 __all__ = ["ENV_PREFIX", "Settings", "get_settings"]
@@ -29,6 +30,10 @@ ENV_PREFIX = "RAG_RERANK_"
 
 def _engine_from_env() -> EngineConfig:
     return EngineConfig.from_env(dict(os.environ))
+
+
+def _pool_from_env() -> PoolConfig:
+    return PoolConfig.from_env(dict(os.environ))
 
 
 class Settings(BaseSettings):
@@ -61,6 +66,10 @@ class Settings(BaseSettings):
     engine: EngineConfig = Field(
         default_factory=_engine_from_env,
         description="Scheduling, queue and cache settings (RAG_RERANK_<ENGINECONFIG FIELD>).",
+    )
+    pool: PoolConfig = Field(
+        default_factory=_pool_from_env,
+        description="Memory budget and idle unload of pools (RAG_RERANK_POOL_<POOLCONFIG FIELD>).",
     )
 
 

@@ -136,10 +136,22 @@ class SpecStats:
     cache_misses: int = 0
     busy_seconds: float = 0.0
     last_used: float | None = None
+    #: Bytes the model held on its device at its last load (None: never loaded, or unknown).
+    footprint_bytes: int | None = None
+    #: Releases the pool decided on (memory budget or idle reaper), and the last one's reason.
+    evictions: int = 0
+    last_eviction_reason: str | None = None
     metrics: Metrics | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "metrics"}
+        data = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("metrics", "footprint_bytes")
+        }
+        footprint = self.footprint_bytes
+        data["footprint_mb"] = None if footprint is None else round(footprint / 2**20, 3)
+        data["reloads"] = max(0, self.loads - 1)
         if self.metrics is not None:
             data.update(self.metrics.snapshot())
         return data

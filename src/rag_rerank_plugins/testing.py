@@ -7,10 +7,12 @@ or weights:
 * ``backend="fake-reranker"``: score = share of query words found in the passage (0..1).
 * ``backend="fake-embedder"``: hashed bag-of-words vectors, unit length, ``dim`` option (64).
 
-Both accept ``delay_ms`` (sleep per call) to simulate a slow model. ``build_cross_encoder``
-writes a tiny random-weight BERT cross-encoder to disk, for testing the real loading code
-offline; ``build_cross_encoder_from_encoder`` one with the packaged MiniLM's real encoder weights
-and a seeded head, whose activations have realistic ranges (for dtype and quantization tests).
+Both accept ``delay_ms`` (sleep per call) to simulate a slow model and ``footprint_mb`` (the size
+a pool with a memory budget sees, ``LoadedModel.footprint_bytes``) to simulate a big one.
+``build_cross_encoder`` writes a tiny random-weight BERT cross-encoder to disk, for testing the
+real loading code offline; ``build_cross_encoder_from_encoder`` one with the packaged MiniLM's
+real encoder weights and a seeded head, whose activations have realistic ranges (for dtype and
+quantization tests).
 """
 
 from __future__ import annotations
@@ -46,11 +48,19 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _mb(value: float | None) -> int | None:
+    return None if value is None else int(float(value) * 1024 * 1024)
+
+
 class FakeReranker(RerankerModel):
     thread_safe = True
 
-    def __init__(self, delay_ms: float = 0.0) -> None:
+    def __init__(self, delay_ms: float = 0.0, footprint_mb: float | None = None) -> None:
         self.delay_ms = delay_ms
+        self._footprint = _mb(footprint_mb)
+
+    def footprint_bytes(self) -> int | None:
+        return self._footprint
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         if self.delay_ms:
@@ -66,9 +76,15 @@ class FakeReranker(RerankerModel):
 class FakeEmbedder(EmbedderModel):
     thread_safe = True
 
-    def __init__(self, dim: int = 64, delay_ms: float = 0.0) -> None:
+    def __init__(
+        self, dim: int = 64, delay_ms: float = 0.0, footprint_mb: float | None = None
+    ) -> None:
         self._dim = dim
         self.delay_ms = delay_ms
+        self._footprint = _mb(footprint_mb)
+
+    def footprint_bytes(self) -> int | None:
+        return self._footprint
 
     @property
     def dimension(self) -> int:
@@ -98,12 +114,16 @@ class FakeEmbedder(EmbedderModel):
 
 
 def load_fake_reranker(spec: ModelSpec, provider: ModelProvider) -> FakeReranker:
-    return FakeReranker(delay_ms=float(spec.option("delay_ms", 0.0)))
+    return FakeReranker(
+        delay_ms=float(spec.option("delay_ms", 0.0)), footprint_mb=spec.option("footprint_mb")
+    )
 
 
 def load_fake_embedder(spec: ModelSpec, provider: ModelProvider) -> FakeEmbedder:
     return FakeEmbedder(
-        dim=int(spec.option("dim", 64)), delay_ms=float(spec.option("delay_ms", 0.0))
+        dim=int(spec.option("dim", 64)),
+        delay_ms=float(spec.option("delay_ms", 0.0)),
+        footprint_mb=spec.option("footprint_mb"),
     )
 
 

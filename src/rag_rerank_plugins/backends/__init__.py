@@ -168,7 +168,7 @@ _builtin(
     "reranker",
     "rag_rerank_plugins.testing:load_fake_reranker",
     "deterministic word-overlap reranker for tests, no dependencies",
-    options=FAKE_OPTIONS | {"delay_ms"},
+    options=FAKE_OPTIONS | {"delay_ms", "footprint_mb"},
     uses_torch=False,
 )
 _builtin(
@@ -176,7 +176,7 @@ _builtin(
     "embedder",
     "rag_rerank_plugins.testing:load_fake_embedder",
     "deterministic hashing embedder for tests, no dependencies",
-    options=FAKE_OPTIONS | {"dim", "delay_ms"},
+    options=FAKE_OPTIONS | {"dim", "delay_ms", "footprint_mb"},
     uses_torch=False,
 )
 

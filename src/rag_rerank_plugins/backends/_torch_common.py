@@ -29,6 +29,7 @@ __all__ = [
     "features_to",
     "import_optional",
     "loading_errors",
+    "module_bytes",
     "padded_tokens",
     "pin_features",
     "prepared_batch",
@@ -63,6 +64,27 @@ def prepare_module(module: Any, dtype: str) -> Any:
     if current is not None and current.dtype != wanted:
         module.to(wanted)
     return module
+
+
+def module_bytes(*objects: Any) -> int | None:
+    """Bytes of the parameters and buffers of the torch modules among ``objects`` (each counted
+    once, even when shared); None when none of them is a module. Packed int8 weights of
+    dynamically quantized layers are not parameters, so a quantized model is undercounted."""
+    seen: set[int] = set()
+    total = 0
+    found = False
+    for obj in objects:
+        parameters = getattr(obj, "parameters", None)
+        buffers = getattr(obj, "buffers", None)
+        if not (callable(parameters) and callable(buffers)):
+            continue
+        found = True
+        for tensor in (*parameters(), *buffers()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total if found else None
 
 
 QUANTIZE_MODES = ("int8",)

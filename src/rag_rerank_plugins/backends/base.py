@@ -26,6 +26,8 @@ The protocol, in the order the engine uses it:
   ``prepare`` only packs the items and ``forward`` calls :meth:`LoadedModel.run` in one go.
 * :meth:`LoadedModel.is_oom` and :meth:`LoadedModel.free_cache`: how the engine recognises an
   out-of-memory failure and gives cached device memory back before it splits a batch.
+* :meth:`LoadedModel.footprint_bytes` (optional): bytes the model holds on its device, which a
+  pool with a memory budget uses to decide what to evict (default None: unknown, counted as 0).
 * ``arun`` (optional, thread-safe models only): a native coroutine, so async callers need no
   thread (the remote backends' ``httpx.AsyncClient``).
 
@@ -157,6 +159,12 @@ class LoadedModel(ABC):
             torch.cuda.empty_cache()
         elif self.device == "mps":
             torch.mps.empty_cache()
+
+    def footprint_bytes(self) -> int | None:
+        """Bytes of weights this model holds on :attr:`device` (parameters and buffers of its
+        torch modules, the file size of an ONNX graph); None when unknown. On CUDA the pool
+        prefers the allocator's growth during the load when it can measure it alone."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, default is "nothing to free"
         """Drop references to weights so the pool can free memory. Called once, on release."""

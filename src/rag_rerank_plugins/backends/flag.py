@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
-from ._torch_common import import_optional, loading_errors, prepare_module
+from ._torch_common import import_optional, loading_errors, module_bytes, prepare_module
 from .base import EmbedderModel, ModelProvider, RerankerModel
 from .options import FLAG_M3_OPTIONS, FLAG_RERANKER_OPTIONS
 
@@ -175,6 +175,9 @@ class FlagReranker(RerankerModel):
             return [sigmoid(x) for x in logits]
         return logits
 
+    def footprint_bytes(self) -> int | None:
+        return module_bytes(self.model)
+
     def close(self) -> None:
         flag, self._flag = self._flag, None
         if flag is not None:
@@ -286,6 +289,9 @@ class FlagM3Embedder(EmbedderModel):
                 for i, vec in zip(chunk, dense.cpu().tolist(), strict=True):
                     out[i] = vec
         return out
+
+    def footprint_bytes(self) -> int | None:
+        return module_bytes(self.model)
 
     def close(self) -> None:
         flag, self._flag = self._flag, None

@@ -511,6 +511,18 @@ class OnnxCrossEncoder(RerankerModel):
             out.extend(self.finish(task, self.forward(task, self.prepare(task, chunk))))
         return out
 
+    def footprint_bytes(self) -> int | None:
+        """The ONNX graph's size on disk (with external weights): a fair proxy for what
+        onnxruntime holds (its arena grows with batch shapes, on top)."""
+        try:
+            return sum(
+                f.stat().st_size
+                for f in self.path.iterdir()
+                if f.is_file() and (f.suffix == ".onnx" or f.name.endswith(".onnx_data"))
+            )
+        except OSError:
+            return 0
+
     def close(self) -> None:
         self.session = None
         self.tokenizer = None

@@ -27,6 +27,8 @@ __all__ = [
 ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
 #: The fakes stand in for real models in users' tests, so they take (and ignore) the loading
 #: options a real model would get: switching a test to backend="fake-..." changes nothing else.
+#: Their own options (``delay_ms``, ``dim``, ``footprint_mb``: the simulated size a pool with a
+#: memory budget sees) are declared with them in the registry.
 FAKE_OPTIONS = ST_LOADING | {"score_mode"}
 #: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
 CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize"}

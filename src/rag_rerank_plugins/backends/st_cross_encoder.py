@@ -24,6 +24,7 @@ from ._torch_common import (
     features_to,
     import_optional,
     loading_errors,
+    module_bytes,
     prepare_module,
     prepared_batch,
     quantize_module,
@@ -111,6 +112,9 @@ class CrossEncoderReranker(RerankerModel):
                 activation_fn=self._activation(),
             )
         return [float(s) for s in scores.reshape(len(pairs), -1)[:, 0]]
+
+    def footprint_bytes(self) -> int | None:
+        return module_bytes(self.model)
 
     def close(self) -> None:
         self.model = None

@@ -18,6 +18,7 @@ from ._torch_common import (
     features_to,
     import_optional,
     loading_errors,
+    module_bytes,
     prepare_module,
     prepared_batch,
     quantize_module,
@@ -109,6 +110,9 @@ class SentenceTransformerEmbedder(EmbedderModel):
             return super().finish(task, pending)
         copy, normalize = pending
         return _rows(copy.result(), normalize)
+
+    def footprint_bytes(self) -> int | None:
+        return module_bytes(self.model)
 
     def close(self) -> None:
         self.model = None
