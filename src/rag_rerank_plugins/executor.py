@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import LoadedModel, Task
@@ -24,7 +25,7 @@ from .exceptions import InferenceError, RagRerankError, RequestTimeoutError
 from .scheduler import Lane, Scheduler
 from .stats import Metrics
 
-__all__ = ["DirectExecutor", "Executor", "ScheduledExecutor", "executor_for"]
+__all__ = ["Call", "DirectExecutor", "Executor", "ScheduledExecutor", "executor_for"]
 
 
 def map_error(exc: BaseException, name: str) -> BaseException:
@@ -43,6 +44,17 @@ def _timeout_error(name: str, timeout: float | None) -> RequestTimeoutError:
     )
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request to a model: what to do, on which items, in passes of at most ``batch_size``,
+    in which scheduler lane (direct calls have no queue to order)."""
+
+    task: Task
+    items: Sequence[Any]
+    batch_size: int
+    priority: Lane = "interactive"
+
+
 class Executor(ABC):
     """Runs requests on one loaded model; see the module docstring."""
 
@@ -50,40 +62,23 @@ class Executor(ABC):
         self.model = model
         self.name = name
 
-    def run(
-        self,
-        task: Task,
-        items: Sequence[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane = "interactive",
-    ) -> list[Any]:
-        """One result per item, waiting at most ``timeout`` seconds (None: as long as it takes).
-        ``priority`` picks the scheduler's lane (direct calls have no queue to order)."""
+    def run(self, call: Call, timeout: float | None) -> list[Any]:
+        """One result per item, waiting at most ``timeout`` seconds (None: as long as it takes)."""
         try:
-            return self._run(task, items, batch_size, timeout, priority)
+            return self._run(call, timeout)
         except BaseException as exc:
             error = map_error(exc, self.name)
             if error is exc:
                 raise
             raise error from exc
 
-    async def arun(
-        self,
-        task: Task,
-        items: Sequence[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane = "interactive",
-    ) -> list[Any]:
+    async def arun(self, call: Call, timeout: float | None) -> list[Any]:
         """:meth:`run` for coroutines: never blocks the event loop; cancelling withdraws."""
         import asyncio  # lazily: keeps `import rag_rerank_plugins` cheap for sync-only apps
 
         try:
             try:
-                return await asyncio.wait_for(
-                    self._arun(task, items, batch_size, priority), timeout
-                )
+                return await asyncio.wait_for(self._arun(call), timeout)
             except asyncio.TimeoutError:
                 raise _timeout_error(self.name, timeout) from None
         except asyncio.CancelledError:
@@ -95,19 +90,10 @@ class Executor(ABC):
             raise error from exc
 
     @abstractmethod
-    def _run(
-        self,
-        task: Task,
-        items: Sequence[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane,
-    ) -> list[Any]: ...
+    def _run(self, call: Call, timeout: float | None) -> list[Any]: ...
 
     @abstractmethod
-    async def _arun(
-        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
-    ) -> list[Any]: ...
+    async def _arun(self, call: Call) -> list[Any]: ...
 
     def close(self) -> None:  # noqa: B027 - nothing to stop for direct calls
         """Finish queued work and stop any threads."""
@@ -124,20 +110,11 @@ class DirectExecutor(Executor):
     carry their own timeouts.
     """
 
-    def _run(
-        self,
-        task: Task,
-        items: Sequence[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane,
-    ) -> list[Any]:
-        return self.model.run(task, items, batch_size)
+    def _run(self, call: Call, timeout: float | None) -> list[Any]:
+        return self.model.run(call.task, call.items, call.batch_size)
 
-    async def _arun(
-        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
-    ) -> list[Any]:
-        return await self.model.arun(task, items, batch_size)
+    async def _arun(self, call: Call) -> list[Any]:
+        return await self.model.arun(call.task, call.items, call.batch_size)
 
 
 class ScheduledExecutor(Executor):
@@ -147,33 +124,24 @@ class ScheduledExecutor(Executor):
         super().__init__(model, name)
         self.scheduler = Scheduler(model, config, metrics, name=name)
 
-    def _submit(
-        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
-    ) -> Future[list[Any]]:
-        return self.scheduler.submit(task, items, batch_size=batch_size, priority=priority)
+    def _submit(self, call: Call) -> Future[list[Any]]:
+        return self.scheduler.submit(
+            call.task, call.items, batch_size=call.batch_size, priority=call.priority
+        )
 
-    def _run(
-        self,
-        task: Task,
-        items: Sequence[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane,
-    ) -> list[Any]:
-        future = self._submit(task, items, batch_size, priority)
+    def _run(self, call: Call, timeout: float | None) -> list[Any]:
+        future = self._submit(call)
         try:
             return future.result(timeout)
         except FutureTimeout:
             future.cancel()  # withdraws the request if it is still queued
             raise _timeout_error(self.name, timeout) from None
 
-    async def _arun(
-        self, task: Task, items: Sequence[Any], batch_size: int, priority: Lane
-    ) -> list[Any]:
+    async def _arun(self, call: Call) -> list[Any]:
         import asyncio
 
         # Cancelling the awaiting task cancels the future: a queued request is withdrawn.
-        return await asyncio.wrap_future(self._submit(task, items, batch_size, priority))
+        return await asyncio.wrap_future(self._submit(call))
 
     def close(self) -> None:
         self.scheduler.close()

@@ -19,7 +19,7 @@ from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache
 from .engine_config import EngineConfig
 from .exceptions import InvalidInputError, ModelReleasedError
-from .executor import Executor, executor_for
+from .executor import Call, Executor, executor_for
 from .scheduler import LANES, Lane
 from .spec import ModelSpec
 from .stats import Metrics, SpecStats
@@ -142,7 +142,9 @@ class ModelHandle:
         self._pin_or_raise()
         start = time.perf_counter()
         try:
-            result = self._executor.run(task, items, batch_size, self._timeout(timeout), priority)
+            result = self._executor.run(
+                Call(task, items, batch_size, priority), self._timeout(timeout)
+            )
         except BaseException:
             self._count(len(items), start, error=True)
             raise
@@ -167,7 +169,7 @@ class ModelHandle:
         start = time.perf_counter()
         try:
             result = await self._executor.arun(
-                task, items, batch_size, self._timeout(timeout), priority
+                Call(task, items, batch_size, priority), self._timeout(timeout)
             )
         except asyncio.CancelledError:
             self._metrics.bump("cancelled")
