@@ -66,11 +66,10 @@ def _remote(model_server, name: str, protocol: str) -> dict:
     }
 
 
-def test_compressor_equals_local_and_leaves_inputs_alone(
-    pool: ModelPool, model_server, tiny_ce_path: str, passages: list[str], protocol: str
-) -> None:
-    docs = _docs(passages)
-    before = copy.deepcopy(docs)
+def _remote_and_local(
+    pool: ModelPool, model_server, tiny_ce_path: str, protocol: str
+) -> tuple[SharedRerankCompressor, SharedRerankCompressor]:
+    """The served tiny cross-encoder and the same model in process (FP32), keeping every doc."""
     remote = SharedRerankCompressor(
         model=model_server.url,
         backend="remote-reranker",
@@ -81,6 +80,15 @@ def test_compressor_equals_local_and_leaves_inputs_alone(
     local = SharedRerankCompressor(
         model=tiny_ce_path, device="cpu", dtype="float32", top_n=None, pool=pool
     )
+    return remote, local
+
+
+def test_compressor_equals_local_and_leaves_inputs_alone(
+    pool: ModelPool, model_server, tiny_ce_path: str, passages: list[str], protocol: str
+) -> None:
+    docs = _docs(passages)
+    before = copy.deepcopy(docs)
+    remote, local = _remote_and_local(pool, model_server, tiny_ce_path, protocol)
     out = remote.compress_documents(docs, QUERY)
     ref = local.compress_documents(docs, QUERY)
     assert [d.id for d in out] == [d.id for d in ref]
@@ -273,16 +281,7 @@ def test_long_documents_through_the_adapters_equal_local(
     with HTTP 413."""
     long = _long(passages, 100_000)
     docs = _docs(long)
-    remote = SharedRerankCompressor(
-        model=model_server.url,
-        backend="remote-reranker",
-        top_n=None,
-        pool=pool,
-        **_remote(model_server, "tiny-ce", protocol),
-    )
-    local = SharedRerankCompressor(
-        model=tiny_ce_path, device="cpu", dtype="float32", top_n=None, pool=pool
-    )
+    remote, local = _remote_and_local(pool, model_server, tiny_ce_path, protocol)
     out, ref = remote.compress_documents(docs, QUERY), local.compress_documents(docs, QUERY)
     assert [d.id for d in out] == [d.id for d in ref]
     assert [d.metadata["relevance_score"] for d in out] == pytest.approx(
