@@ -284,7 +284,11 @@ def scenario_concurrency(
             "shared CrossEncoder FP32": lambda p, m=shared32: m.predict(p, batch_size=32),
             "shared CrossEncoder FP16": lambda p, m=shared16: m.predict(p, batch_size=32),
         }
-        pools = {"ours": new_pool(), "ours, pipeline off": new_pool(pipeline=False)}
+        pools = {
+            "ours": new_pool(),
+            "ours, 4 prepare threads": new_pool(prepare_workers=4),
+            "ours, pipeline off": new_pool(pipeline=False),
+        }
         for name, pool in pools.items():
             systems[name] = ours(models[shape], pool)
         base_rate = None

@@ -67,7 +67,7 @@ def calibrate(tok: Any, batch: list[tuple[str, str]], ratio: float) -> float:
 
 
 def run_mode(
-    pipeline: bool, tok: Any, per_token: float, args: argparse.Namespace
+    pipeline: bool, tok: Any, per_token: float, args: argparse.Namespace, workers: int = 1
 ) -> dict[str, Any]:
     from rag_rerank_plugins import ModelPool, ModelSpec
     from rag_rerank_plugins.backends import register_backend
@@ -78,7 +78,11 @@ def run_mode(
     name = f"sim-{uuid.uuid4().hex[:6]}"
     register_backend(name, lambda spec, provider: model, "reranker", uses_torch=False)
     spec = ModelSpec("sim", backend=name, device="cpu")
-    pool = ModelPool(config=EngineConfig(pipeline=pipeline, max_batch_size=64, token_budget=16384))
+    pool = ModelPool(
+        config=EngineConfig(
+            pipeline=pipeline, max_batch_size=64, token_budget=16384, prepare_workers=workers
+        )
+    )
     texts = passages(args.passages, seed=1)
     pool.score_pairs(spec, [("warm up", t) for t in texts])  # load + warm
     pool.reset_stats()
@@ -100,7 +104,9 @@ def run_mode(
     pool.clear()
     per_pass = items / passes
     return {
-        "mode": "pipelined" if pipeline else "sequential",
+        "mode": (f"pipelined, {workers} prepare threads" if workers > 1 else "pipelined")
+        if pipeline
+        else "sequential",
         "pairs_per_s": items / seconds,
         "passes": passes,
         "items_per_pass": per_pass,
@@ -117,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--passages", type=int, default=20)
     parser.add_argument("--ratio", type=float, default=1.0, help="forward / tokenisation time")
+    parser.add_argument(
+        "--prepare-workers",
+        type=int,
+        default=2,
+        help="a third row with this many prepare threads (EngineConfig.prepare_workers)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -124,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     sample = [(f"query {i}", t) for i, t in enumerate(passages(64, seed=1))]
     per_token = calibrate(tok, sample, args.ratio)
     rows = []
-    for pipeline in (False, True):
-        row = run_mode(pipeline, tok, per_token, args)
+    for pipeline, workers in ((False, 1), (True, 1), (True, args.prepare_workers)):
+        if workers == 1 and rows and rows[-1]["mode"] == "pipelined":
+            continue
+        row = run_mode(pipeline, tok, per_token, args, workers)
         rows.append(row)
         print(json.dumps(row))
     seq = rows[0]

@@ -194,6 +194,54 @@ def test_without_the_pipeline_the_worker_prepares_in_sequence() -> None:
     pool.clear()
 
 
+def _max_concurrent(intervals: list[tuple[str, float, float]], kind: str) -> int:
+    spans = [(a, b) for k, a, b in intervals if k == kind]
+    return max(sum(1 for a, b in spans if a <= start < b) for start, _ in spans)
+
+
+def test_prepare_workers_prepare_in_parallel_and_results_keep_their_order() -> None:
+    model = _Timed(prepare_s=0.03, forward_s=0.005)
+    pool = _pool(max_batch_size=2, prepare_workers=3)
+    spec = _register(model)
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda i: pool.score_pairs(spec, _pairs(6, f"q{i}")), range(8)))
+    assert [len(r) for r in results] == [6] * 8
+    assert len(model.prepare_threads) == 3
+    assert _max_concurrent(model.intervals, "prepare") >= 2, "TEI-style tokenisation workers"
+    assert _max_concurrent(model.intervals, "forward") == 1, "one device worker"
+    pool.clear()
+
+
+def test_a_backend_without_concurrent_prepare_gets_one_prepare_thread() -> None:
+    model = _Timed(prepare_s=0.01, forward_s=0.001)
+    model.concurrent_prepare = False
+    pool = _pool(max_batch_size=2, prepare_workers=4)
+    spec = _register(model)
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda i: pool.score_pairs(spec, _pairs(4, f"q{i}")), range(8)))
+    assert len(model.prepare_threads) == 1
+    assert _max_concurrent(model.intervals, "prepare") == 1
+    pool.clear()
+
+
+def test_cross_encoder_tokenises_in_several_threads_and_still_equals_predict(
+    ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
+) -> None:
+    import numpy as np
+
+    pool = _pool(max_batch_size=2, prepare_workers=4)
+    pairs = [(f"question {i}", p) for i in range(4) for p in passages]
+    with ThreadPoolExecutor(8) as ex:
+        ours = list(ex.map(lambda k: pool.score_pairs(ce_spec, pairs[k:] + pairs[:k]), range(8)))
+    for k, scores in enumerate(ours):
+        ref = direct_cross_encoder.predict(pairs[k:] + pairs[:k], show_progress_bar=False)
+        np.testing.assert_allclose(scores, ref, atol=1e-5, rtol=0)
+    assert pool.spec_stats(ce_spec)["loads"] == 1
+    preparers = {t.name for t in threading.enumerate() if t.name.startswith("rag-rerank-prepare")}
+    assert len(preparers) > 1, "the cross-encoder declares concurrent_prepare"
+    pool.clear()
+
+
 def test_two_phase_cross_encoder_uses_real_token_counts_and_equals_predict(
     pool: ModelPool, ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
 ) -> None:

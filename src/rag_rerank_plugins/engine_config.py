@@ -39,6 +39,12 @@ class EngineConfig:
     #: Tokenise the next micro-batches on a prepare thread while the device runs the current one
     #: (False: the device worker prepares each batch itself, in sequence).
     pipeline: bool = True
+    #: Threads that prepare (tokenise, collate) micro-batches for one model, for backends whose
+    #: ``prepare`` may run concurrently (TEI's pool of tokenisation workers). Worth raising (2-4)
+    #: for a small model on a GPU host with idle cores, where tokenising, not the GPU, is the
+    #: limit. Not by default: the Python half of tokenising holds the GIL, and on a busy 2-core
+    #: box a second thread lost 10-20 % pairs/s (benchmarks/simulated.py).
+    prepare_workers: int = 1
     #: Bulk requests (``priority="bulk"``) that have waited this long are served like
     #: interactive ones, so a steady stream of interactive traffic never starves them.
     bulk_aging_ms: float = 2000.0
@@ -59,7 +65,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "token_budget", "max_queue", "metrics_window")
-        for name in positive:
+        for name in (*positive, "prepare_workers"):
             value = getattr(self, name)
             if value is None and name == "token_budget":
                 continue

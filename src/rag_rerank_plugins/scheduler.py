@@ -16,7 +16,9 @@ future. Two kinds of threads serve one model:
 
 * the **prepare thread** (``EngineConfig.pipeline``), which tokenises and collates the next
   micro-batches while the device runs the current one, like infinity's pre-processing stage and
-  TEI's tokenisation workers. One thread per model, so a backend's tokenizer is never shared.
+  TEI's tokenisation workers. One thread per model, so a backend's tokenizer is never shared,
+  unless the backend declares ``concurrent_prepare``: then ``EngineConfig.prepare_workers``
+  threads prepare the look-ahead batches in parallel (the worker still consumes them in order).
   With the pipeline off, the worker prepares each batch itself (the sequential engine).
 
 Out of memory: the failed pass is dropped *before* anything is retried. The exception, its
@@ -287,8 +289,10 @@ class Scheduler:
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             if self._config.pipeline and self._prepare_pool is None:
+                model = self._model_or_raise()
+                workers = self._config.prepare_workers if model.concurrent_prepare else 1
                 self._prepare_pool = ThreadPoolExecutor(
-                    1, thread_name_prefix=f"rag-rerank-prepare[{self._name}]"
+                    workers, thread_name_prefix=f"rag-rerank-prepare[{self._name}]"
                 )
             self._thread = threading.Thread(
                 target=self._loop, name=f"rag-rerank-worker[{self._name}]", daemon=True

@@ -297,6 +297,10 @@ class SimulatedReranker(RerankerModel):
         self.forward_threads: set[str] = set()
         self.passes: list[int] = []  # padded tokens of every pass that completed
         self._fake = FakeReranker()
+        # Prepare only tokenises with fixed settings: safe in several prepare threads once warm.
+        self.concurrent_prepare = True
+        if tokenizer is not None:
+            self._padded([("query", "passage")])
 
     def _padded(self, pairs: Sequence[tuple[str, str]]) -> int:
         if self.tokenizer is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "prepared_batch",
     "prepare_module",
     "torch_dtype",
+    "warm_tokenizer",
 ]
 
 
@@ -193,3 +194,16 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self._host
+
+
+def warm_tokenizer(preprocess: Any, sample: list[Any]) -> bool:
+    """Tokenise ``sample`` once, so the tokenizer's truncation and padding settings are fixed
+    before several prepare threads use it (a fast tokenizer changes them under a mutable borrow
+    on first use, and two threads doing that at once fail with "Already borrowed"; later calls
+    with the same settings only read them). True when it worked, so prepare may run
+    concurrently; False (one prepare thread) for a tokenizer that cannot take the sample."""
+    try:
+        preprocess(sample)
+    except Exception:  # an unusual model: keep the single prepare thread, fail later if real
+        return False
+    return True

@@ -14,8 +14,11 @@ The protocol, in the order the engine uses it:
   and TEI's tokenisation workers ahead of its batcher):
 
   - :meth:`LoadedModel.prepare` runs on the CPU off the device thread (tokenise, collate, pin
-    memory) and returns a :class:`Prepared` batch. It is called from one prepare thread at a
-    time per model, so a backend may use its tokenizer there without locking.
+    memory) and returns a :class:`Prepared` batch. By default it is called from one prepare
+    thread at a time per model, so a backend may use its tokenizer there without locking. A
+    backend whose ``prepare`` is safe to run concurrently sets ``concurrent_prepare = True``;
+    the engine then prepares with ``EngineConfig.prepare_workers`` threads (TEI's pool of
+    tokenisation workers: on a GPU host, a small model is limited by tokenising, not the GPU).
   - :meth:`LoadedModel.forward` runs on the device worker: host->device copies, the model, and
     *starting* the one device->host copy of the outputs; it returns a pending result.
   - :meth:`LoadedModel.finish` waits for that copy and returns one result per item. The worker
@@ -117,6 +120,10 @@ class LoadedModel(ABC):
     kind: ClassVar[Kind]
     #: True when concurrent calls are safe: the model is then called directly, unscheduled.
     thread_safe: ClassVar[bool] = False
+    #: True when :meth:`prepare` may run in several threads at once (see the module docstring).
+    #: Hugging Face fast tokenizers qualify once their truncation and padding settings are fixed:
+    #: a call with unchanged settings only reads them, so warm the tokenizer up at load time.
+    concurrent_prepare: bool = False
     #: Concrete device and dtype the model runs with (reported in stats and logs).
     device: str = "cpu"
     dtype: str = "float32"

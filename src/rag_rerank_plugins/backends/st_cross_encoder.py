@@ -29,6 +29,7 @@ from ._torch_common import (
     prepared_batch,
     quantize_module,
     torch_dtype,
+    warm_tokenizer,
 )
 from .base import ModelProvider, Prepared, RerankerModel, Task
 from .flag import score_mode_of  # light: flag.py imports FlagEmbedding only inside its loaders
@@ -59,6 +60,10 @@ class CrossEncoderReranker(RerankerModel):
         self._two_phase = callable(getattr(model, "preprocess", None))
         resolve = getattr(model, "_resolve_prompt", None)
         self._prompt = resolve(None, None) if callable(resolve) else None
+        if self._two_phase:
+            self.concurrent_prepare = warm_tokenizer(
+                lambda pairs: model.preprocess(pairs, prompt=self._prompt), [("query", "passage")]
+            )
 
     def _activation(self) -> Any:
         import torch

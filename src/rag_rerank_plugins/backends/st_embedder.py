@@ -22,6 +22,7 @@ from ._torch_common import (
     prepare_module,
     prepared_batch,
     quantize_module,
+    warm_tokenizer,
 )
 from .base import EmbedderModel, ModelProvider, Prepared, Task
 from .st_cross_encoder import model_kwargs_for
@@ -46,6 +47,8 @@ class SentenceTransformerEmbedder(EmbedderModel):
         self._two_phase = callable(getattr(model, "preprocess", None)) and callable(
             getattr(model, "_resolve_prompt", None)
         )
+        if self._two_phase:
+            self.concurrent_prepare = warm_tokenizer(model.preprocess, ["passage"])
 
     @property
     def dimension(self) -> int:
