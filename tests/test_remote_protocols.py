@@ -31,7 +31,7 @@ from rag_rerank_plugins.backends.remote import (
     register_protocol,
     use_transport,
 )
-from rag_rerank_plugins.exceptions import RemoteError, RemoteUnavailableError
+from rag_rerank_plugins.exceptions import RemoteAuthError, RemoteError, RemoteUnavailableError
 from rag_rerank_plugins.testing import FakeEmbedder, FakeReranker
 
 URL = "http://toy.test"
@@ -165,6 +165,19 @@ def test_retries_and_error_wording_are_the_clients(pool: ModelPool, toy: ToyServ
     toy.failures = [503] * 3
     with pytest.raises(RemoteUnavailableError, match="HTTP 503 to all 2 attempt"):
         pool.score_pairs(toy_spec("remote-reranker", retries=1), [("q", "a")])
+
+
+async def test_the_async_path_retries_and_maps_errors_alike(
+    pool: ModelPool, toy: ToyServer
+) -> None:
+    toy.failures = [502, 429]
+    handle = pool.get(toy_spec("remote-reranker", retries=2))
+    assert await handle.ascore_pairs([("a b", "a")]) == [0.5]
+    assert len(toy.requests) == 3
+    toy.failures = [401]
+    with pytest.raises(RemoteAuthError, match=r"HTTP 401 .*bearer token"):
+        await handle.ascore_pairs([("c d", "c")])
+    assert len(toy.requests) == 4, "401 is not retried"
 
 
 def test_an_answer_the_protocol_does_not_expect_is_a_clear_error(pool: ModelPool) -> None:

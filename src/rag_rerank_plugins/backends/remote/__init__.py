@@ -56,10 +56,10 @@ clients instead of sharing sockets.
 Layout of this package (imports point down the list; httpx is imported only when a model loads):
 
 * :mod:`.models`: the loaded models and the pool's loaders; each operation is one plan, run by
-  the client's sync or async driver.
+  the client's driver from sync or async code.
 * :mod:`.client`: :class:`RemoteClient`: pooled httpx clients, the :class:`RetryPolicy`, the
-  status -> (error class, hint) table, ``GET /info`` once per client; sans-I/O plans and the two
-  drivers that run them; :func:`use_transport` for tests.
+  status -> (error class, hint) table, ``GET /info`` once per client; sans-I/O plans and the one
+  driver that runs them, sync or async; :func:`use_transport` for tests.
 * :mod:`.protocols`: the protocol registry, and one module per wire protocol (``tei.py``,
   ``cohere.py``, ``openai.py``: infinity / OpenAI-style) building requests and parsing answers.
 * :mod:`.packing`: request limits, and packing texts into requests by count and bytes.

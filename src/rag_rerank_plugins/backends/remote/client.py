@@ -5,11 +5,11 @@ One :class:`RemoteClient` per loaded remote model. Its logic is written once, sa
 retry) and receive each request's :class:`Outcome`. :meth:`RemoteClient.limits_plan` asks the
 protocol's limits discovery (``GET /info``) once per client; :meth:`RemoteClient.post_plan`
 posts a JSON body under the :class:`RetryPolicy` and maps the final answer through the status
-table (:data:`STATUS_RULES`: status -> error class, hint). Two small drivers run any plan, the
-models' own plans included: :meth:`RemoteClient.run` on a pooled ``httpx.Client`` with
-``time.sleep``, :meth:`RemoteClient.arun` on the event loop's ``httpx.AsyncClient`` with
+table (:data:`STATUS_RULES`: status -> error class, hint). One driver runs any plan, the models'
+own plans included: :meth:`RemoteClient.run` hands it a pooled ``httpx.Client`` and
+``time.sleep``, :meth:`RemoteClient.arun` the event loop's ``httpx.AsyncClient`` and
 ``asyncio.sleep``. So the sync and async paths cannot drift apart: they share every decision and
-differ only in how they wait.
+differ only in how they send and wait.
 
 :func:`use_transport` routes the clients of one base URL through an httpx transport (an
 ``httpx.MockTransport`` in tests) instead of the network.
@@ -26,7 +26,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -336,45 +336,57 @@ class RemoteClient:
             )
         return {"authorization": f"Bearer {token}"}
 
-    # -- drivers: run a plan, sync or async ----------------------------------------------------
+    # -- the driver: runs a plan, sync or async -----------------------------------------------
 
-    def run(self, plan: Plan[T]) -> T:
-        """Run ``plan`` on the pooled ``httpx.Client`` (built on its first request)."""
-        client: httpx.Client | None = None
+    async def _drive(
+        self,
+        plan: Plan[T],
+        send: Callable[[Send], Awaitable[httpx.Response]],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> T:
+        """Feed ``plan`` the outcome of each step until it returns. Written once: :meth:`run`
+        passes ``send``/``sleep`` that block and never suspend, :meth:`arun` awaitable ones."""
         reply: Outcome | None = None
         try:
             while True:
                 step = plan.send(reply)
                 if isinstance(step, Wait):
-                    time.sleep(step.seconds)
+                    await sleep(step.seconds)
                     reply = None
                     continue
-                client = client or self.sync_client()
                 try:
-                    reply = Outcome(client.request(step.method, step.url, **step.kwargs()))
+                    reply = Outcome(await send(step))
                 except self._httpx.TransportError as exc:
                     reply = Outcome(None, exc)
         except StopIteration as done:
             return done.value
+
+    def run(self, plan: Plan[T]) -> T:
+        """Run ``plan`` on the pooled ``httpx.Client`` (built on the plan's first request)."""
+
+        async def send(step: Send) -> httpx.Response:
+            return self.sync_client().request(step.method, step.url, **step.kwargs())
+
+        async def sleep(seconds: float) -> None:
+            time.sleep(seconds)
+
+        # Nothing in this coroutine suspends, so one send() runs it to the end, on this thread.
+        coroutine = self._drive(plan, send, sleep)
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return done.value
+        coroutine.close()
+        raise RuntimeError("the sync driver suspended: a step awaited something asynchronous")
 
     async def arun(self, plan: Plan[T]) -> T:
         """:meth:`run` on the event loop's own pooled ``httpx.AsyncClient``."""
-        client: httpx.AsyncClient | None = None
-        reply: Outcome | None = None
-        try:
-            while True:
-                step = plan.send(reply)
-                if isinstance(step, Wait):
-                    await asyncio.sleep(step.seconds)
-                    reply = None
-                    continue
-                client = client or self.async_client()
-                try:
-                    reply = Outcome(await client.request(step.method, step.url, **step.kwargs()))
-                except self._httpx.TransportError as exc:
-                    reply = Outcome(None, exc)
-        except StopIteration as done:
-            return done.value
+
+        async def send(step: Send) -> httpx.Response:
+            client = self.async_client()
+            return await client.request(step.method, step.url, **step.kwargs())
+
+        return await self._drive(plan, send, asyncio.sleep)
 
     # -- plans -------------------------------------------------------------------------------
 

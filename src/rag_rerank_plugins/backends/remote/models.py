@@ -4,8 +4,9 @@ What the pool loads for ``backend="remote-reranker"`` / ``"remote-embedder"``. A
 its input into requests (per distinct query for rerank; by count and bytes, :mod:`.packing`),
 has its protocol (:mod:`.protocols`) build each request and parse each answer, and puts the
 results back in the caller's order. Each operation is written once, as a plan
-(:mod:`.client`): ``score_pairs`` runs it on the client's sync driver, ``ascore_pairs`` on its
-async driver, and likewise ``embed`` / ``aembed``.
+(:mod:`.client`): ``score_pairs`` runs it with ``client.run`` (pooled ``httpx.Client``),
+``ascore_pairs`` with ``client.arun`` (the loop's ``httpx.AsyncClient``); likewise ``embed`` /
+``aembed``.
 """
 
 from __future__ import annotations
