@@ -20,7 +20,7 @@ from .protocols import get_protocol
 if TYPE_CHECKING:
     from ...spec import ModelSpec
 
-__all__ = ["MIN_REQUEST_BYTES", "RemoteSettings"]
+__all__ = ["MIN_REQUEST_BYTES", "REMOTE_OPTIONS", "RemoteSettings"]
 
 #: The smallest ``max_request_bytes`` option accepted.
 MIN_REQUEST_BYTES = 1024
