@@ -167,8 +167,8 @@ def test_declared_options_match_the_backend_modules() -> None:
     backends = available_backends()
     assert backends["flag-reranker"].options == frozenset(flag._RERANKER_OPTIONS)
     assert backends["flag-bge-m3"].options == frozenset(flag._M3_OPTIONS)
-    assert backends["remote-reranker"].options == remote._OPTIONS
-    assert backends["remote-embedder"].options == remote._OPTIONS
+    assert backends["remote-reranker"].options == remote.settings.REMOTE_OPTIONS
+    assert backends["remote-embedder"].options == remote.settings.REMOTE_OPTIONS
     # The fakes take (and ignore) a real model's loading options, so a test can swap them in.
     loading = {"trust_remote_code", "revision", "cache_folder", "local_files_only", "score_mode"}
     assert backends["fake-reranker"].options == {"delay_ms", "footprint_mb"} | loading

@@ -61,7 +61,7 @@ FLAG_M3_OPTIONS = frozenset(
 )
 #: onnx.py: sentence-transformers loading options (used when exporting) and ours.
 ONNX_OPTIONS = ST_LOADING | {"score_mode", "quantize", "opset", "cache_dir", "intra_op_threads"}
-#: remote.py: RemoteSettings.from_spec reads these.
+#: remote/settings.py: RemoteSettings.from_spec reads these.
 REMOTE_OPTIONS = frozenset(
     {
         "url",

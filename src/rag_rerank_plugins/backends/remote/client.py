@@ -1,0 +1,525 @@
+"""The HTTP client of the remote backends: pooled connections, retries, and error mapping.
+
+One :class:`RemoteClient` per loaded remote model. Its logic is written once, sans I/O, as
+*plans*: generators that yield what to do next (:class:`Send` a request, :class:`Wait` before a
+retry) and receive each request's :class:`Outcome`. :meth:`RemoteClient.limits_plan` asks the
+protocol's limits discovery (``GET /info``) once per client; :meth:`RemoteClient.post_plan`
+posts a JSON body under the :class:`RetryPolicy` and maps the final answer through the status
+table (:data:`STATUS_RULES`: status -> error class, hint). One driver runs any plan, the models'
+own plans included: :meth:`RemoteClient.run` hands it a pooled ``httpx.Client`` and
+``time.sleep``, :meth:`RemoteClient.arun` the event loop's ``httpx.AsyncClient`` and
+``asyncio.sleep``. So the sync and async paths cannot drift apart: they share every decision and
+differ only in how they send and wait.
+
+:func:`use_transport` routes the clients of one base URL through an httpx transport (an
+``httpx.MockTransport`` in tests) instead of the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ...exceptions import (
+    MissingDependencyError,
+    RemoteAuthError,
+    RemoteError,
+    RemoteRequestError,
+    RemoteTimeoutError,
+    RemoteUnavailableError,
+)
+from .packing import RequestLimits
+from .protocols import Protocol, ServerInfo
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .settings import RemoteSettings
+
+__all__ = [
+    "RETRY_STATUSES",
+    "STATUS_RULES",
+    "Outcome",
+    "Plan",
+    "RemoteClient",
+    "RetryPolicy",
+    "Send",
+    "StatusRule",
+    "Wait",
+    "load_httpx",
+    "use_transport",
+]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def load_httpx() -> Any:
+    """httpx, imported on first use (the ``remote`` extra)."""
+    try:
+        import httpx
+    except ImportError:
+        raise MissingDependencyError("httpx", "remote", "The remote backends") from None
+    return httpx
+
+
+# -- the steps of a plan ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send one request; the driver answers with its :class:`Outcome`."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes | None = None
+    timeout: Any = None  # an httpx.Timeout; None: the client's own
+
+    def kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"headers": self.headers, "content": self.content}
+        if self.timeout is not None:
+            kwargs["timeout"] = self.timeout
+        return kwargs
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Sleep before the next attempt; the driver answers with None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one request came to: a response (any status) or a transport error."""
+
+    response: httpx.Response | None
+    error: BaseException | None = None
+
+    def label(self) -> str:
+        """The status, or the transport error's type, for logs."""
+        if self.response is not None:
+            return str(self.response.status_code)
+        return type(self.error).__name__
+
+
+#: A plan: yields steps, receives their outcomes, returns its result.
+Plan = Generator[Send | Wait, Outcome | None, T]
+
+
+# -- the retry policy and the status table ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry: ``retries`` extra attempts on the retried statuses and
+    on connection errors, waiting ``backoff * 2**attempt`` (capped at ``max_backoff``, jittered
+    down to half), or the server's ``Retry-After`` when longer (capped too)."""
+
+    retries: int = 3
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+
+    @classmethod
+    def from_settings(cls, settings: RemoteSettings) -> RetryPolicy:
+        return cls(settings.retries, settings.backoff, settings.max_backoff)
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        delay = min(self.max_backoff, self.backoff * (2**attempt)) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_backoff))
+        return delay
+
+
+@dataclass(frozen=True)
+class StatusRule:
+    """What an HTTP error status means: the error raised (when not retried, or after the last
+    retry) and a hint on what to do, computed from the client (its settings and limits)."""
+
+    error: type[RemoteError]
+    hint: Callable[[RemoteClient], str]
+    retry: bool = False
+
+
+def _auth_hint(client: RemoteClient) -> str:
+    env = client.settings.api_key_env
+    if env:
+        return f"check the token in ${env}"
+    return (
+        "the server wants a bearer token: export it and pass "
+        "model_kwargs={'api_key_env': 'VAR_NAME'}"
+    )
+
+
+def _size_hint(client: RemoteClient) -> str:
+    limits = client.planned_limits
+    packed = f" of up to {limits.max_bytes} bytes ({limits.source})" if limits else ""
+    return (
+        f"The client sent requests{packed}: a proxy on the way may take less. Set the option "
+        "max_request_bytes to the smallest body limit between client and model (or lower "
+        "batch_size)."
+    )
+
+
+def _protocol_hint(client: RemoteClient) -> str:
+    return f"Is protocol={client.settings.protocol!r} the one this server speaks?"
+
+
+def _overloaded(client: RemoteClient) -> str:
+    return "it stayed overloaded; add replicas or raise its --max-concurrency/--max-pending"
+
+
+def _failing(client: RemoteClient) -> str:
+    return "it kept failing; check the server's logs"
+
+
+#: Error statuses with a meaning of their own; any other status >= 400 is a
+#: :class:`RemoteRequestError` without a hint (:data:`OTHER_ERROR`).
+STATUS_RULES: dict[int, StatusRule] = {
+    401: StatusRule(RemoteAuthError, _auth_hint),
+    403: StatusRule(RemoteAuthError, _auth_hint),
+    404: StatusRule(RemoteRequestError, _protocol_hint),
+    413: StatusRule(RemoteRequestError, _size_hint),
+    # Overloaded, or a server/gateway failure that may be transient: worth another attempt.
+    429: StatusRule(RemoteUnavailableError, _overloaded, retry=True),
+    500: StatusRule(RemoteUnavailableError, _failing, retry=True),
+    502: StatusRule(RemoteUnavailableError, _failing, retry=True),
+    503: StatusRule(RemoteUnavailableError, _failing, retry=True),
+    504: StatusRule(RemoteUnavailableError, _failing, retry=True),
+}
+OTHER_ERROR = StatusRule(RemoteRequestError, lambda client: "")
+RETRY_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if rule.retry)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 and math.isfinite(seconds) else None
+
+
+def _server_message(response: httpx.Response) -> str:
+    """The error text a TEI/Cohere/infinity/FastAPI server put in its body, if any."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300].strip()
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            if body.get(key):
+                detail = body[key]
+                return detail if isinstance(detail, str) else str(detail)[:300]
+    return str(body)[:300]
+
+
+# -- transports for tests ----------------------------------------------------------------------
+
+_TRANSPORTS: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def use_transport(base_url: str, transport: Any) -> Iterator[None]:
+    """Route remote clients for ``base_url`` through ``transport`` instead of the network.
+
+    For tests: pass an ``httpx.MockTransport(handler)`` (it serves sync and async clients
+    alike) and load the spec inside the block. A client keeps the transport it was built with;
+    clients are built on a model's first request, so release the model (or close its pool)
+    before the block ends.
+    """
+    key = base_url.rstrip("/")
+    if key in _TRANSPORTS:
+        raise RuntimeError(f"A transport is already in use for {key}: nest no blocks for it.")
+    _TRANSPORTS[key] = transport
+    try:
+        yield
+    finally:
+        _TRANSPORTS.pop(key, None)
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+class RemoteClient:
+    """Pooled HTTP clients for one base URL, the retry policy, and the request limits."""
+
+    def __init__(self, settings: RemoteSettings, what: str, protocol: Protocol) -> None:
+        self.settings = settings
+        self.what = what  # "<backend> <url>": the start of every message
+        self.protocol = protocol
+        self.policy = RetryPolicy.from_settings(settings)
+        self._httpx = load_httpx()
+        self._lock = threading.Lock()
+        self._sync: httpx.Client | None = None
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._closed = False
+        self._limits: RequestLimits | None = None
+        #: The limits the last requests were planned with (for the 413 hint).
+        self.planned_limits: RequestLimits | None = None
+
+    # -- pooled httpx clients ----------------------------------------------------------------
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        httpx = self._httpx
+        kwargs: dict[str, Any] = {
+            "timeout": httpx.Timeout(s.timeout, connect=s.connect_timeout),
+            "limits": httpx.Limits(
+                max_connections=s.max_connections, max_keepalive_connections=s.max_connections
+            ),
+            "verify": s.verify,
+            "headers": {"user-agent": "rag-rerank-plugins remote backend"},
+        }
+        transport = _TRANSPORTS.get(s.base_url)
+        if transport is not None:
+            kwargs["transport"] = transport
+        return kwargs
+
+    def sync_client(self) -> httpx.Client:
+        client = self._sync
+        if client is None:
+            with self._lock:
+                self._check_open()
+                if self._sync is None:
+                    self._sync = self._httpx.Client(**self._client_kwargs())
+                client = self._sync
+        return client
+
+    def async_client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._check_open()
+            client = self._async.get(loop)
+            if client is None or client.is_closed:
+                client = self._async[loop] = self._httpx.AsyncClient(**self._client_kwargs())
+            return client
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RemoteError(f"{self.what}: the client was closed (the model was released).")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            sync, self._sync = self._sync, None
+            self._async = weakref.WeakKeyDictionary()
+        if sync is not None:
+            sync.close()
+        # AsyncClients hold sockets bound to their loop; they are dropped, not awaited here.
+
+    def headers(self) -> dict[str, str]:
+        """The bearer token, read from the environment on every request (rotation works)."""
+        env = self.settings.api_key_env
+        if env is None:
+            return {}
+        token = os.environ.get(env)
+        if not token:
+            raise RemoteAuthError(
+                f"{self.what}: environment variable {env} (option api_key_env) is empty; export "
+                "the server's bearer token there."
+            )
+        return {"authorization": f"Bearer {token}"}
+
+    # -- the driver: runs a plan, sync or async -----------------------------------------------
+
+    async def _drive(
+        self,
+        plan: Plan[T],
+        send: Callable[[Send], Awaitable[httpx.Response]],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> T:
+        """Feed ``plan`` the outcome of each step until it returns. Written once: :meth:`run`
+        passes ``send``/``sleep`` that block and never suspend, :meth:`arun` awaitable ones."""
+        reply: Outcome | None = None
+        try:
+            while True:
+                step = plan.send(reply)
+                if isinstance(step, Wait):
+                    await sleep(step.seconds)
+                    reply = None
+                    continue
+                try:
+                    reply = Outcome(await send(step))
+                except self._httpx.TransportError as exc:
+                    reply = Outcome(None, exc)
+        except StopIteration as done:
+            return done.value
+
+    def run(self, plan: Plan[T]) -> T:
+        """Run ``plan`` on the pooled ``httpx.Client`` (built on the plan's first request)."""
+
+        async def send(step: Send) -> httpx.Response:
+            return self.sync_client().request(step.method, step.url, **step.kwargs())
+
+        async def sleep(seconds: float) -> None:
+            time.sleep(seconds)
+
+        # Nothing in this coroutine suspends, so one send() runs it to the end, on this thread.
+        coroutine = self._drive(plan, send, sleep)
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return done.value
+        coroutine.close()
+        raise RuntimeError("the sync driver suspended: a step awaited something asynchronous")
+
+    async def arun(self, plan: Plan[T]) -> T:
+        """:meth:`run` on the event loop's own pooled ``httpx.AsyncClient``."""
+
+        async def send(step: Send) -> httpx.Response:
+            client = self.async_client()
+            return await client.request(step.method, step.url, **step.kwargs())
+
+        return await self._drive(plan, send, asyncio.sleep)
+
+    # -- plans -------------------------------------------------------------------------------
+
+    def limits_plan(self) -> Plan[RequestLimits]:
+        """The request limits; the first call asks the protocol's limits discovery."""
+        limits = self._limits
+        if limits is None:
+            path = self.protocol.info_path
+            if path is None:
+                limits = self._limits = RequestLimits.resolve(self.settings, ServerInfo())
+            else:
+                s = self.settings
+                timeout = self._httpx.Timeout(min(s.timeout, 5.0), connect=s.connect_timeout)
+                outcome = yield Send("GET", s.base_url + path, self.headers(), timeout=timeout)
+                assert outcome is not None
+                limits = self._settle_limits(outcome)
+        self.planned_limits = limits
+        return limits
+
+    def _settle_limits(self, outcome: Outcome) -> RequestLimits:
+        """The limits after one ``GET /info``. A definite answer (200, or a 4xx such as
+        TEI-less servers' 404) is cached for the client's life; a failure that may pass (no
+        connection, 429, 5xx, 401/403) is not: asked again next call."""
+        response = outcome.response
+        info = ServerInfo()
+        definite = False
+        if response is not None:
+            status = response.status_code
+            definite = status not in RETRY_STATUSES and status not in (401, 403)
+            if status == 200:
+                with contextlib.suppress(ValueError):  # not JSON: nothing advertised
+                    info = self.protocol.read_info(response.json())
+        limits = RequestLimits.resolve(self.settings, info)
+        if definite:
+            self._limits = limits
+            logger.debug(
+                "rag-rerank remote: %s: requests of up to %d bytes (%s) and %s texts",
+                self.what,
+                limits.max_bytes,
+                limits.source,
+                limits.max_items or "batch_size",
+            )
+        else:
+            logger.debug("rag-rerank remote: %s: GET /info failed (%s)", self.what, outcome.label())
+        return limits
+
+    def post_plan(self, path: str, body: bytes) -> Plan[Any]:
+        """POST the JSON ``body`` (already encoded: its size was planned) under the retry
+        policy; returns the answer's JSON."""
+        url = self.settings.base_url + path
+        attempt = 0
+        while True:
+            headers = {"content-type": "application/json", **self.headers()}
+            outcome = yield Send("POST", url, headers, content=body)
+            assert outcome is not None
+            delay = self._judge(url, attempt, outcome)
+            if delay is None:
+                assert outcome.response is not None
+                return self._json(url, outcome.response)
+            logger.info(
+                "rag-rerank remote: retrying %s in %.2fs (attempt %d: %s)",
+                url,
+                delay,
+                attempt + 1,
+                outcome.label(),
+            )
+            yield Wait(delay)
+            attempt += 1
+
+    # -- judging one attempt -----------------------------------------------------------------
+
+    def _judge(self, url: str, attempt: int, outcome: Outcome) -> float | None:
+        """None when the answer is a success, the delay before the next attempt when it is
+        worth one; raises the mapped error otherwise."""
+        if outcome.response is None:
+            return self._judge_transport(url, attempt, outcome.error)
+        response = outcome.response
+        status = response.status_code
+        if status < 400:
+            return None
+        rule = STATUS_RULES.get(status, OTHER_ERROR)
+        if rule.retry and attempt < self.policy.retries:
+            return self.policy.delay(attempt, _retry_after(response))
+        hint = rule.hint(self)
+        if status == 413:
+            self._limits = None  # the limits were wrong: ask GET /info again on the next call
+        message = _server_message(response).rstrip(".")
+        if rule.error is RemoteUnavailableError:
+            text = f"answered HTTP {status} to all {attempt + 1} attempt(s) ({hint}): {message}"
+        elif rule.error is RemoteAuthError:
+            text = f"refused the request with HTTP {status} ({hint}): {message}"
+        else:
+            text = f"rejected the request with HTTP {status}: {message}." + (
+                f" {hint}" if hint else ""
+            )
+        raise rule.error(f"{self.what}: {url} {text}", url=url, status=status)
+
+    def _judge_transport(self, url: str, attempt: int, exc: BaseException | None) -> float:
+        httpx = self._httpx
+        connection_failed = isinstance(
+            exc,
+            (
+                httpx.ConnectError,
+                httpx.ConnectTimeout,
+                httpx.PoolTimeout,
+                httpx.RemoteProtocolError,
+                httpx.ReadError,
+                httpx.WriteError,
+            ),
+        )
+        if isinstance(exc, httpx.TimeoutException) and not connection_failed:
+            raise RemoteTimeoutError(
+                f"{self.what}: {url} did not answer within {self.settings.timeout:g}s "
+                f"({type(exc).__name__}). Not retried, since the server may still be "
+                "working on it: raise the 'timeout' option or send smaller batches.",
+                url=url,
+            )
+        if attempt < self.policy.retries:
+            return self.policy.delay(attempt)
+        raise RemoteUnavailableError(
+            f"{self.what}: could not reach {url} after {attempt + 1} attempt(s): "
+            f"{type(exc).__name__}: {exc}. Check that the server is running and the URL "
+            "is right (`curl <url>/health`).",
+            url=url,
+        )
+
+    def _json(self, url: str, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise RemoteError(
+                f"{self.what}: {url} answered HTTP {response.status_code} with a body that is not "
+                f"JSON ({response.text[:120]!r}). Is this the model server's URL?",
+                url=url,
+                status=response.status_code,
+            ) from None

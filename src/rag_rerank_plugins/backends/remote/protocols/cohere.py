@@ -1,0 +1,49 @@
+"""Cohere's API shape: ``POST /v1/rerank`` and ``POST /v1/embed`` (``protocol="cohere"``;
+``rag-rerank serve`` answers both too).
+
+Every request names the model (``model_name``). Embeddings ask for ``float`` vectors and say
+whether the texts are queries or documents (``input_type``); ``truncate`` maps to ``END`` or
+``NONE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .base import Call, Protocol, documents_rerank, vector_list
+
+if TYPE_CHECKING:
+    from ..settings import RemoteSettings
+
+__all__ = ["CohereProtocol"]
+
+
+class CohereProtocol(Protocol):
+    """Cohere's v1 routes: ``documents`` rerank, typed float embeddings."""
+
+    needs_model_name = True
+
+    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+        return documents_rerank(settings, "/v1/rerank", query, texts)
+
+    def embed(
+        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+    ) -> Call:
+        n = len(texts)
+        payload: dict[str, Any] = {
+            "texts": list(texts),
+            "input_type": "search_query" if is_query else "search_document",
+            "embedding_types": ["float"],
+            "truncate": "END" if settings.truncate else "NONE",
+            "model": settings.model_name,
+        }
+
+        def parse(body: Any) -> list[list[float]]:
+            # {"embeddings": {"float": [...]}} (embedding_types given), or {"embeddings": [...]}.
+            vectors = body.get("embeddings") if isinstance(body, dict) else None
+            if isinstance(vectors, dict):
+                vectors = vectors.get("float")
+            return vector_list(vectors, n)
+
+        return Call("/v1/embed", payload, parse)

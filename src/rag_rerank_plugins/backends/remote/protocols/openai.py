@@ -1,0 +1,50 @@
+"""infinity (michaelfeil/infinity) and OpenAI-style servers: ``POST /rerank`` with
+``documents``, and ``POST /embeddings`` in OpenAI's shape (``protocol="infinity"``;
+``rag-rerank serve`` answers both too).
+
+Every request names the model (``model_name``). Rerank asks for normalised scores
+(``raw_scores: false``) and answers ``{"results": [{index, relevance_score}]}``; embeddings
+answer ``{"data": [{index, embedding}]}``, put back in index order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .base import Call, Protocol, UnexpectedResponse, documents_rerank, vector_list
+
+if TYPE_CHECKING:
+    from ..settings import RemoteSettings
+
+__all__ = ["InfinityProtocol"]
+
+_DATA = "{'data': [{index, embedding}]}"
+
+
+class InfinityProtocol(Protocol):
+    """infinity's rerank route and OpenAI's embeddings route."""
+
+    needs_model_name = True
+
+    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+        return documents_rerank(settings, "/rerank", query, texts, raw_scores=False)
+
+    def embed(
+        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+    ) -> Call:
+        n = len(texts)
+        payload = {"input": list(texts), "encoding_format": "float", "model": settings.model_name}
+
+        def parse(body: Any) -> list[list[float]]:
+            data = body.get("data") if isinstance(body, dict) else None
+            if not isinstance(data, list):
+                raise UnexpectedResponse(_DATA)
+            try:
+                ordered = sorted(data, key=lambda item: int(item["index"]))
+                vectors = [item["embedding"] for item in ordered]
+            except (KeyError, TypeError, ValueError):
+                raise UnexpectedResponse(_DATA) from None
+            return vector_list(vectors, n)
+
+        return Call("/embeddings", payload, parse)

@@ -1,0 +1,51 @@
+"""Hugging Face text-embeddings-inference: ``POST /rerank`` and ``POST /embed`` (the default
+protocol, ``protocol="tei"``; ``rag-rerank serve`` speaks it too).
+
+Rerank answers ``[{index, score}]``, embed a bare list of vectors. ``truncate`` asks the server
+to cut long inputs to the model's ``max_length``; ``query_prompt_name`` is sent as TEI's
+``prompt_name`` with queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .base import Call, Protocol, scores_by_index, vector_list
+
+if TYPE_CHECKING:
+    from ..settings import RemoteSettings
+
+__all__ = ["TEIProtocol"]
+
+
+class TEIProtocol(Protocol):
+    """text-embeddings-inference's routes and shapes."""
+
+    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+        n = len(texts)
+        payload = {
+            "query": query,
+            "texts": list(texts),
+            "raw_scores": False,
+            "return_text": False,
+            "truncate": settings.truncate,
+        }
+        return Call(
+            "/rerank",
+            payload,
+            lambda body: scores_by_index(body, n, "score", "a list of {index, score}"),
+        )
+
+    def embed(
+        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+    ) -> Call:
+        n = len(texts)
+        payload: dict[str, Any] = {
+            "inputs": list(texts),
+            "normalize": normalize,
+            "truncate": settings.truncate,
+        }
+        if is_query and settings.query_prompt_name:
+            payload["prompt_name"] = settings.query_prompt_name
+        return Call("/embed", payload, lambda body: vector_list(body, n))

@@ -1,0 +1,149 @@
+"""The remote options of one spec, parsed and checked once at load time (:class:`RemoteSettings`).
+
+Everything a remote model needs to know about its server comes from the spec's options (plain
+values, so the spec stays a hashable pool key): where the server is, which wire protocol it
+speaks (a name in the protocol registry, :mod:`.protocols`), timeouts, the retry budget, the
+largest request body. A bad option is a :class:`ConfigurationError` here, before anything is
+sent; nothing in this module touches the network or imports httpx.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...exceptions import ConfigurationError
+from ..options import REMOTE_OPTIONS
+from .protocols import get_protocol
+
+if TYPE_CHECKING:
+    from ...spec import ModelSpec
+
+__all__ = ["MIN_REQUEST_BYTES", "REMOTE_OPTIONS", "RemoteSettings"]
+
+#: The smallest ``max_request_bytes`` option accepted.
+MIN_REQUEST_BYTES = 1024
+#: Option names that look like a secret: refused, since a spec's label shows up in stats,
+#: metrics and logs.
+_SECRET_OPTIONS = ("api_key", "token", "bearer", "password", "authorization")
+
+
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """The remote options of one spec, validated once at load time."""
+
+    base_url: str
+    model_name: str | None
+    protocol: str
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    retries: int = 3
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    api_key_env: str | None = None
+    truncate: bool = True
+    query_prompt_name: str | None = None
+    max_connections: int = 32
+    verify: bool = True
+    max_request_bytes: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> RemoteSettings:
+        options = spec.options_dict
+        _refuse_secrets(options)
+        unknown = sorted(set(options) - REMOTE_OPTIONS)
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown remote backend option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(sorted(REMOTE_OPTIONS))}."
+            )
+        if spec.max_length is not None:
+            raise ConfigurationError(
+                "max_length cannot be set on a remote spec: the server fixes it when it loads "
+                "the model. Set it there (e.g. `rag-rerank serve --max-length N`)."
+            )
+        base_url, model_name = _url_and_model_name(spec, options)
+        protocol = str(options.get("protocol", "tei")).lower()
+        if get_protocol(protocol).needs_model_name and not model_name:
+            raise ConfigurationError(
+                f"Protocol {protocol!r} sends a model name with every request: pass the option "
+                "model_name='...' (or use the model name as the spec's model and url=...)."
+            )
+        api_key_env = options.get("api_key_env")
+        if api_key_env is not None and not os.environ.get(str(api_key_env)):
+            raise ConfigurationError(
+                f"Option api_key_env={api_key_env!r} names an environment variable that is not "
+                f"set. Export the server's token first: export {api_key_env}=..."
+            )
+        try:
+            settings = cls(
+                base_url=base_url.rstrip("/"),
+                model_name=str(model_name) if model_name else None,
+                protocol=protocol,
+                timeout=float(options.get("timeout", 30.0)),
+                connect_timeout=float(options.get("connect_timeout", 5.0)),
+                retries=int(options.get("retries", 3)),
+                backoff=float(options.get("backoff", 0.25)),
+                max_backoff=float(options.get("max_backoff", 8.0)),
+                api_key_env=str(api_key_env) if api_key_env is not None else None,
+                truncate=bool(options.get("truncate", True)),
+                query_prompt_name=options.get("query_prompt_name"),
+                max_connections=int(options.get("max_connections", 32)),
+                verify=bool(options.get("verify", True)),
+                max_request_bytes=(
+                    int(options["max_request_bytes"])
+                    if options.get("max_request_bytes") is not None
+                    else None
+                ),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"Invalid remote backend option: {exc}") from None
+        settings._check_ranges()
+        return settings
+
+    def _check_ranges(self) -> None:
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ConfigurationError("Remote timeouts must be positive numbers of seconds.")
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ConfigurationError("retries, backoff and max_backoff must not be negative.")
+        if self.max_connections < 1:
+            raise ConfigurationError("max_connections must be at least 1.")
+        if self.max_request_bytes is not None and self.max_request_bytes < MIN_REQUEST_BYTES:
+            raise ConfigurationError(
+                f"max_request_bytes must be at least {MIN_REQUEST_BYTES} (bytes of one request "
+                f"body), got {self.max_request_bytes}."
+            )
+
+
+def _refuse_secrets(options: dict[str, Any]) -> None:
+    for key in options:
+        if key.lower() in _SECRET_OPTIONS:
+            raise ConfigurationError(
+                f"Do not put secrets in a spec (option {key!r}): specs are shown in stats, "
+                "metrics and logs. Export the token in an environment variable and name it "
+                "with the option api_key_env='MY_TOKEN_VAR'."
+            )
+
+
+def _url_and_model_name(spec: ModelSpec, options: dict[str, Any]) -> tuple[str, Any]:
+    """The server's URL and the model name to send: the spec's model is one or the other."""
+    if is_url(spec.model):
+        if options.get("url") not in (None, spec.model):
+            raise ConfigurationError(
+                f"The spec names two URLs ({spec.model!r} and url={options['url']!r}); "
+                "give the URL once, as the model or as the url option."
+            )
+        return spec.model, options.get("model_name")
+    base_url = options.get("url")
+    if not isinstance(base_url, str) or not is_url(base_url):
+        raise ConfigurationError(
+            f"The remote backend needs the server's URL: use model='http://host:port' or "
+            f"keep model={spec.model!r} and pass the option url='http://host:port' "
+            f"(got url={base_url!r})."
+        )
+    return base_url, options.get("model_name", spec.model)
