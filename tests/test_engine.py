@@ -242,6 +242,82 @@ def test_cross_encoder_tokenises_in_several_threads_and_still_equals_predict(
     pool.clear()
 
 
+# -- parallel CPU device workers ------------------------------------------------------------------
+
+
+class _CpuParallel(_Timed):
+    """A CPU model whose passes may run at once; records the threads each worker was given."""
+
+    def __init__(self, forward_s: float) -> None:
+        super().__init__(prepare_s=0.0, forward_s=forward_s)
+        self.device = "cpu"
+        self.parallel_forward = True
+        self.bound: dict[str, int] = {}
+
+    def bind_worker_thread(self, threads: int) -> None:
+        self.bound[threading.current_thread().name] = threads
+
+
+def test_cpu_models_run_passes_on_parallel_device_workers_with_a_share_of_the_cores() -> None:
+    model = _CpuParallel(forward_s=0.02)
+    config = EngineConfig(max_batch_size=2, cpu_workers=2)
+    pool = ModelPool(config=config)
+    spec = _register(model)
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda i: pool.score_pairs(spec, _pairs(6, f"q{i}")), range(8)))
+    expected = [FakeReranker().score_pairs(_pairs(6, f"q{i}"), 6) for i in range(8)]
+    assert results == expected, "every request gets its own scores, in its own order"
+    assert _max_concurrent(model.intervals, "forward") == 2
+    assert len(model.forward_threads) == 2
+    workers, threads = config.cpu_device_workers()
+    assert workers == 2
+    assert set(model.bound) == model.forward_threads, "each worker bound once, before its passes"
+    assert set(model.bound.values()) == {threads}
+    pool.clear()
+
+
+def test_an_oom_on_a_parallel_cpu_worker_is_split_after_the_other_passes_finish() -> None:
+    pairs = _pairs(16)
+    one = SimulatedReranker()._padded(pairs[:1])
+    device = SimulatedDevice(capacity_bytes=2 * 8 * one * 1000)
+    model = SimulatedReranker(device, bytes_per_token=1000, layers=2)
+    model.device = "cpu"
+    model.parallel_forward = True
+    pool = _pool(max_batch_size=64, token_budget=100_000, cpu_workers=2)
+    spec = _register(model)
+    assert pool.score_pairs(spec, pairs) == FakeReranker().score_pairs(pairs, 16)
+    assert pool.spec_stats(spec)["oom_splits"] > 0
+    assert device.allocated_bytes == 0
+    pool.clear()
+
+
+def test_cpu_workers_leave_torch_threads_of_other_threads_alone(
+    ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    def fresh_thread_threads() -> int:
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    before = fresh_thread_threads()
+    pool = _pool(max_batch_size=2, cpu_workers=2)
+    pairs = [("which organelle produces ATP?", p) for p in passages]
+    np.testing.assert_allclose(
+        pool.score_pairs(ce_spec, pairs),
+        direct_cross_encoder.predict(pairs, show_progress_bar=False),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert pool.spec_stats(ce_spec)["forward_passes"] > 1
+    assert fresh_thread_threads() == before
+    pool.clear()
+
+
 def test_two_phase_cross_encoder_uses_real_token_counts_and_equals_predict(
     pool: ModelPool, ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
 ) -> None:

@@ -50,6 +50,8 @@ class Metrics:
         self.oom_splits = 0
         #: Padded tokens per pass the scheduler currently allows (shrinks after an OOM).
         self.token_budget: int | None = None
+        #: Real tokens per estimated token, learned from prepared passes (batching uses it).
+        self.token_scale = 1.0
         self.bulk_yields = 0  # times bulk batches were put back for interactive work
         self.rejected = 0
         self.cancelled = 0
@@ -106,6 +108,7 @@ class Metrics:
                 "bulk_yields": self.bulk_yields,
                 "oom_splits": self.oom_splits,
                 "token_budget": self.token_budget,
+                "token_scale": round(self.token_scale, 3),
                 "rejected": self.rejected,
                 "cancelled": self.cancelled,
                 "queue_depth": self.queue_depth,

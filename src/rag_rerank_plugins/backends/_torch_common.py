@@ -26,6 +26,7 @@ from .base import Prepared
 
 __all__ = [
     "HostCopy",
+    "bind_torch_worker",
     "features_to",
     "import_optional",
     "loading_errors",
@@ -207,3 +208,10 @@ def warm_tokenizer(preprocess: Any, sample: list[Any]) -> bool:
     except Exception:  # an unusual model: keep the single prepare thread, fail later if real
         return False
     return True
+
+
+def bind_torch_worker(threads: int) -> None:
+    """A CPU device worker's torch threads (torch backends' ``bind_worker_thread``)."""
+    from .._cpu import set_thread_torch_threads
+
+    set_thread_torch_threads(threads)

@@ -27,6 +27,8 @@ The protocol, in the order the engine uses it:
 
   Backends that do not split (remote, fakes, FlagEmbedding) inherit defaults under which
   ``prepare`` only packs the items and ``forward`` calls :meth:`LoadedModel.run` in one go.
+* ``parallel_forward`` and :meth:`LoadedModel.bind_worker_thread`: on the CPU, a backend whose
+  passes may run concurrently gets several device workers, each with a share of the cores.
 * :meth:`LoadedModel.is_oom` and :meth:`LoadedModel.free_cache`: how the engine recognises an
   out-of-memory failure and gives cached device memory back before it splits a batch.
 * :meth:`LoadedModel.footprint_bytes` (optional): bytes the model holds on its device, which a
@@ -124,6 +126,11 @@ class LoadedModel(ABC):
     #: Hugging Face fast tokenizers qualify once their truncation and padding settings are fixed:
     #: a call with unchanged settings only reads them, so warm the tokenizer up at load time.
     concurrent_prepare: bool = False
+    #: True when :meth:`forward` and :meth:`finish` may run in several device workers at once.
+    #: For a model on the CPU the engine then runs ``EngineConfig.cpu_workers`` workers, each
+    #: with a share of the cores (:meth:`bind_worker_thread`): on a CPU, several single-threaded
+    #: passes beat one pass spread over every core.
+    parallel_forward: bool = False
     #: Concrete device and dtype the model runs with (reported in stats and logs).
     device: str = "cpu"
     dtype: str = "float32"
@@ -156,6 +163,12 @@ class LoadedModel(ABC):
     def is_oom(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the pass ran out of memory (the engine then splits it)."""
         return is_out_of_memory(exc)
+
+    def bind_worker_thread(self, threads: int) -> None:
+        """Called once on each CPU device worker thread (see ``parallel_forward``) before its
+        first pass: run this thread's passes with ``threads`` compute threads. The default does
+        nothing; torch backends set the thread's own intra-op thread count."""
+        return None
 
     def free_cache(self) -> None:
         """Give cached, unreferenced device memory back (after an OOM, before a retry)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._torch_common import (
     HostCopy,
+    bind_torch_worker,
     features_to,
     import_optional,
     loading_errors,
@@ -60,6 +61,8 @@ class CrossEncoderReranker(RerankerModel):
         self._two_phase = callable(getattr(model, "preprocess", None))
         resolve = getattr(model, "_resolve_prompt", None)
         self._prompt = resolve(None, None) if callable(resolve) else None
+        # torch modules in inference mode keep no state between calls: passes may run at once.
+        self.parallel_forward = self._two_phase and device == "cpu"
         if self._two_phase:
             self.concurrent_prepare = warm_tokenizer(
                 lambda pairs: model.preprocess(pairs, prompt=self._prompt), [("query", "passage")]
@@ -117,6 +120,9 @@ class CrossEncoderReranker(RerankerModel):
                 activation_fn=self._activation(),
             )
         return [float(s) for s in scores.reshape(len(pairs), -1)[:, 0]]
+
+    def bind_worker_thread(self, threads: int) -> None:
+        bind_torch_worker(threads)
 
     def footprint_bytes(self) -> int | None:
         return module_bytes(self.model)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._torch_common import (
     HostCopy,
+    bind_torch_worker,
     features_to,
     import_optional,
     loading_errors,
@@ -47,6 +48,8 @@ class SentenceTransformerEmbedder(EmbedderModel):
         self._two_phase = callable(getattr(model, "preprocess", None)) and callable(
             getattr(model, "_resolve_prompt", None)
         )
+        # torch modules in inference mode keep no state between calls: passes may run at once.
+        self.parallel_forward = self._two_phase and device == "cpu"
         if self._two_phase:
             self.concurrent_prepare = warm_tokenizer(model.preprocess, ["passage"])
 
@@ -113,6 +116,9 @@ class SentenceTransformerEmbedder(EmbedderModel):
             return super().finish(task, pending)
         copy, normalize = pending
         return _rows(copy.result(), normalize)
+
+    def bind_worker_thread(self, threads: int) -> None:
+        bind_torch_worker(threads)
 
     def footprint_bytes(self) -> int | None:
         return module_bytes(self.model)

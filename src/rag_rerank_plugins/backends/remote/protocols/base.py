@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..settings import RemoteSettings
+from typing import Any
+from typing import Protocol as Structural
 
 __all__ = [
     "Call",
+    "CallSettings",
     "Protocol",
     "ServerInfo",
     "UnexpectedResponse",
@@ -27,6 +26,20 @@ __all__ = [
     "scores_by_index",
     "vector_list",
 ]
+
+
+class CallSettings(Structural):
+    """What a protocol reads of the remote settings (``CallSettings`` has them). Declared here
+    so protocols do not import the settings module, which imports the protocol registry."""
+
+    @property
+    def model_name(self) -> str | None: ...
+
+    @property
+    def truncate(self) -> bool: ...
+
+    @property
+    def query_prompt_name(self) -> str | None: ...
 
 
 class UnexpectedResponse(Exception):
@@ -74,12 +87,12 @@ class Protocol:
     #: once per client; None for servers that have none (the defaults then apply).
     info_path: str | None = "/info"
 
-    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+    def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         """The request scoring ``texts`` against ``query``; ``parse`` returns one float each."""
         raise NotImplementedError(f"{type(self).__name__} does not rerank")
 
     def embed(
-        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+        self, settings: CallSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
     ) -> Call:
         """The request embedding ``texts``; ``parse`` returns one vector (list of floats) each."""
         raise NotImplementedError(f"{type(self).__name__} does not embed")
@@ -124,7 +137,7 @@ def vector_list(body: Any, n: int) -> list[list[float]]:
 
 
 def documents_rerank(
-    settings: RemoteSettings, path: str, query: str, texts: Sequence[str], **extra: Any
+    settings: CallSettings, path: str, query: str, texts: Sequence[str], **extra: Any
 ) -> Call:
     """The ``documents`` rerank shape of Cohere and infinity (and ``rag-rerank serve``):
     ``{query, documents, top_n, model}`` answered by ``{"results": [{index, relevance_score}]}``."""

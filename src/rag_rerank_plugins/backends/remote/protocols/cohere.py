@@ -9,12 +9,9 @@ whether the texts are queries or documents (``input_type``); ``truncate`` maps t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import Call, Protocol, documents_rerank, vector_list
-
-if TYPE_CHECKING:
-    from ..settings import RemoteSettings
+from .base import Call, CallSettings, Protocol, documents_rerank, vector_list
 
 __all__ = ["CohereProtocol"]
 
@@ -24,11 +21,11 @@ class CohereProtocol(Protocol):
 
     needs_model_name = True
 
-    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+    def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         return documents_rerank(settings, "/v1/rerank", query, texts)
 
     def embed(
-        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+        self, settings: CallSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
     ) -> Call:
         n = len(texts)
         payload: dict[str, Any] = {

@@ -10,12 +10,9 @@ answer ``{"data": [{index, embedding}]}``, put back in index order.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import Call, Protocol, UnexpectedResponse, documents_rerank, vector_list
-
-if TYPE_CHECKING:
-    from ..settings import RemoteSettings
+from .base import Call, CallSettings, Protocol, UnexpectedResponse, documents_rerank, vector_list
 
 __all__ = ["InfinityProtocol"]
 
@@ -27,11 +24,11 @@ class InfinityProtocol(Protocol):
 
     needs_model_name = True
 
-    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+    def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         return documents_rerank(settings, "/rerank", query, texts, raw_scores=False)
 
     def embed(
-        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+        self, settings: CallSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
     ) -> Call:
         n = len(texts)
         payload = {"input": list(texts), "encoding_format": "float", "model": settings.model_name}

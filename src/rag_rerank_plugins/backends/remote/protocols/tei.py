@@ -9,12 +9,9 @@ to cut long inputs to the model's ``max_length``; ``query_prompt_name`` is sent 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import Call, Protocol, scores_by_index, vector_list
-
-if TYPE_CHECKING:
-    from ..settings import RemoteSettings
+from .base import Call, CallSettings, Protocol, scores_by_index, vector_list
 
 __all__ = ["TEIProtocol"]
 
@@ -22,7 +19,7 @@ __all__ = ["TEIProtocol"]
 class TEIProtocol(Protocol):
     """text-embeddings-inference's routes and shapes."""
 
-    def rerank(self, settings: RemoteSettings, query: str, texts: Sequence[str]) -> Call:
+    def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         n = len(texts)
         payload = {
             "query": query,
@@ -38,7 +35,7 @@ class TEIProtocol(Protocol):
         )
 
     def embed(
-        self, settings: RemoteSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
+        self, settings: CallSettings, texts: Sequence[str], *, is_query: bool, normalize: bool
     ) -> Call:
         n = len(texts)
         payload: dict[str, Any] = {
