@@ -17,7 +17,9 @@ import json
 import math
 import re
 import socket
+import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +173,31 @@ def test_a_path_belongs_to_one_protocol(toy: ServerProtocol) -> None:
         register_protocol(clash)
     with pytest.raises(ConfigurationError, match="registered already"):
         register_protocol(TOY)
+
+
+def test_the_extending_guide_example_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worked example of docs/guides/extending.md, run as written (as a module)."""
+    text = (DOCS / "guides" / "extending.md").read_text()
+    section = text[text.index("## Adding a server protocol") :]
+    module_code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    module = types.ModuleType("hf_similarity_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(module_code, "docs/guides/extending.md", "exec"), module.__dict__)
+    protocol: ServerProtocol = module.PROTOCOL
+    register_protocol(protocol)
+    try:
+        emb = {"name": "emb", "model": "e", "backend": "fake-embedder", "device": "cpu"}
+        with served([FAKE, emb]) as url:
+            inputs = {"source_sentence": "red apple", "sentences": ["red apple", "blue sky"]}
+            response = httpx.post(url + "/similarity", json={"inputs": inputs}, timeout=10)
+            assert response.status_code == 200, response.text
+            same, other = response.json()
+            assert same == pytest.approx(1.0)
+            assert other < 0.99
+            bad = httpx.post(url + "/similarity", json={"inputs": {"sentences": []}}, timeout=10)
+            assert "source_sentence" in assert_error_shape(bad, 422, "Validation")["error"]
+    finally:
+        unregister_protocol(protocol.name)
 
 
 def test_the_docs_endpoint_table_lists_every_registered_endpoint() -> None:
