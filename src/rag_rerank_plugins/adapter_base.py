@@ -203,14 +203,8 @@ class SharedModelFields(BaseModel):
     def _span(
         self, operation: str, spec: ModelSpec, items: int, batch_size: int
     ) -> AbstractContextManager[None]:
-        return model_span(
-            operation,
-            model=spec.model,
-            backend=spec.backend,
-            batch_size=batch_size,
-            items=items,
-            adapter=type(self).__name__,
-        )
+        adapter = type(self).__name__
+        return model_span(operation, spec, batch_size=batch_size, items=items, adapter=adapter)
 
     def _pool_score(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int

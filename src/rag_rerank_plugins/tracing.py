@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 __all__ = ["model_span"]
 
@@ -40,9 +43,10 @@ def _tracer() -> Any:
 
 @contextmanager
 def model_span(
-    operation: str, *, model: str, backend: str, batch_size: int, items: int, **extra: Any
+    operation: str, spec: ModelSpec, *, batch_size: int, items: int, **extra: Any
 ) -> Iterator[None]:
-    """A span ``rag_rerank.<operation>`` around the body; exceptions are recorded and re-raised.
+    """A span ``rag_rerank.<operation>`` around a call of ``spec``'s model on ``items`` inputs;
+    exceptions are recorded and re-raised.
 
     ``extra`` attributes are added as ``rag_rerank.<name>`` (None values are left out).
     """
@@ -53,8 +57,8 @@ def model_span(
     with tracer.start_as_current_span(f"rag_rerank.{operation}") as span:
         if span.is_recording():
             attributes = {
-                "rag_rerank.model": model,
-                "rag_rerank.backend": backend,
+                "rag_rerank.model": spec.model,
+                "rag_rerank.backend": spec.backend,
                 "rag_rerank.batch_size": batch_size,
                 "rag_rerank.items": items,
             }

@@ -160,15 +160,13 @@ class GuardMiddleware:
             and path not in self.public_paths
             and not self._authorized(scope)
         ):
-            self.metrics.reject("auth")
-            await _send_json(
+            await self._refuse(
                 send,
+                "auth",
                 401,
-                error_body(
-                    "Missing or wrong bearer token. Send 'Authorization: Bearer <token>' with the "
-                    "token the server was started with (RAG_RERANK_API_KEY).",
-                    "Unauthorized",
-                ),
+                "Missing or wrong bearer token. Send 'Authorization: Bearer <token>' with the "
+                "token the server was started with (RAG_RERANK_API_KEY).",
+                "Unauthorized",
                 {"www-authenticate": "Bearer"},
             )
             return
@@ -222,29 +220,38 @@ class GuardMiddleware:
             return await receive()
         return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
 
+    async def _refuse(
+        self,
+        send: Send,
+        reason: str,
+        status: int,
+        message: str,
+        error_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer ``status`` in the documented error shape, counted as rejected for ``reason``."""
+        self.metrics.reject(reason)
+        await _send_json(send, status, error_body(message, error_type), headers)
+
     async def _too_slow(self, send: Send, size: int) -> None:
-        self.metrics.reject("timeout")
-        await _send_json(
+        await self._refuse(
             send,
+            "timeout",
             408,
-            error_body(
-                f"The request body did not arrive within {self.body_timeout:g} s ({size} bytes "
-                "received). Send the whole body at once; the limit is RAG_RERANK_BODY_TIMEOUT.",
-                "Timeout",
-            ),
+            f"The request body did not arrive within {self.body_timeout:g} s ({size} bytes "
+            "received). Send the whole body at once; the limit is RAG_RERANK_BODY_TIMEOUT.",
+            "Timeout",
             # The rest of the body may still come: this connection cannot carry another request.
             {"connection": "close"},
         )
 
     async def _too_large(self, send: Send, size: int) -> None:
-        self.metrics.reject("too_large")
-        await _send_json(
+        await self._refuse(
             send,
+            "too_large",
             413,
-            error_body(
-                f"Request body of {size} bytes or more exceeds the limit of "
-                f"{self.max_request_bytes} bytes (--max-request-bytes). Split the texts over "
-                "several requests.",
-                "Validation",
-            ),
+            f"Request body of {size} bytes or more exceeds the limit of "
+            f"{self.max_request_bytes} bytes (--max-request-bytes). Split the texts over "
+            "several requests.",
+            "Validation",
         )

@@ -10,14 +10,14 @@ one text) cannot be written as JSON: it is answered as ``null``, ranked last (th
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     SerializerFunctionWrapHandler,
-    field_serializer,
     model_serializer,
 )
 
@@ -48,8 +48,12 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
+def _nan_to_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+#: A score in a response: NaN (the model's output for one text) is written as null.
+Score = Annotated[float | None, PlainSerializer(_nan_to_none, return_type=float | None)]
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -127,21 +131,13 @@ class _Scored(BaseModel):
 class TeiRank(_Scored):
     """One TEI ``/rerank`` item; ``text`` with ``return_text``."""
 
-    score: float | None
+    score: Score
     text: str | None = None
-
-    @field_serializer("score")
-    def _score(self, value: float | None) -> float | None:
-        return None if value is None else _finite_or_none(value)
 
 
 class InfinityRerankResult(_Scored):
-    relevance_score: float | None
+    relevance_score: Score
     document: str | None = None
-
-    @field_serializer("relevance_score")
-    def _score(self, value: float | None) -> float | None:
-        return None if value is None else _finite_or_none(value)
 
 
 class Usage(BaseModel):
@@ -157,12 +153,8 @@ class InfinityRerankResponse(BaseModel):
 
 
 class CohereRerankResult(_Scored):
-    relevance_score: float | None
+    relevance_score: Score
     document: Document | None = None
-
-    @field_serializer("relevance_score")
-    def _score(self, value: float | None) -> float | None:
-        return None if value is None else _finite_or_none(value)
 
 
 class CohereRerankResponse(BaseModel):

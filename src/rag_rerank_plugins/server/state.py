@@ -90,16 +90,8 @@ class ServerState:
         """One model call inside an admission slot and a span; raises the pool's exceptions
         (and :class:`~.errors.Overloaded`), which :mod:`.errors` maps to statuses."""
         self.check_ready()
-        spec = model.spec
-        batch_size = self.config.batch_size
-        with model_span(
-            operation,
-            model=spec.model,
-            backend=spec.backend,
-            batch_size=batch_size,
-            items=n,
-            served_name=model.name,
-        ):
+        spec, batch_size = model.spec, self.config.batch_size
+        with model_span(operation, spec, batch_size=batch_size, items=n, served_name=model.name):
             async with self.admission.enter():
                 return await fn(spec, *args, batch_size)
 
