@@ -2,7 +2,7 @@
 
 * A fourth protocol is one module plus one ``register_protocol`` line: a toy protocol registered
   here is served, guarded, counted and listed like the built-in ones.
-* Every error (400/401/404/405/408/413/422/429/503) has the documented body
+* Every error (400/401/404/405/408/413/422/429/500/503) has the documented body
   ``{error, error_type, message}``, including the ones FastAPI/Starlette would answer.
 * A client that sends headers and stalls gets 408 within the body timeout.
 * NaN scores rank last (answered as null), as everywhere else (``ranking.rank``).
@@ -116,6 +116,8 @@ async def toy_rerank(body: ToyRerankRequest, state: ServerState) -> ToyRerankRes
         from starlette.exceptions import HTTPException
 
         raise HTTPException(400, "question is blank")  # Starlette's own error, our shape
+    if body.question == "boom":
+        raise ValueError("a bug in the handler")  # not ours to map: 500, still our shape
     model = state.pick("reranker", None)
     scores = await state.scores(model, body.question, body.passages)
     return ToyRerankResponse(best=max(range(len(scores)), key=scores.__getitem__), scores=scores)
@@ -151,6 +153,8 @@ def test_a_registered_protocol_is_served_guarded_counted_and_listed(toy: ServerP
         )
         blank = httpx.post(url + "/toy/rerank", json={**body, "question": " "}, headers=auth)
         assert "blank" in assert_error_shape(blank, 400, "Validation")["error"]
+        boom = httpx.post(url + "/toy/rerank", json={**body, "question": "boom"}, headers=auth)
+        assert "ValueError" in assert_error_shape(boom, 500, "Backend")["error"]
         invalid = httpx.post(url + "/toy/rerank", json={"question": "q"}, headers=auth)
         assert "passages" in assert_error_shape(invalid, 422, "Validation")["error"]
         schema = httpx.get(url + "/openapi.json", headers=auth, timeout=10).json()
@@ -165,6 +169,7 @@ def test_a_registered_protocol_is_served_guarded_counted_and_listed(toy: ServerP
     # Counted under its own path (a known path), not lumped into "other".
     assert counted[("/toy/rerank", "200")] == 1
     assert counted[("/toy/rerank", "401")] == 1
+    assert counted[("/toy/rerank", "500")] == 1
 
 
 def test_a_path_belongs_to_one_protocol(toy: ServerProtocol) -> None:

@@ -185,13 +185,14 @@ def as_api_error(exc: BaseException, request: Request, state: ServerState) -> Ap
     return ApiError(rule.status, str(exc), rule.error_type, headers)
 
 
-#: What :func:`error_response` is installed for (besides ApiError): FastAPI's request
-#: validation, Starlette's HTTP errors, and every exception class in :data:`STATUS`.
 def handled_exceptions() -> tuple[type[Exception], ...]:
+    """What :func:`error_response` is installed for: :class:`ApiError`, FastAPI's request
+    validation, Starlette's HTTP errors, every class in :data:`STATUS`, and ``Exception`` (a bug:
+    500 in the same shape; Starlette still logs the traceback)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    return (ApiError, RequestValidationError, HTTPException, *STATUS)
+    return (ApiError, RequestValidationError, HTTPException, *STATUS, Exception)
 
 
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
@@ -200,8 +201,12 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
 
     state: ServerState = request.app.state.server
     error = as_api_error(exc, request, state)
-    if error is None:  # pragma: no cover - only registered for classes that map
-        raise exc
+    if error is None:
+        error = ApiError(
+            500,
+            f"Internal server error ({type(exc).__name__}); the server log has the traceback.",
+            "Backend",
+        )
     return JSONResponse(
         error_body(error.message, error.error_type), status_code=error.status, headers=error.headers
     )
