@@ -52,8 +52,9 @@ class Endpoint:
     """One route: ``method path``, the handler answering it, and a one-line description.
 
     The handler's parameters are the request body (a pydantic model, for POST) and ``state``
-    (:class:`~.state.ServerState`); its return annotation is the response model (None: the handler
-    returns a Starlette ``Response`` itself).
+    (:class:`~.state.ServerState`); its return annotation is the response model, which the
+    handler returns an instance of: it is written as JSON as is, not validated again (``Any``:
+    the handler returns a Starlette ``Response`` itself).
     """
 
     method: str
@@ -95,13 +96,17 @@ class ServerProtocol:
 
 
 def _bind(handler: Handler) -> tuple[Callable[..., Awaitable[Any]], Any]:
-    """A FastAPI route calling ``handler(**params, state=request.app.state.server)``.
+    """A FastAPI route calling ``handler(**params, state=request.app.state.server)``, and the
+    response model for the OpenAPI schema.
 
     FastAPI reads a route's parameters from its signature; the route's signature is the
     handler's own minus ``state``, plus the request (resolved annotations, so FastAPI sees the
-    body models).
+    body models). The result is written as JSON by pydantic in one pass (FastAPI would dump it,
+    validate it again and encode it: +45% time for 256 vectors of 1024 floats).
     """
+    from pydantic import TypeAdapter
     from starlette.requests import Request
+    from starlette.responses import Response
 
     hints = typing.get_type_hints(handler)
     params = [
@@ -113,15 +118,23 @@ def _bind(handler: Handler) -> tuple[Callable[..., Awaitable[Any]], Any]:
         "_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request
     )
 
+    returns = hints.get("return")
+    # Any (or no annotation): the handler returns a Starlette Response itself.
+    response_model = None if returns in (None, Any, type(None)) else returns
+    adapter: TypeAdapter[Any] | None = (
+        None if response_model is None else TypeAdapter(response_model)
+    )
+
     async def route(_request: Request, **kwargs: Any) -> Any:
-        return await handler(**kwargs, state=_request.app.state.server)
+        result = await handler(**kwargs, state=_request.app.state.server)
+        if adapter is None or isinstance(result, Response):
+            return result
+        return Response(adapter.dump_json(result), media_type="application/json")
 
     route.__signature__ = inspect.Signature([*params, request_param])  # type: ignore[attr-defined]
     route.__name__ = handler.__name__
     route.__doc__ = handler.__doc__
-    returns = hints.get("return")
-    # Any (or no annotation): the handler returns a Starlette Response itself.
-    return route, (None if returns in (None, Any, type(None)) else returns)
+    return route, response_model
 
 
 #: Modules holding the built-in protocols (each defines ``PROTOCOL``), in mounting order.
