@@ -13,6 +13,7 @@ Every server listens on 127.0.0.1 and every wait is bounded.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -170,6 +171,19 @@ def test_a_registered_protocol_is_served_guarded_counted_and_listed(toy: ServerP
     assert counted[("/toy/rerank", "200")] == 1
     assert counted[("/toy/rerank", "401")] == 1
     assert counted[("/toy/rerank", "500")] == 1
+
+
+def test_serve_help_lists_the_registered_protocols(toy: ServerProtocol) -> None:
+    from rag_rerank_plugins.cli import build_parser
+
+    parser = build_parser()
+    [subcommands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    text = subcommands.choices["serve"].format_help()
+    for protocol in protocols():
+        assert protocol.title in text
+        for endpoint in protocol.endpoints:
+            assert re.search(rf"{endpoint.method} +{re.escape(endpoint.path)} ", text), endpoint
+    assert "Toy protocol" in text
 
 
 def test_a_path_belongs_to_one_protocol(toy: ServerProtocol) -> None:

@@ -119,13 +119,13 @@ flag, so it does not show up in the process list.
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    from .server.registry import describe  # the endpoint list; imports no FastAPI
+    from .server.registry import EndpointsHelpFormatter  # fills {endpoints} at --help only
 
     serve = sub.add_parser(
         "serve",
         help="serve the shared pool over HTTP (TEI/Cohere/infinity-compatible; extra 'server')",
-        description=_SERVE_DESCRIPTION.format(endpoints=describe()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_SERVE_DESCRIPTION,
+        formatter_class=EndpointsHelpFormatter,
     )
     models = serve.add_argument_group("models")
     models.add_argument(

@@ -12,14 +12,15 @@ adds one to :data:`PROTOCOLS`; everything else reads that list:
 * ``rag-rerank serve --help`` prints :func:`describe`, and a test checks that the endpoint table
   of ``docs/deployment.md`` lists the same endpoints.
 
-Importing this module (and the protocol modules) does not import FastAPI: handlers are plain
-functions of their body model and the :class:`~.state.ServerState`, bound to a route only when an
-app is built. That keeps ``rag-rerank --help`` fast and lets handlers be called in tests without
-HTTP.
+Importing this module (and the protocol modules) imports neither FastAPI nor the pool: handlers
+are plain functions of their body model and the :class:`~.state.ServerState` (which a protocol
+module may import under ``TYPE_CHECKING`` only), bound to a route only when an app is built. That
+keeps ``rag-rerank --help`` fast and lets handlers be called in tests without HTTP.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import typing
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PROTOCOLS",
     "Endpoint",
+    "EndpointsHelpFormatter",
     "ServerProtocol",
     "describe",
     "known_paths",
@@ -108,7 +110,10 @@ def _bind(handler: Handler) -> tuple[Callable[..., Awaitable[Any]], Any]:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    hints = typing.get_type_hints(handler)
+    from .state import ServerState
+
+    # Protocol modules may import ServerState under TYPE_CHECKING only (it imports the pool).
+    hints = typing.get_type_hints(handler, localns={"ServerState": ServerState})
     params = [
         p.replace(annotation=hints.get(p.name, p.annotation))
         for p in inspect.signature(handler).parameters.values()
@@ -202,3 +207,13 @@ def describe() -> str:
         for e in protocol.endpoints:
             lines.append(f"  {e.method:<4} {e.path:<15} {e.summary}")
     return "\n".join(lines)
+
+
+class EndpointsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Fills ``{endpoints}`` in a parser's description with :func:`describe` when the help is
+    printed, so building the CLI's parsers imports no protocol module."""
+
+    def add_text(self, text: str | None) -> None:
+        if text and "{endpoints}" in text:
+            text = text.replace("{endpoints}", describe())
+        super().add_text(text)

@@ -44,8 +44,12 @@ __all__ = [
 ]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+class _Schema(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())  # fields named model_*
+
+
+class _Body(_Schema):
+    model_config = ConfigDict(extra="ignore")
 
 
 def _nan_to_none(value: float | None) -> float | None:
@@ -112,7 +116,7 @@ class OpenAIEmbedRequest(_Body):
 # -- responses -------------------------------------------------------------------------------
 
 
-class _Scored(BaseModel):
+class _Scored(_Schema):
     """A ranked item; the fields in ``_omit_if_none`` are left out of the JSON when None."""
 
     _omit_if_none: ClassVar[tuple[str, ...]] = ("text", "document")
@@ -140,12 +144,12 @@ class InfinityRerankResult(_Scored):
     document: str | None = None
 
 
-class Usage(BaseModel):
+class Usage(_Schema):
     prompt_tokens: int = 0
     total_tokens: int = 0
 
 
-class InfinityRerankResponse(BaseModel):
+class InfinityRerankResponse(_Schema):
     object: str = "rerank"
     model: str
     results: list[InfinityRerankResult]
@@ -157,13 +161,13 @@ class CohereRerankResult(_Scored):
     document: Document | None = None
 
 
-class CohereRerankResponse(BaseModel):
+class CohereRerankResponse(_Schema):
     id: str
     results: list[CohereRerankResult]
     meta: dict[str, Any]
 
 
-class CohereEmbedResponse(BaseModel):
+class CohereEmbedResponse(_Schema):
     id: str
     #: ``[[float]]``, or ``{"float": [[float]]}`` when ``embedding_types`` was given.
     embeddings: list[list[float]] | dict[str, list[list[float]]]
@@ -171,28 +175,26 @@ class CohereEmbedResponse(BaseModel):
     meta: dict[str, Any]
 
 
-class OpenAIEmbedding(BaseModel):
+class OpenAIEmbedding(_Schema):
     object: str = "embedding"
     embedding: list[float]
     index: int
 
 
-class OpenAIEmbedResponse(BaseModel):
+class OpenAIEmbedResponse(_Schema):
     object: str = "list"
     data: list[OpenAIEmbedding]
     model: str
     usage: Usage = Field(default_factory=Usage)
 
 
-class HealthResponse(BaseModel):
+class HealthResponse(_Schema):
     status: str
     models: list[str] | None = None
     error: str | None = None
 
 
-class ModelInfo(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
+class ModelInfo(_Schema):
     name: str
     kind: str
     model: str
@@ -204,10 +206,8 @@ class ModelInfo(BaseModel):
     loaded: bool
 
 
-class InfoResponse(BaseModel):
+class InfoResponse(_Schema):
     """The served models and limits; TEI's own field names describe the first model."""
-
-    model_config = ConfigDict(protected_namespaces=())
 
     version: str
     status: str

@@ -4,6 +4,7 @@ backend's ``cohere`` protocol send)."""
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 from ...ranking import rank
 from ..errors import ApiError
@@ -17,7 +18,9 @@ from ..schemas import (
     Document,
     texts_of,
 )
-from ..state import ServerState
+
+if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built
+    from ..state import ServerState
 
 __all__ = ["PROTOCOL"]
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import ApiError
 from ..registry import Endpoint, ServerProtocol
 from ..schemas import OpenAIEmbedding, OpenAIEmbedRequest, OpenAIEmbedResponse
-from ..state import ServerState
+
+if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built
+    from ..state import ServerState
 
 __all__ = ["PROTOCOL"]
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ..registry import Endpoint, ServerProtocol
 from ..schemas import HealthResponse, InfoResponse, ModelInfo
-from ..state import ServerState
+
+if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built
+    from ..state import ServerState
 
 __all__ = ["PROTOCOL"]
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ...ranking import rank
 from ..errors import ApiError
 from ..registry import Endpoint, ServerProtocol
@@ -17,7 +19,9 @@ from ..schemas import (
     TeiRank,
     texts_of,
 )
-from ..state import ServerState
+
+if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built
+    from ..state import ServerState
 
 __all__ = ["PROTOCOL"]
 
