@@ -209,8 +209,13 @@ def test_pool_collector_exposes_pool_stats() -> None:
         "rag_rerank_model_queue_depth",
         "rag_rerank_model_cache_hits_total",
         "rag_rerank_model_cache_misses_total",
+        "rag_rerank_model_evictions_total",
+        "rag_rerank_model_footprint_bytes",
     ):
         assert f"# TYPE {metric}" in text
+    # The same table as the server's /metrics: histograms too (empty for direct-call fakes).
+    assert "# TYPE rag_rerank_model_latency_seconds histogram" in text
+    assert "# TYPE rag_rerank_model_queue_wait_seconds histogram" in text
     assert 'rag_rerank_model_items_total{backend="fake-reranker"' in text
     [(label, stats)] = [(k, v) for k, v in pool.stats().items() if v["kind"] == "embedder"]
     labels = {f: str(stats[f]) for f in ("model", "kind", "backend", "device", "dtype")}

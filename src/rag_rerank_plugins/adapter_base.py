@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -28,6 +29,7 @@ from .handle import ModelHandle
 from .pool import ModelPool, get_pool
 from .ranking import Ranked, rank, validate_threshold, validate_top_n
 from .spec import ModelSpec
+from .tracing import model_span
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
 __all__ = ["RerankSettings", "SharedModelFields", "from_settings"]
@@ -195,27 +197,38 @@ class SharedModelFields(BaseModel):
     def _pool(self) -> ModelPool:
         return self.pool if self.pool is not None else get_pool()
 
-    # The pool calls of every adapter, with this adapter's scheduling lane.
+    # The pool calls of every adapter, with this adapter's scheduling lane, each in an
+    # OpenTelemetry span when opentelemetry-api is installed (rag_rerank_plugins.tracing).
+
+    def _span(
+        self, operation: str, spec: ModelSpec, items: int, batch_size: int
+    ) -> AbstractContextManager[None]:
+        adapter = type(self).__name__
+        return model_span(operation, spec, batch_size=batch_size, items=items, adapter=adapter)
 
     def _pool_score(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
     ) -> list[float]:
-        return self._pool().score_pairs(spec, pairs, batch_size, priority=self.priority)
+        with self._span("rerank", spec, len(pairs), batch_size):
+            return self._pool().score_pairs(spec, pairs, batch_size, priority=self.priority)
 
     async def _pool_ascore(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
     ) -> list[float]:
-        return await self._pool().ascore_pairs(spec, pairs, batch_size, priority=self.priority)
+        with self._span("rerank", spec, len(pairs), batch_size):
+            return await self._pool().ascore_pairs(spec, pairs, batch_size, priority=self.priority)
 
     def _pool_embed(
         self, spec: ModelSpec, texts: Sequence[str], batch_size: int, **kw: Any
     ) -> list[list[float]]:
-        return self._pool().embed(spec, texts, batch_size, priority=self.priority, **kw)
+        with self._span("embed", spec, len(texts), batch_size):
+            return self._pool().embed(spec, texts, batch_size, priority=self.priority, **kw)
 
     async def _pool_aembed(
         self, spec: ModelSpec, texts: Sequence[str], batch_size: int, **kw: Any
     ) -> list[list[float]]:
-        return await self._pool().aembed(spec, texts, batch_size, priority=self.priority, **kw)
+        with self._span("embed", spec, len(texts), batch_size):
+            return await self._pool().aembed(spec, texts, batch_size, priority=self.priority, **kw)
 
     def handle(self) -> ModelHandle:
         """The shared handle (loads on first use). Prefer the adapter methods for calls."""

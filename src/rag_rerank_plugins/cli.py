@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SERVE_DESCRIPTION = """\
-Serve rerankers and embedders over HTTP from one shared pool (extra 'server'): TEI-compatible
-POST /rerank and /embed, Cohere-compatible POST /v1/rerank and /v1/embed, OpenAI/infinity
-POST /embeddings, GET /health (200 once warmed up), GET /metrics (Prometheus), GET /info.
+Serve rerankers and embedders over HTTP from one shared pool (extra 'server'). Endpoints
+(the server's protocol registry, rag_rerank_plugins.server.registry):
+
+{endpoints}
 
 Three deployment shapes, same adapters in all of them:
   1. in-process      no server: adapters load the model once per process (backend
@@ -118,11 +119,13 @@ flag, so it does not show up in the process list.
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from .server.registry import EndpointsHelpFormatter  # fills {endpoints} at --help only
+
     serve = sub.add_parser(
         "serve",
         help="serve the shared pool over HTTP (TEI/Cohere/infinity-compatible; extra 'server')",
         description=_SERVE_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=EndpointsHelpFormatter,
     )
     models = serve.add_argument_group("models")
     models.add_argument(

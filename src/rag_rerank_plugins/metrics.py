@@ -1,7 +1,10 @@
-"""Prometheus collector for pool stats (extra ``metrics``: ``prometheus-client``).
+"""Prometheus metrics of the pool: one table, read by the in-process collector and the server.
 
-Register it once per process; every scrape reads the pool's counters, nothing is copied between
-scrapes::
+:data:`MODEL_METRICS` and :data:`MODEL_HISTOGRAMS` say which :meth:`ModelPool.stats` field becomes
+which metric; :func:`model_families` turns a stats snapshot into ``prometheus_client`` metric
+families. :class:`PoolCollector` (extra ``metrics``) registers them in your process;
+``rag-rerank serve``'s ``GET /metrics`` renders the same families plus its HTTP counters, so
+dashboards work with either::
 
     from prometheus_client import REGISTRY
     from rag_rerank_plugins import get_pool
@@ -9,100 +12,222 @@ scrapes::
 
     REGISTRY.register(PoolCollector(get_pool()))
 
-Metric names and help texts are those of ``rag-rerank serve``'s ``/metrics`` (one table in
-:mod:`rag_rerank_plugins.server.metrics`), so dashboards work with either.
+Every per-model sample carries the labels ``model, kind, backend, device, dtype, spec``.
+Latency and queue wait are histograms (``rag_rerank_model_latency_seconds_bucket{le=...}``) of
+every request the model's scheduler served since it was first loaded; models called directly
+(thread-safe ones: HTTP clients, fakes) have no queue and record none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import MissingDependencyError
 from .pool import ModelPool, get_pool
-from .server.metrics import _SPEC_METRICS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["PoolCollector"]
+__all__ = ["LABELS", "MODEL_HISTOGRAMS", "MODEL_METRICS", "PoolCollector", "model_families"]
 
 #: Labels of every per-model sample.
-_LABELS = ("model", "kind", "backend", "device", "dtype", "spec")
+LABELS = ("model", "kind", "backend", "device", "dtype", "spec")
 
-#: Stats fields beyond the server's table -> (metric name, type, help).
-_EXTRA_METRICS: dict[str, tuple[str, str, str]] = {
-    "passthrough": (
+
+@dataclass(frozen=True)
+class ModelMetric:
+    """One stats field as a metric: ``name`` (counters end in ``_total``), type, help text, and a
+    factor applied to the value (e.g. MiB -> bytes)."""
+
+    key: str
+    name: str
+    kind: str  # "counter" or "gauge"
+    help: str
+    scale: float = 1.0
+
+
+#: Stats field -> metric. Fields a model does not have (yet) are left out of the scrape.
+MODEL_METRICS: tuple[ModelMetric, ...] = (
+    ModelMetric("loaded", "rag_rerank_model_loaded", "gauge", "1 while the model is in memory"),
+    ModelMetric("loads", "rag_rerank_model_loads_total", "counter", "Model loads (>1: reloads)"),
+    ModelMetric(
+        "load_failures", "rag_rerank_model_load_failures_total", "counter", "Failed model loads"
+    ),
+    ModelMetric(
+        "load_seconds", "rag_rerank_model_load_seconds_total", "counter", "Seconds spent loading"
+    ),
+    ModelMetric(
+        "releases", "rag_rerank_model_releases_total", "counter", "Models released from memory"
+    ),
+    ModelMetric(
+        "evictions",
+        "rag_rerank_model_evictions_total",
+        "counter",
+        "Releases the pool decided on (memory budget or idle reaper)",
+    ),
+    ModelMetric(
+        "footprint_mb",
+        "rag_rerank_model_footprint_bytes",
+        "gauge",
+        "Bytes the model held on its device at its last load",
+        scale=2**20,
+    ),
+    ModelMetric("calls", "rag_rerank_model_calls_total", "counter", "Model calls (score or embed)"),
+    ModelMetric(
+        "items", "rag_rerank_model_items_total", "counter", "Pairs scored or texts embedded"
+    ),
+    ModelMetric("errors", "rag_rerank_model_errors_total", "counter", "Model calls that failed"),
+    ModelMetric(
+        "busy_seconds", "rag_rerank_model_busy_seconds_total", "counter", "Seconds inside calls"
+    ),
+    ModelMetric(
+        "passthrough",
         "rag_rerank_model_passthrough_total",
         "counter",
         "Adapter calls answered in retrieval order after a failure (on_error='passthrough')",
     ),
-    "cache_hits": ("rag_rerank_model_cache_hits_total", "counter", "Score/query cache hits"),
-    "cache_misses": ("rag_rerank_model_cache_misses_total", "counter", "Score/query cache misses"),
-    "queue_depth": ("rag_rerank_model_queue_depth", "gauge", "Requests waiting for the model"),
-    "latency_ms_p50": (
+    ModelMetric(
+        "cache_hits", "rag_rerank_model_cache_hits_total", "counter", "Score/query cache hits"
+    ),
+    ModelMetric(
+        "cache_misses", "rag_rerank_model_cache_misses_total", "counter", "Score/query cache misses"
+    ),
+    ModelMetric(
+        "forward_passes", "rag_rerank_model_forward_passes_total", "counter", "Forward passes"
+    ),
+    ModelMetric(
+        "oom_splits",
+        "rag_rerank_model_oom_splits_total",
+        "counter",
+        "Batches split after running out of memory",
+    ),
+    ModelMetric(
+        "rejected",
+        "rag_rerank_model_rejected_total",
+        "counter",
+        "Requests refused by the model's full queue",
+    ),
+    ModelMetric(
+        "cancelled", "rag_rerank_model_cancelled_total", "counter", "Requests cancelled by callers"
+    ),
+    ModelMetric(
+        "queue_depth", "rag_rerank_model_queue_depth", "gauge", "Requests waiting for the model"
+    ),
+    ModelMetric(
+        "batch_fill",
+        "rag_rerank_model_batch_fill",
+        "gauge",
+        "Items per pass / max batch size, since the first load",
+    ),
+    ModelMetric(
+        "latency_ms_p50",
         "rag_rerank_model_latency_ms_p50",
         "gauge",
         "Median call latency over the recent window, milliseconds",
     ),
-    "latency_ms_p95": (
+    ModelMetric(
+        "latency_ms_p95",
         "rag_rerank_model_latency_ms_p95",
         "gauge",
         "95th percentile call latency over the recent window, milliseconds",
     ),
-    "queue_wait_ms_p50": (
+    ModelMetric(
+        "queue_wait_ms_p50",
         "rag_rerank_model_queue_wait_ms_p50",
         "gauge",
         "Median queue wait over the recent window, milliseconds",
     ),
-    "queue_wait_ms_p95": (
+    ModelMetric(
+        "queue_wait_ms_p95",
         "rag_rerank_model_queue_wait_ms_p95",
         "gauge",
         "95th percentile queue wait over the recent window, milliseconds",
     ),
+)
+
+#: Stats field (a :meth:`~rag_rerank_plugins.stats.Histogram.snapshot`) -> (metric, help).
+MODEL_HISTOGRAMS: dict[str, tuple[str, str]] = {
+    "latency_seconds_histogram": (
+        "rag_rerank_model_latency_seconds",
+        "Request latency from enqueue to result, seconds",
+    ),
+    "queue_wait_seconds_histogram": (
+        "rag_rerank_model_queue_wait_seconds",
+        "Time a request waited before its first forward pass, seconds",
+    ),
 }
 
 
-def _prometheus() -> Any:
+def prometheus_core(what: str, extra: str = "metrics") -> Any:
+    """``prometheus_client.core``, or :class:`MissingDependencyError` naming ``extra``."""
     try:
         import prometheus_client.core as core
     except ImportError:
-        raise MissingDependencyError(
-            "prometheus-client", "metrics", "rag_rerank_plugins.metrics.PoolCollector"
-        ) from None
+        raise MissingDependencyError("prometheus-client", extra, what) from None
     return core
 
 
-class PoolCollector:
-    """A ``prometheus_client`` custom collector exposing :meth:`ModelPool.stats` per spec label.
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
-    Counters (loads, calls, items, errors, load seconds, cache hits/misses, ...) and gauges
-    (loaded, queue depth, latency and queue-wait p50/p95). Percentiles are absent until a model
-    has been called.
-    """
+
+def model_families(
+    stats: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None
+) -> Iterator[Metric]:
+    """The metric families of a :meth:`ModelPool.stats` snapshot. ``names`` maps spec labels to
+    the ``model`` label to use (the server's served names); default: the model path."""
+    core = prometheus_core("rag_rerank_plugins.metrics.model_families")
+    names = names or {}
+    rows = [
+        (
+            [str(names.get(label, s.get("model", label)))]
+            + [str(s.get(f, "")) for f in LABELS[1:-1]]
+            + [label],
+            s,
+        )
+        for label, s in sorted(stats.items())
+    ]
+    for metric in MODEL_METRICS:
+        if metric.kind == "counter":
+            # prometheus_client appends _total itself.
+            family = core.CounterMetricFamily(
+                metric.name.removesuffix("_total"), metric.help, labels=LABELS
+            )
+        else:
+            family = core.GaugeMetricFamily(metric.name, metric.help, labels=LABELS)
+        for labels, s in rows:
+            value = s.get(metric.key)
+            if isinstance(value, (int, float)):
+                family.add_metric(labels, float(value) * metric.scale)
+        yield family
+    for key, (name, help_text) in MODEL_HISTOGRAMS.items():
+        histogram = core.HistogramMetricFamily(name, help_text, labels=LABELS)
+        for labels, s in rows:
+            snapshot = s.get(key)
+            if snapshot:
+                histogram.add_metric(
+                    labels,
+                    buckets=[(_le(bound), count) for bound, count in snapshot["buckets"]],
+                    sum_value=snapshot["sum"],
+                )
+        yield histogram
+
+
+class PoolCollector:
+    """A ``prometheus_client`` custom collector exposing :meth:`ModelPool.stats` per spec label:
+    the counters, gauges and histograms of :data:`MODEL_METRICS` and :data:`MODEL_HISTOGRAMS`.
+    Percentiles and histograms are absent until a model has been called."""
 
     def __init__(self, pool: ModelPool | None = None) -> None:
-        self._core = _prometheus()  # fail at construction, not at the first scrape
+        # Fail at construction, not at the first scrape.
+        prometheus_core("rag_rerank_plugins.metrics.PoolCollector")
         self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        core = self._core
         pool = self._pool if self._pool is not None else get_pool()
-        stats = pool.stats()
-        for key, (name, kind, help_text) in {**_SPEC_METRICS, **_EXTRA_METRICS}.items():
-            if kind == "counter":
-                # prometheus_client appends _total itself.
-                family = core.CounterMetricFamily(
-                    name.removesuffix("_total"), help_text, labels=_LABELS
-                )
-            else:
-                family = core.GaugeMetricFamily(name, help_text, labels=_LABELS)
-            for label, spec_stats in sorted(stats.items()):
-                value = spec_stats.get(key)
-                if isinstance(value, (int, float)):
-                    labels = [str(spec_stats.get(f, "")) for f in _LABELS[:-1]] + [label]
-                    family.add_metric(labels, float(value))
-            yield family
+        yield from model_families(pool.stats())
 
     def describe(self) -> Iterator[Metric]:
         """Nothing: the metric set depends on the pool, so it is read at each scrape."""

@@ -3,6 +3,8 @@
 * :func:`create_app` - the FastAPI app (mount it, or run it with any ASGI server).
 * :class:`ServerConfig` - settings from CLI flags and ``RAG_RERANK_*`` environment variables.
 * :func:`serve` - run the app with uvicorn (what the CLI does); graceful on SIGTERM/SIGINT.
+* :func:`register_protocol`, :class:`ServerProtocol`, :class:`Endpoint` - serve another wire
+  protocol (see the extending guide): one module plus one registration.
 
 FastAPI and uvicorn are imported only when an app is built or served, so reading the config
 (as ``rag-rerank serve --help`` does) stays cheap.
@@ -17,13 +19,26 @@ from .._lazy import lazy_getattr
 if TYPE_CHECKING:
     from .app import ServerState, create_app
     from .config import ServedModel, ServerConfig
+    from .registry import Endpoint, ServerProtocol, register_protocol
     from .run import serve
 
-__all__ = ["ServedModel", "ServerConfig", "ServerState", "create_app", "serve"]
+__all__ = [
+    "Endpoint",
+    "ServedModel",
+    "ServerConfig",
+    "ServerProtocol",
+    "ServerState",
+    "create_app",
+    "register_protocol",
+    "serve",
+]
 
 _LAZY = {
     "create_app": "app",
-    "ServerState": "app",
+    "ServerState": "state",
+    "Endpoint": "registry",
+    "ServerProtocol": "registry",
+    "register_protocol": "registry",
     "ServerConfig": "config",
     "ServedModel": "config",
     "serve": "run",

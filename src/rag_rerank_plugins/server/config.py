@@ -63,6 +63,7 @@ _ENV_TYPES: dict[str, Any] = {
     "api_key": str,
     "warmup": bool,
     "graceful_timeout": float,
+    "body_timeout": float,
     "retry_after": int,
     "log_level": str,
 }
@@ -103,6 +104,8 @@ class ServerConfig:
     warmup: bool = True
     #: Seconds a shutdown waits for in-flight requests before closing connections.
     graceful_timeout: float = 30.0
+    #: Seconds a client may take to send a request body after its headers; then 408.
+    body_timeout: float = 30.0
     #: Retry-After seconds on 429; None estimates it from recent request durations.
     retry_after: int | None = None
     log_level: str = "info"
@@ -153,6 +156,8 @@ class ServerConfig:
             raise ConfigurationError(f"port must be 0..65535, got {self.port}.")
         if self.graceful_timeout < 0:
             raise ConfigurationError("graceful_timeout must not be negative.")
+        if not self.body_timeout > 0:
+            raise ConfigurationError(f"body_timeout must be positive, got {self.body_timeout}.")
         self.served_models()
 
     def served_models(self) -> list[ServedModel]:

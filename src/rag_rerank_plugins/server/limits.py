@@ -1,12 +1,15 @@
-"""Admission control and request guards of the server: 401, 413 and 429 before any inference.
+"""Admission control and request guards of the server: 401, 408, 413 and 429 before inference.
 
 * :class:`Admission` bounds work: ``max_concurrency`` model calls run, ``max_pending`` more wait,
   and anything beyond is refused at once with 429 and a ``Retry-After`` estimated from recent
   request durations. Refusing early keeps latency bounded under overload, and tells clients (our
   remote backend retries with backoff) and load balancers to try again or elsewhere.
 * :class:`GuardMiddleware` (pure ASGI, outermost) checks the bearer token, then the body size
-  (``Content-Length`` or the bytes actually received) before FastAPI parses anything, and counts
-  every request by endpoint and status for ``/metrics``.
+  (``Content-Length`` or the bytes actually received) and the time the body takes to arrive
+  (``body_timeout``: a client that sends headers and then stalls gets 408 instead of holding a
+  connection forever) before FastAPI parses anything, and counts every request by endpoint and
+  status for ``/metrics``. Which paths exist and which need no token comes from
+  :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -20,29 +23,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .errors import Overloaded, error_body
 from .metrics import RequestMetrics
+from .registry import known_paths, public_paths
 
-__all__ = ["Admission", "GuardMiddleware", "Overloaded", "error_body"]
+__all__ = ["Admission", "GuardMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    """Error JSON readable by TEI clients (``error``, ``error_type``) and Cohere/OpenAI-style
-    clients (``message``)."""
-    return {"error": message, "error_type": error_type, "message": message}
-
-
-class Overloaded(Exception):
-    """Raised by :meth:`Admission.enter` when running + queued requests are at the limit."""
-
-    def __init__(self, retry_after: int, message: str) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Admission:
@@ -98,24 +89,6 @@ class Admission:
             self.admitted -= 1
 
 
-#: Paths counted under their own name in /metrics; anything else is "other" (bounded labels).
-KNOWN_PATHS = frozenset(
-    {
-        "/rerank",
-        "/embed",
-        "/embeddings",
-        "/v1/rerank",
-        "/v1/embed",
-        "/v1/embeddings",
-        "/health",
-        "/metrics",
-        "/info",
-    }
-)
-#: Paths answered without a token: load balancers and orchestrators probe them unauthenticated.
-PUBLIC_PATHS = frozenset({"/health"})
-
-
 async def _send_json(
     send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> None:
@@ -130,7 +103,8 @@ async def _send_json(
 
 
 class GuardMiddleware:
-    """Outermost ASGI layer: metrics per request, bearer token (401), body size (413)."""
+    """Outermost ASGI layer: metrics per request, bearer token (401), body size (413), body
+    time (408). Paths are read from the protocol registry when the app is built."""
 
     def __init__(
         self,
@@ -139,18 +113,24 @@ class GuardMiddleware:
         api_key: str | None,
         max_request_bytes: int,
         metrics: RequestMetrics,
+        body_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics
+        self.body_timeout = body_timeout
+        #: Paths counted under their own name in /metrics; anything else is "other" (bounded).
+        self.known_paths = known_paths()
+        #: Paths answered without a token: load balancers and orchestrators probe them.
+        self.public_paths = public_paths()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        endpoint = path if path in KNOWN_PATHS else "other"
+        endpoint = path if path in self.known_paths else "other"
         start = time.perf_counter()
         status_box = [500]
 
@@ -175,16 +155,18 @@ class GuardMiddleware:
         return False
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        if self.api_key is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
-            self.metrics.reject("auth")
-            await _send_json(
+        if (
+            self.api_key is not None
+            and path not in self.public_paths
+            and not self._authorized(scope)
+        ):
+            await self._refuse(
                 send,
+                "auth",
                 401,
-                error_body(
-                    "Missing or wrong bearer token. Send 'Authorization: Bearer <token>' with the "
-                    "token the server was started with (RAG_RERANK_API_KEY).",
-                    "Unauthorized",
-                ),
+                "Missing or wrong bearer token. Send 'Authorization: Bearer <token>' with the "
+                "token the server was started with (RAG_RERANK_API_KEY).",
+                "Unauthorized",
                 {"www-authenticate": "Bearer"},
             )
             return
@@ -204,8 +186,13 @@ class GuardMiddleware:
         # Read the body here (bounded), then replay it: a chunked body cannot sneak past the limit.
         chunks: list[bytes] = []
         size = 0
+        deadline = None if self.body_timeout is None else time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await self._receive_before(receive, deadline)
+            except asyncio.TimeoutError:
+                await self._too_slow(send, size)
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -227,15 +214,44 @@ class GuardMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send, size: int) -> None:
-        self.metrics.reject("too_large")
-        await _send_json(
+    @staticmethod
+    async def _receive_before(receive: Receive, deadline: float | None) -> Message:
+        if deadline is None:
+            return await receive()
+        return await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+
+    async def _refuse(
+        self,
+        send: Send,
+        reason: str,
+        status: int,
+        message: str,
+        error_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer ``status`` in the documented error shape, counted as rejected for ``reason``."""
+        self.metrics.reject(reason)
+        await _send_json(send, status, error_body(message, error_type), headers)
+
+    async def _too_slow(self, send: Send, size: int) -> None:
+        await self._refuse(
             send,
+            "timeout",
+            408,
+            f"The request body did not arrive within {self.body_timeout:g} s ({size} bytes "
+            "received). Send the whole body at once; the limit is RAG_RERANK_BODY_TIMEOUT.",
+            "Timeout",
+            # The rest of the body may still come: this connection cannot carry another request.
+            {"connection": "close"},
+        )
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        await self._refuse(
+            send,
+            "too_large",
             413,
-            error_body(
-                f"Request body of {size} bytes or more exceeds the limit of "
-                f"{self.max_request_bytes} bytes (--max-request-bytes). Split the texts over "
-                "several requests.",
-                "Validation",
-            ),
+            f"Request body of {size} bytes or more exceeds the limit of "
+            f"{self.max_request_bytes} bytes (--max-request-bytes). Split the texts over "
+            "several requests.",
+            "Validation",
         )

@@ -1,73 +1,27 @@
-"""Prometheus text exposition (format 0.0.4) of the pool stats and the server's own counters.
+"""``GET /metrics`` of the server: the pool's metric table plus the server's own counters.
 
-Written by hand instead of with prometheus_client: the pool already keeps the counters
-(:meth:`ModelPool.stats`), so formatting them is a few lines and costs no dependency.
+The per-model families (counters, gauges, latency and queue-wait histograms) come from
+:func:`rag_rerank_plugins.metrics.model_families`, the same table the in-process
+:class:`~rag_rerank_plugins.metrics.PoolCollector` uses; this module adds the HTTP counters
+(:class:`RequestMetrics`, filled by the guard middleware) and the admission gauges, and renders
+everything with ``prometheus_client`` (part of the ``server`` extra).
 """
 
 from __future__ import annotations
 
-import math
-import re
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from .state import ServerState
 
 __all__ = ["CONTENT_TYPE", "RequestMetrics", "render"]
 
+#: The classic text format (0.0.4), which every Prometheus version scrapes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-#: Pool stats field -> (metric name, type, help).
-_SPEC_METRICS: dict[str, tuple[str, str, str]] = {
-    "loaded": ("rag_rerank_model_loaded", "gauge", "1 while the model is in memory"),
-    "loads": ("rag_rerank_model_loads_total", "counter", "Model loads (more than 1: reloads)"),
-    "load_failures": ("rag_rerank_model_load_failures_total", "counter", "Failed model loads"),
-    "load_seconds": ("rag_rerank_model_load_seconds_total", "counter", "Seconds spent loading"),
-    "releases": ("rag_rerank_model_releases_total", "counter", "Models released from memory"),
-    "calls": ("rag_rerank_model_calls_total", "counter", "Model calls (score or embed)"),
-    "items": ("rag_rerank_model_items_total", "counter", "Pairs scored or texts embedded"),
-    "errors": ("rag_rerank_model_errors_total", "counter", "Model calls that failed"),
-    "busy_seconds": ("rag_rerank_model_busy_seconds_total", "counter", "Seconds inside calls"),
-}
-_NAME = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Mapping[str, object]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "+Inf" if value > 0 else "-Inf"
-        return repr(value)
-    return str(value)
-
-
-class _Family:
-    def __init__(self, name: str, kind: str, help_text: str) -> None:
-        self.name = name
-        self.kind = kind
-        self.help = help_text
-        self.samples: list[tuple[str, Mapping[str, object], float]] = []
-
-    def add(self, value: float, labels: Mapping[str, object], suffix: str = "") -> None:
-        self.samples.append((suffix, labels, value))
-
-    def lines(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
-        for suffix, labels, value in self.samples:
-            yield f"{self.name}{suffix}{_labels(labels)} {_number(value)}"
 
 
 class RequestMetrics:
@@ -93,61 +47,65 @@ class RequestMetrics:
             return dict(self.requests), dict(self.seconds), dict(self.rejected)
 
 
-def render(
-    pool_stats: Mapping[str, Mapping[str, Any]],
-    names: Mapping[str, str],
-    requests: RequestMetrics,
-    gauges: Mapping[str, tuple[float, str]],
-) -> str:
-    """The /metrics body. ``names`` maps spec labels to served model names; ``gauges`` are
-    ``metric -> (value, help)`` for server state (in flight, queued, ready)."""
-    families: dict[str, _Family] = {}
+class _ServerCollector:
+    """The families of one scrape of ``state`` (a ``prometheus_client`` custom collector)."""
 
-    def family(name: str, kind: str, help_text: str) -> _Family:
-        fam = families.get(name)
-        if fam is None:
-            fam = families[name] = _Family(name, kind, help_text)
-        return fam
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
 
-    for label, stats in sorted(pool_stats.items()):
-        labels = {
-            "model": names.get(label, stats.get("model", label)),
-            "kind": stats.get("kind", ""),
-            "backend": stats.get("backend", ""),
-            "device": stats.get("device", ""),
-            "dtype": stats.get("dtype", ""),
-            "spec": label,
+    def collect(self) -> Iterator[Metric]:
+        from ..metrics import model_families, prometheus_core
+
+        core = prometheus_core("rag-rerank serve's GET /metrics", extra="server")
+        state = self.state
+        names = {state.pool.key(m.spec).label: m.name for m in state.served}
+        yield from model_families(state.pool.stats(), names)
+
+        requests, seconds, rejected = state.metrics.snapshot()
+        family = core.CounterMetricFamily(
+            "rag_rerank_http_requests",
+            "HTTP requests by endpoint, status",
+            labels=("endpoint", "status"),
+        )
+        for (endpoint, status), count in sorted(requests.items()):
+            family.add_metric([endpoint, str(status)], count)
+        yield family
+        family = core.CounterMetricFamily(
+            "rag_rerank_http_request_seconds",
+            "Seconds spent answering, by endpoint",
+            labels=("endpoint",),
+        )
+        for endpoint, total in sorted(seconds.items()):
+            family.add_metric([endpoint], total)
+        yield family
+        family = core.CounterMetricFamily(
+            "rag_rerank_http_rejected",
+            "Requests refused before inference, by reason "
+            "(auth, too_large, timeout, invalid, overloaded)",
+            labels=("reason",),
+        )
+        for reason, count in sorted(rejected.items()):
+            family.add_metric([reason], count)
+        yield family
+
+        config, admission = state.config, state.admission
+        gauges: dict[str, tuple[float, str]] = {
+            "rag_rerank_ready": (1.0 if state.ready else 0.0, "1 once models are warmed up"),
+            "rag_rerank_requests_running": (float(admission.running), "Model calls running now"),
+            "rag_rerank_requests_queued": (float(admission.queued), "Requests waiting for a slot"),
+            "rag_rerank_max_concurrency": (float(config.max_concurrency), "Limit"),
+            "rag_rerank_max_pending": (float(config.max_pending), "Limit"),
         }
-        for key, (metric, kind, help_text) in _SPEC_METRICS.items():
-            value = stats.get(key)
-            if isinstance(value, (int, float)):
-                family(metric, kind, help_text).add(value, labels)
-        extra = stats.get("extra") or {}
-        for key, value in sorted(extra.items()):
-            if isinstance(value, (int, float)):
-                metric = "rag_rerank_model_" + _NAME.sub("_", str(key))
-                family(metric, "untyped", f"pool stats extra field {key!r}").add(value, labels)
+        for name, (value, help_text) in gauges.items():
+            yield core.GaugeMetricFamily(name, help_text, value=value)
 
-    requests_total, seconds, rejected = requests.snapshot()
-    fam = family("rag_rerank_http_requests_total", "counter", "HTTP requests by endpoint, status")
-    for (endpoint, status), count in sorted(requests_total.items()):
-        fam.add(count, {"endpoint": endpoint, "status": status})
-    fam = family(
-        "rag_rerank_http_request_seconds_total", "counter", "Seconds spent answering, by endpoint"
-    )
-    for endpoint, total in sorted(seconds.items()):
-        fam.add(total, {"endpoint": endpoint})
-    fam = family(
-        "rag_rerank_http_rejected_total",
-        "counter",
-        "Requests refused before inference, by reason (auth, too_large, invalid, overloaded)",
-    )
-    for reason, count in sorted(rejected.items()):
-        fam.add(count, {"reason": reason})
-    for metric, (value, help_text) in gauges.items():
-        family(metric, "gauge", help_text).add(value, {})
 
-    lines: list[str] = []
-    for fam in families.values():
-        lines.extend(fam.lines())
-    return "\n".join(lines) + "\n"
+def render(state: ServerState) -> bytes:
+    """The ``/metrics`` body for ``state`` (Prometheus text format 0.0.4)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ServerCollector(state))
+    body: Any = generate_latest(registry)
+    return bytes(body)

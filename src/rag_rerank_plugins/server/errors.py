@@ -1,0 +1,212 @@
+"""Every error the server answers, in one shape, from one table.
+
+* :func:`error_body` is the documented shape: ``error`` and ``error_type`` (TEI clients read these)
+  and ``message`` (Cohere/OpenAI-style clients read that one). Every 4xx/5xx uses it, including
+  the ones FastAPI and Starlette would answer themselves (400, 404 and 405 for unknown paths or
+  methods, 422 for invalid bodies).
+* :data:`STATUS` maps exceptions to a status, an ``error_type``, a ``Retry-After`` and the
+  ``/metrics`` rejection reason; :func:`rule_for` reads it along the exception's MRO, so a new
+  exception class needs one line there, not a new ``except``.
+* :func:`error_response` is the one exception handler the app installs for all of them.
+
+Importing this module does not import FastAPI (the guard middleware and the CLI use it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import (
+    InvalidInputError,
+    ModelLoadError,
+    QueueFullError,
+    RagRerankError,
+    RequestTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from .state import ServerState
+
+__all__ = [
+    "STATUS",
+    "ApiError",
+    "ErrorRule",
+    "Overloaded",
+    "error_body",
+    "error_response",
+    "rule_for",
+]
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    """Error JSON readable by TEI clients (``error``, ``error_type``) and Cohere/OpenAI-style
+    clients (``message``)."""
+    return {"error": message, "error_type": error_type, "message": message}
+
+
+class ApiError(Exception):
+    """An error the endpoint code decided on: answered with ``status`` and the common body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str = "Validation",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.headers = headers
+
+
+class Overloaded(Exception):
+    """Raised by :meth:`~.limits.Admission.enter` when running + queued requests are at the
+    limit; ``retry_after`` is the estimated wait in seconds."""
+
+    def __init__(self, retry_after: int, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+RetryAfter = Callable[[BaseException, "ServerState"], int]
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """How one exception class is answered."""
+
+    status: int
+    error_type: str
+    #: Seconds for the ``Retry-After`` header (None: no header), from the exception and state.
+    retry_after: RetryAfter | None = None
+    #: Counted in ``rag_rerank_http_rejected_total{reason=...}`` when set.
+    reject_reason: str | None = None
+
+
+def _own_retry_after(exc: BaseException, state: ServerState) -> int:
+    return int(getattr(exc, "retry_after", 1))
+
+
+def _estimated_retry_after(exc: BaseException, state: ServerState) -> int:
+    return state.admission.retry_after()
+
+
+def _fixed(seconds: int) -> RetryAfter:
+    return lambda exc, state: seconds
+
+
+#: Exception class -> answer. Looked up along the MRO: the most specific class wins, and any
+#: other :class:`RagRerankError` is the model's failure (500).
+STATUS: dict[type[Exception], ErrorRule] = {
+    Overloaded: ErrorRule(429, "Overloaded", _own_retry_after, "overloaded"),
+    # The pool's own per-model queue (EngineConfig.max_queue) is full.
+    QueueFullError: ErrorRule(429, "Overloaded", _estimated_retry_after, "overloaded"),
+    InvalidInputError: ErrorRule(422, "Validation"),
+    RequestTimeoutError: ErrorRule(503, "Overloaded", _fixed(1)),
+    ModelLoadError: ErrorRule(503, "Unhealthy", _fixed(5)),
+    RagRerankError: ErrorRule(500, "Backend"),
+}
+
+#: ``error_type`` of statuses FastAPI/Starlette answer themselves (HTTPException).
+_HTTP_ERROR_TYPES = {
+    400: "Validation",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "Timeout",
+    413: "Validation",
+}
+
+
+def rule_for(exc: BaseException) -> ErrorRule | None:
+    """The :data:`STATUS` rule of the most specific class of ``exc``; None if none applies."""
+    for cls in type(exc).__mro__:
+        rule = STATUS.get(cls)
+        if rule is not None:
+            return rule
+    return None
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error", "")
+            return f"Request body is not valid JSON ({detail}). Send a JSON object."
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "Invalid request: " + "; ".join(parts[:5])
+
+
+def _http_error(status: int, detail: Any, request: Request) -> ApiError:
+    """Starlette's own 404/405/400 in our shape, with a message that says what to do."""
+    if status == 404:
+        message = (
+            f"No endpoint at {request.url.path}. GET /docs lists the endpoints this server has."
+        )
+    elif status == 405:
+        message = (
+            f"{request.method} is not allowed on {request.url.path}. GET /docs lists the "
+            "methods of every endpoint."
+        )
+    else:
+        message = str(detail) if detail else f"HTTP {status}"
+    return ApiError(status, message, _HTTP_ERROR_TYPES.get(status, "Validation"))
+
+
+def as_api_error(exc: BaseException, request: Request, state: ServerState) -> ApiError | None:
+    """``exc`` as an :class:`ApiError`, or None when it is not ours to answer (a bug: 500)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        state.metrics.reject("invalid")
+        return ApiError(422, _validation_message(list(exc.errors())), "Validation")
+    if isinstance(exc, HTTPException):
+        error = _http_error(exc.status_code, exc.detail, request)
+        error.headers = dict(exc.headers) if exc.headers else None
+        return error
+    rule = rule_for(exc)
+    if rule is None:
+        return None
+    if rule.reject_reason is not None:
+        state.metrics.reject(rule.reject_reason)
+    headers = None
+    if rule.retry_after is not None:
+        headers = {"retry-after": str(rule.retry_after(exc, state))}
+    return ApiError(rule.status, str(exc), rule.error_type, headers)
+
+
+def handled_exceptions() -> tuple[type[Exception], ...]:
+    """What :func:`error_response` is installed for: :class:`ApiError`, FastAPI's request
+    validation, Starlette's HTTP errors, every class in :data:`STATUS`, and ``Exception`` (a bug:
+    500 in the same shape; Starlette still logs the traceback)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    return (ApiError, RequestValidationError, HTTPException, *STATUS, Exception)
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The app's one exception handler: every error in the documented shape."""
+    from starlette.responses import JSONResponse
+
+    state: ServerState = request.app.state.server
+    error = as_api_error(exc, request, state)
+    if error is None:
+        error = ApiError(
+            500,
+            f"Internal server error ({type(exc).__name__}); the server log has the traceback.",
+            "Backend",
+        )
+    return JSONResponse(
+        error_body(error.message, error.error_type), status_code=error.status, headers=error.headers
+    )
