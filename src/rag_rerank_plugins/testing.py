@@ -392,6 +392,7 @@ def build_causal_lm_reranker(
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
+    head_dim: int | None = None,
     intermediate_size: int = 128,
     vocab_size: int | None = None,
     max_position_embeddings: int = 2048,
@@ -402,7 +403,8 @@ def build_causal_lm_reranker(
     byte-level BPE tokenizer that has Qwen's chat tokens and single "yes"/"no" tokens: what the
     ``causal-lm-reranker`` backend's default (Qwen3-Reranker) template needs. Scores are
     meaningless; loading, templating, padding, batching and memory behaviour are real.
-    ``vocab_size`` defaults to the tokenizer's (pass 151936 for Qwen3's embedding size).
+    ``vocab_size`` defaults to the tokenizer's (pass 151669 for Qwen3-Reranker's embedding size);
+    ``head_dim`` (Qwen3 only) to ``hidden_size // num_heads`` (the real Qwen3 models use 128).
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -428,7 +430,7 @@ def build_causal_lm_reranker(
         initializer_range=initializer_range,
     )
     if architecture == "qwen3":
-        config.head_dim = hidden_size // num_heads
+        config.head_dim = head_dim or hidden_size // num_heads
     torch.manual_seed(seed)
     out = Path(path)
     model_cls(config).save_pretrained(out)
