@@ -553,3 +553,23 @@ def test_registry_lists_both_backends() -> None:
     backends = available_backends()
     assert backends["causal-lm-reranker"].kind == "reranker"
     assert backends["flag-llm-reranker"].kind == "reranker"
+
+
+def test_only_the_last_position_reaches_the_vocabulary_projection(
+    pool: ModelPool, qwen_path: str, passages: list[str]
+) -> None:
+    """The memory claim of the docs: logits are [batch, 1, vocab], never [batch, length, vocab]."""
+    spec = qwen_spec(qwen_path)
+    model = pool.get(spec).model.model
+    shapes: list[tuple[int, ...]] = []
+    original = model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    model.forward = spy
+    pool.score_pairs(spec, _pairs(passages), batch_size=4)
+    assert shapes
+    assert all(shape[1] == 1 for shape in shapes), shapes

@@ -103,7 +103,10 @@ class LastTokenReranker(RerankerModel):
                 "model with a tokenizer that sets pad_token."
             )
         self.pad_id = int(pad)
-        self._keep_last = _accepts(model, "logits_to_keep")
+        # transformers >= 4.50 names it logits_to_keep, 4.45-4.49 num_logits_to_keep.
+        self._keep_last = next(
+            (n for n in ("logits_to_keep", "num_logits_to_keep") if _accepts(model, n)), None
+        )
 
     # -- what a subclass provides ---------------------------------------------------------------
 
@@ -117,7 +120,7 @@ class LastTokenReranker(RerankerModel):
 
     def last_logits(self, features: dict[str, Any]) -> Any:
         """Logits at the last position, ``[batch, vocab]``: one pass, nothing else kept."""
-        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        extra = {self._keep_last: 1} if self._keep_last else {}
         logits = self.model(**features, use_cache=False, **extra).logits
         return logits[:, -1, :]
 
