@@ -88,9 +88,8 @@ def minicpm_layerwise_model() -> Any:
     from FlagEmbedding.inference.reranker.decoder_only.models.configuration_minicpm_reranker import (  # noqa: E501
         LayerWiseMiniCPMConfig,
     )
-    from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
-        LayerWiseMiniCPMForCausalLM,
-    )
+
+    from rag_rerank_plugins.backends.flag_llm import layerwise_model_class
 
     config = LayerWiseMiniCPMConfig(
         vocab_size=122753,
@@ -107,11 +106,7 @@ def minicpm_layerwise_model() -> Any:
         use_cache=False,
     )
     config.rope_scaling = None
-
-    class Meta(LayerWiseMiniCPMForCausalLM):
-        _tied_weights_keys = None  # transformers 5 (see flag_llm.load_layerwise_model)
-
-    return Meta(config)
+    return layerwise_model_class()(config)
 
 
 def memory_rows() -> list[tuple[str, str, int, dict[str, int]]]:

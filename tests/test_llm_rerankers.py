@@ -54,6 +54,23 @@ def _gemma_tokenizer() -> Any:
     )
 
 
+def _small_shape(tok: Any, **shape: Any) -> dict[str, Any]:
+    """Config arguments shared by the tiny Gemma and MiniCPM models: small, fast on 2 CPU cores,
+    with weights wide enough (initializer_range) that passages get clearly different scores."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 1024,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "initializer_range": 0.2,
+        **shape,
+    }
+
+
 @pytest.fixture(scope="session")
 def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """bge-reranker-v2-gemma's architecture (``GemmaForCausalLM``), 2 small layers."""
@@ -62,18 +79,7 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     tok = _gemma_tokenizer()
     config = GemmaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
+        **_small_shape(tok, num_hidden_layers=2, num_key_value_heads=1, head_dim=16)
     )
     torch.manual_seed(2)
     path = tmp_path_factory.mktemp("models") / "tiny-gemma"
@@ -91,44 +97,32 @@ def layerwise(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any]:
     from FlagEmbedding.inference.reranker.decoder_only.models.configuration_minicpm_reranker import (  # noqa: E501
         LayerWiseMiniCPMConfig,
     )
-    from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
-        LayerWiseMiniCPMForCausalLM,
-    )
+
+    from rag_rerank_plugins.backends.flag_llm import layerwise_model_class
 
     tok = _gemma_tokenizer()
     config = LayerWiseMiniCPMConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        start_layer=1,
-        head_multi=True,
-        head_type="simple",
-        scale_emb=12,
-        dim_model_base=256,
-        scale_depth=1.4,
-        tie_word_embeddings=False,
-        use_cache=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
+        **_small_shape(
+            tok,
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            start_layer=1,  # score heads on layers 1..3 (the real model: 8..40)
+            head_multi=True,
+            head_type="simple",
+            scale_emb=12,  # MiniCPM's scaling constants, as in the real config
+            dim_model_base=256,
+            scale_depth=1.4,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
     )
     config.rope_scaling = None  # what the real model's config means (see load_layerwise_model)
 
-    class Buildable(LayerWiseMiniCPMForCausalLM):  # transformers 5 wants a mapping here
-        _tied_weights_keys = None
-
     torch.manual_seed(3)
-    model = Buildable(config).eval()
+    model = layerwise_model_class()(config).eval()  # the shipped class, buildable on transformers 5
     path = tmp_path_factory.mktemp("models") / "tiny-minicpm-layerwise"
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    saved = (path / "config.json").read_text()
-    (path / "config.json").write_text(saved.replace('"Buildable"', '"LayerWiseMiniCPMForCausalLM"'))
     return str(path), model
 
 

@@ -45,7 +45,7 @@ from ._torch_common import (
 )
 from .base import SCORE, ModelProvider, Prepared, RerankerModel, Task
 from .flag import score_mode_of
-from .options import CAUSAL_LM_OPTIONS, HF_LOADING
+from .options import CAUSAL_LM_OPTIONS, CAUSAL_LM_PROMPT, HF_LOADING
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -342,11 +342,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CausalLMReranker:
     mode = score_mode_of(spec, "sigmoid")
     assert mode is not None
     model, tokenizer = load_causal_lm(spec, options)
-    prompt = {
-        k: options[k]
-        for k in ("system", "prefix", "template", "suffix", "instruction", "yes_token", "no_token")
-        if k in options
-    }
+    prompt = {k: options[k] for k in CAUSAL_LM_PROMPT if k in options}
     max_length = position_limit(model, spec.max_length, DEFAULT_MAX_LENGTH)
     with loading_errors(spec):
         return CausalLMReranker(

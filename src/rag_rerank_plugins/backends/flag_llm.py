@@ -35,7 +35,7 @@ from ..exceptions import ConfigurationError
 from .base import ModelProvider
 from .causal_lm import LastTokenReranker, check_options, load_causal_lm
 from .flag import FLAG_DEFAULT_MAX_LENGTH, _import_flag, _tokenizer_helpers, score_mode_of
-from .options import FLAG_LLM_OPTIONS
+from .options import FLAG_LLM_OPTIONS, FLAG_LLM_PREPROCESSING
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -45,6 +45,7 @@ __all__ = [
     "MODEL_CLASSES",
     "FlagLLMReranker",
     "LayerWiseFlagLLMReranker",
+    "layerwise_model_class",
     "load",
     "load_layerwise_model",
 ]
@@ -216,6 +217,26 @@ def _model_class(spec: ModelSpec, options: dict[str, Any]) -> str:
     return MODEL_CLASSES[1] if layerwise else MODEL_CLASSES[0]
 
 
+def layerwise_model_class(single_vocab_head: bool = False) -> Any:
+    """FlagEmbedding's ``LayerWiseMiniCPMForCausalLM`` with ``_tied_weights_keys`` as the mapping
+    transformers 5 requires (the shipped list breaks building, saving and loading): the
+    embeddings tie to ``lm_head`` only for a single vocabulary-sized head (``head_type="raw"``,
+    not ``head_multi``); per-layer score heads tie to nothing."""
+    from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
+        LayerWiseMiniCPMForCausalLM,
+    )
+
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if single_vocab_head else None
+    return type(
+        "LayerWiseMiniCPMForCausalLM",
+        (LayerWiseMiniCPMForCausalLM,),
+        {
+            "_tied_weights_keys": tied,
+            "__module__": __name__,
+        },
+    )
+
+
 def load_layerwise_model(path: str, **kwargs: Any) -> Any:
     """FlagEmbedding's ``LayerWiseMiniCPMForCausalLM``, loaded so it runs under transformers 4
     and 5. Under transformers 5 the shipped class (FlagEmbedding 1.4.2) fails four ways, each fixed
@@ -235,7 +256,6 @@ def load_layerwise_model(path: str, **kwargs: Any) -> Any:
         LayerWiseMiniCPMConfig,
     )
     from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
-        LayerWiseMiniCPMForCausalLM,
         MiniCPMRotaryEmbedding,
     )
 
@@ -251,14 +271,8 @@ def load_layerwise_model(path: str, **kwargs: Any) -> Any:
     single_vocab_head = config.head_type == "raw" and not config.head_multi
     if not single_vocab_head:
         config.tie_word_embeddings = False
-
-    class _LayerWise(LayerWiseMiniCPMForCausalLM):
-        _tied_weights_keys = (
-            {"lm_head.weight": "model.embed_tokens.weight"} if single_vocab_head else None
-        )
-
     kwargs.pop("trust_remote_code", None)  # FlagEmbedding ships the code: nothing remote to run
-    model = _LayerWise.from_pretrained(path, config=config, **kwargs)
+    model = layerwise_model_class(single_vocab_head).from_pretrained(path, config=config, **kwargs)
     import torch
 
     for module in model.modules():
@@ -287,18 +301,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> FlagLLMReranker:
         model, tokenizer = load_causal_lm(spec, options, _LayerWiseLoader)
     else:
         model, tokenizer = load_causal_lm(spec, options)
-    settings = {
-        k: options[k]
-        for k in (
-            "prompt",
-            "query_max_length",
-            "query_instruction_for_rerank",
-            "query_instruction_format",
-            "passage_instruction_for_rerank",
-            "passage_instruction_format",
-        )
-        if k in options
-    }
+    settings = {k: options[k] for k in FLAG_LLM_PREPROCESSING if k in options}
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     args = (model, tokenizer, spec.device, spec.dtype, max_length)
     if kind == MODEL_CLASSES[1]:
