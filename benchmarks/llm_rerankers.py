@@ -1,7 +1,7 @@
 """LLM rerankers: weight memory of the real models' shapes; per-pair cost against cross-encoders.
 
     python benchmarks/llm_rerankers.py memory [--measure-0.6b]
-    python benchmarks/llm_rerankers.py cost [--pairs 16] [--batch 8] [--skip-xlmr]
+    python benchmarks/llm_rerankers.py cost [--pairs 16] [--batch 8] [--skip-xlmr] [--device cpu]
 
 ``memory``: builds each real model's architecture on the ``meta`` device (no weights are
 allocated, nothing is downloaded) and adds up parameter and buffer bytes per dtype with the same
@@ -239,24 +239,27 @@ def command_cost(args: argparse.Namespace) -> None:
         ),
     ]
     for label, spec in [c for c in candidates if c is not None]:
-        spec = spec.with_options(device="cpu", dtype="float32", max_length=512)
+        spec = spec.with_options(device=args.device, dtype=args.dtype, max_length=512)
         result = time_per_pair(spec, pairs, args.batch, args.reps)
         rows.append((label, result))
         print(f"{label}: {result['s_per_pair'] * 1000:.1f} ms/pair", flush=True)
     print()
     print(
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads), FP32, {len(pairs)} pairs of "
+        f"{args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads), {args.dtype}, "
+        f"{len(pairs)} pairs of "
         f"40-120-word passages, batch {args.batch}, median of {args.reps}:"
     )
     print()
     base = rows[0][1]["s_per_pair"]
-    print("| model | ms / pair | x MiniLM-L6 | tokens / batch | footprint |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | ms / pair | x MiniLM-L6 | padded tokens / pair | ms / 1k tokens | footprint |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, r in rows:
+        per_pair = r["tokens_per_batch"] / r["items_per_batch"]
         print(
             f"| {label} | {r['s_per_pair'] * 1000:.1f} | {r['s_per_pair'] / base:.1f} | "
-            f"{r['tokens_per_batch']:.0f} | {r['footprint_mb']:.0f} MB |"
+            f"{per_pair:.0f} | {r['s_per_pair'] * 1e6 / per_pair:.0f} | "
+            f"{r['footprint_mb']:.0f} MB |"
         )
 
 
@@ -271,6 +274,8 @@ def main() -> None:
     cost.add_argument("--batch", type=int, default=8)
     cost.add_argument("--reps", type=int, default=3)
     cost.add_argument("--skip-xlmr", action="store_true")
+    cost.add_argument("--device", default="cpu", help="e.g. cuda:0 on a GPU machine")
+    cost.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto")
     args = parser.parse_args()
     {"memory": command_memory, "cost": command_cost}[args.command](args)
 
