@@ -12,7 +12,9 @@ a pool with a memory budget sees, ``LoadedModel.footprint_bytes``) to simulate a
 ``build_cross_encoder`` writes a tiny random-weight BERT cross-encoder to disk, for testing the
 real loading code offline; ``build_cross_encoder_from_encoder`` one with the packaged MiniLM's
 real encoder weights and a seeded head, whose activations have realistic ranges (for dtype and
-quantization tests).
+quantization tests). ``build_causal_lm_reranker`` writes a tiny random Qwen3/Qwen2-shaped causal LM
+with a byte-level BPE tokenizer trained on the packaged sample corpus
+(``train_byte_bpe_tokenizer``), for the ``causal-lm-reranker`` backend.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ __all__ = [
     "SimulatedDevice",
     "SimulatedOutOfMemoryError",
     "SimulatedReranker",
+    "build_causal_lm_reranker",
     "build_cross_encoder",
     "build_cross_encoder_from_encoder",
     "fake_embedder_spec",
     "fake_reranker_spec",
+    "train_byte_bpe_tokenizer",
 ]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -341,3 +345,99 @@ class SimulatedReranker(RerankerModel):
 
     def free_cache(self) -> None:
         """Nothing cached: freed blocks return to the device at once."""
+
+
+#: Qwen's chat tokens, which the Qwen3-Reranker prompt template uses.
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def train_byte_bpe_tokenizer(
+    special_tokens: Sequence[str],
+    *,
+    texts: Sequence[str] | None = None,
+    vocab_size: int = 800,
+    **named_tokens: str,
+) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (default: the packaged
+    sample corpus), the tokenizer family of Qwen, Llama 3 and GPT-2. ``special_tokens`` come
+    first in the vocabulary and are never split; ``named_tokens`` (``pad_token="<pad>"``, ...)
+    name some of them. "yes", "no", "Yes" and "No" are single tokens (answer tokens of LLM
+    rerankers). Deterministic for the same inputs; nothing is downloaded.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if texts is None:
+        from .demo import load_sample_corpus
+
+        texts = [doc["text"] for doc in load_sample_corpus()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([*texts, *texts, *(["yes", "no", "Yes", "No"] * 50)], trainer=trainer)
+    named = set(named_tokens.values())
+    extra = [t for t in special_tokens if t not in named]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, additional_special_tokens=extra, **named_tokens
+    )
+
+
+def build_causal_lm_reranker(
+    path: str | Path,
+    *,
+    architecture: str = "qwen3",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate_size: int = 128,
+    vocab_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight Qwen3 (or ``architecture="qwen2"``) causal LM at ``path``, with a
+    byte-level BPE tokenizer that has Qwen's chat tokens and single "yes"/"no" tokens: what the
+    ``causal-lm-reranker`` backend's default (Qwen3-Reranker) template needs. Scores are
+    meaningless; loading, templating, padding, batching and memory behaviour are real.
+    ``vocab_size`` defaults to the tokenizer's (pass 151669 for Qwen3-Reranker's embedding size);
+    ``head_dim`` (Qwen3 only) to ``hidden_size // num_heads`` (the real Qwen3 models use 128).
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if architecture not in classes:
+        raise ValueError(f"architecture must be one of {sorted(classes)}, got {architecture!r}")
+    tok = train_byte_bpe_tokenizer(
+        QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
+    config_cls, model_cls = classes[architecture]
+    config = config_cls(
+        vocab_size=max(vocab_size or 0, len(tok)),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=initializer_range,
+    )
+    if architecture == "qwen3":
+        config.head_dim = head_dim or hidden_size // num_heads
+    torch.manual_seed(seed)
+    out = Path(path)
+    model_cls(config).save_pretrained(out)
+    tok.padding_side = "left"
+    tok.save_pretrained(out)
+    return out

@@ -17,8 +17,10 @@ from typing import Any
 from ..exceptions import ConfigurationError, UnknownBackendError
 from .base import EmbedderModel, Kind, LoadedModel, Loader, RerankerModel
 from .options import (
+    CAUSAL_LM_OPTIONS,
     CROSS_ENCODER_OPTIONS,
     FAKE_OPTIONS,
+    FLAG_LLM_OPTIONS,
     FLAG_M3_OPTIONS,
     FLAG_RERANKER_OPTIONS,
     ONNX_OPTIONS,
@@ -146,6 +148,20 @@ _builtin(
     "rag_rerank_plugins.backends.flag:load_m3",
     "FlagEmbedding BGEM3FlagModel dense vectors, e.g. BAAI/bge-m3 (extra: flag)",
     options=FLAG_M3_OPTIONS,
+)
+_builtin(
+    "flag-llm-reranker",
+    "reranker",
+    "rag_rerank_plugins.backends.flag_llm:load",
+    "FlagEmbedding LLM rerankers: bge-reranker-v2-gemma, -minicpm-layerwise (extra: flag)",
+    options=FLAG_LLM_OPTIONS,
+)
+_builtin(
+    "causal-lm-reranker",
+    "reranker",
+    "rag_rerank_plugins.backends.causal_lm:load",
+    "any causal LM scored by P(yes) after a prompt, e.g. Qwen3-Reranker (extra: st)",
+    options=CAUSAL_LM_OPTIONS,
 )
 _builtin(
     "remote-reranker",

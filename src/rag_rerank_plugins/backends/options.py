@@ -8,10 +8,15 @@ same sets, so the two can never disagree. Plain data, no imports: the registry s
 from __future__ import annotations
 
 __all__ = [
+    "CAUSAL_LM_OPTIONS",
+    "CAUSAL_LM_PROMPT",
     "CROSS_ENCODER_OPTIONS",
     "FAKE_OPTIONS",
+    "FLAG_LLM_OPTIONS",
+    "FLAG_LLM_PREPROCESSING",
     "FLAG_M3_OPTIONS",
     "FLAG_RERANKER_OPTIONS",
+    "HF_LOADING",
     "ONNX_OPTIONS",
     "REMOTE_OPTIONS",
     "ST_EMBEDDER_OPTIONS",
@@ -58,6 +63,30 @@ FLAG_M3_OPTIONS = frozenset(
         "trust_remote_code",
         "cache_dir",
     }
+)
+#: ``from_pretrained`` options of the LLM rerankers' tokenizer and model (plain values, as above).
+HF_LOADING = frozenset({"trust_remote_code", "revision", "cache_dir", "local_files_only"})
+#: causal_lm.py: the prompt's slots and answer tokens (CausalLMReranker keyword arguments)...
+CAUSAL_LM_PROMPT = frozenset(
+    {"system", "prefix", "template", "suffix", "instruction", "yes_token", "no_token"}
+)
+#: ... with the score mode and the loading options.
+CAUSAL_LM_OPTIONS = HF_LOADING | CAUSAL_LM_PROMPT | {"score_mode"}
+#: flag_llm.py: FlagEmbedding's LLM reranker pre-processing (FlagLLMReranker keyword arguments)...
+FLAG_LLM_PREPROCESSING = frozenset(
+    {
+        "prompt",
+        "query_max_length",
+        "query_instruction_for_rerank",
+        "query_instruction_format",
+        "passage_instruction_for_rerank",
+        "passage_instruction_format",
+    }
+)
+#: ... with the score mode, the layer to read (layer-wise models) and which of the two model
+#: classes it is (read from the model's config when absent).
+FLAG_LLM_OPTIONS = (
+    HF_LOADING | FLAG_LLM_PREPROCESSING | {"score_mode", "model_class", "cutoff_layers"}
 )
 #: onnx.py: sentence-transformers loading options (used when exporting) and ours.
 ONNX_OPTIONS = ST_LOADING | {"score_mode", "quantize", "opset", "cache_dir", "intra_op_threads"}
