@@ -238,9 +238,10 @@ class ConfigModel(BaseModel):
         parts = []
         for error in exc.errors():
             name = str(error["loc"][0]) if error["loc"] else ""
-            where = f" (from {sources[name]})" if name in sources else ""
-            got = error.get("input")
-            parts.append(f"{cls.__name__}.{name} {_explain_error(error)}, got {got!r}{where}")
+            where = (
+                f" (from {sources[name]})" if name in sources else f", got {error.get('input')!r}"
+            )
+            parts.append(f"{cls.__name__}.{name} {_explain_error(error)}{where}")
         return "; ".join(parts) + "."
 
     @classmethod
