@@ -32,6 +32,18 @@ class ServedModel:
     kind: str
 
 
+def _models_flag(flag: str) -> Cli:
+    return Cli(flag=flag, metavar="[NAME=]MODEL", repeat=True, group="models")
+
+
+def _models_field(what: str) -> Any:
+    return Field(
+        default_factory=list,
+        description=f"{what} to serve: hub name or local path, optionally named (repeatable; "
+        "the variable takes a comma-separated list).",
+    )
+
+
 class ServerConfig(ModelDefaults):
     """Everything ``rag-rerank serve`` needs. Build with :meth:`from_env` to read the environment
     (and check that there is something to serve).
@@ -44,20 +56,8 @@ class ServerConfig(ModelDefaults):
 
     cli_group: ClassVar[str] = "server"
 
-    rerankers: Annotated[
-        list[str], Cli(flag="--reranker", metavar="[NAME=]MODEL", repeat=True, group="models")
-    ] = Field(
-        default_factory=list,
-        description="Rerankers to serve: hub name or local path, optionally named (repeatable; "
-        "the variable takes a comma-separated list).",
-    )
-    embedders: Annotated[
-        list[str], Cli(flag="--embedder", metavar="[NAME=]MODEL", repeat=True, group="models")
-    ] = Field(
-        default_factory=list,
-        description="Embedders to serve: hub name or local path, optionally named (repeatable; "
-        "the variable takes a comma-separated list).",
-    )
+    rerankers: Annotated[list[str], _models_flag("--reranker")] = _models_field("Rerankers")
+    embedders: Annotated[list[str], _models_flag("--embedder")] = _models_field("Embedders")
     specs: Annotated[
         list[dict[str, Any]],
         TextParser(json_list),
