@@ -293,7 +293,9 @@ def test_bad_variables_name_the_variable(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("RAG_RERANK_PORT", "99999")
     with pytest.raises(ConfigurationError, match=r"port must be at most 65535.*RAG_RERANK_PORT"):
         Settings()
-    with pytest.raises(ConfigurationError, match="not a setting"):
+    with pytest.raises(
+        ConfigurationError, match=re.escape("not a setting (did you mean 'max_queue'?)")
+    ):
         EngineConfig(max_queues=3)  # a typo is an error, never silently dropped
     with pytest.raises(ConfigurationError, match="not a boolean"):
         EngineConfig(max_batch_size=True)

@@ -19,6 +19,7 @@ the sections and reads them through :func:`env_values`, so a section's ``from_en
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import types
@@ -241,7 +242,11 @@ class ConfigModel(BaseModel):
             where = (
                 f" (from {sources[name]})" if name in sources else f", got {error.get('input')!r}"
             )
-            parts.append(f"{cls.__name__}.{name} {_explain_error(error)}{where}")
+            hint = ""
+            if error["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parts.append(f"{cls.__name__}.{name} {_explain_error(error)}{hint}{where}")
         return "; ".join(parts) + "."
 
     @classmethod

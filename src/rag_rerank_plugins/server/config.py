@@ -15,12 +15,20 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
-from .._config import AdapterConfig, Cli, ConfigModel, ModelDefaults, TextParser, json_list
+from .._config import (
+    ENV_PREFIX,
+    AdapterConfig,
+    Cli,
+    ConfigModel,
+    ModelDefaults,
+    TextParser,
+    json_list,
+)
 from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import ConfigurationError
 from ..spec import ModelSpec
 
-__all__ = ["SERVE_SECTIONS", "ServedModel", "ServerConfig"]
+__all__ = ["ENV_PREFIX", "SERVE_SECTIONS", "ServedModel", "ServerConfig"]
 
 
 @dataclass(frozen=True)
