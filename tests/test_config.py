@@ -229,10 +229,12 @@ def served(clean_env: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
-def test_flags_win_over_variables_over_defaults(served: dict[str, Any]) -> None:
+def test_flags_win_over_variables_over_defaults(
+    served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = {"RAG_RERANK_PORT": "9001", "RAG_RERANK_MAX_QUEUE": "5", "RAG_RERANK_HOST": "0.0.0.0"}
     for name, value in env.items():
-        os.environ[name] = value
+        monkeypatch.setenv(name, value)
     argv = ["serve", "--spec", FAKE_SPEC, "--port", "9002", "--no-warmup", "--threads", "1"]
     argv += ["--token-budget", "512", "--pool-memory-budget-mb", "cpu=100", "--reranker", "x,y"]
     assert cli.main(argv) == 0
