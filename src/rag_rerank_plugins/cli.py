@@ -12,12 +12,14 @@ import logging
 import platform
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
 
     from ._config import ConfigModel
+
+_Section = TypeVar("_Section", bound="ConfigModel")
 
 __all__ = ["build_parser", "main"]
 
@@ -187,7 +189,7 @@ def _add_setting_option(
         else:
             kwargs["metavar"] = cli.metavar or _metavar(annotation)
         if cli.repeat:
-            kwargs["action"] = "append"
+            kwargs["action"] = "extend"  # each flag's text parses to a list: one flat list
     group.add_argument(flag, *cli.aliases, **kwargs)
 
 
@@ -246,8 +248,6 @@ def _given_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         section, dot, name = dest.partition(".")
         if not dot:
             continue
-        if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
-            value = [item for items in value for item in items]  # repeated list options
         given.setdefault(section, {})[name] = value
     return given
 
@@ -262,13 +262,13 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
 
     given = _given_settings(args)
 
-    def build(section: Any) -> Any:
+    def build(section: type[_Section]) -> _Section:
         return section.from_sources(
             None, given.get(section.__name__, {}), given_by=lambda name: flag_for(section, name)
         )
 
-    config: ServerConfig = build(ServerConfig)
-    config.served_models()
+    config = build(ServerConfig)
+    served = config.served_models()  # checked before anything starts
     threads = build(AdapterConfig).torch_threads
     if threads is not None:
         os.environ["RAG_RERANK_TORCH_THREADS"] = str(threads)  # read at the first model load
@@ -281,7 +281,7 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
         package_logger.setLevel(config.log_level.upper())
     from .server.run import serve
 
-    names = ", ".join(m.name for m in config.served_models())
+    names = ", ".join(m.name for m in served)
     out(f"rag-rerank serve: http://{config.host}:{config.port} serving {names}")
     return serve(config, pool=pool)
 
