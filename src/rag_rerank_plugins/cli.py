@@ -12,6 +12,14 @@ import logging
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from ._config import ConfigModel
+
+_Section = TypeVar("_Section", bound="ConfigModel")
 
 __all__ = ["build_parser", "main"]
 
@@ -118,7 +126,19 @@ flag, so it does not show up in the process list.
 """
 
 
+#: ``rag-rerank serve --help`` sections, in order; a field's group is its :class:`Cli` marker's,
+#: else its section's ``cli_group``.
+_SERVE_GROUPS = {
+    "models": "what to serve, and how models are loaded",
+    "server": "the HTTP server",
+    "limits": "admission limits of the server",
+    "engine": "the served pool's scheduler, batching, queues and caches",
+    "pool": "the served pool's memory budget and idle unload",
+}
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from .server.config import SERVE_SECTIONS
     from .server.registry import EndpointsHelpFormatter  # fills {endpoints} at --help only
 
     serve = sub.add_parser(
@@ -127,120 +147,134 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         description=_SERVE_DESCRIPTION,
         formatter_class=EndpointsHelpFormatter,
     )
-    models = serve.add_argument_group("models")
-    models.add_argument(
-        "--reranker",
-        dest="rerankers",
-        action="append",
-        metavar="[NAME=]MODEL",
-        help="reranker to serve: hub name or local path, optionally named (repeatable)",
-    )
-    models.add_argument(
-        "--embedder",
-        dest="embedders",
-        action="append",
-        metavar="[NAME=]MODEL",
-        help="embedder to serve: hub name or local path, optionally named (repeatable)",
-    )
-    models.add_argument(
-        "--spec",
-        dest="specs",
-        action="append",
-        metavar="JSON",
-        help='any spec as JSON, e.g. \'{"name": "r", "model": "m", "backend": "cross-encoder", '
-        '"options": {"revision": "v2"}}\' (repeatable)',
-    )
-    models.add_argument("--reranker-backend", help="backend for --reranker (cross-encoder)")
-    models.add_argument("--embedder-backend", help="backend for --embedder (sentence-transformers)")
-    models.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (auto)")
-    models.add_argument("--dtype", help="auto, float32, float16 or bfloat16 (auto)")
-    models.add_argument("--max-length", type=_positive_int, help="token limit (model's own)")
-    models.add_argument(
-        "--threads", type=_positive_int, help="torch intra-op threads (RAG_RERANK_TORCH_THREADS)"
-    )
-    net = serve.add_argument_group("server")
-    net.add_argument("--host", help="address to bind (127.0.0.1; 0.0.0.0 in a container)")
-    net.add_argument("--port", type=int, help="port (8080)")
-    net.add_argument("--api-key-file", metavar="PATH", help="file holding the bearer token")
-    net.add_argument(
-        "--no-warmup",
-        dest="warmup",
-        action="store_const",
-        const=False,
-        help="skip the warm-up forward pass before /health turns ready",
-    )
-    net.add_argument(
-        "--graceful-timeout",
-        type=float,
-        help="seconds a shutdown waits for in-flight requests (30)",
-    )
-    net.add_argument("--log-level", help="uvicorn log level (info)")
-    limits = serve.add_argument_group("limits")
-    limits.add_argument(
-        "--max-concurrency", type=_positive_int, help="model calls running at once (4)"
-    )
-    limits.add_argument(
-        "--max-pending", type=int, help="requests waiting beyond that; more get 429 (32)"
-    )
-    limits.add_argument(
-        "--max-client-batch", type=_positive_int, help="texts per request; more get 413 (256)"
-    )
-    limits.add_argument(
-        "--max-request-bytes", type=_positive_int, help="body size; larger get 413 (2 MiB)"
-    )
-    limits.add_argument("--batch-size", type=_positive_int, help="texts per forward pass (32)")
-    limits.add_argument(
-        "--retry-after", type=_positive_int, help="Retry-After seconds on 429 (estimated)"
-    )
+    groups = {title: serve.add_argument_group(title, text) for title, text in _SERVE_GROUPS.items()}
+    for section, only in SERVE_SECTIONS:
+        for name in only if only is not None else section.model_fields:
+            _add_setting_option(serve, groups, section, name)
     serve.set_defaults(handler=_cmd_serve)
 
 
+def _add_setting_option(
+    parser: argparse.ArgumentParser,
+    groups: dict[str, argparse._ArgumentGroup],
+    section: type[ConfigModel],
+    name: str,
+) -> None:
+    """One ``serve`` option built from a settings field: flag, type, help and default all come
+    from the field, and the value is left out of the namespace unless given (so the variable,
+    then the default, apply)."""
+    from ._config import cli_of, flag_for, format_default
+
+    info = section.model_fields[name]
+    cli = cli_of(info)
+    group_name = cli.group or section.cli_group
+    if group_name not in groups:
+        groups[group_name] = parser.add_argument_group(group_name)
+    group = groups[group_name]
+    flag = flag_for(section, name)
+    var = section.env_prefix + name.upper()
+    default = format_default(info.get_default(call_default_factory=True))
+    kwargs: dict[str, Any] = {
+        "dest": f"{section.__name__}.{name}",
+        "default": argparse.SUPPRESS,
+        "help": f"{info.description} [env {var}; default: {default}]".replace("%", "%%"),
+    }
+    annotation = info.annotation
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif cli.secret_file:
+        kwargs.update(type=_secret_file(flag), metavar=cli.metavar)
+    else:
+        kwargs["type"] = _setting_parser(info, flag)
+        if get_origin(annotation) is Literal:
+            kwargs["choices"] = get_args(annotation)
+        else:
+            kwargs["metavar"] = cli.metavar or _metavar(annotation)
+        if cli.repeat:
+            kwargs["action"] = "extend"  # each flag's text parses to a list: one flat list
+    group.add_argument(flag, *cli.aliases, **kwargs)
+
+
+def _metavar(annotation: Any) -> str:
+    kinds = {arg for arg in (annotation, *get_args(annotation)) if arg is not type(None)}
+    if int in kinds:
+        return "N"
+    if float in kinds:
+        return "X"
+    return "TEXT"
+
+
+def _setting_parser(info: FieldInfo, flag: str) -> Callable[[str], Any]:
+    """Text -> value with the same parser as the field's variable; numbers are checked here so
+    ``--port http`` is a usage error at once (ranges are checked by the model)."""
+    from ._config import parse_text
+
+    kinds = {arg for arg in (info.annotation, *get_args(info.annotation))}
+
+    def parse(text: str) -> Any:
+        try:
+            value = parse_text(info, text)
+            if isinstance(value, str) and int in kinds:
+                return int(value)
+            if isinstance(value, str) and float in kinds:
+                return float(value)
+            return value
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: {exc}") from None
+
+    parse.__name__ = flag
+    return parse
+
+
+def _secret_file(flag: str) -> Callable[[str], str]:
+    """The value of a secret setting, read from the file the flag names (never from argv)."""
+
+    def read(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                secret = fh.read().strip()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {flag} {path}: {exc}") from None
+        if not secret:
+            raise argparse.ArgumentTypeError(f"{flag} {path} is empty")
+        return secret
+
+    read.__name__ = flag
+    return read
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Section name -> {field: value} of the options given on the command line."""
+    given: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        section, dot, name = dest.partition(".")
+        if not dot:
+            continue
+        given.setdefault(section, {})[name] = value
+    return given
+
+
 def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
-    import json
     import os
 
-    from .exceptions import ConfigurationError
+    from ._config import AdapterConfig, flag_for
+    from .engine_config import EngineConfig, PoolConfig
+    from .pool import ModelPool
     from .server.config import ServerConfig
 
-    specs = None
-    if args.specs:
-        try:
-            specs = [json.loads(text) for text in args.specs]
-        except ValueError as exc:
-            raise ConfigurationError(f"--spec must be JSON: {exc}") from None
-    api_key = None
-    if args.api_key_file:
-        try:
-            with open(args.api_key_file, encoding="utf-8") as fh:
-                api_key = fh.read().strip()
-        except OSError as exc:
-            raise ConfigurationError(f"Cannot read --api-key-file: {exc}") from None
-        if not api_key:
-            raise ConfigurationError(f"--api-key-file {args.api_key_file} is empty.")
-    config = ServerConfig.from_env(
-        host=args.host,
-        port=args.port,
-        rerankers=args.rerankers,
-        embedders=args.embedders,
-        specs=specs,
-        reranker_backend=args.reranker_backend,
-        embedder_backend=args.embedder_backend,
-        device=args.device,
-        dtype=args.dtype,
-        max_length=args.max_length,
-        max_concurrency=args.max_concurrency,
-        max_pending=args.max_pending,
-        max_client_batch=args.max_client_batch,
-        max_request_bytes=args.max_request_bytes,
-        batch_size=args.batch_size,
-        api_key=api_key,
-        warmup=args.warmup,
-        graceful_timeout=args.graceful_timeout,
-        retry_after=args.retry_after,
-        log_level=args.log_level,
-    )
-    if args.threads:
-        os.environ["RAG_RERANK_TORCH_THREADS"] = str(args.threads)
+    given = _given_settings(args)
+
+    def build(section: type[_Section]) -> _Section:
+        return section.from_sources(
+            None, given.get(section.__name__, {}), given_by=lambda name: flag_for(section, name)
+        )
+
+    config = build(ServerConfig)
+    served = config.served_models()  # checked before anything starts
+    threads = build(AdapterConfig).torch_threads
+    if threads is not None:
+        os.environ["RAG_RERANK_TORCH_THREADS"] = str(threads)  # read at the first model load
+    pool = ModelPool(config=build(EngineConfig), pool_config=build(PoolConfig))
     package_logger = logging.getLogger("rag_rerank_plugins")
     if not package_logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
@@ -249,9 +283,9 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
         package_logger.setLevel(config.log_level.upper())
     from .server.run import serve
 
-    names = ", ".join(m.name for m in config.served_models())
+    names = ", ".join(m.name for m in served)
     out(f"rag-rerank serve: http://{config.host}:{config.port} serving {names}")
-    return serve(config)
+    return serve(config, pool=pool)
 
 
 def _cmd_demo(args: argparse.Namespace, out: Callable[[str], object]) -> int:

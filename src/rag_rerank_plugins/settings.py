@@ -1,46 +1,59 @@
-"""Process-wide defaults from ``RAG_RERANK_*`` environment variables (pydantic-settings).
+"""The whole configuration as one pydantic-settings model, and the docs table generated from it.
 
-:class:`Settings` holds the defaults adapters and pools start from: which reranker and embedder
-to load, on which device and dtype, the batch size, torch threads, and the pool's
-:class:`~rag_rerank_plugins.engine_config.EngineConfig` (queues, caches, batching). The engine
-fields are read by :meth:`EngineConfig.from_env`, the one parser of those variables, so
-``Settings().engine`` and ``EngineConfig.from_env()`` always agree (``Settings().pool`` and
-``PoolConfig.from_env()`` likewise).
+:class:`Settings` is the root: the adapters' defaults (which reranker and embedder to load, on
+which device and dtype, the batch size, torch threads) as its own fields, and the other sections
+nested under it: ``engine`` (:class:`~rag_rerank_plugins.engine_config.EngineConfig`), ``pool``
+(:class:`~rag_rerank_plugins.engine_config.PoolConfig`) and ``server``
+(:class:`~rag_rerank_plugins.server.config.ServerConfig`). Every section reads its variables
+(``RAG_RERANK_<FIELD>``, the pool's ``RAG_RERANK_POOL_<FIELD>``) with the one parser in
+:mod:`rag_rerank_plugins._config`, so ``Settings().engine == EngineConfig.from_env()`` always.
 
 This module imports pydantic-settings; ``import rag_rerank_plugins`` does not import it.
 :func:`get_settings` reads the environment once per process and caches the result
 (:func:`get_settings.cache_clear` makes the next call read it again).
+``python -m rag_rerank_plugins.settings`` prints the table of ``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
+from typing import Any, ClassVar
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ._config import ENV_PREFIX, AdapterConfig, env_values, flag_text, format_default
 from .engine_config import EngineConfig, PoolConfig
-from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER
+from .server.config import SERVE_SECTIONS, ServerConfig
 
-__all__ = ["ENV_PREFIX", "Settings", "get_settings"]
-
-ENV_PREFIX = "RAG_RERANK_"
+__all__ = ["ENV_PREFIX", "SECTIONS", "Settings", "config_table", "get_settings", "serve_flags"]
 
 
-def _engine_from_env() -> EngineConfig:
-    return EngineConfig.from_env(dict(os.environ))
+class _SectionsSource(PydanticBaseSettingsSource):
+    """Reads ``RAG_RERANK_*`` for the root's own fields and builds each nested section from its
+    own variables (``from_env``), so errors name the variable to fix."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole dict
+
+    def __call__(self) -> dict[str, Any]:
+        values = env_values(self.settings_cls)
+        for name, info in self.settings_cls.model_fields.items():
+            section = info.annotation
+            if isinstance(section, type) and issubclass(section, (EngineConfig, PoolConfig)):
+                values[name] = section.from_env()
+            elif section is ServerConfig:
+                # Not ServerConfig.from_env: a process that serves nothing is not an error here.
+                values[name] = ServerConfig.from_sources()
+        return values
 
 
-def _pool_from_env() -> PoolConfig:
-    return PoolConfig.from_env(dict(os.environ))
-
-
-class Settings(BaseSettings):
-    """Defaults for adapters and pools; every field is ``RAG_RERANK_<FIELD>`` (upper case).
-
-    Arguments given to an adapter always win over these defaults. Other ``RAG_RERANK_*``
-    variables (the server's, the engine's) are ignored here, not rejected.
+class Settings(BaseSettings, AdapterConfig):
+    """The process's configuration: adapter defaults, and the ``engine``, ``pool`` and
+    ``server`` sections. Every field is ``RAG_RERANK_<FIELD>`` (the pool's
+    ``RAG_RERANK_POOL_<FIELD>``); arguments given to an adapter or pool always win.
+    Variables that name no setting (``RAG_RERANK_CPU_BF16``, ...) are ignored here.
     """
 
     model_config = SettingsConfigDict(
@@ -50,30 +63,103 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
         protected_namespaces=(),
     )
+    cli_group: ClassVar[str] = "adapters"
 
-    reranker_model: str = Field(default=DEFAULT_RERANKER, description="Default reranker model.")
-    reranker_backend: str = Field(default="cross-encoder", description="Default reranker backend.")
-    embedder_model: str = Field(default=DEFAULT_EMBEDDER, description="Default embedder model.")
-    embedder_backend: str = Field(
-        default="sentence-transformers", description="Default embedder backend."
-    )
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
-    dtype: str = Field(default="auto", description="'auto', 'float32', 'float16' or 'bfloat16'.")
-    batch_size: int = Field(default=32, gt=0, description="Pairs or texts per forward pass.")
-    torch_threads: int | None = Field(
-        default=None, gt=0, description="torch intra-op threads, set at the first model load."
-    )
     engine: EngineConfig = Field(
-        default_factory=_engine_from_env,
+        default_factory=EngineConfig,
         description="Scheduling, queue and cache settings (RAG_RERANK_<ENGINECONFIG FIELD>).",
     )
     pool: PoolConfig = Field(
-        default_factory=_pool_from_env,
+        default_factory=PoolConfig,
         description="Memory budget and idle unload of pools (RAG_RERANK_POOL_<POOLCONFIG FIELD>).",
     )
+    server: ServerConfig = Field(
+        default_factory=ServerConfig,
+        description="What `rag-rerank serve` serves, and its limits (RAG_RERANK_<FIELD>).",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _SectionsSource(settings_cls)
+
+
+#: The sections of the docs table, in its order: (model, the fields it owns there).
+SECTIONS: tuple[type[BaseModel], ...] = (AdapterConfig, EngineConfig, PoolConfig, ServerConfig)
+
+
+def serve_flags() -> dict[str, str]:
+    """Variable -> its ``rag-rerank serve`` flag, for every setting serve has an option for."""
+    flags: dict[str, str] = {}
+    for section, only in SERVE_SECTIONS:
+        prefix: str = getattr(section, "env_prefix", ENV_PREFIX)
+        for name in only if only is not None else section.model_fields:
+            flags[prefix + name.upper()] = flag_text(section, name)
+    return flags
+
+
+def config_rows() -> list[dict[str, str]]:
+    """One row per variable: variable, serve flag, default, sections using it, description.
+    A variable shared by several sections (``RAG_RERANK_DEVICE``) is one row."""
+    rows: dict[str, dict[str, str]] = {}
+    flags = serve_flags()
+    for section in SECTIONS:
+        prefix: str = getattr(section, "env_prefix", ENV_PREFIX)
+        group: str = getattr(section, "cli_group", "")
+        for name, info in section.model_fields.items():
+            var = prefix + name.upper()
+            if var in rows:
+                rows[var]["used by"] += f", {group}"
+                continue
+            rows[var] = {
+                "variable": var,
+                "serve flag": flags.get(var, "-"),
+                "default": format_default(info.get_default(call_default_factory=True)),
+                "used by": group,
+                "description": info.description or "",
+            }
+    return list(rows.values())
+
+
+def config_table() -> str:
+    """The Markdown table of every setting (``docs/configuration.md`` holds it verbatim)."""
+
+    def cell(text: str, code: bool) -> str:
+        text = text.replace("|", "\\|")
+        return f"`{text}`" if code and text != "-" else text
+
+    lines = [
+        "| variable | `rag-rerank serve` flag | default | used by | description |",
+        "|---|---|---|---|---|",
+    ]
+    for row in config_rows():
+        lines.append(
+            "| "
+            + " | ".join(
+                (
+                    cell(row["variable"], True),
+                    cell(row["serve flag"], True),
+                    cell(row["default"], True),
+                    cell(row["used by"], False),
+                    cell(row["description"], False),
+                )
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's :class:`Settings`, read from the environment on first use and cached."""
     return Settings()
+
+
+if __name__ == "__main__":
+    print(config_table(), end="")

@@ -192,7 +192,12 @@ def _starts(n_tokens: int, size: int, stride: int) -> list[int]:
 
 
 class Windower:
-    """Splits passages with a private tokenizer copy (thread-safe: one lock per windower)."""
+    """Splits passages with a private copy of the model's tokenizer.
+
+    :meth:`plan` runs in the callers' threads, before the pairs reach the model's scheduler, and
+    a fast tokenizer must not be used by two threads at once: one lock per windower guards the
+    copy (the model's own tokenizer stays with its prepare thread, untouched).
+    """
 
     def __init__(self, tokenizer: Any, max_pair_tokens: int) -> None:
         if not max_pair_tokens or max_pair_tokens >= _NO_LIMIT:

@@ -9,7 +9,9 @@ The protocol, in the order the engine uses it:
 
 * ``thread_safe`` (class attribute): True when concurrent calls are safe (HTTP clients, fakes,
   the bi-encoder wrapper). Those models are called directly in the caller's thread; every other
-  model is owned by one scheduler whose device worker is the only thread that runs its forward.
+  model is owned by one scheduler whose device worker is the only thread that runs its
+  ``forward`` and ``finish``: that thread, not a lock, serialises the model's passes, and callers
+  only enqueue and wait.
 * Two phases, so the device never waits for the CPU (like infinity's pre/forward/post stages
   and TEI's tokenisation workers ahead of its batcher):
 

@@ -33,7 +33,8 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 class BiEncoderReranker(RerankerModel):
-    # Stateless: the embedder handle it calls does its own locking.
+    # Stateless: the embedder it calls goes through the pool, whose scheduler serialises that
+    # model's forwards on its device worker; so concurrent calls here are safe.
     thread_safe = True
 
     def __init__(

@@ -1,24 +1,34 @@
 """Configuration of ``rag-rerank serve``: CLI flags over ``RAG_RERANK_*`` variables over defaults.
 
-Plain dataclass plus explicit env parsing (no pydantic-settings dependency), so the precedence
-is easy to read: a CLI flag that is given wins, else the environment variable, else the default.
-Importing this module is cheap (no FastAPI): the CLI uses it to validate flags before starting.
+:class:`ServerConfig` is a section of the one configuration (:mod:`rag_rerank_plugins._config`):
+each field is a ``RAG_RERANK_<FIELD>`` variable, a ``rag-rerank serve`` option built from the
+field (name, type, default, help), and a row of ``docs/configuration.md``. The device, dtype,
+backends and batch size are shared with the in-process adapters (:class:`ModelDefaults`), so
+one ``RAG_RERANK_DEVICE`` sets both. Importing this module is cheap (no FastAPI): the CLI uses
+it to build and validate its flags before starting.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
+from pydantic import Field
+
+from .._config import (
+    ENV_PREFIX,
+    AdapterConfig,
+    Cli,
+    ConfigModel,
+    ModelDefaults,
+    TextParser,
+    json_list,
+)
+from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import ConfigurationError
 from ..spec import ModelSpec
 
-__all__ = ["ENV_PREFIX", "ServedModel", "ServerConfig"]
-
-ENV_PREFIX = "RAG_RERANK_"
+__all__ = ["ENV_PREFIX", "SERVE_SECTIONS", "ServedModel", "ServerConfig"]
 
 
 @dataclass(frozen=True)
@@ -30,48 +40,21 @@ class ServedModel:
     kind: str
 
 
-def _split(value: str) -> list[str]:
-    return [item.strip() for item in value.replace("\n", ",").split(",") if item.strip()]
+def _models_flag(flag: str) -> Cli:
+    return Cli(flag=flag, metavar="[NAME=]MODEL", repeat=True, group="models")
 
 
-def _bool(value: str, name: str) -> bool:
-    text = value.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"{name} must be true or false, got {value!r}.")
+def _models_field(what: str) -> Any:
+    return Field(
+        default_factory=list,
+        description=f"{what} to serve: hub name or local path, optionally named (repeatable; "
+        "the variable takes a comma-separated list).",
+    )
 
 
-#: Setting -> how its RAG_RERANK_* variable is parsed ("json": a JSON list of spec dicts).
-_ENV_TYPES: dict[str, Any] = {
-    "host": str,
-    "port": int,
-    "rerankers": list,
-    "embedders": list,
-    "specs": "json",
-    "reranker_backend": str,
-    "embedder_backend": str,
-    "device": str,
-    "dtype": str,
-    "max_length": int,
-    "max_concurrency": int,
-    "max_pending": int,
-    "max_client_batch": int,
-    "max_request_bytes": int,
-    "batch_size": int,
-    "api_key": str,
-    "warmup": bool,
-    "graceful_timeout": float,
-    "body_timeout": float,
-    "retry_after": int,
-    "log_level": str,
-}
-
-
-@dataclass
-class ServerConfig:
-    """Everything ``rag-rerank serve`` needs. Build with :meth:`from_env` to read the environment.
+class ServerConfig(ModelDefaults):
+    """Everything ``rag-rerank serve`` needs. Build with :meth:`from_env` to read the environment
+    (and check that there is something to serve).
 
     Models: ``rerankers``/``embedders`` are ``[NAME=]MODEL`` strings (MODEL a hub name or local
     path; NAME, default MODEL, is what clients send as ``model``), loaded with
@@ -79,86 +62,78 @@ class ServerConfig:
     ``backend`` and optionally ``device``, ``dtype``, ``max_length``, ``options`` for anything else.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    rerankers: list[str] = field(default_factory=list)
-    embedders: list[str] = field(default_factory=list)
-    specs: list[dict[str, Any]] = field(default_factory=list)
-    reranker_backend: str = "cross-encoder"
-    embedder_backend: str = "sentence-transformers"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_length: int | None = None
-    #: Model calls running at once; more requests wait in the queue.
-    max_concurrency: int = 4
-    #: Requests allowed to wait; beyond concurrency + queue the answer is 429 + Retry-After.
-    max_pending: int = 32
-    #: Texts (documents or inputs) per request; more is 413 (TEI's max_client_batch_size).
-    max_client_batch: int = 256
-    #: Bytes of one request body; more is 413.
-    max_request_bytes: int = 2 * 1024 * 1024
-    #: Forward-pass batch size used for every request.
-    batch_size: int = 32
-    #: Bearer token clients must send; None serves without authentication.
-    api_key: str | None = field(default=None, repr=False)
-    warmup: bool = True
-    #: Seconds a shutdown waits for in-flight requests before closing connections.
-    graceful_timeout: float = 30.0
-    #: Seconds a client may take to send a request body after its headers; then 408.
-    body_timeout: float = 30.0
-    #: Retry-After seconds on 429; None estimates it from recent request durations.
-    retry_after: int | None = None
-    log_level: str = "info"
+    cli_group: ClassVar[str] = "server"
+
+    rerankers: Annotated[list[str], _models_flag("--reranker")] = _models_field("Rerankers")
+    embedders: Annotated[list[str], _models_flag("--embedder")] = _models_field("Embedders")
+    specs: Annotated[
+        list[dict[str, Any]],
+        TextParser(json_list),
+        Cli(flag="--spec", metavar="JSON", repeat=True, group="models"),
+    ] = Field(
+        default_factory=list,
+        description='Any spec as JSON, e.g. {"name": "r", "model": "m", "backend": '
+        '"cross-encoder", "options": {"revision": "v2"}} (repeatable; the variable takes a JSON '
+        "list).",
+    )
+    max_length: Annotated[int | None, Cli(group="models")] = Field(
+        default=None, gt=0, description="Token limit of served models; none: the model's own."
+    )
+    host: str = Field(default="127.0.0.1", description="Address to bind (0.0.0.0 in a container).")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port to listen on.")
+    api_key: Annotated[str | None, Cli(flag="--api-key-file", metavar="PATH", secret_file=True)] = (
+        Field(
+            default=None,
+            repr=False,
+            description="Bearer token clients must send; none: no authentication. The flag "
+            "names a file holding it, so the token never shows in the process list.",
+        )
+    )
+    warmup: bool = Field(
+        default=True,
+        description="Run a warm-up forward pass before /health turns ready (--no-warmup skips it).",
+    )
+    graceful_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a shutdown waits for in-flight requests before closing connections.",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client may take to send a request body after its headers; then 408.",
+    )
+    log_level: str = Field(default="info", description="uvicorn log level.")
+    max_concurrency: Annotated[int, Cli(group="limits")] = Field(
+        default=4, ge=1, description="Model calls running at once; more requests wait."
+    )
+    max_pending: Annotated[int, Cli(group="limits")] = Field(
+        default=32,
+        ge=0,
+        description="Requests allowed to wait beyond those running; more get 429 + Retry-After.",
+    )
+    max_client_batch: Annotated[int, Cli(group="limits")] = Field(
+        default=256,
+        ge=1,
+        description="Texts (documents or inputs) per request; more get 413 (TEI's "
+        "max_client_batch_size).",
+    )
+    max_request_bytes: Annotated[int, Cli(group="limits")] = Field(
+        default=2 * 1024 * 1024, ge=1, description="Bytes of one request body; larger get 413."
+    )
+    retry_after: Annotated[int | None, Cli(group="limits")] = Field(
+        default=None,
+        ge=1,
+        description="Retry-After seconds on 429; none: estimated from recent request durations.",
+    )
 
     @classmethod
-    def env_names(cls) -> dict[str, str]:
-        """Field name -> environment variable (``RAG_RERANK_<FIELD>``)."""
-        return {name: ENV_PREFIX + name.upper() for name in _ENV_TYPES}
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
-        """Defaults, then ``RAG_RERANK_*`` variables, then ``overrides`` that are not None."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name, var in cls.env_names().items():
-            raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            kind = _ENV_TYPES[name]
-            try:
-                if kind is list:
-                    values[name] = _split(raw)
-                elif kind == "json":
-                    parsed = json.loads(raw)
-                    values[name] = parsed if isinstance(parsed, list) else [parsed]
-                elif kind is bool:
-                    values[name] = _bool(raw, var)
-                else:
-                    values[name] = kind(raw)
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(f"{var}={raw!r} is invalid: {exc}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigurationError(f"Unknown server setting(s): {', '.join(sorted(unknown))}")
-        config = cls(**values)
-        config.validate()
+    def from_env(cls, environ: Any = None, **overrides: Any) -> ServerConfig:
+        """Defaults, then ``RAG_RERANK_*`` variables, then ``overrides`` that are not None; then
+        checks that the models to serve are valid (:meth:`served_models`)."""
+        config = super().from_env(environ, **overrides)
+        config.served_models()
         return config
-
-    def validate(self) -> None:
-        for name in ("max_concurrency", "max_client_batch", "max_request_bytes", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.max_pending < 0:
-            raise ConfigurationError(f"max_pending must not be negative, got {self.max_pending}.")
-        if not 0 <= self.port <= 65535:
-            raise ConfigurationError(f"port must be 0..65535, got {self.port}.")
-        if self.graceful_timeout < 0:
-            raise ConfigurationError("graceful_timeout must not be negative.")
-        if not self.body_timeout > 0:
-            raise ConfigurationError(f"body_timeout must be positive, got {self.body_timeout}.")
-        self.served_models()
 
     def served_models(self) -> list[ServedModel]:
         """The models to load, each with its public name; checks names are unique."""
@@ -212,3 +187,13 @@ class ServerConfig:
                 "RAG_RERANK_RERANKERS / RAG_RERANK_EMBEDDERS)."
             )
         return served
+
+
+#: The sections ``rag-rerank serve`` takes options for (None: every field of the section): the
+#: server's own, torch's threads, and the served pool's engine and memory settings.
+SERVE_SECTIONS: tuple[tuple[type[ConfigModel], tuple[str, ...] | None], ...] = (
+    (ServerConfig, None),
+    (AdapterConfig, ("torch_threads",)),
+    (EngineConfig, None),
+    (PoolConfig, None),
+)
