@@ -305,7 +305,7 @@ def test_engine_config_from_env() -> None:
     assert EngineConfig.from_env({"RAG_RERANK_PIPELINE": "0"}).pipeline is False
     with pytest.raises(ValueError, match="boolean"):
         EngineConfig.from_env({"RAG_RERANK_PIPELINE": "maybe"})
-    assert EngineConfig().tokens_per_batch("cpu") == 4096
+    assert EngineConfig().tokens_per_batch("cpu") == 1024
     assert EngineConfig(token_budget=100).tokens_per_batch("cuda:0") == 100
     with pytest.raises(ValueError, match="positive"):
         EngineConfig(max_queue=0)
