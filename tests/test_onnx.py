@@ -29,6 +29,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("sentence_transformers")
 
 from rag_rerank_plugins.backends import onnx as onnx_backend
+from rag_rerank_plugins.backends._onnx_common import publish
 
 SCIFACT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scifact"
 BACKEND = "onnx-cross-encoder"
@@ -280,7 +281,7 @@ def test_publish_keeps_the_winner_of_a_race(tmp_path: Path) -> None:
     loser = tmp_path / ".tmp-entry-x"
     loser.mkdir()
     (loser / "meta.json").write_text('{"loser": true}')
-    onnx_backend._publish(loser, final)
+    publish(loser, final)
     assert not loser.exists()
     assert (final / "meta.json").read_text() == "{}"
 
