@@ -249,6 +249,25 @@ def test_second_process_reuses_the_export_without_torch(
     assert max_error(got, vectors) <= 1e-6
 
 
+def test_an_export_that_differs_from_sentence_transformers_is_not_published(
+    minilm_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pool: ModelPool
+) -> None:
+    from rag_rerank_plugins import ModelLoadError
+
+    real_pool = onnx_embedder.pool
+
+    def off_by_a_little(*args: Any) -> Any:
+        vectors = real_pool(*args)
+        vectors[:, 0] += 0.05  # survives the model's Normalize, unlike a scale
+        return vectors
+
+    monkeypatch.setattr(onnx_embedder, "pool", off_by_a_little)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelLoadError, match=r"differ from SentenceTransformer\.encode"):
+        pool.get(onnx_spec(minilm_path, str(cache)))
+    assert list(cache.iterdir()) == []  # nothing published, the scratch folder removed
+
+
 def test_embedder_and_cross_encoder_entries_never_collide(
     minilm_path: str, onnx_cache: str
 ) -> None:
