@@ -1,6 +1,7 @@
 """The ONNX Runtime embedder backend (``onnx-sentence-transformers``): ``SentenceTransformer``'s
 vectors (queries, documents, prompts, normalisation, other pooling setups), the export cache
-reused by a second process without torch, int8, the refusals, the missing extra and the adapters.
+reused by a second process without torch, int8, the refusals and the adapters. (The missing
+onnxruntime extra is tested for both ONNX backends in test_onnx.py.)
 
 Offline: the model is the packaged all-MiniLM-L6-v2 (mean pooling + Normalize) and a copy of it
 re-configured to CLS pooling without Normalize, with query/document prompts and
@@ -328,35 +329,6 @@ def test_unsupported_pipelines_are_refused() -> None:
     ):
         with pytest.raises(ConfigurationError, match="backend='sentence-transformers'"):
             onnx_embedder._pipeline(spec, modules)
-
-
-def test_missing_onnxruntime_raises_missing_dependency_error(minilm_path: str) -> None:
-    code = textwrap.dedent(
-        f"""
-        import importlib.abc, sys
-
-        class _Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "onnxruntime" or name.startswith("onnxruntime."):
-                    raise ImportError(f"No module named {{name!r}} (blocked)", name=name)
-                return None
-
-        sys.meta_path.insert(0, _Block())
-        from rag_rerank_plugins import MissingDependencyError
-        from rag_rerank_plugins.langchain import SharedEmbeddings
-
-        emb = SharedEmbeddings(model={minilm_path!r}, backend={BACKEND!r})
-        try:
-            emb.embed_query("q")
-        except MissingDependencyError as exc:
-            assert isinstance(exc, ImportError)
-            print("OK", exc.extra, exc)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("OK onnx ")
-    assert "rag-rerank-plugins[onnx]" in out.stdout
 
 
 # -- adapters ---------------------------------------------------------------------------------

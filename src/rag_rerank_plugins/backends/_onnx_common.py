@@ -62,6 +62,7 @@ __all__ = [
     "model_fingerprint",
     "mode_of",
     "note_export",
+    "OnnxRuntimeModel",
     "open_session",
     "opset_of",
     "publish",
@@ -500,3 +501,56 @@ def configure_tokenizer(tokenizer: Any, meta: dict[str, Any], max_length: int | 
         pad_token=meta["pad_token"] or "[PAD]",
     )
     return tokenizer
+
+
+# -- what both loaded models hold -------------------------------------------------------------
+
+
+class OnnxRuntimeModel:
+    """Mixin for the ONNX backends' loaded models: a published cache entry opened (its
+    ``meta.json``, its tokenizer with the recorded truncation and padding, an onnxruntime session
+    with the thread policy), tokenising, the footprint and release. Listed before the protocol
+    base class (``RerankerModel``, ``EmbedderModel``) so these methods win."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_tokens: int | None = None
+    session: Any
+    tokenizer: Any
+
+    def __init__(self, entry: Path, *, threads: int, max_length: int | None = None) -> None:
+        """``max_length`` overrides the model's own truncation length (None: the model's)."""
+        from tokenizers import Tokenizer
+
+        self.meta: dict[str, Any] = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        self.tokenizer = configure_tokenizer(
+            Tokenizer.from_file(str(entry / "tokenizer.json")),
+            self.meta,
+            max_length or self.meta["max_length"],
+        )
+        self.session = open_session(entry / "model.onnx", threads)
+        self.dtype = "int8" if self.meta["mode"] == "int8" else "float32"
+        truncation = self.tokenizer.truncation
+        self.max_tokens = int(truncation["max_length"]) if truncation else None
+        self.threads = threads
+        self.path = entry
+
+    def tokenize(self, inputs: list[Any]) -> dict[str, Any]:
+        """int64 arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` for texts or
+        (text, text) pairs, padded to the batch's longest."""
+        import numpy as np
+
+        encodings = self.tokenizer.encode_batch(inputs)
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        return {name: np.asarray(rows, dtype=np.int64) for name, rows in columns.items()}
+
+    def footprint_bytes(self) -> int | None:
+        return entry_bytes(self.path)
+
+    def close(self) -> None:
+        self.session = None
+        self.tokenizer = None

@@ -52,17 +52,15 @@ from ._onnx_common import (
     DEFAULT_OPSET,
     QUANTIZE_MODES,
     THREADS_ENV,
+    OnnxRuntimeModel,
     cached_entry,
     check_cpu_float32,
-    configure_tokenizer,
     default_cache_dir,
     default_threads,
-    entry_bytes,
     export_count,
     export_graph,
     fast_tokenizer_json,
     model_fingerprint,
-    open_session,
     publish_export,
     st_for_export,
     threads_for,
@@ -165,7 +163,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             opset=opset,
         )
         # Check the tokenizer and (float32) the logits before publishing anything.
-        runtime = OnnxCrossEncoder.from_entry(tmp, threads=default_threads())
+        runtime = OnnxCrossEncoder(tmp, threads=default_threads())
         prepared = runtime.prepare(Task("score"), _PROBES)
         reference = ce.preprocess(probes, prompt=None)
         for name in names:
@@ -201,66 +199,31 @@ def _max_length(ce: Any) -> int | None:
 # -- the loaded model ---------------------------------------------------------------------------
 
 
-class OnnxCrossEncoder(RerankerModel):
+class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
     """A cached ONNX export in an onnxruntime session; see the module docstring."""
 
     def __init__(
         self,
-        session: Any,
-        tokenizer: Any,
-        meta: dict[str, Any],
-        *,
-        score_mode: str | None,
-        threads: int,
-        path: Path,
-    ) -> None:
-        self.session = session
-        self.tokenizer = tokenizer
-        self.meta = meta
-        self.device = "cpu"
-        self.dtype = "int8" if meta["mode"] == "int8" else "float32"
-        self.max_tokens = tokenizer.truncation["max_length"] if tokenizer.truncation else None
-        self.threads = threads
-        self.path = path
-        self._inputs = list(meta["inputs"])
-        self._prompt = meta.get("prompt") or ""
-        if score_mode is None:
-            score_mode = "sigmoid" if meta["activation"] == "sigmoid" else "raw"
-        self.score_mode = score_mode
-
-    @classmethod
-    def from_entry(
-        cls,
         entry: Path,
         *,
         threads: int,
         max_length: int | None = None,
         score_mode: str | None = None,
-    ) -> OnnxCrossEncoder:
-        """Open a cache entry; ``max_length`` overrides the model's own (None: the model's)."""
-        from tokenizers import Tokenizer
-
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-        tokenizer = Tokenizer.from_file(str(entry / "tokenizer.json"))
-        configure_tokenizer(tokenizer, meta, max_length or meta["max_length"])
-        session = open_session(entry / "model.onnx", threads)
-        return cls(session, tokenizer, meta, score_mode=score_mode, threads=threads, path=entry)
+    ) -> None:
+        """Open a published cache entry (see :class:`OnnxRuntimeModel`)."""
+        super().__init__(entry, threads=threads, max_length=max_length)
+        self._inputs = list(self.meta["inputs"])
+        self._prompt = self.meta.get("prompt") or ""
+        if score_mode is None:
+            score_mode = "sigmoid" if self.meta["activation"] == "sigmoid" else "raw"
+        self.score_mode = score_mode
 
     # -- two phases ------------------------------------------------------------------------
 
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
-        import numpy as np
-
-        pairs = [(self._prompt + str(q), str(p)) for q, p in items]
-        encodings = self.tokenizer.encode_batch(pairs)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        payload = {n: np.asarray(columns[n], dtype=np.int64) for n in self._inputs}
-        ids = payload["input_ids"]
-        return Prepared(payload, len(items), int(ids.size))
+        arrays = self.tokenize([(self._prompt + str(q), str(p)) for q, p in items])
+        payload = {n: arrays[n] for n in self._inputs}
+        return Prepared(payload, len(items), int(payload["input_ids"].size))
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         return self.session.run(["scores"], batch.payload)[0]
@@ -281,13 +244,6 @@ class OnnxCrossEncoder(RerankerModel):
             out.extend(self.finish(task, self.forward(task, self.prepare(task, chunk))))
         return out
 
-    def footprint_bytes(self) -> int | None:
-        return entry_bytes(self.path)
-
-    def close(self) -> None:
-        self.session = None
-        self.tokenizer = None
-
 
 # -- loader -----------------------------------------------------------------------------------
 
@@ -300,7 +256,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxCrossEncoder:
         spec,
         format_version=FORMAT_VERSION,
         export=_export,
-        open_entry=lambda entry: OnnxCrossEncoder.from_entry(
+        open_entry=lambda entry: OnnxCrossEncoder(
             entry, threads=threads, max_length=spec.max_length, score_mode=score_mode
         ),
         threads=threads,

@@ -39,14 +39,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, ModelLoadError
 from ._onnx_common import (
+    OnnxRuntimeModel,
     cached_entry,
     check_cpu_float32,
-    configure_tokenizer,
     default_threads,
-    entry_bytes,
     export_graph,
     fast_tokenizer_json,
-    open_session,
     publish_export,
     st_for_export,
     threads_for,
@@ -224,7 +222,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             opset=opset,
         )
         # Check token ids and vectors (with and without a prompt) before publishing anything.
-        runtime = OnnxSentenceTransformer.from_entry(tmp, threads=default_threads())
+        runtime = OnnxSentenceTransformer(tmp, threads=default_threads())
         for prompt in (None, "Represent this sentence for retrieval: "):
             task = Task("embed", prompt=prompt)  # a document: what encode_document does
             prepared = runtime.prepare(task, _PROBES)
@@ -261,60 +259,25 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
 # -- the loaded model ---------------------------------------------------------------------------
 
 
-class OnnxSentenceTransformer(EmbedderModel):
+class OnnxSentenceTransformer(OnnxRuntimeModel, EmbedderModel):
     """A cached ONNX export of a SentenceTransformer's encoder; see the module docstring."""
 
     def __init__(
         self,
-        session: Any,
-        tokenizer: Any,
-        meta: dict[str, Any],
-        *,
-        threads: int,
-        path: Path,
-        truncate_dim: int | None = None,
-        default_prompt_name: str | None = None,
-    ) -> None:
-        self.session = session
-        self.tokenizer = tokenizer
-        self.meta = meta
-        self.device = "cpu"
-        self.dtype = "int8" if meta["mode"] == "int8" else "float32"
-        self.max_tokens = tokenizer.truncation["max_length"] if tokenizer.truncation else None
-        self.threads = threads
-        self.path = path
-        self.truncate_dim = truncate_dim
-        self.prompts: dict[str, str] = dict(meta.get("prompts") or {})
-        self.default_prompt_name = default_prompt_name or meta.get("default_prompt_name")
-        self._feeds = [i.name for i in session.get_inputs()]
-        self._prompt_lengths: dict[str, int | None] = {}
-
-    @classmethod
-    def from_entry(
-        cls,
         entry: Path,
         *,
         threads: int,
         max_length: int | None = None,
         truncate_dim: int | None = None,
         default_prompt_name: str | None = None,
-    ) -> OnnxSentenceTransformer:
-        """Open a cache entry; ``max_length`` overrides the model's own (None: the model's)."""
-        from tokenizers import Tokenizer
-
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-        tokenizer = Tokenizer.from_file(str(entry / "tokenizer.json"))
-        configure_tokenizer(tokenizer, meta, max_length or meta["max_length"])
-        session = open_session(entry / "model.onnx", threads)
-        return cls(
-            session,
-            tokenizer,
-            meta,
-            threads=threads,
-            path=entry,
-            truncate_dim=truncate_dim,
-            default_prompt_name=default_prompt_name,
-        )
+    ) -> None:
+        """Open a published cache entry (see :class:`OnnxRuntimeModel`)."""
+        super().__init__(entry, threads=threads, max_length=max_length)
+        self.truncate_dim = truncate_dim
+        self.prompts: dict[str, str] = dict(self.meta.get("prompts") or {})
+        self.default_prompt_name = default_prompt_name or self.meta.get("default_prompt_name")
+        self._feeds = [i.name for i in self.session.get_inputs()]
+        self._prompt_lengths: dict[str, int | None] = {}
 
     @property
     def dimension(self) -> int:
@@ -362,17 +325,8 @@ class OnnxSentenceTransformer(EmbedderModel):
     # -- two phases ------------------------------------------------------------------------
 
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
-        import numpy as np
-
         prompt = self.resolve_prompt(task.is_query, task.prompt)
-        texts = [prompt + str(t) if prompt else str(t) for t in items]
-        encodings = self.tokenizer.encode_batch(texts)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        arrays = {n: np.asarray(columns[n], dtype=np.int64) for n in columns}
+        arrays = self.tokenize([prompt + str(t) if prompt else str(t) for t in items])
         feed = {n: arrays[n] for n in self._feeds}
         mask = arrays["attention_mask"]
         prompt_length = self._prompt_length(prompt) if prompt else None
@@ -394,13 +348,6 @@ class OnnxSentenceTransformer(EmbedderModel):
             vectors = _unit(vectors)
         rows: list[list[float]] = vectors.tolist()
         return rows
-
-    def footprint_bytes(self) -> int | None:
-        return entry_bytes(self.path)
-
-    def close(self) -> None:
-        self.session = None
-        self.tokenizer = None
 
 
 # -- loader -------------------------------------------------------------------------------------
@@ -424,7 +371,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxSentenceTransformer:
         spec,
         format_version=FORMAT_VERSION,
         export=_export,
-        open_entry=lambda entry: OnnxSentenceTransformer.from_entry(
+        open_entry=lambda entry: OnnxSentenceTransformer(
             entry,
             threads=threads,
             max_length=spec.max_length,
