@@ -293,11 +293,14 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def tmp_entry(cache: Path, key: str) -> Iterator[Path]:
-    """A scratch folder in the cache for one export, removed unless :func:`publish` moved it."""
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
+def tmp_entry(final: Path, tokenizer_json: str, meta: dict[str, Any]) -> Iterator[Path]:
+    """A scratch folder beside ``final`` for one export, holding the tokenizer and
+    ``meta.json`` already; removed unless :func:`publish` moved it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when published

@@ -39,7 +39,6 @@ the embedder backend (:mod:`.onnx_embedder`); this module holds what is the cros
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -148,9 +147,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             return self.model(dict(zip(names, tensors, strict=True)))["scores"]
 
     probes = [(prompt + q if prompt else q, p) for q, p in _PROBES]
-    with tmp_entry(final.parent, final.name) as tmp:
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    with tmp_entry(final, tokenizer_json, meta) as tmp:
         features = ce.preprocess(probes[:2], prompt=None)  # padded: the mask stays in the graph
         export_graph(
             _Scores(ce),

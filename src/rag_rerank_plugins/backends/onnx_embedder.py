@@ -31,7 +31,6 @@ session, ``finish`` pools and normalises.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -207,9 +206,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         def forward(self, *tensors: Any) -> Any:
             return self.module(dict(zip(names, tensors, strict=True)))["token_embeddings"]
 
-    with tmp_entry(final.parent, final.name) as tmp:
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    with tmp_entry(final, tokenizer_json, meta) as tmp:
         features = model.preprocess(_PROBES[:2])  # padded: the mask stays in the graph
         export_graph(
             _Tokens(transformer),
@@ -228,8 +225,9 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             prepared = runtime.prepare(task, _PROBES)
             resolved = runtime.resolve_prompt(False, prompt)
             reference = model.preprocess(_PROBES, prompt=resolved, task="document")
-            for name in names:
-                if not np.array_equal(prepared.payload[0][name], reference[name].numpy()):
+            feed, mask, _ = prepared.payload
+            for name, ids in {**feed, "attention_mask": mask}.items():
+                if not np.array_equal(ids, reference[name].numpy()):
                     raise ModelLoadError(
                         spec.model,
                         spec.backend,
