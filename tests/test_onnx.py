@@ -29,6 +29,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("sentence_transformers")
 
 from rag_rerank_plugins.backends import onnx as onnx_backend
+from rag_rerank_plugins.backends._onnx_common import publish
 
 SCIFACT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scifact"
 BACKEND = "onnx-cross-encoder"
@@ -280,7 +281,7 @@ def test_publish_keeps_the_winner_of_a_race(tmp_path: Path) -> None:
     loser = tmp_path / ".tmp-entry-x"
     loser.mkdir()
     (loser / "meta.json").write_text('{"loser": true}')
-    onnx_backend._publish(loser, final)
+    publish(loser, final)
     assert not loser.exists()
     assert (final / "meta.json").read_text() == "{}"
 
@@ -299,29 +300,42 @@ def test_fingerprint_follows_contents_of_small_files(tmp_path: Path) -> None:
 # -- missing extra ---------------------------------------------------------------------------
 
 
-def test_missing_onnxruntime_raises_missing_dependency_error(tiny_ce_path: str) -> None:
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SharedRerankCompressor(model={ce!r}, backend='onnx-cross-encoder')"
+        ".compress_documents([Document(page_content='p')], 'q')",
+        "SharedEmbeddings(model={minilm!r}, backend='onnx-sentence-transformers').embed_query('q')",
+    ],
+    ids=["cross-encoder", "embedder"],
+)
+def test_missing_onnxruntime_raises_missing_dependency_error(
+    call: str, tiny_ce_path: str, minilm_path: str
+) -> None:
+    """Both ONNX backends, through an adapter: the error names the extra to install."""
+    pytest.importorskip("langchain_core")
     code = textwrap.dedent(
-        f"""
+        """
         import importlib.abc, sys
 
         class _Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name == "onnxruntime" or name.startswith("onnxruntime."):
-                    raise ImportError(f"No module named {{name!r}} (blocked)", name=name)
+                    raise ImportError(f"No module named {name!r} (blocked)", name=name)
                 return None
 
         sys.meta_path.insert(0, _Block())
-        from rag_rerank_plugins import MissingDependencyError, ModelPool, ModelSpec
-        from rag_rerank_plugins.langchain import SharedRerankCompressor
+        from langchain_core.documents import Document
+        from rag_rerank_plugins import MissingDependencyError
+        from rag_rerank_plugins.langchain import SharedEmbeddings, SharedRerankCompressor
 
-        comp = SharedRerankCompressor(model={tiny_ce_path!r}, backend="onnx-cross-encoder")
         try:
-            ModelPool().score_pairs(comp.spec, [("q", "p")])
+            CALL
         except MissingDependencyError as exc:
             assert isinstance(exc, ImportError)
             print("OK", exc.extra, exc)
         """
-    )
+    ).replace("CALL", call.format(ce=tiny_ce_path, minilm=minilm_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("OK onnx ")

@@ -23,6 +23,7 @@ from .options import (
     FLAG_LLM_OPTIONS,
     FLAG_M3_OPTIONS,
     FLAG_RERANKER_OPTIONS,
+    ONNX_EMBEDDER_OPTIONS,
     ONNX_OPTIONS,
     REMOTE_OPTIONS,
     ST_EMBEDDER_OPTIONS,
@@ -126,6 +127,14 @@ _builtin(
     "rag_rerank_plugins.backends.st_embedder:load",
     "sentence-transformers SentenceTransformer (extra: st)",
     options=ST_EMBEDDER_OPTIONS,
+)
+_builtin(
+    "onnx-sentence-transformers",
+    "embedder",
+    "rag_rerank_plugins.backends.onnx_embedder:load",
+    "SentenceTransformer's encoder exported once to ONNX, run by onnxruntime (extra: onnx)",
+    options=ONNX_EMBEDDER_OPTIONS,
+    uses_torch=False,  # as onnx-cross-encoder: torch only for the one-time export
 )
 _builtin(
     "bi-encoder",

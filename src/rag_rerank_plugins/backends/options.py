@@ -17,6 +17,7 @@ __all__ = [
     "FLAG_M3_OPTIONS",
     "FLAG_RERANKER_OPTIONS",
     "HF_LOADING",
+    "ONNX_EMBEDDER_OPTIONS",
     "ONNX_OPTIONS",
     "REMOTE_OPTIONS",
     "ST_EMBEDDER_OPTIONS",
@@ -90,6 +91,9 @@ FLAG_LLM_OPTIONS = (
 )
 #: onnx.py: sentence-transformers loading options (used when exporting) and ours.
 ONNX_OPTIONS = ST_LOADING | {"score_mode", "quantize", "opset", "cache_dir", "intra_op_threads"}
+#: onnx_embedder.py: the same export and thread options, plus the sentence-transformers
+#: embedder's own truncate_dim and default_prompt_name (applied at run time, not exported).
+ONNX_EMBEDDER_OPTIONS = (ONNX_OPTIONS - {"score_mode"}) | {"truncate_dim", "default_prompt_name"}
 #: remote/settings.py: RemoteSettings.from_spec reads these.
 REMOTE_OPTIONS = frozenset(
     {

@@ -1,0 +1,530 @@
+"""What the ONNX Runtime backends share: the export cache, the thread policy, sessions, tokenizers.
+
+``onnx.py`` (cross-encoder) and ``onnx_embedder.py`` (sentence-transformers embedder) differ only
+in what they export and how they turn the graph's outputs into results; everything else lives
+here so the two can never drift apart:
+
+* **The export cache.** One entry per (model files, mode, opset, format version, extra key) under
+  ``RAG_RERANK_ONNX_CACHE`` or option ``cache_dir`` (default ``~/.cache/rag-rerank-plugins/onnx``).
+  :func:`model_fingerprint` hashes every file of the model folder (path, size and mtime; the full
+  contents of files under 4 MiB), so a changed model exports again and an unchanged one is reused
+  by every later process. Entries are written in a temporary folder (:func:`tmp_entry`) and renamed
+  into place (:func:`publish`): concurrent processes never see half an export.
+* **Threads** (:func:`threads_for`): option ``intra_op_threads``, else ``RAG_RERANK_ORT_THREADS``,
+  else the physical cores this process may use; one inter-op thread; spinning off, so an idle
+  model does not burn the cores of a shared box (:func:`open_session`).
+* **Checks every ONNX backend makes at load** (:func:`check_cpu_float32`): CPU only, float32 or
+  int8 (onnxruntime's CPU provider has no fast FP16/BF16 matmuls on x86).
+* **Tokenizers** (:func:`configure_tokenizer`): the exported ``tokenizer.json`` run by
+  ``tokenizers`` with the truncation and padding the export recorded, so loading a cached entry
+  never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._cpu import usable_cores
+from ..exceptions import ConfigurationError, MissingDependencyError, ModelLoadError
+from ._torch_common import import_optional, loading_errors
+from .options import ST_LOADING
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
+
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_OPSET",
+    "QUANTIZE_MODES",
+    "THREADS_ENV",
+    "cached_entry",
+    "check_cpu_float32",
+    "configure_tokenizer",
+    "default_cache_dir",
+    "default_threads",
+    "entry_bytes",
+    "entry_key",
+    "export_count",
+    "export_graph",
+    "fast_tokenizer_json",
+    "model_dir",
+    "model_fingerprint",
+    "mode_of",
+    "note_export",
+    "OnnxRuntimeModel",
+    "open_session",
+    "opset_of",
+    "publish",
+    "publish_export",
+    "quantize_int8",
+    "st_for_export",
+    "threads_for",
+    "tmp_entry",
+    "tokenizer_meta",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable: where exports are cached (option ``cache_dir`` wins).
+CACHE_ENV = "RAG_RERANK_ONNX_CACHE"
+#: Environment variable: onnxruntime intra-op threads (option ``intra_op_threads`` wins).
+THREADS_ENV = "RAG_RERANK_ORT_THREADS"
+DEFAULT_OPSET = 17
+QUANTIZE_MODES = ("int8",)
+#: Files under this size are hashed by content; larger ones (weights) by size and mtime.
+_HASH_CONTENT_BELOW = 4 * 1024 * 1024
+
+_exports = 0
+_exports_lock = threading.Lock()
+
+
+def export_count() -> int:
+    """How many exports this process has run, every ONNX backend together (a cached entry
+    reused does not count)."""
+    return _exports
+
+
+def note_export() -> None:
+    """Count one finished export (tests and logs tell a reuse from a re-export by it)."""
+    global _exports
+    with _exports_lock:
+        _exports += 1
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """Physical cores this process may run on (affinity mask, SMT siblings once, cgroup quota):
+    more intra-op threads than cores only adds contention."""
+    return usable_cores()
+
+
+def threads_for(spec: ModelSpec) -> int:
+    """Intra-op threads: option ``intra_op_threads``, else the environment, else
+    :func:`default_threads`."""
+    value = spec.option("intra_op_threads")
+    source = "intra_op_threads"
+    if value is None:
+        value = os.environ.get(THREADS_ENV) or None
+        source = THREADS_ENV
+    if value is None:
+        return default_threads()
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{source} must be a positive integer, got {value!r}.") from None
+    if threads <= 0 or isinstance(value, bool):
+        raise ConfigurationError(f"{source} must be a positive integer, got {value!r}.")
+    return threads
+
+
+def open_session(path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session with this package's thread policy (see the module docstring)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle worker threads sleep instead of spinning: a model between requests costs no CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# -- options every ONNX backend checks --------------------------------------------------------
+
+
+def check_cpu_float32(spec: ModelSpec, fallback: str) -> None:
+    """Refuse what onnxruntime's CPU provider cannot do well, before anything is exported.
+
+    ``fallback`` names the torch backend to use instead (in the messages). The extras are
+    checked first, so a missing onnxruntime is reported as such whatever else is wrong.
+    """
+    import_optional("onnxruntime", "onnxruntime", "onnx", f"The {spec.backend!r} backend")
+    import_optional("tokenizers", "tokenizers", "onnx", f"The {spec.backend!r} backend")
+    if spec.device != "cpu":
+        raise ConfigurationError(
+            f"The {spec.backend!r} backend runs on the CPU (onnxruntime's CPU provider); "
+            f"device={spec.device!r} was requested. Use device='cpu' or 'auto', or "
+            f"backend={fallback!r} on a GPU."
+        )
+    if spec.dtype != "float32":
+        raise ConfigurationError(
+            f"dtype={spec.dtype!r}: onnxruntime's CPU provider has no fast FP16/BF16 matmuls "
+            "on x86, so the ONNX backends run float32 (dtype='float32' or 'auto'), or int8 with "
+            "model_kwargs={'quantize': 'int8'}."
+        )
+
+
+def mode_of(spec: ModelSpec) -> str:
+    """``"float32"`` or a member of :data:`QUANTIZE_MODES`, from option ``quantize``."""
+    mode = spec.option("quantize")
+    if mode is None:
+        return "float32"
+    if mode not in QUANTIZE_MODES:
+        raise ConfigurationError(f"quantize={mode!r} is not supported; use 'int8' or leave it out.")
+    return str(mode)
+
+
+def opset_of(spec: ModelSpec) -> int:
+    """Option ``opset`` (default 17), checked: the exporter supports 14 to 21."""
+    opset = spec.option("opset", DEFAULT_OPSET)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 14 <= opset <= 21:
+        raise ConfigurationError(f"opset must be an int from 14 to 21, got {opset!r}.")
+    return opset
+
+
+# -- the export cache -------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rag-rerank-plugins" / "onnx"
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over the model folder's files: relative path, size and mtime of each, and the
+    contents of the small ones (config, tokenizer). Hidden folders (.git, .cache) are skipped."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in model_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
+    )
+    for path in files:
+        stat = path.stat()  # follows hub-cache symlinks to the blob
+        digest.update(f"{path.relative_to(model_dir).as_posix()}\0{stat.st_size}\0".encode())
+        if stat.st_size < _HASH_CONTENT_BELOW:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def model_dir(spec: ModelSpec) -> Path:
+    """The local folder holding the model's files (a hub name: its snapshot)."""
+    if spec.is_local_path:
+        path = Path(spec.model).resolve()
+        return path if path.is_dir() else path.parent
+    from huggingface_hub import snapshot_download
+
+    local_only = bool(spec.option("local_files_only", False)) or os.environ.get(
+        "HF_HUB_OFFLINE", ""
+    ).strip().lower() in ("1", "true", "yes")
+    return Path(
+        snapshot_download(
+            spec.model,
+            revision=spec.option("revision"),
+            cache_dir=spec.option("cache_folder"),
+            local_files_only=local_only,
+            # What sentence-transformers reads (module configs live in subfolders as *.json);
+            # a repo's onnx/, openvino/ or .bin duplicates stay remote.
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"],
+        )
+    )
+
+
+def entry_key(fingerprint: str, mode: str, opset: int, *, format_version: int, **extra: str) -> str:
+    """The cache entry's name. ``extra`` separates backends exporting the same folder (the
+    cross-encoder passes none, so its keys are those of every earlier release)."""
+    payload = json.dumps(
+        {"format": format_version, "model": fingerprint, "mode": mode, "opset": opset, **extra},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished entry into place; if another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tmp_entry(final: Path, tokenizer_json: str, meta: dict[str, Any]) -> Iterator[Path]:
+    """A scratch folder beside ``final`` for one export, holding the tokenizer and
+    ``meta.json`` already; removed unless :func:`publish` moved it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+
+
+def cached_entry(
+    spec: ModelSpec,
+    *,
+    format_version: int,
+    export: Callable[[ModelSpec, Path, Path, str, int], None],
+    open_entry: Callable[[Path], Any],
+    threads: int,
+    **extra: str,
+) -> Any:
+    """The loaded model for ``spec``, from its cache entry, exported first when missing.
+
+    ``export(spec, model_dir, entry, mode, opset)`` writes and publishes the entry; ``open_entry``
+    opens a published one. A damaged entry raises :class:`ModelLoadError` naming its folder, so
+    the user knows what to delete.
+    """
+    mode = mode_of(spec)
+    opset = opset_of(spec)
+    cache = Path(spec.option("cache_dir") or default_cache_dir()).expanduser()
+    with loading_errors(spec):
+        folder = model_dir(spec)
+        key = entry_key(
+            model_fingerprint(folder), mode, opset, format_version=format_version, **extra
+        )
+        entry = cache / key
+        if not (entry / "meta.json").exists():
+            export(spec, folder, entry, mode, opset)
+        try:
+            model = open_entry(entry)
+        except (MissingDependencyError, ConfigurationError):
+            raise
+        except Exception as exc:  # a damaged entry: say where it is, so it can be deleted
+            raise ModelLoadError(
+                spec.model, spec.backend, f"cached ONNX export {entry} cannot be loaded: {exc}"
+            ) from exc
+    logger.info(
+        "rag-rerank: onnxruntime %s for %s: %d intra-op thread(s), 1 inter-op, spinning off "
+        "(export %s)",
+        mode,
+        spec.model,
+        threads,
+        entry,
+    )
+    return model
+
+
+def entry_bytes(entry: Path) -> int:
+    """The ONNX graph's size on disk (with external weights): a fair proxy for what
+    onnxruntime holds (its arena grows with batch shapes, on top)."""
+    try:
+        return sum(
+            f.stat().st_size
+            for f in entry.iterdir()
+            if f.is_file() and (f.suffix == ".onnx" or f.name.endswith(".onnx_data"))
+        )
+    except OSError:
+        return 0
+
+
+def st_for_export(spec: ModelSpec, folder: Path, class_name: str) -> Any:
+    """The sentence-transformers model (``CrossEncoder``, ``SentenceTransformer``) to export:
+    float32 on the CPU, in eval mode. Needs the ``st`` extra; only exports do."""
+    st = import_optional(
+        "sentence_transformers",
+        "sentence-transformers",
+        "st",
+        f"Exporting {spec.model!r} to ONNX (once; a cached export needs only onnxruntime)",
+    )
+    from .st_cross_encoder import model_kwargs_for
+
+    loading = {k: spec.option(k) for k in sorted(ST_LOADING) if spec.option(k) is not None}
+    with loading_errors(spec):
+        model = getattr(st, class_name)(
+            str(folder) if spec.is_local_path else spec.model,
+            device="cpu",
+            model_kwargs=model_kwargs_for("float32"),
+            **loading,
+        )
+    model.eval()
+    return model
+
+
+def publish_export(spec: ModelSpec, tmp: Path, final: Path, started: float) -> None:
+    """Publish a checked export, count it and log what it cost."""
+    publish(tmp, final)
+    note_export()
+    meta = json.loads((final / "meta.json").read_text(encoding="utf-8"))
+    logger.info(
+        "rag-rerank: exported %s to ONNX (%s, opset %d) in %.1fs: %s",
+        spec.model,
+        meta["mode"],
+        meta["opset"],
+        time.perf_counter() - started,
+        final,
+    )
+
+
+def fast_tokenizer_json(spec: ModelSpec, tokenizer: Any, fallback: str) -> str:
+    """The Rust tokenizer's JSON, which the ONNX backends run without transformers."""
+    backend_tok = getattr(tokenizer, "backend_tokenizer", None)
+    if backend_tok is None:
+        raise ConfigurationError(
+            f"{spec.model!r} has no fast (Rust) tokenizer, which the ONNX backends run without "
+            f"transformers; use backend={fallback!r}."
+        )
+    return str(backend_tok.to_str())
+
+
+def export_graph(
+    module: Any,
+    args: tuple[Any, ...],
+    folder: Path,
+    *,
+    inputs: list[str],
+    output: str,
+    output_axes: dict[int, str],
+    mode: str,
+    opset: int,
+) -> None:
+    """``module(*args)`` to ``folder/model.onnx`` (TorchScript exporter; dynamic batch and
+    sequence axes on every input), quantized when ``mode`` is int8. ``args`` must be a padded
+    batch, or the traced graph may drop the attention mask."""
+    import warnings
+
+    import torch
+
+    fp32 = folder / ("model.onnx" if mode == "float32" else "model-fp32.onnx")
+    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    axes[output] = output_axes
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(fp32),
+            input_names=inputs,
+            output_names=[output],
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    if mode == "int8":
+        quantize_int8(fp32, folder / "model.onnx")
+        fp32.unlink()
+        for extra in folder.glob("*.data"):
+            extra.unlink()
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8: int8 per-channel weights for every MatMul, activations quantized per pass."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quant_logger = logging.getLogger()  # it warns on the root logger about pre-processing
+    level = quant_logger.level
+    quant_logger.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=source.stat().st_size > 1_800_000_000,
+        )
+    finally:
+        quant_logger.setLevel(level)
+
+
+# -- tokenizers -------------------------------------------------------------------------------
+
+
+def tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
+    """What :func:`configure_tokenizer` needs from a Hugging Face tokenizer, for ``meta.json``."""
+    return {
+        "truncation_side": tokenizer.truncation_side,
+        "padding_side": tokenizer.padding_side,
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_type_id": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+    }
+
+
+def configure_tokenizer(tokenizer: Any, meta: dict[str, Any], max_length: int | None) -> Any:
+    """Truncation (``max_length``; None: none) and batch padding as the export recorded them,
+    so ``encode_batch`` returns what the Hugging Face tokenizer call returned at export."""
+    if max_length:
+        tokenizer.enable_truncation(
+            int(max_length), strategy="longest_first", direction=meta["truncation_side"]
+        )
+    else:
+        tokenizer.no_truncation()
+    tokenizer.enable_padding(
+        direction=meta["padding_side"],
+        pad_id=int(meta["pad_token_id"] or 0),
+        pad_type_id=int(meta["pad_token_type_id"]),
+        pad_token=meta["pad_token"] or "[PAD]",
+    )
+    return tokenizer
+
+
+# -- what both loaded models hold -------------------------------------------------------------
+
+
+class OnnxRuntimeModel:
+    """Mixin for the ONNX backends' loaded models: a published cache entry opened (its
+    ``meta.json``, its tokenizer with the recorded truncation and padding, an onnxruntime session
+    with the thread policy), tokenising, the footprint and release. Listed before the protocol
+    base class (``RerankerModel``, ``EmbedderModel``) so these methods win."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_tokens: int | None = None
+    session: Any
+    tokenizer: Any
+
+    def __init__(self, entry: Path, *, threads: int, max_length: int | None = None) -> None:
+        """``max_length`` overrides the model's own truncation length (None: the model's)."""
+        from tokenizers import Tokenizer
+
+        self.meta: dict[str, Any] = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        self.tokenizer = configure_tokenizer(
+            Tokenizer.from_file(str(entry / "tokenizer.json")),
+            self.meta,
+            max_length or self.meta["max_length"],
+        )
+        self.session = open_session(entry / "model.onnx", threads)
+        self.dtype = "int8" if self.meta["mode"] == "int8" else "float32"
+        truncation = self.tokenizer.truncation
+        self.max_tokens = int(truncation["max_length"]) if truncation else None
+        self.threads = threads
+        self.path = entry
+
+    def tokenize(self, inputs: list[Any]) -> dict[str, Any]:
+        """int64 arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` for texts or
+        (text, text) pairs, padded to the batch's longest."""
+        import numpy as np
+
+        encodings = self.tokenizer.encode_batch(inputs)
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        return {name: np.asarray(rows, dtype=np.int64) for name, rows in columns.items()}
+
+    def footprint_bytes(self) -> int | None:
+        return entry_bytes(self.path)
+
+    def close(self) -> None:
+        self.session = None
+        self.tokenizer = None
