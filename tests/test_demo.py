@@ -109,6 +109,9 @@ def test_cli_info_returns_zero(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "rag-rerank-plugins" in out
     assert "dtype 'auto'" in out
+    # The thread policy of both runtimes (issue 12), as the engine would apply it.
+    assert "device worker(s) x" in out
+    assert "intra-op thread(s) per session, 1 inter-op, spinning off" in out
     for backend in ("cross-encoder", "bi-encoder", "sentence-transformers", "fake-reranker"):
         assert backend in out
     assert MINILM in out

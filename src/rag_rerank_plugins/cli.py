@@ -310,6 +310,32 @@ def _version_of(distribution: str) -> str | None:
         return None
 
 
+def _info_threads(row: Callable[[str, str], None]) -> None:
+    """The thread policy of both runtimes, as models loaded now would get it."""
+    import os
+
+    from ._cpu import usable_cores
+    from .engine_config import EngineConfig
+
+    row("cpu cores usable", f"{usable_cores()} (affinity mask, SMT siblings once, cgroup quota)")
+    try:
+        workers, threads = EngineConfig.from_env().cpu_device_workers()
+    except Exception as exc:  # a bad RAG_RERANK_* value must not hide the rest of `info`
+        row("torch on cpu", f"cannot read the engine settings: {exc}")
+    else:
+        row(
+            "torch on cpu",
+            f"{workers} device worker(s) x {threads} intra-op thread(s) per model "
+            "(RAG_RERANK_CPU_WORKERS, RAG_RERANK_TORCH_THREADS)",
+        )
+    ort_threads = os.environ.get("RAG_RERANK_ORT_THREADS") or str(usable_cores())
+    row(
+        "onnxruntime",
+        f"{ort_threads} intra-op thread(s) per session, 1 inter-op, spinning off "
+        "(RAG_RERANK_ORT_THREADS or option intra_op_threads)",
+    )
+
+
 def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     from . import __version__
     from .backends import available_backends
@@ -354,6 +380,8 @@ def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     else:
         row("device 'auto'", device)
         row(f"dtype 'auto' on {device}", f"{decision.dtype} ({decision.reason})")
+
+    _info_threads(row)
 
     out("backends:")
     backends = available_backends()
