@@ -239,6 +239,9 @@ def warm_variants(native_bf16: bool) -> dict[str, dict[str, Any]]:
     """
     variants: dict[str, dict[str, Any]] = {
         "ours": {},
+        # The engine before parallel CPU device workers: one pass at a time on every core,
+        # 4096-token passes (the CPU default until then). Same dtype as "ours".
+        "ours_one_worker": {"engine": {"cpu_workers": 1, "token_budget": 4096}},
         "ours_float32": {"dtype": "float32"},
         "ours_int8": {"dtype": "float32", "model_kwargs": {"quantize": "int8"}},
     }
@@ -262,6 +265,7 @@ def onnx_available() -> bool:
 
 def scenario_warm(model: Path, reps: int, native_bf16: bool) -> dict[str, Any]:
     from rag_rerank_plugins import ModelPool
+    from rag_rerank_plugins.engine_config import EngineConfig
     from rag_rerank_plugins.policy import decide_dtype
 
     passages = mixed_passages(50, seed=2)
@@ -272,9 +276,13 @@ def scenario_warm(model: Path, reps: int, native_bf16: bool) -> dict[str, Any]:
         "langchain_cached": lc_anchor_factory(model)(),
         "llama_index_cached": li_anchor_factory(model)(),
     }
+    extra_pools: list[Any] = []
     for name, kw in warm_variants(native_bf16).items():
         if name != "ours":
-            systems[name] = ours_factory(model, pool, **kw)()
+            engine = kw.pop("engine", None)
+            own = ModelPool(config=EngineConfig(**engine)) if engine else pool
+            extra_pools.append(own)
+            systems[name] = ours_factory(model, own, **kw)()
     times: dict[str, list[float]] = {name: [] for name in systems}
     for system in systems.values():  # warm-up
         run_request(system, docs[:4], nodes[:4], QUERY)
@@ -293,7 +301,8 @@ def scenario_warm(model: Path, reps: int, native_bf16: bool) -> dict[str, Any]:
     decision = decide_dtype("auto", "cpu")
     result["ours"]["dtype"] = stats["dtype"]
     result["policy"] = {"dtype": decision.dtype, "reason": decision.reason}
-    pool.clear()
+    for other in (pool, *extra_pools):
+        other.clear()
     return result
 
 
