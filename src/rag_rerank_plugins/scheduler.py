@@ -172,6 +172,12 @@ class _Batch:
     def items(self) -> list[Any]:
         return [work.items[index] for work, index in self.entries]
 
+    def measure(self, prepared: Prepared) -> None:
+        """Token counts of the pass: the tokenizer's when prepare reported them."""
+        self.padded = prepared.padded_tokens or self.padded_estimate
+        self.real = prepared.real_tokens or self.real_estimate
+        self.real_measured = bool(prepared.real_tokens)
+
     @property
     def padded_estimate(self) -> int:
         lengths = [work.lengths[index] for work, index in self.entries]
@@ -330,13 +336,12 @@ class Scheduler:
 
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            model = self._model_or_raise()
             if self._config.pipeline and self._prepare_pool is None:
-                model = self._model_or_raise()
                 workers = self._config.prepare_workers if model.concurrent_prepare else 1
                 self._prepare_pool = ThreadPoolExecutor(
                     workers, thread_name_prefix=f"rag-rerank-prepare[{self._name}]"
                 )
-            model = self._model_or_raise()
             if model.parallel_forward and model.device == "cpu" and self._device_pool is None:
                 workers, threads = self._config.cpu_device_workers()
                 if workers > 1:
@@ -571,9 +576,7 @@ class Scheduler:
                 if not self._model_or_raise().is_oom(exc):
                     raise
                 raise _OutOfMemory from None  # drop the failed pass's traceback and frames
-            batch.padded = prepared.padded_tokens or batch.padded_estimate
-            batch.real = prepared.real_tokens or batch.real_estimate
-            batch.real_measured = bool(prepared.real_tokens)
+            batch.measure(prepared)
             return True
         except _OutOfMemory:
             pass  # handled below, outside every except block
@@ -622,9 +625,7 @@ class Scheduler:
                 raise
             return None
         batch.device_seconds += time.perf_counter() - start
-        batch.padded = prepared.padded_tokens or batch.padded_estimate
-        batch.real = prepared.real_tokens or batch.real_estimate
-        batch.real_measured = bool(prepared.real_tokens)
+        batch.measure(prepared)
         return results
 
     def _settle(self, inflight: dict[Future[Any], _Batch], keep: int) -> None:
@@ -710,8 +711,7 @@ class Scheduler:
                 prepared = self._prepare(batch.task, batch.items)
                 start = time.perf_counter()
                 pending = model.forward(batch.task, prepared)
-                batch.padded = prepared.padded_tokens or batch.padded_estimate
-                batch.real = prepared.real_tokens or batch.real_estimate
+                batch.measure(prepared)
                 results = model.finish(batch.task, pending)
                 batch.device_seconds = time.perf_counter() - start
                 del pending, prepared
