@@ -246,16 +246,22 @@ def test_cross_encoder_tokenises_in_several_threads_and_still_equals_predict(
 
 
 class _CpuParallel(_Timed):
-    """A CPU model whose passes may run at once; records the threads each worker was given."""
+    """A CPU model whose passes may run at once; records the threads each pass ran with."""
 
     def __init__(self, forward_s: float) -> None:
         super().__init__(prepare_s=0.0, forward_s=forward_s)
         self.device = "cpu"
         self.parallel_forward = True
-        self.bound: dict[str, int] = {}
+        self._bound = threading.local()
+        self.pass_threads: list[int | None] = []
 
     def bind_worker_thread(self, threads: int) -> None:
-        self.bound[threading.current_thread().name] = threads
+        self._bound.threads = threads
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        with self._lock:
+            self.pass_threads.append(getattr(self._bound, "threads", None))
+        return super().forward(task, batch)
 
 
 def test_cpu_models_run_passes_on_parallel_device_workers_with_a_share_of_the_cores() -> None:
@@ -271,8 +277,18 @@ def test_cpu_models_run_passes_on_parallel_device_workers_with_a_share_of_the_co
     assert len(model.forward_threads) == 2
     workers, threads = config.cpu_device_workers()
     assert workers == 2
-    assert set(model.bound) == model.forward_threads, "each worker bound once, before its passes"
-    assert set(model.bound.values()) == {threads}
+    assert threads in model.pass_threads, "passes that run together share the cores"
+    assert None not in model.pass_threads, "every pass ran with a thread count set for it"
+    pool.clear()
+
+
+def test_a_lone_pass_on_the_parallel_cpu_workers_gets_every_core() -> None:
+    model = _CpuParallel(forward_s=0.001)
+    config = EngineConfig(max_batch_size=8, cpu_workers=2)
+    pool = ModelPool(config=config)
+    spec = _register(model)
+    assert pool.score_pairs(spec, _pairs(3)) == FakeReranker().score_pairs(_pairs(3), 3)
+    assert model.pass_threads == [config.cpu_threads()], "one small request: one pass, all cores"
     pool.clear()
 
 

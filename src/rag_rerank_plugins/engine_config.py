@@ -113,15 +113,18 @@ class EngineConfig(ConfigModel):
             return self.token_budget
         return 1024 if device == "cpu" else 16384
 
-    def cpu_device_workers(self) -> tuple[int, int]:
-        """(device workers, torch threads each) for a CPU model that allows parallel passes.
-
-        The threads to share are the usable physical cores, or ``RAG_RERANK_TORCH_THREADS``
-        when set (the process's torch thread budget)."""
+    def cpu_threads(self) -> int:
+        """Compute threads the CPU models' passes share: ``RAG_RERANK_TORCH_THREADS`` when set
+        (the process's torch thread budget), else the usable physical cores."""
         from ._cpu import usable_cores
 
         env = os.environ.get("RAG_RERANK_TORCH_THREADS", "").strip()
-        total = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+        return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+
+    def cpu_device_workers(self) -> tuple[int, int]:
+        """(device workers, torch threads each when all are busy) for a CPU model that allows
+        parallel passes."""
+        total = self.cpu_threads()
         workers = self.cpu_workers if self.cpu_workers is not None else min(total, 8)
         return workers, max(1, total // workers)
 

@@ -25,8 +25,9 @@ future. Two kinds of threads serve one model:
   **parallel device workers** (``EngineConfig.cpu_workers``, default one per usable core): the
   worker hands whole passes to them instead of running them itself, each with its share of the
   cores as torch threads. Small matmuls spread over every core spend their time waiting for each
-  other; one pass per core does not (MiniLM-L6, 2 cores: 1.7x). Results are still delivered by
-  the worker alone, and an out-of-memory pass is split after the other passes have finished.
+  other; one pass per core does not (MiniLM-L6, 2 cores: 1.7x). A lone pass (a small request on
+  an idle model) still gets every core. Results are still delivered by the worker alone, and an
+  out-of-memory pass is split after the other passes have finished.
 
 Out of memory: the failed pass is dropped *before* anything is retried. The exception, its
 traceback and the frames holding the pass's activations are released (we leave the ``except``
@@ -220,6 +221,8 @@ class Scheduler:
         #: thread runs every pass itself.
         self._device_pool: ThreadPoolExecutor | None = None
         self._device_workers = 1
+        self._device_threads = 1  # torch threads the parallel workers share
+        self._worker_threads = threading.local()  # threads each device worker runs with now
         self._aging_s = config.bulk_aging_ms / 1000
         #: Interactive requests queued and not yet taken (read by the worker without the lock).
         self._interactive_waiting = 0
@@ -346,11 +349,9 @@ class Scheduler:
                 workers, threads = self._config.cpu_device_workers()
                 if workers > 1:
                     self._device_workers = workers
+                    self._device_threads = max(threads, self._config.cpu_threads())
                     self._device_pool = ThreadPoolExecutor(
-                        workers,
-                        thread_name_prefix=f"rag-rerank-device[{self._name}]",
-                        initializer=model.bind_worker_thread,
-                        initargs=(threads,),
+                        workers, thread_name_prefix=f"rag-rerank-device[{self._name}]"
                     )
             self._thread = threading.Thread(
                 target=self._loop, name=f"rag-rerank-worker[{self._name}]", daemon=True
@@ -406,7 +407,11 @@ class Scheduler:
                 continue
             batch = ahead.popleft()
             if self._device_pool is not None:
-                inflight[self._device_pool.submit(self._run_pass, batch)] = batch
+                # Passes that will share the cores: a lone pass (a small request on an idle
+                # model) gets all of them, as one worker would; a full house gets one share each.
+                sharing = min(self._device_workers, len(inflight) + 1 + len(ahead) + len(formed))
+                threads = max(1, self._device_threads // sharing)
+                inflight[self._device_pool.submit(self._run_pass, batch, threads)] = batch
                 self._settle(inflight, keep=self._device_workers - 1)
                 continue
             launched = self._launch(batch)
@@ -608,15 +613,19 @@ class Scheduler:
         self._record(batch)
         self._deliver(batch.entries, results)
 
-    def _run_pass(self, batch: _Batch) -> list[Any] | None:
-        """One whole pass on a parallel CPU device worker; None when it ran out of memory (the
-        failed pass's exception and frames are already gone when this returns)."""
+    def _run_pass(self, batch: _Batch, threads: int) -> list[Any] | None:
+        """One whole pass on a parallel CPU device worker, with ``threads`` compute threads;
+        None when it ran out of memory (the failed pass's exception and frames are already gone
+        when this returns)."""
         prepared = (
             batch.prepared.result()
             if batch.prepared is not None
             else self._prepare(batch.task, batch.items)
         )
         model = self._model_or_raise()
+        if getattr(self._worker_threads, "threads", None) != threads:
+            model.bind_worker_thread(threads)
+            self._worker_threads.threads = threads
         start = time.perf_counter()
         try:
             results = model.finish(batch.task, model.forward(batch.task, prepared))

@@ -167,9 +167,10 @@ class LoadedModel(ABC):
         return is_out_of_memory(exc)
 
     def bind_worker_thread(self, threads: int) -> None:
-        """Called once on each CPU device worker thread (see ``parallel_forward``) before its
-        first pass: run this thread's passes with ``threads`` compute threads. The default does
-        nothing; torch backends set the thread's own intra-op thread count."""
+        """Called on a CPU device worker thread (see ``parallel_forward``) before a pass whose
+        thread count differs from its last one: run this thread's passes with ``threads``
+        compute threads (a lone pass gets every core, passes that run together share them). The
+        default does nothing; torch backends set the thread's own intra-op thread count."""
         return None
 
     def free_cache(self) -> None:
