@@ -418,3 +418,12 @@ def test_no_import_circle_between_the_engine_and_the_backends() -> None:
 
     circles = sorted(m for m in scope if reaches(m, m))
     assert not circles, f"import circles through {circles}"
+
+
+def test_cpu_workers_share_the_torch_threads_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAG_RERANK_TORCH_THREADS", "6")
+    assert EngineConfig(cpu_workers=3).cpu_device_workers() == (3, 2)
+    assert EngineConfig().cpu_threads() == 6
+    monkeypatch.setenv("RAG_RERANK_TORCH_THREADS", "many")
+    with pytest.raises(ValueError, match="RAG_RERANK_TORCH_THREADS"):
+        EngineConfig().cpu_threads()

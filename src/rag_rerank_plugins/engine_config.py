@@ -16,7 +16,6 @@ Both are sections of the one configuration (:mod:`rag_rerank_plugins._config`): 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -117,9 +116,10 @@ class EngineConfig(ConfigModel):
         """Compute threads the CPU models' passes share: ``RAG_RERANK_TORCH_THREADS`` when set
         (the process's torch thread budget), else the usable physical cores."""
         from ._cpu import usable_cores
+        from .policy import requested_torch_threads
 
-        env = os.environ.get("RAG_RERANK_TORCH_THREADS", "").strip()
-        return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+        requested = requested_torch_threads()
+        return requested if requested is not None and requested > 0 else usable_cores()
 
     def cpu_device_workers(self) -> tuple[int, int]:
         """(device workers, torch threads each when all are busy) for a CPU model that allows

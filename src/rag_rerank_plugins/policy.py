@@ -21,6 +21,7 @@ from .spec import ModelSpec
 __all__ = [
     "DtypeDecision",
     "configure_torch_threads",
+    "requested_torch_threads",
     "cpu_has_native_bf16",
     "decide_dtype",
     "resolve_device",
@@ -160,6 +161,18 @@ def resolve_spec(spec: ModelSpec, uses_torch: bool = True) -> tuple[ModelSpec, D
     return spec.with_options(device=device, dtype=decision.dtype, model=model), decision
 
 
+def requested_torch_threads() -> int | None:
+    """The torch thread count asked for with ``RAG_RERANK_TORCH_THREADS``; None when unset.
+    The one parser of that variable (the loader and the CPU device workers both read it)."""
+    env = os.environ.get(THREADS_ENV)
+    if not env:
+        return None
+    try:
+        return int(env)
+    except ValueError:
+        raise ConfigurationError(f"{THREADS_ENV} must be an integer, got {env!r}.") from None
+
+
 def configure_torch_threads(num_threads: int | None = None) -> None:
     """Set torch's intra-op thread count once per process (``RAG_RERANK_TORCH_THREADS``).
 
@@ -167,13 +180,9 @@ def configure_torch_threads(num_threads: int | None = None) -> None:
     when asked for; torch's default is left alone otherwise.
     """
     if num_threads is None:
-        env = os.environ.get(THREADS_ENV)
-        if not env:
+        num_threads = requested_torch_threads()
+        if num_threads is None:
             return
-        try:
-            num_threads = int(env)
-        except ValueError:
-            raise ConfigurationError(f"{THREADS_ENV} must be an integer, got {env!r}.") from None
     if num_threads <= 0:
         raise ConfigurationError(f"torch thread count must be positive, got {num_threads}.")
     if "torch" not in sys.modules and not torch_available():

@@ -346,10 +346,10 @@ class Scheduler:
                     workers, thread_name_prefix=f"rag-rerank-prepare[{self._name}]"
                 )
             if model.parallel_forward and model.device == "cpu" and self._device_pool is None:
-                workers, threads = self._config.cpu_device_workers()
+                workers, _ = self._config.cpu_device_workers()
                 if workers > 1:
                     self._device_workers = workers
-                    self._device_threads = max(threads, self._config.cpu_threads())
+                    self._device_threads = self._config.cpu_threads()
                     self._device_pool = ThreadPoolExecutor(
                         workers, thread_name_prefix=f"rag-rerank-device[{self._name}]"
                     )
