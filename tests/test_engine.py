@@ -55,14 +55,20 @@ def _pool(**config: Any) -> ModelPool:
 # -- out of memory --------------------------------------------------------------------------------
 
 
+def _model_with_room_for(items: int, layers: int) -> tuple[SimulatedDevice, SimulatedReranker]:
+    """A simulated device with room for the activations of ``items`` of :func:`_pairs` across
+    all ``layers``, and a model on it."""
+    one = SimulatedReranker()._padded(_pairs(1))  # padded tokens of one item
+    device = SimulatedDevice(capacity_bytes=layers * items * one * 1000)
+    return device, SimulatedReranker(device, bytes_per_token=1000, layers=layers)
+
+
 def test_a_real_oom_is_freed_before_the_split_and_the_request_succeeds() -> None:
     pairs = _pairs(16)
     one = SimulatedReranker()._padded(pairs[:1])  # padded tokens of one item
-    layers, per_token = 4, 1000
     # Room for the activations of 8 items across all layers, not 16: a pass of 16 fails in its
     # third layer with the device full. Only if that pass is really freed can 8 items run.
-    device = SimulatedDevice(capacity_bytes=layers * 8 * one * per_token)
-    model = SimulatedReranker(device, bytes_per_token=per_token, layers=layers)
+    device, model = _model_with_room_for(8, layers=4)
     pool = _pool(max_batch_size=64, token_budget=100_000)
     spec = _register(model)
 
@@ -294,9 +300,7 @@ def test_a_lone_pass_on_the_parallel_cpu_workers_gets_every_core() -> None:
 
 def test_an_oom_on_a_parallel_cpu_worker_is_split_after_the_other_passes_finish() -> None:
     pairs = _pairs(16)
-    one = SimulatedReranker()._padded(pairs[:1])
-    device = SimulatedDevice(capacity_bytes=2 * 8 * one * 1000)
-    model = SimulatedReranker(device, bytes_per_token=1000, layers=2)
+    device, model = _model_with_room_for(8, layers=2)
     model.device = "cpu"
     model.parallel_forward = True
     pool = _pool(max_batch_size=64, token_budget=100_000, cpu_workers=2)
