@@ -280,14 +280,16 @@ class ModelPool:
         stats.device = model.device
         stats.dtype = model.dtype
         stats.dtype_reason = self._reasons.get(key, "")
+        stats.kernels = model.kernels
         logger.info(
-            "rag-rerank: loaded %s in %.2fs on %s as %s (%s), %s",
+            "rag-rerank: loaded %s in %.2fs on %s as %s (%s), %s%s",
             key.model,
             elapsed,
             model.device,
             model.dtype,
             stats.dtype_reason,
             _fmt_mb(stats.footprint_bytes),
+            f", kernels: {model.kernels}" if model.kernels else "",
         )
         from .handle import ModelHandle
 

@@ -168,6 +168,8 @@ class SpecStats:
     device: str
     dtype: str
     dtype_reason: str = ""
+    #: Kernels the backend runs beyond the framework's defaults (``LoadedModel.kernels``).
+    kernels: str = ""
     loaded: bool = False
     loads: int = 0
     load_failures: int = 0

@@ -4,7 +4,8 @@ Every torch backend loads the same way: import lazily (clear error if the extra 
 the weights on one device in the policy's dtype, switch to ``eval()`` with gradients off, and turn
 "not found offline" into :class:`ModelNotFoundError` with instructions. Two-phase backends (see
 :mod:`.base`) pin their prepared tensors, copy them to the device without blocking, and start one
-device->host copy per pass (:class:`HostCopy`).
+device->host copy per pass (:class:`HostCopy`). On the CPU, :func:`cpu_kernels` swaps in the
+faster kernels of :mod:`._cpu_attention` and :mod:`._cpu_linear` (backend option ``cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .base import Prepared
 __all__ = [
     "HostCopy",
     "bind_torch_worker",
+    "cpu_kernels",
+    "cpu_kernels_option",
     "features_to",
     "import_optional",
     "loading_errors",
@@ -116,6 +119,44 @@ def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> A
     return torch.ao.quantization.quantize_dynamic(
         module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
     )
+
+
+def cpu_kernels_option(options: dict[str, Any]) -> bool:
+    """Pop and check the ``cpu_kernels`` backend option (default True)."""
+    value = options.pop("cpu_kernels", True)
+    if not isinstance(value, bool):
+        raise ConfigurationError(
+            f"cpu_kernels={value!r}: use True (the default: tiled attention and packed oneDNN "
+            "linears on the CPU) or False (transformers' own kernels)."
+        )
+    return value
+
+
+def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
+    """Switch a loaded torch model to this package's CPU kernels; return what now runs.
+
+    Every Hugging Face model inside ``module`` (a sentence-transformers model holds one) gets
+    tiled attention if it is a bidirectional encoder, and its linear layers are packed for
+    oneDNN. Done after the dtype is final and never for quantized models (their linears are not
+    ``nn.Linear`` any more). The returned text ends up in the load log and in ``stats()``.
+    """
+    if not enabled or not str(device).startswith("cpu"):
+        return "" if enabled else "transformers' kernels (cpu_kernels=False)"
+    from transformers import PreTrainedModel
+
+    from ._cpu_attention import ATTENTION_NAME, use_cpu_attention
+    from ._cpu_linear import pack_linears
+
+    models = [m for m in module.modules() if isinstance(m, PreTrainedModel)]
+    inner = {id(c) for m in models for c in m.modules() if c is not m}
+    attention = {use_cpu_attention(m, device) for m in models if id(m) not in inner}
+    packed = pack_linears(module)
+    parts = []
+    if ATTENTION_NAME in attention:
+        parts.append("tiled attention")
+    if packed:
+        parts.append(f"{packed} packed oneDNN linear layers")
+    return ", ".join(parts) or "transformers' kernels (none of ours applies to this model)"
 
 
 @contextlib.contextmanager

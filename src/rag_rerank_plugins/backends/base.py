@@ -136,6 +136,9 @@ class LoadedModel(ABC):
     #: Concrete device and dtype the model runs with (reported in stats and logs).
     device: str = "cpu"
     dtype: str = "float32"
+    #: Which kernels run beyond the framework's defaults (e.g. "tiled attention, 38 packed
+    #: oneDNN linear layers"); "" when nothing special. Reported in stats and logs.
+    kernels: str = ""
     #: Longest input in tokens (batch shapes use it to cap estimates); None: unknown.
     max_tokens: int | None = None
 

@@ -36,10 +36,11 @@ ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_
 #: Their own options (``delay_ms``, ``dim``, ``footprint_mb``: the simulated size a pool with a
 #: memory budget sees) are declared with them in the registry.
 FAKE_OPTIONS = ST_LOADING | {"score_mode"}
-#: cross_encoder.py: score_mode and quantize are ours; the rest goes to CrossEncoder(...).
-CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize"}
-#: st_embedder.py: quantize is ours; the rest goes to SentenceTransformer(...).
-ST_EMBEDDER_OPTIONS = ST_LOADING | {"quantize", "truncate_dim", "default_prompt_name"}
+#: cross_encoder.py: score_mode, quantize and cpu_kernels are ours; the rest goes to
+#: CrossEncoder(...).
+CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize", "cpu_kernels"}
+#: st_embedder.py: quantize and cpu_kernels are ours; the rest goes to SentenceTransformer(...).
+ST_EMBEDDER_OPTIONS = ST_LOADING | {"quantize", "cpu_kernels", "truncate_dim", "default_prompt_name"}
 #: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on.
 FLAG_RERANKER_OPTIONS = frozenset(
     {

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    cpu_kernels,
+    cpu_kernels_option,
     features_to,
     import_optional,
     loading_errors,
@@ -146,6 +148,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     mode = score_mode_of(spec, None)
     options.pop("score_mode", None)
     quantize = options.pop("quantize", None)
+    kernels = cpu_kernels_option(options)
     with loading_errors(spec):
         model = st.CrossEncoder(
             spec.model,
@@ -156,4 +159,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
         )
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
-    return CrossEncoderReranker(model, spec.device, spec.dtype, mode)
+        in_use = cpu_kernels(model, spec.device, kernels)
+    reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode)
+    reranker.kernels = in_use
+    return reranker

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    cpu_kernels,
+    cpu_kernels_option,
     features_to,
     import_optional,
     loading_errors,
@@ -146,6 +148,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
     )
     options = spec.options_dict
     quantize = options.pop("quantize", None)
+    kernels = cpu_kernels_option(options)
     with loading_errors(spec):
         model = st.SentenceTransformer(
             spec.model,
@@ -157,4 +160,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
             model.max_seq_length = spec.max_length
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
-    return SentenceTransformerEmbedder(model, spec.device, spec.dtype)
+        in_use = cpu_kernels(model, spec.device, kernels)
+    embedder = SentenceTransformerEmbedder(model, spec.device, spec.dtype)
+    embedder.kernels = in_use
+    return embedder

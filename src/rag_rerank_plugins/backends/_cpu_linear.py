@@ -1,0 +1,138 @@
+"""Linear layers on the CPU as oneDNN matmuls with weights packed once at load.
+
+Why it exists: ``nn.Linear`` on the CPU re-lays out its weight for the GEMM kernel on every call,
+and in FP32 it goes to a BLAS that, on some CPUs (AMD's, with MKL), does not use AVX-512. oneDNN
+with a weight packed once for the host's kernel is faster everywhere we measured: on a 2-core AMD
+EPYC, 384x1536 layers ran 1.06x faster in BF16 and 2.2x faster in FP32. The encoder's GELU is
+fused into the matmul that feeds it (computed on the FP32 accumulator before rounding, which also
+makes BF16 slightly more exact), saving one pass over the widest activation.
+
+This is what intel-extension-for-pytorch's ``optimize`` and torch.compile's CPU "freezing" do with
+the same oneDNN operators (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``);
+here without a compiler, a graph capture or an extra package. :func:`pack_linears` probes the
+operators once per (dtype) and does nothing where they are missing or fail, so a torch build
+without oneDNN keeps plain ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch  # this module is imported only by the torch backends' loaders
+
+__all__ = ["PackedLinear", "pack_linears", "packing_supported"]
+
+log = logging.getLogger("rag_rerank_plugins")
+
+#: Row-count hint for the packed layout; any number of rows works at run time. A CPU pass holds
+#: about this many tokens (EngineConfig's CPU token budget).
+BATCH_HINT = 1024
+#: Layers narrower than this (classifier heads, 1-8 outputs) gain nothing from packing.
+MIN_FEATURES = 64
+
+
+@functools.lru_cache(maxsize=None)
+def packing_supported(dtype_name: str) -> bool:
+    """Whether this torch build runs packed oneDNN linears in ``dtype_name`` on this CPU,
+    checked once with a tiny layer against ``nn.functional.linear``."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(64, 64, generator=gen).to(dtype)
+        bias = torch.randn(64, generator=gen).to(dtype)
+        x = torch.randn(3, 64, generator=gen).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        with torch.inference_mode():
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
+            want = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
+        tolerance = 1e-4 if dtype == torch.float32 else 0.1
+        return bool(torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance))
+    except Exception as exc:  # a build without these operators, or a CPU oneDNN refuses
+        log.debug("rag-rerank: packed oneDNN linears unavailable for %s: %r", dtype_name, exc)
+        return False
+
+
+class PackedLinear(torch.nn.Module):
+    """``nn.Linear`` (optionally followed by exact GELU) as one oneDNN matmul on a packed weight.
+
+    The packed weight replaces the layer's weight (the same bytes, in oneDNN's blocked layout),
+    so it is inference-only and not saved by ``state_dict``: the pool never saves models.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, gelu: bool = False) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.gelu = gelu
+        weight = linear.weight.detach()
+        self.register_buffer(
+            "packed_weight",
+            torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT),
+            persistent=False,
+        )
+        bias = linear.bias
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().clone(), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.packed_weight, self.bias, "gelu", [], "none"
+            )
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        gelu = ", gelu" if self.gelu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{gelu}"
+
+
+def _is_exact_gelu(act: Any) -> bool:
+    """transformers' ``"gelu"`` activation (erf form) or ``nn.GELU()``; not the tanh variants."""
+    if isinstance(act, torch.nn.GELU):
+        return act.approximate == "none"
+    try:
+        from transformers.activations import GELUActivation
+    except ImportError:  # pragma: no cover - transformers is always there for these backends
+        return False
+    return type(act) is GELUActivation and getattr(act, "act", None) is torch.nn.functional.gelu
+
+
+def pack_linears(model: Any) -> int:
+    """Replace the CPU ``nn.Linear`` layers of ``model`` (in place) with :class:`PackedLinear`.
+
+    Fuses GELU where a block holds ``dense`` followed by ``intermediate_act_fn`` (BERT, RoBERTa,
+    XLM-R, MiniLM, ELECTRA and their kin). Returns the number of layers packed; 0 when packing is
+    not supported for the model's dtype, or the model is not on the CPU.
+    """
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type != "cpu" or first.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+    ):
+        return 0
+    if not packing_supported(str(first.dtype).removeprefix("torch.")):
+        return 0
+    packed = 0
+    for block in list(model.modules()):
+        dense = getattr(block, "dense", None)
+        act = getattr(block, "intermediate_act_fn", None)
+        if type(dense) is torch.nn.Linear and act is not None and _is_exact_gelu(act):
+            block.dense = PackedLinear(dense, gelu=True)
+            block.intermediate_act_fn = torch.nn.Identity()
+            packed += 1
+    for block in list(model.modules()):
+        for name, child in list(block.named_children()):
+            if (
+                type(child) is torch.nn.Linear
+                and child.in_features >= MIN_FEATURES
+                and child.out_features >= MIN_FEATURES
+                and child.weight.dtype == first.dtype
+            ):
+                setattr(block, name, PackedLinear(child))
+                packed += 1
+    return packed
