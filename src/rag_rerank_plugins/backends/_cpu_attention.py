@@ -54,11 +54,11 @@ def tiled_attention(
     head_dim] (what transformers' attention functions return) and no weights."""
     import torch
 
-    if module.training and dropout > 0.0:
-        # Dropout is a training concern; training is not what this kernel is for.
+    if (module.training and dropout > 0.0) or kwargs.get("is_causal") or module_is_causal(module):
+        # Training and causal masking are not what this kernel is for: torch's own kernel.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     batch, heads, q_len, head_dim = query.shape
@@ -81,6 +81,11 @@ def tiled_attention(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         torch.bmm(probs, v[start:stop], out=out[start:stop])
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2), None
+
+
+def module_is_causal(module: Any) -> bool:
+    """transformers' attention modules carry ``is_causal`` (True in decoders)."""
+    return bool(getattr(module, "is_causal", False))
 
 
 def _additive_bias(mask: Any, batch: int, heads: int, q_len: int, kv_len: int, dtype: Any) -> Any:
@@ -149,6 +154,7 @@ def use_cpu_attention(model: Any, device: str, choice: str = AUTO) -> str:
             str(device).startswith("cpu")
             and current == "sdpa"
             and not getattr(config, "is_decoder", False)
+            and not any(module_is_causal(m) for m in model.modules())
             and not getattr(config, "is_encoder_decoder", False)
             and callable(can_set)
             and bool(can_set())

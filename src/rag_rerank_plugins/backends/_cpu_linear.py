@@ -33,7 +33,7 @@ BATCH_HINT = 1024
 MIN_FEATURES = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packing_supported(dtype_name: str) -> bool:
     """Whether this torch build runs packed oneDNN linears in ``dtype_name`` on this CPU,
     checked once with a tiny layer against ``nn.functional.linear``."""
@@ -110,9 +110,14 @@ def pack_linears(model: Any) -> int:
     not supported for the model's dtype, or the model is not on the CPU.
     """
     first = next(iter(model.parameters()), None)
-    if first is None or first.device.type != "cpu" or first.dtype not in (
-        torch.float32,
-        torch.bfloat16,
+    if (
+        first is None
+        or first.device.type != "cpu"
+        or first.dtype
+        not in (
+            torch.float32,
+            torch.bfloat16,
+        )
     ):
         return 0
     if not packing_supported(str(first.dtype).removeprefix("torch.")):

@@ -40,7 +40,12 @@ FAKE_OPTIONS = ST_LOADING | {"score_mode"}
 #: CrossEncoder(...).
 CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize", "cpu_kernels"}
 #: st_embedder.py: quantize and cpu_kernels are ours; the rest goes to SentenceTransformer(...).
-ST_EMBEDDER_OPTIONS = ST_LOADING | {"quantize", "cpu_kernels", "truncate_dim", "default_prompt_name"}
+ST_EMBEDDER_OPTIONS = ST_LOADING | {
+    "quantize",
+    "cpu_kernels",
+    "truncate_dim",
+    "default_prompt_name",
+}
 #: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on.
 FLAG_RERANKER_OPTIONS = frozenset(
     {
