@@ -242,7 +242,10 @@ def warm_variants(native_bf16: bool) -> dict[str, dict[str, Any]]:
         # The engine before parallel CPU device workers: one pass at a time on every core,
         # 4096-token passes (the CPU default until then). Same dtype as "ours".
         "ours_one_worker": {"engine": {"cpu_workers": 1, "token_budget": 4096}},
+        # Our CPU kernels off (transformers' SDPA attention, plain nn.Linear): what they add.
+        "ours_kernels_off": {"model_kwargs": {"cpu_kernels": False}},
         "ours_float32": {"dtype": "float32"},
+        "ours_float32_kernels_off": {"dtype": "float32", "model_kwargs": {"cpu_kernels": False}},
         "ours_int8": {"dtype": "float32", "model_kwargs": {"quantize": "int8"}},
     }
     if native_bf16:
