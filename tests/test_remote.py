@@ -337,12 +337,14 @@ async def test_async_clients_match_sync(pool: ModelPool, model_server, passages:
     model = pool.get(rerank).model
     sync_scores = pool.score_pairs(rerank, pairs)
     async_scores = await asyncio.gather(*(model.ascore_pairs(pairs) for _ in range(4)))
-    assert all(s == pytest.approx(sync_scores, abs=1e-7) for s in async_scores)
+    # The server batches concurrent requests together, and FP32 GEMMs round differently for
+    # different row counts (~1e-7 relative): equal to float rounding, not bit for bit.
+    assert all(s == pytest.approx(sync_scores, abs=1e-6) for s in async_scores)
     emb_model = pool.get(embed).model
     vectors = await emb_model.aembed(passages[:2], batch_size=1)
     for got, want in zip(vectors, pool.embed(embed, passages[:2]), strict=True):
-        assert got == pytest.approx(want, abs=1e-7)
-    assert await pool.ascore_pairs(rerank, pairs) == pytest.approx(sync_scores, abs=1e-7)
+        assert got == pytest.approx(want, abs=1e-6)
+    assert await pool.ascore_pairs(rerank, pairs) == pytest.approx(sync_scores, abs=1e-6)
 
 
 def test_threads_share_one_pooled_client(
