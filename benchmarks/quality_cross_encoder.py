@@ -15,8 +15,6 @@ host cannot run (onnxruntime missing, BF16 emulated on this CPU) are skipped wit
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -28,23 +26,6 @@ HERE = Path(__file__).resolve().parent
 SCIFACT = HERE.parent / ".." / "shared" / "data" / "scifact"
 RANGE_SHARE = 0.02
 MIN_SPEARMAN = 0.99
-
-
-def scifact_pairs(folder: Path, n_queries: int, per_query: int = 12) -> list[tuple[str, str]]:
-    word = re.compile(r"[a-z0-9]+")
-    with open(folder / "queries.jsonl", encoding="utf-8") as fh:
-        queries = {q["_id"]: q["text"] for q in map(json.loads, fh)}
-    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as fh:
-        qids = sorted({line.split("\t")[0] for line in list(fh)[1:]}, key=int)[:n_queries]
-    with open(folder / "corpus.jsonl", encoding="utf-8") as fh:
-        docs = [f"{d['title']} {d['text']}" for d in map(json.loads, fh)]
-    words = [set(word.findall(d.lower())) for d in docs]
-    pairs = []
-    for qid in qids:
-        query = set(word.findall(queries[qid].lower()))
-        ranked = sorted(range(len(docs)), key=lambda i: (-len(query & words[i]), i))
-        pairs += [(queries[qid], docs[i]) for i in ranked[:per_query]]
-    return pairs
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -92,11 +73,11 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "corpus.jsonl").exists():
         sys.exit(f"SciFact not found under {args.data}")
-    from rag_rerank_plugins.testing import build_cross_encoder_from_encoder
+    from rag_rerank_plugins.testing import beir_pairs, build_cross_encoder_from_encoder
 
     work = Path(tempfile.mkdtemp(prefix="ce-quality-"))
     model = str(build_cross_encoder_from_encoder(work / "real-ce"))
-    pairs = scifact_pairs(args.data, args.claims)
+    pairs = beir_pairs(args.data, args.claims)
     pool = ModelPool()
     reference = ModelSpec(
         model,

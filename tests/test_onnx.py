@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -127,22 +126,11 @@ def test_two_phase_protocol(tiny_ce_path: str, onnx_cache: str, pool: ModelPool)
 
 def scifact_pairs(n_queries: int = 16, per_query: int = 12) -> list[tuple[str, str]]:
     """SciFact test claims x their top passages by word overlap (a cheap BM25 stand-in)."""
+    from rag_rerank_plugins.testing import beir_pairs
+
     if not (SCIFACT / "corpus.jsonl").exists():
         pytest.skip("../shared/data/scifact is not available")
-    word = re.compile(r"[a-z0-9]+")
-    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as fh:
-        queries = {q["_id"]: q["text"] for q in map(json.loads, fh)}
-    with open(SCIFACT / "qrels" / "test.tsv", encoding="utf-8") as fh:
-        qids = sorted({line.split("\t")[0] for line in list(fh)[1:]}, key=int)[:n_queries]
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as fh:
-        docs = [f"{d['title']} {d['text']}" for d in map(json.loads, fh)]
-    words = [set(word.findall(d.lower())) for d in docs]
-    pairs = []
-    for qid in qids:
-        query = set(word.findall(queries[qid].lower()))
-        ranked = sorted(range(len(docs)), key=lambda i: (-len(query & words[i]), i))
-        pairs += [(queries[qid], docs[i]) for i in ranked[:per_query]]
-    return pairs
+    return beir_pairs(SCIFACT, n_queries, per_query)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -14,7 +14,8 @@ real loading code offline; ``build_cross_encoder_from_encoder`` one with the pac
 real encoder weights and a seeded head, whose activations have realistic ranges (for dtype and
 quantization tests). ``build_causal_lm_reranker`` writes a tiny random Qwen3/Qwen2-shaped causal LM
 with a byte-level BPE tokenizer trained on the packaged sample corpus
-(``train_byte_bpe_tokenizer``), for the ``causal-lm-reranker`` backend.
+(``train_byte_bpe_tokenizer``), for the ``causal-lm-reranker`` backend. ``beir_pairs`` reads
+(query, passage) pairs of real text from a BEIR-layout dataset (SciFact), for quality checks.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "SimulatedReranker",
     "build_causal_lm_reranker",
     "build_cross_encoder",
+    "beir_pairs",
     "build_cross_encoder_from_encoder",
     "fake_embedder_spec",
     "fake_reranker_spec",
@@ -46,6 +48,31 @@ __all__ = [
 ]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def beir_pairs(folder: str | Path, n_queries: int, per_query: int = 12) -> list[tuple[str, str]]:
+    """The first ``n_queries`` test queries of a BEIR dataset x their ``per_query`` passages with
+    the most words in common (a cheap BM25 stand-in: candidates that look alike, as a reranker
+    sees them). ``folder`` holds ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/test.tsv``;
+    passages are ``title + " " + text``. Raises ``FileNotFoundError`` when a file is missing.
+    """
+    import json
+
+    root = Path(folder)
+    word = re.compile(r"[a-z0-9]+")
+    with open(root / "queries.jsonl", encoding="utf-8") as fh:
+        queries = {q["_id"]: q["text"] for q in map(json.loads, fh)}
+    with open(root / "qrels" / "test.tsv", encoding="utf-8") as fh:
+        qids = sorted({line.split("\t")[0] for line in list(fh)[1:]}, key=int)[:n_queries]
+    with open(root / "corpus.jsonl", encoding="utf-8") as fh:
+        docs = [f"{d['title']} {d['text']}" for d in map(json.loads, fh)]
+    words = [set(word.findall(d.lower())) for d in docs]
+    pairs = []
+    for qid in qids:
+        query = set(word.findall(queries[qid].lower()))
+        ranked = sorted(range(len(docs)), key=lambda i: (-len(query & words[i]), i))
+        pairs += [(queries[qid], docs[i]) for i in ranked[:per_query]]
+    return pairs
 
 
 def _words(text: str) -> list[str]:
