@@ -15,9 +15,9 @@ the request-level error is set by the linear layers, not by attention (tested on
 
 Scope: only bidirectional encoders on the CPU, in inference. The loaders call
 :func:`use_cpu_attention`, which leaves every other model (decoders, GPU, models that do not
-dispatch through transformers' ``AttentionInterface``, a user's explicit ``attention`` option)
-on the implementation transformers chose. Registered under :data:`ATTENTION_NAME`, so it is also
-selectable by name in transformers (``attn_implementation="rag_rerank_cpu"``) once imported.
+dispatch through transformers' ``AttentionInterface``, models loaded with another attention than
+``sdpa``) on the implementation transformers chose. It is registered with transformers under
+:data:`ATTENTION_NAME` the first time a model is switched to it.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["ATTENTION_NAME", "attention_choice", "tiled_attention", "use_cpu_attention"]
+__all__ = ["ATTENTION_NAME", "tiled_attention", "use_cpu_attention"]
 
 ATTENTION_NAME = "rag_rerank_cpu"
-#: Values of the ``attention`` backend option besides transformers' own implementation names.
-AUTO = "auto"
 #: Bytes of FP32 scores per tile: about one core's L2 (1 MB on Zen 4, 1-2 MB on recent Xeons).
 #: Larger tiles spill to L3 and the softmax becomes memory-bound (measured 2x slower at 4 MB).
 TILE_BYTES = 1 << 20
 
 _registered = False
 _register_lock = threading.Lock()
+#: Per device-worker thread: the last mask seen and its bias. transformers builds the mask once
+#: per forward and hands the same tensor to every layer, so the bias is built once per forward.
+_last_bias = threading.local()
 
 
 def tiled_attention(
@@ -70,7 +71,7 @@ def tiled_attention(
     k = key.reshape(rows, kv_len, head_dim).transpose(1, 2)
     v = value.reshape(rows, kv_len, head_dim)
     out = torch.empty((rows, q_len, head_dim), dtype=query.dtype, device=query.device)
-    bias = _additive_bias(attention_mask, batch, heads, q_len, kv_len, query.dtype)
+    bias = _cached_bias(attention_mask, batch, heads, q_len, kv_len, query.dtype)
     per_tile = max(1, TILE_BYTES // (4 * q_len * kv_len))
     for start in range(0, rows, per_tile):
         stop = min(rows, start + per_tile)
@@ -86,6 +87,16 @@ def tiled_attention(
 def module_is_causal(module: Any) -> bool:
     """transformers' attention modules carry ``is_causal`` (True in decoders)."""
     return bool(getattr(module, "is_causal", False))
+
+
+def _cached_bias(mask: Any, batch: int, heads: int, q_len: int, kv_len: int, dtype: Any) -> Any:
+    """:func:`_additive_bias`, reused while the same mask tensor comes back (the next layers)."""
+    key = (batch, heads, q_len, kv_len, dtype)
+    if mask is not None and getattr(_last_bias, "mask", None) is mask and _last_bias.key == key:
+        return _last_bias.bias
+    bias = _additive_bias(mask, batch, heads, q_len, kv_len, dtype)
+    _last_bias.mask, _last_bias.key, _last_bias.bias = mask, key, bias
+    return bias
 
 
 def _additive_bias(mask: Any, batch: int, heads: int, q_len: int, kv_len: int, dtype: Any) -> Any:
@@ -126,44 +137,28 @@ def _register() -> None:
         _registered = True
 
 
-def attention_choice(option: Any) -> str:
-    """Validate the ``attention`` backend option: ``"auto"`` or a transformers implementation
-    name (``"sdpa"``, ``"eager"``, ...). Raises ``ValueError`` for anything else."""
-    if option is None:
-        return AUTO
-    if not isinstance(option, str) or not option:
-        raise ValueError(
-            f"attention={option!r}: use 'auto' (tiled attention for encoders on the CPU), "
-            f"'{ATTENTION_NAME}', or a transformers attention implementation such as 'sdpa'."
-        )
-    return option
+def use_cpu_attention(model: Any, device: str) -> str:
+    """Switch a transformers model to :func:`tiled_attention` where it applies; return the
+    attention implementation the model now uses.
 
-
-def use_cpu_attention(model: Any, device: str, choice: str = AUTO) -> str:
-    """Apply the attention ``choice`` to a transformers model; return the implementation in use.
-
-    ``"auto"`` switches bidirectional encoders on the CPU that dispatch through transformers'
-    AttentionInterface to :func:`tiled_attention` and leaves every other model as loaded. Any
-    other value is set as the model's attention implementation as given.
+    It applies to bidirectional encoders on the CPU, loaded with ``sdpa`` (transformers'
+    default), that dispatch through transformers' AttentionInterface. Every other model is left
+    as loaded.
     """
     config = getattr(model, "config", None)
     current = str(getattr(config, "_attn_implementation", None))
     can_set = getattr(model, "_can_set_attn_implementation", None)
-    if choice == AUTO:
-        suitable = (
-            str(device).startswith("cpu")
-            and current == "sdpa"
-            and not getattr(config, "is_decoder", False)
-            and not any(module_is_causal(m) for m in model.modules())
-            and not getattr(config, "is_encoder_decoder", False)
-            and callable(can_set)
-            and bool(can_set())
-        )
-        if not suitable:
-            return current
-        choice = ATTENTION_NAME
-    if choice == ATTENTION_NAME:
-        _register()
-    if choice != current:
-        model.set_attn_implementation(choice)
+    suitable = (
+        str(device).startswith("cpu")
+        and current == "sdpa"
+        and not getattr(config, "is_decoder", False)
+        and not getattr(config, "is_encoder_decoder", False)
+        and not any(module_is_causal(m) for m in model.modules())
+        and callable(can_set)
+        and bool(can_set())
+    )
+    if not suitable:
+        return current
+    _register()
+    model.set_attn_implementation(ATTENTION_NAME)
     return str(model.config._attn_implementation)

@@ -75,9 +75,7 @@ class PackedLinear(torch.nn.Module):
             persistent=False,
         )
         bias = linear.bias
-        self.register_buffer(
-            "bias", None if bias is None else bias.detach().clone(), persistent=False
-        )
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu:
@@ -110,15 +108,9 @@ def pack_linears(model: Any) -> int:
     not supported for the model's dtype, or the model is not on the CPU.
     """
     first = next(iter(model.parameters()), None)
-    if (
-        first is None
-        or first.device.type != "cpu"
-        or first.dtype
-        not in (
-            torch.float32,
-            torch.bfloat16,
-        )
-    ):
+    if first is None or first.device.type != "cpu":
+        return 0
+    if first.dtype not in (torch.float32, torch.bfloat16):
         return 0
     if not packing_supported(str(first.dtype).removeprefix("torch.")):
         return 0

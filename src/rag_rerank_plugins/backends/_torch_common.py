@@ -136,9 +136,9 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
     """Switch a loaded torch model to this package's CPU kernels; return what now runs.
 
     Every Hugging Face model inside ``module`` (a sentence-transformers model holds one) gets
-    tiled attention if it is a bidirectional encoder, and its linear layers are packed for
-    oneDNN. Done after the dtype is final and never for quantized models (their linears are not
-    ``nn.Linear`` any more). The returned text ends up in the load log and in ``stats()``.
+    tiled attention if it is a bidirectional encoder, and its ``nn.Linear`` layers are packed for
+    oneDNN. Called after the dtype is final; dynamically quantized layers are not ``nn.Linear``
+    and stay as they are. The returned text ends up in the load log and in ``stats()``.
     """
     if not enabled or not str(device).startswith("cpu"):
         return "" if enabled else "transformers' kernels (cpu_kernels=False)"
