@@ -52,6 +52,15 @@ def tiny_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> 
 
 
 @pytest.fixture(scope="session")
+def real_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
+    """A cross-encoder on the packaged MiniLM's real encoder weights (seeded one-logit head):
+    realistic activation ranges, for dtype, quantization and kernel numerics."""
+    from rag_rerank_plugins.testing import build_cross_encoder_from_encoder
+
+    return str(build_cross_encoder_from_encoder(tmp_path_factory.mktemp("models") / "real-ce"))
+
+
+@pytest.fixture(scope="session")
 def direct_cross_encoder(tiny_ce_path: str):
     """The same tiny model loaded directly with sentence-transformers: the reference."""
     from sentence_transformers import CrossEncoder

@@ -26,7 +26,7 @@ from rag_rerank_plugins.langchain import (
 from rag_rerank_plugins.testing import FakeReranker
 
 #: Options that are ours, not the wrapped library's keyword arguments.
-OURS = {"score_mode", "quantize", "cpu_kernels"}
+OURS = {"score_mode", "quantize", "cpu_kernels", "prune_last_layer"}
 
 
 # -- model_kwargs={"max_length": ...} like HuggingFaceCrossEncoder --------------------------------

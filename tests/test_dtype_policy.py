@@ -42,13 +42,6 @@ def corpus() -> list[str]:
     return [json.loads(line)["text"] for line in text.splitlines() if line.strip()][:30]
 
 
-@pytest.fixture(scope="session")
-def real_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
-    from rag_rerank_plugins.testing import build_cross_encoder_from_encoder
-
-    return str(build_cross_encoder_from_encoder(tmp_path_factory.mktemp("models") / "minilm-ce"))
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra = np.argsort(np.argsort(a)).astype(float)
     rb = np.argsort(np.argsort(b)).astype(float)

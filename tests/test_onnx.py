@@ -40,13 +40,6 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("onnx-cache"))
 
 
-@pytest.fixture(scope="module")
-def real_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
-    from rag_rerank_plugins.testing import build_cross_encoder_from_encoder
-
-    return str(build_cross_encoder_from_encoder(tmp_path_factory.mktemp("models") / "real-ce"))
-
-
 def onnx_spec(path: str, cache: str, **options: Any) -> ModelSpec:
     return ModelSpec(path, backend=BACKEND, options={"cache_dir": cache, **options})
 

@@ -123,13 +123,44 @@ def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> A
 
 def cpu_kernels_option(options: dict[str, Any]) -> bool:
     """Pop and check the ``cpu_kernels`` backend option (default True)."""
-    value = options.pop("cpu_kernels", True)
+    return _bool_option(
+        options,
+        "cpu_kernels",
+        "True (the default: tiled attention and packed oneDNN linears on the CPU) or False "
+        "(transformers' own kernels)",
+    )
+
+
+def prune_last_layer_option(options: dict[str, Any]) -> bool:
+    """Pop and check the ``prune_last_layer`` backend option (default True)."""
+    return _bool_option(
+        options,
+        "prune_last_layer",
+        "True (the default: a classifier's last layer computes only the first token, the one "
+        "its head reads) or False (every position)",
+    )
+
+
+def _bool_option(options: dict[str, Any], name: str, choices: str) -> bool:
+    value = options.pop(name, True)
     if not isinstance(value, bool):
-        raise ConfigurationError(
-            f"cpu_kernels={value!r}: use True (the default: tiled attention and packed oneDNN "
-            "linears on the CPU) or False (transformers' own kernels)."
-        )
+        raise ConfigurationError(f"{name}={value!r}: use {choices}.")
     return value
+
+
+def prune_last_layer(module: Any, enabled: bool) -> str:
+    """Make a cross-encoder's last layer compute only the position its head reads (see
+    ``_first_token``); return the words for ``stats()["kernels"]`` ("" when nothing changed)."""
+    if not enabled:
+        return ""
+    from ._first_token import first_token_last_layer
+
+    return "last layer for the first token only" if first_token_last_layer(module) else ""
+
+
+def describe_kernels(*parts: str) -> str:
+    """One line for the load log and ``stats()["kernels"]`` from the non-empty parts."""
+    return ", ".join(p for p in parts if p)
 
 
 def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
-from ._torch_common import import_optional, loading_errors, module_bytes, prepare_module
+from ._torch_common import (
+    import_optional,
+    loading_errors,
+    module_bytes,
+    prepare_module,
+    prune_last_layer,
+    prune_last_layer_option,
+)
 from .base import EmbedderModel, ModelProvider, RerankerModel
 from .options import FLAG_M3_OPTIONS, FLAG_RERANKER_OPTIONS
 
@@ -198,6 +205,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     options = _check_options(spec, _RERANKER_OPTIONS, spec.backend)
     mode = score_mode_of(spec, "sigmoid")
     options.pop("score_mode", None)
+    prune = prune_last_layer_option(options)
     flag_mod = _import_flag(spec.backend)
     with loading_errors(spec):
         flag = flag_mod.FlagReranker(
@@ -209,8 +217,11 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
         )
         prepare_module(flag.model, spec.dtype)
         flag.model.to(spec.device)
+        kernels = prune_last_layer(flag.model, prune)
     assert mode is not None
-    return FlagReranker(flag, spec.device, spec.dtype, mode)
+    reranker = FlagReranker(flag, spec.device, spec.dtype, mode)
+    reranker.kernels = kernels
+    return reranker
 
 
 class FlagM3Embedder(EmbedderModel):

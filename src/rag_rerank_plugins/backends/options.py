@@ -36,9 +36,9 @@ ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_
 #: Their own options (``delay_ms``, ``dim``, ``footprint_mb``: the simulated size a pool with a
 #: memory budget sees) are declared with them in the registry.
 FAKE_OPTIONS = ST_LOADING | {"score_mode"}
-#: cross_encoder.py: score_mode, quantize and cpu_kernels are ours; the rest goes to
-#: CrossEncoder(...).
-CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize", "cpu_kernels"}
+#: cross_encoder.py: score_mode, quantize, cpu_kernels and prune_last_layer are ours; the rest
+#: goes to CrossEncoder(...).
+CROSS_ENCODER_OPTIONS = ST_LOADING | {"score_mode", "quantize", "cpu_kernels", "prune_last_layer"}
 #: st_embedder.py: quantize and cpu_kernels are ours; the rest goes to SentenceTransformer(...).
 ST_EMBEDDER_OPTIONS = ST_LOADING | {
     "quantize",
@@ -46,10 +46,12 @@ ST_EMBEDDER_OPTIONS = ST_LOADING | {
     "truncate_dim",
     "default_prompt_name",
 }
-#: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on.
+#: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on (and the
+#: reranker's score_mode and prune_last_layer, which are ours).
 FLAG_RERANKER_OPTIONS = frozenset(
     {
         "score_mode",
+        "prune_last_layer",
         "query_max_length",
         "query_instruction_for_rerank",
         "query_instruction_format",

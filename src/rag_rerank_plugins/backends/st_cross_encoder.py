@@ -24,12 +24,15 @@ from ._torch_common import (
     bind_torch_worker,
     cpu_kernels,
     cpu_kernels_option,
+    describe_kernels,
     features_to,
     import_optional,
     loading_errors,
     module_bytes,
     prepare_module,
     prepared_batch,
+    prune_last_layer,
+    prune_last_layer_option,
     quantize_module,
     torch_dtype,
     warm_tokenizer,
@@ -149,6 +152,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     options.pop("score_mode", None)
     quantize = options.pop("quantize", None)
     kernels = cpu_kernels_option(options)
+    prune = prune_last_layer_option(options)
     with loading_errors(spec):
         model = st.CrossEncoder(
             spec.model,
@@ -159,7 +163,9 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
         )
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
-        in_use = cpu_kernels(model, spec.device, kernels)
+        in_use = describe_kernels(
+            cpu_kernels(model, spec.device, kernels), prune_last_layer(model, prune)
+        )
     reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode)
     reranker.kernels = in_use
     return reranker
