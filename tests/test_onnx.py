@@ -82,6 +82,8 @@ def test_float32_scores_equal_cross_encoder_predict(
     assert max(abs(a - b) for a, b in zip(raw, want_raw, strict=True)) <= 1e-4
     stats = pool.spec_stats(onnx_spec(path, onnx_cache))
     assert (stats["device"], stats["dtype"]) == ("cpu", "float32")
+    # The export computes the last layer for the first token only (what the head reads).
+    assert stats["kernels"] == "last layer for the first token only"
 
 
 def test_max_length_truncates_like_cross_encoder(
@@ -228,6 +230,15 @@ def test_export_is_cached_across_pools_and_invalidated_by_changed_files(
     third.score_pairs(onnx_spec(str(model), cache, quantize="int8"), pairs)
     third.clear()
     assert onnx_backend.export_count() == before + 3
+
+    full = ModelPool()  # so is the full last layer, with the same scores
+    unpruned = onnx_spec(str(model), cache, prune_last_layer=False)
+    assert full.score_pairs(unpruned, pairs) == pytest.approx(
+        third.score_pairs(spec, pairs), abs=1e-5
+    )
+    assert full.spec_stats(unpruned)["kernels"] == ""
+    full.clear()
+    assert onnx_backend.export_count() == before + 4
 
 
 def test_second_process_reuses_the_export_without_torch(

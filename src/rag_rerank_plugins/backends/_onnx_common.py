@@ -508,6 +508,8 @@ class OnnxRuntimeModel:
         self.max_tokens = int(truncation["max_length"]) if truncation else None
         self.threads = threads
         self.path = entry
+        # What the export baked in beyond the plain graph (e.g. the pruned last layer).
+        self.kernels = str(self.meta.get("kernels") or "")
 
     def tokenize(self, inputs: list[Any]) -> dict[str, Any]:
         """int64 arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` for texts or

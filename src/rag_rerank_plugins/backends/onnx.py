@@ -4,7 +4,7 @@ The model is exported once with ``torch.onnx.export`` (TorchScript exporter; dyn
 sequence axes) into a cache directory and run with onnxruntime's CPU execution provider. Scores
 are ``CrossEncoder.predict``'s: the same tokenizer, the same logits, the same activation.
 
-**The export cache.** One entry per (model files, mode, opset, format version) under
+**The export cache.** One entry per (model files, mode, opset, pruning, format version) under
 ``RAG_RERANK_ONNX_CACHE`` or option ``cache_dir`` (default ``~/.cache/rag-rerank-plugins/onnx``).
 The key hashes every file of the model folder: path, size and modification time of each file,
 plus the full contents of files under 4 MiB (config, tokenizer), so a changed model exports
@@ -16,6 +16,10 @@ the ``st`` extra (torch, sentence-transformers); loading a cached entry needs on
 and ``tokenizers``, never torch, so a second process starts in a fraction of the torch load.
 Every export is checked before it is published: token ids against ``CrossEncoder.preprocess``
 and logits against the torch model on probe pairs.
+
+**Pruning** (option ``prune_last_layer``, default True): the export computes the last layer for
+the first token only, the one the classification head reads (see ``_first_token``); the checks
+compare it with the unpruned model, and a pruned export is a cache entry of its own.
 
 **Modes** (option ``quantize``): absent = float32; ``"int8"`` = onnxruntime dynamic
 quantization of every MatMul (int8 per-channel weights, activations quantized per pass; signed
@@ -39,6 +43,7 @@ the embedder backend (:mod:`.onnx_embedder`); this module holds what is the cros
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -66,6 +71,7 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
+from ._torch_common import prune_last_layer, prune_last_layer_option
 from .base import ModelProvider, Prepared, RerankerModel, Task
 from .flag import score_mode_of  # light: flag.py imports FlagEmbedding only inside its loaders
 from .options import ONNX_OPTIONS
@@ -112,6 +118,8 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
 
     start = time.perf_counter()
     ce = st_for_export(spec, model_dir, "CrossEncoder")
+    reference = copy.deepcopy(ce)  # the checks below compare with the unpruned model
+    pruned = prune_last_layer(ce, _prune(spec))
     tokenizer = ce.tokenizer
     tokenizer_json = fast_tokenizer_json(spec, tokenizer, "cross-encoder")
     activation = type(ce.activation_fn).__name__ if ce.activation_fn is not None else "Identity"
@@ -136,6 +144,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         **tokenizer_meta(tokenizer),
         "prompt": prompt,
         "torch": torch.__version__,
+        "kernels": pruned,
     }
 
     class _Scores(torch.nn.Module):
@@ -162,16 +171,17 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         # Check the tokenizer and (float32) the logits before publishing anything.
         runtime = OnnxCrossEncoder(tmp, threads=default_threads())
         prepared = runtime.prepare(Task("score"), _PROBES)
-        reference = ce.preprocess(probes, prompt=None)
+        features = ce.preprocess(probes, prompt=None)
         for name in names:
-            if not np.array_equal(prepared.payload[name], reference[name].numpy()):
+            if not np.array_equal(prepared.payload[name], features[name].numpy()):
                 raise ModelLoadError(
                     spec.model,
                     spec.backend,
                     f"the exported tokenizer's {name} differ from CrossEncoder.preprocess",
                 )
         with torch.inference_mode():
-            want = ce(dict(reference))["scores"].float().reshape(len(probes), -1)[:, 0].numpy()
+            scores = reference(dict(features))["scores"]
+            want = scores.float().reshape(len(probes), -1)[:, 0].numpy()
         got = np.asarray(runtime.forward(Task("score"), prepared)).reshape(len(probes), -1)[:, 0]
         tolerance = 1e-3 if mode == "float32" else 0.25 * max(1.0, float(np.ptp(want)))
         if not np.allclose(got, want, atol=tolerance, rtol=0):
@@ -245,10 +255,16 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
 # -- loader -----------------------------------------------------------------------------------
 
 
+def _prune(spec: ModelSpec) -> bool:
+    return prune_last_layer_option(spec.options_dict)
+
+
 def load(spec: ModelSpec, provider: ModelProvider) -> OnnxCrossEncoder:
     check_cpu_float32(spec, "cross-encoder")
     score_mode = score_mode_of(spec, None)
     threads = threads_for(spec)
+    # A pruned graph is another entry; the unpruned one keeps the key of earlier releases.
+    extra = {"prune": "last-layer"} if _prune(spec) else {}
     model: OnnxCrossEncoder = cached_entry(
         spec,
         format_version=FORMAT_VERSION,
@@ -257,5 +273,6 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxCrossEncoder:
             entry, threads=threads, max_length=spec.max_length, score_mode=score_mode
         ),
         threads=threads,
+        **extra,
     )
     return model

@@ -98,10 +98,20 @@ FLAG_LLM_OPTIONS = (
     HF_LOADING | FLAG_LLM_PREPROCESSING | {"score_mode", "model_class", "cutoff_layers"}
 )
 #: onnx.py: sentence-transformers loading options (used when exporting) and ours.
-ONNX_OPTIONS = ST_LOADING | {"score_mode", "quantize", "opset", "cache_dir", "intra_op_threads"}
+ONNX_OPTIONS = ST_LOADING | {
+    "score_mode",
+    "quantize",
+    "opset",
+    "cache_dir",
+    "intra_op_threads",
+    "prune_last_layer",
+}
 #: onnx_embedder.py: the same export and thread options, plus the sentence-transformers
 #: embedder's own truncate_dim and default_prompt_name (applied at run time, not exported).
-ONNX_EMBEDDER_OPTIONS = (ONNX_OPTIONS - {"score_mode"}) | {"truncate_dim", "default_prompt_name"}
+ONNX_EMBEDDER_OPTIONS = (ONNX_OPTIONS - {"score_mode", "prune_last_layer"}) | {
+    "truncate_dim",
+    "default_prompt_name",
+}
 #: remote/settings.py: RemoteSettings.from_spec reads these.
 REMOTE_OPTIONS = frozenset(
     {
