@@ -66,13 +66,19 @@ def modes(model: str, cache: str) -> dict[str, ModelSpec]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def scifact_arguments(doc: str) -> argparse.Namespace:
+    """``--claims N`` and ``--data FOLDER`` (SciFact in BEIR layout); exits if it is missing."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--claims", type=int, default=16)
     parser.add_argument("--data", type=Path, default=SCIFACT)
     args = parser.parse_args()
     if not (args.data / "corpus.jsonl").exists():
         sys.exit(f"SciFact not found under {args.data}")
+    return args
+
+
+def main() -> None:
+    args = scifact_arguments(__doc__)
     from rag_rerank_plugins.testing import beir_pairs, build_cross_encoder_from_encoder
 
     work = Path(tempfile.mkdtemp(prefix="ce-quality-"))

@@ -27,15 +27,13 @@ Run: ``python benchmarks/quality_int8_schemes.py [--claims N]``.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quality_cross_encoder import MIN_SPEARMAN, RANGE_SHARE, SCIFACT, spearman
+from quality_cross_encoder import MIN_SPEARMAN, RANGE_SHARE, scifact_arguments, spearman
 
 ALPHA = 0.75
 
@@ -143,12 +141,7 @@ def scores(model: Any, batches: list[Any]) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claims", type=int, default=16)
-    parser.add_argument("--data", type=Path, default=SCIFACT)
-    args = parser.parse_args()
-    if not (args.data / "corpus.jsonl").exists():
-        sys.exit(f"SciFact not found under {args.data}")
+    args = scifact_arguments(__doc__)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rag_rerank_plugins.testing import beir_pairs, build_cross_encoder_from_encoder
