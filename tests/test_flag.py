@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rag_rerank_plugins import ModelPool, ModelSpec, RagRerankError
+from rag_rerank_plugins.engine_config import EngineConfig
 
 pytest.importorskip("FlagEmbedding")
 
@@ -103,6 +104,32 @@ def test_flag_reranker_equals_compute_score(
     assert list(np.argsort(ours_raw, kind="stable")) == list(np.argsort(ref_raw, kind="stable"))
     assert list(np.argsort(ours_sigmoid)) == list(np.argsort(ours_raw))
     assert np.ptp(ours_raw) > 1e-2, "the tiny model must separate passages"
+    # Those scores came from our CPU kernels and the pruned last layer (the defaults) ...
+    kernels = pool.spec_stats(flag_spec)["kernels"]
+    assert kernels.startswith("tiled attention"), kernels
+    assert kernels.endswith("last layer for the first token only"), kernels
+    # ... and without them they are the same.
+    plain = raw_spec.with_options(
+        options={"score_mode": "raw", "cpu_kernels": False, "prune_last_layer": False}
+    )
+    np.testing.assert_allclose(pool.score_pairs(plain, pairs), ref_raw, atol=1e-5, rtol=0)
+    assert pool.spec_stats(plain)["kernels"] == "transformers' kernels (cpu_kernels=False)"
+
+
+def test_passes_run_two_phase_on_parallel_cpu_workers(
+    flag_spec: ModelSpec, flag_reference, passages: list[str]
+) -> None:
+    """Tokenising ahead of the device and one pass per core, as for the cross-encoder backend:
+    the scores stay compute_score's whatever the passes (2 workers, passes of 2 pairs)."""
+    pairs = _pairs(passages)
+    pool = ModelPool(config=EngineConfig(cpu_workers=2, max_batch_size=2))
+    assert pool.get(flag_spec).model.parallel_forward
+    got = pool.score_pairs(flag_spec, pairs)
+    np.testing.assert_allclose(got, flag_reference.compute_score(pairs, normalize=True), atol=1e-5)
+    stats = pool.spec_stats(flag_spec)
+    assert stats["forward_passes"] >= len(pairs) // 2
+    assert stats["padding_ratio"] is not None  # prepared batches report their real tokens
+    pool.clear()
 
 
 def test_32_threads_load_a_flag_spec_once_and_agree(
@@ -218,6 +245,7 @@ def test_bge_m3_dense_equals_encode(pool: ModelPool, minilm_path: str, passages:
     )
     np.testing.assert_allclose(np.linalg.norm(docs, axis=1), 1.0, atol=1e-5)
     assert pool.get(spec).dimension == 384
+    assert pool.spec_stats(spec)["kernels"].startswith("tiled attention")
 
 
 def test_bge_m3_query_instruction_and_adapter(pool: ModelPool, minilm_path: str) -> None:

@@ -14,9 +14,10 @@ FP32 results agree to rounding, ~1e-6). The hidden state the model returns is th
 long, so it is applied only where the backend owns the model and reads nothing but the logits:
 the ``cross-encoder`` and ``flag-reranker`` backends' sequence classifiers and the
 ``onnx-cross-encoder`` export, on transformers 5, in inference, with an attention
-implementation whose masks we know (``sdpa``, ``eager`` and this package's CPU kernel). A call that records hidden states or attentions (``output_hidden_states``
-/ ``output_attentions``, by argument or config) runs the layer's own forward. Backend option
-``prune_last_layer=False`` keeps transformers' forward throughout.
+implementation whose masks we know (``sdpa``, ``eager`` and this package's CPU kernel). A call
+that records hidden states or attentions (``output_hidden_states`` / ``output_attentions``, by
+argument or config) runs the layer's own forward. Backend option ``prune_last_layer=False``
+keeps transformers' forward throughout.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ The protocol, in the order the engine uses it:
     launches the next pass before finishing the previous one, so on a GPU the copy-back of pass
     k overlaps the kernels of pass k+1.
 
-  Backends that do not split (remote, fakes, FlagEmbedding) inherit defaults under which
+  Backends that do not split (remote, fakes, BGE-M3) inherit defaults under which
   ``prepare`` only packs the items and ``forward`` calls :meth:`LoadedModel.run` in one go.
 * ``parallel_forward`` and :meth:`LoadedModel.bind_worker_thread`: on the CPU, a backend whose
   passes may run concurrently gets several device workers, each with a share of the cores.

@@ -9,7 +9,9 @@ classes, its tokenizer, BGE-M3's ColBERT/sparse heads) with ``devices=[our devic
 weights on our device in the dtype our policy chose, once, and then run the forward pass ourselves
 with FlagEmbedding's own pre-processing (instruction formats, query/passage truncation,
 ``prepare_for_model`` pairs, padding). Results equal ``compute_score`` / ``encode_queries`` /
-``encode_corpus`` on the same model (tested to 1e-5 in FP32).
+``encode_corpus`` on the same model (tested to 1e-5 in FP32). The reranker runs in two phases
+(pre-processing in the prepare thread, parallel passes on the CPU) with our CPU kernels and the
+pruned last layer (options ``cpu_kernels``, ``prune_last_layer``); BGE-M3 gets the CPU kernels.
 
 Score mode (option ``score_mode``): ``"sigmoid"`` (default) = ``sigmoid(logit)``, i.e.
 ``compute_score(normalize=True)``; ``"raw"`` = the logit, i.e. ``compute_score()``. Logits are
@@ -25,14 +27,21 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
 from ._torch_common import (
+    HostCopy,
+    bind_torch_worker,
+    cpu_kernels,
+    cpu_kernels_option,
+    describe_kernels,
+    features_to,
     import_optional,
     loading_errors,
     module_bytes,
     prepare_module,
+    prepared_batch,
     prune_last_layer,
     prune_last_layer_option,
 )
-from .base import EmbedderModel, ModelProvider, RerankerModel
+from .base import EmbedderModel, ModelProvider, Prepared, RerankerModel, Task
 from .options import FLAG_M3_OPTIONS, FLAG_RERANKER_OPTIONS
 
 if TYPE_CHECKING:
@@ -114,7 +123,11 @@ def _length_sorted(items: list[dict[str, Any]]) -> list[int]:
 class FlagReranker(RerankerModel):
     """``FlagEmbedding.FlagReranker`` (encoder-only, e.g. bge-reranker-v2-m3), loaded once.
 
-    Not thread-safe (shared fast tokenizer): its scheduler's device worker is the only caller.
+    Two phases: ``prepare`` runs FlagEmbedding's pre-processing and pads the pass (one prepare
+    thread: the tokenizer switches truncation settings between queries and passages, so it is
+    not shared), ``forward`` runs the model and starts the copy of the first logits to the host,
+    ``finish`` applies the score mode. On the CPU several passes run at once, one per device
+    worker (``parallel_forward``), as for the ``cross-encoder`` backend.
     """
 
     def __init__(self, flag: Any, device: str, dtype: str, score_mode: str) -> None:
@@ -128,6 +141,26 @@ class FlagReranker(RerankerModel):
         qmax = flag.query_max_length
         self.query_max_length: int = int(qmax) if qmax is not None else self.max_length * 3 // 4
         self._prepare, self._pad = _tokenizer_helpers()
+        # torch modules in inference mode keep no state between calls: passes may run at once.
+        self.parallel_forward = device == "cpu"
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        features = self._pad(self.tokenizer, self._encode(items), padding=True, return_tensors="pt")
+        return prepared_batch(dict(features), len(items), self.device)
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            inputs = features_to(batch.payload, self.device)
+            logits = self.model(**inputs, return_dict=True).logits
+            return HostCopy(logits.reshape(batch.size, -1)[:, 0].float())
+
+    def finish(self, task: Task, pending: Any) -> list[Any]:
+        return self._scores([float(v) for v in pending.result().tolist()])
+
+    def bind_worker_thread(self, threads: int) -> None:
+        bind_torch_worker(threads)
 
     def window_source(self) -> tuple[Any, int] | None:
         return self.tokenizer, self.max_length
@@ -177,7 +210,9 @@ class FlagReranker(RerankerModel):
         return out
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
-        logits = self.logits(pairs, batch_size)
+        return self._scores(self.logits(pairs, batch_size))
+
+    def _scores(self, logits: list[float]) -> list[float]:
         if self.score_mode == "sigmoid":
             return [sigmoid(x) for x in logits]
         return logits
@@ -206,6 +241,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     mode = score_mode_of(spec, "sigmoid")
     options.pop("score_mode", None)
     prune = prune_last_layer_option(options)
+    kernels_on = cpu_kernels_option(options)
     flag_mod = _import_flag(spec.backend)
     with loading_errors(spec):
         flag = flag_mod.FlagReranker(
@@ -217,7 +253,9 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
         )
         prepare_module(flag.model, spec.dtype)
         flag.model.to(spec.device)
-        kernels = prune_last_layer(flag.model, prune)
+        kernels = describe_kernels(
+            cpu_kernels(flag.model, spec.device, kernels_on), prune_last_layer(flag.model, prune)
+        )
     assert mode is not None
     reranker = FlagReranker(flag, spec.device, spec.dtype, mode)
     reranker.kernels = kernels
@@ -315,6 +353,7 @@ class FlagM3Embedder(EmbedderModel):
 def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
     """Loader of ``backend="flag-bge-m3"``."""
     options = _check_options(spec, _M3_OPTIONS, spec.backend)
+    kernels_on = cpu_kernels_option(options)
     flag_mod = _import_flag(spec.backend)
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     options.setdefault("query_max_length", max_length)
@@ -331,4 +370,7 @@ def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
         )
         prepare_module(flag.model, spec.dtype)
         flag.model.to(spec.device)
-    return FlagM3Embedder(flag, spec.device, spec.dtype)
+        kernels = cpu_kernels(flag.model, spec.device, kernels_on)
+    embedder = FlagM3Embedder(flag, spec.device, spec.dtype)
+    embedder.kernels = kernels
+    return embedder

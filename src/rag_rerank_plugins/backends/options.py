@@ -46,12 +46,13 @@ ST_EMBEDDER_OPTIONS = ST_LOADING | {
     "truncate_dim",
     "default_prompt_name",
 }
-#: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on (and the
-#: reranker's score_mode and prune_last_layer, which are ours).
+#: flag.py: the FlagReranker / BGEM3FlagModel keyword arguments the loaders pass on (and
+#: cpu_kernels, and the reranker's score_mode and prune_last_layer, which are ours).
 FLAG_RERANKER_OPTIONS = frozenset(
     {
         "score_mode",
         "prune_last_layer",
+        "cpu_kernels",
         "query_max_length",
         "query_instruction_for_rerank",
         "query_instruction_format",
@@ -63,6 +64,7 @@ FLAG_RERANKER_OPTIONS = frozenset(
 )
 FLAG_M3_OPTIONS = frozenset(
     {
+        "cpu_kernels",
         "query_max_length",
         "query_instruction_for_retrieval",
         "query_instruction_format",
