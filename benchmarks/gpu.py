@@ -10,7 +10,8 @@ bge-reranker-v2-m3): only speed and memory mean anything. Scenarios:
   (``torch.cuda.set_per_process_memory_fraction``): LangChain's ``CrossEncoderReranker`` +
   ``HuggingFaceCrossEncoder`` (or a plain ``CrossEncoder`` when LangChain is absent) vs ours.
 * ``warm``: 1 query x 50 passages (19-397 tokens), hand-cached FP32 and FP16 ``CrossEncoder``
-  vs ours, both shapes, medians of interleaved runs.
+  vs ours (default, ``prune_last_layer=False``, the ``flag-reranker`` backend when FlagEmbedding
+  is installed), both shapes, medians of interleaved runs.
 * ``concurrency``: 16 threads x 10 requests x 20 passages, one shared hand-cached CrossEncoder
   (FP32 and FP16) vs ours, with the prepare/forward pipeline on and off.
 * ``release``: allocated GPU memory before and after ``release()``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -110,10 +112,12 @@ def hand_cached(model: Path, half: bool) -> Any:
     return encoder
 
 
-def ours(model: Path, pool: Any) -> Callable[[list[tuple[str, str]]], Any]:
+def ours(
+    model: Path, pool: Any, backend: str = "cross-encoder", **options: Any
+) -> Callable[[list[tuple[str, str]]], Any]:
     from rag_rerank_plugins import ModelSpec
 
-    spec = ModelSpec(str(model), device=DEVICE)
+    spec = ModelSpec(str(model), backend=backend, device=DEVICE, options=options)
     return lambda pairs: pool.score_pairs(spec, pairs, batch_size=64)
 
 
@@ -253,11 +257,17 @@ def scenario_warm(models: dict[str, Path], reps: int) -> None:
         settle()
         pool = new_pool()
         fp32, fp16_model = hand_cached(models[shape], False), hand_cached(models[shape], True)
-        ours_fn = ours(models[shape], pool)
+        variants = {
+            "ours": ours(models[shape], pool),
+            # The last layer for every position: what pruning it to the first token saves.
+            "ours, prune_last_layer=False": ours(models[shape], pool, prune_last_layer=False),
+        }
+        if importlib.util.find_spec("FlagEmbedding") is not None:
+            variants["ours, flag-reranker"] = ours(models[shape], pool, "flag-reranker")
         systems: dict[str, Callable[[], Any]] = {
             "hand-cached FP32": lambda m=fp32: m.predict(pairs),
             "hand-cached FP16": lambda m=fp16_model: m.predict(pairs),
-            "ours": lambda f=ours_fn: f(pairs),
+            **{name: lambda f=fn: f(pairs) for name, fn in variants.items()},
         }
         for fn in systems.values():
             for _ in range(3):
