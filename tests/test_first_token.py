@@ -80,6 +80,9 @@ def test_pruned_logits_equal_the_full_model(name: str, attention: str) -> None:
         unpadded = pruned(input_ids=batch["input_ids"][:1]).logits  # no mask at all
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unpadded, want[:1], atol=1e-5, rtol=1e-5)
+    # The saving is real: the last layer produced one position per sequence.
+    with torch.inference_mode():
+        assert pruned.base_model(**batch).last_hidden_state.shape[1] == 1
 
 
 def test_switching_twice_wraps_once_and_bf16_stays_close() -> None:

@@ -22,6 +22,7 @@ keeps transformers' forward throughout.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from typing import Any
@@ -63,6 +64,13 @@ def first_token_last_layer(model: Any) -> int:
             continue
         layer = layers[-1]
         if not hasattr(layer, "_rag_rerank_full_forward"):
+            # The layer's own parameter names (5.24 renamed past_key_values to cache): calls
+            # are bound against them, so a renamed or new argument is never passed twice.
+            signature = inspect.signature(layer.forward)
+            layer._rag_rerank_signature = signature
+            layer._rag_rerank_var_keyword = next(
+                (p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None
+            )
             layer._rag_rerank_full_forward = layer.forward
             layer.forward = types.MethodType(_first_token_forward, layer)
         switched += 1
@@ -82,34 +90,34 @@ def _bert_shaped(layer: Any) -> bool:
     )
 
 
-def _first_token_forward(
-    self: Any,
-    hidden_states: Any,
-    attention_mask: Any = None,
-    encoder_hidden_states: Any = None,
-    encoder_attention_mask: Any = None,
-    past_key_values: Any = None,
-    **kwargs: Any,
-) -> Any:
-    """The layer's forward for position 0 only: [batch, seq, hidden] -> [batch, 1, hidden]
-    (BERT's layer signature; a call this does not cover goes to the layer's own forward)."""
+#: Layer arguments that carry state from elsewhere (cross-attention, a KV cache): a call with
+#: any of them set runs the layer's own forward.
+_STATEFUL = ("encoder_hidden_states", "past_key_values", "past_key_value", "cache")
+
+
+def _first_token_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The layer's forward for position 0 only: [batch, seq, hidden] -> [batch, 1, hidden]. A
+    call this does not cover goes to the layer's own forward, with its arguments untouched."""
     attention = self.attention.self
     interface = _attention_function(attention)
+    try:
+        named = dict(self._rag_rerank_signature.bind(*args, **kwargs).arguments)
+    except TypeError:  # not a call the layer itself would accept: let it say so
+        return self._rag_rerank_full_forward(*args, **kwargs)
+    if interface is None or self.training:
+        return self._rag_rerank_full_forward(*args, **kwargs)
+    var_keyword = self._rag_rerank_var_keyword
+    extra = dict(named.pop(var_keyword, {})) if var_keyword else {}
+    hidden_states = named.get("hidden_states")
+    attention_mask = named.get("attention_mask")
     if (
-        interface is None
-        or self.training
-        or encoder_hidden_states is not None
-        or past_key_values is not None
+        hidden_states is None
+        or any(named.get(k) is not None or extra.get(k) is not None for k in _STATEFUL)
         or not (attention_mask is None or attention_mask.dim() == 4)
     ):
-        return self._rag_rerank_full_forward(
-            hidden_states,
-            attention_mask,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            past_key_values,
-            **kwargs,
-        )
+        return self._rag_rerank_full_forward(*args, **kwargs)
+    for key in (*_STATEFUL, "encoder_attention_mask"):
+        extra.pop(key, None)
     batch, length = hidden_states.shape[:2]
     first = hidden_states[:, :1]
     width = attention.attention_head_size
@@ -118,15 +126,9 @@ def _first_token_forward(
     value = attention.value(hidden_states).view(batch, length, -1, width).transpose(1, 2)
     if attention_mask is not None and attention_mask.shape[-2] > 1:
         attention_mask = attention_mask[:, :, :1, :]
+    scaling = attention.scaling
     context, _ = interface(
-        attention,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0,
-        scaling=attention.scaling,
-        **kwargs,
+        attention, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **extra
     )
     context = context.reshape(batch, 1, -1).contiguous()
     attended = self.attention.output(context, first)
