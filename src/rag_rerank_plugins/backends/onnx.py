@@ -43,7 +43,6 @@ the embedder backend (:mod:`.onnx_embedder`); this module holds what is the cros
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -118,8 +117,6 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
 
     start = time.perf_counter()
     ce = st_for_export(spec, model_dir, "CrossEncoder")
-    reference = copy.deepcopy(ce)  # the checks below compare with the unpruned model
-    pruned = prune_last_layer(ce, _prune(spec))
     tokenizer = ce.tokenizer
     tokenizer_json = fast_tokenizer_json(spec, tokenizer, "cross-encoder")
     activation = type(ce.activation_fn).__name__ if ce.activation_fn is not None else "Identity"
@@ -144,7 +141,6 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         **tokenizer_meta(tokenizer),
         "prompt": prompt,
         "torch": torch.__version__,
-        "kernels": pruned,
     }
 
     class _Scores(torch.nn.Module):
@@ -156,11 +152,15 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             return self.model(dict(zip(names, tensors, strict=True)))["scores"]
 
     probes = [(prompt + q if prompt else q, p) for q, p in _PROBES]
+    features = ce.preprocess(probes, prompt=None)
+    with torch.inference_mode():  # the unpruned model's logits: what the export must give
+        want = ce(dict(features))["scores"].float().reshape(len(probes), -1)[:, 0].numpy()
+    meta["kernels"] = prune_last_layer(ce, _prune(spec))
     with tmp_entry(final, tokenizer_json, meta) as tmp:
-        features = ce.preprocess(probes[:2], prompt=None)  # padded: the mask stays in the graph
+        sample = ce.preprocess(probes[:2], prompt=None)  # padded: the mask stays in the graph
         export_graph(
             _Scores(ce),
-            tuple(features[n] for n in names),
+            tuple(sample[n] for n in names),
             tmp,
             inputs=names,
             output="scores",
@@ -171,7 +171,6 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         # Check the tokenizer and (float32) the logits before publishing anything.
         runtime = OnnxCrossEncoder(tmp, threads=default_threads())
         prepared = runtime.prepare(Task("score"), _PROBES)
-        features = ce.preprocess(probes, prompt=None)
         for name in names:
             if not np.array_equal(prepared.payload[name], features[name].numpy()):
                 raise ModelLoadError(
@@ -179,9 +178,6 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
                     spec.backend,
                     f"the exported tokenizer's {name} differ from CrossEncoder.preprocess",
                 )
-        with torch.inference_mode():
-            scores = reference(dict(features))["scores"]
-            want = scores.float().reshape(len(probes), -1)[:, 0].numpy()
         got = np.asarray(runtime.forward(Task("score"), prepared)).reshape(len(probes), -1)[:, 0]
         tolerance = 1e-3 if mode == "float32" else 0.25 * max(1.0, float(np.ptp(want)))
         if not np.allclose(got, want, atol=tolerance, rtol=0):
