@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rag_rerank_plugins import ModelNotFoundError
+import pytest
+
+from rag_rerank_plugins import MissingDependencyError, ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +24,24 @@ def test_docs_recommend_hf_download_not_huggingface_cli() -> None:
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
     stale = [str(p.relative_to(ROOT)) for p in pages if re.search("huggingface-cli", p.read_text())]
     assert stale == []
+
+
+def test_an_optional_package_that_cannot_be_imported_is_not_called_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FlagEmbedding 1.4.2 under transformers 5.24 fails inside its own imports: the error must
+    say the package is installed, quote why it failed, and name the extra whose pins fix it."""
+    from rag_rerank_plugins.backends._torch_common import import_optional
+
+    package = tmp_path / "rag_rerank_broken_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from rag_rerank_gone_module import helper\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependencyError) as info:
+        import_optional("rag_rerank_broken_pkg", "FlagEmbedding", "flag", "The 'x' backend")
+    message = str(info.value)
+    assert "is installed but cannot be imported" in message
+    assert "rag_rerank_gone_module" in message
+    assert "pip install 'rag-rerank-plugins[flag]'" in message
+    with pytest.raises(MissingDependencyError, match="which is not installed"):
+        import_optional("rag_rerank_absent_pkg", "FlagEmbedding", "flag", "The 'x' backend")

@@ -6,7 +6,8 @@ Catch :class:`RagRerankError` to handle all of them::
     ├── ConfigurationError          (also a ValueError) a spec or adapter setting is invalid
     │   ├── UnknownBackendError     the backend name is not registered
     │   └── InvalidInputError       (also a TypeError) text, query or pairs it cannot accept
-    ├── MissingDependencyError      (also an ImportError) an optional extra is not installed
+    ├── MissingDependencyError      (also an ImportError) an optional extra is not installed,
+    │                               or is installed but cannot be imported (a version conflict)
     ├── ModelLoadError              loading failed; the next call retries the load
     │   └── ModelNotFoundError      the model is neither a local path nor reachable on the hub
     ├── ModelReleasedError          the model was released while a call still needed it
@@ -77,14 +78,26 @@ class InvalidInputError(ConfigurationError, TypeError):
 
 
 class MissingDependencyError(RagRerankError, ImportError):
-    """An optional dependency is missing; the message names the extra to install."""
+    """An optional dependency is missing (or installed but not importable); the message names
+    the extra to install. ``broken``: the import error of an installed package (e.g. it needs a
+    module another package no longer has), which the message quotes."""
 
-    def __init__(self, package: str, extra: str, purpose: str) -> None:
+    def __init__(
+        self, package: str, extra: str, purpose: str, broken: BaseException | None = None
+    ) -> None:
         self.package = package
         self.extra = extra
+        if broken is None:
+            state = "which is not installed. Install it with"
+        else:
+            state = (
+                f"which is installed but cannot be imported ({type(broken).__name__}: {broken}): "
+                "usually a version conflict with another installed package. Install the versions "
+                "the extra admits with"
+            )
         super().__init__(
-            f"{purpose} needs the '{package}' package, which is not installed. "
-            f"Install it with: pip install 'rag-rerank-plugins[{extra}]'"
+            f"{purpose} needs the '{package}' package, {state}: "
+            f"pip install 'rag-rerank-plugins[{extra}]'"
         )
 
 

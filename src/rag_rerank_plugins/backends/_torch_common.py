@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -44,12 +45,18 @@ __all__ = [
 
 
 def import_optional(module: str, package: str, extra: str, purpose: str) -> ModuleType:
-    """Import ``module`` or raise MissingDependencyError naming the extra to install."""
+    """Import ``module`` or raise MissingDependencyError naming the extra to install.
+
+    When ``module`` is installed but its own imports fail (FlagEmbedding 1.4.2 under
+    transformers 5.24 imports a module that release removed), the error says so and quotes the
+    import error, rather than claiming the package is missing or surfacing a bare
+    ModuleNotFoundError about another package."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] != module.split(".")[0]:
-            raise  # a broken install of something else: show the real error
+        top = module.split(".")[0]
+        if exc.name and exc.name.split(".")[0] != top and importlib.util.find_spec(top):
+            raise MissingDependencyError(package, extra, purpose, broken=exc) from exc
         raise MissingDependencyError(package, extra, purpose) from exc
 
 
