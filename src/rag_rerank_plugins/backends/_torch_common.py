@@ -1,11 +1,15 @@
 """Shared steps of torch-based backends: loading, and the device plumbing of the two phases.
 
-Every torch backend loads the same way: import lazily (clear error if the extra is missing), put
-the weights on one device in the policy's dtype, switch to ``eval()`` with gradients off, and turn
-"not found offline" into :class:`ModelNotFoundError` with instructions. Two-phase backends (see
+Every torch backend loads the same way: import lazily (clear error if the extra is missing or
+installed but not importable), put the weights on one device in the policy's dtype, switch to
+``eval()`` with gradients off, and turn "not found offline" into :class:`ModelNotFoundError` with
+instructions. Two-phase backends (see
 :mod:`.base`) pin their prepared tensors, copy them to the device without blocking, and start one
 device->host copy per pass (:class:`HostCopy`). On the CPU, :func:`cpu_kernels` swaps in the
-faster kernels of :mod:`._cpu_attention` and :mod:`._cpu_linear` (backend option ``cpu_kernels``).
+faster kernels of :mod:`._cpu_attention` and :mod:`._cpu_linear` (backend option ``cpu_kernels``);
+on every device, :func:`prune_last_layer` makes a cross-encoder's last layer compute only the
+first token (:mod:`._first_token`, option ``prune_last_layer``). :func:`describe_kernels` joins
+what runs into the line of ``stats()["kernels"]``.
 """
 
 from __future__ import annotations
