@@ -123,9 +123,13 @@ def test_passes_run_two_phase_on_parallel_cpu_workers(
     the scores stay compute_score's whatever the passes (2 workers, passes of 2 pairs)."""
     pairs = _pairs(passages)
     pool = ModelPool(config=EngineConfig(cpu_workers=2, max_batch_size=2))
-    assert pool.get(flag_spec).model.parallel_forward
+    model = pool.get(flag_spec).model
+    assert model.parallel_forward
     got = pool.score_pairs(flag_spec, pairs)
-    np.testing.assert_allclose(got, flag_reference.compute_score(pairs, normalize=True), atol=1e-5)
+    want = flag_reference.compute_score(pairs, normalize=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The one-shot path runs the same phases.
+    np.testing.assert_allclose(model.score_pairs(pairs, 3), want, atol=1e-5)
     stats = pool.spec_stats(flag_spec)
     assert stats["forward_passes"] >= len(pairs) // 2
     assert stats["padding_ratio"] is not None  # prepared batches report their real tokens

@@ -3,13 +3,14 @@
 Every torch backend loads the same way: import lazily (clear error if the extra is missing or
 installed but not importable), put the weights on one device in the policy's dtype, switch to
 ``eval()`` with gradients off, and turn "not found offline" into :class:`ModelNotFoundError` with
-instructions. Two-phase backends (see
-:mod:`.base`) pin their prepared tensors, copy them to the device without blocking, and start one
-device->host copy per pass (:class:`HostCopy`). On the CPU, :func:`cpu_kernels` swaps in the
-faster kernels of :mod:`._cpu_attention` and :mod:`._cpu_linear` (backend option ``cpu_kernels``);
-on every device, :func:`prune_last_layer` makes a cross-encoder's last layer compute only the
-first token (:mod:`._first_token`, option ``prune_last_layer``). :func:`describe_kernels` joins
-what runs into the line of ``stats()["kernels"]``.
+instructions. Two-phase backends (see :mod:`.base`) pin their prepared tensors, copy them to the
+device without blocking, and start one device->host copy per pass (:class:`HostCopy`).
+
+On the CPU, :func:`cpu_kernels` swaps in the faster kernels of :mod:`._cpu_attention` and
+:mod:`._cpu_linear` (backend option ``cpu_kernels``); on every device, :func:`prune_last_layer`
+makes a cross-encoder's last layer compute only the first token (:mod:`._first_token`, option
+``prune_last_layer``). :func:`reranker_kernels` applies both and reports them in one line for
+``stats()["kernels"]``.
 """
 
 from __future__ import annotations
@@ -169,11 +170,6 @@ def prune_last_layer(module: Any, enabled: bool) -> str:
     return "last layer for the first token only" if first_token_last_layer(module) else ""
 
 
-def describe_kernels(*parts: str) -> str:
-    """One line for the load log and ``stats()["kernels"]`` from the non-empty parts."""
-    return ", ".join(p for p in parts if p)
-
-
 def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
     """Switch a loaded torch model to this package's CPU kernels; return what now runs.
 
@@ -199,6 +195,13 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
     if packed:
         parts.append(f"{packed} packed oneDNN linear layers")
     return ", ".join(parts) or "transformers' kernels (none of ours applies to this model)"
+
+
+def reranker_kernels(module: Any, device: str, cpu: bool, prune: bool) -> str:
+    """A reranker's :func:`cpu_kernels` and :func:`prune_last_layer`, as one line for the load
+    log and ``stats()["kernels"]``."""
+    parts = (cpu_kernels(module, device, cpu), prune_last_layer(module, prune))
+    return ", ".join(part for part in parts if part)
 
 
 @contextlib.contextmanager

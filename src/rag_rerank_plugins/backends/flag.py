@@ -31,15 +31,14 @@ from ._torch_common import (
     bind_torch_worker,
     cpu_kernels,
     cpu_kernels_option,
-    describe_kernels,
     features_to,
     import_optional,
     loading_errors,
     module_bytes,
     prepare_module,
     prepared_batch,
-    prune_last_layer,
     prune_last_layer_option,
+    reranker_kernels,
 )
 from .base import EmbedderModel, ModelProvider, Prepared, RerankerModel, Task
 from .options import FLAG_M3_OPTIONS, FLAG_RERANKER_OPTIONS
@@ -190,27 +189,15 @@ class FlagReranker(RerankerModel):
             for q, d in zip(q_ids, p_ids, strict=True)
         ]
 
-    def logits(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
-        """First logit per pair, upcast to FP32, in input order."""
-        import torch
-
-        items = self._encode(pairs)
-        order = _length_sorted(items)
-        out: list[float] = [0.0] * len(items)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                inputs = self._pad(
-                    self.tokenizer, [items[i] for i in chunk], padding=True, return_tensors="pt"
-                ).to(self.device)
-                logits = self.model(**inputs, return_dict=True).logits
-                values = logits.reshape(len(chunk), -1)[:, 0].float().cpu().tolist()
-                for i, value in zip(chunk, values, strict=True):
-                    out[i] = float(value)
-        return out
-
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
-        return self._scores(self.logits(pairs, batch_size))
+        """The one-shot path (the engine runs the phases itself): the same phases, in passes of
+        ``batch_size`` pairs."""
+        task = Task("score")
+        out: list[float] = []
+        for start in range(0, len(pairs), batch_size):
+            batch = self.prepare(task, pairs[start : start + batch_size])
+            out += self.finish(task, self.forward(task, batch))
+        return out
 
     def _scores(self, logits: list[float]) -> list[float]:
         if self.score_mode == "sigmoid":
@@ -253,9 +240,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
         )
         prepare_module(flag.model, spec.dtype)
         flag.model.to(spec.device)
-        kernels = describe_kernels(
-            cpu_kernels(flag.model, spec.device, kernels_on), prune_last_layer(flag.model, prune)
-        )
+        kernels = reranker_kernels(flag.model, spec.device, kernels_on, prune)
     assert mode is not None
     reranker = FlagReranker(flag, spec.device, spec.dtype, mode)
     reranker.kernels = kernels

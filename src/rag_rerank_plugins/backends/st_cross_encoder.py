@@ -22,18 +22,16 @@ from typing import TYPE_CHECKING, Any
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
-    cpu_kernels,
     cpu_kernels_option,
-    describe_kernels,
     features_to,
     import_optional,
     loading_errors,
     module_bytes,
     prepare_module,
     prepared_batch,
-    prune_last_layer,
     prune_last_layer_option,
     quantize_module,
+    reranker_kernels,
     torch_dtype,
     warm_tokenizer,
 )
@@ -163,9 +161,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
         )
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
-        in_use = describe_kernels(
-            cpu_kernels(model, spec.device, kernels), prune_last_layer(model, prune)
-        )
+        in_use = reranker_kernels(model, spec.device, kernels, prune)
     reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode)
     reranker.kernels = in_use
     return reranker
