@@ -27,6 +27,8 @@ import sys
 import types
 from typing import Any
 
+from ._cpu_attention import ATTENTION_NAME  # light: torch is imported inside its functions
+
 __all__ = ["CLASSIFIERS", "first_token_last_layer"]
 
 #: Sequence classifiers whose head reads only position 0 of the last layer, and whose layers have
@@ -42,7 +44,7 @@ CLASSIFIERS = frozenset(
 )
 #: Attention implementations whose 4-D masks are [batch, 1, q_len, kv_len] (or None), so the
 #: first query row is a slice. Flash / flex attention take other mask forms: left alone.
-_MASK_FORMS = frozenset({"sdpa", "eager", "rag_rerank_cpu"})
+_MASK_FORMS = frozenset({"sdpa", "eager", ATTENTION_NAME})
 
 
 def first_token_last_layer(model: Any) -> int:
