@@ -24,7 +24,13 @@ from langchain_core.documents import Document
 from llama_index.core.schema import ImageNode, NodeWithScore, TextNode
 from pydantic import ValidationError
 
-from rag_rerank_plugins import ConfigurationError, InvalidInputError, ModelPool, ModelSpec
+from rag_rerank_plugins import (
+    ConfigurationError,
+    InferenceError,
+    InvalidInputError,
+    ModelPool,
+    ModelSpec,
+)
 from rag_rerank_plugins.backends import RerankerModel, register_backend
 from rag_rerank_plugins.handle import clean_text
 from rag_rerank_plugins.langchain import SharedRerankCompressor
@@ -254,24 +260,24 @@ class _Weird(RerankerModel):
         return [table.get(p, 0.5) for _, p in pairs]
 
 
-def test_b15_nan_and_inf_scores_from_a_backend(pool: ModelPool) -> None:
+def test_b15_nan_and_inf_scores_from_a_backend_fail_the_request(pool: ModelPool) -> None:
+    """A non-finite score has no rank (``+inf`` would come first, NaN anywhere) and no JSON
+    form: the engine's checked seam fails the request, naming the backend, on every path."""
     name = f"weird-{uuid.uuid4().hex[:8]}"
     register_backend(name, lambda spec, p: _Weird(), "reranker")
-    comp = SharedRerankCompressor(model="w", backend=name, pool=pool, top_n=None)
-    out = comp.compress_documents(_docs(["nan", "-inf", "ok", "inf", "nan"]), QUERY)
-    assert [d.id for d in out] == ["d3", "d2", "d1", "d0", "d4"]  # +inf first, NaN last
-    assert math.isnan(out[-1].metadata["relevance_score"])
-    kept = comp.model_copy(update={"score_threshold": -1e9}).compress_documents(
-        _docs(["nan", "-inf", "ok", "inf"]), QUERY
+    for bad in ("nan", "inf", "-inf"):
+        comp = SharedRerankCompressor(model="w", backend=name, pool=pool, top_n=1)
+        with pytest.raises(InferenceError, match=f"{name}.*non-finite score"):
+            comp.compress_documents(_docs(["ok", bad]), QUERY)
+        post = SharedRerankPostprocessor(model="w", backend=name, pool=pool, top_n=1)
+        with pytest.raises(InferenceError, match="non-finite"):
+            post.postprocess_nodes(_nodes([bad, "ok"]), None, QUERY)
+    # With on_error="passthrough" the adapter answers in retrieval order instead.
+    comp = SharedRerankCompressor(
+        model="w", backend=name, pool=pool, top_n=None, on_error="passthrough"
     )
-    assert [d.id for d in kept] == ["d3", "d2"]  # NaN and -inf never pass a threshold
-    post = SharedRerankPostprocessor(model="w", backend=name, pool=pool, top_n=2)
-    assert [
-        n.node.node_id for n in post.postprocess_nodes(_nodes(["nan", "inf"]), None, QUERY)
-    ] == [
-        "n1",
-        "n0",
-    ]
+    out = comp.compress_documents(_docs(["ok", "inf"]), QUERY)
+    assert [d.id for d in out] == ["d0", "d1"]
 
 
 def test_b16_threshold_filtering_everything_returns_empty(pool: ModelPool) -> None:

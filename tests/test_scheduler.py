@@ -21,7 +21,7 @@ from rag_rerank_plugins import (
 )
 from rag_rerank_plugins.backends import RerankerModel, register_backend
 from rag_rerank_plugins.engine_config import EngineConfig
-from rag_rerank_plugins.scheduler import estimate_tokens
+from rag_rerank_plugins.engine.batching import estimate_tokens
 from rag_rerank_plugins.testing import FakeEmbedder, FakeReranker
 
 

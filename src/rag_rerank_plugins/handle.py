@@ -1,7 +1,7 @@
 """`ModelHandle`: one loaded model plus what makes it safe and cheap to share.
 
 A handle validates input (before any model work), answers from its caches, counts, and hands the
-rest to its executor (:mod:`rag_rerank_plugins.executor`): a scheduler whose device worker is the
+rest to its executor (:mod:`rag_rerank_plugins.engine.executor`): a scheduler whose device worker is the
 only thread that runs the model, or direct calls for models that declare ``thread_safe``.
 Counters live in :class:`~rag_rerank_plugins.stats.SpecStats`, which the pool keeps across
 releases so reloads show up as ``loads > 1``.
@@ -19,8 +19,8 @@ from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache
 from .engine_config import EngineConfig
 from .exceptions import InvalidInputError, ModelReleasedError
-from .executor import Call, Executor, executor_for
-from .scheduler import LANES, Lane
+from .engine.executor import Executor, executor_for
+from .engine.request import LANES, Lane, Request
 from .spec import ModelSpec
 from .stats import Metrics, SpecStats
 
@@ -129,6 +129,24 @@ class ModelHandle:
 
     # -- execution ----------------------------------------------------------------------------
 
+    def _request(
+        self,
+        task: Task,
+        items: list[Any],
+        batch_size: int,
+        timeout: float | None,
+        priority: Lane,
+    ) -> Request:
+        """The one request object that travels to the backend and back (checked here, before
+        any model work)."""
+        self._check_batch_size(batch_size)
+        self._check_priority(priority)
+        if timeout is None:
+            timeout = self.config.request_timeout_s
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+        return Request(task, items, batch_size, priority, timeout)
+
     def _execute(
         self,
         task: Task,
@@ -137,14 +155,11 @@ class ModelHandle:
         timeout: float | None,
         priority: Lane = "interactive",
     ) -> list[Any]:
-        self._check_batch_size(batch_size)
-        self._check_priority(priority)
+        request = self._request(task, items, batch_size, timeout, priority)
         self._pin_or_raise()
         start = time.perf_counter()
         try:
-            result = self._executor.run(
-                Call(task, items, batch_size, priority), self._timeout(timeout)
-            )
+            result = self._executor.run(request)
         except BaseException:
             self._count(len(items), start, error=True)
             raise
@@ -163,14 +178,11 @@ class ModelHandle:
     ) -> list[Any]:
         import asyncio
 
-        self._check_batch_size(batch_size)
-        self._check_priority(priority)
+        request = self._request(task, items, batch_size, timeout, priority)
         self._pin_or_raise()
         start = time.perf_counter()
         try:
-            result = await self._executor.arun(
-                Call(task, items, batch_size, priority), self._timeout(timeout)
-            )
+            result = await self._executor.arun(request)
         except asyncio.CancelledError:
             self._metrics.bump("cancelled")
             raise
@@ -222,9 +234,6 @@ class ModelHandle:
     def _check_batch_size(batch_size: int) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return timeout if timeout is not None else self.config.request_timeout_s
 
     def _count(self, n_items: int, start: float, error: bool = False) -> None:
         now = time.perf_counter()

@@ -52,7 +52,7 @@ from .spec import ModelSpec
 
 if TYPE_CHECKING:  # imported on first load: keeps `get_pool()` cheap at start-up
     from .handle import ModelHandle
-    from .scheduler import Lane
+    from .engine.request import Lane
     from .stats import SpecStats
 
 __all__ = ["ModelPool", "get_pool"]

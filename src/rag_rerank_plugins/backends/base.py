@@ -37,6 +37,9 @@ The protocol, in the order the engine uses it:
   pool with a memory budget uses to decide what to evict (default None: unknown, counted as 0).
 * ``arun`` (optional, thread-safe models only): a native coroutine, so async callers need no
   thread (the remote backends' ``httpx.AsyncClient``).
+* :func:`current_call` (optional): a directly called backend that calls other shared models (the
+  bi-encoder) reads its caller's lane and deadline here and passes them on, so ``priority`` and
+  ``timeout`` hold through it.
 
 Backends never import the pool: what a backend may ask of its pool (the bi-encoder reuses the
 shared embedder) is the :class:`ModelProvider` protocol below, so ``backends`` has no import
@@ -45,8 +48,12 @@ edge, type-only included, to ``pool``, ``handle`` or the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextvars import ContextVar
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
     from ..spec import ModelSpec
 
 __all__ = [
+    "CallContext",
     "EmbedderModel",
     "Kind",
     "LoadedModel",
@@ -63,6 +71,8 @@ __all__ = [
     "Prepared",
     "RerankerModel",
     "Task",
+    "call_context",
+    "current_call",
     "is_out_of_memory",
 ]
 
@@ -97,6 +107,38 @@ class Prepared:
     #: avg_tokens_per_batch, padding_ratio), else None (the scheduler's estimates are used).
     padded_tokens: int | None = None
     real_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """The lane and deadline of the request a directly called backend is running."""
+
+    priority: Literal["interactive", "bulk"] = "interactive"
+    #: ``time.monotonic()`` by which the caller wants the result (None: no deadline).
+    deadline: float | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline; at least 1 ms, so a callee
+        fails with its own timeout error rather than an invalid one)."""
+        return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+
+
+_CALL: ContextVar[CallContext | None] = ContextVar("rag_rerank_call", default=None)
+
+
+def current_call() -> CallContext:
+    """The context of the call being run in this thread or task (defaults when none)."""
+    return _CALL.get() or CallContext()
+
+
+@contextlib.contextmanager
+def call_context(context: CallContext) -> Iterator[None]:
+    """Run the block as part of ``context`` (the engine's direct stage sets it)."""
+    token = _CALL.set(context)
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -267,6 +309,7 @@ class ModelProvider(Protocol):
         is_query: bool = False,
         normalize: bool = False,
         timeout: float | None = None,
+        priority: Literal["interactive", "bulk"] = "interactive",
     ) -> list[list[float]]: ...
 
     def model_info(self, spec: ModelSpec) -> tuple[str, str]:

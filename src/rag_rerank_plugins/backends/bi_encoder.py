@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .base import ModelProvider, RerankerModel
+from .base import ModelProvider, RerankerModel, current_call
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -49,8 +49,25 @@ class BiEncoderReranker(RerankerModel):
         queries = list(dict.fromkeys(q for q, _ in pairs))
         texts = [t for _, t in pairs]
         embed = self._provider.embed
-        qvecs = embed(self.embedder, queries, batch_size, is_query=True, normalize=True)
-        dvecs = embed(self.embedder, texts, batch_size, is_query=False, normalize=True)
+        call = current_call()  # the caller's lane and deadline hold through the embedder
+        qvecs = embed(
+            self.embedder,
+            queries,
+            batch_size,
+            is_query=True,
+            normalize=True,
+            timeout=call.remaining(),
+            priority=call.priority,
+        )
+        dvecs = embed(
+            self.embedder,
+            texts,
+            batch_size,
+            is_query=False,
+            normalize=True,
+            timeout=call.remaining(),
+            priority=call.priority,
+        )
         by_query = dict(zip(queries, qvecs, strict=True))
         return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs, strict=True)]
 

@@ -1,0 +1,165 @@
+"""How a handle's requests reach its model: the scheduled path and the direct stage.
+
+* :class:`ScheduledExecutor`: the model is owned by a :class:`~.scheduler.Scheduler` (torch
+  models; anything not thread-safe). Callers wait on the request's future.
+* :class:`DirectExecutor`: the model declares ``thread_safe`` (HTTP clients, fakes, the
+  bi-encoder) and is called without a queue: a trivial stage that runs the same
+  :class:`~.request.Request` with its lane and deadline in :func:`~..backends.base.current_call`,
+  and validates what comes back exactly like the worker does.
+
+The base class owns what every path shares, once: caller deadlines (a request past its deadline
+raises :class:`RequestTimeoutError` in its caller on time, even while a direct backend call is
+still running in its thread), withdrawal of a timed-out or cancelled request, and mapping foreign
+exceptions to :class:`InferenceError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from ..backends.base import CallContext, EmbedderModel, LoadedModel, call_context
+from ..engine_config import EngineConfig
+from ..exceptions import InferenceError, RagRerankError
+from ..stats import Metrics
+from .request import Request, timeout_error
+from .scheduler import Scheduler
+from .validate import check_results
+
+__all__ = ["DirectExecutor", "Executor", "ScheduledExecutor", "executor_for", "map_error"]
+
+
+def map_error(exc: BaseException, name: str) -> BaseException:
+    """Our errors pass through; anything else becomes InferenceError naming the model."""
+    if isinstance(exc, (RagRerankError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+        return exc
+    error = InferenceError(f"{name} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class Executor(ABC):
+    """Runs requests on one loaded model; see the module docstring."""
+
+    def __init__(self, model: LoadedModel, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    def run(self, request: Request) -> list[Any]:
+        """One result per item, waiting until the request's deadline at most."""
+        future = self._start(request)
+        try:
+            return future.result(request.remaining_seconds())
+        except FutureTimeout:
+            request.withdraw()
+            raise timeout_error(self.name, request.timeout) from None
+        except BaseException as exc:
+            error = map_error(exc, self.name)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def arun(self, request: Request) -> list[Any]:
+        """:meth:`run` for coroutines: never blocks the event loop; cancelling withdraws."""
+        try:
+            return await asyncio.wait_for(self._astart(request), request.remaining_seconds())
+        except asyncio.TimeoutError:
+            request.withdraw()
+            raise timeout_error(self.name, request.timeout) from None
+        except asyncio.CancelledError:
+            request.withdraw()
+            raise
+        except BaseException as exc:
+            error = map_error(exc, self.name)
+            if error is exc:
+                raise
+            raise error from exc
+
+    @abstractmethod
+    def _start(self, request: Request) -> Future[list[Any]]: ...
+
+    @abstractmethod
+    async def _astart(self, request: Request) -> list[Any]: ...
+
+    def close(self) -> None:  # noqa: B027 - nothing to stop for direct calls
+        """Finish queued work and stop any threads."""
+
+    def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
+        """The executor to use in a forked child (threads do not survive fork)."""
+        return self
+
+
+class DirectExecutor(Executor):
+    """Thread-safe models, called without a queue (see the module docstring).
+
+    Without a deadline a sync call runs in the caller's thread; with one it runs in a daemon
+    thread, so the caller gets its timeout on time (the call itself cannot be interrupted; its
+    result is dropped).
+    """
+
+    def _call(self, request: Request) -> list[Any]:
+        with call_context(CallContext(request.lane, request.deadline)):
+            results = self.model.run(request.task, request.items, request.batch_size)
+        return self._check(request, results)
+
+    def _check(self, request: Request, results: Any) -> list[Any]:
+        dimension = self.model.dimension if isinstance(self.model, EmbedderModel) else None
+        return check_results(self.name, request.task, results, len(request.items), dimension)
+
+    def _start(self, request: Request) -> Future[list[Any]]:
+        if request.deadline is None:
+            request.start()
+            try:
+                request.resolve(self._call(request))
+            except BaseException as exc:
+                request.fail(map_error(exc, self.name))
+            return request.future
+        context = contextvars.copy_context()
+        request.start()
+
+        def run() -> None:
+            try:
+                request.resolve(context.run(self._call, request))
+            except BaseException as exc:
+                request.fail(map_error(exc, self.name))
+
+        threading.Thread(target=run, name=f"rag-rerank-direct[{self.name}]", daemon=True).start()
+        return request.future
+
+    async def _astart(self, request: Request) -> list[Any]:
+        with call_context(CallContext(request.lane, request.deadline)):
+            results = await self.model.arun(request.task, request.items, request.batch_size)
+        return self._check(request, results)
+
+
+class ScheduledExecutor(Executor):
+    """Models owned by a scheduler: callers enqueue and wait on the request's future."""
+
+    def __init__(self, model: LoadedModel, name: str, config: EngineConfig, metrics: Metrics):
+        super().__init__(model, name)
+        self.scheduler = Scheduler(model, config, metrics, name=name)
+
+    def _start(self, request: Request) -> Future[list[Any]]:
+        return self.scheduler.submit(request)
+
+    async def _astart(self, request: Request) -> list[Any]:
+        # Cancelling the awaiting task cancels the future: a queued request is withdrawn.
+        return await asyncio.wrap_future(self.scheduler.submit(request))
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
+        return ScheduledExecutor(self.model, self.name, config, metrics)
+
+
+def executor_for(model: LoadedModel, name: str, config: EngineConfig, metrics: Metrics) -> Executor:
+    """Direct for models that declare ``thread_safe``, scheduled for every other."""
+    if model.thread_safe:
+        return DirectExecutor(model, name)
+    return ScheduledExecutor(model, name, config, metrics)
