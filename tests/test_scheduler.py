@@ -20,8 +20,8 @@ from rag_rerank_plugins import (
     RequestTimeoutError,
 )
 from rag_rerank_plugins.backends import RerankerModel, register_backend
-from rag_rerank_plugins.engine_config import EngineConfig
 from rag_rerank_plugins.engine.batching import estimate_tokens
+from rag_rerank_plugins.engine_config import EngineConfig
 from rag_rerank_plugins.testing import FakeEmbedder, FakeReranker
 
 

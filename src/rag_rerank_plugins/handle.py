@@ -1,8 +1,9 @@
 """`ModelHandle`: one loaded model plus what makes it safe and cheap to share.
 
-A handle validates input (before any model work), answers from its caches, counts, and hands the
-rest to its executor (:mod:`rag_rerank_plugins.engine.executor`): a scheduler whose device worker is the
-only thread that runs the model, or direct calls for models that declare ``thread_safe``.
+A handle validates input (before any model work), answers from its caches, counts, builds the one
+:class:`~rag_rerank_plugins.engine.request.Request` of each call, and hands it to its executor
+(:mod:`rag_rerank_plugins.engine.executor`): a scheduler whose device worker is the only thread
+that runs the model, or the direct stage for models that declare ``thread_safe``.
 Counters live in :class:`~rag_rerank_plugins.stats.SpecStats`, which the pool keeps across
 releases so reloads show up as ``loads > 1``.
 """
@@ -17,10 +18,10 @@ from typing import Any
 
 from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache
-from .engine_config import EngineConfig
-from .exceptions import InvalidInputError, ModelReleasedError
 from .engine.executor import Executor, executor_for
 from .engine.request import LANES, Lane, Request
+from .engine_config import EngineConfig
+from .exceptions import InvalidInputError, ModelReleasedError
 from .spec import ModelSpec
 from .stats import Metrics, SpecStats
 
@@ -73,7 +74,7 @@ class ModelHandle:
         self.config = config
         self._model: LoadedModel | None = model
         self._stats = stats
-        self._stats_lock = threading.Lock()
+        self._pin_lock = threading.Lock()
         # Calls running on this handle (the pool pins around its calls too); a pool evicts a
         # model only when none runs, and after _try_retire() new calls get ModelReleasedError.
         self._in_flight = 0
@@ -144,7 +145,9 @@ class ModelHandle:
         if timeout is None:
             timeout = self.config.request_timeout_s
         elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+            raise InvalidInputError(
+                f"timeout must be a positive number of seconds, got {timeout!r}."
+            )
         return Request(task, items, batch_size, priority, timeout)
 
     def _execute(
@@ -198,7 +201,7 @@ class ModelHandle:
 
     def _pin(self) -> bool:
         """Count one call in flight; False (nothing counted) once the pool retired this handle."""
-        with self._stats_lock:
+        with self._pin_lock:
             if self._retiring or self._model is None:
                 return False
             self._in_flight += 1
@@ -211,12 +214,12 @@ class ModelHandle:
             )
 
     def _unpin(self) -> None:
-        with self._stats_lock:
+        with self._pin_lock:
             self._in_flight -= 1
 
     def _try_retire(self) -> bool:
         """Atomically: if no call is in flight, refuse every later one. True when retired."""
-        with self._stats_lock:
+        with self._pin_lock:
             if self._in_flight:
                 return False
             self._retiring = True
@@ -236,20 +239,13 @@ class ModelHandle:
             raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
 
     def _count(self, n_items: int, start: float, error: bool = False) -> None:
-        now = time.perf_counter()
-        with self._stats_lock:
-            s = self._stats
-            s.calls += 1
-            s.items += n_items
-            s.busy_seconds += now - start
-            s.last_used = time.time()
-            if error:
-                s.errors += 1
+        self._stats.add(
+            calls=1, items=n_items, busy_seconds=time.perf_counter() - start, errors=int(error)
+        )
+        self._stats.update(last_used=time.time())
 
     def _cache_counts(self, hits: int, misses: int) -> None:
-        with self._stats_lock:
-            self._stats.cache_hits += hits
-            self._stats.cache_misses += misses
+        self._stats.add(cache_hits=hits, cache_misses=misses)
 
     # -- reranking ----------------------------------------------------------------------------
 
@@ -422,7 +418,8 @@ class ModelHandle:
 
     def _after_fork(self) -> None:
         """In a forked child: new locks and a new worker (threads do not survive fork)."""
-        self._stats_lock = threading.Lock()
+        self._pin_lock = threading.Lock()
+        self._stats.renew_lock()
         self._in_flight = 0  # the parent's calls do not run in the child
         self._metrics._lock = threading.Lock()
         self._score_cache._lock = threading.Lock()

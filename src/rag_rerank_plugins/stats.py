@@ -189,13 +189,32 @@ class SpecStats:
     evictions: int = 0
     last_eviction_reason: str | None = None
     metrics: Metrics | None = field(default=None, repr=False, compare=False)
+    #: The one lock over these counters: every change goes through :meth:`add` or :meth:`update`.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        """Add to counters, atomically (``stats.add(calls=1, items=n)``)."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def update(self, **values: Any) -> None:
+        """Set fields, atomically."""
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, name, value)
+
+    def renew_lock(self) -> None:
+        """In a forked child: a lock the parent's threads cannot be holding."""
+        self._lock = threading.Lock()
 
     def as_dict(self) -> dict[str, Any]:
-        data = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("metrics", "footprint_bytes")
-        }
+        with self._lock:
+            data = {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.name not in ("metrics", "footprint_bytes", "_lock")
+            }
         footprint = self.footprint_bytes
         data["footprint_mb"] = None if footprint is None else round(footprint / 2**20, 3)
         data["reloads"] = max(0, self.loads - 1)

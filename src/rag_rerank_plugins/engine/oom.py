@@ -47,7 +47,9 @@ def release_memory(stages: Stages) -> None:
     try:
         stages.model().free_cache()
     except Exception:  # the split below is still the best chance to serve the requests
-        logger.warning("%s: free_cache() failed after running out of memory", stages.name, exc_info=True)
+        logger.warning(
+            "%s: free_cache() failed after running out of memory", stages.name, exc_info=True
+        )
 
 
 def shrink_budget(stages: Stages, failed: Batch) -> None:

@@ -51,7 +51,7 @@ class RequestQueue:
     # -- admission (callers' threads) -------------------------------------------------------------
 
     def add(self, request: Request, start_worker: Callable[[], None]) -> None:
-        """Admit ``request`` (waiting ``queue_timeout_s`` for room when full) and wake the worker."""
+        """Admit ``request`` (waiting ``queue_timeout_s`` for room if full); wake the worker."""
         with self.cond:
             if self.closing:
                 raise ModelReleasedError(f"{self.name} is being released.")
@@ -87,9 +87,8 @@ class RequestQueue:
             if request.future.cancelled() and request.started is None:
                 self.metrics.bump("cancelled")
                 request.fail(ModelReleasedError("withdrawn"))  # settles; the caller is gone
-            elif not request.done and not request.fail_if_expired(self.name, now):
-                if request.pending:
-                    kept.append(request)
+            elif not (request.done or request.fail_if_expired(self.name, now)) and request.pending:
+                kept.append(request)
         if len(kept) != len(self._requests):
             self._requests = kept
             self.metrics.queue_depth = len(kept)
@@ -101,7 +100,9 @@ class RequestQueue:
         with self.cond:
             self._prune(time.monotonic())
             now = time.perf_counter()
-            return any(r.effective_lane(now, self._aging_s) == "interactive" for r in self._requests)
+            return any(
+                r.effective_lane(now, self._aging_s) == "interactive" for r in self._requests
+            )
 
     def wait_for_work(self, wait_s: float) -> bool:
         """Block until work is queued (False: closing and drained); then wait up to ``wait_s``

@@ -162,4 +162,3 @@ def timeout_error(name: str, timeout: float | None) -> RequestTimeoutError:
         f"{name}: no result within {timeout} s (queued or running). Raise the timeout, "
         "reduce load, or add replicas."
     )
-

@@ -13,7 +13,6 @@ rank, and JSON has no way to write it; a model that produces one is broken for t
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from typing import Any
 

@@ -99,9 +99,9 @@ class Worker:
         while True:
             while len(ahead) < LOOKAHEAD:
                 if not formed:
-                    if not ahead and running is None and not inflight:
-                        if not self.queue.wait_for_work(self.wait_s):
-                            return  # closing and drained
+                    idle = not ahead and running is None and not inflight
+                    if idle and not self.queue.wait_for_work(self.wait_s):
+                        return  # closing and drained
                     entries, lane = self.queue.take_round(self.budget)
                     if not entries:
                         break

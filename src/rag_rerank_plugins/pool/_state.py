@@ -1,0 +1,126 @@
+"""The pool's shared state: slots, locks and counters every part of the pool reads.
+
+:class:`PoolState` holds what loading, releasing, the memory budget and the calls share, and
+the two helpers they all use (:meth:`PoolState._stats_for`, :meth:`PoolState._close_handle`), so
+each concern lives in its own module as a small mixin over one state.
+
+Lock discipline: ``_lock`` guards the dicts (``_slots``, ``_stats``, ``_keys``); ``_mem_lock``
+(re-entrant; taken before any slot lock) serialises loads under a budget and evictions; each
+slot's lock serialises the load of one spec. Counters of a spec are changed only through
+:meth:`SpecStats.add` / :meth:`SpecStats.update`, under the stats' own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from .._memory import free_memory
+from ..backends import backend_info
+from ..engine_config import EngineConfig, PoolConfig
+from ..spec import ModelSpec
+
+if TYPE_CHECKING:
+    from ..handle import ModelHandle
+    from ..stats import SpecStats
+
+__all__ = ["MB", "POOLS", "PoolState", "Slot", "fmt_mb"]
+
+logger = logging.getLogger("rag_rerank_plugins.pool")
+MB = 1024 * 1024
+
+
+#: Every pool alive in this process (a forked child renews their locks).
+POOLS: weakref.WeakSet[PoolState] = weakref.WeakSet()
+
+
+def fmt_mb(nbytes: int | None) -> str:
+    return "unknown" if nbytes is None else f"{nbytes / MB:.0f} MB"
+
+
+class Slot:
+    """Per-spec load lock plus the handle once loaded."""
+
+    __slots__ = ("handle", "loaded_at", "lock", "retired")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.handle: ModelHandle | None = None
+        self.retired = False
+        self.loaded_at = 0.0  # time.time() of the load: an unused model's idle clock starts here
+
+
+class PoolState:
+    """State shared by the pool's parts (see the module docstring)."""
+
+    config: EngineConfig
+    pool_config: PoolConfig
+    _pins: bool
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[ModelSpec, Slot] = {}
+        self._keys: dict[ModelSpec, ModelSpec] = {}
+        self._stats: dict[ModelSpec, SpecStats] = {}
+        self._reasons: dict[ModelSpec, str] = {}
+        self._fork_orphans: list[ModelHandle] = []
+        # Loads (under a budget) and evictions hold _mem_lock, taken before any slot lock.
+        # Re-entrant: a loader may load another spec (the bi-encoder's embedder).
+        self._mem_lock = threading.RLock()
+        self._peak: dict[str, int] = {}
+        self._over: set[str] = set()  # devices left over budget (every model was busy)
+        self._needs_warmup: set[ModelSpec] = set()
+        self._loading = 0
+        self._load_seq = 0
+        self._reaper_thread: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
+
+    # Implemented by the parts that own them (declared here so each part type-checks alone).
+    def _get(self, spec: ModelSpec, *, pin: bool) -> ModelHandle:
+        raise NotImplementedError  # core.ModelPool._get
+
+    def _settle(self) -> None:
+        raise NotImplementedError  # budget.MemoryBudget._settle
+
+    def _stats_for(self, key: ModelSpec) -> SpecStats:
+        from ..stats import SpecStats
+
+        with self._lock:
+            stats = self._stats.get(key)
+            if stats is None:
+                info = backend_info(key.backend)
+                stats = self._stats[key] = SpecStats(
+                    spec=key.label,
+                    backend=key.backend,
+                    model=key.model,
+                    kind=info.kind,
+                    device=key.device,
+                    dtype=key.dtype,
+                )
+            return stats
+
+    def _close_handle(self, key: ModelSpec, handle: ModelHandle) -> None:
+        device = handle.device
+        handle._close()
+        stats = self._stats.get(key)
+        if stats is not None:
+            stats.update(loaded=False)
+            stats.add(releases=1)
+        del handle
+        free_memory(device)
+
+    def _resident(self, device: str) -> list[tuple[ModelSpec, Slot, ModelHandle, int]]:
+        """Loaded models on ``device`` with their footprints (unknown counts as 0)."""
+        with self._lock:
+            items = list(self._slots.items())
+        out = []
+        for key, slot in items:
+            handle = slot.handle
+            if handle is None or handle.device != device:
+                continue
+            stats = self._stats.get(key)
+            footprint = (stats.footprint_bytes if stats is not None else None) or 0
+            out.append((key, slot, handle, footprint))
+        return out

@@ -1,0 +1,226 @@
+"""The :class:`ModelPool` itself: keys, the load-once path, release, introspection.
+
+The pool's other concerns are parts of the same object, one module each: loading a spec
+(:mod:`.loading`), the memory budget and idle reaper (:mod:`.budget`), the call methods
+(:mod:`.calls`), and the shared state they all read (:mod:`._state`); the process-wide default
+pool and fork handling are in :mod:`.process`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..backends import backend_info
+from ..engine_config import EngineConfig, PoolConfig
+from ..exceptions import InvalidInputError
+from ..policy import resolve_spec
+from ..spec import ModelSpec
+from ._state import POOLS, Slot, logger
+from .budget import MemoryBudget
+from .calls import PoolCalls
+from .loading import Loading
+
+if TYPE_CHECKING:
+    from ..handle import ModelHandle
+
+__all__ = ["ModelPool"]
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<from PoolConfig / RAG_RERANK_POOL_*>"
+
+
+_UNSET: Any = _Unset()
+
+
+class ModelPool(PoolCalls, MemoryBudget, Loading):
+    """Thread-safe, fork-aware registry of loaded models keyed by resolved :class:`ModelSpec`.
+
+    Most applications use the process-wide :func:`get_pool`; separate pools are useful in tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: EngineConfig | None = None,
+        num_threads: int | None = None,
+        memory_budget_mb: int | float | Mapping[str, int | float] | None = _UNSET,
+        idle_unload_s: float | None = _UNSET,
+        over_budget: Literal["warn", "raise"] = _UNSET,
+        pool_config: PoolConfig | None = None,
+    ) -> None:
+        """``memory_budget_mb``: most MB of models per device (a number for every device, or
+        ``{"cpu": 2000, "cuda:0": 6000}``); ``idle_unload_s``: release models unused that long;
+        ``over_budget``: ``"warn"`` (load a model bigger than its whole budget anyway) or
+        ``"raise"``. Arguments not given come from ``pool_config``, else from
+        ``RAG_RERANK_POOL_*`` (:meth:`PoolConfig.from_env`)."""
+        #: Scheduling, queue and cache settings for every model this pool loads.
+        self.config = config if config is not None else EngineConfig.from_env()
+        base = pool_config if pool_config is not None else PoolConfig.from_env()
+        given = {
+            "memory_budget_mb": memory_budget_mb,
+            "idle_unload_s": idle_unload_s,
+            "over_budget": over_budget,
+        }
+        changes = {name: value for name, value in given.items() if value is not _UNSET}
+        #: Memory budget, idle unload and over-budget policy of this pool.
+        self.pool_config = base.with_changes(**changes) if changes else base
+        # Only a pool that evicts by itself pins handles for the whole call (without one, just
+        # an explicit release() can race a call, and the retry below covers that).
+        self._pins = self.pool_config.manages_memory or self.pool_config.idle_unload_s is not None
+        self._num_threads = num_threads
+        self._init_state()
+        POOLS.add(self)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def key(self, spec: ModelSpec) -> ModelSpec:
+        """The resolved spec the pool stores ``spec`` under (device, dtype, path made concrete)."""
+        key = self._keys.get(spec)
+        if key is None:
+            if not isinstance(spec, ModelSpec):
+                raise InvalidInputError(f"expected a ModelSpec, got {type(spec).__name__}")
+            info = backend_info(spec.backend)  # unknown backend -> clear error before any work
+            key, decision = resolve_spec(spec, uses_torch=info.uses_torch)
+            self._reasons.setdefault(key, decision.reason)
+            self._keys[spec] = key
+        return key
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def get(self, spec: ModelSpec) -> ModelHandle:
+        """The shared handle for ``spec``, loading it on first use (exactly once)."""
+        return self._get(spec, pin=False)
+
+    def _get(self, spec: ModelSpec, *, pin: bool) -> ModelHandle:
+        """:meth:`get`; with ``pin`` the handle comes back with one call counted in flight (the
+        caller unpins), so no eviction can happen between the lookup and the call."""
+        key = self.key(spec)
+        while True:
+            slot = self._slots.get(key)
+            if slot is not None:
+                handle = slot.handle
+                if handle is not None and (not pin or handle._pin()):
+                    return handle
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is None:
+                    slot = self._slots[key] = Slot()
+            with self._load_guard(), slot.lock:
+                if slot.retired:
+                    continue  # released while we waited: start again with a fresh slot
+                handle = slot.handle
+                if handle is None:
+                    handle = self._load_into(key, slot)
+                if not pin or handle._pin():
+                    return handle
+            # Evicted between the lookup and the pin: look again (a fresh slot, or reload).
+
+    def _load_guard(self) -> contextlib.AbstractContextManager[Any]:
+        return self._mem_lock if self.pool_config.manages_memory else contextlib.nullcontext()
+
+    def _load_into(self, key: ModelSpec, slot: Slot) -> ModelHandle:
+        """Under the slot's lock (and the memory lock with a budget): make room, load, warm up
+        after an eviction, publish, then evict others until the device is back under budget."""
+        managed = self.pool_config.manages_memory
+        if managed:
+            self._make_room(key)
+        handle = self._load(key)
+        try:
+            if managed:
+                self._check_alone(key, handle.device, self._stats[key].footprint_bytes)
+            if key in self._needs_warmup:
+                self._needs_warmup.discard(key)
+                self._warm_up(handle, reload=True)
+        except BaseException:
+            self._close_handle(key, handle)
+            raise
+        slot.loaded_at = time.time()
+        slot.handle = handle
+        if managed:
+            self._settle_after_load(key, handle.device)
+        else:
+            self._note_peak(handle.device)
+        self._ensure_reaper()
+        return handle
+
+    def model_info(self, spec: ModelSpec) -> tuple[str, str]:
+        """Load ``spec`` if needed; its concrete ``(device, dtype)``. Backends that build on
+        another shared model (the bi-encoder) ask this through ``ModelProvider``."""
+        handle = self.get(spec)
+        return handle.device, handle.dtype
+
+    def preload(self, *specs: ModelSpec, warmup: bool = True) -> list[ModelHandle]:
+        """Load ``specs`` now (e.g. in a FastAPI lifespan) and optionally run one tiny forward pass.
+
+        Warm-up moves first-call costs (kernel choice, allocator growth) out of the first request.
+        """
+        handles = [self.get(spec) for spec in specs]
+        if warmup:
+            for handle in handles:
+                self._warm_up(handle)
+        return handles
+
+    # -- releasing ----------------------------------------------------------------------------
+
+    def release(self, spec: ModelSpec) -> bool:
+        """Unload ``spec`` and free its memory. Returns False when it was not loaded.
+
+        In-flight calls on the handle finish first; later calls load the model again.
+        """
+        key = self.key(spec)
+        with self._lock:
+            slot = self._slots.pop(key, None)
+        if slot is None:
+            return False
+        with slot.lock:
+            slot.retired = True
+            handle, slot.handle = slot.handle, None
+        if handle is None:
+            return False
+        self._close_handle(key, handle)
+        logger.info("rag-rerank: released %s", key.label)
+        return True
+
+    def clear(self) -> int:
+        """Release every model and stop the idle reaper (the next load starts it again).
+        Returns how many models were released."""
+        self._stop_reaper()
+        with self._lock:
+            keys = list(self._slots)
+        return sum(self.release(key) for key in keys)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def is_loaded(self, spec: ModelSpec) -> bool:
+        slot = self._slots.get(self.key(spec))
+        return slot is not None and slot.handle is not None
+
+    def loaded_specs(self) -> list[ModelSpec]:
+        return [key for key, slot in list(self._slots.items()) if slot.handle is not None]
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Counters per spec label: loads, load_seconds, calls, items, errors, device, dtype, ..."""
+        with self._lock:
+            return {s.spec: s.as_dict() for s in self._stats.values()}
+
+    def spec_stats(self, spec: ModelSpec) -> dict[str, Any]:
+        """Counters for one spec (zeros if it was never loaded)."""
+        key = self.key(spec)
+        stats = self._stats.get(key) or self._stats_for(key)
+        return stats.as_dict()
+
+    def record_passthrough(self, spec: ModelSpec) -> None:
+        """Count one adapter call answered in retrieval order (``on_error="passthrough"``)."""
+        self._stats_for(self.key(spec)).add(passthrough=1)
+
+    def reset_stats(self) -> None:
+        """Zero the call counters; load counters and state are kept."""
+        with self._lock:
+            all_stats = list(self._stats.values())
+        for stats in all_stats:
+            stats.update(calls=0, items=0, errors=0, passthrough=0, busy_seconds=0.0)

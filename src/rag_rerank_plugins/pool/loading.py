@@ -1,0 +1,117 @@
+"""Loading one spec: the backend's loader, timing, footprint, and the handle around it.
+
+A failed load caches nothing (the next call retries) and is counted in ``load_failures``; a
+foreign exception becomes :class:`ModelLoadError`. The footprint is the CUDA allocator's growth
+during a load that ran alone when it can be measured, else the backend's own count.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from ..backends import get_loader
+from ..exceptions import ModelLoadError, RagRerankError
+from ..policy import configure_torch_threads
+from ..spec import ModelSpec
+from ._state import PoolState, fmt_mb, logger
+
+if TYPE_CHECKING:
+    from ..backends.base import ModelProvider
+    from ..handle import ModelHandle
+
+__all__ = ["Loading"]
+
+
+class Loading(PoolState):
+    """The load and warm-up of one spec (see the module docstring)."""
+
+    _num_threads: int | None
+
+    def _load(self, key: ModelSpec) -> ModelHandle:
+        stats = self._stats_for(key)
+        configure_torch_threads(self._num_threads)
+        loader = get_loader(key.backend)
+        cuda_before = _cuda_allocated(key.device)
+        with self._lock:
+            alone = self._loading == 0
+            self._loading += 1
+            self._load_seq += 1
+            seq = self._load_seq
+        start = time.perf_counter()
+        try:
+            model = loader(key, cast("ModelProvider", self))  # ModelPool is one
+        except RagRerankError:
+            stats.add(load_failures=1)
+            raise
+        except Exception as exc:
+            stats.add(load_failures=1)
+            raise ModelLoadError(key.model, key.backend, exc) from exc
+        finally:
+            with self._lock:
+                self._loading -= 1
+                alone = alone and self._load_seq == seq  # no other load overlapped this one
+        elapsed = time.perf_counter() - start
+        stats.add(loads=1, load_seconds=elapsed)
+        stats.update(
+            footprint_bytes=_footprint(model, key.device, cuda_before if alone else None),
+            loaded=True,
+            device=model.device,
+            dtype=model.dtype,
+            dtype_reason=self._reasons.get(key, ""),
+            kernels=model.kernels,
+        )
+        logger.info(
+            "rag-rerank: loaded %s in %.2fs on %s as %s (%s), %s%s",
+            key.model,
+            elapsed,
+            model.device,
+            model.dtype,
+            stats.dtype_reason,
+            fmt_mb(stats.footprint_bytes),
+            f", kernels: {model.kernels}" if model.kernels else "",
+        )
+        from ..handle import ModelHandle
+
+        return ModelHandle(key, model, stats, self.config)
+
+    @staticmethod
+    def _warm_up(handle: ModelHandle, *, reload: bool = False) -> None:
+        """One tiny forward pass. After an eviction (``reload``) a failure only logs: the request
+        that triggered the reload will report the model's real error, if any."""
+        try:
+            if handle.kind == "reranker":
+                handle.score_pairs([("warm-up query", "warm-up passage")])
+            else:
+                handle.embed(["warm-up text"])
+        except Exception as exc:
+            if not reload:
+                raise
+            logger.warning("rag-rerank: warm-up of %s after a reload failed: %r", handle.spec, exc)
+
+
+def _cuda_allocated(device: str) -> int | None:
+    """Bytes torch's CUDA allocator holds on ``device`` now (0 before CUDA is initialised);
+    None for other devices."""
+    if not device.startswith("cuda"):
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0
+    return int(torch.cuda.memory_allocated(device))
+
+
+def _footprint(model: Any, device: str, cuda_before: int | None) -> int | None:
+    """What a loaded model holds on its device: the CUDA allocator's growth during a load that
+    ran alone (the best number there), else the backend's own count (parameters and buffers)."""
+    try:
+        counted = model.footprint_bytes()
+    except Exception:  # a backend bug must not fail the load
+        logger.debug("footprint_bytes() of %s failed", type(model).__name__, exc_info=True)
+        counted = None
+    if cuda_before is not None and model.device == device:
+        after = _cuda_allocated(device)
+        if after is not None and after > cuda_before:
+            return after - cuda_before
+    return None if counted is None else int(counted)

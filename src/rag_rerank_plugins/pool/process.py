@@ -1,0 +1,73 @@
+"""Process-wide concerns: the default pool, and what a forked child keeps.
+
+In a child after ``fork`` every lock is new; CUDA/MPS models of the parent are never used (the
+child loads its own); CPU models are kept and shared copy-on-write, which is why ``preload()``
+before forking CPU workers (gunicorn ``--preload``) saves memory. The idle reaper thread is
+started again in the child.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from ._state import POOLS, Slot
+from .core import ModelPool
+
+__all__ = ["after_fork", "get_pool"]
+
+
+def after_fork(pool: ModelPool) -> None:
+    """Runs in a forked child: new locks; drop (never touch) the parent's GPU models."""
+    old_slots = pool._slots
+    old_stats = pool._stats
+    orphans = pool._fork_orphans
+    pool._init_state()  # new locks; the parent's reaper thread does not exist here
+    pool._fork_orphans = orphans
+    for key, slot in old_slots.items():
+        handle = slot.handle
+        if handle is None:
+            continue
+        if handle.device == "cpu":
+            # Same weights, shared copy-on-write with the parent; new locks and worker.
+            handle._after_fork()
+            fresh = Slot()
+            fresh.handle = handle
+            fresh.loaded_at = slot.loaded_at
+            pool._slots[key] = fresh
+        else:
+            # A CUDA context does not survive fork. Keep the object alive but unused: freeing
+            # its tensors here would call into the parent's CUDA context.
+            pool._fork_orphans.append(handle)
+            old_stats[key].update(loaded=False)
+    pool._stats = old_stats
+    if pool._slots:
+        pool._ensure_reaper()  # the inherited CPU models still age out in the child
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for pool in list(POOLS):
+        if isinstance(pool, ModelPool):
+            after_fork(pool)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_default_pool: ModelPool | None = None
+_default_lock = threading.Lock()
+
+
+def get_pool() -> ModelPool:
+    """The process-wide default pool that every adapter uses unless given another."""
+    global _default_pool
+    pool = _default_pool
+    if pool is None:
+        with _default_lock:
+            if _default_pool is None:
+                _default_pool = ModelPool()
+            pool = _default_pool
+    return pool
