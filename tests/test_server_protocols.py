@@ -5,7 +5,8 @@
 * Every error (400/401/404/405/408/413/422/429/500/503) has the documented body
   ``{error, error_type, message}``, including the ones FastAPI/Starlette would answer.
 * A client that sends headers and stalls gets 408 within the body timeout.
-* NaN scores rank last (answered as null), as everywhere else (``ranking.rank``).
+* A NaN score is never answered as null: every rerank shape answers it as a 500 in the error
+  shape (tests/test_server_robustness.py has the details).
 * ``/metrics`` parses with prometheus_client and has latency and queue-wait histograms per model.
 
 Every server listens on 127.0.0.1 and every wait is bounded.
@@ -288,28 +289,19 @@ def test_body_timeout_must_be_positive() -> None:
 # -- ranking ------------------------------------------------------------------------------------
 
 
-def test_nan_scores_rank_last_as_null_in_every_rerank_shape() -> None:
+def test_nan_scores_are_an_error_not_null_in_every_rerank_shape() -> None:
     nan = {"name": "nan", "model": "n", "backend": "test-nan-reranker", "device": "cpu"}
     texts = ["a nan", "b", "a"]  # fake scores: NaN, 0, 1
     with served([nan]) as url:
-        tei = httpx.post(url + "/rerank", json={"query": "a", "texts": texts}, timeout=10).json()
-        assert tei == [
-            {"index": 2, "score": 1.0},
-            {"index": 1, "score": 0.0},
-            {"index": 0, "score": None},
-        ]
-        cohere = httpx.post(
-            url + "/v1/rerank", json={"query": "a", "documents": texts, "top_n": 2}, timeout=10
-        ).json()
-        assert [r["index"] for r in cohere["results"]] == [2, 1]
-        infinity = httpx.post(
-            url + "/rerank", json={"query": "a", "documents": texts}, timeout=10
-        ).json()
-        assert [(r["index"], r["relevance_score"]) for r in infinity["results"]] == [
-            (2, 1.0),
-            (1, 0.0),
-            (0, None),
-        ]
+        for path, body in (
+            ("/rerank", {"query": "a", "texts": texts}),  # TEI
+            ("/rerank", {"query": "a", "documents": texts}),  # infinity
+            ("/v1/rerank", {"query": "a", "documents": texts}),  # Cohere
+        ):
+            response = httpx.post(url + path, json=body, timeout=10)
+            assert "nan" in assert_error_shape(response, 500, "Backend")["message"].lower()
+        fine = httpx.post(url + "/rerank", json={"query": "a", "texts": texts[1:]}, timeout=10)
+        assert fine.json() == [{"index": 1, "score": 1.0}, {"index": 0, "score": 0.0}]
 
 
 # -- /metrics -------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from .._lazy import lazy_getattr
 if TYPE_CHECKING:
     from .app import ServerState, create_app
     from .config import ServedModel, ServerConfig
-    from .registry import Endpoint, ServerProtocol, register_protocol
+    from .endpoints import Endpoint, ServerProtocol
+    from .registry import register_protocol
     from .run import serve
 
 __all__ = [
@@ -36,8 +37,8 @@ __all__ = [
 _LAZY = {
     "create_app": "app",
     "ServerState": "state",
-    "Endpoint": "registry",
-    "ServerProtocol": "registry",
+    "Endpoint": "endpoints",
+    "ServerProtocol": "endpoints",
     "register_protocol": "registry",
     "ServerConfig": "config",
     "ServedModel": "config",

@@ -8,8 +8,10 @@ added); ``rag-rerank serve --help`` lists them.
 
 Status codes: 401 (bearer token), 404 (unknown path or model name), 405 (wrong method), 408 (body
 too slow), 413 (body bytes or number of texts), 422 (invalid request), 429 + Retry-After
-(concurrency and queue full), 503 (not ready), 500 (the model failed). Every error body is
-:func:`~.errors.error_body`: ``error``, ``error_type`` (TEI) and ``message``.
+(concurrency and queue full), 503 (not ready), 500 (the model failed, a NaN or infinity in its
+output included, or a bug). Every error body is :func:`~.errors.error_body`: ``error``,
+``error_type`` (TEI) and ``message``. Every response has an ``X-Request-ID`` (the server log
+names it next to a 500's traceback), and a 500 leaves the keep-alive connection usable.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..pool import ModelPool, get_pool
 from .config import ServerConfig
 from .errors import error_response, handled_exceptions
 from .limits import GuardMiddleware
-from .registry import protocols
+from .registry import known_paths, protocols, public_paths
 from .state import ServerState
 
 __all__ = ["ServerState", "create_app"]
@@ -73,6 +75,8 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
         api_key=config.api_key,
         max_request_bytes=config.max_request_bytes,
         metrics=state.metrics,
+        known_paths=known_paths(),
+        public_paths=public_paths(),
         body_timeout=config.body_timeout,
     )
     return app

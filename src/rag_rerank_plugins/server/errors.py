@@ -8,15 +8,21 @@
   ``/metrics`` rejection reason; :func:`rule_for` reads it along the exception's MRO, so a new
   exception class needs one line there, not a new ``except``.
 * :func:`error_response` is the one exception handler the app installs for all of them.
+* :func:`internal_error` is the 500 of an exception no rule maps (a bug): the guard middleware
+  answers it, logs the traceback under the request id (:mod:`.request_id`) and keeps the
+  connection usable.
 
-Importing this module does not import FastAPI (the guard middleware and the CLI use it).
+Importing this module does not import FastAPI (the guard middleware and the CLI use it). It
+imports nothing of the server but :mod:`.request_id`: what it reads of the server state is the
+:class:`ErrorContext` protocol, so :mod:`.state` (which raises :class:`ApiError`) can import it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..exceptions import (
     InvalidInputError,
@@ -25,22 +31,25 @@ from ..exceptions import (
     RagRerankError,
     RequestTimeoutError,
 )
+from .request_id import request_id_of
 
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    from .state import ServerState
-
 __all__ = [
     "STATUS",
     "ApiError",
+    "ErrorContext",
     "ErrorRule",
     "Overloaded",
     "error_body",
     "error_response",
+    "internal_error",
     "rule_for",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
@@ -75,7 +84,26 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
-RetryAfter = Callable[[BaseException, "ServerState"], int]
+class _RetryEstimate(Protocol):
+    def retry_after(self) -> int: ...
+
+
+class _Rejections(Protocol):
+    def reject(self, reason: str) -> None: ...
+
+
+class ErrorContext(Protocol):
+    """What answering an error reads of the app's state (a :class:`~.state.ServerState`):
+    the admission's ``Retry-After`` estimate and the rejection counters of ``/metrics``."""
+
+    @property
+    def admission(self) -> _RetryEstimate: ...
+
+    @property
+    def metrics(self) -> _Rejections: ...
+
+
+RetryAfter = Callable[[BaseException, ErrorContext], int]
 
 
 @dataclass(frozen=True)
@@ -90,11 +118,11 @@ class ErrorRule:
     reject_reason: str | None = None
 
 
-def _own_retry_after(exc: BaseException, state: ServerState) -> int:
+def _own_retry_after(exc: BaseException, state: ErrorContext) -> int:
     return int(getattr(exc, "retry_after", 1))
 
 
-def _estimated_retry_after(exc: BaseException, state: ServerState) -> int:
+def _estimated_retry_after(exc: BaseException, state: ErrorContext) -> int:
     return state.admission.retry_after()
 
 
@@ -160,7 +188,7 @@ def _http_error(status: int, detail: Any, request: Request) -> ApiError:
     return ApiError(status, message, _HTTP_ERROR_TYPES.get(status, "Validation"))
 
 
-def as_api_error(exc: BaseException, request: Request, state: ServerState) -> ApiError | None:
+def as_api_error(exc: BaseException, request: Request, state: ErrorContext) -> ApiError | None:
     """``exc`` as an :class:`ApiError`, or None when it is not ours to answer (a bug: 500)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -185,10 +213,24 @@ def as_api_error(exc: BaseException, request: Request, state: ServerState) -> Ap
     return ApiError(rule.status, str(exc), rule.error_type, headers)
 
 
+def internal_error(exc: BaseException, request_id: str) -> ApiError:
+    """The 500 of an exception no rule maps (a bug, or a backend error the engine let through):
+    the message names the class and the request id, under which the log has the traceback."""
+    return ApiError(
+        500,
+        f"Internal server error ({type(exc).__name__}) in request {request_id}; the server log "
+        "has the traceback under that request id.",
+        "Backend",
+    )
+
+
 def handled_exceptions() -> tuple[type[Exception], ...]:
     """What :func:`error_response` is installed for: :class:`ApiError`, FastAPI's request
-    validation, Starlette's HTTP errors, every class in :data:`STATUS`, and ``Exception`` (a bug:
-    500 in the same shape; Starlette still logs the traceback)."""
+    validation, Starlette's HTTP errors, every class in :data:`STATUS`, and ``Exception``.
+
+    Unmapped exceptions from the endpoints are answered by the guard middleware (which keeps
+    the connection open); the ``Exception`` entry is Starlette's outermost last resort, for a
+    failure of the middleware itself (Starlette then closes the connection)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -196,16 +238,32 @@ def handled_exceptions() -> tuple[type[Exception], ...]:
 
 
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
-    """The app's one exception handler: every error in the documented shape."""
+    """The app's one exception handler: every error in the documented shape. A 500 is logged
+    with the request id (with the traceback when no rule maps the exception)."""
     from starlette.responses import JSONResponse
 
-    state: ServerState = request.app.state.server
+    state: ErrorContext = request.app.state.server
     error = as_api_error(exc, request, state)
+    request_id = request_id_of(request.scope)
     if error is None:
-        error = ApiError(
-            500,
-            f"Internal server error ({type(exc).__name__}); the server log has the traceback.",
-            "Backend",
+        logger.error(
+            "rag-rerank serve: request %s (%s %s) failed: unhandled %s",
+            request_id,
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        error = internal_error(exc, request_id)
+    elif error.status >= 500 and error.status != 503:
+        # The model failed (503s are readiness and timeouts: expected, and counted elsewhere).
+        logger.error(
+            "rag-rerank serve: request %s (%s %s) failed: %s",
+            request_id,
+            request.method,
+            request.url.path,
+            error.message,
+            exc_info=exc,
         )
     return JSONResponse(
         error_body(error.message, error.error_type), status_code=error.status, headers=error.headers

@@ -4,12 +4,18 @@
   and anything beyond is refused at once with 429 and a ``Retry-After`` estimated from recent
   request durations. Refusing early keeps latency bounded under overload, and tells clients (our
   remote backend retries with backoff) and load balancers to try again or elsewhere.
-* :class:`GuardMiddleware` (pure ASGI, outermost) checks the bearer token, then the body size
-  (``Content-Length`` or the bytes actually received) and the time the body takes to arrive
+* :class:`GuardMiddleware` (pure ASGI, outermost) gives every request its id
+  (:mod:`.request_id`, answered as ``X-Request-ID``), checks the bearer token, then the body
+  size (``Content-Length`` or the bytes actually received) and the time the body takes to arrive
   (``body_timeout``: a client that sends headers and then stalls gets 408 instead of holding a
   connection forever) before FastAPI parses anything, and counts every request by endpoint and
-  status for ``/metrics``. Which paths exist and which need no token comes from
-  :mod:`.registry`.
+  status for ``/metrics``. Which paths exist and which need no token is passed in by
+  :func:`~.app.create_app` (from :mod:`.registry`).
+* It is also the last resort for exceptions no rule of :mod:`.errors` maps (a bug, or a backend
+  error the engine let through): it logs the traceback under the request id and answers 500 in
+  the documented shape itself. Starlette's own last resort answers too, but then re-raises to the
+  server, which closes the connection: the client's next request on that keep-alive connection
+  would fail.
 """
 
 from __future__ import annotations
@@ -17,17 +23,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from .errors import Overloaded, error_body
+from .errors import Overloaded, error_body, internal_error
 from .metrics import RequestMetrics
-from .registry import known_paths, public_paths
+from .request_id import HEADER, assign_request_id
 
 __all__ = ["Admission", "GuardMiddleware"]
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -102,9 +112,19 @@ async def _send_json(
     await send({"type": "http.response.body", "body": payload})
 
 
+@dataclass
+class _Progress:
+    """How far the answer to one request got."""
+
+    status: int = 500
+    started: bool = False
+    finished: bool = False
+
+
 class GuardMiddleware:
-    """Outermost ASGI layer: metrics per request, bearer token (401), body size (413), body
-    time (408). Paths are read from the protocol registry when the app is built."""
+    """Outermost ASGI layer: request id, metrics per request, bearer token (401), body size
+    (413), body time (408), and the 500 of unmapped exceptions. ``known_paths`` are counted
+    under their own name in ``/metrics``; ``public_paths`` need no token."""
 
     def __init__(
         self,
@@ -113,6 +133,8 @@ class GuardMiddleware:
         api_key: str | None,
         max_request_bytes: int,
         metrics: RequestMetrics,
+        known_paths: Collection[str],
+        public_paths: Collection[str],
         body_timeout: float | None = None,
     ) -> None:
         self.app = app
@@ -121,9 +143,9 @@ class GuardMiddleware:
         self.metrics = metrics
         self.body_timeout = body_timeout
         #: Paths counted under their own name in /metrics; anything else is "other" (bounded).
-        self.known_paths = known_paths()
+        self.known_paths = frozenset(known_paths)
         #: Paths answered without a token: load balancers and orchestrators probe them.
-        self.public_paths = public_paths()
+        self.public_paths = frozenset(public_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,17 +154,38 @@ class GuardMiddleware:
         path = scope.get("path", "")
         endpoint = path if path in self.known_paths else "other"
         start = time.perf_counter()
-        status_box = [500]
+        request_id = assign_request_id(scope)
+        id_header = (HEADER.encode(), request_id.encode())
+        progress = _Progress()
 
-        async def counting_send(message: Message) -> None:
+        async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status_box[0] = int(message["status"])
+                progress.status = int(message["status"])
+                progress.started = True
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                progress.finished = True
             await send(message)
 
         try:
-            await self._guarded(scope, receive, counting_send, path)
+            await self._guarded(scope, receive, tracking_send, path)
+        except Exception as exc:
+            logger.exception(
+                "rag-rerank serve: request %s (%s %s) failed: unhandled %s",
+                request_id,
+                scope.get("method"),
+                path,
+                type(exc).__name__,
+            )
+            if progress.started and not progress.finished:
+                # Part of the answer is out: only closing the connection ends it unambiguously.
+                raise
+            if not progress.started:
+                error = internal_error(exc, request_id)
+                await _send_json(tracking_send, 500, error_body(error.message, error.error_type))
+            # Not re-raised: the answer is complete, so the connection stays usable.
         finally:
-            self.metrics.observe(endpoint, status_box[0], time.perf_counter() - start)
+            self.metrics.observe(endpoint, progress.status, time.perf_counter() - start)
 
     def _authorized(self, scope: Scope) -> bool:
         assert self.api_key is not None

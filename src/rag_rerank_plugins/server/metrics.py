@@ -5,20 +5,24 @@ The per-model families (counters, gauges, latency and queue-wait histograms) com
 :class:`~rag_rerank_plugins.metrics.PoolCollector` uses; this module adds the HTTP counters
 (:class:`RequestMetrics`, filled by the guard middleware) and the admission gauges, and renders
 everything with ``prometheus_client`` (part of the ``server`` extra).
+
+What a scrape reads of the server state is the :class:`ScrapedState` protocol (a
+:class:`~.state.ServerState` is one), so this module never imports the state, which imports it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from .state import ServerState
+    from ..pool import ModelPool
+    from .config import ServedModel, ServerConfig
 
-__all__ = ["CONTENT_TYPE", "RequestMetrics", "render"]
+__all__ = ["CONTENT_TYPE", "RequestMetrics", "ScrapedState", "render"]
 
 #: The classic text format (0.0.4), which every Prometheus version scrapes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,10 +51,40 @@ class RequestMetrics:
             return dict(self.requests), dict(self.seconds), dict(self.rejected)
 
 
+class _AdmissionGauges(Protocol):
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+
+class ScrapedState(Protocol):
+    """What ``/metrics`` reads of the app's state (a :class:`~.state.ServerState`)."""
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def pool(self) -> ModelPool: ...
+
+    @property
+    def served(self) -> Sequence[ServedModel]: ...
+
+    @property
+    def metrics(self) -> RequestMetrics: ...
+
+    @property
+    def admission(self) -> _AdmissionGauges: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
 class _ServerCollector:
     """The families of one scrape of ``state`` (a ``prometheus_client`` custom collector)."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ScrapedState) -> None:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
@@ -100,7 +134,7 @@ class _ServerCollector:
             yield core.GaugeMetricFamily(name, help_text, value=value)
 
 
-def render(state: ServerState) -> bytes:
+def render(state: ScrapedState) -> bytes:
     """The ``/metrics`` body for ``state`` (Prometheus text format 0.0.4)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import generate_latest

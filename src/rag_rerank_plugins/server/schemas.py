@@ -2,21 +2,19 @@
 
 Requests ignore unknown fields, as the servers they imitate do. Responses are what
 ``GET /openapi.json`` advertises; extras a client asks for (``text``, ``document``) are left out
-of the JSON when they were not asked for. A NaN score (the model's output for
-one text) cannot be written as JSON: it is answered as ``null``, ranked last (the
-:func:`~rag_rerank_plugins.ranking.rank` rule).
+of the JSON when they were not asked for. A NaN or infinite score or vector component cannot be
+written as JSON: the routes refuse to write it (:func:`~.endpoints.json_bytes` answers 500
+instead of a ``null``).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PlainSerializer,
     SerializerFunctionWrapHandler,
     model_serializer,
 )
@@ -52,12 +50,8 @@ class _Body(_Schema):
     model_config = ConfigDict(extra="ignore")
 
 
-def _nan_to_none(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else value
-
-
-#: A score in a response: NaN (the model's output for one text) is written as null.
-Score = Annotated[float | None, PlainSerializer(_nan_to_none, return_type=float | None)]
+#: A score in a response: finite (a NaN or infinity is refused when the answer is written).
+Score = float
 
 
 # -- requests --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 * :mod:`.openai` - OpenAI/infinity ``POST /embeddings`` and ``POST /v1/embeddings``
 * :mod:`.ops` - ``GET /health``, ``GET /info``, ``GET /metrics``
 
-Each module defines ``PROTOCOL`` (a :class:`~..registry.ServerProtocol`) from plain handler
-functions; importing them does not import FastAPI.
+Each module defines ``PROTOCOL`` (a :class:`~..endpoints.ServerProtocol`) from plain handler
+functions; importing them does not import FastAPI. They import :mod:`..endpoints`, not
+:mod:`..registry` (which loads them).
 """

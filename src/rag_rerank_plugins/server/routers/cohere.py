@@ -7,8 +7,8 @@ import uuid
 from typing import TYPE_CHECKING
 
 from ...ranking import rank
+from ..endpoints import Endpoint, ServerProtocol
 from ..errors import ApiError
-from ..registry import Endpoint, ServerProtocol
 from ..schemas import (
     CohereEmbedRequest,
     CohereEmbedResponse,
@@ -34,7 +34,7 @@ _INPUT_TYPES = {
 
 
 async def rerank(body: CohereRerankRequest, state: ServerState) -> CohereRerankResponse:
-    """Results best first (NaN scores last, as ``null``); ``top_n`` cuts them."""
+    """Results best first; ``top_n`` cuts them (a NaN score is answered as an error)."""
     model = state.pick("reranker", body.model)
     texts = texts_of(body.documents)
     scores = await state.scores(model, body.query, texts)

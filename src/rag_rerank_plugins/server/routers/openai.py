@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..endpoints import Endpoint, ServerProtocol
 from ..errors import ApiError
-from ..registry import Endpoint, ServerProtocol
 from ..schemas import OpenAIEmbedding, OpenAIEmbedRequest, OpenAIEmbedResponse
 
 if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built

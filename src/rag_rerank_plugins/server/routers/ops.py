@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
-from ..registry import Endpoint, ServerProtocol
+from ..endpoints import Endpoint, ServerProtocol
 from ..schemas import HealthResponse, InfoResponse, ModelInfo
 
 if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...ranking import rank
+from ..endpoints import Endpoint, ServerProtocol
 from ..errors import ApiError
-from ..registry import Endpoint, ServerProtocol
 from ..schemas import (
     EmbedRequest,
     InfinityRerankResponse,
@@ -30,7 +30,7 @@ _QUERY_PROMPTS = {"query": True, "search_query": True, "document": False, "passa
 
 
 async def rerank(body: RerankRequest, state: ServerState) -> list[TeiRank] | InfinityRerankResponse:
-    """Scores best first; ties keep input order, NaN scores come last (as ``null``)."""
+    """Scores best first; ties keep input order (a NaN score is answered as an error)."""
     if body.raw_scores:
         raise ApiError(
             422,
