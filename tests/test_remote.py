@@ -147,7 +147,7 @@ OK_TEI = [{"index": 1, "score": 0.25}, {"index": 0, "score": 0.75}]
     ("spec", "needle"),
     [
         (reranker("http://127.0.0.1:1", api_key="x"), "api_key_env"),
-        (reranker("http://127.0.0.1:1", tiemout=3), "Unknown remote backend option(s) 'tiemout'"),
+        (reranker("http://127.0.0.1:1", tiemout=3), "does not accept option(s) 'tiemout'"),
         (reranker("my-model"), "needs the server's URL"),
         (reranker("my-model", url="ftp://x"), "needs the server's URL"),
         (reranker("http://127.0.0.1:1", protocol="grpc"), "Unknown remote protocol 'grpc'"),

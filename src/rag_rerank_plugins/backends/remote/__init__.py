@@ -50,8 +50,9 @@ from the environment variable named by ``api_key_env`` on every request, so rota
 
 One loaded remote model owns a pooled ``httpx.Client`` (thread-safe: the pool skips its call lock)
 and one ``httpx.AsyncClient`` per event loop for :meth:`~RemoteReranker.ascore_pairs`/
-:meth:`~RemoteEmbedder.aembed`. Its device is ``"remote"``: after ``fork`` a child builds fresh
-clients instead of sharing sockets.
+:meth:`~RemoteEmbedder.aembed`, reused on that loop and closed when the loop shuts down (so
+repeated ``asyncio.run`` calls leave no sockets behind). Its device is ``"remote"``: after
+``fork`` a child builds fresh clients instead of sharing sockets.
 
 Layout of this package (imports point down the list; httpx is imported only when a model loads):
 

@@ -11,6 +11,12 @@ own plans included: :meth:`RemoteClient.run` hands it a pooled ``httpx.Client`` 
 ``asyncio.sleep``. So the sync and async paths cannot drift apart: they share every decision and
 differ only in how they send and wait.
 
+An ``httpx.AsyncClient`` (its sockets, its connection pool) belongs to one event loop, so there
+is one per loop, reused by every request on that loop, and closed *with* that loop: the loop's
+own ``shutdown_asyncgens()`` step (what ``asyncio.run`` and ``asyncio.Runner`` do before closing
+it) closes it (:meth:`RemoteClient.async_client` explains how). So 100 ``asyncio.run`` calls
+leave no client, socket or loop behind, while a long-lived server loop keeps its connections.
+
 :func:`use_transport` routes the clients of one base URL through an httpx transport (an
 ``httpx.MockTransport`` in tests) instead of the network.
 """
@@ -26,7 +32,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -254,6 +260,44 @@ def use_transport(base_url: str, transport: Any) -> Iterator[None]:
 # -- the client ------------------------------------------------------------------------------
 
 
+@dataclass
+class _LoopClient:
+    """One loop's ``httpx.AsyncClient`` and the async generator that closes it with the loop."""
+
+    client: httpx.AsyncClient
+    finaliser: AsyncGenerator[None, None]
+
+
+#: Close tasks scheduled by :func:`_close_on`, held until done (a loop holds its tasks weakly).
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+def _close_on(loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> None:
+    """Close ``client`` on ``loop``, from any thread (it runs when the loop next runs).
+
+    Nothing to do once the loop is closed: its transports close their sockets when collected,
+    since nothing can be closed on it any more.
+    """
+
+    def start() -> None:
+        task = loop.create_task(client.aclose())
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+    # A task whose loop closed before it finished never calls back: do not let it pin the loop.
+    _CLOSING.difference_update([task for task in _CLOSING if task.get_loop().is_closed()])
+    if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # it closed meanwhile
+            loop.call_soon_threadsafe(start)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class RemoteClient:
     """Pooled HTTP clients for one base URL, the retry policy, and the request limits."""
 
@@ -265,7 +309,7 @@ class RemoteClient:
         self._httpx = load_httpx()
         self._lock = threading.Lock()
         self._sync: httpx.Client | None = None
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
         self._closed = False
@@ -301,27 +345,85 @@ class RemoteClient:
                 client = self._sync
         return client
 
-    def async_client(self) -> httpx.AsyncClient:
+    async def async_client(self) -> httpx.AsyncClient:
+        """The running loop's pooled ``httpx.AsyncClient``, built on the loop's first request.
+
+        The client is closed when its loop shuts down. Its sockets are bound to the loop, and
+        its connections hold the loop, so neither can outlive the other safely: a client kept
+        past its loop pins the loop and an open socket per pooled connection (the leak of one
+        client, loop and socket per ``asyncio.run``), and ``loop.close()`` closes no transport.
+        How: with each client starts a tiny async generator (:meth:`_close_with_loop`),
+        advanced once here on the loop. The loop registers it (its ``firstiter`` hook); and
+        ``loop.shutdown_asyncgens()``, which ``asyncio.run`` and ``asyncio.Runner`` (and the
+        runners built on them) call while the loop still runs, closes it, which awaits
+        ``client.aclose()`` on the loop. That is the loop's own public shutdown step: nothing of
+        the loop is patched (unlike wrapping ``loop.close``), and it works for any thread's
+        loop. ``weakref.finalize`` on the loop would never fire (the client's connections hold
+        the loop), and anything run after ``loop.close()`` can no longer close transports.
+
+        A loop closed without ``shutdown_asyncgens()`` (a hand-driven ``new_event_loop()``) is
+        the fallback: the next client built (on any loop) or :meth:`close` drops the clients of
+        closed loops, so their transports close their sockets when collected.
+        """
         loop = asyncio.get_running_loop()
         with self._lock:
             self._check_open()
-            client = self._async.get(loop)
-            if client is None or client.is_closed:
-                client = self._async[loop] = self._httpx.AsyncClient(**self._client_kwargs())
-            return client
+            entry = self._async.get(loop)
+            if entry is not None and not entry.client.is_closed:
+                return entry.client
+            self._drop_closed_loops()
+            client = self._httpx.AsyncClient(**self._client_kwargs())
+            entry = self._async[loop] = _LoopClient(client, self._close_with_loop(client))
+        # Runs to the generator's first yield without suspending; the loop now tracks it.
+        await entry.finaliser.asend(None)
+        return client
+
+    async def _close_with_loop(self, client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
+        """Closes ``client`` when the loop closes this generator (see :meth:`async_client`).
+
+        Holds no reference to the loop, so a dropped entry never pins one. Dropped unfinished
+        (by :meth:`close`, or when a closed client is replaced), it is handed to the loop's
+        ``finalizer`` hook, which runs this cleanup on the loop if it is still open, and does
+        nothing once it is closed. Collected off any loop (a loop without asyncgen hooks) it
+        awaits nothing: the transports then close their sockets when collected.
+        """
+        try:
+            yield
+        finally:
+            loop = _running_loop()
+            if loop is not None:
+                with self._lock:
+                    entry = self._async.get(loop)
+                    if entry is not None and entry.client is client:
+                        del self._async[loop]
+                try:
+                    await client.aclose()
+                except Exception:  # shutting down: a failed close must not mask the loop's work
+                    logger.debug(
+                        "rag-rerank remote: %s: closing a client failed", self.what, exc_info=True
+                    )
+
+    def _drop_closed_loops(self) -> None:
+        """Forget the clients of loops closed without ``shutdown_asyncgens()`` (the caller holds
+        the lock); their transports close the sockets when collected."""
+        for loop in [loop for loop in self._async if loop.is_closed()]:
+            del self._async[loop]
 
     def _check_open(self) -> None:
         if self._closed:
             raise RemoteError(f"{self.what}: the client was closed (the model was released).")
 
     def close(self) -> None:
+        """Close the sync client now and each loop's async client on its own loop (from any
+        thread: it is scheduled there, since its sockets belong to that loop)."""
         with self._lock:
             self._closed = True
             sync, self._sync = self._sync, None
-            self._async = weakref.WeakKeyDictionary()
+            entries, self._async = list(self._async.items()), weakref.WeakKeyDictionary()
         if sync is not None:
             sync.close()
-        # AsyncClients hold sockets bound to their loop; they are dropped, not awaited here.
+        for loop, entry in entries:
+            _close_on(loop, entry.client)
 
     def headers(self) -> dict[str, str]:
         """The bearer token, read from the environment on every request (rotation works)."""
@@ -383,7 +485,7 @@ class RemoteClient:
         """:meth:`run` on the event loop's own pooled ``httpx.AsyncClient``."""
 
         async def send(step: Send) -> httpx.Response:
-            client = self.async_client()
+            client = await self.async_client()
             return await client.request(step.method, step.url, **step.kwargs())
 
         return await self._drive(plan, send, asyncio.sleep)

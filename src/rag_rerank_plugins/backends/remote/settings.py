@@ -56,12 +56,6 @@ class RemoteSettings:
     def from_spec(cls, spec: ModelSpec) -> RemoteSettings:
         options = spec.options_dict
         _refuse_secrets(options)
-        unknown = sorted(set(options) - REMOTE_OPTIONS)
-        if unknown:
-            raise ConfigurationError(
-                f"Unknown remote backend option(s) {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(sorted(REMOTE_OPTIONS))}."
-            )
         if spec.max_length is not None:
             raise ConfigurationError(
                 "max_length cannot be set on a remote spec: the server fixes it when it loads "
