@@ -162,11 +162,9 @@ def test_registered_backends_accept_any_option_unless_they_declare_theirs() -> N
 
 
 def test_declared_options_match_the_backend_modules() -> None:
-    from rag_rerank_plugins.backends import flag, remote
+    from rag_rerank_plugins.backends import remote
 
     backends = available_backends()
-    assert backends["flag-reranker"].options == frozenset(flag._RERANKER_OPTIONS)
-    assert backends["flag-bge-m3"].options == frozenset(flag._M3_OPTIONS)
     assert backends["remote-reranker"].options == remote.settings.REMOTE_OPTIONS
     assert backends["remote-embedder"].options == remote.settings.REMOTE_OPTIONS
     # The fakes take (and ignore) a real model's loading options, so a test can swap them in.
@@ -174,6 +172,38 @@ def test_declared_options_match_the_backend_modules() -> None:
     assert backends["fake-reranker"].options == {"delay_ms", "footprint_mb"} | loading
     assert backends["fake-embedder"].options == {"delay_ms", "dim", "footprint_mb"} | loading
     assert backends["bi-encoder"].options == {"embedder_backend"}
+
+
+def test_the_llm_rerankers_pass_every_other_declared_option_to_their_model_class() -> None:
+    """causal_lm and flag_llm read a few options and hand the rest of their row's to the model
+    class's constructor: each of those must be one of its keyword arguments."""
+    from rag_rerank_plugins.backends.causal_lm import CausalLMReranker
+    from rag_rerank_plugins.backends.flag_llm import FlagLLMReranker
+    from rag_rerank_plugins.backends.options import HF_LOADING
+
+    backends = available_backends()
+    for name, cls, read in [
+        ("causal-lm-reranker", CausalLMReranker, {"score_mode"}),
+        ("flag-llm-reranker", FlagLLMReranker, {"score_mode", "model_class", "cutoff_layers"}),
+    ]:
+        declared = backends[name].options
+        assert declared is not None
+        passed = declared - HF_LOADING - read
+        assert passed, name
+        assert sorted(passed - set(inspect.signature(cls.__init__).parameters)) == [], name
+
+
+def test_declared_flag_embedding_options_are_real_keyword_arguments() -> None:
+    flag = pytest.importorskip("FlagEmbedding")
+    backends = available_backends()
+    for name, cls in [
+        ("flag-reranker", flag.FlagReranker),
+        ("flag-bge-m3", flag.BGEM3FlagModel),
+    ]:
+        declared = backends[name].options
+        assert declared is not None
+        params = inspect.signature(cls.__init__).parameters
+        assert sorted(declared - OURS - set(params)) == [], name
 
 
 def test_declared_sentence_transformers_options_are_real_keyword_arguments() -> None:

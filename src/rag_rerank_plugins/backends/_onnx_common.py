@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._cpu import usable_cores
 from ..exceptions import ConfigurationError, MissingDependencyError, ModelLoadError
-from ._torch_common import import_optional, loading_errors
+from ._common import QUANTIZE_MODES, quantize_mode
+from ._torch_common import import_optional, loading_errors, model_kwargs_for
 from .options import ST_LOADING
 
 if TYPE_CHECKING:
@@ -81,7 +82,6 @@ CACHE_ENV = "RAG_RERANK_ONNX_CACHE"
 #: Environment variable: onnxruntime intra-op threads (option ``intra_op_threads`` wins).
 THREADS_ENV = "RAG_RERANK_ORT_THREADS"
 DEFAULT_OPSET = 17
-QUANTIZE_MODES = ("int8",)
 #: Files under this size are hashed by content; larger ones (weights) by size and mtime.
 _HASH_CONTENT_BELOW = 4 * 1024 * 1024
 
@@ -173,12 +173,7 @@ def check_cpu_float32(spec: ModelSpec, fallback: str) -> None:
 
 def mode_of(spec: ModelSpec) -> str:
     """``"float32"`` or a member of :data:`QUANTIZE_MODES`, from option ``quantize``."""
-    mode = spec.option("quantize")
-    if mode is None:
-        return "float32"
-    if mode not in QUANTIZE_MODES:
-        raise ConfigurationError(f"quantize={mode!r} is not supported; use 'int8' or leave it out.")
-    return str(mode)
+    return quantize_mode(spec.option("quantize")) or "float32"
 
 
 def opset_of(spec: ModelSpec) -> int:
@@ -344,8 +339,6 @@ def st_for_export(spec: ModelSpec, folder: Path, class_name: str) -> Any:
         "st",
         f"Exporting {spec.model!r} to ONNX (once; a cached export needs only onnxruntime)",
     )
-    from .st_cross_encoder import model_kwargs_for
-
     loading = {k: spec.option(k) for k in sorted(ST_LOADING) if spec.option(k) is not None}
     with loading_errors(spec):
         model = getattr(st, class_name)(

@@ -29,6 +29,7 @@ from ..exceptions import (
     ModelNotFoundError,
 )
 from ..spec import ModelSpec
+from ._common import quantize_mode
 from .base import Prepared
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "features_to",
     "import_optional",
     "loading_errors",
+    "model_kwargs_for",
     "module_bytes",
     "padded_tokens",
     "pin_features",
@@ -69,6 +71,17 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def model_kwargs_for(dtype: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that load weights directly in ``dtype`` (no FP32 detour),
+    under the name the installed transformers reads (``dtype`` from 4.56, ``torch_dtype``
+    before)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {key: torch_dtype(dtype)}
 
 
 def prepare_module(module: Any, dtype: str) -> Any:
@@ -104,9 +117,6 @@ def module_bytes(*objects: Any) -> int | None:
     return total if found else None
 
 
-QUANTIZE_MODES = ("int8",)
-
-
 def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> Any:
     """Opt-in dynamic int8 quantization of every ``nn.Linear`` (CPU, float32 models only).
 
@@ -117,10 +127,8 @@ def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> A
     ``torch.ao.quantization.quantize_dynamic``, which torch deprecates in favour of torchao (it
     warns); the option stays opt-in until torchao is a dependency worth adding.
     """
-    if mode is None:
+    if quantize_mode(mode) is None:
         return module
-    if mode not in QUANTIZE_MODES:
-        raise ConfigurationError(f"quantize={mode!r} is not supported; use 'int8' or leave it out.")
     if device != "cpu" or dtype != "float32":
         raise ConfigurationError(
             f"quantize='int8' needs device='cpu' and dtype float32 (got {device}/{dtype}); "

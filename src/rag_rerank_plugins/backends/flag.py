@@ -21,18 +21,17 @@ upcast to FP32 before the activation. The same names mean the same thing for ``c
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConfigurationError
+from ._common import SCORE_MODES, score_mode_of, sigmoid
+from ._flag_common import FLAG_DEFAULT_MAX_LENGTH, import_flag, tokenizer_helpers
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
     cpu_kernels,
     cpu_kernels_option,
     features_to,
-    import_optional,
     loading_errors,
     module_bytes,
     prepare_module,
@@ -41,7 +40,6 @@ from ._torch_common import (
     reranker_kernels,
 )
 from .base import EmbedderModel, ModelProvider, Prepared, RerankerModel, Task
-from .options import FLAG_M3_OPTIONS, FLAG_RERANKER_OPTIONS
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -49,69 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["SCORE_MODES", "FlagM3Embedder", "FlagReranker", "load_m3", "load_reranker"]
 
 logger = logging.getLogger(__name__)
-
-#: Accepted values of the ``score_mode`` backend option (rerankers).
-SCORE_MODES = ("raw", "sigmoid")
-
-#: FlagEmbedding's own default when ``max_length`` is not given.
-FLAG_DEFAULT_MAX_LENGTH = 512
-
-_RERANKER_OPTIONS = FLAG_RERANKER_OPTIONS
-_M3_OPTIONS = FLAG_M3_OPTIONS
-
-
-def score_mode_of(spec: ModelSpec, default: str | None) -> str | None:
-    """The spec's ``score_mode`` option, validated (``default`` when absent)."""
-    mode = spec.option("score_mode", default)
-    if mode is not None and mode not in SCORE_MODES:
-        raise ConfigurationError(
-            f"score_mode must be 'raw' (logits) or 'sigmoid' (sigmoid of the logit), got {mode!r}."
-        )
-    return mode
-
-
-def sigmoid(x: float) -> float:
-    """Numerically stable logistic function in float64 (same values as FlagEmbedding's)."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def _check_options(spec: ModelSpec, allowed: frozenset[str], backend: str) -> dict[str, Any]:
-    options = spec.options_dict
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        hint = ""
-        if {"use_fp16", "use_bf16"} & set(unknown):
-            hint = " Precision is chosen by dtype= ('auto', 'float32', 'float16', 'bfloat16')."
-        elif {"devices", "device"} & set(unknown):
-            hint = " The device is chosen by device= (one device per spec)."
-        elif "normalize" in unknown:
-            hint = " Use score_mode='sigmoid' (or 'raw')."
-        raise ConfigurationError(
-            f"Unsupported option(s) {unknown} for backend {backend!r}. Supported: "
-            f"{sorted(allowed)}.{hint}"
-        )
-    return options
-
-
-def _tokenizer_helpers() -> tuple[Any, Any]:
-    """FlagEmbedding's transformers-v4/v5 compatible ``prepare_for_model`` and ``pad``."""
-    try:
-        from FlagEmbedding.utils.tokenizer_compat import (
-            pad_with_compat,
-            prepare_for_model_compat,
-        )
-    except ImportError:  # FlagEmbedding < 1.4: transformers 4 only, the tokenizer methods exist
-
-        def prepare_for_model_compat(tokenizer: Any, first: Any, second: Any, **kw: Any) -> Any:
-            return tokenizer.prepare_for_model(first, second, **kw)
-
-        def pad_with_compat(tokenizer: Any, encoded: Any, **kw: Any) -> Any:
-            return tokenizer.pad(encoded, **kw)
-
-    return prepare_for_model_compat, pad_with_compat
 
 
 def _length_sorted(items: list[dict[str, Any]]) -> list[int]:
@@ -139,7 +74,7 @@ class FlagReranker(RerankerModel):
         self.max_length: int = int(flag.max_length)
         qmax = flag.query_max_length
         self.query_max_length: int = int(qmax) if qmax is not None else self.max_length * 3 // 4
-        self._prepare, self._pad = _tokenizer_helpers()
+        self._prepare, self._pad = tokenizer_helpers()
         # torch modules in inference mode keep no state between calls: passes may run at once.
         self.parallel_forward = device == "cpu"
 
@@ -217,19 +152,14 @@ class FlagReranker(RerankerModel):
         self.tokenizer = None
 
 
-def _import_flag(backend: str) -> Any:
-    import_optional("torch", "torch", "flag", f"The {backend!r} backend")
-    return import_optional("FlagEmbedding", "FlagEmbedding", "flag", f"The {backend!r} backend")
-
-
 def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     """Loader of ``backend="flag-reranker"``."""
-    options = _check_options(spec, _RERANKER_OPTIONS, spec.backend)
+    options = spec.options_dict  # names checked by the registry (its row) before this runs
     mode = score_mode_of(spec, "sigmoid")
     options.pop("score_mode", None)
     prune = prune_last_layer_option(options)
     kernels_on = cpu_kernels_option(options)
-    flag_mod = _import_flag(spec.backend)
+    flag_mod = import_flag(spec.backend)
     with loading_errors(spec):
         flag = flag_mod.FlagReranker(
             spec.model,
@@ -266,7 +196,7 @@ class FlagM3Embedder(EmbedderModel):
         self.truncate_dim = getattr(flag, "truncate_dim", None)
         hidden = int(self.model.model.config.hidden_size)
         self._dimension = min(hidden, self.truncate_dim) if self.truncate_dim else hidden
-        self._pad = _tokenizer_helpers()[1]
+        self._pad = tokenizer_helpers()[1]
 
     @property
     def dimension(self) -> int:
@@ -337,9 +267,9 @@ class FlagM3Embedder(EmbedderModel):
 
 def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
     """Loader of ``backend="flag-bge-m3"``."""
-    options = _check_options(spec, _M3_OPTIONS, spec.backend)
+    options = spec.options_dict  # names checked by the registry (its row) before this runs
     kernels_on = cpu_kernels_option(options)
-    flag_mod = _import_flag(spec.backend)
+    flag_mod = import_flag(spec.backend)
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     options.setdefault("query_max_length", max_length)
     with loading_errors(spec):

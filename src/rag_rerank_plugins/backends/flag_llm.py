@@ -12,7 +12,7 @@ Two model classes, chosen by the ``model_class`` option or read from the model's
 Why not call ``compute_score``: as with ``flag-reranker`` (see :mod:`.flag`), FlagEmbedding casts
 and moves the model inside every call and retries any RuntimeError with a smaller batch forever.
 Here the tokenizer and weights are loaded once, in the policy's dtype (no FP32 detour), and the
-scheduler runs the two phases of :class:`~.causal_lm.LastTokenReranker`: prepare reproduces
+scheduler runs the two phases of :class:`~._last_token.LastTokenReranker`: prepare reproduces
 ``compute_score``'s pre-processing (instructions, query/passage truncation, ``bos``, separator,
 prompt), forward keeps only the last position's logits instead of FlagEmbedding's full
 ``[batch, length, vocab]`` tensor (256k-token vocabulary for Gemma). Batches are left-padded with
@@ -32,10 +32,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
+from ._common import score_mode_of
+from ._flag_common import FLAG_DEFAULT_MAX_LENGTH, import_flag, tokenizer_helpers
+from ._last_token import LastTokenReranker, load_causal_lm
 from .base import ModelProvider
-from .causal_lm import LastTokenReranker, check_options, load_causal_lm
-from .flag import FLAG_DEFAULT_MAX_LENGTH, _import_flag, _tokenizer_helpers, score_mode_of
-from .options import FLAG_LLM_OPTIONS, FLAG_LLM_PREPROCESSING
+from .options import HF_LOADING
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -80,7 +81,7 @@ class FlagLLMReranker(LastTokenReranker):
     ) -> None:
         self.passage_max_length = max_length
         self.query_max_length = query_max_length or max_length * 3 // 4
-        self._prepare_ids = _tokenizer_helpers()[0]
+        self._prepare_ids = tokenizer_helpers()[0]
         ids = tokenizer(prompt or DEFAULT_PROMPT, add_special_tokens=False)["input_ids"]
         self.prompt_ids = list(ids)
         self.sep_ids = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
@@ -285,11 +286,15 @@ def load_layerwise_model(path: str, **kwargs: Any) -> Any:
 
 
 def load(spec: ModelSpec, provider: ModelProvider) -> FlagLLMReranker:
-    """Loader of ``backend="flag-llm-reranker"``."""
-    options = check_options(spec, FLAG_LLM_OPTIONS)
+    """Loader of ``backend="flag-llm-reranker"``.
+
+    The registry checked the option names against this backend's row before this runs: besides
+    the ones read here and the Hugging Face loading options, every option is a pre-processing
+    keyword of :class:`FlagLLMReranker` (FlagEmbedding's own)."""
+    options = spec.options_dict
     mode = score_mode_of(spec, "sigmoid")
     assert mode is not None
-    _import_flag(spec.backend)
+    import_flag(spec.backend)
     layer = _cutoff_layer(options.get("cutoff_layers"))
     kind = _model_class(spec, options)
     if kind == MODEL_CLASSES[0] and layer is not None:
@@ -301,7 +306,8 @@ def load(spec: ModelSpec, provider: ModelProvider) -> FlagLLMReranker:
         model, tokenizer = load_causal_lm(spec, options, _LayerWiseLoader)
     else:
         model, tokenizer = load_causal_lm(spec, options)
-    settings = {k: options[k] for k in FLAG_LLM_PREPROCESSING if k in options}
+    ours = {"score_mode", "model_class", "cutoff_layers"}
+    settings = {k: v for k, v in options.items() if k not in ours and k not in HF_LOADING}
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     args = (model, tokenizer, spec.device, spec.dtype, max_length)
     if kind == MODEL_CLASSES[1]:
@@ -310,7 +316,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> FlagLLMReranker:
 
 
 class _LayerWiseLoader:
-    """``from_pretrained`` for :func:`~.causal_lm.load_causal_lm`: the layer-wise class, fixed."""
+    """``from_pretrained`` for :func:`~._last_token.load_causal_lm`: the layer-wise class, fixed."""
 
     @staticmethod
     def from_pretrained(path: str, **kwargs: Any) -> Any:

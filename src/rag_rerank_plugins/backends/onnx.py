@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, ModelLoadError
+from . import backend_info
+from ._common import score_mode_of
 from ._onnx_common import (
     CACHE_ENV,
     DEFAULT_OPSET,
@@ -72,8 +74,6 @@ from ._onnx_common import (
 )
 from ._torch_common import prune_last_layer, prune_last_layer_option
 from .base import ModelProvider, Prepared, RerankerModel, Task
-from .flag import score_mode_of  # light: flag.py imports FlagEmbedding only inside its loaders
-from .options import ONNX_OPTIONS
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -97,8 +97,8 @@ logger = logging.getLogger(__name__)
 
 #: Bumped whenever the layout or the exported graph changes, so old entries are not reused.
 FORMAT_VERSION = 1
-#: Every option the loader reads (declared once, in options.py, for the registry too).
-OPTIONS = ONNX_OPTIONS
+#: Every option the loader reads: its registry row's (declared there, once).
+OPTIONS = backend_info("onnx-cross-encoder").options
 
 
 #: Probe pairs for the export checks: padding, truncation of a long passage, non-ASCII text.

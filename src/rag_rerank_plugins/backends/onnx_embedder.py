@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, ModelLoadError
+from . import backend_info
 from ._onnx_common import (
     OnnxRuntimeModel,
     cached_entry,
@@ -51,7 +52,6 @@ from ._onnx_common import (
     tokenizer_meta,
 )
 from .base import EmbedderModel, ModelProvider, Prepared, Task
-from .options import ONNX_EMBEDDER_OPTIONS
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -60,8 +60,8 @@ __all__ = ["FORMAT_VERSION", "OPTIONS", "POOLING_MODES", "OnnxSentenceTransforme
 
 #: Bumped whenever the layout or the exported graph changes, so old entries are not reused.
 FORMAT_VERSION = 1
-#: Every option the loader reads (declared once, in options.py, for the registry too).
-OPTIONS = ONNX_EMBEDDER_OPTIONS
+#: Every option the loader reads: its registry row's (declared there, once).
+OPTIONS = backend_info("onnx-sentence-transformers").options
 #: sentence-transformers' Pooling modes, all reproduced by :func:`pool`.
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 _FALLBACK = "sentence-transformers"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._common import score_mode_of
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
@@ -26,31 +27,21 @@ from ._torch_common import (
     features_to,
     import_optional,
     loading_errors,
+    model_kwargs_for,
     module_bytes,
     prepare_module,
     prepared_batch,
     prune_last_layer_option,
     quantize_module,
     reranker_kernels,
-    torch_dtype,
     warm_tokenizer,
 )
 from .base import ModelProvider, Prepared, RerankerModel, Task
-from .flag import score_mode_of  # light: flag.py imports FlagEmbedding only inside its loaders
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
 
-__all__ = ["CrossEncoderReranker", "load", "model_kwargs_for"]
-
-
-def model_kwargs_for(dtype: str) -> dict[str, Any]:
-    """``from_pretrained`` kwargs that load weights directly in ``dtype`` (no FP32 detour)."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return {key: torch_dtype(dtype)}
+__all__ = ["CrossEncoderReranker", "load"]
 
 
 class CrossEncoderReranker(RerankerModel):
@@ -145,7 +136,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     st = import_optional(
         "sentence_transformers", "sentence-transformers", "st", "The 'cross-encoder' backend"
     )
-    options = spec.options_dict
+    options = spec.options_dict  # names checked by the registry (its row) before this runs
     mode = score_mode_of(spec, None)
     options.pop("score_mode", None)
     quantize = options.pop("quantize", None)

@@ -21,6 +21,7 @@ from ._torch_common import (
     features_to,
     import_optional,
     loading_errors,
+    model_kwargs_for,
     module_bytes,
     prepare_module,
     prepared_batch,
@@ -28,7 +29,6 @@ from ._torch_common import (
     warm_tokenizer,
 )
 from .base import EmbedderModel, ModelProvider, Prepared, Task
-from .st_cross_encoder import model_kwargs_for
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -146,7 +146,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
         "st",
         "The 'sentence-transformers' backend",
     )
-    options = spec.options_dict
+    options = spec.options_dict  # names checked by the registry (its row) before this runs
     quantize = options.pop("quantize", None)
     kernels = cpu_kernels_option(options)
     with loading_errors(spec):
