@@ -60,3 +60,27 @@ class TTLCache:
         return len(self._data)
 
     MISSING = _MISSING
+
+    def split(self, keys: list[Hashable]) -> tuple[list[Any], list[int]]:
+        """Cached values (None where missing) and the indices still to compute."""
+        values: list[Any] = [None] * len(keys)
+        if not self.enabled:
+            return values, list(range(len(keys)))
+        missing = []
+        for i, key in enumerate(keys):
+            value = self.get(key)
+            if value is _MISSING:
+                missing.append(i)
+            else:
+                values[i] = value
+        return values, missing
+
+    def merge(
+        self, keys: list[Hashable], values: list[Any], missing: list[int], fresh: list[Any]
+    ) -> list[Any]:
+        """``values`` with ``fresh`` filled in at ``missing`` (and remembered)."""
+        for i, value in zip(missing, fresh, strict=True):
+            values[i] = value
+            if self.enabled:
+                self.put(keys[i], value)
+        return values

@@ -10,57 +10,31 @@ releases so reloads show up as ``loads > 1``.
 
 from __future__ import annotations
 
-import re
+import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache
 from .engine.executor import Executor, executor_for
-from .engine.request import LANES, Lane, Request
+from .engine.request import Lane, Request
 from .engine_config import EngineConfig
 from .exceptions import InvalidInputError, ModelReleasedError
+from .inputs import (
+    check_batch_size,
+    check_pairs,
+    check_priority,
+    check_texts,
+    check_timeout,
+    clean_text,
+)
 from .spec import ModelSpec
 from .stats import Metrics, SpecStats
 
-__all__ = ["ModelHandle", "SpecStats"]
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_text(text: str) -> str:
-    """``text`` with lone surrogates (e.g. ``"\\ud800"``, not encodable as UTF-8) replaced by
-    U+FFFD. Fast tokenizers raise on them, which would fail every request sharing the batch."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
-
-
-def _require_strings(texts: Sequence[Any], what: str) -> list[str]:
-    """``texts`` checked to be str and cleaned with :func:`clean_text`."""
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InvalidInputError(
-                f"{what} #{i} is {type(text).__name__}, not str. Convert it to text first "
-                "(rag-rerank-plugins never guesses how to stringify a document)."
-            )
-    return [clean_text(text) for text in texts]
-
-
-def _check_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:
-    checked = []
-    for i, pair in enumerate(pairs):
-        pair = tuple(pair)
-        if len(pair) != 2:
-            raise InvalidInputError(f"pair #{i} has {len(pair)} items; expected (query, text).")
-        query, text = _require_strings(pair, f"pair #{i} item")
-        checked.append((query, text))
-    return checked
+__all__ = ["ModelHandle", "SpecStats", "clean_text"]
 
 
 class ModelHandle:
@@ -140,62 +114,43 @@ class ModelHandle:
     ) -> Request:
         """The one request object that travels to the backend and back (checked here, before
         any model work)."""
-        self._check_batch_size(batch_size)
-        self._check_priority(priority)
+        check_batch_size(batch_size)
+        check_priority(priority)
+        timeout = check_timeout(timeout)
         if timeout is None:
             timeout = self.config.request_timeout_s
-        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise InvalidInputError(
-                f"timeout must be a positive number of seconds, got {timeout!r}."
-            )
         return Request(task, items, batch_size, priority, timeout)
 
-    def _execute(
-        self,
-        task: Task,
-        items: list[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane = "interactive",
-    ) -> list[Any]:
-        request = self._request(task, items, batch_size, timeout, priority)
+    @contextlib.contextmanager
+    def _counted(self, n_items: int) -> Iterator[None]:
+        """Pin the handle for one call and count it (an error, or a cancellation)."""
         self._pin_or_raise()
         start = time.perf_counter()
         try:
-            result = self._executor.run(request)
-        except BaseException:
-            self._count(len(items), start, error=True)
-            raise
-        finally:
-            self._unpin()
-        self._count(len(items), start)
-        return result
-
-    async def _aexecute(
-        self,
-        task: Task,
-        items: list[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane = "interactive",
-    ) -> list[Any]:
-        import asyncio
-
-        request = self._request(task, items, batch_size, timeout, priority)
-        self._pin_or_raise()
-        start = time.perf_counter()
-        try:
-            result = await self._executor.arun(request)
+            yield
         except asyncio.CancelledError:
             self._metrics.bump("cancelled")
             raise
         except BaseException:
-            self._count(len(items), start, error=True)
+            self._count(n_items, start, error=True)
             raise
         finally:
             self._unpin()
-        self._count(len(items), start)
-        return result
+        self._count(n_items, start)
+
+    def _execute(
+        self, task: Task, items: list[Any], batch_size: int, timeout: float | None, priority: Lane
+    ) -> list[Any]:
+        request = self._request(task, items, batch_size, timeout, priority)
+        with self._counted(len(items)):
+            return self._executor.run(request)
+
+    async def _aexecute(
+        self, task: Task, items: list[Any], batch_size: int, timeout: float | None, priority: Lane
+    ) -> list[Any]:
+        request = self._request(task, items, batch_size, timeout, priority)
+        with self._counted(len(items)):
+            return await self._executor.arun(request)
 
     # -- in-flight calls (what a pool's eviction checks) --------------------------------------
 
@@ -225,19 +180,6 @@ class ModelHandle:
             self._retiring = True
             return True
 
-    @staticmethod
-    def _check_priority(priority: str) -> None:
-        if priority not in LANES:
-            raise InvalidInputError(
-                f"priority must be 'interactive' or 'bulk', got {priority!r}: interactive for "
-                "query-time calls, bulk for corpus (re-)embedding."
-            )
-
-    @staticmethod
-    def _check_batch_size(batch_size: int) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}.")
-
     def _count(self, n_items: int, start: float, error: bool = False) -> None:
         self._stats.add(
             calls=1, items=n_items, busy_seconds=time.perf_counter() - start, errors=int(error)
@@ -249,44 +191,16 @@ class ModelHandle:
 
     # -- reranking ----------------------------------------------------------------------------
 
-    def _split_cached_scores(
-        self, pairs: list[tuple[str, str]]
-    ) -> tuple[list[float | None], list[int]]:
-        cache = self._score_cache
-        scores: list[float | None] = [None] * len(pairs)
-        if not cache.enabled:
-            return scores, list(range(len(pairs)))
-        missing = []
-        for i, pair in enumerate(pairs):
-            value = cache.get(pair)
-            if value is TTLCache.MISSING:
-                missing.append(i)
-            else:
-                scores[i] = value
-        self._cache_counts(len(pairs) - len(missing), len(missing))
-        return scores, missing
-
-    def _merge_scores(
-        self,
-        pairs: list[tuple[str, str]],
-        scores: list[float | None],
-        missing: list[int],
-        fresh: list[float],
-    ) -> list[float]:
-        for i, value in zip(missing, fresh, strict=True):
-            scores[i] = float(value)
-            if self._score_cache.enabled:
-                self._score_cache.put(pairs[i], scores[i])
-        return [float(s) for s in scores]  # type: ignore[arg-type]
-
     def _score_plan(
         self, pairs: Sequence[tuple[str, str]]
     ) -> tuple[list[tuple[str, str]], list[float | None], list[int], list[tuple[str, str]]]:
         """Checked pairs, cached scores, indices still to score, and those pairs."""
-        checked = _check_pairs(pairs)
+        checked = check_pairs(pairs)
         if checked:
             self._require_kind("reranker")
-        scores, missing = self._split_cached_scores(checked)
+        scores, missing = self._score_cache.split(list(checked))
+        if self._score_cache.enabled:
+            self._cache_counts(len(checked) - len(missing), len(missing))
         if checked and not missing:
             self._count(len(checked), time.perf_counter())  # answered from the cache
         return checked, scores, missing, [checked[i] for i in missing]
@@ -302,7 +216,7 @@ class ModelHandle:
         """Relevance score per (query, passage) pair, in input order."""
         checked, scores, missing, todo = self._score_plan(pairs)
         fresh = self._execute(SCORE, todo, batch_size, timeout, priority) if todo else []
-        return self._merge_scores(checked, scores, missing, fresh)
+        return self._score_cache.merge(list(checked), scores, missing, fresh)
 
     async def ascore_pairs(
         self,
@@ -315,7 +229,7 @@ class ModelHandle:
         """Async :meth:`score_pairs`: awaits the worker without blocking the event loop."""
         checked, scores, missing, todo = self._score_plan(pairs)
         fresh = await self._aexecute(SCORE, todo, batch_size, timeout, priority) if todo else []
-        return self._merge_scores(checked, scores, missing, fresh)
+        return self._score_cache.merge(list(checked), scores, missing, fresh)
 
     # -- embedding ----------------------------------------------------------------------------
 
@@ -327,17 +241,10 @@ class ModelHandle:
         normalize: bool,
         prompt: str | None,
     ) -> tuple[list[str], Task]:
-        if isinstance(texts, str):  # list("hello") would embed five one-letter texts
-            raise InvalidInputError(
-                f"texts must be a list of str, got a single str {texts[:40]!r}; "
-                "pass [text] to embed one text."
-            )
-        texts = _require_strings(list(texts), "text")
+        texts = check_texts(texts, prompt)
         if texts:
             self._require_kind("embedder")
-        self._check_batch_size(batch_size)
-        if prompt is not None and not isinstance(prompt, str):
-            raise InvalidInputError(f"prompt must be a str or None, got {type(prompt).__name__}.")
+        check_batch_size(batch_size)
         return texts, Task("embed", is_query=is_query, normalize=normalize, prompt=prompt)
 
     def _cached_query(self, texts: list[str], task: Task) -> list[list[float]] | None:
