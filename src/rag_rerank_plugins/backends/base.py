@@ -137,7 +137,10 @@ def call_context(context: CallContext) -> Iterator[None]:
     try:
         yield
     finally:
-        _CALL.reset(token)
+        # A coroutine closed by the garbage collector resumes in another context, where the
+        # token is foreign; the variable dies with its own context then.
+        with contextlib.suppress(ValueError):
+            _CALL.reset(token)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
