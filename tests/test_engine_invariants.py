@@ -99,8 +99,12 @@ DIM = 4
 # -- fake backends with injected faults ----------------------------------------------------------
 
 BENIGN = frozenset({"slow", "gen", "oom1"})
-HARMFUL = frozenset({"raise", "boom", "nil", "scalar", "short", "long", "bad", "oom", "oomfree"})
+HARMFUL = frozenset(
+    {"raise", "boom", "nil", "scalar", "short", "long", "bad", "oom", "oomfree", "crash"}
+)
 OOM_TAGS = frozenset({"oom", "oom1", "oomfree"})
+#: Faults only the split protocol can carry (a direct model has no prepare): plain on direct.
+SPLIT_ONLY_TAGS = OOM_TAGS | {"crash"}
 TAGS = (
     "slow",
     "gen",
@@ -123,6 +127,7 @@ TAGS = (
     "bad.elem",
     "oom",
     "oomfree",
+    "crash",
 )
 _TAG = re.compile(r"#([a-z0-9]+)(?:\.([a-z]+))?")
 
@@ -229,6 +234,12 @@ class _Faults:
     # The split protocol (scheduled models).
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
         self._raise_at("prepare", items)
+        if any(name == "crash" for item in items for name, _ in _tags(_text(item))):
+            # A malformed batch the engine does not anticipate: its token count is not a
+            # number, which fails in the worker's own bookkeeping, outside every stage's guard
+            # (a worker crash; the invariant must still hold).
+            corrupt: Any = "corrupt"
+            return Prepared(list(items), len(items), padded_tokens=corrupt, real_tokens=corrupt)
         return Prepared(list(items), len(items))
 
     def forward(self, task: Task, batch: Prepared) -> Any:
@@ -553,7 +564,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.pool is not None
         assert self.loop is not None
         items_tags = [
-            (n, None if (self.variant == "direct" and tag and tag in OOM_TAGS) else tag)
+            (n, None if (self.variant == "direct" and tag and tag in SPLIT_ONLY_TAGS) else tag)
             for n, tag in plan.items
         ]
         texts = [f"x{n}" + (f" #{tag}" if tag else "") for n, tag in items_tags]
