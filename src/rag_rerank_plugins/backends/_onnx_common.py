@@ -17,7 +17,8 @@ here so the two can never drift apart:
   int8 (onnxruntime's CPU provider has no fast FP16/BF16 matmuls on x86).
 * **Tokenizers** (:func:`configure_tokenizer`): the exported ``tokenizer.json`` run by
   ``tokenizers`` with the truncation and padding the export recorded, so loading a cached entry
-  never imports torch or transformers.
+  never imports torch or transformers; each batch is then padded to its bucket length
+  (:mod:`rag_rerank_plugins._shapes`), so sessions see a small fixed set of shapes.
 """
 
 from __future__ import annotations
@@ -506,8 +507,12 @@ class OnnxRuntimeModel:
 
     def tokenize(self, inputs: list[Any]) -> dict[str, Any]:
         """int64 arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` for texts or
-        (text, text) pairs, padded to the batch's longest."""
+        (text, text) pairs, padded to the bucket length of the batch's longest
+        (:func:`~rag_rerank_plugins._shapes.bucket_length`: onnxruntime's arena and
+        kernels keep state per shape, like oneDNN's; issue 21)."""
         import numpy as np
+
+        from .._shapes import bucket_length, buckets_enabled
 
         encodings = self.tokenizer.encode_batch(inputs)
         columns = {
@@ -515,7 +520,21 @@ class OnnxRuntimeModel:
             "attention_mask": [e.attention_mask for e in encodings],
             "token_type_ids": [e.type_ids for e in encodings],
         }
-        return {name: np.asarray(rows, dtype=np.int64) for name, rows in columns.items()}
+        arrays = {name: np.asarray(rows, dtype=np.int64) for name, rows in columns.items()}
+        width = arrays["input_ids"].shape[1] if arrays["input_ids"].ndim == 2 else 0
+        extra = bucket_length(width, self.max_tokens) - width if self.max_tokens else 0
+        if extra > 0 and buckets_enabled():
+            left = self.meta["padding_side"] == "left"
+            fills = {
+                "input_ids": int(self.meta["pad_token_id"] or 0),
+                "attention_mask": 0,
+                "token_type_ids": int(self.meta["pad_token_type_id"]),
+            }
+            sides = ((0, 0), (extra, 0) if left else (0, extra))
+            arrays = {
+                name: np.pad(a, sides, constant_values=fills[name]) for name, a in arrays.items()
+            }
+        return arrays
 
     def footprint_bytes(self) -> int | None:
         return entry_bytes(self.path)

@@ -4,7 +4,9 @@ Every torch backend loads the same way: import lazily (clear error if the extra 
 installed but not importable), put the weights on one device in the policy's dtype, switch to
 ``eval()`` with gradients off, and turn "not found offline" into :class:`ModelNotFoundError` with
 instructions. Two-phase backends (see :mod:`.base`) pin their prepared tensors, copy them to the
-device without blocking, and start one device->host copy per pass (:class:`HostCopy`).
+device without blocking, and start one device->host copy per pass (:class:`HostCopy`); on the
+CPU a prepared batch is first padded to its bucket length (:func:`pad_to_bucket`, issue 21: a
+small fixed set of pass shapes, so oneDNN's per-shape kernel caches stop growing).
 
 On the CPU, :func:`cpu_kernels` swaps in the faster kernels of :mod:`._cpu_attention` and
 :mod:`._cpu_linear` (backend option ``cpu_kernels``); on every device, :func:`prune_last_layer`
@@ -42,6 +44,7 @@ __all__ = [
     "loading_errors",
     "model_kwargs_for",
     "module_bytes",
+    "pad_to_bucket",
     "padded_tokens",
     "pin_features",
     "prepared_batch",
@@ -256,8 +259,63 @@ def padded_tokens(features: dict[str, Any]) -> int | None:
     return int(ids.numel()) if ids is not None and hasattr(ids, "numel") else None
 
 
-def prepared_batch(features: dict[str, Any], size: int, device: str) -> Prepared:
-    """A tokenised batch ready for ``device`` (pinned on CUDA), with its real token counts."""
+def pad_to_bucket(
+    features: dict[str, Any], tokenizer: Any, max_tokens: int | None, device: str
+) -> dict[str, Any]:
+    """Pad a tokenised CPU batch to its bucket length (see :mod:`rag_rerank_plugins._shapes`).
+
+    oneDNN keeps a compiled kernel per matmul shape, so passes padded to their own longest item
+    make the process grow for thousands of requests (issue 21); a few fixed lengths bound that.
+    Every ``[items, length]`` tensor gets the tokenizer's pad id (``input_ids``), pad type id
+    (``token_type_ids``) or 0 (``attention_mask`` and the rest) on the tokenizer's padding side;
+    masked positions change FP32 scores by float rounding only (~1e-7). Unchanged on other
+    devices, without a known ``max_tokens`` (padding must never pass the position table), or
+    when turned off (``RAG_RERANK_SHAPE_BUCKETS=0``).
+    """
+    from .._shapes import bucket_length, buckets_enabled
+
+    ids: Any = features.get("input_ids")
+    if (
+        not str(device).startswith("cpu")
+        or not max_tokens
+        or ids is None
+        or getattr(ids, "dim", lambda: 0)() != 2
+        or not buckets_enabled()
+    ):
+        return features
+    rows, width = (int(n) for n in ids.shape)
+    extra = bucket_length(width, max_tokens) - width
+    if extra <= 0:
+        return features
+    import torch
+
+    fills = {
+        "input_ids": int(getattr(tokenizer, "pad_token_id", None) or 0),
+        "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", None) or 0),
+    }
+    sides = (extra, 0) if getattr(tokenizer, "padding_side", "right") == "left" else (0, extra)
+    out = dict(features)
+    for key, value in features.items():
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == (rows, width):
+            out[key] = torch.nn.functional.pad(value, sides, value=fills.get(key, 0))
+    return out
+
+
+def prepared_batch(
+    features: dict[str, Any],
+    size: int,
+    device: str,
+    *,
+    tokenizer: Any = None,
+    max_tokens: int | None = None,
+) -> Prepared:
+    """A tokenised batch ready for ``device`` (pinned on CUDA), with its real token counts.
+
+    With a ``tokenizer`` (its pad ids and padding side) and ``max_tokens``, a CPU batch is
+    first padded to its bucket length (:func:`pad_to_bucket`), so ``padded_tokens`` counts the
+    bucket's columns."""
+    if tokenizer is not None:
+        features = pad_to_bucket(features, tokenizer, max_tokens, device)
     mask: Any = features.get("attention_mask")
     real = int(mask.sum()) if mask is not None and hasattr(mask, "sum") else None
     return Prepared(pin_features(features, device), size, padded_tokens(features), real)

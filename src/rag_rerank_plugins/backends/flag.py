@@ -80,7 +80,13 @@ class FlagReranker(RerankerModel):
 
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
         features = self._pad(self.tokenizer, self._encode(items), padding=True, return_tensors="pt")
-        return prepared_batch(dict(features), len(items), self.device)
+        return prepared_batch(
+            dict(features),
+            len(items),
+            self.device,
+            tokenizer=self.tokenizer,
+            max_tokens=self.max_length,
+        )
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         import torch

@@ -75,7 +75,13 @@ class CrossEncoderReranker(RerankerModel):
         if not self._two_phase:
             return super().prepare(task, items)
         features = self.model.preprocess(list(items), prompt=self._prompt)
-        return prepared_batch(features, len(items), self.device)
+        return prepared_batch(
+            features,
+            len(items),
+            self.device,
+            tokenizer=self.model.tokenizer,
+            max_tokens=self.max_tokens,
+        )
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         if not self._two_phase:

@@ -98,7 +98,13 @@ class SentenceTransformerEmbedder(EmbedderModel):
             return super().prepare(task, items)
         prompt, router_task = self._prompt_and_task(task.is_query, task.prompt)
         features = self.model.preprocess(list(items), prompt=prompt, task=router_task)
-        return prepared_batch(features, len(items), self.device)
+        return prepared_batch(
+            features,
+            len(items),
+            self.device,
+            tokenizer=self.model.tokenizer,
+            max_tokens=self.max_tokens,
+        )
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         if not self._two_phase:

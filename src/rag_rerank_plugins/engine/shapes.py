@@ -1,26 +1,70 @@
-"""Pass shapes: how sorted items are cut into micro-batches (placeholder: today's rule)."""
+"""Pass shapes: bounded batch sizes and the rule that cuts sorted items into passes.
+
+oneDNN keeps a compiled kernel and its scratch memory per matmul shape, so the CPU passes must
+come in a small fixed set of shapes for memory to level off (issue 21; the measurements are in
+:mod:`rag_rerank_plugins._shapes`). Their lengths are the backends' part (each pads a pass to
+:func:`bucket_length` of its longest item, re-exported here); the sizes are the engine's:
+
+* :func:`batch_size_bucket`: passes hold 1, 2, 3, 4, 6, 8, 12, 16, 24, ... items. With short
+  passages (many to a pass) this halved the distinct shapes of 300 SciFact requests (58 -> 29)
+  at no measured cost; long ones (2-3 to a pass) are unaffected.
+* :func:`cut_batches`: items sorted longest first; a pass ends when an item's batch-size cap is
+  reached or when ``longest x (n + 1)`` would pass the token budget, and its size is then
+  rounded down to a batch-size bucket (the rest start the next pass).
+
+Measured with ``benchmarks/memory_plateau.py``. Standard library only.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["cut_batches"]
+from .._shapes import bucket_length, buckets_enabled
+
+__all__ = ["batch_size_bucket", "bucket_length", "buckets_enabled", "cut_batches"]
 
 
-def cut_batches(lengths: Sequence[int], caps: Sequence[int], budget: int) -> list[int]:
-    """Sizes of consecutive micro-batches over items sorted longest first: a pass ends when an
-    item's batch-size cap is reached or when ``longest * (n + 1)`` would pass ``budget``."""
+def batch_size_bucket(n: int) -> int:
+    """The largest allowed pass size <= ``n``: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two
+    and 1.5x powers of two)."""
+    if n <= 4:
+        return n
+    power = 1 << (n.bit_length() - 1)
+    return power * 3 // 2 if n >= power * 3 // 2 else power
+
+
+def cut_batches(
+    lengths: Sequence[int],
+    caps: Sequence[int],
+    budget: int,
+    *,
+    bucket_sizes: bool | None = None,
+) -> list[int]:
+    """Sizes of consecutive micro-batches over items sorted longest first.
+
+    ``lengths``: each item's estimated tokens, descending; ``caps``: each item's batch-size cap
+    (its request's ``batch_size`` and ``max_batch_size``, whichever is smaller). A pass ends when
+    the smallest cap among its items (the next one included) is reached or when
+    ``longest x (n + 1)`` would pass ``budget``; a pass always takes at least one item. With
+    ``bucket_sizes`` (None: :func:`buckets_enabled`) its size is then rounded down to
+    :func:`batch_size_bucket` and the items left over start the next pass.
+    """
+    if bucket_sizes is None:
+        bucket_sizes = buckets_enabled()
+    if len(caps) != len(lengths):
+        raise ValueError(f"{len(lengths)} lengths but {len(caps)} caps")
     sizes: list[int] = []
-    n = longest = 0
-    cap = 0
-    for length, item_cap in zip(lengths, caps, strict=True):
-        longest_if_added = max(longest, length)
-        cap_if_added = min(cap, item_cap) if n else item_cap
-        if n and (n >= cap_if_added or longest_if_added * (n + 1) > budget):
-            sizes.append(n)
-            n, longest_if_added, cap_if_added = 0, length, item_cap
-        n += 1
-        longest, cap = longest_if_added, cap_if_added
-    if n:
+    start, total = 0, len(lengths)
+    while start < total:
+        n, longest, cap = 1, lengths[start], caps[start]
+        while start + n < total:
+            longest_if_added = max(longest, lengths[start + n])
+            cap_if_added = min(cap, caps[start + n])
+            if n >= cap_if_added or longest_if_added * (n + 1) > budget:
+                break
+            n, longest, cap = n + 1, longest_if_added, cap_if_added
+        if bucket_sizes:
+            n = batch_size_bucket(n)
         sizes.append(n)
+        start += n
     return sizes

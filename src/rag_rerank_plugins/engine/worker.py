@@ -53,6 +53,7 @@ class Worker:
         self.config = config
         self.metrics = metrics
         self.name = queue.name
+        self.device = model.device
         self.wait_s = config.wait_seconds(model.device)
         self.budget = config.tokens_per_batch(model.device)
         metrics.token_budget = self.budget
@@ -105,7 +106,9 @@ class Worker:
                     entries, lane = self.queue.take_round(self.budget)
                     if not entries:
                         break
-                    cut = cut_micro_batches(entries, self.config.max_batch_size, self.budget)
+                    cut = cut_micro_batches(
+                        entries, self.config.max_batch_size, self.budget, self.device
+                    )
                     formed.extend(Batch(b, lane) for b in cut)
                 batch = formed.popleft()
                 if self._live(batch):
