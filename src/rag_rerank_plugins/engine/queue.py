@@ -86,7 +86,7 @@ class RequestQueue:
         for request in self._requests:
             if request.future.cancelled() and request.started is None:
                 self.metrics.bump("cancelled")
-                request.fail(ModelReleasedError("withdrawn"))  # settles; the caller is gone
+                request.withdraw()  # settles it; the caller is gone
             elif not (request.done or request.fail_if_expired(self.name, now)) and request.pending:
                 kept.append(request)
         if len(kept) != len(self._requests):
