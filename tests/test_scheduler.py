@@ -309,3 +309,21 @@ def test_engine_config_from_env() -> None:
     assert EngineConfig(token_budget=100).tokens_per_batch("cuda:0") == 100
     with pytest.raises(ValueError, match="positive"):
         EngineConfig(max_queue=0)
+
+
+def test_a_request_withdrawn_and_notified_settles_without_raising() -> None:
+    """A future cancelled by its caller and then seen by the worker (notified) is settled by a
+    later failure (close, crash) quietly: 'Future in unexpected state' here once stranded every
+    other caller of a crash handler."""
+    from rag_rerank_plugins.backends.base import SCORE
+    from rag_rerank_plugins.engine.request import Request
+
+    settled: list[Request] = []
+    request = Request(SCORE, [("q", "p")], 4)
+    request.on_settled = settled.append
+    assert request.future.cancel()
+    assert not request.start()  # the worker sees the withdrawal (CANCELLED_AND_NOTIFIED)
+    assert request.fail(RuntimeError("worker crashed")) is False
+    assert request.done
+    assert settled == [request]
+    assert request.withdraw() is False  # exactly once

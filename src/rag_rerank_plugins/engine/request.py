@@ -117,13 +117,7 @@ class Request:
     def withdraw(self) -> bool:
         """Its caller stopped waiting (timeout or cancellation): settle it so the worker skips
         its remaining items. A queued request is cancelled; a taken one gets CancelledError."""
-        if self.future.cancel():
-            with self._lock:
-                self._settled = True
-            self.pending.clear()
-            if self.on_settled is not None:
-                self.on_settled(self)
-            return True
+        self.future.cancel()  # succeeds while queued; then nothing is delivered
         return self.fail(CancelledError())
 
     def fail_if_expired(self, name: str, now: float | None = None) -> bool:
@@ -138,7 +132,11 @@ class Request:
                 return False
             self._settled = True
             future = self.future
-            if self.started is None and not future.set_running_or_notify_cancel():
+            # A withdrawn future is never set (and may already be notified of its
+            # cancellation, when set_running_or_notify_cancel would raise).
+            if future.cancelled() or (
+                self.started is None and not future.set_running_or_notify_cancel()
+            ):
                 settled = False  # withdrawn by its caller while queued: nothing to deliver
             elif error is not None:
                 future.set_exception(error)

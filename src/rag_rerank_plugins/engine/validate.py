@@ -63,7 +63,7 @@ def _vector(name: str, value: Any, index: int, dimension: int | None) -> list[An
         raise _bad(name, f"a {len(vector)}-dimensional vector for text #{index}, not {dimension}")
     if not math.isfinite(total):
         raise _bad(name, f"a vector with non-finite values for text #{index}")
-    return list(vector)
+    return vector if isinstance(vector, list) else list(vector)
 
 
 def check_results(

@@ -20,6 +20,7 @@ scheduler turns into failed requests and a fresh worker.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -224,8 +225,6 @@ class Worker:
     def _run_pass(self, batch: Batch, threads: int) -> list[Any] | None:
         """One whole pass on a parallel CPU device worker; None when it ran out of memory (the
         failed pass's exception and frames are gone when this returns)."""
-        import threading
-
         prepared = self._prepared(batch)
         model = self.model()
         ident = threading.get_ident()
