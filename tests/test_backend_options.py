@@ -26,7 +26,7 @@ from rag_rerank_plugins.langchain import (
 from rag_rerank_plugins.testing import FakeReranker
 
 #: Options that are ours, not the wrapped library's keyword arguments.
-OURS = {"score_mode", "quantize", "cpu_kernels", "prune_last_layer"}
+OURS = {"score_mode", "score_label", "quantize", "cpu_kernels", "prune_last_layer"}
 
 
 # -- model_kwargs={"max_length": ...} like HuggingFaceCrossEncoder --------------------------------
@@ -68,18 +68,21 @@ def test_model_kwargs_max_length_conflicting_with_max_length_is_an_error() -> No
         ),
         (
             SharedCrossEncoder,
+            # CrossEncoder takes a callable (torch.nn.Sigmoid() -> score_mode), not a name.
             {"model_kwargs": {"activation_fn": "sigmoid"}},
-            r"'activation_fn'.*score_mode",
+            r"'activation_fn'.*callable.*score_mode",
         ),
         (
             SharedCrossEncoder,
-            {"model_kwargs": {"config_kwargs": {"num_labels": 1}}},
-            r"'config_kwargs'.*Dict-valued",
+            # Dict-valued options are spec options now (issue 25), on the torch backends only.
+            {"backend": "onnx-cross-encoder", "model_kwargs": {"config_kwargs": {"a": 1}}},
+            r"'config_kwargs'.*sentence-transformers backends.*take the dict-valued",
         ),
         (
             SharedCrossEncoder,
-            {"model_kwargs": {"token": "hf_secret"}},
-            r"'token'.*Never put a token in a spec.*HF_TOKEN",
+            # A token is a secret option of the torch backends now (issue 25), never shown.
+            {"backend": "onnx-cross-encoder", "model_kwargs": {"token": "hf_secret"}},
+            r"'token'.*does not read a hub token.*HF_TOKEN",
         ),
         (
             SharedEmbeddings,
@@ -89,7 +92,7 @@ def test_model_kwargs_max_length_conflicting_with_max_length_is_an_error() -> No
         (
             SharedRerankCompressor,
             {"backend": "fake-reranker", "model_kwargs": {"delay": 5}},
-            r"'fake-reranker'.*'delay'.*Accepted: cache_folder, delay_ms, ",
+            r"'fake-reranker'.*'delay'.*Accepted: .*cache_folder, .*delay_ms, ",
         ),
         (
             SharedRerankCompressor,
@@ -108,7 +111,7 @@ def test_model_kwargs_max_length_conflicting_with_max_length_is_an_error() -> No
                 "model_kwargs": {"embedder_backend": "fake-embedder", "x": 1},
             },
             r"'fake-embedder'\) does not accept option\(s\) 'x'"
-            r".*Accepted: cache_folder, delay_ms, dim, embedder_backend",
+            r".*Accepted: .*cache_folder, .*delay_ms, dim, embedder_backend",
         ),
         (
             SharedRerankCompressor,
@@ -168,7 +171,9 @@ def test_declared_options_match_the_backend_modules() -> None:
     assert backends["remote-reranker"].options == remote.settings.REMOTE_OPTIONS
     assert backends["remote-embedder"].options == remote.settings.REMOTE_OPTIONS
     # The fakes take (and ignore) a real model's loading options, so a test can swap them in.
-    loading = {"trust_remote_code", "revision", "cache_folder", "local_files_only", "score_mode"}
+    from rag_rerank_plugins.backends.options import ST_CROSS_ENCODER, ST_EMBEDDER
+
+    loading = set(ST_CROSS_ENCODER | ST_EMBEDDER) | {"score_mode", "score_label"}
     assert backends["fake-reranker"].options == {"delay_ms", "footprint_mb"} | loading
     assert backends["fake-embedder"].options == {"delay_ms", "dim", "footprint_mb"} | loading
     assert backends["bi-encoder"].options == {"embedder_backend"}

@@ -86,7 +86,8 @@ def test_a_secret_in_a_remote_spec_gets_the_api_key_env_hint() -> None:
         with pytest.raises(ConfigurationError, match=r"Never put a secret.*api_key_env="):
             check_options("remote-reranker", {name: "x"})
     with pytest.raises(ConfigurationError, match="HF_TOKEN"):  # not a remote backend
-        check_options("cross-encoder", {"token": "x"})
+        check_options("onnx-cross-encoder", {"token": "x"})
+    check_options("cross-encoder", {"token": "x"})  # a Secret in the spec (issue 25)
 
 
 # -- one module per backend, no imports between them ---------------------------------------------

@@ -23,12 +23,13 @@ from pydantic import (
     model_validator,
 )
 
+from ._stock import hf_model_kwargs, lift_spec_fields
 from .backends import backend_info, check_options
 from .exceptions import ConfigurationError, InvalidInputError
 from .handle import ModelHandle
 from .pool import ModelPool, get_pool
 from .ranking import Ranked, rank, validate_threshold, validate_top_n
-from .spec import ModelSpec
+from .spec import SECRET_OPTIONS, ModelSpec, Secret
 from .tracing import model_span
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
@@ -74,6 +75,16 @@ def _strict_number(name: str, value: Any, *, allowed: str = "a number (int or fl
     return value
 
 
+def _hide_secrets(value: Any) -> Any:
+    """``value`` with every ``token``/``use_auth_token`` (at any depth) wrapped in a Secret."""
+    if isinstance(value, dict):
+        return {
+            k: Secret(v) if k in SECRET_OPTIONS and v is not None else _hide_secrets(v)
+            for k, v in value.items()
+        }
+    return value
+
+
 def from_settings(name: str) -> Callable[[], Any]:
     """A ``default_factory`` reading field ``name`` of the cached process
     :class:`~rag_rerank_plugins.settings.Settings` (``RAG_RERANK_*`` variables, read once)."""
@@ -97,6 +108,9 @@ class SharedModelFields(BaseModel):
 
     _kind: ClassVar[str] = "reranker"
     _model_field: ClassVar[str] = "model"
+    #: True where ``model_kwargs`` are sentence-transformers loader keyword arguments, as in
+    #: LangChain's HuggingFaceCrossEncoder/HuggingFaceEmbeddings (see :mod:`._stock`).
+    _st_model_kwargs: ClassVar[bool] = False
 
     backend: str = Field(description="Backend name, e.g. 'cross-encoder' or 'bi-encoder'.")
     device: str = Field(
@@ -112,7 +126,8 @@ class SharedModelFields(BaseModel):
     )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Backend options that change the loaded model (trust_remote_code, revision).",
+        description="Backend options that change the loaded model (trust_remote_code, revision, "
+        "token, config_kwargs={...}, ...): nested dicts are fine, a token is never shown.",
     )
     pool: ModelPool | None = Field(
         default=None, exclude=True, repr=False, description="Pool to use; None = get_pool()."
@@ -140,27 +155,20 @@ class SharedModelFields(BaseModel):
         # "max_length": ...} (keyword arguments of sentence-transformers' loaders). Both are spec
         # fields here; left in model_kwargs, max_length reached CrossEncoder(...) twice and the
         # first call failed with "got multiple values for keyword argument 'max_length'".
+        if isinstance(data, dict) and cls._st_model_kwargs:
+            data = hf_model_kwargs(data, cls._kind, cls.model_fields)
         if isinstance(data, dict):
             kwargs = data.get("model_kwargs")
-            if isinstance(kwargs, dict) and "device" in kwargs:
+            if isinstance(kwargs, dict) and ("device" in kwargs or "max_length" in kwargs):
                 kwargs = dict(kwargs)
                 data = {**data, "model_kwargs": kwargs}
-                device = kwargs.pop("device")
-                data.setdefault("device", device)
-            if isinstance(kwargs, dict) and "max_length" in kwargs:
-                kwargs = dict(kwargs)
-                data = {**data, "model_kwargs": kwargs}
-                max_length = kwargs.pop("max_length")
-                explicit = data.get("max_length")
-                if explicit is not None and explicit != max_length:
-                    raise ConfigurationError(
-                        f"max_length={explicit!r} and model_kwargs['max_length']={max_length!r} "
-                        "disagree; give the token limit once, as max_length=."
-                    )
-                data["max_length"] = max_length
+                lift_spec_fields(data, kwargs)
             if data.get("device") is None and "device" in data:
                 # LlamaIndex passes device=None for "infer": the default applies.
                 data = {k: v for k, v in data.items() if k != "device"}
+            if isinstance(data.get("model_kwargs"), dict):
+                # A token stays a Secret from here on: never in the adapter's repr or dumps.
+                data = {**data, "model_kwargs": _hide_secrets(data["model_kwargs"])}
         return data
 
     @model_validator(mode="after")

@@ -19,7 +19,14 @@ __all__ = [
     "DEFAULT_EMBEDDER",
     "DEFAULT_RERANKER",
     "DTYPES",
+    "SECRET_OPTIONS",
+    "ByRepr",
+    "FrozenList",
+    "FrozenMap",
     "ModelSpec",
+    "Secret",
+    "freeze",
+    "thaw",
 ]
 
 #: Default reranker for users with hub access: multilingual, strong, 568 M parameters.
@@ -64,21 +71,163 @@ def _normalize_device(device: Any) -> str:
     )
 
 
-def _freeze_options(options: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> tuple:
+#: Option names whose values are secrets (hub tokens), at any depth of a nested option.
+SECRET_OPTIONS = frozenset({"token", "use_auth_token"})
+
+
+class Secret:
+    """A secret option value (a hub token): handed to the loader, never shown.
+
+    ``repr``/``str`` are ``'***'``, so a spec, its label, stats, metrics, traces and log lines
+    never carry it. All secrets compare equal and hash alike: a token decides who may download
+    a model, not which weights load, so adapters that differ only by their token share one
+    loaded model (the first load's token is the one used; once loaded, nothing is downloaded).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value.reveal() if isinstance(value, Secret) else value
+
+    def reveal(self) -> Any:
+        """The value itself (only for the loader)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret)
+
+    def __hash__(self) -> int:
+        return hash(Secret)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:  # pickled for worker processes, with value
+        return (Secret, (self._value,))
+
+
+class FrozenMap(tuple):
+    """A dict option frozen into sorted ``(key, value)`` pairs: hashable, one canonical order
+    (``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` are one pool key). :func:`thaw` gives the
+    dict back for the loader. Shown like the dict it was."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in self) + "}"
+
+
+class FrozenList(tuple):
+    """A list option frozen into a tuple; :func:`thaw` gives a list back."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "[" + ", ".join(map(repr, self)) + "]"
+
+
+class ByRepr:
+    """An object without value equality (e.g. ``torch.nn.Sigmoid()``) keyed by its type and
+    ``repr``, so two equal-looking activations are one pool key rather than one load each."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        kind = type(value)
+        self.key = (f"{kind.__module__}.{kind.__qualname__}", repr(value))
+
+    def __repr__(self) -> str:
+        return self.key[1]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ByRepr) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _identity_hashed(value: Any) -> bool:
+    """True for objects hashed by identity whose repr shows their settings, not an address."""
+    kind: Any = type(value)
+    base: Any = object
+    if kind.__hash__ is not base.__hash__ or kind.__eq__ is not base.__eq__:
+        return False
+    params, buffers = getattr(value, "parameters", None), getattr(value, "buffers", None)
+    if callable(params) and callable(buffers) and (any(params()) or any(buffers())):
+        return False  # a torch module with weights: its repr does not show them
+    if isinstance(value, type):
+        return False
+    text = repr(value)
+    return " at 0x" not in text and not text.startswith("<")
+
+
+def _sort_key(item: tuple[Any, Any]) -> tuple[str, str]:
+    return (type(item[0]).__name__, str(item[0]))
+
+
+def freeze(value: Any, name: str = "option") -> Any:
+    """``value`` in its canonical hashable form: dicts -> :class:`FrozenMap` (sorted), lists
+    and tuples -> :class:`FrozenList`, sets -> frozenset, secrets (a ``token`` key at any depth)
+    -> :class:`Secret`, equal-looking settings objects -> :class:`ByRepr`, nested to any depth.
+    Idempotent. Raises :class:`ConfigurationError` for what cannot be a pool key."""
+    if isinstance(value, (FrozenMap, Secret, ByRepr)):
+        return value
+    if isinstance(value, Mapping):
+        pairs = []
+        for key, item in value.items():
+            frozen = Secret(item) if key in SECRET_OPTIONS else freeze(item, f"{name}[{key!r}]")
+            pairs.append((freeze(key, name), frozen))
+        return FrozenMap(sorted(pairs, key=_sort_key))
+    if isinstance(value, (list, tuple)) and not isinstance(value, FrozenList):
+        return FrozenList(freeze(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, (set, frozenset)):
+        return frozenset(freeze(v, name) for v in value)
+    if _identity_hashed(value):
+        return ByRepr(value)
+    if not isinstance(value, Hashable):
+        raise ConfigurationError(
+            f"Backend option {name}={value!r} cannot be part of a pool key: use plain values "
+            "(str, int, float, bool, None), lists, dicts or tuples of them."
+        )
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """The plain value :func:`freeze` made ``value`` from (dicts, lists, the secret itself):
+    what the loader is given."""
+    if isinstance(value, FrozenMap):
+        return {thaw(k): thaw(v) for k, v in value}
+    if isinstance(value, FrozenList):
+        return [thaw(v) for v in value]
+    if isinstance(value, frozenset):
+        return {thaw(v) for v in value}
+    if isinstance(value, Secret):
+        return value.reveal()
+    if isinstance(value, ByRepr):
+        return value.value
+    return value
+
+
+def _freeze_options(
+    options: Mapping[str, Any] | Iterable[tuple[str, Any]],
+) -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Secret], ...]]:
+    """``(options, secrets)``: sorted frozen pairs, and the top-level secrets taken out of them
+    (a ``None`` secret is no secret: dropped)."""
     items = options.items() if isinstance(options, Mapping) else options
-    frozen = []
+    frozen, secrets = [], []
     for key, value in items:
-        if isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(value, dict):
-            value = tuple(sorted(value.items()))
-        if not isinstance(value, Hashable):
-            raise ConfigurationError(
-                f"Backend option {key!r}={value!r} is not hashable; specs are pool keys, so "
-                "options must be plain values (str, int, float, bool, tuples)."
-            )
-        frozen.append((str(key), value))
-    return tuple(sorted(frozen, key=lambda kv: kv[0]))
+        if str(key) in SECRET_OPTIONS:
+            if value is not None:
+                secrets.append((str(key), Secret(value)))
+            continue
+        frozen.append((str(key), freeze(value, str(key))))
+    return (
+        tuple(sorted(frozen, key=lambda kv: kv[0])),
+        tuple(sorted(secrets, key=lambda kv: kv[0])),
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +237,16 @@ class ModelSpec:
     ``device`` and ``dtype`` may stay ``"auto"``; the pool resolves them (see
     :func:`rag_rerank_plugins.policy.resolve_device`) so an "auto" spec and its explicit twin share
     one model. ``options`` are backend keyword arguments that change the loaded model
-    (e.g. ``trust_remote_code``, ``revision``); pass a dict, it is frozen into sorted pairs.
+    (e.g. ``trust_remote_code``, ``revision``, ``config_kwargs={...}``); pass a dict: it is frozen
+    into sorted pairs, nested dicts and lists too (:func:`freeze`), and the loader gets plain
+    values back (:attr:`options_dict`).
+
+    Secrets: a ``token`` (or ``use_auth_token``) option is moved to ``secrets``, which is not
+    part of the key, the ``repr`` or the label (so never in stats, metrics, traces or logs), yet
+    is handed to the loader. Specs that differ only by their token are the same key: a token
+    decides who may download the weights, not which weights load, so one loaded copy serves both
+    (the first load's token is used; a load that failed is not cached, so a later spec with a
+    working token loads). Nested ``token`` keys become :class:`Secret` values (all equal).
     """
 
     model: str
@@ -97,6 +255,7 @@ class ModelSpec:
     dtype: str = "auto"
     max_length: int | None = None
     options: tuple[tuple[str, Any], ...] = field(default=())
+    secrets: tuple[tuple[str, Secret], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
@@ -119,18 +278,24 @@ class ModelSpec:
         object.__setattr__(self, "model", model.strip())
         object.__setattr__(self, "device", _normalize_device(self.device))
         object.__setattr__(self, "dtype", _normalize_dtype(self.dtype))
-        object.__setattr__(self, "options", _freeze_options(self.options))
+        options, secrets = _freeze_options(self.options)
+        _, given = _freeze_options(self.secrets)
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "secrets", tuple(sorted({**dict(given), **dict(secrets)}.items())))
 
     @property
     def options_dict(self) -> dict[str, Any]:
-        """The backend options as a fresh dict (safe to pass as ``**kwargs``)."""
-        return dict(self.options)
+        """The backend options as a fresh dict of plain values (nested dicts and lists thawed,
+        secrets included and revealed): what a loader passes as ``**kwargs``. Never log it."""
+        plain = {key: thaw(value) for key, value in self.options}
+        plain.update((key, secret.reveal()) for key, secret in self.secrets)
+        return plain
 
     def option(self, name: str, default: Any = None) -> Any:
-        """One backend option, or ``default``."""
-        for key, value in self.options:
+        """One backend option as a plain value (a secret revealed), or ``default``."""
+        for key, value in (*self.options, *self.secrets):
             if key == name:
-                return value
+                return thaw(value)
         return default
 
     def with_options(self, **changes: Any) -> ModelSpec:

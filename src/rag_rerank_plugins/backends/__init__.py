@@ -31,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, UnknownBackendError
 from .base import EmbedderModel, Kind, LoadedModel, Loader, ModelProvider, RerankerModel
-from .options import HF_LOADING, ONNX_EXPORT, REMOTE_OPTIONS, ST_LOADING
+from .options import (
+    CLASSIFIER_SCORES,
+    HF_LOADING,
+    ONNX_EXPORT,
+    REMOTE_OPTIONS,
+    ST_CROSS_ENCODER,
+    ST_EMBEDDER,
+)
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -69,6 +76,10 @@ class BackendInfo:
     #: ``(option, default)`` for backends that hand their other options to another backend:
     #: the bi-encoder passes them to the embedder backend named by ``embedder_backend``.
     forwards_options: tuple[str, str] | None = None
+    #: True for a backend without torch weights that still computes BF16 natively on the CPU
+    #: (OpenVINO): ``dtype="auto"`` then follows the CPU policy (bfloat16 on AVX512-BF16/AMX CPUs,
+    #: float32 elsewhere) instead of meaning float32.
+    cpu_bf16: bool = False
 
 
 def _row(
@@ -80,6 +91,7 @@ def _row(
     options: Iterable[str],
     uses_torch: bool = True,
     forwards_options: tuple[str, str] | None = None,
+    cpu_bf16: bool = False,
 ) -> BackendInfo:
     """A built-in row; ``target`` is relative to this package (``".module:function"``)."""
     return BackendInfo(
@@ -90,6 +102,7 @@ def _row(
         uses_torch,
         frozenset(options),
         forwards_options,
+        cpu_bf16,
     )
 
 
@@ -97,7 +110,7 @@ def _row(
 #: options a real model would get: switching a test to backend="fake-..." changes nothing else.
 #: ``delay_ms`` simulates a forward pass, ``footprint_mb`` the size a pool with a memory budget
 #: sees.
-_FAKE = ST_LOADING | {"score_mode", "delay_ms", "footprint_mb"}
+_FAKE = ST_CROSS_ENCODER | ST_EMBEDDER | CLASSIFIER_SCORES | {"delay_ms", "footprint_mb"}
 
 #: The built-in backends, one row each. A new built-in backend is its module plus a row here.
 _BUILTINS = (
@@ -106,18 +119,30 @@ _BUILTINS = (
         "reranker",
         ".st_cross_encoder:load",
         "sentence-transformers CrossEncoder (extra: st)",
-        # ST_LOADING goes to CrossEncoder(...); the rest is ours.
-        options=ST_LOADING | {"score_mode", "quantize", "cpu_kernels", "prune_last_layer"},
+        # ST_CROSS_ENCODER goes to CrossEncoder(...); the rest is ours.
+        options=ST_CROSS_ENCODER
+        | CLASSIFIER_SCORES
+        | {"quantize", "cpu_kernels", "prune_last_layer"},
     ),
     _row(
         "onnx-cross-encoder",
         "reranker",
         ".onnx:load",
         "CrossEncoder exported once to ONNX, run by onnxruntime on the CPU (extra: onnx)",
-        options=ONNX_EXPORT | {"score_mode", "prune_last_layer"},
+        options=ONNX_EXPORT | CLASSIFIER_SCORES | {"prune_last_layer"},
         # Torch only for the one-time export: "auto" means the CPU and float32 (ONNX Runtime's
         # CPU provider has no fast BF16), and a cached export loads without importing torch.
         uses_torch=False,
+    ),
+    _row(
+        "openvino-cross-encoder",
+        "reranker",
+        ".openvino_cross_encoder:load",
+        "onnx-cross-encoder's export run by OpenVINO: BF16/FP32, NNCF INT8 (extra: openvino)",
+        # The ONNX twin's options (forwarded to it), and ours: quantize (NNCF INT8), calibration.
+        options=ONNX_EXPORT | CLASSIFIER_SCORES | {"prune_last_layer", "calibration"},
+        uses_torch=False,  # torch only for the one-time export; a cached IR loads without it
+        cpu_bf16=True,
     ),
     _row(
         "sentence-transformers",
@@ -125,7 +150,7 @@ _BUILTINS = (
         ".st_embedder:load",
         "sentence-transformers SentenceTransformer (extra: st)",
         # All but ours (quantize, cpu_kernels) go to SentenceTransformer(...).
-        options=ST_LOADING | {"quantize", "cpu_kernels", "truncate_dim", "default_prompt_name"},
+        options=ST_EMBEDDER | {"quantize", "cpu_kernels"},
     ),
     _row(
         "onnx-sentence-transformers",
@@ -135,6 +160,15 @@ _BUILTINS = (
         # The sentence-transformers embedder's own two, applied at run time (not exported).
         options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name"},
         uses_torch=False,  # as onnx-cross-encoder: torch only for the one-time export
+    ),
+    _row(
+        "openvino-embedder",
+        "embedder",
+        ".openvino_embedder:load",
+        "onnx-sentence-transformers' export run by OpenVINO: BF16/FP32/INT8 (extra: openvino)",
+        options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name", "calibration"},
+        uses_torch=False,
+        cpu_bf16=True,
     ),
     _row(
         "bi-encoder",
@@ -149,9 +183,10 @@ _BUILTINS = (
         "reranker",
         ".flag:load_reranker",
         "FlagEmbedding FlagReranker, e.g. bge-reranker-v2-m3 (extra: flag)",
-        # FlagReranker keyword arguments, and ours: score_mode, prune_last_layer, cpu_kernels.
-        options={
-            "score_mode",
+        # FlagReranker keyword arguments, and ours: score_mode/score_label, prune_last_layer,
+        # cpu_kernels.
+        options=CLASSIFIER_SCORES
+        | {
             "prune_last_layer",
             "cpu_kernels",
             "query_max_length",
@@ -270,8 +305,9 @@ _HINTS = {
     "default_activation_function": "Use score_mode='sigmoid' or score_mode='raw'.",
     "normalize": "Use score_mode='sigmoid' or score_mode='raw'.",
     "normalize_embeddings": "Use the embedder adapter's normalize_embeddings= / normalize= field.",
-    "token": "Never put a token in a spec (specs are shown in stats, metrics and logs): the hub "
-    "reads HF_TOKEN or the login saved by `hf auth login` by itself.",
+    "token": "This backend does not read a hub token: the hub reads HF_TOKEN or the login saved "
+    "by `hf auth login` by itself (the sentence-transformers backends take token= and keep it "
+    "out of stats, metrics and logs).",
 }
 #: Option names that look like a secret, on a backend that reads its secret from the
 #: environment variable named by ``api_key_env`` (the remote ones).
@@ -368,8 +404,8 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
         hints.add(_SECRET_HINT)
     if any(u in _DICT_VALUED for u in unknown):
         hints.add(
-            "Dict-valued backend options cannot be passed through yet: a spec freezes them into "
-            "a tuple, which the library's loader rejects."
+            "The sentence-transformers backends ('cross-encoder', 'sentence-transformers') take "
+            "the dict-valued ones (model_kwargs, config_kwargs, processor_kwargs, prompts)."
         )
     raise ConfigurationError(
         f"{where} does not accept option(s) {', '.join(map(repr, unknown))} "

@@ -76,15 +76,26 @@ def torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def model_kwargs_for(dtype: str) -> dict[str, Any]:
+def model_kwargs_for(dtype: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """``from_pretrained`` kwargs that load weights directly in ``dtype`` (no FP32 detour),
     under the name the installed transformers reads (``dtype`` from 4.56, ``torch_dtype``
-    before)."""
+    before), on top of the user's own transformers ``model_kwargs`` (option ``model_kwargs``,
+    e.g. ``attn_implementation``). The dtype is the spec's: a dtype inside ``given`` is refused
+    (the adapters move ``model_kwargs={"dtype": ...}`` to ``dtype=`` before this)."""
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return {key: torch_dtype(dtype)}
+    given = dict(given or {})
+    for name in ("dtype", "torch_dtype"):
+        if name in given and str(given[name]) != "auto":
+            raise ConfigurationError(
+                f"model_kwargs[{name!r}]={given[name]!r}: the precision is the spec's dtype= "
+                f"(e.g. dtype={str(given[name]).removeprefix('torch.')!r}), so that models "
+                "loaded in one precision share one pool entry."
+            )
+        given.pop(name, None)
+    return {**given, key: torch_dtype(dtype)}
 
 
 def prepare_module(module: Any, dtype: str) -> Any:

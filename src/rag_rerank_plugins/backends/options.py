@@ -10,15 +10,48 @@ stays cheap to import.
 
 from __future__ import annotations
 
-__all__ = ["HF_LOADING", "ONNX_EXPORT", "REMOTE_OPTIONS", "ST_LOADING"]
+__all__ = [
+    "CLASSIFIER_SCORES",
+    "HF_LOADING",
+    "ONNX_EXPORT",
+    "REMOTE_OPTIONS",
+    "ST_CROSS_ENCODER",
+    "ST_EMBEDDER",
+    "ST_LOADING",
+    "ST_MODEL",
+]
 
 
-#: Keyword arguments of sentence-transformers' loaders that are plain values (hashable, one per
-#: spec) and only change where/which weights load. Dict-valued ones (model_kwargs,
-#: config_kwargs, tokenizer/processor_kwargs, prompts) are left out: a spec freezes a dict into a
-#: tuple of pairs, which the loaders would reject at load time. So is ``token``: a spec is shown
-#: in stats, metrics and logs, and the hub reads HF_TOKEN / ``hf auth login`` by itself.
+#: Keyword arguments of sentence-transformers' loaders that are plain values and only change
+#: where/which weights load: what every backend loading through sentence-transformers reads
+#: (the ONNX ones when exporting, the fakes to stand in for a real model).
 ST_LOADING = frozenset({"trust_remote_code", "revision", "cache_folder", "local_files_only"})
+#: The rest of ``SentenceTransformer(...)``'s and ``CrossEncoder(...)``'s shared keyword
+#: arguments, handed through unchanged by the torch backends: the nested dicts (a spec holds them
+#: frozen, :func:`~rag_rerank_plugins.spec.freeze`, and the loader gets plain dicts back; the
+#: transformers ``model_kwargs`` are merged with the dtype, see ``_torch_common``), the prompts,
+#: kernels, ``modules`` and the hub ``token`` (a secret: kept out of the pool key, its label,
+#: stats and logs, see :class:`~rag_rerank_plugins.spec.Secret`).
+ST_MODEL = ST_LOADING | {
+    "token",
+    "model_kwargs",
+    "config_kwargs",
+    "processor_kwargs",
+    "prompts",
+    "default_prompt_name",
+    "use_kernels",
+    "kernel_config",
+    "modules",
+}
+#: ``CrossEncoder(...)``'s own on top: an activation that is neither Sigmoid nor Identity (those
+#: two are ``score_mode``), and the layers kept in FP32.
+ST_CROSS_ENCODER = ST_MODEL | {"activation_fn", "keep_in_fp32_modules"}
+#: ``SentenceTransformer(...)``'s own on top (``truncate_dim`` is also read at run time).
+ST_EMBEDDER = ST_MODEL | {"truncate_dim"}
+#: How a classification reranker (cross-encoder, ONNX cross-encoder, flag-reranker) turns its
+#: logits into one score: which label (``score_label``, see ``_common.label_index``) and the
+#: activation (``score_mode``). The same names, values and meaning on each of them.
+CLASSIFIER_SCORES = frozenset({"score_mode", "score_label"})
 #: ``from_pretrained`` options of the LLM rerankers' tokenizer and model (plain values, as above;
 #: :func:`~._last_token.load_causal_lm` reads them).
 HF_LOADING = frozenset({"trust_remote_code", "revision", "cache_dir", "local_files_only"})
@@ -38,6 +71,7 @@ REMOTE_OPTIONS = frozenset(
         "max_backoff",
         "api_key_env",
         "truncate",
+        "truncation_direction",
         "query_prompt_name",
         "max_request_bytes",
         "max_connections",

@@ -2,7 +2,10 @@
 
 Vectors equal ``encode_query`` (queries) and ``encode_document`` (documents), so models with
 query/document prompts (E5, BGE, ...) get the right prompt; an explicit ``prompt`` replaces it,
-as ``encode(prompt=...)`` does. With sentence-transformers 6 (``preprocess``) the backend runs in
+as ``encode(prompt=...)`` does, and ``prompt=""`` means no prompt at all. The model's
+``prompts`` and ``default_prompt_name`` are exposed so an adapter can resolve prompts as
+``encode()`` does (LangChain's ``HuggingFaceEmbeddings``: no query/document prompt). With
+sentence-transformers 6 (``preprocess``) the backend runs in
 two phases like the cross-encoder (tokenise on the CPU; forward and one device->host copy on the
 device worker); normalisation happens in FP32 (normalising BF16 vectors left norms off by up to
 0.4 %). Older versions fall back to ``encode_query``/``encode_document`` per micro-batch.
@@ -58,6 +61,18 @@ class SentenceTransformerEmbedder(EmbedderModel):
     @property
     def dimension(self) -> int:
         return self._dimension
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's named prompts (its config's, or the ``prompts`` option): adapters resolve
+        ``prompt_name`` with them, as ``SentenceTransformer.encode`` does."""
+        return dict(self.model.prompts or {})
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        """The prompt ``SentenceTransformer.encode`` applies when given none (None: no prompt)."""
+        name = self.model.default_prompt_name
+        return name if isinstance(name, str) else None
 
     def _prompt_and_task(self, is_query: bool, prompt: str | None) -> tuple[str | None, str]:
         """What ``encode_query``/``encode_document`` resolve: the explicit prompt, else the
@@ -159,7 +174,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
         model = st.SentenceTransformer(
             spec.model,
             device=spec.device,
-            model_kwargs=model_kwargs_for(spec.dtype),
+            model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
             **options,
         )
         if spec.max_length is not None:

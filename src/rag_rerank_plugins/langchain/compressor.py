@@ -5,18 +5,21 @@ from __future__ import annotations
 # First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
 from . import _compat  # noqa: F401  # isort: skip
 
+import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.callbacks.manager import AsyncCallbackManager, CallbackManager
+from langchain_core.cross_encoders import BaseCrossEncoder
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from ..adapter_base import RerankSettings, from_settings
-from ..exceptions import InvalidInputError
+from ..adapter_base import RerankSettings, SharedModelFields, from_settings
+from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
+from ..spec import ModelSpec
 from ..windows import WindowInfo
 
 __all__ = ["SharedRerankCompressor"]
@@ -57,15 +60,88 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     ``metadata["rerank_window"]`` says which token window of the document decided its score.
     With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` documents in
     retrieval order with ``metadata["rerank_error"]`` set and no ``relevance_score`` key.
+
+    A drop-in for langchain-classic's ``CrossEncoderReranker(model=..., top_n=3)`` too: ``model``
+    may be a ``BaseCrossEncoder``. A :class:`SharedCrossEncoder` or a ``HuggingFaceCrossEncoder``
+    becomes the shared model it describes (its name and ``model_kwargs``, same scores; the stock
+    one's own loaded copy is not used, so drop it); any other cross-encoder scores the pairs
+    itself (no pool, no windows). ``model_kwargs`` takes ``CrossEncoder``'s keyword arguments, as
+    in ``HuggingFaceCrossEncoder``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+    _st_model_kwargs = True
 
     model: str = Field(
         default_factory=from_settings("reranker_model"),
-        description="Hub name or local path (default: RAG_RERANK_RERANKER_MODEL).",
+        description="Hub name or local path (default: RAG_RERANK_RERANKER_MODEL); or, as for "
+        "LangChain's CrossEncoderReranker, a BaseCrossEncoder (see the class docstring).",
     )
     backend: str = Field(default_factory=from_settings("reranker_backend"))
+    _scorer: BaseCrossEncoder | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cross_encoder_model(cls, data: Any) -> Any:
+        """``model=<BaseCrossEncoder>`` as ``CrossEncoderReranker`` takes it: a SharedCrossEncoder
+        or a ``HuggingFaceCrossEncoder`` becomes its shared model (same spec and meaning, one
+        copy per process); any other cross-encoder scores as it is (kept in ``_scorer``)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), BaseCrossEncoder):
+            return data
+        data = dict(data)
+        encoder = data.pop("model")
+        if isinstance(encoder, SharedModelFields):
+            taken = {"model": getattr(encoder, encoder._model_field)}
+            for name in ("backend", "device", "dtype", "max_length", "model_kwargs", "pool"):
+                taken[name] = getattr(encoder, name)
+            for name in ("priority", "batch_size"):
+                taken[name] = getattr(encoder, name, None)
+            for name, value in taken.items():
+                if value is not None and name not in data:
+                    data[name] = value
+            return data
+        model_name = getattr(encoder, "model_name", None)
+        model_kwargs = getattr(encoder, "model_kwargs", None)
+        if type(encoder).__name__ == "HuggingFaceCrossEncoder" and isinstance(model_name, str):
+            data.setdefault("model_kwargs", dict(model_kwargs or {}))
+            data["model"] = model_name
+            return data
+        data["model"] = encoder  # a custom cross-encoder: taken by __init__ only
+        return data
+
+    def __init__(self, **data: Any) -> None:
+        scorer = None
+        encoder = data.get("model")
+        if isinstance(encoder, BaseCrossEncoder) and not (
+            isinstance(encoder, SharedModelFields)
+            or type(encoder).__name__ == "HuggingFaceCrossEncoder"
+        ):
+            scorer = encoder
+            kind = type(encoder)
+            # Never loaded (the scorer scores): the name is what stats and callbacks show.
+            data = {**data, "model": f"{kind.__module__}.{kind.__qualname__}"}
+            data.setdefault("backend", "fake-reranker")
+        super().__init__(**data)
+        self._scorer = scorer
+        if scorer is not None and self.window_tokens is not None:
+            raise ConfigurationError(
+                "window_tokens needs a shared model's tokenizer; with model=<a custom "
+                "BaseCrossEncoder> leave windows off (or pass model='<name>')."
+            )
+
+    def _pool_score(
+        self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
+    ) -> list[float]:
+        if self._scorer is None:
+            return super()._pool_score(spec, pairs, batch_size)
+        return [float(s) for s in self._scorer.score([(q, t) for q, t in pairs])]
+
+    async def _pool_ascore(
+        self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
+    ) -> list[float]:
+        if self._scorer is None:
+            return await super()._pool_ascore(spec, pairs, batch_size)
+        return await asyncio.to_thread(self._pool_score, spec, pairs, batch_size)
 
     def _texts(self, documents: Sequence[Document]) -> list[str]:
         """The texts to score, checked before any model work.

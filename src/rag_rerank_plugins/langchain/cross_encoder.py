@@ -60,7 +60,17 @@ def _checked_pairs(text_pairs: Any) -> list[tuple[str, str]]:
 
 
 class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
-    """``score(pairs)`` via the shared pool; takes ``model_name=`` like HuggingFaceCrossEncoder."""
+    """``score(pairs)`` via the shared pool: a drop-in for langchain-community's
+    ``HuggingFaceCrossEncoder``, with its arguments and their meaning.
+
+    ``model_name=`` and ``model_kwargs=`` (``CrossEncoder``'s keyword arguments: ``device``,
+    ``max_length``, ``token``, ``trust_remote_code``, ``revision``, ``activation_fn``,
+    ``num_labels``, nested ``model_kwargs``/``config_kwargs``/``processor_kwargs``, ``backend``,
+    ``prompts``, ...; see :func:`rag_rerank_plugins._stock.hf_model_kwargs`). Scores equal
+    ``HuggingFaceCrossEncoder.score``: a two-label model is scored by its label 1 ("relevant").
+    ``client`` is accepted and ignored, as the stock class replaces it with the model it loads;
+    the shared model is :meth:`handle`.
+    """
 
     model_config = ConfigDict(
         arbitrary_types_allowed=True,
@@ -76,6 +86,15 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
     )
     backend: str = Field(default_factory=from_settings("reranker_backend"))
     batch_size: int = Field(default_factory=from_settings("batch_size"), gt=0)
+    client: Any = Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        description="Accepted for HuggingFaceCrossEncoder compatibility and ignored (the stock "
+        "class overwrites it with the model it loads); the shared model is handle().",
+    )
+
+    _st_model_kwargs = True
 
     def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
         """One relevance score per (query, passage) pair, in input order.

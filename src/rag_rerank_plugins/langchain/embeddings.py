@@ -5,13 +5,15 @@ from __future__ import annotations
 # First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
 from . import _compat  # noqa: F401  # isort: skip
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from langchain_core.embeddings import Embeddings
-from pydantic import AliasChoices, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
 
 from .._progress import chunks, progress_bar
+from .._stock import refusal
 from ..adapter_base import SharedModelFields, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 
@@ -42,23 +44,33 @@ def _document_texts(texts: Any) -> list[str]:
     return items
 
 
-#: ``encode_kwargs`` / ``query_encode_kwargs`` keys of ``HuggingFaceEmbeddings`` with a meaning
-#: here, and the field each one sets (queries: only the normalisation differs per call kind).
-_ENCODE_KEYS = {
+#: ``SentenceTransformer.encode`` arguments that ``encode_kwargs`` / ``query_encode_kwargs`` may
+#: hold, and the adapter field each one sets (None: read per call from the dict, see
+#: :meth:`SharedEmbeddings._call_settings`). Queries: only normalisation has a field.
+_ENCODE_KEYS: dict[str, str | None] = {
     "normalize_embeddings": "normalize_embeddings",
     "batch_size": "batch_size",
     "show_progress_bar": "show_progress",
+    "device": "device",
+    "prompt": None,
+    "prompt_name": None,
+    "precision": None,
+    "truncate_dim": None,
+    "convert_to_numpy": None,
+    "convert_to_tensor": None,
+    "output_value": None,
+    "task": None,
+    "pool": None,
+    "chunk_size": None,
 }
 _QUERY_ENCODE_KEYS = {
+    **_ENCODE_KEYS,
     "normalize_embeddings": "query_normalize_embeddings",
     "batch_size": None,  # one query is one batch: accepted, nothing to set
     "show_progress_bar": None,
+    "device": "device",
 }
-_MULTI_PROCESS = (
-    "multi_process=True is not supported: the shared pool already batches concurrent requests "
-    "into one model per process; for several processes (or machines) sharing one model, run "
-    "`rag-rerank serve` and use backend='remote-embedder'."
-)
+_PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 def _set_once(data: dict[str, Any], field: str, value: Any, source: str) -> None:
@@ -70,26 +82,57 @@ def _set_once(data: dict[str, Any], field: str, value: Any, source: str) -> None
     data[field] = value
 
 
+def _check_encode_value(argument: str, key: str, value: Any) -> None:
+    """Values ``encode`` would take but that cannot apply here, refused with what to do."""
+    where = f"{argument}[{key!r}]"
+    if key == "output_value" and value != "sentence_embedding":
+        raise ConfigurationError(
+            f"{where}={value!r}: embeddings are one vector per text (HuggingFaceEmbeddings fails "
+            "on anything but 'sentence_embedding' too); leave it out."
+        )
+    if key == "precision" and value not in _PRECISIONS:
+        raise ConfigurationError(f"{where}={value!r}: use one of {', '.join(_PRECISIONS)}.")
+    if (
+        key == "truncate_dim"
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, int) or value <= 0)
+    ):
+        raise ConfigurationError(f"{where} must be a positive int or None, got {value!r}.")
+    if key in ("prompt", "prompt_name") and value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{where} must be a str or None, got {type(value).__name__}.")
+    if key == "task" and value not in (None, "query", "document"):
+        raise ConfigurationError(f"{where}={value!r}: use 'query' or 'document'.")
+    if (key == "pool" and value is not None) or (key == "device" and isinstance(value, list)):
+        raise ConfigurationError(
+            f"{where}: multi-process encoding; " + refusal("HuggingFaceEmbeddings", "multi_process")
+        )
+
+
 def _map_encode_kwargs(
     data: dict[str, Any], argument: str, table: Mapping[str, str | None]
 ) -> dict[str, Any]:
-    kwargs = data.pop(argument)
+    kwargs = data.get(argument)
     if kwargs is None:
+        data[argument] = {}
         return data
     if not isinstance(kwargs, dict):
         raise ConfigurationError(f"{argument} must be a dict, got {type(kwargs).__name__}.")
     unknown = sorted(set(kwargs) - set(table))
     if unknown:
         raise ConfigurationError(
-            f"{argument} key(s) {', '.join(map(repr, unknown))} have no meaning here. Supported: "
-            f"{', '.join(sorted(table))}. Queries are encoded with the model's query prompt and "
-            "documents with its document prompt (encode_query / encode_document); precision is "
-            "dtype=, the device device=."
+            f"{argument} key(s) {', '.join(map(repr, unknown))} have no meaning here. Supported "
+            f"(SentenceTransformer.encode's): {', '.join(sorted(table))}. Tokenizer settings are "
+            "fixed per model (max_length=), not per call."
         )
     for key, value in kwargs.items():
+        _check_encode_value(argument, key, value)
         field = table[key]
-        if field is not None:
+        if field is not None and not (field == "device" and value is None):
             _set_once(data, field, value, f"{argument}[{key!r}]")
+    if argument == "query_encode_kwargs" and kwargs:
+        # As HuggingFaceEmbeddings: non-empty query_encode_kwargs *replace* encode_kwargs for
+        # queries, so a normalisation given only in encode_kwargs does not apply to queries.
+        data.setdefault("query_normalize_embeddings", False)
     return data
 
 
@@ -105,11 +148,17 @@ def _query_text(text: Any) -> str:
 class SharedEmbeddings(SharedModelFields, Embeddings):
     """Embeddings for vector stores and retrievers; one model per process however many instances.
 
-    Queries use the model's query prompt (``encode_query``) and documents its document prompt.
-    ``HuggingFaceEmbeddings``' arguments are accepted for a one-line switch: ``model_name=``,
-    ``model_kwargs={"device": ...}``, ``cache_folder=``, ``show_progress=``, and
-    ``encode_kwargs`` / ``query_encode_kwargs`` with ``normalize_embeddings``, ``batch_size`` or
-    ``show_progress_bar``; ``multi_process=True`` is refused with what to do instead.
+    A drop-in for langchain-huggingface's ``HuggingFaceEmbeddings``: every argument is taken with
+    the same meaning (``model_name``, ``cache_folder``, ``model_kwargs`` with
+    sentence-transformers' loader arguments, ``encode_kwargs`` / ``query_encode_kwargs`` with
+    ``encode``'s, ``show_progress``;
+    ``multi_process=True`` is refused with what to do instead), and vectors equal its vectors:
+    newlines become spaces, and texts are embedded as ``SentenceTransformer.encode`` embeds them,
+    so **without** the model's "query"/"document" prompts (only its ``default_prompt_name`` one,
+    or the ``prompt`` / ``prompt_name`` of the encode kwargs). An index built with the stock class
+    keeps matching queries after the swap. ``model_prompts=True`` opts in to the model's query and
+    document prompts (``encode_query`` / ``encode_document``: better retrieval for E5/BGE-style
+    models, for a new index). ``prompt=""`` turns every prompt off.
     """
 
     model_config = ConfigDict(
@@ -119,6 +168,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         extra="forbid",
     )
     _kind = "embedder"
+    _st_model_kwargs = True
 
     model: str = Field(
         default_factory=from_settings("embedder_model"),
@@ -137,25 +187,48 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         description="Unit-length query vectors? None: as normalize_embeddings. Set by "
         "HuggingFaceEmbeddings' query_encode_kwargs={'normalize_embeddings': ...}.",
     )
+    encode_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="SentenceTransformer.encode arguments for documents (and queries, unless "
+        "query_encode_kwargs is given): prompt, prompt_name, precision, truncate_dim, "
+        "normalize_embeddings, batch_size, show_progress_bar, ... as in HuggingFaceEmbeddings.",
+    )
+    query_encode_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="encode arguments for queries; when not empty they replace encode_kwargs "
+        "for queries (as in HuggingFaceEmbeddings).",
+    )
+    multi_process: Literal[False] = Field(
+        default=False, description="Accepted at False only (see the refusal message)."
+    )
+    model_prompts: bool = Field(
+        default=False,
+        description="True: queries get the model's 'query' prompt and documents its 'document' "
+        "prompt (encode_query/encode_document). False (default, as HuggingFaceEmbeddings): only "
+        "the model's default prompt, or encode_kwargs' prompt/prompt_name.",
+    )
+    replace_newlines: bool = Field(
+        default=True,
+        description="Replace '\\n' with ' ' before embedding, as HuggingFaceEmbeddings does.",
+    )
+    _prompt_cache: dict[Any, tuple[dict[str, str] | None, str | None]] = PrivateAttr(
+        default_factory=dict
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _migrate_hf_embeddings_kwargs(cls, data: Any) -> Any:
-        """Take ``HuggingFaceEmbeddings``' arguments where they mean something here, and say what
-        to do instead where they don't (rather than pydantic's bare "Extra inputs are not
+        """Take ``HuggingFaceEmbeddings``' arguments with their meaning, and say what to do
+        instead where there is none (rather than pydantic's bare "Extra inputs are not
         permitted"): encode_kwargs / query_encode_kwargs, cache_folder, multi_process."""
         if not isinstance(data, dict):
             return data
-        hf_names = ("encode_kwargs", "query_encode_kwargs", "cache_folder", "multi_process")
-        if not any(name in data for name in hf_names):
-            return data
         data = dict(data)
-        if "encode_kwargs" in data:
-            data = _map_encode_kwargs(data, "encode_kwargs", _ENCODE_KEYS)
-        if "query_encode_kwargs" in data:
-            data = _map_encode_kwargs(data, "query_encode_kwargs", _QUERY_ENCODE_KEYS)
-        if data.pop("multi_process", False):
-            raise ConfigurationError(_MULTI_PROCESS)
+        if data.get("multi_process"):
+            raise ConfigurationError(refusal("HuggingFaceEmbeddings", "multi_process"))
+        data.pop("multi_process", None)
+        data = _map_encode_kwargs(data, "encode_kwargs", _ENCODE_KEYS)
+        data = _map_encode_kwargs(data, "query_encode_kwargs", _QUERY_ENCODE_KEYS)
         if "cache_folder" in data:
             folder = data.pop("cache_folder")
             kwargs = dict(data.get("model_kwargs") or {})
@@ -174,49 +247,140 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
             return self.normalize_embeddings
         return self.query_normalize_embeddings
 
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        texts = _document_texts(texts)
-        if not self.show_progress:
-            return self._pool_embed(
-                self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
-            )
-        spec, vectors = self.spec, []
-        with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
-            for chunk in chunks(texts, self.batch_size):
-                vectors.extend(
-                    self._pool_embed(
-                        spec, chunk, self.batch_size, normalize=self.normalize_embeddings
-                    )
+    def _call_kwargs(self, is_query: bool) -> dict[str, Any]:
+        """The encode arguments of one call kind (queries: query_encode_kwargs when given)."""
+        if is_query and self.query_encode_kwargs:
+            return self.query_encode_kwargs
+        return self.encode_kwargs
+
+    def _texts(self, texts: Sequence[str]) -> list[str]:
+        return [t.replace("\n", " ") for t in texts] if self.replace_newlines else list(texts)
+
+    def _named_prompts(self) -> tuple[dict[str, str] | None, str | None]:
+        """The loaded model's (prompts, default_prompt_name); (None, None) for a backend without
+        named prompts (its own prompt handling applies). Loads the model on first use."""
+        spec = self.spec
+        cached = self._prompt_cache.get(spec)
+        if cached is None:
+            model = self._pool().get(spec).model
+            prompts = getattr(model, "prompts", None)
+            default = getattr(model, "default_prompt_name", None)
+            cached = (dict(prompts) if isinstance(prompts, Mapping) else None, default)
+            self._prompt_cache[spec] = cached
+        return cached
+
+    def _resolve(self, kwargs: Mapping[str, Any], named: Any) -> str | None:
+        """The prompt string for the backend, as ``SentenceTransformer.encode`` resolves it:
+        the explicit prompt, else the named one, else the default prompt, else ``""`` (none).
+        None lets the backend choose (its query/document prompt): only with model_prompts."""
+        prompt, name = kwargs.get("prompt"), kwargs.get("prompt_name")
+        if prompt is not None:
+            return str(prompt)
+        if self.model_prompts and name is None:
+            return None
+        prompts, default = named() if callable(named) else named
+        if prompts is None:
+            if name is not None:
+                raise ConfigurationError(
+                    f"prompt_name={name!r}: backend {self.backend!r} has no named prompts; pass "
+                    "the prompt text as prompt=... instead."
                 )
-                bar.update(len(chunk))
-        return vectors
+            return None
+        chosen = name if name is not None else default
+        if chosen is None:
+            return ""
+        if name is not None and name not in prompts:
+            raise ConfigurationError(
+                f"Prompt name {name!r} not found in the model's prompts {sorted(prompts)!r}; add "
+                "it with model_kwargs={'prompts': {...}} or pass prompt=... instead."
+            )
+        return prompts.get(chosen) or ""
+
+    def _needs_prompts(self, kwargs: Mapping[str, Any]) -> bool:
+        return kwargs.get("prompt") is None and (
+            not self.model_prompts or kwargs.get("prompt_name") is not None
+        )
+
+    def _finish(
+        self, vectors: list[list[float]], kwargs: Mapping[str, Any], normalize: bool
+    ) -> list[list[float]]:
+        """Per-call truncation (then normalisation, as encode does) and precision, over the
+        whole call (int8/uint8 ranges come from the call's own vectors, as in encode)."""
+        truncate = kwargs.get("truncate_dim")
+        precision = kwargs.get("precision") or "float32"
+        if truncate is None and precision == "float32":
+            return vectors
+        import numpy as np
+
+        array = np.asarray(vectors, dtype=np.float32)
+        if truncate is not None:
+            array = array[:, :truncate]
+            if normalize:
+                norms = np.linalg.norm(array, axis=1, keepdims=True)
+                array = array / np.maximum(norms, 1e-12)
+        if precision != "float32" and len(array):
+            from sentence_transformers.quantization import quantize_embeddings
+
+            array = quantize_embeddings(array, precision=precision)
+        result: list[list[float]] = array.tolist()
+        return result
+
+    def _plan(self, is_query: bool, named: Any) -> tuple[Mapping[str, Any], str | None, bool, bool]:
+        kwargs = self._call_kwargs(is_query)
+        normalize = self._normalize_queries() if is_query else self.normalize_embeddings
+        # Normalise after a per-call truncation, so the backend returns raw vectors then.
+        in_backend = normalize and kwargs.get("truncate_dim") is None
+        return kwargs, self._resolve(kwargs, named), normalize, in_backend
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        texts = self._texts(_document_texts(texts))
+        if not texts:
+            return []
+        kwargs, prompt, normalize, in_backend = self._plan(False, self._named_prompts)
+        spec, kw = self.spec, {"normalize": in_backend, "prompt": prompt}
+        if not self.show_progress:
+            vectors = self._pool_embed(spec, texts, self.batch_size, **kw)
+        else:
+            vectors = []
+            with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
+                for chunk in chunks(texts, self.batch_size):
+                    vectors.extend(self._pool_embed(spec, chunk, self.batch_size, **kw))
+                    bar.update(len(chunk))
+        return self._finish(vectors, kwargs, normalize)
 
     def embed_query(self, text: str) -> list[float]:
-        text = _query_text(text)
-        return self._pool_embed(
-            self.spec, [text], self.batch_size, is_query=True, normalize=self._normalize_queries()
-        )[0]
+        text = self._texts([_query_text(text)])[0]
+        kwargs, prompt, normalize, in_backend = self._plan(True, self._named_prompts)
+        vectors = self._pool_embed(
+            self.spec, [text], self.batch_size, is_query=True, normalize=in_backend, prompt=prompt
+        )
+        return self._finish(vectors, kwargs, normalize)[0]
+
+    async def _anamed(self, is_query: bool) -> tuple[dict[str, str] | None, str | None]:
+        if not self._needs_prompts(self._call_kwargs(is_query)):
+            return None, None
+        return await asyncio.to_thread(self._named_prompts)  # may load: off the event loop
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
-        texts = _document_texts(texts)
+        texts = self._texts(_document_texts(texts))
+        if not texts:
+            return []
+        kwargs, prompt, normalize, in_backend = self._plan(False, await self._anamed(False))
+        spec, kw = self.spec, {"normalize": in_backend, "prompt": prompt}
         if not self.show_progress:
-            return await self._pool_aembed(
-                self.spec, texts, self.batch_size, normalize=self.normalize_embeddings
-            )
-        spec, vectors = self.spec, []
-        with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
-            for chunk in chunks(texts, self.batch_size):
-                vectors.extend(
-                    await self._pool_aembed(
-                        spec, chunk, self.batch_size, normalize=self.normalize_embeddings
-                    )
-                )
-                bar.update(len(chunk))
-        return vectors
+            vectors = await self._pool_aembed(spec, texts, self.batch_size, **kw)
+        else:
+            vectors = []
+            with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
+                for chunk in chunks(texts, self.batch_size):
+                    vectors.extend(await self._pool_aembed(spec, chunk, self.batch_size, **kw))
+                    bar.update(len(chunk))
+        return self._finish(vectors, kwargs, normalize)
 
     async def aembed_query(self, text: str) -> list[float]:
-        text = _query_text(text)
+        text = self._texts([_query_text(text)])[0]
+        kwargs, prompt, normalize, in_backend = self._plan(True, await self._anamed(True))
         vectors = await self._pool_aembed(
-            self.spec, [text], self.batch_size, is_query=True, normalize=self._normalize_queries()
+            self.spec, [text], self.batch_size, is_query=True, normalize=in_backend, prompt=prompt
         )
-        return vectors[0]
+        return self._finish(vectors, kwargs, normalize)[0]

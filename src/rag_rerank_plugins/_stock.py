@@ -1,0 +1,216 @@
+"""The stock classes' arguments: the one refusal list, and sentence-transformers' keyword
+arguments (``model_kwargs=`` of LangChain's classes) mapped to ours with the same meaning.
+
+Adoption is one line: swap the stock class for ours. So every argument of the five stock classes
+(langchain-community ``HuggingFaceCrossEncoder``, langchain-classic ``CrossEncoderReranker``,
+langchain-huggingface ``HuggingFaceEmbeddings``, llama-index ``SentenceTransformerRerank`` and
+``HuggingFaceEmbedding``) is honoured, mapped to a spec field, a backend option, the tokenizer,
+the encode call or the adapter. The few that cannot apply to a shared pool are listed in
+:data:`REFUSED`, once, with what to use instead; ``tests/test_stock_signatures_*.py`` fail when
+a stock argument is neither handled nor listed here. Plain data and dict rewriting: no imports
+beyond the exceptions, so adapters stay cheap to build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+__all__ = ["REFUSED", "hf_model_kwargs", "refusal"]
+
+_SERVE = (
+    "the shared pool already batches concurrent requests into one model per process; for "
+    "several processes, GPUs or machines sharing one model, run `rag-rerank serve` (one per "
+    "device) and use backend='remote-embedder'"
+)
+
+#: ``(stock class, argument) -> what to use instead``: the whole refusal list (at most three).
+#: A refused argument is accepted at its default (``multi_process=False``) and refused otherwise.
+REFUSED: dict[tuple[str, str], str] = {
+    ("HuggingFaceEmbeddings", "multi_process"): _SERVE,
+    ("HuggingFaceEmbedding", "parallel_process"): _SERVE,
+}
+
+
+def refusal(owner: str, argument: str, value: Any = None) -> str:
+    """The message for a refused stock argument (``value``, when given, is shown)."""
+    instead = REFUSED[(owner, argument)]
+    shown = f" ({value!r})" if value is not None else ""
+    return f"{owner}'s {argument}{shown} is not supported: {instead}."
+
+
+#: Deprecated names sentence-transformers still accepts, by loader ("reranker": CrossEncoder's
+#: ``cross_encoder_init_args_decorator``; "embedder": SentenceTransformer's).
+_ALIASES = {
+    "reranker": {
+        "automodel_args": "model_kwargs",
+        "tokenizer_args": "processor_kwargs",
+        "tokenizer_kwargs": "processor_kwargs",
+        "config_args": "config_kwargs",
+        "cache_dir": "cache_folder",
+        "default_activation_function": "activation_fn",
+    },
+    "embedder": {"tokenizer_kwargs": "processor_kwargs", "use_auth_token": "token"},
+}
+#: sentence-transformers' ``backend=`` -> ours, per kind ("ipex": HuggingFaceEmbeddings warns
+#: and uses torch).
+_BACKENDS = {
+    "reranker": {"onnx": "onnx-cross-encoder", "openvino": "openvino-cross-encoder"},
+    "embedder": {"onnx": "onnx-sentence-transformers", "openvino": "openvino-embedder"},
+}
+_TORCH = {"reranker": "cross-encoder", "embedder": "sentence-transformers"}
+#: Loader arguments whose default means "not given": dropped, so the spec equals one without it.
+_DEFAULTS = {
+    "trust_remote_code": False,
+    "local_files_only": False,
+    "use_kernels": False,
+    "revision": None,
+    "cache_folder": None,
+    "token": None,
+    "modules": None,
+    "prompts": None,
+    "default_prompt_name": None,
+    "kernel_config": None,
+    "truncate_dim": None,
+    "keep_in_fp32_modules": None,
+    "activation_fn": None,
+}
+#: Only describe the model (the model card; ``similarity()``, which LangChain never calls):
+#: never change a loaded weight, a score or a vector, so they are accepted and not kept.
+_NO_EFFECT = frozenset({"model_card_data", "similarity_fn_name"})
+_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def _put(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    if data.get(key) is not None and data[key] != value:
+        raise ConfigurationError(
+            f"{key}={data[key]!r} and {source}={value!r} disagree; give it once."
+        )
+    data[key] = value
+
+
+def _dict(value: Any, source: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{source} must be a dict, got {type(value).__name__}.")
+    return dict(value)
+
+
+def _activation(value: Any) -> str | None:
+    """torch.nn.Identity -> "raw", torch.nn.Sigmoid -> "sigmoid" (our score_mode, the same on
+    every reranker backend); None for any other activation, handed to CrossEncoder itself."""
+    cls = type(value)
+    if not cls.__module__.startswith("torch.nn"):
+        return None
+    return {"Identity": "raw", "Sigmoid": "sigmoid"}.get(cls.__name__)
+
+
+def _backend(data: dict[str, Any], kind: str, value: Any, source: str) -> None:
+    if value in (None, "torch", "ipex"):
+        data.setdefault("backend", _TORCH[kind])
+        return
+    ours = _BACKENDS[kind].get(value) if isinstance(value, str) else None
+    if ours is None:
+        raise ConfigurationError(
+            f"{source}={value!r}: sentence-transformers' backends are 'torch', 'onnx' and "
+            "'openvino'; ours are chosen with backend= (see available_backends())."
+        )
+    from .backends import available_backends
+
+    if ours not in available_backends():
+        raise ConfigurationError(
+            f"{source}={value!r} runs on our {ours!r} backend, which this installation does not "
+            f"have; install the extra that provides it (pip install 'rag-rerank-plugins[{value}]') "
+            "or leave backend at 'torch'."
+        )
+    _put(data, "backend", ours, source)
+
+
+def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> dict[str, Any]:
+    """``data`` with ``data["model_kwargs"]`` read as LangChain's classes read it: keyword
+    arguments of ``CrossEncoder`` (``kind="reranker"``) or ``SentenceTransformer``
+    (``"embedder"``). Each becomes what means the same here:
+
+    * ``device``, ``max_length``, ``backend`` ("onnx"/"openvino" -> our runtimes) and the dtype
+      inside the nested transformers ``model_kwargs`` -> spec fields;
+    * ``activation_fn`` Sigmoid/Identity -> ``score_mode``; ``num_labels`` and
+      ``classifier_dropout`` -> ``config_kwargs`` (as CrossEncoder does); deprecated names ->
+      current ones; defaults and ``None`` dropped (one spec for "given at its default" and "not
+      given");
+    * the rest (``token``, ``config_kwargs``, ``processor_kwargs``, ``prompts``, ...) stay backend
+      options, handed to the loader (a ``token`` never shown, see ``spec.Secret``).
+
+    ``fields`` are the adapter's field names: ``score_mode`` goes to the field when there is one.
+    """
+    kwargs = data.get("model_kwargs")
+    if not isinstance(kwargs, Mapping):
+        return data
+    data, kw = dict(data), dict(kwargs)
+    ours = data.get("backend") not in (None, _TORCH[kind])
+    for old, new in _ALIASES[kind].items():
+        if old in kw and not (ours and old == "cache_dir"):
+            # (Our ONNX / OpenVINO / flag / LLM backends take cache_dir as their own option.)
+            value = kw.pop(old)
+            if kw.get(new) is not None and kw[new] != value:
+                raise ConfigurationError(
+                    f"model_kwargs[{old!r}] (the old name of {new!r}) and model_kwargs[{new!r}] "
+                    "disagree; give it once."
+                )
+            kw[new] = value
+    if kind == "reranker":
+        config = _dict(kw.pop("config_kwargs", None), "model_kwargs['config_kwargs']")
+        for key in ("num_labels", "classifier_dropout"):
+            if kw.get(key) is not None:
+                _put(config, key, kw.pop(key), f"model_kwargs[{key!r}]")
+            kw.pop(key, None)
+        if config:
+            kw["config_kwargs"] = config
+    if "backend" in kw:
+        _backend(data, kind, kw.pop("backend"), "model_kwargs['backend']")
+    nested = _dict(kw.pop("model_kwargs", None), "model_kwargs['model_kwargs']")
+    for key in _DTYPE_KEYS:
+        if key in nested:
+            value = str(nested.pop(key)).removeprefix("torch.")
+            if value != "auto":  # theirs: the checkpoint's dtype; ours: chosen per device
+                _put(data, "dtype", value, f"model_kwargs['model_kwargs'][{key!r}]")
+    if nested:
+        kw["model_kwargs"] = nested
+    if kw.get("activation_fn") is not None:
+        if not callable(kw["activation_fn"]):
+            raise ConfigurationError(
+                f"model_kwargs['activation_fn']={kw['activation_fn']!r} must be a callable such "
+                "as torch.nn.Sigmoid() (as CrossEncoder takes it); or use score_mode='sigmoid' "
+                "or score_mode='raw'."
+            )
+        mode = _activation(kw["activation_fn"])
+        if mode is not None:
+            kw.pop("activation_fn")
+            target = data if "score_mode" in fields else kw
+            _put(target, "score_mode", mode, "model_kwargs['activation_fn']")
+    for key in list(kw):
+        if key in _NO_EFFECT or (key in _DEFAULTS and kw[key] == _DEFAULTS[key]):
+            del kw[key]
+    lift_spec_fields(data, kw)
+    data["model_kwargs"] = kw
+    return data
+
+
+def lift_spec_fields(data: dict[str, Any], kw: dict[str, Any]) -> None:
+    """Move ``device`` and ``max_length`` out of a loader's keyword arguments ``kw`` into the
+    adapter's fields ``data`` (both are spec fields; left in ``kw``, ``max_length`` reached
+    ``CrossEncoder(...)`` twice). A ``max_length`` given both ways must agree."""
+    device = kw.pop("device", None)
+    if device is not None:
+        data.setdefault("device", device)
+    max_length = kw.pop("max_length", None)
+    if max_length is not None:
+        explicit = data.get("max_length")
+        if explicit is not None and explicit != max_length:
+            raise ConfigurationError(
+                f"max_length={explicit!r} and model_kwargs['max_length']={max_length!r} "
+                "disagree; give the token limit once, as max_length=."
+            )
+        data["max_length"] = max_length
