@@ -176,11 +176,15 @@ def build_cross_encoder(
     max_position_embeddings: int = 512,
     tokenizer: str | Path | None = None,
     seed: int = 0,
+    num_labels: int = 1,
+    id2label: dict[int, str] | None = None,
 ) -> Path:
     """Save a random-weight ``BertForSequenceClassification`` cross-encoder at ``path``.
 
     Scores are meaningless; loading, batching, dtype and memory behaviour are real. The tokenizer
     defaults to the packaged all-MiniLM-L6-v2 one (extra ``offline``), so nothing is downloaded.
+    ``num_labels`` > 1 (with optional label names ``id2label``) builds a multi-label classifier,
+    e.g. the (not relevant, relevant) heads of msmarco rerankers.
     """
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -201,7 +205,12 @@ def build_cross_encoder(
         num_attention_heads=num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        num_labels=1,
+        num_labels=num_labels,
+        **(
+            {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+            if id2label
+            else {}
+        ),
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

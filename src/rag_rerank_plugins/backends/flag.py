@@ -16,6 +16,10 @@ pruned last layer (options ``cpu_kernels``, ``prune_last_layer``); BGE-M3 gets t
 Score mode (option ``score_mode``): ``"sigmoid"`` (default) = ``sigmoid(logit)``, i.e.
 ``compute_score(normalize=True)``; ``"raw"`` = the logit, i.e. ``compute_score()``. Logits are
 upcast to FP32 before the activation. The same names mean the same thing for ``cross-encoder``.
+Option ``score_label``: the logit scored, by the rule of every classification reranker
+(``_common.label_index``): the only one, label 1 of two (LangChain's choice; FlagEmbedding's own
+``compute_score`` flattens a two-label model's logits into twice as many scores), a named one of
+more.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._common import SCORE_MODES, score_mode_of, sigmoid
+from ._common import SCORE_MODES, label_index, score_mode_of, sigmoid
 from ._flag_common import FLAG_DEFAULT_MAX_LENGTH, import_flag, tokenizer_helpers
 from ._torch_common import (
     HostCopy,
@@ -64,8 +68,9 @@ class FlagReranker(RerankerModel):
     worker (``parallel_forward``), as for the ``cross-encoder`` backend.
     """
 
-    def __init__(self, flag: Any, device: str, dtype: str, score_mode: str) -> None:
+    def __init__(self, flag: Any, device: str, dtype: str, score_mode: str, label: int = 0) -> None:
         self._flag = flag
+        self.label = label  # the logit column scored by (``score_label``, resolved)
         self.tokenizer = flag.tokenizer
         self.model = flag.model
         self.device = device
@@ -94,7 +99,7 @@ class FlagReranker(RerankerModel):
         with torch.inference_mode():
             inputs = features_to(batch.payload, self.device)
             logits = self.model(**inputs, return_dict=True).logits
-            return HostCopy(logits.reshape(batch.size, -1)[:, 0].float())
+            return HostCopy(logits.reshape(batch.size, -1)[:, self.label].float())
 
     def finish(self, task: Task, pending: Any) -> list[Any]:
         return self._scores([float(v) for v in pending.result().tolist()])
@@ -163,6 +168,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     options = spec.options_dict  # names checked by the registry (its row) before this runs
     mode = score_mode_of(spec, "sigmoid")
     options.pop("score_mode", None)
+    wanted_label = options.pop("score_label", None)
     prune = prune_last_layer_option(options)
     kernels_on = cpu_kernels_option(options)
     flag_mod = import_flag(spec.backend)
@@ -174,11 +180,13 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
             max_length=spec.max_length or FLAG_DEFAULT_MAX_LENGTH,
             **options,
         )
+        config = flag.model.config
+        label = label_index(wanted_label, int(config.num_labels), config.id2label, spec.model)
         prepare_module(flag.model, spec.dtype)
         flag.model.to(spec.device)
         kernels = reranker_kernels(flag.model, spec.device, kernels_on, prune)
     assert mode is not None
-    reranker = FlagReranker(flag, spec.device, spec.dtype, mode)
+    reranker = FlagReranker(flag, spec.device, spec.dtype, mode, label)
     reranker.kernels = kernels
     return reranker
 

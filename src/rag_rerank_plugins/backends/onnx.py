@@ -33,6 +33,12 @@ once). Inter-op threads = 1 (the graph is a chain). Spinning is off, so an idle 
 burn the cores of a shared box. The choice is logged at load and kept in
 :attr:`OnnxCrossEncoder.threads`.
 
+**Labels** (option ``score_label``): the graph returns every logit; ``finish`` takes the label
+``_common.label_index`` resolves (the only one; label 1 of two, as LangChain; a named one of
+more) and applies the activation to it, as the ``cross-encoder`` backend does. ``meta.json``
+keeps ``num_labels`` and ``id2label`` (entries exported before ``id2label`` was kept know their
+labels by transformers' default names ``LABEL_<i>``, or by index).
+
 Two phases: ``prepare`` tokenises into int64 numpy arrays (the prepare thread owns the
 tokenizer), ``forward`` runs the session on the device worker, ``finish`` applies the activation
 and returns floats. The tokenizer is not shared across threads, so ``thread_safe`` stays False.
@@ -51,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, ModelLoadError
 from . import backend_info
-from ._common import score_mode_of
+from ._common import label_index, score_mode_of
 from ._onnx_common import (
     CACHE_ENV,
     DEFAULT_OPSET,
@@ -137,6 +143,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         "inputs": names,
         "activation": activation.lower(),
         "num_labels": int(getattr(ce, "num_labels", 1)),
+        "id2label": _id2label(ce),
         "max_length": _max_length(ce),
         **tokenizer_meta(tokenizer),
         "prompt": prompt,
@@ -154,7 +161,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
     probes = [(prompt + q if prompt else q, p) for q, p in _PROBES]
     features = ce.preprocess(probes, prompt=None)
     with torch.inference_mode():  # the unpruned model's logits: what the export must give
-        want = ce(dict(features))["scores"].float().reshape(len(probes), -1)[:, 0].numpy()
+        want = ce(dict(features))["scores"].float().reshape(len(probes), -1).numpy()
     meta["kernels"] = prune_last_layer(ce, _prune(spec))
     with tmp_entry(final, tokenizer_json, meta) as tmp:
         sample = ce.preprocess(probes[:2], prompt=None)  # padded: the mask stays in the graph
@@ -169,7 +176,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             opset=opset,
         )
         # Check the tokenizer and (float32) the logits before publishing anything.
-        runtime = OnnxCrossEncoder(tmp, threads=default_threads())
+        runtime = OnnxCrossEncoder(tmp, threads=default_threads(), score_label=0)
         prepared = runtime.prepare(Task("score"), _PROBES)
         for name in names:
             if not np.array_equal(prepared.payload[name], features[name].numpy()):
@@ -178,9 +185,9 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
                     spec.backend,
                     f"the exported tokenizer's {name} differ from CrossEncoder.preprocess",
                 )
-        got = np.asarray(runtime.forward(Task("score"), prepared)).reshape(len(probes), -1)[:, 0]
+        got = np.asarray(runtime.forward(Task("score"), prepared)).reshape(len(probes), -1)
         tolerance = 1e-3 if mode == "float32" else 0.25 * max(1.0, float(np.ptp(want)))
-        if not np.allclose(got, want, atol=tolerance, rtol=0):
+        if got.shape != want.shape or not np.allclose(got, want, atol=tolerance, rtol=0):
             raise ModelLoadError(
                 spec.model,
                 spec.backend,
@@ -189,6 +196,12 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             )
         runtime.close()
         publish_export(spec, tmp, final, start)
+
+
+def _id2label(ce: Any) -> dict[str, str] | None:
+    """The label names of the CrossEncoder's transformers model, JSON-ready (None without)."""
+    names = getattr(getattr(getattr(ce, "model", None), "config", None), "id2label", None)
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else None
 
 
 def _max_length(ce: Any) -> int | None:
@@ -212,9 +225,14 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
         threads: int,
         max_length: int | None = None,
         score_mode: str | None = None,
+        score_label: int | str | None = None,
     ) -> None:
-        """Open a published cache entry (see :class:`OnnxRuntimeModel`)."""
+        """Open a published cache entry (see :class:`OnnxRuntimeModel`); ``score_label`` is the
+        option's value (see ``_common.label_index``)."""
         super().__init__(entry, threads=threads, max_length=max_length)
+        meta = self.meta
+        self.num_labels = int(meta.get("num_labels") or 1)
+        self.label = label_index(score_label, self.num_labels, meta.get("id2label"), meta["model"])
         self._inputs = list(self.meta["inputs"])
         self._prompt = self.meta.get("prompt") or ""
         if score_mode is None:
@@ -234,7 +252,7 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
     def finish(self, task: Task, pending: Any) -> list[Any]:
         import numpy as np
 
-        logits = np.asarray(pending, dtype=np.float32).reshape(len(pending), -1)[:, 0]
+        logits = np.asarray(pending, dtype=np.float32).reshape(len(pending), -1)[:, self.label]
         if self.score_mode == "sigmoid":  # as predict: sigmoid of the FP32 logit
             logits = np.exp(-np.logaddexp(np.float32(0), -logits)).astype(np.float32)
         return [float(s) for s in logits]
@@ -266,7 +284,11 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxCrossEncoder:
         format_version=FORMAT_VERSION,
         export=_export,
         open_entry=lambda entry: OnnxCrossEncoder(
-            entry, threads=threads, max_length=spec.max_length, score_mode=score_mode
+            entry,
+            threads=threads,
+            max_length=spec.max_length,
+            score_mode=score_mode,
+            score_label=spec.option("score_label"),
         ),
         threads=threads,
         **extra,

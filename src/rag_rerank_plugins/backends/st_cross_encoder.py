@@ -10,6 +10,12 @@ Option ``score_mode``: absent = the model's own default activation (sigmoid for 
 rerankers such as ms-marco-MiniLM and bge-reranker); ``"sigmoid"`` = sigmoid of the first logit;
 ``"raw"`` = the logit. Logits are upcast to FP32 before the activation (as in ``predict``), so the
 modes mean the same as for the ``flag-reranker`` backend.
+
+Option ``score_label`` (index or ``config.id2label`` name): which logit is the score. Absent: the
+only one of a single-label model, label 1 ("relevant") of a two-label model, as LangChain's
+``HuggingFaceCrossEncoder`` takes ``predict(...)[:, 1]``; a model with more labels must name one
+(see ``_common.label_index``). The activation applies to the model's logits as in ``predict``,
+then the label's column is taken.
 ``max_length`` is fixed at load time and never changed per call (changing tokenizer settings on a
 shared model gives wrong results).
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._common import score_mode_of
+from ._common import label_index, score_mode_of
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
@@ -45,11 +51,19 @@ __all__ = ["CrossEncoderReranker", "load"]
 
 
 class CrossEncoderReranker(RerankerModel):
-    def __init__(self, model: Any, device: str, dtype: str, score_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: str,
+        dtype: str,
+        score_mode: str | None = None,
+        label: int = 0,
+    ) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.score_mode = score_mode
+        self.label = label  # the logit column scored by (``score_label``, resolved)
         self.max_tokens = _max_length(model)
         # Two phases need CrossEncoder.preprocess (sentence-transformers >= 6).
         self._two_phase = callable(getattr(model, "preprocess", None))
@@ -90,7 +104,7 @@ class CrossEncoderReranker(RerankerModel):
 
         with torch.inference_mode():
             scores = self.model(features_to(batch.payload, self.device))["scores"]
-            # As predict: upcast sub-FP32 logits, then the activation, then the first label.
+            # As predict: upcast sub-FP32 logits, then the activation, then the label's column.
             if torch.is_floating_point(scores) and torch.finfo(scores.dtype).bits < 32:
                 scores = scores.float()
             activation = self._activation()
@@ -98,7 +112,7 @@ class CrossEncoderReranker(RerankerModel):
                 activation = self.model.activation_fn
             if activation is not None:
                 scores = activation(scores)
-            return HostCopy(scores.reshape(batch.size, -1)[:, 0].float())
+            return HostCopy(scores.reshape(batch.size, -1)[:, self.label].float())
 
     def finish(self, task: Task, pending: Any) -> list[Any]:
         if not isinstance(pending, HostCopy):
@@ -119,7 +133,7 @@ class CrossEncoderReranker(RerankerModel):
                 convert_to_numpy=True,
                 activation_fn=self._activation(),
             )
-        return [float(s) for s in scores.reshape(len(pairs), -1)[:, 0]]
+        return [float(s) for s in scores.reshape(len(pairs), -1)[:, self.label]]
 
     def bind_worker_thread(self, threads: int) -> None:
         bind_torch_worker(threads)
@@ -138,6 +152,13 @@ def _max_length(model: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
+def _id2label(model: Any) -> dict[Any, Any] | None:
+    """The label names of the CrossEncoder's transformers model (None without one)."""
+    config = getattr(getattr(model, "model", None), "config", None)
+    names = getattr(config, "id2label", None)
+    return dict(names) if isinstance(names, dict) else None
+
+
 def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     st = import_optional(
         "sentence_transformers", "sentence-transformers", "st", "The 'cross-encoder' backend"
@@ -145,6 +166,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     options = spec.options_dict  # names checked by the registry (its row) before this runs
     mode = score_mode_of(spec, None)
     options.pop("score_mode", None)
+    wanted_label = options.pop("score_label", None)
     quantize = options.pop("quantize", None)
     kernels = cpu_kernels_option(options)
     prune = prune_last_layer_option(options)
@@ -153,12 +175,13 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
             spec.model,
             device=spec.device,
             max_length=spec.max_length,
-            model_kwargs=model_kwargs_for(spec.dtype),
+            model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
             **options,
         )
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
+        label = label_index(wanted_label, int(model.num_labels), _id2label(model), spec.model)
         in_use = reranker_kernels(model, spec.device, kernels, prune)
-    reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode)
+    reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode, label)
     reranker.kernels = in_use
     return reranker
