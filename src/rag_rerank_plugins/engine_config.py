@@ -182,6 +182,20 @@ class PoolConfig(ConfigModel):
         description="A model that alone exceeds its device's budget: warn loads it anyway (and "
         "logs a warning), raise refuses it with ConfigurationError.",
     )
+    mps_high_watermark_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        description="Cap of the MPS allocator (Apple GPUs) as a ratio of Metal's recommended "
+        "working set, as torch's PYTORCH_MPS_HIGH_WATERMARK_RATIO (0: no limit; torch's default "
+        "1.7): set as that variable when the pool is created before torch is imported, else "
+        "with torch.mps.set_per_process_memory_fraction (logged). Per process; none: torch's.",
+    )
+    mps_empty_cache: bool = Field(
+        default=False,
+        description="Empty the MPS allocator's cache after every call to a model on 'mps' "
+        "(memory back to macOS at once, at some cost per call); off: only on release and OOM.",
+    )
 
     @field_validator("memory_budget_mb")
     @classmethod

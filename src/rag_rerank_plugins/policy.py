@@ -138,9 +138,12 @@ def decide_dtype(requested: str, device: str) -> DtypeDecision:
     return DtypeDecision(requested, "requested explicitly")
 
 
-def resolve_spec(spec: ModelSpec, uses_torch: bool = True) -> tuple[ModelSpec, DtypeDecision]:
+def resolve_spec(
+    spec: ModelSpec, uses_torch: bool = True, cpu_bf16: bool = False
+) -> tuple[ModelSpec, DtypeDecision]:
     """The pool key for ``spec`` (concrete device and dtype, local paths made absolute) and why
-    that dtype was chosen.
+    that dtype was chosen. ``cpu_bf16``: a backend without torch weights that computes BF16
+    natively on the CPU (OpenVINO), whose "auto" dtype on the CPU follows :func:`decide_dtype`.
 
     Hub names that this installation ships offline (see :mod:`rag_rerank_plugins.offline`) become
     the packaged folder, so ``"sentence-transformers/all-MiniLM-L6-v2"`` works without a network.
@@ -149,6 +152,9 @@ def resolve_spec(spec: ModelSpec, uses_torch: bool = True) -> tuple[ModelSpec, D
 
     if uses_torch:
         device = resolve_device(spec.device)
+        decision = decide_dtype(spec.dtype, device)
+    elif cpu_bf16 and spec.device in ("auto", "cpu"):  # OpenVINO: no torch import either
+        device = "cpu"
         decision = decide_dtype(spec.dtype, device)
     else:  # no torch weights (remote, fakes, ONNX Runtime): nothing to place, no torch import
         device = "cpu" if spec.device == "auto" else spec.device

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from .._mps import empty_cache
 from ..exceptions import ModelReleasedError
 from ..spec import ModelSpec
 from ._state import PoolState
@@ -40,6 +41,7 @@ class PoolCalls(PoolState):
             finally:
                 if self._pins:
                     self._unpin(handle)
+                self._after_call(handle)
         raise AssertionError("unreachable")
 
     async def _acall(self, spec: ModelSpec, fn: Callable[[ModelHandle], Awaitable[T]]) -> T:
@@ -55,7 +57,14 @@ class PoolCalls(PoolState):
                     handle._unpin()
                     if self._over:  # evicting closes a worker (joins a thread): not on the loop
                         await asyncio.to_thread(self._settle)
+                self._after_call(handle)
         raise AssertionError("unreachable")
+
+    def _after_call(self, handle: ModelHandle) -> None:
+        """Option ``mps_empty_cache``: the MPS cache back to macOS after every call (a fast
+        synchronous call: fine on the event loop)."""
+        if self.pool_config.mps_empty_cache and handle.device == "mps":
+            empty_cache()
 
     async def _aget(self, spec: ModelSpec) -> ModelHandle:
         """:meth:`_get` for coroutines: a loaded handle at once; a load (first call, or after

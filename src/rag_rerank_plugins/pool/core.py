@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._mps import apply_high_watermark
 from ..backends import backend_info
 from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import InvalidInputError
@@ -52,12 +53,16 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         idle_unload_s: float | None = _UNSET,
         over_budget: Literal["warn", "raise"] = _UNSET,
         pool_config: PoolConfig | None = None,
+        mps_high_watermark_ratio: float | None = _UNSET,
+        mps_empty_cache: bool = _UNSET,
     ) -> None:
         """``memory_budget_mb``: most MB of models per device (a number for every device, or
         ``{"cpu": 2000, "cuda:0": 6000}``); ``idle_unload_s``: release models unused that long;
         ``over_budget``: ``"warn"`` (load a model bigger than its whole budget anyway) or
-        ``"raise"``. Arguments not given come from ``pool_config``, else from
-        ``RAG_RERANK_POOL_*`` (:meth:`PoolConfig.from_env`)."""
+        ``"raise"``; ``mps_high_watermark_ratio`` / ``mps_empty_cache``: the MPS allocator's cap
+        and emptying its cache after each call (:mod:`rag_rerank_plugins._mps`). Arguments not
+        given come from ``pool_config``, else from ``RAG_RERANK_POOL_*``
+        (:meth:`PoolConfig.from_env`)."""
         #: Scheduling, queue and cache settings for every model this pool loads.
         self.config = config if config is not None else EngineConfig.from_env()
         base = pool_config if pool_config is not None else PoolConfig.from_env()
@@ -65,6 +70,8 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             "memory_budget_mb": memory_budget_mb,
             "idle_unload_s": idle_unload_s,
             "over_budget": over_budget,
+            "mps_high_watermark_ratio": mps_high_watermark_ratio,
+            "mps_empty_cache": mps_empty_cache,
         }
         changes = {name: value for name, value in given.items() if value is not _UNSET}
         #: Memory budget, idle unload and over-budget policy of this pool.
@@ -73,6 +80,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         # an explicit release() can race a call, and the retry below covers that).
         self._pins = self.pool_config.manages_memory or self.pool_config.idle_unload_s is not None
         self._num_threads = num_threads
+        apply_high_watermark(self.pool_config.mps_high_watermark_ratio)  # before torch if we can
         self._init_state()
         POOLS.add(self)
 
@@ -85,7 +93,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             if not isinstance(spec, ModelSpec):
                 raise InvalidInputError(f"expected a ModelSpec, got {type(spec).__name__}")
             info = backend_info(spec.backend)  # unknown backend -> clear error before any work
-            key, decision = resolve_spec(spec, uses_torch=info.uses_torch)
+            key, decision = resolve_spec(spec, uses_torch=info.uses_torch, cpu_bf16=info.cpu_bf16)
             self._reasons.setdefault(key, decision.reason)
             self._keys[spec] = key
         return key
