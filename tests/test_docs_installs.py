@@ -145,11 +145,15 @@ def _distribution_of(module: str) -> str | None:
     if not candidates:
         pytest.fail(f"{module!r} is imported by a documented snippet but is not installed here")
     if len(set(candidates)) > 1:
-        prefix = module.replace(".", "/") + "/"
+        # A package's folder or a module's file: llama_index.core.schema is schema.py.
+        path = module.replace(".", "/")
         candidates = [
             name
             for name in candidates
-            if any(str(f).startswith(prefix) for f in distribution(name).files or ())
+            if any(
+                str(f).startswith(path + "/") or str(f) == path + ".py"
+                for f in distribution(name).files or ()
+            )
         ]
     assert len(set(candidates)) == 1, (module, candidates)
     return canonicalize_name(candidates[0])

@@ -89,8 +89,8 @@ def test_instructions_equal_huggingface_embedding(minilm_path: str, passages: li
     pool.clear()
 
 
-def test_empty_instruction_means_the_models_own_prompt(pool: ModelPool) -> None:
-    # HuggingFaceEmbedding: `query_instruction or <default>`.
+def test_empty_instruction_means_no_prompt(pool: ModelPool) -> None:
+    # HuggingFaceEmbedding: `query_instruction or <default for the name>` ('' for most names).
     plain = _fake_embedding(pool)
     empty = _fake_embedding(pool, query_instruction="", text_instruction="")
     assert empty.get_query_embedding("a b c") == plain.get_query_embedding("a b c")
@@ -176,17 +176,28 @@ def test_cache_folder_and_trust_remote_code_reach_sentence_transformers(
         (lambda: SharedRerankPostprocessor(model="m", devise="cpu"), "did you mean 'device'?"),
         (lambda: SharedRerankPostprocessor(model="m", query_instruction=QI), "'query_instruction'"),
         (lambda: SharedEmbedding(model_name="m", query_instructions=QI), "'query_instruction'?"),
-        (lambda: SharedEmbedding(model_name="m", parallel_process=True), "'parallel_process'"),
-        (lambda: SharedEmbedding(model="m"), "'model' (did you mean 'model_name'?)"),
         (lambda: SharedEmbedding(model_name="m", top_n=3), "unknown argument(s) 'top_n'"),
     ],
-    ids=["topn", "devise", "post-instruction", "instructions", "parallel", "model", "emb-top_n"],
+    ids=["topn", "devise", "post-instruction", "instructions", "emb-top_n"],
 )
 def test_unknown_arguments_fail_with_a_suggestion(make, needle: str) -> None:
     with pytest.raises(ValidationError) as info:
         make()
     assert needle in str(info.value)
     assert "It accepts:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: SharedEmbedding(model_name="m", parallel_process=True), "parallel_process"),
+        (lambda: SharedEmbedding(model="m"), "name the model with model_name="),
+    ],
+    ids=["parallel", "model"],
+)
+def test_stock_arguments_without_a_meaning_here_fail_saying_why(make, needle: str) -> None:
+    with pytest.raises(ValidationError, match=needle):
+        make()
 
 
 def test_reranker_arguments_still_accepted(pool: ModelPool) -> None:

@@ -43,8 +43,13 @@ def accepted_arguments(cls: type[BaseModel]) -> frozenset[str]:
     return frozenset(names)
 
 
-def check_arguments(cls: type[BaseModel], data: Any) -> Any:
+def check_arguments(
+    cls: type[BaseModel], data: Any, stock_names: frozenset[str] = frozenset()
+) -> Any:
     """``data`` without LlamaIndex's ``class_name`` key; a ConfigurationError for any unknown key.
+
+    ``stock_names`` are the stock class's arguments that were already translated into fields:
+    accepted too, so they are suggested for a typo and listed in the message.
 
     ``class_name`` is accepted (and dropped) when it names ``cls``, so a dict from ``to_dict()``
     or ``model_dump()`` can be passed back as keyword arguments; naming another class is an error
@@ -61,7 +66,7 @@ def check_arguments(cls: type[BaseModel], data: Any) -> Any:
                 f"with the class named by its 'class_name' key."
             )
         data = {k: v for k, v in data.items() if k != CLASS_NAME_KEY}
-    accepted = accepted_arguments(cls)
+    accepted = accepted_arguments(cls) | stock_names
     unknown = sorted(key for key in data if key not in accepted)
     if unknown:
         hints = []

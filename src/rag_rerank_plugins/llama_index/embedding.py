@@ -15,22 +15,40 @@ from pydantic import AliasChoices, ConfigDict, Field, model_validator
 from ..adapter_base import SharedModelFields, from_settings
 from ..exceptions import ConfigurationError
 from ._args import check_arguments
+from ._stock_args import (
+    EMBEDDING_POSITIONAL,
+    ST_EMBEDDER_KWARGS,
+    bind_positional,
+    default_query_instruction,
+    default_text_instruction,
+    embedding_arguments,
+)
 
 __all__ = ["SharedEmbedding"]
+
+#: HuggingFaceEmbedding's arguments that are not fields here (translated before validation).
+STOCK_NAMES = frozenset(EMBEDDING_POSITIONAL) | ST_EMBEDDER_KWARGS
 
 
 class SharedEmbedding(SharedModelFields, BaseEmbedding):
     """Embeddings for LlamaIndex indexes; one model per process however many instances.
 
-    Same arguments as ``HuggingFaceEmbedding`` where they apply (``model_name``, ``device``,
-    ``embed_batch_size``, ``normalize``, ``max_length``, ``query_instruction``,
-    ``text_instruction``, ``trust_remote_code``, ``cache_folder``, ``show_progress_bar``), so
-    switching is a one-line change; an unknown argument (a typo, or one of HuggingFaceEmbedding's
-    that has no meaning here, such as ``parallel_process``) raises instead of being ignored.
+    Takes every argument of ``HuggingFaceEmbedding`` (llama-index-embeddings-huggingface) with
+    the same meaning, positionally too: ``model_name``, ``max_length``, the instructions,
+    ``normalize``, ``embed_batch_size``, ``cache_folder``, ``trust_remote_code``, ``device``,
+    ``callback_manager``, ``num_workers``, ``show_progress_bar`` and its ``**model_kwargs`` for
+    sentence-transformers (``revision``, ``local_files_only``, ``token``, ``truncate_dim``,
+    ``model_kwargs={"dtype": ...}``, ``backend="onnx"``/``"openvino"``, ...), so switching is a
+    one-line change. ``parallel_process=True`` is refused (the pool already serves concurrent
+    callers); an unknown argument (a typo) raises instead of being ignored.
     ``embed_batch_size`` is both LlamaIndex's chunk size and the forward-pass batch size.
 
-    The instructions are per-call prompts, not part of the model: adapters with different
-    instructions share one loaded model.
+    Prompts as in ``HuggingFaceEmbedding``: queries get ``query_instruction``, documents
+    ``text_instruction`` (None or '': its default for the BGE and Instructor names, else nothing),
+    and never the prompts a model's sentence-transformers config declares, so vectors equal those
+    of an index built with the stock class; ``model_prompts=True`` uses the model's own prompts
+    where no instruction is given. The instructions are per-call prompts, not part of the model:
+    adapters with different instructions share one loaded model.
     """
 
     # extra="forbid": a silently dropped argument (a typo, an instruction) changes results unseen.
@@ -68,14 +86,26 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
     )
     cache_folder: str | None = Field(
         default=None,
-        description="Where the backend keeps downloaded files (None: the Hugging Face cache). "
-        "A backend option, so part of the spec.",
+        description="Where the backend keeps downloaded files (None: the Hugging Face cache; "
+        "HuggingFaceEmbedding's default is LlamaIndex's cache folder). A backend option, so "
+        "part of the spec.",
     )
+    model_prompts: bool = Field(
+        default=False,
+        description="Where no instruction is given, use the prompts the model's "
+        "sentence-transformers config declares (encode_query/encode_document). False (as "
+        "HuggingFaceEmbedding): no prompt, except its defaults for BGE and Instructor names.",
+    )
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        # HuggingFaceEmbedding's parameters may be given positionally (model_name first).
+        super().__init__(**bind_positional("SharedEmbedding", EMBEDDING_POSITIONAL, args, data))
 
     @model_validator(mode="before")
     @classmethod
-    def _reject_unknown_arguments(cls, data: Any) -> Any:
-        return check_arguments(cls, data)
+    def _stock_arguments(cls, data: Any) -> Any:
+        # HuggingFaceEmbedding's names first (they are not fields), then the unknown-name check.
+        return check_arguments(cls, embedding_arguments(data), STOCK_NAMES)
 
     @model_validator(mode="after")
     def _check_options_agree(self) -> SharedEmbedding:
@@ -117,8 +147,16 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
         )
 
     def _prompt(self, is_query: bool) -> str | None:
-        # As HuggingFaceEmbedding: an empty instruction means "the default" (the model's prompt).
-        return (self.query_instruction if is_query else self.text_instruction) or None
+        """HuggingFaceEmbedding's prompt: ``instruction or <its default for the name>``; '' is an
+        explicit "no prompt" (the model's configured prompts are not used), None the model's own
+        prompt (only with ``model_prompts``)."""
+        instruction = self.query_instruction if is_query else self.text_instruction
+        if instruction:
+            return instruction
+        if self.model_prompts:
+            return None
+        default = default_query_instruction if is_query else default_text_instruction
+        return default(self.model_name)
 
     def _embed(self, texts: list[str], is_query: bool) -> list[Embedding]:
         return self._pool_embed(

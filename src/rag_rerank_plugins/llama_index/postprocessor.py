@@ -20,8 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..ranking import Ranked
+from ..spec import ModelSpec
 from ..windows import WindowInfo
 from ._args import check_arguments
+from ._stock_args import (
+    RERANK_POSITIONAL,
+    bind_positional,
+    rerank_arguments,
+    rerank_default_max_length,
+)
 
 __all__ = ["SharedRerankPostprocessor"]
 
@@ -33,14 +40,22 @@ RETRIEVAL_SCORE_KEY = "retrieval_score"
 WINDOW_KEY = "rerank_window"
 #: Metadata key set (to a short message) on nodes passed through unscored (on_error).
 ERROR_KEY = "rerank_error"
+#: Backends where SentenceTransformerRerank's 512-token default applies (CrossEncoder models).
+_CROSS_ENCODER_BACKENDS = frozenset(
+    {"cross-encoder", "onnx-cross-encoder", "openvino-cross-encoder"}
+)
 
 
 class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     """Rerank retrieved nodes with a model loaded once per process.
 
-    Takes ``SentenceTransformerRerank``'s arguments (``model``, ``top_n``, ``device``,
-    ``keep_retrieval_score``, ``trust_remote_code``) and ``FlagEmbeddingReranker``'s (``model``,
-    ``top_n``, ``use_fp16``; with ``backend="flag-reranker"``), so switching is a one-line change.
+    Takes every argument of ``SentenceTransformerRerank`` (llama-index-postprocessor-sbert-rerank)
+    with the same meaning, positionally too: ``model``, ``device``, ``cache_folder``, ``top_n``,
+    ``keep_retrieval_score`` and ``cross_encoder_kwargs`` (``max_length``,
+    ``trust_remote_code``, ``revision``, ``activation_fn``, ``model_kwargs={"dtype": ...}``,
+    ``backend="onnx"``, ...). Left unset, ``max_length`` is 512 as there (a model with more
+    positions still reads 512 tokens). Also ``FlagEmbeddingReranker``'s (``model``, ``top_n``,
+    ``use_fp16``; with ``backend="flag-reranker"``), so switching is a one-line change.
     Like them it rejects unknown arguments (``topn=5`` raises, naming ``top_n``), where a
     pydantic default would silently ignore them and rerank with the defaults.
     Returns new ``NodeWithScore`` objects best first; the input nodes and their scores are never
@@ -66,20 +81,33 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     trust_remote_code: bool = Field(
         default=False, description="Allow custom model code from the hub (off: safer default)."
     )
+    cache_folder: str | None = Field(
+        default=None,
+        description="Where the backend keeps downloaded files (None: the Hugging Face cache). "
+        "A backend option, so part of the spec.",
+    )
     use_fp16: bool | None = Field(
         default=None,
         description="FlagEmbeddingReranker compatibility: True = dtype 'float16' (float32 on a "
         "CPU, by policy), False = 'float32'. None: use dtype.",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_arguments(cls, data: Any) -> Any:
-        return check_arguments(cls, data)
+    def __init__(self, *args: Any, **data: Any) -> None:
+        # SentenceTransformerRerank's parameters may be given positionally (model first).
+        super().__init__(
+            **bind_positional("SharedRerankPostprocessor", RERANK_POSITIONAL, args, data)
+        )
 
     @model_validator(mode="before")
     @classmethod
-    def _use_fp16_to_dtype(cls, data: Any) -> Any:
+    def _stock_arguments(cls, data: Any) -> Any:
+        # cross_encoder_kwargs first (it is not a field), then the unknown-name check, then
+        # use_fp16 (FlagEmbeddingReranker's) as a dtype.
+        data = check_arguments(cls, rerank_arguments(data), frozenset(RERANK_POSITIONAL))
+        return cls._use_fp16_to_dtype(data)
+
+    @staticmethod
+    def _use_fp16_to_dtype(data: Any) -> Any:
         if isinstance(data, dict) and data.get("use_fp16") is not None:
             wanted = "float16" if data["use_fp16"] else "float32"
             given = data.get("dtype", "auto")
@@ -95,7 +123,21 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         options = super()._extra_options()
         if self.trust_remote_code:
             options["trust_remote_code"] = True
+        if self.cache_folder is not None:
+            options["cache_folder"] = self.cache_folder
         return options
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The pool key; ``max_length`` unset means SentenceTransformerRerank's 512 tokens on
+        CrossEncoder backends (the model's own limit where it has fewer positions)."""
+        spec = super().spec
+        if self.max_length is not None or spec.backend not in _CROSS_ENCODER_BACKENDS:
+            return spec
+        limit = rerank_default_max_length(
+            spec.model, spec.option("revision"), spec.option("cache_folder")
+        )
+        return spec if limit is None else spec.with_options(max_length=limit)
 
     @classmethod
     def class_name(cls) -> str:

@@ -1,0 +1,338 @@
+"""The stock LlamaIndex classes' arguments, translated to our fields with the same meaning.
+
+``SentenceTransformerRerank`` (llama-index-postprocessor-sbert-rerank) and
+``HuggingFaceEmbedding`` (llama-index-embeddings-huggingface) are the classes users swap for
+ours. Their constructors take arguments our fields name differently or hold elsewhere:
+positional arguments, ``cross_encoder_kwargs`` (keyword arguments of sentence-transformers'
+``CrossEncoder``), ``HuggingFaceEmbedding``'s ``**model_kwargs`` (keyword arguments of
+``SentenceTransformer``; its ``model_kwargs`` is the *transformers* model's), deprecated
+arguments, and ``backend`` in sentence-transformers' sense ("torch", "onnx", "openvino"). This
+module rewrites a constructor's keyword dict into our fields once, before validation, so every
+path (``__init__``, ``model_validate``, ``from_dict``) means the same as the stock class.
+Anything that cannot apply to a shared pool is refused with the message of the shared list
+(:mod:`rag_rerank_plugins._stock`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..exceptions import ConfigurationError
+
+__all__ = [
+    "EMBEDDING_POSITIONAL",
+    "RERANK_POSITIONAL",
+    "ST_EMBEDDER_KWARGS",
+    "STOCK_RERANK_MAX_LENGTH",
+    "bind_positional",
+    "default_query_instruction",
+    "default_text_instruction",
+    "embedding_arguments",
+    "rerank_arguments",
+    "rerank_default_max_length",
+]
+
+#: ``SentenceTransformerRerank.__init__``'s parameters, in order (all may be given positionally).
+RERANK_POSITIONAL = (
+    "model",
+    "device",
+    "cache_folder",
+    "top_n",
+    "keep_retrieval_score",
+    "cross_encoder_kwargs",
+)
+#: ``HuggingFaceEmbedding.__init__``'s parameters before ``**model_kwargs``, in order.
+EMBEDDING_POSITIONAL = (
+    "model_name",
+    "tokenizer_name",
+    "pooling",
+    "max_length",
+    "query_instruction",
+    "text_instruction",
+    "normalize",
+    "model",
+    "tokenizer",
+    "embed_batch_size",
+    "cache_folder",
+    "trust_remote_code",
+    "device",
+    "callback_manager",
+    "parallel_process",
+    "target_devices",
+    "show_progress_bar",
+)
+
+#: ``SentenceTransformerRerank`` gives ``CrossEncoder`` ``max_length=512`` unless
+#: ``cross_encoder_kwargs`` names one (``DEFAULT_SENTENCE_TRANSFORMER_MAX_LENGTH``), so a model with
+#: 1024 positions still reads 512 tokens.
+STOCK_RERANK_MAX_LENGTH = 512
+
+#: ``SentenceTransformer(...)`` keyword arguments that ``HuggingFaceEmbedding(**model_kwargs)``
+#: passes on (those it sets itself, such as ``prompts`` and ``device``, fail there as here).
+ST_EMBEDDER_KWARGS = frozenset(
+    {
+        "modules",
+        "default_prompt_name",
+        "revision",
+        "local_files_only",
+        "token",
+        "use_auth_token",
+        "processor_kwargs",
+        "config_kwargs",
+        "use_kernels",
+        "kernel_config",
+        "model_card_data",
+        "similarity_fn_name",
+        "truncate_dim",
+        "tokenizer_kwargs",  # sentence-transformers' deprecated name of processor_kwargs
+    }
+)
+# HuggingFaceEmbedding: BGE and Instructor names get a default instruction (its utils module).
+_BGE_QUERY_EN = "Represent this question for searching relevant passages: "
+_BGE_QUERY_ZH = "为这个句子生成表示以用于检索相关文章\uff1a"  # ends in a full-width colon
+_INSTRUCTOR_QUERY = "Represent the question for retrieving supporting documents: "
+_INSTRUCTOR_TEXT = "Represent the document for retrieval: "
+_BGE_MODELS = frozenset(
+    f"BAAI/bge-{size}-{lang}{version}"
+    for size in ("small", "base", "large")
+    for lang in ("en", "zh")
+    for version in ("", "-v1.5")
+)
+_INSTRUCTOR_MODELS = frozenset(
+    f"{org}/instructor-{size}" for org in ("hku-nlp", "hkunlp") for size in ("base", "large", "xl")
+)
+
+
+def default_query_instruction(model_name: str) -> str:
+    """HuggingFaceEmbedding's query prompt when ``query_instruction`` is None or ''."""
+    if model_name in _INSTRUCTOR_MODELS:
+        return _INSTRUCTOR_QUERY
+    if model_name in _BGE_MODELS:
+        return _BGE_QUERY_ZH if "zh" in model_name else _BGE_QUERY_EN
+    return ""
+
+
+def default_text_instruction(model_name: str) -> str:
+    """HuggingFaceEmbedding's document prompt when ``text_instruction`` is None or ''."""
+    return _INSTRUCTOR_TEXT if model_name in _INSTRUCTOR_MODELS else ""
+
+
+def bind_positional(
+    owner: str, names: Sequence[str], args: Sequence[Any], data: dict[str, Any]
+) -> dict[str, Any]:
+    """``data`` plus ``args`` bound to ``names`` in order, as Python binds the stock signature."""
+    if len(args) > len(names):
+        raise ConfigurationError(
+            f"{owner} takes at most {len(names)} positional arguments ({', '.join(names)}), "
+            f"got {len(args)}."
+        )
+    bound = dict(data)
+    for name, value in zip(names, args, strict=False):
+        if name in bound:
+            raise ConfigurationError(
+                f"{owner} got {name!r} twice (positionally and as a keyword); pass it once."
+            )
+        bound[name] = value
+    return bound
+
+
+def _st_backend(value: Any) -> bool:
+    """True for sentence-transformers' own backend names (ours are longer: "cross-encoder", ...)."""
+    return value in ("torch", "onnx", "openvino", "ipex")
+
+
+def _deprecated(data: dict[str, Any], names: Sequence[str], hint: Mapping[str, str]) -> None:
+    """HuggingFaceEmbedding raises ValueError for these unless left at "deprecated"."""
+    for name in names:
+        if name in data:
+            value = data.pop(name)
+            if value != "deprecated":
+                raise ConfigurationError(
+                    f"{name} is deprecated (HuggingFaceEmbedding raises for it too): remove it"
+                    f"{hint.get(name, '')}."
+                )
+
+
+def _refuse_parallel(data: dict[str, Any]) -> None:
+    parallel = data.pop("parallel_process", False)
+    devices = data.pop("target_devices", None)  # read by HuggingFaceEmbedding only with parallel
+    if parallel:
+        from .._stock import refusal
+
+        raise ConfigurationError(refusal("HuggingFaceEmbedding", "parallel_process", devices))
+
+
+def embedding_arguments(data: Any) -> Any:
+    """HuggingFaceEmbedding's keyword arguments -> SharedEmbedding's fields (same meaning).
+
+    Its ``**model_kwargs`` (:data:`ST_EMBEDDER_KWARGS`, ``backend`` in sentence-transformers'
+    sense, and ``model_kwargs``: the transformers model's) are gathered into one dict of
+    ``SentenceTransformer`` keyword arguments and translated by the shared
+    :func:`rag_rerank_plugins._stock.hf_model_kwargs` (as for LangChain's classes). Any other
+    unknown name is left for the unknown-argument check (a typo gets a suggestion).
+    """
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    _deprecated(
+        data,
+        ("tokenizer_name", "pooling", "model", "tokenizer"),
+        {"model": " and name the model with model_name=..."},
+    )
+    _refuse_parallel(data)
+    if data.get("max_length") == 0:  # HuggingFaceEmbedding: `if max_length:`, 0 = the model's own
+        data["max_length"] = None
+    if data.get("cache_folder") is not None:
+        data["cache_folder"] = os.fspath(data["cache_folder"])
+    st_kwargs = {k: data.pop(k) for k in list(data) if k in ST_EMBEDDER_KWARGS}
+    if not data.get("model_prompts"):
+        # No effect on text there: HuggingFaceEmbedding always names its "query"/"text" prompt.
+        st_kwargs.pop("default_prompt_name", None)
+    if _st_backend(data.get("backend")):
+        st_kwargs["backend"] = data.pop("backend")
+    model_kwargs = data.pop("model_kwargs", None)
+    if model_kwargs is not None:
+        st_kwargs.update(_own_options(model_kwargs, data.get("backend")))
+    if not st_kwargs:
+        return data
+    return _translate(data, st_kwargs, "embedder", "")
+
+
+def _translate(data: dict[str, Any], kwargs: dict[str, Any], kind: str, source: str) -> Any:
+    """sentence-transformers keyword arguments ``kwargs`` -> our fields and backend options
+    (the shared translation), added to the options ``data`` already has."""
+    from .._stock import hf_model_kwargs
+
+    own = data.pop("model_kwargs", None) or {}
+    translated = hf_model_kwargs({**data, "model_kwargs": kwargs}, kind, _FIELDS[kind])
+    merged = dict(own)
+    for key, value in translated.get("model_kwargs", {}).items():
+        if key in merged and merged[key] != value:
+            raise ConfigurationError(
+                f"{source or 'argument'} {key}={value!r} contradicts model_kwargs[{key!r}]="
+                f"{merged[key]!r}; give it once."
+            )
+        merged[key] = value
+    translated["model_kwargs"] = merged
+    return translated
+
+
+#: The adapter fields :func:`hf_model_kwargs` may write besides the options.
+_FIELDS = {
+    "reranker": frozenset({"score_mode", "max_length", "device", "dtype", "backend"}),
+    "embedder": frozenset({"max_length", "device", "dtype", "backend"}),
+}
+
+
+def _own_options(model_kwargs: Any, backend: Any) -> dict[str, Any]:
+    """HuggingFaceEmbedding's ``model_kwargs`` as sentence-transformers keyword arguments:
+    names that are our backend's options (trust_remote_code, revision, ...: SharedEmbedding's
+    meaning, the same there) stay options; the rest is the transformers model's
+    ``model_kwargs`` (HuggingFaceEmbedding's meaning: dtype, attn_implementation, ...)."""
+    if not isinstance(model_kwargs, Mapping):
+        raise ConfigurationError(
+            f"model_kwargs must be a dict of transformers from_pretrained arguments, got "
+            f"{type(model_kwargs).__name__}."
+        )
+    from ..backends import backend_info
+    from ..exceptions import UnknownBackendError
+
+    try:
+        known = backend_info(backend or "sentence-transformers").options
+    except UnknownBackendError:
+        known = None
+    if known is None:
+        return dict(model_kwargs)
+    own = {k: v for k, v in model_kwargs.items() if k in known and k != "model_kwargs"}
+    nested = {k: v for k, v in model_kwargs.items() if k not in own}
+    if isinstance(nested.get("model_kwargs"), Mapping):  # already nested: keep both levels
+        nested = {**nested.pop("model_kwargs"), **nested}
+    if nested:
+        own["model_kwargs"] = nested
+    return own
+
+
+def rerank_arguments(data: Any) -> Any:
+    """SentenceTransformerRerank's keyword arguments -> SharedRerankPostprocessor's fields:
+    ``cross_encoder_kwargs`` (``CrossEncoder`` keyword arguments) through the shared
+    translation, as LangChain's ``HuggingFaceCrossEncoder(model_kwargs=...)``."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if data.get("cache_folder") is not None:
+        data["cache_folder"] = os.fspath(data["cache_folder"])
+    if "cross_encoder_kwargs" not in data:
+        return data
+    kwargs = data.pop("cross_encoder_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigurationError(
+            f"cross_encoder_kwargs must be a dict of CrossEncoder keyword arguments, got "
+            f"{type(kwargs).__name__}."
+        )
+    if "device" in kwargs or "model" in kwargs:
+        raise ConfigurationError(
+            "'device' and 'model' should not be specified in 'cross_encoder_kwargs'. Use the "
+            "top-level 'device' and 'model' parameters instead (as in SentenceTransformerRerank)."
+        )
+    kwargs = dict(kwargs)
+    # SentenceTransformerRerank: a truthy top-level cache_folder wins over the kwargs' one.
+    if data.get("cache_folder"):
+        kwargs.pop("cache_folder", None)
+    if not kwargs:
+        return data
+    if _st_backend(data.get("backend")):
+        kwargs.setdefault("backend", data.pop("backend"))
+    return _translate(data, kwargs, "reranker", "cross_encoder_kwargs")
+
+
+@functools.lru_cache(maxsize=256)
+def _json_field(
+    model: str, filename: str, key: str, revision: str | None, cache_folder: str | None
+) -> int | None:
+    """An int field of one of the model's JSON files when it is on this machine, else None."""
+    path: str | None = os.path.join(model, filename) if os.path.isdir(model) else None
+    if path is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(
+                model, filename, cache_dir=cache_folder, revision=revision
+            )
+        except Exception:  # not a repo id, no hub library: unknown
+            return None
+        path = found if isinstance(found, str) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
+
+
+def _own_limit(model: str, revision: str | None, cache_folder: str | None) -> int | None:
+    """The token limit sentence-transformers gives the model when none is asked for: the smaller
+    of ``max_position_embeddings`` (config.json) and the tokenizer's ``model_max_length``
+    (XLM-R: 514 positions, 512 tokens); None when neither is on this machine."""
+    known = [
+        _json_field(model, "config.json", "max_position_embeddings", revision, cache_folder),
+        _json_field(model, "tokenizer_config.json", "model_max_length", revision, cache_folder),
+    ]
+    limits = [n for n in known if n is not None]
+    return min(limits) if limits else None
+
+
+def rerank_default_max_length(model: str, revision: Any, cache_folder: str | None) -> int | None:
+    """SentenceTransformerRerank's token limit when none is given: 512, however many positions the
+    model has. A model whose own limit is known to be 512 or less keeps it (None): the same
+    truncation, and the same pool key as the LangChain adapters' (one load for both). Below 512
+    the stock class fails on a long passage; we truncate at the model's limit instead."""
+    own = _own_limit(model, revision if isinstance(revision, str) else None, cache_folder)
+    if own is not None and own <= STOCK_RERANK_MAX_LENGTH:
+        return None
+    return STOCK_RERANK_MAX_LENGTH
