@@ -94,7 +94,11 @@ def assert_error_shape(response: httpx.Response, status: int, error_type: str) -
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error", "error_type", "message"}, body
-    assert body["error"] == body["message"]
+    error = body["error"]
+    if isinstance(error, dict):  # OpenAI's paths: OpenAI's error object
+        assert response.request.url.path.endswith(("embeddings", "models")), body
+        error = error["message"]
+    assert error == body["message"]
     assert body["error_type"] == error_type
     return body
 

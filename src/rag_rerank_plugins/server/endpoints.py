@@ -41,10 +41,12 @@ Handler = Callable[..., Awaitable[Any]]
 class Endpoint:
     """One route: ``method path``, the handler answering it, and a one-line description.
 
-    The handler's parameters are the request body (a pydantic model, for POST) and ``state``
-    (:class:`~.state.ServerState`); its return annotation is the response model, which the
-    handler returns an instance of: it is written by :func:`json_bytes`, not validated again
-    (``Any``: the handler returns a Starlette ``Response`` itself).
+    The handler's parameters are the request body (a pydantic model, for POST), path
+    parameters, ``state`` (:class:`~.state.ServerState`) and, when it declares one, ``headers``
+    (the request's headers, a read-only mapping with lowercase keys); its return annotation
+    is the response model, which the handler returns an instance of: it is written by
+    :func:`json_bytes`, not validated again (``Any``: the handler returns a Starlette
+    ``Response`` itself).
     """
 
     method: str
@@ -85,6 +87,10 @@ class ServerProtocol:
         return router
 
 
+#: Handler parameters the route fills itself (never read from the request by FastAPI).
+_INJECTED = ("state", "headers")
+
+
 def _hints(handler: Handler) -> dict[str, Any]:
     """The handler's resolved annotations, except ``state``'s: a protocol module may import
     ``ServerState`` under ``TYPE_CHECKING`` only, and the route never needs that type."""
@@ -92,7 +98,7 @@ def _hints(handler: Handler) -> dict[str, Any]:
     annotations = {
         name: value
         for name, value in getattr(function, "__annotations__", {}).items()
-        if name != "state"
+        if name not in _INJECTED
     }
     holder = types.SimpleNamespace(__annotations__=annotations)
     return typing.get_type_hints(holder, globalns=getattr(function, "__globals__", {}))
@@ -103,20 +109,22 @@ def _bind(handler: Handler) -> tuple[Callable[..., Awaitable[Any]], Any]:
     response model for the OpenAPI schema.
 
     FastAPI reads a route's parameters from its signature; the route's signature is the
-    handler's own minus ``state``, plus the request (resolved annotations, so FastAPI sees the
-    body models). The result is written by :func:`json_bytes` (FastAPI would dump it, validate
-    it again and encode it: +45% time for 256 vectors of 1024 floats).
+    handler's own minus ``state`` and ``headers``, plus the request (resolved annotations, so
+    FastAPI sees the body models). The result is written by :func:`json_bytes` (FastAPI would
+    dump it, validate it again and encode it: +45% time for 256 vectors of 1024 floats).
     """
     from pydantic import TypeAdapter
     from starlette.requests import Request
     from starlette.responses import Response
 
     hints = _hints(handler)
+    signature = inspect.signature(handler).parameters
     params = [
         p.replace(annotation=hints.get(p.name, p.annotation))
-        for p in inspect.signature(handler).parameters.values()
-        if p.name != "state"
+        for p in signature.values()
+        if p.name not in _INJECTED
     ]
+    wants_headers = "headers" in signature
     request_param = inspect.Parameter(
         "_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request
     )
@@ -129,6 +137,8 @@ def _bind(handler: Handler) -> tuple[Callable[..., Awaitable[Any]], Any]:
     )
 
     async def route(_request: Request, **kwargs: Any) -> Any:
+        if wants_headers:
+            kwargs["headers"] = _request.headers
         result = await handler(**kwargs, state=_request.app.state.server)
         if adapter is None or isinstance(result, Response):
             return result

@@ -1,9 +1,11 @@
 """Every error the server answers, in one shape, from one table.
 
 * :func:`error_body` is the documented shape: ``error`` and ``error_type`` (TEI clients read these)
-  and ``message`` (Cohere/OpenAI-style clients read that one). Every 4xx/5xx uses it, including
-  the ones FastAPI and Starlette would answer themselves (400, 404 and 405 for unknown paths or
-  methods, 422 for invalid bodies).
+  and ``message`` (Cohere-style clients read that one); on OpenAI's paths ``error`` is OpenAI's
+  object (``{"message", "type", "param", "code"}``), which the ``openai`` SDK reads. Every
+  4xx/5xx uses it, including the ones FastAPI and Starlette would answer themselves (400, 404
+  and 405 for unknown paths or methods, 422 for invalid bodies). A body field the endpoint
+  does not know is a 400 naming it (never silently ignored).
 * :data:`STATUS` maps exceptions to a status, an ``error_type``, a ``Retry-After`` and the
   ``/metrics`` rejection reason; :func:`rule_for` reads it along the exception's MRO, so a new
   exception class needs one line there, not a new ``except``.
@@ -41,6 +43,7 @@ __all__ = [
     "STATUS",
     "ApiError",
     "ErrorContext",
+    "OPENAI_PATHS",
     "ErrorRule",
     "Overloaded",
     "error_body",
@@ -52,9 +55,28 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    """Error JSON readable by TEI clients (``error``, ``error_type``) and Cohere/OpenAI-style
-    clients (``message``)."""
+#: Paths whose clients (the ``openai`` SDK) read ``error`` as an object with a ``message``.
+OPENAI_PATHS = ("/embeddings", "/v1/embeddings", "/models", "/v1/models")
+#: OpenAI's ``error.type`` per status class.
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+
+
+def _openai_path(path: str | None) -> bool:
+    return path is not None and any(path == p or path.startswith(p + "/") for p in OPENAI_PATHS)
+
+
+def error_body(
+    message: str, error_type: str, path: str | None = None, status: int = 400
+) -> dict[str, Any]:
+    """Error JSON readable by TEI clients (``error``, ``error_type``) and Cohere-style clients
+    (``message``). On OpenAI's paths ``error`` is OpenAI's object (``message``, ``type``,
+    ``param``, ``code``), which the ``openai`` SDK puts in its exception's text."""
+    if _openai_path(path):
+        kind = _OPENAI_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        error: Any = {"message": message, "type": kind, "param": None, "code": error_type}
+        return {"error": error, "error_type": error_type, "message": message}
     return {"error": message, "error_type": error_type, "message": message}
 
 
@@ -172,6 +194,34 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "Invalid request: " + "; ".join(parts[:5])
 
 
+def _unknown_fields(errors: list[dict[str, Any]]) -> list[str]:
+    """The fields of the body no endpoint model knows (pydantic's ``extra_forbidden``), as
+    dotted paths (``documents.0.title``); union branches repeat a path once."""
+    found: list[str] = []
+    for error in errors:
+        if error.get("type") != "extra_forbidden":
+            continue
+        # Union members show up in the location by their class name: not part of the JSON path.
+        parts = [
+            str(p)
+            for p in error.get("loc", ())
+            if p != "body" and not (isinstance(p, str) and p[:1].isupper())
+        ]
+        where = ".".join(parts) or "body"
+        if where not in found:
+            found.append(where)
+    return found
+
+
+def _unknown_message(fields: list[str], path: str) -> str:
+    names = ", ".join(f"'{f}'" for f in fields[:5])
+    return (
+        f"Unknown or unsupported field(s) {names} for {path}: this server does not know them and "
+        "never ignores a field silently. Remove them; docs/wire-protocols.md (and GET /docs) "
+        "list the fields each endpoint honours."
+    )
+
+
 def _http_error(status: int, detail: Any, request: Request) -> ApiError:
     """Starlette's own 404/405/400 in our shape, with a message that says what to do."""
     if status == 404:
@@ -197,7 +247,11 @@ def as_api_error(exc: BaseException, request: Request, state: ErrorContext) -> A
         return exc
     if isinstance(exc, RequestValidationError):
         state.metrics.reject("invalid")
-        return ApiError(422, _validation_message(list(exc.errors())), "Validation")
+        errors = list(exc.errors())
+        unknown = _unknown_fields(errors)
+        if unknown:
+            return ApiError(400, _unknown_message(unknown, request.url.path), "Validation")
+        return ApiError(422, _validation_message(errors), "Validation")
     if isinstance(exc, HTTPException):
         error = _http_error(exc.status_code, exc.detail, request)
         error.headers = dict(exc.headers) if exc.headers else None
@@ -266,5 +320,7 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
             exc_info=exc,
         )
     return JSONResponse(
-        error_body(error.message, error.error_type), status_code=error.status, headers=error.headers
+        error_body(error.message, error.error_type, request.url.path, error.status),
+        status_code=error.status,
+        headers=error.headers,
     )

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, MutableMapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ from .request_id import HEADER, assign_request_id
 __all__ = ["Admission", "GuardMiddleware"]
 
 logger = logging.getLogger(__name__)
+
+#: The path of the request this task answers (the error shape depends on the protocol).
+_PATH: ContextVar[str | None] = ContextVar("rag_rerank_path", default=None)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -152,6 +156,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        _PATH.set(path)
         endpoint = path if path in self.known_paths else "other"
         start = time.perf_counter()
         request_id = assign_request_id(scope)
@@ -182,7 +187,8 @@ class GuardMiddleware:
                 raise
             if not progress.started:
                 error = internal_error(exc, request_id)
-                await _send_json(tracking_send, 500, error_body(error.message, error.error_type))
+                body = error_body(error.message, error.error_type, path, 500)
+                await _send_json(tracking_send, 500, body)
             # Not re-raised: the answer is complete, so the connection stays usable.
         finally:
             self.metrics.observe(endpoint, progress.status, time.perf_counter() - start)
@@ -274,7 +280,8 @@ class GuardMiddleware:
     ) -> None:
         """Answer ``status`` in the documented error shape, counted as rejected for ``reason``."""
         self.metrics.reject(reason)
-        await _send_json(send, status, error_body(message, error_type), headers)
+        body = error_body(message, error_type, _PATH.get(), status)
+        await _send_json(send, status, body, headers)
 
     async def _too_slow(self, send: Send, size: int) -> None:
         await self._refuse(

@@ -1,6 +1,10 @@
 """Request and response bodies of every built-in protocol (pydantic; no FastAPI needed).
 
-Requests ignore unknown fields, as the servers they imitate do. Responses are what
+Requests are strict: a field the endpoint does not know is refused with 400 naming it (a
+client must learn that its option is not honoured, never get a silently different answer);
+every field that is accepted is honoured (docs/wire-protocols.md has the table per protocol).
+Every request body also takes ``priority`` (``"interactive"``/``"bulk"``, or Cohere's integer,
+0 = highest), like the ``X-Priority`` header (:func:`~.wire.priority_of`). Responses are what
 ``GET /openapi.json`` advertises; extras a client asks for (``text``, ``document``) are left out
 of the JSON when they were not asked for. A NaN or infinite score or vector component cannot be
 written as JSON: the routes refuse to write it (:func:`~.endpoints.json_bytes` answers 500
@@ -9,7 +13,7 @@ instead of a ``null``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +29,10 @@ __all__ = [
     "CohereRerankRequest",
     "CohereRerankResponse",
     "CohereRerankResult",
+    "CohereV2EmbedRequest",
+    "CohereV2RerankRequest",
+    "CohereV2RerankResponse",
+    "CohereV2RerankResult",
     "Document",
     "EmbedRequest",
     "HealthResponse",
@@ -35,8 +43,12 @@ __all__ = [
     "OpenAIEmbedRequest",
     "OpenAIEmbedding",
     "OpenAIEmbedResponse",
+    "OpenAIModel",
+    "OpenAIModelList",
     "RerankRequest",
+    "ServiceDescription",
     "TeiRank",
+    "TruncationDirection",
     "Usage",
     "texts_of",
 ]
@@ -46,18 +58,26 @@ class _Schema(BaseModel):
     model_config = ConfigDict(protected_namespaces=())  # fields named model_*
 
 
-class _Body(_Schema):
-    model_config = ConfigDict(extra="ignore")
+class _Strict(_Schema):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class _Body(_Strict):
+    #: The engine lane ("interactive" | "bulk", or Cohere's integer: 0 = highest, more = bulk);
+    #: wins over the ``X-Priority`` header.
+    priority: str | int | None = None
 
 
 #: A score in a response: finite (a NaN or infinity is refused when the answer is written).
 Score = float
+#: TEI's ``truncation_direction`` (TEI writes ``Right``/``Left``; huggingface_hub sends lowercase).
+TruncationDirection = Literal["Right", "Left", "right", "left"]
 
 
 # -- requests --------------------------------------------------------------------------------
 
 
-class Document(_Body):
+class Document(_Strict):
     text: str
 
 
@@ -73,14 +93,32 @@ class RerankRequest(_Body):
     return_documents: bool = False
     top_n: int | None = Field(default=None, ge=1)
     truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
 
 
 class CohereRerankRequest(_Body):
+    """Cohere v1 ``/v1/rerank``: documents are strings or objects (``text``, or the
+    ``rank_fields``); ``max_chunks_per_doc`` scores long documents in windows."""
+
     query: str
-    documents: list[str | Document]
+    documents: list[str | dict[str, Any]]
     model: str | None = None
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
+    rank_fields: list[str] | None = None
+    max_chunks_per_doc: int | None = Field(default=None, ge=1)
+
+
+class CohereV2RerankRequest(_Body):
+    """Cohere v2 ``/v2/rerank``: string documents, each cut to ``max_tokens_per_doc`` tokens."""
+
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = Field(default=None, ge=1)
+    max_tokens_per_doc: int | None = Field(default=None, ge=1)
+    return_documents: bool = False
+    relevant_spans: dict[str, Any] | None = None
 
 
 class EmbedRequest(_Body):
@@ -89,22 +127,43 @@ class EmbedRequest(_Body):
     inputs: str | list[str]
     normalize: bool = True
     truncate: bool | None = None
+    truncation_direction: TruncationDirection = "Right"
     prompt_name: str | None = None
+    dimensions: int | None = Field(default=None, ge=1)
     model: str | None = None
 
 
 class CohereEmbedRequest(_Body):
+    """Cohere v1 ``/v1/embed``."""
+
     texts: list[str]
     model: str | None = None
     input_type: str | None = None
     embedding_types: list[str] | None = None
-    truncate: str | None = None
+    truncate: Literal["NONE", "START", "END"] | None = None
+
+
+class CohereV2EmbedRequest(_Body):
+    """Cohere v2 ``/v2/embed`` (texts only)."""
+
+    texts: list[str]
+    model: str | None = None
+    input_type: str | None = None
+    embedding_types: list[str] | None = None
+    truncate: Literal["NONE", "START", "END"] | None = None
+    output_dimension: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
 
 
 class OpenAIEmbedRequest(_Body):
-    input: str | list[str]
+    """OpenAI ``/v1/embeddings`` (and infinity's ``/embeddings``)."""
+
+    input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
-    encoding_format: str = "float"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    #: OpenAI's end-user id, for their abuse monitoring: accepted, with no effect here.
+    user: str | None = None
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -152,7 +211,8 @@ class InfinityRerankResponse(_Schema):
 
 class CohereRerankResult(_Scored):
     relevance_score: Score
-    document: Document | None = None
+    #: The document as sent (``{"text": ...}`` for a string), with ``return_documents``.
+    document: dict[str, Any] | None = None
 
 
 class CohereRerankResponse(_Schema):
@@ -161,7 +221,20 @@ class CohereRerankResponse(_Schema):
     meta: dict[str, Any]
 
 
+class CohereV2RerankResult(_Scored):
+    relevance_score: Score
+    document: Document | None = None
+
+
+class CohereV2RerankResponse(_Schema):
+    id: str
+    results: list[CohereV2RerankResult]
+    meta: dict[str, Any]
+
+
 class CohereEmbedResponse(_Schema):
+    #: Cohere's discriminator: ``embeddings_floats`` (a bare list) or ``embeddings_by_type``.
+    response_type: str = "embeddings_floats"
     id: str
     #: ``[[float]]``, or ``{"float": [[float]]}`` when ``embedding_types`` was given.
     embeddings: list[list[float]] | dict[str, list[list[float]]]
@@ -171,7 +244,8 @@ class CohereEmbedResponse(_Schema):
 
 class OpenAIEmbedding(_Schema):
     object: str = "embedding"
-    embedding: list[float]
+    #: Floats, or base64 of little-endian float32 bytes (``encoding_format="base64"``).
+    embedding: list[float] | str
     index: int
 
 
@@ -180,6 +254,30 @@ class OpenAIEmbedResponse(_Schema):
     data: list[OpenAIEmbedding]
     model: str
     usage: Usage = Field(default_factory=Usage)
+
+
+class OpenAIModel(_Schema):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "rag-rerank"
+
+
+class OpenAIModelList(_Schema):
+    object: str = "list"
+    data: list[OpenAIModel]
+
+
+class ServiceDescription(_Schema):
+    """``GET /``: what this server is, whether it is ready, what it serves and where."""
+
+    service: str = "rag-rerank serve"
+    version: str
+    status: str
+    ready: bool
+    models: list[dict[str, str]]
+    endpoints: list[str]
+    docs: str = "/docs"
 
 
 class HealthResponse(_Schema):
@@ -217,6 +315,6 @@ class InfoResponse(_Schema):
     auth: bool
 
 
-def texts_of(documents: list[str | Document]) -> list[str]:
+def texts_of(documents: list[str | Document] | list[str]) -> list[str]:
     """The passages of a ``documents`` list (strings or ``{"text": ...}`` objects)."""
     return [d if isinstance(d, str) else d.text for d in documents]

@@ -19,6 +19,8 @@ from .config import ServedModel, ServerConfig
 from .errors import ApiError
 from .limits import Admission
 from .metrics import RequestMetrics
+from .tokens import TextTokens, text_tokens
+from .wire import Lane
 
 __all__ = ["ServerState"]
 
@@ -34,6 +36,10 @@ class ServerState:
         self.served: list[ServedModel] = config.served_models()
         self.admission = Admission(config.max_concurrency, config.max_pending, config.retry_after)
         self.metrics = RequestMetrics()
+        #: When this server started (Unix seconds): OpenAI's ``created`` of the served models.
+        self.created = int(time.time())
+        #: ``"METHOD /path"`` of every mounted endpoint (``GET /`` lists them); set by the app.
+        self.endpoints: list[str] = []
         self.status = "starting"  # starting -> loading -> ok | failed; -> draining at shutdown
         self.error: str | None = None
         #: Called when loading fails (the CLI stops the server so orchestration restarts it).
@@ -95,28 +101,57 @@ class ServerState:
             async with self.admission.enter():
                 return await fn(spec, *args, batch_size)
 
-    async def scores(self, model: ServedModel, query: str, texts: list[str]) -> list[float]:
-        """Scores of ``texts`` against ``query``, in input order."""
+    async def scores(
+        self,
+        model: ServedModel,
+        query: str,
+        texts: list[str],
+        *,
+        priority: Lane = "interactive",
+        pairs: list[tuple[str, str]] | None = None,
+    ) -> list[float]:
+        """Scores of ``texts`` against ``query``, in input order; ``pairs`` (already cut or
+        windowed by the endpoint) are scored instead when given."""
         self.check_texts(texts, "texts")
-        pairs = [(query, text) for text in texts]
-        result: list[float] = await self._admitted(
-            "rerank", model, len(pairs), self.pool.ascore_pairs, pairs
-        )
+        if pairs is None:
+            pairs = [(query, text) for text in texts]
+
+        async def score(spec: Any, items: list[tuple[str, str]], batch_size: int) -> list[float]:
+            return await self.pool.ascore_pairs(spec, items, batch_size, priority=priority)
+
+        result: list[float] = await self._admitted("rerank", model, len(pairs), score, pairs)
         return result
 
     async def vectors(
-        self, model: ServedModel, texts: list[str], field: str, *, is_query: bool, normalize: bool
+        self,
+        model: ServedModel,
+        texts: list[str],
+        field: str,
+        *,
+        is_query: bool,
+        normalize: bool,
+        priority: Lane = "interactive",
     ) -> list[list[float]]:
         """Embeddings of ``texts`` (``field`` names them in errors)."""
         self.check_texts(texts, field)
 
         async def embed(spec: Any, items: list[str], batch_size: int) -> list[list[float]]:
             return await self.pool.aembed(
-                spec, items, batch_size, is_query=is_query, normalize=normalize
+                spec, items, batch_size, is_query=is_query, normalize=normalize, priority=priority
             )
 
         result: list[list[float]] = await self._admitted("embed", model, len(texts), embed, texts)
         return result
+
+    def loaded(self, model: ServedModel) -> Any:
+        """The backend object of a served model (its tokenizer, windows); loads it if the pool
+        let it go. Call from a worker thread (``asyncio.to_thread``): a load blocks."""
+        self.check_ready()
+        return self.pool.get(model.spec).model
+
+    async def tokens(self, model: ServedModel) -> TextTokens:
+        """The model's tokens (:mod:`.tokens`), for truncation and token counts."""
+        return await asyncio.to_thread(lambda: text_tokens(self.loaded(model)))
 
     async def load(self) -> None:
         """Load and warm up every served model; ``status`` says how far it got."""

@@ -26,6 +26,7 @@ option. Options (all plain values, so the spec stays a hashable pool key)::
     max_backoff    cap on one delay, also on the server's Retry-After          (default 8)
     api_key_env    name of the environment variable holding the bearer token
     truncate       ask the server to truncate long inputs (TEI)             (default True)
+    truncation_direction  which end a long input loses: "right" | "left"      (default "right")
     query_prompt_name  TEI ``prompt_name`` sent for queries (e.g. "query")  (default none)
     max_connections    connection pool size per client                         (default 32)
     verify         verify TLS certificates                                  (default True)
@@ -44,6 +45,10 @@ long-context models), and a prefix of hundreds of KB holds far more than that, s
 vectors are those of the whole text. With ``truncate=False`` such a text is an
 :class:`InvalidInputError` instead, raised before anything is sent; so is a query that alone
 fills a request.
+
+Every request carries ``X-Priority: interactive`` or ``bulk``, the engine lane of the call it
+serves (``pool.score_pairs(..., priority="bulk")``), so ``rag-rerank serve`` queues it the same
+way on its side; other servers ignore the header.
 
 Secrets never go into the spec (its label shows up in stats, metrics and logs): the token is read
 from the environment variable named by ``api_key_env`` on every request, so rotation works.
@@ -73,6 +78,7 @@ Adding a wire protocol is one module with a :class:`Protocol` subclass plus one
 from __future__ import annotations
 
 from .client import (
+    PRIORITY_HEADER,
     RETRY_STATUSES,
     STATUS_RULES,
     RemoteClient,
@@ -103,6 +109,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "HEADROOM_BYTES",
     "MIN_REQUEST_BYTES",
+    "PRIORITY_HEADER",
     "PROTOCOLS",
     "RETRY_STATUSES",
     "STATUS_RULES",

@@ -44,6 +44,7 @@ from ...exceptions import (
     RemoteTimeoutError,
     RemoteUnavailableError,
 )
+from ..base import current_call
 from .packing import RequestLimits
 from .protocols import Protocol, ServerInfo
 
@@ -52,7 +53,11 @@ if TYPE_CHECKING:
 
     from .settings import RemoteSettings
 
+#: The header naming the caller's engine lane (``rag-rerank serve`` queues by it).
+PRIORITY_HEADER = "x-priority"
+
 __all__ = [
+    "PRIORITY_HEADER",
     "RETRY_STATUSES",
     "STATUS_RULES",
     "Outcome",
@@ -537,11 +542,18 @@ class RemoteClient:
 
     def post_plan(self, path: str, body: bytes) -> Plan[Any]:
         """POST the JSON ``body`` (already encoded: its size was planned) under the retry
-        policy; returns the answer's JSON."""
+        policy; returns the answer's JSON. The ``X-Priority`` header carries the engine lane of
+        the call being served (``interactive`` or ``bulk``); servers that do not know it ignore
+        headers they do not know."""
         url = self.settings.base_url + path
         attempt = 0
         while True:
-            headers = {"content-type": "application/json", **self.headers()}
+            headers = {
+                "content-type": "application/json",
+                # The engine lane of the call, so a rag-rerank server queues it the same way.
+                PRIORITY_HEADER: current_call().priority,
+                **self.headers(),
+            }
             outcome = yield Send("POST", url, headers, content=body)
             assert outcome is not None
             delay = self._judge(url, attempt, outcome)

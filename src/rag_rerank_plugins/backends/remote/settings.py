@@ -47,6 +47,8 @@ class RemoteSettings:
     max_backoff: float = 8.0
     api_key_env: str | None = None
     truncate: bool = True
+    #: Which end of a too-long input the server drops: "right" (the usual) or "left".
+    truncation_direction: str = "right"
     query_prompt_name: str | None = None
     max_connections: int = 32
     verify: bool = True
@@ -86,6 +88,7 @@ class RemoteSettings:
                 max_backoff=float(options.get("max_backoff", 8.0)),
                 api_key_env=str(api_key_env) if api_key_env is not None else None,
                 truncate=bool(options.get("truncate", True)),
+                truncation_direction=str(options.get("truncation_direction", "right")).lower(),
                 query_prompt_name=options.get("query_prompt_name"),
                 max_connections=int(options.get("max_connections", 32)),
                 verify=bool(options.get("verify", True)),
@@ -105,6 +108,11 @@ class RemoteSettings:
             raise ConfigurationError("Remote timeouts must be positive numbers of seconds.")
         if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
             raise ConfigurationError("retries, backoff and max_backoff must not be negative.")
+        if self.truncation_direction not in ("right", "left"):
+            raise ConfigurationError(
+                "truncation_direction must be 'right' (drop the end of a too-long text) or "
+                f"'left' (drop its start), got {self.truncation_direction!r}."
+            )
         if self.max_connections < 1:
             raise ConfigurationError("max_connections must be at least 1.")
         if self.max_request_bytes is not None and self.max_request_bytes < MIN_REQUEST_BYTES:

@@ -1,5 +1,5 @@
-"""Operations: ``GET /health`` (readiness), ``GET /info`` (models and limits), ``GET /metrics``
-(Prometheus text)."""
+"""Operations: ``GET /`` (what this server is), ``GET /health`` (readiness), ``GET /info``
+(models and limits), ``GET /metrics`` (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,24 @@ from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ..endpoints import Endpoint, ServerProtocol
-from ..schemas import HealthResponse, InfoResponse, ModelInfo
+from ..schemas import HealthResponse, InfoResponse, ModelInfo, ServiceDescription
 
 if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built
     from ..state import ServerState
 
 __all__ = ["PROTOCOL"]
+
+
+async def describe(state: ServerState) -> ServiceDescription:
+    """A small JSON description: service, version, status, served models, endpoints, docs.
+    200 whatever the status (``GET /health`` is the readiness probe)."""
+    return ServiceDescription(
+        version=__version__,
+        status=state.status,
+        ready=state.ready,
+        models=[{"name": m.name, "kind": m.kind} for m in state.served],
+        endpoints=list(state.endpoints),
+    )
 
 
 async def health(state: ServerState) -> Any:
@@ -67,6 +79,7 @@ PROTOCOL = ServerProtocol(
     name="ops",
     title="Operations",
     endpoints=(
+        Endpoint("GET", "/", describe, "{service, version, status, models, endpoints}"),
         Endpoint(
             "GET",
             "/health",

@@ -39,6 +39,9 @@ class CallSettings(Structural):
     def truncate(self) -> bool: ...
 
     @property
+    def truncation_direction(self) -> str: ...
+
+    @property
     def query_prompt_name(self) -> str | None: ...
 
 

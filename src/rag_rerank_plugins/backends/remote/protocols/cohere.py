@@ -2,8 +2,9 @@
 ``rag-rerank serve`` answers both too).
 
 Every request names the model (``model_name``). Embeddings ask for ``float`` vectors and say
-whether the texts are queries or documents (``input_type``); ``truncate`` maps to ``END`` or
-``NONE``.
+whether the texts are queries or documents (``input_type``); ``truncate`` maps to ``END``
+(``START`` with
+``truncation_direction="left"``) or ``NONE``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 from .base import Call, CallSettings, Protocol, documents_rerank, vector_list
 
 __all__ = ["CohereProtocol"]
+
+
+_TRUNCATE = {"right": "END", "left": "START"}
 
 
 class CohereProtocol(Protocol):
@@ -32,7 +36,7 @@ class CohereProtocol(Protocol):
             "texts": list(texts),
             "input_type": "search_query" if is_query else "search_document",
             "embedding_types": ["float"],
-            "truncate": "END" if settings.truncate else "NONE",
+            "truncate": _TRUNCATE[settings.truncation_direction] if settings.truncate else "NONE",
             "model": settings.model_name,
         }
 

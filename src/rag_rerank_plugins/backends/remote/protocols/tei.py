@@ -2,8 +2,9 @@
 protocol, ``protocol="tei"``; ``rag-rerank serve`` speaks it too).
 
 Rerank answers ``[{index, score}]``, embed a bare list of vectors. ``truncate`` asks the server
-to cut long inputs to the model's ``max_length``; ``query_prompt_name`` is sent as TEI's
-``prompt_name`` with queries.
+to cut long inputs to the model's ``max_length`` (``truncation_direction="left"`` drops their
+start instead of their end: sent as TEI's ``"truncation_direction": "Left"``);
+``query_prompt_name`` is sent as TEI's ``prompt_name`` with queries.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from typing import Any
 from .base import Call, CallSettings, Protocol, scores_by_index, vector_list
 
 __all__ = ["TEIProtocol"]
+
+
+def _direction(payload: dict[str, Any], settings: CallSettings) -> None:
+    # Only when it is not TEI's default, so requests to older servers stay as they were.
+    if settings.truncate and settings.truncation_direction == "left":
+        payload["truncation_direction"] = "Left"
 
 
 class TEIProtocol(Protocol):
@@ -28,6 +35,7 @@ class TEIProtocol(Protocol):
             "return_text": False,
             "truncate": settings.truncate,
         }
+        _direction(payload, settings)
         return Call(
             "/rerank",
             payload,
@@ -43,6 +51,7 @@ class TEIProtocol(Protocol):
             "normalize": normalize,
             "truncate": settings.truncate,
         }
+        _direction(payload, settings)
         if is_query and settings.query_prompt_name:
             payload["prompt_name"] = settings.query_prompt_name
         return Call("/embed", payload, lambda body: vector_list(body, n))
