@@ -30,7 +30,16 @@ from .pool import ModelPool, get_pool
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["LABELS", "MODEL_HISTOGRAMS", "MODEL_METRICS", "PoolCollector", "model_families"]
+__all__ = [
+    "CACHE_METRICS",
+    "LABELS",
+    "MODEL_HISTOGRAMS",
+    "MODEL_METRICS",
+    "PoolCollector",
+    "SemanticCacheCollector",
+    "cache_families",
+    "model_families",
+]
 
 #: Labels of every per-model sample.
 LABELS = ("model", "kind", "backend", "device", "dtype", "spec")
@@ -231,4 +240,67 @@ class PoolCollector:
 
     def describe(self) -> Iterator[Metric]:
         """Nothing: the metric set depends on the pool, so it is read at each scrape."""
+        return iter(())
+
+
+#: :meth:`SemanticCache.stats` field -> metric (labels ``cache, guard, store``). Latency
+#: percentiles are gauges in seconds over the cache's last 1000 lookups.
+CACHE_METRICS: tuple[ModelMetric, ...] = (
+    *(
+        ModelMetric(key, f"rag_rerank_semantic_cache_{key}_total", "counter", help_text)
+        for key, help_text in (
+            ("lookups", "Lookups"),
+            ("hits", "Lookups answered from the cache"),
+            ("misses", "Lookups not answered (guard rejections included)"),
+            ("guard_rejections", "Near cached queries the guard refused (a false hit avoided)"),
+            ("errors", "Store or embedder failures, each answered as a miss"),
+            ("puts", "Entries stored"),
+            ("evictions", "Entries evicted (LRU or TTL)"),
+        )
+    ),
+    ModelMetric("entries", "rag_rerank_semantic_cache_entries", "gauge", "Entries in the store"),
+    *(
+        ModelMetric(f"{key}_{q}", f"rag_rerank_semantic_cache_{key}_{q}_seconds", "gauge", h, 1e-3)
+        for key, h in (("lookup_ms", "Lookup latency"), ("search_ms", "Latency beyond embedding"))
+        for q in ("p50", "p95")
+    ),
+)
+CACHE_LABELS = ("cache", "guard", "store")
+
+
+def cache_families(stats: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    """The metric families of named :meth:`SemanticCache.stats` snapshots (name -> stats)."""
+    core = prometheus_core("rag_rerank_plugins.metrics.cache_families")
+    for metric in CACHE_METRICS:
+        family = (
+            core.CounterMetricFamily(
+                metric.name.removesuffix("_total"), metric.help, labels=CACHE_LABELS
+            )
+            if metric.kind == "counter"
+            else core.GaugeMetricFamily(metric.name, metric.help, labels=CACHE_LABELS)
+        )
+        for name, s in sorted(stats.items()):
+            value = s.get(metric.key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                labels = [name, str(s.get("guard", "")), str(s.get("store", ""))]
+                family.add_metric(labels, float(value) * metric.scale)
+        yield family
+
+
+class SemanticCacheCollector:
+    """A ``prometheus_client`` collector for semantic caches (anything with ``stats()``: a
+    :class:`~rag_rerank_plugins.semantic_cache.SemanticCache` or a remote one), read at each
+    scrape::
+
+        REGISTRY.register(SemanticCacheCollector({"answers": cache}))
+    """
+
+    def __init__(self, caches: Mapping[str, Any]) -> None:
+        prometheus_core("rag_rerank_plugins.metrics.SemanticCacheCollector")
+        self._caches = dict(caches)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from cache_families({name: c.stats() for name, c in self._caches.items()})
+
+    def describe(self) -> Iterator[Metric]:
         return iter(())

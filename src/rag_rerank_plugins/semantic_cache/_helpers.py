@@ -1,0 +1,99 @@
+"""The small pieces around :class:`~.core.SemanticCache`: the hit it returns, input checks,
+value encoding, spec resolution and store opening (kept apart so the core stays one read).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..exceptions import ConfigurationError, InvalidInputError
+from ..spec import ModelSpec
+from .sqlite import SQLiteStore
+from .stores import Entry, MemoryStore, Store
+
+__all__ = ["CacheHit", "open_store"]
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """A cached answer: the stored ``value``, the cached ``query`` it was stored under, the
+    guard's ``score``, the ``namespace`` and the entry's age in seconds."""
+
+    value: Any
+    query: str
+    score: float
+    namespace: str
+    age_s: float
+
+
+def _spec(model: str | ModelSpec, kind: str) -> ModelSpec:
+    from ..backends import backend_info
+    from ..settings import get_settings
+
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif isinstance(model, str) and model.strip():
+        settings = get_settings()
+        backend = settings.embedder_backend if kind == "embedder" else settings.reranker_backend
+        spec = ModelSpec(model, backend=backend, device=settings.device, dtype=settings.dtype)
+    else:
+        raise ConfigurationError(f"{kind} must be a model name or a ModelSpec; got {model!r}.")
+    if backend_info(spec.backend).kind != kind:
+        raise ConfigurationError(
+            f"SemanticCache's {kind} needs a{'n' if kind == 'embedder' else ''} {kind} backend; "
+            f"{spec.backend!r} is not one."
+        )
+    return spec
+
+
+def _encode(value: Any) -> tuple[bytes, bool]:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), True
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"SemanticCache values must be JSON-serialisable (dict, list, str, number, bool, "
+            f"None) or bytes; got {type(value).__name__} ({exc}). Convert it first, e.g. "
+            "model.model_dump(), or store pickle.dumps(value) as bytes."
+        ) from None
+    return text.encode("utf-8"), False
+
+
+def _decode(entry: Entry) -> Any:
+    return entry.payload if entry.is_bytes else json.loads(entry.payload)
+
+
+def _check(query: Any, namespace: Any) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInputError(f"SemanticCache query must be a non-empty str; got {query!r}.")
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidInputError(
+            f"SemanticCache namespace must be a non-empty str (e.g. the LLM's identity string); "
+            f"got {namespace!r} ({type(namespace).__name__})."
+        )
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
+
+
+def open_store(store: str | Store) -> Store:
+    """``"memory"``, ``"sqlite:///path/to/file.db"`` (or ``"sqlite:///:memory:"``), or a
+    :class:`Store` object as is."""
+    if isinstance(store, Store):
+        return store
+    if store == "memory":
+        return MemoryStore()
+    if isinstance(store, str) and store.startswith("sqlite:///"):
+        path = store.removeprefix("sqlite:///")
+        if path:
+            return SQLiteStore(path)
+    raise ConfigurationError(
+        f"store must be 'memory', 'sqlite:///path/to/file.db' or a Store object; got {store!r}."
+    )

@@ -1,0 +1,385 @@
+"""SemanticCache: answers to repeated questions, keyed by meaning, guarded against near misses.
+
+Why: once models stay warm, a RAG answer still costs seconds of LLM time; the same question asked
+again in other words can be answered from a cache in milliseconds. The danger is the near miss
+("Art. 72" cached, "Art. 75" asked), which a dense-only cache returns; see :mod:`.guards`.
+
+A lookup embeds the query with the shared pool's embedder (its query cache applies), finds the
+nearest cached queries of the namespace (:mod:`.index`), and returns the best one that passes the
+guard. Namespaces (the LLM's identity, the chain, the index) never share answers. Values are
+JSON-serialisable objects or bytes. The cache never fails its caller because of itself: a store or
+embedder failure is a miss (or a skipped put), logged and counted in ``stats()["errors"]``; only
+bad input (empty query, non-string namespace, unserialisable value) raises, with
+:class:`~rag_rerank_plugins.exceptions.InvalidInputError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import ConfigurationError, InvalidInputError
+from ..pool import ModelPool, get_pool
+from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
+from ._helpers import CacheHit, _check, _decode, _encode, _percentile, _spec, open_store
+from .guards import DEFAULT_THRESHOLDS, GUARDS, Candidate, Verdict, judge
+from .identity import Identity, extract
+from .index import NamespaceIndex, check_kind
+from .lexical import BM25Corpus, tokens
+from .stores import Cursor, Entry, MemoryStore, Store, now
+
+__all__ = ["CacheHit", "SemanticCache"]
+
+logger = logging.getLogger(__name__)
+
+#: Nearest cached queries a guard looks at, and the cosine below which none is considered.
+TOP_K = 8
+CANDIDATE_FLOOR = 0.5
+_WINDOW = 1000
+
+
+class SemanticCache:
+    """See the module docstring and the guide docs/guides/semantic-cache.md."""
+
+    def __init__(
+        self,
+        embedder: str | ModelSpec = DEFAULT_EMBEDDER,
+        *,
+        guard: str = "hybrid",
+        reranker: str | ModelSpec | None = None,
+        threshold: float | None = None,
+        ttl: float | None = None,
+        max_entries: int | None = 10_000,
+        store: str | Store = "memory",
+        pool: ModelPool | None = None,
+        index: str = "auto",
+    ) -> None:
+        if guard not in GUARDS:
+            raise ConfigurationError(f"guard must be one of {', '.join(GUARDS)}; got {guard!r}.")
+        for name, value in (("threshold", threshold), ("ttl", ttl)):
+            bad = isinstance(value, bool) or not isinstance(value, int | float)
+            if value is not None and bad:
+                raise ConfigurationError(f"{name} must be a number or None; got {value!r}.")
+        if ttl is not None and ttl <= 0:
+            raise ConfigurationError(f"ttl must be > 0 seconds or None; got {ttl!r}.")
+        if max_entries is not None and (
+            isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
+        ):
+            raise ConfigurationError(
+                f"max_entries must be a positive int or None; got {max_entries!r}."
+            )
+        self.guard = guard
+        self.embedder = _spec(embedder, "embedder")
+        self.reranker = (
+            _spec(reranker or DEFAULT_RERANKER, "reranker")
+            if guard == "rerank" or reranker is not None
+            else None
+        )
+        self.threshold = float(threshold if threshold is not None else DEFAULT_THRESHOLDS[guard])
+        self.ttl = None if ttl is None else float(ttl)
+        self.max_entries = max_entries
+        self.index_kind = check_kind(index)
+        self.store = open_store(store)
+        self._pool = pool
+        self._model = self.embedder.label
+        self._lock = threading.RLock()
+        self._indexes: dict[str, NamespaceIndex] = {}
+        self._corpora: dict[str, BM25Corpus] = {}
+        self._tokens: dict[int, list[str]] = {}
+        self._identities: dict[int, Identity] = {}
+        self._where: dict[int, tuple[str, str]] = {}  # id -> (namespace, query)
+        self._by_text: dict[tuple[str, str], int] = {}
+        self._cursor: Cursor | None = None
+        self._counts = dict.fromkeys(
+            ("lookups", "hits", "misses", "guard_rejections", "errors", "puts", "evictions"), 0
+        )
+        self._lookup_ms: deque[float] = deque(maxlen=_WINDOW)
+        self._search_ms: deque[float] = deque(maxlen=_WINDOW)
+        try:  # index what the store already holds (a SQLite file from an earlier run)
+            self._sync()
+        except Exception as exc:
+            self._failed("opening the store", exc)
+
+    def __repr__(self) -> str:
+        return (
+            f"SemanticCache(embedder={self.embedder.model!r}, guard={self.guard!r}, "
+            f"threshold={self.threshold}, store={type(self.store).__name__})"
+        )
+
+    # -- index maintenance (under self._lock) ---------------------------------------------------
+
+    def pool(self) -> ModelPool:
+        return self._pool if self._pool is not None else get_pool()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._count("errors")
+        logger.warning(
+            "SemanticCache %s failed (%s: %s); going on without the cache (a miss, or no put)",
+            what,
+            type(exc).__name__,
+            exc,
+        )
+
+    def _add(self, entry: Entry) -> None:
+        if entry.model != self._model or entry.id in self._where:
+            return
+        index = self._indexes.get(entry.namespace)
+        if index is None:
+            index = NamespaceIndex(len(entry.vector), self.index_kind)
+            self._indexes[entry.namespace] = index
+            self._corpora[entry.namespace] = BM25Corpus()
+        if len(entry.vector) != index.dim:
+            return
+        older = self._by_text.get((entry.namespace, entry.query))
+        if older is not None:  # the same question stored again: the newest answer wins
+            self._drop([older])
+        toks = tokens(entry.query)
+        index.add(entry.id, entry.vector)
+        self._corpora[entry.namespace].add(toks)
+        self._tokens[entry.id] = toks
+        self._identities[entry.id] = extract(entry.query)
+        self._where[entry.id] = (entry.namespace, entry.query)
+        self._by_text[(entry.namespace, entry.query)] = entry.id
+
+    def _drop(self, ids: list[int]) -> None:
+        for key in ids:
+            where = self._where.pop(key, None)
+            if where is None:
+                continue
+            namespace = where[0]
+            self._indexes[namespace].remove(key)
+            self._corpora[namespace].remove(self._tokens.pop(key))
+            self._identities.pop(key, None)
+            if self._by_text.get(where) == key:
+                del self._by_text[where]
+
+    def _reset(self) -> None:
+        self._indexes.clear()
+        self._corpora.clear()
+        self._tokens.clear()
+        self._identities.clear()
+        self._where.clear()
+        self._by_text.clear()
+
+    def _sync(self) -> None:
+        reset, entries, cursor = self.store.changes(self._cursor)
+        with self._lock:
+            if reset:
+                self._reset()
+            for entry in entries:
+                self._add(entry)
+            self._cursor = cursor
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def _embed(self, query: str) -> np.ndarray:
+        vectors = self.pool().embed(self.embedder, [query], is_query=True, normalize=True)
+        return np.asarray(vectors[0], dtype=np.float32)
+
+    async def _aembed(self, query: str) -> np.ndarray:
+        vectors = await self.pool().aembed(self.embedder, [query], is_query=True, normalize=True)
+        return np.asarray(vectors[0], dtype=np.float32)
+
+    def _candidates(self, query: str, vector: np.ndarray, namespace: str) -> list[Candidate]:
+        self._sync()
+        with self._lock:
+            index = self._indexes.get(namespace)
+            if index is None or len(index) == 0 or len(vector) != index.dim:
+                return []
+            near = [(k, s) for k, s in index.search(vector, TOP_K) if s >= CANDIDATE_FLOOR]
+            found = {k: (s, self._where[k][1]) for k, s in near}
+            same = self._by_text.get((namespace, query))
+            if same is not None:  # the very same text: a candidate even if an ANN search missed it
+                found[same] = (1.0, query)
+        # A shared file may have lost entries to another process; TTL needs creation times.
+        check = self.ttl is not None or not isinstance(self.store, MemoryStore)
+        alive = self.store.get(found) if check else None
+        gone = [] if alive is None else [k for k in found if k not in alive]
+        if alive is not None and self.ttl is not None:
+            expired = [k for k, e in alive.items() if now() - e.created > self.ttl]
+            if expired:
+                self.store.remove(expired)
+            gone += expired
+        with self._lock:
+            self._drop(gone)
+            return [
+                Candidate(k, q, s, self._tokens[k], self._identities[k])
+                for k, (s, q) in found.items()
+                if k in self._where
+            ]
+
+    def _verdicts(self, query: str, namespace: str, candidates: list[Candidate],
+                  rerank_scores: list[float] | None) -> list[Verdict]:  # fmt: skip
+        with self._lock:
+            corpus = self._corpora.get(namespace)
+            return judge(self.guard, query, candidates, self.threshold, corpus=corpus,
+                         rerank_scores=rerank_scores)  # fmt: skip
+
+    def _needs_rerank(self, query: str, candidates: list[Candidate]) -> bool:
+        return self.guard == "rerank" and any(c.query != query for c in candidates)
+
+    def _finish(self, verdicts: list[Verdict], namespace: str) -> CacheHit | None:
+        for verdict in verdicts:
+            if not verdict.passed:
+                continue
+            entry = self.store.get([verdict.candidate.id]).get(verdict.candidate.id)
+            if entry is None:
+                continue
+            t = now()
+            self.store.touch(entry.id, t)
+            age = t - entry.created
+            return CacheHit(_decode(entry), entry.query, verdict.score, namespace, age)
+        return None
+
+    def _record(self, hit: CacheHit | None, verdicts: list[Verdict], t0: float, t1: float) -> None:
+        t2 = time.perf_counter()
+        with self._lock:
+            self._counts["lookups"] += 1
+            self._counts["hits" if hit else "misses"] += 1
+            if hit is None and verdicts:
+                self._counts["guard_rejections"] += 1
+            self._lookup_ms.append((t2 - t0) * 1000)
+            self._search_ms.append((t2 - t1) * 1000)
+
+    def lookup(self, query: str, namespace: str = "default") -> CacheHit | None:
+        """The cached answer of the nearest cached query that passes the guard, or None."""
+        _check(query, namespace)
+        t0 = time.perf_counter()
+        try:
+            vector = self._embed(query)
+            t1 = time.perf_counter()
+            candidates = self._candidates(query, vector, namespace)
+            scores = None
+            if self._needs_rerank(query, candidates):
+                assert self.reranker is not None
+                pairs = [(query, c.query) for c in candidates]
+                scores = self.pool().score_pairs(self.reranker, pairs)
+            verdicts = self._verdicts(query, namespace, candidates, scores)
+            hit = self._finish(verdicts, namespace)
+        except Exception as exc:
+            self._failed("lookup", exc)
+            self._count("misses")
+            return None
+        self._record(hit, verdicts, t0, t1)
+        return hit
+
+    async def alookup(self, query: str, namespace: str = "default") -> CacheHit | None:
+        """:meth:`lookup` for coroutines: the embedding and cross-encoder calls await the pool,
+        SQLite work runs in a thread; the event loop never blocks."""
+        _check(query, namespace)
+        t0 = time.perf_counter()
+        try:
+            vector = await self._aembed(query)
+            t1 = time.perf_counter()
+            candidates = await self._off_loop(self._candidates, query, vector, namespace)
+            scores = None
+            if self._needs_rerank(query, candidates):
+                assert self.reranker is not None
+                pairs = [(query, c.query) for c in candidates]
+                scores = await self.pool().ascore_pairs(self.reranker, pairs)
+            verdicts = self._verdicts(query, namespace, candidates, scores)
+            hit = await self._off_loop(self._finish, verdicts, namespace)
+        except Exception as exc:
+            self._failed("lookup", exc)
+            self._count("misses")
+            return None
+        self._record(hit, verdicts, t0, t1)
+        return hit
+
+    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+        if isinstance(self.store, MemoryStore):
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    def explain(self, query: str, namespace: str = "default") -> list[Verdict]:
+        """Every candidate the guard looked at for ``query``, with its scores and the reason it
+        failed, best first (for tuning thresholds; counts nothing). Failures raise here."""
+        _check(query, namespace)
+        candidates = self._candidates(query, self._embed(query), namespace)
+        scores = None
+        if self._needs_rerank(query, candidates):
+            assert self.reranker is not None
+            scores = self.pool().score_pairs(self.reranker, [(query, c.query) for c in candidates])
+        return self._verdicts(query, namespace, candidates, scores)
+
+    # -- put, invalidate, stats -----------------------------------------------------------------
+
+    def _store(self, query: str, vector: np.ndarray, payload: tuple[bytes, bool],
+               namespace: str) -> None:  # fmt: skip
+        entry = Entry(0, self._model, namespace, query, vector, payload[0], payload[1], now())
+        key, removed = self.store.put(entry, max_entries=self.max_entries, ttl=self.ttl)
+        entry.id = key
+        with self._lock:
+            self._drop(removed)
+            self._add(entry)
+            self._counts["puts"] += 1
+            self._counts["evictions"] += len(removed)
+
+    def put(self, query: str, value: Any, namespace: str = "default") -> None:
+        """Cache ``value`` (JSON-serialisable, or bytes) as the answer to ``query``."""
+        _check(query, namespace)
+        payload = _encode(value)
+        try:
+            self._store(query, self._embed(query), payload, namespace)
+        except Exception as exc:
+            self._failed("put", exc)
+
+    async def aput(self, query: str, value: Any, namespace: str = "default") -> None:
+        """:meth:`put` for coroutines (never blocks the event loop)."""
+        _check(query, namespace)
+        payload = _encode(value)
+        try:
+            vector = await self._aembed(query)
+            await self._off_loop(self._store, query, vector, payload, namespace)
+        except Exception as exc:
+            self._failed("put", exc)
+
+    def invalidate(self, namespace: str) -> int:
+        """Remove every entry of ``namespace`` (for this embedder); returns how many. Store
+        failures raise here: an invalidation that silently failed would serve stale answers."""
+        if not isinstance(namespace, str) or not namespace:
+            raise InvalidInputError(f"namespace must be a non-empty str; got {namespace!r}.")
+        removed = self.store.invalidate(self._model, namespace)
+        with self._lock:
+            self._drop([k for k, (ns, _) in list(self._where.items()) if ns == namespace])
+        return removed
+
+    def clear(self) -> None:
+        """Remove every entry (every namespace, every embedder sharing the store)."""
+        self.store.clear()
+        with self._lock:
+            self._reset()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction: lookups, hits, misses (guard rejections included),
+        guard_rejections, errors, puts, evictions (LRU and TTL), entries (in the store, all
+        namespaces), and latency percentiles over the last 1000 lookups: ``lookup_ms_*`` end to
+        end, ``search_ms_*`` beyond the query embedding."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._counts)
+            lookup, search = list(self._lookup_ms), list(self._search_ms)
+        try:
+            out["entries"] = self.store.count()
+        except Exception as exc:
+            self._failed("count", exc)
+            out["entries"] = None
+        out["hit_rate"] = out["hits"] / out["lookups"] if out["lookups"] else None
+        for name, values in (("lookup_ms", lookup), ("search_ms", search)):
+            out[f"{name}_p50"] = _percentile(values, 0.5)
+            out[f"{name}_p95"] = _percentile(values, 0.95)
+        out.update(guard=self.guard, threshold=self.threshold, store=type(self.store).__name__)
+        return out
+
+    def close(self) -> None:
+        """Close the store (the SQLite connection); the cache reopens it if used again."""
+        self.store.close()

@@ -1,0 +1,225 @@
+"""Identity tokens: the words that make two near-identical questions ask about different things.
+
+Why: a dense embedder puts "O que diz o Art. 72?" and "O que diz o Art. 75?" at cosine 0.96, so a
+cache keyed by dense similarity alone answers the second with the first's answer. Embeddings
+smear exactly the tokens that carry identity (numbers, article and section numbers, dates, codes,
+versions, names) and polarity (negations). This module extracts them in a language-neutral way so
+the ``hybrid`` guard can demand that they agree:
+
+* **numbers** (a multiset): digit groups normalised so that "1.000" (pt), "1,000" (en) and "1000"
+  agree and "05" equals "5" (dates), but "3.10" and "3.1" (versions) do not; spelled-out small
+  numbers (two..twenty, dois..vinte), month names (May 2023 = 05/2023 = maio de 2023) and roman
+  numerals after a legal/structural marker ("inciso IV" = "inciso 4").
+* **codes** (a multiset): tokens mixing letters and digits ("E11000", "CVE-2021-44228", "72-A"),
+  letters after markers ("alínea b", "Annex A"), relative days ("today", "amanhã").
+* **entities**: acronyms and capitalised words inside a sentence; each must occur (case and
+  accent folded) among the other query's words.
+* **negated**: whether any negation ("not", "n't", "never", "não", "sem", "nunca", "sin",
+  "nicht", ...) occurs; one query negated and the other not is a different question.
+
+Markers ("Art.", "artigo", "article", "§", "seção", "nº") are canonicalised, so "Art. 72" and
+"artigo 72" agree. The rules are deliberately conservative: when in doubt they extract more, which
+costs a cache miss (one more LLM call), never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+__all__ = ["Identity", "disagreement", "extract", "fold", "words"]
+
+_APOSTROPHES = "'\u2019"  # ' and the typographic one
+_WORD = re.compile(rf"[\w§]+(?:[{_APOSTROPHES}]\w+)*", re.UNICODE)
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_THOUSANDS = re.compile(r"\d{1,3}(?:([.,])\d{3})+")
+_ORDINAL_OR_UNIT = re.compile(
+    r"\d+(?:st|nd|rd|th|o|a|s|h|m|min|km|kg|g|mb|gb|tb|ms|x|k)?", re.IGNORECASE
+)
+_ROMAN = re.compile(r"M{0,3}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})")
+_SENTENCE_END = re.compile(r"[.!?:;¿¡\"“”(]\s*$")
+
+#: Markers of a structural unit, canonicalised (folded form -> canonical word).
+MARKERS: dict[str, str] = {
+    **dict.fromkeys(["art", "arts", "artigo", "artigos", "article", "articles", "articulo"], "art"),
+    **dict.fromkeys(["§", "paragrafo", "paragrafos", "paragraph", "par"], "par"),
+    **dict.fromkeys(["section", "sections", "sec", "secao", "secoes", "seccion"], "sec"),
+    **dict.fromkeys(["inciso", "incisos", "item", "itens", "items", "clause", "clausula"], "item"),
+    **dict.fromkeys(["chapter", "capitulo", "cap", "titulo", "title", "part", "parte"], "chap"),
+    **dict.fromkeys(["alinea", "alineas", "letter", "letra", "annex", "anexo"], "annex"),
+    **dict.fromkeys(["appendix"], "annex"),
+    **dict.fromkeys(["apendice", "volume", "vol", "book", "livro", "lei", "law", "act"], "unit"),
+    **dict.fromkeys(["no", "nº", "n", "num", "number", "numero"], "num"),
+}
+_NUMBER_WORDS: dict[str, str] = {
+    **{
+        w: str(i)
+        for i, w in enumerate(
+            ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"], 2
+        )
+    },
+    **{
+        w: str(i) for i, w in enumerate(["eleven", "twelve", "thirteen", "fourteen", "fifteen"], 11)
+    },
+    **{"twenty": "20", "thirty": "30", "forty": "40", "fifty": "50", "hundred": "100"},
+    **{"dois": "2", "duas": "2", "tres": "3", "quatro": "4", "cinco": "5", "seis": "6"},
+    **{"sete": "7", "oito": "8", "nove": "9", "dez": "10", "onze": "11", "doze": "12"},
+    **{"quinze": "15", "vinte": "20", "trinta": "30", "cem": "100", "mil": "1000"},
+}
+_MONTHS_EN = "january february march april may june july august september october november december"
+_MONTHS_PT = (
+    "janeiro fevereiro marco abril maio junho julho agosto setembro outubro novembro dezembro"
+)
+_MONTHS: dict[str, str] = {
+    m: str(i) for months in (_MONTHS_EN, _MONTHS_PT) for i, m in enumerate(months.split(), 1)
+}
+#: English month names that are also common words: months only next to a number or after these.
+_AMBIGUOUS_MONTHS = {"may", "march", "august"}
+_MONTH_CONTEXT = {"in", "em", "de", "of", "during", "durante", "until", "ate", "since", "desde"}
+_RELATIVE_DAYS = {
+    "today", "tomorrow", "yesterday", "tonight", "hoje", "amanha", "ontem", "anteontem",
+    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+}  # fmt: skip
+_NEGATIONS = {
+    "not", "never", "none", "nobody", "nothing", "nowhere", "neither", "nor", "without",
+    "cannot", "dont", "doesnt", "didnt", "cant", "wont", "isnt", "arent", "wasnt", "shouldnt",
+    "nao", "nem", "nunca", "jamais", "sem", "nenhum", "nenhuma", "nada", "ninguem",
+    "sin", "jamas", "ningun", "ninguna", "nadie", "tampoco",
+    "ne", "pas", "sans", "aucun", "aucune", "nicht", "kein", "keine", "keinen", "niemals", "ohne",
+}  # fmt: skip
+#: Words that show a Portuguese query, where "no" means "in the", not "no".
+_PORTUGUESE = {"o", "os", "do", "dos", "da", "das", "na", "nas", "nos", "ao", "aos", "em",
+               "uma", "voce", "nao", "sao", "pelo", "pela", "qual", "quais"}  # fmt: skip
+
+
+def fold(text: str) -> str:
+    """Casefolded, accents stripped ("Não" -> "nao", "Código" -> "codigo")."""
+    if text.isascii():
+        return text.lower()
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def words(text: str) -> list[str]:
+    """Folded word tokens, possessive "'s" dropped ("France's" -> "france")."""
+    out = []
+    for token in _WORD.findall(fold(text)):
+        token = token.replace("\u2019", "'")
+        if token.endswith("'s"):
+            token = token[:-2]
+        out.append(token)
+    return out
+
+
+def normalize_number(raw: str) -> str:
+    """ "1.000"/"1,000" -> "1000", "3,5" -> "3.5", "05" -> "5", "1.000,50" -> "1000.50"; version
+    strings ("3.11.2", "3.10") stay as written, so "3.10" and "3.1" differ."""
+    if "." in raw and "," in raw:
+        decimal = "." if raw.rfind(".") > raw.rfind(",") else ","
+        whole, _, frac = raw.rpartition(decimal)
+        return f"{int(re.sub(r'[.,]', '', whole))}.{frac}"
+    if _THOUSANDS.fullmatch(raw):
+        return str(int(re.sub(r"[.,]", "", raw)))
+    if "." in raw or "," in raw:
+        head, _, rest = raw.replace(",", ".").partition(".")
+        return f"{int(head)}.{rest}"
+    return str(int(raw))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a query is about, beyond its topic (see the module docstring)."""
+
+    numbers: tuple[str, ...]
+    codes: tuple[str, ...]
+    entities: frozenset[str]
+    negated: bool
+    words: frozenset[str]
+
+
+def _code(token: str) -> str | None:
+    """The canonical code of a raw whitespace token mixing letters and digits, else None."""
+    core = token.strip(".,;:!?()[]{}\"'\u201c\u201d\u2018\u2019")
+    folded = fold(core)
+    if not (re.search(r"\d", folded) and re.search(r"[^\W\d_]", folded)):
+        return None
+    bare = re.sub(r"^(?:v|art|arts|n|no|nº)\.?", "", folded)  # "v2.3", "Art.72", "nº5"
+    if _NUMBER.fullmatch(bare) or _ORDINAL_OR_UNIT.fullmatch(bare.replace("º", "").strip("ª")):
+        return None
+    return re.sub(r"[\W_]", "", bare) or None
+
+
+def extract(text: str) -> Identity:
+    """The :class:`Identity` of one query."""
+    numbers: list[str] = [normalize_number(m) for m in _NUMBER.findall(text)]
+    codes = [c for c in map(_code, text.split()) if c]
+    raw = list(_WORD.finditer(text))
+    folded = words(text)
+    portuguese = bool(_PORTUGUESE & set(folded))
+    entities: set[str] = set()
+    negated = False
+    mostly_upper = sum(t.group().isupper() for t in raw) > len(raw) / 2
+    for i, (match, word) in enumerate(zip(raw, folded, strict=True)):
+        token = match.group()
+        prev = folded[i - 1] if i else ""
+        nxt = folded[i + 1] if i + 1 < len(folded) else ""
+        if word in _NEGATIONS or word.endswith("n't") or (word == "no" and not portuguese):
+            negated = True
+        if word in _NUMBER_WORDS:
+            numbers.append(_NUMBER_WORDS[word])
+            continue
+        if word in _MONTHS and (
+            word not in _AMBIGUOUS_MONTHS
+            or prev in _MONTH_CONTEXT
+            or any(c.isdigit() for c in prev + nxt)
+        ):
+            numbers.append(_MONTHS[word])
+            continue
+        if word in _RELATIVE_DAYS:
+            codes.append(word)
+            continue
+        if MARKERS.get(prev) in {"item", "chap", "par", "sec", "art", "annex"}:
+            if token.isupper() and _ROMAN.fullmatch(token):
+                numbers.append(str(_roman(token)))
+                continue
+            if len(token) == 1 and token.isalpha():
+                codes.append(f"letter:{word}")
+                continue
+        if word in MARKERS or word in _NEGATIONS or not token[:1].isalpha():
+            continue
+        at_start = i == 0 or bool(_SENTENCE_END.search(text[: match.start()]))
+        if len(token) < 2 or mostly_upper:
+            continue
+        if token.isupper() or (token[:1].isupper() and not at_start):
+            entities.add(word)
+    return Identity(
+        numbers=tuple(sorted(numbers)),
+        codes=tuple(sorted(codes)),
+        entities=frozenset(entities),
+        negated=negated,
+        words=frozenset(folded),
+    )
+
+
+def _roman(token: str) -> int:
+    values = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
+    total = 0
+    for i, ch in enumerate(token):
+        value = values[ch]
+        total += -value if i + 1 < len(token) and values[token[i + 1]] > value else value
+    return total
+
+
+def disagreement(a: Identity, b: Identity) -> str | None:
+    """Why ``a`` and ``b`` ask about different things ("numbers", "codes", "entities",
+    "negation"), or None when their identity tokens agree."""
+    if a.numbers != b.numbers:
+        return "numbers"
+    if a.codes != b.codes:
+        return "codes"
+    if a.negated != b.negated:
+        return "negation"
+    if not (a.entities <= b.words and b.entities <= a.words):
+        return "entities"
+    return None

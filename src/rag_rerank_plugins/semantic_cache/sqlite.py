@@ -1,0 +1,199 @@
+"""SQLiteStore: the cache in one SQLite file, shared by every process on the host.
+
+WAL mode with ``synchronous=NORMAL``: readers never block the writer, and a committed put survives
+its process being killed (``kill -9``) at any point; an interrupted transaction is rolled back by
+the next opener. Ids come from AUTOINCREMENT, so they are never reused and "every id above the
+last one I saw" is exactly what other processes added. ``PRAGMA data_version`` (plus this object's
+own write count) tells a reader in microseconds that nothing changed; clears and invalidations
+bump an ``epoch`` row so every reader rebuilds its index.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from .stores import Cursor, Entry, Store
+
+__all__ = ["SQLiteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, namespace TEXT NOT NULL,
+  query TEXT NOT NULL, vector BLOB NOT NULL, payload BLOB NOT NULL, is_bytes INTEGER NOT NULL,
+  created REAL NOT NULL, accessed REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_ns ON entries(model, namespace);
+CREATE INDEX IF NOT EXISTS entries_accessed ON entries(accessed);
+CREATE INDEX IF NOT EXISTS entries_created ON entries(created);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', 0);
+"""
+_COLUMNS = "id, model, namespace, query, vector, payload, is_bytes, created"
+
+
+def _row(row: tuple) -> Entry:
+    key, model, namespace, query, vector, payload, is_bytes, created = row
+    return Entry(
+        key,
+        model,
+        namespace,
+        query,
+        np.frombuffer(vector, dtype=np.float32),
+        bytes(payload),
+        bool(is_bytes),
+        created,
+    )
+
+
+class SQLiteStore(Store):
+    """A SQLite file shared by every process on one host (WAL; see the module docstring).
+
+    ``timeout``: seconds to wait for a lock held by another process before the operation fails
+    (a failed lookup is a miss, a failed put is skipped; both are counted). ``synchronous``:
+    "NORMAL" (survives a killed process) or "FULL" (also survives a power cut, slower puts).
+    The file is opened on first use, so a locked or corrupt file never fails construction.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 2.0,
+                 synchronous: str = "NORMAL") -> None:  # fmt: skip
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.synchronous = synchronous
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._writes = 0  # writes through this object (data_version counts only the others')
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _version(self, db: sqlite3.Connection) -> int:
+        (version,) = db.execute("PRAGMA data_version").fetchone()
+        return int(version) * 1_000_000_007 + self._writes
+
+    def put(
+        self, entry: Entry, *, max_entries: int | None, ttl: float | None
+    ) -> tuple[int, list[int]]:
+        with self._lock, self._transaction() as db:
+            # One write transaction: the insert and its evictions land together.
+            cur = db.execute(
+                "INSERT INTO entries(model, namespace, query, vector, payload, is_bytes, "
+                "created, accessed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.model, entry.namespace, entry.query,
+                 np.ascontiguousarray(entry.vector, dtype=np.float32).tobytes(),
+                 entry.payload, int(entry.is_bytes), entry.created, entry.created),
+            )  # fmt: skip
+            key = int(cur.lastrowid or 0)
+            removed: list[int] = []
+            if ttl is not None:
+                rows = db.execute(
+                    "DELETE FROM entries WHERE created < ? RETURNING id",
+                    (entry.created - ttl,),
+                )
+                removed += [r[0] for r in rows]
+            if max_entries is not None:
+                (n,) = db.execute("SELECT COUNT(*) FROM entries").fetchone()
+                if n > max_entries:
+                    rows = db.execute(
+                        "DELETE FROM entries WHERE id IN (SELECT id FROM entries "
+                        "ORDER BY accessed, id LIMIT ?) RETURNING id",
+                        (n - max_entries,),
+                    )
+                    removed += [r[0] for r in rows]
+        return key, removed
+
+    @contextmanager
+    def _transaction(self, bump: bool = False) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` write transaction: committed when the block ends (after
+        bumping the epoch if ``bump``: other processes then reload), rolled back on any error."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            if bump:
+                self._bump(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._writes += 1
+
+    def get(self, ids: Iterable[int]) -> dict[int, Entry]:
+        keys = list(ids)
+        if not keys:
+            return {}
+        with self._lock:
+            marks = ",".join("?" * len(keys))
+            rows = self._db().execute(f"SELECT {_COLUMNS} FROM entries WHERE id IN ({marks})", keys)
+            return {row[0]: _row(row) for row in rows}
+
+    def touch(self, key: int, now: float) -> None:
+        with self._lock:
+            self._db().execute("UPDATE entries SET accessed = ? WHERE id = ?", (now, key))
+
+    def remove(self, ids: Iterable[int]) -> None:
+        keys = [(k,) for k in ids]
+        with self._lock:
+            self._db().executemany("DELETE FROM entries WHERE id = ?", keys)
+            self._writes += 1
+
+    def _bump(self, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
+
+    def invalidate(self, model: str | None, namespace: str) -> int:
+        with self._lock, self._transaction(bump=True) as db:
+            if model is None:
+                cur = db.execute("DELETE FROM entries WHERE namespace = ?", (namespace,))
+            else:
+                cur = db.execute(
+                    "DELETE FROM entries WHERE model = ? AND namespace = ?", (model, namespace)
+                )
+        return cur.rowcount
+
+    def clear(self) -> None:
+        with self._lock, self._transaction(bump=True) as db:
+            db.execute("DELETE FROM entries")
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db().execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def changes(self, since: Cursor | None) -> tuple[bool, list[Entry], Cursor]:
+        with self._lock:
+            db = self._db()
+            version = self._version(db)
+            if since is not None and version == since[2]:
+                return False, [], since
+            (epoch,) = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            reset = since is None or since[0] != epoch
+            after = -1 if reset or since is None else since[1]
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE id > ? ORDER BY id", (after,)
+            ).fetchall()
+            last = rows[-1][0] if rows else (-1 if since is None or reset else since[1])
+            return reset, [_row(r) for r in rows], (epoch, last, version)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
