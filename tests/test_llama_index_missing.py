@@ -87,6 +87,6 @@ def test_package_itself_imports_without_llama_index() -> None:
         """
     )
     assert out.splitlines() == [
-        "['SharedEmbedding', 'SharedRerankPostprocessor']",
+        "['SemanticCacheQueryEngine', 'SharedEmbedding', 'SharedRerankPostprocessor']",
         "attribute error",
     ]

@@ -8,6 +8,8 @@ developer's home directory happens to point at.
 * ``02_llama_index_query_engine``: an LLM-free LlamaIndex query engine prints reranked nodes.
 * ``03_reload_vs_shared``: per-request reload vs shared handles; the charts render and the shared
   handle loads once.
+* ``04_semantic_cache``: seed 004's "Art. 72" / "Art. 75" with the hybrid and dense guards, then
+  the LangChain and LlamaIndex adapters answering a paraphrase from the cache.
 """
 
 from __future__ import annotations
@@ -87,10 +89,23 @@ def _check_reload_vs_shared(code_cells: list[Any]) -> None:
     assert re.search(r"^reload: .*loads=50$", printed, flags=re.MULTILINE), printed
 
 
+def _check_semantic_cache(code_cells: list[Any]) -> None:
+    printed = _tagged_text(code_cells, "seed004")
+    assert re.search(r"hybrid @ .*'O que diz o artigo 72\?': hit", printed), printed
+    assert re.search(r"hybrid @ .*'O que diz o Art. 75\?': miss", printed), printed
+    assert re.search(r"dense @ .*'O que diz o Art. 75\?': hit", printed), printed  # the false hit
+    printed = _tagged_text(code_cells, "langchain")
+    assert "LLM calls: 2; adapter hits=1 misses=2 errors=0" in printed, printed
+    printed = _tagged_text(code_cells, "llama_index")
+    assert re.search(r"'O que diz o artigo 72\?'\s+from cache: True", printed), printed
+    assert "engine calls: 2; hits=1 errors=0" in printed, printed
+
+
 CHECKS = {
     "01_quickstart.ipynb": _check_quickstart,
     "02_llama_index_query_engine.ipynb": _check_llama_index,
     "03_reload_vs_shared.ipynb": _check_reload_vs_shared,
+    "04_semantic_cache.ipynb": _check_semantic_cache,
 }
 
 

@@ -3,6 +3,7 @@
 * :class:`SharedRerankCompressor` - document compressor for ``ContextualCompressionRetriever``.
 * :class:`SharedCrossEncoder` - ``BaseCrossEncoder`` for LangChain's own ``CrossEncoderReranker``.
 * :class:`SharedEmbeddings` - ``Embeddings`` (sync + async) for vector stores.
+* :class:`SharedSemanticCache` - ``BaseCache`` for ``set_llm_cache``: the guarded semantic cache.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ if TYPE_CHECKING:
     from .compressor import SharedRerankCompressor
     from .cross_encoder import SharedCrossEncoder
     from .embeddings import SharedEmbeddings
+    from .semantic_cache import SharedSemanticCache
 
-__all__ = ["SharedCrossEncoder", "SharedEmbeddings", "SharedRerankCompressor"]
+__all__ = [
+    "SharedCrossEncoder",
+    "SharedEmbeddings",
+    "SharedRerankCompressor",
+    "SharedSemanticCache",
+]
 
 _LAZY = {
     "SharedRerankCompressor": "compressor",
     "SharedCrossEncoder": "cross_encoder",
     "SharedEmbeddings": "embeddings",
+    "SharedSemanticCache": "semantic_cache",
 }
 
 

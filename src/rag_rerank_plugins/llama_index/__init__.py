@@ -2,6 +2,8 @@
 
 * :class:`SharedRerankPostprocessor` - ``BaseNodePostprocessor`` for query engines.
 * :class:`SharedEmbedding` - ``BaseEmbedding`` for indexes and retrievers.
+* :class:`SemanticCacheQueryEngine` - a query engine answering repeated questions from the
+  guarded semantic cache.
 
 Importing this package imports no LlamaIndex code; the first access to an adapter does, after the
 dependency guard (:mod:`._compat`), so a missing ``llama-index-core`` is reported as
@@ -19,10 +21,15 @@ from .._lazy import lazy_getattr
 if TYPE_CHECKING:
     from .embedding import SharedEmbedding
     from .postprocessor import SharedRerankPostprocessor
+    from .query_engine import SemanticCacheQueryEngine
 
-__all__ = ["SharedEmbedding", "SharedRerankPostprocessor"]
+__all__ = ["SemanticCacheQueryEngine", "SharedEmbedding", "SharedRerankPostprocessor"]
 
-_LAZY = {"SharedRerankPostprocessor": "postprocessor", "SharedEmbedding": "embedding"}
+_LAZY = {
+    "SharedRerankPostprocessor": "postprocessor",
+    "SharedEmbedding": "embedding",
+    "SemanticCacheQueryEngine": "query_engine",
+}
 
 _lazy = lazy_getattr(__name__, _LAZY, globals())
 

@@ -29,6 +29,7 @@ from .config import ServerConfig
 from .errors import error_response, handled_exceptions
 from .limits import GuardMiddleware
 from .registry import known_paths, protocols, public_paths
+from .routers import semantic_cache
 from .state import ServerState
 
 __all__ = ["ServerState", "create_app"]
@@ -68,14 +69,17 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     app.state.server = state
     for exc_class in handled_exceptions():
         app.add_exception_handler(exc_class, error_response)
-    for protocol in protocols():
+    # The semantic cache's endpoints exist only when --semantic-cache enables them.
+    optional = [p for p in (semantic_cache.protocol_for(config),) if p is not None]
+    for protocol in [*protocols(), *optional]:
         app.include_router(protocol.router())
+        state.endpoints.extend(f"{e.method} {e.path}" for e in protocol.endpoints)
     app.add_middleware(
         GuardMiddleware,
         api_key=config.api_key,
         max_request_bytes=config.max_request_bytes,
         metrics=state.metrics,
-        known_paths=known_paths(),
+        known_paths=known_paths() | {path for p in optional for path in p.paths},
         public_paths=public_paths(),
         body_timeout=config.body_timeout,
     )

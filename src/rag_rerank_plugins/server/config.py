@@ -11,7 +11,7 @@ it to build and validate its flags before starting.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -125,6 +125,32 @@ class ServerConfig(ModelDefaults):
         default=None,
         ge=1,
         description="Retry-After seconds on 429; none: estimated from recent request durations.",
+    )
+    semantic_cache: Annotated[str | None, Cli(group="semantic cache")] = Field(
+        default=None,
+        description="Serve POST /v1/semantic-cache/* from this store: 'memory' or "
+        "'sqlite:///path'; none: off.",
+    )
+    semantic_cache_guard: Annotated[
+        Literal["hybrid", "rerank", "dense"], Cli(group="semantic cache")
+    ] = Field(
+        default="hybrid",
+        description="What must agree before a hit: hybrid (dense + lexical + numbers and codes), "
+        "rerank (the served cross-encoder) or dense (similarity alone).",
+    )
+    semantic_cache_threshold: Annotated[float | None, Cli(group="semantic cache")] = Field(
+        default=None, description="The guard's threshold; none: the guard's calibrated default."
+    )
+    semantic_cache_ttl: Annotated[float | None, Cli(group="semantic cache")] = Field(
+        default=None, gt=0, description="Seconds an entry lives; none: until evicted."
+    )
+    semantic_cache_max_entries: Annotated[int, Cli(group="semantic cache")] = Field(
+        default=10_000, ge=1, description="Entries kept; the least recently used go first."
+    )
+    semantic_cache_embedder: Annotated[str | None, Cli(group="semantic cache")] = Field(
+        default=None,
+        description="Served embedder (its name) that embeds cached queries; none: the cache's "
+        "default (the packaged all-MiniLM-L6-v2).",
     )
 
     @classmethod

@@ -88,12 +88,16 @@ class _ServerCollector:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        from ..metrics import model_families, prometheus_core
+        from ..metrics import cache_families, model_families, prometheus_core
+        from .cache_slot import built_cache
 
         core = prometheus_core("rag-rerank serve's GET /metrics", extra="server")
         state = self.state
         names = {state.pool.key(m.spec).label: m.name for m in state.served}
         yield from model_families(state.pool.stats(), names)
+        cache = built_cache(state)
+        if cache is not None:  # --semantic-cache, once a request has built it
+            yield from cache_families({"server": cache.stats()})
 
         requests, seconds, rejected = state.metrics.snapshot()
         family = core.CounterMetricFamily(

@@ -1,0 +1,265 @@
+"""``SharedSemanticCache``: LangChain's ``BaseCache`` on the package's guarded semantic cache.
+
+Why a separate adapter: LangChain's cache contract (``lookup(prompt, llm_string)``) is exact-match
+by design, and its semantic caches compare one dense similarity with a threshold, which returns
+the answer about Art. 72 for a question about Art. 75. This adapter keeps LangChain's contract
+(``set_llm_cache(...)``, sync and async, ``list[Generation]`` in and out) and delegates the
+"is this the same question?" decision to :class:`~rag_rerank_plugins.semantic_cache.SemanticCache`
+and its guard (``hybrid`` by default).
+
+How a call maps onto the cache:
+
+* **namespace**: the ``llm_string`` (model and invocation parameters) hashed, so two models, or
+  one model at two temperatures, never share answers. For chat models everything before the last
+  message (system prompt, history) is hashed into the namespace too: the same last question in
+  two conversations is two questions.
+* **query**: the text the user asked: the prompt of an LLM, the last message's text of a chat model
+  (LangChain hands the cache ``dumps(messages)``; embedding that JSON would compare boilerplate).
+* **value**: the generations as LangChain's own serialisation (``dumps``), read back with
+  ``loads`` restricted to generation and message classes, so ``ChatGeneration`` (and its
+  ``AIMessage`` with metadata) survive.
+
+A cache failure never fails the chain: a lookup that raises is a miss, an update that raises is
+skipped; both are logged and counted in :meth:`SharedSemanticCache.stats` (``errors``).
+"""
+
+from __future__ import annotations
+
+# First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
+from . import _compat  # noqa: F401  # isort: skip
+
+import hashlib
+import json
+from typing import Any
+
+from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
+from langchain_core.load import Serializable, dumps, loads
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generation, GenerationChunk
+
+from ..exceptions import ConfigurationError
+from ..semantic_cache._adapter import AdapterCounters, CacheBackend
+
+__all__ = ["SharedSemanticCache", "split_prompt"]
+
+#: The classes a cached value may rebuild: generations and the messages inside them. Nothing
+#: else (a shared cache's content is not trusted to construct arbitrary LangChain objects).
+_ALLOWED: list[type[Serializable]] = [
+    Generation,
+    GenerationChunk,
+    ChatGeneration,
+    ChatGenerationChunk,
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _message_text(message: Any) -> str | None:
+    """The text of one serialised message (``dumps`` form), or None when it is not one."""
+    if not isinstance(message, dict):
+        return None
+    kwargs = message.get("kwargs")
+    if message.get("type") != "constructor" or not isinstance(kwargs, dict):
+        return None
+    content = kwargs.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content blocks: their text parts
+        parts = [
+            block if isinstance(block, str) else block.get("text", "")
+            for block in content
+            if isinstance(block, str) or (isinstance(block, dict) and block.get("type") == "text")
+        ]
+        return "\n".join(part for part in parts if part)
+    return None
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """``(question, context)`` of a prompt as LangChain hands it to a cache.
+
+    A chat model's prompt is ``dumps(messages)``: the question is the last message's text, the
+    context everything before it (and the last message's kind), serialised. Any other prompt is
+    the question itself, with no context.
+    """
+    if prompt.startswith("[") and '"lc"' in prompt:
+        try:
+            messages = json.loads(prompt)
+        except ValueError:
+            return prompt, ""
+        if isinstance(messages, list) and messages:
+            text = _message_text(messages[-1])
+            if text is not None:
+                prior, kind = messages[:-1], messages[-1].get("id", [""])[-1]
+                if not prior and kind == "HumanMessage":
+                    return text, ""  # one human message: the same namespace as an LLM prompt
+                return text, json.dumps([*prior, kind], sort_keys=True)
+    return prompt, ""
+
+
+class SharedSemanticCache(BaseCache):
+    """A LangChain LLM cache that answers paraphrases, but not questions that differ by a number.
+
+    ``cache``: a :class:`~rag_rerank_plugins.semantic_cache.SemanticCache` (or a
+    ``RemoteSemanticCache`` for a cache served by ``rag-rerank serve``), shared with other users
+    of the same process if you like; by default one is built from ``cache_options`` (for example
+    ``guard="rerank"``, ``store="sqlite:///cache.db"``, ``ttl=3600``). ``prefix`` starts every
+    namespace this adapter writes, so it can share a cache with other adapters.
+
+    Example::
+
+        from langchain_core.globals import set_llm_cache
+        from rag_rerank_plugins.langchain import SharedSemanticCache
+
+        set_llm_cache(SharedSemanticCache(ttl=24 * 3600))
+    """
+
+    def __init__(
+        self, cache: CacheBackend | None = None, *, prefix: str = "langchain", **cache_options: Any
+    ) -> None:
+        if cache is not None and cache_options:
+            raise ConfigurationError(
+                "Pass either a cache or options to build one, not both (got cache= and "
+                f"{', '.join(sorted(cache_options))}); set those options on the cache itself."
+            )
+        if not isinstance(prefix, str) or not prefix or ":" in prefix:
+            raise ConfigurationError(
+                f"prefix must be a non-empty str without ':', got {prefix!r} (e.g. 'langchain')."
+            )
+        if cache is None:
+            from ..semantic_cache import SemanticCache
+
+            cache = SemanticCache(**cache_options)
+        self.cache: CacheBackend = cache
+        self.prefix = prefix
+        self._counters = AdapterCounters("SharedSemanticCache")
+
+    # -- keys and values ---------------------------------------------------------------------
+
+    def namespace_for(self, llm_string: str, context: str = "") -> str:
+        """The cache namespace of one model configuration (and chat context): for
+        ``cache.invalidate(...)`` or to read ``stats()`` per model."""
+        name = f"{self.prefix}:{_digest(llm_string)}"
+        return f"{name}:{_digest(context)}" if context else name
+
+    def _key(self, prompt: str, llm_string: str) -> tuple[str, str] | None:
+        question, context = split_prompt(prompt)
+        if not question.strip():
+            return None  # an empty question is never cached (the cache rejects it)
+        return question, self.namespace_for(llm_string, context)
+
+    @staticmethod
+    def _encode(return_val: RETURN_VAL_TYPE) -> str:
+        return dumps(list(return_val))
+
+    @staticmethod
+    def _decode(value: Any) -> list[Generation]:
+        generations = loads(value, allowed_objects=_ALLOWED) if isinstance(value, str) else None
+        if not isinstance(generations, list) or not all(
+            isinstance(g, Generation) for g in generations
+        ):
+            raise TypeError(
+                f"the cached value is not a list of Generation (got {type(generations).__name__})"
+            )
+        return generations
+
+    def _answer(self, hit: Any) -> list[Generation] | None:
+        if hit is None:
+            self._counters.count("misses")
+            return None
+        try:
+            generations = self._decode(hit.value)
+        except Exception as exc:  # a value another writer put in this namespace
+            self._counters.failed("reading a cached value", exc)
+            return None
+        self._counters.count("hits")
+        return generations
+
+    # -- BaseCache ---------------------------------------------------------------------------
+
+    def lookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        """The cached generations for this prompt (or a paraphrase the guard accepts), else None."""
+        key = self._key(prompt, llm_string)
+        if key is None:
+            self._counters.count("misses")
+            return None
+        try:
+            hit = self.cache.lookup(key[0], namespace=key[1])
+        except Exception as exc:
+            self._counters.failed("lookup", exc)
+            return None
+        return self._answer(hit)
+
+    def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        """Store the generations for this prompt; failures are logged, never raised."""
+        key = self._key(prompt, llm_string)
+        if key is None:
+            return
+        try:
+            self.cache.put(key[0], self._encode(return_val), namespace=key[1])
+        except Exception as exc:
+            self._counters.failed("update", exc)
+            return
+        self._counters.count("updates")
+
+    def clear(self, **kwargs: Any) -> None:
+        """Empty the cache; ``clear(llm_string=...)`` only that model's namespace (prompts
+        without chat context)."""
+        llm_string = kwargs.pop("llm_string", None)
+        if kwargs:
+            raise ConfigurationError(
+                f"clear() takes only llm_string=..., got {', '.join(sorted(kwargs))}."
+            )
+        if llm_string is None:
+            self.cache.clear()
+        else:
+            self.cache.invalidate(self.namespace_for(llm_string))
+
+    async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
+        key = self._key(prompt, llm_string)
+        if key is None:
+            self._counters.count("misses")
+            return None
+        try:
+            hit = await self.cache.alookup(key[0], namespace=key[1])
+        except Exception as exc:
+            self._counters.failed("lookup", exc)
+            return None
+        return self._answer(hit)
+
+    async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
+        key = self._key(prompt, llm_string)
+        if key is None:
+            return
+        try:
+            await self.cache.aput(key[0], self._encode(return_val), namespace=key[1])
+        except Exception as exc:
+            self._counters.failed("update", exc)
+            return
+        self._counters.count("updates")
+
+    async def aclear(self, **kwargs: Any) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.clear, **kwargs)
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This adapter's hits, misses, updates and errors, and the cache's own ``stats()``."""
+        return self._counters.snapshot(self.cache)
+
+    def __repr__(self) -> str:
+        return f"SharedSemanticCache(cache={self.cache!r}, prefix={self.prefix!r})"

@@ -1,0 +1,230 @@
+"""``SemanticCacheQueryEngine``: a LlamaIndex query engine that answers repeated questions from the
+guarded semantic cache and stores the answers of new ones.
+
+Why a query-engine wrapper rather than an LLM cache: a LlamaIndex query is retrieval plus
+synthesis, and the expensive, repeatable unit is the whole answer with its sources. Caching at
+the engine keeps the question the user asked (not a prompt stuffed with retrieved context) as the
+key, so paraphrases hit and "Art. 75" does not hit "Art. 72" (the cache's ``hybrid`` guard).
+
+What is stored (JSON): the response text, each source node's id, score, text and metadata, and
+the response metadata; a hit rebuilds a ``Response`` with ``TextNode`` sources and adds
+``metadata["semantic_cache"]`` (cached question, score, age). Streaming and pydantic responses
+are passed through uncached. A cache failure never fails the query: it is a miss, logged and
+counted in :meth:`SemanticCacheQueryEngine.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# The guard first: without llama-index-core, a MissingDependencyError naming the extra.
+from . import _compat  # noqa: F401
+
+# isort: split
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.response.schema import RESPONSE_TYPE, Response
+from llama_index.core.prompts.mixin import PromptMixinType
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+
+from ..exceptions import ConfigurationError
+from ..semantic_cache._adapter import AdapterCounters, CacheBackend
+
+__all__ = ["SemanticCacheQueryEngine"]
+
+#: Key of ``Response.metadata`` that says an answer came from the cache.
+CACHE_KEY = "semantic_cache"
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with anything JSON cannot carry written as its ``str`` (metadata only)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def default_namespace(query_engine: BaseQueryEngine) -> str:
+    """``llama_index:<engine class>:<index id>`` when the engine's index can be found (a
+    ``RetrieverQueryEngine`` over an index retriever); else a :class:`ConfigurationError`."""
+    retriever = getattr(query_engine, "retriever", None) or getattr(
+        query_engine, "_retriever", None
+    )
+    index = getattr(retriever, "_index", None) or getattr(retriever, "index", None)
+    index_id = getattr(index, "index_id", None)
+    if not isinstance(index_id, str) or not index_id:
+        raise ConfigurationError(
+            f"Cannot tell which index {type(query_engine).__name__} answers from, so cached "
+            "answers could leak between indexes. Pass namespace='...' naming the index (and the "
+            "prompt or LLM if several engines share one index)."
+        )
+    return f"llama_index:{type(query_engine).__name__}:{index_id}"
+
+
+def response_payload(response: Response) -> dict[str, Any]:
+    """What the cache stores of a response: text, sources and metadata, as JSON values."""
+    sources = [
+        {
+            "id": item.node.node_id,
+            "score": item.score,
+            "text": item.node.get_content(metadata_mode=MetadataMode.NONE),
+            "metadata": _jsonable(item.node.metadata),
+        }
+        for item in response.source_nodes
+    ]
+    return {
+        "response": response.response,
+        "source_nodes": sources,
+        "metadata": _jsonable(response.metadata) if response.metadata else None,
+    }
+
+
+def response_from_payload(payload: Any, hit: Any) -> Response:
+    """A ``Response`` rebuilt from :func:`response_payload`'s output (``TextNode`` sources)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("response"), str):
+        raise TypeError(f"not a cached query-engine response: {type(payload).__name__}")
+    nodes = [
+        NodeWithScore(
+            node=TextNode(id_=str(s["id"]), text=str(s["text"]), metadata=dict(s["metadata"])),
+            score=s["score"],
+        )
+        for s in payload.get("source_nodes", [])
+    ]
+    metadata = dict(payload.get("metadata") or {})
+    metadata[CACHE_KEY] = {
+        "hit": True,
+        "cached_query": hit.query,
+        "score": hit.score,
+        "age_s": hit.age_s,
+        "namespace": hit.namespace,
+    }
+    return Response(response=payload["response"], source_nodes=nodes, metadata=metadata)
+
+
+class SemanticCacheQueryEngine(BaseQueryEngine):
+    """Answer from ``cache`` when the question (or a paraphrase the guard accepts) was answered
+    before in ``namespace``; else ask ``query_engine`` and store its answer.
+
+    ``cache``: a :class:`~rag_rerank_plugins.semantic_cache.SemanticCache` or a
+    ``RemoteSemanticCache``; ``namespace``: default ``llama_index:<engine>:<index id>``
+    (:func:`default_namespace`), name it yourself when several engines share an index.
+
+    Example::
+
+        engine = SemanticCacheQueryEngine(index.as_query_engine(), SemanticCache())
+        engine.query("What does Art. 72 say?")  # asks the engine, stores the answer
+        engine.query("What does article 72 say?")  # from the cache
+    """
+
+    def __init__(
+        self,
+        query_engine: BaseQueryEngine,
+        cache: CacheBackend,
+        namespace: str | None = None,
+    ) -> None:
+        if not isinstance(query_engine, BaseQueryEngine):
+            raise ConfigurationError(
+                "query_engine must be a LlamaIndex BaseQueryEngine (e.g. index.as_query_engine()),"
+                f" got {type(query_engine).__name__}."
+            )
+        if not isinstance(cache, CacheBackend):
+            raise ConfigurationError(
+                "cache must be a SemanticCache or RemoteSemanticCache (lookup/put/alookup/aput),"
+                f" got {type(cache).__name__}."
+            )
+        if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
+            raise ConfigurationError(f"namespace must be a non-empty str, got {namespace!r}.")
+        self.query_engine = query_engine
+        self.cache = cache
+        self.namespace = namespace if namespace is not None else default_namespace(query_engine)
+        self._counters = AdapterCounters("SemanticCacheQueryEngine")
+        super().__init__(callback_manager=query_engine.callback_manager)
+
+    def _get_prompt_modules(self) -> PromptMixinType:
+        return {"query_engine": self.query_engine}
+
+    # -- cache steps that never raise --------------------------------------------------------
+
+    def _answer(self, hit: Any) -> Response | None:
+        if hit is None:
+            self._counters.count("misses")
+            return None
+        try:
+            response = response_from_payload(hit.value, hit)
+        except Exception as exc:  # a value another writer put in this namespace
+            self._counters.failed("reading a cached answer", exc)
+            return None
+        self._counters.count("hits")
+        return response
+
+    def _payload(self, response: RESPONSE_TYPE) -> dict[str, Any] | None:
+        if type(response) is not Response or response.response is None:
+            return None  # streaming/pydantic responses and empty answers are not cached
+        try:
+            return response_payload(response)
+        except Exception as exc:
+            self._counters.failed("serialising the answer", exc)
+            return None
+
+    def _lookup(self, query: str) -> Response | None:
+        if not query.strip():
+            return None
+        try:
+            hit = self.cache.lookup(query, namespace=self.namespace)
+        except Exception as exc:
+            self._counters.failed("lookup", exc)
+            return None
+        return self._answer(hit)
+
+    def _store(self, query: str, response: RESPONSE_TYPE) -> None:
+        payload = self._payload(response) if query.strip() else None
+        if payload is None:
+            return
+        try:
+            self.cache.put(query, payload, namespace=self.namespace)
+        except Exception as exc:
+            self._counters.failed("put", exc)
+            return
+        self._counters.count("updates")
+
+    # -- BaseQueryEngine ---------------------------------------------------------------------
+
+    def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        query = query_bundle.query_str
+        cached = self._lookup(query)
+        if cached is not None:
+            return cached
+        response = self.query_engine.query(query_bundle)
+        self._store(query, response)
+        return response
+
+    async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        query = query_bundle.query_str
+        cached: Response | None = None
+        if query.strip():
+            try:
+                hit = await self.cache.alookup(query, namespace=self.namespace)
+            except Exception as exc:
+                self._counters.failed("lookup", exc)
+            else:
+                cached = self._answer(hit)
+        if cached is not None:
+            return cached
+        response = await self.query_engine.aquery(query_bundle)
+        payload = self._payload(response) if query.strip() else None
+        if payload is not None:
+            try:
+                await self.cache.aput(query, payload, namespace=self.namespace)
+            except Exception as exc:
+                self._counters.failed("put", exc)
+            else:
+                self._counters.count("updates")
+        return response
+
+    def stats(self) -> dict[str, Any]:
+        """This wrapper's hits, misses, updates and errors, and the cache's own ``stats()``."""
+        return self._counters.snapshot(self.cache)
+
+    def __repr__(self) -> str:
+        return (
+            f"SemanticCacheQueryEngine({type(self.query_engine).__name__}, "
+            f"namespace={self.namespace!r})"
+        )
