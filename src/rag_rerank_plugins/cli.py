@@ -334,6 +334,24 @@ def _info_threads(row: Callable[[str, str], None]) -> None:
         f"{ort_threads} intra-op thread(s) per session, 1 inter-op, spinning off "
         "(RAG_RERANK_ORT_THREADS or option intra_op_threads)",
     )
+    row("openvino", _openvino_line())
+
+
+def _openvino_line() -> str:
+    """What the OpenVINO backends would run here: version, the dtype 'auto' hint, INT8 support."""
+    version = _version_of("openvino")
+    if version is None:
+        return "not installed (extra 'openvino'; backends openvino-cross-encoder/-embedder)"
+    from .policy import decide_dtype
+
+    decision = decide_dtype("auto", "cpu")
+    hint = "BF16" if decision.dtype == "bfloat16" else "FP32"
+    nncf = _version_of("nncf")
+    int8 = f"nncf {nncf}" if nncf else "not installed (extra 'openvino')"
+    return (
+        f"{version}: dtype 'auto' = {hint} hint ({decision.reason}); quantize='int8' by NNCF: "
+        f"{int8}; per model, stats()['kernels'] says what ran and whether the IR was cached"
+    )
 
 
 def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:

@@ -1,0 +1,401 @@
+"""What the OpenVINO backends share: the IR cache, precision, calibration and the loaded model.
+
+``openvino-cross-encoder`` and ``openvino-embedder`` run the graph of their ONNX twin
+(``onnx-cross-encoder``, ``onnx-sentence-transformers``) with OpenVINO instead of onnxruntime.
+Why build on the ONNX export rather than beside it: that export already carries everything the
+engine relies on and is checked against the torch model before it is published (tokenizer ids,
+logits or vectors, the pruned last layer, prompts, pooling, score labels). So the ONNX model
+object is loaded through the registry (exported once, with torch; a cached entry loads without),
+its onnxruntime session is replaced by an OpenVINO compiled model (:class:`OpenVinoSession`
+answers the same ``run(names, feed)`` call), and its ``prepare`` (tokenizer, passes padded to the
+bucket lengths of :mod:`rag_rerank_plugins._shapes`, so OpenVINO compiles a bounded set of
+shapes) and ``finish`` (labels, activation, pooling) are used as they are.
+
+**The IR cache.** ``openvino.convert_model`` turns the entry's ``model.onnx`` into an IR
+(``model.xml`` + ``model.bin``, weights kept in FP32: ``compress_to_fp16=False``), saved beside the
+ONNX entry as ``ov-<key>``. The key hashes the ONNX entry's name (itself a hash of the model
+files, opset, pruning and kind), the OpenVINO version, the IR mode and, for INT8, the calibration
+set. Entries are written in a scratch folder and renamed into place (concurrent processes never
+see half an IR), their ``meta.json`` records the sha256 of both files, and every load checks
+them: a damaged entry is logged, removed and built again. Builds of one entry in one process are
+serialised by a lock, so many threads loading at once convert once.
+
+**Precision.** The spec's dtype is the compile hint: ``bfloat16`` (what ``dtype="auto"`` means on
+CPUs with native BF16, AVX512-BF16 or AMX; the row's ``cpu_bf16`` tells the policy) or
+``float32``. ``quantize="int8"`` builds an INT8 IR by NNCF's calibrated static quantization
+(``nncf.quantize``, transformer preset) over the ``calibration`` option's pairs or texts, else a
+default set of 300 pairs (150 texts for embedders) built from the packaged sample corpus; the
+layers NNCF leaves in float run under the dtype's hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ConfigurationError, ModelLoadError
+from . import load_backend
+from ._common import quantize_mode
+from ._onnx_common import entry_bytes, publish, threads_for
+from ._torch_common import import_optional
+from .base import ModelProvider, Prepared, Task
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
+    from .base import LoadedModel
+
+__all__ = [
+    "FORMAT_VERSION",
+    "OpenVinoModel",
+    "OpenVinoSession",
+    "calibration_items",
+    "load_openvino",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the IR layout or the conversion changes, so old entries are not reused.
+FORMAT_VERSION = 1
+#: Options the OpenVINO backends read themselves; every other one goes to the ONNX twin.
+OWN_OPTIONS = ("quantize", "calibration")
+#: The compile hint for each dtype the backends accept.
+HINTS = {"bfloat16": "bf16", "float32": "f32"}
+
+_build_locks: dict[Path, threading.Lock] = {}
+_build_locks_guard = threading.Lock()
+_builds = 0
+
+
+def build_count() -> int:
+    """IRs this process has converted (a cached, verified entry reused does not count)."""
+    return _builds
+
+
+# -- calibration ----------------------------------------------------------------------------
+
+
+def _sample_corpus() -> list[dict[str, str]]:
+    text = (resources.files("rag_rerank_plugins.data") / "sample_corpus.jsonl").read_text("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def default_calibration(kind: str) -> list[Any]:
+    """300 (query, passage) pairs, or 150 texts, from the packaged sample corpus: each title as a
+    keyword query and as a question, against its own passage and two others (real relevant and
+    irrelevant pairs of varied lengths; offline, no download)."""
+    rows = _sample_corpus()
+    if kind == "embedder":
+        return (
+            [r["text"] for r in rows]
+            + [r["title"] for r in rows]
+            + [f"what is known about {r['title'].lower()}?" for r in rows]
+        )
+    pairs = []
+    for i, row in enumerate(rows):
+        for query in (row["title"], f"what is known about {row['title'].lower()}?"):
+            for j in (i, (i + 7) % len(rows), (i + 23) % len(rows)):
+                pairs.append((query, rows[j]["text"]))
+    return pairs
+
+
+def calibration_items(spec: ModelSpec, kind: str) -> list[Any]:
+    """The INT8 calibration set: option ``calibration`` (a JSON-lines file, or a sequence of
+    (query, passage) pairs for rerankers / texts for embedders), else :func:`default_calibration`.
+    A file's lines hold ``query`` and ``passage`` (rerankers) or ``text`` (embedders)."""
+    value = spec.option("calibration")
+    if value is None:
+        return default_calibration(kind)
+    want = "(query, passage) pairs" if kind == "reranker" else "texts"
+    how = (
+        f"calibration must be a path to a JSON-lines file or a non-empty sequence of {want}; "
+        f"got {str(value)[:80]!r}."
+    )
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"calibration file {str(path)!r} does not exist. {how}")
+        try:
+            rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+            if kind == "reranker":
+                items: list[Any] = [(str(r["query"]), str(r["passage"])) for r in rows]
+            else:
+                items = [str(r["text"]) for r in rows]
+        except (ValueError, KeyError, TypeError) as exc:
+            fields = "'query' and 'passage'" if kind == "reranker" else "'text'"
+            raise ConfigurationError(
+                f"calibration file {str(path)!r}: every line must be a JSON object with "
+                f"{fields} ({type(exc).__name__}: {exc})."
+            ) from None
+    elif isinstance(value, Sequence):
+        items = list(value)
+        if kind == "reranker":
+            ok = all(
+                isinstance(p, Sequence) and len(p) == 2 and all(isinstance(s, str) for s in p)
+                for p in items
+            )
+            items = [(str(q), str(p)) for q, p in items] if ok else []
+        elif not all(isinstance(t, str) for t in items):
+            items = []
+    else:
+        items = []
+    if not items:
+        raise ConfigurationError(how)
+    return items
+
+
+# -- the IR cache -----------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(entry: Path) -> dict[str, Any] | None:
+    """The entry's meta when both files match the hashes it recorded; None when it is missing or
+    damaged (a damaged one is logged)."""
+    try:
+        meta: dict[str, Any] = json.loads((entry / "meta.json").read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("rag-rerank: OpenVINO IR %s has an unreadable meta.json (%s)", entry, exc)
+        return None
+    for name, want in meta.get("sha256", {}).items():
+        try:
+            got = _sha256(entry / name)
+        except OSError:
+            got = "missing"
+        if got != want:
+            logger.warning(
+                "rag-rerank: OpenVINO IR %s is damaged (%s: sha256 %s, recorded %s): rebuilding",
+                entry,
+                name,
+                got[:12],
+                want[:12],
+            )
+            return None
+    return meta if meta.get("sha256") else None
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged entry out of the way (atomically), then delete it."""
+    if not entry.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".broken-{entry.name}-", dir=entry.parent))
+    with contextlib.suppress(OSError):  # another process moved or replaced it first
+        entry.rename(trash / entry.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[Any]) -> None:
+    """``inner``'s ONNX graph to an IR in ``final`` (atomically), NNCF-quantized when asked."""
+    global _builds
+    import openvino as ov
+
+    start = time.perf_counter()
+    model = ov.convert_model(str(inner.path / "model.onnx"))
+    if meta["ir"] == "int8":
+        nncf = import_optional("nncf", "nncf", "openvino", "INT8 quantization with OpenVINO")
+        task = Task("score") if inner.kind == "reranker" else Task("embed")
+        feeds = []
+        for begin in range(0, len(calibration), 8):  # passes as the engine cuts them
+            payload = inner.prepare(task, calibration[begin : begin + 8]).payload
+            feeds.append(payload if inner.kind == "reranker" else payload[0])
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        meta["sha256"] = {name: _sha256(tmp / name) for name in ("model.xml", "model.bin")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _builds += 1
+    logger.info(
+        "rag-rerank: converted %s to an OpenVINO IR (%s) in %.1fs: %s",
+        meta["model"],
+        meta["ir"],
+        time.perf_counter() - start,
+        final,
+    )
+
+
+def _ir_entry(
+    spec: ModelSpec, inner: Any, ir: str, calibration: list[Any]
+) -> tuple[Path, dict[str, Any], bool]:
+    """The verified IR entry for ``spec`` (built first when missing or damaged), its meta, and
+    whether it was a cache hit."""
+    import openvino as ov
+
+    calibration_key = hashlib.sha256(json.dumps(calibration).encode()).hexdigest()
+    meta = {
+        "format": FORMAT_VERSION,
+        "model": spec.model,
+        "onnx_entry": inner.path.name,
+        "openvino": ov.__version__,
+        "ir": ir,
+        "calibration": {"items": len(calibration), "sha256": calibration_key}
+        if calibration
+        else None,
+    }
+    key = hashlib.sha256(
+        json.dumps({k: v for k, v in meta.items() if k != "model"}, sort_keys=True).encode()
+    ).hexdigest()[:32]
+    final = inner.path.parent / f"ov-{key}"
+    with _build_locks_guard:
+        lock = _build_locks.setdefault(final, threading.Lock())
+    with lock:
+        found = _verified(final)
+        if found is not None:
+            return final, found, True
+        _discard(final)
+        _convert(inner, final, meta, calibration)
+        found = _verified(final)
+        if found is None:
+            raise ModelLoadError(spec.model, spec.backend, f"the OpenVINO IR {final} is damaged")
+        return final, found, False
+
+
+# -- the runtime ----------------------------------------------------------------------------
+
+
+class OpenVinoSession:
+    """An OpenVINO compiled model behind onnxruntime's ``run(output_names, feed)`` call, so the
+    ONNX models' ``forward`` runs it unchanged. One infer request per calling thread; outputs are
+    copies (the engine finishes pass k after launching pass k+1)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self._local = threading.local()
+
+    def run(self, names: Sequence[str], feed: dict[str, Any]) -> list[Any]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        results = request.infer(feed, share_outputs=False)
+        return [results[name] for name in names]
+
+
+def _compile(entry: Path, dtype: str, threads: int) -> Any:
+    import openvino as ov
+
+    config = {
+        "INFERENCE_PRECISION_HINT": HINTS[dtype],
+        "PERFORMANCE_HINT": "LATENCY",  # one stream on every core: the engine runs one pass
+        "INFERENCE_NUM_THREADS": threads,
+    }
+    return ov.Core().compile_model(str(entry / "model.xml"), "CPU", config)
+
+
+class OpenVinoModel:
+    """The ONNX twin's loaded model with an OpenVINO session: its phases, run as they are.
+    Mixed in before ``RerankerModel`` / ``EmbedderModel`` by the two backend modules."""
+
+    inner: Any
+    device = "cpu"
+
+    def __init__(
+        self, inner: Any, entry: Path, meta: dict[str, Any], hit: bool, dtype: str
+    ) -> None:
+        self.inner = inner
+        self.entry = entry
+        self.dtype = "int8" if meta["ir"] == "int8" else dtype
+        self.max_tokens = inner.max_tokens
+        self.ir_cache_hit = hit
+        calibrated = (
+            f", INT8 by NNCF on {meta['calibration']['items']} calibration items"
+            if meta["ir"] == "int8"
+            else ""
+        )
+        extra = f", {inner.kernels}" if inner.kernels else ""
+        version = meta["openvino"].split("-")[0]
+        self.kernels = (
+            f"OpenVINO {version} CPU, {HINTS[dtype].upper()} hint{calibrated}"
+            f", IR cache {'hit' if hit else 'miss (converted)'}{extra}"
+        )
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        return self.inner.prepare(task, items)
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        return self.inner.forward(task, batch)
+
+    def finish(self, task: Task, pending: Any) -> list[Any]:
+        return self.inner.finish(task, pending)
+
+    def footprint_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.entry.glob("model.*")) or entry_bytes(self.entry)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def load_openvino(
+    spec: ModelSpec, provider: ModelProvider, twin: str, kind: str
+) -> tuple[Any, Path, dict[str, Any], bool, str]:
+    """Load ``spec``'s ONNX ``twin`` (exported first if needed), make sure its IR is cached, and
+    swap the twin's session for the compiled IR. Returns (twin model, entry, meta, cache hit,
+    dtype hint) for the backend module's class."""
+    import_optional("openvino", "openvino", "openvino", f"The {spec.backend!r} backend")
+    if spec.device != "cpu":
+        raise ConfigurationError(
+            f"The {spec.backend!r} backend runs on the CPU (OpenVINO's CPU plugin); "
+            f"device={spec.device!r} was requested. Use device='cpu' or 'auto'."
+        )
+    if spec.dtype not in HINTS:
+        raise ConfigurationError(
+            f"dtype={spec.dtype!r}: the {spec.backend!r} backend runs 'bfloat16' (CPUs with "
+            "AVX512-BF16 or AMX), 'float32', or 'auto' (the first where native, else the second); "
+            "int8 with model_kwargs={'quantize': 'int8'}."
+        )
+    threads = threads_for(spec)
+    ir = "int8" if quantize_mode(spec.option("quantize")) else "float32"
+    calibration = calibration_items(spec, kind) if ir == "int8" else []
+    options = {k: v for k, v in spec.options_dict.items() if k not in OWN_OPTIONS}
+    twin_spec = spec.with_options(backend=twin, dtype="float32", options=options)
+    inner: LoadedModel = load_backend(twin_spec, provider)
+    try:
+        entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
+        try:
+            compiled = _compile(entry, spec.dtype, threads)
+        except Exception as exc:
+            logger.warning(
+                "rag-rerank: OpenVINO IR %s does not compile (%s): rebuilding", entry, exc
+            )
+            _discard(entry)
+            entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
+            compiled = _compile(entry, spec.dtype, threads)
+    except BaseException:
+        inner.close()
+        raise
+    inner.session = OpenVinoSession(compiled)  # type: ignore[attr-defined]
+    logger.info(
+        "rag-rerank: OpenVINO %s for %s, %s hint, %d thread(s) (IR %s, %s)",
+        meta["ir"],
+        spec.model,
+        HINTS[spec.dtype],
+        threads,
+        entry,
+        "cached" if hit else "converted",
+    )
+    return inner, entry, meta, hit, spec.dtype
