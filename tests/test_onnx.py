@@ -99,6 +99,28 @@ def test_max_length_truncates_like_cross_encoder(
     assert pool.get(spec).model.max_tokens == 24
 
 
+def test_a_model_reading_more_than_512_tokens_exports(
+    tmp_path: Path, onnx_cache: str, pool: ModelPool
+) -> None:
+    """A model with 1024 positions reads a probe of ~800 tokens whole: our pass is padded to a
+    length bucket (896), wider than CrossEncoder's; the export check compares the tokens, not
+    the padding (it used to refuse every such model, max_length=512 included)."""
+    from rag_rerank_plugins.testing import build_cross_encoder
+
+    path = build_cross_encoder(tmp_path / "ce-1024", max_position_embeddings=1024)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 1024}))
+    pairs = [("what is it", "a passage " * 450), ("short", "a short passage")]
+    for max_length in (None, 512):
+        spec = ModelSpec(
+            str(path), backend=BACKEND, max_length=max_length, options={"cache_dir": onnx_cache}
+        )
+        got = pool.score_pairs(spec, pairs)
+        kw = {} if max_length is None else {"max_length": max_length}
+        want = reference(str(path), pairs, **kw)
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-4
+
+
 def test_two_phase_protocol(tiny_ce_path: str, onnx_cache: str, pool: ModelPool) -> None:
     import numpy as np
 

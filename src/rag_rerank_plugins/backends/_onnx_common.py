@@ -453,6 +453,20 @@ def tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def same_tokens(got: Any, ref: Any, name: str, padding_side: str) -> bool:
+    """Whether our prepared ``got`` (padded further, to a length bucket: see ``_shapes``) holds
+    exactly the reference tokenizer's ``ref``, the extra columns being padding (mask 0)."""
+    import numpy as np
+
+    width = ref.shape[1]
+    if got.shape[0] != ref.shape[0] or got.shape[1] < width:
+        return False
+    cut = got.shape[1] - width
+    left = padding_side == "left"
+    tokens, extra = (got[:, cut:], got[:, :cut]) if left else (got[:, :width], got[:, width:])
+    return bool(np.array_equal(tokens, ref)) and not (name == "attention_mask" and extra.any())
+
+
 def configure_tokenizer(tokenizer: Any, meta: dict[str, Any], max_length: int | None) -> Any:
     """Truncation (``max_length``; None: none) and batch padding as the export recorded them,
     so ``encode_batch`` returns what the Hugging Face tokenizer call returned at export."""

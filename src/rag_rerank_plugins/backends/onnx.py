@@ -73,6 +73,7 @@ from ._onnx_common import (
     fast_tokenizer_json,
     model_fingerprint,
     publish_export,
+    same_tokens,
     st_for_export,
     threads_for,
     tmp_entry,
@@ -179,7 +180,8 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         runtime = OnnxCrossEncoder(tmp, threads=default_threads(), score_label=0)
         prepared = runtime.prepare(Task("score"), _PROBES)
         for name in names:
-            if not np.array_equal(prepared.payload[name], features[name].numpy()):
+            ref = features[name].numpy()
+            if not same_tokens(prepared.payload[name], ref, name, meta["padding_side"]):
                 raise ModelLoadError(
                     spec.model,
                     spec.backend,

@@ -46,6 +46,7 @@ from ._onnx_common import (
     export_graph,
     fast_tokenizer_json,
     publish_export,
+    same_tokens,
     st_for_export,
     threads_for,
     tmp_entry,
@@ -227,7 +228,8 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             reference = model.preprocess(_PROBES, prompt=resolved, task="document")
             feed, mask, _ = prepared.payload
             for name, ids in {**feed, "attention_mask": mask}.items():
-                if not np.array_equal(ids, reference[name].numpy()):
+                side = runtime.meta["padding_side"]
+                if not same_tokens(ids, reference[name].numpy(), name, side):
                     raise ModelLoadError(
                         spec.model,
                         spec.backend,
