@@ -10,6 +10,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..spec import ModelSpec
+from .guards import GUARDS
 from .sqlite import SQLiteStore
 from .stores import Entry, MemoryStore, Store
 
@@ -97,3 +98,23 @@ def open_store(store: str | Store) -> Store:
     raise ConfigurationError(
         f"store must be 'memory', 'sqlite:///path/to/file.db' or a Store object; got {store!r}."
     )
+
+
+def check_settings(
+    guard: str, threshold: float | None, ttl: float | None, max_entries: int | None
+) -> None:
+    """SemanticCache's settings, refused with a ConfigurationError before anything is opened."""
+    if guard not in GUARDS:
+        raise ConfigurationError(f"guard must be one of {', '.join(GUARDS)}; got {guard!r}.")
+    for name, value in (("threshold", threshold), ("ttl", ttl)):
+        bad = isinstance(value, bool) or not isinstance(value, int | float)
+        if value is not None and bad:
+            raise ConfigurationError(f"{name} must be a number or None; got {value!r}.")
+    if ttl is not None and ttl <= 0:
+        raise ConfigurationError(f"ttl must be > 0 seconds or None; got {ttl!r}.")
+    if max_entries is not None and (
+        isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
+    ):
+        raise ConfigurationError(
+            f"max_entries must be a positive int or None; got {max_entries!r}."
+        )

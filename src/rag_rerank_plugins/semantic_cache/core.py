@@ -24,11 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import ConfigurationError, InvalidInputError
+from ..exceptions import InvalidInputError
 from ..pool import ModelPool, get_pool
 from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
-from ._helpers import CacheHit, _check, _decode, _encode, _percentile, _spec, open_store
-from .guards import DEFAULT_THRESHOLDS, GUARDS, Candidate, Verdict, judge
+from ._helpers import (
+    CacheHit,
+    _check,
+    _decode,
+    _encode,
+    _percentile,
+    _spec,
+    check_settings,
+    open_store,
+)
+from .guards import DEFAULT_THRESHOLDS, Candidate, Verdict, judge
 from .identity import Identity, extract
 from .index import NamespaceIndex, check_kind
 from .lexical import BM25Corpus, tokens
@@ -60,20 +69,7 @@ class SemanticCache:
         pool: ModelPool | None = None,
         index: str = "auto",
     ) -> None:
-        if guard not in GUARDS:
-            raise ConfigurationError(f"guard must be one of {', '.join(GUARDS)}; got {guard!r}.")
-        for name, value in (("threshold", threshold), ("ttl", ttl)):
-            bad = isinstance(value, bool) or not isinstance(value, int | float)
-            if value is not None and bad:
-                raise ConfigurationError(f"{name} must be a number or None; got {value!r}.")
-        if ttl is not None and ttl <= 0:
-            raise ConfigurationError(f"ttl must be > 0 seconds or None; got {ttl!r}.")
-        if max_entries is not None and (
-            isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1
-        ):
-            raise ConfigurationError(
-                f"max_entries must be a positive int or None; got {max_entries!r}."
-            )
+        check_settings(guard, threshold, ttl, max_entries)
         self.guard = guard
         self.embedder = _spec(embedder, "embedder")
         self.reranker = (
