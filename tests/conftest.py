@@ -27,6 +27,21 @@ from rag_rerank_plugins.offline import packaged_model_path
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+@pytest.fixture(scope="module")
+def float32_policy():
+    """The float32 CPU policy for a whole module, whatever the run's RAG_RERANK_CPU_BF16: for
+    side-by-side comparisons with stock classes, which compute in FP32 on every CPU (so must we,
+    to compare to 1e-5; the BF16 policy itself is checked by the dtype_policy tests). A module
+    requests it from a module-scoped autouse fixture, so it is in place before anything loads."""
+    from rag_rerank_plugins.policy import cpu_has_native_bf16
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAG_RERANK_CPU_BF16", "0")
+        cpu_has_native_bf16.cache_clear()
+        yield
+    cpu_has_native_bf16.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     path = packaged_model_path(MINILM)

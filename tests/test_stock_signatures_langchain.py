@@ -55,6 +55,11 @@ DOCS = ["the cell's powerhouse\nis the mitochondrion", "Paris is the capital of 
 QUERY = "which organelle\nmakes ATP?"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stock_classes_compute_in_float32(float32_policy: None) -> None:
+    """Compared with the stock classes to 1e-5: FP32 in the BF16 run too (see conftest)."""
+
+
 def _refused(owner: str) -> set[str]:
     return {arg for cls, arg in REFUSED if cls == owner}
 

@@ -67,6 +67,11 @@ ATOL = 1e-5
 # -- the arguments, generated from the stock classes --------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stock_classes_compute_in_float32(float32_policy: None) -> None:
+    """Compared with the stock classes to 1e-5: FP32 in the BF16 run too (see conftest)."""
+
+
 def _params(func: Callable[..., Any], *skip: str) -> list[str]:
     kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return [
