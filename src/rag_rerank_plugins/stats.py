@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SpecStats"]
+__all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SpecStats", "percentile"]
 
 #: Upper bounds (seconds) of the latency and queue-wait histograms: 1 ms to 30 s, roughly x2.5
 #: per step (a CPU rerank of 10 passages takes tens of ms, a GPU batch a few, a queue under
@@ -27,7 +27,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of ``values`` (None when empty)."""
     if not values:
         return None
     ordered = sorted(values)
@@ -139,12 +140,12 @@ class Metrics:
                 "padding_ratio": (
                     1 - self.real_tokens / self.padded_tokens if self.padded_tokens else None
                 ),
-                "queue_wait_ms_p50": ms(_percentile(waits, 0.5)),
-                "queue_wait_ms_p95": ms(_percentile(waits, 0.95)),
-                "latency_ms_p50": ms(_percentile(lats, 0.5)),
-                "latency_ms_p95": ms(_percentile(lats, 0.95)),
-                "queue_wait_ms_p95_interactive": ms(_percentile(by_lane["interactive"], 0.95)),
-                "queue_wait_ms_p95_bulk": ms(_percentile(by_lane["bulk"], 0.95)),
+                "queue_wait_ms_p50": ms(percentile(waits, 0.5)),
+                "queue_wait_ms_p95": ms(percentile(waits, 0.95)),
+                "latency_ms_p50": ms(percentile(lats, 0.5)),
+                "latency_ms_p95": ms(percentile(lats, 0.95)),
+                "queue_wait_ms_p95_interactive": ms(percentile(by_lane["interactive"], 0.95)),
+                "queue_wait_ms_p95_bulk": ms(percentile(by_lane["bulk"], 0.95)),
                 "bulk_yields": self.bulk_yields,
                 "oom_splits": self.oom_splits,
                 "token_budget": self.token_budget,

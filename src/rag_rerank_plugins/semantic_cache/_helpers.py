@@ -77,13 +77,6 @@ def _check(query: Any, namespace: Any) -> None:
         )
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
-
-
 def open_store(store: str | Store) -> Store:
     """``"memory"``, ``"sqlite:///path/to/file.db"`` (or ``"sqlite:///:memory:"``), or a
     :class:`Store` object as is."""

@@ -27,12 +27,12 @@ import numpy as np
 from ..exceptions import InvalidInputError
 from ..pool import ModelPool, get_pool
 from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
+from ..stats import percentile
 from ._helpers import (
     CacheHit,
     _check,
     _decode,
     _encode,
-    _percentile,
     _spec,
     check_settings,
     open_store,
@@ -371,8 +371,9 @@ class SemanticCache:
             out["entries"] = None
         out["hit_rate"] = out["hits"] / out["lookups"] if out["lookups"] else None
         for name, values in (("lookup_ms", lookup), ("search_ms", search)):
-            out[f"{name}_p50"] = _percentile(values, 0.5)
-            out[f"{name}_p95"] = _percentile(values, 0.95)
+            for q, suffix in ((0.5, "p50"), (0.95, "p95")):
+                value = percentile(values, q)
+                out[f"{name}_{suffix}"] = None if value is None else round(value, 3)
         out.update(guard=self.guard, threshold=self.threshold, store=type(self.store).__name__)
         return out
 
