@@ -17,7 +17,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from .._memory import free_memory
+from .._memory import free_memory, release_window
 from ..backends import backend_info
 from ..engine_config import EngineConfig, PoolConfig
 from ..spec import ModelSpec
@@ -103,13 +103,17 @@ class PoolState:
 
     def _close_handle(self, key: ModelSpec, handle: ModelHandle) -> None:
         device = handle.device
-        handle._close()
-        stats = self._stats.get(key)
-        if stats is not None:
-            stats.update(loaded=False)
-            stats.add(releases=1)
-        del handle
-        free_memory(device)
+        # oneDNN's kernel cache and glibc's arenas are process-wide: give them back only when no
+        # CPU model of this pool is left (see _memory).
+        last_cpu = device == "cpu" and not self._resident("cpu")
+        with release_window(last_cpu):
+            handle._close()
+            stats = self._stats.get(key)
+            if stats is not None:
+                stats.update(loaded=False)
+                stats.add(releases=1)
+            del handle
+            free_memory(device, kernel_caches=last_cpu)
 
     def _resident(self, device: str) -> list[tuple[ModelSpec, Slot, ModelHandle, int]]:
         """Loaded models on ``device`` with their footprints (unknown counts as 0)."""
