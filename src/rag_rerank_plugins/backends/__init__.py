@@ -362,6 +362,12 @@ def backend_info(name: str) -> BackendInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name == "auto":  # only adapters know whether a reranker or an embedder is meant
+            raise ConfigurationError(
+                "backend='auto' is resolved by the adapters, which know the model kind. For a "
+                "ModelSpec, name the backend: rag_rerank_plugins.backend_choice.choose_backend("
+                "'reranker') (or 'embedder') returns the one 'auto' would pick here."
+            ) from None
         raise UnknownBackendError(name, list(_REGISTRY)) from None
 
 
