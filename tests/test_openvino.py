@@ -117,6 +117,39 @@ def test_fp32_hint_equals_cross_encoder_predict(
     assert "last layer for the first token only" in stats["kernels"]
 
 
+def test_attention_is_fused_and_a_split_pass_equals_a_whole_one(
+    tiny_ce_path: str, ov_cache: str, passages: list[str], pool: ModelPool
+) -> None:
+    """Every attention block of the export becomes one fused op (the conversion's speed-up),
+    and a pass split over the streams gives the same numbers as one request for all rows."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    spec = ov_spec(tiny_ce_path, ov_cache)
+    pool.score_pairs(spec, mixed_pairs(passages)[:3])
+    layers = AutoConfig.from_pretrained(tiny_ce_path).num_hidden_layers
+    assert f"{layers} attention blocks fused" in pool.spec_stats(spec)["kernels"]
+
+    session = pool.get(spec).model.inner.session
+    assert isinstance(session, _openvino_common.OpenVinoSession)
+    names = [o.get_any_name() for o in session.compiled.outputs]
+    rng = np.random.default_rng(0)
+    feed = {
+        i.get_any_name(): rng.integers(1, 1000, size=(7, 24)).astype(np.int64)
+        for i in session.compiled.inputs
+    }
+    for name in feed:
+        if "mask" in name:
+            feed[name] = np.ones_like(feed[name])
+        elif "type" in name:
+            feed[name] = np.zeros_like(feed[name])
+    split = _openvino_common.OpenVinoSession(session.compiled, streams=3, threads=3)
+    whole = _openvino_common.OpenVinoSession(session.compiled, streams=1, threads=1)
+    for a, b in zip(split.run(names, feed), whole.run(names, feed), strict=True):
+        assert a.shape == b.shape
+        assert np.array_equal(a, b)
+
+
 def test_bf16_hint_keeps_the_ranking(
     real_ce_path: str, ov_cache: str, passages: list[str], pool: ModelPool
 ) -> None:
