@@ -7,11 +7,14 @@ One process, every system warm, requests interleaved in rounds (drift hits each 
 cross-encoder of the MiniLM-L6 shape carrying the packaged all-MiniLM-L6-v2 encoder weights
 (``testing.build_cross_encoder_from_encoder``). Rows:
 
-* ``ours_default``: ``SharedRerankCompressor`` defaults (torch, dtype auto, our CPU kernels);
+* ``ours_default``: ``SharedRerankCompressor`` defaults (torch, dtype auto, our CPU kernels),
+  and ``ours_torch_fp32`` (the same in float32);
 * ``ours_openvino_{bf16,fp32,int8}``: ``backend="openvino-cross-encoder"`` (INT8: NNCF with the
   default calibration set, BF16 hint for the rest);
 * ``ours_onnx``: ``backend="onnx-cross-encoder"`` (float32);
-* ``openvino_st_batches``: the same OpenVINO IR, BF16 hint, fed as sentence-transformers feeds
+* ``openvino_st_batches``: the same OpenVINO IR (this model's, current format: attention fused,
+  as optimum-intel's conversion of the torch model fuses it), BF16 hint, fed as
+  sentence-transformers feeds
   ``CrossEncoder(backend="openvino")``: batches of 32 in input order, each padded to its longest.
   The real ``backend="openvino"`` needs optimum-intel, which is not in this venv (the row says so
   when it is missing and runs it when present);
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ov_opts: dict[str, Any] = {}
     ours = {  # name -> (backend, dtype, options)
         "ours_default": ("cross-encoder", "auto", {}),
+        "ours_torch_fp32": ("cross-encoder", "float32", {}),
         "ours_openvino_bf16": ("openvino-cross-encoder", "bfloat16", ov_opts),
         "ours_openvino_fp32": ("openvino-cross-encoder", "float32", ov_opts),
         "ours_openvino_int8": (
@@ -141,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     optimum = importlib.util.find_spec("optimum") is not None
     style: StyleBatches | None = None
     if ir is not None:
-        irs = [p for p in Path(cache).glob("ov-*") if "int8" not in (p / "meta.json").read_text()]
+        from rag_rerank_plugins.backends._openvino_common import FORMAT_VERSION
+
+        def this_model(entry: Path) -> bool:  # this model's float IR in the current format
+            meta = json.loads((entry / "meta.json").read_text())
+            same = Path(meta["model"]).resolve() == model.resolve()
+            return same and meta["ir"] != "int8" and meta.get("format") == FORMAT_VERSION
+
+        irs = [p for p in Path(cache).glob("ov-*") if this_model(p)]
         style = StyleBatches(irs[0] / "model.xml", model)
         style.score(query, passages)
     times: dict[str, list[float]] = {name: [] for name in systems}

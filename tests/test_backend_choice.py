@@ -10,7 +10,9 @@ naming the backend; a bad override or a bare ``ModelSpec(backend="auto")`` says 
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,18 @@ TEXTS = ["Paris is the capital of France.", "Bananas are yellow.", "France borde
 OPENVINO = all(importlib.util.find_spec(m) for m in ("openvino", "onnxruntime", "onnx"))
 
 
+def model_dir(root: Path, hidden_size: int) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"hidden_size": hidden_size}))
+    return str(root)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> str:
+    """A model folder of the measured size (MiniLM: hidden size 384)."""
+    return model_dir(tmp_path / "small", 384)
+
+
 @pytest.fixture
 def amx(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("RAG_RERANK_CPU_KIND", "amx")
@@ -35,26 +49,34 @@ def amx(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("kind", ["avx512_bf16", "avx2", "other"])
-def test_torch_everywhere_but_amx(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def test_torch_everywhere_but_amx(monkeypatch: pytest.MonkeyPatch, small: str, kind: str) -> None:
     monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
     assert cpu_kind() == kind
-    assert choose_backend("reranker", device="cpu") == "cross-encoder"
-    assert choose_backend("embedder", device="cpu") == "sentence-transformers"
+    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
+    assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_amx_rerankers_get_openvino(amx: None) -> None:
-    assert choose_backend("reranker", device="cpu") == "openvino-cross-encoder"
-    # Measured for rerankers only so far: embedders keep torch.
-    assert choose_backend("embedder", device="cpu") == "sentence-transformers"
+def test_amx_small_rerankers_get_openvino(amx: None, small: str, tmp_path: Path) -> None:
+    assert choose_backend("reranker", device="cpu", model=small) == "openvino-cross-encoder"
+    # Measured slower: embedders, the XLM-R large shape; unknown size: no pick on belief.
+    assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
+    large = model_dir(tmp_path / "large", 1024)
+    assert choose_backend("reranker", device="cpu", model=large) == "cross-encoder"
+    assert choose_backend("reranker", device="cpu", model=str(tmp_path / "nowhere")) == (
+        "cross-encoder"
+    )
+    assert choose_backend("reranker", device="cpu") == "cross-encoder"
 
 
-def test_amx_without_openvino_keeps_torch(amx: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_amx_without_openvino_keeps_torch(
+    amx: None, small: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a)
     )
-    assert choose_backend("reranker", device="cpu") == "cross-encoder"
+    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
@@ -70,29 +92,35 @@ def test_amx_without_openvino_keeps_torch(amx: None, monkeypatch: pytest.MonkeyP
     ],
 )
 def test_amx_keeps_torch_when_openvino_was_not_measured_faster(
-    amx: None, options: dict[str, object], device: str, dtype: str
+    amx: None, small: str, options: dict[str, object], device: str, dtype: str
 ) -> None:
-    assert choose_backend("reranker", options, device, dtype) == "cross-encoder"
+    assert choose_backend("reranker", options, device, dtype, small) == "cross-encoder"
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_bf16_policy_switched_off_keeps_torch(amx: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_policy_switched_off_keeps_torch(
+    amx: None, small: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("RAG_RERANK_CPU_BF16", "0")
     cpu_has_native_bf16.cache_clear()
-    assert choose_backend("reranker", device="cpu") == "cross-encoder"
-    assert choose_backend("reranker", device="cpu", dtype="bfloat16") == "openvino-cross-encoder"
+    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
+    pick = choose_backend("reranker", device="cpu", dtype="bfloat16", model=small)
+    assert pick == "openvino-cross-encoder"
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_adapter_holds_the_pick_and_shares_the_pool_key(amx: None) -> None:
-    auto = SharedRerankCompressor(model="some/model", backend="auto", device="cpu")
-    named = SharedRerankCompressor(
-        model="some/model", backend="openvino-cross-encoder", device="cpu"
-    )
+def test_adapter_holds_the_pick_and_shares_the_pool_key(amx: None, small: str) -> None:
+    auto = SharedRerankCompressor(model=small, backend="auto", device="cpu")
+    named = SharedRerankCompressor(model=small, backend="openvino-cross-encoder", device="cpu")
     assert auto.backend == "openvino-cross-encoder"
     assert auto.spec == named.spec
-    assert SharedEmbeddings(model_name="m", backend="auto", device="cpu").backend == (
+    assert SharedEmbeddings(model_name=small, backend="auto", device="cpu").backend == (
         "sentence-transformers"
+    )
+    from rag_rerank_plugins.llama_index import SharedRerankPostprocessor
+
+    assert SharedRerankPostprocessor(model=small, backend="auto", device="cpu").backend == (
+        "openvino-cross-encoder"
     )
 
 

@@ -181,7 +181,8 @@ class SharedModelFields(BaseModel):
             self.backend == AUTO
         ):  # the measured pick for this CPU (backend_choice), held from now on
             options = {**self.model_kwargs, **self._extra_options()}
-            self.backend = choose_backend(self._kind, options, self.device, self.dtype)
+            model = getattr(self, self._model_field)
+            self.backend = choose_backend(self._kind, options, self.device, self.dtype, model)
         info = backend_info(self.backend)
         if info.kind != self._kind:
             article = {"reranker": "a reranker", "embedder": "an embedder"}

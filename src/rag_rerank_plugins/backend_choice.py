@@ -4,14 +4,20 @@ Which runtime is fastest for a cross-encoder on a CPU depends on the CPU's matri
 answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6-shaped reranker,
 1 query x 50 SciFact passages, our engine around each runtime; table in ``docs/openvino.md``):
 
-* **AMX (Intel Xeon 4th gen and later)**: OpenVINO with its BF16 hint is 1.24x our torch BF16
-  path, within the quality bound (Spearman 0.999, max error 0.9 % of the FP32 score range), so
-  ``auto`` picks ``openvino-cross-encoder`` when ``openvino`` and ``onnxruntime`` are installed
-  (extra ``openvino``) and every option given is one that backend takes.
-* **Everything else** (AVX512-BF16 without AMX, AVX2-only, ARM, GPUs): torch (``cross-encoder``).
-  On CPUs without AMX no OpenVINO figure was measured yet, and OpenVINO's FP32 ran at 0.45x our
-  FP32 path on the AMX machine, so torch stays the pick until a run says otherwise.
-* **Embedders**: torch (``sentence-transformers``) everywhere until the embedder runs are in.
+* **Small rerankers (hidden size <= 384, the MiniLM family) on AMX CPUs**: OpenVINO with its
+  BF16 hint (attention fused) is ~1.7x our torch BF16 path, within the quality bound (Spearman
+  0.999, max error 0.8 % of the FP32 score range), so ``auto`` picks ``openvino-cross-encoder``
+  when ``openvino`` and ``onnxruntime`` are installed (extra ``openvino``), every option given is
+  one that backend takes, and the model's ``config.json`` is on this machine to say its size.
+* **Large rerankers** (the XLM-R large shape of bge-reranker-v2-m3, hidden size 1024): our torch
+  path is 1.6x OpenVINO's, so torch (``cross-encoder``) stays; so does any model whose size is
+  not known before the load.
+* **Other CPU kinds** (AVX512-BF16 without AMX, AVX2-only, ARM) and GPUs: torch. The only
+  figures there come from capping this AMX machine's instruction set (OpenVINO honours
+  ``ONEDNN_MAX_CPU_ISA``, but its MLAS kernels and torch's MKL do not), which is not a
+  measurement of those CPUs.
+* **Embedders**: torch (``sentence-transformers``), which measured ahead of ``openvino-embedder``
+  (``benchmarks/embedder_backends.py``).
 
 A GPU (``device`` "cuda"/"mps", or "auto" finding one) always means torch. The pick happens when
 an adapter is built (adapters know whether they need a reranker or an embedder), and the adapter
@@ -25,8 +31,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 from .backends import backend_info
 from .exceptions import ConfigurationError
@@ -38,9 +44,10 @@ CpuKind = Literal["amx", "avx512_bf16", "avx2", "other"]
 CPU_KINDS: tuple[CpuKind, ...] = ("amx", "avx512_bf16", "avx2", "other")
 KIND_ENV = "RAG_RERANK_CPU_KIND"
 
-#: ``(kind, CPU kind) -> backend`` where measurements put another runtime ahead of torch.
-_MEASURED_FASTEST: dict[tuple[str, CpuKind], str] = {
-    ("reranker", "amx"): "openvino-cross-encoder",
+#: ``(kind, CPU kind) -> (backend, largest hidden size measured faster)`` where measurements
+#: put another runtime ahead of torch.
+_MEASURED_FASTEST: dict[tuple[str, CpuKind], tuple[str, int]] = {
+    ("reranker", "amx"): ("openvino-cross-encoder", 384),
 }
 _TORCH_DEFAULT = {"reranker": "cross-encoder", "embedder": "sentence-transformers"}
 #: What each non-torch pick needs installed (module names, checked without importing them).
@@ -100,13 +107,38 @@ def _bf16(dtype: str) -> bool:
     return dtype == "auto" and cpu_has_native_bf16()
 
 
+def _hidden_size(model: str | None, options: Mapping[str, Any]) -> int | None:
+    if model is None:
+        return None
+    from ._model_files import json_int_field
+    from .offline import resolve_model_location
+
+    revision, cache = (
+        options.get("revision"),
+        options.get("cache_folder") or options.get("cache_dir"),
+    )
+    return json_int_field(
+        resolve_model_location(model),
+        "config.json",
+        "hidden_size",
+        revision if isinstance(revision, str) else None,
+        cache if isinstance(cache, str) else None,
+    )
+
+
 def choose_backend(
-    kind: str, options: Iterable[str] = (), device: str = "auto", dtype: str = "auto"
+    kind: str,
+    options: Mapping[str, Any] | Iterable[str] = (),
+    device: str = "auto",
+    dtype: str = "auto",
+    model: str | None = None,
 ) -> str:
     """The backend ``backend="auto"`` means for a ``kind`` ("reranker"/"embedder") model.
 
-    ``options``: the option names the caller passes; a measured-faster backend that does not
-    take one of them is skipped (the caller's options keep their meaning). The OpenVINO pick was
+    ``options``: the options (or their names) the caller passes; a measured-faster backend that
+    does not take one of them is skipped (the caller's options keep their meaning). ``model``:
+    the name or folder, whose ``config.json`` (local, or in the Hugging Face cache) gives the
+    size the measurement covers; without it torch is the answer. The OpenVINO pick was
     measured in BF16 only: a float32 (or float16) request, or the BF16 policy switched off
     (``RAG_RERANK_CPU_BF16=0``), keeps torch."""
     if kind not in _TORCH_DEFAULT:
@@ -114,12 +146,18 @@ def choose_backend(
             f"backend='auto' needs kind 'reranker' or 'embedder', got {kind!r}."
         )
     fallback = _TORCH_DEFAULT[kind]
-    pick = _MEASURED_FASTEST.get((kind, cpu_kind()))
-    if pick is None or not _installed(_NEEDS.get(pick, ())):
+    measured = _MEASURED_FASTEST.get((kind, cpu_kind()))
+    if measured is None:
+        return fallback
+    pick, largest = measured
+    if not _installed(_NEEDS.get(pick, ())):
         return fallback
     accepted = backend_info(pick).options
     if accepted is not None and not set(options) <= accepted:
         return fallback
     if not _bf16(dtype) or _gpu(device):
+        return fallback
+    size = _hidden_size(model, options if isinstance(options, Mapping) else {})
+    if size is None or size > largest:
         return fallback
     return pick

@@ -15,12 +15,11 @@ Anything that cannot apply to a shared pool is refused with the message of the s
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._model_files import json_int_field
 from ..exceptions import ConfigurationError
 
 __all__ = [
@@ -289,39 +288,13 @@ def rerank_arguments(data: Any) -> Any:
     return _translate(data, kwargs, "reranker", "cross_encoder_kwargs")
 
 
-@functools.lru_cache(maxsize=256)
-def _json_field(
-    model: str, filename: str, key: str, revision: str | None, cache_folder: str | None
-) -> int | None:
-    """An int field of one of the model's JSON files when it is on this machine, else None."""
-    path: str | None = os.path.join(model, filename) if os.path.isdir(model) else None
-    if path is None:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(
-                model, filename, cache_dir=cache_folder, revision=revision
-            )
-        except Exception:  # not a repo id, no hub library: unknown
-            return None
-        path = found if isinstance(found, str) else None
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
-
-
 def _own_limit(model: str, revision: str | None, cache_folder: str | None) -> int | None:
     """The token limit sentence-transformers gives the model when none is asked for: the smaller
     of ``max_position_embeddings`` (config.json) and the tokenizer's ``model_max_length``
     (XLM-R: 514 positions, 512 tokens); None when neither is on this machine."""
     known = [
-        _json_field(model, "config.json", "max_position_embeddings", revision, cache_folder),
-        _json_field(model, "tokenizer_config.json", "model_max_length", revision, cache_folder),
+        json_int_field(model, "config.json", "max_position_embeddings", revision, cache_folder),
+        json_int_field(model, "tokenizer_config.json", "model_max_length", revision, cache_folder),
     ]
     limits = [n for n in known if n is not None]
     return min(limits) if limits else None
