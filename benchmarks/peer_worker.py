@@ -1,0 +1,241 @@
+"""One system of the peers harness (benchmarks/peers.py), warm in its own process.
+
+    python benchmarks/peer_worker.py SYSTEM MODEL_DIR WORK_DIR
+
+Runs under .venv (our engine, LangChain, LlamaIndex) or .venv-peers (sentence-transformers with
+optimum-intel/optimum-onnx, which pin transformers below 5), so it imports only the standard
+library at the top. It loads SYSTEM, answers ``{"ready": ...}`` (or ``{"error": ...}``), then
+scores one request per stdin JSON line ``{"query": str, "passages": [str]}`` and answers
+``{"ms": float, "scores": [float]}``: wall time of the user's one call, measured here, and the
+scores in passage order. Libraries print to stdout, so the protocol gets a private copy of the
+stdout descriptor and everything else goes to stderr. ``WORK_DIR`` holds the sentence-transformers
+exports (built once, reused) and the local calibration set (``calib/train.jsonl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
+Scorer = Callable[[str, list[str]], tuple[float, list[float]]]
+# Our engine's rows: name -> SharedRerankCompressor keyword arguments.
+OURS: dict[str, dict[str, Any]] = {
+    "ours_default": {},
+    "ours_openvino_bf16": {"backend": "openvino-cross-encoder", "dtype": "bfloat16"},
+    "ours_openvino_fp32": {"backend": "openvino-cross-encoder", "dtype": "float32"},
+    "ours_openvino_int8": {
+        "backend": "openvino-cross-encoder",
+        "dtype": "bfloat16",
+        "model_kwargs": {"quantize": "int8"},
+    },
+    "ours_onnx": {"backend": "onnx-cross-encoder", "dtype": "float32"},
+}
+ST_FILES = {  # ST peer -> (backend, exported file inside the model copy)
+    "st_onnx": ("onnx", "onnx/model.onnx"),
+    "st_onnx_qint8": ("onnx", "onnx/model_qint8_{isa}.onnx"),
+    "st_openvino": ("openvino", "openvino/openvino_model.xml"),
+    "st_openvino_fp32": ("openvino", "openvino/openvino_model.xml"),
+    "st_openvino_int8": ("openvino", "openvino/openvino_model_qint8_quantized.xml"),
+}
+
+
+def _timed(call: Callable[[], T]) -> tuple[float, T]:
+    """Wall milliseconds of the user's one call, and what it returned."""
+    t0 = time.perf_counter()
+    out = call()
+    return (time.perf_counter() - t0) * 1000, out
+
+
+def _ours(name: str, model: Path) -> Scorer:
+    import run  # benchmarks/run.py: the same factories as the other benchmarks
+    from langchain_core.documents import Document
+
+    from rag_rerank_plugins import ModelPool
+
+    system = run.ours_factory(model, ModelPool(), **OURS[name])()
+
+    def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
+        docs = [Document(page_content=p, metadata={"i": i}) for i, p in enumerate(passages)]
+        ms, out = _timed(lambda: system.compress_documents(docs, query))
+        got = {d.metadata["i"]: float(d.metadata["relevance_score"]) for d in out}
+        return ms, [got[i] for i in range(len(passages))]
+
+    return score
+
+
+def _langchain(model: Path) -> Scorer:
+    import run
+    from langchain_core.documents import Document
+
+    system = run.lc_anchor_factory(model)()
+    client = system.model.client  # the sentence-transformers CrossEncoder it wraps
+    seen: list[Any] = []
+    predict = client.predict
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # the reranker drops scores: keep a copy
+        seen.append(out := predict(*args, **kwargs))
+        return out
+
+    client.predict = spy
+
+    def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
+        docs = [Document(page_content=p) for p in passages]
+        seen.clear()
+        ms, _ = _timed(lambda: system.compress_documents(docs, query))
+        return ms, [float(x) for x in seen[-1]]
+
+    return score
+
+
+def _llamaindex(model: Path) -> Scorer:
+    import run
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    system = run.li_anchor_factory(model)()
+
+    def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
+        nodes = [NodeWithScore(node=TextNode(text=p, id_=str(i))) for i, p in enumerate(passages)]
+        ms, out = _timed(lambda: system.postprocess_nodes(nodes, query_str=query))
+        got = {int(n.node.id_): float(n.score or 0.0) for n in out}
+        return ms, [got[i] for i in range(len(passages))]
+
+    return score
+
+
+def _reference(model: Path) -> Scorer:
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(model), device="cpu", model_kwargs={"dtype": torch.float32})
+    return lambda q, ps: _timed(lambda: [float(x) for x in ce.predict([(q, p) for p in ps])])
+
+
+def _isa() -> str:
+    """The dynamic-quantization config a user picks for this CPU (sentence-transformers' names)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if os.uname().machine in ("aarch64", "arm64"):
+        return "arm64"
+    pairs = (("avx512_vnni", "avx512_vnni"), ("avx512f", "avx512"), ("avx2", "avx2"))
+    return next((config for flag, config in pairs if flag in flags), "avx2")
+
+
+def _st_copy(model: Path, work: Path) -> Path:
+    """A copy of the model folder (weights, config, tokenizer) that the exports are saved into."""
+    copy = work / f"st-{model.name}"
+    if not (copy / "config.json").exists():
+        shutil.copytree(model, copy.with_suffix(".tmp"), dirs_exist_ok=True)
+        copy.with_suffix(".tmp").rename(copy)
+    return copy
+
+
+def _st(name: str, model: Path, work: Path) -> Scorer:
+    from sentence_transformers import CrossEncoder
+
+    backend, file_name = ST_FILES[name]
+    file_name = file_name.format(isa=_isa())
+    folder = _st_copy(model, work)
+    base = ST_FILES["st_onnx" if backend == "onnx" else "st_openvino"][1]
+    if not (folder / base).exists():  # first use: the library's own export, saved for reuse
+        CrossEncoder(str(folder), backend=backend).save_pretrained(str(folder))
+    if not (folder / file_name).exists():
+        fp32 = CrossEncoder(str(folder), backend=backend, model_kwargs={"file_name": base})
+        if name == "st_onnx_qint8":
+            from sentence_transformers import export_dynamic_quantized_onnx_model
+
+            export_dynamic_quantized_onnx_model(fp32, _isa(), str(folder))
+        else:
+            from optimum.intel import OVQuantizationConfig
+            from sentence_transformers import export_static_quantized_openvino_model
+
+            calib = work / "calib"  # a local data set: nothing may be downloaded
+            export_static_quantized_openvino_model(
+                fp32,
+                OVQuantizationConfig(num_samples=300),
+                str(folder),
+                dataset_name=str(calib),
+                dataset_config_name="default",
+                dataset_split="train",
+                column_name="sentence",
+            )
+    kwargs: dict[str, Any] = {"file_name": file_name}
+    if name == "st_openvino_fp32":
+        kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32"}
+    ce = CrossEncoder(str(folder), backend=backend, model_kwargs=kwargs)
+    return lambda q, ps: _timed(lambda: [float(x) for x in ce.predict([(q, p) for p in ps])])
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in (
+        *("torch", "transformers", "sentence-transformers", "optimum-intel", "optimum-onnx"),
+        *("openvino", "onnxruntime", "langchain-community", "llama-index-core"),
+    ):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+def load(name: str, model: Path, work: Path) -> Scorer:
+    if name in OURS:
+        return _ours(name, model)
+    if name == "langchain":
+        return _langchain(model)
+    if name == "llamaindex":
+        return _llamaindex(model)
+    if name == "reference_fp32":
+        return _reference(model)
+    if name in ST_FILES:
+        return _st(name, model, work)
+    raise ValueError(f"unknown system {name!r}")
+
+
+def main() -> int:
+    name, model, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # library prints go to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    sys.path.insert(0, str(HERE))
+
+    def say(msg: dict[str, Any]) -> None:
+        proto.write(json.dumps(msg) + "\n")
+        proto.flush()
+
+    t0 = time.perf_counter()
+    try:
+        scorer = load(name, model, work)
+    except ImportError as exc:
+        say({"error": f"not available: {exc}"})
+        return 0
+    except Exception as exc:  # any load failure becomes the row's text
+        traceback.print_exc()
+        say({"error": f"load failed: {type(exc).__name__}: {exc}"[:300]})
+        return 0
+    say({"ready": True, "load_s": time.perf_counter() - t0, "versions": versions()})
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            ms, scores = scorer(request["query"], request["passages"])
+            say({"ms": ms, "scores": scores})
+        except Exception as exc:
+            traceback.print_exc()
+            say({"error": f"request failed: {type(exc).__name__}: {exc}"[:300]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
