@@ -57,10 +57,12 @@ def test_torch_everywhere_but_amx(monkeypatch: pytest.MonkeyPatch, small: str, k
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_amx_small_rerankers_get_openvino(amx: None, small: str, tmp_path: Path) -> None:
+def test_amx_small_models_get_openvino(amx: None, small: str, tmp_path: Path) -> None:
     assert choose_backend("reranker", device="cpu", model=small) == "openvino-cross-encoder"
-    # Measured slower: embedders, the XLM-R large shape; unknown size: no pick on belief.
-    assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
+    assert choose_backend("embedder", device="cpu", model=small) == "openvino-embedder"
+    for dtype in ("bfloat16", "float32"):  # both measured faster than torch's
+        assert choose_backend("reranker", (), "cpu", dtype, small) == "openvino-cross-encoder"
+    # Measured slower: the XLM-R large shape; unknown size: no pick on belief.
     large = model_dir(tmp_path / "large", 1024)
     assert choose_backend("reranker", device="cpu", model=large) == "cross-encoder"
     assert choose_backend("reranker", device="cpu", model=str(tmp_path / "nowhere")) == (
@@ -85,8 +87,7 @@ def test_amx_without_openvino_keeps_torch(
     [
         ({"cpu_kernels": False}, "cpu", "auto"),  # a torch-only option keeps its meaning
         ({"automodel_args": {}}, "cpu", "auto"),
-        ({}, "cpu", "float32"),  # OpenVINO FP32 measured slower than torch FP32
-        ({}, "cpu", "float16"),
+        ({}, "cpu", "float16"),  # no FP16 hint on the CPU: torch
         ({}, "cuda", "auto"),
         ({}, "mps", "auto"),
     ],
@@ -98,14 +99,9 @@ def test_amx_keeps_torch_when_openvino_was_not_measured_faster(
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_bf16_policy_switched_off_keeps_torch(
-    amx: None, small: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("RAG_RERANK_CPU_BF16", "0")
-    cpu_has_native_bf16.cache_clear()
-    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
-    pick = choose_backend("reranker", device="cpu", dtype="bfloat16", model=small)
-    assert pick == "openvino-cross-encoder"
+def test_embedder_options_openvino_does_not_take_keep_torch(amx: None, small: str) -> None:
+    pick = choose_backend("embedder", {"prompts": {"query": "q: "}}, "cpu", "auto", small)
+    assert pick == "sentence-transformers"
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
@@ -115,7 +111,7 @@ def test_adapter_holds_the_pick_and_shares_the_pool_key(amx: None, small: str) -
     assert auto.backend == "openvino-cross-encoder"
     assert auto.spec == named.spec
     assert SharedEmbeddings(model_name=small, backend="auto", device="cpu").backend == (
-        "sentence-transformers"
+        "openvino-embedder"
     )
     from rag_rerank_plugins.llama_index import SharedRerankPostprocessor
 

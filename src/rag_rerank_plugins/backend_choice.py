@@ -4,11 +4,13 @@ Which runtime is fastest for a cross-encoder on a CPU depends on the CPU's matri
 answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6-shaped reranker,
 1 query x 50 SciFact passages, our engine around each runtime; table in ``docs/openvino.md``):
 
-* **Small rerankers (hidden size <= 384, the MiniLM family) on AMX CPUs**: OpenVINO with its
-  BF16 hint (attention fused) is ~1.7x our torch BF16 path, within the quality bound (Spearman
-  0.999, max error 0.8 % of the FP32 score range), so ``auto`` picks ``openvino-cross-encoder``
-  when ``openvino`` and ``onnxruntime`` are installed (extra ``openvino``), every option given is
-  one that backend takes, and the model's ``config.json`` is on this machine to say its size.
+* **Small models (hidden size <= 384, the MiniLM family) on AMX CPUs**: OpenVINO (attention
+  fused, one stream per core) under our engine is ahead of our torch path for rerankers (BF16
+  1.77x, FP32 1.17x; Spearman 0.999, max error 0.8 % of the FP32 score range in BF16) and for
+  embedders (BF16 1.43x, FP32 1.08x; cosine >= 0.99998 to FP32), so ``auto`` picks
+  ``openvino-cross-encoder`` / ``openvino-embedder`` when ``openvino`` and ``onnxruntime`` are
+  installed (extra ``openvino``), every option given is one that backend takes, the dtype is
+  BF16 or FP32, and the model's ``config.json`` is on this machine to say its size.
 * **Large rerankers** (the XLM-R large shape of bge-reranker-v2-m3, hidden size 1024): our torch
   path is 1.6x OpenVINO's, so torch (``cross-encoder``) stays; so does any model whose size is
   not known before the load.
@@ -16,8 +18,10 @@ answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6
   figures there come from capping this AMX machine's instruction set (OpenVINO honours
   ``ONEDNN_MAX_CPU_ISA``, but its MLAS kernels and torch's MKL do not), which is not a
   measurement of those CPUs.
-* **Embedders**: torch (``sentence-transformers``), which measured ahead of ``openvino-embedder``
-  (``benchmarks/embedder_backends.py``).
+
+Figures: 2-core Intel Xeon (AMX, AVX512-BF16), ``benchmarks/cpu_peers.py`` (1 query x 50 SciFact
+passages) and ``benchmarks/embedder_backends.py`` (64 passages), each run interleaved in one
+process; the XLM-R figure from ``benchmarks/peers.py --shape xlmr``.
 
 A GPU (``device`` "cuda"/"mps", or "auto" finding one) always means torch. The pick happens when
 an adapter is built (adapters know whether they need a reranker or an embedder), and the adapter
@@ -48,10 +52,14 @@ KIND_ENV = "RAG_RERANK_CPU_KIND"
 #: put another runtime ahead of torch.
 _MEASURED_FASTEST: dict[tuple[str, CpuKind], tuple[str, int]] = {
     ("reranker", "amx"): ("openvino-cross-encoder", 384),
+    ("embedder", "amx"): ("openvino-embedder", 384),
 }
 _TORCH_DEFAULT = {"reranker": "cross-encoder", "embedder": "sentence-transformers"}
 #: What each non-torch pick needs installed (module names, checked without importing them).
-_NEEDS = {"openvino-cross-encoder": ("openvino", "onnxruntime", "onnx")}
+_NEEDS = {
+    "openvino-cross-encoder": ("openvino", "onnxruntime", "onnx"),
+    "openvino-embedder": ("openvino", "onnxruntime", "onnx"),
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,12 +107,8 @@ def _gpu(device: str) -> bool:
     return torch_available() and resolve_device("auto") != "cpu"
 
 
-def _bf16(dtype: str) -> bool:
-    if dtype == "bfloat16":
-        return True
-    from .policy import cpu_has_native_bf16
-
-    return dtype == "auto" and cpu_has_native_bf16()
+#: The dtypes the OpenVINO picks were measured in ("auto" is one of them on any CPU).
+_MEASURED_DTYPES = ("auto", "bfloat16", "float32")
 
 
 def _hidden_size(model: str | None, options: Mapping[str, Any]) -> int | None:
@@ -138,9 +142,8 @@ def choose_backend(
     ``options``: the options (or their names) the caller passes; a measured-faster backend that
     does not take one of them is skipped (the caller's options keep their meaning). ``model``:
     the name or folder, whose ``config.json`` (local, or in the Hugging Face cache) gives the
-    size the measurement covers; without it torch is the answer. The OpenVINO pick was
-    measured in BF16 only: a float32 (or float16) request, or the BF16 policy switched off
-    (``RAG_RERANK_CPU_BF16=0``), keeps torch."""
+    size the measurement covers; without it torch is the answer. The OpenVINO picks were
+    measured in BF16 and FP32: a float16 request keeps torch."""
     if kind not in _TORCH_DEFAULT:
         raise ConfigurationError(
             f"backend='auto' needs kind 'reranker' or 'embedder', got {kind!r}."
@@ -155,7 +158,7 @@ def choose_backend(
     accepted = backend_info(pick).options
     if accepted is not None and not set(options) <= accepted:
         return fallback
-    if not _bf16(dtype) or _gpu(device):
+    if dtype not in _MEASURED_DTYPES or _gpu(device):
         return fallback
     size = _hidden_size(model, options if isinstance(options, Mapping) else {})
     if size is None or size > largest:
