@@ -4,7 +4,8 @@ oneDNN keeps a compiled kernel (and its scratch memory) per matmul shape; passes
 own longest item gave every pass a new shape and the process grew for thousands of requests.
 Passes are now padded to :func:`~rag_rerank_plugins.engine.shapes.bucket_length`. The fast tests
 check the shapes the model sees and that padding leaves FP32 results alone; the slow one runs the
-reduced form of ``benchmarks/memory_plateau.py`` in a fresh process and bounds RSS growth.
+reduced form of ``benchmarks/memory_plateau.py`` in a fresh process and bounds RSS growth and
+what ``release()`` leaves behind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ pytest.importorskip("sentence_transformers")
 #: 20-350 words each). Measured on a 2-core Xeon (AMX): 2 MiB with buckets, 91 MiB with passes
 #: padded to their longest item (RAG_RERANK_SHAPE_BUCKETS=0, the code before issue 21).
 GROWTH_BOUND_MIB = 40.0
+#: RSS after ``release()`` over RSS before the load, minus 1 (the issue's floor: 10 %). Measured
+#: here: ~+4 % (+20 % before oneDNN's cache was emptied and glibc's arenas trimmed on release).
+RELEASE_BOUND = 0.10
 
 
 def _bench() -> Any:
@@ -110,3 +114,4 @@ def test_rss_levels_off_on_varied_requests(real_ce_path: str) -> None:
     )
     print(result)
     assert result["growth_last_third"] < GROWTH_BOUND_MIB, result
+    assert result["release_ratio"] < RELEASE_BOUND, result
