@@ -188,7 +188,7 @@ def test_base64_is_little_endian_float32(vector: list[float]) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(-1, 1), min_size=4, max_size=32), st.integers(1, 4))
+@given(st.lists(st.floats(-1, 1), min_size=5, max_size=32), st.integers(1, 4))
 def test_shorten_is_the_renormalised_prefix(vector: list[float], n: int) -> None:
     head = np.array(vector[:n])
     scale = np.abs(head).max()  # scaled first: tiny components must not underflow the norm
@@ -196,6 +196,8 @@ def test_shorten_is_the_renormalised_prefix(vector: list[float], n: int) -> None
     got = shorten([vector], n, "dimensions")[0]
     np.testing.assert_allclose(got, want, atol=1e-12)
     assert shorten([vector], n, "d", renormalize=False)[0] == vector[:n]
+    # the model's own size is no shortening: the vector comes back as the model made it
+    assert shorten([vector], len(vector), "dimensions") == [vector]
 
 
 def test_search_units_per_hundred_documents() -> None:

@@ -76,7 +76,8 @@ def shorten(
     vectors: list[list[float]], dimensions: int | None, field: str, *, renormalize: bool = True
 ) -> list[list[float]]:
     """The first ``dimensions`` components of each vector, normalised again unless
-    ``renormalize`` is False (None: unchanged). 400 when ``dimensions`` is larger than the
+    ``renormalize`` is False (None or the model's own size: unchanged, as
+    the model made them). 400 when ``dimensions`` is larger than the
     model's own."""
     if dimensions is None or not vectors:
         return vectors
