@@ -16,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # float32 unless a run asks for the BF16 policy (`RAG_RERANK_CPU_BF16=1`; CI runs the
 # `dtype_policy` tests under both). So the suite behaves the same on AVX2-only and AVX512-BF16 CPUs.
 os.environ.setdefault("RAG_RERANK_CPU_BF16", "0")
+# Nor does the CPU kind (which picks `backend="auto"` and the attention kernel): AVX2 unless the
+# run names one. scripts/test runs the BF16 pass as "amx", so torch's sdpa path for long passes
+# (AMX CPUs) and the tiled kernel (every other CPU) both run the whole suite on any host.
+os.environ.setdefault("RAG_RERANK_CPU_KIND", "avx2")
 
 from pathlib import Path
 

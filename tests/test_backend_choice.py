@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_rerank_plugins import ModelPool, ModelSpec, backend_choice
+from rag_rerank_plugins import ModelPool, ModelSpec, _cpu
 from rag_rerank_plugins.backend_choice import choose_backend, cpu_kind
 from rag_rerank_plugins.exceptions import ConfigurationError
 from rag_rerank_plugins.langchain import SharedEmbeddings, SharedRerankCompressor
@@ -144,7 +144,7 @@ def test_flags_decide_without_override(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"avx2", "fma"}, "avx2"),
         ({"asimd"}, "other"),
     ]:
-        monkeypatch.setattr(backend_choice, "_cpu_flags", lambda f=flags: frozenset(f))
+        monkeypatch.setattr(_cpu, "_cpu_flags", lambda f=flags: frozenset(f))
         assert cpu_kind() == kind
 
 

@@ -1,7 +1,9 @@
 """The CPU kernels of the sentence-transformers backends (option ``cpu_kernels``, default on):
 tiled attention and packed oneDNN linears give the scores and vectors of transformers' own
 kernels, on padded mixed-length batches, under threads; they stay off where they do not apply
-(decoders, quantized layers, ``cpu_kernels=False``); stats say what runs.
+(decoders, quantized layers, ``cpu_kernels=False``); stats say what runs. On AMX CPUs passes of
+48 keys or more go to torch's ``sdpa`` (faster there); the CPU kind comes from
+``RAG_RERANK_CPU_KIND`` in these tests, never from the host.
 
 Float32 comparisons are exact to 1e-5. BF16 is checked against issue 12's quality bound on real
 MiniLM weights (max error <= 2 % of the FP32 score range, Spearman >= 0.99).
@@ -59,9 +61,15 @@ class _Module(torch.nn.Module):
 MODULE = _Module().eval()
 
 
+@pytest.fixture
+def tiled_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU kind whose attention is the tiled kernel at every length."""
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", "avx2")
+
+
 @pytest.mark.parametrize("tile_bytes", [1 << 20, 3000])  # one tile, and one row per tile
 def test_tiled_attention_equals_sdpa_for_every_mask_form(
-    monkeypatch: pytest.MonkeyPatch, tile_bytes: int
+    monkeypatch: pytest.MonkeyPatch, tile_bytes: int, tiled_everywhere: None
 ) -> None:
     monkeypatch.setattr(_cpu_attention, "TILE_BYTES", tile_bytes)
     q, k, v = qkv(3, 4, 9, 8)
@@ -82,7 +90,9 @@ def test_tiled_attention_equals_sdpa_for_every_mask_form(
         torch.testing.assert_close(got, reference(q, k, v, want_mask), atol=1e-5, rtol=1e-5)
 
 
-def test_tiled_attention_bfloat16_is_as_close_as_transformers_eager_attention() -> None:
+def test_tiled_attention_bfloat16_is_as_close_as_transformers_eager_attention(
+    tiled_everywhere: None,
+) -> None:
     """BF16 scores, FP32 softmax: the numerics of transformers' eager attention (the flash
     kernel keeps FP32 scores; at the model level both stay within BF16's quality bound)."""
     from transformers.models.bert.modeling_bert import eager_attention_forward
@@ -97,6 +107,45 @@ def test_tiled_attention_bfloat16_is_as_close_as_transformers_eager_attention() 
     theirs = (eager.float() - want).abs().max().item()
     assert got.dtype == torch.bfloat16
     assert ours <= 1.5 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("kind", "keys", "sdpa_calls"),
+    [
+        ("amx", 47, 0),
+        ("amx", 48, 1),
+        ("amx", 300, 1),
+        ("avx512_bf16", 300, 0),
+        ("avx2", 300, 0),
+        ("other", 300, 0),
+    ],
+)
+def test_long_passes_run_torch_sdpa_only_where_it_was_measured_faster(
+    monkeypatch: pytest.MonkeyPatch, kind: str, keys: int, sdpa_calls: int
+) -> None:
+    from transformers.integrations import sdpa_attention
+
+    calls: list[int] = []
+    real = sdpa_attention.sdpa_attention_forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
+    q, k, v = qkv(3, 4, keys, 8)
+    mask = padding_mask([keys, keys // 2, 1], keys)
+    got, weights = tiled_attention(MODULE, q, k, v, mask)
+    assert len(calls) == sdpa_calls
+    assert weights is None
+    assert got.shape == (3, keys, 4, 8)
+    # Both paths give transformers' layout and sdpa's values; padded queries are don't-care.
+    live = mask[:, 0, 0, :]
+    want = reference(q, k, v, mask)
+    torch.testing.assert_close(got[live], want[live], atol=1e-5, rtol=1e-5)
+    expected = "tiled attention" if kind != "amx" else "below 48 keys, torch's sdpa from 48"
+    assert expected in _cpu_attention.describe()
 
 
 def test_packed_linear_equals_linear_and_fuses_exact_gelu() -> None:
@@ -200,9 +249,11 @@ def mixed_pairs() -> list[tuple[str, str]]:
     return [(q, p) for q in queries for p in passages]
 
 
+@pytest.mark.parametrize("kind", ["avx2", "amx"])  # tiled everywhere / sdpa for long passes
 def test_cross_encoder_scores_equal_transformers_kernels_and_stats_say_which_run(
-    real_ce_path: str, pool: ModelPool
+    real_ce_path: str, pool: ModelPool, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
     pairs = mixed_pairs()
     plain = _spec(real_ce_path, cpu_kernels=False, prune_last_layer=False)
     want = pool.score_pairs(plain, pairs)
@@ -210,6 +261,7 @@ def test_cross_encoder_scores_equal_transformers_kernels_and_stats_say_which_run
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     ours = pool.spec_stats(_spec(real_ce_path, prune_last_layer=False))["kernels"]
     assert ours.startswith("tiled attention")
+    assert ("torch's sdpa from 48" in ours) == (kind == "amx"), ours
     # 6 layers x (q, k, v, attention output, intermediate, output) + pooler; the one-logit
     # classifier stays nn.Linear.
     assert ("37 packed oneDNN linear layers" in ours) == packing_supported("float32"), ours

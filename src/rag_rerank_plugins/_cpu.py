@@ -1,19 +1,38 @@
-"""How many CPU cores this process may really use, and per-thread torch threading.
+"""How many CPU cores this process may really use, what kind of CPU it is, and per-thread torch
+threading.
 
 ``usable_cores`` counts physical cores in the process's affinity mask (SMT siblings once), capped
 by a cgroup v2 CPU quota: the number that matters for compute-bound work in a container, where
 ``os.cpu_count()`` reports the host. ``set_thread_torch_threads`` gives one engine thread its own
-intra-op thread count without changing torch's default for every other thread.
+intra-op thread count without changing torch's default for every other thread. ``cpu_kind``
+names the CPU's matrix units (AMX, AVX512-BF16, AVX2), which decide the fastest backend
+(``backend_choice``) and attention kernel (``backends._cpu_attention``); ``RAG_RERANK_CPU_KIND``
+overrides it, so tests never depend on the host.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["cgroup_cpu_limit", "set_thread_torch_threads", "usable_cores"]
+from .exceptions import ConfigurationError
+
+__all__ = [
+    "CPU_KINDS",
+    "CpuKind",
+    "cgroup_cpu_limit",
+    "cpu_kind",
+    "set_thread_torch_threads",
+    "usable_cores",
+]
+
+CpuKind = Literal["amx", "avx512_bf16", "avx2", "other"]
+CPU_KINDS: tuple[CpuKind, ...] = ("amx", "avx512_bf16", "avx2", "other")
+KIND_ENV = "RAG_RERANK_CPU_KIND"
 
 
 def cgroup_cpu_limit() -> int | None:
@@ -68,3 +87,35 @@ def set_thread_torch_threads(threads: int) -> None:
     restore = threading.Thread(target=torch.set_num_threads, args=(previous,))
     restore.start()
     restore.join()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_kind() -> CpuKind:
+    """This CPU's kind, for the backend and attention-kernel choices (``RAG_RERANK_CPU_KIND``
+    overrides the flags)."""
+    override = os.environ.get(KIND_ENV, "").strip().lower()
+    if override:
+        if override not in CPU_KINDS:
+            raise ConfigurationError(
+                f"{KIND_ENV} must be one of {', '.join(CPU_KINDS)}, got {override!r}."
+            )
+        return override
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if "avx2" in flags:
+        return "avx2"
+    return "other"

@@ -32,21 +32,17 @@ kind, for tests and for machines whose flags lie (some VMs hide AMX).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
+from ._cpu import CPU_KINDS, CpuKind, cpu_kind
 from .backends import backend_info
 from .exceptions import ConfigurationError
 
 __all__ = ["AUTO", "CPU_KINDS", "choose_backend", "cpu_kind"]
 
 AUTO = "auto"
-CpuKind = Literal["amx", "avx512_bf16", "avx2", "other"]
-CPU_KINDS: tuple[CpuKind, ...] = ("amx", "avx512_bf16", "avx2", "other")
-KIND_ENV = "RAG_RERANK_CPU_KIND"
 
 #: ``(kind, CPU kind) -> (backend, largest hidden size measured faster)`` where measurements
 #: put another runtime ahead of torch.
@@ -60,37 +56,6 @@ _NEEDS = {
     "openvino-cross-encoder": ("openvino", "onnxruntime", "onnx"),
     "openvino-embedder": ("openvino", "onnxruntime", "onnx"),
 }
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_kind() -> CpuKind:
-    """This CPU's kind for the backend choice (``RAG_RERANK_CPU_KIND`` overrides the flags)."""
-    override = os.environ.get(KIND_ENV, "").strip().lower()
-    if override:
-        if override not in CPU_KINDS:
-            raise ConfigurationError(
-                f"{KIND_ENV} must be one of {', '.join(CPU_KINDS)}, got {override!r}."
-            )
-        return override
-    flags = _cpu_flags()
-    if "amx_bf16" in flags:
-        return "amx"
-    if "avx512_bf16" in flags:
-        return "avx512_bf16"
-    if "avx2" in flags:
-        return "avx2"
-    return "other"
 
 
 def _installed(modules: Iterable[str]) -> bool:

@@ -6,7 +6,18 @@ query block), so on such heads it spends most of its time in per-call overhead: 
 cross-encoder it took ~40 % of a BF16 request for ~10 % of the FLOPs. Here the scores of as many
 (sequence, head) rows as fit a ~1 MB tile (one core's L2) are computed with one batched GEMM, the
 softmax runs on that tile while it is still in cache, and a second batched GEMM writes the output.
-On the 1 x 50 mixed-passage request that is ~1.9x faster attention and ~10-15 % off the request.
+On the 1 x 50 mixed-passage request that is ~1.9x faster attention and ~10-15 % off the request
+(measured on an AVX512-BF16 EPYC).
+
+**Which CPUs.** On AMX CPUs the flash kernel's GEMMs run on the tile units and the balance turns:
+there torch's ``sdpa`` beat the tiled kernel from 48 keys on (2-core AMX Xeon, torch 2.13,
+[batch, 12 heads, L, 32], ~1024 tokens a pass; time tiled / sdpa, BF16 with 2 threads: L=24 0.66,
+48 1.06, 96 2.06, 192 3.03, 384 3.22; FP32: 0.62, 1.17, 1.33, 1.45, 1.33). The tiled kernel's
+scores, FP32 softmax and casts are memory passes that the fused kernel does not make; it took
+~60 % of a BF16 1 x 50 SciFact request there. So :func:`tiled_attention` hands passes with at
+least :data:`SDPA_FROM_KEYS` keys for the CPU kind (:func:`rag_rerank_plugins._cpu.cpu_kind`,
+``RAG_RERANK_CPU_KIND`` overrides) to transformers' ``sdpa`` function, and keeps the tiled
+kernel for the rest and for every CPU kind where sdpa was not measured faster.
 
 Numerics: scores come out of the GEMM in the model's dtype (as in transformers' ``eager``
 attention), the softmax is computed in FP32, the probabilities are rounded to the model's dtype
@@ -25,12 +36,15 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["ATTENTION_NAME", "tiled_attention", "use_cpu_attention"]
+__all__ = ["ATTENTION_NAME", "SDPA_FROM_KEYS", "describe", "tiled_attention", "use_cpu_attention"]
 
 ATTENTION_NAME = "rag_rerank_cpu"
 #: Bytes of FP32 scores per tile: about one core's L2 (1 MB on Zen 4, 1-2 MB on recent Xeons).
 #: Larger tiles spill to L3 and the softmax becomes memory-bound (measured 2x slower at 4 MB).
 TILE_BYTES = 1 << 20
+#: Per CPU kind: the key length from which torch's ``sdpa`` kernel is faster than the tiled one
+#: (see above). A kind not listed keeps the tiled kernel at every length.
+SDPA_FROM_KEYS: dict[str, int] = {"amx": 48}
 
 _registered = False
 _register_lock = threading.Lock()
@@ -55,15 +69,22 @@ def tiled_attention(
     head_dim] (what transformers' attention functions return) and no weights."""
     import torch
 
-    if (module.training and dropout > 0.0) or kwargs.get("is_causal") or module_is_causal(module):
-        # Training and causal masking are not what this kernel is for: torch's own kernel.
+    kv_len = key.shape[2]
+    sdpa_from = _sdpa_from_keys()
+    if (
+        (module.training and dropout > 0.0)
+        or kwargs.get("is_causal")
+        or module_is_causal(module)
+        or (sdpa_from is not None and kv_len >= sdpa_from)
+    ):
+        # Training and causal masking are not what this kernel is for, and on some CPUs long
+        # passes are faster in torch's own kernel.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     batch, heads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
     if scaling is None:
         scaling = head_dim**-0.5
     rows = batch * heads
@@ -82,6 +103,20 @@ def tiled_attention(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         torch.bmm(probs, v[start:stop], out=out[start:stop])
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2), None
+
+
+def _sdpa_from_keys() -> int | None:
+    from .._cpu import cpu_kind
+
+    return SDPA_FROM_KEYS.get(cpu_kind())
+
+
+def describe() -> str:
+    """What runs attention on this CPU kind, for ``stats()["kernels"]``."""
+    sdpa_from = _sdpa_from_keys()
+    if sdpa_from is None:
+        return "tiled attention"
+    return f"tiled attention below {sdpa_from} keys, torch's sdpa from {sdpa_from}"
 
 
 def module_is_causal(module: Any) -> bool:

@@ -204,7 +204,7 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
         return "" if enabled else "transformers' kernels (cpu_kernels=False)"
     from transformers import PreTrainedModel
 
-    from ._cpu_attention import ATTENTION_NAME, use_cpu_attention
+    from ._cpu_attention import ATTENTION_NAME, describe, use_cpu_attention
     from ._cpu_linear import pack_linears
 
     models = [m for m in module.modules() if isinstance(m, PreTrainedModel)]
@@ -213,7 +213,7 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
     packed = pack_linears(module)
     parts = []
     if ATTENTION_NAME in attention:
-        parts.append("tiled attention")
+        parts.append(describe())
     if packed:
         parts.append(f"{packed} packed oneDNN linear layers")
     return ", ".join(parts) or "transformers' kernels (none of ours applies to this model)"
