@@ -5,15 +5,18 @@ answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6
 1 query x 50 SciFact passages, our engine around each runtime; table in ``docs/openvino.md``):
 
 * **Small models (hidden size <= 384, the MiniLM family) on AMX CPUs**: OpenVINO (attention
-  fused, one stream per core) under our engine is ahead of our torch path for rerankers (BF16
-  1.77x, FP32 1.17x; Spearman 0.999, max error 0.8 % of the FP32 score range in BF16) and for
-  embedders (BF16 1.43x, FP32 1.08x; cosine >= 0.99998 to FP32), so ``auto`` picks
+  fused, one stream per core) under our engine is ahead of or level with our torch path. For
+  rerankers BF16 1.10x and FP32 1.02x (it was 1.77x / 1.17x before our torch path handed long
+  passes to torch's fused attention on AMX); Spearman 0.999, max error 0.8 % of the FP32 score
+  range in BF16. For embedders a tie on 64 passages (BF16 394 vs 399 ms, FP32 1142 vs 1136 ms),
+  but one query in 4.5 vs 8.5 ms (cosine >= 0.99998 to FP32). So ``auto`` picks
   ``openvino-cross-encoder`` / ``openvino-embedder`` when ``openvino`` and ``onnxruntime`` are
   installed (extra ``openvino``), every option given is one that backend takes, the dtype is
   BF16 or FP32, and the model's ``config.json`` is on this machine to say its size.
 * **Large rerankers** (the XLM-R large shape of bge-reranker-v2-m3, hidden size 1024): our torch
-  path is 1.6x OpenVINO's, so torch (``cross-encoder``) stays; so does any model whose size is
-  not known before the load.
+  path and OpenVINO's are level (3.52 vs 3.41 s for 1 x 20, idle, one run), so torch
+  (``cross-encoder``) stays: no IR conversion and no second copy of the weights on disk for no
+  measured gain; so does any model whose size is not known before the load.
 * **Other CPU kinds** (AVX512-BF16 without AMX, AVX2-only, ARM) and GPUs: torch. The only
   figures there come from capping this AMX machine's instruction set (OpenVINO honours
   ``ONEDNN_MAX_CPU_ISA``, but its MLAS kernels and torch's MKL do not), which is not a
