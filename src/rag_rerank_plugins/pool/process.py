@@ -1,9 +1,10 @@
 """Process-wide concerns: the default pool, and what a forked child keeps.
 
-In a child after ``fork`` every lock is new; CUDA/MPS models of the parent are never used (the
-child loads its own); CPU models are kept and shared copy-on-write, which is why ``preload()``
-before forking CPU workers (gunicorn ``--preload``) saves memory. The idle reaper thread is
-started again in the child.
+In a child after ``fork`` every lock is new; CUDA/MPS models of the parent are never used (an
+MPS child loads its own; a CUDA child cannot use CUDA at all once the parent initialised it, and
+:func:`~rag_rerank_plugins.policy.resolve_device` says so with the fix); CPU models are kept and
+shared copy-on-write, which is why ``preload()`` before forking CPU workers (gunicorn
+``--preload``) saves memory. The idle reaper thread is started again in the child.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 
+from ..policy import resolve_device
 from ._state import POOLS, Slot
 from .core import ModelPool
 
@@ -48,6 +50,9 @@ def after_fork(pool: ModelPool) -> None:
 def _after_fork_in_child() -> None:
     global _default_lock
     _default_lock = threading.Lock()
+    # The parent's answers ("auto" -> "cuda:0") do not hold here: CUDA is unusable in a child
+    # forked after the parent initialised it, and resolve_device must say so.
+    resolve_device.cache_clear()
     for pool in list(POOLS):
         if isinstance(pool, ModelPool):
             after_fork(pool)
