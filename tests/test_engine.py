@@ -218,6 +218,44 @@ def test_prepare_workers_prepare_in_parallel_and_results_keep_their_order() -> N
     pool.clear()
 
 
+@pytest.mark.parametrize(
+    ("device", "cores", "asked", "threads"),
+    [
+        ("cuda:0", 16, None, 4),  # a GPU host: a small model is limited by tokenising
+        ("cuda:1", 8, None, 4),
+        ("cuda:0", 4, None, 1),  # too few cores to spare
+        ("cpu", 16, None, 1),  # on the CPU the device workers need the cores
+        ("mps", 16, None, 1),  # not measured
+        ("cuda:0", 16, 2, 2),  # asked for: always what was asked
+        ("cpu", 2, 3, 3),
+    ],
+)
+def test_prepare_threads_default_to_four_on_cuda_hosts_with_cores_to_spare(
+    monkeypatch: pytest.MonkeyPatch, device: str, cores: int, asked: int | None, threads: int
+) -> None:
+    from rag_rerank_plugins import _cpu
+
+    monkeypatch.setattr(_cpu, "usable_cores", lambda: cores)
+    assert EngineConfig(prepare_workers=asked).prepare_threads(device) == threads
+
+
+def test_a_gpu_model_prepares_on_four_threads_by_default_on_a_big_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rag_rerank_plugins import _cpu
+
+    monkeypatch.setattr(_cpu, "usable_cores", lambda: 16)
+    model = _Timed(prepare_s=0.03, forward_s=0.002)  # a simulated GPU ("cuda:sim")
+    pool = _pool(max_batch_size=2)
+    spec = _register(model)
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda i: pool.score_pairs(spec, _pairs(6, f"q{i}")), range(8)))
+    assert [len(r) for r in results] == [6] * 8
+    assert 2 <= len(model.prepare_threads) <= 4
+    assert _max_concurrent(model.intervals, "forward") == 1, "one device worker"
+    pool.clear()
+
+
 def test_a_backend_without_concurrent_prepare_gets_one_prepare_thread() -> None:
     model = _Timed(prepare_s=0.01, forward_s=0.001)
     model.concurrent_prepare = False

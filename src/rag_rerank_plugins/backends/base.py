@@ -20,7 +20,8 @@ The protocol, in the order the engine uses it:
     thread at a time per model, so a backend may use its tokenizer there without locking. A
     backend whose ``prepare`` is safe to run concurrently sets ``concurrent_prepare = True``;
     the engine then prepares with ``EngineConfig.prepare_workers`` threads (TEI's pool of
-    tokenisation workers: on a GPU host, a small model is limited by tokenising, not the GPU).
+    tokenisation workers: on a GPU host, a small model is limited by tokenising, not the GPU;
+    4 by default on CUDA hosts with 8 or more cores).
   - :meth:`LoadedModel.forward` runs on the device worker: host->device copies, the model, and
     *starting* the one device->host copy of the outputs; it returns a pending result.
   - :meth:`LoadedModel.finish` waits for that copy and returns one result per item. The worker

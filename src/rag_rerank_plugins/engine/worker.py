@@ -62,7 +62,7 @@ class Worker:
         self.dimension = model.dimension if isinstance(model, EmbedderModel) else None
         self.prepare_pool: ThreadPoolExecutor | None = None
         if config.pipeline:
-            workers = config.prepare_workers if model.concurrent_prepare else 1
+            workers = config.prepare_threads(model.device) if model.concurrent_prepare else 1
             self.prepare_pool = ThreadPoolExecutor(
                 workers, thread_name_prefix=f"rag-rerank-prepare[{self.name}]"
             )
