@@ -58,8 +58,8 @@ class EngineConfig(ConfigModel):
         description="Threads that prepare (tokenise, collate) micro-batches for one model whose "
         "backend allows it (TEI's tokenisation workers); none: 4 for a CUDA model on a host with "
         "8 or more usable cores, else 1. On a GPU a small model is limited by tokenising (H200, "
-        "16 cores, 16 callers x 10 requests x 20 passages, three runs: MiniLM-L6 1.6-2.4x the "
-        "pairs/s of one thread, XLM-R large 0.9-1.0x); on a busy 2-core CPU box a second thread "
+        "16 cores, 16 callers x 4-10 requests x 20 passages, three runs: MiniLM-L6 1.3-2.4x the "
+        "pairs/s of one thread, XLM-R large 0.9-1.7x); on a busy 2-core CPU box a second thread "
         "lost 10-20 % pairs/s.",
     )
     cpu_workers: int | None = Field(
