@@ -54,15 +54,9 @@ def cpu_has_native_bf16() -> bool:
     override = os.environ.get("RAG_RERANK_CPU_BF16")
     if override is not None:
         return override.strip().lower() in ("1", "true", "yes")
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    from ._cpu import _cpu_flags  # the one reader of /proc/cpuinfo (also cpu_kind's)
+
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
 
 
 @functools.cache
