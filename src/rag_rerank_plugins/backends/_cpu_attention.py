@@ -16,8 +16,9 @@ there torch's ``sdpa`` beat the tiled kernel from 48 keys on (2-core AMX Xeon, t
 scores, FP32 softmax and casts are memory passes that the fused kernel does not make; it took
 ~60 % of a BF16 1 x 50 SciFact request there. So :func:`tiled_attention` hands passes with at
 least :data:`SDPA_FROM_KEYS` keys for the CPU kind (:func:`rag_rerank_plugins._cpu.cpu_kind`,
-``RAG_RERANK_CPU_KIND`` overrides) to transformers' ``sdpa`` function, and keeps the tiled
-kernel for the rest and for every CPU kind where sdpa was not measured faster.
+``RAG_RERANK_CPU_KIND`` overrides) to torch's ``sdpa`` (:mod:`._cpu_sdpa`, which also cuts long
+padded passes sequence by sequence and builds the one-row padding masks both kernels read), and
+keeps the tiled kernel for the rest and for every CPU kind where sdpa was not measured faster.
 
 Numerics: scores come out of the GEMM in the model's dtype (as in transformers' ``eager``
 attention), the softmax is computed in FP32, the probabilities are rounded to the model's dtype
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+
+from ._cpu_sdpa import padding_mask, sdpa_attention  # light: torch is imported inside
 
 __all__ = ["ATTENTION_NAME", "SDPA_FROM_KEYS", "describe", "tiled_attention", "use_cpu_attention"]
 
@@ -79,9 +82,7 @@ def tiled_attention(
     ):
         # Training and causal masking are not what this kernel is for, and on some CPUs long
         # passes are faster in torch's own kernel.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
+        return sdpa_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     batch, heads, q_len, head_dim = query.shape
@@ -164,11 +165,10 @@ def _register() -> None:
         if _registered:
             return
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTENTION_NAME, tiled_attention)
-        # The boolean masks sdpa builds are what tiled_attention reads.
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
         _registered = True
 
 
