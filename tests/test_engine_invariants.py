@@ -26,10 +26,11 @@ A call whose items are clean may still fail when it shared a pass with a harmful
 the engine's choice), but only with a typed error; when nothing harmful was in flight with it and
 it had no timeout, it must succeed.
 
-Three machines: the scheduled path (one device worker, prepare/forward/finish split), parallel
-CPU device workers (``parallel_forward`` with ``cpu_workers=2``), and the direct path
-(``thread_safe=True``). ``RAG_RERANK_ENGINE_EXAMPLES`` sets the examples for all three together
-(default 2000, what CI runs: about a minute on 2 cores; e.g. 200 for a quick local run).
+Three machines: the scheduled path (one device worker, prepare/forward/finish split, with one
+prepare thread or four, pipelined or not), parallel CPU device workers (``parallel_forward``
+with ``cpu_workers=2``), and the direct path (``thread_safe=True``).
+``RAG_RERANK_ENGINE_EXAMPLES`` sets the examples for all three together (default 2000, what CI
+runs: about a minute on 2 cores; e.g. 200 for a quick local run).
 
 Every wait is bounded (a call: its timeout + 2 s, or 5 s), so a wedged engine fails instead of
 hanging; hypothesis then shrinks the failure (minutes: each replay of a hang costs its bound).
@@ -479,8 +480,18 @@ class EngineMachine(RuleBasedStateMachine):
         max_batch=st.sampled_from((1, 2, 3, 8)),
         aging_ms=st.sampled_from((0.0, 10.0, 60_000.0)),
         pipeline=st.booleans(),
+        # 4: the prepare-thread count CUDA models get by default on big hosts, whose passes are
+        # prepared out of order and delivered in order.
+        prepare_workers=st.sampled_from((None, 1, 4)),
     )
-    def start(self, max_wait_ms: float, max_batch: int, aging_ms: float, pipeline: bool) -> None:
+    def start(
+        self,
+        max_wait_ms: float,
+        max_batch: int,
+        aging_ms: float,
+        pipeline: bool,
+        prepare_workers: int | None,
+    ) -> None:
         self.baseline = set(threading.enumerate())  # objects: an ident may be reused
         # Releases and out-of-memory retries run gc.collect(): keep what earlier examples left
         # (hypothesis' own records grow with every example) out of its sight, or the examples
@@ -492,6 +503,7 @@ class EngineMachine(RuleBasedStateMachine):
             max_wait_ms=max_wait_ms,
             bulk_aging_ms=aging_ms,
             pipeline=pipeline,
+            prepare_workers=prepare_workers,
             **extra,
         )
         self.pool = ModelPool(config=config)
