@@ -1,10 +1,13 @@
 """``backend="auto"``: the measured-fastest backend for the CPU kind, never a surprise.
 
 The CPU kind comes from ``RAG_RERANK_CPU_KIND`` here, never the host's flags, so every machine
-runs every case. What a user relies on: AMX CPUs get OpenVINO for rerankers only when it is
-installed, the dtype is BF16 and every option given means something to it; everything else keeps
-torch; the adapter holds the concrete name, so its pool key (one load) equals that of an adapter
-naming the backend; a bad override or a bare ``ModelSpec(backend="auto")`` says what to do.
+runs every case. What a user relies on: AMX CPUs get OpenVINO for small embedders only when it is
+installed, the dtype is BF16 or FP32 and every option given means something to it; rerankers and
+everything else keep torch (measured level there); the adapter holds the concrete name, so its
+pool key (one load) equals that of an adapter naming the backend; a bad override or a bare
+``ModelSpec(backend="auto")`` says what to do; a pick that cannot load the model falls back to
+torch once, with a warning, and is not made again in the process, while a backend the user names
+keeps failing with its own error.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,19 +61,30 @@ def test_torch_everywhere_but_amx(monkeypatch: pytest.MonkeyPatch, small: str, k
     assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
 
 
+@pytest.fixture
+def reranker_pick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measured table as it was before torch caught up for rerankers (OpenVINO for small
+    rerankers on AMX): the mechanism under test does not depend on which row is measured."""
+    from rag_rerank_plugins import backend_choice
+
+    table = {**backend_choice._MEASURED_FASTEST}
+    table["reranker", "amx"] = ("openvino-cross-encoder", 384)
+    monkeypatch.setattr(backend_choice, "_MEASURED_FASTEST", table)
+
+
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_amx_small_models_get_openvino(amx: None, small: str, tmp_path: Path) -> None:
-    assert choose_backend("reranker", device="cpu", model=small) == "openvino-cross-encoder"
+def test_amx_small_embedders_get_openvino(amx: None, small: str, tmp_path: Path) -> None:
     assert choose_backend("embedder", device="cpu", model=small) == "openvino-embedder"
-    for dtype in ("bfloat16", "float32"):  # both measured faster than torch's
-        assert choose_backend("reranker", (), "cpu", dtype, small) == "openvino-cross-encoder"
-    # Measured slower: the XLM-R large shape; unknown size: no pick on belief.
+    for dtype in ("bfloat16", "float32"):  # one query 1.7x faster than torch in both
+        assert choose_backend("embedder", (), "cpu", dtype, small) == "openvino-embedder"
+    # Rerankers: level with torch, which needs no conversion. Large or unknown size: torch.
+    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
     large = model_dir(tmp_path / "large", 1024)
-    assert choose_backend("reranker", device="cpu", model=large) == "cross-encoder"
-    assert choose_backend("reranker", device="cpu", model=str(tmp_path / "nowhere")) == (
-        "cross-encoder"
+    assert choose_backend("embedder", device="cpu", model=large) == "sentence-transformers"
+    assert choose_backend("embedder", device="cpu", model=str(tmp_path / "nowhere")) == (
+        "sentence-transformers"
     )
-    assert choose_backend("reranker", device="cpu") == "cross-encoder"
+    assert choose_backend("embedder", device="cpu") == "sentence-transformers"
 
 
 def test_amx_without_openvino_keeps_torch(
@@ -78,7 +94,7 @@ def test_amx_without_openvino_keeps_torch(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a)
     )
-    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
+    assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
@@ -93,7 +109,7 @@ def test_amx_without_openvino_keeps_torch(
     ],
 )
 def test_amx_keeps_torch_when_openvino_was_not_measured_faster(
-    amx: None, small: str, options: dict[str, object], device: str, dtype: str
+    amx: None, reranker_pick: None, small: str, options: dict[str, object], device: str, dtype: str
 ) -> None:
     assert choose_backend("reranker", options, device, dtype, small) == "cross-encoder"
 
@@ -105,7 +121,9 @@ def test_embedder_options_openvino_does_not_take_keep_torch(amx: None, small: st
 
 
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
-def test_adapter_holds_the_pick_and_shares_the_pool_key(amx: None, small: str) -> None:
+def test_adapter_holds_the_pick_and_shares_the_pool_key(
+    amx: None, reranker_pick: None, small: str
+) -> None:
     auto = SharedRerankCompressor(model=small, backend="auto", device="cpu")
     named = SharedRerankCompressor(model=small, backend="openvino-cross-encoder", device="cpu")
     assert auto.backend == "openvino-cross-encoder"
@@ -151,7 +169,11 @@ def test_flags_decide_without_override(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
 def test_auto_reranks_like_the_backend_it_names(
-    amx: None, tiny_ce_path: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+    amx: None,
+    reranker_pick: None,
+    tiny_ce_path: str,
+    tmp_path: object,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from langchain_core.documents import Document
 
@@ -167,3 +189,120 @@ def test_auto_reranks_like_the_backend_it_names(
         d.metadata for d in named.compress_documents(docs, "a query")
     ]
     assert [s["loads"] for s in pool.stats().values()] == [1]  # one model, one load
+
+
+# -- a pick that cannot load falls back to torch -------------------------------------------------
+
+
+@pytest.fixture
+def failing_openvino(
+    amx: None, reranker_pick: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, list[str]]]:
+    """OpenVINO "installed" and picked on this AMX kind, but every load of it fails the way an
+    export the runtime cannot do fails (a foreign exception in the loader)."""
+    from rag_rerank_plugins import backend_choice
+    from rag_rerank_plugins import backends as registry
+
+    monkeypatch.setattr(backend_choice, "_installed", lambda modules: True)
+    attempts: dict[str, list[str]] = {"openvino-cross-encoder": [], "openvino-embedder": []}
+
+    def failing(name: str) -> Any:
+        def load(spec: ModelSpec, provider: object) -> Any:
+            attempts[name].append(spec.model)
+            raise RuntimeError("Exporting the model to ONNX failed: unsupported operator")
+
+        return load
+
+    for name in attempts:
+        row = registry._REGISTRY[name]
+        monkeypatch.setitem(registry._REGISTRY, name, replace(row, target=failing(name)))
+    backend_choice.forget_failed_picks()
+    yield attempts
+    backend_choice.forget_failed_picks()
+
+
+def test_auto_pick_that_cannot_load_falls_back_to_torch_once(
+    failing_openvino: dict[str, list[str]], tiny_ce_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retriever built per request with backend="auto": the first request falls back to
+    torch with a warning; later adapters pick torch at once (no conversion retried per request),
+    and the scores are the torch backend's."""
+    from langchain_core.documents import Document
+
+    from rag_rerank_plugins.backend_choice import failed_picks
+
+    pool = ModelPool()
+    docs = [Document(page_content=t, metadata={"i": i}) for i, t in enumerate(TEXTS)]
+    named = SharedRerankCompressor(model=tiny_ce_path, backend="cross-encoder", pool=pool)
+    want = [d.metadata for d in named.compress_documents(docs, "capital of France")]
+    first = SharedRerankCompressor(model=tiny_ce_path, backend="auto", pool=pool)
+    assert first.backend == "openvino-cross-encoder"
+    with caplog.at_level("WARNING", logger="rag_rerank_plugins"):
+        got = first.compress_documents(docs, "capital of France")
+    assert [d.metadata for d in got] == want
+    assert first.backend == "cross-encoder"
+    assert "failed to load it" in caplog.text
+    assert "using cross-encoder instead" in caplog.text
+    assert ("openvino-cross-encoder", tiny_ce_path) in failed_picks()
+    for _ in range(3):
+        later = SharedRerankCompressor(model=tiny_ce_path, backend="auto", pool=pool)
+        assert later.backend == "cross-encoder"
+        assert [d.metadata for d in later.compress_documents(docs, "capital of France")] == want
+    assert failing_openvino["openvino-cross-encoder"] == [tiny_ce_path]  # one attempt in all
+    assert pool.spec_stats(named.spec)["loads"] == 1  # torch's model, loaded once
+    loads = sorted((s["backend"], s["loads"], s["load_failures"]) for s in pool.stats().values())
+    assert loads == [("cross-encoder", 1, 0), ("openvino-cross-encoder", 0, 1)]
+
+
+async def test_auto_fallback_on_the_async_path(
+    failing_openvino: dict[str, list[str]], tiny_ce_path: str
+) -> None:
+    from langchain_core.documents import Document
+
+    pool = ModelPool()
+    docs = [Document(page_content=t) for t in TEXTS]
+    auto = SharedRerankCompressor(model=tiny_ce_path, backend="auto", pool=pool, top_n=3)
+    got = await auto.acompress_documents(docs, "capital of France")
+    assert len(got) == 3
+    assert auto.backend == "cross-encoder"
+
+
+def test_auto_embedder_falls_back_and_named_backends_never_do(
+    failing_openvino: dict[str, list[str]], minilm_path: str
+) -> None:
+    from rag_rerank_plugins.exceptions import ModelLoadError
+
+    pool = ModelPool()
+    auto = SharedEmbeddings(model_name=minilm_path, backend="auto", pool=pool)
+    assert auto.backend == "openvino-embedder"
+    vectors = auto.embed_documents(TEXTS)
+    assert auto.backend == "sentence-transformers"
+    named = SharedEmbeddings(model_name=minilm_path, backend="sentence-transformers", pool=pool)
+    assert vectors == named.embed_documents(TEXTS)
+    # Naming the failing backend is a choice: its load error is the answer, every time.
+    chosen = SharedEmbeddings(model_name=minilm_path, backend="openvino-embedder", pool=pool)
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="unsupported operator"):
+            chosen.embed_documents(TEXTS)
+    assert chosen.backend == "openvino-embedder"
+
+
+def test_a_missing_model_is_not_retried_on_torch(
+    failing_openvino: dict[str, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rag_rerank_plugins import backends as registry
+    from rag_rerank_plugins.exceptions import ModelNotFoundError
+
+    small = model_dir(tmp_path / "gone", 384)
+
+    def not_found(spec: ModelSpec, provider: object) -> Any:
+        raise ModelNotFoundError(spec.model, "openvino-cross-encoder", "no such folder")
+
+    row = replace(registry._REGISTRY["openvino-cross-encoder"], target=not_found)
+    monkeypatch.setitem(registry._REGISTRY, "openvino-cross-encoder", row)
+    auto = SharedRerankCompressor(model=small, backend="auto", pool=ModelPool())
+    with pytest.raises(ModelNotFoundError):
+        auto.rank_texts("q", TEXTS)
+    assert auto.backend == "openvino-cross-encoder"  # nothing to fall back to: the model is gone

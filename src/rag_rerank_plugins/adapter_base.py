@@ -8,6 +8,7 @@ microseconds and why ``release()`` frees memory even while adapters exist.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -18,15 +19,22 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from ._stock import hf_model_kwargs, lift_spec_fields
-from .backend_choice import AUTO, choose_backend
+from .backend_choice import AUTO, choose_backend, note_failed_pick, torch_backend
 from .backends import backend_info, check_options
-from .exceptions import ConfigurationError, InvalidInputError
+from .exceptions import (
+    ConfigurationError,
+    InvalidInputError,
+    MissingDependencyError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from .handle import ModelHandle
 from .pool import ModelPool, get_pool
 from .ranking import Ranked, rank, validate_threshold, validate_top_n
@@ -143,6 +151,10 @@ class SharedModelFields(BaseModel):
         "served as interactive, so it never starves.",
     )
 
+    #: The backend ``backend="auto"`` picked when it is not torch, until its first load
+    #: succeeded (:meth:`_confirm_auto_pick`); None otherwise.
+    _unconfirmed_pick: str | None = PrivateAttr(default=None)
+
     @field_validator("max_length", "batch_size", mode="before", check_fields=False)
     @classmethod
     def _strict_ints(cls, value: Any, info: ValidationInfo) -> Any:
@@ -183,6 +195,8 @@ class SharedModelFields(BaseModel):
             options = {**self.model_kwargs, **self._extra_options()}
             model = getattr(self, self._model_field)
             self.backend = choose_backend(self._kind, options, self.device, self.dtype, model)
+            if self.backend != torch_backend(self._kind):
+                self._unconfirmed_pick = self.backend
         info = backend_info(self.backend)
         if info.kind != self._kind:
             article = {"reranker": "a reranker", "embedder": "an embedder"}
@@ -215,6 +229,46 @@ class SharedModelFields(BaseModel):
     def _pool(self) -> ModelPool:
         return self.pool if self.pool is not None else get_pool()
 
+    # ``backend="auto"``: a measured pick that cannot load this model (an export or conversion
+    # its runtime fails on, or a runtime installed but not importable) falls back to torch
+    # once, with a warning, instead of failing every call; auto then answers torch for that
+    # model in this process (backend_choice).
+
+    def _confirm_auto_pick(self) -> None:
+        pick = self._unconfirmed_pick
+        if pick is None or self.backend != pick:
+            return
+        try:
+            self._pool().get(self.spec)
+        except ModelNotFoundError:
+            raise  # no backend can load a model that is not there
+        except (ModelLoadError, MissingDependencyError) as exc:
+            fallback = torch_backend(self._kind)
+            logger.warning(
+                "rag-rerank: backend='auto' picked %s for %s, which failed to load it (%s); "
+                "using %s instead. Name a backend to choose yourself.",
+                pick,
+                self.spec.model,
+                exc,
+                fallback,
+            )
+            note_failed_pick(pick, str(getattr(self, self._model_field)))
+            self.backend = fallback
+        self._unconfirmed_pick = None
+
+    def _checked_spec(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` after the auto pick is confirmed (or replaced by torch's)."""
+        if self._unconfirmed_pick is not None:
+            self._confirm_auto_pick()
+        if spec.backend != self.backend:
+            return dataclasses.replace(spec, backend=self.backend)
+        return spec
+
+    async def _achecked_spec(self, spec: ModelSpec) -> ModelSpec:
+        if self._unconfirmed_pick is not None:  # the first load runs off the event loop
+            await asyncio.to_thread(self._confirm_auto_pick)
+        return self._checked_spec(spec)
+
     # The pool calls of every adapter, with this adapter's scheduling lane, each in an
     # OpenTelemetry span when opentelemetry-api is installed (rag_rerank_plugins.tracing).
 
@@ -227,34 +281,38 @@ class SharedModelFields(BaseModel):
     def _pool_score(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
     ) -> list[float]:
+        spec = self._checked_spec(spec)
         with self._span("rerank", spec, len(pairs), batch_size):
             return self._pool().score_pairs(spec, pairs, batch_size, priority=self.priority)
 
     async def _pool_ascore(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
     ) -> list[float]:
+        spec = await self._achecked_spec(spec)
         with self._span("rerank", spec, len(pairs), batch_size):
             return await self._pool().ascore_pairs(spec, pairs, batch_size, priority=self.priority)
 
     def _pool_embed(
         self, spec: ModelSpec, texts: Sequence[str], batch_size: int, **kw: Any
     ) -> list[list[float]]:
+        spec = self._checked_spec(spec)
         with self._span("embed", spec, len(texts), batch_size):
             return self._pool().embed(spec, texts, batch_size, priority=self.priority, **kw)
 
     async def _pool_aembed(
         self, spec: ModelSpec, texts: Sequence[str], batch_size: int, **kw: Any
     ) -> list[list[float]]:
+        spec = await self._achecked_spec(spec)
         with self._span("embed", spec, len(texts), batch_size):
             return await self._pool().aembed(spec, texts, batch_size, priority=self.priority, **kw)
 
     def handle(self) -> ModelHandle:
         """The shared handle (loads on first use). Prefer the adapter methods for calls."""
-        return self._pool().get(self.spec)
+        return self._pool().get(self._checked_spec(self.spec))
 
     def preload(self, warmup: bool = True) -> None:
         """Load the model now (and run one tiny forward pass), e.g. at application start-up."""
-        self._pool().preload(self.spec, warmup=warmup)
+        self._pool().preload(self._checked_spec(self.spec), warmup=warmup)
 
     def stats(self) -> dict[str, Any]:
         """This model's pool counters (loads, calls, items, device, dtype, ...)."""
@@ -358,7 +416,8 @@ class RerankSettings(SharedModelFields):
     def _window_plan(
         self, query: str, texts: Sequence[str], settings: WindowSettings
     ) -> WindowPlan:
-        return windower_for(self._pool().get(self.spec).model).plan(query, texts, settings)
+        spec = self._checked_spec(self.spec)
+        return windower_for(self._pool().get(spec).model).plan(query, texts, settings)
 
     @staticmethod
     def _check_query(query: Any) -> str:

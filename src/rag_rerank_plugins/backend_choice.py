@@ -4,19 +4,20 @@ Which runtime is fastest for a cross-encoder on a CPU depends on the CPU's matri
 answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6-shaped reranker,
 1 query x 50 SciFact passages, our engine around each runtime; table in ``docs/openvino.md``):
 
-* **Small models (hidden size <= 384, the MiniLM family) on AMX CPUs**: OpenVINO (attention
-  fused, one stream per core) under our engine is ahead of or level with our torch path. For
-  rerankers BF16 1.10x and FP32 1.02x (it was 1.77x / 1.17x before our torch path handed long
-  passes to torch's fused attention on AMX); Spearman 0.999, max error 0.8 % of the FP32 score
-  range in BF16. For embedders a tie on 64 passages (BF16 394 vs 399 ms, FP32 1142 vs 1136 ms),
-  but one query in 4.5 vs 8.5 ms (cosine >= 0.99998 to FP32). So ``auto`` picks
-  ``openvino-cross-encoder`` / ``openvino-embedder`` when ``openvino`` and ``onnxruntime`` are
-  installed (extra ``openvino``), every option given is one that backend takes, the dtype is
-  BF16 or FP32, and the model's ``config.json`` is on this machine to say its size.
-* **Large rerankers** (the XLM-R large shape of bge-reranker-v2-m3, hidden size 1024): our torch
-  path and OpenVINO's are level (3.52 vs 3.41 s for 1 x 20, idle, one run), so torch
-  (``cross-encoder``) stays: no IR conversion and no second copy of the weights on disk for no
-  measured gain; so does any model whose size is not known before the load.
+* **Small embedders (hidden size <= 384, the MiniLM family) on AMX CPUs**: OpenVINO (attention
+  fused, one stream per core) under our engine embeds one query in 7.4 ms against torch's 12.6
+  (1.7x; the call a RAG request waits for), 64 passages in 463 vs 439 ms (torch 1.05x); cosine
+  >= 0.99998 to FP32. So ``auto`` picks ``openvino-embedder`` when ``openvino`` and
+  ``onnxruntime`` are installed (extra ``openvino``), every option given is one that backend
+  takes, the dtype is BF16 or FP32, and the model's ``config.json`` is on this machine to say its
+  size.
+* **Rerankers**, small and large: torch (``cross-encoder``). Small (MiniLM-L6, 1 x 50 SciFact):
+  OpenVINO BF16 633 vs torch 644 ms (1.02x), FP32 1856 vs 1801 ms (torch 1.03x), since torch's
+  path cuts padded keys from long attention passes; OpenVINO had been 1.10x / 1.02x ahead, and
+  ``auto`` picked it until then. The XLM-R large shape of bge-reranker-v2-m3: level (4.15 vs
+  4.26 s for 1 x 20, idle, one run). Level speed buys nothing for an IR conversion at the first
+  load and a second copy of the weights on disk; so does any model whose size is not known
+  before the load.
 * **Other CPU kinds** (AVX512-BF16 without AMX, AVX2-only, ARM) and GPUs: torch. The only
   figures there come from capping this AMX machine's instruction set (OpenVINO honours
   ``ONEDNN_MAX_CPU_ISA``, but its MLAS kernels and torch's MKL do not), which is not a
@@ -29,13 +30,18 @@ process; the XLM-R figure from ``benchmarks/peers.py --shape xlmr``.
 A GPU (``device`` "cuda"/"mps", or "auto" finding one) always means torch. The pick happens when
 an adapter is built (adapters know whether they need a reranker or an embedder), and the adapter
 then holds the concrete name, so its pool key equals that of an adapter naming the backend.
-``RAG_RERANK_CPU_KIND`` (``amx``, ``avx512_bf16``, ``avx2``, ``other``) overrides the detected
-kind, for tests and for machines whose flags lie (some VMs hide AMX).
+If that pick then fails to load the model (an export its runtime cannot do), the adapter falls
+back to torch with a warning and :func:`note_failed_pick` keeps ``auto`` from making the pick
+for that model again in this process (a retriever built per request would otherwise retry the
+conversion on every request). ``RAG_RERANK_CPU_KIND`` (``amx``, ``avx512_bf16``, ``avx2``,
+``other``) overrides the detected kind, for tests and for machines whose flags lie (some VMs
+hide AMX).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -43,14 +49,22 @@ from ._cpu import CPU_KINDS, CpuKind, cpu_kind
 from .backends import backend_info
 from .exceptions import ConfigurationError
 
-__all__ = ["AUTO", "CPU_KINDS", "choose_backend", "cpu_kind"]
+__all__ = [
+    "AUTO",
+    "CPU_KINDS",
+    "choose_backend",
+    "cpu_kind",
+    "failed_picks",
+    "forget_failed_picks",
+    "note_failed_pick",
+    "torch_backend",
+]
 
 AUTO = "auto"
 
 #: ``(kind, CPU kind) -> (backend, largest hidden size measured faster)`` where measurements
 #: put another runtime ahead of torch.
 _MEASURED_FASTEST: dict[tuple[str, CpuKind], tuple[str, int]] = {
-    ("reranker", "amx"): ("openvino-cross-encoder", 384),
     ("embedder", "amx"): ("openvino-embedder", 384),
 }
 _TORCH_DEFAULT = {"reranker": "cross-encoder", "embedder": "sentence-transformers"}
@@ -59,6 +73,36 @@ _NEEDS = {
     "openvino-cross-encoder": ("openvino", "onnxruntime", "onnx"),
     "openvino-embedder": ("openvino", "onnxruntime", "onnx"),
 }
+
+
+#: ``(backend, model)`` picks whose load failed in this process (an export or conversion the
+#: runtime could not do): ``auto`` answers torch for them from then on, so an adapter built per
+#: request does not retry a failing conversion on every request.
+_failed: set[tuple[str, str]] = set()
+_failed_lock = threading.Lock()
+
+
+def note_failed_pick(backend: str, model: str) -> None:
+    """Remember that ``backend`` (an ``auto`` pick) failed to load ``model`` in this process."""
+    with _failed_lock:
+        _failed.add((backend, model))
+
+
+def failed_picks() -> frozenset[tuple[str, str]]:
+    """The ``(backend, model)`` picks ``auto`` no longer makes in this process."""
+    with _failed_lock:
+        return frozenset(_failed)
+
+
+def forget_failed_picks() -> None:
+    """Let ``auto`` try every measured pick again (e.g. after installing a fixed runtime)."""
+    with _failed_lock:
+        _failed.clear()
+
+
+def torch_backend(kind: str) -> str:
+    """The torch backend ``auto`` falls back to for a ``kind`` ("reranker"/"embedder")."""
+    return _TORCH_DEFAULT[kind]
 
 
 def _installed(modules: Iterable[str]) -> bool:
@@ -111,7 +155,8 @@ def choose_backend(
     does not take one of them is skipped (the caller's options keep their meaning). ``model``:
     the name or folder, whose ``config.json`` (local, or in the Hugging Face cache) gives the
     size the measurement covers; without it torch is the answer. The OpenVINO picks were
-    measured in BF16 and FP32: a float16 request keeps torch."""
+    measured in BF16 and FP32: a float16 request keeps torch. A pick that failed to load this
+    model in this process (:func:`note_failed_pick`, done by the adapters) is not made again."""
     if kind not in _TORCH_DEFAULT:
         raise ConfigurationError(
             f"backend='auto' needs kind 'reranker' or 'embedder', got {kind!r}."
@@ -129,6 +174,6 @@ def choose_backend(
     if dtype not in _MEASURED_DTYPES or _gpu(device):
         return fallback
     size = _hidden_size(model, options if isinstance(options, Mapping) else {})
-    if size is None or size > largest:
+    if size is None or size > largest or (pick, str(model)) in failed_picks():
         return fallback
     return pick

@@ -259,7 +259,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     def _named_prompts(self) -> tuple[dict[str, str] | None, str | None]:
         """The loaded model's (prompts, default_prompt_name); (None, None) for a backend without
         named prompts (its own prompt handling applies). Loads the model on first use."""
-        spec = self.spec
+        spec = self._checked_spec(self.spec)
         cached = self._prompt_cache.get(spec)
         if cached is None:
             model = self._pool().get(spec).model
