@@ -37,7 +37,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ._cpu_sdpa import padding_mask, sdpa_attention  # light: torch is imported inside
+from ._cpu_sdpa import (  # light: torch is imported inside
+    PER_SEQUENCE_FROM_KEYS,
+    padding_mask,
+    sdpa_attention,
+)
 
 __all__ = ["ATTENTION_NAME", "SDPA_FROM_KEYS", "describe", "tiled_attention", "use_cpu_attention"]
 
@@ -117,7 +121,10 @@ def describe() -> str:
     sdpa_from = _sdpa_from_keys()
     if sdpa_from is None:
         return "tiled attention"
-    return f"tiled attention below {sdpa_from} keys, torch's sdpa from {sdpa_from}"
+    return (
+        f"tiled attention below {sdpa_from} keys, torch's sdpa from {sdpa_from} (padded passes "
+        f"of {PER_SEQUENCE_FROM_KEYS}+ keys per sequence)"
+    )
 
 
 def module_is_causal(module: Any) -> bool:
