@@ -256,3 +256,53 @@ def test_cross_encoder_on_amx_cuts_long_passes_and_keeps_the_scores(
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     pruned = pool.score_pairs(spec(prune_last_layer=True), pairs)
     np.testing.assert_allclose(pruned, want, atol=1e-5, rtol=1e-5)
+
+
+# -- the CPU pass size that goes with these kernels ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "kernels", "device", "want"),
+    [
+        ("amx", "bfloat16", True, "cpu", 1536),
+        ("amx", "float32", True, "cpu", None),  # AVX-512 FP32 linears: best at the default
+        ("amx", "bfloat16", False, "cpu", None),  # transformers' kernels: not what was measured
+        ("avx512_bf16", "bfloat16", True, "cpu", None),  # not measured there
+        ("avx2", "bfloat16", True, "cpu", None),
+        ("amx", "bfloat16", True, "cuda:0", None),
+    ],
+)
+def test_torch_models_prefer_bigger_cpu_passes_only_in_bf16_on_amx(
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    dtype: str,
+    kernels: bool,
+    device: str,
+    want: int | None,
+) -> None:
+    from rag_rerank_plugins.backends._torch_common import cpu_token_budget
+
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
+    assert cpu_token_budget(device, dtype, kernels) == want
+
+
+@pytest.mark.parametrize(("kind", "budget"), [("amx", 1536), ("avx2", 1024)])
+def test_the_pool_runs_the_models_preferred_budget_unless_told_otherwise(
+    real_ce_path: str, monkeypatch: pytest.MonkeyPatch, kind: str, budget: int
+) -> None:
+    from rag_rerank_plugins.engine_config import EngineConfig
+
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
+    spec = ModelSpec(real_ce_path, device="cpu", dtype="bfloat16")
+    pairs = long_pairs()[:4]
+    default = ModelPool()
+    default.score_pairs(spec, pairs)
+    assert default.spec_stats(spec)["token_budget"] == budget
+    told = ModelPool(config=EngineConfig(token_budget=700))
+    told.score_pairs(spec, pairs)
+    assert told.spec_stats(spec)["token_budget"] == 700
+    fp32 = ModelSpec(real_ce_path, device="cpu", dtype="float32")
+    default.score_pairs(fp32, pairs)
+    assert default.spec_stats(fp32)["token_budget"] == 1024
+    default.clear()
+    told.clear()

@@ -307,6 +307,11 @@ def test_engine_config_from_env() -> None:
         EngineConfig.from_env({"RAG_RERANK_PIPELINE": "maybe"})
     assert EngineConfig().tokens_per_batch("cpu") == 1024
     assert EngineConfig(token_budget=100).tokens_per_batch("cuda:0") == 100
+    # A model's kernels may prefer another CPU budget; the pool's explicit one always wins.
+    assert EngineConfig().tokens_per_batch("cpu", 1536) == 1536
+    assert EngineConfig(token_budget=100).tokens_per_batch("cpu", 1536) == 100
+    assert EngineConfig().tokens_per_batch("cuda:0", 1536) == 16384
+    assert EngineConfig().tokens_per_batch("cpu", 0) == 1024
     with pytest.raises(ValueError, match="positive"):
         EngineConfig(max_queue=0)
 

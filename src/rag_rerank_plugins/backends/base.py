@@ -186,6 +186,9 @@ class LoadedModel(ABC):
     kernels: str = ""
     #: Longest input in tokens (batch shapes use it to cap estimates); None: unknown.
     max_tokens: int | None = None
+    #: Padded tokens a CPU pass should hold for this model's kernels when the pool's
+    #: ``EngineConfig.token_budget`` is not set; None: the engine's CPU default.
+    cpu_token_budget: int | None = None
 
     @abstractmethod
     def run(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:

@@ -35,6 +35,7 @@ from ._torch_common import (
     bind_torch_worker,
     cpu_kernels,
     cpu_kernels_option,
+    cpu_token_budget,
     features_to,
     loading_errors,
     module_bytes,
@@ -188,6 +189,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     assert mode is not None
     reranker = FlagReranker(flag, spec.device, spec.dtype, mode, label)
     reranker.kernels = kernels
+    reranker.cpu_token_budget = cpu_token_budget(reranker.device, reranker.dtype, kernels_on)
     return reranker
 
 

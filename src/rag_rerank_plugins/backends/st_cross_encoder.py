@@ -30,6 +30,7 @@ from ._torch_common import (
     HostCopy,
     bind_torch_worker,
     cpu_kernels_option,
+    cpu_token_budget,
     features_to,
     import_optional,
     loading_errors,
@@ -184,4 +185,5 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
         in_use = reranker_kernels(model, spec.device, kernels, prune)
     reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode, label)
     reranker.kernels = in_use
+    reranker.cpu_token_budget = cpu_token_budget(reranker.device, reranker.dtype, kernels)
     return reranker

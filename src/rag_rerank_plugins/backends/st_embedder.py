@@ -21,6 +21,7 @@ from ._torch_common import (
     bind_torch_worker,
     cpu_kernels,
     cpu_kernels_option,
+    cpu_token_budget,
     features_to,
     import_optional,
     loading_errors,
@@ -184,4 +185,5 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
         in_use = cpu_kernels(model, spec.device, kernels)
     embedder = SentenceTransformerEmbedder(model, spec.device, spec.dtype)
     embedder.kernels = in_use
+    embedder.cpu_token_budget = cpu_token_budget(embedder.device, embedder.dtype, kernels)
     return embedder

@@ -56,7 +56,7 @@ class Worker:
         self.name = queue.name
         self.device = model.device
         self.wait_s = config.wait_seconds(model.device)
-        self.budget = config.tokens_per_batch(model.device)
+        self.budget = config.tokens_per_batch(model.device, model.cpu_token_budget)
         metrics.token_budget = self.budget
         self.scale = TokenScale(model.max_tokens or 512)
         self.dimension = model.dimension if isinstance(model, EmbedderModel) else None
