@@ -28,7 +28,7 @@ from transformers.masking_utils import (
 )
 
 from rag_rerank_plugins import ModelPool, ModelSpec
-from rag_rerank_plugins.backends import _cpu_sdpa
+from rag_rerank_plugins.backends import _cpu_packed, _cpu_sdpa
 from rag_rerank_plugins.backends._cpu_attention import tiled_attention
 from rag_rerank_plugins.backends._cpu_sdpa import (
     padding_mask,
@@ -238,6 +238,9 @@ def test_cross_encoder_on_amx_cuts_long_passes_and_keeps_the_scores(
     real_ce_path: str, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RAG_RERANK_CPU_KIND", "amx")
+    # BERT-family encoders run such passes on packed rows (test_cpu_packed.py); the padded cut
+    # serves every other encoder on our attention: switch packing off to reach it here.
+    monkeypatch.setattr(_cpu_packed, "_packable", lambda *a: None)
     cut: list[int] = []
     real = _cpu_sdpa._per_sequence_sdpa
     monkeypatch.setattr(

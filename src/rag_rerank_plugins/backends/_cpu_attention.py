@@ -39,6 +39,8 @@ from typing import Any
 
 from ._cpu_sdpa import (  # light: torch is imported inside
     PER_SEQUENCE_FROM_KEYS,
+    active,
+    packed_attention,
     padding_mask,
     sdpa_attention,
 )
@@ -76,6 +78,9 @@ def tiled_attention(
     head_dim] (what transformers' attention functions return) and no weights."""
     import torch
 
+    packing = active()
+    if packing is not None and key.shape[0] == 1 and attention_mask is None:
+        return packed_attention(packing, query, key, value, scaling), None
     kv_len = key.shape[2]
     sdpa_from = _sdpa_from_keys()
     if (
@@ -116,15 +121,17 @@ def _sdpa_from_keys() -> int | None:
     return SDPA_FROM_KEYS.get(cpu_kind())
 
 
-def describe() -> str:
-    """What runs attention on this CPU kind, for ``stats()["kernels"]``."""
+def describe(packed_from: int | None = None) -> str:
+    """What runs attention on this CPU kind, for ``stats()["kernels"]``; ``packed_from``: the
+    model's encoders run passes of that many keys and more on packed rows (:mod:`._cpu_packed`)."""
     sdpa_from = _sdpa_from_keys()
     if sdpa_from is None:
         return "tiled attention"
-    return (
-        f"tiled attention below {sdpa_from} keys, torch's sdpa from {sdpa_from} (padded passes "
-        f"of {PER_SEQUENCE_FROM_KEYS}+ keys per sequence)"
-    )
+    if packed_from is not None:
+        how = f"passes of {max(sdpa_from, packed_from)}+ keys on packed rows, per sequence"
+    else:
+        how = f"padded passes of {PER_SEQUENCE_FROM_KEYS}+ keys per sequence"
+    return f"tiled attention below {sdpa_from} keys, torch's sdpa from {sdpa_from} ({how})"
 
 
 def module_is_causal(module: Any) -> bool:

@@ -28,6 +28,7 @@ import types
 from typing import Any
 
 from ._cpu_attention import ATTENTION_NAME  # light: torch is imported inside its functions
+from ._cpu_sdpa import active
 
 __all__ = ["CLASSIFIERS", "first_token_last_layer"]
 
@@ -100,6 +101,8 @@ _STATEFUL = ("encoder_hidden_states", "past_key_values", "past_key_value", "cach
 def _first_token_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The layer's forward for position 0 only: [batch, seq, hidden] -> [batch, 1, hidden]. A
     call this does not cover goes to the layer's own forward, with its arguments untouched."""
+    import torch
+
     attention = self.attention.self
     interface = _attention_function(attention)
     try:
@@ -120,12 +123,19 @@ def _first_token_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return self._rag_rerank_full_forward(*args, **kwargs)
     for key in (*_STATEFUL, "encoder_attention_mask"):
         extra.pop(key, None)
-    batch, length = hidden_states.shape[:2]
-    first = hidden_states[:, :1]
+    rows, length = hidden_states.shape[:2]  # [batch, seq] or, packed, [1, rows of the block]
+    packing = active()
+    if packing is not None and rows == 1 and attention_mask is None:
+        # A packed pass (._cpu_packed): each sequence's first token is its first row.
+        starts = torch.tensor(packing.offsets, device=hidden_states.device)
+        first = hidden_states[0].index_select(0, starts).unsqueeze(1)
+    else:
+        first = hidden_states[:, :1]
+    batch = first.shape[0]
     width = attention.attention_head_size
     query = attention.query(first).view(batch, 1, -1, width).transpose(1, 2)
-    key = attention.key(hidden_states).view(batch, length, -1, width).transpose(1, 2)
-    value = attention.value(hidden_states).view(batch, length, -1, width).transpose(1, 2)
+    key = attention.key(hidden_states).view(rows, length, -1, width).transpose(1, 2)
+    value = attention.value(hidden_states).view(rows, length, -1, width).transpose(1, 2)
     if attention_mask is not None and attention_mask.shape[-2] > 1:
         attention_mask = attention_mask[:, :, :1, :]
     scaling = attention.scaling

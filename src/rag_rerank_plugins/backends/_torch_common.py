@@ -213,7 +213,9 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
     packed = pack_linears(module)
     parts = []
     if ATTENTION_NAME in attention:
-        parts.append(describe())
+        from ._cpu_packed import PACK_FROM_KEYS, pack_encoders
+
+        parts.append(describe(PACK_FROM_KEYS if pack_encoders(module) else None))
     if packed:
         parts.append(f"{packed} packed oneDNN linear layers")
     return ", ".join(parts) or "transformers' kernels (none of ours applies to this model)"
