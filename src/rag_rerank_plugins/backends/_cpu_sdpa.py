@@ -247,6 +247,19 @@ class Packing:
             at += rows
         self.used = at
         self.total = -(-at // BLOCK_STEP) * BLOCK_STEP
+        self._masks: dict[int, Any] = {}
+
+    def key_mask(self, i: int, device: Any) -> Any:
+        """Sequence ``i``'s key mask for sdpa ([1, 1, 1, rows], True on its real tokens), or
+        None when it fills its rows; built once per pass, read by every layer."""
+        if self.rows[i] == self.lengths[i]:
+            return None
+        if i not in self._masks:
+            import torch
+
+            keys = torch.arange(self.rows[i], device=device) < self.lengths[i]
+            self._masks[i] = keys.view(1, 1, 1, self.rows[i])
+        return self._masks[i]
 
 
 def active() -> Packing | None:
@@ -261,7 +274,6 @@ def packed_attention(
     ``query`` is the same (every row) or [batch, heads, 1, dim] (each sequence's first row, the
     pruned last layer). Returns [1, total, heads, dim] or [batch, 1, heads, dim]; rows outside
     the sequences stay zero (no real token reads them)."""
-    import torch
     import torch.nn.functional as F
 
     heads, head_dim = query.shape[1], query.shape[3]
@@ -270,13 +282,9 @@ def packed_attention(
         out = query.new_zeros((query.shape[0], 1, heads, head_dim))
     else:
         out = query.new_zeros((1, query.shape[2], heads, head_dim))
-    for i, (start, rows, length) in enumerate(
-        zip(packing.offsets, packing.rows, packing.lengths, strict=True)
-    ):
+    for i, (start, rows) in enumerate(zip(packing.offsets, packing.rows, strict=True)):
         stop = start + rows
-        mask = None
-        if rows != length:
-            mask = (torch.arange(rows, device=query.device) < length).view(1, 1, 1, rows)
+        mask = packing.key_mask(i, query.device)
         q = query[i : i + 1] if first_only else query[:, :, start:stop]
         got = F.scaled_dot_product_attention(
             q, key[:, :, start:stop], value[:, :, start:stop], attn_mask=mask, scale=scaling
