@@ -15,7 +15,7 @@ answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6
   OpenVINO BF16 633 vs torch 644 ms (1.02x), FP32 1856 vs 1801 ms (torch 1.03x), since torch's
   path cuts padded keys from long attention passes; OpenVINO had been 1.10x / 1.02x ahead, and
   ``auto`` picked it until then. The XLM-R large shape of bge-reranker-v2-m3: level before
-  that (4.15 vs 4.26 s for 1 x 20, idle, one run); since, our torch default is 1.27x the
+  that (4.15 vs 4.26 s for 1 x 20, idle, one run); since, our torch default is 1.25-1.27x the
   one-line OpenVINO peer. Level speed buys nothing for an IR conversion at the first load and a
   second copy of the weights on disk; torch also serves any model whose size is not known
   before the load.
