@@ -27,7 +27,7 @@ from rag_rerank_plugins import ModelPool, ModelSpec
 from rag_rerank_plugins.backends import _cpu_packed, _cpu_sdpa
 from rag_rerank_plugins.backends._cpu_attention import use_cpu_attention
 from rag_rerank_plugins.backends._cpu_packed import pack_encoders
-from rag_rerank_plugins.backends._first_token import first_token_last_layer
+from rag_rerank_plugins.backends._first_token import CLASSIFIERS, first_token_last_layer
 
 SIZES = {
     "hidden_size": 32,
@@ -38,12 +38,10 @@ SIZES = {
     "max_position_embeddings": 340,
     "num_labels": 1,
 }
+#: Every classifier family the pruned last layer serves, with its config class.
 FAMILIES = {
-    "BertForSequenceClassification": transformers.BertConfig,
-    "RobertaForSequenceClassification": transformers.RobertaConfig,
-    "XLMRobertaForSequenceClassification": transformers.XLMRobertaConfig,
-    "CamembertForSequenceClassification": transformers.CamembertConfig,
-    "ElectraForSequenceClassification": transformers.ElectraConfig,
+    name: getattr(transformers, name.replace("ForSequenceClassification", "Config"))
+    for name in CLASSIFIERS
 }
 
 
