@@ -27,6 +27,7 @@ from typing import Any
 
 from ._cpu_attention import ATTENTION_NAME, _sdpa_from_keys
 from ._cpu_sdpa import Packing, active, packing_state, prefix_lengths
+from ._first_token import _STATEFUL as LAYER_STATEFUL
 from ._first_token import _recording_outputs
 
 __all__ = ["pack_encoders", "sequence_rows"]
@@ -36,7 +37,7 @@ __all__ = ["pack_encoders", "sequence_rows"]
 #: 270.7 vs 260.3 ms, 256.6 vs 253.9, -, 253.4 vs 253.3; SciFact 1 x 50 level.
 PACK_FROM_KEYS = 64
 #: Arguments that carry state from elsewhere (cross-attention, a KV cache): the own forward.
-_STATEFUL = ("encoder_hidden_states", "past_key_values", "past_key_value", "cache", "use_cache")
+_STATEFUL = (*LAYER_STATEFUL, "use_cache")
 
 
 def sequence_rows(packing: Packing, kv_len: int, device: Any) -> Any:

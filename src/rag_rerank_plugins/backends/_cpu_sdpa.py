@@ -32,6 +32,7 @@ Standard transformers / torch imports happen inside the functions: importing thi
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -240,13 +241,9 @@ class Packing:
     def __init__(self, lengths: list[int], kv_len: int) -> None:
         self.lengths = lengths
         self.rows = [min(kv_len, _round_up(n)) for n in lengths]
-        self.offsets: list[int] = []
-        at = 0
-        for rows in self.rows:
-            self.offsets.append(at)
-            at += rows
-        self.used = at
-        self.total = -(-at // BLOCK_STEP) * BLOCK_STEP
+        self.offsets = list(itertools.accumulate(self.rows[:-1], initial=0))
+        self.used = sum(self.rows)
+        self.total = -(-self.used // BLOCK_STEP) * BLOCK_STEP
         self._masks: dict[int, Any] = {}
 
     def key_mask(self, i: int, device: Any) -> Any:
