@@ -26,7 +26,13 @@ import torch
 from rag_rerank_plugins import ModelPool, ModelSpec
 from rag_rerank_plugins.backends import _cpu_attention
 from rag_rerank_plugins.backends._cpu_attention import tiled_attention, use_cpu_attention
-from rag_rerank_plugins.backends._cpu_linear import PackedLinear, pack_linears, packing_supported
+from rag_rerank_plugins.backends._cpu_linear import (
+    PackedLinear,
+    fuse_residual_adds,
+    pack_linears,
+    packing_supported,
+)
+from rag_rerank_plugins.backends._first_token import CLASSIFIERS, first_token_last_layer
 from rag_rerank_plugins.exceptions import ConfigurationError
 
 F = torch.nn.functional
@@ -198,6 +204,82 @@ def test_pack_linears_keeps_outputs_and_fuses_only_exact_gelu() -> None:
         packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
         assert sum(m.gelu for m in packed) == fused
         assert isinstance(model.classifier, torch.nn.Linear)
+
+
+def _tiny_classifier(name: str) -> Any:
+    import transformers
+
+    config = getattr(transformers, name.replace("ForSequenceClassification", "Config"))(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=40,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, name)(config).eval()
+
+
+@pytest.mark.parametrize("prune", [False, True])
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS))
+def test_residual_adds_fuse_into_every_family_and_keep_the_logits(name: str, prune: bool) -> None:
+    """Each layer's two add-and-norm blocks take the fused add; the logits stay those of the
+    unpacked model, padded or not, with and without the pruned last layer (its blocks read a
+    first-row slice as the residual)."""
+    if not packing_supported("float32"):
+        pytest.skip("this torch build has no oneDNN linear operators")
+    model = _tiny_classifier(name)
+    ids = torch.randint(5, 100, (3, 13), generator=torch.Generator().manual_seed(2))
+    mask = (torch.arange(13)[None, :] < torch.tensor([[13], [7], [1]])).long()
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        assert pack_linears(model) > 0
+        assert fuse_residual_adds(model) == 2 * 3
+        assert fuse_residual_adds(model) == 0  # a second call changes nothing
+        if prune:
+            assert first_token_last_layer(model) == 1
+        calls: list[int] = []
+        real_add = PackedLinear.forward_add
+
+        def counted(self: PackedLinear, x: Any, other: Any) -> Any:
+            calls.append(1)
+            return real_add(self, x, other)
+
+        PackedLinear.forward_add = counted  # type: ignore[method-assign]
+        try:
+            got = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            PackedLinear.forward_add = real_add  # type: ignore[method-assign]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2 * 3
+
+
+def test_fused_add_blocks_run_their_own_forward_in_training_mode() -> None:
+    """Dropout belongs to training; a model put back in training mode must not skip it."""
+    if not packing_supported("float32"):
+        pytest.skip("this torch build has no oneDNN linear operators")
+    model = _tiny_classifier("BertForSequenceClassification")
+    pack_linears(model)
+    fuse_residual_adds(model)
+    block = model.bert.encoder.layer[0].output
+    x, residual = torch.randn(2, 5, 96), torch.randn(2, 5, 64)
+    block.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        trained = block(x, residual)
+        torch.manual_seed(3)
+        dense = block.dense(x)
+        torch.manual_seed(3)
+        expected = block.LayerNorm(block.dropout(dense) + residual)
+    block.eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        torch.testing.assert_close(trained, expected)
+        torch.testing.assert_close(
+            block(x, residual), block.LayerNorm(dense + residual), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_nothing_is_packed_where_oneDNN_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -197,15 +197,16 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
 
     Every Hugging Face model inside ``module`` (a sentence-transformers model holds one) gets
     tiled attention if it is a bidirectional encoder, and its ``nn.Linear`` layers are packed for
-    oneDNN. Called after the dtype is final; dynamically quantized layers are not ``nn.Linear``
-    and stay as they are. The returned text ends up in the load log and in ``stats()``.
+    oneDNN (GELU and BERT-style residual adds fused into them). Called after the dtype is final;
+    dynamically quantized layers are not ``nn.Linear`` and stay as they are. The returned text
+    ends up in the load log and in ``stats()``.
     """
     if not enabled or not str(device).startswith("cpu"):
         return "" if enabled else "transformers' kernels (cpu_kernels=False)"
     from transformers import PreTrainedModel
 
     from ._cpu_attention import ATTENTION_NAME, describe, use_cpu_attention
-    from ._cpu_linear import pack_linears
+    from ._cpu_linear import fuse_residual_adds, pack_linears
 
     models = [m for m in module.modules() if isinstance(m, PreTrainedModel)]
     inner = {id(c) for m in models for c in m.modules() if c is not m}
@@ -217,7 +218,9 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
 
         parts.append(describe(PACK_FROM_KEYS if pack_encoders(module) else None))
     if packed:
-        parts.append(f"{packed} packed oneDNN linear layers")
+        fused = fuse_residual_adds(module)
+        adds = f" ({fused} with their residual add)" if fused else ""
+        parts.append(f"{packed} packed oneDNN linear layers{adds}")
     return ", ".join(parts) or "transformers' kernels (none of ours applies to this model)"
 
 
