@@ -141,7 +141,9 @@ def _st_copy(model: Path, work: Path) -> Path:
     return copy
 
 
-def _st(name: str, model: Path, work: Path) -> Scorer:
+def _st_export(name: str, model: Path, work: Path) -> tuple[Path, str]:
+    """The model copy and the file of ``name``'s export, made once by sentence-transformers'
+    own export functions and reused (FlashRank and fastembed read the same ONNX files)."""
     from sentence_transformers import CrossEncoder
 
     backend, file_name = ST_FILES[name]
@@ -170,11 +172,88 @@ def _st(name: str, model: Path, work: Path) -> Scorer:
                 dataset_split="train",
                 column_name="sentence",
             )
+    return folder, file_name
+
+
+def _st(name: str, model: Path, work: Path) -> Scorer:
+    from sentence_transformers import CrossEncoder
+
+    folder, file_name = _st_export(name, model, work)
     kwargs: dict[str, Any] = {"file_name": file_name}
     if name == "st_openvino_fp32":
         kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32"}
-    ce = CrossEncoder(str(folder), backend=backend, model_kwargs=kwargs)
+    ce = CrossEncoder(str(folder), backend=ST_FILES[name][0], model_kwargs=kwargs)
     return lambda q, ps: _timed(lambda: [float(x) for x in ce.predict([(q, p) for p in ps])])
+
+
+def _flashrank(name: str, model: Path, work: Path) -> Scorer:
+    """FlashRank's ``Ranker`` on the model's ONNX export (``flashrank``: FP32, as
+    ``st_onnx``; ``flashrank_qint8``: dynamically quantized, as FlashRank ships its own models).
+
+    FlashRank loads only the names of its catalogue, from ``cache_dir/<name>/<its file name>``
+    plus the tokenizer files, and downloads anything missing; so the export goes, offline, into
+    one catalogue slot (the TinyBERT one, whose file name carries no quantization suffix). Its
+    scores are the sigmoid of a one-logit head, like ``CrossEncoder.predict``'s."""
+    from flashrank import Ranker, RerankRequest
+    from flashrank.Config import model_file_map
+    from transformers import AutoTokenizer
+
+    folder, file_name = _st_export("st_onnx_qint8" if "qint8" in name else "st_onnx", model, work)
+    slot = "ms-marco-TinyBERT-L-2-v2"
+    cache = work / name
+    target = cache / slot
+    if not (target / model_file_map[slot]).exists():
+        staging = cache / f"{slot}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(staging))
+        shutil.copy(folder / "config.json", staging / "config.json")
+        shutil.copy(folder / file_name, staging / model_file_map[slot])
+        staging.rename(target)
+    ranker = Ranker(model_name=slot, cache_dir=str(cache), max_length=512)
+
+    def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
+        request = RerankRequest(query, [{"id": i, "text": p} for i, p in enumerate(passages)])
+        ms, out = _timed(lambda: ranker.rerank(request))
+        got = {r["id"]: float(r["score"]) for r in out}
+        return ms, [got[i] for i in range(len(passages))]
+
+    return score
+
+
+def _fastembed(name: str, model: Path, work: Path) -> Scorer:
+    """fastembed's ``TextCrossEncoder`` on the FP32 ONNX export, registered as a custom model
+    and loaded from a local folder (``specific_model_path``: nothing is downloaded).
+
+    fastembed truncates to the smaller of ``model_max_length`` and ``max_length`` in
+    tokenizer_config.json, and the packaged MiniLM's carries a stray ``max_length: 128`` (every
+    other system reads 512 tokens): its copy drops that key. It returns raw logits; the
+    sentence-transformers sigmoid is applied here so the quality columns compare."""
+    import math
+
+    from fastembed.common.model_description import ModelSource
+    from fastembed.rerank.cross_encoder import TextCrossEncoder
+
+    source, file_name = _st_export("st_onnx", model, work)
+    folder = work / "fastembed" / source.name
+    if not (folder / file_name).exists():
+        staging = folder.with_suffix(".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        config = json.loads((staging / "tokenizer_config.json").read_text())
+        config.pop("max_length", None)
+        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        staging.rename(folder)
+    custom = f"local/{model.name}"
+    if custom.lower() not in {m["model"].lower() for m in TextCrossEncoder.list_supported_models()}:
+        TextCrossEncoder.add_custom_model(custom, ModelSource(hf=custom), model_file=file_name)
+    encoder = TextCrossEncoder(custom, specific_model_path=str(folder))
+
+    def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
+        ms, logits = _timed(lambda: list(encoder.rerank(query, passages)))
+        return ms, [1 / (1 + math.exp(-float(x))) for x in logits]
+
+    return score
 
 
 def versions() -> dict[str, str]:
@@ -184,6 +263,7 @@ def versions() -> dict[str, str]:
     for dist in (
         *("torch", "transformers", "sentence-transformers", "optimum-intel", "optimum-onnx"),
         *("openvino", "onnxruntime", "langchain-community", "llama-index-core"),
+        *("flashrank", "fastembed"),
     ):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
@@ -201,6 +281,10 @@ def load(name: str, model: Path, work: Path) -> Scorer:
         return _reference(model)
     if name in ST_FILES:
         return _st(name, model, work)
+    if name in ("flashrank", "flashrank_qint8"):
+        return _flashrank(name, model, work)
+    if name == "fastembed":
+        return _fastembed(name, model, work)
     raise ValueError(f"unknown system {name!r}")
 
 

@@ -7,7 +7,8 @@ benchmarks/cpu_peers.py runs everything in one process, so it cannot run the rea
 sentence-transformers ``backend="onnx"``/``"openvino"`` peers: optimum-intel and optimum-onnx pin
 transformers below 5, and .venv has transformers 5. Here each system is a child
 (benchmarks/peer_worker.py) in its own venv: ours, LangChain and LlamaIndex under this Python
-(.venv), the sentence-transformers peers under ``.venv-peers/bin/python``
+(.venv), the sentence-transformers peers, FlashRank and fastembed (both on the
+sentence-transformers ONNX exports, loaded from local folders) under ``.venv-peers/bin/python``
 (``RAG_RERANK_PEERS_VENV``). Each child loads its model and warms up (2 requests), then every
 round sends the SAME request to each system in turn (drift hits each alike); the child times the
 user's one call and returns the scores. Quality: Spearman and max abs error as a % of the score
@@ -53,7 +54,9 @@ OURS = (
 )
 STOCK = ("langchain", "llamaindex")
 ST_PEERS = ("st_onnx", "st_onnx_qint8", "st_openvino", "st_openvino_fp32", "st_openvino_int8")
-ALL = (*OURS, *STOCK, *ST_PEERS)
+#: Offline CPU rerankers on ONNX Runtime, fed the sentence-transformers ONNX exports (.venv-peers).
+ORT_PEERS = ("flashrank", "flashrank_qint8", "fastembed")
+ALL = (*OURS, *STOCK, *ST_PEERS, *ORT_PEERS)
 XLMR_DEFAULT = ("ours_default", "ours_openvino_bf16", "st_openvino", "langchain")
 ANCHOR = "langchain"
 XLMR_NOTE = (
@@ -149,7 +152,7 @@ def max_err_pct(got: list[float], want: list[float]) -> float:
 
 
 def python_for(name: str) -> tuple[Path | None, str]:
-    if name in ST_PEERS:
+    if name in ST_PEERS or name in ORT_PEERS:
         python = peers_python()
         if not python.exists():
             return None, f"not available: {python.parent.parent} missing (bash scripts/setup-peers)"
@@ -260,6 +263,8 @@ def stack_of(name: str, versions: dict[str, str]) -> str:
         keys = ["sentence-transformers", optimum, *keys]
     elif name in STOCK:
         keys = ["sentence-transformers", *keys]
+    elif name in ORT_PEERS:
+        keys = [name.split("_")[0], "onnxruntime"]
     return ", ".join(f"{k} {versions[k].split('+')[0]}" for k in keys if k in versions)
 
 
