@@ -282,6 +282,23 @@ def test_fused_add_blocks_run_their_own_forward_in_training_mode() -> None:
         )
 
 
+def test_fused_add_blocks_leave_mixed_dtypes_and_broadcasts_to_their_own_forward() -> None:
+    """What the plain ``dense(x) + residual`` would promote or broadcast is not the oneDNN
+    operator's to guess: such calls run the block's class forward and give its result."""
+    if not packing_supported("float32"):
+        pytest.skip("this torch build has no oneDNN linear operators")
+    model = _tiny_classifier("BertForSequenceClassification")
+    pack_linears(model)
+    fuse_residual_adds(model)
+    block = model.bert.encoder.layer[0].output
+    x = torch.randn(2, 5, 96)
+    with torch.inference_mode():
+        dense = block.dense(x)
+        for residual in (torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 1, 64)):
+            want = block.LayerNorm(dense + residual)
+            torch.testing.assert_close(block(x, residual), want)
+
+
 def test_nothing_is_packed_where_oneDNN_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     from rag_rerank_plugins.backends import _cpu_linear
 

@@ -125,8 +125,14 @@ _ADD_NORM_BLOCKS = frozenset(
 
 def _dense_add_norm(self: Any, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> Any:
     """The block's forward with the residual add fused into its packed ``dense``; dropout is
-    the identity at inference, and a module put in training mode runs its class's forward."""
-    if self.training:
+    the identity at inference. A module put in training mode, and a residual of another dtype
+    or shape than the layer's output (which the unfused add would promote or broadcast), run
+    the class's forward."""
+    if (
+        self.training
+        or input_tensor.dtype != hidden_states.dtype
+        or input_tensor.shape[:-1] != hidden_states.shape[:-1]
+    ):
         return type(self).forward(self, hidden_states, input_tensor)
     return self.LayerNorm(self.dense.forward_add(hidden_states, input_tensor))
 
