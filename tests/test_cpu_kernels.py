@@ -256,14 +256,19 @@ def test_residual_adds_fuse_into_every_family_and_keep_the_logits(name: str, pru
     assert len(calls) == 2 * 3
 
 
-def test_fused_add_blocks_run_their_own_forward_in_training_mode() -> None:
-    """Dropout belongs to training; a model put back in training mode must not skip it."""
+def _fused_output_block() -> Any:
+    """The first layer's ``BertOutput`` of a tiny classifier, packed with its add fused."""
     if not packing_supported("float32"):
         pytest.skip("this torch build has no oneDNN linear operators")
     model = _tiny_classifier("BertForSequenceClassification")
     pack_linears(model)
     fuse_residual_adds(model)
-    block = model.bert.encoder.layer[0].output
+    return model.bert.encoder.layer[0].output
+
+
+def test_fused_add_blocks_run_their_own_forward_in_training_mode() -> None:
+    """Dropout belongs to training; a model put back in training mode must not skip it."""
+    block = _fused_output_block()
     x, residual = torch.randn(2, 5, 96), torch.randn(2, 5, 64)
     block.train()
     torch.manual_seed(3)
@@ -285,12 +290,7 @@ def test_fused_add_blocks_run_their_own_forward_in_training_mode() -> None:
 def test_fused_add_blocks_leave_mixed_dtypes_and_broadcasts_to_their_own_forward() -> None:
     """What the plain ``dense(x) + residual`` would promote or broadcast is not the oneDNN
     operator's to guess: such calls run the block's class forward and give its result."""
-    if not packing_supported("float32"):
-        pytest.skip("this torch build has no oneDNN linear operators")
-    model = _tiny_classifier("BertForSequenceClassification")
-    pack_linears(model)
-    fuse_residual_adds(model)
-    block = model.bert.encoder.layer[0].output
+    block = _fused_output_block()
     x = torch.randn(2, 5, 96)
     with torch.inference_mode():
         dense = block.dense(x)
