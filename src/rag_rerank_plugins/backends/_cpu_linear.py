@@ -25,6 +25,8 @@ from typing import Any
 
 import torch  # this module is imported only by the torch backends' loaders
 
+from ._first_token import BERT_FAMILIES
+
 __all__ = ["PackedLinear", "fuse_residual_adds", "pack_linears", "packing_supported"]
 
 log = logging.getLogger("rag_rerank_plugins")
@@ -115,11 +117,9 @@ def _is_exact_gelu(act: Any) -> bool:
 
 
 #: transformers' blocks computing ``LayerNorm(dropout(dense(hidden)) + input)`` (read in
-#: transformers 5.x: BERT, RoBERTa, XLM-R, ELECTRA, CamemBERT; MiniLM checkpoints are BERT).
+#: transformers 5.x) in the BERT-structured families.
 _ADD_NORM_BLOCKS = frozenset(
-    f"{family}{part}"
-    for family in ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert")
-    for part in ("SelfOutput", "Output")
+    f"{family}{part}" for family in BERT_FAMILIES for part in ("SelfOutput", "Output")
 )
 
 
@@ -159,8 +159,8 @@ def pack_linears(model: Any) -> int:
 
     Fuses GELU where a block holds ``dense`` followed by ``intermediate_act_fn`` (BERT, RoBERTa,
     XLM-R, MiniLM, ELECTRA and their kin); :func:`fuse_residual_adds` then fuses their residual
-    adds. Returns the number of layers packed; 0 when packing is
-    not supported for the model's dtype, or the model is not on the CPU.
+    adds. Returns the number of layers packed; 0 when packing is not supported for the model's
+    dtype, or the model is not on the CPU.
     """
     first = next(iter(model.parameters()), None)
     if first is None or first.device.type != "cpu":

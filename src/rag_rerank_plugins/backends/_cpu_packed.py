@@ -28,7 +28,7 @@ from typing import Any
 from ._cpu_attention import ATTENTION_NAME, _sdpa_from_keys
 from ._cpu_sdpa import Packing, active, packing_state, prefix_lengths
 from ._first_token import _STATEFUL as LAYER_STATEFUL
-from ._first_token import _recording_outputs
+from ._first_token import BERT_FAMILIES, _recording_outputs
 
 __all__ = ["pack_encoders", "sequence_rows"]
 
@@ -72,9 +72,7 @@ def pack_encoders(model: Any) -> int:
     return switched
 
 
-_ENCODERS = frozenset(
-    {"BertEncoder", "RobertaEncoder", "XLMRobertaEncoder", "CamembertEncoder", "ElectraEncoder"}
-)
+_ENCODERS = frozenset(f"{family}Encoder" for family in BERT_FAMILIES)
 
 
 def _packable(module: Any, hidden_states: Any, attention_mask: Any, extra: dict[str, Any]) -> Any:

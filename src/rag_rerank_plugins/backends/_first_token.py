@@ -30,19 +30,14 @@ from typing import Any
 from ._cpu_attention import ATTENTION_NAME  # light: torch is imported inside its functions
 from ._cpu_sdpa import active
 
-__all__ = ["CLASSIFIERS", "first_token_last_layer"]
+__all__ = ["BERT_FAMILIES", "CLASSIFIERS", "first_token_last_layer"]
 
-#: Sequence classifiers whose head reads only position 0 of the last layer, and whose layers have
-#: BERT's structure (attention.self.{query,key,value}, attention.output, intermediate, output).
-CLASSIFIERS = frozenset(
-    {
-        "BertForSequenceClassification",
-        "RobertaForSequenceClassification",
-        "XLMRobertaForSequenceClassification",
-        "CamembertForSequenceClassification",
-        "ElectraForSequenceClassification",
-    }
-)
+#: transformers' model families whose encoder layers have BERT's structure (attention.self.
+#: {query,key,value}, attention.output, intermediate, output; MiniLM checkpoints are BERT): the
+#: class-name prefixes the pruned last layer, packed rows and fused residual adds recognise.
+BERT_FAMILIES = ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra")
+#: Sequence classifiers of those families: their head reads only position 0 of the last layer.
+CLASSIFIERS = frozenset(f"{family}ForSequenceClassification" for family in BERT_FAMILIES)
 #: Attention implementations whose 4-D masks are [batch, 1, q_len, kv_len] (or None), so the
 #: first query row is a slice. Flash / flex attention take other mask forms: left alone.
 _MASK_FORMS = frozenset({"sdpa", "eager", ATTENTION_NAME})
