@@ -132,13 +132,20 @@ def _isa() -> str:
     return next((config for flag, config in pairs if flag in flags), "avx2")
 
 
+def _built_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """``folder``, made by ``build`` into a staging folder renamed into place, so a run killed
+    mid-way leaves no half-built folder that a later run would take as done."""
+    if not folder.exists():
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        build(staging)
+        staging.rename(folder)
+    return folder
+
+
 def _st_copy(model: Path, work: Path) -> Path:
     """A copy of the model folder (weights, config, tokenizer) that the exports are saved into."""
-    copy = work / f"st-{model.name}"
-    if not (copy / "config.json").exists():
-        shutil.copytree(model, copy.with_suffix(".tmp"), dirs_exist_ok=True)
-        copy.with_suffix(".tmp").rename(copy)
-    return copy
+    return _built_once(work / f"st-{model.name}", lambda tmp: shutil.copytree(model, tmp))
 
 
 def _st_export(name: str, model: Path, work: Path) -> tuple[Path, str]:
@@ -201,15 +208,14 @@ def _flashrank(name: str, model: Path, work: Path) -> Scorer:
     folder, file_name = _st_export("st_onnx_qint8" if "qint8" in name else "st_onnx", model, work)
     slot = "ms-marco-TinyBERT-L-2-v2"
     cache = work / name
-    target = cache / slot
-    if not (target / model_file_map[slot]).exists():
-        staging = cache / f"{slot}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def build(staging: Path) -> None:
         staging.mkdir(parents=True)
         AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(staging))
         shutil.copy(folder / "config.json", staging / "config.json")
         shutil.copy(folder / file_name, staging / model_file_map[slot])
-        staging.rename(target)
+
+    _built_once(cache / slot, build)
     ranker = Ranker(model_name=slot, cache_dir=str(cache), max_length=512)
 
     def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
@@ -235,15 +241,14 @@ def _fastembed(name: str, model: Path, work: Path) -> Scorer:
     from fastembed.rerank.cross_encoder import TextCrossEncoder
 
     source, file_name = _st_export("st_onnx", model, work)
-    folder = work / "fastembed" / source.name
-    if not (folder / file_name).exists():
-        staging = folder.with_suffix(".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def build(staging: Path) -> None:
         shutil.copytree(source, staging)
         config = json.loads((staging / "tokenizer_config.json").read_text())
         config.pop("max_length", None)
         (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-        staging.rename(folder)
+
+    folder = _built_once(work / "fastembed" / source.name, build)
     custom = f"local/{model.name}"
     if custom.lower() not in {m["model"].lower() for m in TextCrossEncoder.list_supported_models()}:
         TextCrossEncoder.add_custom_model(custom, ModelSource(hf=custom), model_file=file_name)
