@@ -264,15 +264,29 @@ def test_cross_encoder_on_amx_cuts_long_passes_and_keeps_the_scores(
 # -- the CPU pass size that goes with these kernels ----------------------------------------------
 
 
+class _Encoder:
+    """Just enough of a loaded model for :func:`cpu_token_budget`: a module tree with a config."""
+
+    def __init__(self, hidden: object) -> None:
+        self.config = type("Config", (), {"hidden_size": hidden})()
+
+    def modules(self) -> list[object]:
+        return [object(), self]
+
+
 @pytest.mark.parametrize(
-    ("kind", "dtype", "kernels", "device", "want"),
+    ("kind", "dtype", "kernels", "device", "hidden", "want"),
     [
-        ("amx", "bfloat16", True, "cpu", 1536),
-        ("amx", "float32", True, "cpu", None),  # AVX-512 FP32 linears: best at the default
-        ("amx", "bfloat16", False, "cpu", None),  # transformers' kernels: not what was measured
-        ("avx512_bf16", "bfloat16", True, "cpu", None),  # not measured there
-        ("avx2", "bfloat16", True, "cpu", None),
-        ("amx", "bfloat16", True, "cuda:0", None),
+        ("amx", "bfloat16", True, "cpu", 384, 2048),  # MiniLM
+        ("amx", "bfloat16", True, "cpu", 768, 2048),  # BERT-base
+        ("amx", "bfloat16", True, "cpu", 1024, 1536),  # XLM-R large, bge-reranker-v2-m3
+        ("amx", "bfloat16", True, "cpu", None, 1536),  # no config: counted as large
+        ("amx", "bfloat16", True, "cpu", True, 1536),  # not a size
+        ("amx", "float32", True, "cpu", 384, None),  # AVX-512 FP32 linears: best at the default
+        ("amx", "bfloat16", False, "cpu", 384, None),  # transformers' kernels: not measured
+        ("avx512_bf16", "bfloat16", True, "cpu", 384, None),  # not measured there
+        ("avx2", "bfloat16", True, "cpu", 384, None),
+        ("amx", "bfloat16", True, "cuda:0", 384, None),
     ],
 )
 def test_torch_models_prefer_bigger_cpu_passes_only_in_bf16_on_amx(
@@ -281,15 +295,18 @@ def test_torch_models_prefer_bigger_cpu_passes_only_in_bf16_on_amx(
     dtype: str,
     kernels: bool,
     device: str,
+    hidden: object,
     want: int | None,
 ) -> None:
     from rag_rerank_plugins.backends._torch_common import cpu_token_budget
 
     monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
-    assert cpu_token_budget(device, dtype, kernels) == want
+    assert cpu_token_budget(device, dtype, kernels, _Encoder(hidden)) == want
+    if want is not None:
+        assert cpu_token_budget(device, dtype, kernels) == 1536, "no module: the large budget"
 
 
-@pytest.mark.parametrize(("kind", "budget"), [("amx", 1536), ("avx2", 1024)])
+@pytest.mark.parametrize(("kind", "budget"), [("amx", 2048), ("avx2", 1024)])
 def test_the_pool_runs_the_models_preferred_budget_unless_told_otherwise(
     real_ce_path: str, monkeypatch: pytest.MonkeyPatch, kind: str, budget: int
 ) -> None:

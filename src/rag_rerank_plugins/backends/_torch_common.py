@@ -226,21 +226,43 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
 
 #: Padded tokens per CPU pass for a model on our kernels in BF16 on an AMX CPU (the engine's CPU
 #: default is 1024). The tile units run the linear layers better on more rows, and with padded
-#: keys cut from attention (``_cpu_sdpa``) a bigger pass costs attention nothing. 2-core AMX Xeon,
-#: same process, pools alternating, budgets 1024 / 1280 / 1536 / 2048: MiniLM-L6 cross-encoder
-#: 1 x 50 SciFact 654 / 639 / 593 / 597 ms, 1 x 50 short passages 259 / 255 / 245 / 260,
-#: all-MiniLM-L6-v2 64 passages 466 / 451 / 442 / 402, XLM-R large 1 x 20 3989 / - / 3813 /
-#: 4119. FP32 (AVX-512 linears) is best at 1024 (1800 vs 1854 ms) and keeps the default.
-AMX_BF16_TOKEN_BUDGET = 1536
+#: keys cut from attention (``_cpu_sdpa``) and packed rows (``_cpu_packed``) a bigger pass costs
+#: attention nothing; but a large model's activations outgrow the caches sooner. 2-core AMX
+#: Xeon, same process, pools alternating, budgets 1536 / 2048 / 2560 (/ 3072), with the last
+#: round evened out over the workers (``engine.shapes.balanced_budget``): MiniLM-L6
+#: cross-encoder 1 x 50 SciFact 619 / 577 / - / 578 ms (another run 609 / 553 / 550), short
+#: passages 240 / 233 / 225, a BERT-base-shaped cross-encoder 2909 / 2811 / 2901, XLM-R large
+#: 1 x 20 3569 / 3640 / 3558 / 4083. FP32 (AVX-512 linears) is best at 1024 (1800 vs 1854 ms)
+#: and keeps the default.
+AMX_BF16_TOKEN_BUDGET = 2048
+#: Hidden sizes above this (XLM-R large, bge-reranker-v2-m3: 1024) keep 1536-token passes.
+AMX_BF16_LARGE_HIDDEN = 768
+AMX_BF16_LARGE_TOKEN_BUDGET = 1536
 
 
-def cpu_token_budget(device: str, dtype: str, kernels_on: bool) -> int | None:
-    """What a torch model's CPU passes should hold (``LoadedModel.cpu_token_budget``)."""
+def cpu_token_budget(device: str, dtype: str, kernels_on: bool, module: Any = None) -> int | None:
+    """What a torch model's CPU passes should hold (``LoadedModel.cpu_token_budget``); ``module``
+    (the loaded model) tells its hidden size, unknown counting as large."""
     if not (kernels_on and str(device).startswith("cpu") and dtype == "bfloat16"):
         return None
     from .._cpu import cpu_kind
 
-    return AMX_BF16_TOKEN_BUDGET if cpu_kind() == "amx" else None
+    if cpu_kind() != "amx":
+        return None
+    hidden = hidden_size(module)
+    if hidden is None or hidden > AMX_BF16_LARGE_HIDDEN:
+        return AMX_BF16_LARGE_TOKEN_BUDGET
+    return AMX_BF16_TOKEN_BUDGET
+
+
+def hidden_size(module: Any) -> int | None:
+    """The ``config.hidden_size`` of the first transformers model inside ``module``, if any."""
+    modules = getattr(module, "modules", None)
+    for sub in modules() if callable(modules) else ():
+        size = getattr(getattr(sub, "config", None), "hidden_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+    return None
 
 
 def reranker_kernels(module: Any, device: str, cpu: bool, prune: bool) -> str:

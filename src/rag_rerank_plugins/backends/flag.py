@@ -189,7 +189,9 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     assert mode is not None
     reranker = FlagReranker(flag, spec.device, spec.dtype, mode, label)
     reranker.kernels = kernels
-    reranker.cpu_token_budget = cpu_token_budget(reranker.device, reranker.dtype, kernels_on)
+    reranker.cpu_token_budget = cpu_token_budget(
+        reranker.device, reranker.dtype, kernels_on, flag.model
+    )
     return reranker
 
 

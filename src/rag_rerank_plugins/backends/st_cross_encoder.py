@@ -185,5 +185,5 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
         in_use = reranker_kernels(model, spec.device, kernels, prune)
     reranker = CrossEncoderReranker(model, spec.device, spec.dtype, mode, label)
     reranker.kernels = in_use
-    reranker.cpu_token_budget = cpu_token_budget(reranker.device, reranker.dtype, kernels)
+    reranker.cpu_token_budget = cpu_token_budget(reranker.device, reranker.dtype, kernels, model)
     return reranker

@@ -185,5 +185,5 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
         in_use = cpu_kernels(model, spec.device, kernels)
     embedder = SentenceTransformerEmbedder(model, spec.device, spec.dtype)
     embedder.kernels = in_use
-    embedder.cpu_token_budget = cpu_token_budget(embedder.device, embedder.dtype, kernels)
+    embedder.cpu_token_budget = cpu_token_budget(embedder.device, embedder.dtype, kernels, model)
     return embedder
