@@ -39,8 +39,9 @@ class EngineConfig(ConfigModel):
         gt=0,
         description="Most padded tokens (items x longest item) in one forward pass; none: 1024 "
         "on CPU (small passes pad less and spread over the CPU device workers; 1 x 50 mixed "
-        "passages, 2-core EPYC, 2 workers: 1024 -> 445 ms, 4096 -> 623 ms), 1536 for our BF16 "
-        "kernels on AMX CPUs (1 x 50 SciFact: 654 -> 593 ms), 16384 on GPUs.",
+        "passages, 2-core EPYC, 2 workers: 1024 -> 445 ms, 4096 -> 623 ms), for our BF16 "
+        "kernels on AMX CPUs 2048 up to 768-wide models and 1536 above (MiniLM 1 x 50 SciFact, "
+        "same process: 1536 609 ms, 2048 578), 16384 on GPUs.",
     )
     max_wait_ms: float | None = Field(
         default=None,
@@ -111,7 +112,7 @@ class EngineConfig(ConfigModel):
 
     def tokens_per_batch(self, device: str, preferred: int | None = None) -> int:
         """Padded tokens one forward pass may hold on ``device``: ``token_budget`` when set, else
-        on the CPU what the model's kernels prefer (``preferred``, e.g. 1536 for our BF16 kernels
+        on the CPU what the model's kernels prefer (``preferred``, e.g. 2048 for our BF16 kernels
         on AMX CPUs) or 1024, and 16384 on GPUs."""
         if self.token_budget is not None:
             return self.token_budget
