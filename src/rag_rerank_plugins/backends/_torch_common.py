@@ -228,12 +228,12 @@ def cpu_kernels(module: Any, device: str, enabled: bool = True) -> str:
 #: default is 1024). The tile units run the linear layers better on more rows, and with padded
 #: keys cut from attention (``_cpu_sdpa``) and packed rows (``_cpu_packed``) a bigger pass costs
 #: attention nothing; but a large model's activations outgrow the caches sooner. 2-core AMX
-#: Xeon, same process, pools alternating, budgets 1536 / 2048 / 2560 (/ 3072), with the last
-#: round evened out over the workers (``engine.shapes.balanced_budget``): MiniLM-L6
-#: cross-encoder 1 x 50 SciFact 619 / 577 / - / 578 ms (another run 609 / 553 / 550), short
-#: passages 240 / 233 / 225, a BERT-base-shaped cross-encoder 2909 / 2811 / 2901, XLM-R large
-#: 1 x 20 3569 / 3640 / 3558 / 4083. FP32 (AVX-512 linears) is best at 1024 (1800 vs 1854 ms)
-#: and keeps the default.
+#: Xeon, same process, pools alternating, budgets 1536 / 2048 / 2560 (/ 3072): MiniLM-L6
+#: cross-encoder 1 x 50 SciFact 577 / 554 / - / 583 ms (another run 609 / 553 / 550), short
+#: passages 240 / 233 / 225, XLM-R large 1 x 20 3676 / 3932 / 3647 / 4438; 1536 -> 2048 alone:
+#: MiniLM 608 -> 586, all-MiniLM-L6-v2 64 passages 465 -> 442, a BERT-base-shaped
+#: cross-encoder 2980 -> 2848. FP32 (AVX-512 linears) is best at 1024 (1800 vs 1854 ms) and
+#: keeps the default.
 AMX_BF16_TOKEN_BUDGET = 2048
 #: Hidden sizes above this (XLM-R large, bge-reranker-v2-m3: 1024) keep 1536-token passes.
 AMX_BF16_LARGE_HIDDEN = 768
