@@ -41,7 +41,7 @@ class EngineConfig(ConfigModel):
         "on CPU (small passes pad less and spread over the CPU device workers; 1 x 50 mixed "
         "passages, 2-core EPYC, 2 workers: 1024 -> 445 ms, 4096 -> 623 ms), for our BF16 "
         "kernels on AMX CPUs 2048 up to 768-wide models and 1536 above (MiniLM 1 x 50 SciFact, "
-        "same process: 1536 609 ms, 2048 578), 16384 on GPUs.",
+        "same process: 1536 608 ms, 2048 586), 16384 on GPUs.",
     )
     max_wait_ms: float | None = Field(
         default=None,
