@@ -331,14 +331,45 @@ def test_a_lone_pass_on_the_parallel_cpu_workers_gets_every_core() -> None:
     config = EngineConfig(max_batch_size=8, cpu_workers=2)
     pool = ModelPool(config=config)
     spec = _register(model)
-    assert pool.score_pairs(spec, _pairs(3)) == FakeReranker().score_pairs(_pairs(3), 3)
-    assert model.pass_threads == [config.cpu_threads()], "one small request: one pass, all cores"
+    assert pool.score_pairs(spec, _pairs(1)) == FakeReranker().score_pairs(_pairs(1), 1)
+    assert model.pass_threads == [config.cpu_threads()], "one item: one pass, all cores"
     pool.clear()
+
+
+@pytest.mark.parametrize(
+    ("items", "greedy", "even"),
+    [
+        (2, [2], [1, 1]),
+        (3, [3], [2, 1]),
+        (7, [3, 3, 1], [2, 2, 2, 1]),
+        (9, [3, 3, 3], [3, 3, 3]),  # 4 passes could not make the longest shorter
+    ],
+)
+def test_a_request_alone_is_evened_out_over_the_parallel_cpu_workers(
+    items: int, greedy: list[int], even: list[int]
+) -> None:
+    """Greedy passes of 3 + 3 + 1 items leave one worker running the last pass alone; the last
+    round queued is cut into whole rounds of workers instead, with no pass longer than before."""
+    from rag_rerank_plugins.engine.batching import TokenScale
+
+    pairs = _pairs(items)  # under 10: every pair the same length
+    estimate = TokenScale(512).length(pairs[0], 1.0)
+    assert {TokenScale(512).length(pair, 1.0) for pair in pairs} == {estimate}
+    for workers, want in ((1, greedy), (2, even)):
+        model = _CpuParallel(forward_s=0.01)
+        pool = _pool(max_batch_size=32, token_budget=3 * estimate, cpu_workers=workers)
+        spec = _register(model)
+        assert pool.score_pairs(spec, pairs) == FakeReranker().score_pairs(pairs, items)
+        sizes = sorted((p // model._padded(pairs[:1]) for p in model.passes), reverse=True)
+        assert sizes == want, f"{workers} worker(s)"
+        if workers == 2 and len(sizes) > 1:
+            assert model.pass_threads[:2] == [1, 1], "two passes at once: one core each"
+        pool.clear()
 
 
 def test_an_oom_on_a_parallel_cpu_worker_is_split_after_the_other_passes_finish() -> None:
     pairs = _pairs(16)
-    device, model = _model_with_room_for(8, layers=2)
+    device, model = _model_with_room_for(4, layers=2)  # the request is cut into passes of 8
     model.device = "cpu"
     model.parallel_forward = True
     pool = _pool(max_batch_size=64, token_budget=100_000, cpu_workers=2)

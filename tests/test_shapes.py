@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rag_rerank_plugins.engine.shapes import (
+    balanced_budget,
     batch_size_bucket,
     bucket_length,
     buckets_enabled,
@@ -108,3 +111,68 @@ def test_cut_batches_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cut_batches([50] * 20, [32] * 20, 1024) == [20]
     with pytest.raises(ValueError, match="caps"):
         cut_batches([1, 2], [1], 1024)
+
+
+# -- passes evened out over parallel workers -------------------------------------------------------
+
+
+def _costs(sizes: list[int], lengths: list[int]) -> list[int]:
+    """Padded tokens of each pass (its longest item times its size)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(max(lengths[start : start + size]) * size)
+        start += size
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.integers(1, 600), max_size=80).map(lambda xs: sorted(xs, reverse=True)),
+    st.data(),
+    st.sampled_from([300, 1024, 2048]),
+    st.integers(2, 4),
+    st.booleans(),
+)
+def test_balanced_cut_is_the_even_split_into_whole_rounds_of_workers(
+    lengths: list[int], data: st.DataObject, budget: int, parts: int, buckets: bool
+) -> None:
+    caps = data.draw(
+        st.lists(st.sampled_from([1, 2, 5, 32]), min_size=len(lengths), max_size=len(lengths))
+    )
+    greedy = cut_batches(lengths, caps, budget, bucket_sizes=buckets)
+    even = cut_batches(lengths, caps, budget, bucket_sizes=buckets, parts=parts)
+    assert sum(even) == len(lengths)
+    assert all(size >= 1 for size in even)
+    assert all(s <= c for s, c in zip(even, _firsts(even, caps), strict=True)), "caps hold"
+    if buckets:
+        assert all(batch_size_bucket(s) == s for s in even)
+    # never more passes than the greedy cut's count rounded up to whole rounds of workers
+    assert len(even) <= -(-len(greedy) // parts) * parts
+    # it is the greedy cut under a smaller budget, so no pass grows
+    smaller = balanced_budget(lengths, caps, budget, parts, bucket_sizes=buckets)
+    assert smaller <= budget
+    assert even == cut_batches(lengths, caps, smaller, bucket_sizes=buckets)
+    if lengths:
+        assert max(_costs(even, lengths)) <= max(_costs(greedy, lengths))
+    # and the smallest such budget: one token less needs more passes
+    if smaller > 1 and len(lengths) > 1:
+        tighter = cut_batches(lengths, caps, smaller - 1, bucket_sizes=buckets)
+        assert len(tighter) > -(-len(greedy) // parts) * parts
+
+
+def test_balanced_cut_examples() -> None:
+    # 7 equal items, 2 workers: 3 + 3 + 1 leaves one worker a lone last pass; 2 + 2 + 2 + 1 not
+    assert cut_batches([300] * 7, [32] * 7, 1024, bucket_sizes=False) == [3, 3, 1]
+    assert cut_batches([300] * 7, [32] * 7, 1024, bucket_sizes=False, parts=2) == [2, 2, 2, 1]
+    # a full pass and a small leftover: the longest pass shrinks (1600 -> 1200 padded tokens)
+    lengths = [400] * 3 + [100] * 2
+    assert cut_batches(lengths, [32] * 5, 1600, bucket_sizes=False) == [4, 1]
+    even = cut_batches(lengths, [32] * 5, 1600, bucket_sizes=False, parts=2)
+    assert even == [3, 2]
+    assert _costs(even, lengths) == [1200, 200]
+    # one pass on two workers: split in two
+    assert cut_batches([200] * 4, [32] * 4, 1024, bucket_sizes=False, parts=2) == [2, 2]
+    # what cannot be split stays whole; one worker changes nothing
+    assert cut_batches([900], [32], 1024, parts=2) == [1]
+    assert cut_batches([300] * 7, [32] * 7, 1024, bucket_sizes=False, parts=1) == [3, 3, 1]
+    assert balanced_budget([], [], 1024, 2, bucket_sizes=True) == 1024

@@ -127,19 +127,20 @@ class Batch:
 
 
 def cut_micro_batches(
-    entries: list[Entry], max_batch_size: int, budget: int, device: str = "cpu"
+    entries: list[Entry], max_batch_size: int, budget: int, device: str = "cpu", parts: int = 1
 ) -> list[list[Entry]]:
     """Sort by estimated length (longest first) and cut passes (:func:`shapes.cut_batches`).
 
     Pass sizes come from a bounded set on the CPU and MPS, whose kernels keep state per shape;
     CUDA passes keep every item the budget allows (no per-shape cache to bound there, and a
-    split would cost a pass)."""
+    split would cost a pass). ``parts``: the parallel device workers the passes are evened out
+    over (:func:`shapes.balanced_budget`)."""
     ordered = sorted(entries, key=lambda e: -e[0].lengths[e[1]])
     lengths = [req.lengths[i] for req, i in ordered]
     caps = [min(max_batch_size, req.batch_size) for req, _ in ordered]
     batches, start = [], 0
     bucket_sizes = None if not device.startswith("cuda") else False  # None: the env switch
-    for size in cut_batches(lengths, caps, budget, bucket_sizes=bucket_sizes):
+    for size in cut_batches(lengths, caps, budget, bucket_sizes=bucket_sizes, parts=parts):
         batches.append(ordered[start : start + size])
         start += size
     return batches

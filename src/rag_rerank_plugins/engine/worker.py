@@ -107,8 +107,11 @@ class Worker:
                     entries, lane = self.queue.take_round(self.budget)
                     if not entries:
                         break
+                    # The last round queued: even its passes out over the device workers,
+                    # so no worker runs a long last pass alone (earlier rounds pipeline).
+                    parts = self.device_workers if not len(self.queue) else 1
                     cut = cut_micro_batches(
-                        entries, self.config.max_batch_size, self.budget, self.device
+                        entries, self.config.max_batch_size, self.budget, self.device, parts
                     )
                     formed.extend(Batch(b, lane) for b in cut)
                 batch = formed.popleft()
