@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag_rerank_plugins.engine.shapes import (
+    BALANCE_PASSES_PER_PART,
     balanced_budget,
     batch_size_bucket,
     bucket_length,
@@ -146,6 +147,9 @@ def test_balanced_cut_is_the_even_split_into_whole_rounds_of_workers(
     assert all(s <= c for s, c in zip(even, _firsts(even, caps), strict=True)), "caps hold"
     if buckets:
         assert all(batch_size_bucket(s) == s for s in even)
+    if len(greedy) > BALANCE_PASSES_PER_PART * parts:
+        assert even == greedy, "many passes: the tail is small, the greedy cut stays"
+        return
     # never more passes than the greedy cut's count rounded up to whole rounds of workers
     assert len(even) <= -(-len(greedy) // parts) * parts
     # it is the greedy cut under a smaller budget, so no pass grows
@@ -176,3 +180,6 @@ def test_balanced_cut_examples() -> None:
     assert cut_batches([900], [32], 1024, parts=2) == [1]
     assert cut_batches([300] * 7, [32] * 7, 1024, bucket_sizes=False, parts=1) == [3, 3, 1]
     assert balanced_budget([], [], 1024, 2, bucket_sizes=True) == 1024
+    # 17 passes of 1 on 2 workers: more than 8 a worker, the greedy cut stays
+    assert cut_batches([900] * 17, [32] * 17, 1024, parts=2) == [1] * 17
+    assert cut_batches([900] * 15, [32] * 15, 1024, parts=2) == [1] * 15  # can't split further
