@@ -5,7 +5,8 @@ with ``parallel_forward``, that hands whole passes to the parallel device worker
 
 1. takes a few passes' worth of items from the queue (:mod:`.queue`), waiting ``max_wait`` for
    more when it was idle, so concurrent requests share passes;
-2. cuts them into length-sorted micro-batches (:mod:`.batching`);
+2. cuts them into length-sorted micro-batches (:mod:`.batching`; the last round queued is cut
+   into whole rounds of the parallel CPU device workers, :func:`.shapes.balanced_budget`);
 3. keeps up to :data:`LOOKAHEAD` of them being prepared ahead of the device on the **prepare
    thread(s)** (tokenise and collate while the device runs the current pass);
 4. launches pass k+1 before finishing pass k (on a GPU the device->host copy of k overlaps the
