@@ -407,6 +407,45 @@ def test_cpu_workers_leave_torch_threads_of_other_threads_alone(
     pool.clear()
 
 
+def test_rebinding_a_worker_thread_leaves_the_process_default_alone() -> None:
+    """A device worker bound to 1 thread that later runs a lone pass with 2 (the engine gives a
+    lone pass every core) restored the process-wide count to its own old 1: every new thread of
+    the process then ran torch on 1 thread (a CI run caught it)."""
+    torch = pytest.importorskip("torch")
+    from rag_rerank_plugins._cpu import set_thread_torch_threads
+
+    def in_fresh_thread(call):
+        seen: list = []
+        thread = threading.Thread(target=lambda: seen.append(call()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    before = in_fresh_thread(torch.get_num_threads)
+    other, mine = before + 1, before + 2  # neither is the process default
+
+    def worker() -> list[int]:
+        counts = []
+        for threads in (other, mine, other):
+            set_thread_torch_threads(threads)
+            counts.append(torch.get_num_threads())
+        return counts
+
+    assert in_fresh_thread(worker) == [other, mine, other]
+    assert in_fresh_thread(torch.get_num_threads) == before
+    barrier = threading.Barrier(4, timeout=30)
+
+    def racer() -> int:
+        barrier.wait()
+        set_thread_torch_threads(other)
+        set_thread_torch_threads(mine)
+        return torch.get_num_threads()
+
+    with ThreadPoolExecutor(4) as executor:
+        assert list(executor.map(lambda _: racer(), range(4))) == [mine] * 4
+    assert in_fresh_thread(torch.get_num_threads) == before
+
+
 def test_two_phase_cross_encoder_uses_real_token_counts_and_equals_predict(
     pool: ModelPool, ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
 ) -> None:

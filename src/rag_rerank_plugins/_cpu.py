@@ -16,8 +16,9 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .exceptions import ConfigurationError
 
@@ -70,23 +71,42 @@ def usable_cores() -> int:
     return min(count, limit) if limit else count
 
 
+_T = TypeVar("_T")
+#: Serialises :func:`set_thread_torch_threads` (it changes a process-wide value for a moment).
+_bind_lock = threading.Lock()
+
+
 def set_thread_torch_threads(threads: int) -> None:
     """Run this thread's torch ops with ``threads`` intra-op threads, leaving torch's default
     for other threads as it was.
 
     torch keeps the count per thread (OpenMP's per-thread setting) plus one process-wide value
-    that threads adopt at their first parallel op; ``torch.set_num_threads`` sets both. The
-    process-wide value is put back from a short-lived thread, whose own setting dies with it.
+    that threads adopt at their first torch call; ``torch.set_num_threads`` sets both. So the
+    process-wide value is read from a short-lived thread (it adopts that value) and put back from
+    another after this thread's own is set. Reading it in this thread instead restored this
+    thread's old count: a device worker bound to 1 thread that later ran a lone pass with 2 left
+    every new thread of the process on 1 (caught by a CI run). One binding at a time, so two
+    workers binding at once cannot restore each other's counts.
     """
     import torch
 
-    previous = torch.get_num_threads()  # this thread adopts the process-wide value first
-    if previous == threads:
+    if torch.get_num_threads() == threads:  # also this thread's first call: it adopts the value
         return
-    torch.set_num_threads(threads)
-    restore = threading.Thread(target=torch.set_num_threads, args=(previous,))
-    restore.start()
-    restore.join()
+    with _bind_lock:
+        shared = _fresh_thread(torch.get_num_threads)
+        torch.set_num_threads(threads)
+        _fresh_thread(lambda: torch.set_num_threads(shared))
+
+
+def _fresh_thread(call: Callable[[], _T]) -> _T:
+    """``call()`` on a new, short-lived thread (its torch thread count is the process-wide one)."""
+    out: list[_T] = []
+    thread = threading.Thread(target=lambda: out.append(call()), name="rag-rerank-torch-threads")
+    thread.start()
+    thread.join()
+    if not out:
+        raise RuntimeError("setting torch's thread count failed; see the thread's traceback above")
+    return out[0]
 
 
 @functools.lru_cache(maxsize=1)
