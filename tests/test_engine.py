@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from rag_rerank_plugins import ModelPool, ModelSpec, OutOfMemoryError
+from rag_rerank_plugins import InferenceError, ModelPool, ModelSpec, OutOfMemoryError
 from rag_rerank_plugins.backends import register_backend
 from rag_rerank_plugins.backends.base import Prepared, Task, is_out_of_memory
 from rag_rerank_plugins.engine_config import EngineConfig
@@ -380,6 +380,40 @@ def test_an_oom_on_a_parallel_cpu_worker_is_split_after_the_other_passes_finish(
     pool.clear()
 
 
+def _in_fresh_thread(call: Any) -> Any:
+    """``call()`` on a new thread: what a thread the engine never touched sees."""
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(call()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_a_failing_worker_binding_fails_that_request_and_the_next_one_runs() -> None:
+    """``bind_worker_thread`` raising (e.g. torch refusing a thread count) is the pass's error:
+    the caller gets it, nobody waits forever, and the worker binds again on its next pass."""
+
+    class _BindFailsOnce(_CpuParallel):
+        failed = False
+
+        def bind_worker_thread(self, threads: int) -> None:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("cannot set 1 thread")
+            super().bind_worker_thread(threads)
+
+    model = _BindFailsOnce(forward_s=0.001)
+    pool = ModelPool(config=EngineConfig(max_batch_size=8, cpu_workers=2))
+    spec = _register(model)
+    with ThreadPoolExecutor(1) as ex:
+        with pytest.raises(InferenceError, match="cannot set 1 thread"):
+            ex.submit(pool.score_pairs, spec, _pairs(1)).result(timeout=30)
+        again = ex.submit(pool.score_pairs, spec, _pairs(1)).result(timeout=30)
+    assert again == FakeReranker().score_pairs(_pairs(1), 1)
+    assert None not in model.pass_threads
+    pool.clear()
+
+
 def test_cpu_workers_leave_torch_threads_of_other_threads_alone(
     ce_spec: ModelSpec, direct_cross_encoder, passages: list[str]
 ) -> None:
@@ -387,11 +421,7 @@ def test_cpu_workers_leave_torch_threads_of_other_threads_alone(
     import numpy as np
 
     def fresh_thread_threads() -> int:
-        seen: list[int] = []
-        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        thread.start()
-        thread.join()
-        return seen[0]
+        return _in_fresh_thread(torch.get_num_threads)
 
     before = fresh_thread_threads()
     pool = _pool(max_batch_size=2, cpu_workers=2)
@@ -414,14 +444,7 @@ def test_rebinding_a_worker_thread_leaves_the_process_default_alone() -> None:
     torch = pytest.importorskip("torch")
     from rag_rerank_plugins._cpu import set_thread_torch_threads
 
-    def in_fresh_thread(call):
-        seen: list = []
-        thread = threading.Thread(target=lambda: seen.append(call()))
-        thread.start()
-        thread.join()
-        return seen[0]
-
-    before = in_fresh_thread(torch.get_num_threads)
+    before = _in_fresh_thread(torch.get_num_threads)
     other, mine = before + 1, before + 2  # neither is the process default
 
     def worker() -> list[int]:
@@ -431,8 +454,8 @@ def test_rebinding_a_worker_thread_leaves_the_process_default_alone() -> None:
             counts.append(torch.get_num_threads())
         return counts
 
-    assert in_fresh_thread(worker) == [other, mine, other]
-    assert in_fresh_thread(torch.get_num_threads) == before
+    assert _in_fresh_thread(worker) == [other, mine, other]
+    assert _in_fresh_thread(torch.get_num_threads) == before
     barrier = threading.Barrier(4, timeout=30)
 
     def racer() -> int:
@@ -443,7 +466,7 @@ def test_rebinding_a_worker_thread_leaves_the_process_default_alone() -> None:
 
     with ThreadPoolExecutor(4) as executor:
         assert list(executor.map(lambda _: racer(), range(4))) == [mine] * 4
-    assert in_fresh_thread(torch.get_num_threads) == before
+    assert _in_fresh_thread(torch.get_num_threads) == before
 
 
 def test_two_phase_cross_encoder_uses_real_token_counts_and_equals_predict(
