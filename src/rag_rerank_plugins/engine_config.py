@@ -92,7 +92,10 @@ class EngineConfig(ConfigModel):
     request_timeout_s: float | None = Field(
         default=None,
         ge=0,
-        description="Default caller timeout for one request; none: wait as long as it takes.",
+        description=(
+            "Default caller timeout for one request, the wait for a cold model's load included; "
+            "none: wait as long as it takes."
+        ),
     )
     score_cache_size: int = Field(
         default=0, ge=0, description="(query, passage) -> score cache entries per model; 0: off."

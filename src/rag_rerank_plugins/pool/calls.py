@@ -3,16 +3,28 @@
 The handle stays pinned from the lookup to the result, so a pool that evicts by itself never
 evicts a model under a running call; a call that races an explicit ``release()`` retries once on
 the reloaded model. Async calls never load on the event loop: a cold spec loads in a thread.
+
+A call's ``timeout`` (or ``EngineConfig.request_timeout_s``) bounds the whole call, the wait for
+a cold model's load included: a load that is slow, or never ends (a stalled network share, a
+progress bar's lock left held: docs/troubleshooting.md), raises :class:`RequestTimeoutError` at
+the deadline instead of holding the caller; the load goes on in its thread and later calls use
+the model once it is in. Without a timeout a call waits for the load as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
 
 from .._mps import empty_cache
-from ..exceptions import ModelReleasedError
+from ..exceptions import ModelReleasedError, RequestTimeoutError
+from ..inputs import check_timeout
 from ..spec import ModelSpec
 from ._state import PoolState
 
@@ -30,11 +42,17 @@ class PoolCalls(PoolState):
 
     # The handle stays pinned from the lookup to the result: never evicted under the call.
 
-    def _call(self, spec: ModelSpec, fn: Callable[[ModelHandle], T]) -> T:
+    def _call(
+        self,
+        spec: ModelSpec,
+        timeout: float | None,
+        fn: Callable[[ModelHandle, float | None], T],
+    ) -> T:
+        deadline = self._deadline(timeout)
         for attempt in (1, 2):
-            handle = self._get(spec, pin=self._pins)
+            handle, waited = self._get_by(spec, deadline)
             try:
-                return fn(handle)
+                return fn(handle, _left(deadline) if waited else timeout)
             except ModelReleasedError:
                 if attempt == 2:
                     raise
@@ -44,11 +62,17 @@ class PoolCalls(PoolState):
                 self._after_call(handle)
         raise AssertionError("unreachable")
 
-    async def _acall(self, spec: ModelSpec, fn: Callable[[ModelHandle], Awaitable[T]]) -> T:
+    async def _acall(
+        self,
+        spec: ModelSpec,
+        timeout: float | None,
+        fn: Callable[[ModelHandle, float | None], Awaitable[T]],
+    ) -> T:
+        deadline = self._deadline(timeout)
         for attempt in (1, 2):
-            handle = await self._aget(spec)
+            handle, waited = await self._aget(spec, deadline)
             try:
-                return await fn(handle)
+                return await fn(handle, _left(deadline) if waited else timeout)
             except ModelReleasedError:
                 if attempt == 2:
                     raise
@@ -60,22 +84,120 @@ class PoolCalls(PoolState):
                 self._after_call(handle)
         raise AssertionError("unreachable")
 
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The call's deadline on the monotonic clock (checked before any load starts)."""
+        seconds = check_timeout(timeout)
+        if seconds is None:
+            seconds = self.config.request_timeout_s
+        return None if seconds is None else time.monotonic() + seconds
+
+    def _loaded(self, spec: ModelSpec) -> ModelHandle | None:
+        """The loaded handle (pinned when the pool pins), without loading or blocking."""
+        key = self._keys.get(spec)  # resolving a new spec may import torch: not here
+        slot = self._slots.get(key) if key is not None else None
+        handle = slot.handle if slot is not None else None
+        if handle is not None and (not self._pins or handle._pin()):
+            return handle
+        return None
+
+    def _get_by(self, spec: ModelSpec, deadline: float | None) -> tuple[ModelHandle, bool]:
+        """:meth:`_get`, waiting for a load until ``deadline`` at most (module docstring); and
+        whether it waited (then the request gets what is left of the deadline)."""
+        if deadline is None:
+            return self._get(spec, pin=self._pins), False
+        handle = self._loaded(spec)
+        if handle is not None:
+            return handle, False
+        started = time.monotonic()
+        loading = self._start_get(spec)
+        try:
+            return loading.result(timeout=max(0.0, deadline - time.monotonic())), True
+        except FutureTimeout:  # TimeoutError itself from Python 3.11
+            raise self._load_timeout(spec, loading, started) from None
+        except BaseException:  # e.g. KeyboardInterrupt: the load goes on without this caller
+            self._abandon(loading)
+            raise
+
+    async def _aget(self, spec: ModelSpec, deadline: float | None) -> tuple[ModelHandle, bool]:
+        """:meth:`_get_by` for coroutines: a loaded handle at once; a load (first call, or after
+        a release, an eviction or an idle unload), its warm-up and any eviction it causes run
+        in a thread, so the event loop keeps running while the model loads."""
+        handle = self._loaded(spec)
+        if handle is not None:
+            return handle, False
+        started = time.monotonic()
+        loading = self._start_get(spec)
+        waiting = asyncio.shield(
+            asyncio.wrap_future(loading)
+        )  # a cancelled caller: the load goes on
+        try:
+            if deadline is None:
+                return await waiting, False
+            left = max(0.0, deadline - time.monotonic())
+            return await asyncio.wait_for(waiting, left), True
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+            raise self._load_timeout(spec, loading, started) from None
+        except BaseException:  # cancelled: nobody takes the handle the load will give
+            self._abandon(loading)
+            raise
+
+    def _start_get(self, spec: ModelSpec) -> Future[ModelHandle]:
+        """:meth:`_get` in a thread of its own: a caller can stop waiting for it."""
+        loading: Future[ModelHandle] = Future()
+        loading.set_running_or_notify_cancel()  # running: nobody can cancel it from here on
+
+        def run() -> None:
+            try:
+                handle = self._get(spec, pin=self._pins)
+            except BaseException as exc:  # the waiting caller raises it
+                loading.set_exception(exc)
+            else:
+                loading.set_result(handle)
+
+        context = contextvars.copy_context()  # as asyncio.to_thread: the caller's context
+        threading.Thread(
+            target=context.run, args=(run,), name="rag-rerank-load", daemon=True
+        ).start()
+        return loading
+
+    def _load_timeout(
+        self, spec: ModelSpec, loading: Future[ModelHandle], started: float
+    ) -> RequestTimeoutError:
+        """The error for a caller whose deadline passed while ``loading`` still ran; counted
+        as an errored call of the model in ``stats()`` (at once when the spec was resolved
+        before, else once the load has resolved it)."""
+        self._abandon(loading)
+
+        def count(_: object = None) -> bool:
+            key = self._keys.get(spec)
+            if key is not None:
+                self._stats_for(key).add(calls=1, errors=1)
+            return key is not None
+
+        if not count():
+            loading.add_done_callback(count)
+        waited = time.monotonic() - started
+        return RequestTimeoutError(
+            f"{spec.model!r} was still loading after {waited:.1f} s, past the call's timeout. "
+            "The load goes on in the background and later calls use the model once it is in: "
+            "retry, preload the model at startup (ModelPool.preload), or give a longer timeout."
+        )
+
+    def _abandon(self, loading: Future[ModelHandle]) -> None:
+        """The caller stopped waiting: the load goes on, and the pin it takes for the caller
+        is given back when it ends (an idle or over-budget model stays evictable)."""
+
+        def unpin(done: Future[ModelHandle]) -> None:
+            if self._pins and done.exception() is None:
+                self._unpin(done.result())
+
+        loading.add_done_callback(unpin)
+
     def _after_call(self, handle: ModelHandle) -> None:
         """Option ``mps_empty_cache``: the MPS cache back to macOS after every call (a fast
         synchronous call: fine on the event loop)."""
         if self.pool_config.mps_empty_cache and handle.device == "mps":
             empty_cache()
-
-    async def _aget(self, spec: ModelSpec) -> ModelHandle:
-        """:meth:`_get` for coroutines: a loaded handle at once; a load (first call, or after
-        a release, an eviction or an idle unload), its warm-up and any eviction it causes run
-        in a thread, so the event loop keeps running while the model loads."""
-        key = self._keys.get(spec)  # resolving a new spec may import torch: in the thread too
-        slot = self._slots.get(key) if key is not None else None
-        handle = slot.handle if slot is not None else None
-        if handle is not None and (not self._pins or handle._pin()):
-            return handle
-        return await asyncio.to_thread(self._get, spec, pin=self._pins)
 
     def _unpin(self, handle: ModelHandle) -> None:
         handle._unpin()
@@ -94,7 +216,9 @@ class PoolCalls(PoolState):
         """Score (query, passage) pairs with the shared model for ``spec``. ``priority="bulk"``
         yields to interactive calls of the same model (they wait for at most one pass)."""
         return self._call(
-            spec, lambda h: h.score_pairs(pairs, batch_size, timeout=timeout, priority=priority)
+            spec,
+            timeout,
+            lambda h, left: h.score_pairs(pairs, batch_size, timeout=left, priority=priority),
         )
 
     def embed(
@@ -113,13 +237,14 @@ class PoolCalls(PoolState):
         the model's own query/document prompt."""
         return self._call(
             spec,
-            lambda h: h.embed(
+            timeout,
+            lambda h, left: h.embed(
                 texts,
                 batch_size,
                 is_query=is_query,
                 normalize=normalize,
                 prompt=prompt,
-                timeout=timeout,
+                timeout=left,
                 priority=priority,
             ),
         )
@@ -135,7 +260,9 @@ class PoolCalls(PoolState):
     ) -> list[float]:
         """Like :meth:`score_pairs`; awaits the model's worker without blocking the event loop."""
         return await self._acall(
-            spec, lambda h: h.ascore_pairs(pairs, batch_size, timeout=timeout, priority=priority)
+            spec,
+            timeout,
+            lambda h, left: h.ascore_pairs(pairs, batch_size, timeout=left, priority=priority),
         )
 
     async def aembed(
@@ -153,13 +280,20 @@ class PoolCalls(PoolState):
         """Like :meth:`embed`; awaits the model's worker without blocking the event loop."""
         return await self._acall(
             spec,
-            lambda h: h.aembed(
+            timeout,
+            lambda h, left: h.aembed(
                 texts,
                 batch_size,
                 is_query=is_query,
                 normalize=normalize,
                 prompt=prompt,
-                timeout=timeout,
+                timeout=left,
                 priority=priority,
             ),
         )
+
+
+def _left(deadline: float | None) -> float | None:
+    """After a wait for a load: what it left of the deadline for the request itself (a tiny
+    positive floor, so the engine times the request out through its one resolve path)."""
+    return None if deadline is None else max(1e-3, deadline - time.monotonic())

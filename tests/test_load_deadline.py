@@ -1,0 +1,264 @@
+"""A call's ``timeout`` bounds the wait for a cold model's load, too.
+
+A load that never ends (a stalled network share; tqdm's write lock left held after a failed
+write, docs/troubleshooting.md) used to hold every caller of that model for good, whatever its
+``timeout``: the timeout started at the engine's queue, after the load. Now the deadline covers
+the whole call: the caller gets ``RequestTimeoutError`` at its deadline, the load goes on in its
+own thread, later calls use the model once it is in (one load, not one per caller), and the pin
+the load took for the caller who left is given back (the model stays evictable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from rag_rerank_plugins import (
+    EngineConfig,
+    InvalidInputError,
+    ModelLoadError,
+    ModelPool,
+    ModelSpec,
+    PoolConfig,
+    RequestTimeoutError,
+)
+from rag_rerank_plugins.backends import register_backend
+from rag_rerank_plugins.testing import FakeEmbedder, FakeReranker
+
+PAIRS = [("red apple", "apple"), ("red apple", "pear")]
+
+
+class Loader:
+    """A backend loader that blocks until ``release`` is set (or raises ``error``)."""
+
+    def __init__(self, kind: str = "reranker", error: BaseException | None = None) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.error = error
+        self.calls = 0
+        self.kind = kind
+        name = f"deadline-{uuid.uuid4().hex[:8]}"
+        register_backend(name, self._load, kind, uses_torch=False, replace=True)
+        self.spec = ModelSpec("m", backend=name, device="cpu")
+
+    def _load(self, spec: ModelSpec, provider: Any) -> Any:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(30)
+        if self.error is not None:
+            raise self.error
+        return FakeReranker() if self.kind == "reranker" else FakeEmbedder()
+
+
+@pytest.fixture
+def make_pool() -> Iterator[Callable[..., ModelPool]]:
+    pools: list[ModelPool] = []
+
+    def make(config: EngineConfig | None = None, **pool_config: Any) -> ModelPool:
+        pool = ModelPool(
+            config=config, pool_config=PoolConfig(**pool_config) if pool_config else None
+        )
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        thread = threading.Thread(target=pool.clear, daemon=True)
+        thread.start()
+        thread.join(5)
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_a_hung_load_times_out_the_call_and_the_load_still_serves_later_calls(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader()
+    pool = make_pool()
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match="still loading") as info:
+        pool.score_pairs(loader.spec, PAIRS, timeout=0.3)
+    waited = time.monotonic() - started
+    assert 0.25 < waited < 2.0, waited
+    assert "preload" in str(info.value)  # the message says what to do
+    assert isinstance(info.value, TimeoutError)
+    loader.release.set()
+    assert pool.score_pairs(loader.spec, PAIRS) == FakeReranker().score_pairs(PAIRS, 2)
+    assert loader.calls == 1  # the abandoned load served the next call: no second load
+    stats = pool.spec_stats(loader.spec)
+    assert (stats["loads"], stats["calls"], stats["errors"]) == (1, 2, 1)  # the timeout shows
+
+
+def test_many_callers_with_timeouts_on_one_hung_load_all_time_out_and_it_loads_once(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader()
+    pool = make_pool()
+
+    def call(_: int) -> BaseException | None:
+        try:
+            pool.score_pairs(loader.spec, PAIRS, timeout=0.3)
+        except BaseException as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(16) as ex:
+        outcomes = list(ex.map(call, range(16)))
+    assert all(isinstance(o, RequestTimeoutError) for o in outcomes), outcomes
+    loader.release.set()
+    assert pool.score_pairs(loader.spec, PAIRS, timeout=5) == FakeReranker().score_pairs(PAIRS, 2)
+    assert loader.calls == 1
+
+
+def test_the_engine_default_timeout_bounds_the_load_too(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader(kind="embedder")
+    pool = make_pool(EngineConfig(request_timeout_s=0.3))
+    with pytest.raises(RequestTimeoutError):
+        pool.embed(loader.spec, ["red apple"])
+    loader.release.set()
+    _wait_for(lambda: bool(pool.loaded_specs()))
+    assert pool.embed(loader.spec, ["red apple"]) == FakeEmbedder().embed(
+        ["red apple"], batch_size=1, is_query=False
+    )
+
+
+def test_without_a_timeout_a_call_waits_for_a_slow_load(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader()
+    pool = make_pool()
+    threading.Timer(0.5, loader.release.set).start()
+    assert pool.score_pairs(loader.spec, PAIRS) == FakeReranker().score_pairs(PAIRS, 2)
+
+
+class SlowReranker(FakeReranker):
+    """FakeReranker's scores after ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def score_pairs(self, pairs: Any, batch_size: int) -> list[float]:
+        time.sleep(self.seconds)
+        return super().score_pairs(pairs, batch_size)
+
+
+def test_a_load_within_the_timeout_leaves_the_rest_to_the_request(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """0.4 s of load + 0.4 s of scoring: within 10 s, but not within 0.6 s (each alone is)."""
+    name = f"deadline-{uuid.uuid4().hex[:8]}"
+
+    def load(spec: ModelSpec, provider: Any) -> SlowReranker:
+        time.sleep(0.4)
+        return SlowReranker(0.4)
+
+    register_backend(name, load, "reranker", uses_torch=False, replace=True)
+    expected = FakeReranker().score_pairs(PAIRS, 2)
+    pool = make_pool()
+    assert pool.score_pairs(ModelSpec("a", backend=name), PAIRS, timeout=10) == expected
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError):
+        pool.score_pairs(ModelSpec("b", backend=name), PAIRS, timeout=0.6)
+    assert time.monotonic() - started < 0.75  # the request got what the load left, not 0.6 s
+    assert pool.score_pairs(ModelSpec("b", backend=name), PAIRS, timeout=0.6) == expected
+
+
+def test_a_failing_load_raises_its_own_error_not_a_timeout(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader(error=OSError("broken weights"))
+    pool = make_pool()
+    threading.Timer(0.2, loader.release.set).start()
+    with pytest.raises(ModelLoadError, match="broken weights"):
+        pool.score_pairs(loader.spec, PAIRS, timeout=10)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "5", True, float("nan")])
+def test_a_bad_timeout_is_rejected_before_any_load(
+    make_pool: Callable[..., ModelPool], timeout: Any
+) -> None:
+    loader = Loader()
+    loader.release.set()
+    pool = make_pool()
+    with pytest.raises(InvalidInputError, match="timeout"):
+        pool.score_pairs(loader.spec, PAIRS, timeout=timeout)
+    assert loader.calls == 0
+
+
+def test_the_pin_taken_for_a_caller_who_left_is_given_back(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """With pins on (an idle unload), a pin left behind would keep the model busy for good:
+    never unloaded, never evicted."""
+    loader = Loader()
+    pool = make_pool(idle_unload_s=60)
+    with pytest.raises(RequestTimeoutError):
+        pool.score_pairs(loader.spec, PAIRS, timeout=0.2)
+    loader.release.set()
+    _wait_for(lambda: bool(pool.loaded_specs()))
+    handle = pool.get(loader.spec)
+    _wait_for(lambda: handle._in_flight == 0)
+    pool.release(loader.spec)  # a pinned handle would make this wait for a call that never ends
+    assert not pool.loaded_specs()
+
+
+async def test_async_a_hung_load_times_out_without_blocking_the_loop(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader()
+    pool = make_pool()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        started = time.monotonic()
+        with pytest.raises(RequestTimeoutError, match="still loading"):
+            await pool.ascore_pairs(loader.spec, PAIRS, timeout=0.3)
+        assert time.monotonic() - started < 2.0
+        assert ticks >= 10  # the loop ran while the caller waited
+    finally:
+        ticker.cancel()
+    loader.release.set()
+    assert await pool.ascore_pairs(loader.spec, PAIRS) == FakeReranker().score_pairs(PAIRS, 2)
+    assert loader.calls == 1
+
+
+async def test_async_a_cancelled_caller_leaves_the_load_running_and_no_pin_behind(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader(kind="embedder")
+    pool = make_pool(idle_unload_s=60)
+    task = asyncio.create_task(pool.aembed(loader.spec, ["red apple"]))
+    await asyncio.to_thread(loader.started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    loader.release.set()
+    await asyncio.to_thread(_wait_for, lambda: bool(pool.loaded_specs()))
+    handle = await asyncio.to_thread(pool.get, loader.spec)
+    await asyncio.to_thread(_wait_for, lambda: handle._in_flight == 0)
+    assert await pool.aembed(loader.spec, ["red apple"], timeout=5) == FakeEmbedder().embed(
+        ["red apple"], batch_size=1, is_query=False
+    )
+    assert loader.calls == 1
