@@ -465,6 +465,29 @@ def test_b24_the_handle_rejects_a_bare_string_too(pool: ModelPool) -> None:
 @pytest.mark.parametrize(
     ("pairs", "match"),
     [
+        ("qp", r"pairs must be a list of \(query, text\) pairs, got a str"),
+        ({"q": "p"}, r"got a dict"),
+        (["qp"], r"pair #0 is a str, not a \(query, text\) pair"),  # not ("q", "p")
+        ([("q", "p"), b"qp"], r"pair #1 is a bytes"),
+        ([{"q": 1, "p": 2}], r"pair #0 is a dict"),  # not its keys
+        ([42], r"pair #0 is int"),
+        ([("q",)], r"pair #0 has 1 items"),
+    ],
+)
+def test_b24_the_pool_rejects_what_is_not_a_list_of_pairs(
+    pool: ModelPool, pairs: object, match: str
+) -> None:
+    spec = ModelSpec("r", backend="fake-reranker")
+    with pytest.raises(InvalidInputError, match=match):
+        pool.score_pairs(spec, pairs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=match):
+        asyncio.run(pool.ascore_pairs(spec, pairs))  # type: ignore[arg-type]
+    assert pool.score_pairs(spec, [("red apple", "apple"), ["red", "pear"]]) == [0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "match"),
+    [
         ("query", r"list of \(query, passage\) pairs, got str"),
         (("query", "passage"), r"text_pairs\[0\] is a str.*\[\(query, passage\)\]"),
         ([("q",)], r"text_pairs\[0\] has 1 item"),

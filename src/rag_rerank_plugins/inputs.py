@@ -7,7 +7,7 @@ crash deep in a tokenizer or torch after the request was queued.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .engine.request import LANES
@@ -49,9 +49,25 @@ def require_strings(texts: Sequence[Any], what: str) -> list[str]:
 
 
 def check_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:
+    """(query, text) pairs checked and cleaned. A pair is any iterable of two str but a str
+    itself: ``tuple("qp")`` would score ``("q", "p")``, a dict would score its keys."""
+    if isinstance(pairs, (str, bytes, Mapping)):
+        raise InvalidInputError(
+            f"pairs must be a list of (query, text) pairs, got a {type(pairs).__name__}."
+        )
     checked = []
     for i, pair in enumerate(pairs):
-        pair = tuple(pair)
+        if isinstance(pair, (str, bytes, bytearray, Mapping)):
+            raise InvalidInputError(
+                f"pair #{i} is a {type(pair).__name__}, not a (query, text) pair: pass "
+                "[(query, text), ...]."
+            )
+        try:
+            pair = tuple(pair)
+        except TypeError:
+            raise InvalidInputError(
+                f"pair #{i} is {type(pair).__name__}, not a (query, text) pair."
+            ) from None
         if len(pair) != 2:
             raise InvalidInputError(f"pair #{i} has {len(pair)} items; expected (query, text).")
         query, text = require_strings(pair, f"pair #{i} item")
