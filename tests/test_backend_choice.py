@@ -59,6 +59,14 @@ def test_torch_everywhere_but_amx(monkeypatch: pytest.MonkeyPatch, small: str, k
     assert cpu_kind() == kind
     assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
     assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
+    from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+
+    for cls in (SharedEmbeddings, SharedEmbedding):
+        assert cls(model_name=small, backend="auto", device="cpu").backend == (
+            "sentence-transformers"
+        )
+    for rerank_cls in (SharedRerankCompressor, SharedRerankPostprocessor):
+        assert rerank_cls(model=small, backend="auto", device="cpu").backend == "cross-encoder"
 
 
 @pytest.fixture
@@ -131,7 +139,11 @@ def test_adapter_holds_the_pick_and_shares_the_pool_key(
     assert SharedEmbeddings(model_name=small, backend="auto", device="cpu").backend == (
         "openvino-embedder"
     )
-    from rag_rerank_plugins.llama_index import SharedRerankPostprocessor
+    from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+
+    assert SharedEmbedding(model_name=small, backend="auto", device="cpu").backend == (
+        "openvino-embedder"
+    )
 
     assert SharedRerankPostprocessor(model=small, backend="auto", device="cpu").backend == (
         "openvino-cross-encoder"
@@ -285,6 +297,77 @@ def test_auto_embedder_falls_back_and_named_backends_never_do(
         with pytest.raises(ModelLoadError, match="unsupported operator"):
             chosen.embed_documents(TEXTS)
     assert chosen.backend == "openvino-embedder"
+
+
+@pytest.mark.parametrize("option", ["intra_op_threads", "cache_dir"])
+def test_options_only_the_pick_takes_keep_its_load_error(
+    failing_openvino: dict[str, list[str]], minilm_path: str, tmp_path: Path, option: str
+) -> None:
+    """Options torch does not take (the export ``cache_dir``, ``intra_op_threads``, ...) tie the
+    adapter to auto's pick: when it cannot load, its load error is the answer (saying that auto
+    made the pick), every time, not a torch ConfigurationError about those options right
+    after a warning saying torch serves the call."""
+    from rag_rerank_plugins.backend_choice import failed_picks
+    from rag_rerank_plugins.exceptions import ModelLoadError
+
+    value = {"intra_op_threads": 1, "cache_dir": str(tmp_path / "exports")}[option]
+    pool = ModelPool()
+    auto = SharedEmbeddings(
+        model_name=minilm_path, backend="auto", model_kwargs={option: value}, pool=pool
+    )
+    assert auto.backend == "openvino-embedder"
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="unsupported operator") as info:
+            auto.embed_query("a query")
+        message = str(info.value)
+        assert message.count("backend='auto' picked openvino-embedder") == 1, message
+        assert "cannot fall back to sentence-transformers" in message
+        assert option in message
+    assert auto.backend == "openvino-embedder"
+    assert failed_picks() == frozenset()  # torch would refuse the options: the pick stays
+    again = SharedEmbeddings(
+        model_name=minilm_path, backend="auto", model_kwargs={option: value}, pool=pool
+    )
+    assert again.backend == "openvino-embedder"
+
+
+@pytest.mark.skipif(not OPENVINO, reason="needs the openvino extra")
+def test_openvino_that_does_not_import_falls_back_to_torch(
+    amx: None,
+    minilm_path: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OpenVINO installed (so picked) but failing to import: the first call falls back to
+    torch with a warning (a MissingDependencyError, where the loader tests raise ModelLoadError)."""
+    import builtins
+    import sys
+
+    from rag_rerank_plugins import backend_choice
+
+    real = builtins.__import__
+
+    def no_openvino(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("simulated: openvino does not import", name="openvino")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setenv("RAG_RERANK_ONNX_CACHE", str(tmp_path))
+    for name in [m for m in sys.modules if m == "openvino" or m.startswith("openvino.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    backend_choice.forget_failed_picks()
+    try:
+        auto = SharedEmbeddings(model_name=minilm_path, backend="auto", pool=ModelPool())
+        assert auto.backend == "openvino-embedder"
+        with caplog.at_level("WARNING", logger="rag_rerank_plugins"):
+            vector = auto.embed_query("a query")
+        assert len(vector) == 384
+        assert auto.backend == "sentence-transformers"
+        assert "using sentence-transformers instead" in caplog.text
+    finally:
+        backend_choice.forget_failed_picks()
 
 
 def test_a_missing_model_is_not_retried_on_torch(

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from ._stock import hf_model_kwargs, lift_spec_fields
-from .backend_choice import AUTO, choose_backend, note_failed_pick, torch_backend
+from .backend_choice import choose_backend, is_auto, note_failed_pick, torch_backend
 from .backends import backend_info, check_options
 from .exceptions import (
     ConfigurationError,
@@ -92,6 +92,16 @@ def _hide_secrets(value: Any) -> Any:
             for k, v in value.items()
         }
     return value
+
+
+def _refusal(backend: str, options: Mapping[str, Any]) -> str | None:
+    """Why ``backend`` refuses ``options`` (:func:`check_options`' message); None if it takes
+    them all."""
+    try:
+        check_options(backend, options)
+    except ConfigurationError as exc:
+        return str(exc)
+    return None
 
 
 def from_settings(name: str) -> Callable[[], Any]:
@@ -189,9 +199,7 @@ class SharedModelFields(BaseModel):
 
     @model_validator(mode="after")
     def _check_spec(self) -> SharedModelFields:
-        if (
-            self.backend == AUTO
-        ):  # the measured pick for this CPU (backend_choice), held from now on
+        if is_auto(self.backend):  # the measured pick for this CPU (backend_choice), kept
             options = {**self.model_kwargs, **self._extra_options()}
             model = getattr(self, self._model_field)
             self.backend = choose_backend(self._kind, options, self.device, self.dtype, model)
@@ -232,7 +240,8 @@ class SharedModelFields(BaseModel):
     # ``backend="auto"``: a measured pick that cannot load this model (an export or conversion
     # its runtime fails on, or a runtime installed but not importable) falls back to torch
     # once, with a warning, instead of failing every call; auto then answers torch for that
-    # model in this process (backend_choice).
+    # model in this process (backend_choice). With options torch does not take, there is no
+    # fallback: the pick's load error is raised, its message saying auto made the pick.
 
     def _confirm_auto_pick(self) -> None:
         pick = self._unconfirmed_pick
@@ -244,6 +253,18 @@ class SharedModelFields(BaseModel):
             raise  # no backend can load a model that is not there
         except (ModelLoadError, MissingDependencyError) as exc:
             fallback = torch_backend(self._kind)
+            refused = _refusal(fallback, self.spec.options_dict)
+            if refused is not None:
+                # Options only the pick takes (cache_dir, opset, intra_op_threads, ...) tie this
+                # adapter to it: its load error is the answer, as for a backend named outright
+                # (and auto keeps the pick: torch would refuse these options at construction).
+                note = (
+                    f"backend='auto' picked {pick} for {self.spec.model} and cannot fall back to "
+                    f"{fallback}: {refused} Drop those options to let auto use {fallback}."
+                )
+                if exc.args and note not in str(exc.args[0]):  # the pool may re-raise it
+                    exc.args = (f"{exc.args[0]}\n{note}", *exc.args[1:])
+                raise
             logger.warning(
                 "rag-rerank: backend='auto' picked %s for %s, which failed to load it (%s); "
                 "using %s instead. Name a backend to choose yourself.",

@@ -49,6 +49,7 @@ from typing import Any
 from ._cpu import CPU_KINDS, CpuKind, cpu_kind
 from .backends import backend_info
 from .exceptions import ConfigurationError
+from .spec import _normalize_device, _normalize_dtype
 
 __all__ = [
     "AUTO",
@@ -57,11 +58,18 @@ __all__ = [
     "cpu_kind",
     "failed_picks",
     "forget_failed_picks",
+    "is_auto",
     "note_failed_pick",
     "torch_backend",
 ]
 
 AUTO = "auto"
+
+
+def is_auto(backend: object) -> bool:
+    """Whether ``backend`` asks for the pick (``"auto"`` in any case, spaces around it)."""
+    return isinstance(backend, str) and backend.strip().lower() == AUTO
+
 
 #: ``(kind, CPU kind) -> (backend, largest hidden size measured faster)`` where measurements
 #: put another runtime ahead of torch.
@@ -130,10 +138,9 @@ def _hidden_size(model: str | None, options: Mapping[str, Any]) -> int | None:
     from ._model_files import json_int_field
     from .offline import resolve_model_location
 
-    revision, cache = (
-        options.get("revision"),
-        options.get("cache_folder") or options.get("cache_dir"),
-    )
+    # The Hugging Face cache is ``cache_folder`` for every embedder and reranker backend auto
+    # picks between; ``cache_dir`` is the ONNX/OpenVINO *export* cache, not where config.json is.
+    revision, cache = options.get("revision"), options.get("cache_folder")
     return json_int_field(
         resolve_model_location(model),
         "config.json",
@@ -156,12 +163,18 @@ def choose_backend(
     does not take one of them is skipped (the caller's options keep their meaning). ``model``:
     the name or folder, whose ``config.json`` (local, or in the Hugging Face cache) gives the
     size the measurement covers; without it torch is the answer. The OpenVINO picks were
-    measured in BF16 and FP32: a float16 request keeps torch. A pick that failed to load this
-    model in this process (:func:`note_failed_pick`, done by the adapters) is not made again."""
+    measured in BF16 and FP32: a float16 request keeps torch. ``device`` and ``dtype`` take every
+    spelling :class:`~rag_rerank_plugins.ModelSpec` takes ("CUDA", "cuda:0", "bf16",
+    "torch.float32") with the same meaning, others are a ConfigurationError. A pick that failed
+    to load this model in this process (:func:`note_failed_pick`, done by the adapters) is not
+    made again."""
     if kind not in _TORCH_DEFAULT:
         raise ConfigurationError(
             f"backend='auto' needs kind 'reranker' or 'embedder', got {kind!r}."
         )
+    # Spelled as ModelSpec spells them ("CUDA" -> "cuda:0", "bf16" -> "bfloat16"): every
+    # spelling the adapters accept makes the same pick, so it lands in the same pool slot.
+    device, dtype = _normalize_device(device), _normalize_dtype(dtype)
     fallback = _TORCH_DEFAULT[kind]
     measured = _MEASURED_FASTEST.get((kind, cpu_kind()))
     if measured is None:

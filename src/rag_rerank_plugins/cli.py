@@ -354,6 +354,21 @@ def _openvino_line() -> str:
     )
 
 
+def _auto_line(settings: Any) -> str:
+    """What ``backend="auto"`` resolves to here for the configured models, device and dtype."""
+    from .backend_choice import choose_backend, cpu_kind
+
+    try:
+        picks = [
+            f"{kind} -> "
+            + choose_backend(kind, (), settings.device, settings.dtype, getattr(settings, field))
+            for kind, field in (("reranker", "reranker_model"), ("embedder", "embedder_model"))
+        ]
+        return f"backend 'auto' ({cpu_kind()} CPU), for these: {', '.join(picks)}"
+    except Exception as exc:  # a bad override (RAG_RERANK_CPU_KIND) should not break `info`
+        return f"backend 'auto': cannot resolve: {type(exc).__name__}: {exc}"
+
+
 def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     from . import __version__
     from .backends import available_backends
@@ -421,6 +436,7 @@ def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
         out(f"  reranker  {settings.reranker_model} (backend {settings.reranker_backend})")
         out(f"  embedder  {settings.embedder_model} (backend {settings.embedder_backend})")
         out(f"  device {settings.device}, dtype {settings.dtype}, batch_size {settings.batch_size}")
+        out(f"  {_auto_line(settings)}")
         out(f"  engine    {settings.engine}")
     except ImportError as exc:  # pydantic-settings missing: say so, the rest still works
         out(f"  unavailable: {exc}")

@@ -33,6 +33,18 @@ class OpenVinoEmbedder(OpenVinoModel, EmbedderModel):
     def dimension(self) -> int:
         return int(self.inner.dimension)
 
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's named prompts (the ONNX embedder's): adapters resolve ``prompt_name``
+        with them, as ``SentenceTransformer.encode`` does."""
+        return dict(self.inner.prompts)
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        """The prompt applied when given none (None: no prompt), as the ONNX embedder's."""
+        name = self.inner.default_prompt_name
+        return name if isinstance(name, str) else None
+
     def embed(self, texts: Sequence[str], *args: Any, **kwargs: Any) -> list[list[float]]:
         return self.inner.embed(texts, *args, **kwargs)
 

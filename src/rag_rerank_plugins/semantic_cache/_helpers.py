@@ -30,6 +30,7 @@ class CacheHit:
 
 
 def _spec(model: str | ModelSpec, kind: str) -> ModelSpec:
+    from ..backend_choice import choose_backend, is_auto
     from ..backends import backend_info
     from ..settings import get_settings
 
@@ -38,6 +39,8 @@ def _spec(model: str | ModelSpec, kind: str) -> ModelSpec:
     elif isinstance(model, str) and model.strip():
         settings = get_settings()
         backend = settings.embedder_backend if kind == "embedder" else settings.reranker_backend
+        if is_auto(backend):  # RAG_RERANK_*_BACKEND=auto: the pick, as the adapters make it
+            backend = choose_backend(kind, (), settings.device, settings.dtype, model)
         spec = ModelSpec(model, backend=backend, device=settings.device, dtype=settings.dtype)
     else:
         raise ConfigurationError(f"{kind} must be a model name or a ModelSpec; got {model!r}.")

@@ -163,6 +163,7 @@ class ServerConfig(ModelDefaults):
 
     def served_models(self) -> list[ServedModel]:
         """The models to load, each with its public name; checks names are unique."""
+        from ..backend_choice import choose_backend, is_auto
         from ..backends import backend_info
 
         served: list[ServedModel] = []
@@ -175,9 +176,9 @@ class ServerConfig(ModelDefaults):
                 )
             served.append(ServedModel(name, spec, kind))
 
-        for items, backend in (
-            (self.rerankers, self.reranker_backend),
-            (self.embedders, self.embedder_backend),
+        for kind, items, backend in (
+            ("reranker", self.rerankers, self.reranker_backend),
+            ("embedder", self.embedders, self.embedder_backend),
         ):
             for item in items:
                 name, sep, model = item.partition("=")
@@ -187,7 +188,11 @@ class ServerConfig(ModelDefaults):
                     name.strip(),
                     ModelSpec(
                         model.strip(),
-                        backend=backend,
+                        # "auto" (RAG_RERANK_*_BACKEND, as for the adapters): the pick for this
+                        # CPU kind, device, dtype and model, made per model here.
+                        backend=choose_backend(kind, (), self.device, self.dtype, model.strip())
+                        if is_auto(backend)
+                        else backend,
                         device=self.device,
                         dtype=self.dtype,
                         max_length=self.max_length,
