@@ -104,6 +104,24 @@ def _refusal(backend: str, options: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _device_name(value: Any) -> Any:
+    """``torch.device("cuda", 0)`` -> ``"cuda:0"``: the stock classes (and sentence-transformers)
+    take torch's device objects as well as strings; torch is not imported to recognise one."""
+    kind = type(value)
+    return str(value) if kind.__module__ == "torch" and kind.__name__ == "device" else value
+
+
+def _device_names(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with torch device objects as names where the adapters read a device: the
+    ``device`` field and the ``device`` key of ``model_kwargs`` / ``encode_kwargs``."""
+    data = {**data, "device": _device_name(data["device"])} if "device" in data else data
+    for field in ("model_kwargs", "encode_kwargs", "query_encode_kwargs"):
+        kwargs = data.get(field)
+        if isinstance(kwargs, dict) and "device" in kwargs:
+            data = {**data, field: {**kwargs, "device": _device_name(kwargs["device"])}}
+    return data
+
+
 def from_settings(name: str) -> Callable[[], Any]:
     """A ``default_factory`` reading field ``name`` of the cached process
     :class:`~rag_rerank_plugins.settings.Settings` (``RAG_RERANK_*`` variables, read once)."""
@@ -181,6 +199,8 @@ class SharedModelFields(BaseModel):
         # "max_length": ...} (keyword arguments of sentence-transformers' loaders). Both are spec
         # fields here; left in model_kwargs, max_length reached CrossEncoder(...) twice and the
         # first call failed with "got multiple values for keyword argument 'max_length'".
+        if isinstance(data, dict):
+            data = _device_names(data)
         if isinstance(data, dict) and cls._st_model_kwargs:
             data = hf_model_kwargs(data, cls._kind, cls.model_fields)
         if isinstance(data, dict):

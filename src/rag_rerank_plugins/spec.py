@@ -63,6 +63,8 @@ def _normalize_device(device: Any) -> str:
     name = str(device).strip().lower() if device is not None else "auto"
     if name == "cuda":
         return "cuda:0"
+    if name in ("cpu:0", "mps:0"):  # torch's names of the one CPU / MPS device
+        return name[:-2]
     if name in ("auto", "cpu", "mps") or (name.startswith("cuda:") and name[5:].isdigit()):
         return name
     raise ConfigurationError(

@@ -247,6 +247,17 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
             return self.normalize_embeddings
         return self.query_normalize_embeddings
 
+    def _normalize_for(self, is_query: bool, kwargs: Mapping[str, Any]) -> bool:
+        """Whether one call normalises, read per call as HuggingFaceEmbeddings reads it: from
+        the call's encode kwargs (so model_copy(update=...) and in-place changes apply), else
+        False for queries with their own query_encode_kwargs (they replace encode_kwargs), else
+        the fields."""
+        if "normalize_embeddings" in kwargs:
+            return bool(kwargs["normalize_embeddings"])
+        if is_query and self.query_encode_kwargs:
+            return bool(self.query_normalize_embeddings)
+        return self._normalize_queries() if is_query else self.normalize_embeddings
+
     def _call_kwargs(self, is_query: bool) -> dict[str, Any]:
         """The encode arguments of one call kind (queries: query_encode_kwargs when given)."""
         if is_query and self.query_encode_kwargs:
@@ -327,7 +338,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
 
     def _plan(self, is_query: bool, named: Any) -> tuple[Mapping[str, Any], str | None, bool, bool]:
         kwargs = self._call_kwargs(is_query)
-        normalize = self._normalize_queries() if is_query else self.normalize_embeddings
+        normalize = self._normalize_for(is_query, kwargs)
         # Normalise after a per-call truncation, so the backend returns raw vectors then.
         in_backend = normalize and kwargs.get("truncate_dim") is None
         return kwargs, self._resolve(kwargs, named), normalize, in_backend
