@@ -721,6 +721,23 @@ def test_a_413_forgets_the_limits(pool: ModelPool, scripted) -> None:
     assert script.gets == ["/info", "/info"]
 
 
+def test_a_413_about_tokens_keeps_the_limits_and_names_truncate(pool: ModelPool, scripted) -> None:
+    """TEI's own 413 for a text over the model's tokens (``truncate: false``) is not about the
+    body's bytes: the hint is truncate=True or shorter texts, and the limits stand."""
+    tei_413 = {
+        "error": "Input validation error: `inputs` must have less than 512 tokens. Given: 900",
+        "error_type": "Validation",
+    }
+    url, script = scripted((413, tei_413), (200, [[1.0]]), info=(200, {"max_request_bytes": 4096}))
+    spec = embedder(url, truncate=False, **FAST)
+    with pytest.raises(RemoteRequestError, match="512 tokens") as caught:
+        pool.embed(spec, ["a"])
+    assert "truncate=True" in str(caught.value)
+    assert "max_request_bytes" not in str(caught.value)
+    assert pool.embed(spec, ["a"]) == [[1.0]]
+    assert script.gets == ["/info"], "the limits were right: not asked again"
+
+
 def test_a_text_over_the_limit_is_cut_to_what_fits(
     pool: ModelPool, scripted, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -286,6 +286,10 @@ def test_openai_token_arrays_and_unknown_fields_are_400(oa: Any) -> None:
         oa.embeddings.create(model="minilm", input=[[101, 102]])
     with pytest.raises(openai.BadRequestError, match="modality"):
         oa.embeddings.create(model="minilm", input=DOCS, extra_body={"modality": "text"})
+    # An invalid value is OpenAI's 400 too (a 422 would be the SDK's UnprocessableEntityError).
+    with pytest.raises(openai.BadRequestError, match="dimensions") as caught:
+        oa.embeddings.create(model="minilm", input=DOCS[:1], dimensions=0)
+    assert caught.value.param == "dimensions"
 
 
 # -- huggingface_hub (TEI) -------------------------------------------------------------------

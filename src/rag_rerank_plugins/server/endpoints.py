@@ -3,7 +3,8 @@
 * :class:`Endpoint` - one route: method, path, a plain ``async def handler(body, state)`` (or
   ``handler(state)`` for a GET) and a one-line summary.
 * :class:`ServerProtocol` - a name, a title and its endpoints; :meth:`ServerProtocol.router`
-  binds them to a FastAPI ``APIRouter`` when an app is built.
+  binds them to a FastAPI ``APIRouter`` when an app is built (a ``GET`` endpoint answers
+  ``HEAD`` too).
 * :func:`json_bytes` - how a handler's result is written: in one pydantic pass, and never with a
   NaN or an infinity in it (JSON has neither; pydantic would write ``null``, which a client
   takes for a missing value or fails to parse). A non-finite number becomes an
@@ -76,14 +77,27 @@ class ServerProtocol:
         router = APIRouter(tags=[self.name])
         for endpoint in self.endpoints:
             route, response_model = _bind(endpoint.handler)
+            name = f"{self.name}.{endpoint.handler.__name__}"
             router.add_api_route(
                 endpoint.path,
                 route,
                 methods=[endpoint.method],
                 summary=endpoint.summary,
                 response_model=response_model,
-                name=f"{self.name}.{endpoint.handler.__name__}",
+                name=name,
             )
+            if endpoint.method == "GET":
+                # RFC 9110 9.1: HEAD wherever GET is (uptime checkers probe HEAD /health). The
+                # same handler; the server sends its headers without the body. Left out of the
+                # OpenAPI schema, which would list every GET twice.
+                router.add_api_route(
+                    endpoint.path,
+                    route,
+                    methods=["HEAD"],
+                    response_model=response_model,
+                    name=f"{name}.head",
+                    include_in_schema=False,
+                )
         return router
 
 

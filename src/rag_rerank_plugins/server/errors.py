@@ -5,7 +5,11 @@
   object (``{"message", "type", "param", "code"}``), which the ``openai`` SDK reads. Every
   4xx/5xx uses it, including the ones FastAPI and Starlette would answer themselves (400, 404
   and 405 for unknown paths or methods, 422 for invalid bodies). A body field the endpoint
-  does not know is a 400 naming it (never silently ignored).
+  does not know is a 400 naming it (never silently ignored). A 405's ``Allow`` lists the
+  methods of every route on the path. A body sent with a content type other than JSON (or none)
+  is a 415. On OpenAI's paths an invalid request is a 400 (OpenAI never answers 422; the
+  ``openai`` SDK raises ``BadRequestError`` for 400 only), with ``param`` naming the field when
+  one is known.
 * :data:`STATUS` maps exceptions to a status, an ``error_type``, a ``Retry-After`` and the
   ``/metrics`` rejection reason; :func:`rule_for` reads it along the exception's MRO, so a new
   exception class needs one line there, not a new ``except``.
@@ -22,6 +26,7 @@ imports nothing of the server but :mod:`.request_id`: what it reads of the serve
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,16 +71,21 @@ def _openai_path(path: str | None) -> bool:
 
 
 def error_body(
-    message: str, error_type: str, path: str | None = None, status: int = 400
+    message: str,
+    error_type: str,
+    path: str | None = None,
+    status: int = 400,
+    param: str | None = None,
 ) -> dict[str, Any]:
     """Error JSON readable by TEI clients (``error``, ``error_type``) and Cohere-style clients
     (``message``). On OpenAI's paths ``error`` is OpenAI's object (``message``, ``type``,
-    ``param``, ``code``), which the ``openai`` SDK puts in its exception's text."""
+    ``param``: the request field at fault, when known; ``code``), which the ``openai`` SDK puts
+    in its exception's text."""
     if _openai_path(path):
         kind = _OPENAI_TYPES.get(
             status, "server_error" if status >= 500 else "invalid_request_error"
         )
-        error: Any = {"message": message, "type": kind, "param": None, "code": error_type}
+        error: Any = {"message": message, "type": kind, "param": param, "code": error_type}
         return {"error": error, "error_type": error_type, "message": message}
     return {"error": message, "error_type": error_type, "message": message}
 
@@ -89,12 +99,15 @@ class ApiError(Exception):
         message: str,
         error_type: str = "Validation",
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.headers = headers
+        #: The request field at fault (OpenAI's ``error.param``), when known.
+        self.param = param
 
 
 class Overloaded(Exception):
@@ -189,6 +202,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         if error.get("type") == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "")
             return f"Request body is not valid JSON ({detail}). Send a JSON object."
+        if error.get("type") == "invalid_unicode":  # the whole body: one message says it all
+            return f"Invalid request: {error.get('msg', 'not valid Unicode')}"
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "Invalid request: " + "; ".join(parts[:5])
@@ -211,6 +226,63 @@ def _unknown_fields(errors: list[dict[str, Any]]) -> list[str]:
         if where not in found:
             found.append(where)
     return found
+
+
+def _param(errors: list[dict[str, Any]]) -> str | None:
+    """The top-level body field of the first validation error (OpenAI's ``error.param``)."""
+    for error in errors:
+        if error.get("type") == "invalid_unicode":
+            where = str((error.get("ctx") or {}).get("where", ""))
+            field = re.split(r"[.\[]", where, maxsplit=1)[0]
+            if field and " " not in field:
+                return field
+            continue
+        parts = [p for p in error.get("loc", ()) if p != "body"]
+        if parts:
+            return str(parts[0])
+    return None
+
+
+def _body_not_read_as_json(errors: list[dict[str, Any]]) -> bool:
+    """Whether FastAPI validated the raw body bytes: it reads a body as JSON only when its
+    content type says JSON (``application/json``, ``application/*+json``)."""
+    return any(
+        isinstance(error.get("input"), (bytes, bytearray)) and error.get("loc", ())[:1] == ("body",)
+        for error in errors
+    )
+
+
+def _not_json(request: Request) -> ApiError:
+    content_type = request.headers.get("content-type")
+    sent = f"as {content_type!r}" if content_type else "without a Content-Type"
+    return ApiError(
+        415,
+        f"The request body was sent {sent}; {request.url.path} reads JSON only. Send it with "
+        "the header 'Content-Type: application/json' (curl: -H 'Content-Type: "
+        "application/json').",
+        "Validation",
+    )
+
+
+#: The methods a 405's ``Allow`` may name (each is tried against the app's routes).
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """The methods some route answers on the request's path (``Allow`` of a 405). Starlette
+    names the first matching route's only (``/`` has a GET and a POST route). Asked of the
+    routes' public ``matches``, which nested (included) routers answer too."""
+    from starlette.routing import Match
+
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed) or None
 
 
 def _unknown_message(fields: list[str], path: str) -> str:
@@ -248,13 +320,22 @@ def as_api_error(exc: BaseException, request: Request, state: ErrorContext) -> A
     if isinstance(exc, RequestValidationError):
         state.metrics.reject("invalid")
         errors = list(exc.errors())
+        if _body_not_read_as_json(errors):
+            return _not_json(request)
         unknown = _unknown_fields(errors)
         if unknown:
-            return ApiError(400, _unknown_message(unknown, request.url.path), "Validation")
-        return ApiError(422, _validation_message(errors), "Validation")
+            message = _unknown_message(unknown, request.url.path)
+            return ApiError(400, message, "Validation", param=unknown[0].split(".")[0])
+        return ApiError(422, _validation_message(errors), "Validation", param=_param(errors))
     if isinstance(exc, HTTPException):
         error = _http_error(exc.status_code, exc.detail, request)
-        error.headers = dict(exc.headers) if exc.headers else None
+        given = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            if allowed is not None:
+                given = {k: v for k, v in given.items() if k.lower() != "allow"}
+                given["allow"] = allowed
+        error.headers = given or None
         return error
     rule = rule_for(exc)
     if rule is None:
@@ -319,8 +400,11 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
             error.message,
             exc_info=exc,
         )
+    path = request.url.path
+    # OpenAI answers every invalid request with 400 (the openai SDK's BadRequestError): never 422.
+    status = 400 if error.status == 422 and _openai_path(path) else error.status
     return JSONResponse(
-        error_body(error.message, error.error_type, request.url.path, error.status),
-        status_code=error.status,
+        error_body(error.message, error.error_type, path, status, error.param),
+        status_code=status,
         headers=error.headers,
     )

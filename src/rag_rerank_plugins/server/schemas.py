@@ -9,10 +9,15 @@ Every request body also takes ``priority`` (``"interactive"``/``"bulk"``, or Coh
 of the JSON when they were not asked for. A NaN or infinite score or vector component cannot be
 written as JSON: the routes refuse to write it (:func:`~.endpoints.json_bytes` answers 500
 instead of a ``null``).
+
+A string holding a lone surrogate escape (``"\\ud800"``: valid JSON syntax, but no Unicode text)
+is refused with the request, before any model work (:func:`refuse_invalid_unicode`): it cannot
+be tokenized, nor written back in an answer that echoes it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -20,8 +25,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StrictInt,
+    StrictStr,
     model_serializer,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "CohereEmbedRequest",
@@ -50,8 +59,55 @@ __all__ = [
     "TeiRank",
     "TruncationDirection",
     "Usage",
+    "refuse_invalid_unicode",
     "texts_of",
 ]
+
+#: A UTF-16 surrogate code point: never part of valid Unicode text on its own.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_at(data: Any) -> str | None:
+    """Where the first string (value or key) holding a lone surrogate is in parsed JSON ``data``
+    (``texts[0]``, ``documents[1].title``), else None. Iterative: no recursion limit to hit."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return path or "the body"
+        elif isinstance(item, dict):
+            children = []
+            for key, value in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                    return f"a key in {path or 'the body'}"
+                children.append((value, where))
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend((value, f"{path}[{i}]") for i, value in reversed(list(enumerate(item))))
+    return None
+
+
+def refuse_invalid_unicode(data: Any) -> Any:
+    """``data`` (a request body as parsed JSON) unchanged; a validation error naming the string
+    when one holds a lone surrogate escape such as ``"\\ud800"``.
+
+    JSON's ``\\uXXXX`` escapes can spell half of a surrogate pair alone: the parser accepts it,
+    but it is no Unicode character. Such a string cannot be encoded as UTF-8, so a tokenizer
+    fails on it and an answer echoing it (``return_documents``, ``return_text``, Cohere's
+    ``texts``) cannot be written: refused here, before any model work, instead of a 500 after it.
+    """
+    where = _surrogate_at(data)
+    if where is not None:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "{where} is not valid Unicode: it holds a lone surrogate escape (\\ud800-\\udfff "
+            "without its pair). Send valid UTF-8 text: write the characters themselves, or escape "
+            "a character beyond U+FFFF as its full surrogate pair (\\ud83d\\ude00).",
+            {"where": where},
+        )
+    return data
 
 
 class _Schema(BaseModel):
@@ -64,8 +120,14 @@ class _Strict(_Schema):
 
 class _Body(_Strict):
     #: The engine lane ("interactive" | "bulk", or Cohere's integer: 0 = highest, more = bulk);
-    #: wins over the ``X-Priority`` header.
-    priority: str | int | None = None
+    #: wins over the ``X-Priority`` header. Strict: ``true`` or ``1.0`` are refused, not read
+    #: as ``1``.
+    priority: StrictStr | StrictInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return refuse_invalid_unicode(data)
 
 
 #: A score in a response: finite (a NaN or infinity is refused when the answer is written).

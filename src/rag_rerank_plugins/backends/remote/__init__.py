@@ -25,7 +25,8 @@ option. Options (all plain values, so the spec stays a hashable pool key)::
     backoff        first retry delay in seconds, doubled per attempt, jittered (default 0.25)
     max_backoff    cap on one delay, also on the server's Retry-After          (default 8)
     api_key_env    name of the environment variable holding the bearer token
-    truncate       ask the server to truncate long inputs (TEI)             (default True)
+    truncate       False: a too-long input is an error, not a cut; honoured by tei and
+                   cohere's embed, refused at load time by the others       (default True)
     truncation_direction  which end a long input loses: "right" | "left"      (default "right")
     query_prompt_name  TEI ``prompt_name`` sent for queries (e.g. "query")  (default none)
     max_connections    connection pool size per client                         (default 32)

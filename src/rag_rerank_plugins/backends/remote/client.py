@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -180,6 +181,29 @@ def _size_hint(client: RemoteClient) -> str:
         f"The client sent requests{packed}: a proxy on the way may take less. Set the option "
         "max_request_bytes to the smallest body limit between client and model (or lower "
         "batch_size)."
+    )
+
+
+#: A 413 about the model's input length rather than the body's bytes (TEI: "must have less than
+#: 512 tokens"; rag-rerank serve: "longer than the model's 512 tokens").
+_TOKENS_413 = re.compile(r"\btokens?\b", re.IGNORECASE)
+
+
+def _too_many_tokens(message: str) -> bool:
+    """Whether a 413's server message is about a text longer than the model's input."""
+    return _TOKENS_413.search(message) is not None
+
+
+def _tokens_hint(client: RemoteClient) -> str:
+    if not client.settings.truncate:
+        return (
+            "A text is longer than the model's input, and truncate=False asks the server for "
+            "an error instead of a cut: leave truncate=True (the default) to have the server "
+            "cut it to the model's tokens, or send shorter texts."
+        )
+    return (
+        "A text is longer than the model's input and the server would not cut it: send "
+        "shorter texts, or let the server truncate (TEI: --auto-truncate)."
     )
 
 
@@ -584,10 +608,14 @@ class RemoteClient:
         rule = STATUS_RULES.get(status, OTHER_ERROR)
         if rule.retry and attempt < self.policy.retries:
             return self.policy.delay(attempt, _retry_after(response))
-        hint = rule.hint(self)
-        if status == 413:
-            self._limits = None  # the limits were wrong: ask GET /info again on the next call
         message = _server_message(response).rstrip(".")
+        if status == 413 and _too_many_tokens(message):
+            # The model's input length, not the body's bytes: the limits stand.
+            hint = _tokens_hint(self)
+        else:
+            hint = rule.hint(self)
+            if status == 413:
+                self._limits = None  # the limits were wrong: ask GET /info again next call
         if rule.error is RemoteUnavailableError:
             text = f"answered HTTP {status} to all {attempt + 1} attempt(s) ({hint}): {message}"
         elif rule.error is RemoteAuthError:

@@ -231,10 +231,10 @@ def _normalize(vector: list[float]) -> list[float]:
 def load_reranker(spec: ModelSpec, provider: ModelProvider) -> RemoteReranker:
     """Loader of ``backend="remote-reranker"``: validates options, contacts nothing yet."""
     load_httpx()
-    return RemoteReranker(spec, RemoteSettings.from_spec(spec))
+    return RemoteReranker(spec, RemoteSettings.from_spec(spec, "rerank"))
 
 
 def load_embedder(spec: ModelSpec, provider: ModelProvider) -> RemoteEmbedder:
     """Loader of ``backend="remote-embedder"``: validates options, contacts nothing yet."""
     load_httpx()
-    return RemoteEmbedder(spec, RemoteSettings.from_spec(spec))
+    return RemoteEmbedder(spec, RemoteSettings.from_spec(spec, "embed"))

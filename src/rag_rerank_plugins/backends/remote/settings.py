@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from ...exceptions import ConfigurationError
 from ..options import REMOTE_OPTIONS
-from .protocols import get_protocol
+from .protocols import PROTOCOLS, get_protocol
 
 if TYPE_CHECKING:
     from ...spec import ModelSpec
 
 __all__ = ["MIN_REQUEST_BYTES", "REMOTE_OPTIONS", "RemoteSettings"]
 
+#: What a remote backend sends: the operation whose request must carry ``truncate=False``.
+_OPERATIONS = {"remote-reranker": "rerank", "remote-embedder": "embed"}
 #: The smallest ``max_request_bytes`` option accepted.
 MIN_REQUEST_BYTES = 1024
 #: Option names that look like a secret: refused, since a spec's label shows up in stats,
@@ -55,7 +57,9 @@ class RemoteSettings:
     max_request_bytes: int | None = None
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> RemoteSettings:
+    def from_spec(cls, spec: ModelSpec, operation: str | None = None) -> RemoteSettings:
+        """The settings of ``spec``; ``operation`` (``"rerank"`` or ``"embed"``; default: from
+        the spec's backend) is what the model will send, for the checks that depend on it."""
         options = spec.options_dict
         _refuse_secrets(options)
         if spec.max_length is not None:
@@ -101,7 +105,25 @@ class RemoteSettings:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"Invalid remote backend option: {exc}") from None
         settings._check_ranges()
+        settings._check_truncate(operation or _OPERATIONS.get(spec.backend))
         return settings
+
+    def _check_truncate(self, operation: str | None) -> None:
+        """``truncate=False`` asks for an error instead of a cut: refused where the protocol's
+        request cannot carry it (the server would cut the text and say nothing)."""
+        if self.truncate or operation is None:
+            return
+        if operation in get_protocol(self.protocol).honours_no_truncate:
+            return
+        honoured = ", ".join(
+            f"{name!r}" for name, p in PROTOCOLS.items() if operation in p.honours_no_truncate
+        )
+        raise ConfigurationError(
+            f"truncate=False cannot be honoured by protocol={self.protocol!r} for {operation}: "
+            "its request has no field asking the server not to cut a too-long text, so the "
+            "server would cut it silently. Leave truncate=True (the default), or use a protocol "
+            f"that honours truncate=False for {operation} ({honoured or 'none registered'})."
+        )
 
     def _check_ranges(self) -> None:
         if self.timeout <= 0 or self.connect_timeout <= 0:

@@ -10,7 +10,7 @@ Every field is honoured or refused with 400:
   consecutive windows of the model's input and keeps the best (our long-document windows);
   ``return_documents`` echoes the document as sent.
 * v2 rerank: ``max_tokens_per_doc`` cuts each document to that many of the model's tokens;
-  ``relevant_spans`` only as ``{"mode": "disabled"}``.
+  ``relevant_spans`` only as ``{"mode": "disabled"}`` (another key in it is a 400).
 * embed: ``truncate`` ``END`` (default; the model's own cut), ``START`` (the start is dropped) or
   ``NONE`` (a too-long text is a 400); v2's ``output_dimension`` (first components, unit length
   again) and ``max_tokens``.
@@ -159,17 +159,32 @@ async def rerank(
     )
 
 
+def _check_spans(spans: dict[str, Any] | None) -> None:
+    """``relevant_spans``: only ``{"mode": "disabled"}`` (or ``{}``); any other key is refused
+    like an unknown body field (a typo must not pass for "disabled")."""
+    if spans is None:
+        return
+    unknown = [key for key in spans if key != "mode"]
+    if unknown:
+        names = ", ".join(f"'relevant_spans.{key}'" for key in unknown[:5])
+        raise ApiError(
+            400,
+            f"Unknown or unsupported field(s) {names} for /v2/rerank: relevant_spans takes only "
+            "'mode', and this server supports only {'mode': 'disabled'}.",
+        )
+    if spans.get("mode", "disabled") != "disabled":
+        raise ApiError(
+            400, "relevant_spans is not supported by this server: send {'mode': 'disabled'}."
+        )
+
+
 async def rerank_v2(
     body: CohereV2RerankRequest, state: ServerState, headers: Mapping[str, str]
 ) -> CohereV2RerankResponse:
     """Cohere v2: documents cut to ``max_tokens_per_doc`` tokens, results best first."""
     priority = priority_of(body.priority, headers)
     model = state.pick("reranker", body.model)
-    spans = body.relevant_spans
-    if spans is not None and spans.get("mode", "disabled") != "disabled":
-        raise ApiError(
-            400, "relevant_spans is not supported by this server: send {'mode': 'disabled'}."
-        )
+    _check_spans(body.relevant_spans)
     texts = body.documents
     state.check_texts(texts, "documents")
     pairs = None

@@ -20,12 +20,13 @@ import asyncio
 import threading
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...exceptions import ConfigurationError
 from ..cache_slot import CACHES
 from ..endpoints import Endpoint, ServerProtocol
 from ..errors import ApiError
+from ..schemas import refuse_invalid_unicode
 
 if TYPE_CHECKING:  # the state (and the pool) are imported once an app is built
     from ...semantic_cache import SemanticCache
@@ -41,9 +42,15 @@ MAX_QUERY_CHARS = 32_768
 
 
 class _Request(BaseModel):
-    """Request bodies are strict like every other endpoint's: an unknown field is a 400."""
+    """Request bodies are strict like every other endpoint's: an unknown field is a 400, and a
+    string with a lone surrogate escape is refused (it could not be written back on a hit)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return refuse_invalid_unicode(data)
 
 
 class LookupRequest(_Request):

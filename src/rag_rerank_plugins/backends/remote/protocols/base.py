@@ -89,6 +89,11 @@ class Protocol:
     #: ``GET`` path answering the server's request limits as JSON (see :meth:`read_info`), asked
     #: once per client; None for servers that have none (the defaults then apply).
     info_path: str | None = "/info"
+    #: The operations (``"rerank"``, ``"embed"``) whose request honours ``settings.truncate``
+    #: being False: the server then answers a too-long text with an error instead of cutting
+    #: it. A spec with ``truncate=False`` for an operation not listed is refused at load time
+    #: (the server would cut silently).
+    honours_no_truncate: frozenset[str] = frozenset({"rerank", "embed"})
 
     def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         """The request scoring ``texts`` against ``query``; ``parse`` returns one float each."""

@@ -3,8 +3,8 @@
 
 Every request names the model (``model_name``). Embeddings ask for ``float`` vectors and say
 whether the texts are queries or documents (``input_type``); ``truncate`` maps to ``END``
-(``START`` with
-``truncation_direction="left"``) or ``NONE``.
+(``START`` with ``truncation_direction="left"``) or ``NONE``. Rerank requests have no such field
+(the server cuts long documents), so ``truncate=False`` is refused for a Cohere reranker.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class CohereProtocol(Protocol):
     """Cohere's v1 routes: ``documents`` rerank, typed float embeddings."""
 
     needs_model_name = True
+    #: Cohere's rerank request has no truncation field: the server always cuts documents.
+    honours_no_truncate = frozenset({"embed"})
 
     def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         return documents_rerank(settings, "/v1/rerank", query, texts)

@@ -4,7 +4,8 @@
 
 Every request names the model (``model_name``). Rerank asks for normalised scores
 (``raw_scores: false``) and answers ``{"results": [{index, relevance_score}]}``; embeddings
-answer ``{"data": [{index, embedding}]}``, put back in index order.
+answer ``{"data": [{index, embedding}]}``, put back in index order. Neither request can ask
+the server not to cut a long text, so ``truncate=False`` is refused for this protocol.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class InfinityProtocol(Protocol):
     """infinity's rerank route and OpenAI's embeddings route."""
 
     needs_model_name = True
+    #: Neither request has a truncation field: the server always cuts long texts.
+    honours_no_truncate: frozenset[str] = frozenset()
 
     def rerank(self, settings: CallSettings, query: str, texts: Sequence[str]) -> Call:
         return documents_rerank(settings, "/rerank", query, texts, raw_scores=False)

@@ -1,0 +1,268 @@
+"""User-visible HTTP contracts of ``rag-rerank serve`` and of the remote backend talking to it.
+
+* Text that is not Unicode (a JSON string holding a lone surrogate escape such as ``"\\ud800"``)
+  is bad input: a 4xx before any model work, on every endpoint (echoing ones and tokenizing
+  ones alike) and the semantic cache, never a 500 after inference.
+* Methods: a 405 lists in ``Allow`` every method of every route on the path (``/`` has GET and
+  POST); every GET endpoint answers HEAD (RFC 9110), without a body and outside the OpenAPI
+  schema.
+* Values are taken as sent or refused: ``priority: true`` is not read as ``1``, an unknown key
+  in Cohere v2's ``relevant_spans`` is a 400 naming it, a JSON body sent as another content
+  type (or none) is a 415 naming ``application/json``.
+* OpenAI's paths answer an invalid request with 400 (``openai.BadRequestError``), never 422,
+  with ``error.param`` naming the field.
+* Remote backend: a 413 about the model's tokens (``truncate=False``) says so and keeps the
+  server's limits; ``truncate=False`` is refused at load time by protocols whose request cannot
+  carry it (the server would cut silently).
+
+Every server listens on 127.0.0.1 and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from rag_rerank_plugins import ModelPool, ModelSpec
+from rag_rerank_plugins.exceptions import ConfigurationError, RemoteRequestError
+from rag_rerank_plugins.server import ServerConfig, create_app
+from rag_rerank_plugins.server.testing import ServerThread, wait_until_healthy
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+RERANKER = {"name": "fr", "model": "f", "backend": "fake-reranker", "device": "cpu"}
+EMBEDDER = {"name": "fe", "model": "e", "backend": "fake-embedder", "device": "cpu"}
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[Any]:
+    pool = ModelPool()
+    config = ServerConfig(specs=[RERANKER, EMBEDDER], max_client_batch=8, semantic_cache="memory")
+    app = create_app(config, pool=pool)
+    with ServerThread(app) as url:
+        wait_until_healthy(url, timeout=30)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            client.pool = pool  # type: ignore[attr-defined]
+            yield client
+    pool.clear()
+
+
+def _calls(pool: ModelPool) -> int:
+    """Model calls the server's fake models have answered so far."""
+    specs = [
+        ModelSpec(s["model"], backend=s["backend"], device="cpu") for s in (RERANKER, EMBEDDER)
+    ]
+    return sum(int(pool.spec_stats(spec)["calls"]) for spec in specs)
+
+
+# -- text that is not Unicode ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/embed", b'{"texts": ["a\\ud800b"]}'),
+        ("/v2/rerank", b'{"query": "q", "documents": ["a\\ud800b"], "return_documents": true}'),
+        ("/rerank", b'{"query": "q", "texts": ["a\\ud800b"], "return_text": true}'),
+        ("/", b'{"inputs": ["\\udfff"]}'),
+        (
+            "/v1/rerank",
+            b'{"query": "q", "documents": [{"text": "x", "m": "\\udc00"}],'
+            b' "return_documents": true}',
+        ),
+        ("/v1/rerank", b'{"query": "q", "documents": [{"text": "x", "\\ud800": "k"}]}'),
+        ("/v1/semantic-cache/put", b'{"query": "q", "value": {"answer": "\\ud800"}}'),
+    ],
+)
+def test_a_lone_surrogate_is_refused_before_any_model_work(
+    fake_server: Any, path: str, body: bytes
+) -> None:
+    """``"\\ud800"`` is a valid JSON escape but not a Unicode character: the model would run,
+    then writing the echoed text would fail (a 500, retried by our own remote client)."""
+    before = _calls(fake_server.pool)
+    response = fake_server.post(path, content=body, headers=JSON)
+    assert response.status_code == 422, response.text
+    assert "valid UTF-8" in response.json()["message"]
+    assert _calls(fake_server.pool) == before
+
+
+def test_a_surrogate_pair_is_a_character_a_reversed_pair_is_two_lone_halves(
+    fake_server: Any,
+) -> None:
+    pair = b'{"query": "q", "texts": ["a\\ud83d\\ude00"], "return_text": true}'
+    response = fake_server.post("/rerank", content=pair, headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["text"] == "a\U0001f600"
+    reversed_pair = pair.replace(b"\\ud83d\\ude00", b"\\ude00\\ud83d")
+    assert fake_server.post("/rerank", content=reversed_pair, headers=JSON).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/embeddings", b'{"input": "a\\ud800b", "model": "minilm"}'),
+        ("/rerank", b'{"query": "q", "texts": ["a\\ud800b"], "truncation_direction": "Left"}'),
+    ],
+)
+def test_a_lone_surrogate_never_reaches_a_real_tokenizer(
+    model_server: Any, path: str, body: bytes
+) -> None:
+    """Endpoints that echo nothing but tokenize (usage, left truncation) failed in the
+    tokenizer (TypeError -> 500)."""
+    response = httpx.post(model_server.url + path, content=body, headers=JSON, timeout=30)
+    assert response.status_code == (400 if path == "/v1/embeddings" else 422), response.text
+    assert "lone surrogate" in response.json()["message"]
+
+
+# -- methods --------------------------------------------------------------------------------
+
+
+def test_405_allow_lists_every_method_of_the_path(fake_server: Any) -> None:
+    """RFC 9110 15.5.6; Starlette named the first partially matching route's methods only."""
+    cases = [
+        ("PUT", "/", "GET, HEAD, POST"),
+        ("PUT", "/health", "GET, HEAD"),
+        ("DELETE", "/v1/models/fe", "GET, HEAD"),
+        ("GET", "/rerank", "POST"),
+    ]
+    for method, path, allow in cases:
+        response = fake_server.request(method, path)
+        assert response.status_code == 405
+        assert response.headers["allow"] == allow, (method, path)
+        assert set(response.json()) == {"error", "error_type", "message"}
+
+
+def test_every_get_endpoint_answers_head(fake_server: Any) -> None:
+    """RFC 9110 9.1: HEAD wherever GET is; uptime checkers and load balancers probe it. The
+    HEAD routes stay out of the OpenAPI schema (every GET would be listed twice)."""
+    for path in ("/", "/health", "/info", "/metrics", "/v1/models", "/v1/models/fe"):
+        got = fake_server.get(path)
+        head = fake_server.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"]
+    paths = fake_server.get("/openapi.json").json()["paths"]
+    assert "get" in paths["/health"]
+    assert all("head" not in operations for operations in paths.values())
+
+
+# -- values taken as sent or refused ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0])
+def test_priority_is_not_coerced(fake_server: Any, value: object) -> None:
+    """``wire._lane`` refuses bools on purpose; pydantic's lax ``int`` turned ``true`` into
+    ``1`` (bulk) before it could."""
+    body = {"query": "a", "texts": ["x"], "priority": value}
+    response = fake_server.post("/rerank", json=body)
+    assert response.status_code == 422, response.text
+    assert "priority" in response.json()["message"]
+
+
+def test_relevant_spans_refuses_unknown_keys(fake_server: Any) -> None:
+    """A typo'd key inside ``relevant_spans`` was ignored (read as the default "disabled")."""
+    body = {"query": "a", "documents": ["x"], "relevant_spans": {"mdoe": "enabled"}}
+    response = fake_server.post("/v2/rerank", json=body)
+    assert response.status_code == 400
+    assert "'relevant_spans.mdoe'" in response.json()["message"]
+    ok = fake_server.post("/v2/rerank", json={**body, "relevant_spans": {"mode": "disabled"}})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_another_type_is_415(
+    fake_server: Any, content_type: str | None
+) -> None:
+    """``curl -d`` sends form encoding: the answer names the header to send, instead of
+    "Input should be a valid dictionary"."""
+    headers = {"content-type": content_type} if content_type else {}
+    body = b'{"query": "a", "texts": ["x"]}'
+    response = fake_server.post("/rerank", content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    assert "Content-Type: application/json" in response.json()["message"]
+
+
+# -- OpenAI's status codes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({"model": "fe"}, "input"),
+        ({"input": []}, None),
+        ({"input": "x", "bogus": 1}, "bogus"),
+    ],
+)
+def test_openai_invalid_params_are_400_with_param(
+    fake_server: Any, body: dict, param: str | None
+) -> None:
+    """OpenAI answers every invalid parameter with 400 ``invalid_request_error``; the ``openai``
+    SDK maps 422 to the unrelated ``UnprocessableEntityError``."""
+    for path in ("/v1/embeddings", "/embeddings"):
+        response = fake_server.post(path, json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == param
+    # Other protocols keep FastAPI's 422 for an invalid body.
+    assert fake_server.post("/embed", json={"inputs": "x", "dimensions": 0}).status_code == 422
+
+
+# -- the remote backend -----------------------------------------------------------------------
+
+
+def _remote(kind: str, url: str, **options: Any) -> ModelSpec:
+    fast = {"backoff": 0.01, "max_backoff": 0.05, "timeout": 10, "connect_timeout": 1}
+    return ModelSpec(url, backend=f"remote-{kind}", device="cpu", options={**fast, **options})
+
+
+@pytest.mark.parametrize(
+    ("kind", "protocol", "name"),
+    [("reranker", "tei", None), ("embedder", "tei", None), ("embedder", "cohere", "minilm")],
+)
+def test_remote_too_many_tokens_413_says_tokens_not_bytes(
+    pool: ModelPool, model_server: Any, kind: str, protocol: str, name: str | None
+) -> None:
+    """With ``truncate=False`` a too-long text is the server's 413 "longer than the model's N
+    tokens"; the error named the byte limit (max_request_bytes/batch_size: the wrong fix)."""
+    options = {"model_name": name} if name else {}
+    spec = _remote(kind, model_server.url, truncate=False, protocol=protocol, **options)
+    long_text = "mitochondria " * 2000  # ~26 KB: far under the body limit, far over 512 tokens
+
+    def call() -> object:
+        if kind == "reranker":
+            return pool.score_pairs(spec, [("q", "short"), ("q", long_text)])
+        return pool.embed(spec, ["short", long_text])
+
+    with pytest.raises(RemoteRequestError) as caught:
+        call()
+    message = str(caught.value)
+    assert "tokens" in message, message
+    assert "truncate=True" in message, message
+    assert "max_request_bytes" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("kind", "protocol"),
+    [("reranker", "cohere"), ("reranker", "infinity"), ("embedder", "infinity")],
+)
+def test_remote_truncate_false_is_refused_where_the_protocol_cannot_send_it(
+    pool: ModelPool, kind: str, protocol: str
+) -> None:
+    """Cohere's rerank and infinity's requests have no truncation field: the server would cut a
+    too-long text silently. Refused when the spec loads, before anything is sent."""
+    spec = _remote(kind, "http://127.0.0.1:9", truncate=False, protocol=protocol, model_name="m")
+    call = (
+        (lambda: pool.score_pairs(spec, [("q", "a")]))
+        if kind == "reranker"
+        else (lambda: pool.embed(spec, ["a"]))
+    )
+    with pytest.raises(ConfigurationError, match=r"truncate=False .*'tei'"):
+        call()
