@@ -7,7 +7,8 @@ OpenAI/infinity and the operations endpoints, plus any :func:`~.registry.registe
 added); ``rag-rerank serve --help`` lists them.
 
 Status codes: 401 (bearer token), 404 (unknown path or model name), 405 (wrong method), 408 (body
-too slow), 413 (body bytes or number of texts), 422 (invalid request), 429 + Retry-After
+too slow), 413 (body bytes or number of texts), 415 (a body not sent as JSON), 422 (invalid
+request; 400 on OpenAI's paths, as OpenAI answers), 429 + Retry-After
 (concurrency and queue full), 503 (not ready), 500 (the model failed, a NaN or infinity in its
 output included, or a bug). Every error body is :func:`~.errors.error_body`: ``error``,
 ``error_type`` (TEI) and ``message``. Every response has an ``X-Request-ID`` (the server log
