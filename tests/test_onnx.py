@@ -311,6 +311,43 @@ def test_fingerprint_follows_contents_of_small_files(tmp_path: Path) -> None:
     assert onnx_backend.model_fingerprint(tmp_path) != first
 
 
+def test_fingerprint_keys_hub_cache_weights_by_their_blob_name(tmp_path: Path) -> None:
+    """A weights file linked into a Hugging Face hub cache is keyed by its blob's name (the
+    content hash): a new revision's same-size weights with the same mtime are a new key, and a
+    cache copied without its mtimes keeps its keys. Plain files stay keyed by size and mtime."""
+    import hashlib
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+
+    def blob(fill: bytes) -> Path:
+        data = fill * (5 * 1024 * 1024)  # over the 4 MiB hashed by content
+        path = blobs / hashlib.sha256(data).hexdigest()
+        path.write_bytes(data)
+        return path
+
+    def link(target: Path) -> None:
+        weights = snapshot / "model.safetensors"
+        weights.unlink(missing_ok=True)
+        weights.symlink_to(os.path.relpath(target, snapshot))
+
+    first, second = blob(b"a"), blob(b"b")
+    os.utime(second, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns))
+    link(first)
+    key = onnx_backend.model_fingerprint(snapshot)
+    os.utime(first, ns=(1, 1))  # copied without its mtimes
+    assert onnx_backend.model_fingerprint(snapshot) == key
+    link(second)  # a new revision: same size, same mtime
+    assert onnx_backend.model_fingerprint(snapshot) != key
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(first.read_bytes())
+    before = onnx_backend.model_fingerprint(plain)
+    os.utime(plain / "model.safetensors", ns=(2, 2))  # `touch` forces a new export
+    assert onnx_backend.model_fingerprint(plain) != before
+
+
 # -- missing extra ---------------------------------------------------------------------------
 
 

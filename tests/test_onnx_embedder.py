@@ -160,6 +160,9 @@ def test_two_phase_protocol(minilm_path: str, onnx_cache: str, pool: ModelPool) 
     assert batch.real_tokens < (batch.padded_tokens or 0)
     vectors = model.finish(task, model.forward(task, batch))
     assert vectors == model.embed(TEXTS[:3], batch_size=1, is_query=True, normalize=True)
+    # The graph's inputs are recorded at export, so a load never asks a session what to feed
+    # (the OpenVINO embedder replaces the session before onnxruntime ever opens it).
+    assert model.meta["feeds"] == [i.name for i in model.session.get_inputs()]
 
 
 @pytest.mark.parametrize(

@@ -6,30 +6,40 @@ here so the two can never drift apart:
 
 * **The export cache.** One entry per (model files, mode, opset, format version, extra key) under
   ``RAG_RERANK_ONNX_CACHE`` or option ``cache_dir`` (default ``~/.cache/rag-rerank-plugins/onnx``).
-  :func:`model_fingerprint` hashes every file of the model folder (path, size and mtime; the full
-  contents of files under 4 MiB), so a changed model exports again and an unchanged one is reused
-  by every later process. Entries are written in a temporary folder (:func:`tmp_entry`) and renamed
-  into place (:func:`publish`): concurrent processes never see half an export.
+  :func:`model_fingerprint` hashes every file of the model folder (path, size and mtime, or for a
+  link into a Hugging Face hub cache the blob's name, its content hash; the full contents of files
+  under 4 MiB), so a changed model exports again and an unchanged one is reused by every later
+  process. Entries are written in a scratch folder (:func:`tmp_entry`, :func:`scratch_dir`: the
+  permissions of a plain ``mkdir``, so other users can read the cache) and renamed into place
+  (:func:`publish`): concurrent processes never see half an export. A model path that does not
+  exist and is no hub name raises :class:`ModelNotFoundError` (:func:`model_dir`).
 * **Threads** (:func:`threads_for`): option ``intra_op_threads``, else ``RAG_RERANK_ORT_THREADS``,
   else the physical cores this process may use; one inter-op thread; spinning off, so an idle
   model does not burn the cores of a shared box (:func:`open_session`).
+* **Sessions** (:class:`OnnxRuntimeModel`): the onnxruntime session is opened on first use. The
+  ONNX backends' loads open it at once (:func:`cached_entry`: a broken export fails the load);
+  the OpenVINO backends load their ONNX twin under :func:`deferred_sessions` and replace the
+  session before it was ever opened, so a cached IR never builds an onnxruntime session.
 * **Checks every ONNX backend makes at load** (:func:`check_cpu_float32`): CPU only, float32 or
   int8 (onnxruntime's CPU provider has no fast FP16/BF16 matmuls on x86).
 * **Tokenizers** (:func:`configure_tokenizer`): the exported ``tokenizer.json`` run by
   ``tokenizers`` with the truncation and padding the export recorded, so loading a cached entry
-  never imports torch or transformers; each batch is then padded to its bucket length
+  never imports torch or transformers (the cross-encoder's long-document windows import
+  transformers' tokenizer on first use); each batch is then padded to its bucket length
   (:mod:`rag_rerank_plugins._shapes`), so sessions see a small fixed set of shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +47,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._cpu import usable_cores
-from ..exceptions import ConfigurationError, MissingDependencyError, ModelLoadError
+from ..exceptions import (
+    ConfigurationError,
+    MissingDependencyError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from ._common import QUANTIZE_MODES, quantize_mode
 from ._torch_common import import_optional, loading_errors, model_kwargs_for
 from .options import ST_LOADING
@@ -55,11 +70,13 @@ __all__ = [
     "configure_tokenizer",
     "default_cache_dir",
     "default_threads",
+    "deferred_sessions",
     "entry_bytes",
     "entry_key",
     "export_count",
     "export_graph",
     "fast_tokenizer_json",
+    "hub_blob",
     "model_dir",
     "model_fingerprint",
     "mode_of",
@@ -70,6 +87,7 @@ __all__ = [
     "publish",
     "publish_export",
     "quantize_int8",
+    "scratch_dir",
     "st_for_export",
     "threads_for",
     "tmp_entry",
@@ -83,8 +101,11 @@ CACHE_ENV = "RAG_RERANK_ONNX_CACHE"
 #: Environment variable: onnxruntime intra-op threads (option ``intra_op_threads`` wins).
 THREADS_ENV = "RAG_RERANK_ORT_THREADS"
 DEFAULT_OPSET = 17
-#: Files under this size are hashed by content; larger ones (weights) by size and mtime.
+#: Files under this size are hashed by content; larger ones (weights) by size and mtime (or, in
+#: a Hugging Face hub cache, by their blob's name).
 _HASH_CONTENT_BELOW = 4 * 1024 * 1024
+#: A hub cache blob's file name: the sha256 of an LFS file, the git sha1 of any other.
+_HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 _exports = 0
 _exports_lock = threading.Lock()
@@ -196,9 +217,28 @@ def default_cache_dir() -> Path:
     return Path(base) / "rag-rerank-plugins" / "onnx"
 
 
+def hub_blob(path: Path) -> str | None:
+    """The blob name of a file that is a link into a Hugging Face hub cache
+    (``snapshots/<rev>/<file> -> ../../blobs/<hash>``): the hash of its contents. None for any
+    other file."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and _HUB_BLOB.fullmatch(target.name):
+        return target.name
+    return None
+
+
 def model_fingerprint(model_dir: Path) -> str:
-    """sha256 over the model folder's files: relative path, size and mtime of each, and the
-    contents of the small ones (config, tokenizer). Hidden folders (.git, .cache) are skipped."""
+    """sha256 over the model folder's files: relative path and size of each, the contents of the
+    small ones (config, tokenizer), and for the large ones (weights) the hub blob's name when the
+    file links into a Hugging Face hub cache (:func:`hub_blob`: a content hash, so a new revision
+    is always a new key), else the mtime. Hidden folders (.git, .cache) are skipped.
+
+    Known limit: a plain weights file replaced by one of the same size with its mtime kept
+    (``cp -p``, ``rsync -a``, builds that pin mtimes) keeps its key, and the old export is served
+    (hashing every weights file at every load would cost seconds for large models). ``touch`` the
+    file, or delete the entry, to force a new export."""
     digest = hashlib.sha256()
     files = sorted(
         p
@@ -210,6 +250,8 @@ def model_fingerprint(model_dir: Path) -> str:
         digest.update(f"{path.relative_to(model_dir).as_posix()}\0{stat.st_size}\0".encode())
         if stat.st_size < _HASH_CONTENT_BELOW:
             digest.update(path.read_bytes())
+        elif blob := hub_blob(path):
+            digest.update(f"blob:{blob}".encode())
         else:
             digest.update(str(stat.st_mtime_ns).encode())
         digest.update(b"\0")
@@ -217,11 +259,32 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def model_dir(spec: ModelSpec) -> Path:
-    """The local folder holding the model's files (a hub name: its snapshot)."""
+    """The local folder holding the model's files (a hub name: its snapshot).
+
+    A name that is neither an existing path nor a valid hub name (``/models/typo``, ``./x``,
+    ``~/x``: ``~`` is not expanded, as for the torch backends) raises
+    :class:`ModelNotFoundError`, as the torch backends do, rather than the hub's
+    "Repo id must be ..." validation error."""
     if spec.is_local_path:
         path = Path(spec.model).resolve()
         return path if path.is_dir() else path.parent
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec.model)
+    except HFValidationError:
+        hint = ""
+        if spec.model.startswith("~") and os.path.exists(os.path.expanduser(spec.model)):
+            hint = f" ('~' is not expanded: pass {os.path.expanduser(spec.model)!r})"
+        raise ModelNotFoundError(
+            spec.model,
+            spec.backend,
+            FileNotFoundError(
+                f"Path {spec.model} not found: no such local folder or file{hint}, and not a "
+                "Hugging Face hub name"
+            ),
+        ) from None
 
     local_only = bool(spec.option("local_files_only", False)) or os.environ.get(
         "HF_HUB_OFFLINE", ""
@@ -259,18 +322,51 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def scratch_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``parent/<prefix><random>`` with the permissions a plain ``mkdir``
+    gives (0o777 less the umask, as the files written into it get).
+
+    Not ``tempfile.mkdtemp``: its folders are 0700, and renamed into place as cache entries they
+    stay unreadable to every other user (a cache built as root in a Docker build step, then read
+    by the service's user, who would try to export again into a folder it may not write)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(8)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free scratch folder name {prefix}* in {parent}")
+
+
 @contextlib.contextmanager
 def tmp_entry(final: Path, tokenizer_json: str, meta: dict[str, Any]) -> Iterator[Path]:
-    """A scratch folder beside ``final`` for one export, holding the tokenizer and
-    ``meta.json`` already; removed unless :func:`publish` moved it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    """A scratch folder beside ``final`` for one export (:func:`scratch_dir`), holding the
+    tokenizer and ``meta.json`` already; removed unless :func:`publish` moved it into place."""
+    tmp = scratch_dir(final.parent, f".tmp-{final.name}-")
     try:
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+
+
+_defer_sessions: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "rag_rerank_defer_onnx_sessions", default=False
+)
+
+
+@contextlib.contextmanager
+def deferred_sessions() -> Iterator[None]:
+    """ONNX models loaded inside this block open no onnxruntime session at load: for a caller
+    that replaces the session (the OpenVINO backends), which then never opens one at all."""
+    token = _defer_sessions.set(True)
+    try:
+        yield
+    finally:
+        _defer_sessions.reset(token)
 
 
 def cached_entry(
@@ -285,8 +381,9 @@ def cached_entry(
     """The loaded model for ``spec``, from its cache entry, exported first when missing.
 
     ``export(spec, model_dir, entry, mode, opset)`` writes and publishes the entry; ``open_entry``
-    opens a published one. A damaged entry raises :class:`ModelLoadError` naming its folder, so
-    the user knows what to delete.
+    opens a published one, whose onnxruntime session is then opened at once (unless under
+    :func:`deferred_sessions`). A damaged entry raises :class:`ModelLoadError` naming its folder,
+    so the user knows what to delete.
     """
     mode = mode_of(spec)
     opset = opset_of(spec)
@@ -301,6 +398,8 @@ def cached_entry(
             export(spec, folder, entry, mode, opset)
         try:
             model = open_entry(entry)
+            if not _defer_sessions.get():
+                model.ensure_session()  # a graph onnxruntime cannot open fails the load
         except (MissingDependencyError, ConfigurationError):
             raise
         except Exception as exc:  # a damaged entry: say where it is, so it can be deleted
@@ -492,30 +591,35 @@ class OnnxRuntimeModel:
     """Mixin for the ONNX backends' loaded models: a published cache entry opened (its
     ``meta.json``, its tokenizer with the recorded truncation and padding, an onnxruntime session
     with the thread policy), tokenising, the footprint and release. Listed before the protocol
-    base class (``RerankerModel``, ``EmbedderModel``) so these methods win."""
+    base class (``RerankerModel``, ``EmbedderModel``) so these methods win.
+
+    The session is opened on first use (:attr:`session`, :meth:`ensure_session`); assigning one
+    (the OpenVINO backends' compiled model) or closing the model before that means the export's
+    ``model.onnx`` is never opened by onnxruntime."""
 
     device: str = "cpu"
     dtype: str = "float32"
     max_tokens: int | None = None
-    session: Any
     tokenizer: Any
 
     def __init__(self, entry: Path, *, threads: int, max_length: int | None = None) -> None:
         """``max_length`` overrides the model's own truncation length (None: the model's)."""
         from tokenizers import Tokenizer
 
+        self.threads = threads
+        self.path = entry
+        self._session: Any = None
+        self._session_source: Path | None = entry / "model.onnx"  # opened on first use
+        self._session_lock = threading.Lock()
         self.meta: dict[str, Any] = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         self.tokenizer = configure_tokenizer(
             Tokenizer.from_file(str(entry / "tokenizer.json")),
             self.meta,
             max_length or self.meta["max_length"],
         )
-        self.session = open_session(entry / "model.onnx", threads)
         self.dtype = "int8" if self.meta["mode"] == "int8" else "float32"
         truncation = self.tokenizer.truncation
         self.max_tokens = int(truncation["max_length"]) if truncation else None
-        self.threads = threads
-        self.path = entry
         # What the export baked in beyond the plain graph (e.g. the pruned last layer).
         self.kernels = str(self.meta.get("kernels") or "")
 
@@ -549,6 +653,28 @@ class OnnxRuntimeModel:
                 name: np.pad(a, sides, constant_values=fills[name]) for name, a in arrays.items()
             }
         return arrays
+
+    @property
+    def session(self) -> Any:
+        """What runs the graph (``run(output_names, feed)``): the onnxruntime session, opened on
+        first use, or whatever was assigned instead; None once closed."""
+        if self._session is None and self._session_source is not None:
+            return self.ensure_session()
+        return self._session
+
+    @session.setter
+    def session(self, value: Any) -> None:
+        with self._session_lock:
+            self._session = value
+            self._session_source = None  # replaced or closed: model.onnx is never opened
+
+    def ensure_session(self) -> Any:
+        """Open the onnxruntime session now, if nothing was opened or assigned yet."""
+        with self._session_lock:
+            if self._session is None and self._session_source is not None:
+                self._session = open_session(self._session_source, self.threads)
+                self._session_source = None
+            return self._session
 
     def footprint_bytes(self) -> int | None:
         return entry_bytes(self.path)

@@ -5,27 +5,33 @@
 Why build on the ONNX export rather than beside it: that export already carries everything the
 engine relies on and is checked against the torch model before it is published (tokenizer ids,
 logits or vectors, the pruned last layer, prompts, pooling, score labels). So the ONNX model
-object is loaded through the registry (exported once, with torch; a cached entry loads without),
-its onnxruntime session is replaced by an OpenVINO compiled model (:class:`OpenVinoSession`
-answers the same ``run(names, feed)`` call), and its ``prepare`` (tokenizer, passes padded to the
-bucket lengths of :mod:`rag_rerank_plugins._shapes`, so OpenVINO compiles a bounded set of
-shapes) and ``finish`` (labels, activation, pooling) are used as they are.
+object is loaded through the registry (exported once, with torch; a cached entry loads without)
+under :func:`~._onnx_common.deferred_sessions`, so it opens no onnxruntime session; its session
+is then set to an OpenVINO compiled model (:class:`OpenVinoSession` answers the same
+``run(names, feed)`` and ``get_inputs()`` calls), and its ``prepare`` (tokenizer, passes padded
+to the bucket lengths of :mod:`rag_rerank_plugins._shapes`, so OpenVINO compiles a bounded set of
+shapes), ``finish`` (labels, activation, pooling) and long-document window source are used as
+they are. Load errors of the twin are re-raised naming the OpenVINO backend (same class).
 
 **The IR cache.** ``openvino.convert_model`` turns the entry's ``model.onnx`` into an IR
 (``model.xml`` + ``model.bin``, weights kept in FP32: ``compress_to_fp16=False``), saved beside the
 ONNX entry as ``ov-<key>``. The key hashes the ONNX entry's name (itself a hash of the model
 files, opset, pruning and kind), the OpenVINO version, the IR mode and, for INT8, the calibration
-set. Entries are written in a scratch folder and renamed into place (concurrent processes never
-see half an IR), their ``meta.json`` records the sha256 of both files, and every load checks
-them: a damaged entry is logged, removed and built again. Builds of one entry in one process are
-serialised by a lock, so many threads loading at once convert once.
+set. Entries are written in a scratch folder (the permissions of a plain ``mkdir``) and renamed
+into place (concurrent processes never see half an IR), their ``meta.json`` records the sha256 of
+both files, and every load checks them: a damaged entry (a file changed or missing, a
+``meta.json`` unreadable or not what was written) is logged, removed and built again; an entry
+that was missing at the first look is looked at again before anything is removed, since another
+process may have just published it. Builds of one entry in one process are serialised by a lock,
+so many threads loading at once convert once.
 
 **Precision.** The spec's dtype is the compile hint: ``bfloat16`` (what ``dtype="auto"`` means on
 CPUs with native BF16, AVX512-BF16 or AMX; the row's ``cpu_bf16`` tells the policy) or
 ``float32``. ``quantize="int8"`` builds an INT8 IR by NNCF's calibrated static quantization
 (``nncf.quantize``, transformer preset) over the ``calibration`` option's pairs or texts, else a
 default set of 300 pairs (150 texts for embedders) built from the packaged sample corpus; the
-layers NNCF leaves in float run under the dtype's hint.
+layers NNCF leaves in float run under the dtype's hint. ``calibration`` without
+``quantize="int8"`` is a ConfigurationError (it would be ignored).
 
 **Speed** (issue 22). The conversion fuses each attention block of the export into one
 ``ScaledDotProductAttention`` op (:func:`fuse_attention`: the exporter's NaN guard kept the CPU
@@ -49,12 +55,13 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, ModelLoadError
 from . import load_backend
 from ._common import quantize_mode
-from ._onnx_common import entry_bytes, publish, threads_for
+from ._onnx_common import deferred_sessions, entry_bytes, publish, scratch_dir, threads_for
 from ._torch_common import import_optional
 from .base import ModelProvider, Prepared, Task
 
@@ -273,31 +280,41 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(entry: Path) -> dict[str, Any] | None:
+def _verified(entry: Path, *, log: bool = True) -> dict[str, Any] | None:
     """The entry's meta when both files match the hashes it recorded; None when it is missing or
-    damaged (a damaged one is logged)."""
+    damaged (a damaged one is logged, unless ``log`` is False)."""
+    warn = logger.warning if log else logger.debug
     try:
-        meta: dict[str, Any] = json.loads((entry / "meta.json").read_text("utf-8"))
+        meta = json.loads((entry / "meta.json").read_text("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        logger.warning("rag-rerank: OpenVINO IR %s has an unreadable meta.json (%s)", entry, exc)
+        warn("rag-rerank: OpenVINO IR %s has an unreadable meta.json (%s): rebuilding", entry, exc)
         return None
-    for name, want in meta.get("sha256", {}).items():
+    hashes = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(hashes, dict) or not hashes:
+        warn(
+            "rag-rerank: OpenVINO IR %s is damaged (meta.json %s records no file hashes): "
+            "rebuilding",
+            entry,
+            str(meta)[:80],
+        )
+        return None
+    for name, want in hashes.items():
         try:
-            got = _sha256(entry / name)
+            got = _sha256(entry / str(name))
         except OSError:
             got = "missing"
         if got != want:
-            logger.warning(
+            warn(
                 "rag-rerank: OpenVINO IR %s is damaged (%s: sha256 %s, recorded %s): rebuilding",
                 entry,
                 name,
                 got[:12],
-                want[:12],
+                str(want)[:12],
             )
             return None
-    return meta if meta.get("sha256") else None
+    return meta
 
 
 def _discard(entry: Path) -> None:
@@ -331,8 +348,7 @@ def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[An
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=len(feeds),
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = scratch_dir(final.parent, f".tmp-{final.name}-")
     try:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         meta["sha256"] = {name: _sha256(tmp / name) for name in ("model.xml", "model.bin")}
@@ -375,10 +391,15 @@ def _ir_entry(
     with _build_locks_guard:
         lock = _build_locks.setdefault(final, threading.Lock())
     with lock:
-        found = _verified(final)
+        found = _verified(final, log=False)
+        if found is None and final.exists():
+            # Damaged, or published by another process since the look above found nothing (the
+            # lock covers this process only): look again before removing anything.
+            found = _verified(final)
+            if found is None:
+                _discard(final)
         if found is not None:
             return final, found, True
-        _discard(final)
         _convert(inner, final, meta, calibration)
         found = _verified(final)
         if found is None:
@@ -415,6 +436,10 @@ class OpenVinoSession:
         threads' worth of streams (at least one, at most every stream)."""
         share = threads * self.streams // self.threads
         self._local.share = max(1, min(share, self.streams))
+
+    def get_inputs(self) -> list[Any]:
+        """The compiled model's inputs, as onnxruntime's session lists them (``.name``)."""
+        return [SimpleNamespace(name=port.get_any_name()) for port in self.compiled.inputs]
 
     def _requests(self, count: int) -> list[Any]:
         requests: list[Any] = getattr(self._local, "requests", None) or []
@@ -535,6 +560,18 @@ class OpenVinoModel:
         self.inner.close()
 
 
+def _named(exc: ModelLoadError, backend: str) -> ModelLoadError:
+    """``exc`` (its class, e.g. ModelNotFoundError, and its reason) as raised by ``backend``: the
+    twin's load errors name the backend the user asked for, not the ONNX twin."""
+    renamed = type(exc).__new__(type(exc))
+    renamed.__dict__.update(exc.__dict__)
+    renamed.backend = backend
+    message = str(exc.args[0]) if exc.args else ""
+    old, new = f"with backend {exc.backend!r}", f"with backend {backend!r}"
+    renamed.args = (message.replace(old, new, 1),)
+    return renamed
+
+
 def load_openvino(
     spec: ModelSpec, provider: ModelProvider, twin: str, kind: str
 ) -> tuple[Any, Path, dict[str, Any], bool, str]:
@@ -555,10 +592,20 @@ def load_openvino(
         )
     threads = threads_for(spec)
     ir = "int8" if quantize_mode(spec.option("quantize")) else "float32"
+    if ir != "int8" and spec.option("calibration") is not None:
+        raise ConfigurationError(
+            "calibration is the INT8 calibration set and is used only with quantize='int8': "
+            "add quantize='int8' to the options (model_kwargs={'quantize': 'int8', "
+            "'calibration': ...}) or leave calibration out."
+        )
     calibration = calibration_items(spec, kind) if ir == "int8" else []
     options = {k: v for k, v in spec.options_dict.items() if k not in OWN_OPTIONS}
     twin_spec = spec.with_options(backend=twin, dtype="float32", options=options)
-    inner: LoadedModel = load_backend(twin_spec, provider)
+    try:
+        with deferred_sessions():  # the compiled IR replaces the session: never open it
+            inner: LoadedModel = load_backend(twin_spec, provider)
+    except ModelLoadError as exc:
+        raise _named(exc, spec.backend) from exc.__cause__
     try:
         entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
         try:

@@ -6,16 +6,20 @@ are ``CrossEncoder.predict``'s: the same tokenizer, the same logits, the same ac
 
 **The export cache.** One entry per (model files, mode, opset, pruning, format version) under
 ``RAG_RERANK_ONNX_CACHE`` or option ``cache_dir`` (default ``~/.cache/rag-rerank-plugins/onnx``).
-The key hashes every file of the model folder: path, size and modification time of each file,
-plus the full contents of files under 4 MiB (config, tokenizer), so a changed model exports
-again and an unchanged one is reused by every later process. An entry is written in a temporary
-directory and renamed into place, so concurrent processes never see half an export (the loser
-of a race discards its copy). An entry holds ``model.onnx``, the tokenizer as ``tokenizer.json``
-and ``meta.json`` (activation, input names, truncation and padding settings). Exporting needs
-the ``st`` extra (torch, sentence-transformers); loading a cached entry needs only onnxruntime
-and ``tokenizers``, never torch, so a second process starts in a fraction of the torch load.
-Every export is checked before it is published: token ids against ``CrossEncoder.preprocess``
-and logits against the torch model on probe pairs.
+The key hashes every file of the model folder: path, size and modification time of each file
+(for a link into a Hugging Face hub cache, the blob's name: its content hash), plus the full
+contents of files under 4 MiB (config, tokenizer), so a changed model exports again and an
+unchanged one is reused by every later process (a plain weights file replaced by one of the same
+size with its mtime kept is not noticed: see ``_onnx_common.model_fingerprint``). An entry is
+written in a temporary directory and renamed into place, so concurrent processes never see half
+an export (the loser of a race discards its copy). An entry holds ``model.onnx``, the tokenizer
+as ``tokenizer.json`` and ``meta.json`` (activation, input names, truncation and padding
+settings). Exporting needs the ``st`` extra (torch, sentence-transformers); loading a cached
+entry needs only onnxruntime and ``tokenizers``, never torch, so a second process starts in a
+fraction of the torch load (the onnxruntime session is opened during the load, so a graph it
+cannot open fails there, not at the first call). Every export is checked before it is
+published: token ids against ``CrossEncoder.preprocess`` and logits against the torch model on
+probe pairs.
 
 **Pruning** (option ``prune_last_layer``, default True): the export computes the last layer for
 the first token only, the one the classification head reads (see ``_first_token``); the checks
@@ -42,6 +46,12 @@ labels by transformers' default names ``LABEL_<i>``, or by index).
 Two phases: ``prepare`` tokenises into int64 numpy arrays (the prepare thread owns the
 tokenizer), ``forward`` runs the session on the device worker, ``finish`` applies the activation
 and returns floats. The tokenizer is not shared across threads, so ``thread_safe`` stays False.
+
+**Long-document windows** (:meth:`OnnxCrossEncoder.window_source`): the export's
+``tokenizer.json`` as a transformers ``PreTrainedTokenizerFast``, with the model's truncation
+length, so windows are cut exactly as for the ``cross-encoder`` backend. transformers (never
+torch) is imported only when windows are first used; loading stays free of it. Without
+transformers installed there is no window source (windows are refused, with a logged hint).
 
 The cache, the thread policy and the load-time checks live in :mod:`._onnx_common`, shared with
 the embedder backend (:mod:`.onnx_embedder`); this module holds what is the cross-encoder's own.
@@ -107,6 +117,9 @@ FORMAT_VERSION = 1
 #: Every option the loader reads: its registry row's (declared there, once).
 OPTIONS = backend_info("onnx-cross-encoder").options
 
+
+#: Whether the missing-transformers hint of ``window_source`` was logged (once per process).
+_warned_no_transformers = False
 
 #: Probe pairs for the export checks: padding, truncation of a long passage, non-ASCII text.
 _PROBES = [
@@ -258,6 +271,28 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
         if self.score_mode == "sigmoid":  # as predict: sigmoid of the FP32 logit
             logits = np.exp(-np.logaddexp(np.float32(0), -logits)).astype(np.float32)
         return [float(s) for s in logits]
+
+    def window_source(self) -> tuple[Any, int] | None:
+        """The export's tokenizer as a Hugging Face fast tokenizer (what the ``cross-encoder``
+        backend's windows use: the same ids, offsets and special tokens) and the model's input
+        limit (0 without one: windows then ask for ``max_length``). A new object per call, never
+        the prepare thread's tokenizer; imports transformers (not torch) on first use. None, with
+        a warning, where transformers cannot be imported (the ``onnx`` extra alone)."""
+        global _warned_no_transformers
+        try:
+            from transformers import PreTrainedTokenizerFast
+        except ImportError as exc:
+            if not _warned_no_transformers:
+                _warned_no_transformers = True
+                logger.warning(
+                    "rag-rerank: long-document windows on %s need the transformers package "
+                    "(pip install transformers; no torch needed): %s",
+                    self.meta.get("model"),
+                    exc,
+                )
+            return None
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(self.path / "tokenizer.json"))
+        return tokenizer, self.max_tokens or 0
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         task = Task("score")

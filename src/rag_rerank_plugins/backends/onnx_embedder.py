@@ -25,12 +25,14 @@ sentence-transformers counts them: the prompt tokenised alone, less a trailing s
 **Checked before publishing.** Token ids against ``SentenceTransformer.preprocess`` and vectors
 against ``SentenceTransformer.encode`` on probe texts (padding, truncation, non-ASCII, a prompt).
 
-Two phases: ``prepare`` tokenises (``tokenizers``, the prepare thread's own), ``forward`` runs the
-session, ``finish`` pools and normalises.
+Two phases: ``prepare`` tokenises (``tokenizers``, the prepare thread's own) and feeds the graph's
+inputs (recorded in ``meta.json`` as ``feeds``), ``forward`` runs the session, ``finish`` pools and
+normalises.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,6 +254,9 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
                     f"the ONNX export's vectors differ from SentenceTransformer.encode's "
                     f"({'max error' if mode == 'float32' else '1 - min cosine'} {error:.3g})",
                 )
+        # The graph's inputs, so a load never needs a session to know what to feed.
+        meta["feeds"] = list(runtime._feeds)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         runtime.close()
         publish_export(spec, tmp, final, start)
 
@@ -276,8 +281,17 @@ class OnnxSentenceTransformer(OnnxRuntimeModel, EmbedderModel):
         self.truncate_dim = truncate_dim
         self.prompts: dict[str, str] = dict(self.meta.get("prompts") or {})
         self.default_prompt_name = default_prompt_name or self.meta.get("default_prompt_name")
-        self._feeds = [i.name for i in self.session.get_inputs()]
+        self._feed_names: list[str] | None = list(self.meta.get("feeds") or ()) or None
         self._prompt_lengths: dict[str, int | None] = {}
+
+    @property
+    def _feeds(self) -> list[str]:
+        """The graph's inputs (the exporter drops inputs the model never reads): recorded in
+        ``meta.json`` at export; an entry exported before that asks the session on first use
+        (after an OpenVINO swap, the compiled model), so loading opens no onnxruntime session."""
+        if self._feed_names is None:
+            self._feed_names = [i.name for i in self.session.get_inputs()]
+        return self._feed_names
 
     @property
     def dimension(self) -> int:

@@ -4,7 +4,9 @@ Scores are ``CrossEncoder.predict``'s, computed by OpenVINO's CPU plugin from th
 export of ``onnx-cross-encoder`` (see :mod:`._openvino_common` for why, the IR cache, precision
 and INT8 calibration). Everything but the runtime is the ONNX backend's: the tokenizer, the passes
 padded to the engine's bucket lengths, the pruned last layer (option ``prune_last_layer``,
-default True), the score label and activation (``score_label``, ``score_mode``).
+default True), the score label and activation (``score_label``, ``score_mode``), the tokenizer
+that cuts long-document windows (:meth:`OnnxCrossEncoder.window_source
+<rag_rerank_plugins.backends.onnx.OnnxCrossEncoder.window_source>`).
 
 What it runs: ``dtype="auto"`` is BF16 on CPUs that compute it natively (AVX512-BF16, AMX),
 FP32 elsewhere; ``quantize="int8"`` adds NNCF's calibrated static INT8 (``calibration``: a
@@ -37,6 +39,7 @@ class OpenVinoCrossEncoder(OpenVinoModel, RerankerModel):
         return self.inner.score_pairs(pairs, batch_size)
 
     def window_source(self) -> tuple[Any, int] | None:
+        """The ONNX twin's: the export's tokenizer and the model's input limit."""
         return self.inner.window_source()
 
 
