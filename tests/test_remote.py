@@ -156,6 +156,8 @@ OK_TEI = [{"index": 1, "score": 0.25}, {"index": 0, "score": 0.75}]
         (reranker("http://127.0.0.1:1", url="http://127.0.0.1:2"), "two URLs"),
         (reranker("http://127.0.0.1:1", timeout=0), "positive"),
         (reranker("http://127.0.0.1:1", max_request_bytes=100), "at least 1024"),
+        (reranker("http://127.0.0.1:1", truncate="maybe"), "truncate must be true or false"),
+        (reranker("http://127.0.0.1:1", verify=2), "verify must be true or false"),
         (
             ModelSpec("http://127.0.0.1:1", backend="remote-reranker", max_length=8),
             "max_length",
@@ -796,3 +798,17 @@ async def test_sync_and_async_send_the_same_requests(pool: ModelPool, scripted) 
     assert await model.ascore_pairs(pairs, batch_size=32) == sync
     assert [r["body"] for r in script.requests[len(sent) :]] == sent
     assert [len(body["texts"]) for body in sent] == [2, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [(False, False), ("false", False), ("0", False), (" No ", False), (0, False), ("true", True)],
+)
+def test_yes_no_options_given_as_text_mean_what_they_say(given: object, meant: bool) -> None:
+    """Specs read from JSON or the environment carry text: "false" must not become True (a
+    truncate='false' that cut texts silently)."""
+    from rag_rerank_plugins.backends.remote.settings import RemoteSettings
+
+    spec = reranker("http://127.0.0.1:1", protocol="tei", truncate=given, verify=given)
+    settings = RemoteSettings.from_spec(spec)
+    assert (settings.truncate, settings.verify) == (meant, meant)

@@ -91,11 +91,11 @@ class RemoteSettings:
                 backoff=float(options.get("backoff", 0.25)),
                 max_backoff=float(options.get("max_backoff", 8.0)),
                 api_key_env=str(api_key_env) if api_key_env is not None else None,
-                truncate=bool(options.get("truncate", True)),
+                truncate=_flag(options, "truncate", True),
                 truncation_direction=str(options.get("truncation_direction", "right")).lower(),
                 query_prompt_name=options.get("query_prompt_name"),
                 max_connections=int(options.get("max_connections", 32)),
-                verify=bool(options.get("verify", True)),
+                verify=_flag(options, "verify", True),
                 max_request_bytes=(
                     int(options["max_request_bytes"])
                     if options.get("max_request_bytes") is not None
@@ -171,3 +171,19 @@ def _url_and_model_name(spec: ModelSpec, options: dict[str, Any]) -> tuple[str, 
             f"(got url={base_url!r})."
         )
     return base_url, options.get("model_name", spec.model)
+
+
+_TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
+
+
+def _flag(options: Any, name: str, default: bool) -> bool:
+    """A yes/no option as given in Python or as text (JSON specs, environment variables):
+    ``bool("false")`` would be True, turning ``truncate="false"`` into a silent cut."""
+    value = options.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigurationError(f"Option {name} must be true or false, got {value!r}.")
