@@ -206,8 +206,10 @@ class SpecStats:
                 setattr(self, name, value)
 
     def renew_lock(self) -> None:
-        """In a forked child: a lock the parent's threads cannot be holding."""
+        """In a forked child: locks the parent's threads cannot be holding (its metrics' too)."""
         self._lock = threading.Lock()
+        if self.metrics is not None:
+            self.metrics._lock = threading.Lock()
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:

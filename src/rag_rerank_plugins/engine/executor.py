@@ -5,7 +5,9 @@
 * :class:`DirectExecutor`: the model declares ``thread_safe`` (HTTP clients, fakes, the
   bi-encoder) and is called without a queue: a trivial stage that runs the same
   :class:`~.request.Request` with its lane and deadline in :func:`~..backends.base.current_call`,
-  and validates what comes back exactly like the worker does.
+  and validates what comes back exactly like the worker does. Closing it (a release, an
+  eviction) refuses new calls and waits for the running ones, as the scheduled path finishes
+  its queue first: the model's ``close()`` never runs under a call.
 
 The base class owns what every path shares, once: caller deadlines (a request past its deadline
 raises :class:`RequestTimeoutError` in its caller on time, even while a direct backend call is
@@ -16,16 +18,18 @@ exceptions to :class:`InferenceError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from ..backends.base import CallContext, EmbedderModel, LoadedModel, call_context
 from ..engine_config import EngineConfig
-from ..exceptions import InferenceError, RagRerankError
+from ..exceptions import InferenceError, ModelReleasedError, RagRerankError
 from ..stats import Metrics
 from .request import Request, timeout_error
 from .scheduler import Scheduler
@@ -102,8 +106,42 @@ class DirectExecutor(Executor):
     result is dropped).
     """
 
+    def __init__(self, model: LoadedModel, name: str) -> None:
+        super().__init__(model, name)
+        self._idle = threading.Condition()
+        self._running = 0  # calls inside the model now (in any thread, or awaited)
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[None]:
+        """One call inside the model: refused once closed (the pool retries on the reloaded
+        model), counted so that :meth:`close` waits for it."""
+        with self._idle:
+            if self._closed:
+                raise ModelReleasedError(
+                    f"{self.name} was released. Ask the pool again (pool.get(spec)) to reload it."
+                )
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
+
+    def close(self) -> None:
+        """Refuse new calls and wait for the running ones: the model's ``close()`` (a remote
+        backend's HTTP client) must not run under them. On a thread running an event loop,
+        awaited calls on that loop cannot finish while it waits, so it does not wait there."""
+        with self._idle:
+            self._closed = True
+            if not _on_event_loop():
+                while self._running:
+                    self._idle.wait()
+
     def _call(self, request: Request) -> list[Any]:
-        with call_context(CallContext(request.lane, request.deadline)):
+        with self._inside(), call_context(CallContext(request.lane, request.deadline)):
             results = self.model.run(request.task, request.items, request.batch_size)
         return self._check(request, results)
 
@@ -132,9 +170,17 @@ class DirectExecutor(Executor):
         return request.future
 
     async def _astart(self, request: Request) -> list[Any]:
-        with call_context(CallContext(request.lane, request.deadline)):
+        with self._inside(), call_context(CallContext(request.lane, request.deadline)):
             results = await self.model.arun(request.task, request.items, request.batch_size)
         return self._check(request, results)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class ScheduledExecutor(Executor):

@@ -23,6 +23,10 @@ def after_fork(pool: ModelPool) -> None:
     """Runs in a forked child: new locks; drop (never touch) the parent's GPU models."""
     old_slots = pool._slots
     old_stats = pool._stats
+    for stats in old_stats.values():
+        # Every spec's, loaded or not (evicted, released, a GPU orphan): a parent thread (the
+        # reaper evicting, a stats() scrape) may have held one at the fork.
+        stats.renew_lock()
     orphans = pool._fork_orphans
     pool._init_state()  # new locks; the parent's reaper thread does not exist here
     pool._fork_orphans = orphans
