@@ -60,8 +60,7 @@ class ModelHandle:
         self._score_cache = TTLCache(config.score_cache_size, config.score_cache_ttl_s)
         self._query_cache = TTLCache(config.query_cache_size, config.query_cache_ttl_s)
         self._executor: Executor = executor_for(model, spec.label, config, self._metrics)
-        # A handle nobody holds any more (its pool was collected without clear()) stops its
-        # executor: an idle worker thread waits for work forever and keeps the model alive.
+        # Unreferenced (pool collected, no clear()): stop the idle worker holding the model.
         self._executors = [self._executor]
         self._finalizer = weakref.finalize(self, _close_in_thread, self._executors)
         self._finalizer.atexit = False  # at exit the daemon threads just end, as before
@@ -333,9 +332,8 @@ class ModelHandle:
     def _after_fork(self) -> None:
         """In a forked child: new locks and a new worker (threads do not survive fork)."""
         self._pin_lock = threading.Lock()
-        self._stats.renew_lock()  # its metrics' lock too (the pool renews every spec's anyway)
+        self._stats.renew_lock()  # its metrics' lock too
         self._in_flight = 0  # the parent's calls do not run in the child
-        self._metrics._lock = threading.Lock()
         self._score_cache._lock = threading.Lock()
         self._query_cache._lock = threading.Lock()
         self._executor = self._executor.after_fork(self._metrics, self.config)
@@ -347,6 +345,6 @@ class ModelHandle:
 
 
 def _close_in_thread(executors: list[Executor]) -> None:
-    """Close ``executors[0]`` from a thread of its own: a finalizer runs on whichever thread
-    dropped the last reference (the executor's own worker, possibly), and closing joins it."""
+    """Close ``executors[0]`` in a thread of its own: a finalizer runs on the thread that
+    dropped the last reference (maybe the worker itself), and closing joins the worker."""
     threading.Thread(target=executors[0].close, name="rag-rerank-finalize", daemon=True).start()
