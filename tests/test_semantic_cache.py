@@ -195,7 +195,7 @@ def test_values_round_trip_and_newest_answer_wins() -> None:
     assert cache.lookup("a question").value == {"text": "x", "docs": [1, 2.5, None, True]}
     cache.put("a question", b"\x00raw")
     assert cache.lookup("a question").value == b"\x00raw"
-    assert cache.stats()["entries"] == 2  # the store keeps both; the index answers the newest
+    assert cache.stats()["entries"] == 1  # the new answer replaced the old one in the store
 
 
 class BrokenStore(MemoryStore):

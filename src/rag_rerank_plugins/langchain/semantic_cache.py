@@ -12,7 +12,8 @@ How a call maps onto the cache:
 * **namespace**: the ``llm_string`` (model and invocation parameters) hashed, so two models, or
   one model at two temperatures, never share answers. For chat models everything before the last
   message (system prompt, history) is hashed into the namespace too: the same last question in
-  two conversations is two questions.
+  two conversations is two questions. So are the last message's content blocks that are not text
+  (images, audio, files) and its ``name``: the same words about two images are two questions.
 * **query**: the text the user asked: the prompt of an LLM, the last message's text of a chat model
   (LangChain hands the cache ``dumps(messages)``; embedding that JSON would compare boilerplate).
 * **value**: the generations as LangChain's own serialisation (``dumps``), read back with
@@ -87,12 +88,30 @@ def _message_text(message: Any) -> str | None:
     return None
 
 
+def _last_message_extras(message: dict[str, Any]) -> dict[str, Any]:
+    """What else than its text makes the last message's question: its content blocks that are
+    not text (images, audio, files) and its ``name``; empty when there are none."""
+    kwargs = message.get("kwargs") or {}
+    content = kwargs.get("content")
+    blocks = [
+        block
+        for block in (content if isinstance(content, list) else [])
+        if not (isinstance(block, str) or (isinstance(block, dict) and block.get("type") == "text"))
+    ]
+    extras: dict[str, Any] = {}
+    if blocks:
+        extras["blocks"] = blocks
+    if kwargs.get("name"):
+        extras["name"] = kwargs["name"]
+    return extras
+
+
 def split_prompt(prompt: str) -> tuple[str, str]:
     """``(question, context)`` of a prompt as LangChain hands it to a cache.
 
     A chat model's prompt is ``dumps(messages)``: the question is the last message's text, the
-    context everything before it (and the last message's kind), serialised. Any other prompt is
-    the question itself, with no context.
+    context everything before it (and the last message's kind, its non-text content blocks and
+    its name), serialised. Any other prompt is the question itself, with no context.
     """
     if prompt.startswith("[") and '"lc"' in prompt:
         try:
@@ -103,9 +122,11 @@ def split_prompt(prompt: str) -> tuple[str, str]:
             text = _message_text(messages[-1])
             if text is not None:
                 prior, kind = messages[:-1], messages[-1].get("id", [""])[-1]
-                if not prior and kind == "HumanMessage":
+                extras = _last_message_extras(messages[-1])
+                if not prior and kind == "HumanMessage" and not extras:
                     return text, ""  # one human message: the same namespace as an LLM prompt
-                return text, json.dumps([*prior, kind], sort_keys=True)
+                tail = [kind, extras] if extras else [kind]  # no extras: namespaces as before
+                return text, json.dumps([*prior, *tail], sort_keys=True, default=str)
     return prompt, ""
 
 
@@ -208,11 +229,12 @@ class SharedSemanticCache(BaseCache):
         if key is None:
             return
         try:
-            self.cache.put(key[0], self._encode(return_val), namespace=key[1])
+            stored = self.cache.put(key[0], self._encode(return_val), namespace=key[1])
         except Exception as exc:
             self._counters.failed("update", exc)
             return
-        self._counters.count("updates")
+        # False: the cache skipped it (and logged why); None: a cache that does not say.
+        self._counters.count("errors" if stored is False else "updates")
 
     def clear(self, **kwargs: Any) -> None:
         """Empty the cache; ``clear(llm_string=...)`` only that model's namespace (prompts
@@ -244,11 +266,11 @@ class SharedSemanticCache(BaseCache):
         if key is None:
             return
         try:
-            await self.cache.aput(key[0], self._encode(return_val), namespace=key[1])
+            stored = await self.cache.aput(key[0], self._encode(return_val), namespace=key[1])
         except Exception as exc:
             self._counters.failed("update", exc)
             return
-        self._counters.count("updates")
+        self._counters.count("errors" if stored is False else "updates")
 
     async def aclear(self, **kwargs: Any) -> None:
         import asyncio

@@ -15,6 +15,7 @@ counted in :meth:`SemanticCacheQueryEngine.stats`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -42,9 +43,47 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+#: Retriever attributes that restrict what it may retrieve (LlamaIndex's ``VectorIndexRetriever``):
+#: metadata filters (a tenant, a user), node ids and document ids.
+_SCOPE_ATTRS = ("_filters", "_node_ids", "_doc_ids")
+
+
+def _scope_digest(retriever: Any, index: Any) -> str | None:
+    """A digest of what restricts ``retriever``'s results (see :data:`_SCOPE_ATTRS`), or None
+    when nothing does."""
+    # VectorStoreIndex.as_retriever() passes every node id of the index (the in-memory store
+    # keeps no text): that is no restriction, and must not change as the index grows.
+    every = getattr(getattr(index, "index_struct", None), "nodes_dict", None)
+    scope: dict[str, Any] = {}
+    for attr in _SCOPE_ATTRS:
+        value = getattr(retriever, attr, None)
+        if value is None or (isinstance(value, list | tuple) and not value):
+            continue
+        if hasattr(value, "model_dump"):  # MetadataFilters (pydantic)
+            value = value.model_dump(mode="json")
+        elif isinstance(value, list | tuple):
+            value = sorted(map(str, value))
+            if (
+                attr == "_node_ids"
+                and isinstance(every, dict)
+                and set(value) == set(map(str, every.values()))
+            ):
+                continue
+        scope[attr.lstrip("_")] = value
+    if not scope:
+        return None
+    text = json.dumps(scope, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def default_namespace(query_engine: BaseQueryEngine) -> str:
     """``llama_index:<engine class>:<index id>`` when the engine's index can be found (a
-    ``RetrieverQueryEngine`` over an index retriever); else a :class:`ConfigurationError`."""
+    ``RetrieverQueryEngine`` over an index retriever); else a :class:`ConfigurationError`.
+
+    When the retriever is restricted (metadata filters such as a tenant, node ids, document
+    ids), a digest of the restriction follows: ``...:<index id>:<digest>``, so two engines on
+    one index filtered to two tenants never share answers. Without one the namespace is as it
+    always was (entries stored by earlier versions keep hitting)."""
     retriever = getattr(query_engine, "retriever", None) or getattr(
         query_engine, "_retriever", None
     )
@@ -56,7 +95,9 @@ def default_namespace(query_engine: BaseQueryEngine) -> str:
             "answers could leak between indexes. Pass namespace='...' naming the index (and the "
             "prompt or LLM if several engines share one index)."
         )
-    return f"llama_index:{type(query_engine).__name__}:{index_id}"
+    name = f"llama_index:{type(query_engine).__name__}:{index_id}"
+    scope = _scope_digest(retriever, index)
+    return name if scope is None else f"{name}:{scope}"
 
 
 def response_payload(response: Response) -> dict[str, Any]:
@@ -104,8 +145,9 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
     before in ``namespace``; else ask ``query_engine`` and store its answer.
 
     ``cache``: a :class:`~rag_rerank_plugins.semantic_cache.SemanticCache` or a
-    ``RemoteSemanticCache``; ``namespace``: default ``llama_index:<engine>:<index id>``
-    (:func:`default_namespace`), name it yourself when several engines share an index.
+    ``RemoteSemanticCache``; ``namespace``: default ``llama_index:<engine>:<index id>``, plus a
+    digest of the retriever's filters when it has some (:func:`default_namespace`); name it
+    yourself when several engines (prompts, LLMs) share an index.
 
     Example::
 
@@ -179,11 +221,12 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
         if payload is None:
             return
         try:
-            self.cache.put(query, payload, namespace=self.namespace)
+            stored = self.cache.put(query, payload, namespace=self.namespace)
         except Exception as exc:
             self._counters.failed("put", exc)
             return
-        self._counters.count("updates")
+        # False: the cache skipped it (and logged why); None: a cache that does not say.
+        self._counters.count("errors" if stored is False else "updates")
 
     # -- BaseQueryEngine ---------------------------------------------------------------------
 
@@ -212,11 +255,11 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
         payload = self._payload(response) if query.strip() else None
         if payload is not None:
             try:
-                await self.cache.aput(query, payload, namespace=self.namespace)
+                stored = await self.cache.aput(query, payload, namespace=self.namespace)
             except Exception as exc:
                 self._counters.failed("put", exc)
             else:
-                self._counters.count("updates")
+                self._counters.count("errors" if stored is False else "updates")
         return response
 
     def stats(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ value encoding, spec resolution and store opening (kept apart so the core stays 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,13 +58,14 @@ def _encode(value: Any) -> tuple[bytes, bool]:
         return bytes(value), True
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
+        data = text.encode("utf-8")  # a lone surrogate ("\ud800") fails here: not valid text
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvalidInputError(
             f"SemanticCache values must be JSON-serialisable (dict, list, str, number, bool, "
             f"None) or bytes; got {type(value).__name__} ({exc}). Convert it first, e.g. "
             "model.model_dump(), or store pickle.dumps(value) as bytes."
         ) from None
-    return text.encode("utf-8"), False
+    return data, False
 
 
 def _decode(entry: Entry) -> Any:
@@ -73,7 +75,7 @@ def _decode(entry: Entry) -> Any:
 def _check(query: Any, namespace: Any) -> None:
     if not isinstance(query, str) or not query.strip():
         raise InvalidInputError(f"SemanticCache query must be a non-empty str; got {query!r}.")
-    if not isinstance(namespace, str) or not namespace:
+    if not isinstance(namespace, str) or not namespace.strip():
         raise InvalidInputError(
             f"SemanticCache namespace must be a non-empty str (e.g. the LLM's identity string); "
             f"got {namespace!r} ({type(namespace).__name__})."
@@ -104,8 +106,15 @@ def check_settings(
         raise ConfigurationError(f"guard must be one of {', '.join(GUARDS)}; got {guard!r}.")
     for name, value in (("threshold", threshold), ("ttl", ttl)):
         bad = isinstance(value, bool) or not isinstance(value, int | float)
-        if value is not None and bad:
-            raise ConfigurationError(f"{name} must be a number or None; got {value!r}.")
+        if value is not None and (bad or not math.isfinite(value)):
+            # NaN compares false with everything: a NaN threshold never hits, a NaN ttl
+            # expires every entry as it is stored.
+            raise ConfigurationError(f"{name} must be a finite number or None; got {value!r}.")
+    if threshold is not None and guard != "rerank" and not 0.0 <= threshold <= 1.0:
+        raise ConfigurationError(
+            f"threshold of the {guard} guard must be in [0, 1] (the range of its score); "
+            f"got {threshold!r}."
+        )
     if ttl is not None and ttl <= 0:
         raise ConfigurationError(f"ttl must be > 0 seconds or None; got {ttl!r}.")
     if max_entries is not None and (

@@ -8,9 +8,11 @@ A lookup embeds the query with the shared pool's embedder (its query cache appli
 nearest cached queries of the namespace (:mod:`.index`), and returns the best one that passes the
 guard. Namespaces (the LLM's identity, the chain, the index) never share answers. Values are
 JSON-serialisable objects or bytes. The cache never fails its caller because of itself: a store or
-embedder failure is a miss (or a skipped put), logged and counted in ``stats()["errors"]``; only
-bad input (empty query, non-string namespace, unserialisable value) raises, with
-:class:`~rag_rerank_plugins.exceptions.InvalidInputError`.
+embedder failure is a miss (or a skipped put: ``put`` returns False), logged and counted in
+``stats()["errors"]``; only bad input (empty query, blank or non-string namespace, a value that is
+not JSON or not valid text) raises, with :class:`~rag_rerank_plugins.exceptions.InvalidInputError`
+(and ``invalidate``/``clear``, whose silent failure would serve stale answers). Storing a question
+again replaces its answer.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ._helpers import (
     check_settings,
     open_store,
 )
-from .guards import DEFAULT_THRESHOLDS, Candidate, Verdict, judge
+from .guards import DEFAULT_THRESHOLDS, Candidate, Verdict, judge, too_long
 from .identity import Identity, extract
 from .index import NamespaceIndex, check_kind
 from .lexical import BM25Corpus, tokens
@@ -138,6 +140,8 @@ class SemanticCache:
             return
         older = self._by_text.get((entry.namespace, entry.query))
         if older is not None:  # the same question stored again: the newest answer wins
+            if older > entry.id:
+                return  # an older copy (another process's, synced late): ids only grow
             self._drop([older])
         toks = tokens(entry.query)
         index.add(entry.id, entry.vector)
@@ -205,6 +209,7 @@ class SemanticCache:
             expired = [k for k, e in alive.items() if now() - e.created > self.ttl]
             if expired:
                 self.store.remove(expired)
+                self._count("evictions", len(expired))
             gone += expired
         with self._lock:
             self._drop(gone)
@@ -222,7 +227,12 @@ class SemanticCache:
                          rerank_scores=rerank_scores)  # fmt: skip
 
     def _needs_rerank(self, query: str, candidates: list[Candidate]) -> bool:
-        return self.guard == "rerank" and any(c.query != query for c in candidates)
+        # A long query only hits on identical text (guards.MAX_SEMANTIC_WORDS): nothing to score.
+        return (
+            self.guard == "rerank"
+            and any(c.query != query for c in candidates)
+            and not too_long(tokens(query))
+        )
 
     def _finish(self, verdicts: list[Verdict], namespace: str) -> CacheHit | None:
         for verdict in verdicts:
@@ -264,7 +274,9 @@ class SemanticCache:
             hit = self._finish(verdicts, namespace)
         except Exception as exc:
             self._failed("lookup", exc)
-            self._count("misses")
+            with self._lock:  # a failed lookup is a lookup and a miss (hit_rate stays honest)
+                self._counts["lookups"] += 1
+                self._counts["misses"] += 1
             return None
         self._record(hit, verdicts, t0, t1)
         return hit
@@ -287,7 +299,9 @@ class SemanticCache:
             hit = await self._off_loop(self._finish, verdicts, namespace)
         except Exception as exc:
             self._failed("lookup", exc)
-            self._count("misses")
+            with self._lock:  # a failed lookup is a lookup and a miss (hit_rate stays honest)
+                self._counts["lookups"] += 1
+                self._counts["misses"] += 1
             return None
         self._record(hit, verdicts, t0, t1)
         return hit
@@ -313,6 +327,15 @@ class SemanticCache:
     def _store(self, query: str, vector: np.ndarray, payload: tuple[bytes, bool],
                namespace: str) -> None:  # fmt: skip
         entry = Entry(0, self._model, namespace, query, vector, payload[0], payload[1], now())
+        with self._lock:
+            older = self._by_text.get((namespace, query))
+        if older is not None:
+            # The new answer replaces the old one: a dead copy would hold an LRU slot (and
+            # evict another question) until it aged out. (A copy another process stored since
+            # this one last synced stays until evicted; the index answers the newest anyway.)
+            self.store.remove([older])
+            with self._lock:
+                self._drop([older])
         key, removed = self.store.put(entry, max_entries=self.max_entries, ttl=self.ttl)
         entry.id = key
         with self._lock:
@@ -321,16 +344,20 @@ class SemanticCache:
             self._counts["puts"] += 1
             self._counts["evictions"] += len(removed)
 
-    def put(self, query: str, value: Any, namespace: str = "default") -> None:
-        """Cache ``value`` (JSON-serialisable, or bytes) as the answer to ``query``."""
+    def put(self, query: str, value: Any, namespace: str = "default") -> bool:
+        """Cache ``value`` (JSON-serialisable, or bytes) as the answer to ``query``, replacing
+        the answer stored for the same text. True when stored; False when a store or embedder
+        failure skipped it (logged and counted in ``stats()["errors"]``, never raised)."""
         _check(query, namespace)
         payload = _encode(value)
         try:
             self._store(query, self._embed(query), payload, namespace)
         except Exception as exc:
             self._failed("put", exc)
+            return False
+        return True
 
-    async def aput(self, query: str, value: Any, namespace: str = "default") -> None:
+    async def aput(self, query: str, value: Any, namespace: str = "default") -> bool:
         """:meth:`put` for coroutines (never blocks the event loop)."""
         _check(query, namespace)
         payload = _encode(value)
@@ -339,11 +366,13 @@ class SemanticCache:
             await self._off_loop(self._store, query, vector, payload, namespace)
         except Exception as exc:
             self._failed("put", exc)
+            return False
+        return True
 
     def invalidate(self, namespace: str) -> int:
         """Remove every entry of ``namespace`` (for this embedder); returns how many. Store
         failures raise here: an invalidation that silently failed would serve stale answers."""
-        if not isinstance(namespace, str) or not namespace:
+        if not isinstance(namespace, str) or not namespace.strip():
             raise InvalidInputError(f"namespace must be a non-empty str; got {namespace!r}.")
         removed = self.store.invalidate(self._model, namespace)
         with self._lock:
@@ -357,9 +386,10 @@ class SemanticCache:
             self._reset()
 
     def stats(self) -> dict[str, Any]:
-        """Counters since construction: lookups, hits, misses (guard rejections included),
-        guard_rejections, errors, puts, evictions (LRU and TTL), entries (in the store, all
-        namespaces), and latency percentiles over the last 1000 lookups: ``lookup_ms_*`` end to
+        """Counters since construction: lookups (failed ones included), hits, misses (guard
+        rejections and failed lookups included), guard_rejections, errors, puts, evictions (LRU
+        and TTL, whether found by a put or a lookup), entries (in the store, all namespaces),
+        and latency percentiles over the last 1000 lookups: ``lookup_ms_*`` end to
         end, ``search_ms_*`` beyond the query embedding."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)

@@ -14,7 +14,12 @@ decision, and dense similarity alone gets it wrong exactly where it matters ("Ar
 * ``dense``: cosine similarity alone, as LangChain's ``RedisSemanticCache`` and GPTCache's default
   do; kept for comparison.
 
-An identical query text always passes (whatever the guard says about it).
+An identical query text always passes (whatever the guard says about it), and is returned before
+any other candidate, whatever a score tie or a rounding above 1.0 says.
+
+Long queries (more than :data:`MAX_SEMANTIC_WORDS` words on either side) only hit on identical
+text: such a query is mostly not the question (LangChain's LLM cache sees a RAG prompt, the
+retrieved context with the question at its end), and no guard can tell two of them apart.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from dataclasses import dataclass, field
 from .identity import Identity, disagreement, extract
 from .lexical import BM25Corpus, tokens
 
-__all__ = ["DEFAULT_THRESHOLDS", "GUARDS", "Candidate", "Verdict", "judge"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "GUARDS",
+    "MAX_SEMANTIC_WORDS",
+    "Candidate",
+    "Verdict",
+    "judge",
+    "too_long",
+]
 
 #: Guard names.
 GUARDS: tuple[str, ...] = ("hybrid", "rerank", "dense")
@@ -33,6 +46,18 @@ GUARDS: tuple[str, ...] = ("hybrid", "rerank", "dense")
 #: with all-MiniLM-L6-v2: benchmarks/semantic_cache_eval.py); ``dense``: a common cosine
 #: threshold of dense-only caches; ``rerank``: a sigmoid probability of 0.5.
 DEFAULT_THRESHOLDS: dict[str, float] = {"hybrid": 0.75, "rerank": 0.5, "dense": 0.9}
+
+#: Past this many words (:func:`.lexical.tokens`) on either side, only an identical text is a
+#: hit (reason ``"length"``). A query that long is mostly not the question: a RAG prompt is the
+#: retrieved context with the question at its end. Two such prompts over the same context score
+#: as one question on every guard: the embedder truncates its input (all-MiniLM-L6-v2 reads 256
+#: word pieces, about 200 English words), so the question often never reaches it (cosine
+#: 1.0), and the shared context dominates the lexical score too (hybrid 0.997 measured).
+#: A fixed number of words rather than the embedder's window: the window is not known until the
+#: model loads (and not at all behind a remote backend), and even within it the shared context
+#: outweighs the question. 160 words is far above a question's length (the labelled pairs the
+#: guards were tuned on have at most 14) and short of where MiniLM's window ends.
+MAX_SEMANTIC_WORDS = 160
 
 #: Weight of the dense score in the ``hybrid`` fusion (the rest is lexical).
 DENSE_WEIGHT = 0.7
@@ -52,7 +77,8 @@ class Candidate:
 @dataclass(frozen=True)
 class Verdict:
     """A guard's decision about one candidate: ``score`` on the guard's scale; ``reason`` why it
-    failed ("threshold", "numbers", "codes", "entities", "negation"), None when it passed."""
+    failed ("threshold", "numbers", "codes", "entities", "negation", "length"), None when it
+    passed."""
 
     candidate: Candidate
     score: float
@@ -75,13 +101,17 @@ def judge(
     corpus: BM25Corpus | None = None,
     rerank_scores: list[float] | None = None,
 ) -> list[Verdict]:
-    """A verdict per candidate, best score first."""
+    """A verdict per candidate: the identical text first, then best score first."""
     verdicts = []
     mine: Identity | None = None
-    query_tokens = tokens(query) if guard == "hybrid" else []
+    query_tokens = tokens(query)
+    long_query = too_long(query_tokens)
     for i, cand in enumerate(candidates):
         if cand.query == query:
             verdicts.append(Verdict(cand, 1.0, 1.0 if guard == "hybrid" else None))
+            continue
+        if long_query or too_long(cand.tokens or tokens(cand.query)):
+            verdicts.append(Verdict(cand, cand.dense, None, "length"))
             continue
         if guard == "dense":
             score, lexical = cand.dense, None
@@ -97,5 +127,11 @@ def judge(
             identity = disagreement(mine, cand.identity or extract(cand.query))
         reason = identity or (None if score >= threshold else "threshold")
         verdicts.append(Verdict(cand, score, lexical, reason, identity))
-    verdicts.sort(key=lambda v: -v.score)
+    # The identical text first, whatever a tie or a rounding above 1.0 says (stable otherwise).
+    verdicts.sort(key=lambda v: (v.candidate.query != query, -v.score))
     return verdicts
+
+
+def too_long(query_tokens: list[str]) -> bool:
+    """Whether a query of these tokens only hits on identical text (:data:`MAX_SEMANTIC_WORDS`)."""
+    return len(query_tokens) > MAX_SEMANTIC_WORDS

@@ -172,16 +172,25 @@ class RemoteSemanticCache:
         body = self._lookup_body(query, namespace)
         return self._hit(self._client.run(self._post("/lookup", body)))
 
-    def put(self, query: str, value: Any, namespace: str = "default") -> None:
-        """Store ``value`` (JSON) for ``query`` in ``namespace`` on the server."""
-        self._client.run(self._post("/put", self._put_body(query, value, namespace)))
+    @staticmethod
+    def _stored(answer: Any) -> bool:
+        return isinstance(answer, dict) and answer.get("stored") is True
+
+    def put(self, query: str, value: Any, namespace: str = "default") -> bool:
+        """Store ``value`` (JSON) for ``query`` in ``namespace`` on the server; False when the
+        server's cache skipped it (its store failed: counted in the server's ``stats()``)."""
+        return self._stored(
+            self._client.run(self._post("/put", self._put_body(query, value, namespace)))
+        )
 
     async def alookup(self, query: str, namespace: str = "default") -> RemoteCacheHit | None:
         body = self._lookup_body(query, namespace)
         return self._hit(await self._client.arun(self._post("/lookup", body)))
 
-    async def aput(self, query: str, value: Any, namespace: str = "default") -> None:
-        await self._client.arun(self._post("/put", self._put_body(query, value, namespace)))
+    async def aput(self, query: str, value: Any, namespace: str = "default") -> bool:
+        return self._stored(
+            await self._client.arun(self._post("/put", self._put_body(query, value, namespace)))
+        )
 
     def invalidate(self, namespace: str) -> int:
         """Drop one namespace on the server; the number of entries removed."""

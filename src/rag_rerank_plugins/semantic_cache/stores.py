@@ -159,7 +159,8 @@ class MemoryStore(Store):
             self._epoch += 1
 
     def count(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     def changes(self, since: Cursor | None) -> tuple[bool, list[Entry], Cursor]:
         with self._lock:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from .._config import (
     ENV_PREFIX,
@@ -139,10 +139,16 @@ class ServerConfig(ModelDefaults):
         "rerank (the served cross-encoder) or dense (similarity alone).",
     )
     semantic_cache_threshold: Annotated[float | None, Cli(group="semantic cache")] = Field(
-        default=None, description="The guard's threshold; none: the guard's calibrated default."
+        default=None,
+        allow_inf_nan=False,
+        description="The guard's threshold (hybrid and dense: in [0, 1]); none: the guard's "
+        "calibrated default.",
     )
     semantic_cache_ttl: Annotated[float | None, Cli(group="semantic cache")] = Field(
-        default=None, gt=0, description="Seconds an entry lives; none: until evicted."
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds an entry lives; none: until evicted.",
     )
     semantic_cache_max_entries: Annotated[int, Cli(group="semantic cache")] = Field(
         default=10_000, ge=1, description="Entries kept; the least recently used go first."
@@ -152,6 +158,18 @@ class ServerConfig(ModelDefaults):
         description="Served embedder (its name) that embeds cached queries; none: the cache's "
         "default (the packaged all-MiniLM-L6-v2).",
     )
+
+    @field_validator("semantic_cache_threshold")
+    @classmethod
+    def _semantic_cache_threshold_in_range(
+        cls, threshold: float | None, info: ValidationInfo
+    ) -> float | None:
+        # The hybrid and dense scores are in [0, 1]; outside it a guard is silently off (below)
+        # or exact-match only (above). A rerank score is on the cross-encoder's own scale.
+        guard = info.data.get("semantic_cache_guard", "hybrid")
+        if threshold is not None and guard != "rerank" and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"must be in [0, 1] for the {guard} guard (the range of its score)")
+        return threshold
 
     @classmethod
     def from_env(cls, environ: Any = None, **overrides: Any) -> ServerConfig:

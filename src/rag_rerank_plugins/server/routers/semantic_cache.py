@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...exceptions import ConfigurationError
+from ...exceptions import ConfigurationError, InvalidInputError
 from ..cache_slot import CACHES
 from ..endpoints import Endpoint, ServerProtocol
 from ..errors import ApiError
@@ -59,7 +59,7 @@ class LookupRequest(_Request):
 
 
 class LookupResponse(BaseModel):
-    """``hit: false`` and nothing else on a miss."""
+    """On a miss ``hit: false`` and every other field null."""
 
     hit: bool
     value: Any = None
@@ -76,6 +76,9 @@ class PutRequest(_Request):
 
 
 class PutResponse(BaseModel):
+    """``stored: false`` when the cache skipped the put (its store or embedder failed: logged
+    and counted in ``stats()["errors"]``)."""
+
     stored: bool
 
 
@@ -154,6 +157,18 @@ def _invalid(exc: ConfigurationError) -> ApiError:
     return ApiError(422, str(exc), "Validation")
 
 
+def _store_down(action: str, exc: Exception) -> ApiError:
+    """A 503 for an invalidation or clear the store could not do (it raises there rather than
+    count a miss: an invalidation that silently failed would serve stale answers)."""
+    return ApiError(
+        503,
+        f"The semantic cache's store failed to {action} ({type(exc).__name__}: {exc}); the "
+        "entries may still be served. Retry once the store is reachable (a locked or "
+        "unwritable SQLite file?).",
+        "Unhealthy",
+    )
+
+
 async def lookup(body: LookupRequest, state: ServerState) -> LookupResponse:
     """The cached value for ``query`` (or a paraphrase the guard accepts) in ``namespace``."""
     cache = await _cache(state)
@@ -177,23 +192,31 @@ async def put(body: PutRequest, state: ServerState) -> PutResponse:
     """Store ``value`` (any JSON) for ``query`` in ``namespace``."""
     cache = await _cache(state)
     try:
-        await cache.aput(body.query, body.value, namespace=body.namespace)
+        stored = await cache.aput(body.query, body.value, namespace=body.namespace)
     except ConfigurationError as exc:
         raise _invalid(exc) from None
-    return PutResponse(stored=True)
+    return PutResponse(stored=stored)
 
 
 async def invalidate(body: InvalidateRequest, state: ServerState) -> InvalidateResponse:
     """Drop every entry of one namespace."""
     cache = await _cache(state)
-    removed = await asyncio.to_thread(cache.invalidate, body.namespace)
+    try:
+        removed = await asyncio.to_thread(cache.invalidate, body.namespace)
+    except InvalidInputError:
+        raise  # 422 (a blank namespace)
+    except Exception as exc:
+        raise _store_down("invalidate the namespace", exc) from None
     return InvalidateResponse(removed=int(removed))
 
 
 async def clear(body: ClearRequest, state: ServerState) -> ClearResponse:
     """Drop every entry of every namespace."""
     cache = await _cache(state)
-    await asyncio.to_thread(cache.clear)
+    try:
+        await asyncio.to_thread(cache.clear)
+    except Exception as exc:
+        raise _store_down("clear", exc) from None
     return ClearResponse(cleared=True)
 
 
