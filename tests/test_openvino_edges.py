@@ -224,12 +224,17 @@ def test_long_document_windows_are_cut_and_scored_as_on_the_torch_backend(
     assert [d.page_content for d in got] == [d.page_content for d in want]
     scores = [[d.metadata["relevance_score"] for d in found] for found in (got, want)]
     assert max_diff(*scores) <= 1e-4
-    windows = [
-        [{k: v for k, v in d.metadata["rerank_window"].items() if k != "score"} for d in found]
-        for found in (got, want)
-    ]
-    assert windows[0] == windows[1]
+    # The same cut (window count, size, stride) for every document. Which window scored best
+    # is compared by score only: these documents repeat their text, so windows tie to ~1e-6 and
+    # the argmax may differ between kernels (it did between the FP32 and AMX test passes).
+    cut = ("count", "aggregate", "window_tokens", "stride")
+    windows = [[d.metadata["rerank_window"] for d in found] for found in (got, want)]
+    assert [[w[k] for k in cut] for w in windows[0]] == [[w[k] for k in cut] for w in windows[1]]
     assert windows[0][0]["count"] > 1
+    for w in windows[0]:  # the best window is one of the cut's windows
+        assert w["token_start"] == w["index"] * w["stride"]
+        assert 0 < w["token_end"] - w["token_start"] <= w["window_tokens"]
+        assert 0 <= w["char_start"] < w["char_end"]
 
 
 WINDOWED_CHILD = """
