@@ -481,3 +481,59 @@ def test_16_threads_load_once_and_match_sequential(
     sequential = [pool.score_pairs(spec, r) for r in requests]
     for got, want in zip(concurrent, sequential, strict=True):
         assert got == pytest.approx(want, abs=1e-6)
+
+
+# -- a graph with fewer inputs than the tokenizer gives ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distil_ce_path(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> str:
+    """A random DistilBERT cross-encoder with a BERT tokenizer: the tokenizer gives
+    ``token_type_ids``, the model never reads them, so the exporter drops that input."""
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    assert "token_type_ids" in tok.model_input_names
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=1
+    )
+    path = tmp_path_factory.mktemp("models") / "distil-ce"
+    DistilBertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["onnx-cross-encoder", "openvino-cross-encoder"])
+def test_model_that_ignores_token_types_loads_and_scores_like_predict(
+    backend: str, distil_ce_path: str, onnx_cache: str, pool: ModelPool
+) -> None:
+    """onnxruntime refuses a feed the graph lacks: the backend feeds the graph's inputs, which
+    the export records (before: 'Invalid input name: token_type_ids' at the load's check)."""
+    if backend.startswith("openvino"):
+        pytest.importorskip("openvino")
+    pairs = [("q", "a short passage"), ("another query", "a longer passage with more words")]
+    spec = ModelSpec(distil_ce_path, backend=backend, options={"cache_dir": onnx_cache})
+    got = pool.score_pairs(spec, pairs)
+    assert got == pytest.approx(reference(distil_ce_path, pairs), abs=1e-4)
+    model = pool.get(spec).model
+    model = getattr(model, "inner", model)  # OpenVINO wraps its ONNX twin
+    assert model.meta["feeds"] == ["input_ids", "attention_mask"]
+
+
+def test_entry_without_recorded_feeds_asks_the_session(
+    distil_ce_path: str, onnx_cache: str, tmp_path: Path, pool: ModelPool
+) -> None:
+    """Entries exported before the feeds were recorded still open: the session names them."""
+    spec = ModelSpec(distil_ce_path, backend=BACKEND, options={"cache_dir": onnx_cache})
+    entry = Path(pool.get(spec).model.path)
+    want = pool.score_pairs(spec, [("q", "p")])
+    old = tmp_path / "old-entry"
+    shutil.copytree(entry, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["feeds"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    model = onnx_backend.OnnxCrossEncoder(old, threads=1)
+    assert model.score_pairs([("q", "p")], batch_size=4) == pytest.approx(want, abs=1e-6)
+    model.close()

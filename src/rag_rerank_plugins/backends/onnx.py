@@ -13,7 +13,8 @@ unchanged one is reused by every later process (a plain weights file replaced by
 size with its mtime kept is not noticed: see ``_onnx_common.model_fingerprint``). An entry is
 written in a temporary directory and renamed into place, so concurrent processes never see half
 an export (the loser of a race discards its copy). An entry holds ``model.onnx``, the tokenizer
-as ``tokenizer.json`` and ``meta.json`` (activation, input names, truncation and padding
+as ``tokenizer.json`` and ``meta.json`` (activation, the graph's inputs, which the exporter
+trims to those the model reads, e.g. no ``token_type_ids`` for DistilBERT, truncation and padding
 settings). Exporting needs the ``st`` extra (torch, sentence-transformers); loading a cached
 entry needs only onnxruntime and ``tokenizers``, never torch, so a second process starts in a
 fraction of the torch load (the onnxruntime session is opened during the load, so a graph it
@@ -59,6 +60,7 @@ the embedder backend (:mod:`.onnx_embedder`); this module holds what is the cros
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -192,7 +194,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         # Check the tokenizer and (float32) the logits before publishing anything.
         runtime = OnnxCrossEncoder(tmp, threads=default_threads(), score_label=0)
         prepared = runtime.prepare(Task("score"), _PROBES)
-        for name in names:
+        for name in prepared.payload:
             ref = features[name].numpy()
             if not same_tokens(prepared.payload[name], ref, name, meta["padding_side"]):
                 raise ModelLoadError(
@@ -209,6 +211,9 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
                 f"the ONNX export's logits differ from the torch model's by "
                 f"{float(np.abs(got - want).max()):.3g}",
             )
+        # The graph's inputs, so a load never needs a session to know what to feed.
+        meta["feeds"] = list(runtime._feeds)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         runtime.close()
         publish_export(spec, tmp, final, start)
 
@@ -248,18 +253,28 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
         meta = self.meta
         self.num_labels = int(meta.get("num_labels") or 1)
         self.label = label_index(score_label, self.num_labels, meta.get("id2label"), meta["model"])
-        self._inputs = list(self.meta["inputs"])
+        self._feed_names: list[str] | None = list(meta.get("feeds") or ()) or None
         self._prompt = self.meta.get("prompt") or ""
         if score_mode is None:
             score_mode = "sigmoid" if self.meta["activation"] == "sigmoid" else "raw"
         self.score_mode = score_mode
 
+    @property
+    def _feeds(self) -> list[str]:
+        """The graph's inputs, which can be fewer than the tokenizer's (an exporter drops an
+        input the model never reads, e.g. ``token_type_ids``; onnxruntime refuses a feed the
+        graph lacks): recorded in ``meta.json`` at export; an entry exported before that asks
+        the session on first use (after an OpenVINO swap, the compiled model)."""
+        if self._feed_names is None:
+            self._feed_names = [i.name for i in self.session.get_inputs()]
+        return self._feed_names
+
     # -- two phases ------------------------------------------------------------------------
 
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
         arrays = self.tokenize([(self._prompt + str(q), str(p)) for q, p in items])
-        payload = {n: arrays[n] for n in self._inputs}
-        return Prepared(payload, len(items), int(payload["input_ids"].size))
+        payload = {n: arrays[n] for n in self._feeds}
+        return Prepared(payload, len(items), int(arrays["input_ids"].size))
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         return self.session.run(["scores"], batch.payload)[0]
