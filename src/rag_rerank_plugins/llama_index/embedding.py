@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
@@ -13,8 +14,9 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from ..adapter_base import SharedModelFields, from_settings
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, InvalidInputError
 from ._args import check_arguments
+from ._state import SharedPoolState
 from ._stock_args import (
     EMBEDDING_POSITIONAL,
     ST_EMBEDDER_KWARGS,
@@ -30,7 +32,34 @@ __all__ = ["SharedEmbedding"]
 STOCK_NAMES = frozenset(EMBEDDING_POSITIONAL) | ST_EMBEDDER_KWARGS
 
 
-class SharedEmbedding(SharedModelFields, BaseEmbedding):
+def _batch_texts(texts: Any) -> list[str]:
+    """``texts`` as a list of str, checked before any model work.
+
+    LlamaIndex's batching iterates ``texts``: ``get_text_embedding_batch("hello")`` returned five
+    vectors, one per letter (the stock class does the same), and a bad item deep in a long list
+    was reported by its index within one ``embed_batch_size`` chunk (``text #1``), not in
+    ``texts``. Any iterable of str is accepted (a generator too: LlamaIndex needs ``len``).
+    """
+    if isinstance(texts, str):
+        raise InvalidInputError(
+            f"get_text_embedding_batch takes a list of str, got a single str {texts[:40]!r}. "
+            "Wrap it in a list, or call get_text_embedding(text) for one text."
+        )
+    if not isinstance(texts, Iterable) or isinstance(texts, (bytes, Mapping)):
+        raise InvalidInputError(
+            f"get_text_embedding_batch takes a list of str, got {type(texts).__name__}."
+        )
+    items = list(texts)
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"texts[{i}] is {type(text).__name__}, not str. Convert it to text first "
+                "(rag-rerank-plugins never guesses how to stringify a document)."
+            )
+    return items
+
+
+class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
     """Embeddings for LlamaIndex indexes; one model per process however many instances.
 
     Takes every argument of ``HuggingFaceEmbedding`` (llama-index-embeddings-huggingface) with
@@ -49,6 +78,8 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
     of an index built with the stock class; ``model_prompts=True`` uses the model's own prompts
     where no instruction is given. The instructions are per-call prompts, not part of the model:
     adapters with different instructions share one loaded model.
+
+    A deep copy shares the pool; a pickled adapter uses the default pool where it is unpickled.
     """
 
     # extra="forbid": a silently dropped argument (a typo, an instruction) changes results unseen.
@@ -134,16 +165,21 @@ class SharedEmbedding(SharedModelFields, BaseEmbedding):
     def get_text_embedding_batch(
         self, texts: list[str], show_progress: bool = False, **kwargs: Any
     ) -> list[Embedding]:
-        """LlamaIndex's batched embedding (its own tqdm bar), on when either flag asks for it."""
+        """LlamaIndex's batched embedding (its own tqdm bar), on when either flag asks for it.
+
+        ``texts`` is checked first (:func:`_batch_texts`): a single str is refused rather than
+        embedded letter by letter, and a bad item is named by its index in ``texts``.
+        """
         return super().get_text_embedding_batch(
-            texts, show_progress=show_progress or self.show_progress, **kwargs
+            _batch_texts(texts), show_progress=show_progress or self.show_progress, **kwargs
         )
 
     async def aget_text_embedding_batch(
         self, texts: list[str], show_progress: bool = False, **kwargs: Any
     ) -> list[Embedding]:
+        """Async :meth:`get_text_embedding_batch`, with the same checks."""
         return await super().aget_text_embedding_batch(
-            texts, show_progress=show_progress or self.show_progress, **kwargs
+            _batch_texts(texts), show_progress=show_progress or self.show_progress, **kwargs
         )
 
     def _prompt(self, is_query: bool) -> str | None:

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..adapter_base import RerankSettings, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
-from ..ranking import Ranked
+from ..ranking import Ranked, validate_threshold, validate_top_n
 from ..spec import ModelSpec
 from ..windows import WindowInfo
 from ._args import check_arguments
+from ._state import SharedPoolState
 from ._stock_args import (
     RERANK_POSITIONAL,
     bind_positional,
@@ -46,7 +47,7 @@ _CROSS_ENCODER_BACKENDS = frozenset(
 )
 
 
-class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
+class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostprocessor):
     """Rerank retrieved nodes with a model loaded once per process.
 
     Takes every argument of ``SentenceTransformerRerank`` (llama-index-postprocessor-sbert-rerank)
@@ -62,6 +63,8 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
     modified. With ``window_tokens`` set, a copy of each node gets ``metadata["rerank_window"]``.
     With ``on_error="passthrough"`` a failed scoring returns the first ``top_n`` nodes in retrieval
     order, each a copy with ``metadata["rerank_error"]`` and ``score=None``.
+    ``top_n`` and ``score_threshold`` assigned after construction are checked at the next call.
+    A deep copy shares the pool; a pickled adapter uses the default pool where it is unpickled.
     """
 
     # extra="forbid": SentenceTransformerRerank raises TypeError for topn=5; silently keeping the
@@ -94,6 +97,14 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
 
     def __init__(self, *args: Any, **data: Any) -> None:
         # SentenceTransformerRerank's parameters may be given positionally (model first).
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            # llama_index.core.postprocessor.SentenceTransformerRerank takes top_n first.
+            raise ConfigurationError(
+                f"SharedRerankPostprocessor takes the model first (as llama-index-postprocessor-"
+                f"sbert-rerank's SentenceTransformerRerank), got {args[0]!r}. The older "
+                f"llama_index.core.postprocessor.SentenceTransformerRerank took top_n first: pass "
+                f"top_n={args[0]!r} by keyword."
+            )
         super().__init__(
             **bind_positional("SharedRerankPostprocessor", RERANK_POSITIONAL, args, data)
         )
@@ -179,12 +190,34 @@ class SharedRerankPostprocessor(RerankSettings, BaseNodePostprocessor):
         return list(nodes)
 
     def _query(self, query_bundle: QueryBundle | None) -> str:
+        """The query text, after checking the settings a caller may have assigned since."""
+        self._check_assigned_settings()
         if query_bundle is None:
             raise InvalidInputError(
                 "SharedRerankPostprocessor needs a query: call postprocess_nodes(nodes, "
                 "query_str='...') or pass query_bundle=QueryBundle('...'). Query engines do this."
             )
+        if not hasattr(query_bundle, "query_str"):
+            # postprocess_nodes(nodes, "question"): the 2nd positional argument is the bundle.
+            hint = (
+                f" For a plain string pass query_str={query_bundle!r} (by keyword)."
+                if isinstance(query_bundle, str)
+                else ""
+            )
+            raise InvalidInputError(
+                f"query_bundle must be a QueryBundle, got {type(query_bundle).__name__}.{hint}"
+            )
         return query_bundle.query_str
+
+    def _check_assigned_settings(self) -> None:
+        """``top_n`` and ``score_threshold`` checked again at each call, as at construction.
+
+        LlamaIndex components are tuned by assignment (``reranker.top_n = 5`` at query time),
+        which pydantic does not validate: ``top_n = 0`` returned no nodes and ``-1`` all but the
+        last (a silent drop), ``"3"`` failed deep in the ranking.
+        """
+        validate_top_n(self.top_n)
+        validate_threshold(self.score_threshold)
 
     def _start(self, nodes: list[NodeWithScore], query_bundle: QueryBundle) -> dict[Any, Any]:
         dispatcher.event(

@@ -6,11 +6,14 @@ synthesis, and the expensive, repeatable unit is the whole answer with its sourc
 the engine keeps the question the user asked (not a prompt stuffed with retrieved context) as the
 key, so paraphrases hit and "Art. 75" does not hit "Art. 72" (the cache's ``hybrid`` guard).
 
-What is stored (JSON): the response text, each source node's id, score, text and metadata, and
+What is stored (JSON): the response text, each source node's id, score, text, metadata,
+relationships (``ref_doc_id`` for citations) and metadata settings (excluded keys, templates), and
 the response metadata; a hit rebuilds a ``Response`` with ``TextNode`` sources and adds
 ``metadata["semantic_cache"]`` (cached question, score, age). Streaming and pydantic responses
-are passed through uncached. A cache failure never fails the query: it is a miss, logged and
-counted in :meth:`SemanticCacheQueryEngine.stats`.
+are passed through uncached, and so are queries whose ``QueryBundle`` retrieves with more than the
+question (``custom_embedding_strs`` other than the question, an ``image_path``): the question
+alone would not say what was retrieved. A cache failure never fails the query: it is a miss,
+logged and counted in :meth:`SemanticCacheQueryEngine.stats`.
 """
 
 from __future__ import annotations
@@ -100,6 +103,33 @@ def default_namespace(query_engine: BaseQueryEngine) -> str:
     return name if scope is None else f"{name}:{scope}"
 
 
+#: ``TextNode`` fields kept besides id, text and metadata: without the excluded keys and templates
+#: a cached source's ``get_content(MetadataMode.LLM)`` showed metadata the index hides from the
+#: LLM, and without relationships its ``ref_doc_id`` (what citations use) was None.
+_NODE_FIELDS = frozenset(
+    {
+        "excluded_embed_metadata_keys",
+        "excluded_llm_metadata_keys",
+        "relationships",
+        "metadata_template",
+        "metadata_separator",
+        "text_template",
+        "start_char_idx",
+        "end_char_idx",
+        "mimetype",
+    }
+)
+
+
+def _node_fields(node: Any) -> dict[str, Any]:
+    """``node``'s :data:`_NODE_FIELDS` as JSON values; {} for what cannot be written as JSON."""
+    try:
+        dumped = node.model_dump(mode="json", include=set(_NODE_FIELDS))
+        return {k: v for k, v in _jsonable(dumped).items() if k in _NODE_FIELDS}
+    except Exception:  # a relationship whose metadata JSON cannot hold: the node without them
+        return {}
+
+
 def response_payload(response: Response) -> dict[str, Any]:
     """What the cache stores of a response: text, sources and metadata, as JSON values."""
     sources = [
@@ -108,6 +138,7 @@ def response_payload(response: Response) -> dict[str, Any]:
             "score": item.score,
             "text": item.node.get_content(metadata_mode=MetadataMode.NONE),
             "metadata": _jsonable(item.node.metadata),
+            "node": _node_fields(item.node),
         }
         for item in response.source_nodes
     ]
@@ -124,7 +155,13 @@ def response_from_payload(payload: Any, hit: Any) -> Response:
         raise TypeError(f"not a cached query-engine response: {type(payload).__name__}")
     nodes = [
         NodeWithScore(
-            node=TextNode(id_=str(s["id"]), text=str(s["text"]), metadata=dict(s["metadata"])),
+            node=TextNode(
+                id_=str(s["id"]),
+                text=str(s["text"]),
+                metadata=dict(s["metadata"]),
+                # Entries stored by earlier versions have no "node": id, text and metadata only.
+                **{k: v for k, v in (s.get("node") or {}).items() if k in _NODE_FIELDS},
+            ),
             score=s["score"],
         )
         for s in payload.get("source_nodes", [])
@@ -206,9 +243,23 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
             self._counters.failed("serialising the answer", exc)
             return None
 
+    @staticmethod
+    def _cacheable(query_bundle: QueryBundle) -> bool:
+        """Whether the question alone says what the wrapped engine answers.
+
+        Not for a blank question, nor when the bundle retrieves with other text
+        (``custom_embedding_strs`` other than the question) or an image: keyed by the question
+        only, such a query was answered from the cache with sources retrieved for something
+        else. A precomputed ``embedding`` is taken to be the question's (retrievers store it on
+        the bundle they were given).
+        """
+        query = query_bundle.query_str
+        if not isinstance(query, str) or not query.strip():
+            return False
+        custom = query_bundle.custom_embedding_strs
+        return (custom is None or list(custom) == [query]) and not query_bundle.image_path
+
     def _lookup(self, query: str) -> Response | None:
-        if not query.strip():
-            return None
         try:
             hit = self.cache.lookup(query, namespace=self.namespace)
         except Exception as exc:
@@ -217,7 +268,7 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
         return self._answer(hit)
 
     def _store(self, query: str, response: RESPONSE_TYPE) -> None:
-        payload = self._payload(response) if query.strip() else None
+        payload = self._payload(response)
         if payload is None:
             return
         try:
@@ -231,6 +282,8 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
     # -- BaseQueryEngine ---------------------------------------------------------------------
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        if not self._cacheable(query_bundle):
+            return self.query_engine.query(query_bundle)
         query = query_bundle.query_str
         cached = self._lookup(query)
         if cached is not None:
@@ -240,19 +293,20 @@ class SemanticCacheQueryEngine(BaseQueryEngine):
         return response
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        if not self._cacheable(query_bundle):
+            return await self.query_engine.aquery(query_bundle)
         query = query_bundle.query_str
         cached: Response | None = None
-        if query.strip():
-            try:
-                hit = await self.cache.alookup(query, namespace=self.namespace)
-            except Exception as exc:
-                self._counters.failed("lookup", exc)
-            else:
-                cached = self._answer(hit)
+        try:
+            hit = await self.cache.alookup(query, namespace=self.namespace)
+        except Exception as exc:
+            self._counters.failed("lookup", exc)
+        else:
+            cached = self._answer(hit)
         if cached is not None:
             return cached
         response = await self.query_engine.aquery(query_bundle)
-        payload = self._payload(response) if query.strip() else None
+        payload = self._payload(response)
         if payload is not None:
             try:
                 stored = await self.cache.aput(query, payload, namespace=self.namespace)
