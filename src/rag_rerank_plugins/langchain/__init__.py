@@ -48,3 +48,9 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import_module("._compat", __name__)
     return _lazy_getattr(name)
+
+
+def __dir__() -> list[str]:
+    """The lazy adapters too (as the top-level package does), so ``dir()`` and notebook
+    tab completion list them before their first use."""
+    return sorted({*globals(), *__all__})

@@ -17,7 +17,7 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from ..adapter_base import RerankSettings, SharedModelFields, from_settings
-from ..exceptions import ConfigurationError, InvalidInputError
+from ..exceptions import ConfigurationError, InferenceError, InvalidInputError
 from ..ranking import Ranked
 from ..spec import ModelSpec
 from ..windows import WindowInfo
@@ -32,6 +32,34 @@ WINDOW_KEY = "rerank_window"
 ERROR_KEY = "rerank_error"
 #: Name of the custom callback event sent to ``callbacks`` after each rerank (``on_custom_event``).
 EVENT_NAME = "rag_rerank"
+#: Fields that say how a shared model loads and scores. With ``model=<a custom BaseCrossEncoder>``
+#: nothing loads (the object scores), so they could only be ignored: refused instead.
+_SHARED_MODEL_ONLY = ("backend", "max_length", "score_mode", "model_kwargs")
+
+
+def _custom_scores(scorer: BaseCrossEncoder, pairs: Sequence[tuple[str, str]]) -> list[float]:
+    """``scorer.score(pairs)`` as one float per pair, checked.
+
+    A custom cross-encoder is the caller's code: a wrong number of scores silently dropped
+    documents (``zip`` in the stock ``CrossEncoderReranker``, the ranking here) or crashed
+    with an ``IndexError`` deep in the result building. Raised as :class:`InferenceError`, so
+    ``on_error="passthrough"`` still degrades to retrieval order.
+    """
+    name = type(scorer).__qualname__
+    raw = scorer.score([(q, t) for q, t in pairs])
+    try:
+        scores = [float(s) for s in raw]
+    except (TypeError, ValueError) as exc:
+        raise InferenceError(
+            f"{name}.score must return one number per (query, passage) pair (for a two-label "
+            f"model, the 'relevant' column: scores[:, 1]); it returned {type(raw).__name__}: {exc}"
+        ) from exc
+    if len(scores) != len(pairs):
+        raise InferenceError(
+            f"{name}.score returned {len(scores)} scores for {len(pairs)} (query, passage) pairs; "
+            "it must return exactly one score per pair, in input order."
+        )
+    return scores
 
 
 def _document_list(documents: Any) -> list[Document]:
@@ -65,8 +93,10 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     may be a ``BaseCrossEncoder``. A :class:`SharedCrossEncoder` or a ``HuggingFaceCrossEncoder``
     becomes the shared model it describes (its name and ``model_kwargs``, same scores; the stock
     one's own loaded copy is not used, so drop it); any other cross-encoder scores the pairs
-    itself (no pool, no windows). ``model_kwargs`` takes ``CrossEncoder``'s keyword arguments, as
-    in ``HuggingFaceCrossEncoder``.
+    itself (no pool, no windows; ``backend``, ``max_length``, ``score_mode`` and ``model_kwargs``
+    are refused with it rather than ignored) and must return one score per pair
+    (:class:`InferenceError` otherwise). ``model_kwargs`` takes ``CrossEncoder``'s keyword
+    arguments, as in ``HuggingFaceCrossEncoder``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
@@ -117,6 +147,15 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
             or type(encoder).__name__ == "HuggingFaceCrossEncoder"
         ):
             scorer = encoder
+            ignored = [k for k in _SHARED_MODEL_ONLY if data.get(k) not in (None, {})]
+            if ignored:
+                names = ", ".join(ignored)
+                raise ConfigurationError(
+                    f"{names} set with model=<a custom BaseCrossEncoder> "
+                    f"({type(encoder).__name__}): that object scores the pairs itself and no "
+                    f"shared model loads, so {names} would be ignored. Configure your "
+                    "cross-encoder instead, or pass model='<name or path>' for a shared model."
+                )
             kind = type(encoder)
             # Never loaded (the scorer scores): the name is what stats and callbacks show.
             data = {**data, "model": f"{kind.__module__}.{kind.__qualname__}"}
@@ -134,7 +173,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     ) -> list[float]:
         if self._scorer is None:
             return super()._pool_score(spec, pairs, batch_size)
-        return [float(s) for s in self._scorer.score([(q, t) for q, t in pairs])]
+        return _custom_scores(self._scorer, pairs)
 
     async def _pool_ascore(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int

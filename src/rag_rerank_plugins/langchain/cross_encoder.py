@@ -96,6 +96,16 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
 
     _st_model_kwargs = True
 
+    @property
+    def model_name(self) -> str:
+        """The model's hub name or local path: :attr:`model` under ``HuggingFaceCrossEncoder``'s
+        name (settable too, as there), so code reading ``reranker.model_name`` keeps working."""
+        return self.model
+
+    @model_name.setter
+    def model_name(self, value: str) -> None:
+        self.model = value
+
     def score(self, text_pairs: list[tuple[str, str]]) -> list[float]:
         """One relevance score per (query, passage) pair, in input order.
 

@@ -242,6 +242,24 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
                 data["model_kwargs"] = kwargs
         return data
 
+    # HuggingFaceEmbeddings' attribute names, read back as there: code that logs
+    # ``embeddings.model_name`` or uses it as a CacheBackedEmbeddings namespace keeps working.
+    @property
+    def model_name(self) -> str:
+        """The model's hub name or local path: :attr:`model` under ``HuggingFaceEmbeddings``'
+        name (settable too, as there)."""
+        return self.model
+
+    @model_name.setter
+    def model_name(self, value: str) -> None:
+        self.model = value
+
+    @property
+    def cache_folder(self) -> Any:
+        """The ``cache_folder`` given (None: the Hugging Face cache), as ``HuggingFaceEmbeddings``
+        reports it; held as the loading option ``model_kwargs["cache_folder"]``."""
+        return self.model_kwargs.get("cache_folder")
+
     def _normalize_queries(self) -> bool:
         if self.query_normalize_embeddings is None:
             return self.normalize_embeddings
