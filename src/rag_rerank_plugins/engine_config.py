@@ -19,11 +19,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ._config import ENV_PREFIX, Cli, ConfigModel, TextParser
 
-__all__ = ["EngineConfig", "MemoryBudget", "PoolConfig"]
+__all__ = ["MAX_WAIT_MS", "NO_LIMIT_S", "EngineConfig", "MemoryBudget", "PoolConfig", "no_limit"]
+
+#: Seconds from which a timeout means "no limit" (about 31 years): well below
+#: ``threading.TIMEOUT_MAX``, past which ``Condition.wait`` and ``Future.result`` raise.
+NO_LIMIT_S = 1e9
+#: The longest batching wait: a lone request waits this long, so more is never what one wants.
+MAX_WAIT_MS = 60_000.0
+
+
+def no_limit(seconds: float | None) -> float | None:
+    """``seconds``, or None (no limit) for inf and anything from :data:`NO_LIMIT_S` on."""
+    return None if seconds is not None and seconds >= NO_LIMIT_S else seconds
 
 
 class EngineConfig(ConfigModel):
@@ -46,8 +57,9 @@ class EngineConfig(ConfigModel):
     max_wait_ms: float | None = Field(
         default=None,
         ge=0,
+        le=MAX_WAIT_MS,
         description="How long an idle worker waits for more requests to merge into its first "
-        "pass; none: 0.",
+        "pass (a lone request waits this long too), at most a minute; none: 0.",
     )
     pipeline: bool = Field(
         default=True,
@@ -76,7 +88,7 @@ class EngineConfig(ConfigModel):
         default=2000.0,
         ge=0,
         description="Bulk requests (priority='bulk') that have waited this long are served like "
-        "interactive ones, so steady interactive traffic never starves them.",
+        "interactive ones, so steady interactive traffic never starves them (a finite number).",
     )
     max_queue: int = Field(
         default=1024,
@@ -86,32 +98,53 @@ class EngineConfig(ConfigModel):
     queue_timeout_s: float | None = Field(
         default=None,
         ge=0,
-        description="With a full queue, wait this long for room instead of failing; none: fail "
-        "at once.",
+        description="With a full queue, wait this long for room instead of failing (a finite "
+        "number); none: fail at once.",
     )
     request_timeout_s: float | None = Field(
         default=None,
         ge=0,
         description=(
             "Default caller timeout for one request, the wait for a cold model's load included; "
-            "none: wait as long as it takes."
+            "none (or inf): wait as long as it takes."
         ),
     )
     score_cache_size: int = Field(
         default=0, ge=0, description="(query, passage) -> score cache entries per model; 0: off."
     )
     score_cache_ttl_s: float = Field(
-        default=600.0, gt=0, description="Seconds a cached score stays valid."
+        default=600.0, gt=0, description="Seconds a cached score stays valid (a finite number)."
     )
     query_cache_size: int = Field(
         default=1024, ge=0, description="Query-embedding cache entries per model; 0: off."
     )
     query_cache_ttl_s: float = Field(
-        default=600.0, gt=0, description="Seconds a cached query embedding stays valid."
+        default=600.0,
+        gt=0,
+        description="Seconds a cached query embedding stays valid (a finite number).",
     )
     metrics_window: int = Field(
         default=2048, gt=0, description="Latency and queue-wait samples kept per model for p50/p95."
     )
+
+    @field_validator("request_timeout_s")
+    @classmethod
+    def _no_limit(cls, seconds: float | None) -> float | None:
+        """inf (or ~31 years and more) is no limit: None, which every wait understands (waits
+        on threads overflow past ``threading.TIMEOUT_MAX``: the worker crashed)."""
+        return no_limit(seconds)
+
+    @field_validator(
+        "queue_timeout_s", "bulk_aging_ms", "score_cache_ttl_s", "query_cache_ttl_s", mode="after"
+    )
+    @classmethod
+    def _finite(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """Durations that have no 'never' meaning here must be finite, and short enough for
+        thread waits (``inf`` crashed the worker with an ``OverflowError``)."""
+        limit = NO_LIMIT_S * (1000 if str(info.field_name).endswith("_ms") else 1)
+        if value is not None and not value < limit:
+            raise ValueError(f"must be a finite number below {limit:g}")
+        return value
 
     def tokens_per_batch(self, device: str, preferred: int | None = None) -> int:
         """Padded tokens one forward pass may hold on ``device``: ``token_budget`` when set, else
