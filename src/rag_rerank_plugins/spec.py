@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_EMBEDDER",
     "DEFAULT_RERANKER",
     "DTYPES",
+    "REDACTED",
     "SECRET_OPTIONS",
     "ByRepr",
     "FrozenList",
@@ -77,19 +78,34 @@ def _normalize_device(device: Any) -> str:
 SECRET_OPTIONS = frozenset({"token", "use_auth_token"})
 
 
-class Secret:
+#: What a secret shows, in reprs, logs and dumps; given back as a secret's value (a config saved
+#: with ``model_dump_json()`` / LlamaIndex ``to_json()`` and loaded again), it means "no value
+#: here": the loader then authenticates as without one (``HF_TOKEN``, ``huggingface-cli login``).
+REDACTED = "***"
+
+
+class Secret(str):
     """A secret option value (a hub token): handed to the loader, never shown.
 
     ``repr``/``str`` are ``'***'``, so a spec, its label, stats, metrics, traces and log lines
-    never carry it. All secrets compare equal and hash alike: a token decides who may download
-    a model, not which weights load, so adapters that differ only by their token share one
-    loaded model (the first load's token is the one used; once loaded, nothing is downloaded).
+    never carry it. A ``str`` whose text is ``***``, so every serializer (pydantic's
+    ``model_dump_json``, ``json.dumps`` of LlamaIndex's ``to_dict``) writes ``"***"`` instead of
+    failing on an unknown type or leaking the token; :data:`REDACTED` read back is no token.
+    All secrets compare equal and hash alike: a token decides who may download a model, not
+    which weights load, so adapters that differ only by their token share one loaded model (the
+    first load's token is the one used; once loaded, nothing is downloaded).
     """
 
-    __slots__ = ("_value",)
+    _value: Any
 
-    def __init__(self, value: Any) -> None:
-        self._value = value.reveal() if isinstance(value, Secret) else value
+    def __new__(cls, value: Any) -> Secret:
+        self = super().__new__(cls, REDACTED)
+        if isinstance(value, Secret):
+            value = value.reveal()
+        elif isinstance(value, str) and value == REDACTED:
+            value = None  # a redacted dump read back: no token, not the token "***"
+        self._value = value
+        return self
 
     def reveal(self) -> Any:
         """The value itself (only for the loader)."""
@@ -98,16 +114,23 @@ class Secret:
     def __repr__(self) -> str:
         return "'***'"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return REDACTED
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret)
+
+    def __ne__(self, other: object) -> bool:
+        return not isinstance(other, Secret)
 
     def __hash__(self) -> int:
         return hash(Secret)
 
     def __reduce__(self) -> tuple[Any, tuple[Any]]:  # pickled for worker processes, with value
         return (Secret, (self._value,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self  # immutable
 
 
 class FrozenMap(tuple):
@@ -222,8 +245,9 @@ def _freeze_options(
     frozen, secrets = [], []
     for key, value in items:
         if str(key) in SECRET_OPTIONS:
-            if value is not None:
-                secrets.append((str(key), Secret(value)))
+            secret = Secret(value)
+            if secret.reveal() is not None:
+                secrets.append((str(key), secret))
             continue
         frozen.append((str(key), freeze(value, str(key))))
     return (
