@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -38,9 +38,16 @@ from .validate import check_results
 __all__ = ["DirectExecutor", "Executor", "ScheduledExecutor", "executor_for", "map_error"]
 
 
-def map_error(exc: BaseException, name: str) -> BaseException:
-    """Our errors pass through; anything else becomes InferenceError naming the model."""
-    if isinstance(exc, (RagRerankError, KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+def map_error(exc: BaseException, name: str, *, interruption: bool = True) -> BaseException:
+    """Our errors pass through; anything else becomes InferenceError naming the model.
+
+    ``interruption``: KeyboardInterrupt, SystemExit and asyncio cancellation pass through too
+    (they interrupt the caller's own thread or task). False for what a backend raised in another
+    thread or in an awaited call: there they interrupt nobody, a fake Ctrl-C would reach the
+    caller, and SystemExit or KeyboardInterrupt escaping a task stops its whole event loop; the
+    worker wraps them the same way."""
+    passing = (KeyboardInterrupt, SystemExit, asyncio.CancelledError) if interruption else ()
+    if isinstance(exc, (RagRerankError, *passing)):
         return exc
     error = InferenceError(f"{name} failed: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
@@ -63,6 +70,8 @@ class Executor(ABC):
             request.withdraw()
             raise timeout_error(self.name, request.timeout) from None
         except BaseException as exc:
+            if not future.done():  # interrupted while waiting (Ctrl-C): nobody wants it now
+                request.withdraw()
             error = map_error(exc, self.name)
             if error is exc:
                 raise
@@ -163,15 +172,18 @@ class DirectExecutor(Executor):
         def run() -> None:
             try:
                 request.resolve(context.run(self._call, request))
-            except BaseException as exc:
-                request.fail(map_error(exc, self.name))
+            except BaseException as exc:  # raised in this thread: no interruption of the caller
+                request.fail(map_error(exc, self.name, interruption=False))
 
         threading.Thread(target=run, name=f"rag-rerank-direct[{self.name}]", daemon=True).start()
         return request.future
 
     async def _astart(self, request: Request) -> list[Any]:
         with self._inside(), call_context(CallContext(request.lane, request.deadline)):
-            results = await self.model.arun(request.task, request.items, request.batch_size)
+            try:
+                results = await self.model.arun(request.task, request.items, request.batch_size)
+            except (KeyboardInterrupt, SystemExit) as exc:  # the backend's, not a signal's
+                raise map_error(exc, self.name, interruption=False) from exc
         return self._check(request, results)
 
 
@@ -191,17 +203,38 @@ class ScheduledExecutor(Executor):
         self.scheduler = Scheduler(model, config, metrics, name=name)
 
     def _start(self, request: Request) -> Future[list[Any]]:
-        return self.scheduler.submit(request)
+        future = self.scheduler.submit(request)
+        assert future is not None  # waiting for room: accepted, or an error raised
+        return future
 
     async def _astart(self, request: Request) -> list[Any]:
+        future = self.scheduler.submit(request, wait=False)
+        if future is None:  # a full queue: wait for room (queue_timeout_s) off the event loop
+            future = await asyncio.wrap_future(_in_thread(self._start, request))
         # Cancelling the awaiting task cancels the future: a queued request is withdrawn.
-        return await asyncio.wrap_future(self.scheduler.submit(request))
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         self.scheduler.close()
 
     def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
         return ScheduledExecutor(self.model, self.name, config, metrics)
+
+
+def _in_thread(fn: Callable[..., Future[list[Any]]], *args: Any) -> Future[Future[list[Any]]]:
+    """``fn(*args)`` in a daemon thread of its own (not the loop's default executor, which
+    callers waiting for room could fill); its outcome lands in the returned future."""
+    future: Future[Future[list[Any]]] = Future()
+
+    def target() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    threading.Thread(target=target, name="rag-rerank-admit", daemon=True).start()
+    return future
 
 
 def executor_for(model: LoadedModel, name: str, config: EngineConfig, metrics: Metrics) -> Executor:

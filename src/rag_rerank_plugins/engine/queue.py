@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ..engine_config import EngineConfig
 from ..exceptions import ModelReleasedError, QueueFullError
 from ..stats import Metrics
-from .request import Entry, Lane, Request
+from .request import Entry, Lane, Request, timeout_error
 
 __all__ = ["ROUND_MIN_TOKENS", "ROUND_PASSES", "RequestQueue"]
 
@@ -50,23 +50,34 @@ class RequestQueue:
 
     # -- admission (callers' threads) -------------------------------------------------------------
 
-    def add(self, request: Request, start_worker: Callable[[], None]) -> None:
-        """Admit ``request`` (waiting ``queue_timeout_s`` for room if full); wake the worker."""
+    def add(self, request: Request, start_worker: Callable[[], None], *, wait: bool = True) -> bool:
+        """Admit ``request`` (waiting ``queue_timeout_s`` for room if full, never past the
+        request's own deadline); wake the worker. False: not admitted, because ``wait`` is False
+        and admission would wait (an event loop must not block here), or because its caller
+        withdrew it while it waited."""
         with self.cond:
             if self.closing:
                 raise ModelReleasedError(f"{self.name} is being released.")
             if len(self._requests) >= self.config.max_queue:
-                self._wait_for_room()
+                if not wait and self.config.queue_timeout_s:
+                    return False
+                self._wait_for_room(request)
+                if request.done:
+                    return False
             self._requests.append(request)
             self.metrics.queue_depth = len(self._requests)
             start_worker()
             self.cond.notify_all()
+            return True
 
-    def _wait_for_room(self) -> None:
+    def _wait_for_room(self, request: Request) -> None:
         timeout = self.config.queue_timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._requests) >= self.config.max_queue and not self.closing:
-            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if request.done:
+                return
+            now = time.monotonic()
+            left = 0.0 if deadline is None else deadline - now
             if left <= 0:
                 self.metrics.bump("rejected")
                 raise QueueFullError(
@@ -74,6 +85,10 @@ class RequestQueue:
                     f"(max_queue={self.config.max_queue}). Back off and retry, add "
                     "replicas, or raise EngineConfig.max_queue / queue_timeout_s."
                 )
+            if request.expired(now):  # the caller's timeout covers the whole call
+                raise timeout_error(self.name, request.timeout)
+            if request.deadline is not None:
+                left = min(left, request.deadline - now)
             self.cond.wait(left)
         if self.closing:
             raise ModelReleasedError(f"{self.name} is being released.")
@@ -85,8 +100,9 @@ class RequestQueue:
         kept = []
         for request in self._requests:
             if request.future.cancelled() and request.started is None:
-                self.metrics.bump("cancelled")
-                request.withdraw()  # settles it; the caller is gone
+                # Settles it; the caller is gone. Not counted here: the handle counts its
+                # caller's cancellation once (a timeout is an error, not a cancellation).
+                request.withdraw()
             elif not (request.done or request.fail_if_expired(self.name, now)) and request.pending:
                 kept.append(request)
         if len(kept) != len(self._requests):

@@ -51,14 +51,19 @@ class Scheduler:
         """Padded tokens per pass allowed now (shrinks after an out-of-memory pass)."""
         return self._worker.budget
 
-    def submit(self, request: Request) -> Future[list[Any]]:
-        """Accept ``request`` (or raise QueueFullError / ModelReleasedError: then it was never
-        accepted); its future resolves to one result per item, in input order."""
+    def submit(self, request: Request, *, wait: bool = True) -> Future[list[Any]] | None:
+        """Accept ``request`` (or raise QueueFullError / ModelReleasedError /
+        RequestTimeoutError: then it was never accepted); its future resolves to one result per
+        item, in input order. ``wait=False``: None instead of waiting for room in a full queue
+        (an event loop then waits in a thread)."""
         request.batch_size = min(request.batch_size, self._worker.config.max_batch_size)
-        request.lengths, request.token_scale = self._worker.scale.lengths(request.items)
+        if not request.lengths:
+            request.lengths, request.token_scale = self._worker.scale.lengths(request.items)
         request.on_settled = self._forget
         with self._queue.cond:
-            self._queue.add(request, self._ensure_worker)
+            if not self._queue.add(request, self._ensure_worker, wait=wait):
+                # Full and not to wait here (None), or withdrawn while it waited for room.
+                return request.future if request.done else None
             self._live.add(request)
         return request.future
 

@@ -1,0 +1,361 @@
+"""Hostile callers against the engine: odd timeouts, interrupted and cancelled callers, a full
+queue, backends raising interpreter-level exceptions, and the counters that must stay consistent.
+
+Each test failed on the engine before its fix (noted per test). Waits are bounded (a wedged engine
+fails a test instead of hanging it), pools are cleared in daemon threads, and only public APIs
+are used (``ModelPool``, ``EngineConfig``, ``register_backend``, the backend protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rag_rerank_plugins import ModelPool, ModelSpec
+from rag_rerank_plugins.backends import register_backend
+from rag_rerank_plugins.backends.base import Prepared, RerankerModel, Task
+from rag_rerank_plugins.engine_config import EngineConfig
+from rag_rerank_plugins.exceptions import (
+    InferenceError,
+    InvalidInputError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from rag_rerank_plugins.testing import FakeReranker
+
+PAIRS = [("red apple", "a red apple"), ("red apple", "a green pear")]
+EXPECTED = FakeReranker().score_pairs(PAIRS, 2)
+
+
+class Slow(RerankerModel):
+    """A reranker whose passes take ``pass_s`` (GIL-free); FakeReranker's scores. Scheduled
+    unless ``thread_safe``; ``raises`` is raised by every pass."""
+
+    def __init__(
+        self, pass_s: float = 0.0, *, thread_safe: bool = False, raises: Any = None
+    ) -> None:
+        self.pass_s = pass_s
+        self.thread_safe = thread_safe  # type: ignore[misc]  # per instance: both paths
+        self.raises = raises
+        self.seen: list[tuple[str, str]] = []  # every item a pass ran on
+        self.started = threading.Event()
+
+    def _pass(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        self.started.set()
+        time.sleep(self.pass_s)
+        if self.raises is not None:
+            raise self.raises
+        self.seen.extend(pairs)
+        return FakeReranker().score_pairs(pairs, len(pairs))
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        return self._pass(batch.payload)
+
+    def finish(self, task: Task, pending: Any) -> list[float]:
+        return list(pending)
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
+        return self._pass(pairs)
+
+
+def _spec(model: Slow) -> ModelSpec:
+    name = f"hostile-{uuid.uuid4().hex[:8]}"
+    register_backend(name, lambda spec, provider: model, "reranker", uses_torch=False, replace=True)
+    return ModelSpec("m", backend=name, device="cpu")
+
+
+def _in_thread(fn: Callable[[], Any]) -> Future[Any]:
+    future: Future[Any] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="hostile-caller", daemon=True).start()
+    return future
+
+
+def _outcome(future: Future[Any], seconds: float, what: str) -> Any:
+    try:
+        return future.result(seconds)
+    except BaseException as exc:
+        if not future.done():
+            pytest.fail(f"{what} did not resolve within {seconds} s (the engine is wedged)")
+        return exc
+
+
+@pytest.fixture
+def make_pool() -> Iterator[Callable[..., ModelPool]]:
+    pools: list[ModelPool] = []
+
+    def make(**config: Any) -> ModelPool:
+        pool = ModelPool(config=EngineConfig(**config))
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        thread = threading.Thread(target=pool.clear, name="hostile-clear", daemon=True)
+        thread.start()
+        thread.join(5)
+
+
+def _fill(pool: ModelPool, spec: ModelSpec, model: Slow, n: int) -> list[Future[Any]]:
+    """One call running and ``n - 1`` queued behind it (``max_queue`` of them fill the queue)."""
+    calls = [_in_thread(lambda: pool.score_pairs(spec, [("busy", "busy")]))]
+    assert model.started.wait(2)
+    for _ in range(n - 1):
+        calls.append(_in_thread(lambda: pool.score_pairs(spec, [("busy", "busy")])))
+    deadline = time.monotonic() + 2
+    while pool.spec_stats(spec)["queue_depth"] < n - 1 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return calls
+
+
+# -- timeouts ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[tuple[ModelPool, list[ModelSpec]]]:
+    """One pool with a scheduled and a direct model, for many hypothesis examples."""
+    pool = ModelPool(config=EngineConfig())
+    yield pool, [_spec(Slow()), _spec(Slow(thread_safe=True))]
+    thread = threading.Thread(target=pool.clear, name="hostile-clear", daemon=True)
+    thread.start()
+    thread.join(5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    timeout=st.one_of(
+        st.none(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-(10**30), 10**30),
+        st.sampled_from([0, 0.0, -0.0, True, "1", 1e-300]),
+    )
+)
+def test_any_timeout_value_is_a_result_a_timeout_or_invalid_input(
+    shared: tuple[ModelPool, list[ModelSpec]], timeout: Any
+) -> None:
+    """Every value a caller may pass, on the scheduled and the direct path: the result, a
+    RequestTimeoutError (a tiny timeout), or an InvalidInputError (not a positive number); never
+    another error, never a hang. (inf and huge values: tests/test_unbounded_durations.py.)"""
+    pool, specs = shared
+    valid = (
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and not math.isnan(timeout)
+        and timeout > 0
+    )
+    for spec in specs:
+
+        def call(spec: ModelSpec = spec) -> list[float]:
+            return pool.score_pairs(spec, PAIRS, timeout=timeout)
+
+        result = _outcome(_in_thread(call), 5, f"a call with timeout={timeout!r}")
+        if timeout is None or (valid and timeout >= 1):
+            assert result == EXPECTED, (timeout, result)
+        elif valid:
+            assert result == EXPECTED or isinstance(result, RequestTimeoutError), (timeout, result)
+        else:
+            assert isinstance(result, InvalidInputError), (timeout, result)
+
+
+def test_a_callers_timeout_bounds_its_wait_for_room(make_pool: Callable[..., ModelPool]) -> None:
+    """Before: a call with ``timeout=0.1`` on a full queue waited ``queue_timeout_s`` (2 s) for
+    room, then for its result: the deadline that "covers the whole call" did not cover admission."""
+    pool = make_pool(max_queue=1, queue_timeout_s=2.0)
+    model = Slow(pass_s=0.4)
+    spec = _spec(model)
+    pool.get(spec)
+    busy = _fill(pool, spec, model, 2)
+    start = time.perf_counter()
+    outcome = _outcome(
+        _in_thread(lambda: pool.score_pairs(spec, PAIRS, timeout=0.1)), 5, "the timed call"
+    )
+    assert isinstance(outcome, RequestTimeoutError), outcome
+    assert time.perf_counter() - start < 0.3
+    for call in busy:
+        assert _outcome(call, 5, "a busy call") == [1.0]
+    assert ("red apple", "a red apple") not in model.seen
+
+
+# -- interrupted and cancelled callers ----------------------------------------------------------
+
+
+def test_an_interrupted_thread_caller_withdraws_its_queued_request(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """Before: Ctrl-C in a caller waiting for its result left the request queued, and the model
+    scored it for nobody (the caller had already got KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    pool = make_pool()
+    model = Slow(pass_s=0.3)
+    spec = _spec(model)
+    pool.get(spec)
+    busy = _fill(pool, spec, model, 1)
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, on a signal pytest leaves alone
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            pool.score_pairs(spec, PAIRS, timeout=5)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert _outcome(busy[0], 5, "the busy call") == [1.0]
+    assert pool.score_pairs(spec, [("z", "z")]) == [1.0]  # served after the withdrawn one
+    assert not set(PAIRS) & set(model.seen), "the interrupted caller's request still ran"
+
+
+def test_an_async_caller_waiting_for_room_never_blocks_the_event_loop(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """Before: admission to a full queue waited (``queue_timeout_s``) on the event loop, which
+    stalled every other task of the loop meanwhile (~0.3 s here)."""
+    pool = make_pool(max_queue=1, queue_timeout_s=3.0)
+    model = Slow(pass_s=0.15)
+    spec = _spec(model)
+    pool.get(spec)
+    busy = _fill(pool, spec, model, 2)
+
+    async def main() -> tuple[Any, float, Any]:
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def tick() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.01)
+        result = await asyncio.wait_for(pool.ascore_pairs(spec, PAIRS), 5)
+        # A caller cancelled while it waits for room: its request never runs.
+        victim = asyncio.create_task(pool.ascore_pairs(spec, [("victim", "victim")]))
+        waiting = [_in_thread(lambda: pool.score_pairs(spec, [("busy", "busy")]))]
+        await asyncio.sleep(0.01)
+        victim.cancel()
+        cancelled = await asyncio.gather(victim, return_exceptions=True)
+        done.set()
+        await ticker
+        _outcome(waiting[0], 5, "a busy call")
+        return result, max(gaps), cancelled[0]
+
+    result, gap, cancelled = asyncio.run(main())
+    assert result == EXPECTED
+    assert gap < 0.1, f"the event loop stalled for {gap:.3f} s"
+    assert isinstance(cancelled, (asyncio.CancelledError, list))
+    for call in busy:
+        assert _outcome(call, 5, "a busy call") == [1.0]
+    time.sleep(0.4)
+    if isinstance(cancelled, asyncio.CancelledError):
+        assert ("victim", "victim") not in model.seen
+
+
+def test_cancellations_are_counted_once_and_timeouts_are_not_cancellations(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """Before: an async caller cancelled while queued counted 2 cancellations (the handle's and
+    the queue's), and a caller timing out while queued counted an error *and* a cancellation."""
+    pool = make_pool()
+    model = Slow(pass_s=0.2)
+    spec = _spec(model)
+    pool.get(spec)
+
+    async def main() -> None:
+        busy = asyncio.create_task(pool.ascore_pairs(spec, [("busy", "busy")]))
+        assert await asyncio.to_thread(model.started.wait, 2)
+        queued = asyncio.create_task(pool.ascore_pairs(spec, PAIRS))
+        await asyncio.sleep(0.02)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert await busy == [1.0]
+
+    asyncio.run(main())
+    time.sleep(0.05)  # the worker prunes the withdrawn request
+    stats = pool.spec_stats(spec)
+    assert (stats["calls"], stats["errors"], stats["cancelled"]) == (1, 0, 1)
+
+    busy_call = _in_thread(lambda: pool.score_pairs(spec, [("busy", "busy")]))
+    time.sleep(0.02)
+    with pytest.raises(RequestTimeoutError):
+        pool.score_pairs(spec, PAIRS, timeout=0.05)
+    assert _outcome(busy_call, 5, "the busy call") == [1.0]
+    time.sleep(0.05)
+    stats = pool.spec_stats(spec)
+    assert (stats["calls"], stats["errors"], stats["cancelled"]) == (3, 1, 1)
+    assert stats["queue_depth"] == 0
+
+
+# -- backends raising interpreter-level exceptions ----------------------------------------------
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()], ids=repr)
+def test_a_direct_backend_raising_systemexit_fails_the_call_not_the_event_loop(
+    make_pool: Callable[..., ModelPool], raised: BaseException
+) -> None:
+    """Before: SystemExit or KeyboardInterrupt raised by a thread-safe (direct) backend reached
+    the awaiting task unchanged, and asyncio re-raises those out of the loop: the whole event loop
+    stopped (``gather(return_exceptions=True)`` could not catch it), and a thread caller got a
+    fake Ctrl-C. The scheduled path already failed such calls with InferenceError."""
+    pool = make_pool()
+    spec = _spec(Slow(thread_safe=True, raises=raised))
+    pool.get(spec)
+
+    async def main() -> tuple[list[Any], str]:
+        other = asyncio.create_task(asyncio.sleep(0.05, "other task finished"))
+        outcomes = await asyncio.gather(pool.ascore_pairs(spec, PAIRS), return_exceptions=True)
+        return list(outcomes), await other
+
+    # In a thread of its own: on a broken engine the loop's KeyboardInterrupt lands here, not
+    # in pytest (which would stop the whole session).
+    ran = _outcome(_in_thread(lambda: asyncio.run(main())), 5, "the event loop")
+    assert isinstance(ran, tuple), f"the event loop stopped with {ran!r}"
+    outcomes, other = ran
+    assert other == "other task finished"
+    assert isinstance(outcomes[0], InferenceError), outcomes
+    assert type(raised).__name__ in str(outcomes[0])
+    # A thread caller with a deadline (the call runs in a thread of its own) gets the same.
+    outcome = _outcome(_in_thread(lambda: pool.score_pairs(spec, PAIRS, timeout=5)), 5, "a call")
+    assert isinstance(outcome, InferenceError), outcome
+
+
+def test_a_full_queue_still_rejects_at_once_without_a_queue_timeout(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """The fast path is unchanged: no ``queue_timeout_s``, no wait (sync and async)."""
+    pool = make_pool(max_queue=1)
+    model = Slow(pass_s=0.3)
+    spec = _spec(model)
+    pool.get(spec)
+    busy = _fill(pool, spec, model, 2)
+    with pytest.raises(QueueFullError):
+        pool.score_pairs(spec, PAIRS)
+    with pytest.raises(QueueFullError):
+        asyncio.run(pool.ascore_pairs(spec, PAIRS))
+    for call in busy:
+        assert _outcome(call, 5, "a busy call") == [1.0]
