@@ -114,3 +114,25 @@ def test_no_limit() -> None:
     assert no_limit(NO_LIMIT_S - 1) == NO_LIMIT_S - 1
     assert no_limit(NO_LIMIT_S) is None
     assert no_limit(math.inf) is None
+
+
+def test_an_explicit_inf_timeout_overrides_the_default_one(tiny_ce_path: str) -> None:
+    """``timeout=inf`` asks for no limit: the pool's ``request_timeout_s`` does not apply (a
+    slow call under a tiny default must still complete)."""
+
+    from rag_rerank_plugins.exceptions import RequestTimeoutError
+
+    spec = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
+    pool = ModelPool(config=EngineConfig(request_timeout_s=0.001))
+    try:
+        with pytest.raises(RequestTimeoutError):
+            pool.score_pairs(spec, PAIRS)  # the cold load alone is far past 1 ms
+        assert len(pool.score_pairs(spec, PAIRS, timeout=math.inf)) == 2
+        assert len(pool.get(spec).score_pairs(PAIRS * 200, timeout=math.inf)) == 400
+    finally:
+        pool.clear()
+
+
+def test_a_zero_default_timeout_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="request_timeout_s must be positive"):
+        EngineConfig(request_timeout_s=0)

@@ -103,7 +103,7 @@ class EngineConfig(ConfigModel):
     )
     request_timeout_s: float | None = Field(
         default=None,
-        ge=0,
+        gt=0,
         description=(
             "Default caller timeout for one request, the wait for a cold model's load included; "
             "none (or inf): wait as long as it takes."

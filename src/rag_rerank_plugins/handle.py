@@ -22,7 +22,7 @@ from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache
 from .engine.executor import Executor, executor_for
 from .engine.request import Lane, Request
-from .engine_config import EngineConfig
+from .engine_config import EngineConfig, no_limit
 from .exceptions import InvalidInputError, ModelReleasedError
 from .inputs import (
     check_batch_size,
@@ -124,7 +124,7 @@ class ModelHandle:
         timeout = check_timeout(timeout)
         if timeout is None:
             timeout = self.config.request_timeout_s
-        return Request(task, items, batch_size, priority, timeout)
+        return Request(task, items, batch_size, priority, no_limit(timeout))
 
     @contextlib.contextmanager
     def _counted(self, n_items: int) -> Iterator[None]:

@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .engine.request import LANES
-from .engine_config import no_limit
 from .exceptions import InvalidInputError
 
 __all__ = [
@@ -102,10 +101,12 @@ def check_texts(texts: Any, prompt: Any = None) -> list[str]:
 
 
 def check_timeout(timeout: Any) -> float | None:
-    """None, or a positive number of seconds; ``inf`` (and ~31 years or more) is None, no limit
-    (thread waits overflow past ``threading.TIMEOUT_MAX``: such a call crashed the worker)."""
+    """None, or a positive number of seconds (``inf`` included: no limit, even where
+    ``request_timeout_s`` sets one; callers pass the timeout they use through
+    :func:`~rag_rerank_plugins.engine_config.no_limit`, since thread waits overflow past
+    ``threading.TIMEOUT_MAX``)."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    return no_limit(float(timeout))
+    return float(timeout)

@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
 
 from .._mps import empty_cache
+from ..engine_config import no_limit
 from ..exceptions import ModelReleasedError, RequestTimeoutError
 from ..inputs import check_timeout
 from ..spec import ModelSpec
@@ -89,6 +90,7 @@ class PoolCalls(PoolState):
         seconds = check_timeout(timeout)
         if seconds is None:
             seconds = self.config.request_timeout_s
+        seconds = no_limit(seconds)  # inf given: no limit, not request_timeout_s
         return None if seconds is None else time.monotonic() + seconds
 
     def _loaded(self, spec: ModelSpec) -> ModelHandle | None:
