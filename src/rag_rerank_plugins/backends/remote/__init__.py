@@ -52,7 +52,14 @@ serves (``pool.score_pairs(..., priority="bulk")``), so ``rag-rerank serve`` que
 way on its side; other servers ignore the header.
 
 Secrets never go into the spec (its label shows up in stats, metrics and logs): the token is read
-from the environment variable named by ``api_key_env`` on every request, so rotation works.
+from the environment variable named by ``api_key_env`` on every request, so rotation works. A URL
+with ``user:password@`` or a query string is a :class:`ConfigurationError` for the same reason.
+
+A call's ``timeout`` bounds the remote work too: each attempt's timeouts are cut to what is left
+of it, and no retry starts whose wait would end past it. Redirects are followed, as the openai
+and cohere clients do (307/308 keep the POST; httpx drops the token on a cross-origin redirect).
+A rerank answer must score each text exactly once (an index in range, no duplicate); vectors must
+be non-empty lists of numbers, and keep the dimension of the first answer.
 
 One loaded remote model owns a pooled ``httpx.Client`` (thread-safe: the pool skips its call lock)
 and one ``httpx.AsyncClient`` per event loop for :meth:`~RemoteReranker.ascore_pairs`/

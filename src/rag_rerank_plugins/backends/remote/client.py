@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...exceptions import (
     MissingDependencyError,
+    ModelReleasedError,
     RemoteAuthError,
     RemoteError,
     RemoteRequestError,
@@ -60,6 +61,7 @@ PRIORITY_HEADER = "x-priority"
 __all__ = [
     "PRIORITY_HEADER",
     "RETRY_STATUSES",
+    "ClientClosedError",
     "STATUS_RULES",
     "Outcome",
     "Plan",
@@ -262,6 +264,12 @@ def _server_message(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+class ClientClosedError(ModelReleasedError, RemoteError):
+    """A released remote model's client was asked for a new request. A
+    :class:`ModelReleasedError`, so the pool loads the model again and retries the call (a call
+    that started as the model was released); a :class:`RemoteError`, as it always was."""
+
+
 # -- transports for tests ----------------------------------------------------------------------
 
 _TRANSPORTS: dict[str, Any] = {}
@@ -342,6 +350,8 @@ class RemoteClient:
             weakref.WeakKeyDictionary()
         )
         self._closed = False
+        #: Plans running now (sync or async): :meth:`close` leaves their clients open for them.
+        self._active = 0
         self._limits: RequestLimits | None = None
         #: The limits the last requests were planned with (for the 413 hint).
         self.planned_limits: RequestLimits | None = None
@@ -357,6 +367,10 @@ class RemoteClient:
                 max_connections=s.max_connections, max_keepalive_connections=s.max_connections
             ),
             "verify": s.verify,
+            # As the openai and cohere clients do: an http -> https or trailing-slash redirect
+            # is followed (307/308 keep the POST and its body; httpx drops the token when the
+            # redirect leaves the origin) instead of parsing the redirect's own body.
+            "follow_redirects": True,
             "headers": {"user-agent": "rag-rerank-plugins remote backend"},
         }
         transport = _TRANSPORTS.get(s.base_url)
@@ -396,10 +410,10 @@ class RemoteClient:
         """
         loop = asyncio.get_running_loop()
         with self._lock:
-            self._check_open()
             entry = self._async.get(loop)
             if entry is not None and not entry.client.is_closed:
-                return entry.client
+                return entry.client  # closed meanwhile, the plans still running keep it
+            self._check_open()
             self._drop_closed_loops()
             client = self._httpx.AsyncClient(**self._client_kwargs())
             entry = self._async[loop] = _LoopClient(client, self._close_with_loop(client))
@@ -440,13 +454,40 @@ class RemoteClient:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RemoteError(f"{self.what}: the client was closed (the model was released).")
+            raise ClientClosedError(
+                f"{self.what}: the client was closed (the model was released). Ask the pool "
+                "again (pool.get(spec)) to reload it."
+            )
 
     def close(self) -> None:
-        """Close the sync client now and each loop's async client on its own loop (from any
-        thread: it is scheduled there, since its sockets belong to that loop)."""
+        """Refuse new plans; close the sync client and each loop's async client on its own loop
+        (from any thread: it is scheduled there, since its sockets belong to that loop), now, or
+        when the last plan still running ends: a release on the event loop does not wait for
+        the calls awaited on that loop (it cannot), and they must still finish, not fail."""
         with self._lock:
             self._closed = True
+            if self._active:
+                return
+        self._close_clients()
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """One plan running: refused once closed; the last one out after :meth:`close` closes
+        the clients."""
+        with self._lock:
+            self._check_open()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                last = self._closed and not self._active
+            if last:
+                self._close_clients()
+
+    def _close_clients(self) -> None:
+        with self._lock:
             sync, self._sync = self._sync, None
             entries, self._async = list(self._async.items()), weakref.WeakKeyDictionary()
         if sync is not None:
@@ -502,12 +543,13 @@ class RemoteClient:
             time.sleep(seconds)
 
         # Nothing in this coroutine suspends, so one send() runs it to the end, on this thread.
-        coroutine = self._drive(plan, send, sleep)
-        try:
-            coroutine.send(None)
-        except StopIteration as done:
-            return done.value
-        coroutine.close()
+        with self._running():
+            coroutine = self._drive(plan, send, sleep)
+            try:
+                coroutine.send(None)
+            except StopIteration as done:
+                return done.value
+            coroutine.close()
         raise RuntimeError("the sync driver suspended: a step awaited something asynchronous")
 
     async def arun(self, plan: Plan[T]) -> T:
@@ -517,7 +559,8 @@ class RemoteClient:
             client = await self.async_client()
             return await client.request(step.method, step.url, **step.kwargs())
 
-        return await self._drive(plan, send, asyncio.sleep)
+        with self._running():
+            return await self._drive(plan, send, asyncio.sleep)
 
     # -- plans -------------------------------------------------------------------------------
 
@@ -530,7 +573,7 @@ class RemoteClient:
                 limits = self._limits = RequestLimits.resolve(self.settings, ServerInfo())
             else:
                 s = self.settings
-                timeout = self._httpx.Timeout(min(s.timeout, 5.0), connect=s.connect_timeout)
+                timeout = self._timeout(min(s.timeout, 5.0))
                 outcome = yield Send("GET", s.base_url + path, self.headers(), timeout=timeout)
                 assert outcome is not None
                 limits = self._settle_limits(outcome)
@@ -578,7 +621,8 @@ class RemoteClient:
                 PRIORITY_HEADER: current_call().priority,
                 **self.headers(),
             }
-            outcome = yield Send("POST", url, headers, content=body)
+            timeout = self._timeout(self.settings.timeout, keep_default=True)
+            outcome = yield Send("POST", url, headers, content=body, timeout=timeout)
             assert outcome is not None
             delay = self._judge(url, attempt, outcome)
             if delay is None:
@@ -594,6 +638,26 @@ class RemoteClient:
             yield Wait(delay)
             attempt += 1
 
+    def _timeout(self, read: float, keep_default: bool = False) -> Any:
+        """The timeout of one attempt: ``read`` seconds (connect: the option), both cut to what
+        is left of the call's deadline (:func:`current_call`), so a call with ``timeout=2``
+        never waits 30 s on a server after its caller gave up. None (``keep_default``): the
+        client's own, when the deadline cuts nothing."""
+        s = self.settings
+        left = current_call().remaining()
+        if left is not None and left < read:
+            return self._httpx.Timeout(left, connect=min(s.connect_timeout, left))
+        if keep_default:
+            return None
+        return self._httpx.Timeout(read, connect=s.connect_timeout)
+
+    @staticmethod
+    def _past_deadline(delay: float) -> bool:
+        """Whether waiting ``delay`` seconds before a retry would end past the call's deadline:
+        then nobody waits for the answer, and the retry is not made."""
+        left = current_call().remaining()
+        return left is not None and delay >= left
+
     # -- judging one attempt -----------------------------------------------------------------
 
     def _judge(self, url: str, attempt: int, outcome: Outcome) -> float | None:
@@ -603,11 +667,13 @@ class RemoteClient:
             return self._judge_transport(url, attempt, outcome.error)
         response = outcome.response
         status = response.status_code
-        if status < 400:
+        if status < 300:
             return None
         rule = STATUS_RULES.get(status, OTHER_ERROR)
         if rule.retry and attempt < self.policy.retries:
-            return self.policy.delay(attempt, _retry_after(response))
+            delay = self.policy.delay(attempt, _retry_after(response))
+            if not self._past_deadline(delay):
+                return delay
         message = _server_message(response).rstrip(".")
         if status == 413 and _too_many_tokens(message):
             # The model's input length, not the body's bytes: the limits stand.
@@ -616,6 +682,9 @@ class RemoteClient:
             hint = rule.hint(self)
             if status == 413:
                 self._limits = None  # the limits were wrong: ask GET /info again next call
+        if status < 400:  # a 3xx left unfollowed (no Location, 300, 304, ...)
+            location = response.headers.get("location")
+            hint = f"Redirected to {location!r}: use that URL." if location else hint
         if rule.error is RemoteUnavailableError:
             text = f"answered HTTP {status} to all {attempt + 1} attempt(s) ({hint}): {message}"
         elif rule.error is RemoteAuthError:
@@ -641,13 +710,16 @@ class RemoteClient:
         )
         if isinstance(exc, httpx.TimeoutException) and not connection_failed:
             raise RemoteTimeoutError(
-                f"{self.what}: {url} did not answer within {self.settings.timeout:g}s "
-                f"({type(exc).__name__}). Not retried, since the server may still be "
-                "working on it: raise the 'timeout' option or send smaller batches.",
+                f"{self.what}: {url} did not answer within {self.settings.timeout:g}s or the "
+                f"call's timeout ({type(exc).__name__}). Not retried, since the server may still "
+                "be working on it: raise the 'timeout' option (or the call's) or send smaller "
+                "batches.",
                 url=url,
             )
         if attempt < self.policy.retries:
-            return self.policy.delay(attempt)
+            delay = self.policy.delay(attempt)
+            if not self._past_deadline(delay):
+                return delay
         raise RemoteUnavailableError(
             f"{self.what}: could not reach {url} after {attempt + 1} attempt(s): "
             f"{type(exc).__name__}: {exc}. Check that the server is running and the URL "

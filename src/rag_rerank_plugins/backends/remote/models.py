@@ -185,9 +185,22 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         for request in self._requests(texts, range(len(texts)), build, limits, batch_size):
             vectors.extend((yield from self._send(request)))  # requests follow the input's order
         if vectors:
-            self._dimension = len(vectors[0])
+            self._pin_dimension(len(vectors[0]))
         # Normalising here too makes normalize=True hold whatever the server's defaults are.
         return [_normalize(v) for v in vectors] if normalize else vectors
+
+    def _pin_dimension(self, dimension: int) -> None:
+        """The first answer fixes the dimension, as a local model's weights do: a server that
+        later answers another one (a different model behind the URL) would put vectors of two
+        sizes into one index, so that is an error until the model is released and reloaded."""
+        if self._dimension is not None and dimension != self._dimension:
+            raise RemoteError(
+                f"{self.what}: the server answered {dimension}-dimensional vectors, but "
+                f"{self._dimension}-dimensional ones before: the model behind the URL changed. "
+                "Vectors of both sizes cannot share an index; release the model "
+                "(pool.release(spec)) to start over with the new one, and re-embed."
+            )
+        self._dimension = dimension
 
     def embed(
         self,

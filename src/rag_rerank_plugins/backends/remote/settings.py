@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ...exceptions import ConfigurationError
 from ..options import REMOTE_OPTIONS
@@ -154,8 +155,36 @@ def _refuse_secrets(options: dict[str, Any]) -> None:
             )
 
 
+def _refuse_url_secrets(url: Any) -> None:
+    """A URL with ``user:password@`` or a query string is refused, without echoing it.
+
+    Credentials in the URL would sit in the spec's label (stats, metrics, logs) and in every
+    error message naming the endpoint; and the client appends each route to the base URL, so a
+    query string (``?api_key=...``) would end up in the middle of the path.
+    """
+    if not isinstance(url, str) or not is_url(url):
+        return
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ConfigurationError(
+            "Do not put credentials in the server URL (user:password@host): specs are shown in "
+            "stats, metrics and logs, and the URL in every error. Give the URL without them, "
+            "export the token in an environment variable and name it with the option "
+            "api_key_env='MY_TOKEN_VAR' (sent as a bearer token)."
+        )
+    if parts.query or parts.fragment or url.rstrip("/").endswith(("?", "#")):
+        raise ConfigurationError(
+            "The server URL must not have a query string or fragment ('?...' / '#...'): the "
+            "client appends each route (/rerank, /embed, ...) to it. Give the base URL, e.g. "
+            "'http://host:8080' or 'http://host:8080/prefix'; put a token in an environment "
+            "variable named by the option api_key_env."
+        )
+
+
 def _url_and_model_name(spec: ModelSpec, options: dict[str, Any]) -> tuple[str, Any]:
     """The server's URL and the model name to send: the spec's model is one or the other."""
+    _refuse_url_secrets(spec.model)
+    _refuse_url_secrets(options.get("url"))
     if is_url(spec.model):
         if options.get("url") not in (None, spec.model):
             raise ConfigurationError(

@@ -126,12 +126,24 @@ def scores_by_index(items: Any, n: int, score_key: str, expected: str) -> list[f
     scores: list[float | None] = [None] * n
     try:
         for item in items:
-            scores[int(item["index"])] = float(item[score_key])
-    except (KeyError, TypeError, ValueError, IndexError):
+            index, score = item["index"], item[score_key]
+            # Exactly one score per text, at an index in range: a negative index (Python would
+            # count it from the end), a duplicate (a silent overwrite), a bool or a string is a
+            # broken answer, never a score put at some other passage's position.
+            if not _is_index(index) or not 0 <= index < n or scores[index] is not None:
+                raise UnexpectedResponse(f"one score for each of the {n} texts, indices 0..{n - 1}")
+            if isinstance(score, (bool, str)):
+                raise TypeError(score)
+            scores[index] = float(score)
+    except (KeyError, TypeError, ValueError):
         raise UnexpectedResponse(expected) from None
     if any(score is None for score in scores):
         raise UnexpectedResponse(f"one score for each of the {n} texts")
     return [float(score) for score in scores]  # type: ignore[arg-type]
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def vector_list(body: Any, n: int) -> list[list[float]]:
@@ -139,9 +151,20 @@ def vector_list(body: Any, n: int) -> list[list[float]]:
     if not isinstance(body, list) or len(body) != n:
         raise UnexpectedResponse(f"a list of {n} vectors")
     try:
-        return [[float(x) for x in vector] for vector in body]
-    except (TypeError, ValueError):
+        vectors = [[x if type(x) is float else _number(x) for x in vector] for vector in body]
+    except TypeError:
         raise UnexpectedResponse("lists of numbers") from None
+    if not all(vectors):  # an empty vector has no dimension a vector store could take
+        raise UnexpectedResponse("non-empty lists of numbers")
+    return vectors
+
+
+def _number(value: Any) -> float:
+    """A JSON number as a float; a string or a bool (``float("0.1")``, ``float(True)``) is a
+    broken answer, not a coordinate."""
+    if type(value) is not int:
+        raise TypeError(value)
+    return float(value)
 
 
 def documents_rerank(

@@ -41,10 +41,14 @@ class InfinityProtocol(Protocol):
             if not isinstance(data, list):
                 raise UnexpectedResponse(_DATA)
             try:
-                ordered = sorted(data, key=lambda item: int(item["index"]))
-                vectors = [item["embedding"] for item in ordered]
-            except (KeyError, TypeError, ValueError):
+                by_index = {item["index"]: item["embedding"] for item in data}
+            except (KeyError, TypeError):
                 raise UnexpectedResponse(_DATA) from None
-            return vector_list(vectors, n)
+            # Each index 0..n-1 exactly once: a duplicate or a missing one would put a vector
+            # at another text's position.
+            indices_ok = all(type(index) is int for index in by_index)  # not bool, not "1"
+            if len(data) != n or not indices_ok or set(by_index) != set(range(n)):
+                raise UnexpectedResponse(f"{n} embeddings with the indices 0..{n - 1}, once each")
+            return vector_list([by_index[i] for i in range(n)], n)
 
         return Call("/embeddings", payload, parse)
