@@ -281,3 +281,15 @@ def test_fork_child_gets_a_fresh_worker_for_a_scheduled_cpu_model() -> None:
     assert child.exitcode == 0
     assert (scores, loads) == ([0.5], 1)
     pool.release(spec)
+
+
+@pytest.mark.parametrize(
+    "path", ["/models/no-such-reranker", "./no-such-dir", "../x/y", "models/a/b", "~/m", "C:/m"]
+)
+def test_missing_local_folder_says_the_folder_does_not_exist(pool: ModelPool, path: str) -> None:
+    """A path that is not there gets "does not exist", not advice to pass that same path."""
+    pytest.importorskip("sentence_transformers")
+    spec = ModelSpec(path, device="cpu")
+    with pytest.raises(ModelNotFoundError, match="does not exist") as info:
+        pool.get(spec)
+    assert "Pass a local directory instead" not in str(info.value)

@@ -26,6 +26,7 @@ Messages say what to do next, because they are read in a stack trace at 3 a.m.
 
 from __future__ import annotations
 
+import os
 import re
 
 __all__ = [
@@ -51,6 +52,16 @@ __all__ = [
 
 #: A Hugging Face hub id ("name" or "org/name"), as opposed to a local path.
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _looks_like_path(model: str) -> bool:
+    """A filesystem path, never a hub id: absolute, relative to ./ ../ or ~, a Windows drive,
+    or more than one '/' (hub ids have at most one)."""
+    return (
+        model.startswith(("/", "./", "../", "~", "\\", ".\\"))
+        or re.match(r"[A-Za-z]:[\\/]", model) is not None
+        or model.count("/") >= 2
+    )
 
 
 class RagRerankError(Exception):
@@ -116,6 +127,15 @@ class ModelNotFoundError(ModelLoadError):
 
     def __init__(self, model: str, backend: str, cause: BaseException | str) -> None:
         super().__init__(model, backend, cause)
+        if _looks_like_path(model):
+            # A folder that is not there: advice to pass a local folder would name it again.
+            self.args = (
+                f"{self.args[0]}\nThe folder {model!r} does not exist (or is not a model "
+                "folder). Check the path (relative paths are from the working directory, "
+                f"{os.getcwd()!r}); to fetch a hub model there, run `hf download <hub name> "
+                f"--local-dir {model}` on a connected machine.",
+            )
+            return
         # huggingface-hub's command is `hf` (`huggingface-cli` is its deprecated old name).
         if _HUB_ID.fullmatch(model):
             folder = f"/models/{model.rsplit('/', 1)[-1]}"
