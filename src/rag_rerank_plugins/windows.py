@@ -13,7 +13,9 @@ query is kept whole in every window as long as it fits in ``query_tokens``; a lo
 to that budget. ``tokens="auto"`` fills the model's input (``max_length`` minus query and special
 tokens); an explicit size is capped to that. Windows start every ``stride`` tokens (default half a
 window) and the last one ends at the passage's end. Window texts are exact slices of the passage
-(character offsets from the tokenizer), so the model sees the passage's own text.
+(character offsets from the tokenizer), so the model sees the passage's own text. A slice that
+re-tokenizes longer than its token range (cut inside a word or a multi-byte character) is
+narrowed until it fits, so the model never truncates a window (``Windower._fit``).
 
 Which window decided the score (the best one for ``max``/``mean``, the first for ``first``) is
 reported per passage as a :class:`WindowInfo` (adapters put it in result metadata).
@@ -234,6 +236,66 @@ class Windower:
             piece = self._tok.decode(ids[start:end], skip_special_tokens=True)
         return Window(piece, start, end, None, None)
 
+    def _count(self, texts: list[str]) -> list[int]:
+        """Tokens of each text on its own (no special tokens), as the model will read it."""
+        if not texts:
+            return []
+        with self._lock:
+            return [len(ids) for ids in self._tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def _fit(
+        self,
+        text: str,
+        ids: list[int],
+        offsets: list[tuple[int, int]] | None,
+        planned: list[int],
+        size: int,
+    ) -> tuple[Window, ...]:
+        """The windows starting at ``planned``, each narrowed until its *text* re-tokenizes to at
+        most ``size`` tokens, still covering the whole passage without gaps.
+
+        Why: a window's text is a character slice, and a slice that starts inside a word or a
+        multi-byte character (byte-level BPE gives each byte token the whole character's
+        offsets) re-tokenizes to more tokens than its range (up to +3 seen with WordPiece and
+        byte-level BPE). The model then truncated the pair, silently dropping the window's tail:
+        for the last window, the end of the passage was never scored. A window is narrowed at
+        its start while the previous one already covers those tokens (the last window keeps
+        ending at the passage's end), else at its end; text it gives up gets one more window.
+        Windows whose text fits (ordinary prose) keep their planned ranges.
+        """
+        n = len(ids)
+        ranges = [(s, min(s + size, n)) for s in planned]
+        windows = [self._slice(text, ids, offsets, s, e) for s, e in ranges]
+        counts = self._count([w.text for w in windows])
+        if all(c <= size for c in counts):
+            return tuple(windows)
+        out: list[Window] = []
+        covered = 0  # tokens [0, covered) are in some window already
+        pending = list(zip(ranges, windows, counts, strict=True))
+        while covered < n:
+            fitted: Window | None = None
+            count = 0
+            if pending:
+                (start, end), fitted, count = pending.pop(0)
+                if start > covered:  # an earlier window gave up its tail: no gap
+                    start, fitted = covered, None
+            else:  # the last window gave up text: one more, ending at the passage's end
+                start, end = min(max(n - size, 0), covered), n
+            while True:
+                if fitted is None:
+                    fitted = self._slice(text, ids, offsets, start, end)
+                    count = self._count([fitted.text])[0]
+                if count <= size or end - start <= 1:
+                    break
+                if start < covered:
+                    start += 1
+                else:
+                    end -= 1
+                fitted = None
+            out.append(fitted)
+            covered = end
+        return tuple(out)
+
     def plan(self, query: str, texts: Sequence[str], settings: WindowSettings) -> WindowPlan:
         """Windows for every passage (input order) against ``query``."""
         for i, text in enumerate(texts):
@@ -244,11 +306,17 @@ class Windower:
                 )
         tokenized = self._tokenize([query, *texts])
         q_ids, q_offsets = tokenized[0]
-        if len(q_ids) > settings.query_tokens:
-            query = self._slice(query, q_ids, q_offsets, 0, settings.query_tokens).text
-            q_len = settings.query_tokens
-        else:
-            q_len = len(q_ids)
+        q_len = len(q_ids)
+        if q_len > settings.query_tokens:
+            # Cut to the budget, measured on the cut text itself (see _fit): a cut inside a
+            # word re-tokenizes longer, and the excess would come off the passage's room.
+            whole, end = query, settings.query_tokens
+            while True:
+                query = self._slice(whole, q_ids, q_offsets, 0, end).text
+                q_len = self._count([query])[0]
+                if q_len <= settings.query_tokens or end <= 1:
+                    break
+                end -= 1
         room = self.max_pair_tokens - q_len - self.special_tokens
         if room <= 0:
             raise ConfigurationError(
@@ -263,12 +331,7 @@ class Windower:
             if len(ids) <= size:
                 windows.append((Window(text, 0, len(ids), 0, len(text)),))
                 continue
-            windows.append(
-                tuple(
-                    self._slice(text, ids, offsets, s, min(s + size, len(ids)))
-                    for s in _starts(len(ids), size, stride)
-                )
-            )
+            windows.append(self._fit(text, ids, offsets, _starts(len(ids), size, stride), size))
         return WindowPlan(query, tuple(windows), settings, size, stride)
 
 

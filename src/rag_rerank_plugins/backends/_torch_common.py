@@ -2,7 +2,8 @@
 
 Every torch backend loads the same way: import lazily (clear error if the extra is missing or
 installed but not importable), put the weights on one device in the policy's dtype, switch to
-``eval()`` with gradients off, and turn "not found offline" into :class:`ModelNotFoundError` with
+``eval()`` with gradients off, cap the token limit at what the position table holds
+(:func:`cap_to_positions`), and turn "not found offline" into :class:`ModelNotFoundError` with
 instructions. Two-phase backends (see :mod:`.base`) pin their prepared tensors, copy them to the
 device without blocking, and start one device->host copy per pass (:class:`HostCopy`); on the
 CPU a prepared batch is first padded to its bucket length (:func:`pad_to_bucket`, issue 21: a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -37,6 +39,7 @@ from .base import Prepared
 __all__ = [
     "HostCopy",
     "bind_torch_worker",
+    "cap_to_positions",
     "cpu_kernels",
     "cpu_kernels_option",
     "features_to",
@@ -47,11 +50,15 @@ __all__ = [
     "pad_to_bucket",
     "padded_tokens",
     "pin_features",
+    "position_table_limit",
     "prepared_batch",
     "prepare_module",
     "torch_dtype",
     "warm_tokenizer",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 def import_optional(module: str, package: str, extra: str, purpose: str) -> ModuleType:
@@ -129,6 +136,56 @@ def module_bytes(*objects: Any) -> int | None:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
     return total if found else None
+
+
+def position_table_limit(module: Any) -> int | None:
+    """Longest input the first learned position table inside ``module`` can index, or None
+    when it has none (rotary / relative positions: no hard limit).
+
+    BERT-style tables take ``num_embeddings`` positions; RoBERTa-style ones (XLM-R, CamemBERT,
+    MPNet, Longformer: the table has a ``padding_idx``) count positions from ``padding_idx + 1``,
+    so XLM-R's 514 rows hold 512 tokens."""
+    import torch
+
+    for sub in module.modules():
+        table = getattr(sub, "position_embeddings", None)
+        if isinstance(table, torch.nn.Embedding):
+            offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+            return int(table.num_embeddings) - offset
+    return None
+
+
+def cap_to_positions(model: Any, requested: int | None, label: str) -> None:
+    """Cap a sentence-transformers model's token limit (``max_seq_length``) at what its position
+    table holds.
+
+    Why: sentence-transformers caps the tokenizer at ``config.max_position_embeddings`` only
+    when no limit is given, and that number is 2 too many for RoBERTa-style tables; a
+    ``max_length`` above the table (``max_length=1024`` on a 512-position BERT, or an XLM-R
+    whose tokenizer has no ``model_max_length``) made every pass holding a long input fail deep
+    in torch ("index out of range in self", "The size of tensor a (1024) must match ..."),
+    failing the other requests batched with it too. Inputs are truncated at the table instead
+    (a warning says so when ``requested``, the spec's ``max_length``, asked for more)."""
+    limit = position_table_limit(model)
+    current = getattr(model, "max_seq_length", None)
+    if limit is None or limit <= 0 or (isinstance(current, int) and 0 < current <= limit):
+        return
+    if requested is not None and requested > limit:
+        logger.warning(
+            "rag-rerank: max_length=%d is more than %s's position table holds (%d tokens); "
+            "longer inputs are truncated at %d tokens.",
+            requested,
+            label,
+            limit,
+            limit,
+        )
+    for name in ("max_seq_length", "max_length"):  # sentence-transformers 6 / older CrossEncoder
+        if isinstance(getattr(type(model), name, None), property):
+            setattr(model, name, limit)
+            return
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.model_max_length = limit
 
 
 def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> Any:

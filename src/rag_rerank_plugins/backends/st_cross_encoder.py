@@ -17,7 +17,9 @@ only one of a single-label model, label 1 ("relevant") of a two-label model, as 
 (see ``_common.label_index``). The activation applies to the model's logits as in ``predict``,
 then the label's column is taken.
 ``max_length`` is fixed at load time and never changed per call (changing tokenizer settings on a
-shared model gives wrong results).
+shared model gives wrong results). It is capped at what the model's position table holds
+(``_torch_common.cap_to_positions``): longer inputs are truncated there, where ``CrossEncoder``
+fails deep in torch on them (and our pass would fail every request batched with them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ._common import label_index, score_mode_of
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    cap_to_positions,
     cpu_kernels_option,
     cpu_token_budget,
     features_to,
@@ -70,6 +73,14 @@ class CrossEncoderReranker(RerankerModel):
         self._two_phase = callable(getattr(model, "preprocess", None))
         resolve = getattr(model, "_resolve_prompt", None)
         self._prompt = resolve(None, None) if callable(resolve) else None
+        # Tokens the default prompt adds in front of every query (long-document windows leave
+        # room for them); counted now, before prepare threads share the tokenizer.
+        tokenizer = getattr(model, "tokenizer", None)
+        self._prompt_tokens = (
+            len(tokenizer(self._prompt, add_special_tokens=False)["input_ids"])
+            if self._prompt and callable(tokenizer)
+            else 0
+        )
         # torch modules in inference mode keep no state between calls: passes may run at once.
         self.parallel_forward = self._two_phase and device == "cpu"
         if self._two_phase:
@@ -121,7 +132,11 @@ class CrossEncoderReranker(RerankerModel):
         return [float(s) for s in pending.result().tolist()]
 
     def window_source(self) -> tuple[Any, int] | None:
-        return self.model.tokenizer, self.max_tokens or int(self.model.tokenizer.model_max_length)
+        # The model's default prompt is prepended to every query (sentence-transformers 6
+        # ``prompts``/``default_prompt_name``): windows get what is left after it, so a
+        # (prompt + query, window) input is not truncated at the window's end.
+        limit = self.max_tokens or int(self.model.tokenizer.model_max_length)
+        return self.model.tokenizer, limit - self._prompt_tokens
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         import torch
@@ -179,6 +194,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
             model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
             **options,
         )
+        cap_to_positions(model, spec.max_length, spec.model)
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
         label = label_index(wanted_label, int(model.num_labels), _id2label(model), spec.model)

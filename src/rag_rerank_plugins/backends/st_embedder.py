@@ -9,6 +9,9 @@ sentence-transformers 6 (``preprocess``) the backend runs in
 two phases like the cross-encoder (tokenise on the CPU; forward and one device->host copy on the
 device worker); normalisation happens in FP32 (normalising BF16 vectors left norms off by up to
 0.4 %). Older versions fall back to ``encode_query``/``encode_document`` per micro-batch.
+``max_seq_length`` (the spec's ``max_length``, else the model's) is capped at what the model's
+position table holds (``_torch_common.cap_to_positions``): longer texts are truncated there
+instead of failing deep in torch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    cap_to_positions,
     cpu_kernels,
     cpu_kernels_option,
     cpu_token_budget,
@@ -180,6 +184,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
         )
         if spec.max_length is not None:
             model.max_seq_length = spec.max_length
+        cap_to_positions(model, spec.max_length, spec.model)
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)
         in_use = cpu_kernels(model, spec.device, kernels)
