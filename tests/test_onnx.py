@@ -537,3 +537,24 @@ def test_entry_without_recorded_feeds_asks_the_session(
     model = onnx_backend.OnnxCrossEncoder(old, threads=1)
     assert model.score_pairs([("q", "p")], batch_size=4) == pytest.approx(want, abs=1e-6)
     model.close()
+
+
+@pytest.mark.parametrize("backend", ["onnx-cross-encoder", "onnx-sentence-transformers"])
+def test_max_length_above_the_position_table_truncates_there(
+    backend: str, tiny_ce_path: str, minilm_path: str, onnx_cache: str, pool: ModelPool
+) -> None:
+    """max_length=1024 on a 512-position model failed every pass holding a long text inside
+    onnxruntime ("Attempting to broadcast an axis ..."); it is truncated at the table, with the
+    same results as max_length=512, as the torch backends do."""
+    path = tiny_ce_path if backend == "onnx-cross-encoder" else minilm_path
+    long_text = "word " * 900
+    options = {"cache_dir": onnx_cache}
+    over = ModelSpec(path, backend=backend, max_length=1024, options=options)
+    at = ModelSpec(path, backend=backend, max_length=512, options=options)
+    if backend == "onnx-cross-encoder":
+        pairs = [("q", long_text), ("q", "short")]
+        assert pool.score_pairs(over, pairs) == pool.score_pairs(at, pairs)
+    else:
+        texts = [long_text, "short"]
+        assert pool.embed(over, texts) == pool.embed(at, texts)
+    assert pool.get(over).model.max_tokens == 512

@@ -615,13 +615,33 @@ class OnnxRuntimeModel:
         self.tokenizer = configure_tokenizer(
             Tokenizer.from_file(str(entry / "tokenizer.json")),
             self.meta,
-            max_length or self.meta["max_length"],
+            self._truncation(max_length),
         )
         self.dtype = "int8" if self.meta["mode"] == "int8" else "float32"
         truncation = self.tokenizer.truncation
         self.max_tokens = int(truncation["max_length"]) if truncation else None
         # What the export baked in beyond the plain graph (e.g. the pruned last layer).
         self.kernels = str(self.meta.get("kernels") or "")
+
+    def _truncation(self, max_length: int | None) -> int | None:
+        """``max_length`` (None: the export's), at most what the model's position table holds
+        (``positions``, recorded at export since this release): a longer input failed every
+        pass holding it inside onnxruntime ("Attempting to broadcast an axis ..."), as the torch
+        model fails (see ``_torch_common.cap_to_positions``); it is truncated there instead."""
+        limit = max_length or self.meta["max_length"]
+        positions = self.meta.get("positions")
+        if isinstance(positions, int) and positions > 0 and (not limit or limit > positions):
+            if max_length and max_length > positions:
+                logger.warning(
+                    "rag-rerank: max_length=%d is more than %s's position table holds (%d "
+                    "tokens); longer inputs are truncated at %d tokens.",
+                    max_length,
+                    self.meta.get("model"),
+                    positions,
+                    positions,
+                )
+            limit = positions
+        return limit
 
     def tokenize(self, inputs: list[Any]) -> dict[str, Any]:
         """int64 arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` for texts or

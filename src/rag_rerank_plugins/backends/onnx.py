@@ -91,7 +91,12 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
-from ._torch_common import prune_last_layer, prune_last_layer_option
+from ._torch_common import (
+    cap_to_positions,
+    position_table_limit,
+    prune_last_layer,
+    prune_last_layer_option,
+)
 from .base import ModelProvider, Prepared, RerankerModel, Task
 
 if TYPE_CHECKING:
@@ -139,6 +144,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
 
     start = time.perf_counter()
     ce = st_for_export(spec, model_dir, "CrossEncoder")
+    cap_to_positions(ce, None, spec.model)  # the recorded max_length fits the position table
     tokenizer = ce.tokenizer
     tokenizer_json = fast_tokenizer_json(spec, tokenizer, "cross-encoder")
     activation = type(ce.activation_fn).__name__ if ce.activation_fn is not None else "Identity"
@@ -161,6 +167,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         "num_labels": int(getattr(ce, "num_labels", 1)),
         "id2label": _id2label(ce),
         "max_length": _max_length(ce),
+        "positions": position_table_limit(ce.model),
         **tokenizer_meta(tokenizer),
         "prompt": prompt,
         "torch": torch.__version__,

@@ -54,6 +54,7 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
+from ._torch_common import cap_to_positions, position_table_limit
 from .base import EmbedderModel, ModelProvider, Prepared, Task
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
 
     start = time.perf_counter()
     model = st_for_export(spec, model_dir, "SentenceTransformer")
+    cap_to_positions(model, None, spec.model)  # the recorded max_length fits the position table
     pipeline = _pipeline(spec, model)
     transformer = model[0]
     tokenizer = transformer.tokenizer
@@ -194,6 +196,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         **pipeline,
         "dimension": int(model[1].get_embedding_dimension()),
         "max_length": int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None,
+        "positions": position_table_limit(model),
         **tokenizer_meta(tokenizer),
         "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
         "prompts": dict(model.prompts or {}),
