@@ -12,7 +12,8 @@ one for the moment the pool is created and never imports torch itself:
   torch's default *low* watermark of 1.4 and ``PYTORCH_MPS_LOW_WATERMARK_RATIO`` is unset, the
   low watermark to the same ratio: torch refuses to start its allocator with low > high,
   "invalid low watermark ratio 1.4"). A value the user exported differently is overridden, with
-  a warning: the pool's setting is the more specific one.
+  a warning: the pool's setting is the more specific one; so is an exported low watermark above
+  the pool's ratio (it would stop torch's allocator from starting).
 * torch imported, MPS available: ``torch.mps.set_per_process_memory_fraction(ratio)``, with a
   warning that the variable came too late (so the log says which way it went).
 * torch imported, no MPS: nothing to do.
@@ -51,6 +52,14 @@ def _mps_available(torch: object) -> bool:
         return False
 
 
+def _ratio(text: str) -> float:
+    """A watermark variable's value; one that is not a number counts as 0 (torch reports it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
 def apply_high_watermark(ratio: float | None) -> str:
     """Cap the MPS allocator at ``ratio`` (see the module docstring); returns how: ``""`` (no
     ratio, or no MPS in an imported torch), ``"environment"`` or ``"torch"``."""
@@ -79,8 +88,20 @@ def apply_high_watermark(ratio: float | None) -> str:
                     text,
                 )
             os.environ[HIGH_ENV] = text
-            if 0 < ratio < _DEFAULT_LOW and LOW_ENV not in os.environ:
+            low = os.environ.get(LOW_ENV)
+            if 0 < ratio < _DEFAULT_LOW and low is None:
                 os.environ[LOW_ENV] = text  # torch refuses low > high at allocator start
+            elif ratio > 0 and low is not None and _ratio(low) > ratio:
+                logger.warning(
+                    "rag-rerank: %s=%s in the environment is above the pool's "
+                    "mps_high_watermark_ratio=%s, which torch refuses when its MPS allocator "
+                    "starts; it is lowered to %s.",
+                    LOW_ENV,
+                    low,
+                    text,
+                    text,
+                )
+                os.environ[LOW_ENV] = text
             _applied = ratio
             return "environment"
         if not _mps_available(torch):

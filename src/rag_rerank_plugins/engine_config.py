@@ -16,6 +16,7 @@ Both are sections of the one configuration (:mod:`rag_rerank_plugins._config`): 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -221,8 +222,9 @@ class PoolConfig(ConfigModel):
         default=None,
         description="Most MB the pool's loaded models may take on a device (parameters and "
         "buffers; on CUDA the allocator's growth at load): one number for every device, or "
-        "cpu=2000,cuda:0=6000 per device (a key 'cuda' applies to each CUDA device without its "
-        "own); none: no budget.",
+        "cpu=2000,cuda:0=6000 per device (keys cpu, mps, cuda:N, or cuda for each CUDA device "
+        "without its own; any other key is refused); inf: no limit on that device; none: no "
+        "budget.",
     )
     idle_unload_s: float | None = Field(
         default=None,
@@ -254,9 +256,14 @@ class PoolConfig(ConfigModel):
     @classmethod
     def _positive_budget(cls, budget: MemoryBudget) -> MemoryBudget:
         if isinstance(budget, Mapping):
-            for value in budget.values():
+            devices: dict[str, int | float] = {}
+            for device, value in budget.items():
                 _check_budget(value)
-            return dict(budget)
+                name = _budget_device(device)
+                if name in devices:
+                    raise ValueError(f"names the device {name!r} twice")
+                devices[name] = value
+            return devices
         if budget is not None:
             _check_budget(budget)
         return budget
@@ -274,12 +281,29 @@ class PoolConfig(ConfigModel):
                 return None
         else:
             value = budget
+        if math.isinf(value):
+            return None  # inf: no limit on this device, as elsewhere (no_limit)
         return int(value * 1024 * 1024)
 
     @property
     def manages_memory(self) -> bool:
         """True when a budget is set (the pool then evicts least recently used models)."""
         return self.memory_budget_mb is not None
+
+
+def _budget_device(device: Any) -> str:
+    """A budget's device key as the pool names devices (``"CUDA:0 "`` -> ``"cuda:0"``); a key no
+    model can ever be on (``"gpu"``, ``"cuda0"``) is an error, not a budget silently ignored."""
+    name = str(device).strip().lower()
+    if name in ("cpu:0", "mps:0"):  # torch's names of the one CPU / MPS device
+        name = name[:-2]
+    family, sep, index = name.partition(":")
+    if family in ("cpu", "mps", "cuda") and (not sep or (family == "cuda" and index)):
+        return name
+    raise ValueError(
+        f"has no device {device!r}: use 'cpu', 'mps', 'cuda' (every CUDA device without its own "
+        "budget) or 'cuda:N'"
+    )
 
 
 def _check_budget(value: Any) -> None:

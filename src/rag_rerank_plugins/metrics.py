@@ -77,11 +77,10 @@ MODEL_METRICS: tuple[ModelMetric, ...] = (
         "Releases the pool decided on (memory budget or idle reaper)",
     ),
     ModelMetric(
-        "footprint_mb",
+        "footprint_bytes",  # exact: footprint_mb is rounded to 1 kB
         "rag_rerank_model_footprint_bytes",
         "gauge",
         "Bytes the model held on its device at its last load",
-        scale=2**20,
     ),
     ModelMetric("calls", "rag_rerank_model_calls_total", "counter", "Model calls (score or embed)"),
     ModelMetric(

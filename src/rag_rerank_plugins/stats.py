@@ -220,6 +220,7 @@ class SpecStats:
             }
         footprint = self.footprint_bytes
         data["footprint_mb"] = None if footprint is None else round(footprint / 2**20, 3)
+        data["footprint_bytes"] = footprint  # exact, for the Prometheus gauge in bytes
         data["reloads"] = max(0, self.loads - 1)
         if self.metrics is not None:
             data.update(self.metrics.snapshot())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._memory import free_memory, release_window
 from ..backends import backend_info
@@ -58,6 +58,7 @@ class PoolState:
     config: EngineConfig
     pool_config: PoolConfig
     _pins: bool
+    _reaper_finalizer: weakref.finalize[[], Any] | None = None  # see MemoryBudget._ensure_reaper
 
     def _init_state(self) -> None:
         self._lock = threading.Lock()
@@ -85,21 +86,25 @@ class PoolState:
         raise NotImplementedError  # budget.MemoryBudget._settle
 
     def _stats_for(self, key: ModelSpec) -> SpecStats:
-        from ..stats import SpecStats
-
         with self._lock:
             stats = self._stats.get(key)
             if stats is None:
-                info = backend_info(key.backend)
-                stats = self._stats[key] = SpecStats(
-                    spec=key.label,
-                    backend=key.backend,
-                    model=key.model,
-                    kind=info.kind,
-                    device=key.device,
-                    dtype=key.dtype,
-                )
+                stats = self._stats[key] = self._new_stats(key)
             return stats
+
+    @staticmethod
+    def _new_stats(key: ModelSpec) -> SpecStats:
+        """Zeroed counters for ``key`` (not recorded: :meth:`_stats_for` does that)."""
+        from ..stats import SpecStats
+
+        return SpecStats(
+            spec=key.label,
+            backend=key.backend,
+            model=key.model,
+            kind=backend_info(key.backend).kind,
+            device=key.device,
+            dtype=key.dtype,
+        )
 
     def _close_handle(self, key: ModelSpec, handle: ModelHandle) -> None:
         device = handle.device

@@ -172,10 +172,13 @@ class MemoryBudget(PoolState):
         for device in sorted(devices):
             resident = self._resident(device)
             budget = self._budget(device)
+            used = sum(r[3] for r in resident)
+            # Never below what is in now (a forked child starts its peaks afresh, with models).
+            peak = max(self._peak.get(device, 0), used)
             out[device] = {
                 "budget_mb": None if budget is None else round(budget / MB, 3),
-                "used_mb": round(sum(r[3] for r in resident) / MB, 3),
-                "peak_mb": round(self._peak.get(device, 0) / MB, 3),
+                "used_mb": round(used / MB, 3),
+                "peak_mb": round(peak / MB, 3),
                 "models": len(resident),
                 "evictions": sum(s.evictions for s in all_stats if s.device == device),
             }
@@ -202,13 +205,16 @@ class MemoryBudget(PoolState):
                 daemon=True,
             )
             self._reaper_thread = thread
-            weakref.finalize(self, stop.set)
+            # One finalizer per pool, for the current reaper (clear() and a reload start another).
+            if self._reaper_finalizer is not None:
+                self._reaper_finalizer.detach()
+            self._reaper_finalizer = weakref.finalize(self, stop.set)
         thread.start()
 
     def _stop_reaper(self) -> None:
-        self._reaper_stop.set()
-        thread = self._reaper_thread
-        self._reaper_thread = None
+        with self._lock:  # as _ensure_reaper: a reaper started meanwhile is not left running
+            self._reaper_stop.set()
+            thread, self._reaper_thread = self._reaper_thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
 

@@ -26,6 +26,7 @@ from .loading import Loading
 
 if TYPE_CHECKING:
     from ..handle import ModelHandle
+    from ..stats import SpecStats
 
 __all__ = ["ModelPool"]
 
@@ -123,10 +124,22 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                     continue  # released while we waited: start again with a fresh slot
                 handle = slot.handle
                 if handle is None:
-                    handle = self._load_into(key, slot)
+                    try:
+                        handle = self._load_into(key, slot)
+                    except BaseException:
+                        self._drop_empty(key, slot)
+                        raise
                 if not pin or handle._pin():
                     return handle
             # Evicted between the lookup and the pin: look again (a fresh slot, or reload).
+
+    def _drop_empty(self, key: ModelSpec, slot: Slot) -> None:
+        """After a failed load: forget the empty slot (a failing spec leaves nothing behind; a
+        caller waiting on it starts again with a fresh one and retries the load)."""
+        with self._lock:
+            if self._slots.get(key) is slot and slot.handle is None:
+                del self._slots[key]
+                slot.retired = True
 
     def _load_guard(self) -> contextlib.AbstractContextManager[Any]:
         return self._mem_lock if self.pool_config.manages_memory else contextlib.nullcontext()
@@ -166,11 +179,21 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         """Load ``specs`` now (e.g. in a FastAPI lifespan) and optionally run one tiny forward pass.
 
         Warm-up moves first-call costs (kernel choice, allocator growth) out of the first request.
+        Under a budget too small for all of them, later specs may evict earlier ones (each was
+        warmed up while it was in, and warms up again when it reloads).
         """
-        handles = [self.get(spec) for spec in specs]
-        if warmup:
-            for handle in handles:
-                self._warm_up(handle)
+        handles = []
+        for spec in specs:
+            # Each model is warmed up right after its own load, pinned: under a budget the next
+            # spec's load may evict it, and a warm-up must not run on an evicted handle.
+            handle = self._get(spec, pin=warmup and self._pins)
+            if warmup:
+                try:
+                    self._warm_up(handle)
+                finally:
+                    if self._pins:
+                        self._unpin(handle)
+            handles.append(handle)
         return handles
 
     # -- releasing ----------------------------------------------------------------------------
@@ -214,13 +237,22 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
     def stats(self) -> dict[str, dict[str, Any]]:
         """Counters per spec label: loads, load_seconds, calls, items, errors, device, dtype, ..."""
         with self._lock:
-            return {s.spec: s.as_dict() for s in self._stats.values()}
+            items = list(self._stats.items())
+        return {stats.spec: self._stats_dict(key, stats) for key, stats in items}
 
     def spec_stats(self, spec: ModelSpec) -> dict[str, Any]:
-        """Counters for one spec (zeros if it was never loaded)."""
+        """Counters for one spec (zeros if it was never loaded; asking records nothing)."""
         key = self.key(spec)
-        stats = self._stats.get(key) or self._stats_for(key)
-        return stats.as_dict()
+        stats = self._stats.get(key)
+        return self._stats_dict(key, stats if stats is not None else self._new_stats(key))
+
+    def _stats_dict(self, key: ModelSpec, stats: SpecStats) -> dict[str, Any]:
+        """``stats.as_dict()`` with ``loaded`` read from the slots, as :meth:`is_loaded` does: the
+        flag a release sets could otherwise land after a concurrent reload of the same spec."""
+        data = stats.as_dict()
+        slot = self._slots.get(key)
+        data["loaded"] = slot is not None and slot.handle is not None
+        return data
 
     def record_passthrough(self, spec: ModelSpec) -> None:
         """Count one adapter call answered in retrieval order (``on_error="passthrough"``)."""

@@ -2,7 +2,8 @@
 
 A failed load caches nothing (the next call retries) and is counted in ``load_failures``; a
 foreign exception becomes :class:`ModelLoadError`. The footprint is the CUDA allocator's growth
-during a load that ran alone when it can be measured, else the backend's own count.
+during a load that ran alone (no other load, no call on that device at its start or end) when it
+can be measured, else the backend's own count.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Loading(PoolState):
         configure_torch_threads(self._num_threads)
         loader = get_loader(key.backend)
         cuda_before = _cuda_allocated(key.device)
+        if cuda_before is not None and self._busy(key.device):
+            cuda_before = None  # another model's activations would count as this one's weights
         with self._lock:
             alone = self._loading == 0
             self._loading += 1
@@ -52,6 +55,8 @@ class Loading(PoolState):
             with self._lock:
                 self._loading -= 1
                 alone = alone and self._load_seq == seq  # no other load overlapped this one
+        if cuda_before is not None and self._busy(key.device):
+            alone = False  # nor a call that is still running
         elapsed = time.perf_counter() - start
         stats.add(loads=1, load_seconds=elapsed)
         stats.update(
@@ -75,6 +80,11 @@ class Loading(PoolState):
         from ..handle import ModelHandle
 
         return ModelHandle(key, model, stats, self.config)
+
+    def _busy(self, device: str) -> bool:
+        """Whether a call runs on another model of ``device`` (its activations move the CUDA
+        allocator's count: a load measured then falls back to the backend's own count)."""
+        return any(handle._in_flight for _, _, handle, _ in self._resident(device))
 
     @staticmethod
     def _warm_up(handle: ModelHandle, *, reload: bool = False) -> None:

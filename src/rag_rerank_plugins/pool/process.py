@@ -32,8 +32,8 @@ def after_fork(pool: ModelPool) -> None:
     pool._fork_orphans = orphans
     for key, slot in old_slots.items():
         handle = slot.handle
-        if handle is None:
-            continue
+        if handle is None or handle._retiring:
+            continue  # a parent thread was evicting it at the fork: the child reloads
         if handle.device == "cpu":
             # Same weights, shared copy-on-write with the parent; new locks and worker.
             handle._after_fork()
