@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import signal
 import threading
 import time
@@ -214,7 +213,11 @@ def test_an_interrupted_thread_caller_withdraws_its_queued_request(
         raise KeyboardInterrupt  # Ctrl-C, on a signal pytest leaves alone
 
     previous = signal.signal(signal.SIGUSR1, handler)
-    timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    # To the main thread only: os.kill lets the kernel pick any thread, and a native library's
+    # thread (small stack, its own signal mask) taking it crashed the whole pytest process.
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.05, lambda: signal.pthread_kill(main, signal.SIGUSR1))
     try:
         timer.start()
         with pytest.raises(KeyboardInterrupt):
