@@ -237,6 +237,12 @@ def _secret_file(flag: str) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(f"cannot read {flag} {path}: {exc}") from None
         if not secret:
             raise argparse.ArgumentTypeError(f"{flag} {path} is empty")
+        from .server.config import check_api_key  # a token no client can send: refused now
+
+        try:
+            check_api_key(secret, f"{flag} {path}")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         return secret
 
     read.__name__ = flag
@@ -260,7 +266,7 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     from ._config import AdapterConfig, flag_for
     from .engine_config import EngineConfig, PoolConfig
     from .pool import ModelPool
-    from .server.config import ServerConfig
+    from .server.config import ServerConfig, check_api_key
 
     given = _given_settings(args)
 
@@ -271,6 +277,8 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
 
     config = build(ServerConfig)
     served = config.served_models()  # checked before anything starts
+    config.check_semantic_cache_models()
+    check_api_key(config.api_key)  # a blank RAG_RERANK_API_KEY: stop before anything starts
     threads = build(AdapterConfig).torch_threads
     if threads is not None:
         os.environ["RAG_RERANK_TORCH_THREADS"] = str(threads)  # read at the first model load

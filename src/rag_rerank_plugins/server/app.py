@@ -7,8 +7,8 @@ OpenAI/infinity and the operations endpoints, plus any :func:`~.registry.registe
 added); ``rag-rerank serve --help`` lists them.
 
 Status codes: 401 (bearer token), 404 (unknown path or model name), 405 (wrong method), 408 (body
-too slow), 413 (body bytes or number of texts), 415 (a body not sent as JSON), 422 (invalid
-request; 400 on OpenAI's paths, as OpenAI answers), 429 + Retry-After
+too slow), 413 (body bytes or number of texts), 415 (a body not sent as JSON, or compressed),
+422 (invalid request; 400 on OpenAI's paths, as OpenAI answers), 429 + Retry-After
 (concurrency and queue full), 503 (not ready), 500 (the model failed, a NaN or infinity in its
 output included, or a bug). Every error body is :func:`~.errors.error_body`: ``error``,
 ``error_type`` (TEI) and ``message``. Every response has an ``X-Request-ID`` (the server log
@@ -26,7 +26,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..pool import ModelPool, get_pool
-from .config import ServerConfig
+from .config import ServerConfig, check_api_key
 from .errors import error_response, handled_exceptions
 from .limits import GuardMiddleware
 from .registry import known_paths, protocols, public_paths
@@ -60,6 +60,7 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     """The ASGI app for ``config`` (default: from ``RAG_RERANK_*``) on ``pool`` (default: the
     process-wide pool). ``app.state.server`` is the :class:`ServerState`."""
     config = config if config is not None else ServerConfig.from_env()
+    check_api_key(config.api_key)
     state = ServerState(config, pool if pool is not None else get_pool())
     app = FastAPI(
         title="rag-rerank serve",

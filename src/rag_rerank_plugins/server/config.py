@@ -28,7 +28,32 @@ from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import ConfigurationError
 from ..spec import ModelSpec
 
-__all__ = ["ENV_PREFIX", "SERVE_SECTIONS", "ServedModel", "ServerConfig"]
+__all__ = ["ENV_PREFIX", "SERVE_SECTIONS", "ServedModel", "ServerConfig", "check_api_key"]
+
+
+def check_api_key(key: str | None, where: str = "RAG_RERANK_API_KEY / --api-key-file") -> None:
+    """Refuse a bearer token no client could ever send, naming ``where`` it came from but never
+    the token itself (error messages reach logs).
+
+    A blank token would turn authentication off while ``/info`` still says ``auth: true`` (fail
+    open: a secret template that rendered empty); a control character (a second line of a key
+    file, a tab) or a non-ASCII character cannot travel in an HTTP header, so the server would
+    refuse every request (fail closed, with nothing saying why). Both are configuration errors
+    at start-up. None (unset) means no authentication."""
+    if key is None:
+        return
+    if not key.strip():
+        raise ConfigurationError(
+            f"The API key ({where}) is empty or blank: that would leave the server open while "
+            "it reports auth. Put the token in it, or unset it to run without authentication."
+        )
+    bad = sorted({repr(c) for c in key if not " " <= c <= "~"})
+    if bad:
+        raise ConfigurationError(
+            f"The API key ({where}) contains {', '.join(bad[:5])}: clients cannot send such a "
+            "character in an 'Authorization: Bearer' header, so every request would get 401. "
+            "Use a single line of printable ASCII (e.g. `openssl rand -hex 32`)."
+        )
 
 
 @dataclass(frozen=True)
@@ -159,6 +184,15 @@ class ServerConfig(ModelDefaults):
         "default (the packaged all-MiniLM-L6-v2).",
     )
 
+    @field_validator("semantic_cache")
+    @classmethod
+    def _semantic_cache_store_known(cls, store: str | None) -> str | None:
+        # Checked at start-up: otherwise the server turns ready and every cache request is a 500.
+        sqlite_path = store.removeprefix("sqlite:///") if store else ""
+        if store is not None and store != "memory" and (sqlite_path == store or not sqlite_path):
+            raise ValueError("must be 'memory' or 'sqlite:///path/to/file.db'")
+        return store
+
     @field_validator("semantic_cache_threshold")
     @classmethod
     def _semantic_cache_threshold_in_range(
@@ -236,6 +270,31 @@ class ServerConfig(ModelDefaults):
                 "RAG_RERANK_RERANKERS / RAG_RERANK_EMBEDDERS)."
             )
         return served
+
+    def check_semantic_cache_models(self) -> None:
+        """Raise :class:`ConfigurationError` unless the served models the semantic cache uses
+        exist. ``rag-rerank serve`` checks this before it starts: the cache is built on its
+        first request, and a server that turns ready and then answers every cache request with
+        a 500 hides the mistake until traffic comes. (An app built by :func:`~.app.create_app`
+        reports it on the first cache request instead.)"""
+        if not self.semantic_cache:
+            return
+        served = self.served_models()
+        names = ", ".join(f"{m.name} ({m.kind})" for m in served) or "nothing"
+        wanted = self.semantic_cache_embedder
+        embedders = [m for m in served if m.kind == "embedder"]
+        if wanted and not any(wanted in (m.name, m.spec.model) for m in embedders):
+            raise ConfigurationError(
+                f"--semantic-cache-embedder {wanted!r} is not a served embedder; this server "
+                f"serves: {names}. Name one of its embedders, or serve it with --embedder "
+                f"{wanted}=MODEL."
+            )
+        rerankers = [m for m in served if m.kind == "reranker"]
+        if self.semantic_cache_guard == "rerank" and len(rerankers) != 1:
+            raise ConfigurationError(
+                "--semantic-cache-guard rerank needs exactly one served reranker; this server "
+                f"serves: {names}. Serve one with --reranker NAME=MODEL, or pick another guard."
+            )
 
 
 #: The sections ``rag-rerank serve`` takes options for (None: every field of the section): the

@@ -1,4 +1,4 @@
-"""Admission control and request guards of the server: 401, 408, 413 and 429 before inference.
+"""Admission control and request guards of the server: 401, 408, 413, 415, 429 before inference.
 
 * :class:`Admission` bounds work: ``max_concurrency`` model calls run, ``max_pending`` more wait,
   and anything beyond is refused at once with 429 and a ``Retry-After`` estimated from recent
@@ -10,7 +10,16 @@
   (``body_timeout``: a client that sends headers and then stalls gets 408 instead of holding a
   connection forever) before FastAPI parses anything, and counts every request by endpoint and
   status for ``/metrics``. Which paths exist and which need no token is passed in by
-  :func:`~.app.create_app` (from :mod:`.registry`).
+  :func:`~.app.create_app` (from :mod:`.registry`). A compressed body (``Content-Encoding``
+  other than ``identity``) is a 415: the server never inflates one, so no small body expands
+  past the limit (a zip bomb). A refusal sent before the whole body was read closes the
+  connection, so the server never keeps reading (and discarding) the rest of a body it already
+  refused.
+* A client that disconnects while its request runs gets its work cancelled: the admission slot
+  is freed at once (a queued request is withdrawn from the engine, a running one's remaining
+  items skipped), so clients that give up cannot hold ``max_concurrency`` + ``max_pending``
+  slots for answers nobody reads. Such a request is counted with status 499 (nginx's "client
+  closed request"), never as a 500 or a 200.
 * It is also the last resort for exceptions no rule of :mod:`.errors` maps (a bug, or a backend
   error the engine let through): it logs the traceback under the request id and answers 500 in
   the documented shape itself. Starlette's own last resort answers too, but then re-raises to the
@@ -36,9 +45,22 @@ from .errors import Overloaded, error_body, internal_error
 from .metrics import RequestMetrics
 from .request_id import HEADER, assign_request_id
 
-__all__ = ["Admission", "GuardMiddleware"]
+__all__ = ["CLIENT_CLOSED", "Admission", "GuardMiddleware"]
 
 logger = logging.getLogger(__name__)
+
+#: The status ``/metrics`` counts a request under when its client left before the answer
+#: (nginx's 499 "client closed request"; never sent, there is nobody to send it to).
+CLIENT_CLOSED = 499
+
+
+def _cancelling() -> bool:
+    """Whether the current task has a cancellation request pending (Python 3.11+; before, a
+    cancellation of the task itself cannot be told apart here and this says False)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
 
 #: The path of the request this task answers (the error shape depends on the protocol).
 _PATH: ContextVar[str | None] = ContextVar("rag_rerank_path", default=None)
@@ -173,7 +195,7 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            await self._guarded(scope, receive, tracking_send, path)
+            await self._guarded(scope, receive, tracking_send, path, progress)
         except Exception as exc:
             logger.exception(
                 "rag-rerank serve: request %s (%s %s) failed: unhandled %s",
@@ -203,7 +225,9 @@ class GuardMiddleware:
                 )
         return False
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, path: str, progress: _Progress
+    ) -> None:
         if (
             self.api_key is not None
             and path not in self.public_paths
@@ -224,6 +248,9 @@ class GuardMiddleware:
             return
         limit = self.max_request_bytes
         for name, value in scope.get("headers", []):
+            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                await self._compressed(send, value)
+                return
             if name == b"content-length":
                 try:
                     declared = int(value)
@@ -243,6 +270,7 @@ class GuardMiddleware:
                 await self._too_slow(send, size)
                 return
             if message["type"] == "http.disconnect":
+                progress.status = CLIENT_CLOSED
                 return
             body = message.get("body", b"")
             size += len(body)
@@ -252,16 +280,52 @@ class GuardMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        await self._run_until_disconnect(scope, b"".join(chunks), receive, send, progress)
+
+    async def _run_until_disconnect(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, progress: _Progress
+    ) -> None:
+        """Run the app on the (already read) ``body`` while watching the connection: if the
+        client goes away before the answer is complete, the app's task is cancelled, which
+        frees its admission slot and withdraws its model work. Starlette itself never notices
+        a disconnect during a plain (non-streaming) endpoint, so without this every abandoned
+        request would run to the end, holding its slot. The watcher is the only reader of the
+        server's ``receive``; the app reads the body replayed, then waits for the disconnect."""
+        gone = asyncio.Event()
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        await self.app(scope, replay, send)
+        app_task = asyncio.ensure_future(self.app(scope, replay, send))
+        client_left = False
+
+        async def watch() -> None:
+            nonlocal client_left
+            while (await receive())["type"] != "http.disconnect":
+                pass  # the body is complete: nothing but the disconnect should come
+            gone.set()
+            if not progress.finished:
+                client_left = True
+                app_task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            if not client_left or not app_task.cancelled() or _cancelling():
+                raise  # this task itself was cancelled (server shutdown): pass it on
+            if not progress.started:
+                progress.status = CLIENT_CLOSED
+        finally:
+            watcher.cancel()
+            if not app_task.done():
+                app_task.cancel()
 
     @staticmethod
     async def _receive_before(receive: Receive, deadline: float | None) -> Message:
@@ -282,6 +346,19 @@ class GuardMiddleware:
         self.metrics.reject(reason)
         body = error_body(message, error_type, _PATH.get(), status)
         await _send_json(send, status, body, headers)
+
+    async def _compressed(self, send: Send, encoding: bytes) -> None:
+        await self._refuse(
+            send,
+            "invalid",
+            415,
+            f"Content-Encoding {encoding.decode('latin-1')[:64]!r} is not supported: send the "
+            "request body uncompressed (the server never inflates request bodies, so that a "
+            "small compressed body cannot expand past --max-request-bytes).",
+            "Validation",
+            # The body is not read: this connection cannot carry another request.
+            {"connection": "close", "accept-encoding": "identity"},
+        )
 
     async def _too_slow(self, send: Send, size: int) -> None:
         await self._refuse(
@@ -304,4 +381,6 @@ class GuardMiddleware:
             f"{self.max_request_bytes} bytes (--max-request-bytes). Split the texts over "
             "several requests.",
             "Validation",
+            # The rest of the body is not read: closing is the only way not to keep reading it.
+            {"connection": "close"},
         )
