@@ -48,12 +48,30 @@ def require_torch(purpose: str) -> None:
         raise MissingDependencyError("torch", "st", purpose)
 
 
+#: ``RAG_RERANK_CPU_BF16``: the CPU's detected native BF16 support, overridden.
+BF16_ENV = "RAG_RERANK_CPU_BF16"
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes BF16 natively (AVX512-BF16 or AMX-BF16; Apple/ARM: bf16 flag)."""
-    override = os.environ.get("RAG_RERANK_CPU_BF16")
-    if override is not None:
-        return override.strip().lower() in ("1", "true", "yes")
+    """True when the CPU computes BF16 natively (AVX512-BF16 or AMX-BF16; Apple/ARM: bf16 flag).
+
+    ``RAG_RERANK_CPU_BF16`` overrides the flags. Set but empty counts as unset (as
+    ``RAG_RERANK_CPU_KIND``; ``VAR=`` in a compose file or a shell script), and a value that is
+    neither on nor off is refused: read as "off", it silently ran BF16-capable hosts in float32
+    (~3x slower), and ``on`` did the same."""
+    override = os.environ.get(BF16_ENV, "").strip().lower()
+    if override in _ON:
+        return True
+    if override in _OFF:
+        return False
+    if override:
+        raise ConfigurationError(
+            f"{BF16_ENV} must be 1 or 0 (true/false, yes/no, on/off), got "
+            f"{os.environ[BF16_ENV]!r}; unset it to use the CPU's own BF16 support."
+        )
     from ._cpu import _cpu_flags  # the one reader of /proc/cpuinfo (also cpu_kind's)
 
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())

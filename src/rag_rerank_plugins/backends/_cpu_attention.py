@@ -40,6 +40,7 @@ from typing import Any
 from ._cpu_sdpa import (  # light: torch is imported inside
     PER_SEQUENCE_FROM_KEYS,
     active,
+    own_terms,
     packed_attention,
     padding_mask,
     sdpa_attention,
@@ -88,9 +89,11 @@ def tiled_attention(
         or kwargs.get("is_causal")
         or module_is_causal(module)
         or (sdpa_from is not None and kv_len >= sdpa_from)
+        or own_terms(query, key, kwargs)
     ):
-        # Training and causal masking are not what this kernel is for, and on some CPUs long
-        # passes are faster in torch's own kernel.
+        # Training and causal masking are not what this kernel is for, on some CPUs long
+        # passes are faster in torch's own kernel, and grouped-query heads or extra score terms
+        # need transformers' own function (which sdpa_attention hands them to).
         return sdpa_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
@@ -172,6 +175,15 @@ def _additive_bias(mask: Any, batch: int, heads: int, q_len: int, kv_len: int, d
     return bias.expand(batch, heads, rows, kv_len).reshape(batch * heads, rows, kv_len)
 
 
+def _grouped_query(config: Any) -> bool:
+    """Whether the config gives fewer key/value heads than query heads (grouped-query attention,
+    e.g. EmbeddingGemma's bidirectional Gemma 3): every call would go to transformers' function
+    anyway (:func:`._cpu_sdpa.own_terms`), so the model keeps ``sdpa`` and its stats say so."""
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    heads = getattr(config, "num_attention_heads", None)
+    return isinstance(kv_heads, int) and isinstance(heads, int) and kv_heads != heads
+
+
 def _register() -> None:
     """Make :data:`ATTENTION_NAME` known to transformers (once per process)."""
     global _registered
@@ -191,8 +203,10 @@ def use_cpu_attention(model: Any, device: str) -> str:
     attention implementation the model now uses.
 
     It applies to bidirectional encoders on the CPU, loaded with ``sdpa`` (transformers'
-    default), that dispatch through transformers' AttentionInterface. Every other model is left
-    as loaded.
+    default), that dispatch through transformers' AttentionInterface, with as many key/value
+    heads as query heads and no relative-position bias (T5-family encoders pass one to every
+    call: :func:`._cpu_sdpa.own_terms` would hand each to transformers anyway). Every other
+    model is left as loaded.
     """
     config = getattr(model, "config", None)
     current = str(getattr(config, "_attn_implementation", None))
@@ -203,6 +217,8 @@ def use_cpu_attention(model: Any, device: str) -> str:
         and not getattr(config, "is_decoder", False)
         and not getattr(config, "is_encoder_decoder", False)
         and not any(module_is_causal(m) for m in model.modules())
+        and not _grouped_query(config)
+        and not any(hasattr(m, "relative_attention_bias") for m in model.modules())
         and callable(can_set)
         and bool(can_set())
     )

@@ -19,7 +19,9 @@ without oneDNN keeps plain ``nn.Linear``.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import re
 import types
 from typing import Any
 
@@ -154,13 +156,38 @@ def fuse_residual_adds(model: Any) -> int:
     return fused
 
 
+@functools.cache
+def _weights_read_by(cls: type) -> frozenset[str]:
+    """Names of the child layers whose ``weight`` or ``bias`` the code of ``cls`` (and its bases
+    up to ``nn.Module``) reads, e.g. T5's feed-forward block casting to ``self.wo.weight.dtype``
+    (T5 / MT5 / UMT5 / LongT5 encoders: sentence-t5, GTR). A :class:`PackedLinear` has no
+    ``weight``, so such a layer stays ``nn.Linear``: packed, every pass raised AttributeError."""
+    from transformers import PreTrainedModel
+
+    names: set[str] = set()
+    for base in cls.__mro__:
+        if (
+            not issubclass(base, torch.nn.Module)
+            or base.__module__.partition(".")[0] == "torch"
+            or base is PreTrainedModel  # generic loading code: reads no layer's weight per call
+        ):
+            continue
+        try:
+            source = inspect.getsource(base)
+        except (OSError, TypeError):  # no source (compiled, dynamic): nothing is known to read
+            continue
+        names.update(re.findall(r"self\.(\w+)\.(?:weight|bias)\b", source))
+    return frozenset(names)
+
+
 def pack_linears(model: Any) -> int:
     """Replace the CPU ``nn.Linear`` layers of ``model`` (in place) with :class:`PackedLinear`.
 
     Fuses GELU where a block holds ``dense`` followed by ``intermediate_act_fn`` (BERT, RoBERTa,
     XLM-R, MiniLM, ELECTRA and their kin); :func:`fuse_residual_adds` then fuses their residual
-    adds. Returns the number of layers packed; 0 when packing is not supported for the model's
-    dtype, or the model is not on the CPU.
+    adds. A layer whose ``weight`` or ``bias`` its parent's own code reads stays as it is
+    (:func:`_weights_read_by`). Returns the number of layers packed; 0 when packing is not
+    supported for the model's dtype, or the model is not on the CPU.
     """
     first = next(iter(model.parameters()), None)
     if first is None or first.device.type != "cpu":
@@ -173,18 +200,27 @@ def pack_linears(model: Any) -> int:
     for block in list(model.modules()):
         dense = getattr(block, "dense", None)
         act = getattr(block, "intermediate_act_fn", None)
-        if type(dense) is torch.nn.Linear and act is not None and _is_exact_gelu(act):
+        if (
+            type(dense) is torch.nn.Linear
+            and act is not None
+            and _is_exact_gelu(act)
+            and "dense" not in _weights_read_by(block.__class__)
+        ):
             block.dense = PackedLinear(dense, gelu=True)
             block.intermediate_act_fn = torch.nn.Identity()
             packed += 1
     for block in list(model.modules()):
-        for name, child in list(block.named_children()):
-            if (
-                type(child) is torch.nn.Linear
-                and child.in_features >= MIN_FEATURES
-                and child.out_features >= MIN_FEATURES
-                and child.weight.dtype == first.dtype
-            ):
+        candidates = [
+            (name, child)
+            for name, child in block.named_children()
+            if type(child) is torch.nn.Linear
+            and child.in_features >= MIN_FEATURES
+            and child.out_features >= MIN_FEATURES
+            and child.weight.dtype == first.dtype
+        ]
+        read = _weights_read_by(block.__class__) if candidates else frozenset()
+        for name, child in candidates:
+            if name not in read:
                 setattr(block, name, PackedLinear(child))
                 packed += 1
     return packed

@@ -43,6 +43,7 @@ __all__ = [
     "PER_SEQUENCE_STEP",
     "Packing",
     "active",
+    "own_terms",
     "packed_attention",
     "packing_state",
     "padding_mask",
@@ -81,12 +82,32 @@ def sdpa_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kv_len = key.shape[2]
-    usable = not (module.training or kwargs.get("is_causal") or getattr(module, "is_causal", False))
+    usable = not (
+        module.training
+        or kwargs.get("is_causal")
+        or getattr(module, "is_causal", False)
+        or own_terms(query, key, kwargs)
+    )
     lengths = _cached_lengths(attention_mask, key.shape[0]) if usable else None
     if lengths is not None and per_sequence_pays(lengths, kv_len):
         return _per_sequence_sdpa(query, key, value, lengths, attention_mask, scaling), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+#: Attention-function arguments that change the result and that only transformers' own functions
+#: apply (a relative-position bias, logit soft-capping, attention sinks).
+_EXTRA_TERMS = ("position_bias", "softcap", "s_aux", "sinks")
+
+
+def own_terms(query: Any, key: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a call needs transformers' ``sdpa_attention_forward`` itself: grouped-query
+    attention (fewer key than query heads, e.g. EmbeddingGemma's bidirectional Gemma 3; it
+    repeats the key heads) or one of :data:`_EXTRA_TERMS`. Our kernels compute plain masked
+    attention over equal head counts and would crash on the first or drop the second."""
+    return key.shape[1] != query.shape[1] or any(
+        kwargs.get(name) is not None for name in _EXTRA_TERMS
     )
 
 
