@@ -96,7 +96,22 @@ __all__ = [
 ]
 
 
-__getattr__ = lazy_getattr(__name__, _LAZY, globals())
+#: Names users look for at the top level that live in a subpackage (the error says where).
+_ELSEWHERE: dict[str, str] = {
+    **dict.fromkeys(
+        ("SharedRerankCompressor", "SharedCrossEncoder", "SharedEmbeddings"),
+        "rag_rerank_plugins.langchain",
+    ),
+    **dict.fromkeys(
+        ("SharedRerankPostprocessor", "SharedEmbedding", "SemanticCacheQueryEngine"),
+        "rag_rerank_plugins.llama_index",
+    ),
+    **dict.fromkeys(("ServerConfig", "serve", "create_app"), "rag_rerank_plugins.server"),
+    **dict.fromkeys(("Settings", "get_settings"), "rag_rerank_plugins.settings"),
+    "SemanticCache": "rag_rerank_plugins.semantic_cache",
+}
+
+__getattr__ = lazy_getattr(__name__, _LAZY, globals(), _ELSEWHERE)
 
 
 def __dir__() -> list[str]:

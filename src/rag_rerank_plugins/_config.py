@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import types
 from collections.abc import Callable, Mapping
@@ -33,7 +34,7 @@ from pydantic.fields import FieldInfo
 from typing_extensions import Self
 
 from .exceptions import ConfigurationError
-from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER
+from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, _normalize_device, _normalize_dtype
 
 __all__ = [
     "ENV_PREFIX",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "RAG_RERANK_"
+#: More torch threads than any host has cores is a typo; past 2**31 torch itself fails to parse it.
+MAX_TORCH_THREADS = 4096
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def json_list(text: str) -> list[Any]:
     try:
         parsed = json.loads(text)
     except ValueError as exc:
-        raise ValueError(f"is not JSON: {exc}") from None
+        raise ValueError(f"is not JSON ({exc}); expected a JSON list, or one JSON value") from None
     return parsed if isinstance(parsed, list) else [parsed]
 
 
@@ -141,8 +144,9 @@ def parse_text(info: FieldInfo, text: str) -> Any:
 
 def env_values(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The values of ``cls``'s fields found in ``environ`` (default ``os.environ``): each field
-    ``name`` is read from ``cls.env_prefix + NAME``; empty variables count as unset. Fields that
-    are themselves sections are left out (they read their own variables)."""
+    ``name`` is read from ``cls.env_prefix + NAME``; empty or blank variables count as unset
+    (``VAR=`` or ``VAR=" "`` in a compose file: a blank device or model name is never meant).
+    Fields that are themselves sections are left out (they read their own variables)."""
     env = os.environ if environ is None else environ
     prefix: str = getattr(cls, "env_prefix", ENV_PREFIX)
     values: dict[str, Any] = {}
@@ -151,13 +155,20 @@ def env_values(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -
             continue
         var = prefix + name.upper()
         raw = env.get(var)
-        if raw is None or raw == "":
+        if raw is None or not raw.strip():
             continue
         try:
             values[name] = parse_text(info, raw)
         except ValueError as exc:
             raise ConfigurationError(f"{var}={raw!r} {exc}") from None
     return values
+
+
+def _is_nan(value: Any) -> bool:
+    """True for a float nan and for text that pydantic would read as one (``"NaN"``)."""
+    if isinstance(value, str):
+        return value.strip().lower().lstrip("+-") == "nan"
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _is_section(info: FieldInfo) -> bool:
@@ -230,8 +241,14 @@ class ConfigModel(BaseModel):
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic takes True for 1; a flag or variable meant as a number never is a boolean.
         annotation = cls.model_fields[str(info.field_name)].annotation
-        if isinstance(value, bool) and bool not in (annotation, *get_args(annotation)):
+        kinds = (annotation, *get_args(annotation))
+        if int not in kinds and float not in kinds:
+            return value
+        if isinstance(value, bool) and bool not in kinds:
             raise ValueError("must be a number, not a boolean")
+        # nan compares false with every bound: pydantic called it "must be at most 60000".
+        if _is_nan(value):
+            raise ValueError("must be a number, not nan")
         return value
 
     @classmethod
@@ -239,6 +256,10 @@ class ConfigModel(BaseModel):
         parts = []
         for error in exc.errors():
             name = str(error["loc"][0]) if error["loc"] else ""
+            nested = (error.get("ctx") or {}).get("error")
+            if isinstance(nested, ConfigurationError):  # a section's own, complete message
+                parts.append(f"{cls.__name__}.{name}: {str(nested).rstrip('.')}")
+                continue
             where = (
                 f" (from {sources[name]})" if name in sources else f", got {error.get('input')!r}"
             )
@@ -313,6 +334,26 @@ class ModelDefaults(ConfigModel):
         default=32, gt=0, description="Pairs or texts per forward pass."
     )
 
+    @field_validator("device", "dtype")
+    @classmethod
+    def _known_device_or_dtype(cls, value: str, info: ValidationInfo) -> str:
+        """Checked as a spec checks it, but here, so that the error names the variable or flag
+        (``RAG_RERANK_DEVICE=tpu`` failed only at the first model, without saying where from).
+        The text is kept: specs normalise it (``cuda`` -> ``cuda:0``)."""
+        try:
+            if info.field_name == "device":
+                _normalize_device(value)
+            else:
+                _normalize_dtype(value)
+        except ConfigurationError:
+            allowed = (
+                "auto, cpu, cuda, cuda:N or mps"
+                if info.field_name == "device"
+                else "auto, float32, float16 or bfloat16 (or fp32, fp16, half, bf16)"
+            )
+            raise ValueError(f"must be {allowed}") from None
+        return value
+
 
 class AdapterConfig(ModelDefaults):
     """Defaults of the LangChain and LlamaIndex adapters (arguments given to an adapter win)."""
@@ -328,6 +369,7 @@ class AdapterConfig(ModelDefaults):
     torch_threads: Annotated[int | None, Cli(aliases=("--threads",), group="models")] = Field(
         default=None,
         gt=0,
+        le=MAX_TORCH_THREADS,
         description="torch intra-op threads, set at the first model load (1 is often faster on "
-        "a small, busy machine); none: torch's own.",
+        "a small, busy machine), at most 4096; none: torch's own.",
     )

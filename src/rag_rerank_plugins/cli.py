@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
@@ -40,6 +41,15 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {number}")
     return number
+
+
+def _name(value: str) -> str:
+    """A model or backend name: blank was silently the default before."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a name, got {value!r}; leave it out for the default"
+        )
+    return value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--reranker",
         metavar="MODEL",
+        type=_name,
         default=None,
         help="reranker name or local path (default: the packaged all-MiniLM-L6-v2 as a bi-encoder)",
     )
     demo.add_argument(
         "--backend",
+        type=_name,
         default=None,
         help="reranker backend (default: 'cross-encoder' with --reranker, else 'bi-encoder')",
     )
@@ -267,7 +279,9 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     from .engine_config import EngineConfig, PoolConfig
     from .pool import ModelPool
     from .server.config import ServerConfig, check_api_key
+    from .settings import warn_unknown_variables
 
+    warn_unknown_variables()  # RAG_RERANK_MAX_QUEU=8 would otherwise serve the default silently
     given = _given_settings(args)
 
     def build(section: type[_Section]) -> _Section:
@@ -342,7 +356,10 @@ def _info_threads(row: Callable[[str, str], None]) -> None:
         f"{ort_threads} intra-op thread(s) per session, 1 inter-op, spinning off "
         "(RAG_RERANK_ORT_THREADS or option intra_op_threads)",
     )
-    row("openvino", _openvino_line())
+    try:
+        row("openvino", _openvino_line())
+    except Exception as exc:  # RAG_RERANK_CPU_BF16=maybe aborted `info` here
+        row("openvino", f"cannot resolve dtype 'auto': {type(exc).__name__}: {exc}")
 
 
 def _openvino_line() -> str:
@@ -437,24 +454,51 @@ def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
         out(f"  {name}: {where}")
 
     out("configured defaults (RAG_RERANK_* variables):")
+    _info_settings(out)
+    # The process's pool is created by get_pool() from RAG_RERANK_* too: a bad value is a line.
     try:
-        from .settings import get_settings
+        from .pool import get_pool
 
-        settings = get_settings()
-        out(f"  reranker  {settings.reranker_model} (backend {settings.reranker_backend})")
-        out(f"  embedder  {settings.embedder_model} (backend {settings.embedder_backend})")
-        out(f"  device {settings.device}, dtype {settings.dtype}, batch_size {settings.batch_size}")
-        out(f"  {_auto_line(settings)}")
-        out(f"  engine    {settings.engine}")
-    except ImportError as exc:  # pydantic-settings missing: say so, the rest still works
-        out(f"  unavailable: {exc}")
-    from .pool import get_pool
-
-    loaded = get_pool().loaded_specs()
+        loaded = get_pool().loaded_specs()
+    except Exception as exc:
+        out(f"models loaded in this process: unknown ({type(exc).__name__}: {exc})")
+        return 0
     out(f"models loaded in this process: {len(loaded)}")
     for spec in loaded:
         out(f"  {spec.label}")
     return 0
+
+
+def _info_settings(out: Callable[[str], object]) -> None:
+    """The configured defaults, each problem (an invalid or unknown variable) as a line: `info`
+    is where an operator looks for what is wrong, so it never stops at the first problem."""
+    try:
+        from .settings import describe_unknown, get_settings, unknown_variables
+    except ImportError as exc:  # pydantic-settings missing: say so, the rest still works
+        out(f"  unavailable: {exc}")
+        return
+    for var, suggestion in unknown_variables().items():
+        out(f"  warning: {describe_unknown(var, suggestion)}")
+    from ._config import AdapterConfig
+
+    engine: Any = None
+    try:
+        with warnings.catch_warnings():  # reported just above, as lines
+            warnings.simplefilter("ignore", UserWarning)
+            settings: Any = get_settings()
+        engine = settings.engine
+    except Exception as exc:  # RAG_RERANK_MAX_QUEUE=0 aborted `info` here
+        out(f"  invalid: {exc}")
+        try:  # the adapters' own defaults, when another section is the bad one
+            settings = AdapterConfig.from_env()
+        except Exception:
+            return
+    out(f"  reranker  {settings.reranker_model} (backend {settings.reranker_backend})")
+    out(f"  embedder  {settings.embedder_model} (backend {settings.embedder_backend})")
+    out(f"  device {settings.device}, dtype {settings.dtype}, batch_size {settings.batch_size}")
+    out(f"  {_auto_line(settings)}")
+    if engine is not None:
+        out(f"  engine    {engine}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,6 +120,23 @@ def _stats_table(stats: dict[str, dict[str, Any]]) -> list[str]:
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in rows)]
 
 
+def _check_reranker(adapter: Any, model: str, backend: str, top_n: int, pool: ModelPool) -> None:
+    """Build one reranker adapter (microseconds, nothing loads) so that a bad model or backend
+    is this package's error before anything slow runs, not a pydantic ``ValidationError``."""
+    from pydantic import ValidationError
+
+    from .exceptions import ConfigurationError, RagRerankError
+
+    try:
+        adapter(model=model, backend=backend, top_n=top_n, pool=pool)
+    except ValidationError as exc:
+        for error in exc.errors():
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, RagRerankError):
+                raise cause from None
+        raise ConfigurationError(f"reranker {model!r} with backend {backend!r}: {exc}") from None
+
+
 def run_demo(
     requests: int = 20,
     reranker: str | None = None,
@@ -143,6 +160,13 @@ def run_demo(
         raise ValueError(f"requests must be at least 1, got {requests}.")
     if top_n < 1:
         raise ValueError(f"top_n must be at least 1, got {top_n}.")
+    from .exceptions import ConfigurationError
+
+    for name, given in (("reranker", reranker), ("backend", backend)):
+        if given is not None and not given.strip():  # was silently the default model/backend
+            raise ConfigurationError(
+                f"{name} must be a non-empty name, got {given!r}; leave it out for the default."
+            )
     rerank_model = reranker or DEMO_EMBEDDER
     rerank_backend = backend or ("cross-encoder" if reranker else "bi-encoder")
     if _is_offline_model(DEMO_EMBEDDER) and _is_offline_model(rerank_model):
@@ -173,6 +197,8 @@ def run_demo(
     from .pool import get_pool
 
     pool = pool if pool is not None else get_pool()
+    # A bad --backend failed with a pydantic traceback, after the vector stores were built.
+    _check_reranker(SharedRerankCompressor, rerank_model, rerank_backend, top_n, pool)
     corpus = load_sample_corpus()
     out(
         f"rag-rerank demo: {len(corpus)} passages, {requests} requests, "

@@ -24,13 +24,24 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from ._config import ENV_PREFIX, Cli, ConfigModel, TextParser
 
-__all__ = ["MAX_WAIT_MS", "NO_LIMIT_S", "EngineConfig", "MemoryBudget", "PoolConfig", "no_limit"]
+__all__ = [
+    "MAX_METRICS_WINDOW",
+    "MAX_WAIT_MS",
+    "NO_LIMIT_S",
+    "EngineConfig",
+    "MemoryBudget",
+    "PoolConfig",
+    "no_limit",
+]
 
 #: Seconds from which a timeout means "no limit" (about 31 years): well below
 #: ``threading.TIMEOUT_MAX``, past which ``Condition.wait`` and ``Future.result`` raise.
 NO_LIMIT_S = 1e9
 #: The longest batching wait: a lone request waits this long, so more is never what one wants.
 MAX_WAIT_MS = 60_000.0
+#: The most latency samples kept per model: each ``stats()`` sorts them, and past ``sys.maxsize``
+#: the window's deque could not even be created (OverflowError at the first load).
+MAX_METRICS_WINDOW = 1_000_000
 
 
 def no_limit(seconds: float | None) -> float | None:
@@ -125,7 +136,10 @@ class EngineConfig(ConfigModel):
         description="Seconds a cached query embedding stays valid (a finite number).",
     )
     metrics_window: int = Field(
-        default=2048, gt=0, description="Latency and queue-wait samples kept per model for p50/p95."
+        default=2048,
+        gt=0,
+        le=MAX_METRICS_WINDOW,
+        description="Latency and queue-wait samples kept per model for p50/p95, at most 1000000.",
     )
 
     @field_validator("request_timeout_s")
@@ -189,20 +203,35 @@ class EngineConfig(ConfigModel):
         return 0.0
 
 
+def _budget_number(text: str) -> int | float:
+    """One budget as the numeric fields read it: ``6000``, ``1_000``, ``1e3``, ``2.5`` or ``inf``
+    (no limit); never nan, and only ASCII digits (Python's ``int`` also reads ``"١٢"``)."""
+    text = text.strip()
+    if not text.isascii() or text.lower().lstrip("+-") == "nan":
+        raise ValueError(text)
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _parse_budget(text: str) -> Any:
     """``6000`` (every device) or ``cpu=2000,cuda:0=6000`` (per device)."""
     try:
         if "=" not in text:
-            return float(text) if "." in text else int(text)
+            return _budget_number(text)
         budget: dict[str, float] = {}
         for part in text.split(","):
             if not part.strip():
                 continue
             device, _, value = part.partition("=")
-            budget[device.strip()] = float(value)
+            budget[device.strip()] = _budget_number(value)
         return budget
     except ValueError:
-        raise ValueError("is not a number of MB or a list like 'cpu=2000,cuda:0=6000'") from None
+        raise ValueError(
+            "is not a number of MB (e.g. 6000, or inf: no limit) or a list like "
+            "'cpu=2000,cuda:0=6000'"
+        ) from None
 
 
 #: What ``memory_budget_mb`` may be: one budget for every device, or one per device.

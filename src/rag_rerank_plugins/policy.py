@@ -203,12 +203,13 @@ def requested_torch_threads() -> int | None:
     """The torch thread count asked for with ``RAG_RERANK_TORCH_THREADS``; None when unset.
     The one parser of that variable (the loader and the CPU device workers both read it)."""
     env = os.environ.get(THREADS_ENV)
-    if not env:
+    if env is None:
         return None
-    try:
-        return int(env)
-    except ValueError:
-        raise ConfigurationError(f"{THREADS_ENV} must be an integer, got {env!r}.") from None
+    # The field's own parser: "none" (the documented default), " 2 " and "2.0" are read as
+    # everywhere else, and 0 or -1 name the variable instead of failing in torch.
+    from ._config import AdapterConfig
+
+    return AdapterConfig.from_env({THREADS_ENV: env}).torch_threads
 
 
 def configure_torch_threads(num_threads: int | None = None) -> None:

@@ -11,23 +11,48 @@ nested under it: ``engine`` (:class:`~rag_rerank_plugins.engine_config.EngineCon
 This module imports pydantic-settings; ``import rag_rerank_plugins`` does not import it.
 :func:`get_settings` reads the environment once per process and caches the result
 (:func:`get_settings.cache_clear` makes the next call read it again).
+A ``RAG_RERANK_*`` variable that nothing reads (a typo: ``RAG_RERANK_MAX_QUEU``) is reported
+with a :class:`UserWarning` that suggests the closest name (:func:`unknown_variables`).
 ``python -m rag_rerank_plugins.settings`` prints the table of ``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import warnings
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ._config import ENV_PREFIX, AdapterConfig, env_values, flag_text, format_default
+from ._config import (
+    ENV_PREFIX,
+    AdapterConfig,
+    ConfigModel,
+    env_values,
+    flag_text,
+    format_default,
+)
 from .engine_config import EngineConfig, PoolConfig
 from .server.config import SERVE_SECTIONS, ServerConfig
 
-__all__ = ["ENV_PREFIX", "SECTIONS", "Settings", "config_table", "get_settings", "serve_flags"]
+__all__ = [
+    "ENV_PREFIX",
+    "OTHER_VARIABLES",
+    "SECTIONS",
+    "Settings",
+    "config_table",
+    "describe_unknown",
+    "get_settings",
+    "known_variables",
+    "serve_flags",
+    "unknown_variables",
+    "warn_unknown_variables",
+]
 
 
 class _SectionsSource(PydanticBaseSettingsSource):
@@ -38,6 +63,7 @@ class _SectionsSource(PydanticBaseSettingsSource):
         return None, field_name, False  # unused: __call__ builds the whole dict
 
     def __call__(self) -> dict[str, Any]:
+        warn_unknown_variables()
         values = env_values(self.settings_cls)
         for name, info in self.settings_cls.model_fields.items():
             section = info.annotation
@@ -53,12 +79,15 @@ class Settings(BaseSettings, AdapterConfig):
     """The process's configuration: adapter defaults, and the ``engine``, ``pool`` and
     ``server`` sections. Every field is ``RAG_RERANK_<FIELD>`` (the pool's
     ``RAG_RERANK_POOL_<FIELD>``); arguments given to an adapter or pool always win.
-    Variables that name no setting (``RAG_RERANK_CPU_BF16``, ...) are ignored here.
+    Variables read elsewhere (``RAG_RERANK_CPU_BF16``, ...) are ignored here; a variable that
+    nothing reads is warned about. A section given as a dict (``Settings(engine={"max_queue":
+    8})``) overrides only the fields it names: the section's variables still set the others.
+    A keyword that names no setting is an error (``Settings(batch_sise=8)``), as for the sections.
     """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
-        extra="ignore",
+        extra="forbid",
         frozen=True,
         env_ignore_empty=True,
         protected_namespaces=(),
@@ -78,6 +107,19 @@ class Settings(BaseSettings, AdapterConfig):
         description="What `rag-rerank serve` serves, and its limits (RAG_RERANK_<FIELD>).",
     )
 
+    @field_validator("engine", "pool", "server", mode="before")
+    @classmethod
+    def _section_over_its_variables(cls, value: Any, info: ValidationInfo) -> Any:
+        """A dict given for a section: its fields over the section's variables (a dict stood for
+        the whole section before, so ``engine={"max_batch_size": 8}`` lost RAG_RERANK_MAX_QUEUE)."""
+        if not isinstance(value, Mapping):
+            return value
+        field = str(info.field_name)
+        section = cast("type[ConfigModel]", cls.model_fields[field].annotation)
+        return section.from_sources(
+            None, value, given_by=lambda name: f"Settings({field}={{{name!r}: ...}})"
+        )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -92,6 +134,63 @@ class Settings(BaseSettings, AdapterConfig):
 
 #: The sections of the docs table, in its order: (model, the fields it owns there).
 SECTIONS: tuple[type[BaseModel], ...] = (AdapterConfig, EngineConfig, PoolConfig, ServerConfig)
+
+
+#: ``RAG_RERANK_*`` variables read where they are used, not through a settings model (the
+#: "Other variables" of docs/configuration.md): known, so never reported as unknown.
+OTHER_VARIABLES: tuple[str, ...] = (
+    "RAG_RERANK_CPU_BF16",
+    "RAG_RERANK_CPU_KIND",
+    "RAG_RERANK_SHAPE_BUCKETS",
+    "RAG_RERANK_ORT_THREADS",
+    "RAG_RERANK_ONNX_CACHE",
+    "RAG_RERANK_RELEASE_PROCESS_MEMORY",
+    "RAG_RERANK_ONEDNN_FLUSH",
+)
+
+
+def known_variables() -> set[str]:
+    """Every ``RAG_RERANK_*`` variable this package reads."""
+    known = set(OTHER_VARIABLES)
+    for section in SECTIONS:
+        known.update(section.env_names().values())  # type: ignore[attr-defined]
+    return known
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """``RAG_RERANK_*`` variables of ``environ`` (default ``os.environ``) that nothing reads ->
+    the closest known name (a likely typo), or None. Empty ones are left out (they are unset)."""
+    env = os.environ if environ is None else environ
+    known = known_variables()
+    # Compared without the shared prefix, which would make every name look alike.
+    names = sorted(var.removeprefix(ENV_PREFIX) for var in known)
+    found: dict[str, str | None] = {}
+    for var in sorted(env):
+        if var.startswith(ENV_PREFIX) and var not in known and env[var].strip():
+            name = var.removeprefix(ENV_PREFIX).upper()
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+            found[var] = ENV_PREFIX + close[0] if close else None
+    return found
+
+
+def describe_unknown(var: str, suggestion: str | None) -> str:
+    """One unknown variable in words, with what to set instead."""
+    if suggestion is not None:
+        return f"{var} is not a setting and is ignored: did you mean {suggestion}?"
+    return (
+        f"{var} is not a setting and is ignored (every setting: docs/configuration.md, or "
+        "`python -m rag_rerank_plugins.settings`)."
+    )
+
+
+def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
+    """A :class:`UserWarning` per ``RAG_RERANK_*`` variable that nothing reads but is close to
+    a setting's name: a typo in a deployment otherwise silently leaves the setting at its
+    default. Names close to none (a tool's own variable under our prefix, a user's
+    ``api_key_env`` variable) are not warned about; ``rag-rerank info`` lists them all."""
+    for var, suggestion in unknown_variables(environ).items():
+        if suggestion is not None:
+            warnings.warn(describe_unknown(var, suggestion), UserWarning, stacklevel=2)
 
 
 def serve_flags() -> dict[str, str]:
