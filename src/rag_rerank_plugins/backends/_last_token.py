@@ -39,7 +39,7 @@ from .options import HF_LOADING
 if TYPE_CHECKING:
     from ..spec import ModelSpec
 
-__all__ = ["PAD_TO_MULTIPLE_OF", "LastTokenReranker", "load_causal_lm"]
+__all__ = ["PAD_TO_MULTIPLE_OF", "LastTokenReranker", "check_answer_token", "load_causal_lm"]
 
 #: Left-padded batches are rounded up to this many columns (as FlagEmbedding's collater does):
 #: fewer distinct shapes for the kernels, at most 7 pad tokens per prompt.
@@ -138,6 +138,34 @@ class LastTokenReranker(RerankerModel):
     def close(self) -> None:
         self.model = None
         self.tokenizer = None
+
+
+def output_vocabulary(model: Any) -> int | None:
+    """Rows of the logits the model returns (its output embedding), or None when unknown."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    rows = getattr(head, "out_features", None)
+    if isinstance(rows, int) and rows > 0:
+        return rows
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
+
+
+def check_answer_token(model: Any, token_id: int, what: str) -> None:
+    """ConfigurationError at load when the answer token has no logit in this model.
+
+    Why: a tokenizer can hold more tokens than the model's output layer (tokens added to the
+    tokenizer, the model never resized, or a tokenizer from another model). The answer token's
+    id then indexed past the logits: an IndexError deep in torch in every request."""
+    rows = output_vocabulary(model)
+    if rows is not None and not 0 <= token_id < rows:
+        raise ConfigurationError(
+            f"The answer token {what} has id {token_id}, but this model's output has {rows} "
+            "logits (ids 0.."
+            f"{rows - 1}): the tokenizer does not belong to the model, or the token was added to "
+            "the tokenizer without resizing the model. Use the model's own tokenizer or a token "
+            "of its vocabulary."
+        )
 
 
 def _accepts(model: Any, name: str) -> bool:

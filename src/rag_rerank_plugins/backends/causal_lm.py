@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
 from ._common import score_mode_of
-from ._last_token import LastTokenReranker, load_causal_lm
+from ._last_token import LastTokenReranker, check_answer_token, load_causal_lm
 from ._torch_common import loading_errors
 from .base import ModelProvider
 from .options import HF_LOADING
@@ -80,8 +80,26 @@ def _check_slots(option: str, text: str, allowed: set[str], required: set[str]) 
     return text
 
 
+def _text_option(option: str, value: Any, default: str) -> str:
+    """A prompt text option: None means the default (the model card's ``format_instruction``
+    does that for the instruction), anything but a string is refused. Without this,
+    ``instruction=None`` put the word "None" in every prompt."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"{option}={value!r}: give a string (or None for the default), not "
+            f"{type(value).__name__}."
+        )
+    return value
+
+
 def token_id(tokenizer: Any, token: str, option: str) -> int:
     """The id of ``token``: a vocabulary entry, or a text that encodes to exactly one token."""
+    if not isinstance(token, str) or not token:
+        raise ConfigurationError(
+            f"{option}={token!r}: give the answer token as a non-empty string, e.g. 'yes' / 'no'."
+        )
     unk = tokenizer.unk_token_id
     found = tokenizer.convert_tokens_to_ids(token)
     if isinstance(found, int) and found != unk and found >= 0:
@@ -114,11 +132,11 @@ class CausalLMReranker(LastTokenReranker):
         dtype: str,
         max_length: int,
         *,
-        system: str = DEFAULT_SYSTEM,
+        system: str | None = DEFAULT_SYSTEM,
         prefix: str = DEFAULT_PREFIX,
         template: str = DEFAULT_TEMPLATE,
         suffix: str = DEFAULT_SUFFIX,
-        instruction: str = DEFAULT_INSTRUCTION,
+        instruction: str | None = DEFAULT_INSTRUCTION,
         yes_token: str = "yes",
         no_token: str = "no",
         score_mode: str = "sigmoid",
@@ -132,6 +150,8 @@ class CausalLMReranker(LastTokenReranker):
                 f"template={template!r} has no {{document}} slot: every document would score "
                 "the same. Add {document}."
             )
+        system = _text_option("system", system, DEFAULT_SYSTEM)
+        instruction = _text_option("instruction", instruction, DEFAULT_INSTRUCTION)
         self.template = template
         self.instruction = instruction
         self.score_mode = score_mode
@@ -141,6 +161,8 @@ class CausalLMReranker(LastTokenReranker):
             raise ConfigurationError(
                 f"yes_token={yes_token!r} and no_token={no_token!r} are the same token."
             )
+        check_answer_token(model, self.yes_id, f"yes_token={yes_token!r}")
+        check_answer_token(model, self.no_id, f"no_token={no_token!r}")
         self.prefix_ids = self._ids(prefix.format(system=system))
         self.suffix_ids = self._ids(suffix)
         self.room = max_length - len(self.prefix_ids) - len(self.suffix_ids)
@@ -151,6 +173,16 @@ class CausalLMReranker(LastTokenReranker):
             )
         fixed = template.format(instruction=instruction, query="", document="")
         self._template_tokens = len(self._ids(fixed))
+        if self.room <= self._template_tokens:
+            # The body is truncated from its end to ``room``: here no token of the query or the
+            # document would be left, and every document would score the same.
+            raise ConfigurationError(
+                f"max_length={max_length} leaves {self.room} tokens for the template, which "
+                f"alone takes {self._template_tokens} (instruction included) after the "
+                f"prefix and suffix ({len(self.prefix_ids) + len(self.suffix_ids)} tokens): no "
+                "token of the query or document would reach the model. Raise max_length or "
+                "shorten the prompt."
+            )
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -175,7 +207,7 @@ class CausalLMReranker(LastTokenReranker):
 
     def window_source(self) -> tuple[Any, int] | None:
         # Windows split the document so query + document fit the template's free room.
-        return self.tokenizer, max(1, self.room - self._template_tokens)
+        return self.tokenizer, self.room - self._template_tokens
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -29,7 +29,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._common import SCORE_MODES, label_index, score_mode_of, sigmoid
-from ._flag_common import FLAG_DEFAULT_MAX_LENGTH, import_flag, tokenizer_helpers
+from ._flag_common import (
+    FLAG_DEFAULT_MAX_LENGTH,
+    cap_max_length,
+    check_preprocessing_options,
+    import_flag,
+    instruction_tokens,
+    tokenizer_helpers,
+)
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
@@ -109,7 +116,22 @@ class FlagReranker(RerankerModel):
         bind_torch_worker(threads)
 
     def window_source(self) -> tuple[Any, int] | None:
-        return self.tokenizer, self.max_length
+        """The tokenizer and the (query + window + special) tokens that reach the model whole.
+
+        The windower counts the bare query and window; instructions
+        (``query_instruction_for_rerank``, ``passage_instruction_for_rerank``) are added before
+        the pair is cut to ``max_length`` (from the passage's end), so they come off the limit,
+        or every window's tail would be silently dropped."""
+        flag = self._flag
+        extra = sum(
+            instruction_tokens(
+                self.tokenizer,
+                getattr(flag, f"{which}_instruction_for_rerank"),
+                getattr(flag, f"{which}_instruction_format"),
+            )
+            for which in ("query", "passage")
+        )
+        return self.tokenizer, max(1, self.max_length - extra)
 
     def _encode(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         # FlagEmbedding's pre-processing, step by step (compute_score_single_gpu in 1.4.2).
@@ -172,6 +194,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     wanted_label = options.pop("score_label", None)
     prune = prune_last_layer_option(options)
     kernels_on = cpu_kernels_option(options)
+    check_preprocessing_options(options)
     flag_mod = import_flag(spec.backend)
     with loading_errors(spec):
         flag = flag_mod.FlagReranker(
@@ -181,6 +204,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
             max_length=spec.max_length or FLAG_DEFAULT_MAX_LENGTH,
             **options,
         )
+        flag.max_length = cap_max_length(flag.model, int(flag.max_length), spec.model)
         config = flag.model.config
         label = label_index(wanted_label, int(config.num_labels), config.id2label, spec.model)
         prepare_module(flag.model, spec.dtype)
@@ -301,6 +325,10 @@ def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
             passage_max_length=max_length,
             **options,
         )
+        # BGEM3FlagModel keeps its encoder in .model.model (the heads around it).
+        encoder = getattr(flag.model, "model", flag.model)
+        for attr in ("passage_max_length", "query_max_length"):
+            setattr(flag, attr, cap_max_length(encoder, int(getattr(flag, attr)), spec.model))
         prepare_module(flag.model, spec.dtype)
         flag.model.to(spec.device)
         kernels = cpu_kernels(flag.model, spec.device, kernels_on)

@@ -33,8 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError
 from ._common import score_mode_of
-from ._flag_common import FLAG_DEFAULT_MAX_LENGTH, import_flag, tokenizer_helpers
-from ._last_token import LastTokenReranker, load_causal_lm
+from ._flag_common import (
+    FLAG_DEFAULT_MAX_LENGTH,
+    check_preprocessing_options,
+    import_flag,
+    instruction_tokens,
+    tokenizer_helpers,
+    unescape_format,
+)
+from ._last_token import LastTokenReranker, check_answer_token, load_causal_lm
 from .base import ModelProvider
 from .options import HF_LOADING
 
@@ -82,7 +89,9 @@ class FlagLLMReranker(LastTokenReranker):
         self.passage_max_length = max_length
         self.query_max_length = query_max_length or max_length * 3 // 4
         self._prepare_ids = tokenizer_helpers()[0]
-        ids = tokenizer(prompt or DEFAULT_PROMPT, add_special_tokens=False)["input_ids"]
+        # FlagEmbedding replaces only a missing prompt (None): prompt="" means no prompt.
+        text = DEFAULT_PROMPT if prompt is None else prompt
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         self.prompt_ids = list(ids)
         self.sep_ids = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
         # compute_score's longest [bos] query sep passage before the final sep + prompt.
@@ -95,10 +104,12 @@ class FlagLLMReranker(LastTokenReranker):
             self.encode_max_length + len(self.sep_ids) + len(self.prompt_ids),
         )
         self.score_mode = score_mode
+        # FlagEmbedding's choice, kept for equal scores: the first token of "Yes" (its only
+        # token for the Gemma and MiniCPM tokenizers).
         self.yes_id = int(tokenizer("Yes", add_special_tokens=False)["input_ids"][0])
         self.instructions = (
-            (query_instruction_for_rerank, _unescape(query_instruction_format)),
-            (passage_instruction_for_rerank, _unescape(passage_instruction_format)),
+            (query_instruction_for_rerank, unescape_format(query_instruction_format)),
+            (passage_instruction_for_rerank, unescape_format(passage_instruction_format)),
         )
         bos = tokenizer.bos_token_id
         self.bos_ids = [bos] if bos is not None and bos != tokenizer.pad_token_id else []
@@ -146,8 +157,21 @@ class FlagLLMReranker(LastTokenReranker):
         return torch.sigmoid(logit) if self.score_mode == "sigmoid" else logit
 
     def window_source(self) -> tuple[Any, int] | None:
-        # Query and passage share the passage limit (the rest of the prompt has its own room).
-        return self.tokenizer, self.passage_max_length
+        """The tokenizer and the (query + window) tokens that reach the model untruncated.
+
+        The windower gives a window ``limit - query tokens`` tokens, counting the bare texts.
+        FlagEmbedding's truncation sees more: the passage instruction (``"B: "``) counts against
+        the passage ``max_length``, and ``[bos] + A: query + sep + B: passage`` against
+        ``max_length + sep + prompt`` (the prompt's room is lent to the pair). Without those
+        tokens in the limit, every window of a short query (under 2 tokens), a long instruction
+        or a short prompt lost its tail to truncation, silently (the part of the passage never
+        scored)."""
+        (q_instruction, q_fmt), (p_instruction, p_fmt) = self.instructions
+        tok = self.tokenizer
+        passage_extra = instruction_tokens(tok, p_instruction, p_fmt)
+        pair_extra = len(self.bos_ids) + instruction_tokens(tok, q_instruction, q_fmt)
+        limit = self.passage_max_length - passage_extra - max(0, pair_extra - len(self.prompt_ids))
+        return tok, max(1, limit)
 
 
 class LayerWiseFlagLLMReranker(FlagLLMReranker):
@@ -177,11 +201,6 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
 
         logit = last[:, 0].float()
         return torch.sigmoid(logit) if self.score_mode == "sigmoid" else logit
-
-
-def _unescape(fmt: str) -> str:
-    """FlagEmbedding's reading of instruction formats: a literal ``\\n`` means a newline."""
-    return fmt.replace("\\n", "\n") if "\\n" in fmt else fmt
 
 
 def _cutoff_layer(value: Any) -> int | None:
@@ -302,17 +321,20 @@ def load(spec: ModelSpec, provider: ModelProvider) -> FlagLLMReranker:
             "cutoff_layers only applies to layer-wise models (model_class="
             "'decoder-only-layerwise', e.g. bge-reranker-v2-minicpm-layerwise)."
         )
+    ours = {"score_mode", "model_class", "cutoff_layers"}
+    settings = {k: v for k, v in options.items() if k not in ours and k not in HF_LOADING}
+    check_preprocessing_options(settings, ("A: ", "B: "))  # before the weights are read
     if kind == MODEL_CLASSES[1]:
         model, tokenizer = load_causal_lm(spec, options, _LayerWiseLoader)
     else:
         model, tokenizer = load_causal_lm(spec, options)
-    ours = {"score_mode", "model_class", "cutoff_layers"}
-    settings = {k: v for k, v in options.items() if k not in ours and k not in HF_LOADING}
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     args = (model, tokenizer, spec.device, spec.dtype, max_length)
     if kind == MODEL_CLASSES[1]:
         return LayerWiseFlagLLMReranker(*args, score_mode=mode, cutoff_layer=layer, **settings)
-    return FlagLLMReranker(*args, score_mode=mode, **settings)
+    reranker = FlagLLMReranker(*args, score_mode=mode, **settings)
+    check_answer_token(model, reranker.yes_id, "'Yes' (FlagEmbedding's answer token)")
+    return reranker
 
 
 class _LayerWiseLoader:
