@@ -38,19 +38,28 @@ from langchain_core.load import Serializable, dumps, loads
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
+    ChatMessage,
+    ChatMessageChunk,
+    FunctionMessage,
+    FunctionMessageChunk,
     HumanMessage,
+    HumanMessageChunk,
     SystemMessage,
+    SystemMessageChunk,
     ToolMessage,
+    ToolMessageChunk,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generation, GenerationChunk
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, InvalidInputError
 from ..semantic_cache._adapter import AdapterCounters, CacheBackend
 
 __all__ = ["SharedSemanticCache", "split_prompt"]
 
-#: The classes a cached value may rebuild: generations and the messages inside them. Nothing
-#: else (a shared cache's content is not trusted to construct arbitrary LangChain objects).
+#: The classes a cached value may rebuild: generations and every message class a generation
+#: may hold (a provider's reply can be a ``ChatMessage`` with a custom role, which the stock
+#: ``InMemoryCache`` and ``SQLiteCache`` give back). Nothing else (a shared cache's content is
+#: not trusted to construct arbitrary LangChain objects).
 _ALLOWED: list[type[Serializable]] = [
     Generation,
     GenerationChunk,
@@ -58,14 +67,22 @@ _ALLOWED: list[type[Serializable]] = [
     ChatGenerationChunk,
     AIMessage,
     AIMessageChunk,
+    ChatMessage,
+    ChatMessageChunk,
+    FunctionMessage,
+    FunctionMessageChunk,
     HumanMessage,
+    HumanMessageChunk,
     SystemMessage,
+    SystemMessageChunk,
     ToolMessage,
+    ToolMessageChunk,
 ]
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    # surrogatepass: a lone surrogate in an llm_string names a model too (never an exception)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def _message_text(message: Any) -> str | None:
@@ -176,6 +193,13 @@ class SharedSemanticCache(BaseCache):
         return f"{name}:{_digest(context)}" if context else name
 
     def _key(self, prompt: str, llm_string: str) -> tuple[str, str] | None:
+        for name, value in (("prompt", prompt), ("llm_string", llm_string)):
+            if not isinstance(value, str):
+                raise InvalidInputError(
+                    f"SharedSemanticCache.{name} must be a str, as LangChain passes it (the "
+                    f"prompt text or dumps(messages), the model's llm_string); got "
+                    f"{type(value).__name__}."
+                )
         question, context = split_prompt(prompt)
         if not question.strip():
             return None  # an empty question is never cached (the cache rejects it)

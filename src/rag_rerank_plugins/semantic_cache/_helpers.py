@@ -12,6 +12,7 @@ from typing import Any
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..spec import ModelSpec
 from .guards import GUARDS
+from .identity import nfc
 from .sqlite import SQLiteStore
 from .stores import Entry, MemoryStore, Store
 
@@ -72,14 +73,41 @@ def _decode(entry: Entry) -> Any:
     return entry.payload if entry.is_bytes else json.loads(entry.payload)
 
 
-def _check(query: Any, namespace: Any) -> None:
-    if not isinstance(query, str) or not query.strip():
-        raise InvalidInputError(f"SemanticCache query must be a non-empty str; got {query!r}.")
+def _valid_text(text: str, what: str) -> None:
+    """Refuse a lone surrogate ("\\ud800", from a bad decode): it cannot be stored in a SQLite
+    file or sent to a server, so it would fail there, store-dependently, as a skipped put."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"SemanticCache {what} is not valid text: it holds a lone surrogate "
+            f"({text[exc.start]!r} at position {exc.start}), as a wrong decode leaves. Decode the "
+            "bytes with the right codec, or drop them with .encode('utf-8', 'replace').decode()."
+        ) from None
+
+
+def _check_namespace(namespace: Any) -> str:
     if not isinstance(namespace, str) or not namespace.strip():
         raise InvalidInputError(
             f"SemanticCache namespace must be a non-empty str (e.g. the LLM's identity string); "
             f"got {namespace!r} ({type(namespace).__name__})."
         )
+    _valid_text(namespace, "namespace")
+    return namespace
+
+
+def _check(query: Any, namespace: Any) -> str:
+    """``query`` in NFC, once both are checked. Why NFC: the same question typed on one keyboard
+    ("ã", one code point) and pasted from a PDF or a macOS file name ("a" + a combining tilde,
+    NFD) is the same text, so it hits as an identical question. A namespace is an opaque key
+    and stays as given."""
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInputError(f"SemanticCache query must be a non-empty str; got {query!r}.")
+    _valid_text(query, "query")
+    _check_namespace(namespace)
+    return nfc(query)
 
 
 def open_store(store: str | Store) -> Store:

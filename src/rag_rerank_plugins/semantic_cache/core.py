@@ -9,10 +9,11 @@ nearest cached queries of the namespace (:mod:`.index`), and returns the best on
 guard. Namespaces (the LLM's identity, the chain, the index) never share answers. Values are
 JSON-serialisable objects or bytes. The cache never fails its caller because of itself: a store or
 embedder failure is a miss (or a skipped put: ``put`` returns False), logged and counted in
-``stats()["errors"]``; only bad input (empty query, blank or non-string namespace, a value that is
-not JSON or not valid text) raises, with :class:`~rag_rerank_plugins.exceptions.InvalidInputError`
-(and ``invalidate``/``clear``, whose silent failure would serve stale answers). Storing a question
-again replaces its answer.
+``stats()["errors"]``; only bad input (empty query, blank or non-string namespace, a query,
+namespace or value that is not valid text, a value that is not JSON) raises, with
+:class:`~rag_rerank_plugins.exceptions.InvalidInputError` (and ``invalidate``/``clear``, whose
+silent failure would serve stale answers). Storing a question again replaces its answer. Queries
+are compared in Unicode NFC (NFC and NFD of one question are one question); namespaces as given.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import InvalidInputError
 from ..pool import ModelPool, get_pool
 from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
 from ..stats import percentile
 from ._helpers import (
     CacheHit,
     _check,
+    _check_namespace,
     _decode,
     _encode,
     _spec,
@@ -132,22 +133,25 @@ class SemanticCache:
         if entry.model != self._model or entry.id in self._where:
             return
         index = self._indexes.get(entry.namespace)
+        if index is not None and len(entry.vector) != index.dim:
+            return
+        older = self._by_text.get((entry.namespace, entry.query))
+        if older is not None and older > entry.id:
+            return  # an older copy (another process's, synced late): ids only grow
+        # What may fail comes before any change: a failure leaves the index as it was (an id in
+        # the vector index but not in _where would break every later search of the namespace).
+        toks = tokens(entry.query)
+        identity = extract(entry.query)
         if index is None:
             index = NamespaceIndex(len(entry.vector), self.index_kind)
             self._indexes[entry.namespace] = index
             self._corpora[entry.namespace] = BM25Corpus()
-        if len(entry.vector) != index.dim:
-            return
-        older = self._by_text.get((entry.namespace, entry.query))
         if older is not None:  # the same question stored again: the newest answer wins
-            if older > entry.id:
-                return  # an older copy (another process's, synced late): ids only grow
             self._drop([older])
-        toks = tokens(entry.query)
         index.add(entry.id, entry.vector)
         self._corpora[entry.namespace].add(toks)
         self._tokens[entry.id] = toks
-        self._identities[entry.id] = extract(entry.query)
+        self._identities[entry.id] = identity
         self._where[entry.id] = (entry.namespace, entry.query)
         self._by_text[(entry.namespace, entry.query)] = entry.id
 
@@ -177,7 +181,13 @@ class SemanticCache:
             if reset:
                 self._reset()
             for entry in entries:
-                self._add(entry)
+                try:
+                    self._add(entry)
+                except Exception as exc:
+                    # Skipped (and counted), and the cursor still moves past it: one entry this
+                    # cache cannot index must not fail every later lookup, in every namespace,
+                    # of every process sharing the store.
+                    self._failed(f"indexing the cached query {entry.query[:80]!r}", exc)
             self._cursor = cursor
 
     # -- lookup ---------------------------------------------------------------------------------
@@ -259,7 +269,7 @@ class SemanticCache:
 
     def lookup(self, query: str, namespace: str = "default") -> CacheHit | None:
         """The cached answer of the nearest cached query that passes the guard, or None."""
-        _check(query, namespace)
+        query = _check(query, namespace)
         t0 = time.perf_counter()
         try:
             vector = self._embed(query)
@@ -284,7 +294,7 @@ class SemanticCache:
     async def alookup(self, query: str, namespace: str = "default") -> CacheHit | None:
         """:meth:`lookup` for coroutines: the embedding and cross-encoder calls await the pool,
         SQLite work runs in a thread; the event loop never blocks."""
-        _check(query, namespace)
+        query = _check(query, namespace)
         t0 = time.perf_counter()
         try:
             vector = await self._aembed(query)
@@ -314,7 +324,7 @@ class SemanticCache:
     def explain(self, query: str, namespace: str = "default") -> list[Verdict]:
         """Every candidate the guard looked at for ``query``, with its scores and the reason it
         failed, best first (for tuning thresholds; counts nothing). Failures raise here."""
-        _check(query, namespace)
+        query = _check(query, namespace)
         candidates = self._candidates(query, self._embed(query), namespace)
         scores = None
         if self._needs_rerank(query, candidates):
@@ -348,7 +358,7 @@ class SemanticCache:
         """Cache ``value`` (JSON-serialisable, or bytes) as the answer to ``query``, replacing
         the answer stored for the same text. True when stored; False when a store or embedder
         failure skipped it (logged and counted in ``stats()["errors"]``, never raised)."""
-        _check(query, namespace)
+        query = _check(query, namespace)
         payload = _encode(value)
         try:
             self._store(query, self._embed(query), payload, namespace)
@@ -359,7 +369,7 @@ class SemanticCache:
 
     async def aput(self, query: str, value: Any, namespace: str = "default") -> bool:
         """:meth:`put` for coroutines (never blocks the event loop)."""
-        _check(query, namespace)
+        query = _check(query, namespace)
         payload = _encode(value)
         try:
             vector = await self._aembed(query)
@@ -372,8 +382,7 @@ class SemanticCache:
     def invalidate(self, namespace: str) -> int:
         """Remove every entry of ``namespace`` (for this embedder); returns how many. Store
         failures raise here: an invalidation that silently failed would serve stale answers."""
-        if not isinstance(namespace, str) or not namespace.strip():
-            raise InvalidInputError(f"namespace must be a non-empty str; got {namespace!r}.")
+        _check_namespace(namespace)
         removed = self.store.invalidate(self._model, namespace)
         with self._lock:
             self._drop([k for k, (ns, _) in list(self._where.items()) if ns == namespace])

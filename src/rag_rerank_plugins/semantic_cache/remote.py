@@ -24,6 +24,7 @@ from ..backends.remote.client import RemoteClient, Send, Wait
 from ..backends.remote.protocols import get_protocol
 from ..backends.remote.settings import RemoteSettings, is_url
 from ..exceptions import ConfigurationError, InvalidInputError, RemoteRequestError
+from ._helpers import _valid_text
 
 if TYPE_CHECKING:
     from ..backends.remote.client import Plan
@@ -50,12 +51,14 @@ def _check_query(query: Any) -> str:
         raise InvalidInputError(f"query must be a str, got {type(query).__name__}.")
     if not query.strip():
         raise InvalidInputError("query is empty; pass the question text to look up or store.")
+    _valid_text(query, "query")  # as the in-process cache (the server would answer 422)
     return query
 
 
 def _check_namespace(namespace: Any) -> str:
     if not isinstance(namespace, str) or not namespace.strip():
         raise InvalidInputError(f"namespace must be a non-empty str, got {namespace!r}.")
+    _valid_text(namespace, "namespace")
     return namespace
 
 

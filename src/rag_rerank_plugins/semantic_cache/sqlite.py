@@ -68,6 +68,12 @@ class SQLiteStore(Store):
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
         self._writes = 0  # writes through this object (data_version counts only the others')
+        # A new connection's data_version starts over (at 1): versions of each connection start
+        # above every version handed out before, or a cursor taken before close() (or in the
+        # parent before a fork) would match a new connection's version and hide what other
+        # processes stored meanwhile.
+        self._issued = 0
+        self._offset = 0
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
@@ -83,11 +89,16 @@ class SQLiteStore(Store):
             conn.close()
             raise
         self._conn, self._pid = conn, os.getpid()
+        self._offset = self._issued + 1
         return conn
 
     def _version(self, db: sqlite3.Connection) -> int:
+        """Changes whenever anything changed the file since the last call (both terms only
+        grow); never equal to a version of an earlier connection (see ``_offset``)."""
         (version,) = db.execute("PRAGMA data_version").fetchone()
-        return int(version) * 1_000_000_007 + self._writes
+        issued = self._offset + int(version) * 1_000_000_007 + self._writes
+        self._issued = max(self._issued, issued)
+        return issued
 
     def put(
         self, entry: Entry, *, max_entries: int | None, ttl: float | None
@@ -112,10 +123,14 @@ class SQLiteStore(Store):
             if max_entries is not None:
                 (n,) = db.execute("SELECT COUNT(*) FROM entries").fetchone()
                 if n > max_entries:
+                    # Never the entry just stored (as in MemoryStore): its ``accessed`` is when
+                    # this put began, and a hit in another thread or process since then, or a
+                    # clock stepped back, would make it the "least recently used" one, evicted
+                    # by the put that reported it stored.
                     rows = db.execute(
-                        "DELETE FROM entries WHERE id IN (SELECT id FROM entries "
+                        "DELETE FROM entries WHERE id IN (SELECT id FROM entries WHERE id != ? "
                         "ORDER BY accessed, id LIMIT ?) RETURNING id",
-                        (n - max_entries,),
+                        (key, n - max_entries),
                     )
                     removed += [r[0] for r in rows]
         return key, removed
