@@ -527,3 +527,16 @@ def test_b25_numbers_given_as_str_or_bool_fail_at_construction(
     with pytest.raises(ValidationError, match=f"{name} must be"):
         (_lc if adapter == "lc" else _li)(pool, **kwargs)
     assert (_lc if adapter == "lc" else _li)(pool, score_threshold=1).score_threshold == 1.0
+
+
+def test_embed_documents_refuses_a_mapping_instead_of_embedding_its_keys() -> None:
+    """A dict iterates as its keys: embed_documents({"a": 1}) embedded "a" silently."""
+    pytest.importorskip("langchain_core")
+    from rag_rerank_plugins.langchain import SharedEmbeddings
+
+    emb = SharedEmbeddings(model_name="never-loaded", pool=ModelPool())
+    for texts in ({"a": 1}, b"ab", bytearray(b"ab")):
+        with pytest.raises(InvalidInputError, match="embed_documents takes a list of str"):
+            emb.embed_documents(texts)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"texts\[1\] is int"):
+        emb.embed_documents(["ok", 3])  # type: ignore[list-item]

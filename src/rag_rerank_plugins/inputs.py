@@ -7,7 +7,7 @@ crash deep in a tokenizer or torch after the request was queued.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .engine.request import LANES
@@ -19,6 +19,7 @@ __all__ = [
     "check_priority",
     "check_texts",
     "check_timeout",
+    "text_list",
     "clean_text",
     "require_strings",
 ]
@@ -46,6 +47,27 @@ def require_strings(texts: Sequence[Any], what: str) -> list[str]:
                 "(rag-rerank-plugins never guesses how to stringify a document)."
             )
     return [clean_text(text) for text in texts]
+
+
+def text_list(texts: Any, call: str, single_str_hint: str) -> list[str]:
+    """``texts`` given to an adapter's batch call (``call``), as a list of str, checked before
+    any model work: any iterable of str is accepted (a generator too), but not a str, bytes or
+    a mapping, which iterate as letters, ints or keys (``embed_documents("hello")`` returned
+    five vectors, one per letter). A bad item is named by its index in ``texts``."""
+    if isinstance(texts, str):
+        raise InvalidInputError(
+            f"{call} takes a list of str, got a single str {texts[:40]!r}. {single_str_hint}"
+        )
+    if not isinstance(texts, Iterable) or isinstance(texts, (bytes, bytearray, Mapping)):
+        raise InvalidInputError(f"{call} takes a list of str, got {type(texts).__name__}.")
+    items = list(texts)
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise InvalidInputError(
+                f"texts[{i}] is {type(text).__name__}, not str. Convert it to text first "
+                "(rag-rerank-plugins never guesses how to stringify a document)."
+            )
+    return items
 
 
 def check_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:

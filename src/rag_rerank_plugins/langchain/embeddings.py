@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import _compat  # noqa: F401  # isort: skip
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from langchain_core.embeddings import Embeddings
@@ -16,32 +16,19 @@ from .._progress import chunks, progress_bar
 from .._stock import refusal
 from ..adapter_base import SharedModelFields, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
+from ..inputs import text_list
 
 __all__ = ["SharedEmbeddings"]
 
 
 def _document_texts(texts: Any) -> list[str]:
-    """``texts`` as a list of str, checked before the model loads.
-
-    A bare str is iterable too: without this check ``embed_documents("hello")`` returned five
-    vectors, one per letter.
-    """
-    if isinstance(texts, str):
-        example = repr(texts) if len(texts) <= 40 else "text"
-        raise InvalidInputError(
-            f"embed_documents takes a list of str, got a single str {texts[:40]!r}. Wrap it in a "
-            f"list: embed_documents([{example}]) (or embed_query({example}) for a query)."
-        )
-    if not isinstance(texts, Iterable):
-        raise InvalidInputError(f"embed_documents takes a list of str, got {type(texts).__name__}.")
-    items = list(texts)
-    for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise InvalidInputError(
-                f"texts[{i}] is {type(text).__name__}, not str. Convert it to text first "
-                "(rag-rerank-plugins never guesses how to stringify a document)."
-            )
-    return items
+    """``texts`` as a list of str, checked before the model loads (:func:`text_list`)."""
+    example = repr(texts) if isinstance(texts, str) and len(texts) <= 40 else "text"
+    return text_list(
+        texts,
+        "embed_documents",
+        f"Wrap it in a list: embed_documents([{example}]) (or embed_query({example}) for a query).",
+    )
 
 
 #: ``SentenceTransformer.encode`` arguments that ``encode_kwargs`` / ``query_encode_kwargs`` may

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
@@ -14,7 +13,8 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from ..adapter_base import SharedModelFields, from_settings
-from ..exceptions import ConfigurationError, InvalidInputError
+from ..exceptions import ConfigurationError
+from ..inputs import text_list
 from ._args import check_arguments
 from ._state import SharedPoolState
 from ._stock_args import (
@@ -33,30 +33,18 @@ STOCK_NAMES = frozenset(EMBEDDING_POSITIONAL) | ST_EMBEDDER_KWARGS
 
 
 def _batch_texts(texts: Any) -> list[str]:
-    """``texts`` as a list of str, checked before any model work.
+    """``texts`` as a list of str, checked before any model work (:func:`text_list`).
 
     LlamaIndex's batching iterates ``texts``: ``get_text_embedding_batch("hello")`` returned five
     vectors, one per letter (the stock class does the same), and a bad item deep in a long list
     was reported by its index within one ``embed_batch_size`` chunk (``text #1``), not in
     ``texts``. Any iterable of str is accepted (a generator too: LlamaIndex needs ``len``).
     """
-    if isinstance(texts, str):
-        raise InvalidInputError(
-            f"get_text_embedding_batch takes a list of str, got a single str {texts[:40]!r}. "
-            "Wrap it in a list, or call get_text_embedding(text) for one text."
-        )
-    if not isinstance(texts, Iterable) or isinstance(texts, (bytes, Mapping)):
-        raise InvalidInputError(
-            f"get_text_embedding_batch takes a list of str, got {type(texts).__name__}."
-        )
-    items = list(texts)
-    for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise InvalidInputError(
-                f"texts[{i}] is {type(text).__name__}, not str. Convert it to text first "
-                "(rag-rerank-plugins never guesses how to stringify a document)."
-            )
-    return items
+    return text_list(
+        texts,
+        "get_text_embedding_batch",
+        "Wrap it in a list, or call get_text_embedding(text) for one text.",
+    )
 
 
 class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
