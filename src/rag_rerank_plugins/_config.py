@@ -145,7 +145,8 @@ def parse_text(info: FieldInfo, text: str) -> Any:
 def env_values(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The values of ``cls``'s fields found in ``environ`` (default ``os.environ``): each field
     ``name`` is read from ``cls.env_prefix + NAME``; empty or blank variables count as unset
-    (``VAR=`` or ``VAR=" "`` in a compose file: a blank device or model name is never meant).
+    (``VAR=`` or ``VAR=" "`` in a compose file: a blank device or model name is never meant),
+    except a blank secret (the API key), which is refused where it is checked.
     Fields that are themselves sections are left out (they read their own variables)."""
     env = os.environ if environ is None else environ
     prefix: str = getattr(cls, "env_prefix", ENV_PREFIX)
@@ -155,7 +156,9 @@ def env_values(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -
             continue
         var = prefix + name.upper()
         raw = env.get(var)
-        if raw is None or not raw.strip():
+        if raw is None or raw == "" or (not raw.strip() and not cli_of(info).secret_file):
+            # A secret given as blanks (a template that rendered whitespace) is kept, to be
+            # refused where it is checked: read as unset, an API key would leave a server open.
             continue
         try:
             values[name] = parse_text(info, raw)

@@ -11,10 +11,10 @@
   connection forever) before FastAPI parses anything, and counts every request by endpoint and
   status for ``/metrics``. Which paths exist and which need no token is passed in by
   :func:`~.app.create_app` (from :mod:`.registry`). A compressed body (``Content-Encoding``
-  other than ``identity``) is a 415: the server never inflates one, so no small body expands
-  past the limit (a zip bomb). A refusal sent before the whole body was read closes the
-  connection, so the server never keeps reading (and discarding) the rest of a body it already
-  refused.
+  other than ``identity``) is a 415 once read within the byte limit: the server never inflates
+  one, so no small body expands past the limit (a zip bomb). A 413 is sent before the whole body
+  was read and closes the connection, so the server never keeps reading (and discarding) the
+  rest of a body it already refused.
 * A client that disconnects while its request runs gets its work cancelled: the admission slot
   is freed at once (a queued request is withdrawn from the engine, a running one's remaining
   items skipped), so clients that give up cannot hold ``max_concurrency`` + ``max_pending``
@@ -247,10 +247,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_request_bytes
+        compressed: bytes | None = None
         for name, value in scope.get("headers", []):
             if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-                await self._compressed(send, value)
-                return
+                compressed = value  # refused once read (bounded, never inflated): see below
             if name == b"content-length":
                 try:
                     declared = int(value)
@@ -280,6 +280,11 @@ class GuardMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
+        if compressed is not None:
+            # Refused after the (still compressed) body was read within the limits: answering
+            # and closing while the client still sends makes its TCP stack drop our answer.
+            await self._compressed(send, compressed)
+            return
         await self._run_until_disconnect(scope, b"".join(chunks), receive, send, progress)
 
     async def _run_until_disconnect(
@@ -356,8 +361,7 @@ class GuardMiddleware:
             "request body uncompressed (the server never inflates request bodies, so that a "
             "small compressed body cannot expand past --max-request-bytes).",
             "Validation",
-            # The body is not read: this connection cannot carry another request.
-            {"connection": "close", "accept-encoding": "identity"},
+            {"accept-encoding": "identity"},
         )
 
     async def _too_slow(self, send: Send, size: int) -> None:
