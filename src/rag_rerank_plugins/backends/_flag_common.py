@@ -8,12 +8,11 @@ uses. FlagEmbedding itself is imported only inside these functions.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from ..exceptions import ConfigurationError
-from ._torch_common import import_optional, position_table_limit
+from ._torch_common import import_optional, position_table_limit, warn_past_positions
 
 __all__ = [
     "FLAG_DEFAULT_MAX_LENGTH",
@@ -25,7 +24,6 @@ __all__ = [
     "unescape_format",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: FlagEmbedding's own default when ``max_length`` is not given.
 FLAG_DEFAULT_MAX_LENGTH = 512
@@ -134,12 +132,5 @@ def cap_max_length(model: Any, max_length: int, label: str) -> int:
     limit = position_table_limit(model)
     if limit is None or limit <= 0 or max_length <= limit:
         return max_length
-    logger.warning(
-        "rag-rerank: max_length=%d is more than %s's position table holds (%d tokens); "
-        "longer inputs are truncated at %d tokens.",
-        max_length,
-        label,
-        limit,
-        limit,
-    )
+    warn_past_positions(max_length, limit, label)
     return limit

@@ -54,7 +54,7 @@ from ..exceptions import (
     ModelNotFoundError,
 )
 from ._common import QUANTIZE_MODES, quantize_mode
-from ._torch_common import import_optional, loading_errors, model_kwargs_for
+from ._torch_common import import_optional, loading_errors, model_kwargs_for, warn_past_positions
 from .options import ST_LOADING
 
 if TYPE_CHECKING:
@@ -631,15 +631,7 @@ class OnnxRuntimeModel:
         limit = max_length or self.meta["max_length"]
         positions = self.meta.get("positions")
         if isinstance(positions, int) and positions > 0 and (not limit or limit > positions):
-            if max_length and max_length > positions:
-                logger.warning(
-                    "rag-rerank: max_length=%d is more than %s's position table holds (%d "
-                    "tokens); longer inputs are truncated at %d tokens.",
-                    max_length,
-                    self.meta.get("model"),
-                    positions,
-                    positions,
-                )
+            warn_past_positions(max_length, positions, str(self.meta.get("model")))
             limit = positions
         return limit
 

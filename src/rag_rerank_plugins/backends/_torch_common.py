@@ -54,6 +54,7 @@ __all__ = [
     "prepared_batch",
     "prepare_module",
     "torch_dtype",
+    "warn_past_positions",
     "warm_tokenizer",
 ]
 
@@ -155,6 +156,20 @@ def position_table_limit(module: Any) -> int | None:
     return None
 
 
+def warn_past_positions(requested: int | None, limit: int, label: str) -> None:
+    """The one warning that ``requested`` (a ``max_length`` asked for) is past the ``limit`` of
+    ``label``'s position table, so inputs are truncated there (every backend that caps)."""
+    if requested is not None and requested > limit:
+        logger.warning(
+            "rag-rerank: max_length=%d is more than %s's position table holds (%d tokens); "
+            "longer inputs are truncated at %d tokens.",
+            requested,
+            label,
+            limit,
+            limit,
+        )
+
+
 def cap_to_positions(model: Any, requested: int | None, label: str) -> None:
     """Cap a sentence-transformers model's token limit (``max_seq_length``) at what its position
     table holds.
@@ -170,15 +185,7 @@ def cap_to_positions(model: Any, requested: int | None, label: str) -> None:
     current = getattr(model, "max_seq_length", None)
     if limit is None or limit <= 0 or (isinstance(current, int) and 0 < current <= limit):
         return
-    if requested is not None and requested > limit:
-        logger.warning(
-            "rag-rerank: max_length=%d is more than %s's position table holds (%d tokens); "
-            "longer inputs are truncated at %d tokens.",
-            requested,
-            label,
-            limit,
-            limit,
-        )
+    warn_past_positions(requested, limit, label)
     for name in ("max_seq_length", "max_length"):  # sentence-transformers 6 / older CrossEncoder
         if isinstance(getattr(type(model), name, None), property):
             setattr(model, name, limit)
