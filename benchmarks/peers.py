@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("minilm", "xlmr"), default="minilm")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--gap", type=float, default=0.1, help="seconds between two systems' requests"
+    )
     parser.add_argument("--systems", help=f"comma-separated, from: {','.join(ALL)}")
     parser.add_argument("--model", type=Path, help="a cross-encoder folder instead of the shape's")
     parser.add_argument("--models", type=Path, default=HERE / ".models")
@@ -324,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     write_calibration(work)
     query, passages = request_for(args.shape)
     t0 = time.perf_counter()
-    rows = run_systems(["reference_fp32", *names], model, work, query, passages, args.rounds)
+    rows = run_systems(
+        ["reference_fp32", *names], model, work, query, passages, args.rounds, gap_s=args.gap
+    )
     source = "SciFact passages" if (SCIFACT / "corpus.jsonl").exists() else "mixed passages"
     header = [
         f"CPU: {cpu_line()}",
