@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU: {cpu_line()}",
         f"python {platform.python_version()}, shape {args.shape} ({model.name}), 1 query x "
         f"{len(passages)} {source}, {args.rounds} interleaved rounds after 2 warm-up requests, "
-        f"each system warm in its own process; {time.perf_counter() - t0:.0f} s in all",
+        f"{args.gap:g} s between two systems' requests, each system warm in its own process; "
+        f"{time.perf_counter() - t0:.0f} s in all",
     ]
     if args.shape == "xlmr":
         header.append(XLMR_NOTE)
