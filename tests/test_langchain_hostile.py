@@ -313,3 +313,58 @@ def test_contextual_compression_retriever_side_by_side(tiny_ce_path: str) -> Non
         assert [d.id for d in asyncio.run(ours.ainvoke("dogs"))] == want[1]
     finally:
         pool.clear()
+
+
+@pytest.mark.parametrize("kind", ["compressor", "embeddings", "cross_encoder"])
+def test_adapters_built_with_a_pool_deep_copy_and_pickle(
+    kind: str, tiny_ce_path: str, minilm_path: str
+) -> None:
+    """LangChain deep-copies and pickles components (``copy.deepcopy``, ``model_copy``, a
+    multiprocessing or Ray worker). With ``pool=`` all three raised "cannot pickle
+    '_thread.lock' object". Now a deep copy shares the pool (one per process), and a pickled
+    adapter leaves it behind: unpickled, it serves from the default pool of its process, with
+    the same scores; the live adapter keeps its pool (as the LlamaIndex adapters do)."""
+    import copy
+    import pickle
+
+    from rag_rerank_plugins import get_pool
+
+    pool = ModelPool()
+    docs = [Document(page_content=t) for t in ("a cat sat", "paris is in france")]
+
+    def build() -> Any:
+        if kind == "compressor":
+            return SharedRerankCompressor(model=tiny_ce_path, top_n=2, dtype="float32", pool=pool)
+        if kind == "embeddings":
+            return SharedEmbeddings(model_name=minilm_path, dtype="float32", pool=pool)
+        return SharedCrossEncoder(model_name=tiny_ce_path, dtype="float32", pool=pool)
+
+    def answer(adapter: Any) -> Any:
+        if kind == "compressor":
+            return [
+                (d.page_content, d.metadata["relevance_score"])
+                for d in adapter.compress_documents(docs, QUERY)
+            ]
+        if kind == "embeddings":
+            return adapter.embed_documents([d.page_content for d in docs])
+        return adapter.score([(QUERY, d.page_content) for d in docs])
+
+    ours = build()
+    try:
+        want = answer(ours)
+        for copied in (copy.deepcopy(ours), ours.model_copy(deep=True)):
+            assert copied.pool is pool
+            assert answer(copied) == want
+        restored = pickle.loads(pickle.dumps(ours))
+        assert ours.pool is pool, "pickling left the live adapter's pool alone"
+        assert restored.pool is None
+        assert restored.spec == ours.spec
+        got = answer(restored)
+        if kind == "compressor":  # the same documents in the same order, the same scores
+            assert [t for t, _ in got] == [t for t, _ in want]
+            got, want = [x for _, x in got], [x for _, x in want]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+        assert pool.spec_stats(ours.spec)["loads"] == 1
+        get_pool().release(restored.spec)
+    finally:
+        pool.clear()

@@ -183,6 +183,22 @@ class SharedModelFields(BaseModel):
     #: succeeded (:meth:`_confirm_auto_pick`); None otherwise.
     _unconfirmed_pick: str | None = PrivateAttr(default=None)
 
+    # The pool is a process-wide resource, like a connection (locks, threads, loaded models):
+    # a deep copy (``copy.deepcopy``, ``model_copy(deep=True)``) shares it, and a pickled adapter
+    # leaves it behind: unpickled, it uses the default pool of the process that loads it. Before,
+    # both raised "cannot pickle '_thread.lock' object" for an adapter built with ``pool=``.
+    # (The LlamaIndex adapters refine this in ``llama_index._state``, as LlamaIndex expects.)
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        memo = {} if memo is None else memo
+        pool = self.__dict__.get("pool")
+        if pool is not None:
+            memo.setdefault(id(pool), pool)  # copied as itself: one pool per process
+        return super().__deepcopy__(memo)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        return {**state, "__dict__": {**state["__dict__"], "pool": None}}
+
     @field_validator("max_length", "batch_size", mode="before", check_fields=False)
     @classmethod
     def _strict_ints(cls, value: Any, info: ValidationInfo) -> Any:
