@@ -274,11 +274,13 @@ def test_config_from_environment_and_unknown_embedder(minilm_path: str) -> None:
     )
     assert config.semantic_cache == "memory"
     assert config.semantic_cache_guard == "dense"
-    state = create_app(config, pool=ModelPool()).state.server
     from rag_rerank_plugins.exceptions import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match="nope"):
-        build_cache(state)
+    # Refused when the app is built, as `rag-rerank serve` refuses it before it starts (an app
+    # served by `uvicorn module:app` turned ready, then answered every cache request with a 500).
+    with pytest.raises(ConfigurationError, match="'nope' is not a served embedder"):
+        create_app(config, pool=ModelPool())
+    config = config.model_copy(update={"semantic_cache_embedder": "minilm"})
     with pytest.raises(Exception, match="semantic_cache_guard"):
         ServerConfig(embedders=["m"], semantic_cache_guard="cosine")
     # Off by default: no route.
@@ -287,3 +289,15 @@ def test_config_from_environment_and_unknown_embedder(minilm_path: str) -> None:
     on = create_app(config, pool=ModelPool())
     assert {f"{PREFIX}/lookup", f"{PREFIX}/put"} <= set(on.openapi()["paths"])
     assert json.loads(json.dumps(config.model_dump()))["semantic_cache"] == "memory"
+
+
+def test_an_app_without_the_reranker_its_rerank_guard_needs_is_refused_when_built(
+    minilm_path: str,
+) -> None:
+    """``create_app`` checks what ``rag-rerank serve`` checks before it starts: a rerank guard
+    needs exactly one served reranker."""
+    from rag_rerank_plugins.exceptions import ConfigurationError
+
+    config = _config(minilm_path, semantic_cache="memory", semantic_cache_guard="rerank")
+    with pytest.raises(ConfigurationError, match="needs exactly one served reranker"):
+        create_app(config, pool=ModelPool())

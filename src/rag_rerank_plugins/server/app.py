@@ -61,6 +61,9 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
     process-wide pool). ``app.state.server`` is the :class:`ServerState`."""
     config = config if config is not None else ServerConfig.from_env()
     check_api_key(config.api_key)
+    # As ``rag-rerank serve`` does: an app served by ``uvicorn module:app`` (or mounted in the
+    # user's own) would otherwise turn ready and answer every cache request with a 500.
+    config.check_semantic_cache_models()
     state = ServerState(config, pool if pool is not None else get_pool())
     app = FastAPI(
         title="rag-rerank serve",
