@@ -88,6 +88,7 @@ def test_every_variable_the_docs_name_is_read_somewhere() -> None:
 OTHER_PROGRAMS_FLAGS = {
     "--auto-truncate": "text-embeddings-inference",
     "--gpu-memory-utilization": "vLLM",
+    "--gap": "benchmarks/peers.py",
     "--group": "pip",
     "--preload": "gunicorn",
 }
