@@ -339,10 +339,11 @@ class SemanticCache:
         entry = Entry(0, self._model, namespace, query, vector, payload[0], payload[1], now())
         with self._lock:
             older = self._by_text.get((namespace, query))
-        if older is not None:
+        if older is not None and not self.store.replaces_same_query:
             # The new answer replaces the old one: a dead copy would hold an LRU slot (and
-            # evict another question) until it aged out. (A copy another process stored since
-            # this one last synced stays until evicted; the index answers the newest anyway.)
+            # evict another question) until it aged out. The built-in stores replace it inside
+            # their put, atomically: this check-then-remove misses a copy another thread or
+            # process stores meanwhile, so it is only the fallback for other stores.
             self.store.remove([older])
             with self._lock:
                 self._drop([older])

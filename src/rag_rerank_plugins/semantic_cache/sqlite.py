@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS entries(
 CREATE INDEX IF NOT EXISTS entries_ns ON entries(model, namespace);
 CREATE INDEX IF NOT EXISTS entries_accessed ON entries(accessed);
 CREATE INDEX IF NOT EXISTS entries_created ON entries(created);
+CREATE INDEX IF NOT EXISTS entries_query ON entries(model, namespace, query);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', 0);
 """
@@ -57,7 +58,10 @@ class SQLiteStore(Store):
     (a failed lookup is a miss, a failed put is skipped; both are counted). ``synchronous``:
     "NORMAL" (survives a killed process) or "FULL" (also survives a power cut, slower puts).
     The file is opened on first use, so a locked or corrupt file never fails construction.
+    A put of a stored question replaces it in its own transaction, whichever process stored it.
     """
+
+    replaces_same_query = True
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 2.0,
                  synchronous: str = "NORMAL") -> None:  # fmt: skip
@@ -104,7 +108,13 @@ class SQLiteStore(Store):
         self, entry: Entry, *, max_entries: int | None, ttl: float | None
     ) -> tuple[int, list[int]]:
         with self._lock, self._transaction() as db:
-            # One write transaction: the insert and its evictions land together.
+            # One write transaction: the replacement, the insert and its evictions land
+            # together, so two processes putting one question leave one entry (the later
+            # one's), never a dead copy holding a max_entries slot.
+            db.execute(
+                "DELETE FROM entries WHERE model = ? AND namespace = ? AND query = ?",
+                (entry.model, entry.namespace, entry.query),
+            )
             cur = db.execute(
                 "INSERT INTO entries(model, namespace, query, vector, payload, is_bytes, "
                 "created, accessed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -48,12 +49,21 @@ class Store(ABC):
     """The storage interface :class:`~.core.SemanticCache` uses. Every method may raise; the
     cache turns a failure into a miss (counted in ``stats()["errors"]``)."""
 
+    #: True when :meth:`put` itself replaces an entry of the same model, namespace and query,
+    #: atomically (the built-in stores). Otherwise the cache removes the copy it knows before
+    #: putting, which two simultaneous puts (threads, processes) can both miss, leaving a dead
+    #: duplicate that holds a ``max_entries`` slot.
+    replaces_same_query: ClassVar[bool] = False
+
     @abstractmethod
     def put(
         self, entry: Entry, *, max_entries: int | None, ttl: float | None
     ) -> tuple[int, list[int]]:
         """Store ``entry`` (its ``id`` is ignored); return its id and the ids removed to respect
-        ``max_entries`` (least recently used first) and ``ttl``."""
+        ``max_entries`` (least recently used first) and ``ttl``. A store that sets
+        :attr:`replaces_same_query` also removes, in the same atomic step, any entry of the
+        same ``(model, namespace, query)`` (not listed: that is a replacement, not an
+        eviction; readers drop the old copy when they index the new one)."""
 
     @abstractmethod
     def get(self, ids: Iterable[int]) -> dict[int, Entry]:
@@ -88,10 +98,14 @@ class Store(ABC):
 class MemoryStore(Store):
     """Entries in a dict of this process; LRU order in an OrderedDict. Thread-safe."""
 
+    replaces_same_query = True
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[int, Entry] = {}  # insertion order = id order = creation order
         self._lru: OrderedDict[int, None] = OrderedDict()
+        #: (model, namespace, query) -> id: a put of a stored question replaces it.
+        self._by_query: dict[tuple[str, str, str], int] = {}
         self._next = 1
         self._epoch = 0
         self._version = 0
@@ -100,10 +114,14 @@ class MemoryStore(Store):
         self, entry: Entry, *, max_entries: int | None, ttl: float | None
     ) -> tuple[int, list[int]]:
         with self._lock:
+            same = (entry.model, entry.namespace, entry.query)
+            if same in self._by_query:  # the same question again: the newest answer wins
+                self._drop([self._by_query[same]])
             entry.id = key = self._next
             self._next += 1
             self._entries[key] = entry
             self._lru[key] = None
+            self._by_query[same] = key
             removed: list[int] = []
             if ttl is not None:
                 for old in list(self._entries.values()):
@@ -124,8 +142,10 @@ class MemoryStore(Store):
 
     def _drop(self, ids: Iterable[int]) -> None:
         for key in ids:
-            self._entries.pop(key, None)
+            entry = self._entries.pop(key, None)
             self._lru.pop(key, None)
+            if entry is not None:
+                self._by_query.pop((entry.model, entry.namespace, entry.query), None)
 
     def get(self, ids: Iterable[int]) -> dict[int, Entry]:
         with self._lock:
@@ -156,6 +176,7 @@ class MemoryStore(Store):
         with self._lock:
             self._entries.clear()
             self._lru.clear()
+            self._by_query.clear()
             self._epoch += 1
 
     def count(self) -> int:
