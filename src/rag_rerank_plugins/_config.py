@@ -34,7 +34,13 @@ from pydantic.fields import FieldInfo
 from typing_extensions import Self
 
 from .exceptions import ConfigurationError
-from .spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, _normalize_device, _normalize_dtype
+from .spec import (
+    DEFAULT_EMBEDDER,
+    DEFAULT_RERANKER,
+    _normalize_device,
+    _normalize_dtype,
+    redact_urls,
+)
 
 __all__ = [
     "ENV_PREFIX",
@@ -163,7 +169,8 @@ def env_values(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -
         try:
             values[name] = parse_text(info, raw)
         except ValueError as exc:
-            raise ConfigurationError(f"{var}={raw!r} {exc}") from None
+            # The value is echoed to say what was wrong, but never a URL's password.
+            raise ConfigurationError(redact_urls(f"{var}={raw!r} {exc}")) from None
     return values
 
 
@@ -237,7 +244,12 @@ class ConfigModel(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigurationError(self._describe(exc, _SOURCES.get() or {})) from None
+            message = self._describe(exc, _SOURCES.get() or {})
+        else:
+            return
+        # Raised outside the handler: pydantic's error, kept as __context__ even "from None",
+        # quotes the input whole, a URL's password included (error trackers walk the chain).
+        raise ConfigurationError(redact_urls(message))
 
     @field_validator("*", mode="before")
     @classmethod

@@ -302,7 +302,7 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         package_logger.addHandler(handler)
-        package_logger.setLevel(config.log_level.upper())
+        package_logger.setLevel(config.log_level_number)  # 'trace' is no stdlib name
     from .server.run import serve
 
     names = ", ".join(m.name for m in served)

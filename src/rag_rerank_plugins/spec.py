@@ -9,8 +9,9 @@ dtype, max_length, backend options such as ``trust_remote_code`` or ``revision``
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .exceptions import ConfigurationError
@@ -27,6 +28,7 @@ __all__ = [
     "ModelSpec",
     "Secret",
     "freeze",
+    "redact_urls",
     "thaw",
 ]
 
@@ -82,6 +84,31 @@ SECRET_OPTIONS = frozenset({"token", "use_auth_token"})
 #: with ``model_dump_json()`` / LlamaIndex ``to_json()`` and loaded again), it means "no value
 #: here": the loader then authenticates as without one (``HF_TOKEN``, ``huggingface-cli login``).
 REDACTED = "***"
+
+#: A URL inside shown text (a label, a repr): up to whitespace, a quote or a bracket.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+
+
+def _redact_url(match: re.Match[str]) -> str:
+    scheme, rest = match.group(0).split("://", 1)
+    if "@" in rest:  # user:password@ (or a token as the user): everything up to the last @
+        rest = f"{REDACTED}@{rest.rsplit('@', 1)[1]}"
+    for mark in "?#":  # a query string or fragment may carry a token (?api_key=...)
+        if mark in rest:
+            rest = f"{rest.split(mark, 1)[0]}{mark}{REDACTED}"
+    return f"{scheme}://{rest}"
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the credentials, query strings and fragments of the URLs in it shown as
+    ``***`` (``http://alice:pw@host/x?k=v`` -> ``http://***@host/x?***``).
+
+    Why: a spec's label and repr go to stats, metrics, logs and error messages, and are
+    recorded even for a spec its backend then refuses (the remote backends refuse such URLs,
+    but only when they load). Generous on purpose: an ``@`` anywhere in a URL hides what comes
+    before it, since a password may itself hold ``/``, ``?`` or ``#``. Shown text only: the
+    spec keeps its model and options as given."""
+    return _URL.sub(_redact_url, text) if "://" in text else text
 
 
 class Secret(str):
@@ -339,9 +366,14 @@ class ModelSpec:
         extras = []
         if self.max_length is not None:
             extras.append(f"max_length={self.max_length}")
-        extras.extend(f"{k}={v}" for k, v in self.options)
+        extras.extend(f"{k}={redact_urls(str(v))}" for k, v in self.options)
         suffix = f"[{', '.join(extras)}]" if extras else ""
-        return f"{self.backend}:{self.model}@{self.device}/{self.dtype}{suffix}"
+        return f"{self.backend}:{redact_urls(self.model)}@{self.device}/{self.dtype}{suffix}"
 
     def __str__(self) -> str:
         return self.label
+
+    def __repr__(self) -> str:
+        # The dataclass repr, with URL credentials hidden as in the label (logs show specs).
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return redact_urls(f"{type(self).__name__}({shown})")

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .spec import redact_urls
+
 __all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SpecStats", "percentile"]
 
 #: Upper bounds (seconds) of the latency and queue-wait histograms: 1 ms to 30 s, roughly x2.5
@@ -192,6 +194,11 @@ class SpecStats:
     metrics: Metrics | None = field(default=None, repr=False, compare=False)
     #: The one lock over these counters: every change goes through :meth:`add` or :meth:`update`.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The model becomes the ``model`` field of stats and the ``model`` label of metrics:
+        # a URL's credentials must not, even for a spec its backend refuses at load time.
+        self.model = redact_urls(self.model)
 
     def add(self, **deltas: float) -> None:
         """Add to counters, atomically (``stats.add(calls=1, items=n)``)."""

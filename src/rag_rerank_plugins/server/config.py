@@ -10,6 +10,8 @@ it to build and validate its flags before starting.
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,9 +28,32 @@ from .._config import (
 )
 from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import ConfigurationError
-from ..spec import ModelSpec
+from ..spec import ModelSpec, redact_urls
 
-__all__ = ["ENV_PREFIX", "SERVE_SECTIONS", "ServedModel", "ServerConfig", "check_api_key"]
+__all__ = [
+    "ENV_PREFIX",
+    "LOG_LEVELS",
+    "SERVE_SECTIONS",
+    "ServedModel",
+    "ServerConfig",
+    "check_api_key",
+]
+
+#: The log levels uvicorn takes (its ``--log-level`` choices), as numbers of :mod:`logging`
+#: (uvicorn's ``trace`` is 5, below DEBUG). Any case is accepted; ``warn`` and ``fatal`` are the
+#: standard library's aliases of ``warning`` and ``critical``.
+LOG_LEVELS: dict[str, int] = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": 5,
+}
+_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
+#: What separates ``[NAME=]MODEL`` entries in RAG_RERANK_RERANKERS / EMBEDDERS: a comma or a
+#: line break, with any spaces around it.
+_ENTRY_SEPARATOR = re.compile(r"\s*[,\n]\s*")
 
 
 def check_api_key(key: str | None, where: str = "RAG_RERANK_API_KEY / --api-key-file") -> None:
@@ -69,6 +94,42 @@ def _models_flag(flag: str) -> Cli:
     return Cli(flag=flag, metavar="[NAME=]MODEL", repeat=True, group="models")
 
 
+def _model_entries(text: str) -> list[str]:
+    """``a=/models/a, b=/models/b`` (or one entry per line) -> the entries. An empty entry
+    (``a,,b``, a leading or trailing comma) is refused rather than dropped: it is a model
+    deleted by mistake or a typo, and a server that starts without it says nothing."""
+    entries = _ENTRY_SEPARATOR.split(text.strip())
+    for number, entry in enumerate(entries, 1):
+        if not entry:
+            raise ValueError(
+                f"has an empty entry (#{number} of {len(entries)}): remove the stray comma, "
+                "or put the model there ([NAME=]MODEL, comma-separated)"
+            )
+    return entries
+
+
+def split_model_entry(entry: str) -> tuple[str, str]:
+    """``NAME=MODEL`` -> (NAME, MODEL); ``MODEL`` -> (MODEL, MODEL). Raises ValueError naming
+    the entry when a part is empty (``=b`` served ``b`` under the name '', which no client can
+    mean) or the ``=`` is doubled (``a==b`` loaded the model ``=b``)."""
+    name, sep, model = entry.partition("=")
+    name, model = name.strip(), model.strip()
+    if not sep:
+        model = name
+    example = "e.g. bge=BAAI/bge-reranker-v2-m3, or the model alone"
+    if not name and not model:
+        raise ValueError(f"has an empty entry {entry!r}: give [NAME=]MODEL ({example})")
+    if not name:
+        raise ValueError(
+            f"entry {entry!r} has an empty name before '=': write NAME=MODEL ({example})"
+        )
+    if not model:
+        raise ValueError(f"entry {entry!r} has no model after '=': write NAME=MODEL ({example})")
+    if model.startswith("="):
+        raise ValueError(f"entry {entry!r} has a stray '=': write NAME=MODEL ({example})")
+    return name, model
+
+
 def _models_field(what: str) -> Any:
     return Field(
         default_factory=list,
@@ -89,8 +150,12 @@ class ServerConfig(ModelDefaults):
 
     cli_group: ClassVar[str] = "server"
 
-    rerankers: Annotated[list[str], _models_flag("--reranker")] = _models_field("Rerankers")
-    embedders: Annotated[list[str], _models_flag("--embedder")] = _models_field("Embedders")
+    rerankers: Annotated[list[str], TextParser(_model_entries), _models_flag("--reranker")] = (
+        _models_field("Rerankers")
+    )
+    embedders: Annotated[list[str], TextParser(_model_entries), _models_flag("--embedder")] = (
+        _models_field("Embedders")
+    )
     specs: Annotated[
         list[dict[str, Any]],
         TextParser(json_list),
@@ -128,7 +193,10 @@ class ServerConfig(ModelDefaults):
         gt=0,
         description="Seconds a client may take to send a request body after its headers; then 408.",
     )
-    log_level: str = Field(default="info", description="uvicorn log level.")
+    log_level: str = Field(
+        default="info",
+        description="uvicorn log level: critical, error, warning, info, debug or trace.",
+    )
     max_concurrency: Annotated[int, Cli(group="limits")] = Field(
         default=4, ge=1, description="Model calls running at once; more requests wait."
     )
@@ -184,6 +252,30 @@ class ServerConfig(ModelDefaults):
         "default (the packaged all-MiniLM-L6-v2).",
     )
 
+    @field_validator("rerankers", "embedders")
+    @classmethod
+    def _entries_well_formed(cls, entries: list[str]) -> list[str]:
+        # Checked when the settings are built, so the error names the variable or flag.
+        for entry in entries:
+            split_model_entry(entry)
+        return entries
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        # Unchecked, 'verbose' passed until uvicorn's KeyError at start-up (or the CLI's
+        # ValueError), and 'DEBUG' did not turn the access log on as 'debug' does.
+        name = level.strip().lower()
+        name = _LEVEL_ALIASES.get(name, name)
+        if name not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (any case)")
+        return name
+
+    @property
+    def log_level_number(self) -> int:
+        """:attr:`log_level` as a :mod:`logging` level (``trace``, uvicorn's own, is 5)."""
+        return LOG_LEVELS[self.log_level]
+
     @field_validator("semantic_cache")
     @classmethod
     def _semantic_cache_store_known(cls, store: str | None) -> str | None:
@@ -217,14 +309,21 @@ class ServerConfig(ModelDefaults):
         """The models to load, each with its public name; checks names are unique."""
         from ..backend_choice import choose_backend, is_auto
         from ..backends import backend_info
+        from ..backends.remote.settings import _refuse_url_secrets
 
         served: list[ServedModel] = []
 
         def add(name: str, spec: ModelSpec) -> None:
+            # Before anything shows the name or the model (the start-up line, /info, stats):
+            # user:password@ in a URL is refused here, not when the remote backend loads it.
+            for text in (name, spec.model, spec.option("url")):
+                _refuse_url_secrets(text)
             kind = backend_info(spec.backend).kind
-            if any(m.name == name for m in served):
+            same = next((m for m in served if m.name == name), None)
+            if same is not None:
                 raise ConfigurationError(
-                    f"Two served models are named {name!r}; give one a name with NAME=MODEL."
+                    f"Two served models are named {name!r} ({same.spec.model!r} and "
+                    f"{spec.model!r}); give one another name with NAME=MODEL."
                 )
             served.append(ServedModel(name, spec, kind))
 
@@ -233,16 +332,21 @@ class ServerConfig(ModelDefaults):
             ("embedder", self.embedders, self.embedder_backend),
         ):
             for item in items:
-                name, sep, model = item.partition("=")
-                if not sep:
-                    name, model = item, item
+                try:
+                    name, model = split_model_entry(item)
+                except ValueError as exc:  # checked at construction; here for a mutated list
+                    problem = redact_urls(f"ServerConfig.{kind}s {exc}.")
+                else:
+                    problem = ""
+                if problem:
+                    raise ConfigurationError(problem)
                 add(
-                    name.strip(),
+                    name,
                     ModelSpec(
-                        model.strip(),
+                        model,
                         # "auto" (RAG_RERANK_*_BACKEND, as for the adapters): the pick for this
                         # CPU kind, device, dtype and model, made per model here.
-                        backend=choose_backend(kind, (), self.device, self.dtype, model.strip())
+                        backend=choose_backend(kind, (), self.device, self.dtype, model)
                         if is_auto(backend)
                         else backend,
                         device=self.device,
@@ -253,16 +357,25 @@ class ServerConfig(ModelDefaults):
         for entry in self.specs:
             if not isinstance(entry, dict) or "model" not in entry:
                 raise ConfigurationError(
-                    f"Each spec needs at least a 'model' (and usually 'backend'), got {entry!r}."
+                    "Each spec needs at least a 'model' (and usually 'backend'), got "
+                    f"{redact_urls(repr(entry))}."
                 )
-            entry = dict(entry)
-            name = str(entry.pop("name", entry["model"]))
+            given, entry = entry, dict(entry)
+            name = entry.pop("name", entry["model"])
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigurationError(
+                    f"The spec {redact_urls(repr(given))} has the name {name!r}: give it a "
+                    "non-empty string name (what clients send as 'model'), or leave 'name' out "
+                    "to use the model."
+                )
+            name = name.strip()
             entry.setdefault("device", self.device)
             entry.setdefault("dtype", self.dtype)
             try:
                 spec = ModelSpec(**entry)
             except TypeError as exc:
-                raise ConfigurationError(f"Invalid spec {entry!r}: {exc}") from None
+                shown = redact_urls(f"{entry!r}: {exc}")
+                raise ConfigurationError(f"Invalid spec {shown}") from None
             add(name, spec)
         if not served:
             raise ConfigurationError(
@@ -273,10 +386,9 @@ class ServerConfig(ModelDefaults):
 
     def check_semantic_cache_models(self) -> None:
         """Raise :class:`ConfigurationError` unless the served models the semantic cache uses
-        exist. ``rag-rerank serve`` checks this before it starts: the cache is built on its
-        first request, and a server that turns ready and then answers every cache request with
-        a 500 hides the mistake until traffic comes. (An app built by :func:`~.app.create_app`
-        reports it on the first cache request instead.)"""
+        exist. ``rag-rerank serve`` and :func:`~.app.create_app` check this before anything
+        starts: the cache is built on its first request, and a server that turns ready and then
+        answers every cache request with a 500 hides the mistake until traffic comes."""
         if not self.semantic_cache:
             return
         served = self.served_models()

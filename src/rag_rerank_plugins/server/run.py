@@ -41,7 +41,7 @@ def serve(config: ServerConfig, *, pool: ModelPool | None = None) -> int:
         lifespan="on",
         # uvicorn annotates int, but only passes it to asyncio.wait_for (floats work).
         timeout_graceful_shutdown=config.graceful_timeout,  # type: ignore[arg-type]
-        access_log=config.log_level == "debug",
+        access_log=config.log_level_number <= logging.DEBUG,  # debug, and uvicorn's trace
     )
     server = uvicorn.Server(uv_config)
     state = app.state.server
