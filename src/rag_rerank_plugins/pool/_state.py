@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 from .._memory import free_memory, release_window
 from ..backends import backend_info
 from ..engine_config import EngineConfig, PoolConfig
+from ..exceptions import ModelReleasedError
 from ..spec import ModelSpec
 
 if TYPE_CHECKING:
     from ..handle import ModelHandle
     from ..stats import SpecStats
 
-__all__ = ["MB", "POOLS", "PoolState", "Slot", "fmt_mb"]
+__all__ = ["MB", "POOLS", "LoadReleasedError", "PoolState", "Slot", "fmt_mb"]
 
 logger = logging.getLogger("rag_rerank_plugins.pool")
 MB = 1024 * 1024
@@ -41,15 +42,41 @@ def fmt_mb(nbytes: int | None) -> str:
 
 
 class Slot:
-    """Per-spec load lock plus the handle once loaded."""
+    """Per-spec load lock plus the handle once loaded.
 
-    __slots__ = ("handle", "loaded_at", "lock", "retired")
+    ``retired``: the slot left the pool (released, evicted, or its load failed); a caller that
+    waited on it starts again with a fresh slot. ``cancelled``: released *before* a model was
+    in, i.e. while its load ran or before it started: ``release()`` does not wait for a load
+    (one that never ends would hang every shutdown hook), so the load drops its model the
+    moment it ends and whoever waited on it gets :class:`ModelReleasedError`. Both are set
+    under the pool's ``_lock``, together with ``handle``.
+    """
+
+    __slots__ = ("cancelled", "handle", "loaded_at", "loading", "lock", "retired")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.handle: ModelHandle | None = None
         self.retired = False
+        self.cancelled = False
+        self.loading = False  # a load began in this slot (a waiter then waits for that load)
         self.loaded_at = 0.0  # time.time() of the load: an unused model's idle clock starts here
+
+
+class LoadReleasedError(ModelReleasedError):
+    """A load was released (``release``/``clear``) before its model was in. ``in_flight``: it
+    was still running when the caller stopped waiting for it (it may never end). ``get()`` and
+    ``preload()`` raise it to whoever ran or waited for that load; calls (``score_pairs``,
+    ``embed``, the adapters) start over with a fresh load instead (:mod:`.calls`)."""
+
+    def __init__(self, key: ModelSpec, *, in_flight: bool) -> None:
+        self.in_flight = in_flight
+        state = "while it was loading" if in_flight else "while it loaded"
+        super().__init__(
+            f"{key.label} was released (pool.release or pool.clear) {state}: its model is "
+            "dropped unused. Call again to load it afresh, or do not release models that calls "
+            "still need."
+        )
 
 
 class PoolState:
@@ -79,7 +106,7 @@ class PoolState:
         self._reaper_stop = threading.Event()
 
     # Implemented by the parts that own them (declared here so each part type-checks alone).
-    def _get(self, spec: ModelSpec, *, pin: bool) -> ModelHandle:
+    def _get(self, spec: ModelSpec, *, pin: bool, start_over: bool = False) -> ModelHandle:
         raise NotImplementedError  # core.ModelPool._get
 
     def _settle(self) -> None:

@@ -30,7 +30,7 @@ def _reap_loop(ref: weakref.ref[Any], stop: threading.Event, interval: float) ->
         if pool is None:
             return
         try:
-            pool._reap()
+            pool._reap(stop)
         except Exception:  # never let a bug end the reaper silently
             logger.exception("rag-rerank: idle reaper failed")
         del pool
@@ -134,8 +134,7 @@ class MemoryBudget(PoolState):
             if self._slots.get(key) is not slot or handle is None or not handle._try_retire():
                 return False
             del self._slots[key]
-        with slot.lock:
-            slot.retired = True
+            slot.retired = True  # under _lock, as release(): a waiter reads them together
             slot.handle = None
         stats = self._stats[key]
         stats.add(evictions=1)
@@ -218,8 +217,10 @@ class MemoryBudget(PoolState):
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=10)
 
-    def _reap(self) -> None:
-        """One pass of the reaper: release every idle model unused for ``idle_unload_s``."""
+    def _reap(self, stop: threading.Event | None = None) -> None:
+        """One pass of the reaper: release every idle model unused for ``idle_unload_s``.
+        Gives up when ``stop`` is set while it waits for the memory lock: a load holds that lock
+        until it ends (maybe never), and ``clear()`` joins this thread."""
         idle = self.pool_config.idle_unload_s
         if idle is None:
             return
@@ -230,5 +231,10 @@ class MemoryBudget(PoolState):
             handle = slot.handle
             if handle is None or handle._in_flight or now - self._recency(key, slot) < idle:
                 continue
-            with self._mem_lock:
+            while not self._mem_lock.acquire(timeout=0.05):
+                if stop is not None and stop.is_set():
+                    return
+            try:
                 self._evict(key, slot, "idle")
+            finally:
+                self._mem_lock.release()

@@ -2,7 +2,10 @@
 
 The handle stays pinned from the lookup to the result, so a pool that evicts by itself never
 evicts a model under a running call; a call that races an explicit ``release()`` retries once on
-the reloaded model. Async calls never load on the event loop: a cold spec loads in a thread.
+the reloaded model. ``release()`` does not wait for a load in flight: a call whose load (its
+own, or the one it waited for) was released starts over with a fresh load, at once when it only
+waited, so no call fails because a release met its load. Async calls never load on the event
+loop: a cold spec loads in a thread.
 
 A call's ``timeout`` (or ``EngineConfig.request_timeout_s``) bounds the whole call, the wait for
 a cold model's load included: a load that is slow, or never ends (a stalled network share, a
@@ -106,7 +109,7 @@ class PoolCalls(PoolState):
         """:meth:`_get`, waiting for a load until ``deadline`` at most (module docstring); and
         whether it waited (then the request gets what is left of the deadline)."""
         if deadline is None:
-            return self._get(spec, pin=self._pins), False
+            return self._get(spec, pin=self._pins, start_over=True), False
         handle = self._loaded(spec)
         if handle is not None:
             return handle, False
@@ -150,7 +153,7 @@ class PoolCalls(PoolState):
 
         def run() -> None:
             try:
-                handle = self._get(spec, pin=self._pins)
+                handle = self._get(spec, pin=self._pins, start_over=True)
             except BaseException as exc:  # the waiting caller raises it
                 loading.set_exception(exc)
             else:

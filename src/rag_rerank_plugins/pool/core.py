@@ -9,6 +9,7 @@ pool and fork handling are in :mod:`.process`.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,7 +20,7 @@ from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import InvalidInputError
 from ..policy import resolve_spec
 from ..spec import ModelSpec
-from ._state import POOLS, Slot, logger
+from ._state import POOLS, LoadReleasedError, Slot, logger
 from .budget import MemoryBudget
 from .calls import PoolCalls
 from .loading import Loading
@@ -37,6 +38,13 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+
+#: How often a caller waiting for another caller's load looks whether that load was released.
+_POLL_S = 0.05
+
+
+class _StartOver(Exception):
+    """The slot a caller waited on was released before any load began in it."""
 
 
 class ModelPool(PoolCalls, MemoryBudget, Loading):
@@ -105,9 +113,12 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         """The shared handle for ``spec``, loading it on first use (exactly once)."""
         return self._get(spec, pin=False)
 
-    def _get(self, spec: ModelSpec, *, pin: bool) -> ModelHandle:
+    def _get(self, spec: ModelSpec, *, pin: bool, start_over: bool = False) -> ModelHandle:
         """:meth:`get`; with ``pin`` the handle comes back with one call counted in flight (the
-        caller unpins), so no eviction can happen between the lookup and the call."""
+        caller unpins), so no eviction can happen between the lookup and the call. A caller
+        whose load (its own, or the one it waited for) was released gets
+        :class:`LoadReleasedError`, or with ``start_over`` (the calls, :mod:`.calls`) starts
+        again with a fresh slot and a fresh load."""
         key = self.key(spec)
         while True:
             slot = self._slots.get(key)
@@ -119,13 +130,29 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                 slot = self._slots.get(key)
                 if slot is None:
                     slot = self._slots[key] = Slot()
-            with self._load_guard(), slot.lock:
-                if slot.retired:
-                    continue  # released while we waited: start again with a fresh slot
-                handle = slot.handle
+            with contextlib.ExitStack() as held:
+                try:
+                    self._take_turn(held, key, slot)
+                except _StartOver:
+                    continue  # released before a load began in it: a fresh slot
+                except LoadReleasedError:  # the load we waited for, still running, was released
+                    if start_over:
+                        continue
+                    raise
+                with self._lock:  # one view: release() and _evict() set these under it
+                    retired, cancelled, handle = slot.retired, slot.cancelled, slot.handle
+                if cancelled and slot.loading and not start_over:  # its load ended, released
+                    raise LoadReleasedError(key, in_flight=False)
+                if retired:
+                    continue  # evicted, released or failed while we waited: a fresh slot
                 if handle is None:
+                    slot.loading = True
                     try:
                         handle = self._load_into(key, slot)
+                    except LoadReleasedError:  # released while it loaded: dropped, not kept
+                        if start_over:
+                            continue
+                        raise
                     except BaseException:
                         self._drop_empty(key, slot)
                         raise
@@ -141,8 +168,24 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                 del self._slots[key]
                 slot.retired = True
 
-    def _load_guard(self) -> contextlib.AbstractContextManager[Any]:
-        return self._mem_lock if self.pool_config.manages_memory else contextlib.nullcontext()
+    def _take_turn(self, held: contextlib.ExitStack, key: ModelSpec, slot: Slot) -> None:
+        """Take the memory lock (under a budget) then the slot's lock, until ``held`` exits. A
+        caller waiting there for someone else's load stops waiting as soon as that load is
+        released (it may never end): :class:`LoadReleasedError`; or, when no load had begun in
+        the slot, ``_StartOver``."""
+        if self.pool_config.manages_memory:
+            self._wait_for(self._mem_lock, key, slot)
+            held.callback(self._mem_lock.release)
+        self._wait_for(slot.lock, key, slot)
+        held.callback(slot.lock.release)
+
+    @staticmethod
+    def _wait_for(lock: threading.Lock | threading.RLock, key: ModelSpec, slot: Slot) -> None:
+        while not lock.acquire(timeout=_POLL_S):
+            if slot.cancelled:
+                if slot.loading:
+                    raise LoadReleasedError(key, in_flight=True)
+                raise _StartOver
 
     def _load_into(self, key: ModelSpec, slot: Slot) -> ModelHandle:
         """Under the slot's lock (and the memory lock with a budget): make room, load, warm up
@@ -151,17 +194,23 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         if managed:
             self._make_room(key)
         handle = self._load(key)
+        published = False
         try:
             if managed:
                 self._check_alone(key, handle.device, self._stats[key].footprint_bytes)
-            if key in self._needs_warmup:
-                self._needs_warmup.discard(key)
+            if key in self._needs_warmup and not slot.cancelled:
                 self._warm_up(handle, reload=True)
+            with self._lock:  # as release(): either it finds the handle, or we find it released
+                if not slot.cancelled:
+                    slot.loaded_at = time.time()
+                    slot.handle = handle
+                    published = True
+            if not published:  # released while it loaded: freed now, handed to nobody
+                raise LoadReleasedError(key, in_flight=False)
         except BaseException:
             self._close_handle(key, handle)
             raise
-        slot.loaded_at = time.time()
-        slot.handle = handle
+        self._needs_warmup.discard(key)  # warmed up (a dropped load leaves it for the next)
         if managed:
             self._settle_after_load(key, handle.device)
         else:
@@ -202,16 +251,24 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         """Unload ``spec`` and free its memory. Returns False when it was not loaded.
 
         In-flight calls on the handle finish first; later calls load the model again.
+
+        Never waits for a load of ``spec`` in flight (one that never ends, e.g. a stalled
+        network share or a model server that never answers, would hang a shutdown hook for
+        good): that load is released instead, and this returns False (no model was in yet).
+        When the load ends its model is freed at once and handed to nobody (``stats()`` counts
+        the load and its release); ``get()``/``preload()`` waiting for it raise
+        :class:`ModelReleasedError` at once; calls start over with a fresh load (:mod:`.calls`).
         """
         key = self.key(spec)
         with self._lock:
             slot = self._slots.pop(key, None)
-        if slot is None:
-            return False
-        with slot.lock:
+            if slot is None:
+                return False
             slot.retired = True
             handle, slot.handle = slot.handle, None
+            slot.cancelled = handle is None
         if handle is None:
+            logger.info("rag-rerank: released %s while it was loading (dropped when in)", key.label)
             return False
         self._close_handle(key, handle)
         logger.info("rag-rerank: released %s", key.label)
@@ -219,7 +276,8 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
 
     def clear(self) -> int:
         """Release every model and stop the idle reaper (the next load starts it again).
-        Returns how many models were released."""
+        Returns how many models were released. Loads in flight are released without waiting,
+        as :meth:`release` does, so a shutdown hook returns even while a load hangs."""
         self._stop_reaper()
         with self._lock:
             keys = list(self._slots)
