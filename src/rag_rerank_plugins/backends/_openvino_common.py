@@ -52,7 +52,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,6 +104,38 @@ def build_count() -> int:
     return _builds
 
 
+_bindings_lock = threading.Lock()
+_bindings_ready = False
+
+
+def warm_bindings() -> None:
+    """Initialise, once per process and in one thread, the numpy state of OpenVINO's Python
+    bindings; every OpenVINO call of these backends comes after it (:func:`load_openvino`).
+
+    Why: ``_pyopenvino`` builds its element-type <-> numpy dtype maps in C++ function-local
+    statics on first use, and building them looks up pybind11's numpy API, which drops the GIL
+    while it waits for its ``call_once``. So when two threads touched numpy through the bindings
+    for the first time together (the engine's device workers running the first passes of a fresh
+    process: ``Tensor.data`` in ``InferRequest.infer``), one held the static's guard and waited
+    for the GIL while the other held the GIL and waited for the guard: a process idle forever
+    (the rare hang of a fresh process scoring with a cached IR). Built here first, the maps are
+    only read afterwards.
+    """
+    global _bindings_ready
+    if _bindings_ready:
+        return
+    with _bindings_lock:
+        if _bindings_ready:
+            return
+        import numpy as np
+        import openvino as ov
+
+        # A Tensor from an array: pybind11's numpy API (outside any static), then the dtype ->
+        # element type map; reading it back: the element type -> dtype map.
+        ov.Tensor(np.zeros((1, 1), dtype=np.int64)).data  # noqa: B018 (the read is the point)
+        _bindings_ready = True
+
+
 # -- calibration ----------------------------------------------------------------------------
 
 
@@ -131,10 +163,66 @@ def default_calibration(kind: str) -> list[Any]:
     return pairs
 
 
+#: Fewer calibration items than this get a warning at load: NNCF then takes every activation
+#: range from one or two engine passes (8 items each), and scores of inputs unlike them come out
+#: clipped. The docs ask for a few hundred items like the traffic. Not refused: a tiny set is a
+#: legitimate choice for a smoke test or a narrow domain, and NNCF itself accepts one item.
+MIN_CALIBRATION_ITEMS = 8
+
+
+def _is_pair(item: Any) -> bool:
+    """A (query, passage) pair: a 2-sequence of strings that is not itself a string (``"ab"``
+    would otherwise pass as the pair ``("a", "b")``)."""
+    return (
+        isinstance(item, Sequence)
+        and not isinstance(item, (str, bytes))
+        and len(item) == 2
+        and all(isinstance(s, str) for s in item)
+    )
+
+
+def _file_items(path: Path, kind: str) -> list[Any]:
+    """The items of a JSON-lines calibration file; a line that is not an object with string
+    fields (a number, null, a list) is refused naming the line, not turned into text with
+    ``str()``, which calibrated on strings such as ``"None"``."""
+    fields = ("query", "passage") if kind == "reranker" else ("text",)
+    wanted = " and ".join(repr(f) for f in fields)
+    try:
+        lines = path.read_text("utf-8-sig").splitlines()  # a BOM (Windows editors) is no JSON
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"calibration file {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); "
+            "give a readable UTF-8 JSON-lines file."
+        ) from None
+    items: list[Any] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            row, problem = None, f"not JSON ({exc})"
+        else:
+            problem = "not a JSON object"
+        if isinstance(row, dict):
+            values = [row.get(f) for f in fields]
+            if all(isinstance(v, str) for v in values):
+                items.append(tuple(values) if kind == "reranker" else values[0])
+                continue
+            problem = f"{wanted} must be strings, got {str(row)[:80]!r}"
+        raise ConfigurationError(
+            f"calibration file {str(path)!r}, line {number}: every line must be a JSON object "
+            f"with {wanted} strings; {problem}."
+        )
+    return items
+
+
 def calibration_items(spec: ModelSpec, kind: str) -> list[Any]:
     """The INT8 calibration set: option ``calibration`` (a JSON-lines file, or a sequence of
     (query, passage) pairs for rerankers / texts for embedders), else :func:`default_calibration`.
-    A file's lines hold ``query`` and ``passage`` (rerankers) or ``text`` (embedders)."""
+    A file's lines hold ``query`` and ``passage`` (rerankers) or ``text`` (embedders), strings;
+    anything else is a ConfigurationError. The size is checked at load
+    (:func:`check_calibration_size`)."""
     value = spec.option("calibration")
     if value is None:
         return default_calibration(kind)
@@ -145,28 +233,15 @@ def calibration_items(spec: ModelSpec, kind: str) -> list[Any]:
     )
     if isinstance(value, (str, Path)):
         path = Path(value).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise ConfigurationError(f"calibration file {str(path)!r} does not exist. {how}")
-        try:
-            rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
-            if kind == "reranker":
-                items: list[Any] = [(str(r["query"]), str(r["passage"])) for r in rows]
-            else:
-                items = [str(r["text"]) for r in rows]
-        except (ValueError, KeyError, TypeError) as exc:
-            fields = "'query' and 'passage'" if kind == "reranker" else "'text'"
-            raise ConfigurationError(
-                f"calibration file {str(path)!r}: every line must be a JSON object with "
-                f"{fields} ({type(exc).__name__}: {exc})."
-            ) from None
-    elif isinstance(value, Sequence):
+        if not path.is_file():
+            raise ConfigurationError(f"calibration {str(path)!r} is not a file. {how}")
+        items = _file_items(path, kind)
+    elif isinstance(value, Sequence) and not isinstance(value, bytes):
         items = list(value)
         if kind == "reranker":
-            ok = all(
-                isinstance(p, Sequence) and len(p) == 2 and all(isinstance(s, str) for s in p)
-                for p in items
-            )
-            items = [(str(q), str(p)) for q, p in items] if ok else []
+            items = [(q, p) for q, p in items] if all(map(_is_pair, items)) else []
         elif not all(isinstance(t, str) for t in items):
             items = []
     else:
@@ -174,6 +249,22 @@ def calibration_items(spec: ModelSpec, kind: str) -> list[Any]:
     if not items:
         raise ConfigurationError(how)
     return items
+
+
+def check_calibration_size(items: list[Any], kind: str) -> None:
+    """Warn, at load and before NNCF runs, about a calibration set smaller than
+    :data:`MIN_CALIBRATION_ITEMS`: NNCF quantizes such a set without complaint, and the scores
+    of inputs unlike it come out clipped."""
+    if len(items) < MIN_CALIBRATION_ITEMS:
+        want = "(query, passage) pairs" if kind == "reranker" else "texts"
+        logger.warning(
+            "calibration has %d item(s), too few to calibrate INT8 activation ranges well: give "
+            "at least %d %s (a few hundred like your traffic work best), or leave calibration "
+            "out for the packaged default set.",
+            len(items),
+            MIN_CALIBRATION_ITEMS,
+            want,
+        )
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -280,9 +371,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(entry: Path, *, log: bool = True) -> dict[str, Any] | None:
-    """The entry's meta when both files match the hashes it recorded; None when it is missing or
-    damaged (a damaged one is logged, unless ``log`` is False)."""
+#: The IR's files, whose sha256 every entry's ``meta.json`` must record.
+IR_FILES = ("model.xml", "model.bin")
+
+
+def _verified(
+    entry: Path, *, log: bool = True, expect: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The entry's meta when both files match the hashes it recorded (and its fields match
+    ``expect``, the meta the key was made of); None when it is missing or damaged (a damaged one
+    is logged, unless ``log`` is False). A meta.json that lost a field the load reads (``ir``,
+    ``openvino``, ``calibration``) or a file's hash is damage too: it failed the load with a
+    KeyError, or let a changed file through unchecked, until the folder was deleted by hand."""
     warn = logger.warning if log else logger.debug
     try:
         meta = json.loads((entry / "meta.json").read_text("utf-8"))
@@ -292,7 +392,7 @@ def _verified(entry: Path, *, log: bool = True) -> dict[str, Any] | None:
         warn("rag-rerank: OpenVINO IR %s has an unreadable meta.json (%s): rebuilding", entry, exc)
         return None
     hashes = meta.get("sha256") if isinstance(meta, dict) else None
-    if not isinstance(hashes, dict) or not hashes:
+    if not isinstance(hashes, dict) or not set(IR_FILES) <= set(hashes):
         warn(
             "rag-rerank: OpenVINO IR %s is damaged (meta.json %s records no file hashes): "
             "rebuilding",
@@ -314,6 +414,15 @@ def _verified(entry: Path, *, log: bool = True) -> dict[str, Any] | None:
                 str(want)[:12],
             )
             return None
+    wrong = sorted(k for k, v in (expect or {}).items() if k != "model" and meta.get(k) != v)
+    if wrong:
+        warn(
+            "rag-rerank: OpenVINO IR %s is damaged (meta.json: %s not what was written): "
+            "rebuilding",
+            entry,
+            ", ".join(wrong),
+        )
+        return None
     return meta
 
 
@@ -366,6 +475,25 @@ def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[An
     )
 
 
+@contextlib.contextmanager
+def _writable(spec: ModelSpec, final: Path, doing: str) -> Iterator[None]:
+    """An OSError writing the cache (a read-only folder or file system, a full disk) as a
+    ModelLoadError that names the folder and the way out, not a bare ``[Errno 30] Read-only file
+    system: '.../.tmp-ov-...'``. A cache holding a verified IR loads read-only: nothing is
+    written then."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelLoadError(
+            spec.model,
+            spec.backend,
+            f"cannot {doing} in the cache folder {str(final.parent)!r} "
+            f"({type(exc).__name__}: {exc}). Make it writable (and free some space), or point "
+            "option cache_dir or RAG_RERANK_ONNX_CACHE at a writable folder; a folder that "
+            "already holds this model's verified IR is only read.",
+        ) from exc
+
+
 def _ir_entry(
     spec: ModelSpec, inner: Any, ir: str, calibration: list[Any]
 ) -> tuple[Path, dict[str, Any], bool]:
@@ -391,17 +519,19 @@ def _ir_entry(
     with _build_locks_guard:
         lock = _build_locks.setdefault(final, threading.Lock())
     with lock:
-        found = _verified(final, log=False)
+        found = _verified(final, log=False, expect=meta)
         if found is None and final.exists():
             # Damaged, or published by another process since the look above found nothing (the
             # lock covers this process only): look again before removing anything.
-            found = _verified(final)
+            found = _verified(final, expect=meta)
             if found is None:
-                _discard(final)
+                with _writable(spec, final, "remove the damaged OpenVINO IR"):
+                    _discard(final)
         if found is not None:
             return final, found, True
-        _convert(inner, final, meta, calibration)
-        found = _verified(final)
+        with _writable(spec, final, "write the OpenVINO IR"):
+            _convert(inner, final, dict(meta), calibration)
+        found = _verified(final, expect=meta)
         if found is None:
             raise ModelLoadError(spec.model, spec.backend, f"the OpenVINO IR {final} is damaged")
         return final, found, False
@@ -426,6 +556,7 @@ class OpenVinoSession:
     """
 
     def __init__(self, compiled: Any, streams: int, threads: int) -> None:
+        warm_bindings()  # before any pass of any thread (see there)
         self.compiled = compiled
         self.streams = max(1, streams)
         self.threads = max(1, threads)
@@ -579,6 +710,7 @@ def load_openvino(
     swap the twin's session for the compiled IR. Returns (twin model, entry, meta, cache hit,
     dtype hint) for the backend module's class."""
     import_optional("openvino", "openvino", "openvino", f"The {spec.backend!r} backend")
+    warm_bindings()  # before converting, compiling or running anything (see there)
     if spec.device != "cpu":
         raise ConfigurationError(
             f"The {spec.backend!r} backend runs on the CPU (OpenVINO's CPU plugin); "
@@ -599,6 +731,8 @@ def load_openvino(
             "'calibration': ...}) or leave calibration out."
         )
     calibration = calibration_items(spec, kind) if ir == "int8" else []
+    if spec.option("calibration") is not None:
+        check_calibration_size(calibration, kind)
     options = {k: v for k, v in spec.options_dict.items() if k not in OWN_OPTIONS}
     twin_spec = spec.with_options(backend=twin, dtype="float32", options=options)
     try:
