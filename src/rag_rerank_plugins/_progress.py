@@ -1,7 +1,8 @@
 """Optional tqdm progress bars for bulk work (off unless an adapter asks for one).
 
-tqdm is imported only when a bar is shown. Without tqdm the work runs unchanged and one warning
-is logged: a missing progress bar is never a reason to fail an embedding call.
+tqdm is imported only when a bar is shown. Without tqdm, or when tqdm cannot make a bar (a Jupyter
+kernel without ipywidgets, where tqdm.auto picks the widget bar), the work runs unchanged and one
+warning is logged: a missing progress bar is never a reason to fail an embedding call.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class _NoBar:
 
 @contextmanager
 def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Progress]:
-    """A tqdm bar over ``total`` items (on stderr), or a no-op when disabled or tqdm is absent."""
+    """A tqdm bar over ``total`` items (on stderr), or a no-op when disabled, when tqdm is absent
+    or when it cannot make a bar (see the module docstring)."""
     global _warned
     if not enabled:
         yield _NoBar()
@@ -41,7 +43,21 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Progress]:
             logger.warning("rag-rerank: show_progress=True but tqdm is not installed; no bar.")
         yield _NoBar()
         return
-    with tqdm(total=total, desc=desc, unit="text") as bar:
+    try:
+        # In a Jupyter kernel tqdm.auto may pick the widget bar, whose constructor raises
+        # ImportError("IProgress not found ...") without ipywidgets (tqdm before its own
+        # fallback, or a broken widget install). Only the bar's creation is guarded: errors of
+        # the work inside the ``with`` still propagate.
+        bar = tqdm(total=total, desc=desc, unit="text")
+    except Exception as exc:
+        if not _warned:
+            _warned = True
+            logger.warning(
+                "rag-rerank: show_progress=True but no progress bar (%s); no bar.", str(exc)
+            )
+        yield _NoBar()
+        return
+    with bar:
         yield bar
 
 

@@ -128,12 +128,15 @@ class ModelHandle:
 
     @contextlib.contextmanager
     def _counted(self, n_items: int) -> Iterator[None]:
-        """Pin the handle for one call and count it (an error, or a cancellation)."""
+        """Pin the handle for one call and count it (an error, or a cancellation).
+
+        KeyboardInterrupt is the sync caller's cancellation (Ctrl-C, a notebook's "interrupt
+        kernel"): counted as cancelled like an async caller's, not as a failed model call."""
         self._pin_or_raise()
         start = time.perf_counter()
         try:
             yield
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, KeyboardInterrupt):
             self._metrics.bump("cancelled")
             raise
         except BaseException:

@@ -62,12 +62,17 @@ def _after_fork_in_child() -> None:
             after_fork(pool)
 
 
-if hasattr(os, "register_at_fork"):
+# A reload of this module (IPython's %autoreload, importlib.reload in a notebook) re-runs this
+# code in the same module namespace. It must not forget the process-wide pool: a fresh one loaded
+# every model again while the old pool's copies stayed in memory (its workers keep them alive);
+# nor register the fork hook twice (the child would renew every pool twice).
+if hasattr(os, "register_at_fork") and not globals().get("_fork_hook_registered"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+    _fork_hook_registered = True
 
 
-_default_pool: ModelPool | None = None
-_default_lock = threading.Lock()
+_default_pool: ModelPool | None = globals().get("_default_pool")
+_default_lock: threading.Lock = globals().get("_default_lock") or threading.Lock()
 
 
 def get_pool() -> ModelPool:
