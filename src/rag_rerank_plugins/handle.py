@@ -117,8 +117,7 @@ class ModelHandle:
         timeout: float | None,
         priority: Lane,
     ) -> Request:
-        """The one request object that travels to the backend and back (checked here, before
-        any model work)."""
+        """The one request object that travels to the backend and back (checked before work)."""
         check_batch_size(batch_size)
         check_priority(priority)
         timeout = check_timeout(timeout)
@@ -128,10 +127,8 @@ class ModelHandle:
 
     @contextlib.contextmanager
     def _counted(self, n_items: int) -> Iterator[None]:
-        """Pin the handle for one call and count it (an error, or a cancellation).
-
-        KeyboardInterrupt is the sync caller's cancellation (Ctrl-C, a notebook's "interrupt
-        kernel"): counted as cancelled like an async caller's, not as a failed model call."""
+        """Pin the handle for one call and count it (an error, or a cancellation: also a sync
+        caller's Ctrl-C or notebook "interrupt kernel", not a failed model call)."""
         self._pin_or_raise()
         start = time.perf_counter()
         try:
