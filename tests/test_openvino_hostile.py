@@ -217,3 +217,28 @@ def test_a_meta_json_that_lost_fields_or_hashes_is_rebuilt(
     assert "rebuilding" in caplog.text
     assert _openvino_common.build_count() == builds + 1
     assert _openvino_common._verified(entry) is not None
+
+
+def test_a_damaged_export_is_not_converted_into_an_ir(tiny_ce_path: str, tmp_path: Path) -> None:
+    """A load whose IR is cached never hashes (or needs) the ONNX graph; but when the IR must be
+    built, a graph that changed since its export is refused, never converted into an IR every
+    later load would trust as verified."""
+    spec = ov_spec(tiny_ce_path, tmp_path)
+    warm = ModelPool()
+    want = warm.score_pairs(spec, PAIRS)
+    warm.clear()
+    (entry,) = [p for p in tmp_path.iterdir() if (p / "model.onnx").exists()]
+    with (entry / "model.onnx").open("ab") as fh:
+        fh.write(b"\0")  # still parses; no longer the recorded bytes
+    pool = ModelPool()
+    try:
+        assert pool.score_pairs(spec, PAIRS) == want  # the verified IR runs; the graph unread
+        pool.clear()
+        for ir in tmp_path.glob("ov-*"):
+            for f in ir.iterdir():
+                f.unlink()
+            ir.rmdir()
+        with pytest.raises(ModelLoadError, match=r"ONNX export .* is damaged .*delete that folder"):
+            pool.score_pairs(spec, PAIRS)
+    finally:
+        pool.clear()

@@ -11,8 +11,12 @@ here so the two can never drift apart:
   under 4 MiB), so a changed model exports again and an unchanged one is reused by every later
   process. Entries are written in a scratch folder (:func:`tmp_entry`, :func:`scratch_dir`: the
   permissions of a plain ``mkdir``, so other users can read the cache) and renamed into place
-  (:func:`publish`): concurrent processes never see half an export. A model path that does not
-  exist and is no hub name raises :class:`ModelNotFoundError` (:func:`model_dir`).
+  (:func:`publish`): concurrent processes never see half an export. ``meta.json`` records the
+  sha256 of the entry's other files, checked at every load (:func:`entry_damage`): a damaged
+  entry is logged, removed and exported again, never served. A cache folder that cannot be
+  written fails naming the folder and the way out (:func:`writable`); one holding the model's
+  intact export is only read. A model path that does not exist and is no hub name raises
+  :class:`ModelNotFoundError` (:func:`model_dir`).
 * **Threads** (:func:`threads_for`): option ``intra_op_threads``, else ``RAG_RERANK_ORT_THREADS``,
   else the physical cores this process may use; one inter-op thread; spinning off, so an idle
   model does not burn the cores of a shared box (:func:`open_session`).
@@ -65,12 +69,17 @@ __all__ = [
     "DEFAULT_OPSET",
     "QUANTIZE_MODES",
     "THREADS_ENV",
+    "cache_dir_of",
     "cached_entry",
     "check_cpu_float32",
     "configure_tokenizer",
     "default_cache_dir",
     "default_threads",
     "deferred_sessions",
+    "discard_entry",
+    "entry_damage",
+    "is_graph_file",
+    "entry_hashes",
     "entry_bytes",
     "entry_key",
     "export_count",
@@ -92,6 +101,7 @@ __all__ = [
     "threads_for",
     "tmp_entry",
     "tokenizer_meta",
+    "writable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,12 +153,16 @@ def threads_for(spec: ModelSpec) -> int:
         source = THREADS_ENV
     if value is None:
         return default_threads()
+    bad = ConfigurationError(f"{source} must be a positive integer, got {value!r}.")
+    # int(1.5) is 1 and int(True) is 1: a fraction or a bool is refused, not truncated.
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise bad
     try:
         threads = int(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{source} must be a positive integer, got {value!r}.") from None
-    if threads <= 0 or isinstance(value, bool):
-        raise ConfigurationError(f"{source} must be a positive integer, got {value!r}.")
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if threads <= 0:
+        raise bad
     return threads
 
 
@@ -215,6 +229,19 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "rag-rerank-plugins" / "onnx"
+
+
+def cache_dir_of(spec: ModelSpec) -> Path:
+    """Option ``cache_dir`` (a path), else :func:`default_cache_dir`. Any other value (a number,
+    a bool) is refused naming the option; it failed as a bare ``TypeError: expected str, bytes
+    or os.PathLike object``."""
+    value = spec.option("cache_dir")
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ConfigurationError(
+            f"cache_dir must be a folder path (str or os.PathLike), got {value!r}; or leave it "
+            f"out to use {CACHE_ENV} or ~/.cache/rag-rerank-plugins/onnx."
+        )
+    return Path(value or default_cache_dir()).expanduser()
 
 
 def hub_blob(path: Path) -> str | None:
@@ -322,6 +349,101 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def entry_hashes(entry: Path) -> dict[str, str]:
+    """sha256 of every file of an entry but ``meta.json`` (which records them)."""
+    return {
+        f.name: _sha256(f) for f in sorted(entry.iterdir()) if f.is_file() and f.name != "meta.json"
+    }
+
+
+def is_graph_file(name: str) -> bool:
+    """The ONNX graph and its external weights (what onnxruntime or OpenVINO's converter reads)."""
+    return name.endswith((".onnx", ".onnx_data", ".data"))
+
+
+def entry_damage(entry: Path, *, graph: bool = True) -> str | None:
+    """Why the published entry ``entry`` must not be served (``"missing"`` when there is none),
+    or None when it is intact: its ``meta.json`` is readable and every file it recorded a sha256
+    of (entries of earlier releases recorded none) still has it. A truncated or changed
+    ``model.onnx`` either failed every load until the folder was deleted by hand, or, when
+    onnxruntime could still open it, was served with other weights.
+
+    ``graph=False`` leaves the graph files out (:func:`is_graph_file`): a load under
+    :func:`deferred_sessions` (OpenVINO's, whose verified IR is what runs) reads only the
+    tokenizer and meta, and must neither hash a 2 GB graph it never opens nor export again (with
+    torch) because of it. The converter checks the graph before it reads it."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no meta.json" if entry.exists() else "missing"
+    except (OSError, ValueError) as exc:
+        return f"unreadable meta.json ({exc})"
+    if not isinstance(meta, dict) or not {"mode", "max_length"} <= set(meta):
+        return f"meta.json is not an export's: {str(meta)[:80]}"
+    hashes = meta.get("sha256", {})
+    if not isinstance(hashes, dict):
+        return f"meta.json records no file hashes: {str(hashes)[:80]}"
+    for name, want in hashes.items():
+        if not graph and is_graph_file(str(name)):
+            continue
+        try:
+            got = _sha256(entry / str(name))
+        except OSError:
+            got = "missing"
+        if got != want:
+            return f"{name}: sha256 {got[:12]}, recorded {str(want)[:12]}"
+    return None
+
+
+def discard_entry(entry: Path) -> None:
+    """Move a damaged entry out of the way (one rename, so no process sees it half deleted),
+    then delete it."""
+    if not entry.exists():
+        return
+    trash = scratch_dir(entry.parent, f".broken-{entry.name}-")
+    with contextlib.suppress(OSError):  # another process moved or replaced it first
+        entry.rename(trash / entry.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writable(spec: ModelSpec, folder: Path, doing: str) -> Iterator[None]:
+    """An OSError writing the cache (a read-only folder or file system, a full disk) as a
+    ModelLoadError that names the folder and the way out, not a bare ``[Errno 30] Read-only file
+    system: '.../.tmp-...'`` from deep in the export. A cache holding this model's intact export
+    loads read-only: nothing is written then."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelLoadError(
+            spec.model,
+            spec.backend,
+            f"cannot {doing} in the cache folder {str(folder)!r} "
+            f"({type(exc).__name__}: {exc}). Make it writable (and free some space), or point "
+            f"option cache_dir or {CACHE_ENV} at a writable folder; a folder that already "
+            "holds this model's export is only read.",
+        ) from exc
+
+
+_entry_locks: dict[Path, threading.Lock] = {}
+_entry_locks_guard = threading.Lock()
+
+
+def _entry_lock(entry: Path) -> threading.Lock:
+    """One lock per entry in this process: threads loading specs that share an entry (other
+    thread counts, labels) export it once, and none removes an entry another just published."""
+    with _entry_locks_guard:
+        return _entry_locks.setdefault(entry, threading.Lock())
+
+
 def scratch_dir(parent: Path, prefix: str) -> Path:
     """A new empty folder ``parent/<prefix><random>`` with the permissions a plain ``mkdir``
     gives (0o777 less the umask, as the files written into it get).
@@ -382,30 +504,42 @@ def cached_entry(
 
     ``export(spec, model_dir, entry, mode, opset)`` writes and publishes the entry; ``open_entry``
     opens a published one, whose onnxruntime session is then opened at once (unless under
-    :func:`deferred_sessions`). A damaged entry raises :class:`ModelLoadError` naming its folder,
-    so the user knows what to delete.
+    :func:`deferred_sessions`). A damaged entry (:func:`entry_damage`, or one onnxruntime cannot
+    open) is logged, removed and exported again, never served; a cache folder that cannot be
+    written raises :class:`ModelLoadError` naming it (:func:`writable`).
     """
     mode = mode_of(spec)
     opset = opset_of(spec)
-    cache = Path(spec.option("cache_dir") or default_cache_dir()).expanduser()
+    cache = cache_dir_of(spec)
     with loading_errors(spec):
         folder = model_dir(spec)
         key = entry_key(
             model_fingerprint(folder), mode, opset, format_version=format_version, **extra
         )
         entry = cache / key
-        if not (entry / "meta.json").exists():
-            export(spec, folder, entry, mode, opset)
-        try:
-            model = open_entry(entry)
-            if not _defer_sessions.get():
-                model.ensure_session()  # a graph onnxruntime cannot open fails the load
-        except (MissingDependencyError, ConfigurationError):
-            raise
-        except Exception as exc:  # a damaged entry: say where it is, so it can be deleted
-            raise ModelLoadError(
-                spec.model, spec.backend, f"cached ONNX export {entry} cannot be loaded: {exc}"
-            ) from exc
+        with _entry_lock(entry):
+            model, damage = _open_checked(entry, open_entry)
+            if damage is not None and damage != "missing":
+                # Another process may have replaced it since: look again before removing it.
+                model, damage = _open_checked(entry, open_entry)
+            if damage is not None and damage != "missing":
+                logger.warning(
+                    "rag-rerank: cached ONNX export %s is damaged (%s): exporting again",
+                    entry,
+                    damage,
+                )
+                with writable(spec, cache, "remove the damaged ONNX export"):
+                    discard_entry(entry)
+            if model is None:
+                with writable(spec, cache, "write the ONNX export"):
+                    export(spec, folder, entry, mode, opset)
+                model, damage = _open_checked(entry, open_entry)
+                if model is None:
+                    raise ModelLoadError(
+                        spec.model,
+                        spec.backend,
+                        f"the ONNX export {entry} cannot be loaded ({damage}); delete it",
+                    )
     logger.info(
         "rag-rerank: onnxruntime %s for %s: %d intra-op thread(s), 1 inter-op, spinning off "
         "(export %s)",
@@ -415,6 +549,28 @@ def cached_entry(
         entry,
     )
     return model
+
+
+def _open_checked(entry: Path, open_entry: Callable[[Path], Any]) -> tuple[Any, str | None]:
+    """(the opened model, None), or (None, why not): ``"missing"``, or the damage found by
+    :func:`entry_damage` or by opening it (a graph onnxruntime cannot open, a tokenizer that
+    does not parse). Configuration errors (a bad score label) and missing extras propagate."""
+    damage = entry_damage(entry, graph=not _defer_sessions.get())
+    if damage is not None:
+        return None, damage
+    model = None
+    try:
+        model = open_entry(entry)
+        if not _defer_sessions.get():
+            model.ensure_session()  # a graph onnxruntime cannot open fails the load
+    except (MissingDependencyError, ConfigurationError):
+        raise
+    except Exception as exc:
+        if model is not None:
+            with contextlib.suppress(Exception):
+                model.close()
+        return None, f"{type(exc).__name__}: {exc}"
+    return model, None
 
 
 def entry_bytes(entry: Path) -> int:
@@ -452,7 +608,12 @@ def st_for_export(spec: ModelSpec, folder: Path, class_name: str) -> Any:
 
 
 def publish_export(spec: ModelSpec, tmp: Path, final: Path, started: float) -> None:
-    """Publish a checked export, count it and log what it cost."""
+    """Record the sha256 of the entry's files in its ``meta.json`` (every load checks them:
+    :func:`entry_damage`), publish the checked export, count it and log what it cost."""
+    meta_path = tmp / "meta.json"
+    recorded = json.loads(meta_path.read_text(encoding="utf-8"))
+    recorded["sha256"] = entry_hashes(tmp)
+    meta_path.write_text(json.dumps(recorded, indent=1), encoding="utf-8")
     publish(tmp, final)
     note_export()
     meta = json.loads((final / "meta.json").read_text(encoding="utf-8"))

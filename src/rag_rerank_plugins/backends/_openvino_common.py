@@ -39,7 +39,9 @@ plugin from fusing it), and the model is compiled with one stream per core; pass
 engine's parallel CPU device workers, a lone pass split over the streams
 (:class:`OpenVinoSession`). 1 x 50 SciFact, MiniLM-L6, BF16, 2-core AMX Xeon: 1.9x the speed of
 the unfused IR on one two-thread stream (``benchmarks/openvino_ab.py``). ``stats()["kernels"]``
-says what runs: hint, streams x threads, fused blocks.
+says what runs: the hint, the precision the CPU plugin chose for it (read back from the compiled
+model: a BF16 hint runs FP32 on a CPU without native BF16, and ``stats()["dtype"]`` then says
+``float32``), streams x threads, fused blocks.
 """
 
 from __future__ import annotations
@@ -61,7 +63,14 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import ConfigurationError, ModelLoadError
 from . import load_backend
 from ._common import quantize_mode
-from ._onnx_common import deferred_sessions, entry_bytes, publish, scratch_dir, threads_for
+from ._onnx_common import (
+    deferred_sessions,
+    entry_bytes,
+    entry_damage,
+    publish,
+    scratch_dir,
+    threads_for,
+)
 from ._torch_common import import_optional
 from .base import ModelProvider, Prepared, Task
 
@@ -74,6 +83,7 @@ __all__ = [
     "OpenVinoModel",
     "OpenVinoSession",
     "calibration_items",
+    "compiled_precision",
     "load_openvino",
 ]
 
@@ -529,6 +539,16 @@ def _ir_entry(
                     _discard(final)
         if found is not None:
             return final, found, True
+        # The twin was opened without hashing its graph (deferred sessions): check it now,
+        # before converting it into an IR that every later load would trust.
+        damage = entry_damage(inner.path)
+        if damage is not None:
+            raise ModelLoadError(
+                spec.model,
+                spec.backend,
+                f"the ONNX export {inner.path} is damaged ({damage}): delete that folder and "
+                "load again to export it anew",
+            )
         with _writable(spec, final, "write the OpenVINO IR"):
             _convert(inner, final, dict(meta), calibration)
         found = _verified(final, expect=meta)
@@ -635,6 +655,23 @@ def describe_compiled(compiled: Any) -> str:
     return f"{found['PERFORMANCE_HINT']}, {found['NUM_STREAMS']} stream(s) x {each} thread(s)"
 
 
+#: OpenVINO element type names (``Type.get_type_name()``) as this package's dtype names.
+_PRECISIONS = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
+
+
+def compiled_precision(compiled: Any) -> str | None:
+    """The precision the compiled model really runs its float layers in, as the CPU plugin
+    reports it after compiling (``INFERENCE_PRECISION_HINT`` read back: a ``bf16`` hint on a CPU
+    without native BF16 reads back ``f32``), as a dtype name; None where the plugin does not
+    say."""
+    try:
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # a plugin without the property: the hint is all we know
+        return None
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return _PRECISIONS.get(str(name).strip().lower())
+
+
 class OpenVinoModel:
     """The ONNX twin's loaded model with an OpenVINO session: its phases, run as they are.
     Mixed in before ``RerankerModel`` / ``EmbedderModel`` by the two backend modules."""
@@ -647,7 +684,12 @@ class OpenVinoModel:
     ) -> None:
         self.inner = inner
         self.entry = entry
-        self.dtype = "int8" if meta["ir"] == "int8" else dtype
+        session = getattr(inner, "session", None)
+        compiled = getattr(session, "compiled", None)
+        # What the CPU plugin chose, not what was asked: a BF16 hint runs FP32 without native
+        # BF16, and stats said BF16 (an explicit dtype="bfloat16" on such a CPU).
+        runs = compiled_precision(compiled) if compiled is not None else None
+        self.dtype = "int8" if meta["ir"] == "int8" else (runs or dtype)
         self.max_tokens = inner.max_tokens
         self.ir_cache_hit = hit
         # Passes run in the engine's parallel CPU device workers, one infer request per thread
@@ -662,12 +704,15 @@ class OpenVinoModel:
         attention = f", {fused} attention blocks fused" if fused else ""
         extra = f", {inner.kernels}" if inner.kernels else ""
         version = meta["openvino"].split("-")[0]
-        session = getattr(inner, "session", None)
-        compiled = getattr(session, "compiled", None)
-        runs = f" ({describe_compiled(compiled)})" if compiled is not None else ""
+        streams = f" ({describe_compiled(compiled)})" if compiled is not None else ""
+        precision = ""
+        if runs is not None:
+            precision = f", runs {HINTS.get(runs, runs).upper()}"
+            if runs != dtype:
+                precision += " (the CPU plugin's choice: the hint is not native on this CPU)"
         self.kernels = (
-            f"OpenVINO {version} CPU, {HINTS[dtype].upper()} hint{runs}{calibrated}{attention}"
-            f", IR cache {'hit' if hit else 'miss (converted)'}{extra}"
+            f"OpenVINO {version} CPU, {HINTS[dtype].upper()} hint{precision}{streams}"
+            f"{calibrated}{attention}, IR cache {'hit' if hit else 'miss (converted)'}{extra}"
         )
 
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
@@ -760,10 +805,11 @@ def load_openvino(
         int(compiled.get_property("INFERENCE_NUM_THREADS")),
     )
     logger.info(
-        "rag-rerank: OpenVINO %s for %s, %s hint, %d thread(s) (IR %s, %s)",
+        "rag-rerank: OpenVINO %s for %s, %s hint, runs %s, %d thread(s) (IR %s, %s)",
         meta["ir"],
         spec.model,
         HINTS[spec.dtype],
+        compiled_precision(compiled) or "?",
         threads,
         entry,
         "cached" if hit else "converted",

@@ -12,7 +12,11 @@ contents of files under 4 MiB (config, tokenizer), so a changed model exports ag
 unchanged one is reused by every later process (a plain weights file replaced by one of the same
 size with its mtime kept is not noticed: see ``_onnx_common.model_fingerprint``). An entry is
 written in a temporary directory and renamed into place, so concurrent processes never see half
-an export (the loser of a race discards its copy). An entry holds ``model.onnx``, the tokenizer
+an export (the loser of a race discards its copy; threads of one process export an entry once).
+``meta.json`` records the sha256 of the entry's files and every load checks them: a damaged entry
+(a changed or truncated graph, a lost ``meta.json``) is logged, removed and exported again, never
+served; a cache folder that cannot be written fails naming it (``_onnx_common.writable``), and
+one holding the model's intact export is only read. An entry holds ``model.onnx``, the tokenizer
 as ``tokenizer.json`` and ``meta.json`` (activation, the graph's inputs, which the exporter
 trims to those the model reads, e.g. no ``token_type_ids`` for DistilBERT, truncation and padding
 settings). Exporting needs the ``st`` extra (torch, sentence-transformers); loading a cached
