@@ -18,7 +18,7 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 
-__all__ = ["REFUSED", "hf_model_kwargs", "refusal"]
+__all__ = ["REFUSED", "check_truncate_dim", "hf_model_kwargs", "refusal"]
 
 _SERVE = (
     "the shared pool already batches concurrent requests into one model per process; for "
@@ -81,6 +81,20 @@ _DEFAULTS = {
 #: never change a loaded weight, a score or a vector, so they are accepted and not kept.
 _NO_EFFECT = frozenset({"model_card_data", "similarity_fn_name"})
 _DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def check_truncate_dim(value: Any, source: str) -> None:
+    """Refuse a ``truncate_dim`` that is not a positive int or None, before any model work.
+
+    sentence-transformers slices ``vectors[:, :truncate_dim]`` unchecked: 0 gave empty vectors,
+    -1 cut the last dimension (and our shape check then blamed the backend), a float or a str
+    failed deep in torch at the first call. ``source`` names the argument in the message.
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigurationError(
+            f"{source} must be a positive int (how many leading dimensions to keep) or None, "
+            f"got {value!r}."
+        )
 
 
 def _put(data: dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -168,6 +182,8 @@ def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> 
             kw.pop(key, None)
         if config:
             kw["config_kwargs"] = config
+    if kind == "embedder" and "truncate_dim" in kw:
+        check_truncate_dim(kw["truncate_dim"], "truncate_dim")
     if "backend" in kw:
         _backend(data, kind, kw.pop("backend"), "model_kwargs['backend']")
     nested = _dict(kw.pop("model_kwargs", None), "model_kwargs['model_kwargs']")

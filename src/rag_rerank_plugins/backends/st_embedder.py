@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._stock import check_truncate_dim
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
@@ -173,6 +174,8 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
         "The 'sentence-transformers' backend",
     )
     options = spec.options_dict  # names checked by the registry (its row) before this runs
+    # Before the weights load: a bad value otherwise failed at the first call, deep in torch.
+    check_truncate_dim(options.get("truncate_dim"), "truncate_dim")
     quantize = options.pop("quantize", None)
     kernels = cpu_kernels_option(options)
     with loading_errors(spec):

@@ -13,7 +13,7 @@ from langchain_core.embeddings import Embeddings
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
 
 from .._progress import chunks, progress_bar
-from .._stock import refusal
+from .._stock import check_truncate_dim, refusal
 from ..adapter_base import SharedModelFields, from_settings
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..inputs import text_list
@@ -79,12 +79,8 @@ def _check_encode_value(argument: str, key: str, value: Any) -> None:
         )
     if key == "precision" and value not in _PRECISIONS:
         raise ConfigurationError(f"{where}={value!r}: use one of {', '.join(_PRECISIONS)}.")
-    if (
-        key == "truncate_dim"
-        and value is not None
-        and (isinstance(value, bool) or not isinstance(value, int) or value <= 0)
-    ):
-        raise ConfigurationError(f"{where} must be a positive int or None, got {value!r}.")
+    if key == "truncate_dim":
+        check_truncate_dim(value, where)
     if key in ("prompt", "prompt_name") and value is not None and not isinstance(value, str):
         raise ConfigurationError(f"{where} must be a str or None, got {type(value).__name__}.")
     if key == "task" and value not in (None, "query", "document"):
@@ -114,13 +110,36 @@ def _map_encode_kwargs(
     for key, value in kwargs.items():
         _check_encode_value(argument, key, value)
         field = table[key]
-        if field is not None and not (field == "device" and value is None):
+        # None is encode's "not given" for these (HuggingFaceEmbeddings passes it on: no
+        # normalisation); as a field value it was a pydantic "valid boolean" error.
+        if field is not None and not (key in ("device", "normalize_embeddings") and value is None):
             _set_once(data, field, value, f"{argument}[{key!r}]")
     if argument == "query_encode_kwargs" and kwargs:
         # As HuggingFaceEmbeddings: non-empty query_encode_kwargs *replace* encode_kwargs for
         # queries, so a normalisation given only in encode_kwargs does not apply to queries.
         data.setdefault("query_normalize_embeddings", False)
     return data
+
+
+def _check_call_truncation(data: Mapping[str, Any]) -> None:
+    """Refuse a per-call ``truncate_dim`` wider than ``model_kwargs["truncate_dim"]``.
+
+    ``encode(truncate_dim=64)`` on a model built with ``truncate_dim=32`` returns 64 dimensions
+    (the call's value replaces the model's); the shared model's vectors are already cut to 32,
+    so ours were 32 wide: a silent shape change. Narrower per-call values cut further, as there.
+    """
+    model_kwargs = data.get("model_kwargs")
+    model_dim = model_kwargs.get("truncate_dim") if isinstance(model_kwargs, Mapping) else None
+    if not isinstance(model_dim, int) or isinstance(model_dim, bool):
+        return
+    for argument in ("encode_kwargs", "query_encode_kwargs"):
+        call_dim = (data.get(argument) or {}).get("truncate_dim")
+        if isinstance(call_dim, int) and call_dim > model_dim:
+            raise ConfigurationError(
+                f"{argument}['truncate_dim']={call_dim} is wider than model_kwargs['truncate_dim']"
+                f"={model_dim}: the shared model's vectors are cut to {model_dim} dimensions. "
+                f"Give the wider value in model_kwargs and the narrower one per call."
+            )
 
 
 def _query_text(text: Any) -> str:
@@ -216,6 +235,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         data.pop("multi_process", None)
         data = _map_encode_kwargs(data, "encode_kwargs", _ENCODE_KEYS)
         data = _map_encode_kwargs(data, "query_encode_kwargs", _QUERY_ENCODE_KEYS)
+        _check_call_truncation(data)
         if "cache_folder" in data:
             folder = data.pop("cache_folder")
             kwargs = dict(data.get("model_kwargs") or {})

@@ -13,7 +13,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from ..adapter_base import SharedModelFields, from_settings
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, InvalidInputError
 from ..inputs import text_list
 from ._args import check_arguments
 from ._state import SharedPoolState
@@ -45,6 +45,20 @@ def _batch_texts(texts: Any) -> list[str]:
         "get_text_embedding_batch",
         "Wrap it in a list, or call get_text_embedding(text) for one text.",
     )
+
+
+def _one_text(text: Any, call: str) -> str:
+    """One text of a single-text call, checked before the pool sees it: the pool's own check
+    came after the model had loaded (seconds to minutes for a big model, for an input that was
+    never going to work) and named it ``text #0`` with no hint that a list is the batch call."""
+    if isinstance(text, str):
+        return text
+    hint = (
+        " For several texts use get_text_embedding_batch(texts)."
+        if isinstance(text, (list, tuple))
+        else " Convert it to text first (rag-rerank-plugins never guesses how to stringify it)."
+    )
+    raise InvalidInputError(f"{call} takes one str, got {type(text).__name__}.{hint}")
 
 
 class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
@@ -150,6 +164,17 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
     def class_name(cls) -> str:
         return "SharedEmbedding"
 
+    # HuggingFaceEmbedding's attribute name, read and set as there: code that toggles
+    # ``embed_model.show_progress_bar = True`` before building an index keeps working.
+    @property
+    def show_progress_bar(self) -> bool:
+        """:attr:`show_progress` under ``HuggingFaceEmbedding``'s name (settable too)."""
+        return self.show_progress
+
+    @show_progress_bar.setter
+    def show_progress_bar(self, value: bool) -> None:
+        self.show_progress = value
+
     def get_text_embedding_batch(
         self, texts: list[str], show_progress: bool = False, **kwargs: Any
     ) -> list[Embedding]:
@@ -203,15 +228,17 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         )
 
     def _get_query_embedding(self, query: str) -> Embedding:
-        return self._embed([query], is_query=True)[0]
+        return self._embed([_one_text(query, "get_query_embedding")], is_query=True)[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
+        query = _one_text(query, "aget_query_embedding")
         return (await self._aembed([query], is_query=True))[0]
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        return self._embed([text], is_query=False)[0]
+        return self._embed([_one_text(text, "get_text_embedding")], is_query=False)[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
+        text = _one_text(text, "aget_text_embedding")
         return (await self._aembed([text], is_query=False))[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
