@@ -284,7 +284,16 @@ def test_interrupt_kernel_during_a_sync_call_under_nest_asyncio() -> None:
         fast = SharedRerankCompressor(model="fast", backend="fake-reranker", device="cpu")
         slow.preload(warmup=False)
         main = threading.main_thread().ident
-        threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+        handle = get_pool().get(slow.spec)
+
+        def interrupt_once_running():  # not on a timer: a loaded box may not be there yet
+            deadline = time.monotonic() + 30
+            while handle._in_flight == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            signal.pthread_kill(main, signal.SIGINT)
+
+        threading.Thread(target=interrupt_once_running, daemon=True).start()
 
         async def cell():
             start = time.perf_counter()
