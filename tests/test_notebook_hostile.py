@@ -277,6 +277,9 @@ def test_interrupt_kernel_during_a_sync_call_under_nest_asyncio() -> None:
         from rag_rerank_plugins.langchain import SharedRerankCompressor
 
         nest_asyncio.apply()
+        # A kernel handles SIGINT itself; a child inherits an ignored SIGINT from its parent
+        # (some earlier test in the suite), and Python then raises no KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         docs = [Document(page_content=t) for t in ("cats sleep", "paris", "python")]
         slow = SharedRerankCompressor(
             model="slow", backend="fake-reranker", device="cpu", model_kwargs={"delay_ms": 3000}
