@@ -23,7 +23,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sentence_transformers")
 
-from rag_rerank_plugins.backends import _openvino_common
+from rag_rerank_plugins.backends import _onnx_common, _openvino_common
 
 RERANKER = "openvino-cross-encoder"
 EMBEDDER = "openvino-embedder"
@@ -175,7 +175,7 @@ def test_a_read_only_cache_serves_its_ir_and_says_how_to_fix_a_missing_one(
 
 
 def _hashes(entry: Path) -> dict[str, str]:
-    return {name: _openvino_common._sha256(entry / name) for name in ("model.xml", "model.bin")}
+    return {name: _onnx_common.file_sha256(entry / name) for name in ("model.xml", "model.bin")}
 
 
 @pytest.mark.parametrize("damage", ["fields dropped", "bin hash dropped", "ir changed"])

@@ -67,6 +67,7 @@ from ._onnx_common import (
     deferred_sessions,
     entry_bytes,
     entry_damage,
+    file_sha256,
     publish,
     scratch_dir,
     threads_for,
@@ -373,14 +374,6 @@ def fuse_attention(model: Any) -> int:
 # -- the IR cache -----------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 #: The IR's files, whose sha256 every entry's ``meta.json`` must record.
 IR_FILES = ("model.xml", "model.bin")
 
@@ -412,7 +405,7 @@ def _verified(
         return None
     for name, want in hashes.items():
         try:
-            got = _sha256(entry / str(name))
+            got = file_sha256(entry / str(name))
         except OSError:
             got = "missing"
         if got != want:
@@ -470,7 +463,7 @@ def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[An
     tmp = scratch_dir(final.parent, f".tmp-{final.name}-")
     try:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        meta["sha256"] = {name: _sha256(tmp / name) for name in ("model.xml", "model.bin")}
+        meta["sha256"] = {name: file_sha256(tmp / name) for name in ("model.xml", "model.bin")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         publish(tmp, final)
     finally:
