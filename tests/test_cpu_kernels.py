@@ -121,7 +121,8 @@ def test_tiled_attention_bfloat16_is_as_close_as_transformers_eager_attention(
         ("amx", 47, 0),
         ("amx", 48, 1),
         ("amx", 300, 1),
-        ("avx512_bf16", 300, 0),
+        ("avx512_bf16", 47, 0),
+        ("avx512_bf16", 48, 1),  # measured faster on a Zen 4 EPYC (see _cpu_attention)
         ("avx2", 300, 0),
         ("other", 300, 0),
     ],
@@ -150,7 +151,8 @@ def test_long_passes_run_torch_sdpa_only_where_it_was_measured_faster(
     live = mask[:, 0, 0, :]
     want = reference(q, k, v, mask)
     torch.testing.assert_close(got[live], want[live], atol=1e-5, rtol=1e-5)
-    expected = "tiled attention" if kind != "amx" else "below 48 keys, torch's sdpa from 48"
+    sdpa_kinds = ("amx", "avx512_bf16")
+    expected = "below 48 keys, torch's sdpa from 48" if kind in sdpa_kinds else "tiled attention"
     assert expected in _cpu_attention.describe()
 
 

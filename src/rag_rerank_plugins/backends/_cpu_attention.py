@@ -20,6 +20,15 @@ least :data:`SDPA_FROM_KEYS` keys for the CPU kind (:func:`rag_rerank_plugins._c
 padded passes sequence by sequence and builds the one-row padding masks both kernels read), and
 keeps the tiled kernel for the rest and for every CPU kind where sdpa was not measured faster.
 
+**AVX512-BF16 without AMX** (AMD Zen 4 EPYC, family 25 model 17, 2 cores, torch 2.13), measured
+again 2026-12-05, each setting in its own process, two alternating runs: passes of 48+ keys on
+``sdpa`` (and so on packed rows, :mod:`._cpu_packed`) against the tiled kernel at every length,
+MiniLM-L6 cross-encoder 1 x 50 SciFact: BF16 1632 / 1652 vs 1834 / 1886 ms, FP32 2513 / 2452 vs
+2889 / 2852 ms; 1 x 50 short mixed passages BF16 695 / 718 vs 726 / 740 ms; XLM-R large 1 x 20
+SciFact BF16 15.3 / 15.0 vs 16.1 / 15.5 s. The tiled kernel had won on an earlier EPYC image
+with an older torch; it no longer does, so that kind takes ``sdpa`` from 48 keys too. AVX2-only
+and other CPUs keep the tiled kernel (not measured on such a machine).
+
 Numerics: scores come out of the GEMM in the model's dtype (as in transformers' ``eager``
 attention), the softmax is computed in FP32, the probabilities are rounded to the model's dtype
 for the second GEMM (as the flash kernel does). In FP32 this equals ``sdpa`` to ~1e-6; in BF16
@@ -54,7 +63,7 @@ ATTENTION_NAME = "rag_rerank_cpu"
 TILE_BYTES = 1 << 20
 #: Per CPU kind: the key length from which torch's ``sdpa`` kernel is faster than the tiled one
 #: (see above). A kind not listed keeps the tiled kernel at every length.
-SDPA_FROM_KEYS: dict[str, int] = {"amx": 48}
+SDPA_FROM_KEYS: dict[str, int] = {"amx": 48, "avx512_bf16": 48}
 
 _registered = False
 _register_lock = threading.Lock()

@@ -1,7 +1,8 @@
 """Long CPU attention passes through torch's fused kernel, and the padding masks both kernels read.
 
-Why it exists: on AMX CPUs :mod:`._cpu_attention` hands passes of many keys to torch's flash
-kernel (``scaled_dot_product_attention``). Two things made that kernel spend time on padding:
+Why it exists: on AMX and AVX512-BF16 CPUs :mod:`._cpu_attention` hands passes of many keys to
+torch's flash kernel (``scaled_dot_product_attention``). Two things made that kernel spend time
+on padding:
 
 * **The mask.** For a bidirectional encoder transformers builds a [batch, 1, q_len, kv_len]
   boolean mask: one padding row repeated q_len times, built on every forward (~3.5 % of a MiniLM
