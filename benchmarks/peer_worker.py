@@ -31,6 +31,7 @@ Scorer = Callable[[str, list[str]], tuple[float, list[float]]]
 # Our engine's rows: name -> SharedRerankCompressor keyword arguments.
 OURS: dict[str, dict[str, Any]] = {
     "ours_default": {},
+    "ours_fp32": {"dtype": "float32"},  # the default path pinned to FP32 (AVX2-only CPUs' default)
     "ours_openvino_bf16": {"backend": "openvino-cross-encoder", "dtype": "bfloat16"},
     "ours_openvino_fp32": {"backend": "openvino-cross-encoder", "dtype": "float32"},
     "ours_openvino_int8": {
@@ -45,6 +46,7 @@ ST_FILES = {  # ST peer -> (backend, exported file inside the model copy)
     "st_onnx_qint8": ("onnx", "onnx/model_qint8_{isa}.onnx"),
     "st_openvino": ("openvino", "openvino/openvino_model.xml"),
     "st_openvino_fp32": ("openvino", "openvino/openvino_model.xml"),
+    "st_openvino_bf16": ("openvino", "openvino/openvino_model.xml"),
     "st_openvino_int8": ("openvino", "openvino/openvino_model_qint8_quantized.xml"),
 }
 
@@ -189,6 +191,8 @@ def _st(name: str, model: Path, work: Path) -> Scorer:
     kwargs: dict[str, Any] = {"file_name": file_name}
     if name == "st_openvino_fp32":
         kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "f32"}
+    elif name == "st_openvino_bf16":  # OpenVINO's default hint is BF16 only on AMX CPUs
+        kwargs["ov_config"] = {"INFERENCE_PRECISION_HINT": "bf16"}
     ce = CrossEncoder(str(folder), backend=ST_FILES[name][0], model_kwargs=kwargs)
     return lambda q, ps: _timed(lambda: [float(x) for x in ce.predict([(q, p) for p in ps])])
 

@@ -47,13 +47,21 @@ sys.path.insert(0, str(HERE))
 
 OURS = (
     "ours_default",
+    "ours_fp32",
     "ours_openvino_bf16",
     "ours_openvino_fp32",
     "ours_openvino_int8",
     "ours_onnx",
 )
 STOCK = ("langchain", "llamaindex")
-ST_PEERS = ("st_onnx", "st_onnx_qint8", "st_openvino", "st_openvino_fp32", "st_openvino_int8")
+ST_PEERS = (
+    "st_onnx",
+    "st_onnx_qint8",
+    "st_openvino",
+    "st_openvino_fp32",
+    "st_openvino_bf16",
+    "st_openvino_int8",
+)
 #: Offline CPU rerankers on ONNX Runtime, fed the sentence-transformers ONNX exports (.venv-peers).
 ORT_PEERS = ("flashrank", "flashrank_qint8", "fastembed")
 ALL = (*OURS, *STOCK, *ST_PEERS, *ORT_PEERS)
