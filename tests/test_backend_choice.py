@@ -1,9 +1,10 @@
 """``backend="auto"``: the measured-fastest backend for the CPU kind, never a surprise.
 
 The CPU kind comes from ``RAG_RERANK_CPU_KIND`` here, never the host's flags, so every machine
-runs every case. What a user relies on: AMX CPUs get OpenVINO for small embedders only when it is
-installed, the dtype is BF16 or FP32 and every option given means something to it; rerankers and
-everything else keep torch (measured level there); the adapter holds the concrete name, so its
+runs every case. What a user relies on: AMX and AVX512-BF16 CPUs get OpenVINO for small
+embedders only when it is installed, the dtype is BF16 or FP32 and every option given means
+something to it; AVX512-BF16 CPUs get it for small rerankers in BF16 only; everything else keeps
+torch (measured level there); the adapter holds the concrete name, so its
 pool key (one load) equals that of an adapter naming the backend; a bad override or a bare
 ``ModelSpec(backend="auto")`` says what to do; a pick that cannot load the model falls back to
 torch once, with a warning, and is not made again in the process, while a backend the user names
@@ -53,20 +54,46 @@ def amx(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     cpu_has_native_bf16.cache_clear()
 
 
+@pytest.mark.parametrize("bf16_policy", ["1", "0"])
 @pytest.mark.parametrize("kind", ["avx512_bf16", "avx2", "other"])
-def test_torch_everywhere_but_amx(monkeypatch: pytest.MonkeyPatch, small: str, kind: str) -> None:
+def test_torch_everywhere_but_where_openvino_was_measured_faster(
+    monkeypatch: pytest.MonkeyPatch, small: str, kind: str, bf16_policy: str
+) -> None:
+    """AVX512-BF16 without AMX (measured on an AMD Zen 4 EPYC): small embedders get OpenVINO in
+    BF16 and FP32, small rerankers in BF16 only (FP32 was level); ``dtype="auto"`` counts as
+    what the CPU policy makes it. AVX2-only and other CPUs keep torch for everything (nothing
+    was measured there)."""
     monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
-    assert cpu_kind() == kind
-    assert choose_backend("reranker", device="cpu", model=small) == "cross-encoder"
-    assert choose_backend("embedder", device="cpu", model=small) == "sentence-transformers"
-    from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+    monkeypatch.setenv("RAG_RERANK_CPU_BF16", bf16_policy)
+    cpu_has_native_bf16.cache_clear()
+    try:
+        assert cpu_kind() == kind
+        measured = kind == "avx512_bf16" and OPENVINO
+        embedder = "openvino-embedder" if measured else "sentence-transformers"
+        reranker = "openvino-cross-encoder" if measured else "cross-encoder"
+        auto_reranker = reranker if bf16_policy == "1" else "cross-encoder"
+        assert choose_backend("reranker", device="cpu", model=small) == auto_reranker
+        assert choose_backend("reranker", (), "cpu", "bf16", small) == reranker
+        assert choose_backend("reranker", (), "cpu", "float32", small) == "cross-encoder"
+        assert choose_backend("embedder", device="cpu", model=small) == embedder
+        for dtype in ("bfloat16", "float32"):
+            assert choose_backend("embedder", (), "cpu", dtype, small) == embedder
+        for k in ("embedder", "reranker"):
+            torch_ = "sentence-transformers" if k == "embedder" else "cross-encoder"
+            assert choose_backend(k, (), "cpu", "float16", small) == torch_
+            assert choose_backend(k, (), "cuda", "bfloat16", small) == torch_
+            large = model_dir(Path(small).parent / "large", 1024)  # XLM-R large: level
+            assert choose_backend(k, (), "cpu", "bfloat16", large) == torch_
+        from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
 
-    for cls in (SharedEmbeddings, SharedEmbedding):
-        assert cls(model_name=small, backend="auto", device="cpu").backend == (
-            "sentence-transformers"
-        )
-    for rerank_cls in (SharedRerankCompressor, SharedRerankPostprocessor):
-        assert rerank_cls(model=small, backend="auto", device="cpu").backend == "cross-encoder"
+        for cls in (SharedEmbeddings, SharedEmbedding):
+            assert cls(model_name=small, backend="auto", device="cpu").backend == embedder
+        for rerank_cls in (SharedRerankCompressor, SharedRerankPostprocessor):
+            built = rerank_cls(model=small, backend="auto", device="cpu")
+            assert built.backend == auto_reranker
+    finally:
+        monkeypatch.undo()
+        cpu_has_native_bf16.cache_clear()
 
 
 @pytest.fixture
@@ -76,7 +103,7 @@ def reranker_pick(monkeypatch: pytest.MonkeyPatch) -> None:
     from rag_rerank_plugins import backend_choice
 
     table = {**backend_choice._MEASURED_FASTEST}
-    table["reranker", "amx"] = ("openvino-cross-encoder", 384)
+    table["reranker", "amx"] = backend_choice._Pick("openvino-cross-encoder", 384)
     monkeypatch.setattr(backend_choice, "_MEASURED_FASTEST", table)
 
 

@@ -91,6 +91,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--gap": "benchmarks/peers.py",
     "--group": "pip",
     "--preload": "gunicorn",
+    "--shape": "benchmarks/peers.py",
 }
 
 

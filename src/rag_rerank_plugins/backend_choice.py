@@ -11,7 +11,19 @@ answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6
   ``onnxruntime`` are installed (extra ``openvino``), every option given is one that backend
   takes, the dtype is BF16 or FP32, and the model's ``config.json`` is on this machine to say its
   size.
-* **Rerankers**, small and large: torch (``cross-encoder``). Small (MiniLM-L6, 1 x 50 SciFact):
+* **Small embedders on AVX512-BF16 CPUs without AMX** (AMD Zen 4 EPYC): the same pick, measured
+  there on 2026-12-05 (``embedder_backends.py``, 7 rounds): one query 8.4 vs 12.4 ms (1.48x), 64
+  passages 1132 vs 1290 ms (1.14x), BF16 on both; FP32 10.9 vs 14.9 ms and 2030 vs 2077 ms;
+  cosine >= 0.99997 to FP32.
+* **Small rerankers on AVX512-BF16 CPUs without AMX, in BF16**: ``openvino-cross-encoder``.
+  Measured there (``peers.py``, MiniLM-L6, 1 x 50 SciFact, each system in its own process,
+  interleaved): 1525 vs 1668 ms (5 rounds) and 1447 vs 1640 ms (7 rounds), 1.09-1.13x, both
+  within the quality bound (max error 0.95 vs 1.03 % of the FP32 range). In FP32 torch was
+  level (2612 vs 2679 ms, torch ahead), and on the XLM-R large shape (1 x 20, BF16) too (14.97
+  vs 14.50 s, 1.03x): both keep torch. A float32 policy (``RAG_RERANK_CPU_BF16=0``) makes
+  ``dtype="auto"`` FP32, which keeps torch.
+* **Rerankers** everywhere else, small and large: torch (``cross-encoder``). On AMX, small
+  (MiniLM-L6, 1 x 50 SciFact):
   OpenVINO BF16 633 vs torch 644 ms (1.02x), FP32 1856 vs 1801 ms (torch 1.03x), since torch's
   path cuts padded keys from long attention passes; OpenVINO had been 1.10x / 1.02x ahead, and
   ``auto`` picked it until then. The XLM-R large shape of bge-reranker-v2-m3: level before
@@ -19,14 +31,15 @@ answer was measured rather than believed (``benchmarks/cpu_peers.py``, MiniLM-L6
   one-line OpenVINO peer. Level speed buys nothing for an IR conversion at the first load and a
   second copy of the weights on disk; torch also serves any model whose size is not known
   before the load.
-* **Other CPU kinds** (AVX512-BF16 without AMX, AVX2-only, ARM) and GPUs: torch. The only
-  figures there come from capping this AMX machine's instruction set (OpenVINO honours
-  ``ONEDNN_MAX_CPU_ISA``, but its MLAS kernels and torch's MKL do not), which is not a
-  measurement of those CPUs.
+* **Other CPU kinds** (AVX2-only, ARM) and GPUs: torch. The only figures there come from
+  capping an AMX machine's instruction set (OpenVINO honours ``ONEDNN_MAX_CPU_ISA``, but its
+  MLAS kernels and torch's MKL do not), which is not a measurement of those CPUs.
 
-Figures: 2-core Intel Xeon (AMX, AVX512-BF16), ``benchmarks/cpu_peers.py`` (1 query x 50 SciFact
-passages) and ``benchmarks/embedder_backends.py`` (64 passages), each run interleaved in one
-process; the XLM-R figure from ``benchmarks/peers.py --shape xlmr``.
+Figures: 2-core Intel Xeon (AMX, AVX512-BF16) and 2-core AMD EPYC (Zen 4, AVX512-BF16, no AMX),
+``benchmarks/cpu_peers.py`` (1 query x 50 SciFact passages) and
+``benchmarks/embedder_backends.py`` (64 passages), each run interleaved in one process; the
+XLM-R figures and the EPYC reranker figures from ``benchmarks/peers.py`` (tables in
+``benchmarks/results/`` and ``benchmarks/results/amd-epyc/``).
 
 A GPU (``device`` "cuda"/"mps", or "auto" finding one) always means torch. The pick happens when
 an adapter is built (adapters know whether they need a reranker or an embedder), and the adapter
@@ -44,7 +57,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._cpu import CPU_KINDS, CpuKind, cpu_kind
 from .backends import backend_info
@@ -71,10 +84,22 @@ def is_auto(backend: object) -> bool:
     return isinstance(backend, str) and backend.strip().lower() == AUTO
 
 
-#: ``(kind, CPU kind) -> (backend, largest hidden size measured faster)`` where measurements
-#: put another runtime ahead of torch.
-_MEASURED_FASTEST: dict[tuple[str, CpuKind], tuple[str, int]] = {
-    ("embedder", "amx"): ("openvino-embedder", 384),
+class _Pick(NamedTuple):
+    """A runtime measured ahead of torch: for models up to ``largest`` hidden units, in
+    ``dtypes`` (``"auto"`` counts as the dtype the CPU policy gives it: BF16 on native-BF16
+    CPUs, else FP32)."""
+
+    backend: str
+    largest: int
+    dtypes: tuple[str, ...] = ("bfloat16", "float32")
+
+
+#: ``(kind, CPU kind) -> _Pick`` where measurements put another runtime ahead of torch.
+_MEASURED_FASTEST: dict[tuple[str, CpuKind], _Pick] = {
+    ("embedder", "amx"): _Pick("openvino-embedder", 384),
+    ("embedder", "avx512_bf16"): _Pick("openvino-embedder", 384),
+    # BF16 only: in FP32 torch was level (2612 vs 2679 ms, torch ahead). XLM-R large: level.
+    ("reranker", "avx512_bf16"): _Pick("openvino-cross-encoder", 384, ("bfloat16",)),
 }
 _TORCH_DEFAULT = {"reranker": "cross-encoder", "embedder": "sentence-transformers"}
 #: What each non-torch pick needs installed (module names, checked without importing them).
@@ -128,8 +153,13 @@ def _gpu(device: str) -> bool:
     return torch_available() and resolve_device("auto") != "cpu"
 
 
-#: The dtypes the OpenVINO picks were measured in ("auto" is one of them on any CPU).
-_MEASURED_DTYPES = ("auto", "bfloat16", "float32")
+def _policy_dtype(dtype: str) -> str:
+    """``dtype`` with ``"auto"`` read as the CPU policy reads it (the picks are CPU-only)."""
+    if dtype != "auto":
+        return dtype
+    from .policy import cpu_has_native_bf16
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def _hidden_size(model: str | None, options: Mapping[str, Any]) -> int | None:
@@ -162,8 +192,9 @@ def choose_backend(
     ``options``: the options (or their names) the caller passes; a measured-faster backend that
     does not take one of them is skipped (the caller's options keep their meaning). ``model``:
     the name or folder, whose ``config.json`` (local, or in the Hugging Face cache) gives the
-    size the measurement covers; without it torch is the answer. The OpenVINO picks were
-    measured in BF16 and FP32: a float16 request keeps torch. ``device`` and ``dtype`` take every
+    size the measurement covers; without it torch is the answer. Each pick holds for the
+    dtypes it was measured faster in (``"auto"`` read as the CPU policy reads it): a float16
+    request keeps torch. ``device`` and ``dtype`` take every
     spelling :class:`~rag_rerank_plugins.ModelSpec` takes ("CUDA", "cuda:0", "bf16",
     "torch.float32") with the same meaning, others are a ConfigurationError. A pick that failed
     to load this model in this process (:func:`note_failed_pick`, done by the adapters) is not
@@ -179,13 +210,13 @@ def choose_backend(
     measured = _MEASURED_FASTEST.get((kind, cpu_kind()))
     if measured is None:
         return fallback
-    pick, largest = measured
+    pick, largest, dtypes = measured
     if not _installed(_NEEDS.get(pick, ())):
         return fallback
     accepted = backend_info(pick).options
     if accepted is not None and not set(options) <= accepted:
         return fallback
-    if dtype not in _MEASURED_DTYPES or _gpu(device):
+    if _policy_dtype(dtype) not in dtypes or _gpu(device):
         return fallback
     size = _hidden_size(model, options if isinstance(options, Mapping) else {})
     if size is None or size > largest or (pick, str(model)) in failed_picks():
