@@ -5,7 +5,8 @@ evicts a model under a running call; a call that races an explicit ``release()``
 the reloaded model. ``release()`` does not wait for a load in flight: a call whose load (its
 own, or the one it waited for) was released starts over with a fresh load, at once when it only
 waited, so no call fails because a release met its load. Async calls never load on the event
-loop: a cold spec loads in a thread.
+loop: a cold spec loads in a thread. Every call checks its input (texts, pairs, batch size,
+priority) before it looks the model up, so bad input never costs a load.
 
 A call's ``timeout`` (or ``EngineConfig.request_timeout_s``) bounds the whole call, the wait for
 a cold model's load included: a load that is slow, or never ends (a stalled network share, a
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 from .._mps import empty_cache
 from ..engine_config import no_limit
 from ..exceptions import ModelReleasedError, RequestTimeoutError
-from ..inputs import check_timeout
+from ..inputs import check_batch_size, check_pairs, check_priority, check_texts, check_timeout
 from ..spec import ModelSpec
 from ._state import PoolState
 
@@ -220,6 +221,7 @@ class PoolCalls(PoolState):
     ) -> list[float]:
         """Score (query, passage) pairs with the shared model for ``spec``. ``priority="bulk"``
         yields to interactive calls of the same model (they wait for at most one pass)."""
+        pairs = _checked_pairs(pairs, batch_size, priority)
         return self._call(
             spec,
             timeout,
@@ -240,6 +242,7 @@ class PoolCalls(PoolState):
     ) -> list[list[float]]:
         """Embed texts with the shared model for ``spec``; ``prompt`` (an instruction) replaces
         the model's own query/document prompt."""
+        texts = _checked_texts(texts, prompt, batch_size, priority)
         return self._call(
             spec,
             timeout,
@@ -264,6 +267,7 @@ class PoolCalls(PoolState):
         priority: Lane = "interactive",
     ) -> list[float]:
         """Like :meth:`score_pairs`; awaits the model's worker without blocking the event loop."""
+        pairs = _checked_pairs(pairs, batch_size, priority)
         return await self._acall(
             spec,
             timeout,
@@ -283,6 +287,7 @@ class PoolCalls(PoolState):
         priority: Lane = "interactive",
     ) -> list[list[float]]:
         """Like :meth:`embed`; awaits the model's worker without blocking the event loop."""
+        texts = _checked_texts(texts, prompt, batch_size, priority)
         return await self._acall(
             spec,
             timeout,
@@ -302,3 +307,21 @@ def _left(deadline: float | None) -> float | None:
     """After a wait for a load: what it left of the deadline for the request itself (a tiny
     positive floor, so the engine times the request out through its one resolve path)."""
     return None if deadline is None else max(1e-3, deadline - time.monotonic())
+
+
+def _checked_pairs(
+    pairs: Sequence[tuple[str, str]], batch_size: int, priority: str
+) -> list[tuple[str, str]]:
+    """A scoring call's input, checked before the model is looked up (or loaded)."""
+    check_batch_size(batch_size)
+    check_priority(priority)
+    return check_pairs(pairs)
+
+
+def _checked_texts(
+    texts: Sequence[str], prompt: str | None, batch_size: int, priority: str
+) -> list[str]:
+    """An embedding call's input, checked before the model is looked up (or loaded)."""
+    check_batch_size(batch_size)
+    check_priority(priority)
+    return check_texts(texts, prompt)
