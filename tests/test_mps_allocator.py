@@ -238,6 +238,11 @@ def test_mps_cache_is_left_alone_by_default(fake_mps: _FakeMps) -> None:
 def test_the_cache_is_emptied_after_a_failed_call_too(fake_mps: _FakeMps) -> None:
     pool = ModelPool(mps_empty_cache=True)
     try:
+        # A call that reaches the model and fails there (an embedding call on a reranker).
+        # Bad input is refused before the model is looked up: no model work, nothing to empty.
+        with pytest.raises(InvalidInputError):
+            pool.embed(_spec("mps"), ["some text"])
+        assert fake_mps.emptied == 1
         with pytest.raises(InvalidInputError):
             pool.score_pairs(_spec("mps"), [("q", 3)])  # type: ignore[list-item]
         assert fake_mps.emptied == 1
