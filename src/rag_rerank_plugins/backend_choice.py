@@ -154,12 +154,13 @@ def _gpu(device: str) -> bool:
 
 
 def _policy_dtype(dtype: str) -> str:
-    """``dtype`` with ``"auto"`` read as the CPU policy reads it (the picks are CPU-only)."""
+    """``dtype`` with ``"auto"`` read as the CPU policy reads it (the picks are CPU-only); an
+    explicit dtype stays as asked (float16 keeps torch rather than becoming FP32)."""
     if dtype != "auto":
         return dtype
-    from .policy import cpu_has_native_bf16
+    from .policy import decide_dtype
 
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return decide_dtype("auto", "cpu").dtype
 
 
 def _hidden_size(model: str | None, options: Mapping[str, Any]) -> int | None:
