@@ -389,11 +389,13 @@ def test_clear_racing_calls_and_loads_never_hands_out_a_released_model(
         with ThreadPoolExecutor(4) as ex:
             callers = [ex.submit(caller, n) for n in range(4)]
             rng = random.Random(seed)
-            for _ in range(clears):
-                time.sleep(rng.choice([0.0, 0.002, 0.01, 0.03]))
-                _, took = _timed(pool.clear)
-                assert took < PROMPT_S
-            stop.set()
+            try:
+                for _ in range(clears):
+                    time.sleep(rng.choice([0.0, 0.002, 0.01, 0.03]))
+                    _, took = _timed(pool.clear)
+                    assert took < PROMPT_S
+            finally:  # a failed check must fail the test, not leave the callers looping
+                stop.set()  # while the executor's exit waits for them
             for future in callers:
                 future.result(timeout=30)
     finally:

@@ -88,9 +88,11 @@ def test_bulk_work_is_not_starved_by_a_stream_of_interactive_requests() -> None:
         streams = [ex.submit(interactive_stream) for _ in range(3)]
         time.sleep(0.05)
         started = time.perf_counter()
-        bulk = pool.score_pairs(spec, [("bulk", f"p{i}") for i in range(16)], priority="bulk")
+        try:
+            bulk = pool.score_pairs(spec, [("bulk", f"p{i}") for i in range(16)], priority="bulk")
+        finally:  # a failed call must fail the test, not leave the streams running forever
+            stop.set()
         waited = time.perf_counter() - started
-        stop.set()
         served = sum(f.result() for f in streams)
     assert bulk == [0.0] * 16
     assert served > 0
