@@ -308,15 +308,15 @@ def test_contextual_compression_retriever_side_by_side(tiny_ce_path: str) -> Non
             base_retriever=Fixed(),
         )
 
-        # TEXTS repeats texts (d0/d2, d1/d5): equal texts tie, and which copy of a tie ranks
-        # first depends on the last bits of each side's FP32 sums (ours scores them in passes
-        # of other shapes), so the ranking is compared by text, and every id must carry its text.
-        def ranked(result: list[list[Document]]) -> list[list[str]]:
+        # TEXTS repeats texts (d0/d2, d1/d5): equal texts tie exactly on both sides (ours
+        # scores each distinct pair once), so the stable sort keeps the copies in input order
+        # and the ids, not only the texts, rank as stock's do.
+        def ranked(result: list[list[Document]]) -> list[list[tuple[str | None, str]]]:
             for docs in result:
                 for d in docs:
                     assert d.id is not None
                     assert TEXTS[int(d.id[1:])] == d.page_content
-            return [[d.page_content for d in docs] for docs in result]
+            return [[(d.id, d.page_content) for d in docs] for docs in result]
 
         want = ranked(stock.batch([QUERY, "dogs"]))
         assert ranked(ours.batch([QUERY, "dogs"])) == want

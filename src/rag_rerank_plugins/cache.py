@@ -1,7 +1,15 @@
-"""A small thread-safe LRU cache with a time-to-live, for scores and query embeddings.
+"""Computing each input once: a small thread-safe LRU cache with a time-to-live (scores and
+query embeddings, across calls) and :func:`distinct` / :func:`spread` (repeats inside one call).
 
 Why not functools.lru_cache: entries must expire (documents and models change), the cache must
 be per model (released with it), and hit/miss counts must reach ``stats()``.
+
+Why repeats in one call are computed once: retrievers return the same chunk twice (two sources,
+overlapping indexes), and two copies scored in passes of different shapes can differ in their
+last float bits. Stock rerankers score copies side by side and rank the tie in input order
+(``sorted`` is stable); ours then ranked the copies by those last bits, so which document (and
+which metadata) came first changed from run to run. One computation per distinct item makes the
+tie exact, and the ranking keeps input order, as stock's does.
 """
 
 from __future__ import annotations
@@ -12,9 +20,35 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
-__all__ = ["TTLCache"]
+__all__ = ["TTLCache", "distinct", "spread"]
 
 _MISSING = object()
+
+
+def distinct(items: list[Hashable]) -> tuple[list[Hashable], list[int]]:
+    """The distinct items, in first-seen order, and for every item its position among them."""
+    position: dict[Hashable, int] = {}
+    slots = [position.setdefault(item, len(position)) for item in items]
+    if len(position) == len(items):
+        return items, slots
+    return list(position), slots
+
+
+def spread(results: list[Any], slots: list[int]) -> list[Any]:
+    """One result per original item (``slots`` from :func:`distinct`). A repeat of a list
+    result (a vector) gets a copy of its own, so a caller who edits one vector in place does
+    not change its twin."""
+    if len(results) == len(slots):
+        return results
+    seen: set[int] = set()
+    out = []
+    for slot in slots:
+        value = results[slot]
+        if slot in seen and isinstance(value, list):
+            value = list(value)
+        seen.add(slot)
+        out.append(value)
+    return out
 
 
 class TTLCache:

@@ -1,10 +1,10 @@
 """`ModelHandle`: one loaded model plus what makes it safe and cheap to share.
 
-A handle validates input (before any model work), answers from its caches, counts, builds the one
-:class:`~rag_rerank_plugins.engine.request.Request` of each call, and hands it to its executor
-(:mod:`rag_rerank_plugins.engine.executor`): a scheduler whose device worker is the only thread
-that runs the model, or the direct stage for models that declare ``thread_safe``.
-Counters live in :class:`~rag_rerank_plugins.stats.SpecStats`, which the pool keeps across
+A handle validates input (before any model work), answers from its caches, computes a call's
+repeated items once (:mod:`.cache`), counts, builds the one :class:`.engine.request.Request` of
+each call, and hands it to its executor (:mod:`.engine.executor`): a scheduler whose device
+worker is the only thread that runs the model, or the direct stage for models that declare
+``thread_safe``. Counters live in :class:`.stats.SpecStats`, which the pool keeps across
 releases so reloads show up as ``loads > 1``.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
-from .cache import TTLCache
+from .cache import TTLCache, distinct, spread
 from .engine.executor import Executor, executor_for
 from .engine.request import Lane, Request
 from .engine_config import EngineConfig, no_limit
@@ -110,20 +110,17 @@ class ModelHandle:
     # -- execution ----------------------------------------------------------------------------
 
     def _request(
-        self,
-        task: Task,
-        items: list[Any],
-        batch_size: int,
-        timeout: float | None,
-        priority: Lane,
-    ) -> Request:
-        """The one request object that travels to the backend and back (checked before work)."""
+        self, task: Task, items: list[Any], batch_size: int, timeout: float | None, priority: Lane
+    ) -> tuple[Request, list[int]]:
+        """The one request of a call (checked before work), over its distinct items: repeats
+        are computed once (:func:`.cache.distinct`); the slots spread the results back."""
         check_batch_size(batch_size)
         check_priority(priority)
         timeout = check_timeout(timeout)
         if timeout is None:
             timeout = self.config.request_timeout_s
-        return Request(task, items, batch_size, priority, no_limit(timeout))
+        unique, slots = distinct(items)
+        return Request(task, unique, batch_size, priority, no_limit(timeout)), slots
 
     @contextlib.contextmanager
     def _counted(self, n_items: int) -> Iterator[None]:
@@ -146,16 +143,16 @@ class ModelHandle:
     def _execute(
         self, task: Task, items: list[Any], batch_size: int, timeout: float | None, priority: Lane
     ) -> list[Any]:
-        request = self._request(task, items, batch_size, timeout, priority)
+        request, slots = self._request(task, items, batch_size, timeout, priority)
         with self._counted(len(items)):
-            return self._executor.run(request)
+            return spread(self._executor.run(request), slots)
 
     async def _aexecute(
         self, task: Task, items: list[Any], batch_size: int, timeout: float | None, priority: Lane
     ) -> list[Any]:
-        request = self._request(task, items, batch_size, timeout, priority)
+        request, slots = self._request(task, items, batch_size, timeout, priority)
         with self._counted(len(items)):
-            return await self._executor.arun(request)
+            return spread(await self._executor.arun(request), slots)
 
     # -- in-flight calls (what a pool's eviction checks) --------------------------------------
 
