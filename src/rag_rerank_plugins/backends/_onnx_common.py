@@ -11,9 +11,11 @@ here so the two can never drift apart:
   under 4 MiB), so a changed model exports again and an unchanged one is reused by every later
   process. Entries are written in a scratch folder (:func:`tmp_entry`, :func:`scratch_dir`: the
   permissions of a plain ``mkdir``, so other users can read the cache) and renamed into place
-  (:func:`publish`): concurrent processes never see half an export. ``meta.json`` records the
-  sha256 of the entry's other files, checked at every load (:func:`entry_damage`): a damaged
-  entry is logged, removed and exported again, never served. A cache folder that cannot be
+  (:func:`publish`): concurrent processes never see half an export. The scratch folders of a
+  process killed mid-export are swept by the next export into that folder
+  (:func:`sweep_scratch`). ``meta.json`` records the sha256 of the entry's other files, checked
+  at every load (:func:`entry_damage`): a damaged entry is logged, removed and exported again,
+  never served. A cache folder that cannot be
   written fails naming the folder and the way out (:func:`writable`); one holding the model's
   intact export is only read. A model path that does not exist and is no hub name raises
   :class:`ModelNotFoundError` (:func:`model_dir`).
@@ -44,6 +46,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -98,6 +101,7 @@ __all__ = [
     "publish_export",
     "quantize_int8",
     "scratch_dir",
+    "sweep_scratch",
     "st_for_export",
     "threads_for",
     "tmp_entry",
@@ -448,16 +452,65 @@ def _entry_lock(entry: Path) -> threading.Lock:
         return _entry_locks.setdefault(entry, threading.Lock())
 
 
+def _process_tag() -> str:
+    """This host and PID namespace, hashed: two processes with equal tags see the same PIDs, so
+    one can tell whether the other is still alive (containers sharing a cache volume, or hosts
+    sharing it over NFS, get other tags, and their folders are never judged from here)."""
+    where = socket.gethostname()
+    with contextlib.suppress(OSError):
+        where += os.readlink("/proc/self/ns/pid")
+    return hashlib.sha256(where.encode()).hexdigest()[:8]
+
+
+#: ``<prefix><tag>-<pid>-<random>``: the scratch folders :func:`scratch_dir` makes.
+_SCRATCH_NAME = re.compile(r"^\.(?:tmp|broken)-.*-([0-9a-f]{8})-([0-9]+)-[0-9a-f]{16}$")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (of any user). Never on Windows, where ``os.kill(pid, 0)``
+    sends CTRL_C_EVENT instead of asking: there every folder counts as alive."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def sweep_scratch(parent: Path) -> list[str]:
+    """Remove the scratch folders in ``parent`` whose process died before it cleaned up: one
+    killed mid-export (SIGKILL, the OOM killer, an evicted pod) left a partial export, up to the
+    model's size (2 GB for bge-reranker-v2-m3's IR), that nothing else would ever delete. Only
+    folders of this host and PID namespace whose process no longer exists go; a PID reused since
+    keeps its folder (it is swept once that process ends). Returns the names removed."""
+    tag, removed = _process_tag(), []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            found = _SCRATCH_NAME.match(name)
+            if found and found.group(1) == tag and not _alive(int(found.group(2))):
+                shutil.rmtree(parent / name, ignore_errors=True)
+                removed.append(name)
+    if removed:
+        logger.info("rag-rerank: removed %d leftover export folder(s) in %s", len(removed), parent)
+    return removed
+
+
 def scratch_dir(parent: Path, prefix: str) -> Path:
-    """A new empty folder ``parent/<prefix><random>`` with the permissions a plain ``mkdir``
-    gives (0o777 less the umask, as the files written into it get).
+    """A new empty folder ``parent/<prefix><tag>-<pid>-<random>`` with the permissions a plain
+    ``mkdir`` gives (0o777 less the umask, as the files written into it get). The folders that
+    dead processes left behind in ``parent`` are swept first (:func:`sweep_scratch`).
 
     Not ``tempfile.mkdtemp``: its folders are 0700, and renamed into place as cache entries they
     stay unreadable to every other user (a cache built as root in a Docker build step, then read
     by the service's user, who would try to export again into a folder it may not write)."""
     parent.mkdir(parents=True, exist_ok=True)
+    sweep_scratch(parent)
+    owner = f"{_process_tag()}-{os.getpid()}"
     for _ in range(100):
-        path = parent / f"{prefix}{secrets.token_hex(8)}"
+        path = parent / f"{prefix}{owner}-{secrets.token_hex(8)}"
         try:
             path.mkdir()
         except FileExistsError:
