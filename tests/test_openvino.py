@@ -345,3 +345,36 @@ def test_auto_dtype_follows_the_cpu(
         assert ModelPool().key(ModelSpec("m", backend="onnx-cross-encoder")).dtype == "float32"
     finally:
         cpu_has_native_bf16.cache_clear()
+
+
+def test_passes_come_in_the_finer_bucket_lengths_and_padding_changes_no_score(
+    real_ce_path: str, ov_cache: str, pool: ModelPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenVINO passes are padded in 16-token steps up to 512 (``LENGTH_STEPS``), a bounded set
+    finer than torch's 64-token steps above 256: the padding costs every pass, a new shape only
+    once. The extra padding and the pass shapes change no FP32 score."""
+    from rag_rerank_plugins._shapes import bucket_length
+
+    spec = ov_spec(real_ce_path, ov_cache)
+    model = pool.get(spec).model
+    inner = model.inner
+    assert inner.length_steps == _openvino_common.LENGTH_STEPS == 16
+    widths: list[int] = []
+    prepare = inner.prepare
+
+    def recording(task: Any, items: Any) -> Any:
+        prepared = prepare(task, items)
+        widths.append(int(prepared.payload["input_ids"].shape[1]))
+        return prepared
+
+    monkeypatch.setattr(inner, "prepare", recording)
+    words = ["aspirin", "lowers", "the", "risk", "of", "heart", "attack", "in", "adults"]
+    passages = [" ".join(words[i % 9] for i in range(n)) for n in (150, 200, 230, 260, 300)]
+    pairs = [("does aspirin help?", p) for p in passages]
+    padded = [pool.score_pairs(spec, [pair])[0] for pair in pairs]
+    allowed = {bucket_length(n, model.max_tokens, 16) for n in range(1, model.max_tokens + 1)}
+    assert set(widths) <= allowed
+    assert any(w > 256 and w % 64 for w in widths), widths  # a step torch's buckets skip
+    monkeypatch.setenv("RAG_RERANK_SHAPE_BUCKETS", "0")
+    own_length = [pool.score_pairs(spec, [pair])[0] for pair in pairs]
+    assert max(abs(a - b) for a, b in zip(padded, own_length, strict=True)) <= 1e-5

@@ -411,7 +411,7 @@ def test_a_peer_that_saw_no_entry_does_not_delete_the_one_just_published(
             return default  # every caller its own lock, as two processes have
 
     real_verified, real_publish = _openvino_common._verified, _openvino_common.publish
-    real_discard = _openvino_common._discard
+    real_discard = _openvino_common.discard_entry
 
     def verified(entry: Path, **kw: Any) -> Any:
         found = real_verified(entry, **kw)
@@ -434,7 +434,7 @@ def test_a_peer_that_saw_no_entry_does_not_delete_the_one_just_published(
 
     monkeypatch.setattr(_openvino_common, "_build_locks", PerThreadLocks())
     monkeypatch.setattr(_openvino_common, "_verified", verified)
-    monkeypatch.setattr(_openvino_common, "_discard", discard)
+    monkeypatch.setattr(_openvino_common, "discard_entry", discard)
     monkeypatch.setattr(_openvino_common, "publish", publish)
 
     errors: dict[str, BaseException] = {}

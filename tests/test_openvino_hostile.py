@@ -130,7 +130,7 @@ def _read_only(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(errno.EROFS, "Read-only file system", str(args[0] if args else ""))
 
     monkeypatch.setattr(_openvino_common, "scratch_dir", refuse)
-    monkeypatch.setattr(_openvino_common.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(_onnx_common, "scratch_dir", refuse)  # discard_entry's trash folder
 
 
 def test_a_read_only_cache_serves_its_ir_and_says_how_to_fix_a_missing_one(

@@ -49,12 +49,14 @@ def buckets_enabled() -> bool:
 _OFF = ("0", "false", "no", "off")
 
 
-def bucket_length(tokens: int, max_tokens: int | None) -> int:
+def bucket_length(tokens: int, max_tokens: int | None, steps: int | None = None) -> int:
     """The length a pass whose longest item has ``tokens`` tokens is padded to.
 
     One of a fixed set (see the module docstring), never below ``tokens`` and never above
     ``max_tokens`` unless ``tokens`` already is (then ``tokens``: nothing pads past what the
-    tokenizer produced). ``max_tokens`` None or <= 0: no cap.
+    tokenizer produced). ``max_tokens`` None or <= 0: no cap. ``steps``: steps per doubling
+    above the fine range (default :data:`LENGTH_STEPS_PER_DOUBLING`); a runtime whose per-shape
+    state is cheaper than its padding asks for more (OpenVINO: ``_openvino_common``).
     """
     if tokens <= 0:
         return tokens
@@ -62,7 +64,7 @@ def bucket_length(tokens: int, max_tokens: int | None) -> int:
     # Above the fine range, the step is 1/STEPS of the doubling the length falls in:
     # (128, 256] -> 32, (256, 512] -> 64, (512, 1024] -> 128, ...
     octave = 1 << ((tokens - 1).bit_length() - 1) if tokens > 1 else 1
-    step = max(step, octave // LENGTH_STEPS_PER_DOUBLING)
+    step = max(step, octave // (steps or LENGTH_STEPS_PER_DOUBLING))
     bucket = -(-tokens // step) * step
     if max_tokens is not None and max_tokens > 0:
         bucket = min(bucket, max(max_tokens, tokens))

@@ -818,6 +818,9 @@ class OnnxRuntimeModel:
     device: str = "cpu"
     dtype: str = "float32"
     max_tokens: int | None = None
+    #: Bucket steps per doubling of the pass length (None: ``_shapes``' default); the OpenVINO
+    #: backends, which run this model's ``prepare``, set their own.
+    length_steps: int | None = None
     tokenizer: Any
 
     def __init__(self, entry: Path, *, threads: int, max_length: int | None = None) -> None:
@@ -870,7 +873,8 @@ class OnnxRuntimeModel:
         }
         arrays = {name: np.asarray(rows, dtype=np.int64) for name, rows in columns.items()}
         width = arrays["input_ids"].shape[1] if arrays["input_ids"].ndim == 2 else 0
-        extra = bucket_length(width, self.max_tokens) - width if self.max_tokens else 0
+        steps = self.length_steps
+        extra = bucket_length(width, self.max_tokens, steps) - width if self.max_tokens else 0
         if extra > 0 and buckets_enabled():
             left = self.meta["padding_side"] == "left"
             fills = {
