@@ -92,6 +92,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--group": "pip",
     "--preload": "gunicorn",
     "--shape": "benchmarks/peers.py",
+    "--systems": "benchmarks/peers.py",
 }
 
 
