@@ -1,7 +1,7 @@
 """The pool's shared state: slots, locks and counters every part of the pool reads.
 
 :class:`PoolState` holds what loading, releasing, the memory budget and the calls share, and
-the two helpers they all use (:meth:`PoolState._stats_for`, :meth:`PoolState._close_handle`), so
+the helpers they all use (:meth:`PoolState._stats_for`, :meth:`PoolState._close_handles`), so
 each concern lives in its own module as a small mixin over one state.
 
 Lock discipline: ``_lock`` guards the dicts (``_slots``, ``_stats``, ``_keys``); ``_mem_lock``
@@ -134,18 +134,40 @@ class PoolState:
         )
 
     def _close_handle(self, key: ModelSpec, handle: ModelHandle) -> None:
-        device = handle.device
+        self._close_handles([(key, handle)])
+
+    def _close_handles(self, closing: list[tuple[ModelSpec, ModelHandle]]) -> None:
+        """Close ``closing``'s handles, then free their memory once per device.
+
+        Once, not once per handle: freeing runs a full garbage collection, which takes a large
+        part of a second in a big heap (a service that has run a while), so a ``clear()`` of
+        several models paid it per model. Empties ``closing``: no reference to a closed handle
+        may outlive the collection. One handle's failed close does not keep the others open; the
+        first error is raised once all are closed."""
+        devices = sorted({handle.device for _, handle in closing})
         # oneDNN's kernel cache and glibc's arenas are process-wide: give them back only when no
         # CPU model of this pool is left (see _memory).
-        last_cpu = device == "cpu" and not self._resident("cpu")
+        last_cpu = "cpu" in devices and not self._resident("cpu")
+        failed: list[Exception] = []
         with release_window(last_cpu):
+            while closing:  # popped: no local name keeps a handle alive
+                try:
+                    self._close_one(*closing.pop(0))
+                except Exception as exc:  # a backend's close failed: still close the others
+                    failed.append(exc)
+            for device in devices:
+                free_memory(device, kernel_caches=last_cpu and device == "cpu")
+        if failed:
+            raise failed[0]
+
+    def _close_one(self, key: ModelSpec, handle: ModelHandle) -> None:
+        try:
             handle._close()
+        finally:  # out of the pool either way: counted as released
             stats = self._stats.get(key)
             if stats is not None:
                 stats.update(loaded=False)
                 stats.add(releases=1)
-            del handle
-            free_memory(device, kernel_caches=last_cpu)
 
     def _resident(self, device: str) -> list[tuple[ModelSpec, Slot, ModelHandle, int]]:
         """Loaded models on ``device`` with their footprints (unknown counts as 0)."""

@@ -259,29 +259,43 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         the load and its release); ``get()``/``preload()`` waiting for it raise
         :class:`ModelReleasedError` at once; calls start over with a fresh load (:mod:`.calls`).
         """
-        key = self.key(spec)
+        closing = self._take(self.key(spec))
+        if not closing:
+            return False
+        label = closing[0][0].label
+        self._close_handles(closing)  # empties it: no name here keeps the handle alive
+        logger.info("rag-rerank: released %s", label)
+        return True
+
+    def _take(self, key: ModelSpec) -> list[tuple[ModelSpec, ModelHandle]]:
+        """Remove ``key``'s slot: ``[(key, its handle)]``, or ``[]`` if it was not loaded (a load
+        in flight is dropped when it comes in). A list, for :meth:`_close_handles` to empty."""
         with self._lock:
             slot = self._slots.pop(key, None)
             if slot is None:
-                return False
+                return []
             slot.retired = True
             handle, slot.handle = slot.handle, None
             slot.cancelled = handle is None
         if handle is None:
             logger.info("rag-rerank: released %s while it was loading (dropped when in)", key.label)
-            return False
-        self._close_handle(key, handle)
-        logger.info("rag-rerank: released %s", key.label)
-        return True
+            return []
+        return [(key, handle)]
 
     def clear(self) -> int:
         """Release every model and stop the idle reaper (the next load starts it again).
         Returns how many models were released. Loads in flight are released without waiting,
-        as :meth:`release` does, so a shutdown hook returns even while a load hangs."""
+        as :meth:`release` does, so a shutdown hook returns even while a load hangs. Memory is
+        freed once for all the models (:meth:`_close_handles`), not once per model."""
         self._stop_reaper()
         with self._lock:
             keys = list(self._slots)
-        return sum(self.release(key) for key in keys)
+        closing = [taken for key in keys for taken in self._take(key)]
+        labels = [key.label for key, _ in closing]
+        self._close_handles(closing)
+        for label in labels:
+            logger.info("rag-rerank: released %s", label)
+        return len(labels)
 
     # -- introspection ------------------------------------------------------------------------
 
