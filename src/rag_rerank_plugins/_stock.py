@@ -18,7 +18,14 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 
-__all__ = ["REFUSED", "check_truncate_dim", "hf_model_kwargs", "refusal"]
+__all__ = [
+    "REFUSED",
+    "RUNTIME_KWARGS",
+    "check_truncate_dim",
+    "hf_model_kwargs",
+    "refusal",
+    "st_backend",
+]
 
 _SERVE = (
     "the shared pool already batches concurrent requests into one model per process; for "
@@ -143,6 +150,121 @@ def _backend(data: dict[str, Any], kind: str, value: Any, source: str) -> None:
     _put(data, "backend", ours, source)
 
 
+#: Our runtimes behind sentence-transformers' ``backend="onnx"`` / ``"openvino"``.
+_RUNTIMES = frozenset(name for names in _BACKENDS.values() for name in names.values())
+#: sentence-transformers' ONNX / OpenVINO loading arguments (its ``model_kwargs``, handed to
+#: optimum's ``from_pretrained``) that :func:`_runtime_kwargs` translates.
+RUNTIME_KWARGS = ("file_name", "subfolder", "export", "provider", "ov_config")
+#: ``ov_config``'s precision hint -> our dtype.
+_OV_PRECISIONS = {"f32": "float32", "bf16": "bfloat16"}
+
+
+def st_backend(data: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``data`` with a top-level ``backend`` in sentence-transformers' sense ("torch", "onnx",
+    "openvino": what ``CrossEncoder(name, backend=...)`` takes) read as that: our torch backend
+    for the kind, or the runtime that serves the same files. Our own names pass unchanged."""
+    value = data.get("backend")
+    if value not in ("torch", "onnx", "openvino", "ipex"):
+        return data
+    data = dict(data)
+    del data["backend"]
+    _backend(data, kind, value, "backend")
+    return data
+
+
+def _runtime_kwargs(
+    data: dict[str, Any], kind: str, nested: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """sentence-transformers' ONNX / OpenVINO loading arguments (``nested``: its
+    ``model_kwargs``) -> our options, with the same meaning:
+
+    * ``file_name`` (with ``subfolder``): run that ONNX file of the repository (e.g. a
+      ``onnx/model_qint8_avx512_vnni.onnx`` it ships) instead of our export: option
+      ``file_name``. A prebuilt OpenVINO IR (``.xml``) is not loaded: refused, with what to use.
+    * ``export``: True ignores ``file_name`` (sentence-transformers exports from the weights
+      then, as ours always does); False is its default.
+    * ``provider``: onnxruntime's CPU provider only (our ONNX runtimes run on the CPU).
+    * ``ov_config``: a dict or a JSON file of OpenVINO settings; ``INFERENCE_PRECISION_HINT``
+      sets ``dtype``, the rest is handed to OpenVINO's compile (option ``ov_config``).
+    """
+    backend = data["backend"]
+    export = nested.pop("export", None)
+    if export is not None and not isinstance(export, bool):
+        raise ConfigurationError(
+            f"model_kwargs['model_kwargs']['export'] must be a bool, got {export!r}."
+        )
+    file_name = nested.pop("file_name", None)
+    subfolder = nested.pop("subfolder", None)
+    provider = nested.pop("provider", None)
+    if provider not in (None, "CPUExecutionProvider"):
+        raise ConfigurationError(
+            f"model_kwargs['model_kwargs']['provider']={provider!r}: our {backend!r} backend runs "
+            "on the CPU (onnxruntime's CPUExecutionProvider, or OpenVINO's CPU plugin). For a "
+            "GPU use backend='torch' (ours: 'cross-encoder' / 'sentence-transformers') with "
+            "device='cuda'."
+        )
+    ov_config = nested.pop("ov_config", None)
+    if ov_config is not None:
+        _ov_config(data, backend, ov_config, options)
+    if file_name is not None and not export:
+        name = str(file_name).replace("\\", "/")
+        if subfolder:
+            name = f"{str(subfolder).strip('/')}/{name}"
+        if name.endswith(".xml"):
+            raise ConfigurationError(
+                f"model_kwargs['model_kwargs']['file_name']={file_name!r} is a prebuilt OpenVINO "
+                f"IR, which our {backend!r} backend does not load: it converts the model's "
+                "weights itself (and caches the IR). Leave file_name out (add "
+                "model_kwargs={'quantize': 'int8'} for NNCF's static INT8, as in "
+                "openvino_model_qint8_quantized.xml), or name one of the repository's ONNX files."
+            )
+        parts = name.split("/")
+        if name.startswith("/") or ".." in parts or not name.endswith(".onnx"):
+            raise ConfigurationError(
+                f"model_kwargs['model_kwargs']['file_name']={file_name!r} must name an .onnx "
+                "file inside the model's repository or folder, relative to it (e.g. "
+                "'onnx/model_qint8_avx512_vnni.onnx')."
+            )
+        if kind != "reranker":
+            raise ConfigurationError(
+                f"model_kwargs['model_kwargs']['file_name']={file_name!r}: our embedder runtimes "
+                "export the model's weights themselves and do not load a repository's own file; "
+                "leave file_name out."
+            )
+        _put(options, "file_name", name, "model_kwargs['model_kwargs']['file_name']")
+
+
+def _ov_config(data: dict[str, Any], backend: str, value: Any, options: dict[str, Any]) -> None:
+    source = "model_kwargs['model_kwargs']['ov_config']"
+    if not backend.startswith("openvino"):
+        raise ConfigurationError(f"{source} is for backend='openvino'; {backend!r} is onnxruntime.")
+    if not isinstance(value, Mapping):  # sentence-transformers: a dict or a path to a JSON file
+        import json
+        from pathlib import Path
+
+        try:
+            value = json.loads(Path(value).read_text(encoding="utf-8"))
+        except (OSError, TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"{source}={value!r} must be a dict or the path of a JSON file holding one "
+                f"({type(exc).__name__}: {exc})."
+            ) from None
+        if not isinstance(value, Mapping):
+            raise ConfigurationError(f"{source}: the JSON file must hold an object.")
+    config = {str(k): v for k, v in value.items()}
+    hint = config.pop("INFERENCE_PRECISION_HINT", None)
+    if hint is not None:
+        dtype = _OV_PRECISIONS.get(str(hint).lower())
+        if dtype is None:
+            raise ConfigurationError(
+                f"{source}['INFERENCE_PRECISION_HINT']={hint!r}: ours runs 'f32' or 'bf16' "
+                f"(dtype='float32' / 'bfloat16')."
+            )
+        _put(data, "dtype", dtype, f"{source}['INFERENCE_PRECISION_HINT']")
+    if config:
+        _put(options, "ov_config", config, source)
+
+
 def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> dict[str, Any]:
     """``data`` with ``data["model_kwargs"]`` read as LangChain's classes read it: keyword
     arguments of ``CrossEncoder`` (``kind="reranker"``) or ``SentenceTransformer``
@@ -187,6 +309,8 @@ def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> 
     if "backend" in kw:
         _backend(data, kind, kw.pop("backend"), "model_kwargs['backend']")
     nested = _dict(kw.pop("model_kwargs", None), "model_kwargs['model_kwargs']")
+    if data.get("backend") in _RUNTIMES:
+        _runtime_kwargs(data, kind, nested, kw)
     for key in _DTYPE_KEYS:
         if key in nested:
             value = str(nested.pop(key)).removeprefix("torch.")

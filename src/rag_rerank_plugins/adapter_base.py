@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._stock import hf_model_kwargs, lift_spec_fields
+from ._stock import hf_model_kwargs, lift_spec_fields, st_backend
 from .backend_choice import choose_backend, is_auto, note_failed_pick, torch_backend
 from .backends import backend_info, check_options
 from .exceptions import (
@@ -216,7 +216,7 @@ class SharedModelFields(BaseModel):
         # fields here; left in model_kwargs, max_length reached CrossEncoder(...) twice and the
         # first call failed with "got multiple values for keyword argument 'max_length'".
         if isinstance(data, dict):
-            data = _device_names(data)
+            data = st_backend(_device_names(data), cls._kind)
         if isinstance(data, dict) and cls._st_model_kwargs:
             data = hf_model_kwargs(data, cls._kind, cls.model_fields)
         if isinstance(data, dict):

@@ -129,7 +129,8 @@ _BUILTINS = (
         "reranker",
         ".onnx:load",
         "CrossEncoder exported once to ONNX, run by onnxruntime on the CPU (extra: onnx)",
-        options=ONNX_EXPORT | CLASSIFIER_SCORES | {"prune_last_layer"},
+        # file_name: run one of the repository's own ONNX files instead of our export.
+        options=ONNX_EXPORT | CLASSIFIER_SCORES | {"prune_last_layer", "file_name"},
         # Torch only for the one-time export: "auto" means the CPU and float32 (ONNX Runtime's
         # CPU provider has no fast BF16), and a cached export loads without importing torch.
         uses_torch=False,
@@ -139,8 +140,11 @@ _BUILTINS = (
         "reranker",
         ".openvino_cross_encoder:load",
         "onnx-cross-encoder's export run by OpenVINO: BF16/FP32, NNCF INT8 (extra: openvino)",
-        # The ONNX twin's options (forwarded to it), and ours: quantize (NNCF INT8), calibration.
-        options=ONNX_EXPORT | CLASSIFIER_SCORES | {"prune_last_layer", "calibration"},
+        # The ONNX twin's options (forwarded to it), and ours: quantize (NNCF INT8), calibration,
+        # ov_config (OpenVINO compile settings).
+        options=ONNX_EXPORT
+        | CLASSIFIER_SCORES
+        | {"prune_last_layer", "file_name", "calibration", "ov_config"},
         uses_torch=False,  # torch only for the one-time export; a cached IR loads without it
         cpu_bf16=True,
     ),
@@ -166,7 +170,7 @@ _BUILTINS = (
         "embedder",
         ".openvino_embedder:load",
         "onnx-sentence-transformers' export run by OpenVINO: BF16/FP32/INT8 (extra: openvino)",
-        options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name", "calibration"},
+        options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name", "calibration", "ov_config"},
         uses_torch=False,
         cpu_bf16=True,
     ),

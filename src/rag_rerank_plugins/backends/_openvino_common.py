@@ -54,7 +54,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -95,7 +95,7 @@ logger = logging.getLogger(__name__)
 #: 2: attention blocks fused into ``ScaledDotProductAttention`` (:func:`fuse_attention`).
 FORMAT_VERSION = 2
 #: Options the OpenVINO backends read themselves; every other one goes to the ONNX twin.
-OWN_OPTIONS = ("quantize", "calibration")
+OWN_OPTIONS = ("quantize", "calibration", "ov_config")
 #: The compile hint for each dtype the backends accept.
 HINTS = {"bfloat16": "bf16", "float32": "f32"}
 #: The compiled model's ``PERFORMANCE_HINT`` (see :func:`compile_config`).
@@ -611,11 +611,18 @@ class OpenVinoSession:
         ]
 
 
-def compile_config(dtype: str, threads: int) -> dict[str, Any]:
+def compile_config(
+    dtype: str, threads: int, user: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The CPU plugin's settings: the dtype's precision hint and ``threads`` threads shared by
     one stream per core, at most :data:`MAX_STREAMS` (:class:`OpenVinoSession` spreads a lone
     pass over them). Single-threaded streams ran 1 x 50 SciFact requests ~1.25x faster than one
-    stream of two threads on 2 cores (issue 22, ``benchmarks/openvino_ab.py``)."""
+    stream of two threads on 2 cores (issue 22, ``benchmarks/openvino_ab.py``).
+
+    ``user`` is option ``ov_config`` (sentence-transformers' ``ov_config``, its precision hint
+    already read as ``dtype``): its settings win over ours, as they would in
+    ``OVModel.from_pretrained(ov_config=...)``. A ``PERFORMANCE_HINT`` of its own drops our
+    stream count, which only our hint implies."""
     config: dict[str, Any] = {
         "INFERENCE_PRECISION_HINT": HINTS[dtype],
         "PERFORMANCE_HINT": PERFORMANCE_HINT,
@@ -623,13 +630,40 @@ def compile_config(dtype: str, threads: int) -> dict[str, Any]:
     }
     if PERFORMANCE_HINT == "THROUGHPUT":
         config["NUM_STREAMS"] = max(1, min(threads, MAX_STREAMS))
+    user = dict(user or {})
+    user.pop("INFERENCE_PRECISION_HINT", None)  # read as dtype by the adapters (_stock)
+    if "PERFORMANCE_HINT" in user and "NUM_STREAMS" not in user:
+        config.pop("NUM_STREAMS", None)
+    config.update(user)
     return config
 
 
-def _compile(entry: Path, dtype: str, threads: int) -> Any:
+def _compile(spec: ModelSpec, entry: Path, dtype: str, threads: int) -> Any:
     import openvino as ov
 
-    return ov.Core().compile_model(str(entry / "model.xml"), "CPU", compile_config(dtype, threads))
+    config = compile_config(dtype, threads, _ov_config(spec))
+    try:
+        return ov.Core().compile_model(str(entry / "model.xml"), "CPU", config)
+    except Exception as exc:
+        if not _ov_config(spec):
+            raise
+        raise ConfigurationError(  # the user's settings, not a damaged IR
+            f"OpenVINO refused ov_config={_ov_config(spec)!r} ({type(exc).__name__}: "
+            f"{str(exc).strip()[:300]}); fix or drop those settings."
+        ) from exc
+
+
+def _ov_config(spec: ModelSpec) -> dict[str, Any]:
+    """Option ``ov_config``: OpenVINO compile settings (a dict of property names)."""
+    value = spec.option("ov_config")
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"ov_config={value!r} must be a dict of OpenVINO properties, e.g. "
+            "{'PERFORMANCE_HINT': 'LATENCY'}."
+        )
+    return {str(k): v for k, v in value.items()}
 
 
 def describe_compiled(compiled: Any) -> str:
@@ -760,6 +794,7 @@ def load_openvino(
             "int8 with model_kwargs={'quantize': 'int8'}."
         )
     threads = threads_for(spec)
+    _ov_config(spec)  # a malformed ov_config fails before any export or conversion
     ir = "int8" if quantize_mode(spec.option("quantize")) else "float32"
     if ir != "int8" and spec.option("calibration") is not None:
         raise ConfigurationError(
@@ -780,14 +815,16 @@ def load_openvino(
     try:
         entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
         try:
-            compiled = _compile(entry, spec.dtype, threads)
+            compiled = _compile(spec, entry, spec.dtype, threads)
+        except ConfigurationError:
+            raise
         except Exception as exc:
             logger.warning(
                 "rag-rerank: OpenVINO IR %s does not compile (%s): rebuilding", entry, exc
             )
             discard_entry(entry)
             entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
-            compiled = _compile(entry, spec.dtype, threads)
+            compiled = _compile(spec, entry, spec.dtype, threads)
     except BaseException:
         inner.close()
         raise

@@ -87,6 +87,7 @@ from ._onnx_common import (
     export_count,
     export_graph,
     fast_tokenizer_json,
+    model_dir,
     model_fingerprint,
     publish_export,
     same_tokens,
@@ -95,8 +96,10 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
+from ._repo_file import copy_file, file_key, file_option, repo_file
 from ._torch_common import (
     cap_to_positions,
+    loading_errors,
     position_table_limit,
     prune_last_layer,
     prune_last_layer_option,
@@ -147,6 +150,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
     import torch
 
     start = time.perf_counter()
+    file_name = file_option(spec)
     ce = st_for_export(spec, model_dir, "CrossEncoder")
     cap_to_positions(ce, None, spec.model)  # the recorded max_length fits the position table
     tokenizer = ce.tokenizer
@@ -189,21 +193,39 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
     features = ce.preprocess(probes, prompt=None)
     with torch.inference_mode():  # the unpruned model's logits: what the export must give
         want = ce(dict(features))["scores"].float().reshape(len(probes), -1).numpy()
-    meta["kernels"] = prune_last_layer(ce, _prune(spec))
+    if file_name is None:
+        meta["kernels"] = prune_last_layer(ce, _prune(spec))
+    else:  # the repository's own file, run as it is (_repo_file)
+        meta["kernels"] = f"the repository's {file_name}, as it is"
+        meta["file_name"] = file_name
     with tmp_entry(final, tokenizer_json, meta) as tmp:
-        sample = ce.preprocess(probes[:2], prompt=None)  # padded: the mask stays in the graph
-        export_graph(
-            _Scores(ce),
-            tuple(sample[n] for n in names),
-            tmp,
-            inputs=names,
-            output="scores",
-            output_axes={0: "batch"},
-            mode=mode,
-            opset=opset,
-        )
+        if file_name is None:
+            sample = ce.preprocess(probes[:2], prompt=None)  # padded: the mask stays in the graph
+            export_graph(
+                _Scores(ce),
+                tuple(sample[n] for n in names),
+                tmp,
+                inputs=names,
+                output="scores",
+                output_axes={0: "batch"},
+                mode=mode,
+                opset=opset,
+            )
+        else:
+            copy_file(repo_file(spec, model_dir, file_name), tmp)
         # Check the tokenizer and (float32) the logits before publishing anything.
         runtime = OnnxCrossEncoder(tmp, threads=default_threads(), score_label=0)
+        if file_name is not None:  # optimum names it "logits"; ours "scores"
+            outputs = runtime.ensure_session().get_outputs()
+            if len(outputs) != 1:
+                runtime.close()
+                raise ModelLoadError(
+                    spec.model,
+                    spec.backend,
+                    f"{file_name} has {len(outputs)} outputs; a cross-encoder's graph has one "
+                    "(its logits)",
+                )
+            runtime.output = meta["output"] = outputs[0].name
         prepared = runtime.prepare(Task("score"), _PROBES)
         for name in prepared.payload:
             ref = features[name].numpy()
@@ -214,7 +236,10 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
                     f"the exported tokenizer's {name} differ from CrossEncoder.preprocess",
                 )
         got = np.asarray(runtime.forward(Task("score"), prepared)).reshape(len(probes), -1)
-        tolerance = 1e-3 if mode == "float32" else 0.25 * max(1.0, float(np.ptp(want)))
+        # A repository's file may be quantized (its name does not say so reliably): checked
+        # with int8's tolerance, which still catches another model's or task's graph.
+        exact = mode == "float32" and file_name is None
+        tolerance = 1e-3 if exact else 0.25 * max(1.0, float(np.ptp(want)))
         if got.shape != want.shape or not np.allclose(got, want, atol=tolerance, rtol=0):
             raise ModelLoadError(
                 spec.model,
@@ -266,6 +291,8 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
         self.label = label_index(score_label, self.num_labels, meta.get("id2label"), meta["model"])
         self._feed_names: list[str] | None = list(meta.get("feeds") or ()) or None
         self._prompt = self.meta.get("prompt") or ""
+        #: The graph's output: "scores" in our exports, a repository's file's own name else.
+        self.output: str = str(self.meta.get("output") or "scores")
         if score_mode is None:
             score_mode = "sigmoid" if self.meta["activation"] == "sigmoid" else "raw"
         self.score_mode = score_mode
@@ -288,7 +315,7 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
         return Prepared(payload, len(items), int(arrays["input_ids"].size))
 
     def forward(self, task: Task, batch: Prepared) -> Any:
-        return self.session.run(["scores"], batch.payload)[0]
+        return self.session.run([self.output], batch.payload)[0]
 
     def finish(self, task: Task, pending: Any) -> list[Any]:
         import numpy as np
@@ -342,6 +369,11 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxCrossEncoder:
     threads = threads_for(spec)
     # A pruned graph is another entry; the unpruned one keeps the key of earlier releases.
     extra = {"prune": "last-layer"} if _prune(spec) else {}
+    file_name = file_option(spec)
+    if file_name is not None:  # the repository's file: an entry per file and contents
+        with loading_errors(spec):
+            path = repo_file(spec, model_dir(spec), file_name)
+        extra = {"file": f"{file_name}:{file_key(path)}"}
     model: OnnxCrossEncoder = cached_entry(
         spec,
         format_version=FORMAT_VERSION,

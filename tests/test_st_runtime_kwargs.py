@@ -1,0 +1,308 @@
+"""sentence-transformers' ONNX / OpenVINO arguments, as a migrating user passes them.
+
+``CrossEncoder(name, backend="onnx", model_kwargs={"file_name": ..., "provider": ...})`` and
+``backend="openvino", model_kwargs={"ov_config": {...}}`` reach us through LangChain's
+``HuggingFaceCrossEncoder(model_kwargs=...)``, LlamaIndex's ``cross_encoder_kwargs`` and
+``HuggingFaceEmbeddings(model_kwargs=...)``; and ``backend="onnx"`` / ``"openvino"`` / ``"torch"``
+is how sentence-transformers users spell the runtime on our classes too. Each must mean what it
+means there (``_stock._runtime_kwargs``, ``backends._repo_file``), or be refused before any
+model work with a message that says what to do.
+
+The repository's own file is built here as optimum writes it (inputs ``input_ids``,
+``attention_mask``, ``token_type_ids``; output ``logits``), plus a dynamically quantized copy; the
+reference is onnxruntime running that file with ``CrossEncoder.predict``'s sigmoid.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rag_rerank_plugins import ConfigurationError, ModelPool
+from rag_rerank_plugins.langchain import (
+    SharedCrossEncoder,
+    SharedEmbeddings,
+    SharedRerankCompressor,
+)
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("sentence_transformers")
+
+PAIRS = [
+    ("what is a cat", "a cat is a small domesticated animal"),
+    ("what is a cat", "dogs bark at night and sleep by day, " * 3),
+    ("why is the sky blue", "Rayleigh scattering of sunlight by the air"),
+    ("", "an empty query"),
+    ("Qu'est-ce que l'énergie ?", "Die Zelle — 細胞 — uses energy. " * 4),
+]
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_ce_path: str) -> Path:
+    """A copy of the tiny cross-encoder shipping ``onnx/model.onnx`` (optimum's layout and
+    names) and ``onnx/model_qint8_avx512_vnni.onnx`` (dynamic int8 of it)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rag_rerank_plugins.backends._onnx_common import quantize_int8
+
+    folder = tmp_path_factory.mktemp("repo") / "ce"
+    shutil.copytree(tiny_ce_path, folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: Any, mask: Any, types: Any) -> Any:
+            return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+
+    sample = tokenizer(["a q", "b"], ["a passage of words", "p"], padding=True, return_tensors="pt")
+    (folder / "onnx").mkdir()
+    axes = {n: {0: "batch", 1: "sequence"} for n in INPUTS}
+    torch.onnx.export(
+        Logits(),
+        tuple(sample[n] for n in INPUTS),
+        str(folder / "onnx" / "model.onnx"),
+        input_names=INPUTS,
+        output_names=["logits"],
+        dynamic_axes={**axes, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+    quantize_int8(folder / "onnx" / "model.onnx", folder / "onnx" / "model_qint8_avx512_vnni.onnx")
+    return folder
+
+
+def direct(repo: Path, file_name: str) -> list[float]:
+    """onnxruntime on the file, one pair at a time, with predict's sigmoid: the reference."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    session = ort.InferenceSession(str(repo / file_name), providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(repo)
+    out = []
+    for q, p in PAIRS:
+        enc = tokenizer(q, p, truncation=True, max_length=512, return_tensors="np")
+        logit = session.run(None, {n: enc[n].astype(np.int64) for n in INPUTS})[0][0, 0]
+        out.append(float(1 / (1 + np.exp(-logit))))
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RAG_RERANK_ONNX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def stock(repo: Path, model_kwargs: dict[str, Any]) -> SharedCrossEncoder:
+    """HuggingFaceCrossEncoder(model_name=..., model_kwargs=...) with only the import swapped."""
+    return SharedCrossEncoder(model_name=str(repo), model_kwargs=model_kwargs, pool=ModelPool())
+
+
+# -- backend names in sentence-transformers' sense ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reranker", "embedder"),
+    [
+        ("torch", "cross-encoder", "sentence-transformers"),
+        ("onnx", "onnx-cross-encoder", "onnx-sentence-transformers"),
+        ("openvino", "openvino-cross-encoder", "openvino-embedder"),
+    ],
+)
+def test_top_level_backend_takes_sentence_transformers_names(
+    tiny_ce_path: str, minilm_path: str, name: str, reranker: str, embedder: str
+) -> None:
+    if name == "openvino":
+        pytest.importorskip("openvino")
+    from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+
+    pool = ModelPool()
+    assert SharedRerankCompressor(model=tiny_ce_path, backend=name, pool=pool).backend == reranker
+    assert SharedCrossEncoder(model_name=tiny_ce_path, backend=name, pool=pool).backend == reranker
+    assert (
+        SharedRerankPostprocessor(model=tiny_ce_path, backend=name, pool=pool).backend == reranker
+    )
+    assert SharedEmbeddings(model_name=minilm_path, backend=name, pool=pool).backend == embedder
+    assert SharedEmbedding(model_name=minilm_path, backend=name, pool=pool).backend == embedder
+
+
+def test_unknown_backend_still_lists_ours(tiny_ce_path: str) -> None:
+    with pytest.raises(ValueError, match="openvino-cross-encoder"):
+        SharedRerankCompressor(model=tiny_ce_path, backend="openvin", pool=ModelPool())
+
+
+# -- the translation, refused before any model work ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nested", "match"),
+    [
+        ({"provider": "CUDAExecutionProvider"}, "runs on the CPU"),
+        ({"export": "yes"}, "must be a bool"),
+        ({"file_name": "openvino/openvino_model.xml"}, "prebuilt OpenVINO IR"),
+        ({"ov_config": {"INFERENCE_PRECISION_HINT": "f16"}}, "'f32' or 'bf16'"),
+        ({"ov_config": 3}, "dict or the path of a JSON file"),
+    ],
+)
+def test_bad_runtime_arguments_are_refused_at_construction(
+    tiny_ce_path: str, nested: dict[str, Any], match: str
+) -> None:
+    pytest.importorskip("openvino")
+    kwargs = {"backend": "openvino", "model_kwargs": nested}
+    if "provider" in nested:
+        kwargs["backend"] = "onnx"
+    with pytest.raises(ValueError, match=match):
+        SharedCrossEncoder(model_name=tiny_ce_path, model_kwargs=kwargs, pool=ModelPool())
+
+
+def test_ov_config_on_onnxruntime_and_file_name_on_embedders_are_refused(
+    tiny_ce_path: str, minilm_path: str
+) -> None:
+    with pytest.raises(ValueError, match="is for backend='openvino'"):
+        stock(Path(tiny_ce_path), {"backend": "onnx", "model_kwargs": {"ov_config": {}}})
+    with pytest.raises(ValueError, match="embedder runtimes"):
+        SharedEmbeddings(
+            model_name=minilm_path,
+            model_kwargs={"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}},
+            pool=ModelPool(),
+        )
+
+
+def test_translation_keeps_meanings(tiny_ce_path: str, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    path = Path(tiny_ce_path)
+    # provider: the CPU one is what ours runs; export=True: from the weights, file_name ignored.
+    onnx = stock(path, {"backend": "onnx", "model_kwargs": {"provider": "CPUExecutionProvider"}})
+    assert onnx.backend == "onnx-cross-encoder"
+    assert "file_name" not in onnx.model_kwargs
+    exported = stock(
+        path, {"backend": "onnx", "model_kwargs": {"export": True, "file_name": "model.onnx"}}
+    )
+    assert "file_name" not in exported.model_kwargs
+    # subfolder joins file_name, as sentence-transformers' backend_should_export does.
+    sub = stock(
+        path, {"backend": "onnx", "model_kwargs": {"subfolder": "onnx", "file_name": "m.onnx"}}
+    )
+    assert sub.model_kwargs["file_name"] == "onnx/m.onnx"
+    # ov_config: the hint is the dtype, the rest OpenVINO's; a JSON file works as a dict.
+    config = tmp_path / "ov.json"
+    config.write_text(json.dumps({"INFERENCE_PRECISION_HINT": "bf16", "NUM_STREAMS": 1}))
+    ov = stock(path, {"backend": "openvino", "model_kwargs": {"ov_config": str(config)}})
+    assert ov.dtype == "bfloat16"
+    assert ov.model_kwargs["ov_config"] == {"NUM_STREAMS": 1}
+    with pytest.raises(ValueError, match="disagree"):
+        SharedCrossEncoder(
+            model_name=tiny_ce_path,
+            dtype="float32",
+            model_kwargs={
+                "backend": "openvino",
+                "model_kwargs": {"ov_config": {"INFERENCE_PRECISION_HINT": "bf16"}},
+            },
+            pool=ModelPool(),
+        )
+
+
+def test_llama_index_cross_encoder_kwargs_take_the_same_arguments(tiny_ce_path: str) -> None:
+    from rag_rerank_plugins.llama_index import SharedRerankPostprocessor
+
+    post = SharedRerankPostprocessor(
+        model=tiny_ce_path,
+        cross_encoder_kwargs={"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}},
+        pool=ModelPool(),
+    )
+    assert post.backend == "onnx-cross-encoder"
+    assert post.model_kwargs["file_name"] == "onnx/model.onnx"
+
+
+# -- the repository's file really runs -----------------------------------------------------------
+
+
+def test_file_name_runs_the_repository_file(repo: Path, cache: Path) -> None:
+    from rag_rerank_plugins.backends._onnx_common import export_count
+
+    before = export_count()
+    fp32 = stock(repo, {"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}})
+    got = fp32.score(PAIRS)
+    assert got == pytest.approx(direct(repo, "onnx/model.onnx"), abs=1e-5)
+    assert "onnx/model.onnx" in fp32.stats()["kernels"]
+    # A bare name is looked up under onnx/ too; the quantized file is what runs, not our export.
+    q8 = stock(
+        repo, {"backend": "onnx", "model_kwargs": {"file_name": "model_qint8_avx512_vnni.onnx"}}
+    )
+    got8 = q8.score(PAIRS)
+    assert got8 != pytest.approx(got, abs=1e-6)
+    assert got8 == pytest.approx(direct(repo, "onnx/model_qint8_avx512_vnni.onnx"), abs=0.05)
+    ours = stock(repo, {"backend": "onnx"})  # our own export of the weights: the float file's
+    assert ours.score(PAIRS) == pytest.approx(got, abs=1e-5)
+    assert export_count() == before + 3
+    # A new pool loads the cached entries: nothing copied or exported again.
+    again = stock(repo, {"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}})
+    assert again.score(PAIRS) == got
+    assert export_count() == before + 3
+
+
+def test_a_changed_file_is_a_new_entry(repo: Path, cache: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ce"
+    shutil.copytree(repo, folder)
+    kwargs = {"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}}
+    first = stock(folder, kwargs).score(PAIRS)
+    shutil.copyfile(
+        folder / "onnx" / "model_qint8_avx512_vnni.onnx", folder / "onnx" / "model.onnx"
+    )
+    second = stock(folder, kwargs).score(PAIRS)
+    assert second != pytest.approx(first, abs=1e-6)
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_missing_file_names_what_is_there(repo: Path, cache: Path) -> None:
+    ce = stock(repo, {"backend": "onnx", "model_kwargs": {"file_name": "onnx/model_O3.onnx"}})
+    with pytest.raises(ConfigurationError, match=r"no such file.*onnx/model\.onnx"):
+        ce.score(PAIRS)
+    with pytest.raises(ValueError, match="relative to it"):
+        stock(repo, {"backend": "onnx", "model_kwargs": {"file_name": "../ce/onnx/model.onnx"}})
+    with pytest.raises(ValueError, match="run as it is"):
+        SharedCrossEncoder(
+            model_name=str(repo),
+            backend="onnx-cross-encoder",
+            model_kwargs={"file_name": "onnx/model.onnx", "quantize": "int8"},
+            pool=ModelPool(),
+        ).score(PAIRS)
+
+
+def test_openvino_runs_the_file_with_the_users_ov_config(repo: Path, cache: Path) -> None:
+    pytest.importorskip("openvino")
+    ce = stock(
+        repo,
+        {
+            "backend": "openvino",
+            "model_kwargs": {
+                "file_name": "onnx/model.onnx",
+                "ov_config": {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
+            },
+        },
+    )
+    assert ce.dtype == "float32"
+    assert ce.score(PAIRS) == pytest.approx(direct(repo, "onnx/model.onnx"), abs=1e-4)
+    assert "LATENCY" in ce.stats()["kernels"]
+
+
+def test_a_setting_openvino_refuses_is_a_configuration_error(repo: Path, cache: Path) -> None:
+    pytest.importorskip("openvino")
+    ce = stock(repo, {"backend": "openvino", "model_kwargs": {"ov_config": {"NO_SUCH_KEY": 1}}})
+    with pytest.raises(ConfigurationError, match="NO_SUCH_KEY"):
+        ce.score(PAIRS)
+    # The IR was not thrown away over it: a load without the setting is a cache hit.
+    from rag_rerank_plugins.backends._openvino_common import build_count
+
+    before = build_count()
+    assert len(stock(repo, {"backend": "openvino"}).score(PAIRS)) == len(PAIRS)
+    assert build_count() == before
