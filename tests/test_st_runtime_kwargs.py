@@ -77,6 +77,33 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_ce_path: str) -> Path:
         dynamo=False,
     )
     quantize_int8(folder / "onnx" / "model.onnx", folder / "onnx" / "model_qint8_avx512_vnni.onnx")
+    try:  # the IRs optimum-intel saves: openvino/openvino_model.xml (+ .bin), FP32 weights
+        import openvino as ov
+    except ImportError:
+        return folder
+    (folder / "openvino").mkdir()
+    ir = ov.convert_model(str(folder / "onnx" / "model.onnx"))
+    ov.save_model(ir, str(folder / "openvino" / "openvino_model.xml"), compress_to_fp16=False)
+    # Another task's IR (token vectors, as an embedder's): must not be read as scores.
+    body = AutoModelForSequenceClassification.from_pretrained(folder).base_model.eval()
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.body(input_ids, attention_mask, token_type_ids=token_type_ids)[0]
+
+    example = tuple(sample[n] for n in INPUTS)
+    ov.save_model(
+        ov.convert_model(Tokens(), example_input=example),
+        str(folder / "openvino" / "openvino_tokens.xml"),
+    )
+    ov.save_model(  # a graph whose inputs are not the tokenizer's
+        ov.convert_model(Logits(), example_input=example),
+        str(folder / "openvino" / "openvino_renamed.xml"),
+    )
     return folder
 
 
@@ -148,7 +175,8 @@ def test_unknown_backend_still_lists_ours(tiny_ce_path: str) -> None:
     [
         ({"provider": "CUDAExecutionProvider"}, "runs on the CPU"),
         ({"export": "yes"}, "must be a bool"),
-        ({"file_name": "openvino/openvino_model.xml"}, "prebuilt OpenVINO IR"),
+        ({"file_name": "/abs/model.onnx"}, "relative to it"),
+        ({"file_name": "onnx/model.bin"}, "must name an .onnx"),
         ({"ov_config": {"INFERENCE_PRECISION_HINT": "f16"}}, "'f32' or 'bf16'"),
         ({"ov_config": 3}, "dict or the path of a JSON file"),
     ],
@@ -169,6 +197,11 @@ def test_ov_config_on_onnxruntime_and_file_name_on_embedders_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match="is for backend='openvino'"):
         stock(Path(tiny_ce_path), {"backend": "onnx", "model_kwargs": {"ov_config": {}}})
+    with pytest.raises(ValueError, match="run it with backend='openvino'"):
+        stock(
+            Path(tiny_ce_path),
+            {"backend": "onnx", "model_kwargs": {"file_name": "openvino/openvino_model.xml"}},
+        )
     with pytest.raises(ValueError, match="embedder runtimes"):
         SharedEmbeddings(
             model_name=minilm_path,
@@ -306,3 +339,47 @@ def test_a_setting_openvino_refuses_is_a_configuration_error(repo: Path, cache: 
     before = build_count()
     assert len(stock(repo, {"backend": "openvino"}).score(PAIRS)) == len(PAIRS)
     assert build_count() == before
+
+
+def test_openvino_runs_the_repositorys_own_ir(repo: Path, cache: Path) -> None:
+    pytest.importorskip("openvino")
+    from rag_rerank_plugins.backends._openvino_common import build_count
+
+    kwargs = {
+        "backend": "openvino",
+        "model_kwargs": {
+            "file_name": "openvino_model.xml",  # a bare name: looked up under openvino/
+            "ov_config": {"INFERENCE_PRECISION_HINT": "f32"},
+        },
+    }
+    ce = stock(repo, kwargs)
+    assert ce.model_kwargs["file_name"] == "openvino_model.xml"
+    got = ce.score(PAIRS)
+    assert got == pytest.approx(direct(repo, "onnx/model.onnx"), abs=1e-4)
+    # Its own entry: a second pool loads it from the cache.
+    before = build_count()
+    assert stock(repo, kwargs).score(PAIRS) == pytest.approx(got, abs=1e-6)
+    assert build_count() == before
+
+
+def test_an_ir_of_another_task_or_with_quantize_is_refused(repo: Path, cache: Path) -> None:
+    pytest.importorskip("openvino")
+    tokens = stock(
+        repo, {"backend": "openvino", "model_kwargs": {"file_name": "openvino/openvino_tokens.xml"}}
+    )
+    with pytest.raises(ConfigurationError, match="not a cross-encoder's"):
+        tokens.score(PAIRS)
+    renamed = stock(
+        repo,
+        {"backend": "openvino", "model_kwargs": {"file_name": "openvino/openvino_renamed.xml"}},
+    )
+    with pytest.raises(ConfigurationError, match="that IR's inputs are"):
+        renamed.score(PAIRS)
+    both = SharedCrossEncoder(
+        model_name=str(repo),
+        backend="openvino-cross-encoder",
+        model_kwargs={"file_name": "openvino/openvino_model.xml", "quantize": "int8"},
+        pool=ModelPool(),
+    )
+    with pytest.raises(ConfigurationError, match="run as it is"):
+        both.score(PAIRS)

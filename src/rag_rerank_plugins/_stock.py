@@ -178,9 +178,9 @@ def _runtime_kwargs(
     """sentence-transformers' ONNX / OpenVINO loading arguments (``nested``: its
     ``model_kwargs``) -> our options, with the same meaning:
 
-    * ``file_name`` (with ``subfolder``): run that ONNX file of the repository (e.g. a
-      ``onnx/model_qint8_avx512_vnni.onnx`` it ships) instead of our export: option
-      ``file_name``. A prebuilt OpenVINO IR (``.xml``) is not loaded: refused, with what to use.
+    * ``file_name`` (with ``subfolder``): run that file of the repository instead of our export
+      (option ``file_name``): an ONNX file (e.g. ``onnx/model_qint8_avx512_vnni.onnx``), or with
+      ``backend="openvino"`` an IR (``openvino/openvino_model_qint8_quantized.xml``).
     * ``export``: True ignores ``file_name`` (sentence-transformers exports from the weights
       then, as ours always does); False is its default.
     * ``provider``: onnxruntime's CPU provider only (our ONNX runtimes run on the CPU).
@@ -210,20 +210,17 @@ def _runtime_kwargs(
         name = str(file_name).replace("\\", "/")
         if subfolder:
             name = f"{str(subfolder).strip('/')}/{name}"
-        if name.endswith(".xml"):
-            raise ConfigurationError(
-                f"model_kwargs['model_kwargs']['file_name']={file_name!r} is a prebuilt OpenVINO "
-                f"IR, which our {backend!r} backend does not load: it converts the model's "
-                "weights itself (and caches the IR). Leave file_name out (add "
-                "model_kwargs={'quantize': 'int8'} for NNCF's static INT8, as in "
-                "openvino_model_qint8_quantized.xml), or name one of the repository's ONNX files."
-            )
         parts = name.split("/")
-        if name.startswith("/") or ".." in parts or not name.endswith(".onnx"):
+        if name.startswith("/") or ".." in parts or not name.endswith((".onnx", ".xml")):
             raise ConfigurationError(
                 f"model_kwargs['model_kwargs']['file_name']={file_name!r} must name an .onnx "
-                "file inside the model's repository or folder, relative to it (e.g. "
-                "'onnx/model_qint8_avx512_vnni.onnx')."
+                "file (or with backend='openvino' an IR's .xml) inside the model's repository "
+                "or folder, relative to it (e.g. 'onnx/model_qint8_avx512_vnni.onnx')."
+            )
+        if name.endswith(".xml") and not backend.startswith("openvino"):
+            raise ConfigurationError(
+                f"model_kwargs['model_kwargs']['file_name']={file_name!r} is an OpenVINO IR: "
+                "run it with backend='openvino'."
             )
         if kind != "reranker":
             raise ConfigurationError(

@@ -24,7 +24,10 @@ both files, and every load checks them: a damaged entry (a file changed or missi
 ``meta.json`` unreadable or not what was written) is logged, removed and built again; an entry
 that was missing at the first look is looked at again before anything is removed, since another
 process may have just published it. Builds of one entry in one process are serialised by a lock,
-so many threads loading at once convert once.
+so many threads loading at once convert once. Option ``file_name`` naming the repository's own
+IR (``.xml``, sentence-transformers' ``openvino/openvino_model_qint8_quantized.xml``) replaces the
+conversion with a copy of that IR, keyed by its contents (:mod:`._repo_file`); at load it must
+take the tokenizer's inputs and give [pairs, labels] logits on a probe pair.
 
 **Precision.** The spec's dtype is the compile hint: ``bfloat16`` (what ``dtype="auto"`` means on
 CPUs with native BF16, AVX512-BF16 or AMX; the row's ``cpu_bf16`` tells the policy) or
@@ -40,7 +43,8 @@ plugin from fusing it), and the model is compiled with one stream per core; pass
 engine's parallel CPU device workers, a lone pass split over the streams
 (:class:`OpenVinoSession`). 1 x 50 SciFact, MiniLM-L6, BF16, 2-core AMX Xeon: 1.9x the speed of
 the unfused IR on one two-thread stream (``benchmarks/openvino_ab.py``). ``stats()["kernels"]``
-says what runs: the hint, the precision the CPU plugin chose for it (read back from the compiled
+says what runs: the hint (option ``ov_config``'s settings win over ours,
+:func:`compile_config`), the precision the CPU plugin chose for it (read back from the compiled
 model: a BF16 hint runs FP32 on a CPU without native BF16, and ``stats()["dtype"]`` then says
 ``float32``), streams x threads, fused blocks.
 """
@@ -69,11 +73,13 @@ from ._onnx_common import (
     entry_bytes,
     entry_damage,
     file_sha256,
+    model_dir,
     publish,
     scratch_dir,
     threads_for,
 )
-from ._torch_common import import_optional
+from ._repo_file import file_key, file_option, repo_file
+from ._torch_common import import_optional, loading_errors
 from .base import ModelProvider, Prepared, Task
 
 if TYPE_CHECKING:
@@ -477,6 +483,87 @@ def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[An
     )
 
 
+def _prebuilt(spec: ModelSpec, kind: str, ir: str) -> tuple[str, Path] | None:
+    """Option ``file_name`` naming the repository's own IR (``.xml``; sentence-transformers'
+    ``openvino/openvino_model_qint8_quantized.xml``): its name and local path. An ``.onnx``
+    name goes to the ONNX twin (None here), which runs that file's graph."""
+    name = file_option(spec, (".onnx", ".xml"))
+    if name is None or not name.endswith(".xml"):
+        return None
+    if kind != "reranker":
+        raise ConfigurationError(
+            f"file_name={name!r}: the embedder runtimes export the model's weights themselves "
+            "and do not load a repository's own file; leave file_name out."
+        )
+    if ir == "int8":
+        raise ConfigurationError(
+            f"file_name={name!r} and quantize='int8': the repository's IR is run as it is "
+            "(openvino_model_qint8_quantized.xml is INT8 already); give one of them."
+        )
+    with loading_errors(spec):
+        return name, repo_file(spec, model_dir(spec), name)
+
+
+def _copy_ir(source: Path, final: Path, meta: dict[str, Any]) -> None:
+    """The repository's IR (``source`` and its ``.bin``) into ``final`` (atomically), once
+    OpenVINO has read it: a file it cannot read is never published."""
+    global _builds
+    import openvino as ov
+
+    model = ov.Core().read_model(str(source))
+    meta["fused_attention"] = None  # run as it is
+    meta["output"] = None
+    unnamed = len(model.outputs) == 1 and not model.outputs[0].get_names()
+    if unnamed:  # e.g. converted straight from a torch module: name it to read it
+        model.outputs[0].get_tensor().set_names({"logits"})
+    if len(model.outputs) == 1:
+        meta["output"] = model.outputs[0].get_any_name()
+    tmp = scratch_dir(final.parent, f".tmp-{final.name}-")
+    try:
+        if unnamed:
+            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        else:
+            shutil.copyfile(source, tmp / "model.xml")
+            shutil.copyfile(source.with_suffix(".bin"), tmp / "model.bin")
+        meta["sha256"] = {name: file_sha256(tmp / name) for name in IR_FILES}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _builds += 1
+    logger.info("rag-rerank: cached %s's own OpenVINO IR %s: %s", meta["model"], source, final)
+
+
+def _check_prebuilt(spec: ModelSpec, inner: Any, meta: dict[str, Any]) -> None:
+    """Point the twin's ``forward`` at the IR's output, and check on one probe pair that it
+    gives a cross-encoder's logits ([pairs, labels]): another task's IR (an embedder's token
+    vectors) would otherwise be read as scores."""
+    import numpy as np
+
+    if not meta.get("output"):
+        raise ConfigurationError(
+            f"file_name={spec.option('file_name')!r}: that IR has several outputs; a "
+            "cross-encoder's has one (its logits)."
+        )
+    inner.output = meta["output"]
+    names = [port.name for port in inner.session.get_inputs()]
+    known = ("input_ids", "attention_mask", "token_type_ids")
+    if "input_ids" not in names or not set(names) <= set(known):
+        raise ConfigurationError(
+            f"file_name={spec.option('file_name')!r}: that IR's inputs are {names}; a "
+            f"cross-encoder's are {list(known)} (token_type_ids where the model has them)."
+        )
+    inner._feed_names = names  # the IR's own inputs (optimum drops unused token types)
+    task = Task("score")
+    got = np.asarray(inner.forward(task, inner.prepare(task, [("a query", "a passage")])))
+    labels = int(getattr(inner, "num_labels", 1))
+    if got.shape != (1, labels) and not (labels == 1 and got.shape == (1,)):
+        raise ConfigurationError(
+            f"file_name={spec.option('file_name')!r}: that IR gives {list(got.shape)} for one "
+            f"pair, not a cross-encoder's [1, {labels}] logits; name the reranker's IR."
+        )
+
+
 @contextlib.contextmanager
 def _writable(spec: ModelSpec, final: Path, doing: str) -> Iterator[None]:
     """An OSError writing the cache (a read-only folder or file system, a full disk) as a
@@ -497,10 +584,15 @@ def _writable(spec: ModelSpec, final: Path, doing: str) -> Iterator[None]:
 
 
 def _ir_entry(
-    spec: ModelSpec, inner: Any, ir: str, calibration: list[Any]
+    spec: ModelSpec,
+    inner: Any,
+    ir: str,
+    calibration: list[Any],
+    prebuilt: tuple[str, Path] | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
-    """The verified IR entry for ``spec`` (built first when missing or damaged), its meta, and
-    whether it was a cache hit."""
+    """The verified IR entry for ``spec`` (built first when missing or damaged: converted from
+    the twin's graph, or the repository's own IR copied, ``prebuilt``), its meta, and whether it
+    was a cache hit."""
     import openvino as ov
 
     calibration_key = hashlib.sha256(json.dumps(calibration).encode()).hexdigest()
@@ -514,6 +606,8 @@ def _ir_entry(
         if calibration
         else None,
     }
+    if prebuilt is not None:  # a key of its own per file and contents
+        meta["file"] = f"{prebuilt[0]}:{file_key(prebuilt[1])}"
     key = hashlib.sha256(
         json.dumps({k: v for k, v in meta.items() if k != "model"}, sort_keys=True).encode()
     ).hexdigest()[:32]
@@ -542,7 +636,10 @@ def _ir_entry(
                 "load again to export it anew",
             )
         with _writable(spec, final, "write the OpenVINO IR"):
-            _convert(inner, final, dict(meta), calibration)
+            if prebuilt is not None:
+                _copy_ir(prebuilt[1], final, dict(meta))
+            else:
+                _convert(inner, final, dict(meta), calibration)
         found = _verified(final, expect=meta)
         if found is None:
             raise ModelLoadError(spec.model, spec.backend, f"the OpenVINO IR {final} is damaged")
@@ -805,7 +902,9 @@ def load_openvino(
     calibration = calibration_items(spec, kind) if ir == "int8" else []
     if spec.option("calibration") is not None:
         check_calibration_size(calibration, kind)
-    options = {k: v for k, v in spec.options_dict.items() if k not in OWN_OPTIONS}
+    prebuilt = _prebuilt(spec, kind, ir)
+    own = (*OWN_OPTIONS, "file_name") if prebuilt else OWN_OPTIONS
+    options = {k: v for k, v in spec.options_dict.items() if k not in own}
     twin_spec = spec.with_options(backend=twin, dtype="float32", options=options)
     try:
         with deferred_sessions():  # the compiled IR replaces the session: never open it
@@ -813,7 +912,7 @@ def load_openvino(
     except ModelLoadError as exc:
         raise _named(exc, spec.backend) from exc.__cause__
     try:
-        entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
+        entry, meta, hit = _ir_entry(spec, inner, ir, calibration, prebuilt)
         try:
             compiled = _compile(spec, entry, spec.dtype, threads)
         except ConfigurationError:
@@ -823,7 +922,7 @@ def load_openvino(
                 "rag-rerank: OpenVINO IR %s does not compile (%s): rebuilding", entry, exc
             )
             discard_entry(entry)
-            entry, meta, hit = _ir_entry(spec, inner, ir, calibration)
+            entry, meta, hit = _ir_entry(spec, inner, ir, calibration, prebuilt)
             compiled = _compile(spec, entry, spec.dtype, threads)
     except BaseException:
         inner.close()
@@ -834,6 +933,12 @@ def load_openvino(
         int(compiled.get_property("NUM_STREAMS")),
         int(compiled.get_property("INFERENCE_NUM_THREADS")),
     )
+    if prebuilt is not None:  # the repository's IR: its own output name, checked on a probe
+        try:
+            _check_prebuilt(spec, inner, meta)
+        except BaseException:
+            inner.close()
+            raise
     logger.info(
         "rag-rerank: OpenVINO %s for %s, %s hint, runs %s, %d thread(s) (IR %s, %s)",
         meta["ir"],

@@ -1,20 +1,24 @@
-"""A repository's own ONNX file, run by our cross-encoder runtimes (option ``file_name``).
+"""A repository's own ONNX file or OpenVINO IR, run by our cross-encoder runtimes (option
+``file_name``).
 
 Why it exists: sentence-transformers users load the files a model repository ships, e.g.
 ``CrossEncoder(name, backend="onnx", model_kwargs={"file_name":
-"onnx/model_qint8_avx512_vnni.onnx"})`` for its dynamically quantized export. Through
-LangChain's ``HuggingFaceCrossEncoder(model_kwargs=...)`` those arguments reach us unchanged
-(``_stock`` reads them as option ``file_name``), and swapping the class must run the same file,
-not our own export of the weights. So ``onnx-cross-encoder`` (and ``openvino-cross-encoder``
-through its ONNX twin) copy the named file into an entry of the export cache in place of
-exporting, with the tokenizer and labels read as for an export; the rest (verification at every
-load, buckets, workers, the IR conversion) is unchanged. The file is run as it is: no pruned
+"onnx/model_qint8_avx512_vnni.onnx"})`` for its dynamically quantized export, or
+``backend="openvino"`` with ``openvino/openvino_model_qint8_quantized.xml``. Through LangChain's
+``HuggingFaceCrossEncoder(model_kwargs=...)`` those arguments reach us unchanged (``_stock`` reads
+them as option ``file_name``), and swapping the class must run the same file, not our own export
+of the weights. So ``onnx-cross-encoder`` (and ``openvino-cross-encoder`` through its ONNX twin)
+copy a named ONNX file into an entry of the export cache in place of exporting, with the
+tokenizer and labels read as for an export; the rest (verification at every load, buckets,
+workers, the IR conversion) is unchanged. ``openvino-cross-encoder`` copies a named IR into its
+IR cache in place of converting (``_openvino_common``). The file is run as it is: no pruned
 last layer, no quantization of ours on top.
 
 Where the file is looked up, as sentence-transformers does (``backend_should_export``):
-``<file_name>`` in the model folder, then ``onnx/<file_name>`` for a bare name; from the hub for
-a hub name (``hf_hub_download``: revision, cache folder, offline mode as for the weights). An
-external-data file beside it (``<file>_data``, as optimum writes above 2 GB) comes with it.
+``<file_name>`` in the model folder, then ``onnx/<file_name>`` (an IR: ``openvino/``) for a bare
+name; from the hub for a hub name (``hf_hub_download``: revision, cache folder, offline mode as
+for the weights). Its companion comes with it: an IR's ``.bin``, an ONNX graph's external data
+(``<file>_data``, as optimum writes above 2 GB).
 """
 
 from __future__ import annotations
@@ -30,19 +34,20 @@ from ..exceptions import ConfigurationError, ModelNotFoundError
 if TYPE_CHECKING:
     from ..spec import ModelSpec
 
-__all__ = ["copy_file", "file_key", "file_option", "repo_file"]
+__all__ = ["companion_files", "copy_file", "file_key", "file_option", "repo_file"]
 
 
-def file_option(spec: ModelSpec) -> str | None:
-    """Option ``file_name`` checked: a relative POSIX path of a ``.onnx`` file inside the
-    repository (no ``..``), or None."""
+def file_option(spec: ModelSpec, suffixes: tuple[str, ...] = (".onnx",)) -> str | None:
+    """Option ``file_name`` checked: a relative POSIX path of a file with one of ``suffixes``
+    inside the repository (no ``..``), or None."""
     value = spec.option("file_name")
     if value is None:
         return None
     path = PurePosixPath(str(value).replace("\\", "/")) if isinstance(value, str) else None
-    if path is None or path.is_absolute() or ".." in path.parts or path.suffix != ".onnx":
+    if path is None or path.is_absolute() or ".." in path.parts or path.suffix not in suffixes:
+        kinds = " or ".join(suffixes)
         raise ConfigurationError(
-            f"file_name={value!r} must name an .onnx file inside the model's repository or "
+            f"file_name={value!r} must name an {kinds} file inside the model's repository or "
             "folder, relative to it (e.g. 'onnx/model_qint8_avx512_vnni.onnx')."
         )
     if spec.option("quantize") is not None:
@@ -54,7 +59,14 @@ def file_option(spec: ModelSpec) -> str | None:
 
 
 def _candidates(name: str) -> list[str]:
-    return [name] if "/" in name else [name, f"onnx/{name}"]
+    """Where sentence-transformers looks: the name, then a bare name in its backend's folder."""
+    folder = "openvino" if name.endswith(".xml") else "onnx"
+    return [name] if "/" in name else [name, f"{folder}/{name}"]
+
+
+def _companions(name: str) -> list[str]:
+    """The files that come with ``name``: an IR's weights, an ONNX graph's external data."""
+    return [name[: -len(".xml")] + ".bin"] if name.endswith(".xml") else [name + "_data"]
 
 
 def repo_file(spec: ModelSpec, folder: Path, name: str) -> Path:
@@ -63,10 +75,11 @@ def repo_file(spec: ModelSpec, folder: Path, name: str) -> Path:
         for candidate in _candidates(name):
             if (folder / candidate).is_file():
                 return folder / candidate
-        found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.onnx"))
+        pattern = "*.xml" if name.endswith(".xml") else "*.onnx"
+        found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob(pattern))
         raise ConfigurationError(
             f"file_name={name!r}: no such file in {folder}"
-            + (f"; its ONNX files: {', '.join(found)}." if found else " (it holds no .onnx file).")
+            + (f"; its {pattern} files: {', '.join(found)}." if found else f" (no {pattern}).")
         )
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -93,31 +106,36 @@ def repo_file(spec: ModelSpec, folder: Path, name: str) -> Path:
             continue
         except Exception as exc:
             raise ModelNotFoundError(spec.model, spec.backend, exc) from exc
-        # Its external data, when it has some (optimum writes it above 2 GB); none is the rule.
-        with contextlib.suppress(Exception):
-            download(candidate + "_data")
+        for companion in _companions(candidate):
+            # An IR's weights; an ONNX graph's external data (optimum writes it above 2 GB),
+            # which is rarely there. A missing .bin fails when OpenVINO reads the IR.
+            with contextlib.suppress(Exception):
+                download(companion)
         return path
     raise ConfigurationError(f"file_name={name!r}: {spec.model!r} has no such file.")
 
 
-def _external_data(path: Path) -> list[Path]:
-    """The external-data file beside ``path`` that optimum writes (``<file>_data``)."""
-    return [p for p in (path.with_name(path.name + "_data"),) if p.is_file()]
+def companion_files(path: Path) -> list[Path]:
+    """The files beside ``path`` that come with it (:func:`_companions`) and exist."""
+    return [p for p in (path.with_name(n) for n in _companions(path.name)) if p.is_file()]
 
 
 def file_key(path: Path) -> str:
-    """What identifies the file's contents in the cache key: the hub blob's name (a content
-    hash) for a file in a hub cache, else its size and mtime (the model folder's fingerprint
-    covers a local file too)."""
+    """What identifies the file's contents (with its companions) in the cache key: the hub
+    blob's name (a content hash) for a file in a hub cache, else its size and mtime (the model
+    folder's fingerprint covers a local file too)."""
     from ._onnx_common import hub_blob
 
-    stat = path.stat()
-    return hub_blob(path) or f"{stat.st_size}-{stat.st_mtime_ns}"
+    keys = []
+    for file in (path, *companion_files(path)):
+        stat = file.stat()
+        keys.append(hub_blob(file) or f"{stat.st_size}-{stat.st_mtime_ns}")
+    return "+".join(keys)
 
 
 def copy_file(path: Path, entry: Path) -> None:
     """``path`` into the scratch entry as ``model.onnx``, its external data under its own name
     (the graph refers to it by that name)."""
     shutil.copyfile(path, entry / "model.onnx")
-    for extra in _external_data(path):
+    for extra in companion_files(path):
         shutil.copyfile(extra, entry / extra.name)
