@@ -202,12 +202,6 @@ def test_ov_config_on_onnxruntime_and_file_name_on_embedders_are_refused(
             Path(tiny_ce_path),
             {"backend": "onnx", "model_kwargs": {"file_name": "openvino/openvino_model.xml"}},
         )
-    with pytest.raises(ValueError, match="embedder runtimes"):
-        SharedEmbeddings(
-            model_name=minilm_path,
-            model_kwargs={"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}},
-            pool=ModelPool(),
-        )
 
 
 def test_translation_keeps_meanings(tiny_ce_path: str, tmp_path: Path) -> None:
@@ -383,3 +377,172 @@ def test_an_ir_of_another_task_or_with_quantize_is_refused(repo: Path, cache: Pa
     )
     with pytest.raises(ConfigurationError, match="run as it is"):
         both.score(PAIRS)
+
+
+# -- embedders: HuggingFaceEmbeddings / HuggingFaceEmbedding with a repository file ---------------
+
+TEXTS = ["a cat is a small animal", "Rayleigh scattering " * 30, "", "細胞 uses energy"]
+
+
+@pytest.fixture(scope="module")
+def embedder_repo(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    """The packaged MiniLM embedder shipping ``onnx/model.onnx`` as optimum writes it for
+    feature extraction (output ``last_hidden_state``), a dynamic int8 copy and the IR."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from rag_rerank_plugins.backends._onnx_common import quantize_int8
+
+    folder = tmp_path_factory.mktemp("repo") / "emb"
+    shutil.copytree(minilm_path, folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.model(input_ids, attention_mask, token_type_ids=token_type_ids)[0]
+
+    sample = tokenizer(["a text", "b"], padding=True, return_tensors="pt")
+    (folder / "onnx").mkdir()
+    axes = {n: {0: "batch", 1: "sequence"} for n in INPUTS}
+    torch.onnx.export(
+        Hidden(),
+        tuple(sample[n] for n in INPUTS),
+        str(folder / "onnx" / "model.onnx"),
+        input_names=INPUTS,
+        output_names=["last_hidden_state"],
+        dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}},
+        dynamo=False,
+    )
+    quantize_int8(folder / "onnx" / "model.onnx", folder / "onnx" / "model_qint8_avx512_vnni.onnx")
+    try:
+        import openvino as ov
+    except ImportError:
+        return folder
+    (folder / "openvino").mkdir()
+    ir = ov.convert_model(str(folder / "onnx" / "model.onnx"))
+    ov.save_model(ir, str(folder / "openvino" / "openvino_model.xml"), compress_to_fp16=False)
+    return folder
+
+
+def encode(folder: Path) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu").encode_document(TEXTS)
+
+
+def test_embedder_file_name_runs_the_repository_file(embedder_repo: Path, cache: Path) -> None:
+    import numpy as np
+
+    want = encode(embedder_repo)
+    kwargs = {"backend": "onnx", "model_kwargs": {"file_name": "onnx/model.onnx"}}
+    fp32 = SharedEmbeddings(model_name=str(embedder_repo), model_kwargs=kwargs, pool=ModelPool())
+    got = np.asarray(fp32.embed_documents(TEXTS))
+    assert np.abs(got - want).max() < 1e-4
+    q8 = SharedEmbeddings(
+        model_name=str(embedder_repo),
+        model_kwargs={
+            "backend": "onnx",
+            "model_kwargs": {"file_name": "model_qint8_avx512_vnni.onnx"},
+        },
+        pool=ModelPool(),
+    )
+    got8 = np.asarray(q8.embed_documents(TEXTS))
+    assert np.abs(got8 - got).max() > 1e-5  # the quantized file runs, not our export
+    assert ((got8 * want).sum(1) / np.linalg.norm(got8, axis=1)).min() > 0.95
+
+
+def test_llama_index_embedding_takes_the_file_and_provider(
+    embedder_repo: Path, cache: Path
+) -> None:
+    import numpy as np
+
+    from rag_rerank_plugins.llama_index import SharedEmbedding
+
+    emb = SharedEmbedding(
+        model_name=str(embedder_repo),
+        backend="onnx",
+        model_kwargs={"file_name": "onnx/model.onnx", "provider": "CPUExecutionProvider"},
+        pool=ModelPool(),
+    )
+    assert emb.backend == "onnx-sentence-transformers"
+    got = np.asarray(emb.get_text_embedding_batch(TEXTS))
+    assert np.abs(got - encode(embedder_repo)).max() < 1e-4
+
+
+def test_openvino_embedder_runs_the_repositorys_ir(embedder_repo: Path, cache: Path) -> None:
+    pytest.importorskip("openvino")
+    import numpy as np
+
+    emb = SharedEmbeddings(
+        model_name=str(embedder_repo),
+        model_kwargs={
+            "backend": "openvino",
+            "model_kwargs": {
+                "file_name": "openvino/openvino_model.xml",
+                "ov_config": {"INFERENCE_PRECISION_HINT": "f32"},
+            },
+        },
+        pool=ModelPool(),
+    )
+    got = np.asarray(emb.embed_documents(TEXTS))
+    assert np.abs(got - encode(embedder_repo)).max() < 1e-4
+    # The reranker's IR is not an embedder's: refused at load, not read as vectors.
+    wrong = SharedEmbeddings(
+        model_name=str(embedder_repo),
+        model_kwargs={"backend": "openvino", "model_kwargs": {"file_name": "onnx/model.onnx"}},
+        pool=ModelPool(),
+    )
+    assert len(wrong.embed_query("ok")) == got.shape[1]  # an ONNX name goes to the twin: fine
+
+
+def test_a_hub_name_downloads_the_file_with_the_loading_options(
+    repo: Path, cache: Path, tmp_path: Path
+) -> None:
+    """A hub model: the snapshot of its weights (which leaves onnx/ remote) and the named file
+    come from the hub cache given as ``cache_folder``, offline (``local_files_only``)."""
+    import hashlib
+    import os
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    root = tmp_path / "hub" / "models--org--ce"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    (root / "blobs").mkdir()
+    for path in sorted(p for p in repo.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = root / "snapshots" / revision / path.relative_to(repo)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    loading = {"cache_folder": str(tmp_path / "hub"), "local_files_only": True}
+    ce = SharedCrossEncoder(
+        model_name="org/ce",
+        model_kwargs={
+            "backend": "onnx",
+            "model_kwargs": {"file_name": "model_qint8_avx512_vnni.onnx"},
+            **loading,
+        },
+        pool=ModelPool(),
+    )
+    local = stock(
+        repo,
+        {"backend": "onnx", "model_kwargs": {"file_name": "onnx/model_qint8_avx512_vnni.onnx"}},
+    )
+    assert ce.score(PAIRS) == pytest.approx(local.score(PAIRS), abs=1e-6)
+    missing = SharedCrossEncoder(
+        model_name="org/ce",
+        model_kwargs={
+            "backend": "onnx",
+            "model_kwargs": {"file_name": "onnx/model_O4.onnx"},
+            **loading,
+        },
+        pool=ModelPool(),
+    )
+    with pytest.raises(ConfigurationError, match="model_O4"):
+        missing.score(PAIRS)

@@ -222,12 +222,6 @@ def _runtime_kwargs(
                 f"model_kwargs['model_kwargs']['file_name']={file_name!r} is an OpenVINO IR: "
                 "run it with backend='openvino'."
             )
-        if kind != "reranker":
-            raise ConfigurationError(
-                f"model_kwargs['model_kwargs']['file_name']={file_name!r}: our embedder runtimes "
-                "export the model's weights themselves and do not load a repository's own file; "
-                "leave file_name out."
-            )
         _put(options, "file_name", name, "model_kwargs['model_kwargs']['file_name']")
 
 

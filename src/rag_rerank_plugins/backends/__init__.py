@@ -162,7 +162,7 @@ _BUILTINS = (
         ".onnx_embedder:load",
         "SentenceTransformer's encoder exported once to ONNX, run by onnxruntime (extra: onnx)",
         # The sentence-transformers embedder's own two, applied at run time (not exported).
-        options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name"},
+        options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name", "file_name"},
         uses_torch=False,  # as onnx-cross-encoder: torch only for the one-time export
     ),
     _row(
@@ -170,7 +170,8 @@ _BUILTINS = (
         "embedder",
         ".openvino_embedder:load",
         "onnx-sentence-transformers' export run by OpenVINO: BF16/FP32/INT8 (extra: openvino)",
-        options=ONNX_EXPORT | {"truncate_dim", "default_prompt_name", "calibration", "ov_config"},
+        options=ONNX_EXPORT
+        | {"truncate_dim", "default_prompt_name", "file_name", "calibration", "ov_config"},
         uses_torch=False,
         cpu_bf16=True,
     ),

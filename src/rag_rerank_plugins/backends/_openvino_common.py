@@ -490,11 +490,6 @@ def _prebuilt(spec: ModelSpec, kind: str, ir: str) -> tuple[str, Path] | None:
     name = file_option(spec, (".onnx", ".xml"))
     if name is None or not name.endswith(".xml"):
         return None
-    if kind != "reranker":
-        raise ConfigurationError(
-            f"file_name={name!r}: the embedder runtimes export the model's weights themselves "
-            "and do not load a repository's own file; leave file_name out."
-        )
     if ir == "int8":
         raise ConfigurationError(
             f"file_name={name!r} and quantize='int8': the repository's IR is run as it is "
@@ -535,32 +530,44 @@ def _copy_ir(source: Path, final: Path, meta: dict[str, Any]) -> None:
 
 
 def _check_prebuilt(spec: ModelSpec, inner: Any, meta: dict[str, Any]) -> None:
-    """Point the twin's ``forward`` at the IR's output, and check on one probe pair that it
-    gives a cross-encoder's logits ([pairs, labels]): another task's IR (an embedder's token
-    vectors) would otherwise be read as scores."""
+    """Point the twin's ``forward`` at the IR's output, and check on one probe that it gives
+    what the twin's ``finish`` reads: a cross-encoder's logits ([pairs, labels]), an embedder's
+    token vectors ([texts, tokens, dimension]). Another task's IR would otherwise be read as
+    scores or vectors."""
     import numpy as np
 
+    name = spec.option("file_name")
     if not meta.get("output"):
         raise ConfigurationError(
-            f"file_name={spec.option('file_name')!r}: that IR has several outputs; a "
-            "cross-encoder's has one (its logits)."
+            f"file_name={name!r}: that IR has several outputs; a cross-encoder's has one (its "
+            "logits), an embedder's one (its token vectors)."
         )
     inner.output = meta["output"]
     names = [port.name for port in inner.session.get_inputs()]
     known = ("input_ids", "attention_mask", "token_type_ids")
     if "input_ids" not in names or not set(names) <= set(known):
         raise ConfigurationError(
-            f"file_name={spec.option('file_name')!r}: that IR's inputs are {names}; a "
-            f"cross-encoder's are {list(known)} (token_type_ids where the model has them)."
+            f"file_name={name!r}: that IR's inputs are {names}; the model's tokenizer gives "
+            f"{list(known)} (token_type_ids where the model has them)."
         )
     inner._feed_names = names  # the IR's own inputs (optimum drops unused token types)
-    task = Task("score")
-    got = np.asarray(inner.forward(task, inner.prepare(task, [("a query", "a passage")])))
-    labels = int(getattr(inner, "num_labels", 1))
-    if got.shape != (1, labels) and not (labels == 1 and got.shape == (1,)):
+    if inner.kind == "reranker":
+        task = Task("score")
+        got = np.asarray(inner.forward(task, inner.prepare(task, [("a query", "a passage")])))
+        labels = int(getattr(inner, "num_labels", 1))
+        if got.shape != (1, labels) and not (labels == 1 and got.shape == (1,)):
+            raise ConfigurationError(
+                f"file_name={name!r}: that IR gives {list(got.shape)} for one pair, not a "
+                f"cross-encoder's [1, {labels}] logits; name the reranker's IR."
+            )
+        return
+    task = Task("embed")
+    tokens = np.asarray(inner.forward(task, inner.prepare(task, ["a text"]))[0])
+    dimension = int(inner.meta["dimension"])
+    if tokens.ndim != 3 or tokens.shape[0] != 1 or tokens.shape[2] != dimension:
         raise ConfigurationError(
-            f"file_name={spec.option('file_name')!r}: that IR gives {list(got.shape)} for one "
-            f"pair, not a cross-encoder's [1, {labels}] logits; name the reranker's IR."
+            f"file_name={name!r}: that IR gives {list(tokens.shape)} for one text, not the "
+            f"embedder's token vectors [1, tokens, {dimension}]; name the embedder's IR."
         )
 
 
@@ -933,7 +940,7 @@ def load_openvino(
         int(compiled.get_property("NUM_STREAMS")),
         int(compiled.get_property("INFERENCE_NUM_THREADS")),
     )
-    if prebuilt is not None:  # the repository's IR: its own output name, checked on a probe
+    if prebuilt is not None:  # the repository's IR: its own names, checked on a probe
         try:
             _check_prebuilt(spec, inner, meta)
         except BaseException:

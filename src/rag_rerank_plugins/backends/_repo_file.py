@@ -1,4 +1,4 @@
-"""A repository's own ONNX file or OpenVINO IR, run by our cross-encoder runtimes (option
+"""A repository's own ONNX file or OpenVINO IR, run by our ONNX and OpenVINO runtimes (option
 ``file_name``).
 
 Why it exists: sentence-transformers users load the files a model repository ships, e.g.
@@ -7,12 +7,13 @@ Why it exists: sentence-transformers users load the files a model repository shi
 ``backend="openvino"`` with ``openvino/openvino_model_qint8_quantized.xml``. Through LangChain's
 ``HuggingFaceCrossEncoder(model_kwargs=...)`` those arguments reach us unchanged (``_stock`` reads
 them as option ``file_name``), and swapping the class must run the same file, not our own export
-of the weights. So ``onnx-cross-encoder`` (and ``openvino-cross-encoder`` through its ONNX twin)
-copy a named ONNX file into an entry of the export cache in place of exporting, with the
-tokenizer and labels read as for an export; the rest (verification at every load, buckets,
-workers, the IR conversion) is unchanged. ``openvino-cross-encoder`` copies a named IR into its
-IR cache in place of converting (``_openvino_common``). The file is run as it is: no pruned
-last layer, no quantization of ours on top.
+of the weights. So the ONNX backends (and the OpenVINO ones through their ONNX twin) copy a
+named ONNX file into an entry of the export cache in place of exporting, with the tokenizer,
+labels, pooling and prompts read as for an export; the rest (the check against the torch model,
+verification at every load, buckets, workers, an embedder's pooling, the IR conversion) is
+unchanged. The OpenVINO backends copy a named IR into their IR cache in place of converting
+(``_openvino_common``). The file is run as it is: no pruned last layer, no quantization of ours
+on top.
 
 Where the file is looked up, as sentence-transformers does (``backend_should_export``):
 ``<file_name>`` in the model folder, then ``onnx/<file_name>`` (an IR: ``openvino/``) for a bare

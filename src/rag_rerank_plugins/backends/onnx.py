@@ -3,6 +3,8 @@
 The model is exported once with ``torch.onnx.export`` (TorchScript exporter; dynamic batch and
 sequence axes) into a cache directory and run with onnxruntime's CPU execution provider. Scores
 are ``CrossEncoder.predict``'s: the same tokenizer, the same logits, the same activation.
+Option ``file_name`` runs one of the repository's own ONNX files instead of our export (what
+sentence-transformers' ``model_kwargs={"file_name": ...}`` means; :mod:`._repo_file`).
 
 **The export cache.** One entry per (model files, mode, opset, pruning, format version) under
 ``RAG_RERANK_ONNX_CACHE`` or option ``cache_dir`` (default ``~/.cache/rag-rerank-plugins/onnx``).

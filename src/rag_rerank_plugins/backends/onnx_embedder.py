@@ -13,7 +13,9 @@ module run in numpy in FP32 in :meth:`OnnxSentenceTransformer.finish`: the poole
 full precision in int8 mode too, and the graph stays the plain encoder that onnxruntime's fused
 attention kernels recognise. Models whose pipeline holds anything else (a ``Dense`` projection,
 a ``Router``, chat templates, query expansion) are refused with a ``ConfigurationError`` naming
-``backend="sentence-transformers"``, never run approximately.
+``backend="sentence-transformers"``, never run approximately. Option ``file_name`` runs the
+repository's own transformer file instead (optimum's ``last_hidden_state``, e.g. a quantized
+``onnx/model_qint8_avx512_vnni.onnx``; :mod:`._repo_file`), pooled and checked the same way.
 
 **Prompts.** The model's ``prompts`` and ``default_prompt_name`` are recorded in the export;
 option ``default_prompt_name`` overrides the recorded one, as it does for ``SentenceTransformer``.
@@ -47,6 +49,7 @@ from ._onnx_common import (
     default_threads,
     export_graph,
     fast_tokenizer_json,
+    model_dir,
     publish_export,
     same_tokens,
     st_for_export,
@@ -54,7 +57,8 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
-from ._torch_common import cap_to_positions, position_table_limit
+from ._repo_file import copy_file, file_key, file_option, repo_file
+from ._torch_common import cap_to_positions, loading_errors, position_table_limit
 from .base import EmbedderModel, ModelProvider, Prepared, Task
 
 if TYPE_CHECKING:
@@ -178,6 +182,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
     import torch
 
     start = time.perf_counter()
+    file_name = file_option(spec)
     model = st_for_export(spec, model_dir, "SentenceTransformer")
     cap_to_positions(model, None, spec.model)  # the recorded max_length fits the position table
     pipeline = _pipeline(spec, model)
@@ -203,6 +208,8 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         "default_prompt_name": model.default_prompt_name,
         "torch": torch.__version__,
     }
+    if file_name is not None:  # the repository's own file, run as it is (_repo_file)
+        meta["file_name"] = file_name
 
     class _Tokens(torch.nn.Module):
         def __init__(self, module: Any) -> None:
@@ -213,19 +220,27 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
             return self.module(dict(zip(names, tensors, strict=True)))["token_embeddings"]
 
     with tmp_entry(final, tokenizer_json, meta) as tmp:
-        features = model.preprocess(_PROBES[:2])  # padded: the mask stays in the graph
-        export_graph(
-            _Tokens(transformer),
-            tuple(features[n] for n in names),
-            tmp,
-            inputs=names,
-            output="token_embeddings",
-            output_axes={0: "batch", 1: "sequence"},
-            mode=mode,
-            opset=opset,
-        )
+        if file_name is None:
+            features = model.preprocess(_PROBES[:2])  # padded: the mask stays in the graph
+            export_graph(
+                _Tokens(transformer),
+                tuple(features[n] for n in names),
+                tmp,
+                inputs=names,
+                output="token_embeddings",
+                output_axes={0: "batch", 1: "sequence"},
+                mode=mode,
+                opset=opset,
+            )
+        else:
+            copy_file(repo_file(spec, model_dir, file_name), tmp)
         # Check token ids and vectors (with and without a prompt) before publishing anything.
         runtime = OnnxSentenceTransformer(tmp, threads=default_threads())
+        if file_name is not None:  # optimum's output is "last_hidden_state"; ours differs
+            outputs = [o.name for o in runtime.ensure_session().get_outputs()]
+            runtime.output = meta["output"] = next(
+                (n for n in ("token_embeddings", "last_hidden_state") if n in outputs), outputs[0]
+            )
         for prompt in (None, "Represent this sentence for retrieval: "):
             task = Task("embed", prompt=prompt)  # a document: what encode_document does
             prepared = runtime.prepare(task, _PROBES)
@@ -243,10 +258,18 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
                     )
             want = model.encode_document(_PROBES, prompt=prompt, convert_to_numpy=True)
             got = np.asarray(runtime.finish(task, runtime.forward(task, prepared)))
-            if mode == "float32":
+            if got.shape != want.shape:
+                runtime.close()
+                raise ModelLoadError(
+                    spec.model,
+                    spec.backend,
+                    f"the ONNX graph gives vectors of shape {list(got.shape)}, "
+                    f"SentenceTransformer.encode {list(want.shape)}",
+                )
+            if mode == "float32" and file_name is None:
                 error = float(np.abs(got - want).max())
                 bad = error > 1e-3
-            else:  # int8 moves every coordinate a little: compare directions
+            else:  # int8 (maybe a repository's file) moves every coordinate: directions
                 cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1)
                 error = 1 - float((cosine / np.linalg.norm(want, axis=1)).min())
                 bad = error > 0.1
@@ -286,6 +309,8 @@ class OnnxSentenceTransformer(OnnxRuntimeModel, EmbedderModel):
         self.default_prompt_name = default_prompt_name or self.meta.get("default_prompt_name")
         self._feed_names: list[str] | None = list(self.meta.get("feeds") or ()) or None
         self._prompt_lengths: dict[str, int | None] = {}
+        #: The graph's output: "token_embeddings" in our exports, a repository file's own name.
+        self.output: str = str(self.meta.get("output") or "token_embeddings")
 
     @property
     def _feeds(self) -> list[str]:
@@ -351,7 +376,7 @@ class OnnxSentenceTransformer(OnnxRuntimeModel, EmbedderModel):
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         feed, mask, prompt_length = batch.payload
-        tokens = self.session.run(["token_embeddings"], feed)[0]
+        tokens = self.session.run([self.output], feed)[0]
         return tokens, mask, prompt_length
 
     def finish(self, task: Task, pending: Any) -> list[Any]:
@@ -379,6 +404,16 @@ def _truncate_dim(spec: ModelSpec) -> int | None:
     return value
 
 
+def _file_key(spec: ModelSpec) -> dict[str, str]:
+    """The cache key's part for option ``file_name``: an entry per file and contents."""
+    file_name = file_option(spec)
+    if file_name is None:
+        return {}
+    with loading_errors(spec):
+        path = repo_file(spec, model_dir(spec), file_name)
+    return {"file": f"{file_name}:{file_key(path)}"}
+
+
 def load(spec: ModelSpec, provider: ModelProvider) -> OnnxSentenceTransformer:
     check_cpu_float32(spec, _FALLBACK)
     threads = threads_for(spec)
@@ -397,6 +432,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxSentenceTransformer:
         ),
         threads=threads,
         kind="sentence-transformer",
+        **_file_key(spec),
     )
     if default_prompt_name is not None and default_prompt_name not in model.prompts:
         model.close()
