@@ -349,6 +349,9 @@ def test_openvino_runs_the_repositorys_own_ir(repo: Path, cache: Path) -> None:
     ce = stock(repo, kwargs)
     assert ce.model_kwargs["file_name"] == "openvino_model.xml"
     got = ce.score(PAIRS)
+    kernels = ce.stats()["kernels"]
+    assert "the repository's IR openvino_model.xml, as it is" in kernels
+    assert "pruned" not in kernels  # the twin's export is not what runs
     assert got == pytest.approx(direct(repo, "onnx/model.onnx"), abs=1e-4)
     # Its own entry: a second pool loads it from the cache.
     before = build_count()

@@ -833,6 +833,9 @@ class OpenVinoModel:
         fused = int(meta.get("fused_attention") or 0)
         attention = f", {fused} attention blocks fused" if fused else ""
         extra = f", {inner.kernels}" if inner.kernels else ""
+        built = "converted"
+        if meta.get("file"):  # the repository's IR runs, not the twin's graph it describes
+            extra, built = f", the repository's IR {meta['file'].split(':')[0]}, as it is", "copied"
         version = meta["openvino"].split("-")[0]
         streams = f" ({describe_compiled(compiled)})" if compiled is not None else ""
         precision = ""
@@ -842,7 +845,7 @@ class OpenVinoModel:
                 precision += " (the CPU plugin's choice: the hint is not native on this CPU)"
         self.kernels = (
             f"OpenVINO {version} CPU, {HINTS[dtype].upper()} hint{precision}{streams}"
-            f"{calibrated}{attention}, IR cache {'hit' if hit else 'miss (converted)'}{extra}"
+            f"{calibrated}{attention}, IR cache {'hit' if hit else f'miss ({built})'}{extra}"
         )
 
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
