@@ -40,7 +40,16 @@ OURS: dict[str, dict[str, Any]] = {
         "model_kwargs": {"quantize": "int8"},
     },
     "ours_onnx": {"backend": "onnx-cross-encoder", "dtype": "float32"},
+    # sentence-transformers' own OpenVINO IR (st_openvino's file) run by our engine: the same
+    # file, so the engines alone differ (no fused attention or pruned last layer of ours).
+    "ours_st_ir_bf16": {
+        "backend": "openvino",  # sentence-transformers' name: openvino-cross-encoder
+        "dtype": "bfloat16",
+        "model_kwargs": {"file_name": "openvino/openvino_model.xml"},
+    },
 }
+#: Our rows that run a file of sentence-transformers' model copy (made by its st_* row first).
+ON_ST_COPY = {"ours_st_ir_bf16": "st_openvino"}
 ST_FILES = {  # ST peer -> (backend, exported file inside the model copy)
     "st_onnx": ("onnx", "onnx/model.onnx"),
     "st_onnx_qint8": ("onnx", "onnx/model_qint8_{isa}.onnx"),
@@ -58,12 +67,17 @@ def _timed(call: Callable[[], T]) -> tuple[float, T]:
     return (time.perf_counter() - t0) * 1000, out
 
 
-def _ours(name: str, model: Path) -> Scorer:
+def _ours(name: str, model: Path, work: Path) -> Scorer:
     import run  # benchmarks/run.py: the same factories as the other benchmarks
     from langchain_core.documents import Document
 
     from rag_rerank_plugins import ModelPool
 
+    if name in ON_ST_COPY:
+        peer = ON_ST_COPY[name]
+        model = work / f"st-{model.name}"
+        if not (model / ST_FILES[peer][1]).exists():
+            raise ImportError(f"{peer}'s export is missing: run {peer} first (.venv-peers)")
     system = run.ours_factory(model, ModelPool(), **OURS[name])()
 
     def score(query: str, passages: list[str]) -> tuple[float, list[float]]:
@@ -281,7 +295,7 @@ def versions() -> dict[str, str]:
 
 def load(name: str, model: Path, work: Path) -> Scorer:
     if name in OURS:
-        return _ours(name, model)
+        return _ours(name, model, work)
     if name == "langchain":
         return _langchain(model)
     if name == "llamaindex":
