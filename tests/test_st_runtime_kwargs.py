@@ -549,3 +549,22 @@ def test_a_hub_name_downloads_the_file_with_the_loading_options(
     )
     with pytest.raises(ConfigurationError, match="model_O4"):
         missing.score(PAIRS)
+
+
+def test_our_ov_config_option_may_not_contradict_dtype(tiny_ce_path: str, cache: Path) -> None:
+    """Given as our own option (not through sentence-transformers' kwargs, where the hint
+    becomes dtype), a precision hint must agree with dtype: it is never silently dropped."""
+    pytest.importorskip("openvino")
+
+    def ce(hint: str) -> SharedCrossEncoder:
+        return SharedCrossEncoder(
+            model_name=tiny_ce_path,
+            backend="openvino-cross-encoder",
+            dtype="float32",
+            model_kwargs={"ov_config": {"INFERENCE_PRECISION_HINT": hint}},
+            pool=ModelPool(),
+        )
+
+    with pytest.raises(ConfigurationError, match="contradicts dtype='float32'"):
+        ce("bf16").score(PAIRS)
+    assert len(ce("f32").score(PAIRS)) == len(PAIRS)

@@ -767,7 +767,16 @@ def _ov_config(spec: ModelSpec) -> dict[str, Any]:
             f"ov_config={value!r} must be a dict of OpenVINO properties, e.g. "
             "{'PERFORMANCE_HINT': 'LATENCY'}."
         )
-    return {str(k): v for k, v in value.items()}
+    config = {str(k): v for k, v in value.items()}
+    hint = config.get("INFERENCE_PRECISION_HINT")
+    if hint is not None and str(hint).lower() != HINTS.get(spec.dtype):
+        # The adapters read sentence-transformers' hint as dtype; given here it must agree.
+        raise ConfigurationError(
+            f"ov_config's INFERENCE_PRECISION_HINT={hint!r} contradicts dtype={spec.dtype!r}: "
+            "the precision is the dtype here ('float32': f32, 'bfloat16': bf16); set dtype "
+            "and drop the hint."
+        )
+    return config
 
 
 def describe_compiled(compiled: Any) -> str:
