@@ -42,14 +42,14 @@ OURS: dict[str, dict[str, Any]] = {
     "ours_onnx": {"backend": "onnx-cross-encoder", "dtype": "float32"},
     # sentence-transformers' own OpenVINO IR (st_openvino's file) run by our engine: the same
     # file, so the engines alone differ (no fused attention or pruned last layer of ours).
-    "ours_st_ir_bf16": {
+    "ours_openvino_st_ir": {
         "backend": "openvino",  # sentence-transformers' name: openvino-cross-encoder
         "dtype": "bfloat16",
         "model_kwargs": {"file_name": "openvino/openvino_model.xml"},
     },
 }
 #: Our rows that run a file of sentence-transformers' model copy (made by its st_* row first).
-ON_ST_COPY = {"ours_st_ir_bf16": "st_openvino"}
+ON_ST_COPY = {"ours_openvino_st_ir": "st_openvino"}
 ST_FILES = {  # ST peer -> (backend, exported file inside the model copy)
     "st_onnx": ("onnx", "onnx/model.onnx"),
     "st_onnx_qint8": ("onnx", "onnx/model_qint8_{isa}.onnx"),

@@ -52,7 +52,7 @@ OURS = (
     "ours_openvino_fp32",
     "ours_openvino_int8",
     "ours_onnx",
-    "ours_st_ir_bf16",  # st_openvino's own IR under our engine (after st_openvino in a run)
+    "ours_openvino_st_ir",  # st_openvino's own IR under our engine (after st_openvino in a run)
 )
 STOCK = ("langchain", "llamaindex")
 ST_PEERS = (
