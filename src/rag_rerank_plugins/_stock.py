@@ -20,7 +20,6 @@ from .exceptions import ConfigurationError
 
 __all__ = [
     "REFUSED",
-    "RUNTIME_KWARGS",
     "check_truncate_dim",
     "hf_model_kwargs",
     "refusal",
@@ -152,9 +151,6 @@ def _backend(data: dict[str, Any], kind: str, value: Any, source: str) -> None:
 
 #: Our runtimes behind sentence-transformers' ``backend="onnx"`` / ``"openvino"``.
 _RUNTIMES = frozenset(name for names in _BACKENDS.values() for name in names.values())
-#: sentence-transformers' ONNX / OpenVINO loading arguments (its ``model_kwargs``, handed to
-#: optimum's ``from_pretrained``) that :func:`_runtime_kwargs` translates.
-RUNTIME_KWARGS = ("file_name", "subfolder", "export", "provider", "ov_config")
 #: ``ov_config``'s precision hint -> our dtype.
 _OV_PRECISIONS = {"f32": "float32", "bf16": "bfloat16"}
 
@@ -207,22 +203,19 @@ def _runtime_kwargs(
     if ov_config is not None:
         _ov_config(data, backend, ov_config, options)
     if file_name is not None and not export:
-        name = str(file_name).replace("\\", "/")
+        from .backends._repo_file import check_file_name
+
+        source = "model_kwargs['model_kwargs']['file_name']"
+        name = str(file_name)
         if subfolder:
             name = f"{str(subfolder).strip('/')}/{name}"
-        parts = name.split("/")
-        if name.startswith("/") or ".." in parts or not name.endswith((".onnx", ".xml")):
-            raise ConfigurationError(
-                f"model_kwargs['model_kwargs']['file_name']={file_name!r} must name an .onnx "
-                "file (or with backend='openvino' an IR's .xml) inside the model's repository "
-                "or folder, relative to it (e.g. 'onnx/model_qint8_avx512_vnni.onnx')."
-            )
+        name = check_file_name(name, (".onnx", ".xml"), source)
         if name.endswith(".xml") and not backend.startswith("openvino"):
             raise ConfigurationError(
                 f"model_kwargs['model_kwargs']['file_name']={file_name!r} is an OpenVINO IR: "
                 "run it with backend='openvino'."
             )
-        _put(options, "file_name", name, "model_kwargs['model_kwargs']['file_name']")
+        _put(options, "file_name", name, source)
 
 
 def _ov_config(data: dict[str, Any], backend: str, value: Any, options: dict[str, Any]) -> None:

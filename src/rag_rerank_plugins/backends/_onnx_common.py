@@ -290,6 +290,14 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def offline(spec: ModelSpec) -> bool:
+    """Whether hub files may only come from the local cache: option ``local_files_only`` or
+    ``HF_HUB_OFFLINE`` (read now, not when huggingface_hub was imported)."""
+    return bool(spec.option("local_files_only", False)) or os.environ.get(
+        "HF_HUB_OFFLINE", ""
+    ).strip().lower() in ("1", "true", "yes")
+
+
 def model_dir(spec: ModelSpec) -> Path:
     """The local folder holding the model's files (a hub name: its snapshot).
 
@@ -318,15 +326,12 @@ def model_dir(spec: ModelSpec) -> Path:
             ),
         ) from None
 
-    local_only = bool(spec.option("local_files_only", False)) or os.environ.get(
-        "HF_HUB_OFFLINE", ""
-    ).strip().lower() in ("1", "true", "yes")
     return Path(
         snapshot_download(
             spec.model,
             revision=spec.option("revision"),
             cache_dir=spec.option("cache_folder"),
-            local_files_only=local_only,
+            local_files_only=offline(spec),
             # What sentence-transformers reads (module configs live in subfolders as *.json);
             # a repo's onnx/, openvino/ or .bin duplicates stay remote.
             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"],

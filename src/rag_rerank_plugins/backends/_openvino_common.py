@@ -73,13 +73,12 @@ from ._onnx_common import (
     entry_bytes,
     entry_damage,
     file_sha256,
-    model_dir,
     publish,
     scratch_dir,
     threads_for,
 )
-from ._repo_file import file_key, file_option, repo_file
-from ._torch_common import import_optional, loading_errors
+from ._repo_file import file_option, located
+from ._torch_common import import_optional
 from .base import ModelProvider, Prepared, Task
 
 if TYPE_CHECKING:
@@ -483,9 +482,10 @@ def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[An
     )
 
 
-def _prebuilt(spec: ModelSpec, kind: str, ir: str) -> tuple[str, Path] | None:
+def _prebuilt(spec: ModelSpec, kind: str, ir: str) -> tuple[Path, str] | None:
     """Option ``file_name`` naming the repository's own IR (``.xml``; sentence-transformers'
-    ``openvino/openvino_model_qint8_quantized.xml``): its name and local path. An ``.onnx``
+    ``openvino/openvino_model_qint8_quantized.xml``): its local path and cache-key part
+    (:func:`._repo_file.located`). An ``.onnx``
     name goes to the ONNX twin (None here), which runs that file's graph."""
     name = file_option(spec, (".onnx", ".xml"))
     if name is None or not name.endswith(".xml"):
@@ -495,8 +495,7 @@ def _prebuilt(spec: ModelSpec, kind: str, ir: str) -> tuple[str, Path] | None:
             f"file_name={name!r} and quantize='int8': the repository's IR is run as it is "
             "(openvino_model_qint8_quantized.xml is INT8 already); give one of them."
         )
-    with loading_errors(spec):
-        return name, repo_file(spec, model_dir(spec), name)
+    return located(spec, name)
 
 
 def _copy_ir(source: Path, final: Path, meta: dict[str, Any]) -> None:
@@ -595,7 +594,7 @@ def _ir_entry(
     inner: Any,
     ir: str,
     calibration: list[Any],
-    prebuilt: tuple[str, Path] | None = None,
+    prebuilt: tuple[Path, str] | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
     """The verified IR entry for ``spec`` (built first when missing or damaged: converted from
     the twin's graph, or the repository's own IR copied, ``prebuilt``), its meta, and whether it
@@ -614,7 +613,7 @@ def _ir_entry(
         else None,
     }
     if prebuilt is not None:  # a key of its own per file and contents
-        meta["file"] = f"{prebuilt[0]}:{file_key(prebuilt[1])}"
+        meta["file"] = prebuilt[1]
     key = hashlib.sha256(
         json.dumps({k: v for k, v in meta.items() if k != "model"}, sort_keys=True).encode()
     ).hexdigest()[:32]
@@ -644,7 +643,7 @@ def _ir_entry(
             )
         with _writable(spec, final, "write the OpenVINO IR"):
             if prebuilt is not None:
-                _copy_ir(prebuilt[1], final, dict(meta))
+                _copy_ir(prebuilt[0], final, dict(meta))
             else:
                 _convert(inner, final, dict(meta), calibration)
         found = _verified(final, expect=meta)
@@ -745,14 +744,15 @@ def compile_config(
 def _compile(spec: ModelSpec, entry: Path, dtype: str, threads: int) -> Any:
     import openvino as ov
 
-    config = compile_config(dtype, threads, _ov_config(spec))
+    user = _ov_config(spec)
+    config = compile_config(dtype, threads, user)
     try:
         return ov.Core().compile_model(str(entry / "model.xml"), "CPU", config)
     except Exception as exc:
-        if not _ov_config(spec):
+        if not user:
             raise
         raise ConfigurationError(  # the user's settings, not a damaged IR
-            f"OpenVINO refused ov_config={_ov_config(spec)!r} ({type(exc).__name__}: "
+            f"OpenVINO refused ov_config={user!r} ({type(exc).__name__}: "
             f"{str(exc).strip()[:300]}); fix or drop those settings."
         ) from exc
 

@@ -25,7 +25,6 @@ for the weights). Its companion comes with it: an IR's ``.bin``, an ONNX graph's
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -35,28 +34,54 @@ from ..exceptions import ConfigurationError, ModelNotFoundError
 if TYPE_CHECKING:
     from ..spec import ModelSpec
 
-__all__ = ["companion_files", "copy_file", "file_key", "file_option", "repo_file"]
+__all__ = [
+    "check_file_name",
+    "companion_files",
+    "copy_file",
+    "file_key",
+    "file_option",
+    "located",
+    "repo_file",
+]
+
+
+def check_file_name(value: object, suffixes: tuple[str, ...], source: str = "file_name") -> str:
+    """``value`` as a relative POSIX path of a file with one of ``suffixes`` inside the
+    repository (no ``..``), or a ConfigurationError naming ``source``. Shared by the adapters
+    (sentence-transformers' ``file_name``, at construction) and the loaders (the option)."""
+    path = PurePosixPath(value.replace("\\", "/")) if isinstance(value, str) else None
+    if path is None or path.is_absolute() or ".." in path.parts or path.suffix not in suffixes:
+        raise ConfigurationError(
+            f"{source}={value!r} must name an {' or '.join(suffixes)} file inside the model's "
+            "repository or folder, relative to it (e.g. 'onnx/model_qint8_avx512_vnni.onnx')."
+        )
+    return path.as_posix()
 
 
 def file_option(spec: ModelSpec, suffixes: tuple[str, ...] = (".onnx",)) -> str | None:
-    """Option ``file_name`` checked: a relative POSIX path of a file with one of ``suffixes``
-    inside the repository (no ``..``), or None."""
+    """Option ``file_name`` checked (:func:`check_file_name`, and no ``quantize`` beside it),
+    or None."""
     value = spec.option("file_name")
     if value is None:
         return None
-    path = PurePosixPath(str(value).replace("\\", "/")) if isinstance(value, str) else None
-    if path is None or path.is_absolute() or ".." in path.parts or path.suffix not in suffixes:
-        kinds = " or ".join(suffixes)
-        raise ConfigurationError(
-            f"file_name={value!r} must name an {kinds} file inside the model's repository or "
-            "folder, relative to it (e.g. 'onnx/model_qint8_avx512_vnni.onnx')."
-        )
+    name = check_file_name(value, suffixes)
     if spec.option("quantize") is not None:
         raise ConfigurationError(
             f"file_name={value!r} and quantize={spec.option('quantize')!r}: the repository's "
             "file is run as it is; give one of them."
         )
-    return path.as_posix()
+    return name
+
+
+def located(spec: ModelSpec, name: str) -> tuple[Path, str]:
+    """The local path of ``name`` (:func:`repo_file`) and what names it in a cache key:
+    ``"<name>:<contents>"`` (:func:`file_key`), so each file and version gets its own entry."""
+    from ._onnx_common import model_dir
+    from ._torch_common import loading_errors
+
+    with loading_errors(spec):
+        path = repo_file(spec, model_dir(spec), name)
+    return path, f"{name}:{file_key(path)}"
 
 
 def _candidates(name: str) -> list[str]:
@@ -85,9 +110,9 @@ def repo_file(spec: ModelSpec, folder: Path, name: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    local_only = bool(spec.option("local_files_only", False)) or os.environ.get(
-        "HF_HUB_OFFLINE", ""
-    ).strip().lower() in ("1", "true", "yes")
+    from ._onnx_common import offline
+
+    local_only = offline(spec)
 
     def download(file: str) -> Path:
         return Path(

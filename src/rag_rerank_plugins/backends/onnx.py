@@ -89,7 +89,6 @@ from ._onnx_common import (
     export_count,
     export_graph,
     fast_tokenizer_json,
-    model_dir,
     model_fingerprint,
     publish_export,
     same_tokens,
@@ -98,10 +97,9 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
-from ._repo_file import copy_file, file_key, file_option, repo_file
+from ._repo_file import copy_file, file_option, located, repo_file
 from ._torch_common import (
     cap_to_positions,
-    loading_errors,
     position_table_limit,
     prune_last_layer,
     prune_last_layer_option,
@@ -373,9 +371,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> OnnxCrossEncoder:
     extra = {"prune": "last-layer"} if _prune(spec) else {}
     file_name = file_option(spec)
     if file_name is not None:  # the repository's file: an entry per file and contents
-        with loading_errors(spec):
-            path = repo_file(spec, model_dir(spec), file_name)
-        extra = {"file": f"{file_name}:{file_key(path)}"}
+        extra = {"file": located(spec, file_name)[1]}
     model: OnnxCrossEncoder = cached_entry(
         spec,
         format_version=FORMAT_VERSION,

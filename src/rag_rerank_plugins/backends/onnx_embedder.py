@@ -49,7 +49,6 @@ from ._onnx_common import (
     default_threads,
     export_graph,
     fast_tokenizer_json,
-    model_dir,
     publish_export,
     same_tokens,
     st_for_export,
@@ -57,8 +56,8 @@ from ._onnx_common import (
     tmp_entry,
     tokenizer_meta,
 )
-from ._repo_file import copy_file, file_key, file_option, repo_file
-from ._torch_common import cap_to_positions, loading_errors, position_table_limit
+from ._repo_file import copy_file, file_option, located, repo_file
+from ._torch_common import cap_to_positions, position_table_limit
 from .base import EmbedderModel, ModelProvider, Prepared, Task
 
 if TYPE_CHECKING:
@@ -409,9 +408,7 @@ def _file_key(spec: ModelSpec) -> dict[str, str]:
     file_name = file_option(spec)
     if file_name is None:
         return {}
-    with loading_errors(spec):
-        path = repo_file(spec, model_dir(spec), file_name)
-    return {"file": f"{file_name}:{file_key(path)}"}
+    return {"file": located(spec, file_name)[1]}
 
 
 def load(spec: ModelSpec, provider: ModelProvider) -> OnnxSentenceTransformer:
