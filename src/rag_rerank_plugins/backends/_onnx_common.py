@@ -11,7 +11,8 @@ here so the two can never drift apart:
   under 4 MiB), so a changed model exports again and an unchanged one is reused by every later
   process. Entries are written in a scratch folder (:func:`tmp_entry`, :func:`scratch_dir`: the
   permissions of a plain ``mkdir``, so other users can read the cache) and renamed into place
-  (:func:`publish`): concurrent processes never see half an export. The scratch folders of a
+  (:func:`publish`): concurrent processes never see half an export, and only one of them exports
+  it (:mod:`._build_lock`: the others wait, then load it). The scratch folders of a
   process killed mid-export are swept by the next export into that folder
   (:func:`sweep_scratch`). ``meta.json`` records the sha256 of the entry's other files, checked
   at every load (:func:`entry_damage`): a damaged entry is logged, removed and exported again,
@@ -60,6 +61,7 @@ from ..exceptions import (
     ModelLoadError,
     ModelNotFoundError,
 )
+from ._build_lock import build_lock
 from ._common import QUANTIZE_MODES, quantize_mode
 from ._torch_common import import_optional, loading_errors, model_kwargs_for, warn_past_positions
 from .options import ST_LOADING
@@ -568,7 +570,8 @@ def cached_entry(
     opens a published one, whose onnxruntime session is then opened at once (unless under
     :func:`deferred_sessions`). A damaged entry (:func:`entry_damage`, or one onnxruntime cannot
     open) is logged, removed and exported again, never served; a cache folder that cannot be
-    written raises :class:`ModelLoadError` naming it (:func:`writable`).
+    written raises :class:`ModelLoadError` naming it (:func:`writable`). One process exports
+    an entry at a time (:func:`_build_entry`); a cached one loads without any lock file.
     """
     mode = mode_of(spec)
     opset = opset_of(spec)
@@ -580,28 +583,9 @@ def cached_entry(
         )
         entry = cache / key
         with _entry_lock(entry):
-            model, damage = _open_checked(entry, open_entry)
-            if damage is not None and damage != "missing":
-                # Another process may have replaced it since: look again before removing it.
-                model, damage = _open_checked(entry, open_entry)
-            if damage is not None and damage != "missing":
-                logger.warning(
-                    "rag-rerank: cached ONNX export %s is damaged (%s): exporting again",
-                    entry,
-                    damage,
-                )
-                with writable(spec, cache, "remove the damaged ONNX export"):
-                    discard_entry(entry)
+            model, _ = _open_checked(entry, open_entry)
             if model is None:
-                with writable(spec, cache, "write the ONNX export"):
-                    export(spec, folder, entry, mode, opset)
-                model, damage = _open_checked(entry, open_entry)
-                if model is None:
-                    raise ModelLoadError(
-                        spec.model,
-                        spec.backend,
-                        f"the ONNX export {entry} cannot be loaded ({damage}); delete it",
-                    )
+                model = _build_entry(spec, entry, folder, mode, opset, export, open_entry)
     logger.info(
         "rag-rerank: onnxruntime %s for %s: %d intra-op thread(s), 1 inter-op, spinning off "
         "(export %s)",
@@ -610,6 +594,42 @@ def cached_entry(
         threads,
         entry,
     )
+    return model
+
+
+def _build_entry(
+    spec: ModelSpec,
+    entry: Path,
+    folder: Path,
+    mode: str,
+    opset: int,
+    export: Callable[[ModelSpec, Path, Path, str, int], None],
+    open_entry: Callable[[Path], Any],
+) -> Any:
+    """Export ``entry`` (missing or damaged at the first look) and open it, as the one builder
+    among processes (:func:`._build_lock.build_lock`): a process that waited for another's export
+    finds it published at the second look and exports nothing."""
+    cache = entry.parent
+    with build_lock(entry, "ONNX export"):
+        # Published, or replaced, by another process since the first look: look again.
+        model, damage = _open_checked(entry, open_entry)
+        if model is not None:
+            return model
+        if damage != "missing":
+            logger.warning(
+                "rag-rerank: cached ONNX export %s is damaged (%s): exporting again", entry, damage
+            )
+            with writable(spec, cache, "remove the damaged ONNX export"):
+                discard_entry(entry)
+        with writable(spec, cache, "write the ONNX export"):
+            export(spec, folder, entry, mode, opset)
+        model, damage = _open_checked(entry, open_entry)
+    if model is None:
+        raise ModelLoadError(
+            spec.model,
+            spec.backend,
+            f"the ONNX export {entry} cannot be loaded ({damage}); delete it",
+        )
     return model
 
 

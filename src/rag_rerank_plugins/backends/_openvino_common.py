@@ -23,11 +23,13 @@ into place (concurrent processes never see half an IR), their ``meta.json`` reco
 both files, and every load checks them: a damaged entry (a file changed or missing, a
 ``meta.json`` unreadable or not what was written) is logged, removed and built again; an entry
 that was missing at the first look is looked at again before anything is removed, since another
-process may have just published it. Builds of one entry in one process are serialised by a lock,
-so many threads loading at once convert once. Option ``file_name`` naming the repository's own
-IR (``.xml``, sentence-transformers' ``openvino/openvino_model_qint8_quantized.xml``) replaces the
-conversion with a copy of that IR, keyed by its contents (:mod:`._repo_file`); at load it must
-take the tokenizer's inputs and give [pairs, labels] logits on a probe pair.
+process may have just published it. Builds of one entry are serialised by a lock per process and
+one across processes (:mod:`._build_lock`), so many threads or worker processes loading at once
+convert once: the others wait, then load the published IR. Option ``file_name`` naming the
+repository's own IR (``.xml``, sentence-transformers'
+``openvino/openvino_model_qint8_quantized.xml``) replaces the conversion with a copy of that IR,
+keyed by its contents (:mod:`._repo_file`); at load it must take the tokenizer's inputs and give
+[pairs, labels] logits on a probe pair.
 
 **Precision.** The spec's dtype is the compile hint: ``bfloat16`` (what ``dtype="auto"`` means on
 CPUs with native BF16, AVX512-BF16 or AMX; the row's ``cpu_bf16`` tells the policy) or
@@ -66,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, ModelLoadError
 from . import load_backend
+from ._build_lock import build_lock
 from ._common import quantize_mode
 from ._onnx_common import (
     deferred_sessions,
@@ -622,34 +625,50 @@ def _ir_entry(
         lock = _build_locks.setdefault(final, threading.Lock())
     with lock:
         found = _verified(final, log=False, expect=meta)
-        if found is None and final.exists():
-            # Damaged, or published by another process since the look above found nothing (the
-            # lock covers this process only): look again before removing anything.
-            found = _verified(final, expect=meta)
-            if found is None:
-                with _writable(spec, final, "remove the damaged OpenVINO IR"):
-                    discard_entry(final)
         if found is not None:
             return final, found, True
-        # The twin was opened without hashing its graph (deferred sessions): check it now,
-        # before converting it into an IR that every later load would trust.
-        damage = entry_damage(inner.path)
-        if damage is not None:
-            raise ModelLoadError(
-                spec.model,
-                spec.backend,
-                f"the ONNX export {inner.path} is damaged ({damage}): delete that folder and "
-                "load again to export it anew",
-            )
-        with _writable(spec, final, "write the OpenVINO IR"):
-            if prebuilt is not None:
-                _copy_ir(prebuilt[0], final, dict(meta))
-            else:
-                _convert(inner, final, dict(meta), calibration)
+        with build_lock(final, "OpenVINO IR"):
+            return _build_ir(spec, inner, final, meta, calibration, prebuilt)
+
+
+def _build_ir(
+    spec: ModelSpec,
+    inner: Any,
+    final: Path,
+    meta: dict[str, Any],
+    calibration: list[Any],
+    prebuilt: tuple[Path, str] | None,
+) -> tuple[Path, dict[str, Any], bool]:
+    """The IR entry ``final``, missing or damaged at the first look, built under
+    :func:`._build_lock.build_lock`: a process that waited for another's conversion finds it
+    published here and converts nothing."""
+    if final.exists():
+        # Published by another process since the first look, or damaged: look again (with the
+        # warning this time) before removing anything.
         found = _verified(final, expect=meta)
-        if found is None:
-            raise ModelLoadError(spec.model, spec.backend, f"the OpenVINO IR {final} is damaged")
-        return final, found, False
+        if found is not None:
+            return final, found, True
+        with _writable(spec, final, "remove the damaged OpenVINO IR"):
+            discard_entry(final)
+    # The twin was opened without hashing its graph (deferred sessions): check it now,
+    # before converting it into an IR that every later load would trust.
+    damage = entry_damage(inner.path)
+    if damage is not None:
+        raise ModelLoadError(
+            spec.model,
+            spec.backend,
+            f"the ONNX export {inner.path} is damaged ({damage}): delete that folder and "
+            "load again to export it anew",
+        )
+    with _writable(spec, final, "write the OpenVINO IR"):
+        if prebuilt is not None:
+            _copy_ir(prebuilt[0], final, dict(meta))
+        else:
+            _convert(inner, final, dict(meta), calibration)
+    found = _verified(final, expect=meta)
+    if found is None:
+        raise ModelLoadError(spec.model, spec.backend, f"the OpenVINO IR {final} is damaged")
+    return final, found, False
 
 
 # -- the runtime ----------------------------------------------------------------------------
