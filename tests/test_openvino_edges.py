@@ -46,7 +46,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sentence_transformers")
 
-from rag_rerank_plugins.backends import _openvino_common
+from rag_rerank_plugins.backends import _build_lock, _openvino_common
 
 RERANKER = "openvino-cross-encoder"
 EMBEDDER = "openvino-embedder"
@@ -432,7 +432,7 @@ def test_a_peer_that_saw_no_entry_does_not_delete_the_one_just_published(
             a_published.set()
             b_moved_on.wait(5)  # B's next step (a discard, if any) runs before A re-reads
 
-    monkeypatch.setattr(_openvino_common, "_build_locks", PerThreadLocks())
+    monkeypatch.setattr(_build_lock, "_thread_locks", PerThreadLocks())
     monkeypatch.setattr(_openvino_common, "_verified", verified)
     monkeypatch.setattr(_openvino_common, "discard_entry", discard)
     monkeypatch.setattr(_openvino_common, "publish", publish)

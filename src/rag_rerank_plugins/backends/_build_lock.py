@@ -20,6 +20,10 @@ builds are done (users and tests list their cache folders). That is why this is 
 no newcomer sees. Here a process that got the lock checks that the file it locked is still the
 one at the path, and tries again if not, so removing it is safe.
 
+Threads of one process first take a per-entry thread lock here (so many threads loading specs
+that share an entry build it once, also where no ``flock`` can be taken); it replaced the two
+per-cache registries of thread locks the ONNX and IR caches each kept.
+
 Only builds take it. A cached entry loads without it, so a read-only cache still loads. Where
 the lock cannot be taken (a folder the process may not write: the build then fails naming the
 folder; a file system without ``flock``; Windows), the build runs unlocked, as before: correct
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +53,9 @@ WAIT_LOG_S = 30.0
 #: How often a waiter tries the lock (a build takes seconds to minutes).
 POLL_S = 0.1
 
+_thread_locks: dict[Path, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
 
 def lock_path(entry: Path) -> Path:
     """The lock file that guards building ``entry``."""
@@ -60,21 +68,24 @@ def build_lock(entry: Path, what: str) -> Iterator[bool]:
 
     Yields whether the lock is held (False: it could not be taken, and the caller builds
     unlocked, as every process did before). Blocks while another process builds the entry; the
-    caller must look for the entry again inside the block before building it. Threads of one
-    process must hold their own per-entry lock around this (``flock`` locks of one process on
-    two descriptors exclude each other, so a second thread would wait here on its own process).
+    caller must look for the entry again inside the block before building it. Threads of this
+    process wait on the entry's thread lock first, so at most one of them holds or waits for the
+    file lock.
     """
-    path = lock_path(entry)
-    try:
-        fd = _acquire(path, entry, what)
-    except OSError as exc:  # a folder we may not write, a file system without flock
-        logger.debug("rag-rerank: building %s unlocked (%s)", entry, exc)
-        fd = None
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            _release(path, fd)
+    with _thread_locks_guard:
+        in_process = _thread_locks.setdefault(entry, threading.Lock())
+    with in_process:
+        path = lock_path(entry)
+        try:
+            fd = _acquire(path, entry, what)
+        except OSError as exc:  # a folder we may not write, a file system without flock
+            logger.debug("rag-rerank: building %s unlocked (%s)", entry, exc)
+            fd = None
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                _release(path, fd)
 
 
 def _acquire(path: Path, entry: Path, what: str) -> int | None:

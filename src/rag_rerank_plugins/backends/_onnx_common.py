@@ -448,17 +448,6 @@ def writable(spec: ModelSpec, folder: Path, doing: str) -> Iterator[None]:
         ) from exc
 
 
-_entry_locks: dict[Path, threading.Lock] = {}
-_entry_locks_guard = threading.Lock()
-
-
-def _entry_lock(entry: Path) -> threading.Lock:
-    """One lock per entry in this process: threads loading specs that share an entry (other
-    thread counts, labels) export it once, and none removes an entry another just published."""
-    with _entry_locks_guard:
-        return _entry_locks.setdefault(entry, threading.Lock())
-
-
 def _process_tag() -> str:
     """This host and PID namespace, hashed: two processes with equal tags see the same PIDs, so
     one can tell whether the other is still alive (containers sharing a cache volume, or hosts
@@ -570,8 +559,9 @@ def cached_entry(
     opens a published one, whose onnxruntime session is then opened at once (unless under
     :func:`deferred_sessions`). A damaged entry (:func:`entry_damage`, or one onnxruntime cannot
     open) is logged, removed and exported again, never served; a cache folder that cannot be
-    written raises :class:`ModelLoadError` naming it (:func:`writable`). One process exports
-    an entry at a time (:func:`_build_entry`); a cached one loads without any lock file.
+    written raises :class:`ModelLoadError` naming it (:func:`writable`). One thread of one
+    process exports an entry at a time (:func:`_build_entry`); a cached one loads without any
+    lock.
     """
     mode = mode_of(spec)
     opset = opset_of(spec)
@@ -582,10 +572,9 @@ def cached_entry(
             model_fingerprint(folder), mode, opset, format_version=format_version, **extra
         )
         entry = cache / key
-        with _entry_lock(entry):
-            model, _ = _open_checked(entry, open_entry)
-            if model is None:
-                model = _build_entry(spec, entry, folder, mode, opset, export, open_entry)
+        model, _ = _open_checked(entry, open_entry)
+        if model is None:
+            model = _build_entry(spec, entry, folder, mode, opset, export, open_entry)
     logger.info(
         "rag-rerank: onnxruntime %s for %s: %d intra-op thread(s), 1 inter-op, spinning off "
         "(export %s)",

@@ -23,8 +23,8 @@ into place (concurrent processes never see half an IR), their ``meta.json`` reco
 both files, and every load checks them: a damaged entry (a file changed or missing, a
 ``meta.json`` unreadable or not what was written) is logged, removed and built again; an entry
 that was missing at the first look is looked at again before anything is removed, since another
-process may have just published it. Builds of one entry are serialised by a lock per process and
-one across processes (:mod:`._build_lock`), so many threads or worker processes loading at once
+process may have just published it. Builds of one entry are serialised among threads and
+processes (:mod:`._build_lock`), so many threads or worker processes loading at once
 convert once: the others wait, then load the published IR. Option ``file_name`` naming the
 repository's own IR (``.xml``, sentence-transformers'
 ``openvino/openvino_model_qint8_quantized.xml``) replaces the conversion with a copy of that IR,
@@ -122,8 +122,6 @@ LENGTH_STEPS = 16
 #: device workers, so every worker's pass has a stream of its own when all are busy.
 MAX_STREAMS = 8
 
-_build_locks: dict[Path, threading.Lock] = {}
-_build_locks_guard = threading.Lock()
 _builds = 0
 
 
@@ -621,14 +619,11 @@ def _ir_entry(
         json.dumps({k: v for k, v in meta.items() if k != "model"}, sort_keys=True).encode()
     ).hexdigest()[:32]
     final = inner.path.parent / f"ov-{key}"
-    with _build_locks_guard:
-        lock = _build_locks.setdefault(final, threading.Lock())
-    with lock:
-        found = _verified(final, log=False, expect=meta)
-        if found is not None:
-            return final, found, True
-        with build_lock(final, "OpenVINO IR"):
-            return _build_ir(spec, inner, final, meta, calibration, prebuilt)
+    found = _verified(final, log=False, expect=meta)
+    if found is not None:
+        return final, found, True
+    with build_lock(final, "OpenVINO IR"):
+        return _build_ir(spec, inner, final, meta, calibration, prebuilt)
 
 
 def _build_ir(
