@@ -307,3 +307,40 @@ def test_one_holder_at_a_time_though_every_holder_removes_the_file(
     assert done[0] == len(holds)
     assert most[0] == 1
     assert not lock_path(entry).exists()
+
+
+def test_a_caller_waiting_behind_another_process_s_export_gets_its_timeout(
+    tiny_ce_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The waiting is a load: a call's ``timeout`` answers the caller at its deadline (never a
+    hang), the load goes on, and once the other process lets go this process exports and
+    serves."""
+    pytest.importorskip("onnxruntime")
+    from rag_rerank_plugins import RequestTimeoutError
+
+    def spec_in(cache: Path) -> ModelSpec:
+        options = {"cache_dir": str(cache)}
+        return ModelSpec(tiny_ce_path, backend="onnx-cross-encoder", options=options)
+
+    probe = ModelPool()  # the entry's name: the same key in any cache folder
+    probe.score_pairs(spec_in(tmp_path / "probe"), PAIRS)
+    probe.clear()
+    (name,) = [p.name for p in (tmp_path / "probe").iterdir() if not p.name.startswith(".")]
+    cache = tmp_path / "cache"
+    holder = _holder(cache / name, 3.0)  # another process exporting it
+    pool = ModelPool()
+    try:
+        started = time.monotonic()
+        with (
+            caplog.at_level(logging.INFO, logger="rag_rerank_plugins"),
+            pytest.raises(RequestTimeoutError, match="still loading"),
+        ):
+            pool.score_pairs(spec_in(cache), PAIRS, timeout=0.5)
+        assert time.monotonic() - started < 2.5  # answered at its deadline, not the holder's
+        holder.wait(timeout=30)
+        assert pool.score_pairs(spec_in(cache), PAIRS, timeout=120) == pytest.approx(
+            _reference(tiny_ce_path), abs=1e-4
+        )
+        assert any("another process is building" in r.getMessage() for r in caplog.records)
+    finally:
+        pool.clear()
