@@ -7,7 +7,10 @@
   :class:`~.request.Request` with its lane and deadline in :func:`~..backends.base.current_call`,
   and validates what comes back exactly like the worker does. Closing it (a release, an
   eviction) refuses new calls and waits for the running ones, as the scheduled path finishes
-  its queue first: the model's ``close()`` never runs under a call.
+  its queue first: the model's ``close()`` never runs under a call. A call counts as running
+  until the backend really returns, not until its caller stops waiting: a sync call with a
+  deadline and an async call on a model without a native ``arun`` run in a thread that holds
+  the count, so a caller's timeout or cancellation cannot let ``close()`` in early.
 
 The base class owns what every path shares, once: caller deadlines (a request past its deadline
 raises :class:`RequestTimeoutError` in its caller on time, even while a direct backend call is
@@ -119,6 +122,7 @@ class DirectExecutor(Executor):
         super().__init__(model, name)
         self._idle = threading.Condition()
         self._running = 0  # calls inside the model now (in any thread, or awaited)
+        self._on_loop: dict[asyncio.AbstractEventLoop, int] = {}  # of those, awaited per loop
         self._closed = False
 
     @contextlib.contextmanager
@@ -139,15 +143,43 @@ class DirectExecutor(Executor):
                 if not self._running:
                     self._idle.notify_all()
 
+    @contextlib.contextmanager
+    def _awaited(self) -> Iterator[None]:
+        """An awaited call (a native ``arun``) on the running loop: :meth:`close` on that
+        loop's thread cannot wait for it (the loop would never run it to its end)."""
+        loop = asyncio.get_running_loop()
+        with self._idle:
+            self._on_loop[loop] = self._on_loop.get(loop, 0) + 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                left = self._on_loop[loop] - 1
+                if left:
+                    self._on_loop[loop] = left
+                else:
+                    del self._on_loop[loop]
+                self._idle.notify_all()
+
     def close(self) -> None:
         """Refuse new calls and wait for the running ones: the model's ``close()`` (a remote
-        backend's HTTP client) must not run under them. On a thread running an event loop,
-        awaited calls on that loop cannot finish while it waits, so it does not wait there."""
+        backend's HTTP client) must not run under them. On a thread running an event loop it
+        waits for every call but the ones awaited on that loop, which cannot finish while it
+        waits (a sync call in another thread, or a thread left running by a timed-out caller,
+        is waited for there too)."""
         with self._idle:
             self._closed = True
-            if not _on_event_loop():
-                while self._running:
-                    self._idle.wait()
+            loop = _running_loop()
+            while self._running - (self._on_loop.get(loop, 0) if loop is not None else 0):
+                self._idle.wait()
+
+    def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
+        """A forked child gets a fresh count and condition: the parent's running calls do not
+        run in the child (a count inherited from them would make :meth:`close` wait forever),
+        and the parent's condition lock may have been held by another thread at the fork."""
+        child = DirectExecutor(self.model, self.name)
+        child._closed = self._closed
+        return child
 
     def _call(self, request: Request) -> list[Any]:
         with self._inside(), call_context(CallContext(request.lane, request.deadline)):
@@ -179,20 +211,24 @@ class DirectExecutor(Executor):
         return request.future
 
     async def _astart(self, request: Request) -> list[Any]:
-        with self._inside(), call_context(CallContext(request.lane, request.deadline)):
-            try:
+        try:
+            if type(self.model).arun is LoadedModel.arun:
+                # The default arun is ``run`` in a thread, which a cancelled or timed-out caller
+                # leaves running: the whole call, count included, runs in that thread.
+                return await asyncio.to_thread(self._call, request)
+            context = CallContext(request.lane, request.deadline)
+            with self._inside(), self._awaited(), call_context(context):
                 results = await self.model.arun(request.task, request.items, request.batch_size)
-            except (KeyboardInterrupt, SystemExit) as exc:  # the backend's, not a signal's
-                raise map_error(exc, self.name, interruption=False) from exc
+        except (KeyboardInterrupt, SystemExit) as exc:  # the backend's, not a signal's
+            raise map_error(exc, self.name, interruption=False) from exc
         return self._check(request, results)
 
 
-def _on_event_loop() -> bool:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
-        asyncio.get_running_loop()
+        return asyncio.get_running_loop()
     except RuntimeError:
-        return False
-    return True
+        return None
 
 
 class ScheduledExecutor(Executor):
