@@ -46,7 +46,9 @@ def release_memory(stages: Stages) -> None:
     gc.collect()  # tracebacks and activations of the failed pass may sit in cycles
     try:
         stages.model().free_cache()
-    except Exception:  # the split below is still the best chance to serve the requests
+    # BaseException too: raised on the worker thread it interrupts nobody (signals go to the
+    # main thread), and the split below is still the best chance to serve the requests.
+    except BaseException:
         logger.warning(
             "%s: free_cache() failed after running out of memory", stages.name, exc_info=True
         )

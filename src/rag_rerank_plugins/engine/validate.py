@@ -33,7 +33,10 @@ def _bad(name: str, what: str) -> InferenceError:
 def _as_list(name: str, results: Any, count: int) -> list[Any]:
     if results is None or isinstance(results, (str, bytes)) or not isinstance(results, Iterable):
         raise _bad(name, f"{type(results).__name__} instead of {count} results")
-    listed = list(results)  # a generator (or array) of the right length is fine
+    try:
+        listed = list(results)  # a generator (or array) of the right length is fine
+    except Exception as exc:  # a generator that raises midway, a tensor on a failed device
+        raise _bad(name, f"results that could not be read ({type(exc).__name__}: {exc})") from exc
     if len(listed) != count:
         raise _bad(name, f"{len(listed)} results for {count} items")
     return listed
@@ -46,6 +49,9 @@ def _score(name: str, value: Any, index: int) -> float:
         score = float(value)  # Python, NumPy and 0-d tensor scalars
     except (TypeError, ValueError):
         raise _bad(name, f"a {type(value).__name__} as the score of item #{index}") from None
+    except Exception as exc:  # a __float__ that fails (a device-side error surfacing here)
+        what = f"a score for item #{index} that could not be read ({type(exc).__name__}: {exc})"
+        raise _bad(name, what) from exc
     if not math.isfinite(score):
         raise _bad(name, f"a non-finite score ({score}) for item #{index}")
     return score
@@ -54,14 +60,21 @@ def _score(name: str, value: Any, index: int) -> float:
 def _vector(name: str, value: Any, index: int, dimension: int | None) -> list[Any]:
     if value is None or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise _bad(name, f"a {type(value).__name__} as the vector of text #{index}")
-    vector = value if isinstance(value, list) else getattr(value, "tolist", lambda: list(value))()
     try:
+        vector = (
+            value if isinstance(value, list) else getattr(value, "tolist", lambda: list(value))()
+        )
         total = float(sum(vector))  # one C loop; NaN or inf anywhere makes the sum non-finite
+        # ... and so can finite values whose sum overflows: then look at each one.
+        finite = math.isfinite(total) or all(math.isfinite(float(v)) for v in vector)
     except (TypeError, ValueError):
         raise _bad(name, f"a vector with non-numeric values for text #{index}") from None
+    except Exception as exc:
+        what = f"a vector for text #{index} that could not be read ({type(exc).__name__}: {exc})"
+        raise _bad(name, what) from exc
     if dimension is not None and len(vector) != dimension:
         raise _bad(name, f"a {len(vector)}-dimensional vector for text #{index}, not {dimension}")
-    if not math.isfinite(total):
+    if not finite:
         raise _bad(name, f"a vector with non-finite values for text #{index}")
     return vector if isinstance(vector, list) else list(vector)
 

@@ -276,7 +276,7 @@ class Worker:
             checked = check_results(
                 self.name, batch.task, results, len(batch.entries), self.dimension
             )
-        except InferenceError as exc:
+        except BaseException as exc:  # InferenceError; anything else fails this pass alone too
             self.fail(batch.entries, exc)
             return
         self.scale.learn(batch)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .._mps import empty_cache
 from ..engine_config import no_limit
-from ..exceptions import ModelReleasedError, RequestTimeoutError
+from ..exceptions import ModelLoadError, ModelReleasedError, RequestTimeoutError
 from ..inputs import check_batch_size, check_pairs, check_priority, check_texts, check_timeout
 from ..spec import ModelSpec
 from ._state import PoolState
@@ -155,6 +155,8 @@ class PoolCalls(PoolState):
         def run() -> None:
             try:
                 handle = self._get(spec, pin=self._pins, start_over=True)
+            except (KeyboardInterrupt, SystemExit) as exc:  # raised here: interrupts nobody
+                loading.set_exception(ModelLoadError(spec.model, spec.backend, exc))
             except BaseException as exc:  # the waiting caller raises it
                 loading.set_exception(exc)
             else:

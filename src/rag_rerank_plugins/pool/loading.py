@@ -1,14 +1,16 @@
 """Loading one spec: the backend's loader, timing, footprint, and the handle around it.
 
 A failed load caches nothing (the next call retries) and is counted in ``load_failures``; a
-foreign exception becomes :class:`ModelLoadError`. The footprint is the CUDA allocator's growth
-during a load that ran alone (no other load, no call on that device at its start or end) when it
-can be measured, else the backend's own count.
+foreign exception becomes :class:`ModelLoadError` (a loader's KeyboardInterrupt or SystemExit
+too, except on the main thread, where it may be the user's Ctrl-C). The footprint is the CUDA
+allocator's growth during a load that ran alone (no other load, no call on that device at its
+start or end) when it can be measured, else the backend's own count.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,8 +50,10 @@ class Loading(PoolState):
         except RagRerankError:
             stats.add(load_failures=1)
             raise
-        except Exception as exc:
+        except BaseException as exc:
             stats.add(load_failures=1)
+            if _interrupts_caller(exc):
+                raise
             raise ModelLoadError(key.model, key.backend, exc) from exc
         finally:
             with self._lock:
@@ -99,6 +103,16 @@ class Loading(PoolState):
             if not reload:
                 raise
             logger.warning("rag-rerank: warm-up of %s after a reload failed: %r", handle.spec, exc)
+
+
+def _interrupts_caller(exc: BaseException) -> bool:
+    """A Ctrl-C or exit that stops the caller: on the main thread, the only one signals reach.
+    Elsewhere (a load thread, a server's worker thread) a KeyboardInterrupt or SystemExit is the
+    loader's own and interrupts nobody; escaping an awaiting task it would stop the caller's
+    whole event loop, so it becomes :class:`ModelLoadError` like any other failure."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit)) and (
+        threading.current_thread() is threading.main_thread()
+    )
 
 
 def _cuda_allocated(device: str) -> int | None:
