@@ -162,6 +162,21 @@ def test_embed_equals_local_sentence_transformer(
     assert openai["data"][2]["embedding"] == pytest.approx(ref[2].tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize("path", ["/v1/embed", "/v2/embed"])
+def test_cohere_truncate_none_413_gives_cohere_advice(model_server, path: str) -> None:
+    """A too-long text under Cohere's ``truncate: "NONE"`` is a 413 whose advice the same
+    endpoint accepts: it told clients to send TEI's ``truncate=true`` and
+    ``truncation_direction``, which Cohere's endpoints refuse as unknown fields."""
+    body = {"texts": ["word " * 600], "truncate": "NONE", "input_type": "search_document"}
+    refused = _post(model_server.url, path, body)
+    assert refused.status_code == 413
+    message = refused.json()["message"]
+    assert "truncate='END'" in message
+    assert "truncation_direction" not in message
+    for advice in ("END", "START"):
+        assert _post(model_server.url, path, {**body, "truncate": advice}).status_code == 200
+
+
 def test_health_info_and_metrics(model_server) -> None:
     health = httpx.get(model_server.url + "/health", timeout=10)
     assert health.status_code == 200

@@ -164,6 +164,147 @@ def test_priority_is_not_coerced(fake_server: Any, value: object) -> None:
     assert "priority" in response.json()["message"]
 
 
+#: (path, a valid body, the field, a value pydantic's lax mode used to coerce) for every boolean
+#: and integer field of every request model.
+_COERCED = [
+    ("/v1/rerank", {"query": "a", "documents": ["a", "b"]}, "top_n", True),
+    ("/v1/rerank", {"query": "a", "documents": ["a", "b"]}, "top_n", "2"),
+    ("/v2/rerank", {"query": "a", "documents": ["a", "b"]}, "top_n", 2.0),
+    ("/v1/rerank", {"query": "a", "documents": ["a"]}, "return_documents", "yes"),
+    ("/v1/rerank", {"query": "a", "documents": ["a"]}, "max_chunks_per_doc", "3"),
+    ("/v2/rerank", {"query": "a", "documents": ["a"]}, "max_tokens_per_doc", 8.0),
+    ("/v2/rerank", {"query": "a", "documents": ["a"]}, "return_documents", 1),
+    ("/rerank", {"query": "a", "texts": ["a"]}, "truncate", 0),
+    ("/rerank", {"query": "a", "texts": ["a"]}, "raw_scores", "false"),
+    ("/rerank", {"query": "a", "texts": ["a"]}, "return_text", 1),
+    ("/rerank", {"query": "a", "documents": ["a"]}, "top_n", "1"),
+    ("/embed", {"inputs": "a b"}, "normalize", "off"),
+    ("/embed", {"inputs": "a b"}, "dimensions", "3"),
+    ("/", {"inputs": "a b"}, "normalize", 0),
+    ("/v2/embed", {"texts": ["a"], "input_type": "search_query"}, "output_dimension", "3"),
+    ("/v2/embed", {"texts": ["a"], "input_type": "search_query"}, "max_tokens", 4.0),
+    ("/v1/embeddings", {"input": "a b"}, "dimensions", "3"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field", "value"), _COERCED)
+def test_no_field_is_coerced(
+    fake_server: Any, path: str, body: dict[str, Any], field: str, value: object
+) -> None:
+    """docs/wire-protocols.md: values are taken as sent or refused, never coerced. pydantic's
+    lax mode read ``top_n: true`` as 1, ``"2"`` as 2 and ``normalize: "off"`` as false (an
+    unnormalised vector, silently); only ``priority`` was strict."""
+    assert fake_server.post(path, json=body).status_code == 200  # the body itself is fine
+    response = fake_server.post(path, json={**body, field: value})
+    assert response.status_code == (400 if path == "/v1/embeddings" else 422), response.text
+    assert field in response.json()["message"]
+
+
+@pytest.mark.parametrize("value", ["²", "①", "٣", "1.5", "-1"])
+def test_priority_strings_int_refuses_are_400_not_500(fake_server: Any, value: str) -> None:
+    """``str.isdigit`` is true for "²" and "①", which ``int()`` refuses: that was a 500."""
+    response = fake_server.post("/rerank", json={"query": "a", "texts": ["x"], "priority": value})
+    assert response.status_code == 400, response.text
+    assert "priority" in response.json()["message"]
+    response = fake_server.post(
+        "/rerank", json={"query": "a", "texts": ["x"]}, headers={"X-Priority": value.encode()}
+    )
+    assert response.status_code == 400, response.text
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+@pytest.mark.parametrize("echo", [True, False])
+def test_non_finite_number_in_a_body_is_refused_before_model_work(
+    fake_server: Any, literal: bytes, echo: bool
+) -> None:
+    """Python's parser reads ``NaN``/``Infinity``, which JSON has not. Echoed by Cohere's
+    ``return_documents`` it was a 500 blaming the model ("the model returned NaN")."""
+    before = _calls(fake_server.pool)
+    body = b'{"query": "a", "documents": [{"text": "a", "rating": ' + literal + b"}]"
+    body += b', "return_documents": true}' if echo else b"}"
+    response = fake_server.post(
+        "/v1/rerank", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "documents[0].rating is not a finite number" in response.json()["message"]
+    assert _calls(fake_server.pool) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (
+            {"query": "a", "texts": ["a"], "top_k": 1},
+            400,
+            "Unknown or unsupported field(s) 'top_k'",
+        ),
+        ({"inputs": "a", "top_k": 1}, 400, "Unknown or unsupported field(s) 'top_k'"),
+        ({"inputs": 5}, 422, "inputs"),
+        ({"query": "a", "texts": "a"}, 422, "texts: Input should be a valid list"),
+        ({"texts": ["a"]}, 422, "query: Field required"),
+        ([1], 422, "body: Input should be a valid dictionary"),
+    ],
+)
+def test_tei_root_route_reports_as_the_endpoint_it_serves(
+    fake_server: Any, body: Any, status: int, says: str
+) -> None:
+    """TEI's ``POST /`` (huggingface_hub's ``InferenceClient(model=url)``) validated the body
+    against both shapes and merged their errors: ``query`` and ``texts`` were "unknown"."""
+    response = fake_server.post("/", json=body)
+    assert response.status_code == status, response.text
+    message = response.json()["message"]
+    assert says in message
+    for required in ("query", "texts", "inputs"):
+        assert f"'{required}'" not in message  # never told to remove a field it needs
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/rerank", {"query": "a", "texts": ["a"], "TopN": 1}, "TopN"),
+        ("/v1/embeddings", {"input": "a", "Model": "e"}, "Model"),
+        (
+            "/v1/rerank",
+            {"query": "a", "documents": ["a"], "ReturnDocuments": True},
+            "ReturnDocuments",
+        ),
+    ],
+)
+def test_a_capitalised_unknown_field_is_named(
+    fake_server: Any, path: str, body: dict[str, Any], field: str
+) -> None:
+    """Union branch names (``RerankRequest``) are dropped from error paths; a client's own
+    capitalised field was dropped with them and reported as ``'body'``."""
+    response = fake_server.post(path, json=body)
+    assert response.status_code == 400, response.text
+    assert f"'{field}'" in response.json()["message"]
+    if path == "/v1/embeddings":
+        assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v1/embeddings", "/embed"])
+def test_a_body_not_encoded_as_utf8_is_a_validation_error(fake_server: Any, path: str) -> None:
+    """docs/wire-protocols.md: text that is not Unicode is a 422 (400 on OpenAI's paths) that
+    says to send UTF-8. A Latin-1 body got FastAPI's bare 400 "error parsing the body"."""
+    text = {"/rerank": '{"query": "café", "texts": ["crème"]}'}.get(
+        path, '{"query": "café", "documents": ["crème"], "input": "café", "inputs": "café"}'
+    )
+    response = fake_server.post(
+        path, content=text.encode("latin-1"), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == (400 if path == "/v1/embeddings" else 422), response.text
+    assert "not valid UTF-8" in response.json()["message"]
+
+
+def test_a_body_nested_too_deeply_is_a_validation_error(fake_server: Any) -> None:
+    body = b'{"query": "a", "texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = fake_server.post(
+        "/rerank", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "nested too deeply" in response.json()["message"]
+
+
 def test_relevant_spans_refuses_unknown_keys(fake_server: Any) -> None:
     """A typo'd key inside ``relevant_spans`` was ignored (read as the default "disabled")."""
     body = {"query": "a", "documents": ["x"], "relevant_spans": {"mdoe": "enabled"}}

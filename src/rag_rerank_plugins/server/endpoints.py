@@ -115,7 +115,9 @@ def _hints(handler: Handler) -> dict[str, Any]:
         if name not in _INJECTED
     }
     holder = types.SimpleNamespace(__annotations__=annotations)
-    return typing.get_type_hints(holder, globalns=getattr(function, "__globals__", {}))
+    return typing.get_type_hints(
+        holder, globalns=getattr(function, "__globals__", {}), include_extras=True
+    )
 
 
 def _bind(handler: Handler) -> tuple[Callable[..., Awaitable[Any]], Any]:

@@ -196,17 +196,35 @@ def rule_for(exc: BaseException) -> ErrorRule | None:
     return None
 
 
+#: Our body-wide checks (schemas.refuse_invalid_unicode): one message for the whole body.
+_WHOLE_BODY = frozenset({"invalid_unicode", "non_finite_number"})
+#: pydantic's error types for "this value should have been an object" (its location ends with
+#: the model's name).
+_NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dataclass_type"})
+
+
 def _validation_message(errors: list[dict[str, Any]]) -> str:
     parts = []
     for error in errors:
         if error.get("type") == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "")
             return f"Request body is not valid JSON ({detail}). Send a JSON object."
-        if error.get("type") == "invalid_unicode":  # the whole body: one message says it all
+        if error.get("type") in _WHOLE_BODY:  # the whole body: one message says it all
             return f"Invalid request: {error.get('msg', 'not valid Unicode')}"
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        where = ".".join(_json_path(error)) or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "Invalid request: " + "; ".join(parts[:5])
+
+
+def _json_path(error: dict[str, Any]) -> list[str]:
+    """An error's location as a path into the client's JSON. FastAPI puts ``body`` first, and
+    pydantic names the branch of a union of models (``RerankRequest``, ``Document``) before its
+    fields: neither is in the JSON. A branch name is last only when the value there is not an
+    object at all; otherwise a field follows it, so a client's own capitalised field
+    (``TopN``), which is last, stays."""
+    loc = [str(p) for p in error.get("loc", ())]
+    last = len(loc) if error.get("type") in _NOT_AN_OBJECT else len(loc) - 1
+    return [p for i, p in enumerate(loc) if p != "body" and not (i < last and p[:1].isupper())]
 
 
 def _unknown_fields(errors: list[dict[str, Any]]) -> list[str]:
@@ -216,13 +234,7 @@ def _unknown_fields(errors: list[dict[str, Any]]) -> list[str]:
     for error in errors:
         if error.get("type") != "extra_forbidden":
             continue
-        # Union members show up in the location by their class name: not part of the JSON path.
-        parts = [
-            str(p)
-            for p in error.get("loc", ())
-            if p != "body" and not (isinstance(p, str) and p[:1].isupper())
-        ]
-        where = ".".join(parts) or "body"
+        where = ".".join(_json_path(error)) or "body"
         if where not in found:
             found.append(where)
     return found
@@ -231,15 +243,15 @@ def _unknown_fields(errors: list[dict[str, Any]]) -> list[str]:
 def _param(errors: list[dict[str, Any]]) -> str | None:
     """The top-level body field of the first validation error (OpenAI's ``error.param``)."""
     for error in errors:
-        if error.get("type") == "invalid_unicode":
+        if error.get("type") in _WHOLE_BODY:
             where = str((error.get("ctx") or {}).get("where", ""))
             field = re.split(r"[.\[]", where, maxsplit=1)[0]
             if field and " " not in field:
                 return field
             continue
-        parts = [p for p in error.get("loc", ()) if p != "body"]
+        parts = _json_path(error)
         if parts:
-            return str(parts[0])
+            return parts[0]
     return None
 
 
@@ -310,6 +322,27 @@ def _http_error(status: int, detail: Any, request: Request) -> ApiError:
     return ApiError(status, message, _HTTP_ERROR_TYPES.get(status, "Validation"))
 
 
+def _unreadable_body(exc: BaseException) -> ApiError | None:
+    """FastAPI's 400 "There was an error parsing the body" for a JSON body it could not read
+    other than by bad syntax (which is a 422 already), as the 422 the docs promise: bytes that
+    are not UTF-8 (a Latin-1 body), or nesting so deep that the parser gave up."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return ApiError(
+            422,
+            "Invalid request: the body is not valid UTF-8 "
+            f"({cause.reason} at byte {cause.start}). Send the JSON encoded as UTF-8.",
+            "Validation",
+        )
+    if isinstance(cause, RecursionError):
+        return ApiError(
+            422,
+            "Invalid request: the body's JSON is nested too deeply to read. Send a flatter body.",
+            "Validation",
+        )
+    return None
+
+
 def as_api_error(exc: BaseException, request: Request, state: ErrorContext) -> ApiError | None:
     """``exc`` as an :class:`ApiError`, or None when it is not ours to answer (a bug: 500)."""
     from fastapi.exceptions import RequestValidationError
@@ -328,6 +361,10 @@ def as_api_error(exc: BaseException, request: Request, state: ErrorContext) -> A
             return ApiError(400, message, "Validation", param=unknown[0].split(".")[0])
         return ApiError(422, _validation_message(errors), "Validation", param=_param(errors))
     if isinstance(exc, HTTPException):
+        unread = _unreadable_body(exc)
+        if unread is not None:
+            state.metrics.reject("invalid")
+            return unread
         error = _http_error(exc.status_code, exc.detail, request)
         given = dict(exc.headers) if exc.headers else {}
         if exc.status_code == 405:

@@ -17,16 +17,20 @@ be tokenized, nor written back in an answer that echoes it.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
+    StrictBool,
     StrictInt,
     StrictStr,
+    Tag,
     model_serializer,
     model_validator,
 )
@@ -57,6 +61,7 @@ __all__ = [
     "RerankRequest",
     "ServiceDescription",
     "TeiRank",
+    "TeiRootRequest",
     "TruncationDirection",
     "Usage",
     "refuse_invalid_unicode",
@@ -67,21 +72,27 @@ __all__ = [
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _surrogate_at(data: Any) -> str | None:
-    """Where the first string (value or key) holding a lone surrogate is in parsed JSON ``data``
-    (``texts[0]``, ``documents[1].title``), else None. Iterative: no recursion limit to hit."""
+def _unwritable_at(data: Any) -> tuple[str, str] | None:
+    """The first value of parsed JSON ``data`` that no answer could echo: ``(where, what)``,
+    ``what`` being "surrogate" (a string, value or key, holding a lone surrogate) or
+    "non-finite" (``NaN``/``Infinity``, which Python's parser accepts but JSON has not); where
+    is ``texts[0]``, ``documents[1].title``. None when there is none. Iterative: no recursion
+    limit to hit."""
     stack: list[tuple[Any, str]] = [(data, "")]
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
             if not item.isascii() and _SURROGATE.search(item):
-                return path or "the body"
+                return path or "the body", "surrogate"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return path or "the body", "non-finite"
         elif isinstance(item, dict):
             children = []
             for key, value in item.items():
                 where = f"{path}.{key}" if path else str(key)
                 if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                    return f"a key in {path or 'the body'}"
+                    return f"a key in {path or 'the body'}", "surrogate"
                 children.append((value, where))
             stack.extend(reversed(children))
         elif isinstance(item, list):
@@ -97,9 +108,19 @@ def refuse_invalid_unicode(data: Any) -> Any:
     but it is no Unicode character. Such a string cannot be encoded as UTF-8, so a tokenizer
     fails on it and an answer echoing it (``return_documents``, ``return_text``, Cohere's
     ``texts``) cannot be written: refused here, before any model work, instead of a 500 after it.
+    Likewise a ``NaN`` or ``Infinity`` literal anywhere in the body (a document field Cohere's
+    ``return_documents`` echoes): JSON has no such numbers, and the answer could not carry it.
     """
-    where = _surrogate_at(data)
-    if where is not None:
+    found = _unwritable_at(data)
+    if found is not None and found[1] == "non-finite":
+        raise PydanticCustomError(
+            "non_finite_number",
+            "{where} is not a finite number: JSON has no NaN or Infinity (Python's json writes "
+            "them, but they are not JSON). Send a finite number, or null.",
+            {"where": found[0]},
+        )
+    if found is not None:
+        where = found[0]
         raise PydanticCustomError(
             "invalid_unicode",
             "{where} is not valid Unicode: it holds a lone surrogate escape (\\ud800-\\udfff "
@@ -120,8 +141,8 @@ class _Strict(_Schema):
 
 class _Body(_Strict):
     #: The engine lane ("interactive" | "bulk", or Cohere's integer: 0 = highest, more = bulk);
-    #: wins over the ``X-Priority`` header. Strict: ``true`` or ``1.0`` are refused, not read
-    #: as ``1``.
+    #: wins over the ``X-Priority`` header. Strict, as every boolean and integer field of a
+    #: request: ``true`` or ``1.0`` are refused, not read as ``1`` (nor ``"off"`` as false).
     priority: StrictStr | StrictInt | None = None
 
     @model_validator(mode="before")
@@ -150,11 +171,11 @@ class RerankRequest(_Body):
     texts: list[str] | None = None
     documents: list[str | Document] | None = None
     model: str | None = None
-    raw_scores: bool = False
-    return_text: bool = False
-    return_documents: bool = False
-    top_n: int | None = Field(default=None, ge=1)
-    truncate: bool | None = None
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    return_documents: StrictBool = False
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    truncate: StrictBool | None = None
     truncation_direction: TruncationDirection = "Right"
 
 
@@ -165,10 +186,10 @@ class CohereRerankRequest(_Body):
     query: str
     documents: list[str | dict[str, Any]]
     model: str | None = None
-    top_n: int | None = Field(default=None, ge=1)
-    return_documents: bool = False
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    return_documents: StrictBool = False
     rank_fields: list[str] | None = None
-    max_chunks_per_doc: int | None = Field(default=None, ge=1)
+    max_chunks_per_doc: StrictInt | None = Field(default=None, ge=1)
 
 
 class CohereV2RerankRequest(_Body):
@@ -177,9 +198,9 @@ class CohereV2RerankRequest(_Body):
     query: str
     documents: list[str]
     model: str | None = None
-    top_n: int | None = Field(default=None, ge=1)
-    max_tokens_per_doc: int | None = Field(default=None, ge=1)
-    return_documents: bool = False
+    top_n: StrictInt | None = Field(default=None, ge=1)
+    max_tokens_per_doc: StrictInt | None = Field(default=None, ge=1)
+    return_documents: StrictBool = False
     relevant_spans: dict[str, Any] | None = None
 
 
@@ -187,12 +208,28 @@ class EmbedRequest(_Body):
     """TEI ``/embed``."""
 
     inputs: str | list[str]
-    normalize: bool = True
-    truncate: bool | None = None
+    normalize: StrictBool = True
+    truncate: StrictBool | None = None
     truncation_direction: TruncationDirection = "Right"
     prompt_name: str | None = None
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: StrictInt | None = Field(default=None, ge=1)
     model: str | None = None
+
+
+def _tei_root_shape(data: Any) -> str:
+    """TEI's bare-URL route: a body with ``inputs`` embeds; any other ranks. One branch is
+    validated, so an error names what that endpoint needs, not both shapes' fields at once
+    (``query`` reported "unknown" by the embed branch)."""
+    if isinstance(data, EmbedRequest) or (isinstance(data, dict) and "inputs" in data):
+        return "EmbedRequest"
+    return "RerankRequest"
+
+
+#: The body of TEI's ``POST /``. The tags are the class names, as pydantic's own union tags.
+TeiRootRequest = Annotated[
+    Annotated[EmbedRequest, Tag("EmbedRequest")] | Annotated[RerankRequest, Tag("RerankRequest")],
+    Discriminator(_tei_root_shape),
+]
 
 
 class CohereEmbedRequest(_Body):
@@ -213,8 +250,8 @@ class CohereV2EmbedRequest(_Body):
     input_type: str | None = None
     embedding_types: list[str] | None = None
     truncate: Literal["NONE", "START", "END"] | None = None
-    output_dimension: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    output_dimension: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
 class OpenAIEmbedRequest(_Body):
@@ -223,7 +260,7 @@ class OpenAIEmbedRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: StrictInt | None = Field(default=None, ge=1)
     #: OpenAI's end-user id, for their abuse monitoring: accepted, with no effect here.
     user: str | None = None
 

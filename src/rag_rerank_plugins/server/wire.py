@@ -52,7 +52,7 @@ def _lane(value: object, where: str) -> Lane:
         word = value.strip().lower()
         if word in _WORDS:
             return _WORDS[word]
-        if word.isdigit():
+        if word.isascii() and word.isdigit():  # "²" and "①" are digits int() refuses
             return _lane(int(word), where)
     raise ApiError(
         400,

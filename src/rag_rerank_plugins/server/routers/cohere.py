@@ -56,6 +56,11 @@ _INPUT_TYPES = {
     "classification": False,
     "clustering": False,
 }
+#: The 413 of a too-long text under ``truncate: "NONE"``, in Cohere's terms.
+_NO_TRUNCATE_ADVICE = (
+    "'truncate' is 'NONE'. Send truncate='END' (the default: the end is cut) or 'START' (the "
+    "start is cut), or a shorter text."
+)
 #: Cohere's embed ``truncate`` -> TEI's direction (None: refuse a too-long text).
 _TRUNCATE = {"END": "right", "START": "left", "NONE": None}
 
@@ -232,7 +237,7 @@ async def _embed(
     if max_tokens is not None:
         texts = await asyncio.to_thread(tokens.cut, texts, [max_tokens] * len(texts), "right")
     if direction is None:
-        texts = await fit_single(state, model, texts, False, "right")
+        texts = await fit_single(state, model, texts, False, "right", _NO_TRUNCATE_ADVICE)
     else:
         texts = await fit_single(state, model, texts, True, direction)  # type: ignore[arg-type]
     counted = sum(await asyncio.to_thread(tokens.input_tokens, texts))

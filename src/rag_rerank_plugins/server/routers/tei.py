@@ -29,6 +29,7 @@ from ..schemas import (
     InfinityRerankResult,
     RerankRequest,
     TeiRank,
+    TeiRootRequest,
     Usage,
     texts_of,
 )
@@ -45,12 +46,20 @@ __all__ = ["PROTOCOL"]
 _QUERY_PROMPTS = {"query": True, "search_query": True, "document": False, "passage": False}
 
 
-def _too_long(what: str, index: int, limit: int | None) -> ApiError:
+#: What a client that gets :func:`_too_long` should send instead, in TEI's terms.
+TEI_TRUNCATE_ADVICE = (
+    "'truncate' is false. Send truncate=true (optionally with truncation_direction) or a "
+    "shorter text."
+)
+
+
+def _too_long(
+    what: str, index: int, limit: int | None, advice: str = TEI_TRUNCATE_ADVICE
+) -> ApiError:
     return ApiError(
         413,
         f"Input validation error: {what} #{index} is longer than the model's {limit} tokens and "
-        "'truncate' is false. Send truncate=true (optionally with truncation_direction) or a "
-        "shorter text.",
+        f"{advice}",
         "Validation",
     )
 
@@ -155,16 +164,22 @@ async def rerank(
 
 
 async def fit_single(
-    state: ServerState, model: ServedModel, texts: list[str], truncate: bool, direction: Direction
+    state: ServerState,
+    model: ServedModel,
+    texts: list[str],
+    truncate: bool,
+    direction: Direction,
+    advice: str = TEI_TRUNCATE_ADVICE,
 ) -> list[str]:
     """``texts`` cut to the embedder's limit from ``direction``'s end (413 for a too-long text
-    when ``truncate`` is False). The right end is the model's own cut: nothing to do then."""
+    when ``truncate`` is False, saying ``advice`` in the caller's protocol's terms). The right
+    end is the model's own cut: nothing to do then."""
     if truncate and direction == "right":
         return texts
     tokens = await state.tokens(model)
     cut, too_long = await asyncio.to_thread(tokens.fit_single, texts, direction)
     if too_long and not truncate:
-        raise _too_long("input", too_long[0], tokens.max_tokens)
+        raise _too_long("input", too_long[0], tokens.max_tokens, advice)
     return cut
 
 
@@ -195,7 +210,7 @@ async def embed(
 
 
 async def root(
-    body: EmbedRequest | RerankRequest, state: ServerState, headers: Mapping[str, str]
+    body: TeiRootRequest, state: ServerState, headers: Mapping[str, str]
 ) -> list[list[float]] | list[TeiRank] | InfinityRerankResponse:
     """TEI's ``POST /``: ``inputs`` -> ``/embed``, ``query`` + ``texts`` -> ``/rerank``."""
     if isinstance(body, EmbedRequest):
