@@ -322,13 +322,25 @@ def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> 
     return data
 
 
+def _device_name(device: Any) -> str:
+    """A device as compared for a contradiction: ``torch.device("cpu")``, ``"CPU"`` and
+    ``" cpu"`` agree."""
+    return str(device).strip().lower()
+
+
 def lift_spec_fields(data: dict[str, Any], kw: dict[str, Any]) -> None:
     """Move ``device`` and ``max_length`` out of a loader's keyword arguments ``kw`` into the
     adapter's fields ``data`` (both are spec fields; left in ``kw``, ``max_length`` reached
-    ``CrossEncoder(...)`` twice). A ``max_length`` given both ways must agree."""
+    ``CrossEncoder(...)`` twice). A ``device`` or ``max_length`` given both ways must agree."""
     device = kw.pop("device", None)
     if device is not None:
-        data.setdefault("device", device)
+        explicit = data.get("device")
+        if explicit is not None and _device_name(explicit) != _device_name(device):
+            raise ConfigurationError(
+                f"device={explicit!r} and model_kwargs['device']={device!r} disagree; give the "
+                "device once, as device=."
+            )
+        data["device"] = explicit if explicit is not None else device
     max_length = kw.pop("max_length", None)
     if max_length is not None:
         explicit = data.get("max_length")

@@ -220,6 +220,19 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     _prompt_cache: dict[Any, tuple[dict[str, str] | None, str | None]] = PrivateAttr(
         default_factory=dict
     )
+    #: The normalisation fields read from encode_kwargs / query_encode_kwargs at construction:
+    #: for them the kwargs decide per call (a key removed since means encode's default).
+    _from_kwargs: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="after")
+    def _note_fields_from_kwargs(self) -> SharedEmbeddings:
+        lifted = set()
+        if self.encode_kwargs.get("normalize_embeddings") is not None:
+            lifted.add("normalize_embeddings")
+        if self.query_encode_kwargs.get("normalize_embeddings") is not None:
+            lifted.add("query_normalize_embeddings")
+        self._from_kwargs = frozenset(lifted)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -267,21 +280,25 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         reports it; held as the loading option ``model_kwargs["cache_folder"]``."""
         return self.model_kwargs.get("cache_folder")
 
+    def _own(self, name: str) -> bool | None:
+        """A normalisation field as set on this object; None where it was only read from the
+        encode kwargs at construction (a key removed from them since must not linger here)."""
+        return None if name in self._from_kwargs else getattr(self, name)
+
     def _normalize_queries(self) -> bool:
-        if self.query_normalize_embeddings is None:
-            return self.normalize_embeddings
-        return self.query_normalize_embeddings
+        query = self._own("query_normalize_embeddings")
+        return bool(self._own("normalize_embeddings")) if query is None else query
 
     def _normalize_for(self, is_query: bool, kwargs: Mapping[str, Any]) -> bool:
         """Whether one call normalises, read per call as HuggingFaceEmbeddings reads it: from
-        the call's encode kwargs (so model_copy(update=...) and in-place changes apply), else
-        False for queries with their own query_encode_kwargs (they replace encode_kwargs), else
-        the fields."""
+        the call's encode kwargs (so model_copy(update=...) and in-place changes apply, a
+        removed key included), else False for queries with their own query_encode_kwargs (they
+        replace encode_kwargs), else the fields set on this object."""
         if "normalize_embeddings" in kwargs:
             return bool(kwargs["normalize_embeddings"])
         if is_query and self.query_encode_kwargs:
-            return bool(self.query_normalize_embeddings)
-        return self._normalize_queries() if is_query else self.normalize_embeddings
+            return bool(self._own("query_normalize_embeddings"))
+        return self._normalize_queries() if is_query else bool(self._own("normalize_embeddings"))
 
     def _call_kwargs(self, is_query: bool) -> dict[str, Any]:
         """The encode arguments of one call kind (queries: query_encode_kwargs when given)."""

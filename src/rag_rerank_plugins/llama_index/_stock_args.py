@@ -288,24 +288,42 @@ def rerank_arguments(data: Any) -> Any:
     return _translate(data, kwargs, "reranker", "cross_encoder_kwargs")
 
 
-def _own_limit(model: str, revision: str | None, cache_folder: str | None) -> int | None:
-    """The token limit sentence-transformers gives the model when none is asked for: the smaller
-    of ``max_position_embeddings`` (config.json) and the tokenizer's ``model_max_length``
-    (XLM-R: 514 positions, 512 tokens); None when neither is on this machine."""
-    known = [
-        json_int_field(model, "config.json", "max_position_embeddings", revision, cache_folder),
-        json_int_field(model, "tokenizer_config.json", "model_max_length", revision, cache_folder),
-    ]
-    limits = [n for n in known if n is not None]
-    return min(limits) if limits else None
+def _limits(
+    model: str, revision: str | None, cache_folder: str | None, processor_kwargs: Any
+) -> tuple[int | None, int | None]:
+    """``(positions, own)``: the model's ``max_position_embeddings`` (config.json), and the
+    token limit sentence-transformers gives it when none is asked for: the smaller of that and
+    the tokenizer's ``model_max_length`` (tokenizer_config.json, or ``processor_kwargs``' when
+    given; XLM-R: 514 positions, 512 tokens). None where unknown on this machine."""
+    positions = json_int_field(
+        model, "config.json", "max_position_embeddings", revision, cache_folder
+    )
+    tokenizer = json_int_field(
+        model, "tokenizer_config.json", "model_max_length", revision, cache_folder
+    )
+    if isinstance(processor_kwargs, dict):
+        given = processor_kwargs.get("model_max_length")
+        if isinstance(given, int) and not isinstance(given, bool):
+            tokenizer = given
+    limits = [n for n in (positions, tokenizer) if n is not None]
+    return positions, (min(limits) if limits else None)
 
 
-def rerank_default_max_length(model: str, revision: Any, cache_folder: str | None) -> int | None:
-    """SentenceTransformerRerank's token limit when none is given: 512, however many positions the
-    model has. A model whose own limit is known to be 512 or less keeps it (None): the same
-    truncation, and the same pool key as the LangChain adapters' (one load for both). Below 512
-    the stock class fails on a long passage; we truncate at the model's limit instead."""
-    own = _own_limit(model, revision if isinstance(revision, str) else None, cache_folder)
-    if own is not None and own <= STOCK_RERANK_MAX_LENGTH:
+def rerank_default_max_length(
+    model: str, revision: Any, cache_folder: str | None, processor_kwargs: Any = None
+) -> int | None:
+    """SentenceTransformerRerank's token limit when none is given: ``max_length=512`` handed to
+    CrossEncoder, which overrides the tokenizer's own (smaller) limit too. Where the model's own
+    limit is that same number (512 tokens, or as many positions as it has when fewer), None: the
+    same truncation, and the same pool key as the LangChain adapters' (one load for both). Below
+    512 positions the stock class fails on a long passage; we truncate at the positions instead.
+    A tokenizer limit below it (``model_max_length=128``) is not the model's: stock reads 512."""
+    positions, own = _limits(
+        model, revision if isinstance(revision, str) else None, cache_folder, processor_kwargs
+    )
+    stock = (
+        STOCK_RERANK_MAX_LENGTH if positions is None else min(STOCK_RERANK_MAX_LENGTH, positions)
+    )
+    if own is not None and own == stock:
         return None
-    return STOCK_RERANK_MAX_LENGTH
+    return stock

@@ -146,7 +146,10 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
         if self.max_length is not None or spec.backend not in _CROSS_ENCODER_BACKENDS:
             return spec
         limit = rerank_default_max_length(
-            spec.model, spec.option("revision"), spec.option("cache_folder")
+            spec.model,
+            spec.option("revision"),
+            spec.option("cache_folder"),
+            spec.option("processor_kwargs"),
         )
         return spec if limit is None else spec.with_options(max_length=limit)
 
