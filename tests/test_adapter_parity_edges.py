@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,50 @@ def test_embeddings_normalise_as_their_kwargs_say_now(
     want = _norms(stock)
     assert want != (1.0, 1.0)  # the stock class stopped normalising something
     assert _norms(ours) == pytest.approx(want, abs=2e-3)
+
+
+@pytest.fixture(scope="module")
+def positions_1024(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny cross-encoder with 1024 positions and a 1024-token tokenizer limit."""
+    from rag_rerank_plugins.testing import build_cross_encoder
+
+    folder = tmp_path_factory.mktemp("p1024") / "ce"
+    build_cross_encoder(
+        folder, hidden_size=64, intermediate_size=128, seed=3, max_position_embeddings=1024
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 1024
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_llama_index_max_length_none_means_the_models_own_limit(positions_1024: str) -> None:
+    """``cross_encoder_kwargs={"max_length": None}`` reaches CrossEncoder as None there (the
+    key is present, so no 512): the model's own 1024 tokens. Ours read 512."""
+    from llama_index.postprocessor.sbert_rerank import SentenceTransformerRerank
+
+    kwargs = {"max_length": None}
+    texts = ["alpha beta " * 300 + "gamma " * 300, "alpha beta " * 300 + "delta " * 300]
+    nodes = [
+        NodeWithScore(node=TextNode(text=t, id_=str(i)), score=1.0) for i, t in enumerate(texts)
+    ]
+    stock = SentenceTransformerRerank(
+        positions_1024, device="cpu", top_n=2, cross_encoder_kwargs=kwargs
+    )
+    ours = SharedRerankPostprocessor(
+        positions_1024, device="cpu", top_n=2, cross_encoder_kwargs=kwargs, pool=ModelPool()
+    )
+    assert stock._model.max_seq_length == 1024
+    assert ours.spec.max_length == 1024
+    want = stock.postprocess_nodes(list(nodes), query_str="q")
+    got = ours.postprocess_nodes(list(nodes), query_str="q")
+    assert [n.node.id_ for n in got] == [n.node.id_ for n in want]
+    assert [n.score for n in got] == pytest.approx([n.score for n in want], abs=1e-5)
+
+
+def test_llama_index_max_length_none_unknown_limit_warns(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="own token limit"):
+        ours = SharedRerankPostprocessor(
+            "org/not-on-this-machine", cross_encoder_kwargs={"max_length": None}
+        )
+    assert ours.spec.max_length == 512

@@ -16,6 +16,7 @@ Anything that cannot apply to a shared pool is refused with the message of the s
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -255,6 +256,36 @@ def _own_options(model_kwargs: Any, backend: Any) -> dict[str, Any]:
     return own
 
 
+def _own_max_length(data: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """``cross_encoder_kwargs={"max_length": None}``: handed to ``CrossEncoder`` as it is, which
+    means the model's own limit, not the 512 the stock class gives when the key is absent. Our
+    field's None means that 512, so the model's own limit is written as a number where this
+    machine knows it (its config files); where not, the 512 stays and a warning says so."""
+    kwargs.pop("max_length")
+    if data.get("max_length") is not None:
+        return  # given as our field too: that one is the limit
+    model = data.get("model")
+    revision = kwargs.get("revision")
+    cache_folder = data.get("cache_folder") or kwargs.get("cache_folder")
+    own = None
+    if isinstance(model, str):
+        own = _limits(
+            model,
+            revision if isinstance(revision, str) else None,
+            cache_folder if isinstance(cache_folder, str) else None,
+            kwargs.get("processor_kwargs"),
+        )[1]
+    if own is None:
+        warnings.warn(
+            f"cross_encoder_kwargs={{'max_length': None}} asks for {model!r}'s own token limit, "
+            f"which its files on this machine do not say: reading {STOCK_RERANK_MAX_LENGTH} "
+            "tokens. Give max_length= to choose.",
+            stacklevel=4,
+        )
+        return
+    data["max_length"] = own
+
+
 def rerank_arguments(data: Any) -> Any:
     """SentenceTransformerRerank's keyword arguments -> SharedRerankPostprocessor's fields:
     ``cross_encoder_kwargs`` (``CrossEncoder`` keyword arguments) through the shared
@@ -281,6 +312,8 @@ def rerank_arguments(data: Any) -> Any:
     # SentenceTransformerRerank: a truthy top-level cache_folder wins over the kwargs' one.
     if data.get("cache_folder"):
         kwargs.pop("cache_folder", None)
+    if "max_length" in kwargs and kwargs["max_length"] is None:
+        _own_max_length(data, kwargs)
     if not kwargs:
         return data
     if _st_backend(data.get("backend")):
