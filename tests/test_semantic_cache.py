@@ -140,6 +140,30 @@ def test_labelled_pairs_hybrid(minilm_spec: ModelSpec, minilm_pool: ModelPool) -
         ("Which foods contain gluten?", "Which foods contain no gluten?", "negation"),
         ("What is the capital of France?", "What is the capital of Germany?", "entities"),
         ("What is France's capital?", "Which city is the capital of France?", None),
+        # ordinals are numbers; "first" = "1st"
+        ("Who was the first president of Brazil?", "Who was the second president?", "numbers"),
+        ("Who was the first president of Brazil?", "Who was the 1st president of Brazil?", None),
+        ("Quem foi a primeira presidente?", "Quem foi a segunda presidente?", "numbers"),
+        ("Which one is cheaper?", "Which is cheaper?", "numbers"),  # a miss, never a wrong hit
+        # numbers written as one symbol
+        ("How much is ½ cup in grams?", "How much is ¼ cup in grams?", "numbers"),
+        ("What is x² here?", "What is x³ here?", "numbers"),
+        ("How much is ½ cup in grams?", "How much is 0.5 cup in grams?", None),
+        # opposite sides of one contrast; one side against none is a paraphrase
+        ("What is the minimum wage in Brazil?", "What is the maximum wage in Brazil?", "contrast"),
+        ("What should I do before surgery?", "What should I do after surgery?", "contrast"),
+        ("How to increase blood pressure?", "How to decrease blood pressure?", "contrast"),
+        ("O que fazer antes da cirurgia?", "O que fazer depois da cirurgia?", "contrast"),
+        ("How do I enable 2FA?", "How can I turn on 2FA?", None),
+        ("How do I enable 2FA?", "How do I disable 2FA?", "contrast"),
+        # two names with a direction between them
+        (
+            "How do I convert Celsius to Fahrenheit?",
+            "How do I convert Fahrenheit to Celsius?",
+            "codes",
+        ),
+        ("Is Python faster than Java?", "Is Java faster than Python?", "codes"),
+        ("How do I convert Celsius to Fahrenheit?", "Convert Celsius into Fahrenheit", None),
     ],
 )
 def test_identity_tokens(a: str, b: str, reason: str | None) -> None:

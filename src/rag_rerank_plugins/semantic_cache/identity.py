@@ -7,11 +7,17 @@ versions, names) and polarity (negations). This module extracts them in a langua
 the ``hybrid`` guard can demand that they agree:
 
 * **numbers** (a multiset): digit groups normalised so that "1.000" (pt), "1,000" (en) and "1000"
-  agree and "05" equals "5" (dates), but "3.10" and "3.1" (versions) do not; spelled-out small
-  numbers (two..twenty, dois..vinte), month names (May 2023 = 05/2023 = maio de 2023) and roman
-  numerals after a legal/structural marker ("inciso IV" = "inciso 4").
+  agree and "05" equals "5" (dates), but "3.10" and "3.1" (versions) do not; spelled-out
+  numbers (one..twenty, hundred, dois..vinte), ordinals ("first" = "1st", "segunda" = 2),
+  numbers written as one symbol ("½", "¼", "²"), month names (May 2023 = 05/2023 = maio de
+  2023) and roman numerals after a legal/structural marker ("inciso IV" = "inciso 4").
 * **codes** (a multiset): tokens mixing letters and digits ("E11000", "CVE-2021-44228", "72-A"),
-  letters after markers ("alínea b", "Annex A"), relative days ("today", "amanhã").
+  letters after markers ("alínea b", "Annex A"), relative days ("today", "amanhã"), and the
+  order of two names with a direction between them ("Celsius to Fahrenheit", "Python faster
+  than Java": swapped, they ask the opposite).
+* **contrasts**: words whose opposite asks the opposite question ("minimum" / "maximum",
+  "before" / "after", "increase" / "decrease", "antes" / "depois"); two queries naming opposite
+  sides disagree, one naming a side and the other none does not ("enable" / "turn on").
 * **entities**: acronyms and capitalised words inside a sentence; each must occur (case and
   accent folded) among the other query's words.
 * **negated**: whether any negation ("not", "n't", "never", "não", "sem", "nunca", "sin",
@@ -63,11 +69,53 @@ _NUMBER_WORDS: dict[str, str] = {
     **{
         w: str(i) for i, w in enumerate(["eleven", "twelve", "thirteen", "fourteen", "fifteen"], 11)
     },
-    **{"twenty": "20", "thirty": "30", "forty": "40", "fifty": "50", "hundred": "100"},
+    **{"one": "1", "twenty": "20", "thirty": "30", "forty": "40", "fifty": "50"},
+    **{"hundred": "100", "thousand": "1000", "million": "1000000", "billion": "1000000000"},
     **{"dois": "2", "duas": "2", "tres": "3", "quatro": "4", "cinco": "5", "seis": "6"},
     **{"sete": "7", "oito": "8", "nove": "9", "dez": "10", "onze": "11", "doze": "12"},
     **{"quinze": "15", "vinte": "20", "trinta": "30", "cem": "100", "mil": "1000"},
 }
+_ORDINALS_EN = "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth"
+_ORDINALS_PT = "primeiro segundo terceiro quarto quinto sexto setimo oitavo nono decimo"
+_ORDINALS_PT_F = "primeira segunda terceira quarta quinta sexta setima oitava nona decima"
+#: Ordinal words, as the number they rank ("first" = "1st" = 1; "segunda" = 2).
+_ORDINAL_WORDS: dict[str, str] = {
+    **{
+        w: str(i)
+        for ordinals in (_ORDINALS_EN, _ORDINALS_PT, _ORDINALS_PT_F)
+        for i, w in enumerate(ordinals.split(), 1)
+    },
+    **{"twentieth": "20", "hundredth": "100"},
+}
+#: Words whose opposite asks the opposite question ("minimum" / "maximum" wage, "before" /
+#: "after" surgery), as ``group:side``: two queries that name opposite sides of one group
+#: disagree. One naming a side and the other none is not a disagreement ("enable" / "turn on"
+#: is a paraphrase). Folded forms; English and Portuguese.
+_CONTRASTS: dict[str, str] = {
+    word: f"{group}:{side}"
+    for group, sides in {
+        "when": (["before", "antes"], ["after", "depois", "apos"]),
+        "extreme": (["minimum", "min", "minimo", "minima", "lowest"],
+                    ["maximum", "max", "maximo", "maxima", "highest"]),
+        "change": (["increase", "raise", "aumentar", "aumento", "subir"],
+                   ["decrease", "reduce", "lower", "diminuir", "reduzir", "baixar"]),
+        "rank": (["last", "ultimo", "ultima", "final"], ["penultimate", "penultimo"]),
+        "quality": (["best", "melhor", "melhores"], ["worst", "pior", "piores"]),
+        "speed": (["fastest", "faster", "quickest"], ["slowest", "slower"]),
+        "size": (["largest", "biggest", "larger", "bigger", "maior", "maiores"],
+                 ["smallest", "smaller", "menor", "menores"]),
+        "trade": (["buy", "buying", "comprar"], ["sell", "selling", "vender"]),
+        "flow": (["import", "imports", "importar"], ["export", "exports", "exportar"]),
+        "switch": (["enable", "activate", "ativar", "habilitar"],
+                   ["disable", "deactivate", "desativar", "desabilitar"]),
+        "range": (["above", "over", "acima"], ["below", "under", "abaixo"]),
+    }.items()
+    for side, words_ in enumerate(sides)
+    for word in words_
+}  # fmt: skip
+#: Words that give two names a direction ("Celsius to Fahrenheit", "Python faster than Java"):
+#: two entities with one of these between them are an ordered pair, an identity code.
+_DIRECTIONAL = {"to", "into", "than", "vs", "versus", "from", "para", "que", "em", "over"}
 _MONTHS_EN = "january february march april may june july august september october november december"
 _MONTHS_PT = (
     "janeiro fevereiro marco abril maio junho julho agosto setembro outubro novembro dezembro"
@@ -146,6 +194,8 @@ class Identity:
     entities: frozenset[str]
     negated: bool
     words: frozenset[str]
+    #: ``group:side`` of each contrast word ("extreme:0" for "minimum"); see ``_CONTRASTS``.
+    contrasts: frozenset[str] = frozenset()
 
 
 def _code(token: str) -> str | None:
@@ -169,6 +219,8 @@ def extract(text: str) -> Identity:
     folded = [_fold_word(match.group()) for match in raw]  # one per raw token, always
     portuguese = bool(_PORTUGUESE & set(folded))
     entities: set[str] = set()
+    named: list[tuple[int, str]] = []  # (word index, folded) of each entity, in order
+    contrasts: set[str] = set()
     negated = False
     mostly_upper = sum(t.group().isupper() for t in raw) > len(raw) / 2
     for i, (match, word) in enumerate(zip(raw, folded, strict=True)):
@@ -180,6 +232,11 @@ def extract(text: str) -> Identity:
         if word in _NUMBER_WORDS:
             numbers.append(_NUMBER_WORDS[word])
             continue
+        if word in _ORDINAL_WORDS:
+            numbers.append(_ORDINAL_WORDS[word])
+            continue
+        if word in _CONTRASTS:
+            contrasts.add(_CONTRASTS[word])
         if word in _MONTHS and (
             word not in _AMBIGUOUS_MONTHS
             or prev in _MONTH_CONTEXT
@@ -208,13 +265,33 @@ def extract(text: str) -> Identity:
             continue
         if token.isupper() or (token[:1].isupper() and not at_start):
             entities.add(word)
+            if named and any(w in _DIRECTIONAL for w in folded[named[-1][0] + 1 : i]):
+                codes.append(f"order:{named[-1][1]}>{word}")
+            named.append((i, word))
+    numbers.extend(_number_symbols(text))
     return Identity(
         numbers=tuple(sorted(numbers)),
         codes=tuple(sorted(codes)),
         entities=frozenset(entities),
         negated=negated,
         words=frozenset(folded),
+        contrasts=frozenset(contrasts),
     )
+
+
+def _number_symbols(text: str) -> list[str]:
+    r"""Numbers written as one symbol ``\d`` does not match: vulgar fractions ("½", "¼"),
+    superscripts and circled digits ("²", "①"), as their value ("0.5", "2"). "½ cup" and
+    "¼ cup" are different questions."""
+    if text.isascii():
+        return []
+    found = []
+    for char in text:
+        if unicodedata.category(char) == "No":
+            value = unicodedata.numeric(char, None)
+            if value is not None:
+                found.append(f"{value:g}")
+    return found
 
 
 def _roman(token: str) -> int:
@@ -226,15 +303,32 @@ def _roman(token: str) -> int:
     return total
 
 
+def _opposed(a: frozenset[str], b: frozenset[str]) -> bool:
+    """Whether ``a`` and ``b`` name different sides of one contrast group (both name it)."""
+    if not (a and b) or a == b:
+        return False
+    sides_a: dict[str, set[str]] = {}
+    for item in a:
+        group, _, side = item.partition(":")
+        sides_a.setdefault(group, set()).add(side)
+    sides_b: dict[str, set[str]] = {}
+    for item in b:
+        group, _, side = item.partition(":")
+        sides_b.setdefault(group, set()).add(side)
+    return any(sides_a[g] != sides_b[g] for g in sides_a.keys() & sides_b.keys())
+
+
 def disagreement(a: Identity, b: Identity) -> str | None:
-    """Why ``a`` and ``b`` ask about different things ("numbers", "codes", "entities",
-    "negation"), or None when their identity tokens agree."""
+    """Why ``a`` and ``b`` ask about different things ("numbers", "codes", "negation",
+    "contrast", "entities"), or None when their identity tokens agree."""
     if a.numbers != b.numbers:
         return "numbers"
     if a.codes != b.codes:
         return "codes"
     if a.negated != b.negated:
         return "negation"
+    if _opposed(a.contrasts, b.contrasts):
+        return "contrast"
     if not (a.entities <= b.words and b.entities <= a.words):
         return "entities"
     return None
