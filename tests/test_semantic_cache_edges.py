@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -368,3 +369,23 @@ def test_server_invalidate_and_clear_the_store_failed_answer_503(
         assert "store failed" in answer.json()["message"]
     blank = httpx.post(f"{base}/invalidate", json={"namespace": " "}, timeout=30)
     assert blank.status_code == 422
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_invalidate_subspaces_takes_only_what_is_under_the_namespace(
+    store: str, tmp_path: Any
+) -> None:
+    """``subspaces=True``: the namespace and ``namespace:...``; never a namespace that merely
+    starts with the same characters (``m1x``), nor one whose name holds SQL's LIKE wildcards."""
+    from rag_rerank_plugins.semantic_cache import SemanticCache
+    from rag_rerank_plugins.testing import fake_embedder_spec
+
+    url = f"sqlite:///{tmp_path / 'c.db'}" if store == "sqlite" else "memory"
+    cache = SemanticCache(fake_embedder_spec(), pool=ModelPool(), store=url, guard="dense")
+    names = ["m_1", "m_1:ctx", "m_1:ctx:deeper", "m_1x", "mX1:ctx", "m%1:ctx", "other"]
+    for name in names:
+        assert cache.put("What is a cat?", name, namespace=name)
+    assert cache.invalidate("m_1", subspaces=True) == 3
+    left = {name for name in names if cache.lookup("What is a cat?", namespace=name)}
+    assert left == {"m_1x", "mX1:ctx", "m%1:ctx", "other"}
+    assert cache.invalidate("other") == 1

@@ -170,6 +170,58 @@ def test_clear_and_clear_one_model(adapter: SharedSemanticCache) -> None:
         adapter.clear(namespace="x")
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_clear_one_model_clears_its_chat_contexts_too(
+    store: str, pool: ModelPool, tmp_path: Any
+) -> None:
+    """A chat call with a system prompt or history is stored under a namespace of its own
+    (model + context); ``clear(llm_string=...)`` left those answers served, stale."""
+    url = f"sqlite:///{tmp_path / 'cache.db'}" if store == "sqlite" else "memory"
+    adapter = SharedSemanticCache(SemanticCache(pool=pool, store=url))
+    chat = FakeListChatModel(responses=["OLD answer", "NEW answer", "other"], cache=adapter)
+    other = FakeListChatModel(responses=["kept", "model called again"], cache=adapter)
+    other.sleep = 0.001  # another model configuration: another llm_string
+    messages = [
+        SystemMessage("You are a helpful assistant."),
+        HumanMessage("What is our refund policy?"),
+    ]
+    assert chat.invoke(messages).content == "OLD answer"
+    assert other.invoke(messages).content == "kept"
+    assert chat._get_llm_string() != other._get_llm_string()
+    adapter.clear(llm_string=chat._get_llm_string())
+    assert chat.invoke(messages).content == "NEW answer"
+    assert other.invoke(messages).content == "kept"  # from the cache: the other model stays
+
+
+def test_clear_one_model_on_a_cache_of_the_older_protocol(pool: ModelPool) -> None:
+    """A user's cache whose ``invalidate`` takes no ``subspaces``: still called, with the
+    model's own namespace."""
+    calls: list[str] = []
+
+    class Older:
+        def invalidate(self, namespace: str) -> int:
+            calls.append(namespace)
+            return 0
+
+    adapter = SharedSemanticCache(Older())  # type: ignore[arg-type]
+    adapter.clear(llm_string="m1")
+    assert calls == [adapter.namespace_for("m1")]
+
+
+def test_a_chat_message_role_is_part_of_the_question(adapter: SharedSemanticCache) -> None:
+    """As in the stock caches: a ChatMessage of another role is another prompt."""
+    from langchain_core.messages import ChatMessage
+
+    user = dumps([ChatMessage(role="user", content="Summarise the contract")])
+    tool = dumps([ChatMessage(role="tool", content="Summarise the contract")])
+    stock = InMemoryCache()
+    for cache in (stock, adapter):
+        cache.update(user, "chat-llm", [Generation(text="answer for role=user")])
+    assert stock.lookup(tool, "chat-llm") is None
+    assert adapter.lookup(tool, "chat-llm") is None
+    assert adapter.lookup(user, "chat-llm") == [Generation(text="answer for role=user")]
+
+
 # -- a broken cache never fails the chain ---------------------------------------------------------
 
 

@@ -148,6 +148,28 @@ def test_langchain_adapter_on_two_hosts_shares_answers(
     assert llm_b.i == 1  # another article: host b's model answered
 
 
+def test_remote_clear_one_model_clears_its_chat_contexts(
+    remote: RemoteSemanticCache, cache_server: SimpleNamespace
+) -> None:
+    pytest.importorskip("langchain_core")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from rag_rerank_plugins.langchain import SharedSemanticCache
+
+    adapter = SharedSemanticCache(RemoteSemanticCache(cache_server.url, api_key_env=TOKEN_ENV))
+    from langchain_core.load import dumps
+    from langchain_core.outputs import Generation
+
+    prompt = dumps([SystemMessage("Be brief."), HumanMessage("What is our refund policy?")])
+    adapter.update(prompt, "chat-m1", [Generation(text="old")])
+    adapter.update(prompt, "chat-m2", [Generation(text="kept")])
+    adapter.clear(llm_string="chat-m1")
+    assert adapter.lookup(prompt, "chat-m1") is None
+    assert adapter.lookup(prompt, "chat-m2") == [Generation(text="kept")]
+    refused = _post(cache_server.url, "/invalidate", {"namespace": "x", "subspaces": "yes"})
+    assert refused.status_code == 422
+
+
 def test_token_is_required(cache_server: SimpleNamespace) -> None:
     response = _post(cache_server.url, "/lookup", {"query": ART_72}, token=None)
     assert response.status_code == 401

@@ -30,6 +30,7 @@ from __future__ import annotations
 from . import _compat  # noqa: F401  # isort: skip
 
 import hashlib
+import inspect
 import json
 from typing import Any
 
@@ -107,7 +108,8 @@ def _message_text(message: Any) -> str | None:
 
 def _last_message_extras(message: dict[str, Any]) -> dict[str, Any]:
     """What else than its text makes the last message's question: its content blocks that are
-    not text (images, audio, files) and its ``name``; empty when there are none."""
+    not text (images, audio, files), its ``name`` and a ``ChatMessage``'s ``role``; empty when
+    there are none."""
     kwargs = message.get("kwargs") or {}
     content = kwargs.get("content")
     blocks = [
@@ -120,6 +122,8 @@ def _last_message_extras(message: dict[str, Any]) -> dict[str, Any]:
         extras["blocks"] = blocks
     if kwargs.get("name"):
         extras["name"] = kwargs["name"]
+    if kwargs.get("role"):  # ChatMessage: a custom role asks as someone else
+        extras["role"] = kwargs["role"]
     return extras
 
 
@@ -127,8 +131,9 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     """``(question, context)`` of a prompt as LangChain hands it to a cache.
 
     A chat model's prompt is ``dumps(messages)``: the question is the last message's text, the
-    context everything before it (and the last message's kind, its non-text content blocks and
-    its name), serialised. Any other prompt is the question itself, with no context.
+    context everything before it (and the last message's kind, its non-text content blocks,
+    its name and a ChatMessage's role), serialised. Any other prompt is the question itself,
+    with no context.
     """
     if prompt.startswith("[") and '"lc"' in prompt:
         try:
@@ -261,8 +266,8 @@ class SharedSemanticCache(BaseCache):
         self._counters.count("errors" if stored is False else "updates")
 
     def clear(self, **kwargs: Any) -> None:
-        """Empty the cache; ``clear(llm_string=...)`` only that model's namespace (prompts
-        without chat context)."""
+        """Empty the cache; ``clear(llm_string=...)`` only that model's answers, under every
+        chat context (system prompt, history) too."""
         llm_string = kwargs.pop("llm_string", None)
         if kwargs:
             raise ConfigurationError(
@@ -271,7 +276,11 @@ class SharedSemanticCache(BaseCache):
         if llm_string is None:
             self.cache.clear()
         else:
-            self.cache.invalidate(self.namespace_for(llm_string))
+            namespace = self.namespace_for(llm_string)
+            if "subspaces" in inspect.signature(self.cache.invalidate).parameters:
+                self.cache.invalidate(namespace, subspaces=True)
+            else:  # a cache written to the older protocol: its one namespace is all it can
+                self.cache.invalidate(namespace)
 
     async def alookup(self, prompt: str, llm_string: str) -> list[Generation] | None:
         key = self._key(prompt, llm_string)

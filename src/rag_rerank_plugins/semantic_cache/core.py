@@ -44,7 +44,7 @@ from .guards import DEFAULT_THRESHOLDS, Candidate, Verdict, judge, too_long
 from .identity import Identity, extract
 from .index import NamespaceIndex, check_kind
 from .lexical import BM25Corpus, tokens
-from .stores import Cursor, Entry, MemoryStore, Store, now
+from .stores import Cursor, Entry, MemoryStore, Store, in_namespace, now
 
 __all__ = ["CacheHit", "SemanticCache"]
 
@@ -380,13 +380,21 @@ class SemanticCache:
             return False
         return True
 
-    def invalidate(self, namespace: str) -> int:
-        """Remove every entry of ``namespace`` (for this embedder); returns how many. Store
-        failures raise here: an invalidation that silently failed would serve stale answers."""
+    def invalidate(self, namespace: str, *, subspaces: bool = False) -> int:
+        """Remove every entry of ``namespace`` (for this embedder); returns how many. With
+        ``subspaces``, the namespaces under it too (``namespace + ":..."``: a LangChain
+        adapter's chat contexts under its model's namespace). Store failures raise here: an
+        invalidation that silently failed would serve stale answers."""
         _check_namespace(namespace)
-        removed = self.store.invalidate(self._model, namespace)
+        removed = self.store.invalidate(self._model, namespace, subspaces)
         with self._lock:
-            self._drop([k for k, (ns, _) in list(self._where.items()) if ns == namespace])
+            self._drop(
+                [
+                    k
+                    for k, (ns, _) in list(self._where.items())
+                    if in_namespace(ns, namespace, subspaces)
+                ]
+            )
         return removed
 
     def clear(self) -> None:

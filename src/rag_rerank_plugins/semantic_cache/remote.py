@@ -195,11 +195,13 @@ class RemoteSemanticCache:
             await self._client.arun(self._post("/put", self._put_body(query, value, namespace)))
         )
 
-    def invalidate(self, namespace: str) -> int:
-        """Drop one namespace on the server; the number of entries removed."""
-        answer = self._client.run(
-            self._post("/invalidate", {"namespace": _check_namespace(namespace)})
-        )
+    def invalidate(self, namespace: str, *, subspaces: bool = False) -> int:
+        """Drop one namespace on the server (with ``subspaces``, those under it too); the number
+        of entries removed."""
+        body: dict[str, Any] = {"namespace": _check_namespace(namespace)}
+        if subspaces:  # only when asked: a server before this field refuses unknown fields
+            body["subspaces"] = True
+        answer = self._client.run(self._post("/invalidate", body))
         return int(answer.get("removed", 0)) if isinstance(answer, dict) else 0
 
     def clear(self) -> None:

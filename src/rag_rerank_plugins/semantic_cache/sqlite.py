@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -184,13 +185,17 @@ class SQLiteStore(Store):
     def _bump(self, db: sqlite3.Connection) -> None:
         db.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
 
-    def invalidate(self, model: str | None, namespace: str) -> int:
+    def invalidate(self, model: str | None, namespace: str, subspaces: bool = False) -> int:
+        # substr, not LIKE: a namespace may hold % or _.
+        where = "(namespace = ? OR (? AND substr(namespace, 1, ?) = ?))"
+        args: tuple[Any, ...] = (namespace, int(subspaces), len(namespace) + 1, namespace + ":")
         with self._lock, self._transaction(bump=True) as db:
             if model is None:
-                cur = db.execute("DELETE FROM entries WHERE namespace = ?", (namespace,))
+                cur = db.execute(f"DELETE FROM entries WHERE {where}", args)
             else:
                 cur = db.execute(
-                    "DELETE FROM entries WHERE model = ? AND namespace = ?", (model, namespace)
+                    f"DELETE FROM entries WHERE model = ? AND {where}",
+                    (model, *args),
                 )
         return cur.rowcount
 

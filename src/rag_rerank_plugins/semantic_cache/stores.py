@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["Cursor", "Entry", "MemoryStore", "Store", "now"]
+__all__ = ["Cursor", "Entry", "MemoryStore", "Store", "in_namespace", "now"]
 
 
 @dataclass
@@ -43,6 +43,12 @@ class Entry:
 
 #: (epoch, last id seen, store version): what a reader has already seen.
 Cursor = tuple[int, int, int]
+
+
+def in_namespace(name: str, namespace: str, subspaces: bool) -> bool:
+    """Whether an entry's namespace ``name`` is ``namespace`` (or, with ``subspaces``, one under
+    it: ``namespace + ":..."``, as an adapter's per-context namespaces are under its model's)."""
+    return name == namespace or (subspaces and name.startswith(namespace + ":"))
 
 
 class Store(ABC):
@@ -77,8 +83,9 @@ class Store(ABC):
     def remove(self, ids: Iterable[int]) -> None: ...
 
     @abstractmethod
-    def invalidate(self, model: str | None, namespace: str) -> int:
-        """Remove one namespace (of one embedder, or of all when ``model`` is None)."""
+    def invalidate(self, model: str | None, namespace: str, subspaces: bool = False) -> int:
+        """Remove one namespace (of one embedder, or of all when ``model`` is None); with
+        ``subspaces``, every namespace under it too (``namespace + ":..."``)."""
 
     @abstractmethod
     def clear(self) -> None: ...
@@ -161,12 +168,13 @@ class MemoryStore(Store):
             self._drop(list(ids))
             self._version += 1
 
-    def invalidate(self, model: str | None, namespace: str) -> int:
+    def invalidate(self, model: str | None, namespace: str, subspaces: bool = False) -> int:
         with self._lock:
             gone = [
                 e.id
                 for e in self._entries.values()
-                if e.namespace == namespace and (model is None or e.model == model)
+                if in_namespace(e.namespace, namespace, subspaces)
+                and (model is None or e.model == model)
             ]
             self._drop(gone)
             self._epoch += 1

@@ -17,10 +17,11 @@ server's pool. Like the model endpoints, it needs the bearer token when one is s
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from ...exceptions import ConfigurationError, InvalidInputError
 from ..cache_slot import CACHES
@@ -84,6 +85,8 @@ class PutResponse(BaseModel):
 
 class InvalidateRequest(_Request):
     namespace: str = Field(min_length=1, max_length=512)
+    #: The namespaces under it too (``namespace + ":..."``).
+    subspaces: StrictBool = False
 
 
 class InvalidateResponse(BaseModel):
@@ -202,7 +205,9 @@ async def invalidate(body: InvalidateRequest, state: ServerState) -> InvalidateR
     """Drop every entry of one namespace."""
     cache = await _cache(state)
     try:
-        removed = await asyncio.to_thread(cache.invalidate, body.namespace)
+        removed = await asyncio.to_thread(
+            functools.partial(cache.invalidate, body.namespace, subspaces=body.subspaces)
+        )
     except InvalidInputError:
         raise  # 422 (a blank namespace)
     except Exception as exc:
