@@ -307,15 +307,17 @@ def _opposed(a: frozenset[str], b: frozenset[str]) -> bool:
     """Whether ``a`` and ``b`` name different sides of one contrast group (both name it)."""
     if not (a and b) or a == b:
         return False
-    sides_a: dict[str, set[str]] = {}
-    for item in a:
-        group, _, side = item.partition(":")
-        sides_a.setdefault(group, set()).add(side)
-    sides_b: dict[str, set[str]] = {}
-    for item in b:
-        group, _, side = item.partition(":")
-        sides_b.setdefault(group, set()).add(side)
+    sides_a, sides_b = _sides(a), _sides(b)
     return any(sides_a[g] != sides_b[g] for g in sides_a.keys() & sides_b.keys())
+
+
+def _sides(contrasts: frozenset[str]) -> dict[str, set[str]]:
+    """``{"extreme:0", "when:1"}`` -> ``{"extreme": {"0"}, "when": {"1"}}``."""
+    sides: dict[str, set[str]] = {}
+    for item in contrasts:
+        group, _, side = item.partition(":")
+        sides.setdefault(group, set()).add(side)
+    return sides
 
 
 def disagreement(a: Identity, b: Identity) -> str | None:
