@@ -175,9 +175,12 @@ class ModelHandle:
             self._in_flight -= 1
 
     def _try_retire(self) -> bool:
-        """Atomically: if no call is in flight, refuse every later one. True when retired."""
+        """Atomically: if no call is in flight, refuse every later one. True when retired.
+        A backend call its caller stopped waiting for (a timeout, a cancellation) still runs
+        in its thread: such a model is busy too, so an eviction leaves it for later instead of
+        waiting for it (maybe on an event loop's thread)."""
         with self._pin_lock:
-            if self._in_flight:
+            if self._in_flight or self._executor.busy():
                 return False
             self._retiring = True
             return True

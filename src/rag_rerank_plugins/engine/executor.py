@@ -105,6 +105,11 @@ class Executor(ABC):
     def close(self) -> None:  # noqa: B027 - nothing to stop for direct calls
         """Finish queued work and stop any threads."""
 
+    def busy(self) -> bool:
+        """Whether a backend call runs now that no caller waits for (a timed-out or cancelled
+        direct call left in its thread); the scheduled path withdraws such work instead."""
+        return False
+
     def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
         """The executor to use in a forked child (threads do not survive fork)."""
         return self
@@ -172,6 +177,9 @@ class DirectExecutor(Executor):
             loop = _running_loop()
             while self._running - (self._on_loop.get(loop, 0) if loop is not None else 0):
                 self._idle.wait()
+
+    def busy(self) -> bool:
+        return self._running > 0
 
     def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
         """A forked child gets a fresh count and condition: the parent's running calls do not
