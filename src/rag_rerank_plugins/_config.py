@@ -24,7 +24,7 @@ import json
 import math
 import os
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
@@ -148,17 +148,24 @@ def parse_text(info: FieldInfo, text: str) -> Any:
     return text.strip()
 
 
-def env_values(cls: type[BaseModel], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def env_values(
+    cls: type[BaseModel],
+    environ: Mapping[str, str] | None = None,
+    skip: Iterable[str] = (),
+) -> dict[str, Any]:
     """The values of ``cls``'s fields found in ``environ`` (default ``os.environ``): each field
     ``name`` is read from ``cls.env_prefix + NAME``; empty or blank variables count as unset
     (``VAR=`` or ``VAR=" "`` in a compose file: a blank device or model name is never meant),
     except a blank secret (the API key), which is refused where it is checked.
-    Fields that are themselves sections are left out (they read their own variables)."""
+    Fields that are themselves sections are left out (they read their own variables), and so
+    are those in ``skip`` (given by a flag or argument, which wins: their variable is not
+    read, so a bad one cannot fail a setting the flag overrides)."""
     env = os.environ if environ is None else environ
     prefix: str = getattr(cls, "env_prefix", ENV_PREFIX)
+    skipped = set(skip)
     values: dict[str, Any] = {}
     for name, info in cls.model_fields.items():
-        if _is_section(info):
+        if _is_section(info) or name in skipped:
             continue
         var = prefix + name.upper()
         raw = env.get(var)
@@ -302,7 +309,7 @@ class ConfigModel(BaseModel):
         then ``given`` (flags or arguments: they win, None included). ``given_by(name)`` says
         where a given value came from, for error messages."""
         env = os.environ if environ is None else environ
-        values = env_values(cls, env)
+        values = env_values(cls, env, skip=given or ())
         sources = {
             name: f"{var}={env[var]!r}" for name, var in cls.env_names().items() if name in values
         }

@@ -216,6 +216,26 @@ def _metavar(annotation: Any) -> str:
     return "TEXT"
 
 
+def _number(text: str, *, whole: bool) -> int | float:
+    """A flag's number as its variable reads it: ASCII only (Python's ``int`` also reads
+    "١٢", which the variable refuses), and a whole-number setting takes ``8`` or ``8.0``."""
+    stripped = text.strip()
+    if not stripped.isascii():
+        raise ValueError("must be a number written with the digits 0-9")
+    if not whole:
+        try:
+            return int(stripped)
+        except ValueError:
+            return float(stripped)
+    try:
+        return int(stripped)
+    except ValueError:
+        number = float(stripped)  # ValueError: not a number at all
+        if not number.is_integer():
+            raise ValueError("must be a whole number") from None
+        return int(number)
+
+
 def _setting_parser(info: FieldInfo, flag: str) -> Callable[[str], Any]:
     """Text -> value with the same parser as the field's variable; numbers are checked here so
     ``--port http`` is a usage error at once (ranges are checked by the model)."""
@@ -226,10 +246,8 @@ def _setting_parser(info: FieldInfo, flag: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = parse_text(info, text)
-            if isinstance(value, str) and int in kinds:
-                return int(value)
-            if isinstance(value, str) and float in kinds:
-                return float(value)
+            if isinstance(value, str) and (int in kinds or float in kinds):
+                return _number(value, whole=int in kinds and float not in kinds)
             return value
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{flag} {text!r}: {exc}") from None
@@ -469,6 +487,21 @@ def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     return 0
 
 
+def _section_problems() -> list[str]:
+    """Each settings section's problem with the environment, read section by section (a
+    section reports its variables by name, e.g. RAG_RERANK_TORCH_THREADS)."""
+    from .settings import SECTIONS
+
+    problems: list[str] = []
+    for section in SECTIONS:
+        try:
+            section.from_env()  # type: ignore[attr-defined]
+        except Exception as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    return problems
+
+
 def _info_settings(out: Callable[[str], object]) -> None:
     """The configured defaults, each problem (an invalid or unknown variable) as a line: `info`
     is where an operator looks for what is wrong, so it never stops at the first problem."""
@@ -488,10 +521,19 @@ def _info_settings(out: Callable[[str], object]) -> None:
             settings: Any = get_settings()
         engine = settings.engine
     except Exception as exc:  # RAG_RERANK_MAX_QUEUE=0 aborted `info` here
-        out(f"  invalid: {exc}")
+        # Settings stops at its first bad section: each section's own problem, one line each.
+        problems = _section_problems() or [str(exc)]
+        for problem in problems:
+            out(f"  invalid: {problem}")
         try:  # the adapters' own defaults, when another section is the bad one
             settings = AdapterConfig.from_env()
         except Exception:
+            from .backend_choice import cpu_kind
+
+            try:  # still check the CPU-kind override, which the auto line would show
+                cpu_kind()
+            except Exception as kind_exc:
+                out(f"  invalid: {kind_exc}")
             return
     out(f"  reranker  {settings.reranker_model} (backend {settings.reranker_backend})")
     out(f"  embedder  {settings.embedder_model} (backend {settings.embedder_backend})")

@@ -217,16 +217,15 @@ def _budget_number(text: str) -> int | float:
 
 def _parse_budget(text: str) -> Any:
     """``6000`` (every device) or ``cpu=2000,cuda:0=6000`` (per device)."""
+    parts = [part.partition("=") for part in text.split(",") if part.strip()]
+    devices = [device.strip() for device, _, _ in parts]
+    repeated = sorted({d for d in devices if devices.count(d) > 1})
+    if "=" in text and repeated:  # a dict would keep the last one silently
+        raise ValueError(f"names the device {repeated[0]!r} twice")
     try:
         if "=" not in text:
             return _budget_number(text)
-        budget: dict[str, float] = {}
-        for part in text.split(","):
-            if not part.strip():
-                continue
-            device, _, value = part.partition("=")
-            budget[device.strip()] = _budget_number(value)
-        return budget
+        return {device.strip(): _budget_number(value) for device, _, value in parts}
     except ValueError:
         raise ValueError(
             "is not a number of MB (e.g. 6000, or inf: no limit) or a list like "
@@ -327,8 +326,10 @@ def _budget_device(device: Any) -> str:
     if name in ("cpu:0", "mps:0"):  # torch's names of the one CPU / MPS device
         name = name[:-2]
     family, sep, index = name.partition(":")
-    if family in ("cpu", "mps", "cuda") and (not sep or (family == "cuda" and index)):
+    if family in ("cpu", "mps", "cuda") and not sep:
         return name
+    if family == "cuda" and index.isascii() and index.isdigit():  # not "abc", "-1", Arabic digits
+        return f"cuda:{int(index)}"  # "cuda:01" is the device the pool calls "cuda:1"
     raise ValueError(
         f"has no device {device!r}: use 'cpu', 'mps', 'cuda' (every CUDA device without its own "
         "budget) or 'cuda:N'"

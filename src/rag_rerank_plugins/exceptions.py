@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 __all__ = [
     "ConfigurationError",
@@ -66,6 +67,19 @@ def _looks_like_path(model: str) -> bool:
 
 class RagRerankError(Exception):
     """Base class of every error raised by rag-rerank-plugins."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by message and attributes, not by ``__init__``'s arguments: errors whose
+        ``__init__`` builds the message from several arguments (``ModelLoadError(model,
+        backend, cause)``) could not be unpickled, so a load failure crossing a process
+        boundary (Ray Serve, multiprocessing) became a TypeError."""
+        return (_restore, (type(self), self.args, self.__dict__))
+
+
+def _restore(cls: type[RagRerankError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls, *args)  # BaseException.__new__ sets args; no __init__
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigurationError(RagRerankError, ValueError):

@@ -73,7 +73,7 @@ def text_list(texts: Any, call: str, single_str_hint: str) -> list[str]:
 def check_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:
     """(query, text) pairs checked and cleaned. A pair is any iterable of two str but a str
     itself: ``tuple("qp")`` would score ``("q", "p")``, a dict would score its keys."""
-    if isinstance(pairs, (str, bytes, Mapping)):
+    if isinstance(pairs, (str, bytes, Mapping)) or not isinstance(pairs, Iterable):
         raise InvalidInputError(
             f"pairs must be a list of (query, text) pairs, got a {type(pairs).__name__}."
         )
@@ -117,6 +117,9 @@ def check_texts(texts: Any, prompt: Any = None) -> list[str]:
             f"texts must be a list of str, got a single str {texts[:40]!r}; "
             "pass [text] to embed one text."
         )
+    if not isinstance(texts, Iterable) or isinstance(texts, (bytes, bytearray, Mapping)):
+        # None, 5: a bare TypeError; a mapping or bytes would embed its keys or ints
+        raise InvalidInputError(f"texts must be a list of str, got {type(texts).__name__}.")
     if prompt is not None and not isinstance(prompt, str):
         raise InvalidInputError(f"prompt must be a str or None, got {type(prompt).__name__}.")
     return require_strings(list(texts), "text")

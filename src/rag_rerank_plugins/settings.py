@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ._config import (
+    _SOURCES,
     ENV_PREFIX,
     AdapterConfig,
     ConfigModel,
@@ -93,6 +94,21 @@ class Settings(BaseSettings, AdapterConfig):
         protected_namespaces=(),
     )
     cli_group: ClassVar[str] = "adapters"
+
+    def __init__(self, **values: Any) -> None:
+        # Errors name the variable a bad value came from, as each section's do
+        # ("(from RAG_RERANK_TORCH_THREADS='abc')", not "got 'abc'").
+        env = os.environ
+        sources = {
+            name: f"{var}={env[var]!r}"
+            for name, var in AdapterConfig.env_names().items()
+            if name not in values and env.get(var, "").strip()
+        }
+        token = _SOURCES.set(sources)
+        try:
+            super().__init__(**values)
+        finally:
+            _SOURCES.reset(token)
 
     engine: EngineConfig = Field(
         default_factory=EngineConfig,

@@ -68,8 +68,10 @@ def _normalize_device(device: Any) -> str:
         return "cuda:0"
     if name in ("cpu:0", "mps:0"):  # torch's names of the one CPU / MPS device
         return name[:-2]
-    if name in ("auto", "cpu", "mps") or (name.startswith("cuda:") and name[5:].isdigit()):
+    if name in ("auto", "cpu", "mps"):
         return name
+    if name.startswith("cuda:") and name[5:].isascii() and name[5:].isdigit():
+        return f"cuda:{int(name[5:])}"  # "cuda:01" is cuda:1: one key, one load
     raise ConfigurationError(
         f"Unsupported device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'. "
         "One spec runs on exactly one device; create one spec per GPU to use several."
@@ -170,6 +172,17 @@ class FrozenMap(tuple):
     def __repr__(self) -> str:
         return "{" + ", ".join(f"{k!r}: {v!r}" for k, v in self) + "}"
 
+    # Never equal to a FrozenList: as plain tuples, {"a": 1} (here (("a", 1),)) would equal
+    # [["a", 1]], and two different option values would share one pool key (one loaded
+    # model). Equal to a plain tuple of the same pairs, as before; hashed as one.
+    def __eq__(self, other: object) -> bool:
+        return not isinstance(other, FrozenList) and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
 
 class FrozenList(tuple):
     """A list option frozen into a tuple; :func:`thaw` gives a list back."""
@@ -178,6 +191,14 @@ class FrozenList(tuple):
 
     def __repr__(self) -> str:
         return "[" + ", ".join(map(repr, self)) + "]"
+
+    def __eq__(self, other: object) -> bool:
+        return not isinstance(other, FrozenMap) and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
 
 
 class ByRepr:
@@ -268,7 +289,25 @@ def _freeze_options(
 ) -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, Secret], ...]]:
     """``(options, secrets)``: sorted frozen pairs, and the top-level secrets taken out of them
     (a ``None`` secret is no secret: dropped)."""
-    items = options.items() if isinstance(options, Mapping) else options
+    if isinstance(options, Mapping):
+        items = list(options.items())
+    elif isinstance(options, (str, bytes)) or not isinstance(options, Iterable):
+        raise ConfigurationError(
+            f"options must be a dict (or (name, value) pairs), got {type(options).__name__}."
+        )
+    else:
+        items = []
+        for item in options:
+            if isinstance(item, (str, bytes)) or not isinstance(item, Iterable):
+                raise ConfigurationError(f"options must be (name, value) pairs, got {item!r}.")
+            pair = tuple(item)
+            if len(pair) != 2:
+                raise ConfigurationError(f"options must be (name, value) pairs, got {item!r}.")
+            items.append(pair)
+    names = [str(key) for key, _ in items]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # option() would read the first, the loader the last
+        raise ConfigurationError(f"options name {repeated[0]!r} more than once; give it once.")
     frozen, secrets = [], []
     for key, value in items:
         if str(key) in SECRET_OPTIONS:

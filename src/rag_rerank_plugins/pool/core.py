@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._mps import apply_high_watermark
 from ..backends import backend_info
 from ..engine_config import EngineConfig, PoolConfig
-from ..exceptions import InvalidInputError
+from ..exceptions import ConfigurationError, InvalidInputError
 from ..policy import resolve_spec
 from ..spec import ModelSpec
 from ._state import POOLS, LoadReleasedError, Slot, logger
@@ -72,6 +72,16 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         and emptying its cache after each call (:mod:`rag_rerank_plugins._mps`). Arguments not
         given come from ``pool_config``, else from ``RAG_RERANK_POOL_*``
         (:meth:`PoolConfig.from_env`)."""
+        for name, value, cls in (
+            ("config", config, EngineConfig),
+            ("pool_config", pool_config, PoolConfig),
+        ):
+            if value is not None and not isinstance(value, cls):  # a dict failed at first call
+                raise ConfigurationError(
+                    f"ModelPool({name}=...) takes a {cls.__name__}, got "
+                    f"{type(value).__name__}: pass {cls.__name__}(...) with those settings "
+                    f"(e.g. {cls.__name__}(**your_dict))."
+                )
         #: Scheduling, queue and cache settings for every model this pool loads.
         self.config = config if config is not None else EngineConfig.from_env()
         base = pool_config if pool_config is not None else PoolConfig.from_env()
