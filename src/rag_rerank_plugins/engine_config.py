@@ -17,7 +17,7 @@ Both are sections of the one configuration (:mod:`rag_rerank_plugins._config`): 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -218,19 +218,29 @@ def _budget_number(text: str) -> int | float:
 def _parse_budget(text: str) -> Any:
     """``6000`` (every device) or ``cpu=2000,cuda:0=6000`` (per device)."""
     parts = [part.partition("=") for part in text.split(",") if part.strip()]
-    devices = [device.strip() for device, _, _ in parts]
-    repeated = sorted({d for d in devices if devices.count(d) > 1})
-    if "=" in text and repeated:  # a dict would keep the last one silently
-        raise ValueError(f"names the device {repeated[0]!r} twice")
     try:
         if "=" not in text:
             return _budget_number(text)
-        return {device.strip(): _budget_number(value) for device, _, value in parts}
+        pairs = [(device, _budget_number(value)) for device, _, value in parts]
     except ValueError:
         raise ValueError(
             "is not a number of MB (e.g. 6000, or inf: no limit) or a list like "
             "'cpu=2000,cuda:0=6000'"
         ) from None
+    return _per_device(pairs)  # the pairs, not a dict: a repeated device is seen
+
+
+def _per_device(pairs: Iterable[tuple[Any, Any]]) -> dict[str, int | float]:
+    """Per-device budgets keyed as the pool names devices; a device named twice (``cpu`` and
+    ``CPU``, or ``cpu`` twice in a variable) is an error, not the last value silently."""
+    devices: dict[str, int | float] = {}
+    for device, value in pairs:
+        _check_budget(value)
+        name = _budget_device(device)
+        if name in devices:
+            raise ValueError(f"names the device {name!r} twice")
+        devices[name] = value
+    return devices
 
 
 #: What ``memory_budget_mb`` may be: one budget for every device, or one per device.
@@ -284,14 +294,7 @@ class PoolConfig(ConfigModel):
     @classmethod
     def _positive_budget(cls, budget: MemoryBudget) -> MemoryBudget:
         if isinstance(budget, Mapping):
-            devices: dict[str, int | float] = {}
-            for device, value in budget.items():
-                _check_budget(value)
-                name = _budget_device(device)
-                if name in devices:
-                    raise ValueError(f"names the device {name!r} twice")
-                devices[name] = value
-            return devices
+            return _per_device(budget.items())
         if budget is not None:
             _check_budget(budget)
         return budget
