@@ -109,10 +109,12 @@ def test_a_device_given_twice_must_agree(make) -> None:  # type: ignore[no-untyp
         make()
 
 
-@pytest.mark.parametrize("device", ["cpu", "CPU", " cpu"])
-def test_the_same_device_given_twice_is_fine(device: str) -> None:
-    adapter = SharedCrossEncoder(model_name="m", device="cpu", model_kwargs={"device": device})
-    assert adapter.spec.device == "cpu"
+@pytest.mark.parametrize(
+    ("field", "device"), [("cpu", "cpu"), ("cpu", "CPU"), ("cpu", " cpu"), ("cuda", "cuda:0")]
+)
+def test_the_same_device_given_twice_is_fine(field: str, device: str) -> None:
+    adapter = SharedCrossEncoder(model_name="m", device=field, model_kwargs={"device": device})
+    assert adapter.spec.device == ("cpu" if field == "cpu" else "cuda:0")
     alone = SharedCrossEncoder(model_name="m", model_kwargs={"device": "cpu"})
     assert alone.spec.device == "cpu"
 

@@ -323,9 +323,15 @@ def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> 
 
 
 def _device_name(device: Any) -> str:
-    """A device as compared for a contradiction: ``torch.device("cpu")``, ``"CPU"`` and
-    ``" cpu"`` agree."""
-    return str(device).strip().lower()
+    """A device as compared for a contradiction: as a spec names it (``torch.device("cpu")``,
+    ``"CPU"`` and ``" cpu"`` agree, so do ``"cuda"`` and ``"cuda:0"``); a device no spec takes
+    as written, for the spec to refuse later."""
+    from .spec import _normalize_device
+
+    try:
+        return _normalize_device(device)
+    except ConfigurationError:
+        return str(device).strip().lower()
 
 
 def lift_spec_fields(data: dict[str, Any], kw: dict[str, Any]) -> None:
