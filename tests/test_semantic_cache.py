@@ -268,6 +268,108 @@ def test_locked_sqlite_file_is_a_miss(tmp_path: Path) -> None:
     assert cache.lookup("q2").value == "v2"
 
 
+class _LockedAtFirst:
+    """A real connection whose first ``n`` WAL switches fail as SQLite fails them when several
+    processes open a new file at once: "database is locked" at once, without waiting."""
+
+    def __init__(self, conn: sqlite3.Connection, n: int, error: str = "database is locked"):
+        self._conn, self.n, self.error, self.tries = conn, n, error, 0
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql.startswith("PRAGMA journal_mode"):
+            self.tries += 1
+            if self.n:
+                self.n -= 1
+                raise sqlite3.OperationalError(self.error)
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def _flaky_connect(monkeypatch: pytest.MonkeyPatch, n: int, **kwargs: object) -> list:
+    made: list[_LockedAtFirst] = []
+    real = sqlite3.connect
+
+    def connect(*args: object, **kw: object) -> _LockedAtFirst:
+        made.append(_LockedAtFirst(real(*args, **kw), n, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return made
+
+
+def test_a_new_file_opened_by_another_process_at_the_same_moment_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes opening a new cache file at once race to switch it to WAL, and SQLite answers
+    the losers "database is locked" without waiting: their first put or lookup failed (a counted
+    error), although the file was free a millisecond later. The switch is now retried."""
+    made = _flaky_connect(monkeypatch, 3)
+    cache = fake_cache(store=SQLiteStore(tmp_path / "new.db"))
+    assert cache.put("q", "v")
+    assert cache.lookup("q").value == "v"
+    assert cache.stats()["errors"] == 0
+    assert made[0].tries == 4
+
+
+def test_a_file_locked_for_longer_than_the_timeout_still_fails_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    _flaky_connect(monkeypatch, 10**9)
+    store = SQLiteStore(tmp_path / "new.db", timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.count()
+    assert 0.1 < time.monotonic() - started < 2.0
+
+
+def test_other_open_errors_are_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _flaky_connect(monkeypatch, 1, error="disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        SQLiteStore(tmp_path / "new.db").count()
+    assert made[0].tries == 1
+
+
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from rag_rerank_plugins.semantic_cache import SQLiteStore
+    store = SQLiteStore(sys.argv[1])
+    start = float(sys.argv[2])
+    while time.time() < start:
+        pass
+    try:
+        print(store.count())
+    except Exception as exc:
+        print(repr(exc))
+    """
+)
+
+
+def test_processes_opening_one_new_file_at_the_same_instant_all_succeed(tmp_path: Path) -> None:
+    """The real race, in real processes started together (it failed 4 trials in 20 before)."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": SRC}
+    for trial in range(3):
+        path = tmp_path / f"race{trial}.db"
+        start = time.time() + 2.0
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPENER, str(path), str(start)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(6)
+        ]
+        outs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+        assert outs == ["0"] * 6, outs
+
+
 def test_async_lookup_and_put(tmp_path: Path) -> None:
     async def main() -> None:
         for store in ("memory", f"sqlite:///{tmp_path / 'a.db'}"):

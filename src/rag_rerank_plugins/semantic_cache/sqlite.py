@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,15 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', 0);
 """
 _COLUMNS = "id, model, namespace, query, vector, payload, is_bytes, created"
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (with any extended code): another connection holds the
+    file, so the same statement may succeed later."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _row(row: tuple) -> Entry:
@@ -87,15 +97,35 @@ class SQLiteStore(Store):
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.executescript(_SCHEMA)
+            self._set_up(conn)
         except BaseException:
             conn.close()
             raise
         self._conn, self._pid = conn, os.getpid()
         self._offset = self._issued + 1
         return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema, retried while another process holds the file, up to
+        ``timeout``. Needed because processes that open a new file at the same moment all try to
+        switch it to WAL, and SQLite answers all but one "database is locked" at once, without
+        waiting ``timeout`` as for any other lock (its deadlock rule). Every statement here is
+        idempotent, so a retry after a partial run is safe."""
+        deadline = time.monotonic() + self.timeout
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() + pause > deadline:
+                    raise
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _version(self, db: sqlite3.Connection) -> int:
         """Changes whenever anything changed the file since the last call (both terms only
