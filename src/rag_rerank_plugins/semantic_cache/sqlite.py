@@ -36,6 +36,7 @@ CREATE INDEX IF NOT EXISTS entries_query ON entries(model, namespace, query);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', 0);
 """
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (sqlite.org/rescode.html)
 _COLUMNS = "id, model, namespace, query, vector, payload, is_bytes, created"
 
 
@@ -44,7 +45,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     file, so the same statement may succeed later."""
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int):
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     return "locked" in str(exc) or "busy" in str(exc)
 
 
