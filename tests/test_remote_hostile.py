@@ -8,6 +8,7 @@ socket timeout matters, a tiny ``http.server`` on 127.0.0.1. Every wait is bound
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -433,3 +434,178 @@ def test_connection_refused_gives_up_within_the_budget(pool: ModelPool) -> None:
     spec = reranker("http://127.0.0.1:1", retries=2, backoff=0.01, max_backoff=0.02)
     with pytest.raises(RemoteUnavailableError, match="after 3 attempt"):
         pool.score_pairs(spec, [("q", "a")])
+
+
+# -- a server that answers slowly: the option ``timeout`` bounds the whole answer ------------------
+
+
+@pytest.fixture
+def trickle_server() -> Iterator[Callable[[bytes, float], str]]:
+    """A raw socket server: headers at once, then the body one byte every ``pause`` seconds
+    (``body=b""``: a chunked body that never ends). Stops when the test ends."""
+    import socket
+
+    sockets: list[socket.socket] = []
+    stop = threading.Event()
+
+    def start(body: bytes, pause: float) -> str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.1)
+        sockets.append(listener)
+
+        def serve(conn: socket.socket) -> None:
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536) or b"\r\n\r\n"
+                if request.startswith(b"GET"):
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}")
+                    return
+                head = f"content-length: {len(body)}" if body else "transfer-encoding: chunked"
+                conn.sendall(
+                    f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{head}\r\n\r\n".encode()
+                )
+                for i in range(10**6):
+                    if stop.wait(pause) or (body and i >= len(body)):
+                        return
+                    with contextlib.suppress(OSError):
+                        conn.sendall(body[i : i + 1] if body else b"1\r\n \r\n")
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except (TimeoutError, OSError):
+                    continue
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    stop.set()
+    for listener in sockets:
+        listener.close()
+
+
+TRICKLED = b'[{"index":0,"score":0.1},{"index":1,"score":0.2}]'
+
+
+@pytest.mark.parametrize("body", [TRICKLED, b""], ids=["slow-body", "endless-chunks"])
+def test_a_trickling_answer_is_cut_at_the_timeout_option(
+    pool: ModelPool, trickle_server, body: bytes
+) -> None:
+    """httpx's timeouts bound each wait for bytes: a server sending one byte every 0.2 s held
+    a call with timeout=1 for 10 s (a chunked body that never ends: forever, with no call
+    timeout). The option now bounds the whole answer, sync and async."""
+    from rag_rerank_plugins.exceptions import RemoteTimeoutError
+
+    url = trickle_server(body, 0.2)
+    spec = reranker(url, timeout=1, retries=0)
+    started = time.monotonic()
+    with pytest.raises(RemoteTimeoutError, match="did not answer within 1s"):
+        pool.score_pairs(spec, [("q", "a"), ("q", "b")])
+    assert time.monotonic() - started < 3.0
+
+    async def call() -> None:
+        await pool.ascore_pairs(spec, [("q", "a"), ("q", "b")])
+
+    started = time.monotonic()
+    with pytest.raises(RemoteTimeoutError):
+        asyncio.run(call())
+    assert time.monotonic() - started < 3.0
+
+
+def test_a_slow_answer_within_the_timeout_is_read_whole(pool: ModelPool, trickle_server) -> None:
+    url = trickle_server(TRICKLED, 0.002)
+    assert pool.score_pairs(reranker(url, timeout=10), [("q", "a"), ("q", "b")]) == [0.1, 0.2]
+
+
+# -- answers httpx cannot take are RemoteErrors, as the docs promise ---------------------------
+
+
+def _redirect_loop(request: httpx.Request) -> httpx.Response:
+    if request.method == "GET":
+        return httpx.Response(404)
+    return httpx.Response(307, headers={"location": BASE + "/rerank"})
+
+
+def _bad_gzip(request: httpx.Request) -> httpx.Response:
+    if request.method == "GET":
+        return httpx.Response(404)
+    return httpx.Response(
+        200,
+        content=b"not gzip at all",
+        headers={"content-encoding": "gzip", "content-type": "application/json"},
+    )
+
+
+def _huge_number(request: httpx.Request) -> httpx.Response:
+    if request.method == "GET":
+        return httpx.Response(404)
+    return httpx.Response(200, content=b'[{"index":0,"score":1' + b"0" * 400 + b"}]")
+
+
+def _huge_coordinate(request: httpx.Request) -> httpx.Response:
+    if request.method == "GET":
+        return httpx.Response(404)
+    return httpx.Response(200, content=b"[[1" + b"0" * 400 + b"]]")
+
+
+@pytest.mark.parametrize(
+    ("handler", "needle"),
+    [
+        (_redirect_loop, "redirected in a loop"),
+        (_bad_gzip, "does not decode"),
+        (_huge_number, "unexpected response"),
+        (_huge_coordinate, "unexpected response"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_answers_httpx_cannot_take_are_remote_errors(
+    pool: ModelPool, mock_server, handler: Any, needle: str, mode: str
+) -> None:
+    """Code that catches RemoteError to fail over missed these: a redirect loop and a bad gzip
+    body were plain InferenceErrors (httpx's TooManyRedirects and DecodingError are not
+    transport errors), and a number too large for a float an OverflowError inside one."""
+    mock_server(handler)
+    spec = embedder(retries=0) if handler is _huge_coordinate else reranker(retries=0)
+    if spec.backend == "remote-embedder":
+        call: Any = (pool.embed, pool.aembed, ["a"])
+    else:
+        call = (pool.score_pairs, pool.ascore_pairs, [("q", "a")])
+
+    def run() -> Any:
+        if mode == "sync":
+            return call[0](spec, call[2])
+        return asyncio.run(call[1](spec, call[2]))
+
+    with pytest.raises(RemoteError, match=needle) as caught:
+        run()
+    assert caught.value.url.startswith(BASE)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"timeout": "nan"},
+        {"connect_timeout": "nan"},
+        {"timeout": "inf"},
+        {"max_backoff": "nan"},
+        {"backoff": "nan"},
+        {"backoff": "inf"},
+    ],
+)
+def test_nan_and_infinite_timing_options_are_refused_at_load(
+    pool: ModelPool, options: dict[str, str]
+) -> None:
+    """NaN compares false both ways, so 'nan' passed the range checks and failed every request
+    later (an infinite timeout too: the socket refuses it)."""
+    with pytest.raises(ConfigurationError, match=r"timeout|backoff"):
+        pool.get(reranker("http://127.0.0.1:1", **options))
+
+
+def test_an_unbounded_max_backoff_is_still_accepted(pool: ModelPool) -> None:
+    pool.get(reranker("http://127.0.0.1:1", max_backoff="inf"))

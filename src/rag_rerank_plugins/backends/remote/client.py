@@ -99,6 +99,9 @@ class Send:
     headers: dict[str, str]
     content: bytes | None = None
     timeout: Any = None  # an httpx.Timeout; None: the client's own
+    #: Seconds for the whole answer, headers and body: httpx's timeouts bound each wait for
+    #: bytes, so a server sending one byte a second would otherwise hold the call forever.
+    budget: float = math.inf
 
     def kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"headers": self.headers, "content": self.content}
@@ -528,7 +531,9 @@ class RemoteClient:
                     continue
                 try:
                     reply = Outcome(await send(step))
-                except self._httpx.TransportError as exc:
+                except self._httpx.RequestError as exc:
+                    # Transport errors, and answers httpx could not take: a redirect loop, a
+                    # body that does not decode. Judged by :meth:`_judge_transport`.
                     reply = Outcome(None, exc)
         except StopIteration as done:
             return done.value
@@ -537,7 +542,14 @@ class RemoteClient:
         """Run ``plan`` on the pooled ``httpx.Client`` (built on the plan's first request)."""
 
         async def send(step: Send) -> httpx.Response:
-            return self.sync_client().request(step.method, step.url, **step.kwargs())
+            client = self.sync_client()
+            started = time.monotonic()
+            request = client.build_request(step.method, step.url, **step.kwargs())
+            response = client.send(request, stream=True)
+            try:
+                return self._read_within(response, started + step.budget, step.budget)
+            finally:
+                response.close()
 
         async def sleep(seconds: float) -> None:
             time.sleep(seconds)
@@ -557,10 +569,43 @@ class RemoteClient:
 
         async def send(step: Send) -> httpx.Response:
             client = await self.async_client()
-            return await client.request(step.method, step.url, **step.kwargs())
+            request = client.request(step.method, step.url, **step.kwargs())
+            if step.budget == math.inf:
+                return await request
+            try:
+                return await asyncio.wait_for(request, step.budget)
+            except TimeoutError:  # wait_for's; httpx raises its own TimeoutException
+                raise self._over_budget(step.budget) from None
 
         with self._running():
             return await self._drive(plan, send, asyncio.sleep)
+
+    def _read_within(self, response: httpx.Response, deadline: float, budget: float) -> Any:
+        """The body of a streamed ``response``, read as it arrives and refused once the
+        attempt's ``budget`` is spent (checked between chunks, so a trickling server is cut at
+        most one read timeout after it). Returns a complete response (the body decoded)."""
+        httpx = self._httpx
+        chunks = []
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise self._over_budget(budget)
+        headers = [
+            (key, value)
+            for key, value in response.headers.multi_items()
+            # The body is decoded now: a gzip header would decode it a second time.
+            if key.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code,
+            headers=headers,
+            content=b"".join(chunks),
+            request=response.request,
+            extensions=response.extensions,
+        )
+
+    def _over_budget(self, budget: float) -> BaseException:
+        return self._httpx.ReadTimeout(f"the whole answer took over {budget:g}s")
 
     # -- plans -------------------------------------------------------------------------------
 
@@ -573,8 +618,10 @@ class RemoteClient:
                 limits = self._limits = RequestLimits.resolve(self.settings, ServerInfo())
             else:
                 s = self.settings
-                timeout = self._timeout(min(s.timeout, 5.0))
-                outcome = yield Send("GET", s.base_url + path, self.headers(), timeout=timeout)
+                timeout, budget = self._timeout(min(s.timeout, 5.0))
+                outcome = yield Send(
+                    "GET", s.base_url + path, self.headers(), timeout=timeout, budget=budget
+                )
                 assert outcome is not None
                 limits = self._settle_limits(outcome)
         self.planned_limits = limits
@@ -621,8 +668,8 @@ class RemoteClient:
                 PRIORITY_HEADER: current_call().priority,
                 **self.headers(),
             }
-            timeout = self._timeout(self.settings.timeout, keep_default=True)
-            outcome = yield Send("POST", url, headers, content=body, timeout=timeout)
+            timeout, budget = self._timeout(self.settings.timeout, keep_default=True)
+            outcome = yield Send("POST", url, headers, content=body, timeout=timeout, budget=budget)
             assert outcome is not None
             delay = self._judge(url, attempt, outcome)
             if delay is None:
@@ -638,18 +685,19 @@ class RemoteClient:
             yield Wait(delay)
             attempt += 1
 
-    def _timeout(self, read: float, keep_default: bool = False) -> Any:
-        """The timeout of one attempt: ``read`` seconds (connect: the option), both cut to what
-        is left of the call's deadline (:func:`current_call`), so a call with ``timeout=2``
-        never waits 30 s on a server after its caller gave up. None (``keep_default``): the
-        client's own, when the deadline cuts nothing."""
+    def _timeout(self, read: float, keep_default: bool = False) -> tuple[Any, float]:
+        """The timeouts of one attempt: ``read`` seconds for each wait and for the whole answer
+        (connect: the option), all cut to what is left of the call's deadline
+        (:func:`current_call`), so a call with ``timeout=2`` never waits 30 s on a server after
+        its caller gave up. None (``keep_default``): the client's own, when the deadline cuts
+        nothing."""
         s = self.settings
         left = current_call().remaining()
         if left is not None and left < read:
-            return self._httpx.Timeout(left, connect=min(s.connect_timeout, left))
+            return self._httpx.Timeout(left, connect=min(s.connect_timeout, left)), left
         if keep_default:
-            return None
-        return self._httpx.Timeout(read, connect=s.connect_timeout)
+            return None, read
+        return self._httpx.Timeout(read, connect=s.connect_timeout), read
 
     @staticmethod
     def _past_deadline(delay: float) -> bool:
@@ -697,6 +745,18 @@ class RemoteClient:
 
     def _judge_transport(self, url: str, attempt: int, exc: BaseException | None) -> float:
         httpx = self._httpx
+        if isinstance(exc, (httpx.TooManyRedirects, httpx.DecodingError)):
+            # The server answered, wrongly; the same request would get the same answer.
+            what = (
+                "redirected in a loop (or more than 20 times)"
+                if isinstance(exc, httpx.TooManyRedirects)
+                else "answered with a body that does not decode as its Content-Encoding says"
+            )
+            raise RemoteError(
+                f"{self.what}: {url} {what} ({type(exc).__name__}: {exc}). Is this the model "
+                "server's URL, and is anything between us (a proxy) rewriting its answers?",
+                url=url,
+            )
         connection_failed = isinstance(
             exc,
             (

@@ -154,9 +154,11 @@ def pack(
     room = budget - overhead  # for one text alone in a request
     if room < len(b'""'):
         raise InvalidInputError(
-            f"{what}: the query and request envelope alone take {overhead} bytes, over the "
-            f"request limit of {limits.max_bytes} bytes ({limits.source}). Shorten the query, or "
-            "raise the limit (the server's --max-request-bytes and the option max_request_bytes)."
+            f"{what}: the request envelope (with the query, when reranking) takes {overhead} "
+            f"bytes; with the {HEADROOM_BYTES} bytes kept free under the request limit of "
+            f"{limits.max_bytes} bytes ({limits.source}), no text fits beside it. Raise the "
+            "limit (the server's --max-request-bytes and the option max_request_bytes), or "
+            "shorten the query when reranking."
         )
     out = list(texts)
     sizes = [len(json_bytes(text)) for text in out]

@@ -9,6 +9,7 @@ sent; nothing in this module touches the network or imports httpx.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -127,10 +128,21 @@ class RemoteSettings:
         )
 
     def _check_ranges(self) -> None:
-        if self.timeout <= 0 or self.connect_timeout <= 0:
-            raise ConfigurationError("Remote timeouts must be positive numbers of seconds.")
-        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
-            raise ConfigurationError("retries, backoff and max_backoff must not be negative.")
+        # ``not x > 0``, not ``x <= 0``: NaN ("nan" in a JSON spec or a variable) compares
+        # false both ways, and would pass here only to fail every request later.
+        if not (0 < self.timeout < math.inf and 0 < self.connect_timeout < math.inf):
+            raise ConfigurationError(
+                "Remote timeouts must be positive, finite numbers of seconds, got "
+                f"timeout={self.timeout!r}, connect_timeout={self.connect_timeout!r}."
+            )
+        # max_backoff may be inf (no cap on a server's Retry-After); backoff may not.
+        if not (self.retries >= 0 and 0 <= self.backoff < math.inf and self.max_backoff >= 0):
+            raise ConfigurationError(
+                "retries, backoff and max_backoff must be numbers, not negative (and backoff "
+                "finite); got "
+                f"retries={self.retries!r}, backoff={self.backoff!r}, "
+                f"max_backoff={self.max_backoff!r}."
+            )
         if self.truncation_direction not in ("right", "left"):
             raise ConfigurationError(
                 "truncation_direction must be 'right' (drop the end of a too-long text) or "

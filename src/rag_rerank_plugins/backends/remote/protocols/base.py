@@ -135,7 +135,7 @@ def scores_by_index(items: Any, n: int, score_key: str, expected: str) -> list[f
             if isinstance(score, (bool, str)):
                 raise TypeError(score)
             scores[index] = float(score)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # Overflow: an int of 400 digits
         raise UnexpectedResponse(expected) from None
     if any(score is None for score in scores):
         raise UnexpectedResponse(f"one score for each of the {n} texts")
@@ -152,7 +152,7 @@ def vector_list(body: Any, n: int) -> list[list[float]]:
         raise UnexpectedResponse(f"a list of {n} vectors")
     try:
         vectors = [[x if type(x) is float else _number(x) for x in vector] for vector in body]
-    except TypeError:
+    except (TypeError, OverflowError):  # Overflow: an int too large for a float
         raise UnexpectedResponse("lists of numbers") from None
     if not all(vectors):  # an empty vector has no dimension a vector store could take
         raise UnexpectedResponse("non-empty lists of numbers")
