@@ -19,7 +19,7 @@ option. Options (all plain values, so the spec stays a hashable pool key)::
     url            base URL when ``model`` is a model name
     model_name     model name to send when ``model`` is the URL (cohere/infinity need one)
     protocol       a registered protocol: "tei" | "cohere" | "infinity" | yours (default "tei")
-    timeout        seconds to wait for an answer                              (default 30)
+    timeout        seconds to wait for the whole answer, per attempt          (default 30)
     connect_timeout seconds to wait for a connection                          (default 5)
     retries        extra attempts on 429, 5xx and connection errors           (default 3)
     backoff        first retry delay in seconds, doubled per attempt, jittered (default 0.25)
