@@ -48,7 +48,11 @@ def _setup(seconds_per_pass: float, **config: Any) -> tuple[ModelPool, ModelSpec
     return pool, ModelSpec("m", backend=name, device="cpu"), model
 
 
-def test_an_interactive_request_waits_for_at_most_the_running_pass() -> None:
+@pytest.mark.parametrize("arrival", [0.15, 0.2, 0.25, 0.35, 0.45])
+def test_an_interactive_request_waits_for_at_most_the_running_pass(arrival: float) -> None:
+    """At several moments of the bulk stream. Before, when the worker's refill took the
+    interactive request into a round behind bulk batches, the yield check (which looked at the
+    queue only) no longer saw it: it waited for 4 bulk passes at half of these moments."""
     # 100 ms passes: between reading ``before`` and the request reaching the queue, a busy CI
     # box may let the running pass finish and the next start; at 30 ms that happened.
     pool, spec, model = _setup(0.1, bulk_aging_ms=60_000)
@@ -56,11 +60,15 @@ def test_an_interactive_request_waits_for_at_most_the_running_pass() -> None:
     with ThreadPoolExecutor(10) as ex:
         bulk = [ex.submit(pool.score_pairs, spec, p, priority="bulk") for p in bulk_pairs]
         assert model.started.wait(10)
-        time.sleep(0.15)  # bulk passes are running and more are prepared ahead
+        time.sleep(arrival)  # bulk passes are running and more are prepared ahead
         before = len(model.order)
         scores = pool.score_pairs(spec, [("interactive q", f"p{i}") for i in range(4)])
+        returned = len(model.order)
         first_interactive = model.order.index("interactive q")
         results = [f.result(timeout=60) for f in bulk]
+    # Its answer came before the next (bulk) pass ended: before, a backend whose forward does
+    # all the work had its interactive pass delivered only after the next pass's forward.
+    assert returned == first_interactive + 1, model.order[first_interactive:returned]
     assert scores == [0.0] * 4
     assert results == [[0.0] * 20] * 10, "bulk work still completes, every item"
     # Passes that finished after the interactive request arrived and before its own pass: at

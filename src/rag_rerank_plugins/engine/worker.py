@@ -129,7 +129,7 @@ class Worker:
                 elif inflight:
                     self._settle(inflight, keep=len(inflight) - 1)
                 continue
-            if ahead[0].lane == "bulk" and self.queue.interactive_waiting():
+            if ahead[0].lane == "bulk" and self._interactive_behind(formed, ahead):
                 self._yield_to_interactive(formed, ahead)
                 continue
             batch = ahead.popleft()
@@ -143,6 +143,12 @@ class Worker:
                 inflight[self.device_pool.submit(self._run_pass, batch, threads)] = batch
                 self._settle(inflight, keep=self.device_workers - 1)
                 continue
+            if running is not None and running.lane != "bulk":
+                # An interactive pass is delivered before the next pass launches: with a
+                # backend whose forward does all the work, finishing it after would make its
+                # callers wait one more whole pass.
+                self._finish(running)
+                running = None
             launched = self._launch(batch)
             if running is not None:  # finish pass k after launching pass k+1
                 self._finish(running)
@@ -154,6 +160,13 @@ class Worker:
         for request in {id(r): r for r, _ in batch.entries}.values():
             request.fail_if_expired(self.name, now)
         return batch.live()
+
+    def _interactive_behind(self, formed: deque[Batch], ahead: deque[Batch]) -> bool:
+        """Interactive work waits behind the bulk pass at the head: in the queue, or already
+        taken into a round behind bulk batches (a refill takes whatever lane is first then)."""
+        if any(b.lane != "bulk" for queue in (ahead, formed) for b in queue):
+            return True
+        return self.queue.interactive_waiting()
 
     def _yield_to_interactive(self, formed: deque[Batch], ahead: deque[Batch]) -> None:
         """Put back every bulk batch not yet on the device; prepared work is dropped and done
