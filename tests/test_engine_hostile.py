@@ -359,3 +359,49 @@ def test_a_full_queue_still_rejects_at_once_without_a_queue_timeout(
         asyncio.run(pool.ascore_pairs(spec, PAIRS))
     for call in busy:
         assert _outcome(call, 5, "a busy call") == [1.0]
+
+
+# -- calls while the interpreter exits -----------------------------------------------------------
+
+EXIT_CALLS = """
+import atexit, sys, threading, time
+from rag_rerank_plugins import ModelPool, ModelSpec
+pool = ModelPool()
+spec = ModelSpec(sys.argv[1], backend="cross-encoder", device="cpu", dtype="float32")
+print("main", len(pool.score_pairs(spec, [("q", "p")])), flush=True)
+def late():
+    time.sleep(0.3)  # main has returned: the interpreter is waiting for this thread
+    print("thread", len(pool.score_pairs(spec, [("q", "p"), ("q", "a longer passage")] * 3)))
+def at_exit():
+    print("atexit", len(pool.score_pairs(spec, [("q", "p")] * 2)), flush=True)
+    print("cleared", pool.clear(), flush=True)
+atexit.register(at_exit)
+threading.Thread(target=late).start()
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_calls_from_a_non_daemon_thread_and_an_atexit_hook_are_served(
+    tiny_ce_path: str, workers: str
+) -> None:
+    """Once the interpreter starts to exit, concurrent.futures refuses new work (its exit hook
+    runs before non-daemon threads are joined and before atexit hooks). Every call to a
+    scheduled model from such a thread or hook was 'the engine's worker crashed ... Please
+    report this'; the worker now runs the stage itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "RAG_RERANK_CPU_WORKERS": workers}
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_CALLS, tiny_ce_path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:4] == ["main 1", "thread 6", "atexit 2", "cleared 1"]
+    assert "crashed" not in done.stderr, done.stderr[-2000:]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -42,6 +43,22 @@ __all__ = ["LOOKAHEAD", "Worker"]
 #: Micro-batches prepared ahead of the device. On the simulated device (16 callers): 2 -> 82 %,
 #: 3 -> 85 %, 4 -> 89 %, 6 -> 90 % of the pipelined bound; 4 keeps rounds short for fairness.
 LOOKAHEAD = 4
+
+
+def _submit(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``pool.submit(fn, *args)``, or ``fn`` run here when the pool takes no more work: once
+    the interpreter starts to exit, ``concurrent.futures`` refuses every submit (its exit hook
+    runs before non-daemon threads are joined and before ``atexit`` hooks), and a call from
+    such a thread or hook would otherwise crash the worker, again and again."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # as the pool's threads keep it: for the caller to see
+            future.set_exception(exc)
+        return future
 
 
 class Worker:
@@ -118,8 +135,8 @@ class Worker:
                 batch = formed.popleft()
                 if self._live(batch):
                     if self.prepare_pool is not None:
-                        batch.prepared = self.prepare_pool.submit(
-                            self.prepare, batch.task, batch.items
+                        batch.prepared = _submit(
+                            self.prepare_pool, self.prepare, batch.task, batch.items
                         )
                     ahead.append(batch)
             if not ahead:
@@ -140,7 +157,7 @@ class Worker:
                 # would; a full house gets one share each.
                 sharing = min(self.device_workers, len(inflight) + 1 + len(ahead) + len(formed))
                 threads = max(1, self.device_threads // sharing)
-                inflight[self.device_pool.submit(self._run_pass, batch, threads)] = batch
+                inflight[_submit(self.device_pool, self._run_pass, batch, threads)] = batch
                 self._settle(inflight, keep=self.device_workers - 1)
                 continue
             if running is not None and running.lane != "bulk":
