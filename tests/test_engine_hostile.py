@@ -405,3 +405,82 @@ def test_calls_from_a_non_daemon_thread_and_an_atexit_hook_are_served(
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:4] == ["main 1", "thread 6", "atexit 2", "cleared 1"]
     assert "crashed" not in done.stderr, done.stderr[-2000:]
+
+
+# -- event-loop callers waiting for room ---------------------------------------------------------
+
+
+def test_async_callers_waiting_for_room_take_no_thread_each(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """Before: every async caller that found the queue full got an OS thread of its own to
+    wait for room (1500 callers: 1471 threads), exactly when the process was overloaded. They
+    now wait on the loop, woken when room frees; the outcomes are the same: admitted while
+    there is time, else QueueFullError, a caller's own timeout first, a cancelled caller gone."""
+    from rag_rerank_plugins.exceptions import QueueFullError, RequestTimeoutError
+
+    pool = make_pool(max_queue=2, queue_timeout_s=0.6, max_batch_size=1)
+    model = Slow(pass_s=0.05)
+    spec = _spec(model)
+    pool.get(spec)
+
+    async def main() -> tuple[list[Any], int, Any, Any]:
+        peak = threading.active_count()
+        calls = [
+            asyncio.ensure_future(pool.ascore_pairs(spec, [(f"q{i}", "p")])) for i in range(300)
+        ]
+        short = asyncio.ensure_future(pool.ascore_pairs(spec, [("short", "p")], timeout=0.1))
+        victim = asyncio.ensure_future(pool.ascore_pairs(spec, [("victim", "p")]))
+        while not all(c.done() for c in calls):
+            peak = max(peak, threading.active_count())
+            if not victim.done():
+                victim.cancel()
+            await asyncio.sleep(0.01)
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        return (
+            outcomes,
+            peak,
+            (await asyncio.gather(short, return_exceptions=True))[0],
+            (await asyncio.gather(victim, return_exceptions=True))[0],
+        )
+
+    before = threading.active_count()
+    outcomes, peak, short, victim = asyncio.run(main())
+    admitted = [o for o in outcomes if isinstance(o, list)]
+    refused = [o for o in outcomes if isinstance(o, QueueFullError)]
+    assert len(admitted) + len(refused) == 300, [o for o in outcomes if not isinstance(o, list)][:3]
+    assert len(admitted) >= 5, "callers are admitted as room frees, before their wait ends"
+    assert refused, "300 passes of 50 ms cannot all be admitted within 0.6 s"
+    assert peak <= before + 4, f"{peak - before} threads while callers waited for room"
+    assert isinstance(short, RequestTimeoutError)
+    assert isinstance(victim, asyncio.CancelledError)
+    time.sleep(0.2)
+    assert ("victim", "p") not in model.seen
+    assert pool.spec_stats(spec)["rejected"] == len(refused)
+
+
+def test_a_release_wakes_async_callers_waiting_for_room(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    from rag_rerank_plugins.exceptions import ModelReleasedError
+
+    pool = make_pool(max_queue=1, queue_timeout_s=30)
+    model = Slow(pass_s=0.3)
+    spec = _spec(model)
+    pool.get(spec)
+    busy = _fill(pool, spec, model, 2)
+
+    async def main() -> tuple[Any, float]:
+        waiting = asyncio.ensure_future(pool.ascore_pairs(spec, [("late", "p")]))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.to_thread(pool.release, spec)
+        outcome = (await asyncio.gather(waiting, return_exceptions=True))[0]
+        return outcome, time.monotonic() - started
+
+    outcome, took = asyncio.run(main())
+    # Either refused as released, or admitted to the reloaded model: never left waiting 30 s.
+    assert isinstance(outcome, (ModelReleasedError, list)), outcome
+    assert took < 5
+    for call in busy:
+        _outcome(call, 5, "a busy call")

@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import contextvars
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -245,6 +246,7 @@ class ScheduledExecutor(Executor):
     def __init__(self, model: LoadedModel, name: str, config: EngineConfig, metrics: Metrics):
         super().__init__(model, name)
         self.scheduler = Scheduler(model, config, metrics, name=name)
+        self._queue_timeout = config.queue_timeout_s or 0.0
 
     def _start(self, request: Request) -> Future[list[Any]]:
         future = self.scheduler.submit(request)
@@ -253,10 +255,32 @@ class ScheduledExecutor(Executor):
 
     async def _astart(self, request: Request) -> list[Any]:
         future = self.scheduler.submit(request, wait=False)
-        if future is None:  # a full queue: wait for room (queue_timeout_s) off the event loop
-            future = await asyncio.wrap_future(_in_thread(self._start, request))
+        if future is None:  # a full queue: wait for room (queue_timeout_s) on the loop
+            future = await self._await_room(request)
         # Cancelling the awaiting task cancels the future: a queued request is withdrawn.
         return await asyncio.wrap_future(future)
+
+    async def _await_room(self, request: Request) -> Future[list[Any]]:
+        """Retry admission each time the queue may have room, until ``queue_timeout_s`` (or
+        the call's own deadline) is over; then the queue raises as for a waiting thread. No
+        thread per waiting caller: an overloaded service would otherwise add one per excess
+        request, exactly when it can least afford them."""
+        loop = asyncio.get_running_loop()
+        admit_by = time.monotonic() + self._queue_timeout
+        while True:
+            room: asyncio.Future[None] = loop.create_future()
+
+            def wake(room: asyncio.Future[None] = room) -> None:  # on any thread
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(_settle_room, room)
+
+            future = self.scheduler.submit(request, wait=False, admit_by=admit_by, on_room=wake)
+            if future is not None:
+                return future
+            end = admit_by if request.deadline is None else min(admit_by, request.deadline)
+            # Past ``end`` the next submit raises; a little slack so it is surely past.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room, max(0.0, end - time.monotonic()) + 0.001)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -265,20 +289,9 @@ class ScheduledExecutor(Executor):
         return ScheduledExecutor(self.model, self.name, config, metrics)
 
 
-def _in_thread(fn: Callable[..., Future[list[Any]]], *args: Any) -> Future[Future[list[Any]]]:
-    """``fn(*args)`` in a daemon thread of its own (not the loop's default executor, which
-    callers waiting for room could fill); its outcome lands in the returned future."""
-    future: Future[Future[list[Any]]] = Future()
-
-    def target() -> None:
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    threading.Thread(target=target, name="rag-rerank-admit", daemon=True).start()
-    return future
+def _settle_room(room: asyncio.Future[None]) -> None:
+    if not room.done():
+        room.set_result(None)
 
 
 def executor_for(model: LoadedModel, name: str, config: EngineConfig, metrics: Metrics) -> Executor:

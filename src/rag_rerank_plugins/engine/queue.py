@@ -44,24 +44,43 @@ class RequestQueue:
         self.closing = False
         self._requests: list[Request] = []  # sorted by Request.seq
         self._aging_s = config.bulk_aging_ms / 1000
+        #: Event-loop callers waiting for room (:meth:`add` with ``on_room``): called, then
+        #: forgotten, whenever room may have freed or the queue closes.
+        self._on_room: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return len(self._requests)
 
     # -- admission (callers' threads) -------------------------------------------------------------
 
-    def add(self, request: Request, start_worker: Callable[[], None], *, wait: bool = True) -> bool:
+    def add(
+        self,
+        request: Request,
+        start_worker: Callable[[], None],
+        *,
+        wait: bool = True,
+        admit_by: float | None = None,
+        on_room: Callable[[], None] | None = None,
+    ) -> bool:
         """Admit ``request`` (waiting ``queue_timeout_s`` for room if full, never past the
         request's own deadline); wake the worker. False: not admitted, because ``wait`` is False
-        and admission would wait (an event loop must not block here), or because its caller
-        withdrew it while it waited."""
+        and admission would wait (an event loop must not block here: ``on_room`` is called
+        once when room may have freed, and a retry past ``admit_by``, the monotonic end of its
+        wait, raises as a thread's wait would), or because its caller withdrew it while it
+        waited."""
         with self.cond:
             if self.closing:
                 raise ModelReleasedError(f"{self.name} is being released.")
             if len(self._requests) >= self.config.max_queue:
-                if not wait and self.config.queue_timeout_s:
-                    return False
-                self._wait_for_room(request)
+                timeout = self.config.queue_timeout_s
+                if not wait and timeout:
+                    now = time.monotonic()
+                    if admit_by is None or (now < admit_by and not request.expired(now)):
+                        if on_room is not None:
+                            self._on_room.append(on_room)
+                        return False
+                    timeout = 0.0  # its wait is over: raise as a thread's wait would
+                self._wait_for_room(request, timeout)
                 if request.done:
                     return False
             self._requests.append(request)
@@ -70,8 +89,7 @@ class RequestQueue:
             self.cond.notify_all()
             return True
 
-    def _wait_for_room(self, request: Request) -> None:
-        timeout = self.config.queue_timeout_s
+    def _wait_for_room(self, request: Request, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(self._requests) >= self.config.max_queue and not self.closing:
             if request.done:
@@ -109,6 +127,7 @@ class RequestQueue:
             self._requests = kept
             self.metrics.queue_depth = len(kept)
             self.cond.notify_all()  # room for waiting submitters
+            self._room_freed()
 
     def interactive_waiting(self) -> bool:
         """Is interactive work (or bulk work past its aging) waiting? Decides whether queued
@@ -190,9 +209,17 @@ class RequestQueue:
             requests, self._requests = self._requests, []
             self.metrics.queue_depth = 0
             self.cond.notify_all()
+            self._room_freed()
             return requests
 
     def close(self) -> None:
         with self.cond:
             self.closing = True
             self.cond.notify_all()
+            self._room_freed()
+
+    def _room_freed(self) -> None:
+        """Under the lock: wake every event-loop caller waiting for room (they retry)."""
+        waiters, self._on_room = self._on_room, []
+        for wake in waiters:
+            wake()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -51,17 +52,27 @@ class Scheduler:
         """Padded tokens per pass allowed now (shrinks after an out-of-memory pass)."""
         return self._worker.budget
 
-    def submit(self, request: Request, *, wait: bool = True) -> Future[list[Any]] | None:
+    def submit(
+        self,
+        request: Request,
+        *,
+        wait: bool = True,
+        admit_by: float | None = None,
+        on_room: Callable[[], None] | None = None,
+    ) -> Future[list[Any]] | None:
         """Accept ``request`` (or raise QueueFullError / ModelReleasedError /
         RequestTimeoutError: then it was never accepted); its future resolves to one result per
         item, in input order. ``wait=False``: None instead of waiting for room in a full queue
-        (an event loop then waits in a thread)."""
+        (an event loop then awaits ``on_room`` and retries until ``admit_by``; see
+        :meth:`RequestQueue.add`)."""
         request.batch_size = min(request.batch_size, self._worker.config.max_batch_size)
         if not request.lengths:
             request.lengths, request.token_scale = self._worker.scale.lengths(request.items)
         request.on_settled = self._forget
         with self._queue.cond:
-            if not self._queue.add(request, self._ensure_worker, wait=wait):
+            if not self._queue.add(
+                request, self._ensure_worker, wait=wait, admit_by=admit_by, on_room=on_room
+            ):
                 # Full and not to wait here (None), or withdrawn while it waited for room.
                 return request.future if request.done else None
             self._live.add(request)
