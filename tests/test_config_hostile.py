@@ -260,6 +260,25 @@ def test_a_misspelt_variable_warns_with_the_closest_name(clean_env: pytest.Monke
     assert settings.engine.max_queue == 1024  # ignored, as the warning says
 
 
+def test_a_misspelt_engine_variable_warns_when_a_pool_reads_it(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """docs/configuration.md's own example, RAG_RERANK_MAX_QUEU, is read by ModelPool() (the
+    engine's settings), which never warned: only get_settings() (the adapters' path) did."""
+    from rag_rerank_plugins import ModelPool
+
+    clean_env.setenv("RAG_RERANK_MAX_QUEU", "8")
+    with pytest.warns(UserWarning, match="did you mean RAG_RERANK_MAX_QUEUE"):
+        pool = ModelPool()
+    assert pool.config.max_queue == 1024
+    with pytest.warns(UserWarning, match="RAG_RERANK_MAX_QUEU"):
+        EngineConfig.from_env()
+    with warnings.catch_warnings():  # a given environment is the caller's: no warning
+        warnings.simplefilter("error")
+        EngineConfig.from_env({"RAG_RERANK_MAX_QUEU": "8"})
+        ModelPool(config=EngineConfig(), pool_config=PoolConfig())
+
+
 def test_an_unrelated_unknown_variable_gets_no_wrong_suggestion() -> None:
     found = unknown_variables({"RAG_RERANK_GPU": "1", "RAG_RERANK_PORT": "1", "OTHER": "x"})
     assert found == {"RAG_RERANK_GPU": None}

@@ -7,11 +7,26 @@ that needs them is used.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ._environ_checks import CHECKS as _ENVIRON_CHECKS
 from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
+
+
+def _warn_misspelt_variables(environ: Mapping[str, str]) -> None:
+    """``ModelPool()`` reads its settings below the modules that know every variable: warn of
+    a misspelt ``RAG_RERANK_*`` variable from here, as ``get_settings()`` does (only when one
+    is set: reading the full list imports pydantic-settings)."""
+    if any(var.startswith("RAG_RERANK_") for var in environ):
+        from .settings import warn_unknown_variables
+
+        warn_unknown_variables(environ)
+
+
+_ENVIRON_CHECKS.append(_warn_misspelt_variables)
 
 if TYPE_CHECKING:
     from .engine_config import EngineConfig, PoolConfig

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.fields import FieldInfo
 from typing_extensions import Self
 
+from ._environ_checks import check_environ
 from .exceptions import ConfigurationError
 from .spec import (
     DEFAULT_EMBEDDER,
@@ -325,7 +326,11 @@ class ConfigModel(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Self:
         """Defaults overridden by ``RAG_RERANK_*`` variables, then by ``overrides`` that are not
-        None (e.g. ``EngineConfig.from_env(max_queue=8)``)."""
+        None (e.g. ``EngineConfig.from_env(max_queue=8)``). Reading ``os.environ`` warns of
+        misspelt ``RAG_RERANK_*`` variables (:mod:`._environ_checks`), as ``get_settings()``
+        does."""
+        if environ is None:
+            check_environ(os.environ)
         return cls.from_sources(
             environ, {name: value for name, value in overrides.items() if value is not None}
         )
