@@ -407,6 +407,45 @@ def test_graceful_shutdown_finishes_in_flight_requests() -> None:
         httpx.get(url + "/health", timeout=2)
 
 
+def test_requests_cut_off_by_the_graceful_timeout_get_a_json_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvicorn cancels what is left when --graceful-timeout ends; queued requests got its
+    plain-text 500 ('Internal Server Error', no error shape, no Retry-After) and an ERROR
+    traceback each. They now get the documented shape: 503, Unhealthy, Retry-After."""
+    slow = {**FAKE, "options": {"delay_ms": 400}}
+    pool = ModelPool()
+    app = create_app(ServerConfig(specs=[slow], max_concurrency=1, max_pending=16), pool=pool)
+    server = ServerThread(app, graceful_timeout=1.0)
+    url = server.start()
+    wait_until_healthy(url, timeout=30)
+    admission = app.state.server.admission
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(6) as ex:
+        calls = [
+            ex.submit(client.post, url + "/rerank", json={"query": "q", "texts": ["q a"]})
+            for _ in range(6)
+        ]
+        deadline = time.monotonic() + 10
+        while admission.admitted < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopper = threading.Thread(target=server.stop, kwargs={"timeout": 20})
+        stopper.start()
+        responses = [c.result(timeout=30) for c in calls]
+        stopper.join(20)
+    pool.clear()
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses[0] == 200, "the running request finished within the graceful timeout"
+    cut = [r for r in responses if r.status_code != 200]
+    assert cut, "6 requests of 0.4 s, one at a time, cannot all finish in 1 s"
+    for response in cut:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        body = response.json()
+        assert body["error_type"] == "Unhealthy"
+        assert "shutting down" in body["error"]
+    assert "Exception in ASGI application" not in caplog.text
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

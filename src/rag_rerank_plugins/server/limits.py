@@ -196,6 +196,10 @@ class GuardMiddleware:
 
         try:
             await self._guarded(scope, receive, tracking_send, path, progress)
+        except asyncio.CancelledError:
+            if progress.started or not _cancelling():
+                raise
+            await self._shutting_down(tracking_send)
         except Exception as exc:
             logger.exception(
                 "rag-rerank serve: request %s (%s %s) failed: unhandled %s",
@@ -351,6 +355,26 @@ class GuardMiddleware:
         self.metrics.reject(reason)
         body = error_body(message, error_type, _PATH.get(), status)
         await _send_json(send, status, body, headers)
+
+    async def _shutting_down(self, send: Send) -> None:
+        """This request's task was cancelled before its answer started: the server gave up
+        waiting for it at shutdown (uvicorn cancels what is left after its graceful timeout).
+        A documented 503 with ``Retry-After`` that clients and load balancers retry elsewhere,
+        not the server's plain-text 500 and an error traceback. The cancellation ends here:
+        this task's only work was this answer."""
+        await self._refuse(
+            send,
+            "shutdown",
+            503,
+            "The server is shutting down and stopped this request before it was answered: "
+            "send it again (to another replica).",
+            "Unhealthy",
+            {"retry-after": "1", "connection": "close"},
+        )
+        task = asyncio.current_task()
+        uncancel = getattr(task, "uncancel", None)
+        if uncancel is not None:
+            uncancel()
 
     async def _compressed(self, send: Send, encoding: bytes) -> None:
         await self._refuse(
