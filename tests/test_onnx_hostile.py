@@ -284,3 +284,58 @@ def test_openvino_precision_is_read_back_from_a_real_compiled_model() -> None:
     compiled = ov.Core().compile_model(model, "CPU", compile_config("float32", 1))
     assert compiled_precision(compiled) == "float32"
     assert compiled_precision(SimpleNamespace()) is None  # a plugin that does not say
+
+
+# -- the cache inside the model folder; no torch on a cold cache ---------------------------------
+
+
+def test_a_cache_inside_the_model_folder_is_reused(tiny_ce_path: str, tmp_path: Path) -> None:
+    """The model's fingerprint hashed every file under its folder, the cache's own entries
+    too: with cache_dir inside the model folder, each load exported again under a new key."""
+    model = Path(shutil.copytree(tiny_ce_path, tmp_path / "model"))
+    cache = model / "onnx-cache"
+    before = onnx_backend.export_count()
+    first = scores(onnx_spec(str(model), cache))
+    again = scores(onnx_spec(str(model), cache))
+    assert onnx_backend.export_count() == before + 1
+    assert again == first
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+
+
+NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTorch())
+from rag_rerank_plugins import ModelPool, ModelSpec
+from rag_rerank_plugins.exceptions import MissingDependencyError
+spec = ModelSpec(sys.argv[1], backend="onnx-cross-encoder", options=(("cache_dir", sys.argv[2]),))
+try:
+    ModelPool().score_pairs(spec, [("q", "p")])
+except MissingDependencyError as exc:
+    print("missing", "[st]" in str(exc) or "'st'" in str(exc))
+except Exception as exc:
+    print("other", type(exc).__name__, exc)
+"""
+
+
+def test_a_cold_cache_without_torch_names_the_extra_to_install(
+    tiny_ce_path: str, tmp_path: Path
+) -> None:
+    """Exporting imported torch before the check that names the 'st' extra, so a user who
+    installed only [onnx] got ModelLoadError: No module named 'torch'."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, tiny_ce_path, str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": src},
+        timeout=120,
+    )
+    assert done.stdout.strip() == "missing True", done.stdout + done.stderr[-1500:]

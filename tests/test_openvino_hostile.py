@@ -242,3 +242,27 @@ def test_a_damaged_export_is_not_converted_into_an_ir(tiny_ce_path: str, tmp_pat
             pool.score_pairs(spec, PAIRS)
     finally:
         pool.clear()
+
+
+def test_an_int8_ir_is_keyed_by_the_max_length_its_calibration_ran_at(
+    tiny_ce_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calibration passes are tokenized at the spec's max_length, but the key left it
+    out: whichever load built the IR first decided the other's scores (max |diff| 0.017)."""
+    built: list[Path] = []
+
+    def record(spec: Any, inner: Any, final: Path, *args: Any) -> Any:
+        built.append(final)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(_openvino_common, "_build_ir", record)
+    calibration = [("q", f"passage {i}") for i in range(8)]
+    for max_length in (24, None, 24):
+        spec = ov_spec(tiny_ce_path, tmp_path, quantize="int8", calibration=calibration)
+        if max_length is not None:
+            spec = ModelSpec(spec.model, backend=RERANKER, dtype="float32",
+                             max_length=max_length, options=spec.options)  # fmt: skip
+        with pytest.raises(ModelLoadError, match="recorded"):
+            ModelPool().get(spec)
+    assert built[0] != built[1], "another max_length, another IR"
+    assert built[0] == built[2], "the same spec, the same IR"

@@ -263,7 +263,7 @@ def hub_blob(path: Path) -> str | None:
     return None
 
 
-def model_fingerprint(model_dir: Path) -> str:
+def model_fingerprint(model_dir: Path, skip: Path | None = None) -> str:
     """sha256 over the model folder's files: relative path and size of each, the contents of the
     small ones (config, tokenizer), and for the large ones (weights) the hub blob's name when the
     file links into a Hugging Face hub cache (:func:`hub_blob`: a content hash, so a new revision
@@ -272,12 +272,18 @@ def model_fingerprint(model_dir: Path) -> str:
     Known limit: a plain weights file replaced by one of the same size with its mtime kept
     (``cp -p``, ``rsync -a``, builds that pin mtimes) keeps its key, and the old export is served
     (hashing every weights file at every load would cost seconds for large models). ``touch`` the
-    file, or delete the entry, to force a new export."""
+    file, or delete the entry, to force a new export.
+
+    ``skip``: a folder left out (the export cache, when a user puts it inside the model folder:
+    hashing its own entries gave every export a new key, so nothing was ever reused)."""
     digest = hashlib.sha256()
+    skipped = skip.resolve() if skip is not None else None
     files = sorted(
         p
         for p in model_dir.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
+        and not (skipped is not None and p.resolve().is_relative_to(skipped))
     )
     for path in files:
         stat = path.stat()  # follows hub-cache symlinks to the blob
@@ -569,7 +575,11 @@ def cached_entry(
     with loading_errors(spec):
         folder = model_dir(spec)
         key = entry_key(
-            model_fingerprint(folder), mode, opset, format_version=format_version, **extra
+            model_fingerprint(folder, skip=cache),
+            mode,
+            opset,
+            format_version=format_version,
+            **extra,
         )
         entry = cache / key
         model, _ = _open_checked(entry, open_entry)

@@ -609,7 +609,13 @@ def _ir_entry(
         "onnx_entry": inner.path.name,
         "openvino": ov.__version__,
         "ir": ir,
-        "calibration": {"items": len(calibration), "sha256": calibration_key}
+        # The calibration passes are tokenized at the spec's max_length: another one
+        # calibrates other activations, so it is another IR.
+        "calibration": {
+            "items": len(calibration),
+            "sha256": calibration_key,
+            "max_length": spec.max_length,
+        }
         if calibration
         else None,
     }

@@ -147,11 +147,12 @@ _PROBES = [
 def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int) -> None:
     """Export (and quantize) ``spec`` into the cache entry ``final`` (atomically)."""
     import numpy as np
-    import torch
 
     start = time.perf_counter()
     file_name = file_option(spec)
     ce = st_for_export(spec, model_dir, "CrossEncoder")
+    import torch  # after st_for_export: without torch, its error names the extra to install
+
     cap_to_positions(ce, None, spec.model)  # the recorded max_length fits the position table
     tokenizer = ce.tokenizer
     tokenizer_json = fast_tokenizer_json(spec, tokenizer, "cross-encoder")

@@ -178,11 +178,12 @@ def _pipeline(spec: ModelSpec, model: Any) -> dict[str, Any]:
 def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int) -> None:
     """Export (and quantize) ``spec``'s transformer into the cache entry ``final`` (atomically)."""
     import numpy as np
-    import torch
 
     start = time.perf_counter()
     file_name = file_option(spec)
     model = st_for_export(spec, model_dir, "SentenceTransformer")
+    import torch  # after st_for_export: without torch, its error names the extra to install
+
     cap_to_positions(model, None, spec.model)  # the recorded max_length fits the position table
     pipeline = _pipeline(spec, model)
     transformer = model[0]
