@@ -142,15 +142,20 @@ def aggregate_scores(scores: Sequence[float], how: str) -> tuple[float, int]:
 class WindowPlan:
     """The (query, window) pairs for one rerank call and how to fold their scores back."""
 
-    query: str
+    query: str  # cut to window_query_tokens for the windows
     windows: tuple[tuple[Window, ...], ...]  # per passage, at least one
     settings: WindowSettings
     window_tokens: int
     stride: int
+    #: The query each passage is scored with: the whole one for a passage that fits one
+    #: window and the model's input beside it (scored exactly as without windows), else
+    #: ``query``.
+    queries: tuple[str, ...] = ()
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
-        return [(self.query, w.text) for doc in self.windows for w in doc]
+        queries = self.queries or (self.query,) * len(self.windows)
+        return [(q, w.text) for q, doc in zip(queries, self.windows, strict=True) for w in doc]
 
     def aggregate(self, scores: Sequence[float]) -> tuple[list[float], list[WindowInfo]]:
         """Passage scores (input order) and the reporting window of each."""
@@ -306,7 +311,8 @@ class Windower:
                 )
         tokenized = self._tokenize([query, *texts])
         q_ids, q_offsets = tokenized[0]
-        q_len = len(q_ids)
+        q_len = whole_len = len(q_ids)
+        whole_query = query
         if q_len > settings.query_tokens:
             # Cut to the budget, measured on the cut text itself (see _fit): a cut inside a
             # word re-tokenizes longer, and the excess would come off the passage's room.
@@ -327,12 +333,20 @@ class Windower:
         size = room if settings.tokens == "auto" else min(int(settings.tokens), room)
         stride = min(settings.stride or max(size // 2, 1), size)
         windows: list[tuple[Window, ...]] = []
+        queries: list[str] = []
         for text, (ids, offsets) in zip(texts, tokenized[1:], strict=True):
             if len(ids) <= size:
                 windows.append((Window(text, 0, len(ids), 0, len(text)),))
+                # With the whole query where the whole pair fits the model: then scored
+                # exactly as without windows (cutting a long query for other passages'
+                # windows must not move this one's score). Where it does not fit, the model
+                # would cut something; the cut query keeps this passage whole.
+                fits = whole_len + len(ids) + self.special_tokens <= self.max_pair_tokens
+                queries.append(whole_query if fits else query)
                 continue
             windows.append(self._fit(text, ids, offsets, _starts(len(ids), size, stride), size))
-        return WindowPlan(query, tuple(windows), settings, size, stride)
+            queries.append(query)
+        return WindowPlan(query, tuple(windows), settings, size, stride, tuple(queries))
 
 
 _cache_lock = threading.Lock()
