@@ -416,3 +416,14 @@ def test_a_missing_model_is_not_retried_on_torch(
     with pytest.raises(ModelNotFoundError):
         auto.rank_texts("q", TEXTS)
     assert auto.backend == "openvino-cross-encoder"  # nothing to fall back to: the model is gone
+
+
+def test_openvino_only_options_on_a_cpu_where_auto_keeps_torch_say_auto_picked(
+    amx: None, small: str
+) -> None:
+    """On a CPU where auto keeps torch for rerankers, cache_dir named 'cross-encoder', a
+    backend the user never asked for, with no word of auto."""
+    with pytest.raises(ValueError, match=r"backend='auto' picked 'cross-encoder'.*cache_dir"):
+        SharedRerankCompressor(
+            model=small, backend="auto", device="cpu", model_kwargs={"cache_dir": "/tmp/x"}
+        )

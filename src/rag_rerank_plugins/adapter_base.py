@@ -235,7 +235,8 @@ class SharedModelFields(BaseModel):
 
     @model_validator(mode="after")
     def _check_spec(self) -> SharedModelFields:
-        if is_auto(self.backend):  # the measured pick for this CPU (backend_choice), kept
+        auto = is_auto(self.backend)
+        if auto:  # the measured pick for this CPU (backend_choice), kept
             options = {**self.model_kwargs, **self._extra_options()}
             model = getattr(self, self._model_field)
             self.backend = choose_backend(self._kind, options, self.device, self.dtype, model)
@@ -251,7 +252,20 @@ class SharedModelFields(BaseModel):
         # Validate model, device, dtype, max_length and option names now, not at the first call
         # (the load). check_options is set arithmetic: construction stays microseconds.
         spec = self.spec
-        check_options(self.backend, spec.options_dict)
+        try:
+            check_options(self.backend, spec.options_dict)
+        except ConfigurationError as exc:
+            if not auto:
+                raise
+            # The user never named this backend: say that auto picked it on this CPU.
+            raise ConfigurationError(
+                f"backend='auto' picked {self.backend!r} for this model on this CPU (the "
+                f"measured fastest; `rag-rerank info` shows the CPU kind), and {exc} Those "
+                "options belong to the ONNX/OpenVINO backends: name one of them as backend "
+                "(e.g. 'openvino-"
+                + ("cross-encoder" if self._kind == "reranker" else "embedder")
+                + "') to use them, or drop them."
+            ) from None
         return self
 
     @property
