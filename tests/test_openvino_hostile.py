@@ -266,3 +266,20 @@ def test_an_int8_ir_is_keyed_by_the_max_length_its_calibration_ran_at(
             ModelPool().get(spec)
     assert built[0] != built[1], "another max_length, another IR"
     assert built[0] == built[2], "the same spec, the same IR"
+
+
+def test_a_full_disk_while_writing_the_ir_names_the_folder(
+    tiny_ce_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenVINO's writer fails a full disk as RuntimeError('basic_ios::clear: iostream error'),
+    which reached the user as such: no folder, no way out (the ONNX export's OSError did)."""
+    import openvino
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(openvino, "save_model", full)
+    with pytest.raises(ModelLoadError, match=r"cache folder .*free some space") as caught:
+        ModelPool().get(ov_spec(tiny_ce_path, tmp_path))
+    assert str(tmp_path) in str(caught.value)
+    assert not [p for p in tmp_path.rglob(".tmp-*")], "the scratch folder is removed"

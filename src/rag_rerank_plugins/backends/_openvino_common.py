@@ -467,7 +467,14 @@ def _convert(inner: Any, final: Path, meta: dict[str, Any], calibration: list[An
         )
     tmp = scratch_dir(final.parent, f".tmp-{final.name}-")
     try:
-        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        except RuntimeError as exc:
+            # OpenVINO's C++ writer fails a full disk or a refused write as a RuntimeError
+            # ("basic_ios::clear: iostream error"), which _writable would not name.
+            if not any(word in str(exc).lower() for word in ("iostream", "write", "open")):
+                raise
+            raise OSError(f"OpenVINO could not write the IR ({exc})") from exc
         meta["sha256"] = {name: file_sha256(tmp / name) for name in ("model.xml", "model.bin")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         publish(tmp, final)
