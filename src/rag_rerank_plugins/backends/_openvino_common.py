@@ -639,6 +639,18 @@ def _ir_entry(
         return _build_ir(spec, inner, final, meta, calibration, prebuilt)
 
 
+class _TwinDamaged(Exception):
+    """The ONNX twin's entry was damaged and has been removed: load the twin again."""
+
+
+def _load_twin(spec: ModelSpec, twin_spec: ModelSpec, provider: Any) -> LoadedModel:
+    try:
+        with deferred_sessions():  # the compiled IR replaces the session: never open it
+            return load_backend(twin_spec, provider)
+    except ModelLoadError as exc:
+        raise _named(exc, spec.backend) from exc.__cause__
+
+
 def _build_ir(
     spec: ModelSpec,
     inner: Any,
@@ -662,12 +674,16 @@ def _build_ir(
     # before converting it into an IR that every later load would trust.
     damage = entry_damage(inner.path)
     if damage is not None:
-        raise ModelLoadError(
-            spec.model,
-            spec.backend,
-            f"the ONNX export {inner.path} is damaged ({damage}): delete that folder and "
-            "load again to export it anew",
+        # As the ONNX backends do with a damaged entry: logged, removed, exported again (by
+        # load_openvino, which loads the twin anew); never converted into an IR.
+        logger.warning(
+            "rag-rerank: the ONNX export %s is damaged (%s): removing it and exporting again",
+            inner.path,
+            damage,
         )
+        with _writable(spec, final, "remove the damaged ONNX export"):
+            discard_entry(inner.path)
+        raise _TwinDamaged(str(damage))
     with _writable(spec, final, "write the OpenVINO IR"):
         if prebuilt is not None:
             _copy_ir(prebuilt[0], final, dict(meta))
@@ -952,13 +968,14 @@ def load_openvino(
     own = (*OWN_OPTIONS, "file_name") if prebuilt else OWN_OPTIONS
     options = {k: v for k, v in spec.options_dict.items() if k not in own}
     twin_spec = spec.with_options(backend=twin, dtype="float32", options=options)
+    inner = _load_twin(spec, twin_spec, provider)
     try:
-        with deferred_sessions():  # the compiled IR replaces the session: never open it
-            inner: LoadedModel = load_backend(twin_spec, provider)
-    except ModelLoadError as exc:
-        raise _named(exc, spec.backend) from exc.__cause__
-    try:
-        entry, meta, hit = _ir_entry(spec, inner, ir, calibration, prebuilt)
+        try:
+            entry, meta, hit = _ir_entry(spec, inner, ir, calibration, prebuilt)
+        except _TwinDamaged:  # removed: export it again, once
+            inner.close()
+            inner = _load_twin(spec, twin_spec, provider)
+            entry, meta, hit = _ir_entry(spec, inner, ir, calibration, prebuilt)
         try:
             compiled = _compile(spec, entry, spec.dtype, threads)
         except ConfigurationError:
