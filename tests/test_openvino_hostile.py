@@ -291,3 +291,29 @@ def test_a_full_disk_while_writing_the_ir_names_the_folder(
         ModelPool().get(ov_spec(tiny_ce_path, tmp_path))
     assert str(tmp_path) in str(caught.value)
     assert not [p for p in tmp_path.rglob(".tmp-*")], "the scratch folder is removed"
+
+
+@pytest.mark.parametrize(("kind", "good"), [("reranker", ("q", "p")), ("embedder", "text")])
+def test_a_bad_calibration_item_is_named_by_its_index(kind: str, good: Any) -> None:
+    """One None among 300 pairs: the error quoted only the first 80 characters of the set,
+    all of them valid."""
+    value = [good] * 300
+    value[157] = None
+    with pytest.raises(ConfigurationError, match=r"calibration\[157\] is 'None' \(NoneType\)"):
+        items(value, kind)
+
+
+def test_openvino_without_onnxruntime_names_its_own_backend_and_extra(
+    tiny_ce_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ONNX twin's MissingDependencyError named 'onnx-cross-encoder', a backend the user
+    never asked for."""
+    import sys
+
+    from rag_rerank_plugins.exceptions import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError) as caught:
+        ModelPool().get(ov_spec(tiny_ce_path, tmp_path))
+    assert "'openvino-cross-encoder' backend" in str(caught.value)
+    assert "rag-rerank-plugins[openvino]" in str(caught.value)

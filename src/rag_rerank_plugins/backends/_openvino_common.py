@@ -66,7 +66,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConfigurationError, ModelLoadError
+from ..exceptions import ConfigurationError, MissingDependencyError, ModelLoadError
 from . import load_backend
 from ._build_lock import build_lock
 from ._common import quantize_mode
@@ -266,10 +266,16 @@ def calibration_items(spec: ModelSpec, kind: str) -> list[Any]:
         items = _file_items(path, kind)
     elif isinstance(value, Sequence) and not isinstance(value, bytes):
         items = list(value)
+        good = _is_pair if kind == "reranker" else (lambda t: isinstance(t, str))
+        bad = next((i for i, item in enumerate(items) if not good(item)), None)
+        if bad is not None:  # named: one bad row of hundreds is otherwise hard to find
+            one = "a (query, passage) pair of strings" if kind == "reranker" else "a str"
+            raise ConfigurationError(
+                f"calibration[{bad}] is {str(items[bad])[:80]!r} ({type(items[bad]).__name__}), "
+                f"not {one}. {how}"
+            )
         if kind == "reranker":
-            items = [(q, p) for q, p in items] if all(map(_is_pair, items)) else []
-        elif not all(isinstance(t, str) for t in items):
-            items = []
+            items = [(q, p) for q, p in items]
     else:
         items = []
     if not items:
@@ -405,6 +411,8 @@ def _verified(
     try:
         meta = json.loads((entry / "meta.json").read_text("utf-8"))
     except FileNotFoundError:
+        if entry.is_dir() and any(entry.iterdir()):  # files without their record: damage
+            warn("rag-rerank: OpenVINO IR %s lost its meta.json: rebuilding", entry)
         return None
     except (OSError, ValueError) as exc:
         warn("rag-rerank: OpenVINO IR %s has an unreadable meta.json (%s): rebuilding", entry, exc)
@@ -649,6 +657,11 @@ def _load_twin(spec: ModelSpec, twin_spec: ModelSpec, provider: Any) -> LoadedMo
             return load_backend(twin_spec, provider)
     except ModelLoadError as exc:
         raise _named(exc, spec.backend) from exc.__cause__
+    except MissingDependencyError as exc:  # name the backend asked for, and its extra
+        broken = exc.__cause__ if "cannot be imported" in str(exc) else None
+        raise MissingDependencyError(
+            exc.package, "openvino", f"The {spec.backend!r} backend", broken=broken
+        ) from exc
 
 
 def _build_ir(
