@@ -425,3 +425,34 @@ def test_bfloat16_with_our_kernels_holds_issue_12_quality_bound(
         ra, rb = np.argsort(np.argsort(got)), np.argsort(np.argsort(want))
         assert error <= 0.02, (kernels, error)
         assert float(np.corrcoef(ra, rb)[0, 1]) >= 0.99, kernels
+
+
+def test_a_source_lookup_racing_another_threads_parse_does_not_fail_the_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding a class's source runs ast.parse on its module, which CPython 3.10/3.11 cannot
+    run in two threads at once ('SystemError: AST constructor recursion depth mismatch'):
+    two models loading at once failed one load. The lookup is now serialised, cached and
+    retried on that error."""
+    import inspect
+
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+
+    from rag_rerank_plugins.backends import _cpu_linear
+
+    real = inspect.getsource
+    failures = iter([SystemError("AST constructor recursion depth mismatch")] * 2)
+
+    def racing(obj: Any) -> str:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(obj)
+
+    monkeypatch.setattr(_cpu_linear, "_SOURCES", {})
+    monkeypatch.setattr(inspect, "getsource", racing)
+    assert "wo" in _cpu_linear._weights_read_by(T5DenseActDense)
+    calls = []
+    monkeypatch.setattr(inspect, "getsource", lambda obj: calls.append(obj) or real(obj))
+    assert "wo" in _cpu_linear._weights_read_by(T5DenseActDense)
+    assert T5DenseActDense not in calls, "a class's source is looked up once"

@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import re
+import threading
 import types
 from typing import Any
 
@@ -172,12 +173,36 @@ def _weights_read_by(cls: type) -> frozenset[str]:
             or base is PreTrainedModel  # generic loading code: reads no layer's weight per call
         ):
             continue
-        try:
-            source = inspect.getsource(base)
-        except (OSError, TypeError):  # no source (compiled, dynamic): nothing is known to read
+        source = _class_source(base)
+        if source is None:  # no source (compiled, dynamic): nothing is known to read
             continue
         names.update(re.findall(r"self\.(\w+)\.(?:weight|bias)\b", source))
     return frozenset(names)
+
+
+_SOURCES: dict[type, str | None] = {}
+_SOURCE_LOCK = threading.Lock()
+
+
+def _class_source(cls: type) -> str | None:
+    """``inspect.getsource(cls)``, once per class and one at a time. Finding a class's source
+    runs ``ast.parse`` on its whole module, which is not thread-safe on CPython 3.10/3.11
+    (gh-106905: "SystemError: AST constructor recursion depth mismatch"): two models loading
+    at once failed one load. Retried on that error, as the race is with other threads' parses.
+    None when the class has no source."""
+    with _SOURCE_LOCK:
+        if cls in _SOURCES:
+            return _SOURCES[cls]
+        for _ in range(5):
+            try:
+                source: str | None = inspect.getsource(cls)
+            except (OSError, TypeError):
+                source = None
+            except SystemError:  # a parse racing another thread's (not ours: we hold the lock)
+                continue
+            _SOURCES[cls] = source
+            return source
+        return inspect.getsource(cls)  # five races in a row: let the error speak
 
 
 def pack_linears(model: Any) -> int:
