@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -235,3 +236,51 @@ def test_nodes_that_are_not_an_iterable_of_nodes_fail_before_model_work(
     with pytest.raises(InvalidInputError, match=r"Wrap a single node: \[NodeWithScore"):
         post.postprocess_nodes(single, query_str=QUERY)
     assert pool.stats() == {}, "nothing was loaded"
+
+
+def _completed_spans(run: Callable[[], object]) -> list[tuple[str, str | None]]:
+    from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
+
+    handler = SimpleSpanHandler()
+    root = get_dispatcher()
+    root.add_span_handler(handler)
+    try:
+        run()
+    finally:
+        root.span_handlers.remove(handler)
+    names = {s.id_: s.id_.split("-")[0] for s in handler.completed_spans}
+    return [
+        (s.id_.split("-")[0], names.get(s.parent_id) if s.parent_id else None)
+        for s in handler.completed_spans
+    ]
+
+
+def test_async_rerank_runs_in_a_span_its_events_carry(pool: ModelPool, recorder) -> None:
+    """Stock's async path runs its span-wrapped sync method; ours awaited natively without a
+    span, so async query engines showed no rerank step and the ReRank events no span id."""
+
+    post = SharedRerankPostprocessor(model="f", backend="fake-reranker", pool=pool)
+    nodes = _nodes(["cats", "dogs"])
+    spans = _completed_spans(lambda: asyncio.run(post.apostprocess_nodes(nodes, query_str="cat")))
+    assert ("SharedRerankPostprocessor._apostprocess_nodes", None) in spans
+    start, end = recorder.events[-2:]
+    assert start.span_id is not None
+    assert start.span_id.startswith("SharedRerankPostprocessor._apostprocess_nodes")
+    assert end.span_id == start.span_id
+
+
+def test_an_embedding_batch_is_one_span_as_in_stock(pool: ModelPool) -> None:
+    """Our batch overrides were wrapped in the span by LlamaIndex's mixin and then called the
+    span-wrapped base: two nested spans of one name per batch."""
+
+    from rag_rerank_plugins.llama_index import SharedEmbedding
+
+    embed = SharedEmbedding(model_name="f", backend="fake-embedder", pool=pool)
+    sync = _completed_spans(lambda: embed.get_text_embedding_batch(["a", "b"]))
+    assert [s for s in sync if "text_embedding_batch" in s[0]] == [
+        ("SharedEmbedding.get_text_embedding_batch", None)
+    ]
+    spans = _completed_spans(lambda: asyncio.run(embed.aget_text_embedding_batch(["a", "b"])))
+    assert [s for s in spans if "text_embedding_batch" in s[0]] == [
+        ("SharedEmbedding.aget_text_embedding_batch", None)
+    ]

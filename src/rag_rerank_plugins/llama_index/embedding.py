@@ -183,16 +183,18 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         ``texts`` is checked first (:func:`_batch_texts`): a single str is refused rather than
         embedded letter by letter, and a bad item is named by its index in ``texts``.
         """
-        return super().get_text_embedding_batch(
-            _batch_texts(texts), show_progress=show_progress or self.show_progress, **kwargs
+        # The base's own function, not its span wrapper: LlamaIndex's mixin already wraps this
+        # override in the same span, and calling the wrapped base nested a second one.
+        return _unwrapped(BaseEmbedding.get_text_embedding_batch)(
+            self, _batch_texts(texts), show_progress=show_progress or self.show_progress, **kwargs
         )
 
     async def aget_text_embedding_batch(
         self, texts: list[str], show_progress: bool = False, **kwargs: Any
     ) -> list[Embedding]:
         """Async :meth:`get_text_embedding_batch`, with the same checks."""
-        return await super().aget_text_embedding_batch(
-            _batch_texts(texts), show_progress=show_progress or self.show_progress, **kwargs
+        return await _unwrapped(BaseEmbedding.aget_text_embedding_batch)(
+            self, _batch_texts(texts), show_progress=show_progress or self.show_progress, **kwargs
         )
 
     def _prompt(self, is_query: bool) -> str | None:
@@ -246,3 +248,8 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await self._aembed(texts, is_query=False)
+
+
+def _unwrapped(method: Any) -> Any:
+    """The function under LlamaIndex's span decorator (``__wrapped__``), or ``method``."""
+    return getattr(method, "__wrapped__", method)

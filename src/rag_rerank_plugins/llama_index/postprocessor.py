@@ -303,6 +303,10 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
         dispatcher.event(ReRankEndEvent(nodes=result))
         return result
 
+    # A span of its own, as the sync path gets from the mixin (the base's async method is
+    # neither abstract nor decorated): without it, async pipelines (aquery) showed no rerank
+    # step in tracing tools, and the ReRank events carried no span id.
+    @dispatcher.span
     async def _apostprocess_nodes(
         self,
         nodes: list[NodeWithScore],
