@@ -341,3 +341,15 @@ class TestSharedSemanticCacheAsync(langchain_tests.AsyncCacheTestSuite):
     @pytest.fixture
     async def cache(self, semantic: SemanticCache) -> BaseCache:
         return SharedSemanticCache(semantic)
+
+
+def test_a_hit_prints_no_langchain_beta_warning(adapter: SharedSemanticCache) -> None:
+    """langchain_core marks loads() as beta: the first hit of each process printed a
+    LangChainBetaWarning from our module, where stock InMemoryCache prints nothing."""
+    import warnings
+
+    chat = FakeListChatModel(responses=["A1", "A2"], cache=adapter)
+    assert chat.invoke("What is the capital of France?").content == "A1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert chat.invoke("What is the capital of France?").content == "A1"

@@ -32,8 +32,10 @@ from . import _compat  # noqa: F401  # isort: skip
 import hashlib
 import inspect
 import json
+import warnings
 from typing import Any
 
+from langchain_core._api import LangChainBetaWarning
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
 from langchain_core.load import Serializable, dumps, loads
 from langchain_core.messages import (
@@ -216,7 +218,13 @@ class SharedSemanticCache(BaseCache):
 
     @staticmethod
     def _decode(value: Any) -> list[Generation]:
-        generations = loads(value, allowed_objects=_ALLOWED) if isinstance(value, str) else None
+        generations = None
+        if isinstance(value, str):
+            # langchain_core marks loads as beta; the warning is about its API, not the user's
+            # call, and stock caches (InMemoryCache) print none on a hit.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LangChainBetaWarning)
+                generations = loads(value, allowed_objects=_ALLOWED)
         if not isinstance(generations, list) or not all(
             isinstance(g, Generation) for g in generations
         ):
