@@ -332,3 +332,31 @@ def test_a_request_withdrawn_and_notified_settles_without_raising() -> None:
     assert request.done
     assert settled == [request]
     assert request.withdraw() is False  # exactly once
+
+
+def test_a_loop_caller_past_its_own_deadline_gets_its_timeout_not_queue_full() -> None:
+    """An event-loop caller waiting for room retries admission; when its own timeout ended
+    first, the retry raised QueueFullError (counted as rejected), where a waiting thread gets
+    RequestTimeoutError. Both paths now agree."""
+    import time
+
+    from rag_rerank_plugins.backends.base import SCORE
+    from rag_rerank_plugins.engine.queue import RequestQueue
+    from rag_rerank_plugins.engine.request import Request
+    from rag_rerank_plugins.exceptions import QueueFullError, RequestTimeoutError
+    from rag_rerank_plugins.stats import Metrics
+
+    queue = RequestQueue("m", EngineConfig(max_queue=1, queue_timeout_s=5), Metrics(100, 8))
+    assert queue.add(Request(SCORE, [("q", "p")], 4), lambda: None)
+    late = Request(SCORE, [("q", "p")], 4, timeout=0.01)
+    woken: list[int] = []
+    admit_by = time.monotonic() + 5
+    assert not queue.add(
+        late, lambda: None, wait=False, admit_by=admit_by, on_room=lambda: woken.append(1)
+    )
+    time.sleep(0.02)
+    with pytest.raises(RequestTimeoutError):
+        queue.add(late, lambda: None, wait=False, admit_by=admit_by)
+    gone = Request(SCORE, [("q", "p")], 4)
+    with pytest.raises(QueueFullError):  # its wait for room is over
+        queue.add(gone, lambda: None, wait=False, admit_by=time.monotonic() - 1)

@@ -79,6 +79,8 @@ class RequestQueue:
                         if on_room is not None:
                             self._on_room.append(on_room)
                         return False
+                    if request.expired(now):  # the caller's timeout covers the whole call
+                        raise timeout_error(self.name, request.timeout)
                     timeout = 0.0  # its wait is over: raise as a thread's wait would
                 self._wait_for_room(request, timeout)
                 if request.done:
