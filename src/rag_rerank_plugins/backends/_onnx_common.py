@@ -277,14 +277,18 @@ def model_fingerprint(model_dir: Path, skip: Path | None = None) -> str:
     ``skip``: a folder left out (the export cache, when a user puts it inside the model folder:
     hashing its own entries gave every export a new key, so nothing was ever reused)."""
     digest = hashlib.sha256()
-    skipped = skip.resolve() if skip is not None else None
-    files = sorted(
-        p
-        for p in model_dir.rglob("*")
-        if p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
-        and not (skipped is not None and p.resolve().is_relative_to(skipped))
-    )
+    skipped: tuple[str, ...] | None = None  # ``skip`` relative to the model folder, if inside
+    if skip is not None:
+        with contextlib.suppress(ValueError):
+            skipped = skip.resolve().relative_to(model_dir.resolve()).parts or None
+
+    def counted(path: Path) -> bool:
+        parts = path.relative_to(model_dir).parts
+        if any(part.startswith(".") for part in parts):
+            return False
+        return skipped is None or parts[: len(skipped)] != skipped
+
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and counted(p))
     for path in files:
         stat = path.stat()  # follows hub-cache symlinks to the blob
         digest.update(f"{path.relative_to(model_dir).as_posix()}\0{stat.st_size}\0".encode())
