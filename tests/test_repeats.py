@@ -227,3 +227,38 @@ def test_a_wrong_answer_or_a_timeout_with_repeats_fails_the_call(
             call()
     finally:
         pool.clear()
+
+
+def test_long_texts_are_cached_by_digest_not_held() -> None:
+    """The caches are bounded by entry count, so a key must not hold a long text: 1024 queries
+    of 1 MB pinned 1 GiB. Long texts are keyed by digest; hits, misses and near-twins still
+    behave as with the text itself (a lone surrogate is a text too)."""
+    import sys
+
+    from rag_rerank_plugins.cache import LONG_TEXT, TTLCache
+
+    cache = TTLCache(8, 60.0)
+    big = "x" * 1_000_000
+    cache.put((big, "task"), 1.0)
+    cache.put(big + "\ud800", 2.0)
+    assert cache.get(("x" * 1_000_000, "task")) == 1.0  # an equal text, another object
+    assert cache.get(big + "\ud800") == 2.0
+    assert cache.get(("x" * 999_999 + "y", "task")) is TTLCache.MISSING
+    assert cache.get(("x" * (LONG_TEXT + 1), "task")) is TTLCache.MISSING
+    parts = [p for key in cache._data for p in (key if isinstance(key, tuple) else (key,))]
+    assert sum(sys.getsizeof(part) for part in parts) < 1000
+
+
+def test_a_long_query_hits_the_query_cache_without_being_held() -> None:
+    model = SeenEmbedder()
+    pool = ModelPool()
+    spec = _spec(model, "embedder")
+    query = "word " * 100_000
+    try:
+        first = pool.embed(spec, [query], is_query=True)
+        second = pool.embed(spec, ["word " * 100_000], is_query=True)
+        assert second == first
+        assert model.seen == [query]  # the second call was a cache hit
+        assert all(len(key[0]) < 100 for key in pool.get(spec)._query_cache._data)
+    finally:
+        pool.clear()
