@@ -197,6 +197,40 @@ def test_cohere_v1_max_chunks_per_doc_scores_the_best_window(
         assert math.isclose(got[1], expected[1], abs_tol=ATOL)
 
 
+def test_cohere_v1_max_chunks_per_doc_reads_a_long_query_whole(
+    co_v1: Any, direct_cross_encoder: Any
+) -> None:
+    """The docs say the query is whole in each chunk: a query past the default window query
+    budget (64 tokens) was cut, even for documents that fit whole."""
+    query = " ".join(f"topic{i}" for i in range(60)) + " " + QUERY
+    assert len(direct_cross_encoder.tokenizer(query)["input_ids"]) > 100
+    response = co_v1.rerank(model="ce", query=query, documents=[LONG, *DOCS], max_chunks_per_doc=2)
+    got = {r.index: r.relevance_score for r in response.results}
+    expected = [float(s) for s in direct_cross_encoder.predict([(query, d) for d in DOCS])]
+    for i, want in enumerate(expected):  # short documents: as without max_chunks_per_doc
+        assert math.isclose(got[i + 1], want, abs_tol=ATOL)
+    windower = Windower(
+        direct_cross_encoder.tokenizer, direct_cross_encoder.tokenizer.model_max_length
+    )
+    settings = WindowSettings(tokens="auto", stride=1 << 30, aggregate="max", query_tokens=256)
+    windows = windower.plan(query, [LONG], settings).windows[0][:2]
+    long_score = max(
+        float(s) for s in direct_cross_encoder.predict([(query, w.text) for w in windows])
+    )
+    assert math.isclose(got[0], long_score, abs_tol=ATOL)  # the long one: whole query, each window
+
+
+def test_cohere_v1_rank_fields_text_alone_reads_as_the_default(co_v1: Any) -> None:
+    """rank_fields=["text"] names Cohere's default field: a string and {"text": ...} read the
+    same, with or without it."""
+    documents: list[Any] = [DOCS[0], {"text": DOCS[0]}]
+    plain = co_v1.rerank(model="ce", query=QUERY, documents=documents)
+    named = co_v1.rerank(model="ce", query=QUERY, documents=documents, rank_fields=["text"])
+    scores = {r.index: r.relevance_score for r in named.results}
+    assert scores[0] == scores[1]
+    assert scores == {r.index: r.relevance_score for r in plain.results}
+
+
 def test_cohere_embed_v1_and_v2_equal_sentence_transformers(
     co_v1: Any, co_v2: Any, direct_embedder: Any
 ) -> None:

@@ -22,6 +22,7 @@ Every field is honoured or refused with 400:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,9 @@ def _document_text(index: int, document: str | dict[str, Any], fields: list[str]
                 f"documents[{index}].{name} is {type(value).__name__}; ranked fields must be "
                 "strings (convert it, e.g. to YAML or JSON text).",
             )
-    if fields is None:
+    if fields is None or fields == ["text"]:
+        # rank_fields=["text"] names the default field: read as without it, and as a string
+        # document (which is {"text": ...}) is read.
         return str(values[0])
     return "\n".join(f"{name}: {value}" for name, value in zip(names, values, strict=True))
 
@@ -108,13 +111,21 @@ async def _chunked(
     from ...exceptions import ConfigurationError
     from ...windows import WindowPlan, WindowSettings, windower_for
 
-    # One window fills the model's input; windows follow each other (no overlap), as chunks.
-    settings = WindowSettings(tokens="auto", stride=1 << 30, aggregate="max")
-
     def plan() -> WindowPlan:
-        full = windower_for(state.loaded(model)).plan(query, texts, settings)
-        windows = tuple(doc[:chunks] for doc in full.windows)
-        return WindowPlan(full.query, windows, full.settings, full.window_tokens, full.stride)
+        windower = windower_for(state.loaded(model))
+        # One window fills the model's input; windows follow each other (no overlap), as
+        # chunks. The query is read whole up to half the model's input (the default window
+        # budget of 64 tokens would cut a longer query, even for documents that fit whole).
+        settings = WindowSettings(
+            tokens="auto",
+            stride=1 << 30,
+            aggregate="max",
+            query_tokens=max(windower.max_pair_tokens // 2, 1),
+        )
+        full = windower.plan(query, texts, settings)
+        # Keep the plan's per-document queries: a document that fits one window is scored
+        # with the whole query, exactly as without max_chunks_per_doc.
+        return dataclasses.replace(full, windows=tuple(doc[:chunks] for doc in full.windows))
 
     try:
         windowed = await asyncio.to_thread(plan)
