@@ -190,6 +190,16 @@ def test_bad_input_gets_422(cache_server: SimpleNamespace) -> None:
         response = _post(url, path, body)
         assert response.status_code == 422, (path, body, response.text)
         assert response.json()["message"]
+    # A value nested past what an answer can be written at: refused when put, not stored to
+    # answer every later lookup with a 500.
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    response = _post(url, "/put", {"query": "what does article 9 say?", "value": deep})
+    assert response.status_code == 422, response.text
+    assert "nested more than" in response.json()["message"]
+    response = _post(url, "/lookup", {"query": "what does article 9 say?"})
+    assert response.status_code == 200, response.text
     # Strict like every endpoint: an unknown field is a 400 naming it, never ignored.
     for path, body in [
         ("/lookup", {"query": ART_72, "namespce": "x"}),

@@ -305,6 +305,88 @@ def test_a_body_nested_too_deeply_is_a_validation_error(fake_server: Any) -> Non
     assert "nested too deeply" in response.json()["message"]
 
 
+def _deep(levels: int) -> bytes:
+    return b"[" * levels + b"]" * levels
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        # json.loads keeps a repeated key's last value: the first list was dropped silently.
+        (
+            "/rerank",
+            b'{"query": "q", "texts": ["a", "b"], "texts": ["z"]}',
+            "'texts' appears twice",
+        ),
+        ("/v1/embeddings", b'{"input": "a", "dimensions": 2, "dimensions": 4}', "'dimensions'"),
+        (
+            "/v1/rerank",
+            b'{"query": "q", "documents": [{"text": "a", "text": "b"}]}',
+            "'text' appears twice",
+        ),
+        # Python reads a 5000-digit integer as a ValueError: FastAPI's bare 400 "error parsing".
+        (
+            "/v1/rerank",
+            b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}",
+            "number",
+        ),
+        # Parsed (Python reads ~990 levels) but deeper than an answer can be written: a 500 after
+        # the model work when return_documents echoed it.
+        (
+            "/v1/rerank",
+            b'{"query": "q", "return_documents": true, "documents": [{"text": "a", "meta": '
+            + _deep(300)
+            + b"}]}",
+            "nested more than",
+        ),
+    ],
+)
+def test_bodies_json_loads_reads_loosely_are_refused(
+    fake_server: Any, path: str, body: bytes, says: str
+) -> None:
+    response = fake_server.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == (400 if path == "/v1/embeddings" else 422), response.text
+    assert says in response.json()["message"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_utf16_or_utf32_body_is_refused(fake_server: Any, encoding: str) -> None:
+    """json.loads on bytes guesses UTF-16/32, so such a body was read; the docs say UTF-8."""
+    body = '{"query": "q", "texts": ["a"]}'.encode(encoding)
+    response = fake_server.post(
+        "/rerank", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    message = response.json()["message"]
+    # Without a byte order mark, UTF-16-LE ASCII is valid UTF-8 with NULs: not JSON then.
+    assert "not valid UTF-8" in message or "not valid JSON" in message
+
+
+def test_a_utf8_bom_and_modest_nesting_are_read(fake_server: Any) -> None:
+    body = b'\xef\xbb\xbf{"query": "q", "texts": ["a", "b"]}'
+    response = fake_server.post(
+        "/rerank", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    meta = b'{"query": "q", "return_documents": true, "documents": [{"text": "a", "m": '
+    response = fake_server.post(
+        "/v1/rerank",
+        content=meta + _deep(100) + b"}]}",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["document"]["m"] is not None
+
+
+def test_openai_invalid_json_names_no_param(fake_server: Any) -> None:
+    """error.param is a body field; it was the parser's character offset ("9")."""
+    response = fake_server.post(
+        "/v1/embeddings", content=b'{"input":', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] is None
+
+
 def test_relevant_spans_refuses_unknown_keys(fake_server: Any) -> None:
     """A typo'd key inside ``relevant_spans`` was ignored (read as the default "disabled")."""
     body = {"query": "a", "documents": ["x"], "relevant_spans": {"mdoe": "enabled"}}

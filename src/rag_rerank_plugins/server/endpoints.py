@@ -74,7 +74,9 @@ class ServerProtocol:
         """A FastAPI ``APIRouter`` with one route per endpoint (imports FastAPI)."""
         from fastapi import APIRouter
 
-        router = APIRouter(tags=[self.name])
+        from .body import StrictJSONRoute
+
+        router = APIRouter(tags=[self.name], route_class=StrictJSONRoute)
         for endpoint in self.endpoints:
             route, response_model = _bind(endpoint.handler)
             name = f"{self.name}.{endpoint.handler.__name__}"

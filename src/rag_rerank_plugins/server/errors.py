@@ -197,7 +197,7 @@ def rule_for(exc: BaseException) -> ErrorRule | None:
 
 
 #: Our body-wide checks (schemas.refuse_invalid_unicode): one message for the whole body.
-_WHOLE_BODY = frozenset({"invalid_unicode", "non_finite_number"})
+_WHOLE_BODY = frozenset({"invalid_unicode", "non_finite_number", "nested_too_deeply"})
 #: pydantic's error types for "this value should have been an object" (its location ends with
 #: the model's name).
 _NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dataclass_type"})
@@ -243,6 +243,8 @@ def _unknown_fields(errors: list[dict[str, Any]]) -> list[str]:
 def _param(errors: list[dict[str, Any]]) -> str | None:
     """The top-level body field of the first validation error (OpenAI's ``error.param``)."""
     for error in errors:
+        if error.get("type") == "json_invalid":  # its location is a character offset
+            return None
         if error.get("type") in _WHOLE_BODY:
             where = str((error.get("ctx") or {}).get("where", ""))
             field = re.split(r"[.\[]", where, maxsplit=1)[0]
@@ -322,10 +324,16 @@ def _http_error(status: int, detail: Any, request: Request) -> ApiError:
     return ApiError(status, message, _HTTP_ERROR_TYPES.get(status, "Validation"))
 
 
+class BodyRefused(ValueError):
+    """A JSON body that parses but must not be read (:mod:`.body`: a repeated key, an integer
+    too long to read); the message says what to send instead. Answered as a ``422``."""
+
+
 def _unreadable_body(exc: BaseException) -> ApiError | None:
     """FastAPI's 400 "There was an error parsing the body" for a JSON body it could not read
     other than by bad syntax (which is a 422 already), as the 422 the docs promise: bytes that
-    are not UTF-8 (a Latin-1 body), or nesting so deep that the parser gave up."""
+    are not UTF-8 (a Latin-1 body), nesting so deep that the parser gave up, or what
+    :mod:`.body` refuses (a repeated key, an integer too long to read)."""
     cause = exc.__cause__
     if isinstance(cause, UnicodeDecodeError):
         return ApiError(
@@ -340,6 +348,8 @@ def _unreadable_body(exc: BaseException) -> ApiError | None:
             "Invalid request: the body's JSON is nested too deeply to read. Send a flatter body.",
             "Validation",
         )
+    if isinstance(cause, BodyRefused):
+        return ApiError(422, f"Invalid request: {cause}", "Validation")
     return None
 
 

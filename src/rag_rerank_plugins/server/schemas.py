@@ -12,7 +12,8 @@ instead of a ``null``).
 
 A string holding a lone surrogate escape (``"\\ud800"``: valid JSON syntax, but no Unicode text)
 is refused with the request, before any model work (:func:`refuse_invalid_unicode`): it cannot
-be tokenized, nor written back in an answer that echoes it.
+be tokenized, nor written back in an answer that echoes it. So is a value nested deeper than
+:data:`MAX_DEPTH`, which no answer could be written that deep.
 """
 
 from __future__ import annotations
@@ -72,31 +73,42 @@ __all__ = [
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+#: Deepest nesting a body may have: pydantic writes an answer at most ~255 levels deep, and an
+#: answer that echoes a value (``return_documents``, a semantic cache's stored value) nests it
+#: a few levels down. Python's parser reads ~990 levels, so deeper bodies passed the parse and
+#: failed with a 500 after the model work (a cached value: on every later hit).
+MAX_DEPTH = 128
+
+
 def _unwritable_at(data: Any) -> tuple[str, str] | None:
     """The first value of parsed JSON ``data`` that no answer could echo: ``(where, what)``,
-    ``what`` being "surrogate" (a string, value or key, holding a lone surrogate) or
-    "non-finite" (``NaN``/``Infinity``, which Python's parser accepts but JSON has not); where
-    is ``texts[0]``, ``documents[1].title``. None when there is none. Iterative: no recursion
-    limit to hit."""
-    stack: list[tuple[Any, str]] = [(data, "")]
+    ``what`` being "surrogate" (a string, value or key, holding a lone surrogate),
+    "non-finite" (``NaN``/``Infinity``, which Python's parser accepts but JSON has not) or
+    "too-deep" (nested past :data:`MAX_DEPTH`); where is ``texts[0]``, ``documents[1].title``.
+    None when there is none. Iterative: no recursion limit to hit."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
     while stack:
-        item, path = stack.pop()
+        item, path, depth = stack.pop()
         if isinstance(item, str):
             if not item.isascii() and _SURROGATE.search(item):
                 return path or "the body", "surrogate"
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return path or "the body", "non-finite"
+        elif isinstance(item, dict | list) and depth >= MAX_DEPTH:
+            return path or "the body", "too-deep"
         elif isinstance(item, dict):
             children = []
             for key, value in item.items():
                 where = f"{path}.{key}" if path else str(key)
                 if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
                     return f"a key in {path or 'the body'}", "surrogate"
-                children.append((value, where))
+                children.append((value, where, depth + 1))
             stack.extend(reversed(children))
         elif isinstance(item, list):
-            stack.extend((value, f"{path}[{i}]") for i, value in reversed(list(enumerate(item))))
+            stack.extend(
+                (value, f"{path}[{i}]", depth + 1) for i, value in reversed(list(enumerate(item)))
+            )
     return None
 
 
@@ -118,6 +130,16 @@ def refuse_invalid_unicode(data: Any) -> Any:
             "{where} is not a finite number: JSON has no NaN or Infinity (Python's json writes "
             "them, but they are not JSON). Send a finite number, or null.",
             {"where": found[0]},
+        )
+    if found is not None and found[1] == "too-deep":
+        raise PydanticCustomError(
+            "nested_too_deeply",
+            "{where} is nested more than {depth} levels deep; no answer could be written that "
+            "deep. Send a flatter body (e.g. a deep value as a JSON string).",
+            {
+                "where": found[0] if len(found[0]) < 80 else f"{found[0][:60]}...",
+                "depth": MAX_DEPTH,
+            },
         )
     if found is not None:
         where = found[0]
