@@ -357,6 +357,44 @@ def test_a_failed_load_leaves_no_slot_and_the_next_call_retries(
     assert pool.score_pairs(resident, PAIRS) == EXPECTED
 
 
+class _Weights:
+    """Stands for a model's weights: in a reference cycle, as torch modules are."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.mark.parametrize("error", [ConfigurationError("score_label 3 is no label"), OSError("bad")])
+def test_a_load_failing_after_its_weights_were_built_frees_them(error: Exception) -> None:
+    """The loader's finished frames (kept by the exception's traceback) and torch's reference
+    cycles kept a failed load's weights until a full collection: a passthrough adapter retrying
+    per request stacked a copy per request. Automatic collection is off here, so only the
+    pool's own clean-up can free them; the caller even keeps the exception."""
+    built: list[weakref.ref[_Weights]] = []
+
+    def load(spec: ModelSpec, _provider: object) -> FakeReranker:
+        weights = _Weights()
+        built.append(weakref.ref(weights))
+        raise error  # a head check after the weights are in memory
+
+    register_backend("hostile-fails-late", load, "reranker", uses_torch=False, replace=True)
+    pool = ModelPool()
+    spec = ModelSpec("m", backend="hostile-fails-late", device="cpu")
+    kept: list[BaseException] = []
+    gc.disable()
+    try:
+        for _ in range(3):
+            with pytest.raises((ConfigurationError, ModelLoadError)) as info:
+                pool.score_pairs(spec, PAIRS)
+            kept.append(info.value)
+            assert [ref() for ref in built] == [None] * len(built)
+    finally:
+        gc.enable()
+        pool.clear()
+    assert "Traceback" not in str(kept[-1])  # the error itself is intact
+    assert kept[-1].__traceback__ is not None
+
+
 # -- fork, reaper ---------------------------------------------------------------------------------
 
 

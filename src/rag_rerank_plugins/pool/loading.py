@@ -1,6 +1,7 @@
 """Loading one spec: the backend's loader, timing, footprint, and the handle around it.
 
-A failed load caches nothing (the next call retries) and is counted in ``load_failures``; a
+A failed load caches nothing (the next call retries), frees what it allocated and is counted in
+``load_failures``; a
 foreign exception becomes :class:`ModelLoadError` (a loader's KeyboardInterrupt or SystemExit
 too, except on the main thread, where it may be the user's Ctrl-C). The footprint is the CUDA
 allocator's growth during a load that ran alone (no other load, no call on that device at its
@@ -12,8 +13,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Any, cast
 
+from .._memory import free_memory
 from ..backends import get_loader
 from ..exceptions import ModelLoadError, RagRerankError
 from ..policy import configure_torch_threads
@@ -47,11 +50,13 @@ class Loading(PoolState):
         start = time.perf_counter()
         try:
             model = loader(key, cast("ModelProvider", self))  # ModelPool is one
-        except RagRerankError:
+        except RagRerankError as exc:
             stats.add(load_failures=1)
+            _drop_partial_load(exc, key.device)
             raise
         except BaseException as exc:
             stats.add(load_failures=1)
+            _drop_partial_load(exc, key.device)
             if _interrupts_caller(exc):
                 raise
             raise ModelLoadError(key.model, key.backend, exc) from exc
@@ -139,3 +144,20 @@ def _footprint(model: Any, device: str, cuda_before: int | None) -> int | None:
         if after is not None and after > cuda_before:
             return after - cuda_before
     return None if counted is None else int(counted)
+
+
+def _drop_partial_load(exc: BaseException, device: str) -> None:
+    """Free what a failed load allocated. A loader that fails after building the weights (a bad
+    ``score_label``, a head check) leaves them referenced by its finished frames, which the
+    exception's traceback keeps, and torch modules sit in reference cycles: the weights stayed
+    until a full collection, so a passthrough adapter retrying per request stacked one copy per
+    request (on a GPU: until it ran out of memory). The finished frames' locals are cleared
+    (tracebacks still print; a post-mortem debugger sees no locals there) and the garbage is
+    collected, with the device's cache, as :meth:`release` does."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:  # the chain: a loader's own re-raise
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    free_memory(device)
