@@ -18,6 +18,9 @@ def test_spec_is_hashable_and_normalised() -> None:
     assert a.options == (("a", (1, 2)), ("revision", "x"))
     assert a.option("revision") == "x"
     assert {a: 1}[b] == 1
+    # Spaces around a dtype are dropped, as around a device and in RAG_RERANK_DTYPE.
+    spaced = ModelSpec("m", dtype=" Float16 ", device=" cuda ")
+    assert (spaced.dtype, spaced.device) == ("float16", "cuda:0")
 
 
 def test_spec_fields_that_change_the_model_change_the_key() -> None:

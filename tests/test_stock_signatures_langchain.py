@@ -277,6 +277,24 @@ def test_equivalent_spellings_share_one_pool_key() -> None:
     assert sigmoid.spec == SharedRerankCompressor(model="m", score_mode="sigmoid").spec
 
 
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+def test_a_nested_dtype_of_none_means_not_given(key: str) -> None:
+    """transformers reads ``torch_dtype=None`` as not given (``torch.float16 if gpu else None``
+    is common); it was refused as "Unsupported dtype 'None'"."""
+    from rag_rerank_plugins.llama_index import SharedEmbedding
+
+    nested = {"model_kwargs": {key: None}}
+    assert SharedCrossEncoder(model_name="m", model_kwargs=nested).spec == (
+        SharedCrossEncoder(model_name="m").spec
+    )
+    assert SharedEmbeddings(model_name="m", model_kwargs=nested).spec == (
+        SharedEmbeddings(model_name="m").spec
+    )
+    assert SharedEmbedding(model_name="m", model_kwargs={key: None}).spec == (
+        SharedEmbedding(model_name="m").spec
+    )
+
+
 # -- side by side: FP32 scores and vectors equal the stock class's ---------------------------------
 
 

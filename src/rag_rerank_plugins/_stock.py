@@ -297,7 +297,9 @@ def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> 
         _runtime_kwargs(data, kind, nested, kw)
     for key in _DTYPE_KEYS:
         if key in nested:
-            value = str(nested.pop(key)).removeprefix("torch.")
+            given = nested.pop(key)
+            # None is transformers' "not given" (``torch_dtype=torch.float16 if gpu else None``).
+            value = "auto" if given is None else str(given).removeprefix("torch.")
             if value != "auto":  # theirs: the checkpoint's dtype; ours: chosen per device
                 _put(data, "dtype", value, f"model_kwargs['model_kwargs'][{key!r}]")
     if nested:

@@ -53,7 +53,7 @@ _DTYPE_ALIASES = {
 
 
 def _normalize_dtype(dtype: Any) -> str:
-    name = str(dtype).removeprefix("torch.").lower()
+    name = str(dtype).strip().removeprefix("torch.").lower()
     try:
         return _DTYPE_ALIASES[name]
     except KeyError:
