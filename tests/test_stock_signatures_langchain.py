@@ -435,6 +435,31 @@ def test_embeddings_equal_the_stock_class(kwargs: dict[str, Any], prompted_path:
     )
 
 
+def test_a_left_padding_tokenizer_gets_the_stock_results(
+    real_ce_path: str, minilm_path: str
+) -> None:
+    """``processor_kwargs={"padding_side": "left"}`` on a BERT (absolute positions): our
+    length-bucket padding went on the left too and moved every token's position, so even one
+    text differed from stock (0.15 on a vector). Stock is exact for one text, so compare one
+    text at a time (several in a left-padded batch move in stock itself)."""
+    embedder = minilm_path
+    left = {"device": "cpu", "processor_kwargs": {"padding_side": "left"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = HuggingFaceEmbeddings(model_name=embedder, model_kwargs=left)
+        stock_ce = HuggingFaceCrossEncoder(model_name=real_ce_path, model_kwargs=left)
+    pool = ModelPool()
+    try:
+        ours = SharedEmbeddings(model_name=embedder, model_kwargs=left, pool=pool)
+        ours_ce = SharedCrossEncoder(model_name=real_ce_path, model_kwargs=left, pool=pool)
+        for text in [QUERY, *DOCS]:
+            np.testing.assert_allclose(ours.embed_query(text), stock.embed_query(text), atol=1e-5)
+            pair = [(QUERY, text)]
+            np.testing.assert_allclose(ours_ce.score(pair), stock_ce.score(pair), atol=1e-5)
+    finally:
+        pool.clear()
+
+
 def test_int8_precision_uses_the_calls_own_ranges(prompted_path: str) -> None:
     """int8 buckets come from the call's vectors (as encode); FP32 noise may move a value by one
     bucket, so equality is within one step. A single query cannot be int8 (both raise)."""

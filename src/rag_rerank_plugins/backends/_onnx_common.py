@@ -798,17 +798,16 @@ def tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def same_tokens(got: Any, ref: Any, name: str, padding_side: str) -> bool:
-    """Whether our prepared ``got`` (padded further, to a length bucket: see ``_shapes``) holds
-    exactly the reference tokenizer's ``ref``, the extra columns being padding (mask 0)."""
+def same_tokens(got: Any, ref: Any, name: str) -> bool:
+    """Whether our prepared ``got`` (padded further on the right, to a length bucket: see
+    ``_shapes``) holds exactly the reference tokenizer's ``ref``, the extra columns being
+    padding (mask 0)."""
     import numpy as np
 
     width = ref.shape[1]
     if got.shape[0] != ref.shape[0] or got.shape[1] < width:
         return False
-    cut = got.shape[1] - width
-    left = padding_side == "left"
-    tokens, extra = (got[:, cut:], got[:, :cut]) if left else (got[:, :width], got[:, width:])
+    tokens, extra = got[:, :width], got[:, width:]
     return bool(np.array_equal(tokens, ref)) and not (name == "attention_mask" and extra.any())
 
 
@@ -904,13 +903,14 @@ class OnnxRuntimeModel:
         steps = self.length_steps
         extra = bucket_length(width, self.max_tokens, steps) - width if self.max_tokens else 0
         if extra > 0 and buckets_enabled():
-            left = self.meta["padding_side"] == "left"
+            # On the right whatever the tokenizer's side: on the left it moved every real
+            # token's position (see _torch_common.pad_to_bucket).
             fills = {
                 "input_ids": int(self.meta["pad_token_id"] or 0),
                 "attention_mask": 0,
                 "token_type_ids": int(self.meta["pad_token_type_id"]),
             }
-            sides = ((0, 0), (extra, 0) if left else (0, extra))
+            sides = ((0, 0), (0, extra))
             arrays = {
                 name: np.pad(a, sides, constant_values=fills[name]) for name, a in arrays.items()
             }

@@ -388,8 +388,13 @@ def pad_to_bucket(
     oneDNN keeps a compiled kernel per matmul shape, so passes padded to their own longest item
     make the process grow for thousands of requests (issue 21); a few fixed lengths bound that.
     Every ``[items, length]`` tensor gets the tokenizer's pad id (``input_ids``), pad type id
-    (``token_type_ids``) or 0 (``attention_mask`` and the rest) on the tokenizer's padding side;
-    masked positions change FP32 scores by float rounding only (~1e-7). Unchanged on other
+    (``token_type_ids``) or 0 (``attention_mask`` and the rest) on the right, whatever the
+    tokenizer's padding side: padding added on the left moved every real token's position, so
+    a BERT (absolute positions) given a left-padding tokenizer scored even a single text
+    differently from the stock classes (0.15 on a vector). Pooling and sequence-classification
+    heads find the real tokens by the mask or the pad id, so the side of the extra padding
+    changes nothing else; masked positions change FP32 scores by float rounding only (~1e-7).
+    Unchanged on other
     devices, without a known ``max_tokens`` (padding must never pass the position table), or
     when turned off (``RAG_RERANK_SHAPE_BUCKETS=0``).
     """
@@ -414,7 +419,7 @@ def pad_to_bucket(
         "input_ids": int(getattr(tokenizer, "pad_token_id", None) or 0),
         "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", None) or 0),
     }
-    sides = (extra, 0) if getattr(tokenizer, "padding_side", "right") == "left" else (0, extra)
+    sides = (0, extra)
     out = dict(features)
     for key, value in features.items():
         if isinstance(value, torch.Tensor) and tuple(value.shape) == (rows, width):

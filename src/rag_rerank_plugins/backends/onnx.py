@@ -230,7 +230,7 @@ def _export(spec: ModelSpec, model_dir: Path, final: Path, mode: str, opset: int
         prepared = runtime.prepare(Task("score"), _PROBES)
         for name in prepared.payload:
             ref = features[name].numpy()
-            if not same_tokens(prepared.payload[name], ref, name, meta["padding_side"]):
+            if not same_tokens(prepared.payload[name], ref, name):
                 raise ModelLoadError(
                     spec.model,
                     spec.backend,
