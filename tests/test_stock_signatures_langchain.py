@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 pytest.importorskip("sentence_transformers")
 torch = pytest.importorskip("torch")
@@ -387,6 +388,17 @@ def test_compressor_scores_with_a_custom_cross_encoder() -> None:
     ]
     got = asyncio.run(compressor.acompress_documents(docs, "q"))
     assert [d.page_content for d in got] == ["abcd", "ab"]
+    # Rebuilt from its dump, as stock's is: the same scorer (it became the word-overlap fake),
+    # and no JSON form, as stock has none.
+    stock_again = CrossEncoderReranker(**CrossEncoderReranker(model=Length()).model_dump())
+    again = SharedRerankCompressor(**compressor.model_dump())
+    assert again.model_dump()["model"] is compressor.model_dump()["model"]
+    assert [d.page_content for d in again.compress_documents(docs, "q")] == [
+        d.page_content for d in stock_again.compress_documents(docs, "q")[:2]
+    ]
+    for dumped in (CrossEncoderReranker(model=Length()), compressor):
+        with pytest.raises(PydanticSerializationError):
+            dumped.model_dump_json()
 
 
 EMB_CASES: list[dict[str, Any]] = [

@@ -14,7 +14,14 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.callbacks.manager import AsyncCallbackManager, CallbackManager
 from langchain_core.cross_encoders import BaseCrossEncoder
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from ..adapter_base import RerankSettings, SharedModelFields, from_settings
 from ..exceptions import ConfigurationError, InferenceError, InvalidInputError
@@ -167,6 +174,20 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
                 "window_tokens needs a shared model's tokenizer; with model=<a custom "
                 "BaseCrossEncoder> leave windows off (or pass model='<name>')."
             )
+
+    @model_serializer(mode="wrap")
+    def _dump_with_the_scorer(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """With a custom cross-encoder, ``model`` holds a placeholder name and ``backend`` the
+        test fake: a dump rebuilt (``SharedRerankCompressor(**c.model_dump())``) scored by word
+        overlap without a word. The dump holds the scorer itself instead, as stock
+        ``CrossEncoderReranker``'s holds its model object (so, as there, a JSON dump fails:
+        the object has no JSON form)."""
+        data = handler(self)
+        if self._scorer is not None and isinstance(data, dict) and "model" in data:
+            data["model"] = self._scorer
+            if data.get("backend") == "fake-reranker":  # set by __init__ with the placeholder
+                del data["backend"]
+        return data
 
     def _pool_score(
         self, spec: ModelSpec, pairs: Sequence[tuple[str, str]], batch_size: int
