@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag_rerank_plugins import ModelPool, ModelSpec, RagRerankError
+from rag_rerank_plugins import ConfigurationError, ModelPool, ModelSpec, RagRerankError
 from rag_rerank_plugins.engine_config import EngineConfig
 
 pytest.importorskip("FlagEmbedding")
@@ -226,6 +226,52 @@ def test_bad_options_are_explicit(
         pool.get(spec)
 
 
+def test_a_query_max_length_without_room_for_the_passage_is_lowered(
+    pool: ModelPool, xlmr_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """max_length=1024 capped to the 512-position table kept query_max_length=600: every query
+    over ~509 tokens failed its request ("Sequence to truncate too short"). A max_length with
+    no room for a query and a passage token failed every request: now refused at load."""
+    long_query = " ".join(f"plants energy {i}" for i in range(400))
+    spec = ModelSpec(
+        xlmr_path,
+        backend="flag-reranker",
+        device="cpu",
+        dtype="float32",
+        max_length=1024,
+        options={"query_max_length": 600},
+    )
+    with caplog.at_level("WARNING"):
+        scores = pool.score_pairs(spec, [(long_query, "plants use light"), ("plants", "light")])
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert "query_max_length=600 leaves no room" in caplog.text
+    assert pool.get(spec).model.query_max_length < 510
+    tiny = ModelSpec(xlmr_path, backend="flag-reranker", device="cpu", max_length=4)
+    with pytest.raises(ConfigurationError, match="max_length=4 leaves"):
+        pool.get(tiny)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"query_max_length": 0}, "positive int"),
+        ({"query_max_length": -3}, "positive int"),
+        ({"query_instruction_for_retrieval": "q: ", "query_instruction_format": "{q}{}"}, "slots"),
+        ({"query_instruction_for_retrieval": "q: ", "query_instruction_format": "{}"}, "no slot"),
+        ({"query_instruction_for_retrieval": 5}, "give a string"),
+        ({"pooling_method": "bogus"}, "pooling_method"),
+    ],
+)
+def test_bge_m3_bad_options_are_refused_at_load(
+    pool: ModelPool, minilm_path: str, options: dict, match: str
+) -> None:
+    """They loaded, then failed every request deep in FlagEmbedding or torch (a format of one
+    slot gave every query the same vector)."""
+    spec = ModelSpec(minilm_path, backend="flag-bge-m3", device="cpu", options=options)
+    with pytest.raises(ConfigurationError, match=match):
+        pool.get(spec)
+
+
 def test_release_does_not_copy_weights_back(pool: ModelPool, flag_spec: ModelSpec) -> None:
     model = pool.get(flag_spec).model
     flag = model._flag
@@ -262,6 +308,21 @@ def test_bge_m3_query_instruction_and_adapter(pool: ModelPool, minilm_path: str)
     )
     ours = pool.embed(spec, [QUERY], is_query=True)
     np.testing.assert_allclose(ours, ref.encode_queries([QUERY])["dense_vecs"], atol=1e-5)
+    # Both adapters: the instruction in the backend's options applies (LlamaIndex's dropped it).
+    from rag_rerank_plugins.langchain import SharedEmbeddings
+    from rag_rerank_plugins.llama_index import SharedEmbedding
+
+    kw = {"model_name": minilm_path, "backend": "flag-bge-m3", "device": "cpu"}
+    want = ref.encode_queries([QUERY])["dense_vecs"][0]
+    lc = SharedEmbeddings(**kw, dtype="float32", model_kwargs=options, pool=pool)
+    li = SharedEmbedding(**kw, dtype="float32", model_kwargs=options, pool=pool)
+    np.testing.assert_allclose(lc.embed_query(QUERY), want, atol=1e-5)
+    np.testing.assert_allclose(li.get_query_embedding(QUERY), want, atol=1e-5)
+    # An instruction given to the adapter itself still wins, as in stock.
+    own = SharedEmbedding(
+        **kw, dtype="float32", model_kwargs=options, pool=pool, query_instruction="other: "
+    )
+    assert not np.allclose(own.get_query_embedding(QUERY), want, atol=1e-3)
 
 
 # -- adapters ----------------------------------------------------------------------------------

@@ -53,9 +53,13 @@ def tokenizer_helpers() -> tuple[Any, Any]:
     return prepare_for_model_compat, pad_with_compat
 
 
-#: FlagEmbedding's pre-processing options checked by :func:`check_preprocessing_options`.
+#: FlagEmbedding's pre-processing options checked by :func:`check_preprocessing_options`: the
+#: rerankers' query and passage instructions, and BGEM3FlagModel's.
 _INSTRUCTIONS = ("query_instruction_for_rerank", "passage_instruction_for_rerank")
+M3_INSTRUCTIONS = ("query_instruction_for_retrieval", "passage_instruction_for_retrieval")
 _FORMATS = ("query_instruction_format", "passage_instruction_format")
+#: BGEM3FlagModel's dense pooling methods (another raised NotImplementedError per request).
+M3_POOLING = ("cls", "mean", "last_token")
 
 
 def unescape_format(fmt: str) -> str:
@@ -64,7 +68,10 @@ def unescape_format(fmt: str) -> str:
 
 
 def check_preprocessing_options(
-    options: Mapping[str, Any], default_instructions: tuple[str | None, str | None] = (None, None)
+    options: Mapping[str, Any],
+    default_instructions: tuple[str | None, str | None] = (None, None),
+    *,
+    instructions: tuple[str, str] = _INSTRUCTIONS,
 ) -> None:
     """ConfigurationError for a FlagEmbedding pre-processing option that would fail, or silently
     misbehave, only once texts arrive.
@@ -75,9 +82,10 @@ def check_preprocessing_options(
     second ``{}`` dropped the text itself (``"{}".format("A: ", query)`` is ``"A: "``), so every
     pair scored the same. Checked once, at load, with the option named. A format is checked
     only where an instruction uses it (``default_instructions``: the class's query and passage
-    defaults), as FlagEmbedding ignores it otherwise.
+    defaults), as FlagEmbedding ignores it otherwise. ``instructions``: the option names of the
+    query and passage instructions (the rerankers', or :data:`M3_INSTRUCTIONS`).
     """
-    for name in (*_INSTRUCTIONS, "prompt"):
+    for name in (*instructions, "prompt"):
         value = options.get(name)
         if value is not None and not isinstance(value, str):
             raise ConfigurationError(
@@ -85,7 +93,7 @@ def check_preprocessing_options(
                 f"{type(value).__name__}."
             )
     for name, instruction, default in zip(
-        _FORMATS, _INSTRUCTIONS, default_instructions, strict=True
+        _FORMATS, instructions, default_instructions, strict=True
     ):
         fmt = options.get(name)
         if fmt is None or options.get(instruction, default) is None:

@@ -28,9 +28,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..exceptions import ConfigurationError
 from ._common import SCORE_MODES, label_index, score_mode_of, sigmoid
 from ._flag_common import (
     FLAG_DEFAULT_MAX_LENGTH,
+    M3_INSTRUCTIONS,
+    M3_POOLING,
     cap_max_length,
     check_preprocessing_options,
     import_flag,
@@ -205,6 +208,7 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
             **options,
         )
         flag.max_length = cap_max_length(flag.model, int(flag.max_length), spec.model)
+        flag.query_max_length = _fitting_query_max_length(flag, spec.model)
         config = flag.model.config
         label = label_index(wanted_label, int(config.num_labels), config.id2label, spec.model)
         prepare_module(flag.model, spec.dtype)
@@ -217,6 +221,41 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
         reranker.device, reranker.dtype, kernels_on, flag.model
     )
     return reranker
+
+
+def _fitting_query_max_length(flag: Any, model: str) -> int | None:
+    """FlagEmbedding's ``query_max_length`` made to fit ``max_length``, or ConfigurationError.
+
+    Why: a query is cut to ``query_max_length`` and the pair then cut from the passage's end
+    ("only_second"); a query that takes the whole ``max_length`` beside the special tokens
+    failed every request it came in ("Sequence to truncate too short"), for instance after
+    ``max_length=1024`` was capped to a 512-position table with ``query_max_length=600``. So it
+    is lowered, with a warning, to FlagEmbedding's own default (3/4 of ``max_length``) or less,
+    leaving the passage at least one token; a ``max_length`` without room for one query and
+    one passage token is refused."""
+    max_length = int(flag.max_length)
+    room = max_length - int(flag.tokenizer.num_special_tokens_to_add(pair=True))
+    if room < 2:
+        raise ConfigurationError(
+            f"max_length={max_length} leaves {max(room, 0)} token(s) beside {model}'s special "
+            "tokens: no room for a query and a passage. Give max_length >= "
+            f"{max_length - room + 2}."
+        )
+    given = flag.query_max_length
+    wanted = int(given) if given is not None else max_length * 3 // 4
+    if wanted < room:
+        return given
+    fitted = min(max(max_length * 3 // 4, 1), room - 1)
+    if given is not None:
+        logger.warning(
+            "rag-rerank: query_max_length=%d leaves no room for the passage within max_length=%d "
+            "of %s; queries are cut at %d tokens.",
+            wanted,
+            max_length,
+            model,
+            fitted,
+        )
+    return fitted
 
 
 class FlagM3Embedder(EmbedderModel):
@@ -311,6 +350,13 @@ def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
     """Loader of ``backend="flag-bge-m3"``."""
     options = spec.options_dict  # names checked by the registry (its row) before this runs
     kernels_on = cpu_kernels_option(options)
+    check_preprocessing_options(options, instructions=M3_INSTRUCTIONS)
+    pooling = options.get("pooling_method", "cls")
+    if pooling not in M3_POOLING:
+        raise ConfigurationError(
+            f"pooling_method={pooling!r}: BGEM3FlagModel pools by one of "
+            f"{', '.join(map(repr, M3_POOLING))}."
+        )
     flag_mod = import_flag(spec.backend)
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     options.setdefault("query_max_length", max_length)

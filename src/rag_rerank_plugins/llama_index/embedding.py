@@ -30,6 +30,11 @@ __all__ = ["SharedEmbedding"]
 
 #: HuggingFaceEmbedding's arguments that are not fields here (translated before validation).
 STOCK_NAMES = frozenset(EMBEDDING_POSITIONAL) | ST_EMBEDDER_KWARGS
+#: The backend option holding its own instruction, for documents and for queries.
+_BACKEND_INSTRUCTION = {
+    False: "passage_instruction_for_retrieval",
+    True: "query_instruction_for_retrieval",
+}
 
 
 def _batch_texts(texts: Any) -> list[str]:
@@ -205,6 +210,11 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         if instruction:
             return instruction
         if self.model_prompts:
+            return None
+        # An instruction configured in the backend's own options (flag-bge-m3's
+        # query_instruction_for_retrieval) applies, as through the LangChain adapter: a prompt
+        # here would replace it ('' included: it was dropped without a word).
+        if self.spec.option(_BACKEND_INSTRUCTION[is_query]) is not None:
             return None
         default = default_query_instruction if is_query else default_text_instruction
         return default(self.model_name)
