@@ -74,6 +74,31 @@ def test_auto_resolves_to_the_policys_dtype_and_reports_why(
     assert params == {getattr(torch, decision.dtype)}
 
 
+def test_each_spec_sharing_a_model_reports_its_own_reason(
+    pool: ModelPool, tiny_ce_path: str
+) -> None:
+    """float16 on a CPU and float32 share one float32 model; spec_stats showed whichever spec
+    loaded first, so a float16 caller read "requested explicitly"."""
+    fp32 = ModelSpec(tiny_ce_path, device="cpu", dtype="float32")
+    fp16 = ModelSpec(tiny_ce_path, device="cpu", dtype="float16")
+    pool.score_pairs(fp32, [("q", "p")])
+    assert pool.key(fp16) == pool.key(fp32)
+    assert pool.spec_stats(fp32)["dtype_reason"] == "requested explicitly"
+    assert "float16 requested on CPU" in pool.spec_stats(fp16)["dtype_reason"]
+    assert pool.spec_stats(fp16)["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_the_reason_names_the_variable_when_it_decided(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """With RAG_RERANK_CPU_BF16=0 on an AMX host the reason said "CPU without native BF16"."""
+    monkeypatch.setenv("RAG_RERANK_CPU_BF16", value)
+    reason = decide_dtype("auto", "cpu").reason
+    assert f"RAG_RERANK_CPU_BF16={value}" in reason
+    assert "CPU without" not in reason and "CPU has" not in reason
+
+
 def test_cross_encoder_under_the_policy_scores_within_the_dtypes_bound(
     pool: ModelPool, real_ce_path: str, corpus: list[str]
 ) -> None:

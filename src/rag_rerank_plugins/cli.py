@@ -451,8 +451,8 @@ def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     try:
         device = resolve_device("auto")
         decision = decide_dtype("auto", device)
-    except Exception as exc:
-        row("policy", f"cannot resolve device 'auto': {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a device, or the dtype (a bad RAG_RERANK_CPU_BF16)
+        row("policy", f"cannot resolve the auto policy: {type(exc).__name__}: {exc}")
     else:
         row("device 'auto'", device)
         row(f"dtype 'auto' on {device}", f"{decision.dtype} ({decision.reason})")

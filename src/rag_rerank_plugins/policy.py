@@ -153,8 +153,15 @@ def decide_dtype(requested: str, device: str) -> DtypeDecision:
     if requested == "auto":
         if not on_cpu:
             return DtypeDecision("float16", f"auto: half precision on {device}")
+        # Say when the variable decided, not the CPU: with RAG_RERANK_CPU_BF16=0 on an AMX
+        # host, "CPU without native BF16" was false.
+        override = os.environ.get(BF16_ENV, "").strip()
         if cpu_has_native_bf16():
+            if override:
+                return DtypeDecision("bfloat16", f"auto: {BF16_ENV}={override} turns BF16 on")
             return DtypeDecision("bfloat16", "auto: CPU has native BF16 (avx512_bf16/amx)")
+        if override:
+            return DtypeDecision("float32", f"auto: {BF16_ENV}={override} turns BF16 off")
         return DtypeDecision("float32", "auto: CPU without native BF16, so float32")
     if requested == "float16" and on_cpu:
         return DtypeDecision(
@@ -162,9 +169,11 @@ def decide_dtype(requested: str, device: str) -> DtypeDecision:
             "float16 requested on CPU, where it is ~40x slower than float32: using float32",
         )
     if requested == "bfloat16" and on_cpu and not cpu_has_native_bf16():
+        override = os.environ.get(BF16_ENV, "").strip()
+        why = f"{BF16_ENV}={override} says" if override else "this CPU has"
         return DtypeDecision(
             "bfloat16",
-            "bfloat16 requested explicitly; this CPU has no native BF16, so it may be much "
+            f"bfloat16 requested explicitly; {why} no native BF16, so it may be much "
             "slower than float32",
         )
     return DtypeDecision(requested, "requested explicitly")

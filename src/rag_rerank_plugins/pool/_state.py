@@ -92,7 +92,8 @@ class PoolState:
         self._slots: dict[ModelSpec, Slot] = {}
         self._keys: dict[ModelSpec, ModelSpec] = {}
         self._stats: dict[ModelSpec, SpecStats] = {}
-        self._reasons: dict[ModelSpec, str] = {}
+        self._reasons: dict[ModelSpec, str] = {}  # per key: the first spec's (stats())
+        self._spec_reasons: dict[ModelSpec, str] = {}  # per spec as given (spec_stats())
         self._fork_orphans: list[ModelHandle] = []
         # Loads (under a budget) and evictions hold _mem_lock, taken before any slot lock.
         # Re-entrant: a loader may load another spec (the bi-encoder's embedder).

@@ -114,6 +114,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             info = backend_info(spec.backend)  # unknown backend -> clear error before any work
             key, decision = resolve_spec(spec, uses_torch=info.uses_torch, cpu_bf16=info.cpu_bf16)
             self._reasons.setdefault(key, decision.reason)
+            self._spec_reasons[spec] = decision.reason
             self._keys[spec] = key
         return key
 
@@ -326,7 +327,11 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         """Counters for one spec (zeros if it was never loaded; asking records nothing)."""
         key = self.key(spec)
         stats = self._stats.get(key)
-        return self._stats_dict(key, stats if stats is not None else self._new_stats(key))
+        data = self._stats_dict(key, stats if stats is not None else self._new_stats(key))
+        # Specs sharing one model may have got its dtype for different reasons ("float16 on
+        # CPU: float32" and "requested explicitly"): say this spec's, not the first loader's.
+        data["dtype_reason"] = self._spec_reasons.get(spec, data["dtype_reason"])
+        return data
 
     def _stats_dict(self, key: ModelSpec, stats: SpecStats) -> dict[str, Any]:
         """``stats.as_dict()`` with ``loaded`` read from the slots, as :meth:`is_loaded` does: the
