@@ -96,7 +96,8 @@ def test_the_reason_names_the_variable_when_it_decided(
     monkeypatch.setenv("RAG_RERANK_CPU_BF16", value)
     reason = decide_dtype("auto", "cpu").reason
     assert f"RAG_RERANK_CPU_BF16={value}" in reason
-    assert "CPU without" not in reason and "CPU has" not in reason
+    assert "CPU without" not in reason
+    assert "CPU has" not in reason
 
 
 def test_cross_encoder_under_the_policy_scores_within_the_dtypes_bound(
