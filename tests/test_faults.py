@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,8 @@ from rag_rerank_plugins import (
     InvalidInputError,
     ModelLoadError,
     ModelPool,
+    ModelSpec,
+    OutOfMemoryError,
     RequestTimeoutError,
 )
 from rag_rerank_plugins.backends import RerankerModel, register_backend
@@ -256,6 +259,44 @@ def test_out_of_memory_splits_and_adapters_get_the_full_answer(pool: ModelPool) 
     assert [n.node.node_id for n in nodes] == [f"n{i}" for i in EXPECTED_ORDER]
     assert comp.stats()["oom_splits"] >= 2
     assert comp.stats()["errors"] == 0
+
+
+class FaultyThreadSafe(Faulty):
+    """Called directly (no queue): a user's thread-safe backend."""
+
+    thread_safe = True
+
+
+class PrepareOOM(Faulty):
+    """Runs out of memory while preparing (tokenizing, pinning) a batch over 1 item."""
+
+    def prepare(self, task: Any, items: Sequence[Any]) -> Any:
+        if len(items) > 1:
+            raise MemoryError("simulated OOM while pinning")
+        return super().prepare(task, items)
+
+
+@pytest.mark.parametrize("kind", [FaultyThreadSafe, PrepareOOM])
+def test_out_of_memory_splits_on_every_path(pool: ModelPool, kind: type[Faulty]) -> None:
+    """An out-of-memory error in a directly called (thread-safe) model, or in a pass's prepare
+    step, failed the whole call as an InferenceError; the forward's was split."""
+    model = kind(oom_above=1)
+    comp = _lc(pool, _backend(lambda s, p: model), top_n=None)
+    out = comp.compress_documents(_docs(), QUERY)
+    assert [d.id for d in out] == [f"d{i}" for i in EXPECTED_ORDER]
+    nodes = asyncio.run(
+        _li(pool, comp.backend, top_n=None).apostprocess_nodes(_nodes(), query_str=QUERY)
+    )
+    assert [n.node.node_id for n in nodes] == [f"n{i}" for i in EXPECTED_ORDER]
+    assert comp.stats()["errors"] == 0
+
+
+def test_a_direct_call_whose_single_item_does_not_fit_says_so(pool: ModelPool) -> None:
+    model = FaultyThreadSafe(oom_above=0)
+    spec = ModelSpec("m", backend=_backend(lambda s, p: model), device="cpu")
+    with pytest.raises(OutOfMemoryError, match="single item"):
+        pool.score_pairs(spec, [(QUERY, t) for t in TEXTS])
+    assert model.forwards <= 2 * len(TEXTS) - 1  # halves, down to one item: no loop
 
 
 def test_hung_forward_honours_the_callers_timeout(pool: ModelPool) -> None:

@@ -35,6 +35,7 @@ from ..backends.base import CallContext, EmbedderModel, LoadedModel, call_contex
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError, RagRerankError
 from ..stats import Metrics
+from .oom import run_direct
 from .request import Request, timeout_error
 from .scheduler import Scheduler
 from .validate import check_results
@@ -192,7 +193,9 @@ class DirectExecutor(Executor):
 
     def _call(self, request: Request) -> list[Any]:
         with self._inside(), call_context(CallContext(request.lane, request.deadline)):
-            results = self.model.run(request.task, request.items, request.batch_size)
+            results = run_direct(
+                self.model, request.task, request.items, request.batch_size, self.name
+            )
         return self._check(request, results)
 
     def _check(self, request: Request, results: Any) -> list[Any]:

@@ -5,6 +5,9 @@ holding its activations are released (the worker leaves the ``except`` block fir
 garbage and empties the device cache), then the batch is split in halves, down to one item, run
 one at a time. The budget shrinks to half the failed pass's padded tokens, so the next request
 does not hit the same wall. An item that does not fit alone fails with ``OutOfMemoryError``.
+
+A thread-safe model, called directly (no queue, no passes of ours: :func:`run_direct`), gets the
+same treatment on its items: freed first, then halves, down to one item.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..backends.base import LoadedModel, Prepared, Task
@@ -20,7 +24,7 @@ from ..stats import Metrics
 from .batching import Batch
 from .request import Entry
 
-__all__ = ["OutOfMemory", "recover_from_oom"]
+__all__ = ["OutOfMemory", "recover_from_oom", "run_direct"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +126,42 @@ def _run_alone(stages: Stages, entries: list[Entry]) -> bool:
         return False
     stages.deliver(batch, results)
     return False
+
+
+def run_direct(
+    model: LoadedModel, task: Task, items: Sequence[Any], batch_size: int, name: str
+) -> list[Any]:
+    """``model.run`` on ``items``; on out-of-memory the failed call is dropped, memory freed,
+    and the items run in halves (iteratively), as a scheduled pass is. An item that does not fit
+    alone raises ``OutOfMemoryError``. Before, such a call failed as a plain ``InferenceError``
+    where a scheduled model's was split."""
+    results: list[Any] = []
+    stack = [(0, len(items))]
+    while stack:
+        start, end = stack.pop()
+        try:
+            try:
+                results.extend(model.run(task, items[start:end], batch_size))
+                continue
+            except Exception as exc:
+                if not model.is_oom(exc):
+                    raise
+                raise OutOfMemory from None  # drop the failed call's traceback and frames
+        except OutOfMemory:
+            pass
+        gc.collect()
+        try:
+            model.free_cache()
+        except BaseException:
+            logger.warning(
+                "%s: free_cache() failed after running out of memory", name, exc_info=True
+            )
+        if end - start == 1:
+            raise OutOfMemoryError(
+                f"{name}: out of memory on a single item. Lower max_length, use a smaller dtype, "
+                "or move the model to a larger device."
+            )
+        logger.warning("%s: out of memory on %d items; splitting", name, end - start)
+        middle = (start + end) // 2
+        stack.extend([(middle, end), (start, middle)])  # first half runs first
+    return results

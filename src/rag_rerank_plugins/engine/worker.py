@@ -216,9 +216,9 @@ class Worker:
         """Prepare (if not done ahead) and launch one pass. False when it already ended (failed
         requests, or an out-of-memory pass that was split and run to completion)."""
         try:
-            prepared = self._prepared(batch)
-            start = time.perf_counter()
             try:
+                prepared = self._prepared(batch)  # tokenize, pin: may run out of memory too
+                start = time.perf_counter()
                 batch.pending = self.model().forward(batch.task, prepared)
                 batch.device_seconds += time.perf_counter() - start
             except Exception as exc:
@@ -259,14 +259,14 @@ class Worker:
     def _run_pass(self, batch: Batch, threads: int) -> list[Any] | None:
         """One whole pass on a parallel CPU device worker; None when it ran out of memory (the
         failed pass's exception and frames are gone when this returns)."""
-        prepared = self._prepared(batch)
         model = self.model()
         ident = threading.get_ident()
         if self._bound_threads.get(ident) != threads:
             model.bind_worker_thread(threads)
             self._bound_threads[ident] = threads
-        start = time.perf_counter()
         try:
+            prepared = self._prepared(batch)  # may run out of memory too
+            start = time.perf_counter()
             raw = model.finish(batch.task, model.forward(batch.task, prepared))
             # Validated here, on the device worker: a generator runs in this thread, not the
             # delivering one.
