@@ -296,6 +296,29 @@ def test_a_nested_dtype_of_none_means_not_given(key: str) -> None:
     )
 
 
+def test_an_old_argument_name_given_as_none_means_not_given() -> None:
+    """``token="x", use_auth_token=None`` (the old name left at its default, as wrappers pass
+    it) was refused as a contradiction; stock and sentence-transformers ignore the None."""
+    from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+
+    assert SharedEmbedding(model_name="m", token="x", use_auth_token=None).spec == (
+        SharedEmbedding(model_name="m", token="x").spec
+    )
+    both = {"processor_kwargs": {"model_max_length": 9}, "tokenizer_kwargs": None}
+    assert SharedCrossEncoder(model_name="m", model_kwargs=both).spec == (
+        SharedCrossEncoder(
+            model_name="m", model_kwargs={"processor_kwargs": both["processor_kwargs"]}
+        ).spec
+    )
+    rr = SharedRerankPostprocessor(
+        model="m", cross_encoder_kwargs={"cache_folder": "/x", "cache_dir": None}
+    )
+    assert (
+        rr.spec
+        == SharedRerankPostprocessor(model="m", cross_encoder_kwargs={"cache_folder": "/x"}).spec
+    )
+
+
 # -- side by side: FP32 scores and vectors equal the stock class's ---------------------------------
 
 

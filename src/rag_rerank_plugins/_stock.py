@@ -274,6 +274,8 @@ def hf_model_kwargs(data: dict[str, Any], kind: str, fields: Container[str]) -> 
         if old in kw and not (ours and old == "cache_dir"):
             # (Our ONNX / OpenVINO / flag / LLM backends take cache_dir as their own option.)
             value = kw.pop(old)
+            if value is None:  # not given, as sentence-transformers reads it
+                continue
             if kw.get(new) is not None and kw[new] != value:
                 raise ConfigurationError(
                     f"model_kwargs[{old!r}] (the old name of {new!r}) and model_kwargs[{new!r}] "
