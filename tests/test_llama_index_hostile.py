@@ -87,6 +87,24 @@ def test_pickling_leaves_the_adapter_itself_working(make: Any, pool: ModelPool) 
     restored.release()  # what the copy loaded in the default pool
 
 
+def test_an_unpicklable_model_option_is_refused_not_dropped_with_the_others(
+    pool: ModelPool,
+) -> None:
+    """One lambda in the options dropped the whole options field from the pickle: the copy
+    loaded the model without ``revision`` and the rest and scored differently (a log line was
+    the only sign). The options define the model: refused, naming the value."""
+    adapter = SharedRerankPostprocessor(
+        model="fake",
+        backend="fake-reranker",
+        pool=pool,
+        cross_encoder_kwargs={"activation_fn": lambda x: x * 100.0, "revision": "main"},
+    )
+    with pytest.raises(pickle.PicklingError, match=r"model_kwargs\['activation_fn'\]"):
+        pickle.dumps(adapter)
+    assert adapter.pool is pool  # the live adapter is untouched
+    assert adapter.spec.option("revision") == "main"
+
+
 @pytest.mark.parametrize("make", [_reranker, _embedding], ids=["postprocessor", "embedding"])
 def test_deep_copies_share_the_pool(make: Any, pool: ModelPool) -> None:
     """Old: ``copy.deepcopy(adapter)`` and ``model_copy(deep=True)`` with ``pool=`` raised

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -54,6 +55,22 @@ class SharedPoolState:
         private = dict(state.get("__pydantic_private__") or {})
         for kind, values in (("attribute", fields), ("private attribute", private)):
             for key in [k for k, v in values.items() if not _picklable(v)]:
+                if kind == "attribute" and isinstance(values[key], Mapping):
+                    _refuse_unpicklable_options(type(self).__name__, key, values[key])
                 logger.warning("Removing unpickleable %s %s", kind, key)
                 del values[key]
         return {**state, "__dict__": fields, "__pydantic_private__": private}
+
+
+def _refuse_unpicklable_options(owner: str, field: str, options: Mapping[str, Any]) -> None:
+    """An options field (``model_kwargs``, ``cross_encoder_kwargs``) holding one unpicklable
+    value was dropped whole, as LlamaIndex drops a callback manager: the copy then loaded the
+    model without the others (``revision``, ``trust_remote_code``) and scored differently, with
+    a log line as the only sign. These define the model: refused, naming the value."""
+    bad = [key for key, value in options.items() if not _picklable(value)]
+    names = ", ".join(f"{field}[{key!r}]" for key in bad) or field
+    raise pickle.PicklingError(
+        f"Cannot pickle {owner}: {names} cannot be pickled (a lambda or a local function?), and "
+        "dropping it would change the model the copy loads. Use a picklable value, such as "
+        "torch.nn.Sigmoid() or a module-level function."
+    )
