@@ -244,9 +244,32 @@ def test_cut_keeps_the_characters_of_the_tokens_asked(
     elif keep == 0:
         assert right == left == ""
     else:
-        assert right == text[offsets[0][0] : offsets[keep - 1][1]]
-        assert left == text[offsets[-keep][0] : offsets[-1][1]]
+        # The characters of the tokens asked, or fewer where that piece re-tokenizes longer
+        # (a cut inside a word): never more than keep tokens, which the model would cut again.
+        assert text[offsets[0][0] : offsets[keep - 1][1]].startswith(right)
+        assert text[offsets[-keep][0] : offsets[-1][1]].endswith(left)
+        for piece in (right, left):
+            assert len(ce_tokenizer(piece, add_special_tokens=False)["input_ids"]) <= keep
     assert tokens.lengths([text]) == [len(offsets)]
+
+
+def test_a_left_cut_inside_a_word_keeps_no_token_more_than_room(ce_tokenizer: Any) -> None:
+    """A left cut starting inside a word re-tokenized one token longer than the room, so the
+    model then dropped the text's last token: the end a left cut exists to keep."""
+    import random
+
+    rng = random.Random(0)
+    tokens = TextTokens(ce_tokenizer, 64)
+    for _ in range(60):
+        words = [
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyzéü") for _ in range(rng.randint(3, 14)))
+            for _ in range(60)
+        ]
+        text = " ".join(words)
+        for direction in ("left", "right"):
+            cut = tokens.cut([text], [40], direction)[0]
+            assert len(ce_tokenizer(cut, add_special_tokens=False)["input_ids"]) <= 40
+            assert text.endswith(cut) if direction == "left" else text.startswith(cut)
 
 
 @pytest.fixture(scope="module")

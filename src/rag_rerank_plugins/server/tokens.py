@@ -129,7 +129,16 @@ class TextTokens:
                 out.append(_Cut(text, n))
                 continue
             start, stop = (0, n_keep) if direction == "right" else (n - n_keep, n)
-            out.append(_Cut(self._slice(text, offsets, ids, start, stop), n_keep))
+            piece = self._slice(text, offsets, ids, start, stop)
+            # A cut inside a word can re-tokenize longer (a word's tail read as a word start):
+            # then the model would cut again, from the end, which a left cut exists to keep.
+            # So drop one more token from the cut side until the piece fits.
+            count = self._encode([piece])[0][0]
+            while start < stop and count > n_keep:
+                start, stop = (start, stop - 1) if direction == "right" else (start + 1, stop)
+                piece = self._slice(text, offsets, ids, start, stop)
+                count = self._encode([piece])[0][0]
+            out.append(_Cut(piece, count))
         return out
 
     def _slice(
