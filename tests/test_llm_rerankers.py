@@ -286,6 +286,14 @@ def test_layerwise_reranker_equals_compute_score(
     assert all(np.isfinite(ours))
 
 
+def test_a_model_that_is_not_layer_wise_is_named_so(pool: ModelPool, gemma_path: str) -> None:
+    """model_class='decoder-only-layerwise' on a plain model said "cutoff_layers=2 is outside
+    this model's scored layers [8, 2]", though no cutoff_layers was given."""
+    spec = flag_spec(gemma_path, model_class="decoder-only-layerwise")
+    with pytest.raises(ConfigurationError, match="not a layer-wise reranker"):
+        pool.get(spec)
+
+
 def test_layerwise_loader_gives_back_the_model_that_was_saved(layerwise: tuple[str, Any]) -> None:
     """The transformers-5 fixes change nothing the model computes (rotary tables included)."""
     import torch

@@ -183,6 +183,12 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
         config = self.model.config
         first, last = int(config.start_layer), int(config.num_hidden_layers)
         layer = last if cutoff_layer is None else cutoff_layer
+        if first > last:  # no layer-wise head: start_layer past the model's layers
+            raise ConfigurationError(
+                f"This model scores no layer (start_layer={first}, {last} layers): it is not a "
+                "layer-wise reranker. Drop model_class='decoder-only-layerwise', or load a "
+                "layer-wise model such as BAAI/bge-reranker-v2-minicpm-layerwise."
+            )
         if not first <= layer <= last:
             raise ConfigurationError(
                 f"cutoff_layers={layer} is outside this model's scored layers [{first}, {last}]."
