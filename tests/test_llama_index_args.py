@@ -141,6 +141,29 @@ def test_backend_options_only_when_set(pool: ModelPool) -> None:
         SharedEmbedding(model_name="m", cache_folder="/a", model_kwargs={"cache_folder": "/b"})
 
 
+@pytest.mark.parametrize("cls", ["SharedEmbedding", "SharedRerankPostprocessor"])
+@pytest.mark.parametrize(
+    ("field", "option"),
+    [
+        ({"trust_remote_code": True}, {"trust_remote_code": False}),
+        ({"trust_remote_code": False}, {"trust_remote_code": True}),
+        ({"cache_folder": "/a"}, {"cache_folder": "/b"}),
+    ],
+)
+def test_a_field_contradicting_model_kwargs_is_refused(cls: str, field: dict, option: dict) -> None:
+    """bad-input L05. Only the embedding's cache_folder was refused: True won over an explicit
+    model_kwargs False (remote code ran where it was turned off), and the postprocessor took
+    the field whatever model_kwargs said."""
+    import rag_rerank_plugins.llama_index as li
+
+    make = getattr(li, cls)
+    name = {"model_name": "m"} if cls == "SharedEmbedding" else {"model": "m"}
+    with pytest.raises(ValidationError, match="contradicts model_kwargs"):
+        make(**name, **field, model_kwargs=option)
+    agreeing = make(**name, **field, model_kwargs=dict(field))
+    assert agreeing.spec == make(**name, **field).spec
+
+
 def test_cache_folder_and_trust_remote_code_reach_sentence_transformers(
     pool: ModelPool, minilm_path: str, tmp_path, monkeypatch
 ) -> None:

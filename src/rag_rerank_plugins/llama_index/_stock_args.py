@@ -166,6 +166,40 @@ def _refuse_parallel(data: dict[str, Any]) -> None:
         raise ConfigurationError(refusal("HuggingFaceEmbedding", "parallel_process", devices))
 
 
+#: Fields that are also backend options: given in both places, they must agree (bad-input L05).
+_FIELD_OPTIONS = ("trust_remote_code", "cache_folder")
+
+
+def _fields_from_model_kwargs(data: dict[str, Any]) -> None:
+    """``trust_remote_code`` / ``cache_folder`` given in ``model_kwargs`` move to their fields
+    (one spelling, one pool key: ``model_kwargs={"trust_remote_code": False}`` is the default);
+    given in both places with different values, refused, never one picked. Checked on the
+    arguments as given, before they are translated: the translation moved the option out of
+    ``model_kwargs`` (or kept the field's), so ``True`` won silently and remote code ran where
+    the user had turned it off."""
+    options = data.get("model_kwargs")
+    if not isinstance(options, Mapping) or not any(key in options for key in _FIELD_OPTIONS):
+        return
+    options = dict(options)
+    for key in _FIELD_OPTIONS:
+        if key not in options:
+            continue
+        option = options.pop(key)
+        if option is None:  # not given
+            continue
+        if key in data:
+            field, given = data[key], option
+            if key == "cache_folder" and given is not None and field is not None:
+                field, given = os.fspath(field), os.fspath(given)
+            if field != given:
+                raise ConfigurationError(
+                    f"{key}={data[key]!r} contradicts model_kwargs[{key!r}]={option!r}; pass "
+                    "only one."
+                )
+        data[key] = option
+    data["model_kwargs"] = options
+
+
 def embedding_arguments(data: Any) -> Any:
     """HuggingFaceEmbedding's keyword arguments -> SharedEmbedding's fields (same meaning).
 
@@ -178,6 +212,7 @@ def embedding_arguments(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     data = dict(data)
+    _fields_from_model_kwargs(data)
     _deprecated(
         data,
         ("tokenizer_name", "pooling", "model", "tokenizer"),
@@ -293,6 +328,7 @@ def rerank_arguments(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     data = dict(data)
+    _fields_from_model_kwargs(data)
     if data.get("cache_folder") is not None:
         data["cache_folder"] = os.fspath(data["cache_folder"])
     if "cross_encoder_kwargs" not in data:
