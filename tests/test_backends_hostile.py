@@ -404,6 +404,34 @@ def test_windows_leave_room_for_the_cross_encoders_prompt(
     )
 
 
+@pytest.mark.parametrize("backend", ["cross-encoder", "onnx-cross-encoder"])
+def test_windows_leave_room_for_a_saved_default_prompt_on_every_backend(
+    pool: ModelPool, tiny_ce_path: str, tokenizer: Any, tmp_path: Path, backend: str
+) -> None:
+    """A default prompt saved with the model: onnx-cross-encoder prepends it to every query
+    but gave windows the whole input, so each (prompt + query, window) ran past the limit and
+    the model cut the window's end (on the last window: the passage's own end)."""
+    pytest.importorskip("onnxruntime")
+    prompt = "Judge whether the passage answers the question asked here: "
+    path = tmp_path / "prompted"
+    CrossEncoder(
+        tiny_ce_path, device="cpu", prompts={"web": prompt}, default_prompt_name="web"
+    ).save(str(path))
+    options = {"cache_dir": str(tmp_path / "onnx")} if backend.startswith("onnx") else {}
+    ce = spec(str(path), backend, max_length=64, options=options)
+    text = " ".join(["energy"] * 300)
+    plan = windower_for(pool.get(ce).model).plan(QUERY, [text], WindowSettings())
+    for q, window in plan.pairs:
+        assert len(tokenizer(prompt + q, window)["input_ids"]) <= 64
+    stock = CrossEncoder(str(path), device="cpu", max_length=64)
+    np.testing.assert_allclose(
+        pool.score_pairs(ce, plan.pairs),
+        stock.predict(plan.pairs, show_progress_bar=False),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
 @pytest.fixture(scope="module")
 def qwen_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     from rag_rerank_plugins.testing import build_causal_lm_reranker

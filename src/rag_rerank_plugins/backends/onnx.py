@@ -346,7 +346,11 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
                 )
             return None
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(self.path / "tokenizer.json"))
-        return tokenizer, self.max_tokens or 0
+        # The model's default prompt is prepended to every query (prepare): windows get what is
+        # left after it, as on cross-encoder, or each (prompt + query, window) input ran past
+        # the limit and lost the window's end (the passage's own end, on the last window).
+        prompt = len(tokenizer(self._prompt, add_special_tokens=False)["input_ids"])
+        return tokenizer, max((self.max_tokens or 0) - (prompt if self._prompt else 0), 0)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
         task = Task("score")
