@@ -608,10 +608,10 @@ def test_recorded_outputs_and_other_attention_keep_predicts_scores(
 def test_left_padding_tokenizers_get_transformers_results(
     tmp_path: Path, minilm_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A tokenizer that pads on the left: no prefix mask, so no packed rows or per-sequence cuts;
-    the masked kernels give transformers' own kernels' scores on the same passes. (Against
-    predict, a BERT's absolute positions move with the left padding of each batch, in predict
-    itself: its scores depend on the batch, by 2.9 on this model.)"""
+    """A tokenizer that pads on the left: the pass is right-aligned before the model
+    (``_torch_common.right_aligned``: a BERT's absolute positions would move with each row's
+    padding, as they do in predict itself, by 2.9 on this model), so the kernels see a prefix
+    mask and give transformers' own kernels' scores on the same passes."""
     path = _save_classifier(tmp_path / "left", "bert", minilm_path, seed=3)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
@@ -619,7 +619,6 @@ def test_left_padding_tokenizers_get_transformers_results(
     pairs = hostile_pairs()
     for kind in KINDS:
         monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
-        spy = PathSpy(monkeypatch)
         pool = ModelPool()
         try:
             want = pool.score_pairs(
@@ -629,7 +628,6 @@ def test_left_padding_tokenizers_get_transformers_results(
         finally:
             pool.clear()
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=kind)
-        assert spy.packed == spy.per_sequence == 0, kind
 
 
 # -- transformers' forward, on shapes no tokenizer makes -----------------------------------------

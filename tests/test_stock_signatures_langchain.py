@@ -495,6 +495,46 @@ def test_a_left_padding_tokenizer_gets_the_stock_results(
         pool.clear()
 
 
+def test_a_left_padding_tokenizer_gives_each_item_its_own_result_in_any_pass(
+    real_ce_path: str, minilm_path: str
+) -> None:
+    """Left padding moved a BERT's absolute positions by each row's padding, so an item's FP32
+    vector depended on what shared its pass (0.065 beside a long text): the torch backends
+    right-align a left-padded pass, so every item equals its own single-text stock result."""
+    left = {"device": "cpu", "processor_kwargs": {"padding_side": "left"}}
+    long_text = "energy " * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = HuggingFaceEmbeddings(model_name=minilm_path, model_kwargs=left)
+        stock_ce = HuggingFaceCrossEncoder(model_name=real_ce_path, model_kwargs=left)
+    pool = ModelPool()
+    try:
+        ours = SharedEmbeddings(model_name=minilm_path, model_kwargs=left, pool=pool)
+        ours_ce = SharedCrossEncoder(model_name=real_ce_path, model_kwargs=left, pool=pool)
+        mixed = ours.embed_documents([QUERY, long_text, *DOCS])
+        mixed_scores = ours_ce.score([(QUERY, long_text), *[(QUERY, d) for d in DOCS]])
+        for i, text in enumerate(DOCS):
+            np.testing.assert_allclose(mixed[i + 2], stock.embed_documents([text])[0], atol=1e-5)
+            alone = stock_ce.score([(QUERY, text)])[0]
+            np.testing.assert_allclose(mixed_scores[i + 1], alone, atol=1e-5)
+    finally:
+        pool.clear()
+
+
+def test_right_aligned_moves_left_padding_only() -> None:
+    from rag_rerank_plugins.backends._torch_common import right_aligned
+
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 4], [0, 3, 2, 1]])
+    mask = (ids != 0).long()
+    out = right_aligned({"input_ids": ids, "attention_mask": mask})
+    assert out["input_ids"].tolist() == [[5, 6, 0, 0], [7, 8, 9, 4], [3, 2, 1, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    right = {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+    assert right_aligned(right) is right  # already right-padded: untouched
+    holes = {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1]] * 3)}
+    assert right_aligned(holes) is holes  # not a left-padded mask: untouched
+
+
 def test_int8_precision_uses_the_calls_own_ranges(prompted_path: str) -> None:
     """int8 buckets come from the call's vectors (as encode); FP32 noise may move a value by one
     bucket, so equality is within one step. A single query cannot be int8 (both raise)."""

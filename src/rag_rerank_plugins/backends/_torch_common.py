@@ -48,6 +48,7 @@ __all__ = [
     "model_kwargs_for",
     "module_bytes",
     "pad_to_bucket",
+    "right_aligned",
     "padded_tokens",
     "pin_features",
     "position_table_limit",
@@ -427,6 +428,37 @@ def pad_to_bucket(
     return out
 
 
+def right_aligned(features: dict[str, Any]) -> dict[str, Any]:
+    """A left-padded batch (every mask row zeros, then ones) with each row's tokens moved to
+    its start and the padding to its end; any other batch unchanged.
+
+    Why: a tokenizer that pads on the left moved every real token's position by its row's
+    padding, so with absolute positions (BERT) an item's FP32 vector or score depended on what
+    shared its pass (0.065 on a vector, alone vs beside a long text or another caller's), which
+    the batch-composition bound (1e-5) rules out. Right-aligned, every row reads as it does
+    alone, which is what the stock classes give for one text. Pooling and sequence-
+    classification heads find the real tokens by the mask or the pad id, never by the side.
+    """
+    import torch
+
+    mask: Any = features.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return features
+    rows, width = (int(n) for n in mask.shape)
+    pads = width - mask.sum(dim=1)
+    if not bool(pads.any()):
+        return features
+    columns = torch.arange(width).unsqueeze(0)
+    if not torch.equal(mask.bool(), columns >= pads.unsqueeze(1)):
+        return features  # not left padding: leave it as it is
+    index = (columns + pads.unsqueeze(1)) % width
+    out = dict(features)
+    for key, value in features.items():
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == (rows, width):
+            out[key] = value.gather(1, index)
+    return out
+
+
 def prepared_batch(
     features: dict[str, Any],
     size: int,
@@ -437,10 +469,12 @@ def prepared_batch(
 ) -> Prepared:
     """A tokenised batch ready for ``device`` (pinned on CUDA), with its real token counts.
 
-    With a ``tokenizer`` (its pad ids and padding side) and ``max_tokens``, a CPU batch is
-    first padded to its bucket length (:func:`pad_to_bucket`), so ``padded_tokens`` counts the
-    bucket's columns."""
+    With a ``tokenizer`` (its pad ids and padding side) a left-padded batch is right-aligned
+    first (:func:`right_aligned`), and with ``max_tokens`` a CPU batch is padded to its bucket
+    length (:func:`pad_to_bucket`), so ``padded_tokens`` counts the bucket's columns."""
     if tokenizer is not None:
+        if getattr(tokenizer, "padding_side", "right") == "left":
+            features = right_aligned(features)
         features = pad_to_bucket(features, tokenizer, max_tokens, device)
     mask: Any = features.get("attention_mask")
     real = int(mask.sum()) if mask is not None and hasattr(mask, "sum") else None
