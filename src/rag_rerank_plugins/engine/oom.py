@@ -130,18 +130,22 @@ def _run_alone(stages: Stages, entries: list[Entry]) -> bool:
 
 def run_direct(
     model: LoadedModel, task: Task, items: Sequence[Any], batch_size: int, name: str
-) -> list[Any]:
-    """``model.run`` on ``items``; on out-of-memory the failed call is dropped, memory freed,
-    and the items run in halves (iteratively), as a scheduled pass is. An item that does not fit
-    alone raises ``OutOfMemoryError``. Before, such a call failed as a plain ``InferenceError``
-    where a scheduled model's was split."""
+) -> Any:
+    """``model.run`` on ``items`` (its result as it is, for the caller to validate); on
+    out-of-memory the failed call is dropped, memory freed, and the items run in halves
+    (iteratively), as a scheduled pass is. An item that does not fit alone raises
+    ``OutOfMemoryError``. Before, such a call failed as a plain ``InferenceError`` where a
+    scheduled model's was split."""
     results: list[Any] = []
     stack = [(0, len(items))]
     while stack:
         start, end = stack.pop()
         try:
             try:
-                results.extend(model.run(task, items[start:end], batch_size))
+                part = model.run(task, items[start:end], batch_size)
+                if start == 0 and end == len(items):
+                    return part  # the whole call: validated as it is (check_results)
+                results.extend(part)
                 continue
             except Exception as exc:
                 if not model.is_oom(exc):
