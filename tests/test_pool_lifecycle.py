@@ -167,6 +167,7 @@ async def test_release_on_an_event_loop_thread_does_not_wait_for_awaited_calls()
     await asyncio.sleep(0.05)
     started = time.monotonic()
     pool.release(spec)  # on the loop thread: must not wait for `call`
-    assert time.monotonic() - started < 1.0
+    # A hang is for ever; 3 s leaves room for release's garbage collection on a loaded CI host.
+    assert time.monotonic() - started < 3.0
     await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 5)
     pool.clear()

@@ -461,11 +461,18 @@ def trickle_server() -> Iterator[Callable[[bytes, float], str]]:
                 while b"\r\n\r\n" not in request:
                     request += conn.recv(65536) or b"\r\n\r\n"
                 if request.startswith(b"GET"):
-                    conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}")
+                    # "connection: close": this server answers one request per connection, and
+                    # a client reusing a kept-alive one raced its close (a flaky "Server
+                    # disconnected without sending a response" under load).
+                    conn.sendall(
+                        b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 2"
+                        b"\r\n\r\n{}"
+                    )
                     return
                 head = f"content-length: {len(body)}" if body else "transfer-encoding: chunked"
                 conn.sendall(
-                    f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{head}\r\n\r\n".encode()
+                    f"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/json"
+                    f"\r\n{head}\r\n\r\n".encode()
                 )
                 for i in range(10**6):
                     if stop.wait(pause) or (body and i >= len(body)):

@@ -244,8 +244,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         """
         handles = []
         for spec in specs:
-            # Each model is warmed up right after its own load, pinned: under a budget the next
-            # spec's load may evict it, and a warm-up must not run on an evicted handle.
+            # Warmed up right after its own load, pinned: the next load may evict it (a budget).
             handle = self._get(spec, pin=warmup and self._pins)
             if warmup:
                 try:
@@ -324,14 +323,12 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         return {stats.spec: self._stats_dict(key, stats) for key, stats in items}
 
     def spec_stats(self, spec: ModelSpec) -> dict[str, Any]:
-        """Counters for one spec (zeros if it was never loaded; asking records nothing)."""
+        """Counters for one spec (zeros if it was never loaded; asking records nothing), with
+        this spec's ``dtype_reason`` (specs sharing a model got its dtype for their own reasons)."""
         key = self.key(spec)
         stats = self._stats.get(key)
         data = self._stats_dict(key, stats if stats is not None else self._new_stats(key))
-        # Specs sharing one model may have got its dtype for different reasons ("float16 on
-        # CPU: float32" and "requested explicitly"): say this spec's, not the first loader's.
-        data["dtype_reason"] = self._spec_reasons.get(spec, data["dtype_reason"])
-        return data
+        return {**data, "dtype_reason": self._spec_reasons.get(spec, data["dtype_reason"])}
 
     def _stats_dict(self, key: ModelSpec, stats: SpecStats) -> dict[str, Any]:
         """``stats.as_dict()`` with ``loaded`` read from the slots, as :meth:`is_loaded` does: the
