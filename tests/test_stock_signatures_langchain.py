@@ -470,37 +470,16 @@ def test_embeddings_equal_the_stock_class(kwargs: dict[str, Any], prompted_path:
     )
 
 
-def test_a_left_padding_tokenizer_gets_the_stock_results(
+def test_a_left_padding_tokenizer_gets_the_stock_results_alone_and_in_any_pass(
     real_ce_path: str, minilm_path: str
 ) -> None:
-    """``processor_kwargs={"padding_side": "left"}`` on a BERT (absolute positions): our
+    """``processor_kwargs={"padding_side": "left"}`` on a BERT (absolute positions). Our
     length-bucket padding went on the left too and moved every token's position, so even one
-    text differed from stock (0.15 on a vector). Stock is exact for one text, so compare one
-    text at a time (several in a left-padded batch move in stock itself)."""
-    embedder = minilm_path
-    left = {"device": "cpu", "processor_kwargs": {"padding_side": "left"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stock = HuggingFaceEmbeddings(model_name=embedder, model_kwargs=left)
-        stock_ce = HuggingFaceCrossEncoder(model_name=real_ce_path, model_kwargs=left)
-    pool = ModelPool()
-    try:
-        ours = SharedEmbeddings(model_name=embedder, model_kwargs=left, pool=pool)
-        ours_ce = SharedCrossEncoder(model_name=real_ce_path, model_kwargs=left, pool=pool)
-        for text in [QUERY, *DOCS]:
-            np.testing.assert_allclose(ours.embed_query(text), stock.embed_query(text), atol=1e-5)
-            pair = [(QUERY, text)]
-            np.testing.assert_allclose(ours_ce.score(pair), stock_ce.score(pair), atol=1e-5)
-    finally:
-        pool.clear()
-
-
-def test_a_left_padding_tokenizer_gives_each_item_its_own_result_in_any_pass(
-    real_ce_path: str, minilm_path: str
-) -> None:
-    """Left padding moved a BERT's absolute positions by each row's padding, so an item's FP32
-    vector depended on what shared its pass (0.065 beside a long text): the torch backends
-    right-align a left-padded pass, so every item equals its own single-text stock result."""
+    text differed from stock (0.15 on a vector); and the tokenizer's own left padding moved
+    each row by its padding, so an item depended on what shared its pass (0.065 beside a long
+    text). The torch backends right-align a left-padded pass: every item equals its own
+    single-text stock result (stock is exact for one text; several in a left-padded batch move
+    in stock itself)."""
     left = {"device": "cpu", "processor_kwargs": {"padding_side": "left"}}
     long_text = "energy " * 100
     with warnings.catch_warnings():
@@ -511,7 +490,11 @@ def test_a_left_padding_tokenizer_gives_each_item_its_own_result_in_any_pass(
     try:
         ours = SharedEmbeddings(model_name=minilm_path, model_kwargs=left, pool=pool)
         ours_ce = SharedCrossEncoder(model_name=real_ce_path, model_kwargs=left, pool=pool)
-        mixed = ours.embed_documents([QUERY, long_text, *DOCS])
+        for text in [QUERY, *DOCS]:  # one text at a time
+            np.testing.assert_allclose(ours.embed_query(text), stock.embed_query(text), atol=1e-5)
+            pair = [(QUERY, text)]
+            np.testing.assert_allclose(ours_ce.score(pair), stock_ce.score(pair), atol=1e-5)
+        mixed = ours.embed_documents([QUERY, long_text, *DOCS])  # beside a long text
         mixed_scores = ours_ce.score([(QUERY, long_text), *[(QUERY, d) for d in DOCS]])
         for i, text in enumerate(DOCS):
             np.testing.assert_allclose(mixed[i + 2], stock.embed_documents([text])[0], atol=1e-5)
