@@ -164,6 +164,22 @@ def test_labelled_pairs_hybrid(minilm_spec: ModelSpec, minilm_pool: ModelPool) -
         ),
         ("Is Python faster than Java?", "Is Java faster than Python?", "codes"),
         ("How do I convert Celsius to Fahrenheit?", "Convert Celsius into Fahrenheit", None),
+        # numbers in text order: swapped, they ask something else (a multiset saw one question)
+        ("What happened on 05/06/2023?", "What happened on 06/05/2023?", "numbers"),
+        ("Is 2023-05-06 a holiday in Brazil?", "Is 2023-06-05 a holiday in Brazil?", "numbers"),
+        ("O que diz o Art. 72, § 5?", "O que diz o Art. 5, § 72?", "numbers"),
+        ("What is 7 minus 3?", "What is 3 minus 7?", "numbers"),
+        # a sign and a leading point are part of the number
+        ("Is a .5 mg dose of warfarin safe?", "Is a 5 mg dose of warfarin safe?", "numbers"),
+        ("Is a .5 mg dose safe?", "Is a 0.5 mg dose safe?", None),
+        ("Water at -10 degrees Celsius?", "Water at 10 degrees Celsius?", "numbers"),
+        ("Pages 10-20 of CVE-2021-44228", "pages 10-20 of CVE-2021-44228", None),
+        # English "Do" does not make "no" Portuguese
+        (
+            "Do children with no fever need antibiotics?",
+            "Do children with fever need antibiotics?",
+            "negation",
+        ),
     ],
 )
 def test_identity_tokens(a: str, b: str, reason: str | None) -> None:

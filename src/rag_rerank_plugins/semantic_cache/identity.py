@@ -6,8 +6,10 @@ smear exactly the tokens that carry identity (numbers, article and section numbe
 versions, names) and polarity (negations). This module extracts them in a language-neutral way so
 the ``hybrid`` guard can demand that they agree:
 
-* **numbers** (a multiset): digit groups normalised so that "1.000" (pt), "1,000" (en) and "1000"
-  agree and "05" equals "5" (dates), but "3.10" and "3.1" (versions) do not; spelled-out
+* **numbers** (in text order: "05/06" is not "06/05", "Art. 72, § 5" not "Art. 5, § 72"):
+  signed digit groups ("-10" is not "10", ".5" is "0.5"), normalised so that "1.000" (pt),
+  "1,000" (en) and "1000" agree and "05" equals "5" (dates), but "3.10" and "3.1" (versions)
+  do not; spelled-out
   numbers (one..twenty, hundred, dois..vinte), ordinals ("first" = "1st", "segunda" = 2),
   numbers written as one symbol ("½", "¼", "²"), month names (May 2023 = 05/2023 = maio de
   2023) and roman numerals after a legal/structural marker ("inciso IV" = "inciso 4").
@@ -38,7 +40,9 @@ __all__ = ["Identity", "disagreement", "extract", "fold", "nfc", "words"]
 
 _APOSTROPHES = "'\u2019\uff07"  # ', the typographic one and the full-width one
 _WORD = re.compile(rf"[\w§]+(?:[{_APOSTROPHES}]\w+)*", re.UNICODE)
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+#: A digit group; a sign or a leading decimal point counts where it starts the token ("-10",
+#: ".5"), not inside one ("10-20", "CVE-2021", "v.5").
+_NUMBER = re.compile(r"(?:(?<![\w.,])[-\u2212]?[.,]?(?=\d))?\d+(?:[.,]\d+)*")
 _THOUSANDS = re.compile(r"\d{1,3}(?:([.,])\d{3})+")
 _ORDINAL_OR_UNIT = re.compile(
     r"\d+(?:st|nd|rd|th|o|a|s|h|m|min|km|kg|g|mb|gb|tb|ms|x|k)?", re.IGNORECASE
@@ -137,8 +141,9 @@ _NEGATIONS = {
     "sin", "jamas", "ningun", "ninguna", "nadie", "tampoco",
     "ne", "pas", "sans", "aucun", "aucune", "nicht", "kein", "keine", "keinen", "niemals", "ohne",
 }  # fmt: skip
-#: Words that show a Portuguese query, where "no" means "in the", not "no".
-_PORTUGUESE = {"o", "os", "do", "dos", "da", "das", "na", "nas", "nos", "ao", "aos", "em",
+#: Words that show a Portuguese query, where "no" means "in the", not "no". Not "do" ("of the"):
+#: English questions start with it ("Do children with no fever need ...?" is negated).
+_PORTUGUESE = {"o", "os", "dos", "da", "das", "na", "nas", "nos", "ao", "aos", "em",
                "uma", "voce", "nao", "sao", "pelo", "pela", "qual", "quais"}  # fmt: skip
 
 
@@ -172,7 +177,12 @@ def words(text: str) -> list[str]:
 
 def normalize_number(raw: str) -> str:
     """ "1.000"/"1,000" -> "1000", "3,5" -> "3.5", "05" -> "5", "1.000,50" -> "1000.50"; version
-    strings ("3.11.2", "3.10") stay as written, so "3.10" and "3.1" differ."""
+    strings ("3.11.2", "3.10") stay as written, so "3.10" and "3.1" differ. A sign stays
+    ("-10" is not "10"), and a leading point is a zero (".5" = "0.5", not "5")."""
+    if raw[:1] in "-\u2212":
+        return "-" + normalize_number(raw[1:])
+    if raw[:1] in ".,":
+        raw = "0" + raw
     if "." in raw and "," in raw:
         decimal = "." if raw.rfind(".") > raw.rfind(",") else ","
         whole, _, frac = raw.rpartition(decimal)
@@ -213,7 +223,11 @@ def _code(token: str) -> str | None:
 def extract(text: str) -> Identity:
     """The :class:`Identity` of one query (of its NFC form: NFC and NFD text agree)."""
     text = nfc(text)
-    numbers: list[str] = [normalize_number(m) for m in _NUMBER.findall(text)]
+    # (position, value): numbers are compared in text order, so "05/06" is not "06/05" and
+    # "7 minus 3" not "3 minus 7" (as a multiset they were one question).
+    numbers: list[tuple[int, str]] = [
+        (m.start(), normalize_number(m.group())) for m in _NUMBER.finditer(text)
+    ]
     codes = [c for c in map(_code, text.split()) if c]
     raw = list(_WORD.finditer(text))
     folded = [_fold_word(match.group()) for match in raw]  # one per raw token, always
@@ -230,10 +244,10 @@ def extract(text: str) -> Identity:
         if word in _NEGATIONS or word.endswith("n't") or (word == "no" and not portuguese):
             negated = True
         if word in _NUMBER_WORDS:
-            numbers.append(_NUMBER_WORDS[word])
+            numbers.append((match.start(), _NUMBER_WORDS[word]))
             continue
         if word in _ORDINAL_WORDS:
-            numbers.append(_ORDINAL_WORDS[word])
+            numbers.append((match.start(), _ORDINAL_WORDS[word]))
             continue
         if word in _CONTRASTS:
             contrasts.add(_CONTRASTS[word])
@@ -242,14 +256,14 @@ def extract(text: str) -> Identity:
             or prev in _MONTH_CONTEXT
             or any(c.isdigit() for c in prev + nxt)
         ):
-            numbers.append(_MONTHS[word])
+            numbers.append((match.start(), _MONTHS[word]))
             continue
         if word in _RELATIVE_DAYS:
             codes.append(word)
             continue
         if MARKERS.get(prev) in {"item", "chap", "par", "sec", "art", "annex"}:
             if token.isupper() and _ROMAN.fullmatch(token):
-                numbers.append(str(_roman(token)))
+                numbers.append((match.start(), str(_roman(token))))
                 continue
             if len(token) == 1 and token.isalpha():
                 codes.append(f"letter:{word}")
@@ -270,7 +284,7 @@ def extract(text: str) -> Identity:
             named.append((i, word))
     numbers.extend(_number_symbols(text))
     return Identity(
-        numbers=tuple(sorted(numbers)),
+        numbers=tuple(value for _, value in sorted(numbers)),
         codes=tuple(sorted(codes)),
         entities=frozenset(entities),
         negated=negated,
@@ -279,18 +293,18 @@ def extract(text: str) -> Identity:
     )
 
 
-def _number_symbols(text: str) -> list[str]:
+def _number_symbols(text: str) -> list[tuple[int, str]]:
     r"""Numbers written as one symbol ``\d`` does not match: vulgar fractions ("½", "¼"),
     superscripts and circled digits ("²", "①"), as their value ("0.5", "2"). "½ cup" and
     "¼ cup" are different questions."""
     if text.isascii():
         return []
     found = []
-    for char in text:
+    for i, char in enumerate(text):
         if unicodedata.category(char) == "No":
             value = unicodedata.numeric(char, None)
             if value is not None:
-                found.append(f"{value:g}")
+                found.append((i, f"{value:g}"))
     return found
 
 
