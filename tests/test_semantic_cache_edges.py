@@ -308,19 +308,74 @@ def test_llama_index_default_namespace_separates_tenant_filters() -> None:
     assert SemanticCacheQueryEngine(only_b, cache).namespace not in (plain.namespace, b.namespace)
 
 
+def test_llama_index_default_namespace_separates_vector_store_kwargs() -> None:
+    """Chroma's ``where``, Qdrant's ``qdrant_filters`` and Pinecone's ``filter`` reach the store
+    through ``vector_store_kwargs``: two tenants filtered that way shared one namespace, so
+    tenant B got tenant A's answer and sources from the cache."""
+    pytest.importorskip("llama_index.core")
+    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.schema import TextNode
+    from llama_index.core.vector_stores import SimpleVectorStore
+
+    from rag_rerank_plugins.llama_index import SemanticCacheQueryEngine
+
+    class WhereStore(SimpleVectorStore):
+        """Honours a store-specific ``where`` argument, as Chroma does."""
+
+        def query(self, query: Any, **kwargs: Any) -> Any:
+            result = super().query(query)
+            where = kwargs.get("where") or {}
+            meta = self._data.metadata_dict
+            keep = [
+                i
+                for i, node_id in enumerate(result.ids)
+                if not where or meta.get(node_id, {}).get("tenant") == where["tenant"]
+            ]
+            result.ids = [result.ids[i] for i in keep]
+            result.similarities = [result.similarities[i] for i in keep]
+            return result
+
+    nodes = [
+        TextNode(text="Tenant A: salary 100.", id_="a", metadata={"tenant": "A"}),
+        TextNode(text="Tenant B: salary 200.", id_="b", metadata={"tenant": "B"}),
+    ]
+    storage = StorageContext.from_defaults(vector_store=WhereStore(stores_text=False))
+    index = VectorStoreIndex(nodes, embed_model=MockEmbedding(embed_dim=8), storage_context=storage)
+    cache = fake_cache()
+
+    def engine(tenant: str, **kwargs: Any) -> SemanticCacheQueryEngine:
+        inner = index.as_query_engine(
+            llm=MockLLM(max_tokens=4), vector_store_kwargs={"where": {"tenant": tenant}}, **kwargs
+        )
+        return SemanticCacheQueryEngine(inner, cache)
+
+    a, b = engine("A", similarity_top_k=2), engine("B", similarity_top_k=2)
+    assert {n.node.node_id for n in a.query("What is the salary?").source_nodes} == {"a"}
+    answer_b = b.query("What is the salary?")
+    assert {n.node.node_id for n in answer_b.source_nodes} == {"b"}
+    assert not answer_b.metadata.get("semantic_cache", {}).get("hit")
+    assert a.namespace == engine("A").namespace != b.namespace
+    plain = index.as_query_engine(llm=MockLLM(max_tokens=4), vector_store_kwargs={})
+    assert SemanticCacheQueryEngine(plain, cache).namespace.count(":") == 2  # no restriction
+
+
 # -- server ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def broken_store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """A server whose cache store cannot be opened (its directory does not exist)."""
+    """A server whose cache store cannot be opened (its path is a folder: a missing folder is
+    refused at start-up)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
     from rag_rerank_plugins.server import ServerConfig, create_app
     from rag_rerank_plugins.server.testing import ServerThread, wait_until_healthy
 
-    missing: Path = tmp_path_factory.mktemp("semcache") / "missing-dir" / "cache.db"
+    missing: Path = tmp_path_factory.mktemp("semcache") / "a-folder.db"
+    missing.mkdir()
     spec = {"name": "fe", "model": "e", "backend": "fake-embedder", "device": "cpu"}
     config = ServerConfig(
         specs=[spec], semantic_cache=f"sqlite:///{missing}", semantic_cache_embedder="fe"
@@ -389,3 +444,70 @@ def test_invalidate_subspaces_takes_only_what_is_under_the_namespace(
     left = {name for name in names if cache.lookup("What is a cat?", namespace=name)}
     assert left == {"m_1x", "mX1:ctx", "m%1:ctx", "other"}
     assert cache.invalidate("other") == 1
+
+
+# -- races, paths, lengths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_lookup_racing_a_refresh_of_its_question_still_hits(
+    kind: str, mode: str, tmp_path: Path
+) -> None:
+    """A put replacing a question's answer deletes the old entry: a lookup that found the old id
+    just before must look again and find the new one (22 % of lookups racing refreshes of an
+    always-cached question missed)."""
+    import asyncio
+    import threading
+
+    from rag_rerank_plugins.semantic_cache import SQLiteStore
+
+    question = "What is the capital of France?"
+    refreshes: list[int] = []
+    base: type = MemoryStore if kind == "memory" else SQLiteStore
+
+    class Racing(base):  # type: ignore[misc, valid-type]
+        def get(self, keys: Any) -> Any:
+            if len(refreshes) < 2:  # another thread refreshes the answer in between, twice
+                refreshes.append(1)
+                writer = threading.Thread(target=cache.put, args=(question, len(refreshes)))
+                writer.start()
+                writer.join()
+            return super().get(keys)
+
+    store = Racing() if kind == "memory" else Racing(str(tmp_path / "c.db"))
+    cache = fake_cache(store=store)
+    cache.put(question, 0)
+    hit = cache.lookup(question) if mode == "sync" else asyncio.run(cache.alookup(question))
+    assert refreshes == [1, 1]
+    assert hit is not None
+    assert hit.value == 2
+    assert (cache.stats()["misses"], cache.stats()["entries"]) == (0, 1)
+
+
+def test_a_sqlite_store_in_a_missing_folder_is_refused_at_construction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sqlite:///var/...`` is relative (SQLAlchemy's convention): from another working
+    directory its folder does not exist, and the cache then stored nothing, a warning per call.
+    Refused when built, naming the absolute path and the four-slash form; ``~`` is expanded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    with pytest.raises(ConfigurationError, match="four") as info:
+        fake_cache(store="sqlite:///var/cache/rag/semantic.db")
+    assert str(tmp_path / "var" / "cache" / "rag") in str(info.value)
+    absolute = tmp_path / "abs"
+    absolute.mkdir()
+    cache = fake_cache(store=f"sqlite:///{absolute}/c.db")  # four slashes: absolute
+    assert cache.put("q", 1) is True
+    assert (absolute / "c.db").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = fake_cache(store="sqlite:///~/c.db")
+    assert home.put("q", 1) is True
+    assert (tmp_path / "home" / "c.db").exists()
+    pytest.importorskip("fastapi")
+    from rag_rerank_plugins.server import ServerConfig
+
+    spec = {"name": "fe", "model": "e", "backend": "fake-embedder", "device": "cpu"}
+    with pytest.raises(ValueError, match="does not exist"):
+        ServerConfig(specs=[spec], semantic_cache="sqlite:///nowhere/c.db")

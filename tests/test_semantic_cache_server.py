@@ -113,6 +113,22 @@ async def test_async_client(remote: RemoteSemanticCache) -> None:
     assert await remote.alookup("What is the capital of France?") is None
 
 
+def test_a_rag_prompt_over_32k_characters_is_cached_as_in_process(
+    remote: RemoteSemanticCache,
+) -> None:
+    """A RAG prompt carries its context: 41k characters is ordinary. The server refused any query
+    over 32,768 characters (422), so through it such prompts were never cached, an error logged
+    per call, while the in-process cache took them (exact match past the guard's word limit)."""
+    prompt = "Answer from the context.\n" + "The refund window is 30 days. " * 1360 + "Q: refund?"
+    assert len(prompt) > 40_000
+    assert remote.put(prompt, {"answer": "30 days"}, namespace="rag") is True
+    hit = remote.lookup(prompt, namespace="rag")
+    assert hit is not None
+    assert hit.value == {"answer": "30 days"}
+    assert remote.lookup(prompt.replace("30 days", "31 days", 1), namespace="rag") is None
+    assert remote.stats()["errors"] == 0
+
+
 def test_same_answer_as_the_in_process_cache(
     remote: RemoteSemanticCache, cache_server: SimpleNamespace, pool: ModelPool
 ) -> None:

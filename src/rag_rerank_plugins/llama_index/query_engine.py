@@ -47,8 +47,10 @@ def _jsonable(value: Any) -> Any:
 
 
 #: Retriever attributes that restrict what it may retrieve (LlamaIndex's ``VectorIndexRetriever``):
-#: metadata filters (a tenant, a user), node ids and document ids.
-_SCOPE_ATTRS = ("_filters", "_node_ids", "_doc_ids")
+#: metadata filters (a tenant, a user), node ids, document ids, and the vector store's own
+#: query arguments (``vector_store_kwargs``: Chroma's ``where``, Qdrant's ``qdrant_filters``,
+#: Pinecone's ``filter`` restrict a tenant there).
+_SCOPE_ATTRS = ("_filters", "_node_ids", "_doc_ids", "_kwargs")
 
 
 def _scope_digest(retriever: Any, index: Any) -> str | None:
@@ -60,10 +62,12 @@ def _scope_digest(retriever: Any, index: Any) -> str | None:
     scope: dict[str, Any] = {}
     for attr in _SCOPE_ATTRS:
         value = getattr(retriever, attr, None)
-        if value is None or (isinstance(value, list | tuple) and not value):
+        if value is None or (isinstance(value, list | tuple | dict) and not value):
             continue
         if hasattr(value, "model_dump"):  # MetadataFilters (pydantic)
             value = value.model_dump(mode="json")
+        elif isinstance(value, dict):  # vector_store_kwargs: store filter objects as their text
+            value = {str(k): _plain(v) for k, v in value.items()}
         elif isinstance(value, list | tuple):
             value = sorted(map(str, value))
             if (
@@ -79,13 +83,30 @@ def _scope_digest(retriever: Any, index: Any) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-able data for the scope digest: pydantic models (a Qdrant ``Filter``)
+    by their fields, containers item by item, anything else by its ``repr``."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):  # iteration order varies between processes
+        return sorted((_plain(v) for v in value), key=repr)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
+
+
 def default_namespace(query_engine: BaseQueryEngine) -> str:
     """``llama_index:<engine class>:<index id>`` when the engine's index can be found (a
     ``RetrieverQueryEngine`` over an index retriever); else a :class:`ConfigurationError`.
 
     When the retriever is restricted (metadata filters such as a tenant, node ids, document
-    ids), a digest of the restriction follows: ``...:<index id>:<digest>``, so two engines on
-    one index filtered to two tenants never share answers. Without one the namespace is as it
+    ids, ``vector_store_kwargs`` such as Chroma's ``where``), a digest of the restriction
+    follows: ``...:<index id>:<digest>``, so two engines on one index filtered to two tenants
+    never share answers. Without one the namespace is as it
     always was (entries stored by earlier versions keep hitting)."""
     retriever = getattr(query_engine, "retriever", None) or getattr(
         query_engine, "_retriever", None

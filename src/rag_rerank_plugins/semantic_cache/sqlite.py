@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ..exceptions import ConfigurationError
 from .stores import Cursor, Entry, Store
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "check_folder"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries(
@@ -49,6 +50,29 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+def check_folder(path: str) -> str:
+    """``path`` with ``~`` expanded, once its folder is known to exist; else a
+    :class:`ConfigurationError` naming the absolute path.
+
+    Why at construction: a missing folder is no transient failure (a locked or corrupt file
+    may mend; this never does), and every put and lookup would then fail with only a warning,
+    the cache silently off. The usual cause is the URL form: in ``sqlite:///var/cache/x.db``
+    the path after the third slash is relative to the working directory (SQLAlchemy's
+    convention); an absolute path takes four slashes."""
+    if path == ":memory:":
+        return path
+    path = os.path.expanduser(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigurationError(
+            f"The semantic cache's SQLite file {path!r} would be in {folder!r}, a folder that "
+            "does not exist. Create the folder first. In a 'sqlite:///' URL the path after the "
+            "third slash is relative to the working directory; an absolute path takes four "
+            "slashes: 'sqlite:////var/cache/rag/semantic.db'."
+        )
+    return path
+
+
 def _row(row: tuple) -> Entry:
     key, model, namespace, query, vector, payload, is_bytes, created = row
     return Entry(
@@ -69,7 +93,8 @@ class SQLiteStore(Store):
     ``timeout``: seconds to wait for a lock held by another process before the operation fails
     (a failed lookup is a miss, a failed put is skipped; both are counted). ``synchronous``:
     "NORMAL" (survives a killed process) or "FULL" (also survives a power cut, slower puts).
-    The file is opened on first use, so a locked or corrupt file never fails construction.
+    The file is opened on first use, so a locked or corrupt file never fails construction; a
+    folder that does not exist does (:func:`check_folder`). ``~`` is expanded.
     A put of a stored question replaces it in its own transaction, whichever process stored it.
     """
 
@@ -77,7 +102,7 @@ class SQLiteStore(Store):
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 2.0,
                  synchronous: str = "NORMAL") -> None:  # fmt: skip
-        self.path = os.fspath(path)
+        self.path = check_folder(os.fspath(path))
         self.timeout = timeout
         self.synchronous = synchronous
         self._lock = threading.RLock()

@@ -38,9 +38,6 @@ __all__ = ["PREFIX", "PROTOCOL", "protocol_for"]
 
 PREFIX = "/v1/semantic-cache"
 
-#: The longest query text accepted (characters); longer is 422, not a silent truncation.
-MAX_QUERY_CHARS = 32_768
-
 
 class _Request(BaseModel):
     """Request bodies are strict like every other endpoint's: an unknown field is a 400, and a
@@ -55,7 +52,9 @@ class _Request(BaseModel):
 
 
 class LookupRequest(_Request):
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    # No length cap beyond --max-request-bytes: a RAG prompt (context included) is a query too,
+    # and an in-process cache takes it (exact-match past the guard's word limit).
+    query: str = Field(min_length=1)
     namespace: str = Field(default="default", min_length=1, max_length=512)
 
 
@@ -71,7 +70,9 @@ class LookupResponse(BaseModel):
 
 
 class PutRequest(_Request):
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    # No length cap beyond --max-request-bytes: a RAG prompt (context included) is a query too,
+    # and an in-process cache takes it (exact-match past the guard's word limit).
+    query: str = Field(min_length=1)
     value: Any
     namespace: str = Field(default="default", min_length=1, max_length=512)
 
