@@ -218,6 +218,44 @@ def test_b10_lone_surrogates_are_replaced_before_the_tokenizer(pool: ModelPool, 
     assert pool.spec_stats(ce_spec)["errors"] == 0
 
 
+def test_b10_lone_surrogates_with_windows_and_in_an_embedding_prompt(
+    pool: ModelPool, ce_spec, emb_spec
+) -> None:
+    """The window planner tokenized the texts before the handle cleaned them: with
+    ``window_tokens`` on, one surrogate (document or query) failed the whole call with the
+    tokenizer's TypeError, or under passthrough returned every document unscored. An embedding
+    ``prompt`` was never cleaned: InferenceError on local backends, counted as a model error."""
+    docs = _docs(["bad \ud800 text " * 20, "good text"])
+    for window_tokens in ("auto", 16):
+        comp = SharedRerankCompressor(
+            model=ce_spec.model,
+            device="cpu",
+            dtype="float32",
+            pool=pool,
+            top_n=None,
+            window_tokens=window_tokens,
+            on_error="passthrough",
+        )
+        out = comp.compress_documents(docs, "query \udfff")
+        assert all("rerank_error" not in d.metadata for d in out)
+        assert {d.page_content for d in out} == {d.page_content for d in docs}  # untouched
+        clean = comp.compress_documents(
+            _docs(["bad \ufffd text " * 20, "good text"]), "query \ufffd"
+        )
+        assert [d.metadata["relevance_score"] for d in out] == pytest.approx(
+            [d.metadata["relevance_score"] for d in clean], abs=1e-6
+        )
+        nodes = asyncio.run(
+            SharedRerankPostprocessor(
+                model=ce_spec.model, device="cpu", pool=pool, window_tokens=window_tokens
+            ).apostprocess_nodes(_nodes(["\ud83d alone " * 30, "fine"]), query_str=QUERY)
+        )
+        assert len(nodes) == 2
+    vector = pool.embed(emb_spec, ["hello"], prompt="query: \ud800 ")[0]
+    assert vector == pytest.approx(pool.embed(emb_spec, ["hello"], prompt="query: \ufffd ")[0])
+    assert pool.spec_stats(ce_spec)["errors"] == pool.spec_stats(emb_spec)["errors"] == 0
+
+
 def test_b11_emoji_cjk_rtl_text(pool: ModelPool, ce_spec) -> None:
     texts = ["🍎 red apple 🍏", "红苹果很好吃", "تفاحة حمراء", "תפוח אדום", "\u202eelppa\u202c"]
     comp = SharedRerankCompressor(model=ce_spec.model, device="cpu", pool=pool, top_n=None)

@@ -174,6 +174,11 @@ def test_labelled_pairs_hybrid(minilm_spec: ModelSpec, minilm_pool: ModelPool) -
         ("Is a .5 mg dose safe?", "Is a 0.5 mg dose safe?", None),
         ("Water at -10 degrees Celsius?", "Water at 10 degrees Celsius?", "numbers"),
         ("Pages 10-20 of CVE-2021-44228", "pages 10-20 of CVE-2021-44228", None),
+        # symbols: an embedder reads them as one unknown token, BM25 drops them
+        ("How much does 🍕 cost?", "How much does 🍔 cost?", "codes"),
+        ("What is 🇫🇷's capital?", "What is 🇩🇪's capital?", "codes"),
+        ("price of item Ⅻ", "price of item Ⅸ", "numbers"),
+        ("price of item Ⅻ", "price of item 12", None),
         # English "Do" does not make "no" Portuguese
         (
             "Do children with no fever need antibiotics?",

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from .backends.base import LoadedModel, RerankerModel
 from .exceptions import ConfigurationError, InvalidInputError
+from .inputs import clean_text
 
 __all__ = [
     "AGGREGATES",
@@ -309,6 +310,11 @@ class Windower:
                     f"text #{i} is {type(text).__name__}, not str. Convert it to text first "
                     "(rag-rerank-plugins never guesses how to stringify a document)."
                 )
+        # Lone surrogates become U+FFFD here, as the handle does for every scored text (one code
+        # unit for one: offsets and slices still index the caller's text); the fast tokenizer
+        # raised TypeError on them, failing the whole call.
+        query = clean_text(query) if isinstance(query, str) else query
+        texts = [clean_text(text) for text in texts]
         tokenized = self._tokenize([query, *texts])
         q_ids, q_offsets = tokenized[0]
         q_len = whole_len = len(q_ids)

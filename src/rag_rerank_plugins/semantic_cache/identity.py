@@ -9,14 +9,15 @@ the ``hybrid`` guard can demand that they agree:
 * **numbers** (in text order: "05/06" is not "06/05", "Art. 72, § 5" not "Art. 5, § 72"):
   signed digit groups ("-10" is not "10", ".5" is "0.5"), normalised so that "1.000" (pt),
   "1,000" (en) and "1000" agree and "05" equals "5" (dates), but "3.10" and "3.1" (versions)
-  do not; spelled-out
-  numbers (one..twenty, hundred, dois..vinte), ordinals ("first" = "1st", "segunda" = 2),
-  numbers written as one symbol ("½", "¼", "²"), month names (May 2023 = 05/2023 = maio de
-  2023) and roman numerals after a legal/structural marker ("inciso IV" = "inciso 4").
+  do not; spelled-out numbers (one..twenty, hundred, dois..vinte), ordinals ("first" = "1st",
+  "segunda" = 2), numbers written as one symbol ("½", "¼", "²", "Ⅻ"), month names (May 2023 =
+  05/2023 = maio de 2023) and roman numerals after a legal/structural marker ("inciso IV" =
+  "inciso 4").
 * **codes** (a multiset): tokens mixing letters and digits ("E11000", "CVE-2021-44228", "72-A"),
-  letters after markers ("alínea b", "Annex A"), relative days ("today", "amanhã"), and the
-  order of two names with a direction between them ("Celsius to Fahrenheit", "Python faster
-  than Java": swapped, they ask the opposite).
+  letters after markers ("alínea b", "Annex A"), relative days ("today", "amanhã"), symbols
+  ("🍕", "🇫🇷": an embedder reads them as one unknown token), and the order of two names with
+  a direction between them ("Celsius to Fahrenheit", "Python faster than Java": swapped, they
+  ask the opposite).
 * **contrasts**: words whose opposite asks the opposite question ("minimum" / "maximum",
   "before" / "after", "increase" / "decrease", "antes" / "depois"); two queries naming opposite
   sides disagree, one naming a side and the other none does not ("enable" / "turn on").
@@ -283,6 +284,7 @@ def extract(text: str) -> Identity:
                 codes.append(f"order:{named[-1][1]}>{word}")
             named.append((i, word))
     numbers.extend(_number_symbols(text))
+    codes.extend(_other_symbols(text))
     return Identity(
         numbers=tuple(value for _, value in sorted(numbers)),
         codes=tuple(sorted(codes)),
@@ -301,11 +303,20 @@ def _number_symbols(text: str) -> list[tuple[int, str]]:
         return []
     found = []
     for i, char in enumerate(text):
-        if unicodedata.category(char) == "No":
+        if unicodedata.category(char) in ("No", "Nl"):  # "Nl": letter-like, "Ⅻ" (12)
             value = unicodedata.numeric(char, None)
             if value is not None:
                 found.append((i, f"{value:g}"))
     return found
+
+
+def _other_symbols(text: str) -> list[str]:
+    """Symbols (Unicode category "So": emoji, flags as regional-indicator pairs, "©", "°"), each
+    as a code. An embedder reads most of them as one unknown token and the lexical score drops
+    them, so "How much does 🍕 cost?" and "... 🍔 ..." were one question at score 1.0."""
+    if text.isascii():
+        return []
+    return [f"symbol:{char}" for char in text if unicodedata.category(char) == "So"]
 
 
 def _roman(token: str) -> int:
