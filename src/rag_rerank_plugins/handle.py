@@ -250,8 +250,7 @@ class ModelHandle:
         if texts:
             self._require_kind("embedder")
         check_batch_size(batch_size)
-        if prompt is not None:  # cleaned like the texts: it is tokenized with each of them
-            prompt = clean_text(prompt)
+        prompt = None if prompt is None else clean_text(prompt)  # tokenized with every text
         return texts, Task("embed", is_query=is_query, normalize=normalize, prompt=prompt)
 
     def _cached_query(self, texts: list[str], task: Task) -> list[list[float]] | None:
