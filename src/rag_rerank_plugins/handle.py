@@ -246,11 +246,10 @@ class ModelHandle:
         normalize: bool,
         prompt: str | None,
     ) -> tuple[list[str], Task]:
-        texts = check_texts(texts, prompt)
-        if texts:
+        if texts := check_texts(texts, prompt):
             self._require_kind("embedder")
         check_batch_size(batch_size)
-        prompt = None if prompt is None else clean_text(prompt)  # tokenized with every text
+        prompt = prompt and clean_text(prompt)  # a prompt is tokenized with every text
         return texts, Task("embed", is_query=is_query, normalize=normalize, prompt=prompt)
 
     def _cached_query(self, texts: list[str], task: Task) -> list[list[float]] | None:
