@@ -130,7 +130,7 @@ class ModelHandle:
         start = time.perf_counter()
         try:
             yield
-        except (asyncio.CancelledError, KeyboardInterrupt):
+        except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
             self._metrics.bump("cancelled")
             raise
         except BaseException:
@@ -238,19 +238,14 @@ class ModelHandle:
 
     # -- embedding ----------------------------------------------------------------------------
 
-    def _embed_task(
-        self,
-        texts: Sequence[str],
-        batch_size: int,
-        is_query: bool,
-        normalize: bool,
-        prompt: str | None,
-    ) -> tuple[list[str], Task]:
-        if texts := check_texts(texts, prompt):
+    def _embed_task(self, texts: Sequence[str], batch_size: int, is_query: bool,
+                    normalize: bool, prompt: str | None) -> tuple[list[str], Task]:  # fmt: skip
+        checked = check_texts(texts, prompt)
+        if checked:
             self._require_kind("embedder")
         check_batch_size(batch_size)
         prompt = prompt and clean_text(prompt)  # a prompt is tokenized with every text
-        return texts, Task("embed", is_query=is_query, normalize=normalize, prompt=prompt)
+        return checked, Task("embed", is_query=is_query, normalize=normalize, prompt=prompt)
 
     def _cached_query(self, texts: list[str], task: Task) -> list[list[float]] | None:
         if not (task.is_query and len(texts) == 1 and self._query_cache.enabled):

@@ -51,7 +51,11 @@ def map_error(exc: BaseException, name: str, *, interruption: bool = True) -> Ba
     thread or in an awaited call: there they interrupt nobody, a fake Ctrl-C would reach the
     caller, and SystemExit or KeyboardInterrupt escaping a task stops its whole event loop; the
     worker wraps them the same way."""
-    passing = (KeyboardInterrupt, SystemExit, asyncio.CancelledError) if interruption else ()
+    passing = (
+        (KeyboardInterrupt, SystemExit, asyncio.CancelledError, GeneratorExit)
+        if interruption
+        else ()
+    )
     if isinstance(exc, (RagRerankError, *passing)):
         return exc
     error = InferenceError(f"{name} failed: {type(exc).__name__}: {exc}")
@@ -89,7 +93,7 @@ class Executor(ABC):
         except asyncio.TimeoutError:
             request.withdraw()
             raise timeout_error(self.name, request.timeout) from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # a cancelled task, a closed coroutine
             request.withdraw()
             raise
         except BaseException as exc:
@@ -210,6 +214,15 @@ class DirectExecutor(Executor):
             except BaseException as exc:
                 request.fail(map_error(exc, self.name))
             return request.future
+        return self._threaded(request)
+
+    def _threaded(self, request: Request) -> Future[list[Any]]:
+        """The call in a daemon thread of its own, settling ``request``: its caller can stop
+        waiting on time. Not the event loop's default executor: a stuck call held one of its
+        few threads past its caller's timeout, so other models' async calls (and the exit of
+        ``asyncio.run``) queued behind it. Whatever the backend raises settles the request as
+        an InferenceError: a raw StopIteration cannot be set into an asyncio future (the
+        caller waited forever), and its own TimeoutError is not the caller's deadline."""
         context = contextvars.copy_context()
         request.start()
 
@@ -223,15 +236,19 @@ class DirectExecutor(Executor):
         return request.future
 
     async def _astart(self, request: Request) -> list[Any]:
+        if type(self.model).arun is LoadedModel.arun:
+            # The default arun is ``run`` in a thread, which a cancelled or timed-out caller
+            # leaves running: the whole call, count included, runs in that thread.
+            return await asyncio.wrap_future(self._threaded(request))
         try:
-            if type(self.model).arun is LoadedModel.arun:
-                # The default arun is ``run`` in a thread, which a cancelled or timed-out caller
-                # leaves running: the whole call, count included, runs in that thread.
-                return await asyncio.to_thread(self._call, request)
             context = CallContext(request.lane, request.deadline)
             with self._inside(), self._awaited(), call_context(context):
                 results = await self.model.arun(request.task, request.items, request.batch_size)
-        except (KeyboardInterrupt, SystemExit) as exc:  # the backend's, not a signal's
+        except (asyncio.CancelledError, GeneratorExit):  # the caller's task, or its coroutine
+            raise
+        except BaseException as exc:
+            # The backend's own (KeyboardInterrupt and TimeoutError included): wait_for's
+            # timeout is raised outside this coroutine, never in it.
             raise map_error(exc, self.name, interruption=False) from exc
         return self._check(request, results)
 

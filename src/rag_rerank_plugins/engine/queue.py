@@ -71,6 +71,9 @@ class RequestQueue:
         with self.cond:
             if self.closing:
                 raise ModelReleasedError(f"{self.name} is being released.")
+            # Requests whose callers gave up (timed out, cancelled) hold no room: otherwise they
+            # refused live callers (QueueFullError) until the worker's next look at the queue.
+            self._prune(time.monotonic())
             if len(self._requests) >= self.config.max_queue:
                 timeout = self.config.queue_timeout_s
                 if not wait and timeout:
@@ -109,7 +112,8 @@ class RequestQueue:
                 raise timeout_error(self.name, request.timeout)
             if request.deadline is not None:
                 left = min(left, request.deadline - now)
-            self.cond.wait(left)
+            self.cond.wait(min(left, 0.1))  # a caller giving up notifies no one: look again
+            self._prune(time.monotonic())
         if self.closing:
             raise ModelReleasedError(f"{self.name} is being released.")
 
