@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from ._forksafe import ForkSafeLock
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -73,7 +74,7 @@ def usable_cores() -> int:
 
 _T = TypeVar("_T")
 #: Serialises :func:`set_thread_torch_threads` (it changes a process-wide value for a moment).
-_bind_lock = threading.Lock()
+_bind_lock = ForkSafeLock()
 
 
 def set_thread_torch_threads(threads: int) -> None:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
+
+from ._forksafe import ForkSafeLock
 
 __all__ = ["HIGH_ENV", "LOW_ENV", "apply_high_watermark", "empty_cache"]
 
@@ -39,7 +40,7 @@ LOW_ENV = "PYTORCH_MPS_LOW_WATERMARK_RATIO"
 #: torch's default low watermark on unified memory (Apple silicon); 1.0 on discrete GPUs.
 _DEFAULT_LOW = 1.4
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _applied: float | None = None
 
 

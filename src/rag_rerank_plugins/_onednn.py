@@ -30,10 +30,11 @@ import mmap
 import os
 import struct
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from ._forksafe import ForkSafeLock
 
 __all__ = ["flush_primitive_cache", "primitive_cache_capacity"]
 
@@ -46,7 +47,7 @@ _SHT_SYMTAB, _SHT_DYNSYM = 2, 11
 _SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym: name, info, other, shndx, value, size
 # Elf64_Shdr: type, offset, size, link, entsize (name, flags, addr, info, align skipped)
 _SHDR = struct.Struct("<4xI16xQQI12xQ")
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 
 
 def _enabled() -> bool:

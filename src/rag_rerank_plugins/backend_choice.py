@@ -55,11 +55,11 @@ hide AMX).
 from __future__ import annotations
 
 import importlib.util
-import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from ._cpu import CPU_KINDS, CpuKind, cpu_kind
+from ._forksafe import ForkSafeLock
 from .backends import backend_info
 from .exceptions import ConfigurationError
 from .spec import _normalize_device, _normalize_dtype
@@ -113,7 +113,7 @@ _NEEDS = {
 #: runtime could not do): ``auto`` answers torch for them from then on, so an adapter built per
 #: request does not retry a failing conversion on every request.
 _failed: set[tuple[str, str]] = set()
-_failed_lock = threading.Lock()
+_failed_lock = ForkSafeLock()
 
 
 def note_failed_pick(backend: str, model: str) -> None:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ._forksafe import ForkSafeLock, at_fork
 from .backends.base import LoadedModel, RerankerModel
 from .exceptions import ConfigurationError, InvalidInputError
 from .inputs import clean_text
@@ -216,7 +216,7 @@ class Windower:
         self._tok = copy.deepcopy(tokenizer)
         # The copy tokenizes whole passages on purpose: no "sequence too long" warnings.
         self._tok.model_max_length = _NO_LIMIT * 1000
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self.max_pair_tokens = int(max_pair_tokens)
         self.special_tokens = int(self._tok.num_special_tokens_to_add(pair=True))
         self._offsets = bool(getattr(self._tok, "is_fast", False))
@@ -355,8 +355,11 @@ class Windower:
         return WindowPlan(query, tuple(windows), settings, size, stride, tuple(queries))
 
 
-_cache_lock = threading.Lock()
+_cache_lock = ForkSafeLock()
 _windowers: weakref.WeakKeyDictionary[Any, Windower] = weakref.WeakKeyDictionary()
+#: A parent thread may have been tokenizing with a windower's tokenizer copy at the fork: the
+#: child builds its own.
+at_fork(_windowers.clear)
 
 
 def windower_for(model: LoadedModel) -> Windower:

@@ -24,11 +24,11 @@ module (``_common``, ``_torch_common``, ``_onnx_common``, ``_flag_common``, ``_l
 from __future__ import annotations
 
 import importlib
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._forksafe import ForkSafeLock
 from ..exceptions import ConfigurationError, UnknownBackendError
 from .base import EmbedderModel, Kind, LoadedModel, Loader, ModelProvider, RerankerModel
 from .options import (
@@ -293,7 +293,7 @@ _BUILTINS = (
     ),
 )
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _REGISTRY: dict[str, BackendInfo] = {info.name: info for info in _BUILTINS}
 
 

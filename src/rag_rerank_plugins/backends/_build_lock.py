@@ -42,6 +42,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._forksafe import ForkSafeLock, at_fork
+
 __all__ = ["LOCK_PREFIX", "POLL_S", "WAIT_LOG_S", "build_lock", "lock_path"]
 
 logger = logging.getLogger("rag_rerank_plugins")
@@ -54,7 +56,9 @@ WAIT_LOG_S = 30.0
 POLL_S = 0.1
 
 _thread_locks: dict[Path, threading.Lock] = {}
-_thread_locks_guard = threading.Lock()
+_thread_locks_guard = ForkSafeLock()
+#: A child does not hold its parent's builds: their per-entry locks start over there.
+at_fork(_thread_locks.clear)
 
 
 def lock_path(entry: Path) -> Path:

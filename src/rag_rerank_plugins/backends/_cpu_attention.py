@@ -46,6 +46,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .._forksafe import ForkSafeLock
 from ._cpu_sdpa import (  # light: torch is imported inside
     PER_SEQUENCE_FROM_KEYS,
     active,
@@ -66,7 +67,7 @@ TILE_BYTES = 1 << 20
 SDPA_FROM_KEYS: dict[str, int] = {"amx": 48, "avx512_bf16": 48}
 
 _registered = False
-_register_lock = threading.Lock()
+_register_lock = ForkSafeLock()
 #: Per device-worker thread: the last mask seen and its bias. transformers builds the mask once
 #: per forward and hands the same tensor to every layer, so the bias is built once per forward.
 _last_bias = threading.local()

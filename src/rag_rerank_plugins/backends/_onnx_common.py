@@ -48,13 +48,13 @@ import re
 import secrets
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._cpu import usable_cores
+from .._forksafe import ForkSafeLock
 from ..exceptions import (
     ConfigurationError,
     MissingDependencyError,
@@ -125,7 +125,7 @@ _HASH_CONTENT_BELOW = 4 * 1024 * 1024
 _HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 _exports = 0
-_exports_lock = threading.Lock()
+_exports_lock = ForkSafeLock()
 
 
 def export_count() -> int:
@@ -858,7 +858,7 @@ class OnnxRuntimeModel:
         self.path = entry
         self._session: Any = None
         self._session_source: Path | None = entry / "model.onnx"  # opened on first use
-        self._session_lock = threading.Lock()
+        self._session_lock = ForkSafeLock()
         self.meta: dict[str, Any] = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         self.tokenizer = configure_tokenizer(
             Tokenizer.from_file(str(entry / "tokenizer.json")),

@@ -66,6 +66,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from .._forksafe import ForkSafeLock
 from ..exceptions import ConfigurationError, MissingDependencyError, ModelLoadError
 from . import load_backend
 from ._build_lock import build_lock
@@ -130,7 +131,7 @@ def build_count() -> int:
     return _builds
 
 
-_bindings_lock = threading.Lock()
+_bindings_lock = ForkSafeLock()
 _bindings_ready = False
 
 
@@ -873,6 +874,9 @@ class OpenVinoModel:
 
     inner: Any
     device = "cpu"
+    #: A compiled model's stream executors hang in a forked child (stock OpenVINO with our
+    #: THROUGHPUT streams too): the child reloads it from the IR cache instead.
+    fork_safe = False
 
     def __init__(
         self, inner: Any, entry: Path, meta: dict[str, Any], hit: bool, dtype: str

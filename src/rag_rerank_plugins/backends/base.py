@@ -178,6 +178,10 @@ class LoadedModel(ABC):
     #: with a share of the cores (:meth:`bind_worker_thread`): on a CPU, several single-threaded
     #: passes beat one pass spread over every core.
     parallel_forward: bool = False
+    #: False when the runtime cannot run in a forked child (OpenVINO's stream executors hang
+    #: there): the pool then leaves a CPU model of the parent unused in the child and reloads it,
+    #: as it does GPU models. True for torch and onnxruntime models (shared copy-on-write).
+    fork_safe: ClassVar[bool] = True
     #: Concrete device and dtype the model runs with (reported in stats and logs).
     device: str = "cpu"
     dtype: str = "float32"

@@ -4,7 +4,10 @@ In a child after ``fork`` every lock is new; CUDA/MPS models of the parent are n
 MPS child loads its own; a CUDA child cannot use CUDA at all once the parent initialised it, and
 :func:`~rag_rerank_plugins.policy.resolve_device` says so with the fix); CPU models are kept and
 shared copy-on-write, which is why ``preload()`` before forking CPU workers (gunicorn
-``--preload``) saves memory. The idle reaper thread is started again in the child.
+``--preload``) saves memory, except models whose runtime cannot run in a child
+(``LoadedModel.fork_safe``: OpenVINO's), which the child reloads (from the IR cache). Locks
+outside the pool are renewed by :mod:`.._forksafe`. The idle reaper thread is started again in
+the child.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def after_fork(pool: ModelPool) -> None:
         handle = slot.handle
         if handle is None or handle._retiring:
             continue  # a parent thread was evicting it at the fork: the child reloads
-        if handle.device == "cpu":
+        if handle.device == "cpu" and handle.model.fork_safe:
             # Same weights, shared copy-on-write with the parent; new locks and worker.
             handle._after_fork()
             fresh = Slot()
@@ -42,8 +45,8 @@ def after_fork(pool: ModelPool) -> None:
             fresh.loaded_at = slot.loaded_at
             pool._slots[key] = fresh
         else:
-            # A CUDA context does not survive fork. Keep the object alive but unused: freeing
-            # its tensors here would call into the parent's CUDA context.
+            # A CUDA context (or OpenVINO's executors) does not survive fork. Keep the object
+            # alive but unused: freeing its tensors here would call into the parent's context.
             pool._fork_orphans.append(handle)
             old_stats[key].update(loaded=False)
     pool._stats = old_stats

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import copy
 import re
-import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .._forksafe import ForkSafeLock
 
 __all__ = ["Direction", "TextTokens", "longest_first", "text_tokens"]
 
@@ -48,7 +49,7 @@ class TextTokens:
     """A served model's tokens: how many a text has, and the text cut to ``n`` of them."""
 
     def __init__(self, tokenizer: Any | None, max_tokens: int | None) -> None:
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self._kind = _kind_of(tokenizer)
         own = getattr(tokenizer, "model_max_length", None) if self._kind == "hf" else None
         private: Any = copy.deepcopy(tokenizer) if self._kind != "words" else None
@@ -218,7 +219,7 @@ def _kind_of(tokenizer: Any) -> str:
     return "words"
 
 
-_cache_lock = threading.Lock()
+_cache_lock = ForkSafeLock()
 _cache: weakref.WeakKeyDictionary[Any, TextTokens] = weakref.WeakKeyDictionary()
 
 
