@@ -120,6 +120,53 @@ def test_a_failing_call_records_the_error(spans: InMemorySpanExporter) -> None:
     assert "fell off the bus" in event.attributes["exception.message"]
 
 
+def test_a_url_password_never_reaches_a_span(spans: InMemorySpanExporter) -> None:
+    """Stats, logs and errors show ``http://***@host``; the span showed the password, and the
+    span opens before the load that refuses the URL."""
+    from rag_rerank_plugins.langchain import SharedCrossEncoder
+
+    encoder = SharedCrossEncoder(
+        model_name="http://alice:s3cret@127.0.0.1:9/", backend="remote-reranker", pool=ModelPool()
+    )
+    with pytest.raises(Exception):  # noqa: B017, PT011 - nothing listens there
+        encoder.score([("q", "a")])
+    finished = spans.get_finished_spans()
+    assert finished
+    assert all("s3cret" not in str(dict(span.attributes or {})) for span in finished)
+    assert any("***" in str(dict(span.attributes or {})) for span in finished)
+
+
+def test_a_cancelled_call_is_no_error(spans: InMemorySpanExporter) -> None:
+    import asyncio
+
+    register_backend(
+        "test-slow-traced",
+        lambda spec, _pool: FakeReranker(delay_ms=2000),
+        "reranker",
+        replace=True,
+        uses_torch=False,
+    )
+    from langchain_core.documents import Document
+
+    from rag_rerank_plugins.langchain import SharedRerankCompressor
+
+    pool = ModelPool()
+    compressor = SharedRerankCompressor(model="m", backend="test-slow-traced", pool=pool)
+    docs = [Document(page_content="a"), Document(page_content="b")]
+
+    async def cancel() -> None:
+        task = asyncio.ensure_future(compressor.acompress_documents(docs, "q"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel())
+    pool.clear()
+    span = _only(spans, "rag_rerank.rerank")
+    assert "error.type" not in (span.attributes or {})
+
+
 def test_server_model_calls_are_spans(spans: InMemorySpanExporter) -> None:
     pytest.importorskip("fastapi")
     import httpx

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .spec import ModelSpec
+from .spec import ModelSpec, redact_urls
 
 __all__ = ["model_span"]
 
@@ -57,7 +56,8 @@ def model_span(
     with tracer.start_as_current_span(f"rag_rerank.{operation}") as span:
         if span.is_recording():
             attributes = {
-                "rag_rerank.model": spec.model,
+                # Redacted as in stats, logs and errors: a remote model's URL may hold a password.
+                "rag_rerank.model": redact_urls(spec.model),
                 "rag_rerank.backend": spec.backend,
                 "rag_rerank.batch_size": batch_size,
                 "rag_rerank.items": items,
@@ -67,7 +67,8 @@ def model_span(
         try:
             yield
         except BaseException as exc:
-            # start_as_current_span records the exception and sets the ERROR status itself.
-            if span.is_recording():
+            # start_as_current_span records the exception and sets the ERROR status itself; a
+            # cancellation (or a closed coroutine) is no error, and gets no error.type.
+            if span.is_recording() and isinstance(exc, Exception):
                 span.set_attribute("error.type", type(exc).__qualname__)
             raise
