@@ -484,3 +484,81 @@ def test_a_release_wakes_async_callers_waiting_for_room(
     assert took < 5
     for call in busy:
         _outcome(call, 5, "a busy call")
+
+
+# -- one caller's bad input fails only that caller ------------------------------------------------
+
+
+class _Picky(FakeReranker):
+    """Scheduled; raises on a pass holding the query "boom", scores NaN for "nan"."""
+
+    thread_safe = False
+    passes = 0
+
+    def score_pairs(self, pairs: Any, batch_size: int) -> list[float]:
+        type(self).passes += 1
+        time.sleep(0.05)
+        if any(q == "boom" for q, _ in pairs):
+            raise RuntimeError("the tokenizer choked")
+        return [math.nan if q == "nan" else float(len(p)) for q, p in pairs]
+
+
+register_backend("test-picky", lambda s, p: _Picky(), "reranker", replace=True, uses_torch=False)
+
+
+@pytest.mark.parametrize("bad", ["boom", "nan"])
+def test_a_failing_request_does_not_fail_the_requests_sharing_its_pass(bad: str) -> None:
+    """Requests batched together share a pass: when it failed (a backend exception, a NaN
+    score), every request in it failed with the same error. Each request's part now runs
+    alone first, so only the request whose input breaks the model fails."""
+    pool = ModelPool(config=EngineConfig(max_wait_ms=200, max_batch_size=64))
+    spec = ModelSpec("m", backend="test-picky", device="cpu")
+    pool.preload(spec, warmup=False)
+    results: dict[str, Any] = {}
+    start = threading.Barrier(4)
+
+    def call(name: str, query: str) -> None:
+        start.wait()
+        try:
+            results[name] = pool.score_pairs(spec, [(query, "abc"), (query, "de")])
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=call, args=(f"ok{i}", f"q{i}")) for i in range(3)] + [
+        threading.Thread(target=call, args=("bad", bad))
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert isinstance(results["bad"], InferenceError), results
+        for i in range(3):
+            assert results[f"ok{i}"] == [3.0, 2.0], results
+        assert pool.spec_stats(spec)["errors"] == 1
+    finally:
+        pool.clear()
+
+
+def test_a_model_failing_every_pass_still_fails_every_request_once() -> None:
+    pool = ModelPool(config=EngineConfig(max_wait_ms=100))
+    spec = ModelSpec("m", backend="test-picky", device="cpu")
+    pool.preload(spec, warmup=False)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            pool.score_pairs(spec, [("boom", "x")], timeout=30)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(errors) == 6
+        assert all(isinstance(e, InferenceError) and "choked" in str(e) for e in errors)
+    finally:
+        pool.clear()

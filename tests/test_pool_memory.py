@@ -413,3 +413,49 @@ def test_real_cross_encoders_footprint_and_eviction(
     stats = pool.spec_stats(a)
     assert (stats["loads"], stats["reloads"], stats["errors"]) == (2, 1, 0)
     assert pool.memory()["cpu"]["peak_mb"] <= footprint_mb * 2.5
+
+
+class _BadClose(FakeReranker):
+    def close(self) -> None:
+        raise RuntimeError("close failed")
+
+
+register_backend(
+    "test-mem-bad-close",
+    lambda spec, _p: (_BadClose if spec.model == "bad" else FakeReranker)(footprint_mb=100),
+    "reranker",
+    replace=True,
+    uses_torch=False,
+)
+
+
+def test_an_evicted_models_failing_close_does_not_fail_the_call_that_made_room(
+    make_pool: Callable[..., ModelPool], caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(memory_budget_mb=100)
+    bad = ModelSpec("bad", backend="test-mem-bad-close", device="cpu")
+    good = ModelSpec("good", backend="test-mem-bad-close", device="cpu")
+    pool.score_pairs(bad, PAIRS)
+    with caplog.at_level(logging.ERROR):
+        assert pool.score_pairs(good, PAIRS) == _expected(PAIRS)  # raised "close failed"
+    assert "closing the evicted" in caplog.text
+    assert not pool.is_loaded(bad)
+    assert pool.spec_stats(bad)["evictions"] == 1
+
+
+def test_the_reaper_checks_idleness_again_once_it_holds_the_memory_lock(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """The reaper decides who is idle, then waits for the memory lock, which a load holds for
+    its whole length: a model called every 50 ms meanwhile was evicted as idle."""
+    pool = make_pool(idle_unload_s=1.0)
+    spec = fake_reranker_spec("reaped-late")
+    pool.score_pairs(spec, PAIRS)
+    key = pool.key(spec)
+    slot = pool._slots[key]
+    slot.loaded_at -= 10  # loaded long ago ...
+    assert pool._evict(key, slot, "idle", idle=1.0) is False  # ... but just called
+    stats = pool._stats[key]
+    stats.update(last_used=time.time() - 5)
+    assert pool._evict(key, slot, "idle", idle=1.0) is True
+    assert pool.spec_stats(spec)["last_eviction_reason"] == "idle"

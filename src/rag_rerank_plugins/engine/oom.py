@@ -24,7 +24,7 @@ from ..stats import Metrics
 from .batching import Batch
 from .request import Entry
 
-__all__ = ["OutOfMemory", "recover_from_oom", "run_direct"]
+__all__ = ["OutOfMemory", "recover_from_oom", "run_alone", "run_direct"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def recover_from_oom(stages: Stages, batch: Batch) -> None:
     stack: list[list[Entry]] = [batch.entries]
     while stack:
         entries = [e for e in stack.pop() if not e[0].done]
-        if not entries or not _run_alone(stages, entries):
+        if not entries or not run_alone(stages, entries):
             continue
         if len(entries) == 1:
             request, index = entries[0]
@@ -100,8 +100,9 @@ def recover_from_oom(stages: Stages, batch: Batch) -> None:
         stack.extend([entries[half:], entries[:half]])  # first half runs first
 
 
-def _run_alone(stages: Stages, entries: list[Entry]) -> bool:
-    """Run one pass start to end. True when it ran out of memory (already cleaned up)."""
+def run_alone(stages: Stages, entries: list[Entry]) -> bool:
+    """Run one pass start to end; a failure fails ``entries`` (through ``stages.fail``). True
+    when it ran out of memory (already cleaned up)."""
     batch = Batch(entries)
     try:
         try:

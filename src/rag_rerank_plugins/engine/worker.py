@@ -33,7 +33,7 @@ from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError, RagRerankError
 from ..stats import Metrics
 from .batching import Batch, TokenScale, cut_micro_batches
-from .oom import OutOfMemory, recover_from_oom
+from .oom import OutOfMemory, recover_from_oom, run_alone
 from .queue import RequestQueue
 from .request import Entry
 from .validate import check_results
@@ -323,9 +323,21 @@ class Worker:
                 )
 
     def fail(self, entries: list[Entry], exc: BaseException) -> None:
+        """Fail ``entries``' requests with ``exc``; when they are several requests' and the model
+        failed on them (not a release), each request's part runs alone first, and only a part
+        that fails again fails its own request: one caller's input (a text that breaks the
+        tokenizer, NaN scores) must not fail the callers that happened to share its pass."""
+        requests = {id(r): r for r, _ in entries}
+        released = isinstance(exc, RagRerankError) and not isinstance(exc, InferenceError)
+        if len(requests) > 1 and not released:
+            for request in requests.values():
+                part = [e for e in entries if e[0] is request and not request.done]
+                if part and run_alone(self, part):  # out of memory alone: split as usual
+                    recover_from_oom(self, Batch(part))
+            return
         if not isinstance(exc, RagRerankError):
             wrapped = InferenceError(f"{self.name} failed: {type(exc).__name__}: {exc}")
             wrapped.__cause__ = exc
             exc = wrapped
-        for request in {id(r): r for r, _ in entries}.values():
+        for request in requests.values():
             request.fail(exc)

@@ -126,11 +126,15 @@ class MemoryBudget(PoolState):
             if not any(self._evict(key, slot, "budget") for key, slot, _, _ in candidates):
                 return False
 
-    def _evict(self, key: ModelSpec, slot: Slot, reason: str) -> bool:
+    def _evict(self, key: ModelSpec, slot: Slot, reason: str, idle: float | None = None) -> bool:
         """Release ``key`` for ``reason`` if ``slot`` is still its loaded slot and no call is in
-        flight (atomically: a later call finds the handle retired and reloads)."""
+        flight (atomically: a later call finds the handle retired and reloads); with ``idle``,
+        only if it is still unused for that long (the reaper decided before it waited for the
+        memory lock, which a load holds until it ends: meanwhile the model may be in use)."""
         with self._lock:
             handle = slot.handle
+            if idle is not None and time.time() - self._recency(key, slot) < idle:
+                return False
             if self._slots.get(key) is not slot or handle is None or not handle._try_retire():
                 return False
             del self._slots[key]
@@ -142,7 +146,10 @@ class MemoryBudget(PoolState):
         self._needs_warmup.add(key)
         footprint = stats.footprint_bytes
         device = handle.device
-        self._close_handle(key, handle)
+        try:
+            self._close_handle(key, handle)
+        except Exception:  # evicted all the same: the call that made room must not fail for it
+            logger.exception("rag-rerank: closing the evicted %s failed", key.label)
         del handle
         logger.info(
             "rag-rerank: evicted %s from %s (%s; %s; idle for %.1fs)",
@@ -235,6 +242,6 @@ class MemoryBudget(PoolState):
                 if stop is not None and stop.is_set():
                     return
             try:
-                self._evict(key, slot, "idle")
+                self._evict(key, slot, "idle", idle=idle)
             finally:
                 self._mem_lock.release()
