@@ -616,3 +616,104 @@ def test_nan_and_infinite_timing_options_are_refused_at_load(
 
 def test_an_unbounded_max_backoff_is_still_accepted(pool: ModelPool) -> None:
     pool.get(reranker("http://127.0.0.1:1", max_backoff="inf"))
+
+
+# -- found by the remote fault probe --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token", ["sk-live-SECRET123\n", "sk-live SECRET123", "sk-\u2019SECRET123"]
+)
+def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
+    pool: ModelPool, mock_server, monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    """A mounted secret ends in a newline; a pasted one may hold a typographic quote. The HTTP
+    library refused the header quoting it (token included) in a RemoteUnavailableError that went
+    to messages, WARNING logs and passthrough metadata, after 4 "retries"."""
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return _no_info(request) or httpx.Response(200, json=[{"index": 0, "score": 0.5}])
+
+    mock_server(handler)
+    monkeypatch.setenv("PROBE_TOKEN", token)
+    spec = reranker(api_key_env="PROBE_TOKEN")
+    if token.endswith("\n"):  # stripped, as --api-key-file is read
+        assert pool.score_pairs(spec, [("q", "a")]) == [0.5]
+        assert sent[-1].headers["authorization"] == "Bearer sk-live-SECRET123"
+        return
+    for call in (
+        lambda: pool.score_pairs(spec, [("q", "a")]),
+        lambda: asyncio.run(pool.ascore_pairs(spec, [("q", "a")])),
+    ):
+        with pytest.raises(RemoteError) as info:
+            call()
+        assert "SECRET123" not in str(info.value)
+        assert "PROBE_TOKEN" in str(info.value)
+    assert not [r for r in sent if r.method == "POST"]
+
+
+def test_a_ragged_answer_does_not_pin_a_dimension(pool: ModelPool, mock_server) -> None:
+    """One answer with vectors of two sizes is refused, and must not fix the dimension: every
+    later, correct answer then failed with "the model behind the URL changed"."""
+    answers = iter([[[0.1, 0.2], [0.1, 0.2, 0.3]], [[1.0, 0.0, 0.0]] * 2, [[0.0, 1.0, 0.0]] * 2])
+    mock_server(lambda request: _no_info(request) or httpx.Response(200, json=next(answers)))
+    spec = embedder()
+    with pytest.raises(RemoteError, match="2 sizes"):
+        pool.embed(spec, ["a", "b"])
+    assert pool.embed(spec, ["a", "b"]) == [[1.0, 0.0, 0.0]] * 2
+    assert pool.embed(spec, ["a", "b"]) == [[0.0, 1.0, 0.0]] * 2
+
+
+def test_retry_after_as_an_http_date_is_honoured() -> None:
+    from email.utils import formatdate
+
+    from rag_rerank_plugins.backends.remote.client import _retry_after
+
+    later = httpx.Response(429, headers={"retry-after": formatdate(time.time() + 3, usegmt=True)})
+    assert 1.5 < (_retry_after(later) or 0) <= 3.5
+    past = httpx.Response(429, headers={"retry-after": formatdate(time.time() - 60, usegmt=True)})
+    assert _retry_after(past) == 0.0
+    assert _retry_after(httpx.Response(429, headers={"retry-after": "soon"})) is None
+    assert _retry_after(httpx.Response(429, headers={"retry-after": "2"})) == 2.0
+
+
+def test_an_info_endpoint_that_never_answers_costs_one_wait_not_every_calls(
+    pool: ModelPool,
+) -> None:
+    """Each call asked GET /info again and waited up to 5 s for it, so every call with a timeout
+    of 5 s or less failed though the rerank endpoint answered at once; and the POST was still
+    sent after its caller had given up."""
+    gets: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            gets.append(time.monotonic())
+            time.sleep(10)  # accepted, never answered in time
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            raw = json.dumps([{"index": 0, "score": 0.5}]).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}).start()
+    spec = reranker(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            assert pool.score_pairs(spec, [("q", "a")], timeout=2) == [0.5]
+            assert time.monotonic() - started < 1.5  # /info gets a slice of the call's time
+        assert len(gets) == 1  # then not asked again for a while
+    finally:
+        pool.clear()
+        server.shutdown()
+        server.server_close()

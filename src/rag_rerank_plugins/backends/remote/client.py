@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import logging
 import math
 import os
@@ -242,14 +244,25 @@ OTHER_ERROR = StatusRule(RemoteRequestError, lambda client: "")
 RETRY_STATUSES = frozenset(status for status, rule in STATUS_RULES.items() if rule.retry)
 
 
+#: Seconds GET /info is not asked again after it got no answer (a timeout, no connection).
+INFO_QUIET_S = 60.0
+
+
 def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds: delay-seconds, or an HTTP-date (RFC 9110, as gateways send)."""
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = max(0.0, when.timestamp() - time.time())
     return seconds if seconds >= 0 and math.isfinite(seconds) else None
 
 
@@ -356,6 +369,8 @@ class RemoteClient:
         #: Plans running now (sync or async): :meth:`close` leaves their clients open for them.
         self._active = 0
         self._limits: RequestLimits | None = None
+        #: Monotonic time before which GET /info is not asked again after it got no answer.
+        self._info_quiet_until = 0.0
         #: The limits the last requests were planned with (for the 413 hint).
         self.planned_limits: RequestLimits | None = None
 
@@ -503,11 +518,20 @@ class RemoteClient:
         env = self.settings.api_key_env
         if env is None:
             return {}
-        token = os.environ.get(env)
+        # Stripped: a mounted secret file often ends in a newline (as --api-key-file is read).
+        token = (os.environ.get(env) or "").strip()
         if not token:
             raise RemoteAuthError(
                 f"{self.what}: environment variable {env} (option api_key_env) is empty; export "
                 "the server's bearer token there."
+            )
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            # Checked here, never sent: the HTTP library's own error quotes the header, token
+            # included, into messages, logs and passthrough metadata.
+            raise RemoteAuthError(
+                f"{self.what}: the token in environment variable {env} (option api_key_env) "
+                "holds a space, a control character or a non-ASCII character (a pasted quote?), "
+                "which no HTTP header can carry. Export the token as the server issued it."
             )
         return {"authorization": f"Bearer {token}"}
 
@@ -616,9 +640,15 @@ class RemoteClient:
             path = self.protocol.info_path
             if path is None:
                 limits = self._limits = RequestLimits.resolve(self.settings, ServerInfo())
+            elif time.monotonic() < self._info_quiet_until:
+                limits = RequestLimits.resolve(self.settings, ServerInfo())
             else:
                 s = self.settings
-                timeout, budget = self._timeout(min(s.timeout, 5.0))
+                # A slice of the call's time at most: the limits are a refinement, and a server
+                # that never answers GET /info must not use up the deadline of the real request.
+                left = current_call().remaining()
+                read = min(s.timeout, 5.0) if left is None else min(s.timeout, 5.0, left / 4)
+                timeout, budget = self._timeout(read)
                 outcome = yield Send(
                     "GET", s.base_url + path, self.headers(), timeout=timeout, budget=budget
                 )
@@ -629,8 +659,9 @@ class RemoteClient:
 
     def _settle_limits(self, outcome: Outcome) -> RequestLimits:
         """The limits after one ``GET /info``. A definite answer (200, or a 4xx such as
-        TEI-less servers' 404) is cached for the client's life; a failure that may pass (no
-        connection, 429, 5xx, 401/403) is not: asked again next call."""
+        TEI-less servers' 404) is cached for the client's life; a failure that may pass (429,
+        5xx, 401/403) is not: asked again next call; no answer at all (a timeout, no connection)
+        is not asked again for :data:`INFO_QUIET_S` (each call paid the wait again)."""
         response = outcome.response
         info = ServerInfo()
         definite = False
@@ -652,6 +683,8 @@ class RemoteClient:
             )
         else:
             logger.debug("rag-rerank remote: %s: GET /info failed (%s)", self.what, outcome.label())
+            if response is None:  # no answer at all (a hang costs every call its wait): a minute
+                self._info_quiet_until = time.monotonic() + INFO_QUIET_S
         return limits
 
     def post_plan(self, path: str, body: bytes) -> Plan[Any]:
@@ -662,6 +695,12 @@ class RemoteClient:
         url = self.settings.base_url + path
         attempt = 0
         while True:
+            left = current_call().remaining()
+            if left is not None and left <= 0:  # its caller gave up: never sent for nobody
+                raise RemoteTimeoutError(
+                    f"{self.what}: the call's timeout ended before {url} was sent; not sent.",
+                    url=url,
+                )
             headers = {
                 "content-type": "application/json",
                 # The engine lane of the call, so a rag-rerank server queues it the same way.
@@ -745,6 +784,14 @@ class RemoteClient:
 
     def _judge_transport(self, url: str, attempt: int, exc: BaseException | None) -> float:
         httpx = self._httpx
+        if isinstance(exc, httpx.LocalProtocolError):
+            # Our request could not be written (a header no HTTP can carry): the same request
+            # fails again, and the library's message may quote a header's value, a token.
+            raise RemoteError(
+                f"{self.what}: the request to {url} could not be written "
+                f"({type(exc).__name__}; a header value HTTP cannot carry). Not retried.",
+                url=url,
+            )
         if isinstance(exc, (httpx.TooManyRedirects, httpx.DecodingError)):
             # The server answered, wrongly; the same request would get the same answer.
             what = (

@@ -185,7 +185,15 @@ class RemoteEmbedder(_RemoteModel, EmbedderModel):
         for request in self._requests(texts, range(len(texts)), build, limits, batch_size):
             vectors.extend((yield from self._send(request)))  # requests follow the input's order
         if vectors:
-            self._pin_dimension(len(vectors[0]))
+            # One size in the whole answer before it may fix the dimension: a ragged answer is
+            # refused, and must not pin a size that every later, correct answer then fails.
+            sizes = sorted({len(v) for v in vectors})
+            if len(sizes) > 1:
+                raise RemoteError(
+                    f"{self.what}: the server answered vectors of {len(sizes)} sizes in one call "
+                    f"({', '.join(map(str, sizes[:4]))}); an index takes one. Check the server."
+                )
+            self._pin_dimension(sizes[0])
         # Normalising here too makes normalize=True hold whatever the server's defaults are.
         return [_normalize(v) for v in vectors] if normalize else vectors
 
