@@ -379,3 +379,39 @@ def test_adapters_built_with_a_pool_deep_copy_and_pickle(
         get_pool().release(restored.spec)
     finally:
         pool.clear()
+
+
+def test_shared_embeddings_read_the_reloaded_models_prompts(
+    minilm_path: str, tmp_path: Path
+) -> None:
+    """The adapter memoised the model's (prompts, default prompt name) per spec: after a new
+    version of the model (other prompts) was released and reloaded, it kept sending the old
+    default prompt, matching neither stock nor a fresh adapter."""
+    import json
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from rag_rerank_plugins import ModelPool
+    from rag_rerank_plugins.langchain import SharedEmbeddings
+
+    model = tmp_path / "emb"
+    shutil.copytree(minilm_path, model)
+    config = model / "config_sentence_transformers.json"
+
+    def prompts(values: dict[str, str], default: str) -> None:
+        config.write_text(json.dumps({"prompts": values, "default_prompt_name": default}))
+
+    prompts({"query": "query: ", "passage": "passage: "}, "query")
+    pool = ModelPool()
+    embeddings = SharedEmbeddings(model=str(model), device="cpu", dtype="float32", pool=pool)
+    try:
+        old = embeddings.embed_documents(["hello world"])[0]
+        prompts({"query": "search_query: ", "passage": "search_document: "}, "passage")
+        pool.release(embeddings.spec)
+        after = embeddings.embed_documents(["hello world"])[0]
+        stock = SentenceTransformer(str(model), device="cpu").encode(["hello world"])[0]
+        assert np.abs(np.array(after) - stock).max() < 1e-5
+        assert np.abs(np.array(after) - np.array(old)).max() > 1e-3
+    finally:
+        pool.clear()

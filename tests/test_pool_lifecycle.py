@@ -171,3 +171,51 @@ async def test_release_on_an_event_loop_thread_does_not_wait_for_awaited_calls()
     assert time.monotonic() - started < 3.0
     await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 5)
     pool.clear()
+
+
+def test_release_reloads_what_a_re_pointed_symlink_or_a_relative_path_names_now(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path is made concrete when resolved, and the pool kept that forever: after a blue/green
+    deploy re-pointed ``current`` and called ``release()`` (or ``clear()``), and after a chdir,
+    the old folder's model was loaded again, silently."""
+    from pathlib import Path
+
+    from rag_rerank_plugins.testing import build_cross_encoder
+
+    root = Path(str(tmp_path))
+    v1 = build_cross_encoder(root / "v1", seed=1)
+    v2 = build_cross_encoder(root / "v2", seed=2)
+    pairs = [("what is python", "Python is a programming language.")]
+    expected = {
+        str(p): ModelPool().score_pairs(ModelSpec(str(p), device="cpu", dtype="float32"), pairs)
+        for p in (v1, v2)
+    }
+    assert expected[str(v1)] != expected[str(v2)]
+    current = root / "current"
+    current.symlink_to(v1)
+    pool = ModelPool()
+    spec = ModelSpec(str(current), device="cpu", dtype="float32")
+    try:
+        assert pool.score_pairs(spec, pairs) == expected[str(v1)]
+        current.unlink()
+        current.symlink_to(v2)
+        assert pool.score_pairs(spec, pairs) == expected[str(v1)]  # loaded: v1 until released
+        assert pool.release(spec) is True
+        assert pool.score_pairs(spec, pairs) == expected[str(v2)]
+        current.unlink()
+        current.symlink_to(v1)
+        pool.clear()
+        assert pool.score_pairs(spec, pairs) == expected[str(v1)]
+        # A relative path names another folder after a chdir.
+        for name, target in (("a", v1), ("b", v2)):
+            (root / name).mkdir()
+            (root / name / "ce").symlink_to(target)
+        relative = ModelSpec("ce", device="cpu", dtype="float32")
+        monkeypatch.chdir(root / "a")
+        assert pool.score_pairs(relative, pairs) == expected[str(v1)]
+        monkeypatch.chdir(root / "b")
+        pool.release(relative)
+        assert pool.score_pairs(relative, pairs) == expected[str(v2)]
+    finally:
+        pool.clear()

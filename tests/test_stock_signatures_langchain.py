@@ -278,6 +278,28 @@ def test_equivalent_spellings_share_one_pool_key() -> None:
     assert sigmoid.spec == SharedRerankCompressor(model="m", score_mode="sigmoid").spec
 
 
+class _Temperature(torch.nn.Module):
+    """A custom activation whose repr (``_Temperature()``) omits its setting."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: Any) -> Any:
+        return torch.sigmoid(x / self.t)
+
+
+def test_custom_activations_differing_in_a_setting_their_repr_omits_are_two_keys() -> None:
+    """Keyed by type and repr alone, sigmoid(x / 0.01) and sigmoid(x / 100) shared one pool slot,
+    so the second adapter scored with the first one's activation."""
+
+    def spec(t: float) -> Any:
+        return SharedCrossEncoder(model_name="m", model_kwargs={"activation_fn": _Temperature(t)})
+
+    assert spec(0.01).spec != spec(100.0).spec
+    assert spec(0.01).spec == spec(0.01).spec  # equal settings still share one load
+
+
 @pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
 def test_a_nested_dtype_of_none_means_not_given(key: str) -> None:
     """transformers reads ``torch_dtype=None`` as not given (``torch.float16 if gpu else None``

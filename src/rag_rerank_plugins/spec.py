@@ -201,16 +201,28 @@ class FrozenList(tuple):
     __hash__ = tuple.__hash__
 
 
+def _public_state(value: Any) -> str:
+    """The ``repr`` of ``value``'s public attributes (``training`` aside): a custom module's
+    ``repr`` often omits its settings (``Temperature()`` for ``sigmoid(x / t)``)."""
+    try:
+        attrs = vars(value)
+    except TypeError:  # no __dict__
+        return ""
+    public = [(k, v) for k, v in attrs.items() if not k.startswith("_") and k != "training"]
+    return repr(sorted(public, key=lambda item: item[0]))
+
+
 class ByRepr:
-    """An object without value equality (e.g. ``torch.nn.Sigmoid()``) keyed by its type and
-    ``repr``, so two equal-looking activations are one pool key rather than one load each."""
+    """An object without value equality (e.g. ``torch.nn.Sigmoid()``) keyed by its type,
+    ``repr`` and public attributes, so two equal-looking activations are one pool key rather than
+    one load each, and two that differ in a setting their ``repr`` omits are two."""
 
     __slots__ = ("key", "value")
 
     def __init__(self, value: Any) -> None:
         self.value = value
         kind = type(value)
-        self.key = (f"{kind.__module__}.{kind.__qualname__}", repr(value))
+        self.key = (f"{kind.__module__}.{kind.__qualname__}", repr(value), _public_state(value))
 
     def __repr__(self) -> str:
         return self.key[1]
@@ -234,7 +246,7 @@ def _identity_hashed(value: Any) -> bool:
     if isinstance(value, type):
         return False
     text = repr(value)
-    return " at 0x" not in text and not text.startswith("<")
+    return " at 0x" not in text + _public_state(value) and not text.startswith("<")
 
 
 def _sort_key(item: tuple[Any, Any]) -> tuple[str, str]:

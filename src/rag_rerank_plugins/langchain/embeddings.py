@@ -6,6 +6,7 @@ from __future__ import annotations
 from . import _compat  # noqa: F401  # isort: skip
 
 import asyncio
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -217,7 +218,9 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         default=True,
         description="Replace '\\n' with ' ' before embedding, as HuggingFaceEmbeddings does.",
     )
-    _prompt_cache: dict[Any, tuple[dict[str, str] | None, str | None]] = PrivateAttr(
+    #: spec -> (the handle read, its model's prompts): a reload (after a release) may bring new
+    #: prompts, so an entry holds only for the handle it was read from.
+    _prompt_cache: dict[Any, tuple[Any, tuple[dict[str, str] | None, str | None]]] = PrivateAttr(
         default_factory=dict
     )
     #: The normalisation fields read from encode_kwargs / query_encode_kwargs at construction:
@@ -313,14 +316,15 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         """The loaded model's (prompts, default_prompt_name); (None, None) for a backend without
         named prompts (its own prompt handling applies). Loads the model on first use."""
         spec = self._checked_spec(self.spec)
+        handle = self._pool().get(spec)  # a dict lookup once loaded
         cached = self._prompt_cache.get(spec)
-        if cached is None:
-            model = self._pool().get(spec).model
+        if cached is None or cached[0]() is not handle:
+            model = handle.model
             prompts = getattr(model, "prompts", None)
             default = getattr(model, "default_prompt_name", None)
-            cached = (dict(prompts) if isinstance(prompts, Mapping) else None, default)
-            self._prompt_cache[spec] = cached
-        return cached
+            named = (dict(prompts) if isinstance(prompts, Mapping) else None, default)
+            cached = self._prompt_cache[spec] = (weakref.ref(handle), named)
+        return cached[1]
 
     def _resolve(self, kwargs: Mapping[str, Any], named: Any) -> str | None:
         """The prompt string for the backend, as ``SentenceTransformer.encode`` resolves it:

@@ -134,6 +134,15 @@ class PoolState:
             dtype=key.dtype,
         )
 
+    def _forget_keys(self, key: ModelSpec) -> None:
+        """Under ``_lock``, once ``key`` is unloaded: forget which specs resolved to it, so the
+        next call resolves them again. A local path is made concrete (symlinks, the working
+        directory) when resolved: a re-pointed "current" symlink (a blue/green deploy) or a
+        relative path after a chdir reloaded the old folder after ``release()``, for good."""
+        for spec in [given for given, resolved in self._keys.items() if resolved == key]:
+            del self._keys[spec]
+            self._spec_reasons.pop(spec, None)
+
     def _close_handle(self, key: ModelSpec, handle: ModelHandle) -> None:
         self._close_handles([(key, handle)])
 

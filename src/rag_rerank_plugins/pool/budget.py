@@ -138,6 +138,7 @@ class MemoryBudget(PoolState):
             if self._slots.get(key) is not slot or handle is None or not handle._try_retire():
                 return False
             del self._slots[key]
+            self._forget_keys(key)
             slot.retired = True  # under _lock, as release(): a waiter reads them together
             slot.handle = None
         stats = self._stats[key]

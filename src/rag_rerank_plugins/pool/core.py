@@ -284,8 +284,8 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             slot = self._slots.pop(key, None)
             if slot is None:
                 return []
-            slot.retired = True
-            handle, slot.handle = slot.handle, None
+            slot.retired, handle, slot.handle = True, slot.handle, None
+            self._forget_keys(key)
             slot.cancelled = handle is None
         if handle is None:
             logger.info("rag-rerank: released %s while it was loading (dropped when in)", key.label)
