@@ -251,6 +251,13 @@ def test_unknown_paths_and_methods_answer_in_the_error_shape() -> None:
         assert_error_shape(no_model, 404, "NotFound")
         invalid = httpx.post(url + "/rerank", json={"texts": ["a"]}, timeout=10)
         assert_error_shape(invalid, 422, "Validation")
+        # A trailing slash: a 404 in the shape, not a bodiless 307 to the client's Host header.
+        for method, path in (("GET", "/health/"), ("POST", "/rerank/")):
+            slashed = httpx.request(
+                method, url + path, json={}, headers={"host": "evil.example"}, timeout=10
+            )
+            assert "location" not in slashed.headers
+            assert_error_shape(slashed, 404, "NotFound")
 
 
 # -- a stalled body -------------------------------------------------------------------------------

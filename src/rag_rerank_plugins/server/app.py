@@ -70,6 +70,9 @@ def create_app(config: ServerConfig | None = None, *, pool: ModelPool | None = N
         version=__version__,
         description="Shared rerankers and embedders over HTTP (TEI, Cohere, infinity shapes).",
         lifespan=_lifespan(state),
+        # "/rerank/" is a 404 in the documented error shape, not a bodiless 307 whose Location
+        # is built from the client's Host header (an open redirect behind a proxy).
+        redirect_slashes=False,
     )
     app.state.server = state
     for exc_class in handled_exceptions():
