@@ -346,6 +346,37 @@ def test_429_with_retry_after_when_concurrency_and_queue_are_full() -> None:
         assert state.admission.admitted == 0
 
 
+def test_a_refused_request_is_refused_before_it_tokenizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenAI's and Cohere's paths (and TEI's token counts) tokenize the body ahead of the model
+    call: a request refused with 429 first tokenized all of it (2-9 s for a 2 MB body at the
+    limits), taking the CPU from the admitted request."""
+    from rag_rerank_plugins.server import state as state_module
+
+    tokenized: list[int] = []
+    real = state_module.text_tokens
+
+    def counting(model: Any) -> Any:
+        tokenized.append(1)
+        return real(model)
+
+    monkeypatch.setattr(state_module, "text_tokens", counting)
+    slow = {**FAKE_EMB, "options": {"delay_ms": 800}}
+    with fake_server([slow], max_concurrency=1, max_pending=0) as (url, state):
+        body = {"model": "fake-emb", "input": ["a b c"] * 4}
+        with ThreadPoolExecutor(1) as executor:
+            running = executor.submit(_post, url, "/v1/embeddings", body)
+            deadline = time.monotonic() + 10
+            while state.admission.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            before = len(tokenized)
+            refused = [_post(url, "/v1/embeddings", body) for _ in range(3)]
+            assert [r.status_code for r in refused] == [429] * 3
+            assert len(tokenized) == before  # none of them tokenized
+            assert running.result().status_code == 200
+
+
 # -- readiness, load failure, graceful shutdown ------------------------------------------------
 
 

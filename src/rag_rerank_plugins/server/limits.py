@@ -98,9 +98,10 @@ class Admission:
         estimate = self._mean_seconds * waiting / self.max_concurrency
         return max(1, min(60, math.ceil(estimate)))
 
-    @asynccontextmanager
-    async def enter(self) -> AsyncIterator[None]:
-        """Hold one slot for the body of the ``async with``; raise :class:`Overloaded` if full."""
+    def refuse_if_full(self) -> None:
+        """Raise :class:`Overloaded` now when no slot could be had. Called before the work ahead
+        of a model call too (tokenizing for truncation or token counts): a request refused with
+        429 tokenized its whole body first, seconds of CPU taken from the admitted requests."""
         if self.admitted >= self.max_concurrency + self.max_pending:
             raise Overloaded(
                 self.retry_after(),
@@ -108,6 +109,11 @@ class Admission:
                 f"(limits: --max-concurrency {self.max_concurrency}, --max-pending "
                 f"{self.max_pending}). Retry after the Retry-After delay, or add replicas.",
             )
+
+    @asynccontextmanager
+    async def enter(self) -> AsyncIterator[None]:
+        """Hold one slot for the body of the ``async with``; raise :class:`Overloaded` if full."""
+        self.refuse_if_full()
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         self.admitted += 1

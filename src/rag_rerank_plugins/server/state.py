@@ -150,7 +150,10 @@ class ServerState:
         return self.pool.get(model.spec).model
 
     async def tokens(self, model: ServedModel) -> TextTokens:
-        """The model's tokens (:mod:`.tokens`), for truncation and token counts."""
+        """The model's tokens (:mod:`.tokens`), for truncation and token counts. Refuses with
+        429 first when the server is full: every use tokenizes the request ahead of its model
+        call, work a refused request must not do."""
+        self.admission.refuse_if_full()
         return await asyncio.to_thread(lambda: text_tokens(self.loaded(model)))
 
     async def load(self) -> None:

@@ -127,6 +127,7 @@ async def _chunked(
         # with the whole query, exactly as without max_chunks_per_doc.
         return dataclasses.replace(full, windows=tuple(doc[:chunks] for doc in full.windows))
 
+    state.admission.refuse_if_full()  # planning tokenizes every document: not for a 429
     try:
         windowed = await asyncio.to_thread(plan)
     except ConfigurationError as exc:
