@@ -219,6 +219,29 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
 # -- 413 / 422 / 404 ---------------------------------------------------------------------------
 
 
+def test_a_large_refused_body_still_reaches_the_client_as_its_413() -> None:
+    """The server answered 413 and closed with the body unread: the kernel then sent a reset,
+    and the client's stack dropped the answer (a connection error for 6 to 19 of 40 bodies of
+    3-30 MB on loopback). The rest of the body is now read and dropped first (bounded)."""
+    big = json.dumps({"query": "q", "texts": ["x" * 40_000] * 256}).encode()  # ~10 MB
+    with fake_server([FAKE]) as (url, state):
+        statuses = []
+        for _ in range(12):
+            try:
+                statuses.append(
+                    httpx.post(
+                        url + "/rerank",
+                        content=big,
+                        headers={"content-type": "application/json"},
+                        timeout=30,
+                    ).status_code
+                )
+            except httpx.TransportError as exc:
+                statuses.append(type(exc).__name__)
+        assert statuses == [413] * 12
+        assert state.metrics.rejected["too_large"] == 12
+
+
 def test_413_for_too_many_texts_and_too_many_bytes() -> None:
     with fake_server(max_client_batch=8, max_request_bytes=2048) as (url, state):
         many = _post(url, "/rerank", {"query": "q", "texts": ["t"] * 9})
