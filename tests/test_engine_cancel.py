@@ -21,7 +21,7 @@ import pytest
 from rag_rerank_plugins import EngineConfig, ModelPool, ModelSpec
 from rag_rerank_plugins.backends import register_backend
 from rag_rerank_plugins.exceptions import InferenceError, RequestTimeoutError
-from rag_rerank_plugins.testing import FakeReranker
+from rag_rerank_plugins.testing import FakeEmbedder, FakeReranker
 
 
 class _StopIteration(FakeReranker):  # thread-safe: the direct path, the default arun
@@ -176,5 +176,56 @@ def test_closing_a_suspended_calls_coroutine_withdraws_it() -> None:
         stats = pool.spec_stats(spec)
         assert (stats["errors"], stats["cancelled"]) == (0, 1)
         assert _Slow.passes == 1  # the withdrawn request never ran
+    finally:
+        pool.clear()
+
+
+class _SlowEmbedder(FakeEmbedder):
+    thread_safe = False  # scheduled: a cancelled caller's queued requests can be withdrawn
+    passes = 0
+
+    def embed(self, texts: Any, **kwargs: Any) -> list[list[float]]:
+        type(self).passes += 1
+        time.sleep(0.05)
+        return super().embed(texts, **kwargs)
+
+
+register_backend(
+    "cancel-slow-embedder",
+    lambda s, p: _SlowEmbedder(),
+    "embedder",
+    uses_torch=False,
+    replace=True,
+)
+
+
+def test_a_cancelled_bi_encoder_call_withdraws_its_embedder_requests() -> None:
+    """The bi-encoder ran in a thread that cancellation cannot stop: a caller that gave up (a
+    client that hung up on the server) kept the embedder busy for nobody, outside the server's
+    --max-concurrency. It now awaits the embedder, so cancelling withdraws what is queued."""
+    pool = ModelPool(config=EngineConfig(max_batch_size=1))
+    spec = ModelSpec(
+        "m",
+        backend="bi-encoder",
+        device="cpu",
+        options={"embedder_backend": "cancel-slow-embedder"},
+    )
+    pairs = [("q", f"passage {i}") for i in range(60)]
+
+    async def main() -> int:
+        task = asyncio.ensure_future(pool.ascore_pairs(spec, pairs, batch_size=1))
+        await asyncio.sleep(0.4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return _SlowEmbedder.passes
+
+    try:
+        pool.score_pairs(spec, pairs[:2])  # loaded, and the scores work
+        _SlowEmbedder.passes = 0
+        at_cancel = asyncio.run(main())
+        time.sleep(1.0)
+        assert _SlowEmbedder.passes <= at_cancel + 1  # at most the pass running at the cancel
+        assert at_cancel < 30
     finally:
         pool.clear()

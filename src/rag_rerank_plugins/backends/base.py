@@ -322,6 +322,20 @@ class ModelProvider(Protocol):
         priority: Literal["interactive", "bulk"] = "interactive",
     ) -> list[list[float]]: ...
 
+    async def aembed(
+        self,
+        spec: ModelSpec,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        *,
+        is_query: bool = False,
+        normalize: bool = False,
+        timeout: float | None = None,
+        priority: Literal["interactive", "bulk"] = "interactive",
+    ) -> list[list[float]]:
+        """:meth:`embed` for coroutines: cancelling the awaiting task withdraws the request."""
+        ...
+
     def model_info(self, spec: ModelSpec) -> tuple[str, str]:
         """Load ``spec`` if needed and return its concrete ``(device, dtype)``."""
         ...

@@ -11,9 +11,9 @@ retriever already embeds with, so it costs no extra memory. Scores are cosines i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .base import ModelProvider, RerankerModel, current_call
+from .base import ModelProvider, RerankerModel, Task, current_call
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -68,8 +68,45 @@ class BiEncoderReranker(RerankerModel):
             timeout=call.remaining(),
             priority=call.priority,
         )
-        by_query = dict(zip(queries, qvecs, strict=True))
-        return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs, strict=True)]
+        return _scores(pairs, queries, qvecs, dvecs)
+
+    async def arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
+        """Awaits the shared embedder: a cancelled caller (a timeout, a client that hung up on
+        the server) withdraws the embedder requests still queued. Run in a thread, such a call
+        went on embedding for nobody, outside the server's --max-concurrency."""
+        pairs: Sequence[tuple[str, str]] = items
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        call = current_call()
+        aembed = self._provider.aembed
+        qvecs = await aembed(
+            self.embedder,
+            queries,
+            batch_size,
+            is_query=True,
+            normalize=True,
+            timeout=call.remaining(),
+            priority=call.priority,
+        )
+        dvecs = await aembed(
+            self.embedder,
+            [t for _, t in pairs],
+            batch_size,
+            is_query=False,
+            normalize=True,
+            timeout=call.remaining(),
+            priority=call.priority,
+        )
+        return _scores(pairs, queries, qvecs, dvecs)
+
+
+def _scores(
+    pairs: Sequence[tuple[str, str]],
+    queries: list[str],
+    qvecs: Sequence[Sequence[float]],
+    dvecs: Sequence[Sequence[float]],
+) -> list[float]:
+    by_query = dict(zip(queries, qvecs, strict=True))
+    return [_dot(by_query[q], d) for (q, _), d in zip(pairs, dvecs, strict=True)]
 
 
 def load(spec: ModelSpec, provider: ModelProvider) -> BiEncoderReranker:
