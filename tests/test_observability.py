@@ -332,3 +332,66 @@ def test_adapters_read_the_environment_once(settings_env: pytest.MonkeyPatch) ->
         SharedRerankCompressor(pool=pool)
     after = get_settings.cache_info()
     assert after.misses == before.misses  # the cached Settings, never a fresh parse
+
+
+# -- counters a dashboard relies on (found by the observability probe) ----------------------------
+
+
+def test_items_count_a_calls_pairs_whatever_part_came_from_the_cache() -> None:
+    """A call answered wholly from the score cache counted its 3 pairs, one with 2 of 3 cached
+    counted 1: ``items`` ("pairs scored or texts embedded") depended on the cache mix."""
+    from rag_rerank_plugins import ModelSpec
+
+    pool = ModelPool(config=EngineConfig(score_cache_size=100))
+    spec = ModelSpec("m", backend="fake-reranker", device="cpu")
+    pairs = [("q", "a"), ("q", "b"), ("q", "c")]
+    counts = []
+    try:
+        for call in (pairs, pairs, [("q", "a"), ("q", "b"), ("q", "new")]):
+            before = pool.spec_stats(spec)["items"] if counts else 0
+            pool.score_pairs(spec, call)
+            counts.append(pool.spec_stats(spec)["items"] - before)
+        assert counts == [3, 3, 3]
+        stats = pool.spec_stats(spec)
+        assert (stats["cache_hits"], stats["cache_misses"]) == (5, 4)
+    finally:
+        pool.clear()
+
+
+def test_out_of_memory_splits_of_a_thread_safe_model_are_counted() -> None:
+    """Direct (thread-safe) models split on out-of-memory like scheduled ones, but the splits
+    never reached ``oom_splits`` (a GPU bi-encoder reported 0)."""
+    from rag_rerank_plugins import ModelSpec
+    from rag_rerank_plugins.backends import register_backend
+    from rag_rerank_plugins.testing import FakeReranker
+
+    class Oom(FakeReranker):
+        thread_safe = True
+
+        def score_pairs(self, pairs: Any, batch_size: int) -> list[float]:
+            if len(pairs) > 2:
+                raise RuntimeError("CUDA out of memory")
+            return [1.0] * len(pairs)
+
+        def is_oom(self, exc: BaseException) -> bool:
+            return "out of memory" in str(exc)
+
+    class OomScheduled(Oom):
+        thread_safe = False
+
+    register_backend(
+        "test-oom-direct", lambda s, p: Oom(), "reranker", uses_torch=False, replace=True
+    )
+    register_backend(
+        "test-oom-sched", lambda s, p: OomScheduled(), "reranker", uses_torch=False, replace=True
+    )
+    pool = ModelPool()
+    try:
+        splits = {}
+        for backend in ("test-oom-sched", "test-oom-direct"):
+            spec = ModelSpec("m", backend=backend, device="cpu")
+            assert pool.score_pairs(spec, [("q", f"p{i}") for i in range(8)], 8) == [1.0] * 8
+            splits[backend] = pool.spec_stats(spec)["oom_splits"]
+        assert splits["test-oom-direct"] == splits["test-oom-sched"] == 3
+    finally:
+        pool.clear()

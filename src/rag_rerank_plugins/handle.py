@@ -191,9 +191,6 @@ class ModelHandle:
         )
         self._stats.update(last_used=time.time())
 
-    def _cache_counts(self, hits: int, misses: int) -> None:
-        self._stats.add(cache_hits=hits, cache_misses=misses)
-
     # -- reranking ----------------------------------------------------------------------------
 
     def _score_plan(
@@ -205,9 +202,11 @@ class ModelHandle:
             self._require_kind("reranker")
         scores, missing = self._score_cache.split(list(checked))
         if self._score_cache.enabled:
-            self._cache_counts(len(checked) - len(missing), len(missing))
+            self._stats.add(cache_hits=len(checked) - len(missing), cache_misses=len(missing))
         if checked and not missing:
             self._count(len(checked), time.perf_counter())  # answered from the cache
+        elif len(missing) < len(checked):  # the cached part of a call counts as items too
+            self._stats.add(items=len(checked) - len(missing))
         return checked, scores, missing, [checked[i] for i in missing]
 
     def score_pairs(
@@ -252,7 +251,7 @@ class ModelHandle:
             return None
         value = self._query_cache.get((texts[0], task))
         hit = value is not TTLCache.MISSING
-        self._cache_counts(int(hit), int(not hit))
+        self._stats.add(cache_hits=int(hit), cache_misses=int(not hit))
         if hit:
             self._count(1, time.perf_counter())
             return [list(value)]

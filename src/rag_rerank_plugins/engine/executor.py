@@ -129,8 +129,9 @@ class DirectExecutor(Executor):
     result is dropped).
     """
 
-    def __init__(self, model: LoadedModel, name: str) -> None:
+    def __init__(self, model: LoadedModel, name: str, metrics: Metrics | None = None) -> None:
         super().__init__(model, name)
+        self.metrics = metrics
         self._idle = threading.Condition()
         self._running = 0  # calls inside the model now (in any thread, or awaited)
         self._on_loop: dict[asyncio.AbstractEventLoop, int] = {}  # of those, awaited per loop
@@ -191,14 +192,14 @@ class DirectExecutor(Executor):
         """A forked child gets a fresh count and condition: the parent's running calls do not
         run in the child (a count inherited from them would make :meth:`close` wait forever),
         and the parent's condition lock may have been held by another thread at the fork."""
-        child = DirectExecutor(self.model, self.name)
+        child = DirectExecutor(self.model, self.name, metrics)
         child._closed = self._closed
         return child
 
     def _call(self, request: Request) -> list[Any]:
         with self._inside(), call_context(CallContext(request.lane, request.deadline)):
             results = run_direct(
-                self.model, request.task, request.items, request.batch_size, self.name
+                self.model, request.task, request.items, request.batch_size, self.name, self.metrics
             )
         return self._check(request, results)
 
@@ -317,5 +318,5 @@ def _settle_room(room: asyncio.Future[None]) -> None:
 def executor_for(model: LoadedModel, name: str, config: EngineConfig, metrics: Metrics) -> Executor:
     """Direct for models that declare ``thread_safe``, scheduled for every other."""
     if model.thread_safe:
-        return DirectExecutor(model, name)
+        return DirectExecutor(model, name, metrics)
     return ScheduledExecutor(model, name, config, metrics)

@@ -130,7 +130,12 @@ def run_alone(stages: Stages, entries: list[Entry]) -> bool:
 
 
 def run_direct(
-    model: LoadedModel, task: Task, items: Sequence[Any], batch_size: int, name: str
+    model: LoadedModel,
+    task: Task,
+    items: Sequence[Any],
+    batch_size: int,
+    name: str,
+    metrics: Metrics | None = None,
 ) -> Any:
     """``model.run`` on ``items`` (its result as it is, for the caller to validate); on
     out-of-memory the failed call is dropped, memory freed, and the items run in halves
@@ -167,6 +172,8 @@ def run_direct(
                 "or move the model to a larger device."
             )
         logger.warning("%s: out of memory on %d items; splitting", name, end - start)
+        if metrics is not None:  # counted as a scheduled pass's split is (stats, /metrics)
+            metrics.bump("oom_splits")
         middle = (start + end) // 2
         stack.extend([(middle, end), (start, middle)])  # first half runs first
     return results
