@@ -219,6 +219,28 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
 # -- 413 / 422 / 404 ---------------------------------------------------------------------------
 
 
+def test_every_refusal_before_inference_is_counted_with_its_reason() -> None:
+    """observability.md lists the reasons (auth, too_large, timeout, invalid, overloaded) of
+    ``rag_rerank_http_rejected_total``; an endpoint's own refusals (too many texts, an empty
+    list, token ids) were answered but never counted."""
+    with fake_server(max_client_batch=4) as (url, state):
+        cases = [
+            ("/rerank", {"query": "q", "texts": ["a"] * 5}, 413, "too_large"),
+            ("/embed", {"inputs": ["a"] * 5}, 413, "too_large"),
+            ("/rerank", {"query": "q", "texts": []}, 422, "invalid"),
+            ("/v1/embeddings", {"input": [[1, 2, 3]], "model": "fake-emb"}, 400, "invalid"),
+            ("/rerank", {"query": "q", "texts": ["a"], "bogus": 1}, 400, "invalid"),
+        ]
+        for path, body, status, reason in cases:
+            before = dict(state.metrics.rejected)
+            assert _post(url, path, body).status_code == status, (path, body)
+            after = dict(state.metrics.rejected)
+            assert after.get(reason, 0) == before.get(reason, 0) + 1, (path, body)
+            assert sum(after.values()) == sum(before.values()) + 1, (path, body)
+        assert _post(url, "/rerank", {"query": "q", "texts": ["a"]}).status_code == 200
+        assert sum(state.metrics.rejected.values()) == len(cases)
+
+
 def test_a_large_refused_body_still_reaches_the_client_as_its_413() -> None:
     """The server answered 413 and closed with the body unread: the kernel then sent a reset,
     and the client's stack dropped the answer (a connection error for 6 to 19 of 40 bodies of
@@ -267,7 +289,7 @@ def test_413_for_too_many_texts_and_too_many_bytes() -> None:
         )
         assert streamed.status_code == 413
         assert _post(url, "/rerank", {"query": "q", "texts": ["t"] * 8}).status_code == 200
-        assert state.metrics.rejected["too_large"] == 2
+        assert state.metrics.rejected["too_large"] == 4  # two with too many texts, two too big
 
 
 @pytest.mark.parametrize(

@@ -171,11 +171,15 @@ STATUS: dict[type[Exception], ErrorRule] = {
     Overloaded: ErrorRule(429, "Overloaded", _own_retry_after, "overloaded"),
     # The pool's own per-model queue (EngineConfig.max_queue) is full.
     QueueFullError: ErrorRule(429, "Overloaded", _estimated_retry_after, "overloaded"),
-    InvalidInputError: ErrorRule(422, "Validation"),
+    InvalidInputError: ErrorRule(422, "Validation", reject_reason="invalid"),
     RequestTimeoutError: ErrorRule(503, "Overloaded", _fixed(1)),
     ModelLoadError: ErrorRule(503, "Unhealthy", _fixed(5)),
     RagRerankError: ErrorRule(500, "Backend"),
 }
+
+#: ``rag_rerank_http_rejected_total`` reason of an endpoint's own :class:`ApiError` by status
+#: (too many texts, token ids, an unknown model, an empty list); other statuses are no refusal.
+_REFUSED = {400: "invalid", 404: "invalid", 413: "too_large", 422: "invalid"}
 
 #: ``error_type`` of statuses FastAPI/Starlette answer themselves (HTTPException).
 _HTTP_ERROR_TYPES = {
@@ -358,7 +362,10 @@ def as_api_error(exc: BaseException, request: Request, state: ErrorContext) -> A
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    if isinstance(exc, ApiError):
+    if isinstance(exc, ApiError):  # an endpoint's own refusal, before any model work
+        reason = _REFUSED.get(exc.status)
+        if reason is not None:
+            state.metrics.reject(reason)
         return exc
     if isinstance(exc, RequestValidationError):
         state.metrics.reject("invalid")
