@@ -91,6 +91,9 @@ class PoolState:
         self._lock = threading.Lock()
         self._slots: dict[ModelSpec, Slot] = {}
         self._keys: dict[ModelSpec, ModelSpec] = {}
+        #: What a spec resolved to before its model was unloaded (_forget_keys): counters of a
+        #: call that ended while its spec was not resolved again still find their stats.
+        self._last_keys: dict[ModelSpec, ModelSpec] = {}
         self._stats: dict[ModelSpec, SpecStats] = {}
         self._reasons: dict[ModelSpec, str] = {}  # per key: the first spec's (stats())
         self._spec_reasons: dict[ModelSpec, str] = {}  # per spec as given (spec_stats())
@@ -140,7 +143,7 @@ class PoolState:
         directory) when resolved: a re-pointed "current" symlink (a blue/green deploy) or a
         relative path after a chdir reloaded the old folder after ``release()``, for good."""
         for spec in [given for given, resolved in self._keys.items() if resolved == key]:
-            del self._keys[spec]
+            self._last_keys[spec] = self._keys.pop(spec)
             self._spec_reasons.pop(spec, None)
 
     def _close_handle(self, key: ModelSpec, handle: ModelHandle) -> None:

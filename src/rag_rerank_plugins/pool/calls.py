@@ -177,7 +177,7 @@ class PoolCalls(PoolState):
         self._abandon(loading)
 
         def count(_: object = None) -> bool:
-            key = self._keys.get(spec)
+            key = self._keys.get(spec) or self._last_keys.get(spec)
             if key is not None:
                 self._stats_for(key).add(calls=1, errors=1)
             return key is not None
