@@ -459,3 +459,36 @@ def test_the_reaper_checks_idleness_again_once_it_holds_the_memory_lock(
     stats.update(last_used=time.time() - 5)
     assert pool._evict(key, slot, "idle", idle=1.0) is True
     assert pool.spec_stats(spec)["last_eviction_reason"] == "idle"
+
+
+class _ScheduledSlow(FakeReranker):
+    thread_safe = False  # scheduled: a timed-out caller's running pass goes on in the worker
+
+
+register_backend(
+    "test-mem-scheduled-slow",
+    lambda spec, _p: _ScheduledSlow(delay_ms=float(spec.option("delay_ms", 0)), footprint_mb=100),
+    "reranker",
+    replace=True,
+    uses_torch=False,
+)
+
+
+def test_eviction_leaves_a_model_running_a_pass_nobody_waits_for(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """A caller timed out while its pass ran; the worker went on. Evicting that model waited
+    for the pass while holding the memory lock, so an unrelated model's first call timed out."""
+    from rag_rerank_plugins import RequestTimeoutError
+
+    pool = make_pool(memory_budget_mb=100)
+    slow = ModelSpec(
+        "A", backend="test-mem-scheduled-slow", device="cpu", options={"delay_ms": 3000}
+    )
+    other = ModelSpec("B", backend="test-mem-scheduled-slow", device="cpu")
+    pool.preload(slow, warmup=False)
+    with pytest.raises(RequestTimeoutError):
+        pool.score_pairs(slow, PAIRS, timeout=0.2)
+    started = time.monotonic()
+    assert pool.score_pairs(other, PAIRS, timeout=2.0) == _expected(PAIRS)
+    assert time.monotonic() - started < 1.5

@@ -112,8 +112,9 @@ class Executor(ABC):
         """Finish queued work and stop any threads."""
 
     def busy(self) -> bool:
-        """Whether a backend call runs now that no caller waits for (a timed-out or cancelled
-        direct call left in its thread); the scheduled path withdraws such work instead."""
+        """Whether a backend call may run now that no caller waits for (a timed-out or cancelled
+        direct call left in its thread, a scheduled pass already running for one): a budget or
+        idle eviction leaves such a model for later."""
         return False
 
     def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
@@ -305,6 +306,9 @@ class ScheduledExecutor(Executor):
 
     def close(self) -> None:
         self.scheduler.close()
+
+    def busy(self) -> bool:
+        return self.scheduler.busy()
 
     def after_fork(self, metrics: Metrics, config: EngineConfig) -> Executor:
         return ScheduledExecutor(self.model, self.name, config, metrics)

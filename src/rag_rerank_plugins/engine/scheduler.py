@@ -96,6 +96,14 @@ class Scheduler:
             self._worker.serve()
         except BaseException as exc:  # the invariant: no caller is left waiting
             self._crashed(exc)
+        finally:
+            self._worker.idle = True
+
+    def busy(self) -> bool:
+        """Whether the worker has work in hand: a pass may run for a caller that gave up (a
+        timeout), which a budget eviction must leave for later rather than wait for while it
+        holds the pool's memory lock (an unrelated load then timed out behind it)."""
+        return not self._worker.idle
 
     def _crashed(self, exc: BaseException) -> None:
         logger.error("%s: the engine's worker crashed", self.name, exc_info=exc)

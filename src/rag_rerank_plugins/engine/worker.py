@@ -96,6 +96,7 @@ class Worker:
                     workers, thread_name_prefix=f"rag-rerank-device[{self.name}]"
                 )
         self._bound_threads: dict[int, int] = {}  # device-pool thread id -> threads bound
+        self.idle = True  # waiting for work with nothing in hand
 
     def model(self) -> LoadedModel:
         model = self._model
@@ -120,8 +121,11 @@ class Worker:
             while len(ahead) < LOOKAHEAD:
                 if not formed:
                     idle = not ahead and running is None and not inflight
-                    if idle and not self.queue.wait_for_work(self.wait_s):
-                        return  # closing and drained
+                    if idle:
+                        self.idle = True  # nothing in hand (Scheduler.busy)
+                        if not self.queue.wait_for_work(self.wait_s):
+                            return  # closing and drained
+                        self.idle = False
                     entries, lane = self.queue.take_round(self.budget)
                     if not entries:
                         break
