@@ -20,7 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def serve(config: ServerConfig, *, pool: ModelPool | None = None) -> int:
-    """Serve until stopped. Returns the process exit status (0 after a clean shutdown)."""
+    """Serve until stopped. Returns the process exit status (1 when a model failed to load,
+    0 when the server stopped by itself). Stopped by SIGTERM or SIGINT, uvicorn drains the
+    requests in flight and then re-raises the signal, so the process ends by that signal
+    (exit status 143 for SIGTERM in a shell; systemd and Kubernetes read it as a normal stop)
+    and this does not return."""
     try:
         import uvicorn
     except ImportError:
