@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .base import ModelProvider, RerankerModel, Task, current_call
+from .base import CallContext, ModelProvider, RerankerModel, Task, current_call
 
 if TYPE_CHECKING:
     from ..spec import ModelSpec
@@ -46,57 +46,42 @@ class BiEncoderReranker(RerankerModel):
         self.dtype = dtype
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
-        queries = list(dict.fromkeys(q for q, _ in pairs))
-        texts = [t for _, t in pairs]
-        embed = self._provider.embed
+        queries, jobs = _jobs(pairs)
         call = current_call()  # the caller's lane and deadline hold through the embedder
-        qvecs = embed(
-            self.embedder,
-            queries,
-            batch_size,
-            is_query=True,
-            normalize=True,
-            timeout=call.remaining(),
-            priority=call.priority,
-        )
-        dvecs = embed(
-            self.embedder,
-            texts,
-            batch_size,
-            is_query=False,
-            normalize=True,
-            timeout=call.remaining(),
-            priority=call.priority,
-        )
+        qvecs, dvecs = [
+            self._provider.embed(self.embedder, texts, batch_size, **_options(call, is_query))
+            for texts, is_query in jobs
+        ]
         return _scores(pairs, queries, qvecs, dvecs)
 
     async def arun(self, task: Task, items: Sequence[Any], batch_size: int) -> list[Any]:
         """Awaits the shared embedder: a cancelled caller (a timeout, a client that hung up on
         the server) withdraws the embedder requests still queued. Run in a thread, such a call
         went on embedding for nobody, outside the server's --max-concurrency."""
-        pairs: Sequence[tuple[str, str]] = items
-        queries = list(dict.fromkeys(q for q, _ in pairs))
+        queries, jobs = _jobs(items)
         call = current_call()
-        aembed = self._provider.aembed
-        qvecs = await aembed(
-            self.embedder,
-            queries,
-            batch_size,
-            is_query=True,
-            normalize=True,
-            timeout=call.remaining(),
-            priority=call.priority,
-        )
-        dvecs = await aembed(
-            self.embedder,
-            [t for _, t in pairs],
-            batch_size,
-            is_query=False,
-            normalize=True,
-            timeout=call.remaining(),
-            priority=call.priority,
-        )
-        return _scores(pairs, queries, qvecs, dvecs)
+        vectors = []
+        for texts, is_query in jobs:  # one after the other, as the sync path
+            options = _options(call, is_query)
+            vectors.append(await self._provider.aembed(self.embedder, texts, batch_size, **options))
+        return _scores(items, queries, *vectors)
+
+
+def _options(call: CallContext, is_query: bool) -> dict[str, Any]:
+    """One embedder call's options: unit vectors, the caller's lane and what is left of its
+    deadline (read at each call)."""
+    return {
+        "is_query": is_query,
+        "normalize": True,
+        "timeout": call.remaining(),
+        "priority": call.priority,
+    }
+
+
+def _jobs(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[tuple[list[str], bool]]]:
+    """The distinct queries, and the two embedder calls: (texts, is_query)."""
+    queries = list(dict.fromkeys(q for q, _ in pairs))
+    return queries, [(queries, True), ([t for _, t in pairs], False)]
 
 
 def _scores(
