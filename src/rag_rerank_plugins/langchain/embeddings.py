@@ -227,6 +227,12 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     #: for them the kwargs decide per call (a key removed since means encode's default).
     _from_kwargs: frozenset[str] = PrivateAttr(default=frozenset())
 
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        private = dict(state.get("__pydantic_private__") or {})
+        private["_prompt_cache"] = {}  # weak references to this process's handles: re-read
+        return {**state, "__pydantic_private__": private}
+
     @model_validator(mode="after")
     def _note_fields_from_kwargs(self) -> SharedEmbeddings:
         lifted = set()
