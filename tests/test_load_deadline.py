@@ -38,7 +38,10 @@ PAIRS = [("red apple", "apple"), ("red apple", "pear")]
 class Loader:
     """A backend loader that blocks until ``release`` is set (or raises ``error``)."""
 
-    def __init__(self, kind: str = "reranker", error: BaseException | None = None) -> None:
+    def __init__(
+        self, kind: str = "reranker", error: BaseException | None = None, footprint_mb: int = 0
+    ) -> None:
+        self.footprint_mb = footprint_mb
         self.release = threading.Event()
         self.started = threading.Event()
         self.error = error
@@ -54,7 +57,9 @@ class Loader:
         self.release.wait(30)
         if self.error is not None:
             raise self.error
-        return FakeReranker() if self.kind == "reranker" else FakeEmbedder()
+        if self.kind == "reranker":
+            return FakeReranker(footprint_mb=self.footprint_mb)
+        return FakeEmbedder()
 
 
 @pytest.fixture
@@ -262,3 +267,66 @@ async def test_async_a_cancelled_caller_leaves_the_load_running_and_no_pin_behin
         ["red apple"], batch_size=1, is_query=False
     )
     assert loader.calls == 1
+
+
+def _budget_of_one(make_pool: Callable[..., ModelPool]) -> tuple[ModelPool, Loader, list[Loader]]:
+    """A pool whose budget fits one model, a load of ``blocker`` hung in it, and two more specs
+    whose loads would each take the memory lock after it (and evict the one before)."""
+    blocker = Loader(footprint_mb=100)
+    others = [Loader(footprint_mb=100) for _ in range(2)]
+    for other in others:
+        other.release.set()  # they would load at once, once their turn comes
+    pool = make_pool(memory_budget_mb=100)
+    threading.Thread(target=pool.get, args=(blocker.spec,), daemon=True).start()
+    assert blocker.started.wait(5)
+    return pool, blocker, others
+
+
+def test_callers_that_gave_up_before_their_turn_load_nothing_for_nobody(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """Under a budget that fits one model, 20 callers of two other specs time out while a load
+    holds the memory lock. Their loads had not begun: none begins after they left (before, each
+    still loaded, and evicted the model before it, for nobody: 18 loads for 30 gone callers)."""
+    pool, blocker, others = _budget_of_one(make_pool)
+
+    def call(i: int) -> BaseException | None:
+        try:
+            pool.score_pairs(others[i % 2].spec, PAIRS, timeout=0.2)
+        except BaseException as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(20) as ex:
+        outcomes = list(ex.map(call, range(20)))
+    assert all(isinstance(o, RequestTimeoutError) for o in outcomes), outcomes
+    blocker.release.set()
+    _wait_for(lambda: pool.is_loaded(blocker.spec))
+    time.sleep(0.5)  # the gone callers' threads had their turn by now
+    assert [other.calls for other in others] == [0, 0]
+    assert pool.is_loaded(blocker.spec)  # the load that had begun went on, and was kept
+    assert pool.spec_stats(others[0].spec)["errors"] == 10  # each timeout still counts
+    # A caller still waiting is served, with one load; the next spec's callers load it again.
+    assert pool.score_pairs(others[0].spec, PAIRS, timeout=5) == FakeReranker().score_pairs(
+        PAIRS, 2
+    )
+    assert [other.calls for other in others] == [1, 0]
+
+
+async def test_cancelled_async_callers_before_their_turn_load_nothing(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    pool, blocker, others = _budget_of_one(make_pool)
+    tasks = [asyncio.create_task(pool.ascore_pairs(others[i % 2].spec, PAIRS)) for i in range(8)]
+    await asyncio.sleep(0.2)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    blocker.release.set()
+    await asyncio.to_thread(_wait_for, lambda: pool.is_loaded(blocker.spec))
+    await asyncio.sleep(0.5)
+    assert [other.calls for other in others] == [0, 0]
+    # a caller that waits while another's load goes on is still served by that load
+    waiting = asyncio.create_task(pool.ascore_pairs(others[1].spec, PAIRS, timeout=5))
+    assert await waiting == FakeReranker().score_pairs(PAIRS, 2)
+    assert [other.calls for other in others] == [0, 1]

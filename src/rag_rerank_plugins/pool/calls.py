@@ -11,8 +11,10 @@ priority) before it looks the model up, so bad input never costs a load.
 A call's ``timeout`` (or ``EngineConfig.request_timeout_s``) bounds the whole call, the wait for
 a cold model's load included: a load that is slow, or never ends (a stalled network share, a
 progress bar's lock left held: docs/troubleshooting.md), raises :class:`RequestTimeoutError` at
-the deadline instead of holding the caller; the load goes on in its thread and later calls use
-the model once it is in. Without a timeout a call waits for the load as before.
+the deadline instead of holding the caller; a load that has begun goes on in its thread and later
+calls use the model once it is in, while one that had not begun (waiting its turn behind other
+loads under a memory budget) never starts, so callers that gave up load nothing for nobody.
+Without a timeout a call waits for the load as before.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ if TYPE_CHECKING:
 __all__ = ["PoolCalls"]
 
 T = TypeVar("T")
+
+
+class _Loading(Future["ModelHandle"]):
+    """One caller's wait for :meth:`PoolCalls._get` in a thread; ``wanted`` turns false when
+    the caller stops waiting."""
+
+    wanted = True
 
 
 class PoolCalls(PoolState):
@@ -147,14 +156,17 @@ class PoolCalls(PoolState):
             self._abandon(loading)
             raise
 
-    def _start_get(self, spec: ModelSpec) -> Future[ModelHandle]:
-        """:meth:`_get` in a thread of its own: a caller can stop waiting for it."""
-        loading: Future[ModelHandle] = Future()
+    def _start_get(self, spec: ModelSpec) -> _Loading:
+        """:meth:`_get` in a thread of its own: a caller can stop waiting for it (then a load
+        that has not begun yet never does: :meth:`_abandon`)."""
+        loading = _Loading()
         loading.set_running_or_notify_cancel()  # running: nobody can cancel it from here on
 
         def run() -> None:
             try:
-                handle = self._get(spec, pin=self._pins, start_over=True)
+                handle = self._get(
+                    spec, pin=self._pins, start_over=True, wanted=lambda: loading.wanted
+                )
             except (KeyboardInterrupt, SystemExit) as exc:  # raised here: interrupts nobody
                 loading.set_exception(ModelLoadError(spec.model, spec.backend, exc))
             except BaseException as exc:  # the waiting caller raises it
@@ -169,7 +181,7 @@ class PoolCalls(PoolState):
         return loading
 
     def _load_timeout(
-        self, spec: ModelSpec, loading: Future[ModelHandle], started: float
+        self, spec: ModelSpec, loading: _Loading, started: float
     ) -> RequestTimeoutError:
         """The error for a caller whose deadline passed while ``loading`` still ran; counted
         as an errored call of the model in ``stats()`` (at once when the spec was resolved
@@ -187,13 +199,16 @@ class PoolCalls(PoolState):
         waited = time.monotonic() - started
         return RequestTimeoutError(
             f"{spec.model!r} was still loading after {waited:.1f} s, past the call's timeout. "
-            "The load goes on in the background and later calls use the model once it is in: "
+            "A load that has begun goes on in the background and later calls use the model once "
+            "it is in: "
             "retry, preload the model at startup (ModelPool.preload), or give a longer timeout."
         )
 
-    def _abandon(self, loading: Future[ModelHandle]) -> None:
-        """The caller stopped waiting: the load goes on, and the pin it takes for the caller
-        is given back when it ends (an idle or over-budget model stays evictable)."""
+    def _abandon(self, loading: _Loading) -> None:
+        """The caller stopped waiting: a load already running goes on, and the pin it takes for
+        the caller is given back when it ends (an idle or over-budget model stays evictable);
+        one still waiting for its turn (the memory lock under a budget) never begins."""
+        loading.wanted = False
 
         def unpin(done: Future[ModelHandle]) -> None:
             if self._pins and done.exception() is None:

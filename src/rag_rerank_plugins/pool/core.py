@@ -9,9 +9,8 @@ pool and fork handling are in :mod:`.process`.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._mps import apply_high_watermark
@@ -23,7 +22,7 @@ from ..spec import ModelSpec
 from ._state import POOLS, LoadReleasedError, Slot, logger
 from .budget import MemoryBudget
 from .calls import PoolCalls
-from .loading import Loading
+from .loading import Loading, StartOver, Unwanted
 
 if TYPE_CHECKING:
     from ..handle import ModelHandle
@@ -38,13 +37,6 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
-
-#: How often a caller waiting for another caller's load looks whether that load was released.
-_POLL_S = 0.05
-
-
-class _StartOver(Exception):
-    """The slot a caller waited on was released before any load began in it."""
 
 
 class ModelPool(PoolCalls, MemoryBudget, Loading):
@@ -124,12 +116,21 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         """The shared handle for ``spec``, loading it on first use (exactly once)."""
         return self._get(spec, pin=False)
 
-    def _get(self, spec: ModelSpec, *, pin: bool, start_over: bool = False) -> ModelHandle:
+    def _get(
+        self,
+        spec: ModelSpec,
+        *,
+        pin: bool,
+        start_over: bool = False,
+        wanted: Callable[[], bool] | None = None,
+    ) -> ModelHandle:
         """:meth:`get`; with ``pin`` the handle comes back with one call counted in flight (the
         caller unpins), so no eviction can happen between the lookup and the call. A caller
         whose load (its own, or the one it waited for) was released gets
         :class:`LoadReleasedError`, or with ``start_over`` (the calls, :mod:`.calls`) starts
-        again with a fresh slot and a fresh load."""
+        again with a fresh slot and a fresh load. A load of a caller that gave up before its
+        turn (``wanted()`` false) does not begin (:class:`Unwanted`): under a tight budget,
+        callers that time out would otherwise each still load (and evict) a model for nobody."""
         key = self.key(spec)
         while True:
             slot = self._slots.get(key)
@@ -144,7 +145,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             with contextlib.ExitStack() as held:
                 try:
                     self._take_turn(held, key, slot)
-                except _StartOver:
+                except StartOver:
                     continue  # released before a load began in it: a fresh slot
                 except LoadReleasedError:  # the load we waited for, still running, was released
                     if start_over:
@@ -157,6 +158,9 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                 if retired:
                     continue  # evicted, released or failed while we waited: a fresh slot
                 if handle is None:
+                    if wanted is not None and not wanted():
+                        self._drop_empty(key, slot)
+                        raise Unwanted(key.label)
                     slot.loading = True
                     try:
                         handle = self._load_into(key, slot)
@@ -178,25 +182,6 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             if self._slots.get(key) is slot and slot.handle is None:
                 del self._slots[key]
                 slot.retired = True
-
-    def _take_turn(self, held: contextlib.ExitStack, key: ModelSpec, slot: Slot) -> None:
-        """Take the memory lock (under a budget) then the slot's lock, until ``held`` exits. A
-        caller waiting there for someone else's load stops waiting as soon as that load is
-        released (it may never end): :class:`LoadReleasedError`; or, when no load had begun in
-        the slot, ``_StartOver``."""
-        if self.pool_config.manages_memory:
-            self._wait_for(self._mem_lock, key, slot)
-            held.callback(self._mem_lock.release)
-        self._wait_for(slot.lock, key, slot)
-        held.callback(slot.lock.release)
-
-    @staticmethod
-    def _wait_for(lock: threading.Lock | threading.RLock, key: ModelSpec, slot: Slot) -> None:
-        while not lock.acquire(timeout=_POLL_S):
-            if slot.cancelled:
-                if slot.loading:
-                    raise LoadReleasedError(key, in_flight=True)
-                raise _StartOver
 
     def _load_into(self, key: ModelSpec, slot: Slot) -> ModelHandle:
         """Under the slot's lock (and the memory lock with a budget): make room, load, warm up

@@ -10,6 +10,7 @@ start or end) when it can be measured, else the backend's own count.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -21,19 +22,49 @@ from ..backends import get_loader
 from ..exceptions import ModelLoadError, RagRerankError
 from ..policy import configure_torch_threads
 from ..spec import ModelSpec
-from ._state import PoolState, fmt_mb, logger
+from ._state import LoadReleasedError, PoolState, Slot, fmt_mb, logger
 
 if TYPE_CHECKING:
     from ..backends.base import ModelProvider
     from ..handle import ModelHandle
 
-__all__ = ["Loading"]
+__all__ = ["POLL_S", "Loading", "StartOver", "Unwanted"]
+
+#: How often a caller waiting for another caller's load looks whether that load was released.
+POLL_S = 0.05
+
+
+class StartOver(Exception):
+    """The slot a caller waited on was released before any load began in it."""
+
+
+class Unwanted(Exception):
+    """Every caller a load would serve had stopped waiting before it began: none starts."""
 
 
 class Loading(PoolState):
     """The load and warm-up of one spec (see the module docstring)."""
 
     _num_threads: int | None
+
+    def _take_turn(self, held: contextlib.ExitStack, key: ModelSpec, slot: Slot) -> None:
+        """Take the memory lock (under a budget) then the slot's lock, until ``held`` exits. A
+        caller waiting there for someone else's load stops waiting as soon as that load is
+        released (it may never end): :class:`LoadReleasedError`; or, when no load had begun in
+        the slot, ``StartOver``."""
+        if self.pool_config.manages_memory:
+            self._wait_for(self._mem_lock, key, slot)
+            held.callback(self._mem_lock.release)
+        self._wait_for(slot.lock, key, slot)
+        held.callback(slot.lock.release)
+
+    @staticmethod
+    def _wait_for(lock: threading.Lock | threading.RLock, key: ModelSpec, slot: Slot) -> None:
+        while not lock.acquire(timeout=POLL_S):
+            if slot.cancelled:
+                if slot.loading:
+                    raise LoadReleasedError(key, in_flight=True)
+                raise StartOver
 
     def _load(self, key: ModelSpec) -> ModelHandle:
         stats = self._stats_for(key)
