@@ -216,6 +216,21 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def test_names_served_by_one_model_share_its_metric_row_under_both_names() -> None:
+    """Two served names for one spec are one pool slot with one set of counters: the row used
+    to carry whichever name came last; it names both."""
+    specs = [{**FAKE, "name": "fast"}, {**FAKE, "name": "default"}]
+    row = ("rag_rerank_model_calls_total", "default,fast")
+    with fake_server(specs) as (url, _state):
+        warm = _samples(httpx.get(url + "/metrics", timeout=10).text)[row]  # warm-up passes
+        for name in ("fast", "default"):
+            response = _post(url, "/rerank", {"model": name, "query": "q", "texts": ["a", "b"]})
+            assert response.status_code == 200, response.text
+        samples = _samples(httpx.get(url + "/metrics", timeout=10).text)
+    assert samples[row] == warm + 2
+    assert not any(model in ("fast", "default") for _, model in samples)
+
+
 # -- 413 / 422 / 404 ---------------------------------------------------------------------------
 
 

@@ -93,7 +93,10 @@ class _ServerCollector:
 
         core = prometheus_core("rag-rerank serve's GET /metrics", extra="server")
         state = self.state
-        names = {state.pool.key(m.spec).label: m.name for m in state.served}
+        served: dict[str, list[str]] = {}  # names served by one model share its counters
+        for m in state.served:
+            served.setdefault(state.pool.key(m.spec).label, []).append(m.name)
+        names = {label: ",".join(sorted(set(group))) for label, group in served.items()}
         yield from model_families(state.pool.stats(), names)
         cache = built_cache(state)
         if cache is not None:  # --semantic-cache, once a request has built it
