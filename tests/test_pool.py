@@ -192,6 +192,19 @@ def test_preload_warms_up(pool: ModelPool) -> None:
     assert pool.spec_stats(spec)["calls"] == 1  # the warm-up forward pass
 
 
+def test_preload_again_does_not_warm_up_again_until_the_model_reloads(pool: ModelPool) -> None:
+    """A Ray Serve replica preloads in ``__init__``, then the server's lifespan preloads the same
+    specs: a second warm-up pass kept ``/health`` at "loading" (503s) after Ray marked the
+    replica ready. A reloaded model is a new handle and warms up again."""
+    spec = fake_reranker_spec()
+    pool.preload(spec)
+    pool.preload(spec)
+    assert pool.spec_stats(spec)["calls"] == 1
+    pool.release(spec)
+    pool.preload(spec)
+    assert pool.spec_stats(spec)["calls"] == 2
+
+
 def test_get_pool_is_one_process_wide_instance() -> None:
     seen = []
     threads = [threading.Thread(target=lambda: seen.append(get_pool())) for _ in range(16)]

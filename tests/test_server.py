@@ -456,6 +456,24 @@ def test_health_is_503_until_the_models_are_loaded_and_warm() -> None:
         assert state.status == "ok"
 
 
+def test_an_app_whose_models_were_preloaded_is_ready_without_a_second_warm_up() -> None:
+    """The Ray Serve recipe (docs/deployment.md) preloads in the replica's ``__init__``, then
+    the app's lifespan loads again: that used to run a second warm-up pass while ``/health``
+    said "loading", so a replica Ray had marked ready answered 503s for one warm-up."""
+    slow = {**FAKE, "options": {"delay_ms": 1500}}
+    pool = ModelPool()
+    app = create_app(ServerConfig(specs=[slow]), pool=pool)
+    state = app.state.server
+    pool.preload(*(m.spec for m in state.served), warmup=True)
+    try:
+        with ServerThread(app) as url:
+            wait_until_healthy(url, timeout=1.0)  # one warm-up pass alone takes 1.5 s
+            assert _post(url, "/rerank", {"query": "a", "texts": ["a"]}).status_code == 200
+        assert pool.spec_stats(state.served[0].spec)["calls"] == 2  # one warm-up, one request
+    finally:
+        pool.clear()
+
+
 def test_a_model_that_fails_to_load_keeps_the_server_unready() -> None:
     broken = {"name": "broken", "model": "b", "backend": "test-failing-reranker", "device": "cpu"}
     pool = ModelPool()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._memory import free_memory, release_window
@@ -104,13 +105,23 @@ class PoolState:
         self._peak: dict[str, int] = {}
         self._over: set[str] = set()  # devices left over budget (every model was busy)
         self._needs_warmup: set[ModelSpec] = set()
+        # Handles warmed up once (preload() again, e.g. a server lifespan after a Ray Serve
+        # replica's __init__ preloaded, must not run another pass while it reads "loading").
+        self._warm: weakref.WeakSet[ModelHandle] = weakref.WeakSet()
         self._loading = 0
         self._load_seq = 0
         self._reaper_thread: threading.Thread | None = None
         self._reaper_stop = threading.Event()
 
     # Implemented by the parts that own them (declared here so each part type-checks alone).
-    def _get(self, spec: ModelSpec, *, pin: bool, start_over: bool = False) -> ModelHandle:
+    def _get(
+        self,
+        spec: ModelSpec,
+        *,
+        pin: bool,
+        start_over: bool = False,
+        wanted: Callable[[], bool] | None = None,
+    ) -> ModelHandle:
         raise NotImplementedError  # core.ModelPool._get
 
     def _settle(self) -> None:

@@ -225,7 +225,8 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
 
         Warm-up moves first-call costs (kernel choice, allocator growth) out of the first request.
         Under a budget too small for all of them, later specs may evict earlier ones (each was
-        warmed up while it was in, and warms up again when it reloads).
+        warmed up while it was in, and warms up again when it reloads). A handle already warmed
+        up is not warmed again (a server's lifespan after a Ray Serve replica preloaded).
         """
         handles = []
         for spec in specs:
@@ -233,7 +234,8 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
             handle = self._get(spec, pin=warmup and self._pins)
             if warmup:
                 try:
-                    self._warm_up(handle)
+                    if handle not in self._warm:
+                        self._warm_up(handle)
                 finally:
                     if self._pins:
                         self._unpin(handle)

@@ -126,8 +126,7 @@ class Loading(PoolState):
         allocator's count: a load measured then falls back to the backend's own count)."""
         return any(handle._in_flight for _, _, handle, _ in self._resident(device))
 
-    @staticmethod
-    def _warm_up(handle: ModelHandle, *, reload: bool = False) -> None:
+    def _warm_up(self, handle: ModelHandle, *, reload: bool = False) -> None:
         """One tiny forward pass. After an eviction (``reload``) a failure only logs: the request
         that triggered the reload will report the model's real error, if any."""
         try:
@@ -139,6 +138,9 @@ class Loading(PoolState):
             if not reload:
                 raise
             logger.warning("rag-rerank: warm-up of %s after a reload failed: %r", handle.spec, exc)
+        else:
+            with self._lock:
+                self._warm.add(handle)
 
 
 def _interrupts_caller(exc: BaseException) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,6 +54,7 @@ __all__ = [
     "error_body",
     "error_response",
     "internal_error",
+    "route_path",
     "rule_for",
 ]
 
@@ -64,6 +65,17 @@ logger = logging.getLogger(__name__)
 OPENAI_PATHS = ("/embeddings", "/v1/embeddings", "/models", "/v1/models")
 #: OpenAI's ``error.type`` per status class.
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path inside this app: without ``root_path``, which an ASGI server or a
+    parent app puts in front of it (Ray Serve's ``route_prefix``, a ``mount("/rr", app)``).
+    The paths the app matches (public, known, OpenAI's) are its own, never the prefixed ones."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", "")).rstrip("/")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _openai_path(path: str | None) -> bool:
@@ -454,7 +466,7 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
             error.message,
             exc_info=exc,
         )
-    path = request.url.path
+    path = route_path(request.scope)
     # OpenAI answers every invalid request with 400 (the openai SDK's BadRequestError): never 422.
     status = 400 if error.status == 422 and _openai_path(path) else error.status
     return JSONResponse(

@@ -41,7 +41,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Overloaded, error_body, internal_error
+from .errors import Overloaded, error_body, internal_error, route_path
 from .metrics import RequestMetrics
 from .request_id import HEADER, assign_request_id
 
@@ -64,6 +64,13 @@ def _cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else False
+
+
+def _at_shutdown(cancelled: asyncio.CancelledError) -> bool:
+    """Whether uvicorn cancelled this request at shutdown (its graceful timeout ended: the
+    cancellation says so), rather than a proxy running the app (Ray Serve cancels the task when
+    its client disconnects or its ``request_timeout_s`` passes)."""
+    return any("shutdown" in str(arg) for arg in cancelled.args)
 
 
 #: The path of the request this task answers (the error shape depends on the protocol).
@@ -187,7 +194,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path = route_path(scope)  # the app's own path, under a Ray route_prefix or a mount too
         _PATH.set(path)
         endpoint = path if path in self.known_paths else "other"
         start = time.perf_counter()
@@ -206,8 +213,11 @@ class GuardMiddleware:
 
         try:
             await self._guarded(scope, receive, tracking_send, path, progress)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if progress.started or not _cancelling():
+                raise
+            if not _at_shutdown(exc):  # a proxy (Ray Serve) stopped it: its client left
+                progress.status = CLIENT_CLOSED
                 raise
             await self._shutting_down(tracking_send)
         except Exception as exc:
