@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -42,12 +43,27 @@ from .spec import SECRET_OPTIONS, ModelSpec, Secret
 from .tracing import model_span
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
-__all__ = ["RerankSettings", "SharedModelFields", "from_settings"]
+__all__ = ["RerankSettings", "SharedModelFields", "from_settings", "sync_override"]
 
 logger = logging.getLogger(__name__)
 
 #: Longest ``rerank_error`` message put on a passed-through document.
 _ERROR_CHARS = 200
+
+
+def sync_override(obj: object, base: type, sync: str, async_: str) -> bool:
+    """Whether ``obj``'s class (a user's subclass of ``base``) overrides the sync method but
+    not its async twin. The stock classes' async methods run the sync one in a thread, so such
+    an override (a query prefix, a filter, a calibration) applied to async pipelines too; ours
+    have their own async paths, which must then run the override the same way. LlamaIndex's
+    span decorator wraps methods, so both sides are compared unwrapped."""
+    cls = type(obj)
+
+    def plain(owner: type, name: str) -> Any:
+        method = getattr(owner, name)
+        return getattr(method, "__wrapped__", method)
+
+    return plain(cls, sync) is not plain(base, sync) and plain(cls, async_) is plain(base, async_)
 
 
 def _hint(name: str, value: Any) -> str:
@@ -199,6 +215,16 @@ class SharedModelFields(BaseModel):
         state = super().__getstate__()
         return {**state, "__dict__": {**state["__dict__"], "pool": None}}
 
+    # A token set past the validators (``model_copy(update=...)``, assignment, or a write into
+    # the dict) is a plain str: hidden wherever the adapter is shown or dumped, whatever its way in.
+    @field_serializer("model_kwargs")
+    def _dump_hidden(self, value: dict[str, Any]) -> dict[str, Any]:
+        return cast("dict[str, Any]", _hide_secrets(value))
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, _hide_secrets(value) if name == "model_kwargs" else value
+
     @field_validator("max_length", "batch_size", mode="before", check_fields=False)
     @classmethod
     def _strict_ints(cls, value: Any, info: ValidationInfo) -> Any:
@@ -277,7 +303,7 @@ class SharedModelFields(BaseModel):
             device=self.device,
             dtype=self.dtype,
             max_length=self.max_length,
-            options=tuple({**self.model_kwargs, **self._extra_options()}.items()),
+            options=tuple({**_hide_secrets(self.model_kwargs), **self._extra_options()}.items()),
         )
 
     def _extra_options(self) -> dict[str, Any]:
@@ -501,6 +527,16 @@ class RerankSettings(SharedModelFields):
     def _pairs(self, query: str, texts: Sequence[str]) -> list[tuple[str, str]]:
         return [(query, text) for text in texts]
 
+    def _check_assigned_settings(self) -> None:
+        """``top_n`` and ``score_threshold`` checked again at each call, as at construction.
+
+        Rerankers are tuned by assignment or copy (``reranker.top_n = 5`` at query time,
+        ``model_copy(update=...)``), which pydantic does not validate: ``top_n = 0`` returned no
+        documents and ``-1`` all but the last (a silent drop), ``"0.5"`` failed deep in ranking.
+        """
+        validate_top_n(self.top_n)
+        validate_threshold(self.score_threshold)
+
     def rank_texts(self, query: str, texts: Sequence[str]) -> list[Ranked]:
         """Score ``texts`` against ``query`` and rank them (indices into ``texts``)."""
         return self.rank_texts_windowed(query, texts)[0]
@@ -514,6 +550,7 @@ class RerankSettings(SharedModelFields):
     ) -> tuple[list[Ranked], list[WindowInfo] | None]:
         """:meth:`rank_texts` plus, when windows are on, the deciding window of every text
         (indexed like ``texts``); None when windows are off."""
+        self._check_assigned_settings()
         query = self._check_query(query)
         if not texts:
             return [], None
@@ -577,6 +614,7 @@ class RerankSettings(SharedModelFields):
         self, query: str, texts: Sequence[str]
     ) -> tuple[list[Ranked], list[WindowInfo] | None]:
         """Async :meth:`rank_texts_windowed`: tokenizing and the forward pass run off the loop."""
+        self._check_assigned_settings()
         query = self._check_query(query)
         if not texts:
             return [], None

@@ -9,7 +9,7 @@ Catch :class:`RagRerankError` to handle all of them::
     ├── MissingDependencyError      (also an ImportError) an optional extra is not installed,
     │                               or is installed but cannot be imported (a version conflict)
     ├── ModelLoadError              loading failed; the next call retries the load
-    │   └── ModelNotFoundError      the model is neither a local path nor reachable on the hub
+    │   └── ModelNotFoundError      (also an OSError) neither a local path nor on the hub
     ├── ModelReleasedError          the model was released while a call still needed it
     ├── QueueFullError              the model's request queue is full: back off and retry
     ├── RequestTimeoutError         (also a TimeoutError) the caller's timeout expired
@@ -77,7 +77,8 @@ class RagRerankError(Exception):
 
 
 def _restore(cls: type[RagRerankError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
-    error = cls.__new__(cls, *args)  # BaseException.__new__ sets args; no __init__
+    error = cls.__new__(cls, *args)  # no __init__: it may take other arguments
+    error.args = args  # OSError.__new__ leaves them to an __init__ of a subclass
     error.__dict__.update(state)
     return error
 
@@ -136,8 +137,12 @@ class ModelLoadError(RagRerankError):
         super().__init__(f"Could not load model {model!r} with backend {backend!r}: {reason}")
 
 
-class ModelNotFoundError(ModelLoadError):
-    """The model is not a local directory and could not be fetched (offline or unknown name)."""
+class ModelNotFoundError(ModelLoadError, OSError):
+    """The model is not a local directory and could not be fetched (offline or unknown name).
+
+    Also an ``OSError``, as sentence-transformers' and transformers' own error for a missing
+    model is: code written for the stock classes (``except OSError:`` around the first call, a
+    fallback to another model) keeps catching it."""
 
     def __init__(self, model: str, backend: str, cause: BaseException | str) -> None:
         super().__init__(model, backend, cause)

@@ -7,7 +7,7 @@ from . import _compat  # noqa: F401  # isort: skip
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from langchain_core.callbacks import Callbacks
@@ -23,11 +23,12 @@ from pydantic import (
     model_validator,
 )
 
-from ..adapter_base import RerankSettings, SharedModelFields, from_settings
+from ..adapter_base import RerankSettings, SharedModelFields, from_settings, sync_override
 from ..exceptions import ConfigurationError, InferenceError, InvalidInputError
 from ..ranking import Ranked
 from ..spec import ModelSpec
 from ..windows import WindowInfo
+from .cross_encoder import SharedCrossEncoder
 
 __all__ = ["SharedRerankCompressor"]
 
@@ -127,8 +128,11 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
             return data
         data = dict(data)
         encoder = data.pop("model")
+        if not _describes_shared(encoder):
+            data["model"] = encoder  # a custom cross-encoder: taken by __init__ only
+            return data
         if isinstance(encoder, SharedModelFields):
-            taken = {"model": getattr(encoder, encoder._model_field)}
+            taken: dict[str, Any] = {"model": getattr(encoder, encoder._model_field)}
             for name in ("backend", "device", "dtype", "max_length", "model_kwargs", "pool"):
                 taken[name] = getattr(encoder, name)
             for name in ("priority", "batch_size"):
@@ -137,22 +141,15 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
                 if value is not None and name not in data:
                     data[name] = value
             return data
-        model_name = getattr(encoder, "model_name", None)
-        model_kwargs = getattr(encoder, "model_kwargs", None)
-        if type(encoder).__name__ == "HuggingFaceCrossEncoder" and isinstance(model_name, str):
-            data.setdefault("model_kwargs", dict(model_kwargs or {}))
-            data["model"] = model_name
-            return data
-        data["model"] = encoder  # a custom cross-encoder: taken by __init__ only
+        # A HuggingFaceCrossEncoder: its name and CrossEncoder keyword arguments.
+        data.setdefault("model_kwargs", dict(getattr(encoder, "model_kwargs", None) or {}))
+        data["model"] = encoder.model_name
         return data
 
     def __init__(self, **data: Any) -> None:
         scorer = None
         encoder = data.get("model")
-        if isinstance(encoder, BaseCrossEncoder) and not (
-            isinstance(encoder, SharedModelFields)
-            or type(encoder).__name__ == "HuggingFaceCrossEncoder"
-        ):
+        if isinstance(encoder, BaseCrossEncoder) and not _describes_shared(encoder):
             scorer = encoder
             ignored = [k for k in _SHARED_MODEL_ONLY if data.get(k) not in (None, {})]
             if ignored:
@@ -174,6 +171,26 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
                 "window_tokens needs a shared model's tokenizer; with model=<a custom "
                 "BaseCrossEncoder> leave windows off (or pass model='<name>')."
             )
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        """As pydantic's, except that a new ``model`` goes through the constructor: here it is
+        more than a name (a cross-encoder object becomes a shared spec or the scorer), and
+        pydantic's copy skips validation, so the copy kept the old scorer, or failed at its
+        first call with a cross-encoder object. ``CrossEncoderReranker`` switches models both
+        ways (``model_copy(update={"model": other})``, ``reranker.model = other``)."""
+        if not update or "model" not in update:
+            return super().model_copy(update=update, deep=deep)
+        # The dump holds a custom scorer itself, without the placeholder backend (_dump_...).
+        return type(self)(**{**self.model_dump(exclude_unset=True), **update})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "model":
+            super().__setattr__(name, value)
+            return
+        fresh = self.model_copy(update={"model": value})  # validated, as at construction
+        for field, field_value in fresh.__dict__.items():
+            super().__setattr__(field, field_value)
+        self._scorer = fresh._scorer
 
     @model_serializer(mode="wrap")
     def _dump_with_the_scorer(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -286,6 +303,9 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
+        if sync_override(self, SharedRerankCompressor, "compress_documents", "acompress_documents"):
+            # As stock: a subclass's compress_documents serves async pipelines too.
+            return await asyncio.to_thread(self.compress_documents, documents, query, callbacks)
         start = time.perf_counter()
         documents = _document_list(documents)
         ranked, windows, error = await self.arank_texts_guarded(query, self._texts(documents))
@@ -295,3 +315,15 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
             data = self._event(len(documents), len(out), time.perf_counter() - start, error)
             await manager.on_custom_event(EVENT_NAME, data, run_id=manager.parent_run_id)
         return out
+
+
+def _describes_shared(encoder: BaseCrossEncoder) -> bool:
+    """Whether ``encoder`` only names a model the pool can share: a :class:`SharedCrossEncoder`
+    whose class keeps our ``score``, or a stock ``HuggingFaceCrossEncoder`` (its exact class).
+    A subclass with its own ``score`` (a calibration, a query prefix) scores the pairs itself,
+    as it does under ``CrossEncoderReranker``: taking its fields only dropped that ``score``."""
+    if isinstance(encoder, SharedModelFields):
+        return getattr(type(encoder), "score", None) is SharedCrossEncoder.score
+    return type(encoder).__name__ == "HuggingFaceCrossEncoder" and isinstance(
+        getattr(encoder, "model_name", None), str
+    )

@@ -15,7 +15,7 @@ from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validat
 
 from .._progress import chunks, progress_bar
 from .._stock import check_truncate_dim, refusal
-from ..adapter_base import SharedModelFields, from_settings
+from ..adapter_base import SharedModelFields, from_settings, sync_override
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..inputs import text_list
 
@@ -425,6 +425,8 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         return await asyncio.to_thread(self._named_prompts)  # may load: off the event loop
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        if sync_override(self, SharedEmbeddings, "embed_documents", "aembed_documents"):
+            return await asyncio.to_thread(self.embed_documents, texts)  # as stock: the override
         texts = self._texts(_document_texts(texts))
         if not texts:
             return []
@@ -441,6 +443,8 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         return self._finish(vectors, kwargs, normalize)
 
     async def aembed_query(self, text: str) -> list[float]:
+        if sync_override(self, SharedEmbeddings, "embed_query", "aembed_query"):
+            return await asyncio.to_thread(self.embed_query, text)  # as stock: the override
         text = self._texts([_query_text(text)])[0]
         kwargs, prompt, normalize, in_backend = self._plan(True, await self._anamed(True))
         vectors = await self._pool_aembed(

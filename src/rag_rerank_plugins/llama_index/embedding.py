@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
@@ -12,7 +13,7 @@ from . import _compat  # noqa: F401
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from ..adapter_base import SharedModelFields, from_settings
+from ..adapter_base import SharedModelFields, from_settings, sync_override
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..inputs import text_list
 from ._args import check_arguments
@@ -243,6 +244,10 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         return self._embed([_one_text(query, "get_query_embedding")], is_query=True)[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
+        if sync_override(self, SharedEmbedding, "_get_query_embedding", "_aget_query_embedding"):
+            return await asyncio.to_thread(
+                self._get_query_embedding, query
+            )  # as stock: the override
         query = _one_text(query, "aget_query_embedding")
         return (await self._aembed([query], is_query=True))[0]
 
@@ -250,6 +255,8 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         return self._embed([_one_text(text, "get_text_embedding")], is_query=False)[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
+        if sync_override(self, SharedEmbedding, "_get_text_embedding", "_aget_text_embedding"):
+            return await asyncio.to_thread(self._get_text_embedding, text)  # as stock: the override
         text = _one_text(text, "aget_text_embedding")
         return (await self._aembed([text], is_query=False))[0]
 
@@ -257,6 +264,10 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         return self._embed(texts, is_query=False)
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        if sync_override(self, SharedEmbedding, "_get_text_embeddings", "_aget_text_embeddings"):
+            return await asyncio.to_thread(
+                self._get_text_embeddings, texts
+            )  # as stock: the override
         return await self._aembed(texts, is_query=False)
 
 

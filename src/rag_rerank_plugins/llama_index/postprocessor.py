@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,9 +18,9 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..adapter_base import RerankSettings, from_settings
+from ..adapter_base import RerankSettings, from_settings, sync_override
 from ..exceptions import ConfigurationError, InvalidInputError
-from ..ranking import Ranked, validate_threshold, validate_top_n
+from ..ranking import Ranked
 from ..spec import ModelSpec
 from ..windows import WindowInfo
 from ._args import check_arguments
@@ -212,16 +213,6 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
             )
         return query_bundle.query_str
 
-    def _check_assigned_settings(self) -> None:
-        """``top_n`` and ``score_threshold`` checked again at each call, as at construction.
-
-        LlamaIndex components are tuned by assignment (``reranker.top_n = 5`` at query time),
-        which pydantic does not validate: ``top_n = 0`` returned no nodes and ``-1`` all but the
-        last (a silent drop), ``"3"`` failed deep in the ranking.
-        """
-        validate_top_n(self.top_n)
-        validate_threshold(self.score_threshold)
-
     def _start(self, nodes: list[NodeWithScore], query_bundle: QueryBundle) -> dict[Any, Any]:
         dispatcher.event(
             ReRankStartEvent(
@@ -312,6 +303,11 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
         nodes: list[NodeWithScore],
         query_bundle: QueryBundle | None = None,
     ) -> list[NodeWithScore]:
+        if sync_override(
+            self, SharedRerankPostprocessor, "_postprocess_nodes", "_apostprocess_nodes"
+        ):
+            # As stock: a subclass's _postprocess_nodes serves async pipelines too.
+            return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)
         query = self._query(query_bundle)
         assert query_bundle is not None
         texts = self._texts(nodes)
