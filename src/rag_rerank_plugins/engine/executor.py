@@ -214,7 +214,12 @@ class DirectExecutor(Executor):
             try:
                 request.resolve(self._call(request))
             except BaseException as exc:
-                request.fail(map_error(exc, self.name))
+                # A Ctrl-C or exit can only be the user's on the main thread (signals reach no
+                # other); elsewhere, and for GeneratorExit anywhere (nothing here is a suspended
+                # coroutine), the backend raised it itself: an InferenceError, as when scheduled.
+                user = threading.current_thread() is threading.main_thread()
+                own = not user or isinstance(exc, GeneratorExit)
+                request.fail(map_error(exc, self.name, interruption=not own))
             return request.future
         return self._threaded(request)
 

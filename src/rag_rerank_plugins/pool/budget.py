@@ -216,7 +216,9 @@ class MemoryBudget(PoolState):
             if self._reaper_finalizer is not None:
                 self._reaper_finalizer.detach()
             self._reaper_finalizer = weakref.finalize(self, stop.set)
-        thread.start()
+            # Started under the lock: clear() (_stop_reaper) joins what it finds published, and
+            # joining a thread not started yet raised, leaving every model loaded.
+            thread.start()
 
     def _stop_reaper(self) -> None:
         with self._lock:  # as _ensure_reaper: a reaper started meanwhile is not left running

@@ -142,9 +142,11 @@ class PoolCalls(PoolState):
             return handle, False
         started = time.monotonic()
         loading = self._start_get(spec)
-        waiting = asyncio.shield(
-            asyncio.wrap_future(loading)
-        )  # a cancelled caller: the load goes on
+        wrapped = asyncio.wrap_future(loading)
+        # Read once it ends, so a failed load nobody waits for any more (the caller timed out or
+        # was cancelled) is not logged as "Future exception was never retrieved".
+        wrapped.add_done_callback(lambda done: done.cancelled() or done.exception())
+        waiting = asyncio.shield(wrapped)  # a cancelled caller: the load goes on
         try:
             if deadline is None:
                 return await waiting, False

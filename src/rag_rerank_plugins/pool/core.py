@@ -105,9 +105,10 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                 raise InvalidInputError(f"expected a ModelSpec, got {type(spec).__name__}")
             info = backend_info(spec.backend)  # unknown backend -> clear error before any work
             key, decision = resolve_spec(spec, uses_torch=info.uses_torch, cpu_bf16=info.cpu_bf16)
-            self._reasons.setdefault(key, decision.reason)
-            self._spec_reasons[spec] = decision.reason
-            self._keys[spec] = key
+            with self._lock:  # release() walks these dicts under it (_forget_keys)
+                self._reasons.setdefault(key, decision.reason)
+                self._spec_reasons[spec] = decision.reason
+                self._keys[spec] = key
         return key
 
     # -- loading ------------------------------------------------------------------------------
