@@ -64,7 +64,9 @@ class Cli:
     serve`` option where the naming rule (variable without ``RAG_RERANK_``, dashed) does not fit.
 
     ``repeat``: a list given one item per flag (``--reranker a --reranker b``).
-    ``secret_file``: the flag names a file holding the value (a secret never sits in ``ps``).
+    ``secret_file``: the flag names a file holding the value (a secret never sits in ``ps``);
+    the section reads the file its ``<VARIABLE>_FILE`` names the same way
+    (:meth:`rag_rerank_plugins.server.config.ServerConfig.from_sources`).
     ``group``: the ``--help`` section (default: the model's ``cli_group``).
     """
 
@@ -360,6 +362,18 @@ class ModelDefaults(ConfigModel):
     batch_size: Annotated[int, Cli(group="models")] = Field(
         default=32, gt=0, description="Pairs or texts per forward pass."
     )
+
+    @field_validator("reranker_backend", "embedder_backend")
+    @classmethod
+    def _backend_not_blank(cls, value: str) -> str:
+        """A blank variable is unset, but a blank flag or argument reached the spec, whose
+        error ("ModelSpec.backend must be a backend name, got ''") named neither."""
+        if not value.strip():
+            raise ValueError(
+                "must be a backend name (e.g. cross-encoder), not blank; leave it out for the "
+                "default"
+            )
+        return value
 
     @field_validator("device", "dtype")
     @classmethod

@@ -131,10 +131,12 @@ Three deployment shapes, same adapters in all of them:
                      load balancer; clients point the remote backend at the balancer's URL and
                      retry 429/5xx with backoff. See docs/deployment.md.
 
-Every flag can also be set with an environment variable RAG_RERANK_<FLAG> (e.g.
-RAG_RERANK_PORT=9000, RAG_RERANK_RERANKERS=a=/models/a,b=/models/b); a flag wins over its
-variable. The bearer token comes only from RAG_RERANK_API_KEY or --api-key-file, never from a
-flag, so it does not show up in the process list.
+Every flag can also be set with the environment variable its help names ([env ...]): most
+are RAG_RERANK_<FLAG> (e.g. RAG_RERANK_PORT=9000); a repeatable flag's variable takes a list
+(--reranker: RAG_RERANK_RERANKERS=a=/models/a,b=/models/b; --spec: RAG_RERANK_SPECS) and
+--threads is RAG_RERANK_TORCH_THREADS. A flag wins over its variable. The bearer token is never
+a flag's value, so it does not show up in the process list: --api-key-file or
+RAG_RERANK_API_KEY_FILE names a file holding it, or RAG_RERANK_API_KEY holds it (not both).
 """
 
 
@@ -222,18 +224,19 @@ def _number(text: str, *, whole: bool) -> int | float:
     stripped = text.strip()
     if not stripped.isascii():
         raise ValueError("must be a number written with the digits 0-9")
-    if not whole:
-        try:
-            return int(stripped)
-        except ValueError:
-            return float(stripped)
     try:
         return int(stripped)
     except ValueError:
-        number = float(stripped)  # ValueError: not a number at all
-        if not number.is_integer():
-            raise ValueError("must be a whole number") from None
-        return int(number)
+        pass
+    try:
+        number = float(stripped)
+    except ValueError:  # Python's "could not convert string to float: ''" said nothing useful
+        raise ValueError("must be a whole number" if whole else "must be a number") from None
+    if not whole:
+        return number
+    if not number.is_integer():
+        raise ValueError("must be a whole number")
+    return int(number)
 
 
 def _setting_parser(info: FieldInfo, flag: str) -> Callable[[str], Any]:
@@ -257,23 +260,16 @@ def _setting_parser(info: FieldInfo, flag: str) -> Callable[[str], Any]:
 
 
 def _secret_file(flag: str) -> Callable[[str], str]:
-    """The value of a secret setting, read from the file the flag names (never from argv)."""
+    """The value of a secret setting, read from the file the flag names (never from argv), by
+    the reader of its variable (``RAG_RERANK_API_KEY_FILE``), so both refuse the same files."""
 
     def read(path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                secret = fh.read().strip()
-        except OSError as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {flag} {path}: {exc}") from None
-        if not secret:
-            raise argparse.ArgumentTypeError(f"{flag} {path} is empty")
-        from .server.config import check_api_key  # a token no client can send: refused now
+        from .server.config import read_api_key_file
 
         try:
-            check_api_key(secret, f"{flag} {path}")
-        except ValueError as exc:
+            return read_api_key_file(path, f"{flag} {path}")
+        except ValueError as exc:  # ConfigurationError: a usage error, before anything starts
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return secret
 
     read.__name__ = flag
     return read
@@ -311,7 +307,14 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     served = config.served_models()  # checked before anything starts
     config.check_semantic_cache_models()
     check_api_key(config.api_key)  # a blank RAG_RERANK_API_KEY: stop before anything starts
-    threads = build(AdapterConfig).torch_threads
+    # Only the torch threads of the adapters' section: building it whole from the environment
+    # read RAG_RERANK_DEVICE & co. too, so a bad one failed serve although --device overrode it.
+    threads_var = AdapterConfig.env_names()["torch_threads"]
+    threads = AdapterConfig.from_sources(
+        {threads_var: os.environ[threads_var]} if threads_var in os.environ else {},
+        given.get(AdapterConfig.__name__, {}),
+        given_by=lambda name: flag_for(AdapterConfig, name),
+    ).torch_threads
     if threads is not None:
         os.environ["RAG_RERANK_TORCH_THREADS"] = str(threads)  # read at the first model load
     pool = ModelPool(config=build(EngineConfig), pool_config=build(PoolConfig))
@@ -324,7 +327,14 @@ def _cmd_serve(args: argparse.Namespace, out: Callable[[str], object]) -> int:
     from .server.run import serve
 
     names = ", ".join(m.name for m in served)
-    out(f"rag-rerank serve: http://{config.host}:{config.port} serving {names}")
+    host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 address
+    # Port 0 is chosen by the OS when uvicorn binds: uvicorn's "running on" line shows it.
+    where = (
+        f"http://{host}:{config.port}"
+        if config.port
+        else f"http://{host} on a free port chosen by the OS (uvicorn's log line shows which)"
+    )
+    out(f"rag-rerank serve: {where} serving {names}")
     return serve(config, pool=pool)
 
 
@@ -352,8 +362,6 @@ def _version_of(distribution: str) -> str | None:
 
 def _info_threads(row: Callable[[str, str], None]) -> None:
     """The thread policy of both runtimes, as models loaded now would get it."""
-    import os
-
     from ._cpu import usable_cores
     from .engine_config import EngineConfig
 
@@ -368,12 +376,19 @@ def _info_threads(row: Callable[[str, str], None]) -> None:
             f"{workers} device worker(s) x {threads} intra-op thread(s) per model "
             "(RAG_RERANK_CPU_WORKERS, RAG_RERANK_TORCH_THREADS)",
         )
-    ort_threads = os.environ.get("RAG_RERANK_ORT_THREADS") or str(usable_cores())
-    row(
-        "onnxruntime",
-        f"{ort_threads} intra-op thread(s) per session, 1 inter-op, spinning off "
-        "(RAG_RERANK_ORT_THREADS or option intra_op_threads)",
-    )
+    try:  # the backends' own parser: `info` never shows a value a load would refuse
+        from .backends._onnx_common import env_threads
+
+        ort_threads = env_threads()
+    except Exception as exc:
+        row("onnxruntime", f"invalid: {str(exc).rstrip('.')}: an ONNX model's load fails on it")
+    else:
+        shown = f"{ort_threads}" if ort_threads is not None else f"{usable_cores()}"
+        row(
+            "onnxruntime",
+            f"{shown} intra-op thread(s) per session, 1 inter-op, spinning off "
+            "(RAG_RERANK_ORT_THREADS or option intra_op_threads)",
+        )
     try:
         row("openvino", _openvino_line())
     except Exception as exc:  # RAG_RERANK_CPU_BF16=maybe aborted `info` here
@@ -413,6 +428,18 @@ def _auto_line(settings: Any) -> str:
 
 
 def _cmd_info(args: argparse.Namespace, out: Callable[[str], object]) -> int:
+    """``rag-rerank info``: each unknown variable is one of its lines (:func:`_info_settings`),
+    so the UserWarning every settings read repeats (the engine's settings, the pool) is not
+    printed on top of it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"RAG_RERANK_\w+ is not a setting", category=UserWarning
+        )
+        return _info_report(out)
+
+
+def _info_report(out: Callable[[str], object]) -> int:
+    """The lines of ``rag-rerank info``."""
     from . import __version__
     from .backends import available_backends
     from .offline import PACKAGED_MODELS, packaged_model_path

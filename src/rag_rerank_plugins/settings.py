@@ -12,7 +12,10 @@ This module imports pydantic-settings; ``import rag_rerank_plugins`` does not im
 :func:`get_settings` reads the environment once per process and caches the result
 (:func:`get_settings.cache_clear` makes the next call read it again).
 A ``RAG_RERANK_*`` variable that nothing reads (a typo: ``RAG_RERANK_MAX_QUEU``) is reported
-with a :class:`UserWarning` that suggests the closest name (:func:`unknown_variables`).
+with a :class:`UserWarning` that suggests the closest name (:func:`unknown_variables`); a name
+made by ``serve --help``'s ``RAG_RERANK_<FLAG>`` rule from a flag whose variable is another
+(``--threads``: ``RAG_RERANK_TORCH_THREADS``) is told that variable, however little the two
+names look alike.
 ``python -m rag_rerank_plugins.settings`` prints the table of ``docs/configuration.md``.
 """
 
@@ -39,7 +42,7 @@ from ._config import (
     format_default,
 )
 from .engine_config import EngineConfig, PoolConfig
-from .server.config import SERVE_SECTIONS, ServerConfig
+from .server.config import API_KEY_FILE_VAR, SERVE_SECTIONS, ServerConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -167,22 +170,50 @@ OTHER_VARIABLES: tuple[str, ...] = (
 
 def known_variables() -> set[str]:
     """Every ``RAG_RERANK_*`` variable this package reads."""
-    known = set(OTHER_VARIABLES)
+    known = {*OTHER_VARIABLES, API_KEY_FILE_VAR}
     for section in SECTIONS:
         known.update(section.env_names().values())  # type: ignore[attr-defined]
     return known
 
 
+def _flag_named_variables() -> dict[str, tuple[str, str, bool]]:
+    """``RAG_RERANK_<FLAG>`` names that ``serve --help``'s rule suggests but that are no
+    variable -> (the flag, the variable it has, whether the flag is a ``--no-`` one).
+
+    ``--reranker`` is ``RAG_RERANK_RERANKERS``, ``--threads`` is ``RAG_RERANK_TORCH_THREADS``,
+    ``--no-warmup`` is ``RAG_RERANK_WARMUP=false``: an operator who made a name from
+    ``--threads`` by that rule is told the right one, where difflib's cutoff found none and
+    said nothing. (The names are derived, never written here: every ``RAG_RERANK_*`` name in
+    the source must be a variable the package reads.)"""
+    known = known_variables()
+    found: dict[str, tuple[str, str, bool]] = {}
+    for section, only in SERVE_SECTIONS:
+        prefix: str = getattr(section, "env_prefix", ENV_PREFIX)
+        for name in only if only is not None else section.model_fields:
+            var = prefix + name.upper()
+            for flag in flag_text(section, name).split(" / "):
+                derived = ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+                if derived not in known:
+                    found.setdefault(derived, (flag, var, flag.startswith("--no-")))
+    return found
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """``RAG_RERANK_*`` variables of ``environ`` (default ``os.environ``) that nothing reads ->
-    the closest known name (a likely typo), or None. Empty ones are left out (they are unset)."""
+    the variable meant: that of the ``rag-rerank serve`` flag the name was made from
+    (``--threads`` -> ``RAG_RERANK_TORCH_THREADS``), else the closest known name (a
+    likely typo), else None. Empty ones are left out (they are unset)."""
     env = os.environ if environ is None else environ
     known = known_variables()
+    from_flags = _flag_named_variables()
     # Compared without the shared prefix, which would make every name look alike.
     names = sorted(var.removeprefix(ENV_PREFIX) for var in known)
     found: dict[str, str | None] = {}
     for var in sorted(env):
         if var.startswith(ENV_PREFIX) and var not in known and env[var].strip():
+            if var.upper() in from_flags:
+                found[var] = from_flags[var.upper()][1]
+                continue
             name = var.removeprefix(ENV_PREFIX).upper()
             close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
             found[var] = ENV_PREFIX + close[0] if close else None
@@ -191,6 +222,11 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str
 
 def describe_unknown(var: str, suggestion: str | None) -> str:
     """One unknown variable in words, with what to set instead."""
+    flag = _flag_named_variables().get(var.upper())
+    if flag is not None and flag[1] == suggestion:
+        option, real, negated = flag
+        value = " (set it to false)" if negated else ""
+        return f"{var} is not a setting and is ignored: the variable of {option} is {real}{value}."
     if suggestion is not None:
         return f"{var} is not a setting and is ignored: did you mean {suggestion}?"
     return (
@@ -201,9 +237,10 @@ def describe_unknown(var: str, suggestion: str | None) -> str:
 
 def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
     """A :class:`UserWarning` per ``RAG_RERANK_*`` variable that nothing reads but is close to
-    a setting's name: a typo in a deployment otherwise silently leaves the setting at its
-    default. Names close to none (a tool's own variable under our prefix, a user's
-    ``api_key_env`` variable) are not warned about; ``rag-rerank info`` lists them all."""
+    a setting's name, or made from a serve flag whose variable is another: a typo in a
+    deployment otherwise silently leaves the setting at its default. Names close to none (a
+    tool's own variable under our prefix, a user's ``api_key_env`` variable) are not warned
+    about; ``rag-rerank info`` lists them all."""
     for var, suggestion in unknown_variables(environ).items():
         if suggestion is not None:
             warnings.warn(describe_unknown(var, suggestion), UserWarning, stacklevel=2)

@@ -83,6 +83,7 @@ __all__ = [
     "deferred_sessions",
     "discard_entry",
     "entry_damage",
+    "env_threads",
     "file_sha256",
     "is_graph_file",
     "entry_hashes",
@@ -150,16 +151,8 @@ def default_threads() -> int:
     return usable_cores()
 
 
-def threads_for(spec: ModelSpec) -> int:
-    """Intra-op threads: option ``intra_op_threads``, else the environment, else
-    :func:`default_threads`."""
-    value = spec.option("intra_op_threads")
-    source = "intra_op_threads"
-    if value is None:
-        value = os.environ.get(THREADS_ENV) or None
-        source = THREADS_ENV
-    if value is None:
-        return default_threads()
+def _positive_threads(value: Any, source: str) -> int:
+    """``value`` as a thread count, or a :class:`ConfigurationError` naming ``source``."""
     bad = ConfigurationError(f"{source} must be a positive integer, got {value!r}.")
     # int(1.5) is 1 and int(True) is 1: a fraction or a bool is refused, not truncated.
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -171,6 +164,27 @@ def threads_for(spec: ModelSpec) -> int:
     if threads <= 0:
         raise bad
     return threads
+
+
+def env_threads() -> int | None:
+    """The intra-op threads ``RAG_RERANK_ORT_THREADS`` asks for; None when it is unset, empty
+    or blank (a blank variable counts as unset, as every ``RAG_RERANK_*`` setting's does).
+    The one parser of that variable: the sessions and ``rag-rerank info`` both read it here,
+    so ``info`` never shows a value a load would refuse."""
+    value = os.environ.get(THREADS_ENV, "")
+    if not value.strip():
+        return None
+    return _positive_threads(value, THREADS_ENV)
+
+
+def threads_for(spec: ModelSpec) -> int:
+    """Intra-op threads: option ``intra_op_threads``, else the environment (:func:`env_threads`),
+    else :func:`default_threads`."""
+    value = spec.option("intra_op_threads")
+    if value is not None:
+        return _positive_threads(value, "intra_op_threads")
+    threads = env_threads()
+    return threads if threads is not None else default_threads()
 
 
 def open_session(path: Path, threads: int) -> Any:

@@ -4,18 +4,23 @@
 each field is a ``RAG_RERANK_<FIELD>`` variable, a ``rag-rerank serve`` option built from the
 field (name, type, default, help), and a row of ``docs/configuration.md``. The device, dtype,
 backends and batch size are shared with the in-process adapters (:class:`ModelDefaults`), so
-one ``RAG_RERANK_DEVICE`` sets both. Importing this module is cheap (no FastAPI): the CLI uses
-it to build and validate its flags before starting.
+one ``RAG_RERANK_DEVICE`` sets both. The bearer token is the one setting with two variables:
+``RAG_RERANK_API_KEY`` holds the token, ``RAG_RERANK_API_KEY_FILE`` (the variable of its flag
+``--api-key-file``) names a file holding it (:meth:`ServerConfig.from_sources`). Importing this
+module is cheap (no FastAPI): the CLI uses it to build and validate its flags before starting.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
+from typing_extensions import Self
 
 from .._config import (
     ENV_PREFIX,
@@ -31,13 +36,20 @@ from ..exceptions import ConfigurationError
 from ..spec import ModelSpec, redact_urls
 
 __all__ = [
+    "API_KEY_FILE_VAR",
     "ENV_PREFIX",
     "LOG_LEVELS",
     "SERVE_SECTIONS",
     "ServedModel",
     "ServerConfig",
     "check_api_key",
+    "read_api_key_file",
 ]
+
+#: The variable of ``--api-key-file``: names a file holding the bearer token (a token in a file
+#: never shows in ``ps`` or in the process's environment, e.g. a mounted Kubernetes secret).
+API_KEY_FILE_VAR = ENV_PREFIX + "API_KEY_FILE"
+_API_KEY_VAR = ENV_PREFIX + "API_KEY"
 
 #: The log levels uvicorn takes (its ``--log-level`` choices), as numbers of :mod:`logging`
 #: (uvicorn's ``trace`` is 5, below DEBUG). Any case is accepted; ``warn`` and ``fatal`` are the
@@ -79,6 +91,55 @@ def check_api_key(key: str | None, where: str = "RAG_RERANK_API_KEY / --api-key-
             "character in an 'Authorization: Bearer' header, so every request would get 401. "
             "Use a single line of printable ASCII (e.g. `openssl rand -hex 32`)."
         )
+
+
+def read_api_key_file(path: str, where: str) -> str:
+    """The bearer token held in the file ``path`` (surrounding whitespace, the usual trailing
+    newline included, removed), refused as :func:`check_api_key` refuses it. ``where`` names
+    the flag or variable that gave the path, for the messages (never the token).
+
+    The one reader of ``--api-key-file`` and ``RAG_RERANK_API_KEY_FILE``, so that both refuse
+    the same files: a missing or unreadable file, an empty one (it would serve without
+    authentication while the operator believes otherwise), one holding two lines."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read {where}: {exc.strerror or exc}. Name a readable file that holds the "
+            "token."
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"{where} is not UTF-8 text: put the token in it as one line of printable ASCII "
+            "(e.g. `openssl rand -hex 32 > FILE`)."
+        ) from None
+    if not secret:
+        raise ConfigurationError(
+            f"{where} is empty: put the token in it, or leave it out to run without authentication."
+        )
+    check_api_key(secret, where)
+    return secret
+
+
+def _api_key_from_file_variable(env: Mapping[str, str]) -> str | None:
+    """The token of the file ``RAG_RERANK_API_KEY_FILE`` names; None when that is unset."""
+    path = env.get(API_KEY_FILE_VAR)
+    if path is None or path == "":
+        return None
+    if not path.strip():
+        # As for a blank RAG_RERANK_API_KEY: a template that rendered blanks would otherwise
+        # leave the server open (fail open).
+        raise ConfigurationError(
+            f"{API_KEY_FILE_VAR} is blank: name the file that holds the token, or unset it to "
+            "run without authentication."
+        )
+    if env.get(_API_KEY_VAR, "") != "":
+        raise ConfigurationError(
+            f"Both {_API_KEY_VAR} and {API_KEY_FILE_VAR} are set, so the token is ambiguous: "
+            f"unset one of them ({API_KEY_FILE_VAR} keeps the token out of the environment)."
+        )
+    return read_api_key_file(path.strip(), f"{API_KEY_FILE_VAR}={path!r}")
 
 
 @dataclass(frozen=True)
@@ -175,8 +236,9 @@ class ServerConfig(ModelDefaults):
         Field(
             default=None,
             repr=False,
-            description="Bearer token clients must send; none: no authentication. The flag "
-            "names a file holding it, so the token never shows in the process list.",
+            description="Bearer token clients must send; none: no authentication. The flag, "
+            "like the variable RAG_RERANK_API_KEY_FILE, names a file holding it, so the token "
+            "never shows in the process list.",
         )
     )
     warmup: bool = Field(
@@ -260,6 +322,18 @@ class ServerConfig(ModelDefaults):
             split_model_entry(entry)
         return entries
 
+    @field_validator("host")
+    @classmethod
+    def _host_not_blank(cls, host: str) -> str:
+        # uvicorn binds every interface (0.0.0.0 and ::) for host "", while a blank
+        # RAG_RERANK_HOST counts as unset (127.0.0.1): an empty --host exposed the server.
+        if not host.strip():
+            raise ValueError(
+                "is blank (--host / RAG_RERANK_HOST): give an address such as 127.0.0.1 (this "
+                "machine) or 0.0.0.0 (every interface)"
+            )
+        return host.strip()
+
     @field_validator("log_level")
     @classmethod
     def _known_log_level(cls, level: str) -> str:
@@ -303,6 +377,31 @@ class ServerConfig(ModelDefaults):
         if threshold is not None and guard != "rerank" and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"must be in [0, 1] for the {guard} guard (the range of its score)")
         return threshold
+
+    @classmethod
+    def from_sources(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        given: Mapping[str, Any] | None = None,
+        *,
+        given_by: Callable[[str], str] | None = None,
+    ) -> Self:
+        """As :meth:`ConfigModel.from_sources`, and the token of the file
+        ``RAG_RERANK_API_KEY_FILE`` names, read as ``--api-key-file`` reads its file. It was
+        silently ignored before, and the server ran without authentication (fail open). A given
+        ``api_key`` (the flag) wins and neither variable is read; both variables set is an
+        error."""
+        env = os.environ if environ is None else environ
+        key = None if given and "api_key" in given else _api_key_from_file_variable(env)
+        if key is None:
+            return super().from_sources(environ, given, given_by=given_by)
+
+        def source(name: str) -> str:
+            if name == "api_key":
+                return f"{API_KEY_FILE_VAR}={env[API_KEY_FILE_VAR]!r}"
+            return given_by(name) if given_by is not None else f"argument {name}"
+
+        return super().from_sources(environ, {**(given or {}), "api_key": key}, given_by=source)
 
     @classmethod
     def from_env(cls, environ: Any = None, **overrides: Any) -> ServerConfig:
