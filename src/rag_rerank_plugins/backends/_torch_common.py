@@ -37,6 +37,7 @@ from ._common import quantize_mode
 from .base import Prepared
 
 __all__ = [
+    "DECODER_POSITION_TABLES",
     "HostCopy",
     "bind_torch_worker",
     "cap_to_positions",
@@ -140,20 +141,34 @@ def module_bytes(*objects: Any) -> int | None:
     return total if found else None
 
 
-def position_table_limit(module: Any) -> int | None:
+#: Attribute names of learned absolute position tables in decoder LMs as well as encoders:
+#: BERT-style ``position_embeddings``, GPT-2 / GPT-Neo / StarCoder ``wpe``, OPT / BioGPT
+#: ``embed_positions``. Rotary and ALiBi models (Llama, Qwen, Gemma, Mistral, BLOOM) have none.
+DECODER_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_table_limit(
+    module: Any, names: tuple[str, ...] = ("position_embeddings",)
+) -> int | None:
     """Longest input the first learned position table inside ``module`` can index, or None
     when it has none (rotary / relative positions: no hard limit).
 
-    BERT-style tables take ``num_embeddings`` positions; RoBERTa-style ones (XLM-R, CamemBERT,
-    MPNet, Longformer: the table has a ``padding_idx``) count positions from ``padding_idx + 1``,
-    so XLM-R's 514 rows hold 512 tokens."""
+    ``names`` are the attributes that may hold the table (an ``nn.Embedding``); the default is
+    the encoders' one, :data:`DECODER_POSITION_TABLES` adds the decoders'. BERT-style tables take
+    ``num_embeddings`` positions; RoBERTa-style ones (XLM-R, CamemBERT, MPNet, Longformer: the
+    table has a ``padding_idx``) count positions from ``padding_idx + 1``, so XLM-R's 514 rows
+    hold 512 tokens; OPT-style ones add a fixed ``offset`` (2) to every position, so OPT's 2050
+    rows hold 2048."""
     import torch
 
     for sub in module.modules():
-        table = getattr(sub, "position_embeddings", None)
-        if isinstance(table, torch.nn.Embedding):
-            offset = table.padding_idx + 1 if table.padding_idx is not None else 0
-            return int(table.num_embeddings) - offset
+        for name in names:
+            table = getattr(sub, name, None)
+            if isinstance(table, torch.nn.Embedding):
+                offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+                shift = getattr(table, "offset", 0)
+                offset += shift if isinstance(shift, int) and not isinstance(shift, bool) else 0
+                return int(table.num_embeddings) - offset
     return None
 
 

@@ -15,7 +15,10 @@ from a template whose defaults are the published Qwen3-Reranker one::
 The score is ``softmax([logit(no), logit(yes)])[1]`` (``score_mode="sigmoid"``, the default: the
 same number as ``sigmoid(logit(yes) - logit(no))``) or the logit difference itself
 (``score_mode="raw"``), computed in FP32. As in the model card, the template part between prefix
-and suffix is truncated from the end (the document's tail) so the whole prompt fits ``max_length``.
+and suffix is truncated from the end (the document's tail) so the whole prompt fits ``max_length``;
+with text after ``{document}`` (a template with ``{query}`` last), only the document's tokens are
+cut, so that text and the query stay whole (:meth:`CausalLMReranker.encode`). An explicit
+``max_length`` is capped at a learned absolute position table (GPT-2, OPT) with a warning.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import ConfigurationError
 from ._common import score_mode_of
 from ._last_token import LastTokenReranker, check_answer_token, load_causal_lm
-from ._torch_common import loading_errors
+from ._torch_common import (
+    DECODER_POSITION_TABLES,
+    loading_errors,
+    position_table_limit,
+    warn_past_positions,
+)
 from .base import ModelProvider
 from .options import HF_LOADING
 
@@ -55,6 +63,9 @@ DEFAULT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 #: The model card's ``max_length``; capped by the model's position table when that is shorter.
 DEFAULT_MAX_LENGTH = 8192
+#: Stands for the document while a prompt is split around its ``{document}`` slot (a private-use
+#: character: a query that contains it only falls back to truncating the whole body).
+_DOCUMENT_MARK = "\ue000document\ue001"
 
 
 def _fields(text: str) -> set[str]:
@@ -113,9 +124,20 @@ def token_id(tokenizer: Any, token: str, option: str) -> int:
     )
 
 
-def position_limit(model: Any, requested: int | None, default: int) -> int:
-    """``requested``, else ``default`` capped by the model's position table (when it has one)."""
+def position_limit(
+    model: Any, requested: int | None, default: int, label: str = "the model"
+) -> int:
+    """``requested``, else ``default`` capped by the model's position table (when it has one).
+
+    A ``requested`` length past a learned absolute table (GPT-2 ``wpe``, OPT ``embed_positions``)
+    is capped there with the encoders' warning: uncapped, every pass holding a long prompt
+    failed with "index out of range in self", and so did the requests batched with it. Rotary
+    and ALiBi models (Llama, Qwen, Gemma, Mistral, BLOOM) have no table and keep ``requested``."""
     if requested:
+        limit = position_table_limit(model, DECODER_POSITION_TABLES)
+        if limit is not None and 0 < limit < int(requested):
+            warn_past_positions(int(requested), limit, label)
+            return limit
         return int(requested)
     cap = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return min(default, cap) if isinstance(cap, int) and cap > 0 else default
@@ -174,8 +196,8 @@ class CausalLMReranker(LastTokenReranker):
         fixed = template.format(instruction=instruction, query="", document="")
         self._template_tokens = len(self._ids(fixed))
         if self.room <= self._template_tokens:
-            # The body is truncated from its end to ``room``: here no token of the query or the
-            # document would be left, and every document would score the same.
+            # Only the document (then the query) is cut to fit ``room``: here no token of the
+            # query or the document would be left, and every document would score the same.
             raise ConfigurationError(
                 f"max_length={max_length} leaves {self.room} tokens for the template, which "
                 f"alone takes {self._template_tokens} (instruction included) after the "
@@ -184,18 +206,52 @@ class CausalLMReranker(LastTokenReranker):
                 "shorten the prompt."
             )
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _ids(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of ``text``, the first ``limit`` of them when given (truncating in the
+        tokenizer, which also keeps it from warning about texts past its model_max_length)."""
+        cut = {"truncation": True, "max_length": limit} if limit is not None else {}
+        return list(self.tokenizer(text, add_special_tokens=False, **cut)["input_ids"])
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """Each pair's prompt ids, the template part cut to ``room`` by :meth:`_fit`."""
         texts = [
             self.template.format(instruction=self.instruction, query=q, document=d)
             for q, d in pairs
         ]
+        # One token past the room tells a body that fits (kept as tokenized) from one that does not.
         body = self.tokenizer(
-            texts, add_special_tokens=False, truncation=True, max_length=self.room
+            texts, add_special_tokens=False, truncation=True, max_length=self.room + 1
         )["input_ids"]
-        return [self.prefix_ids + list(ids) + self.suffix_ids for ids in body]
+        return [
+            self.prefix_ids + self._fit(list(ids), q, d) + self.suffix_ids
+            for ids, (q, d) in zip(body, pairs, strict=True)
+        ]
+
+    def _fit(self, ids: list[int], query: str, document: str) -> list[int]:
+        """The template part in at most ``room`` tokens, cutting the document's tail only.
+
+        ``ids`` is the whole body's tokenization (at most ``room + 1`` ids). When nothing follows
+        the one ``{document}`` slot (the default template), cutting the body's end is cutting
+        the document's tail: the model card's ids. Otherwise truncating the whole body from its
+        end dropped whatever follows the document (with ``{query}`` last, the whole query, so
+        every query scored the same): the text up to the document's end is cut to what the text
+        after it leaves. When the query and fixed text alone take the room, the document is
+        dropped and the rest is truncated from its end, as the model card does with a long
+        query."""
+        if len(ids) <= self.room:
+            return ids
+        marked = self.template.format(
+            instruction=self.instruction, query=query, document=_DOCUMENT_MARK
+        )
+        parts = marked.split(_DOCUMENT_MARK)
+        if len(parts) != 2 or not parts[1]:
+            return ids[: self.room]
+        head, tail = parts
+        tail_ids = self._ids(tail, self.room + 1)
+        keep = self.room - len(tail_ids)
+        if keep <= 0 or keep <= len(self._ids(head, keep + 1)):  # no document token left
+            return self._ids(head + tail, self.room)
+        return self._ids(head + document, keep) + tail_ids
 
     def head(self, last: Any) -> Any:
         import torch
@@ -225,7 +281,7 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CausalLMReranker:
     options.pop("score_mode", None)
     model, tokenizer = load_causal_lm(spec, options)
     prompt = {k: v for k, v in options.items() if k not in HF_LOADING}
-    max_length = position_limit(model, spec.max_length, DEFAULT_MAX_LENGTH)
+    max_length = position_limit(model, spec.max_length, DEFAULT_MAX_LENGTH, spec.model)
     with loading_errors(spec):
         return CausalLMReranker(
             model, tokenizer, spec.device, spec.dtype, max_length, score_mode=mode, **prompt
