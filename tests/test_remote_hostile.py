@@ -717,3 +717,28 @@ def test_an_info_endpoint_that_never_answers_costs_one_wait_not_every_calls(
         pool.clear()
         server.shutdown()
         server.server_close()
+
+
+def test_a_404_for_a_name_tei_cannot_send_says_which_protocol_can(pool: ModelPool) -> None:
+    """``protocol="tei"`` has no model field, so against a server with several embedders the
+    name never arrived; the hint asked whether ``tei`` was the server's protocol (it was)."""
+    from rag_rerank_plugins.server import ServerConfig, create_app
+    from rag_rerank_plugins.server.testing import ServerThread, wait_until_healthy
+
+    emb = {"backend": "fake-embedder", "device": "cpu"}
+    specs = [{**emb, "name": "a", "model": "a"}, {**emb, "name": "b", "model": "b"}]
+    served = ModelPool()
+    server = ServerThread(create_app(ServerConfig(specs=specs), pool=served))
+    url = server.start()
+    try:
+        wait_until_healthy(url, timeout=30)
+        spec = ModelSpec("b", backend="remote-embedder", options={"url": url})
+        with pytest.raises(RemoteRequestError, match="protocol='infinity'"):
+            pool.embed(spec, ["hello"])
+        by_name = ModelSpec(
+            "b", backend="remote-embedder", options={"url": url, "protocol": "infinity"}
+        )
+        assert len(pool.embed(by_name, ["hello"])) == 1
+    finally:
+        server.stop()
+        served.clear()

@@ -382,9 +382,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
                 norms = np.linalg.norm(array, axis=1, keepdims=True)
                 array = array / np.maximum(norms, 1e-12)
         if precision != "float32" and len(array):
-            from sentence_transformers.quantization import quantize_embeddings
-
-            array = quantize_embeddings(array, precision=precision)
+            array = _quantize()(array, precision=precision)
         result: list[list[float]] = array.tolist()
         return result
 
@@ -451,3 +449,13 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
             self.spec, [text], self.batch_size, is_query=True, normalize=in_backend, prompt=prompt
         )
         return self._finish(vectors, kwargs, normalize)[0]
+
+
+def _quantize() -> Any:
+    """sentence-transformers' ``quantize_embeddings``: from ``util.quantization`` where it lives
+    now (importing the old ``sentence_transformers.quantization`` warns of its removal)."""
+    try:
+        from sentence_transformers.util.quantization import quantize_embeddings
+    except ImportError:  # releases before the move
+        from sentence_transformers.quantization import quantize_embeddings
+    return quantize_embeddings

@@ -215,7 +215,16 @@ def _tokens_hint(client: RemoteClient) -> str:
 
 
 def _protocol_hint(client: RemoteClient) -> str:
-    return f"Is protocol={client.settings.protocol!r} the one this server speaks?"
+    settings = client.settings
+    if settings.model_name and not client.protocol.needs_model_name:
+        # The name was given, but this protocol has no field for it: "is it the protocol?"
+        # pointed the wrong way when the server (one serving several models) wanted a name.
+        return (
+            f"Protocol {settings.protocol!r} sends no model name, so {settings.model_name!r} "
+            "never reached the server: to pick one of several served models by name use "
+            "protocol='infinity' (or 'cohere'); else check that the URL is the server's."
+        )
+    return f"Is protocol={settings.protocol!r} the one this server speaks?"
 
 
 def _overloaded(client: RemoteClient) -> str:
