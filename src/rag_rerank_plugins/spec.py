@@ -413,7 +413,9 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        """Short human-readable identity, used as the key in :meth:`ModelPool.stats`."""
+        """Short human-readable identity. The keys of :meth:`ModelPool.stats` are the labels
+        of resolved specs (``pool.key(spec).label``): an ``"auto"`` device or dtype shows as
+        ``auto`` here, and as what it resolved to there."""
         extras = []
         if self.max_length is not None:
             extras.append(f"max_length={self.max_length}")
