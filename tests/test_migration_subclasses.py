@@ -265,3 +265,48 @@ def test_a_missing_model_is_an_os_error_like_stock_s(tmp_path: Any) -> None:
     copy = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries intact
     assert str(copy) == str(info.value)
     assert copy.model == missing
+
+
+def test_switching_the_model_keeps_the_compressor_s_pool() -> None:
+    mine = ModelPool()
+    compressor = SharedRerankCompressor(model="a", backend="fake-reranker", pool=mine)
+    assert compressor.model_copy(update={"model": "b"}).pool is mine
+    compressor.model = "b"
+    assert compressor.pool is mine
+    compressor.compress_documents([Document(page_content="x y")], "x")
+    assert [spec.model for spec in mine.loaded_specs()] == ["b"]
+    mine.clear()
+
+
+def test_an_async_override_calling_super_reaches_a_sync_override_above_it(
+    pool: ModelPool,
+) -> None:
+    """As stock: ``B.aembed_query`` -> ``super()`` -> the base's async method, which runs the
+    nearest ``embed_query`` (``A``'s prefix) in a thread; it skipped ``A`` because ``B`` had an
+    async method of its own."""
+    calls: list[str] = []
+
+    class A(SharedEmbeddings):
+        def embed_query(self, text: str) -> list[float]:
+            calls.append("A.embed_query")
+            return super().embed_query("query: " + text)
+
+    class B(A):
+        async def aembed_query(self, text: str) -> list[float]:
+            calls.append("B.aembed_query")
+            return await super().aembed_query(text)
+
+    class Both(SharedEmbeddings):  # defines both: its own async method runs, no thread
+        def embed_query(self, text: str) -> list[float]:
+            return super().embed_query("query: " + text)
+
+        async def aembed_query(self, text: str) -> list[float]:
+            return await super().aembed_query("query: " + text)
+
+    b = B(model="fake", backend="fake-embedder", pool=pool)
+    sync = b.embed_query("hello")
+    calls.clear()
+    assert asyncio.run(b.aembed_query("hello")) == sync
+    assert calls == ["B.aembed_query", "A.embed_query"]
+    both = Both(model="fake", backend="fake-embedder", pool=pool)
+    assert asyncio.run(both.aembed_query("hello")) == both.embed_query("hello")

@@ -52,18 +52,24 @@ _ERROR_CHARS = 200
 
 
 def sync_override(obj: object, base: type, sync: str, async_: str) -> bool:
-    """Whether ``obj``'s class (a user's subclass of ``base``) overrides the sync method but
-    not its async twin. The stock classes' async methods run the sync one in a thread, so such
-    an override (a query prefix, a filter, a calibration) applied to async pipelines too; ours
-    have their own async paths, which must then run the override the same way. LlamaIndex's
-    span decorator wraps methods, so both sides are compared unwrapped."""
-    cls = type(obj)
+    """Whether the sync method ``obj`` would run is a user's override (a subclass of ``base``)
+    whose class does not also define the async twin. The stock classes' async methods run the
+    sync one in a thread, so such an override (a query prefix, a filter, a calibration) applied
+    to async pipelines too; ours have their own async paths, which must then run the override
+    the same way. Only the nearest class defining the sync method counts: an async override
+    further down that calls ``super()`` still reaches it, as in stock; a class that defines
+    both keeps our async path (its own async method is what runs). LlamaIndex's span decorator
+    wraps methods, so they are compared unwrapped."""
 
-    def plain(owner: type, name: str) -> Any:
-        method = getattr(owner, name)
+    def plain(method: Any) -> Any:
         return getattr(method, "__wrapped__", method)
 
-    return plain(cls, sync) is not plain(base, sync) and plain(cls, async_) is plain(base, async_)
+    for cls in type(obj).__mro__:
+        if sync in vars(cls):
+            if plain(vars(cls)[sync]) is plain(getattr(base, sync)):
+                return False
+            return async_ not in vars(cls)
+    return False
 
 
 def _hint(name: str, value: Any) -> str:

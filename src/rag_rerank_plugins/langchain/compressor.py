@@ -180,8 +180,13 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         ways (``model_copy(update={"model": other})``, ``reranker.model = other``)."""
         if not update or "model" not in update:
             return super().model_copy(update=update, deep=deep)
-        # The dump holds a custom scorer itself, without the placeholder backend (_dump_...).
-        return type(self)(**{**self.model_dump(exclude_unset=True), **update})
+        # The dump holds a custom scorer itself, without the placeholder backend (_dump_...);
+        # fields a dump leaves out (the pool) are carried over as they are.
+        data = self.model_dump(exclude_unset=True)
+        for name, field in type(self).model_fields.items():
+            if field.exclude and name in self.model_fields_set:
+                data[name] = getattr(self, name)
+        return type(self)(**{**data, **update})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "model":
