@@ -217,3 +217,34 @@ def test_loops_closed_without_shutdown_leave_at_most_one_client(
     assert after[2] <= loops + 1, "closed loops piled up"
     pool.release(rerank)
     assert census(server.port) == (sockets, clients, loops)
+
+
+def test_a_loop_s_client_reuses_the_tls_context_built_at_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each event loop gets its own httpx client; building one loaded the CA bundle (40-120 ms)
+    on the loop itself, every ``asyncio.run``. The context is now built once, at load."""
+    import ssl
+
+    from rag_rerank_plugins.backends.remote.client import RemoteClient
+    from rag_rerank_plugins.backends.remote.protocols import get_protocol
+    from rag_rerank_plugins.backends.remote.settings import RemoteSettings
+
+    spec = ModelSpec("https://127.0.0.1:9", backend="remote-reranker", device="cpu")
+    client = RemoteClient(RemoteSettings.from_spec(spec), "test", get_protocol("tei"))
+    built: list[object] = []
+    real = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+
+    async def on_a_loop() -> None:
+        await client.async_client()
+
+    for _ in range(3):  # three loops, three clients
+        asyncio.run(on_a_loop())
+    assert built == []
+    client.close()

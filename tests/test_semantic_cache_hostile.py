@@ -639,3 +639,30 @@ def test_server_stores_unusual_unicode_and_matches_nfc_to_nfd(
     assert stats["errors"] == 0
     # Without the token, nothing.
     assert httpx.post(f"{fake_server.base}/clear", json={}, timeout=30).status_code == 401
+
+
+async def test_the_add_that_builds_the_ann_index_runs_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past AUTO_ANN_SIZE entries a namespace moves to usearch: that build (3-6 s at 10,000
+    entries, its import included) ran on the event loop inside ``aput`` with a memory store,
+    stalling every other coroutine (and every request of the server)."""
+    from rag_rerank_plugins.semantic_cache import index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_ANN_SIZE", 20)
+    upgraded_on: list[threading.Thread] = []
+    real_upgrade = index_module.NamespaceIndex._upgrade
+
+    def upgrade(self: Any) -> None:
+        upgraded_on.append(threading.current_thread())
+        real_upgrade(self)
+
+    monkeypatch.setattr(index_module.NamespaceIndex, "_upgrade", upgrade)
+    cache = SemanticCache(embedder=fake_embedder_spec(dim=16), pool=ModelPool(), max_entries=None)
+    for i in range(20):
+        assert await cache.aput(f"question number {i}", i, namespace="n")
+    assert upgraded_on == []
+    assert await cache.aput("one more question", 20, namespace="n")  # the 21st: the upgrade
+    assert len(upgraded_on) == 1
+    assert upgraded_on[0] is not threading.main_thread()  # the loop runs on the main thread
+    assert (await cache.alookup("question number 7", namespace="n")) is not None

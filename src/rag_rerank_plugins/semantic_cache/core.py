@@ -337,8 +337,10 @@ class SemanticCache:
         self._record(hit, verdicts, t0, t1)
         return hit
 
-    async def _off_loop(self, fn: Any, *args: Any) -> Any:
-        if isinstance(self.store, MemoryStore):
+    async def _off_loop(self, fn: Any, *args: Any, slow: bool = False) -> Any:
+        """``fn(*args)`` for a coroutine: inline on a memory store (microseconds), unless the
+        caller knows it is ``slow``; in a thread otherwise (SQLite's I/O)."""
+        if isinstance(self.store, MemoryStore) and not slow:
             return fn(*args)
         return await asyncio.to_thread(fn, *args)
 
@@ -395,7 +397,11 @@ class SemanticCache:
         payload = _encode(value)
         try:
             vector = await self._aembed(query)
-            await self._off_loop(self._store, query, vector, payload, namespace)
+            index = self._indexes.get(namespace)
+            # The add that moves a namespace past AUTO_ANN_SIZE builds its usearch index (3-6 s
+            # at that size, the import included): in a thread, not on the loop.
+            slow = index is not None and index.upgrade_due()
+            await self._off_loop(self._store, query, vector, payload, namespace, slow=slow)
         except Exception as exc:
             self._failed("put", exc)
             return False

@@ -167,9 +167,15 @@ class NamespaceIndex:
 
     def add(self, key: int, vector: np.ndarray) -> None:
         self._impl.add(key, vector)
-        auto = self.kind == "auto" and isinstance(self._impl, ExactIndex)
-        if auto and len(self._impl) > AUTO_ANN_SIZE:
+        if self.upgrade_due(0):
             self._upgrade()
+
+    def upgrade_due(self, adding: int = 1) -> bool:
+        """Whether adding ``adding`` more entries moves this namespace to usearch: building
+        that index over every entry takes seconds at this size, so async callers run such an
+        add in a thread (:meth:`SemanticCache.aput`), never on the event loop."""
+        auto = self.kind == "auto" and isinstance(self._impl, ExactIndex)
+        return auto and len(self._impl) + adding > AUTO_ANN_SIZE
 
     def _upgrade(self) -> None:
         try:

@@ -369,6 +369,11 @@ class RemoteClient:
         self.protocol = protocol
         self.policy = RetryPolicy.from_settings(settings)
         self._httpx = load_httpx()
+        # Built once, here (a model loads in a thread): loading the CA bundle takes 40-120 ms,
+        # which every new AsyncClient (one per event loop) paid on the loop itself.
+        self._verify: Any = (
+            self._httpx.create_ssl_context(verify=True) if settings.verify else False
+        )
         self._lock = threading.Lock()
         self._sync: httpx.Client | None = None
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
@@ -393,7 +398,7 @@ class RemoteClient:
             "limits": httpx.Limits(
                 max_connections=s.max_connections, max_keepalive_connections=s.max_connections
             ),
-            "verify": s.verify,
+            "verify": self._verify,
             # As the openai and cohere clients do: an http -> https or trailing-slash redirect
             # is followed (307/308 keep the POST and its body; httpx drops the token when the
             # redirect leaves the origin) instead of parsing the redirect's own body.
