@@ -21,6 +21,7 @@ os.environ.setdefault("RAG_RERANK_CPU_BF16", "0")
 # (AMX CPUs) and the tiled kernel (every other CPU) both run the whole suite on any host.
 os.environ.setdefault("RAG_RERANK_CPU_KIND", "avx2")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,20 @@ def model_server(tiny_ce_path: str, minilm_path: str):
     finally:
         server.stop()
         server_pool.clear()
+
+
+#: Set above or by CI for the whole run: a test's clean environment leaves them alone.
+CPU_OVERRIDES = ("RAG_RERANK_CPU_BF16", "RAG_RERANK_CPU_KIND")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No RAG_RERANK_* setting from the caller's shell (the CPU overrides stay)."""
+    from rag_rerank_plugins.settings import get_settings
+
+    for name in list(os.environ):
+        if name.startswith("RAG_RERANK_") and name not in CPU_OVERRIDES:
+            monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()

@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from rag_rerank_plugins.exceptions import ConfigurationError
 from rag_rerank_plugins.server.config import ServerConfig
 from rag_rerank_plugins.settings import (
     Settings,
-    get_settings,
     unknown_variables,
     warn_unknown_variables,
 )
@@ -43,17 +41,6 @@ FAKE_SPEC = json.dumps({"name": "r", "model": "m", "backend": "fake-reranker"})
 #: Set by tests/conftest.py or CI for the whole run: left alone.
 CPU_OVERRIDES = ("RAG_RERANK_CPU_BF16", "RAG_RERANK_CPU_KIND")
 HOST_ADVICE = "give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)"
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """No RAG_RERANK_* setting from the caller's shell (the CPU overrides stay)."""
-    for name in list(os.environ):
-        if name.startswith("RAG_RERANK_") and name not in CPU_OVERRIDES:
-            monkeypatch.delenv(name)
-    get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, get_args
@@ -32,25 +31,11 @@ from rag_rerank_plugins.server.config import ServerConfig
 from rag_rerank_plugins.settings import (
     SECTIONS,
     Settings,
-    get_settings,
     known_variables,
     unknown_variables,
 )
 
 SRC = Path(rag_rerank_plugins.__file__).resolve().parent
-#: Set by tests/conftest.py or CI for the whole run: left alone.
-CPU_OVERRIDES = ("RAG_RERANK_CPU_BF16", "RAG_RERANK_CPU_KIND")
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """No RAG_RERANK_* setting from the caller's shell (the CPU overrides stay)."""
-    for name in list(os.environ):
-        if name.startswith("RAG_RERANK_") and name not in CPU_OVERRIDES:
-            monkeypatch.delenv(name)
-    get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
 
 
 def _numeric_fields() -> list[tuple[type[Any], str]]:
