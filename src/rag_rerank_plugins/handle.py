@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ._exitsafe import start_daemon
 from .backends.base import SCORE, EmbedderModel, LoadedModel, Task
 from .cache import TTLCache, distinct, spread
 from .engine.executor import Executor, executor_for
@@ -341,4 +342,4 @@ class ModelHandle:
 def _close_in_thread(executors: list[Executor]) -> None:
     """Close ``executors[0]`` in a thread of its own: a finalizer runs on the thread that
     dropped the last reference (maybe the worker itself), and closing joins the worker."""
-    threading.Thread(target=executors[0].close, name="rag-rerank-finalize", daemon=True).start()
+    start_daemon(executors[0].close, name="rag-rerank-finalize")

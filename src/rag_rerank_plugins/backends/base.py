@@ -182,6 +182,9 @@ class LoadedModel(ABC):
     #: there): the pool then leaves a CPU model of the parent unused in the child and reloads it,
     #: as it does GPU models. True for torch and onnxruntime models (shared copy-on-write).
     fork_safe: ClassVar[bool] = True
+    #: False when calls run no native code that interpreter exit could cut short (an HTTP
+    #: client's): exit then does not wait for them (:mod:`rag_rerank_plugins._exitsafe`).
+    native: ClassVar[bool] = True
     #: Concrete device and dtype the model runs with (reported in stats and logs).
     device: str = "cpu"
     dtype: str = "float32"

@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from .._exitsafe import caller_waits, start_daemon
 from ..backends.base import CallContext, EmbedderModel, LoadedModel, call_context
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError, RagRerankError
@@ -72,6 +73,7 @@ class Executor(ABC):
 
     def run(self, request: Request) -> list[Any]:
         """One result per item, waiting until the request's deadline at most."""
+        caller_waits()
         future = self._start(request)
         try:
             return future.result(request.remaining_seconds())
@@ -88,6 +90,7 @@ class Executor(ABC):
 
     async def arun(self, request: Request) -> list[Any]:
         """:meth:`run` for coroutines: never blocks the event loop; cancelling withdraws."""
+        caller_waits()
         try:
             return await asyncio.wait_for(self._astart(request), request.remaining_seconds())
         except asyncio.TimeoutError:
@@ -239,7 +242,7 @@ class DirectExecutor(Executor):
             except BaseException as exc:  # raised in this thread: no interruption of the caller
                 request.fail(map_error(exc, self.name, interruption=False))
 
-        threading.Thread(target=run, name=f"rag-rerank-direct[{self.name}]", daemon=True).start()
+        start_daemon(run, name=f"rag-rerank-direct[{self.name}]", native=self.model.native)
         return request.future
 
     async def _astart(self, request: Request) -> list[Any]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from .._exitsafe import native_section
 from ..backends.base import LoadedModel, Prepared, Task
 from ..exceptions import OutOfMemoryError
 from ..stats import Metrics
@@ -148,7 +149,8 @@ def run_direct(
         start, end = stack.pop()
         try:
             try:
-                part = model.run(task, items[start:end], batch_size)
+                with native_section(model.native):  # not an HTTP call: exit waits for it
+                    part = model.run(task, items[start:end], batch_size)
                 if start == 0 and end == len(items):
                     return part  # the whole call: validated as it is (check_results)
                 results.extend(part)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from .._exitsafe import native_section
 from ..backends.base import LoadedModel
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError
@@ -93,7 +94,8 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            self._worker.serve()
+            with native_section():  # interpreter exit waits for its pass (_exitsafe)
+                self._worker.serve()
         except BaseException as exc:  # the invariant: no caller is left waiting
             self._crashed(exc)
         finally:

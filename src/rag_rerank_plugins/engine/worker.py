@@ -24,10 +24,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from .._exitsafe import checkpoint, paused, submit
 from ..backends.base import EmbedderModel, LoadedModel, Prepared, Task
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError, RagRerankError
@@ -43,22 +43,6 @@ __all__ = ["LOOKAHEAD", "Worker"]
 #: Micro-batches prepared ahead of the device. On the simulated device (16 callers): 2 -> 82 %,
 #: 3 -> 85 %, 4 -> 89 %, 6 -> 90 % of the pipelined bound; 4 keeps rounds short for fairness.
 LOOKAHEAD = 4
-
-
-def _submit(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """``pool.submit(fn, *args)``, or ``fn`` run here when the pool takes no more work: once
-    the interpreter starts to exit, ``concurrent.futures`` refuses every submit (its exit hook
-    runs before non-daemon threads are joined and before ``atexit`` hooks), and a call from
-    such a thread or hook would otherwise crash the worker, again and again."""
-    try:
-        return pool.submit(fn, *args)
-    except RuntimeError:
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # as the pool's threads keep it: for the caller to see
-            future.set_exception(exc)
-        return future
 
 
 class Worker:
@@ -118,13 +102,15 @@ class Worker:
         running: Batch | None = None  # launched on the device, not yet finished
         inflight: dict[Future[Any], Batch] = {}  # passes on the parallel CPU device workers
         while True:
+            checkpoint()  # between passes: where interpreter exit may stop this thread
             while len(ahead) < LOOKAHEAD:
                 if not formed:
                     idle = not ahead and running is None and not inflight
                     if idle:
                         self.idle = True  # nothing in hand (Scheduler.busy)
-                        if not self.queue.wait_for_work(self.wait_s):
-                            return  # closing and drained
+                        with paused():  # idle: interpreter exit need not wait for it
+                            if not self.queue.wait_for_work(self.wait_s):
+                                return  # closing and drained
                         self.idle = False
                     entries, lane = self.queue.take_round(self.budget)
                     if not entries:
@@ -139,7 +125,7 @@ class Worker:
                 batch = formed.popleft()
                 if self._live(batch):
                     if self.prepare_pool is not None:
-                        batch.prepared = _submit(
+                        batch.prepared = submit(
                             self.prepare_pool, self.prepare, batch.task, batch.items
                         )
                     ahead.append(batch)
@@ -161,7 +147,7 @@ class Worker:
                 # would; a full house gets one share each.
                 sharing = min(self.device_workers, len(inflight) + 1 + len(ahead) + len(formed))
                 threads = max(1, self.device_threads // sharing)
-                inflight[_submit(self.device_pool, self._run_pass, batch, threads)] = batch
+                inflight[submit(self.device_pool, self._run_pass, batch, threads)] = batch
                 self._settle(inflight, keep=self.device_workers - 1)
                 continue
             if running is not None and running.lane != "bulk":

@@ -15,6 +15,7 @@ import time
 import weakref
 from typing import Any
 
+from .._exitsafe import native_section
 from ..exceptions import ConfigurationError
 from ..spec import ModelSpec
 from ._state import MB, PoolState, Slot, fmt_mb, logger
@@ -26,14 +27,15 @@ def _reap_loop(ref: weakref.ref[Any], stop: threading.Event, interval: float) ->
     """The reaper thread: holds its pool only weakly, so an unreferenced pool is collected and
     the thread ends within one interval."""
     while not stop.wait(interval):
-        pool = ref()
-        if pool is None:
-            return
-        try:
-            pool._reap(stop)
-        except Exception:  # never let a bug end the reaper silently
-            logger.exception("rag-rerank: idle reaper failed")
-        del pool
+        with native_section():  # a release frees tensors: not cut short by interpreter exit
+            pool = ref()
+            if pool is None:
+                return
+            try:
+                pool._reap(stop)
+            except Exception:  # never let a bug end the reaper silently
+                logger.exception("rag-rerank: idle reaper failed")
+            del pool
 
 
 class MemoryBudget(PoolState):

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
 
+from .._exitsafe import start_daemon
 from .._mps import empty_cache
 from ..engine_config import no_limit
 from ..exceptions import ModelLoadError, ModelReleasedError, RequestTimeoutError
@@ -177,9 +177,7 @@ class PoolCalls(PoolState):
                 loading.set_result(handle)
 
         context = contextvars.copy_context()  # as asyncio.to_thread: the caller's context
-        threading.Thread(
-            target=context.run, args=(run,), name="rag-rerank-load", daemon=True
-        ).start()
+        start_daemon(context.run, run, name="rag-rerank-load")
         return loading
 
     def _load_timeout(

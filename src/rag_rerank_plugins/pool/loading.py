@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, cast
 
+from .._exitsafe import native_section
 from .._memory import free_memory
 from ..backends import get_loader
 from ..exceptions import ModelLoadError, RagRerankError
@@ -80,7 +81,8 @@ class Loading(PoolState):
             seq = self._load_seq
         start = time.perf_counter()
         try:
-            model = loader(key, cast("ModelProvider", self))  # ModelPool is one
+            with native_section():  # not cut short by interpreter exit (a daemon load thread)
+                model = loader(key, cast("ModelProvider", self))  # ModelPool is one
         except RagRerankError as exc:
             stats.add(load_failures=1)
             _drop_partial_load(exc, key.device)

@@ -44,6 +44,7 @@ class _Request:
 
 class _RemoteModel:
     thread_safe = True
+    native = False  # HTTP calls: interpreter exit need not wait for them
     device = "remote"
     dtype = "remote"
 

@@ -1,0 +1,176 @@
+"""Interpreter exit while a model works: no thread of ours touches torch when Python finalizes.
+
+Why: at exit Python ends each daemon thread when it next takes the GIL. A thread inside a torch
+op, an ONNX Runtime run, a tokenizer call, or merely freeing a tensor (torch releases the GIL in
+its deallocator) takes it back in C++ code, and the forced unwind of that thread there ends in
+``std::terminate``: the process aborts ("terminate called without an active exception", exit
+status 134) after the user's program had finished. A script whose last requests were abandoned
+(a timed-out or cancelled call, ``asyncio.run`` cancelling its tasks, a daemon thread of the
+user's) hit it in 3 of 4 runs. Stock ``CrossEncoder`` in a daemon thread does the same, but our
+worker, load, direct-call, reaper and finalizer threads are ours, so preventing it is ours too.
+
+The rule, in one place: a daemon thread of ours works inside :func:`native_section` (a device
+worker's whole loop, a load, a direct call) and steps out of it only where it may stop: while
+idle (:func:`paused`) and between passes (:func:`checkpoint`). At exit an ``atexit`` hook (it runs
+after non-daemon threads were joined, before finalization) closes the gate and waits for the
+running sections, at most :data:`EXIT_WAIT_S` seconds, so a stuck pass cannot hold the exit
+forever. A daemon thread that reaches the closed gate parks there, in Python, where finalization
+ends it cleanly; other threads pass. A call that a non-daemon thread makes after that (an
+``atexit`` hook of the user's that runs after ours) reopens the gate (:func:`caller_waits`), so
+it is served rather than left waiting on a parked worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+__all__ = [
+    "EXIT_WAIT_S",
+    "caller_waits",
+    "checkpoint",
+    "close_and_wait",
+    "native_section",
+    "paused",
+    "running_sections",
+    "start_daemon",
+    "submit",
+]
+
+#: Longest wait at exit for work already running (a forward pass, a load).
+EXIT_WAIT_S = 10.0
+
+_gate = threading.Condition()
+_running = 0  # threads inside a section now
+_closed = False
+_local = threading.local()  # .depth: this thread's nesting of sections
+
+
+def _enter() -> None:
+    global _running
+    with _gate:
+        if _closed and threading.current_thread().daemon:
+            _gate.wait_for(lambda: not _closed)  # parked: until the process ends (or reopens)
+        _running += 1
+
+
+def _leave() -> None:
+    global _running
+    with _gate:
+        _running -= 1
+        if not _running:
+            _gate.notify_all()
+
+
+@contextlib.contextmanager
+def native_section(needed: bool = True) -> Iterator[None]:
+    """Run work that interpreter exit must not cut short (see the module docstring); nested
+    sections count once. ``needed=False`` (an HTTP client's call: a thread in a socket call
+    ends cleanly) makes it a no-op, so that exit does not wait for a slow server."""
+    depth = getattr(_local, "depth", 0)
+    if not needed:
+        yield
+        return
+    if not depth:
+        _enter()
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+        if not depth:
+            _leave()
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Step out of this thread's outermost section while it blocks (an idle worker's wait), so
+    that exit does not wait for it; stepping back in parks it when the gate has closed."""
+    if getattr(_local, "depth", 0) != 1:
+        yield  # not in a section, or nested in one that must finish
+        return
+    _leave()
+    try:
+        yield
+    finally:
+        _enter()
+
+
+def checkpoint() -> None:
+    """A point between passes where a daemon thread of ours may stop at exit."""
+    if _closed:
+        with paused():
+            pass
+
+
+def caller_waits() -> None:
+    """A call starts: when the gate has closed and a non-daemon thread (the main thread running
+    a later ``atexit`` hook) calls, reopen it, so the workers it waits for serve it."""
+    global _closed
+    if _closed and not threading.current_thread().daemon:
+        with _gate:
+            _closed = False
+            _gate.notify_all()
+
+
+def start_daemon(target: Callable[..., Any], *args: Any, name: str, native: bool = True) -> None:
+    """Start a daemon thread running ``target(*args)`` inside a section (``native=False``: an
+    HTTP call's thread, which exit need not wait for)."""
+
+    def run() -> None:
+        with native_section(native):
+            target(*args)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+
+
+def submit(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``pool.submit(fn, *args)``, or ``fn`` run here when the pool takes no more work: once
+    the interpreter starts to exit, ``concurrent.futures`` refuses every submit (its exit hook
+    runs before non-daemon threads are joined and before ``atexit`` hooks), and a call from
+    such a thread or hook would otherwise crash the worker, again and again."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # as the pool's threads keep it: for the caller to see
+            future.set_exception(exc)
+        return future
+
+
+def running_sections() -> int:
+    """Threads inside a section now (for tests and diagnostics)."""
+    return _running
+
+
+def close_and_wait(timeout: float | None = None) -> bool:
+    """Close the gate and wait for the running sections (the ``atexit`` hook); True when none is
+    left. ``timeout`` defaults to :data:`EXIT_WAIT_S`."""
+    global _closed
+    deadline = time.monotonic() + (EXIT_WAIT_S if timeout is None else timeout)
+    with _gate:
+        _closed = True
+        while _running and (left := deadline - time.monotonic()) > 0:
+            _gate.wait(left)
+        return not _running
+
+
+def _reopen_in_child() -> None:
+    """A forked child: the parent's sections do not run here, and its gate may have been held by
+    another thread at the fork."""
+    global _gate, _running, _closed
+    _gate, _closed = threading.Condition(), False
+    _running = 1 if getattr(_local, "depth", 0) else 0  # the forking thread's own section
+
+
+atexit.register(close_and_wait)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reopen_in_child)
