@@ -67,7 +67,8 @@ def test_close_waits_for_a_running_section_and_parks_new_daemon_work(gate) -> No
 
     parked = _in_daemon(late)
     parked.join(0.3)
-    assert parked.is_alive() and after == []  # parked at the closed gate
+    assert parked.is_alive()  # parked at the closed gate
+    assert after == []
     with gate.native_section():  # a non-daemon thread (this one) passes
         pass
     gate.caller_waits()  # a call from a non-daemon thread after exit began: reopens
