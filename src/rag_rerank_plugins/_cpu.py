@@ -3,7 +3,9 @@ threading.
 
 ``usable_cores`` counts physical cores in the process's affinity mask (SMT siblings once), capped
 by a cgroup v2 CPU quota: the number that matters for compute-bound work in a container, where
-``os.cpu_count()`` reports the host. ``set_thread_torch_threads`` gives one engine thread its own
+``os.cpu_count()`` reports the host. ``compute_threads`` caps that by ``OMP_NUM_THREADS``, the
+variable torch and the stock libraries honour (a deployment of N worker processes sets it to
+cores / N; before, our engine ignored it and ran every core in each). ``set_thread_torch_threads`` gives one engine thread its own
 intra-op thread count without changing torch's default for every other thread. ``cpu_kind``
 names the CPU's matrix units (AMX, AVX512-BF16, AVX2), which decide the fastest backend
 (``backend_choice``) and attention kernel (``backends._cpu_attention``); ``RAG_RERANK_CPU_KIND``
@@ -27,7 +29,9 @@ __all__ = [
     "CPU_KINDS",
     "CpuKind",
     "cgroup_cpu_limit",
+    "compute_threads",
     "cpu_kind",
+    "omp_threads",
     "set_thread_torch_threads",
     "usable_cores",
 ]
@@ -70,6 +74,25 @@ def usable_cores() -> int:
     count = max(1, len(cores))
     limit = cgroup_cpu_limit()
     return min(count, limit) if limit else count
+
+
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as OpenMP reads it: the first level of a nested list (``"4,2"`` is 4);
+    None when unset, blank or not a positive whole number (OpenMP ignores such a value too)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value > 0 else None
+
+
+def compute_threads() -> int:
+    """Threads this process's CPU passes may use in all: :func:`usable_cores`, capped by
+    ``OMP_NUM_THREADS`` when it is set (never raised by it: more threads than cores only adds
+    contention)."""
+    cores = usable_cores()
+    cap = omp_threads()
+    return min(cores, cap) if cap is not None else cores
 
 
 _T = TypeVar("_T")

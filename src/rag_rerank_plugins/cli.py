@@ -362,7 +362,7 @@ def _version_of(distribution: str) -> str | None:
 
 def _info_threads(row: Callable[[str, str], None]) -> None:
     """The thread policy of both runtimes, as models loaded now would get it."""
-    from ._cpu import usable_cores
+    from ._cpu import compute_threads, usable_cores
     from .engine_config import EngineConfig
 
     row("cpu cores usable", f"{usable_cores()} (affinity mask, SMT siblings once, cgroup quota)")
@@ -374,7 +374,7 @@ def _info_threads(row: Callable[[str, str], None]) -> None:
         row(
             "torch on cpu",
             f"{workers} device worker(s) x {threads} intra-op thread(s) per model "
-            "(RAG_RERANK_CPU_WORKERS, RAG_RERANK_TORCH_THREADS)",
+            "(RAG_RERANK_CPU_WORKERS, RAG_RERANK_TORCH_THREADS, OMP_NUM_THREADS)",
         )
     try:  # the backends' own parser: `info` never shows a value a load would refuse
         from .backends._onnx_common import env_threads
@@ -383,7 +383,7 @@ def _info_threads(row: Callable[[str, str], None]) -> None:
     except Exception as exc:
         row("onnxruntime", f"invalid: {str(exc).rstrip('.')}: an ONNX model's load fails on it")
     else:
-        shown = f"{ort_threads}" if ort_threads is not None else f"{usable_cores()}"
+        shown = f"{ort_threads}" if ort_threads is not None else f"{compute_threads()}"
         row(
             "onnxruntime",
             f"{shown} intra-op thread(s) per session, 1 inter-op, spinning off "

@@ -173,12 +173,13 @@ class EngineConfig(ConfigModel):
 
     def cpu_threads(self) -> int:
         """Compute threads the CPU models' passes share: ``RAG_RERANK_TORCH_THREADS`` when set
-        (the process's torch thread budget), else the usable physical cores."""
-        from ._cpu import usable_cores
+        (the process's torch thread budget), else the usable physical cores capped by
+        ``OMP_NUM_THREADS`` (:func:`._cpu.compute_threads`)."""
+        from ._cpu import compute_threads
         from .policy import requested_torch_threads
 
         requested = requested_torch_threads()
-        return requested if requested is not None and requested > 0 else usable_cores()
+        return requested if requested is not None and requested > 0 else compute_threads()
 
     def prepare_threads(self, device: str) -> int:
         """Prepare threads for a model on ``device`` whose backend allows concurrent prepare
