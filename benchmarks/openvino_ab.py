@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cpu_peers  # noqa: E402  (the request, the CPU line and the ST-style feeder)
+from bench_common import pin_threads, spearman, threads_line  # noqa: E402
 
 #: variant -> (fuse attention, PERFORMANCE_HINT, parallel passes, extra compile settings)
 OURS: dict[str, tuple[bool, str, bool, dict[str, Any]]] = {
@@ -72,7 +73,12 @@ def settings(fuse: bool, hint: str, parallel: bool, extra: dict[str, Any]) -> It
             common.fuse_attention = lambda model: 0  # type: ignore[assignment]
         common.PERFORMANCE_HINT = hint
         common.PARALLEL_PASSES = parallel
-        common.compile_config = lambda d, t: {**config(d, t), **extra}  # type: ignore[assignment]
+        # The same signature as compile_config(dtype, threads, user): the loader passes the
+        # user's own settings third, and a narrower lambda made every OpenVINO variant crash.
+        common.compile_config = lambda d, t, user=None: {  # type: ignore[assignment]
+            **config(d, t, user),
+            **extra,
+        }
         yield
     finally:
         common.FORMAT_VERSION, common.fuse_attention, common.compile_config = saved
@@ -102,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--variants", default=",".join([*OURS, *OTHERS]))
     parser.add_argument("--models", type=Path, default=HERE / ".models")
+    parser.add_argument(
+        "--threads", type=int, help="compute threads for every variant (default: usable cores)"
+    )
     args = parser.parse_args(argv)
+    pin_threads(args.threads)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
 
     import numpy as np
@@ -154,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, system in systems.items():
         got = np.asarray(system())  # warm-up, and the scores
         if name in OURS or name == "torch_default":
-            rho = np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(want)))[0, 1]
-            quality[name] = (float(rho), float(np.abs(got - want).max()) / span)
+            rho = spearman(got.tolist(), want.tolist())
+            quality[name] = (rho, float(np.abs(got - want).max()) / span)
     times: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(args.rounds):
         for name, system in systems.items():
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU: {cpu_peers.cpu_line()}",
         f"{args.rounds} interleaved rounds, 1 x 50 passages, {args.dtype}, "
         f"load average at the end {os.getloadavg()[0]:.2f}",
+        threads_line(),
         "",
         f"| variant | median ms | speed vs {next(iter(times))} | Spearman vs FP32 "
         "| max err / FP32 range | all ms |",

@@ -23,17 +23,14 @@ from typing import Any
 from rag_rerank_plugins import ModelPool, ModelSpec
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_common import pin_threads, spearman, threads_line  # noqa: E402
+
+__all__ = ["MIN_SPEARMAN", "RANGE_SHARE", "modes", "scifact_arguments", "spearman"]
 SCIFACT = HERE.parent / ".." / "shared" / "data" / "scifact"
 RANGE_SHARE = 0.02
 MIN_SPEARMAN = 0.99
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    import numpy as np
-
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def modes(model: str, cache: str) -> dict[str, ModelSpec]:
@@ -79,6 +76,7 @@ def scifact_arguments(doc: str) -> argparse.Namespace:
 
 def main() -> None:
     args = scifact_arguments(__doc__)
+    pin_threads()
     from rag_rerank_plugins.testing import beir_pairs, build_cross_encoder_from_encoder
 
     work = Path(tempfile.mkdtemp(prefix="ce-quality-"))
@@ -94,7 +92,8 @@ def main() -> None:
     )
     want = pool.score_pairs(reference, pairs)
     spread = max(want) - min(want)
-    print(f"{len(pairs)} pairs; reference: torch float32, transformers' kernels\n")
+    print(f"{len(pairs)} pairs; reference: torch float32, transformers' kernels")
+    print(f"Spearman: ties share their average rank; {threads_line()}\n")
     print("| mode | max error / FP32 range | Spearman | within bound |")
     print("|---|---|---|---|")
     for name, spec in modes(model, str(work / "onnx")).items():

@@ -5,8 +5,9 @@ threading.
 by a cgroup v2 CPU quota: the number that matters for compute-bound work in a container, where
 ``os.cpu_count()`` reports the host. ``compute_threads`` caps that by ``OMP_NUM_THREADS``, the
 variable torch and the stock libraries honour (a deployment of N worker processes sets it to
-cores / N; before, our engine ignored it and ran every core in each). ``set_thread_torch_threads`` gives one engine thread its own
-intra-op thread count without changing torch's default for every other thread. ``cpu_kind``
+cores / N; before, our engine ignored it and ran every core in each).
+``set_thread_torch_threads`` gives one engine thread its own intra-op thread count without
+changing torch's default for every other thread. ``cpu_kind``
 names the CPU's matrix units (AMX, AVX512-BF16, AVX2), which decide the fastest backend
 (``backend_choice``) and attention kernel (``backends._cpu_attention``); ``RAG_RERANK_CPU_KIND``
 overrides it, so tests never depend on the host.
