@@ -196,3 +196,31 @@ def test_forked_child_gets_an_open_gate() -> None:
         pytest.skip("no fork on this platform")
     out = _run(script)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+LATE_HOOK = """
+    import atexit
+
+    def late():  # registered before our import: runs after our exit hook closed the gate
+        print("late hook:", pool.score_pairs(spec, [("q", "p")]), flush=True)
+
+    atexit.register(late)
+    from rag_rerank_plugins import ModelPool, ModelSpec
+    from rag_rerank_plugins.backends import register_backend
+    from rag_rerank_plugins.backends.base import RerankerModel
+
+    class Plain(RerankerModel):  # not thread-safe: served by a daemon device worker
+        def score_pairs(self, pairs, batch_size):
+            return [0.25] * len(pairs)
+
+    register_backend("plain-exit", lambda spec, pool: Plain(), "reranker", uses_torch=False)
+    pool = ModelPool()
+    spec = ModelSpec("m", backend="plain-exit", device="cpu")
+    pool.score_pairs(spec, [("warm", "up")])
+"""
+
+
+def test_an_atexit_hook_of_the_users_still_gets_its_answer() -> None:
+    out = _run(LATE_HOOK, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "late hook: [0.25]" in out.stdout
