@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import ConfigurationError
 
@@ -360,6 +360,19 @@ class ModelSpec:
     max_length: int | None = None
     options: tuple[tuple[str, Any], ...] = field(default=())
     secrets: tuple[tuple[str, Secret], ...] = field(default=(), compare=False, repr=False)
+
+    if TYPE_CHECKING:  # what __post_init__ accepts, for type checkers (the dataclass's own)
+
+        def __init__(
+            self,
+            model: str | os.PathLike[str],
+            backend: str = "cross-encoder",
+            device: str = "auto",
+            dtype: str = "auto",
+            max_length: int | None = None,
+            options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+            secrets: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
