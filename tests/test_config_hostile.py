@@ -400,3 +400,33 @@ def test_every_hinted_home_has_the_name() -> None:
         assert hasattr(importlib.import_module(home), name), (name, home)
         assert name not in rag_rerank_plugins.__all__
     assert not hasattr(rag_rerank_plugins, "__wrapped__")  # tools' probes: plain AttributeError
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "rag_rerank_plugins",
+        "rag_rerank_plugins.langchain",
+        "rag_rerank_plugins.llama_index",
+        "rag_rerank_plugins.server",
+    ],
+)
+def test_dir_and_tab_completion_list_every_public_name_before_first_use(package: str) -> None:
+    """In a fresh interpreter (nothing accessed yet): ``dir()`` lists ``__all__`` and the usual
+    module attributes, and rlcompleter completes a lazy name (before: llama_index and server
+    listed none of their lazy names, the top level no ``__file__``)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib, rlcompleter
+m = importlib.import_module({package!r})
+missing = sorted(set(m.__all__) - set(dir(m)))
+assert not missing, missing
+assert {{"__file__", "__name__"}} <= set(dir(m))
+first = sorted(m.__all__)[0]
+done = rlcompleter.Completer({{"m": m}}).complete("m." + first[:3], 0)
+assert done is not None and done.startswith("m." + first[:3]), done
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-1500:]

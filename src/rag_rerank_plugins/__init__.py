@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ._environ_checks import CHECKS as _ENVIRON_CHECKS
-from ._lazy import lazy_getattr
+from ._lazy import lazy_dir, lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -127,7 +127,4 @@ _ELSEWHERE: dict[str, str] = {
 }
 
 __getattr__ = lazy_getattr(__name__, _LAZY, globals(), _ELSEWHERE)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__dir__ = lazy_dir(globals(), __all__)

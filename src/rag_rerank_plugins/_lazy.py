@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from importlib import import_module
 from typing import Any
 
-__all__ = ["lazy_getattr"]
+__all__ = ["lazy_dir", "lazy_getattr"]
 
 
 def lazy_getattr(
@@ -35,6 +35,16 @@ def lazy_getattr(
         return value
 
     return __getattr__
+
+
+def lazy_dir(namespace: dict[str, Any], public: list[str]) -> Callable[[], list[str]]:
+    """A module ``__dir__`` listing what is defined already and the lazy public names, so
+    ``dir()`` and notebook tab completion show them before their first use."""
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *public})
+
+    return __dir__
 
 
 def _missing(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_dir, lazy_getattr
 
 if TYPE_CHECKING:
     from .compressor import SharedRerankCompressor
@@ -50,7 +50,4 @@ def __getattr__(name: str) -> Any:
     return _lazy_getattr(name)
 
 
-def __dir__() -> list[str]:
-    """The lazy adapters too (as the top-level package does), so ``dir()`` and notebook
-    tab completion list them before their first use."""
-    return sorted({*globals(), *__all__})
+__dir__ = lazy_dir(globals(), __all__)

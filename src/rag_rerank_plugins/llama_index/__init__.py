@@ -16,7 +16,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_dir, lazy_getattr
 
 if TYPE_CHECKING:
     from .embedding import SharedEmbedding
@@ -32,6 +32,7 @@ _LAZY = {
 }
 
 _lazy = lazy_getattr(__name__, _LAZY, globals())
+__dir__ = lazy_dir(globals(), __all__)  # dir() and tab completion list the lazy adapters
 
 
 def __getattr__(name: str) -> Any:
