@@ -653,3 +653,13 @@ def test_cache_dir_keeps_its_meaning_on_our_own_backends() -> None:
     )
     assert onnx_side.spec.option("cache_dir") == "/tmp/exports"
     assert onnx_side.spec.option("cache_folder") is None
+
+
+def test_use_auth_token_is_a_hidden_token_for_cross_encoders_too() -> None:
+    """migration.md: ``token`` and ``use_auth_token`` in ``model_kwargs`` are handed to the
+    loader and never shown. Before, ``SharedCrossEncoder`` refused ``use_auth_token``."""
+    ce = SharedCrossEncoder(model_name="m", model_kwargs={"use_auth_token": SECRET})
+    assert ce.spec == SharedCrossEncoder(model_name="m", model_kwargs={"token": SECRET}).spec
+    assert ce.spec.option("token") == SECRET
+    assert SECRET not in repr(ce)
+    assert SECRET not in ce.model_dump_json()

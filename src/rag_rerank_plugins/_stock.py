@@ -57,6 +57,7 @@ _ALIASES = {
         "config_args": "config_kwargs",
         "cache_dir": "cache_folder",
         "default_activation_function": "activation_fn",
+        "use_auth_token": "token",  # a secret as the embedder's (migration.md promises both)
     },
     "embedder": {"tokenizer_kwargs": "processor_kwargs", "use_auth_token": "token"},
 }

@@ -105,6 +105,7 @@ from .packing import (
 from .protocols import (
     PROTOCOLS,
     Call,
+    CallSettings,
     Protocol,
     ServerInfo,
     UnexpectedResponse,
@@ -122,6 +123,7 @@ __all__ = [
     "RETRY_STATUSES",
     "STATUS_RULES",
     "Call",
+    "CallSettings",
     "Protocol",
     "RemoteClient",
     "RemoteEmbedder",

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from ....exceptions import ConfigurationError
 from .base import (
     Call,
+    CallSettings,
     Protocol,
     ServerInfo,
     UnexpectedResponse,
@@ -35,6 +36,7 @@ from .tei import TEIProtocol
 __all__ = [
     "PROTOCOLS",
     "Call",
+    "CallSettings",
     "CohereProtocol",
     "InfinityProtocol",
     "Protocol",
