@@ -22,8 +22,10 @@ cross-encoder of the MiniLM-L6 shape carrying the packaged all-MiniLM-L6-v2 enco
   sentence-transformers CrossEncoder, FP32).
 
 Quality: each of our modes' scores against the FP32 torch reference on the request's 50 pairs
-(Spearman, max absolute error as a share of the FP32 score range). Prints a markdown table and
-writes it with the CPU model and flags.
+(Spearman, tied scores sharing their average rank; max absolute error as a share of the FP32
+score range). Threads: ``OMP_NUM_THREADS`` and ``RAG_RERANK_TORCH_THREADS`` are set to
+``--threads`` (default: the usable cores) for every system, and the header says them. Prints a
+markdown table and writes it with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ SCIFACT = HERE.parent.parent / "shared" / "data" / "scifact"
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py: the anchors and request helpers)
+from bench_common import pin_threads, spearman, threads_line  # noqa: E402
 
 
 def cpu_line() -> str:
@@ -101,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", type=Path, default=HERE / ".models")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cpu_peers.md")
+    parser.add_argument(
+        "--threads", type=int, help="compute threads for every system (default: usable cores)"
+    )
     args = parser.parse_args(argv)
+    pin_threads(args.threads)  # the same budget for ours and the peers, whatever was inherited
 
     import numpy as np
     import torch
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (backend, dtype, options) in ours.items():
         spec = ModelSpec(str(model), backend=backend, device="cpu", dtype=dtype, options=options)
         got = np.asarray(pool.score_pairs(spec, pairs))
-        rho = float(np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(want)))[0, 1])
+        rho = spearman(got.tolist(), want.tolist())
         quality[name] = (rho, float(np.abs(got - want).max()) / span)
     stats = pool.stats()
     anchor = statistics.median(times["langchain_fp32"])
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {platform.python_version()}, {args.rounds} interleaved rounds, 1 x 50 "
         f"{'SciFact passages' if (SCIFACT / 'corpus.jsonl').exists() else 'mixed passages'}, "
         "MiniLM-L6 cross-encoder (packaged encoder weights, seeded head)",
+        threads_line(),
         "sentence-transformers backend='openvino': "
         + (
             "optimum-intel installed"

@@ -11,7 +11,11 @@ requests, building a LangChain ``SharedRerankCompressor`` and ``SharedEmbeddings
 * **remote**: one ``rag-rerank serve`` on 127.0.0.1 loads each model once; workers use
   ``remote-reranker`` + ``remote-embedder`` (``device="cpu"``, so they never import torch).
 
-It prints (and with ``--json`` writes) model loads and resident memory (RSS) per mode. The
+It prints (and with ``--json`` writes) model loads and memory per mode. Memory is PSS
+(proportional set size), read for every process of a mode at the same moment, while all are
+alive: a page shared by k processes (torch's libraries in every local worker) counts 1/k in each,
+so the total is what the mode really occupies. The summed RSS is printed too, for comparison
+only: it counts every shared page once per process, which overstates the local mode. The
 default reranker is a random-weight cross-encoder of MiniLM-L6's real shape (22 M parameters)
 and the embedder the packaged all-MiniLM-L6-v2, so memory figures are realistic; nothing is
 downloaded. ``tests/test_multiworker.py`` runs it small and checks the load counts.
@@ -20,6 +24,7 @@ downloaded. ``tests/test_multiworker.py`` runs it small and checks the load coun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -48,6 +53,20 @@ def _rss_mb(pid: int | None = None) -> float:
     import psutil
 
     return float(psutil.Process(pid or os.getpid()).memory_info().rss) / 2**20
+
+
+def _memory_mb(pids: list[int]) -> list[tuple[float, float]]:
+    """(RSS, PSS) in MiB of each of ``pids``, read together while all of them are alive (PSS
+    shares a page among the processes mapping it at the moment it is read). Where the system
+    reports no PSS (not Linux), USS, the process's private pages, stands in."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        pss = getattr(info, "pss", None)
+        out.append((info.rss / 2**20, (pss if pss is not None else info.uss) / 2**20))
+    return out
 
 
 # -- one worker process ------------------------------------------------------------------------
@@ -94,23 +113,58 @@ def worker(mode: str, requests: int, reranker: str, embedder: str, url: str | No
 
 
 def _run_workers(
-    mode: str, n: int, requests: int, reranker: str, embedder: str, url: str | None
-) -> list[dict]:
+    mode: str,
+    n: int,
+    requests: int,
+    reranker: str,
+    embedder: str,
+    url: str | None,
+    also: tuple[int, ...] = (),
+) -> tuple[list[dict], list[tuple[float, float]]]:
+    """Run ``n`` workers; once every one has answered (and waits, alive), read the (RSS, PSS)
+    of each worker and then of the ``also`` processes (the server), then let them exit."""
     command = [sys.executable, __file__, "--worker", mode, "--requests", str(requests)]
     command += ["--reranker", reranker, "--embedder", embedder]
     if url:
         command += ["--url", url]
+    with contextlib.ExitStack() as stack:
+        # stderr to files: a pipe nobody reads yet would fill up and block the worker
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(n)]
+        return _measure_workers(mode, command, logs, also)
+
+
+def _measure_workers(
+    mode: str, command: list[str], logs: list[Any], also: tuple[int, ...]
+) -> tuple[list[dict], list[tuple[float, float]]]:
     procs = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(n)
+        subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        for log in logs
     ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{mode} worker failed ({proc.returncode}):\n{err[-3000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    try:
+        results = []
+        for proc, log in zip(procs, logs, strict=True):
+            assert proc.stdout is not None
+            for line in proc.stdout:  # libraries may print: the result is the JSON line
+                if line.startswith('{"mode"'):
+                    results.append(json.loads(line))
+                    break
+            else:
+                log.seek(0)
+                tail = log.read()[-3000:]
+                raise RuntimeError(f"{mode} worker failed ({proc.wait(60)}):\n{tail}")
+        memory = _memory_mb([p.pid for p in procs] + list(also))
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the worker's cue to exit
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return results, memory
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -197,19 +251,23 @@ def run(workers: int = 4, requests: int = 20, reranker: str | None = None) -> di
         )
     try:
         report: dict[str, Any] = {"workers": workers, "requests_per_worker": requests}
-        local = _run_workers("local", workers, requests, reranker, embedder, None)
+        local, memory = _run_workers("local", workers, requests, reranker, embedder, None)
         report["local"] = {
             "model_loads": sum(w["model_loads"] for w in local),
-            "workers_rss_mb": [w["rss_mb"] for w in local],
-            "total_rss_mb": round(sum(w["rss_mb"] for w in local), 1),
+            "workers_pss_mb": [round(pss, 1) for _, pss in memory],
+            "total_pss_mb": round(sum(pss for _, pss in memory), 1),
+            "workers_rss_mb": [round(rss, 1) for rss, _ in memory],
+            "total_rss_mb": round(sum(rss for rss, _ in memory), 1),
             "torch_in_workers": sum(w["torch_imported"] for w in local),
             "first_request_s": [w["first_request_s"] for w in local],
         }
         server, url = _start_server(reranker, embedder)
         try:
-            remote = _run_workers("remote", workers, requests, reranker, embedder, url)
+            remote, memory = _run_workers(
+                "remote", workers, requests, reranker, embedder, url, also=(server.pid,)
+            )
             metrics = httpx.get(url + "/metrics", timeout=10).text
-            server_rss = round(_rss_mb(server.pid), 1)
+            server_rss, server_pss = (round(x, 1) for x in memory.pop())
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -218,9 +276,12 @@ def run(workers: int = 4, requests: int = 20, reranker: str | None = None) -> di
             + sum(w["model_loads"] for w in remote),
             "server_model_loads": int(_metric_sum(metrics, "rag_rerank_model_loads_total")),
             "server_calls": int(_metric_sum(metrics, "rag_rerank_model_calls_total")),
+            "server_pss_mb": server_pss,
+            "workers_pss_mb": [round(pss, 1) for _, pss in memory],
+            "total_pss_mb": round(server_pss + sum(pss for _, pss in memory), 1),
             "server_rss_mb": server_rss,
-            "workers_rss_mb": [w["rss_mb"] for w in remote],
-            "total_rss_mb": round(server_rss + sum(w["rss_mb"] for w in remote), 1),
+            "workers_rss_mb": [round(rss, 1) for rss, _ in memory],
+            "total_rss_mb": round(server_rss + sum(rss for rss, _ in memory), 1),
             "torch_in_workers": sum(w["torch_imported"] for w in remote),
             "first_request_s": [w["first_request_s"] for w in remote],
         }
@@ -234,16 +295,20 @@ def run(workers: int = 4, requests: int = 20, reranker: str | None = None) -> di
 def _table(report: dict[str, Any]) -> str:
     local, remote = report["local"], report["remote"]
     rows = [
-        "| mode | model loads | RSS per worker (MiB) | server RSS (MiB) | total RSS (MiB) "
-        "| torch in workers | first request (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | model loads | PSS per worker (MiB) | server PSS (MiB) | total PSS (MiB) "
+        "| summed RSS (MiB), overstated | torch in workers | first request (s) |",
+        "|---|---|---|---|---|---|---|---|",
         f"| local ({report['workers']} workers) | {local['model_loads']} "
-        f"| {', '.join(map(str, local['workers_rss_mb']))} | - | {local['total_rss_mb']} "
+        f"| {', '.join(map(str, local['workers_pss_mb']))} | - | {local['total_pss_mb']} "
+        f"| {local['total_rss_mb']} "
         f"| {local['torch_in_workers']} | {', '.join(map(str, local['first_request_s']))} |",
         f"| remote ({report['workers']} workers + 1 server) | {remote['model_loads']} "
-        f"| {', '.join(map(str, remote['workers_rss_mb']))} | {remote['server_rss_mb']} "
-        f"| {remote['total_rss_mb']} | {remote['torch_in_workers']} "
+        f"| {', '.join(map(str, remote['workers_pss_mb']))} | {remote['server_pss_mb']} "
+        f"| {remote['total_pss_mb']} | {remote['total_rss_mb']} | {remote['torch_in_workers']} "
         f"| {', '.join(map(str, remote['first_request_s']))} |",
+        "",
+        "PSS: each page shared by k of the processes counts 1/k in each (read while all were "
+        "alive). Summed RSS counts every shared page once per process.",
     ]
     return "\n".join(rows)
 
@@ -260,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         result = worker(args.worker, args.requests, args.reranker, args.embedder, args.url)
-        print(json.dumps(result))
+        print(json.dumps(result), flush=True)
+        sys.stdin.read()  # stay alive until the parent has read every worker's memory
         return 0
     report = run(args.workers, args.requests, args.reranker)
     print(_table(report))

@@ -6,10 +6,14 @@ Runs under .venv (our engine, LangChain, LlamaIndex) or .venv-peers (sentence-tr
 optimum-intel/optimum-onnx, which pin transformers below 5), so it imports only the standard
 library at the top. It loads SYSTEM, answers ``{"ready": ...}`` (or ``{"error": ...}``), then
 scores one request per stdin JSON line ``{"query": str, "passages": [str]}`` and answers
-``{"ms": float, "scores": [float]}``: wall time of the user's one call, measured here, and the
-scores in passage order. Libraries print to stdout, so the protocol gets a private copy of the
-stdout descriptor and everything else goes to stderr. ``WORK_DIR`` holds the sentence-transformers
-exports (built once, reused) and the local calibration set (``calib/train.jsonl``).
+``{"ms": float, "scores": [float], "torch_threads": int | None}``: wall time of the user's one
+call, measured here, the scores in passage order, and ``torch.get_num_threads()`` (None when the
+system does not use torch). The ready answer names the system's runtime (torch, openvino or
+onnxruntime) and the seconds it took to build it (for our adapters, which load lazily, only the
+construction: the harness times the first call too). Libraries print to stdout, so the protocol
+gets a private copy of the stdout descriptor and everything else goes to stderr. ``WORK_DIR``
+holds the sentence-transformers exports (built once, reused) and the local calibration set
+(``calib/train.jsonl``).
 """
 
 from __future__ import annotations
@@ -279,6 +283,20 @@ def _fastembed(name: str, model: Path, work: Path) -> Scorer:
     return score
 
 
+def runtime_of(name: str) -> str:
+    """The library that runs ``name``'s forward passes, recorded in its row (the harness used to
+    guess it from the row name, and a renamed row on OpenVINO came out as "torch")."""
+    if name in OURS:
+        backend = str(OURS[name].get("backend", "cross-encoder"))
+    elif name in ST_FILES:
+        backend = ST_FILES[name][0]
+    elif name in ("flashrank", "flashrank_qint8", "fastembed"):
+        backend = "onnx"
+    else:  # LangChain, LlamaIndex, the reference: sentence-transformers on torch
+        backend = "torch"
+    return "openvino" if "openvino" in backend else "onnxruntime" if "onnx" in backend else "torch"
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -317,6 +335,7 @@ def main() -> int:
     os.dup2(2, 1)  # library prints go to stderr, never into the protocol
     sys.stdout = sys.stderr
     sys.path.insert(0, str(HERE))
+    from bench_common import torch_threads
 
     def say(msg: dict[str, Any]) -> None:
         proto.write(json.dumps(msg) + "\n")
@@ -332,12 +351,20 @@ def main() -> int:
         traceback.print_exc()
         say({"error": f"load failed: {type(exc).__name__}: {exc}"[:300]})
         return 0
-    say({"ready": True, "load_s": time.perf_counter() - t0, "versions": versions()})
+    say(
+        {
+            "ready": True,
+            "load_s": time.perf_counter() - t0,
+            "versions": versions(),
+            "runtime": runtime_of(name),
+        }
+    )
     for line in sys.stdin:
         request = json.loads(line)
         try:
             ms, scores = scorer(request["query"], request["passages"])
-            say({"ms": ms, "scores": scores})
+            # torch's threads after the call: our adapters load (and set them) on the first one.
+            say({"ms": ms, "scores": scores, "torch_threads": torch_threads()})
         except Exception as exc:
             traceback.print_exc()
             say({"error": f"request failed: {type(exc).__name__}: {exc}"[:300]})

@@ -12,7 +12,10 @@ sentence-transformers ONNX exports, loaded from local folders) under ``.venv-pee
 (``RAG_RERANK_PEERS_VENV``). Each child loads its model and warms up (2 requests), then every
 round sends the SAME request to each system in turn (drift hits each alike); the child times the
 user's one call and returns the scores. Quality: Spearman and max abs error as a % of the score
-range against the FP32 torch reference (plain sentence-transformers, float32) on the same request.
+range against the FP32 torch reference (plain sentence-transformers, float32) on the same request
+(tied scores share their average rank). Threads: every child gets the same ``OMP_NUM_THREADS``
+and ``RAG_RERANK_TORCH_THREADS`` (``--threads``, default the usable cores, whatever the shell
+set), and the report's header says them with each system's ``torch.get_num_threads()``.
 A system whose venv or library is missing, or that fails to load, is a row saying why. Every
 child is killed on exit (and dies with this process: PR_SET_PDEATHSIG).
 
@@ -44,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "peer_worker.py"
 sys.path.insert(0, str(HERE))
+
+from bench_common import pin_threads, spearman, threads_line  # noqa: E402
 
 OURS = (
     "ours_default",
@@ -144,14 +149,6 @@ class Child:
         self.proc.wait()
 
 
-def spearman(got: list[float], want: list[float]) -> float:
-    import numpy as np
-
-    a = np.argsort(np.argsort(np.asarray(got)))
-    b = np.argsort(np.argsort(np.asarray(want)))
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def max_err_pct(got: list[float], want: list[float]) -> float:
     import numpy as np
 
@@ -217,8 +214,13 @@ def run_systems(
 ) -> dict[str, dict[str, Any]]:
     """Load each system in its own child (one at a time), warm it, then time interleaved rounds.
 
-    Returns name -> {"ms": [...], "scores": [...], "versions": {...}} or {"error": "..."}.
-    ``reference_fp32`` may be among ``names``: it is asked once, untimed, and closed first.
+    Returns name -> {"ms": [...], "scores": [...], "versions": {...}, "runtime": str,
+    "construct_s": float, "load_s": float, "torch_threads": int | None} or {"error": "..."}.
+    ``load_s`` runs from the child's start of loading to its first answer: our adapters load the
+    model lazily, on the first call, so the construction alone (``construct_s``) says nothing
+    of their load. The first call may take up to ``load_timeout``; later ones up to 20x
+    ``load_s`` (at least 120 s). ``reference_fp32`` may be among ``names``: it is asked once,
+    untimed, and closed first.
     """
     rows: dict[str, dict[str, Any]] = {}
     children: dict[str, Child] = {}
@@ -230,19 +232,30 @@ def run_systems(
                 continue
             child = Child(name, python, model, work, load_timeout)
             ready = child.receive()
-            child.timeout = max(120.0, 20 * ready.get("load_s", 0.0))
             if "error" in ready:
                 rows[name] = {"error": ready["error"]}
                 child.close()
                 continue
-            for _ in range(1 if name == "reference_fp32" else warmup):
-                answer = child.ask(query, passages)
+            t0 = time.perf_counter()
+            answer = child.ask(query, passages)  # the real load for lazy systems: load_timeout
+            load_s = ready["load_s"] + time.perf_counter() - t0
+            child.timeout = max(120.0, 20 * load_s)
+            for _ in range(1, 1 if name == "reference_fp32" else warmup):
+                if "error" not in answer:
+                    answer = child.ask(query, passages)
             if "error" in answer:
                 rows[name] = {"error": answer["error"]}
                 child.close()
                 continue
-            rows[name] = {"ms": [], "scores": answer["scores"], "versions": ready["versions"]}
-            rows[name]["load_s"] = ready["load_s"]
+            rows[name] = {
+                "ms": [],
+                "scores": answer["scores"],
+                "versions": ready["versions"],
+                "runtime": ready.get("runtime"),
+                "construct_s": ready["load_s"],
+                "load_s": load_s,
+                "torch_threads": answer.get("torch_threads"),
+            }
             if name == "reference_fp32":
                 child.close()
             else:
@@ -257,15 +270,18 @@ def run_systems(
                     continue
                 rows[name]["ms"].append(answer["ms"])
                 rows[name]["scores"] = answer["scores"]
+                rows[name]["torch_threads"] = answer.get("torch_threads")
     finally:
         for child in children.values():
             child.close()
     return rows
 
 
-def stack_of(name: str, versions: dict[str, str]) -> str:
-    """The libraries that do a row's work, with their versions."""
-    runtime = "openvino" if "openvino" in name else "onnxruntime" if "onnx" in name else "torch"
+def stack_of(name: str, versions: dict[str, str], runtime: str | None = None) -> str:
+    """The libraries that do a row's work, with their versions. ``runtime`` is the one the
+    child reported (rows from before it did: guessed from the name)."""
+    if runtime is None:
+        runtime = "openvino" if "openvino" in name else "onnxruntime" if "onnx" in name else "torch"
     keys = [runtime, "transformers"]
     if name.startswith("st_"):
         optimum = "optimum-intel" if runtime == "openvino" else "optimum-onnx"
@@ -277,12 +293,25 @@ def stack_of(name: str, versions: dict[str, str]) -> str:
     return ", ".join(f"{k} {versions[k].split('+')[0]}" for k in keys if k in versions)
 
 
+def threads_seen(rows: dict[str, dict[str, Any]]) -> str:
+    """``torch.get_num_threads()`` as each timed system's child reported it, grouped by value
+    ("-": the system does not use torch)."""
+    groups: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        if row.get("ms"):
+            seen = row.get("torch_threads")
+            groups.setdefault("-" if seen is None else str(seen), []).append(name)
+    return "; ".join(f"{value} ({', '.join(names)})" for value, names in groups.items()) or "-"
+
+
 def report(rows: dict[str, dict[str, Any]], header: list[str]) -> str:
     want = rows.get("reference_fp32", {}).get("scores")
     anchor = rows.get(ANCHOR, {}).get("ms")
     base = statistics.median(anchor) if anchor else None
     lines = [
         *header,
+        threads_line(threads_seen(rows)),
+        "Spearman: tied scores share their average rank (scipy.stats.spearmanr).",
         "",
         "| system | median ms | vs LangChain | Spearman vs FP32 | max err, % of FP32 range "
         "| stack |",
@@ -299,7 +328,7 @@ def report(rows: dict[str, dict[str, Any]], header: list[str]) -> str:
             if want and len(got) == len(want)
             else "- | -"
         )
-        stack = stack_of(name, row.get("versions", {}))
+        stack = stack_of(name, row.get("versions", {}), row.get("runtime"))
         lines.append(f"| {name} | {med:.1f} | {ratio} | {quality} | {stack} |")
     for name, row in rows.items():
         if "error" in row:
@@ -318,7 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="a cross-encoder folder instead of the shape's")
     parser.add_argument("--models", type=Path, default=HERE / ".models")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="compute threads for every system (OMP_NUM_THREADS and RAG_RERANK_TORCH_THREADS "
+        "in each child; default: the usable cores, whatever this shell set)",
+    )
     args = parser.parse_args(argv)
+    pin_threads(args.threads)  # every child inherits the same budget
     names = (
         args.systems.split(",")
         if args.systems
@@ -354,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"peers_{args.shape}.md").write_text(text + "\n", encoding="utf-8")
     (args.out / f"peers_{args.shape}.json").write_text(
-        json.dumps({"header": header, "rows": rows}, indent=1), encoding="utf-8"
+        json.dumps(
+            {"header": header, "threads": threads_line(threads_seen(rows)), "rows": rows},
+            indent=1,
+        ),
+        encoding="utf-8",
     )
     return 0
 

@@ -583,6 +583,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         f"Machine: {r['machine']}",
         "",
+        f"Threads: {r.get('threads', 'not recorded (run before the thread budget was pinned)')}",
+        "",
         "## 1. Per-request construction (MiniLM-L6 shape)",
         "",
         "| system | requests | loads | construction median | request median |",
@@ -719,7 +721,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--skip-xlmr", action="store_true", help="skip the 568 M model")
     parser.add_argument("--callers", type=int, default=16)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="compute threads for ours and the anchors alike, child processes included "
+        "(OMP_NUM_THREADS and RAG_RERANK_TORCH_THREADS; default: the usable cores)",
+    )
     args = parser.parse_args(argv)
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from bench_common import pin_threads, threads_line
+
+    pin_threads(args.threads)  # an inherited OMP_NUM_THREADS=1 gave the anchors 1 thread, us 2
 
     import torch
 
@@ -730,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "threads": threads_line(),
         "native_bf16": cpu_has_native_bf16(),
         "peak_gflops": {d: matmul_peak(d) for d in ("float32", "bfloat16")},
         "concurrency_callers": args.callers,
