@@ -4,19 +4,20 @@ value encoding, spec resolution and store opening (kept apart so the core stays 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..exceptions import ConfigurationError, InvalidInputError
-from ..spec import ModelSpec
+from ..spec import ModelSpec, redact_urls
 from .guards import GUARDS
 from .identity import nfc
 from .sqlite import SQLiteStore
 from .stores import Entry, MemoryStore, Store
 
-__all__ = ["CacheHit", "open_store"]
+__all__ = ["CacheHit", "cache_identity", "open_store"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,42 @@ def _spec(model: str | ModelSpec, kind: str) -> ModelSpec:
             f"{spec.backend!r} is not one."
         )
     return spec
+
+
+#: PBKDF2 rounds of :func:`cache_identity`'s digest (about 50 ms, once per cache).
+_IDENTITY_ROUNDS = 100_000
+
+
+def _canonical(value: Any) -> str:
+    """``value`` (a frozen spec option) as text that is the same in every process: a set's
+    ``repr`` follows string hashing, which differs between processes."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(_canonical(v) for v in value)) + "}"
+    if isinstance(value, tuple):  # FrozenMap, FrozenList, (key, value) pairs
+        return f"{type(value).__name__}(" + ", ".join(_canonical(v) for v in value) + ")"
+    return repr(value)
+
+
+def cache_identity(spec: ModelSpec) -> str:
+    """The embedder identity stored with every entry: a cache only compares vectors of its own.
+
+    Why not the label alone: the label is for display, and hides the userinfo, query string and
+    fragment of every URL in it (they may carry credentials), so two remote embedders at
+    ``http://gw/embed?deployment=small-v1`` and ``...?deployment=multilingual-v2`` had one
+    label, and one answered from the other's entries. When the label shows the whole spec
+    (nothing redacted: local and hub models) it stays the identity, so entries stored by
+    earlier versions stay readable; otherwise the identity is the label plus a digest of the
+    full spec (backend, model, device, dtype, max_length, options; not the token, which changes
+    no vector). PBKDF2 rather than one SHA-256: the digest covers a password a URL may hold,
+    and the cache file must not make it cheap to guess."""
+    shown = [spec.model, *(str(value) for _, value in spec.options)]
+    if all(redact_urls(text) == text for text in shown):
+        return spec.label
+    full = _canonical((spec.backend, spec.model, spec.device, spec.dtype, spec.max_length,
+                       spec.options))  # fmt: skip
+    salt = b"rag-rerank-plugins semantic cache identity"
+    digest = hashlib.pbkdf2_hmac("sha256", full.encode("utf-8"), salt, _IDENTITY_ROUNDS)
+    return f"{spec.label}#{digest.hex()[:32]}"
 
 
 def _encode(value: Any) -> tuple[bytes, bool]:

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,7 @@ from ._helpers import (
     _decode,
     _encode,
     _spec,
+    cache_identity,
     check_settings,
     open_store,
 )
@@ -50,7 +54,11 @@ __all__ = ["CacheHit", "SemanticCache"]
 
 logger = logging.getLogger(__name__)
 
-#: Nearest cached queries a guard looks at, and the cosine below which none is considered.
+#: Nearest cached queries a guard looks at, and the cosine below which none is considered by the
+#: ``hybrid`` and ``rerank`` guards (a pre-filter: a pair that far apart is not a paraphrase, and
+#: the cross-encoder need not score it; ``explain`` lists the cut ones with the reason
+#: ``"floor"``). The ``dense`` guard's threshold is itself the cosine bound: its floor is
+#: ``min(CANDIDATE_FLOOR, threshold)``, so a threshold below 0.5 means what it says.
 TOP_K = 8
 CANDIDATE_FLOOR = 0.5
 #: Lookups of one query: a candidate that vanished meanwhile (a concurrent put replacing its
@@ -90,7 +98,10 @@ class SemanticCache:
         self.index_kind = check_kind(index)
         self.store = open_store(store)
         self._pool = pool
-        self._model = self.embedder.label
+        # What entries are stored under: the full spec, not its display label (which hides the
+        # query strings of URLs, so two remote deployments would compare each other's vectors).
+        self._model = cache_identity(self.embedder)
+        self._floor = min(CANDIDATE_FLOOR, self.threshold) if guard == "dense" else CANDIDATE_FLOOR
         self._lock = threading.RLock()
         self._indexes: dict[str, NamespaceIndex] = {}
         self._corpora: dict[str, BM25Corpus] = {}
@@ -147,7 +158,7 @@ class SemanticCache:
         toks = tokens(entry.query)
         identity = extract(entry.query)
         if index is None:
-            index = NamespaceIndex(len(entry.vector), self.index_kind)
+            index = NamespaceIndex(len(entry.vector), self.index_kind, self._lock)
             self._indexes[entry.namespace] = index
             self._corpora[entry.namespace] = BM25Corpus()
         if older is not None:  # the same question stored again: the newest answer wins
@@ -193,6 +204,53 @@ class SemanticCache:
                     # of every process sharing the store.
                     self._failed(f"indexing the cached query {entry.query[:80]!r}", exc)
             self._cursor = cursor
+        if entries:
+            self._grow({entry.namespace for entry in entries})
+
+    def _grow(self, namespaces: Iterable[str]) -> None:
+        """Move those of ``namespaces`` grown past AUTO_ANN_SIZE to usearch. Called without the
+        lock held: the build (seconds) runs unlocked (:meth:`NamespaceIndex.upgrade`), so lookups
+        go on meanwhile. Never on an event loop's thread, where it would stall every coroutine:
+        there the namespace stays exact (correct) until a put of it or new entries synced off the
+        loop build it (``aput`` runs such a put in a thread). A failed build leaves the namespace
+        exact, logged and counted in ``stats()["errors"]``."""
+        if _on_loop():
+            return
+        with self._lock:
+            found = [(ns, self._indexes.get(ns)) for ns in namespaces]
+            due = [(ns, index) for ns, index in found if index is not None and index.upgrade_due(0)]
+        for namespace, index in due:
+            try:
+                index.upgrade()
+            except Exception as exc:
+                self._count("errors")
+                logger.warning(
+                    "SemanticCache could not build the usearch index of namespace %r (%s: %s); "
+                    "it stays exact (correct answers, slower searches past ~10k entries)",
+                    namespace,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def _same(self, entry: Entry | None, namespace: str, query: str) -> bool:
+        """Whether the store's ``entry`` is the one this index holds under its id (``namespace``,
+        ``query``, this embedder). Why: ids are never reused within one store, so another row
+        under a known id means the store was replaced beneath the index (a SQLite file deleted
+        and created again); that row may be another tenant's answer. It is never returned, and
+        the whole index is rebuilt on the next sync."""
+        if entry is None:
+            return False
+        if (entry.model, entry.namespace, entry.query) == (self._model, namespace, query):
+            return True
+        logger.warning(
+            "SemanticCache: entry %d of the store is not the one indexed under that id (the "
+            "store was replaced, e.g. its SQLite file deleted and created again); ignoring it "
+            "and rebuilding the index from the store",
+            entry.id,
+        )
+        with self._lock:
+            self._cursor = None
+        return False
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -205,17 +263,18 @@ class SemanticCache:
         return np.asarray(vectors[0], dtype=np.float32)
 
     def _candidates(
-        self, query: str, vector: np.ndarray, namespace: str
+        self, query: str, vector: np.ndarray, namespace: str, floor: float | None = None
     ) -> tuple[list[Candidate], bool]:
-        """The candidates, and whether one vanished from the store (replaced by a concurrent
-        put of its question, or evicted) since this process indexed it: then a retry syncs
-        and finds the replacement (see :meth:`_attempts`)."""
+        """The candidates (cosine at least ``floor``, by default the guard's), and whether one
+        vanished from the store (replaced by a concurrent put of its question, or evicted)
+        since this process indexed it: then a retry syncs and finds the replacement."""
         self._sync()
+        floor = self._floor if floor is None else floor
         with self._lock:
             index = self._indexes.get(namespace)
             if index is None or len(index) == 0 or len(vector) != index.dim:
                 return [], False
-            near = [(k, s) for k, s in index.search(vector, TOP_K) if s >= CANDIDATE_FLOOR]
+            near = [(k, s) for k, s in index.search(vector, TOP_K) if s >= floor]
             found = {k: (s, self._where[k][1]) for k, s in near}
             same = self._by_text.get((namespace, query))
             if same is not None:  # the very same text: a candidate even if an ANN search missed it
@@ -223,10 +282,16 @@ class SemanticCache:
         # A shared file may have lost entries to another process; TTL needs creation times.
         check = self.ttl is not None or not isinstance(self.store, MemoryStore)
         alive = self.store.get(found) if check else None
-        gone = [] if alive is None else [k for k in found if k not in alive]
+        gone = (
+            []
+            if alive is None
+            else [k for k, (_, q) in found.items() if not self._same(alive.get(k), namespace, q)]
+        )
         vanished = bool(gone)
         if alive is not None and self.ttl is not None:
-            expired = [k for k, e in alive.items() if now() - e.created > self.ttl]
+            expired = [
+                k for k, e in alive.items() if k not in gone and now() - e.created > self.ttl
+            ]
             if expired:
                 self.store.remove(expired)
                 self._count("evictions", len(expired))
@@ -260,8 +325,11 @@ class SemanticCache:
         for verdict in verdicts:
             if not verdict.passed:
                 continue
-            entry = self.store.get([verdict.candidate.id]).get(verdict.candidate.id)
-            if entry is None:
+            key = verdict.candidate.id
+            entry = self.store.get([key]).get(key)
+            if entry is None or not self._same(entry, namespace, verdict.candidate.query):
+                with self._lock:  # ids are never reused: this one is gone for good
+                    self._drop([key])
                 vanished = True
                 continue
             t = now()
@@ -346,14 +414,24 @@ class SemanticCache:
 
     def explain(self, query: str, namespace: str = "default") -> list[Verdict]:
         """Every candidate the guard looked at for ``query``, with its scores and the reason it
-        failed, best first (for tuning thresholds; counts nothing). Failures raise here."""
+        failed, best first (for tuning thresholds; counts nothing). Failures raise here.
+
+        The nearest cached queries whose cosine is below the candidate floor (``CANDIDATE_FLOOR``
+        for ``hybrid`` and ``rerank``) come last, scored as the guard would have, with the reason
+        ``"floor"``: a lookup cuts them before the guard, whatever the threshold."""
         query = _check(query, namespace)
-        candidates, _ = self._candidates(query, self._embed(query), namespace)
+        candidates, _ = self._candidates(query, self._embed(query), namespace, floor=-math.inf)
         scores = None
         if self._needs_rerank(query, candidates):
             assert self.reranker is not None
             scores = self.pool().score_pairs(self.reranker, [(query, c.query) for c in candidates])
-        return self._verdicts(query, namespace, candidates, scores)
+        verdicts = [
+            replace(v, reason="floor")
+            if v.candidate.dense < self._floor and v.candidate.query != query
+            else v
+            for v in self._verdicts(query, namespace, candidates, scores)
+        ]
+        return sorted(verdicts, key=lambda v: v.reason == "floor")
 
     # -- put, invalidate, stats -----------------------------------------------------------------
 
@@ -377,6 +455,7 @@ class SemanticCache:
             self._add(entry)
             self._counts["puts"] += 1
             self._counts["evictions"] += len(removed)
+        self._grow([namespace])  # past AUTO_ANN_SIZE: the usearch build, without the lock
 
     def put(self, query: str, value: Any, namespace: str = "default") -> bool:
         """Cache ``value`` (JSON-serialisable, or bytes) as the answer to ``query``, replacing
@@ -399,7 +478,8 @@ class SemanticCache:
             vector = await self._aembed(query)
             index = self._indexes.get(namespace)
             # The add that moves a namespace past AUTO_ANN_SIZE builds its usearch index (3-6 s
-            # at that size, the import included): in a thread, not on the loop.
+            # at that size, the import included): in a thread, not on the loop, and without the
+            # cache's lock, so lookups running inline on the loop never wait for it (_grow).
             slow = index is not None and index.upgrade_due()
             await self._off_loop(self._store, query, vector, payload, namespace, slow=slow)
         except Exception as exc:
@@ -455,3 +535,12 @@ class SemanticCache:
     def close(self) -> None:
         """Close the store (the SQLite connection); the cache reopens it if used again."""
         self.store.close()
+
+
+def _on_loop() -> bool:
+    """Whether this thread is running an event loop (a coroutine calling us inline)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -77,8 +77,9 @@ class Candidate:
 @dataclass(frozen=True)
 class Verdict:
     """A guard's decision about one candidate: ``score`` on the guard's scale; ``reason`` why it
-    failed ("threshold", "numbers", "codes", "entities", "negation", "length"), None when it
-    passed."""
+    failed ("threshold", "numbers", "codes", "entities", "negation", "contrast", "length", or,
+    from ``SemanticCache.explain`` only, "floor": a cosine below the candidate floor, cut before
+    the guard), None when it passed."""
 
     candidate: Candidate
     score: float

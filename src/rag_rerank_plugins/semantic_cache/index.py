@@ -8,11 +8,16 @@ in 0.3 ms (5k x 384). usearch (extra ``semantic-ann``) answers in well under a m
 100k. ``index="auto"`` starts exact and moves a namespace to usearch once it grows past
 :data:`AUTO_ANN_SIZE` (when usearch is installed; otherwise it stays exact and logs once).
 Vectors are unit length (the pool normalises them), so the inner product is the cosine.
+
+The move to usearch builds the new index over every entry, seconds at that size: it runs
+without the cache's lock (:meth:`NamespaceIndex.upgrade`), so lookups keep searching the exact
+index meanwhile, and only the snapshot and the swap hold the lock (milliseconds).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Protocol
 
 import numpy as np
@@ -106,6 +111,18 @@ class ExactIndex:
     def items(self) -> list[tuple[int, np.ndarray]]:
         return [(int(self._keys[r]), self._mat[r]) for r in range(len(self._row))]
 
+    def snapshot(self) -> tuple[list[int], np.ndarray]:
+        """The keys and a copy of their vectors: what a usearch build reads while this index
+        keeps changing (the copy is taken under the caller's lock, the build runs without it)."""
+        n = len(self._row)
+        return [int(k) for k in self._keys[:n]], self._mat[:n].copy()
+
+    def keys(self) -> set[int]:
+        return set(self._row)
+
+    def vector(self, key: int) -> np.ndarray:
+        return self._mat[self._row[key]]
+
 
 class UsearchIndex:
     """usearch HNSW (cosine), f32 vectors."""
@@ -152,11 +169,18 @@ class UsearchIndex:
 
 
 class NamespaceIndex:
-    """The index of one namespace, exact or usearch according to ``kind`` and its size."""
+    """The index of one namespace, exact or usearch according to ``kind`` and its size.
 
-    def __init__(self, dim: int, kind: str) -> None:
+    ``lock`` is the cache's lock, which guards every call here but :meth:`upgrade`: that one
+    takes it itself, only around its snapshot and its swap, so a lookup (on an event loop too)
+    never waits for a build.
+    """
+
+    def __init__(self, dim: int, kind: str, lock: threading.RLock | None = None) -> None:
         self.kind = kind
         self.dim = dim
+        self._lock = lock if lock is not None else threading.RLock()
+        self._building = False
         self._impl: VectorIndex = UsearchIndex(dim) if kind == "usearch" else ExactIndex(dim)
 
     def __len__(self) -> int:
@@ -166,27 +190,60 @@ class NamespaceIndex:
         return key in self._impl
 
     def add(self, key: int, vector: np.ndarray) -> None:
+        """Add (or replace) one vector. Never builds the usearch index, however large the
+        namespace grows: the caller does that after releasing its lock (:meth:`upgrade`)."""
         self._impl.add(key, vector)
-        if self.upgrade_due(0):
-            self._upgrade()
 
     def upgrade_due(self, adding: int = 1) -> bool:
-        """Whether adding ``adding`` more entries moves this namespace to usearch: building
-        that index over every entry takes seconds at this size, so async callers run such an
-        add in a thread (:meth:`SemanticCache.aput`), never on the event loop."""
-        auto = self.kind == "auto" and isinstance(self._impl, ExactIndex)
+        """Whether adding ``adding`` more entries moves this namespace to usearch (and no build
+        is under way): building that index over every entry takes seconds at this size, so
+        async callers run such an add in a thread (:meth:`SemanticCache.aput`), never on the
+        event loop."""
+        auto = self.kind == "auto" and isinstance(self._impl, ExactIndex) and not self._building
         return auto and len(self._impl) + adding > AUTO_ANN_SIZE
+
+    def upgrade(self) -> None:
+        """Move to usearch if due (see :meth:`upgrade_due`). Call it without holding the lock:
+        the build runs unlocked, while adds and removes go on in the exact index; the swap
+        replays them."""
+        with self._lock:
+            if not self.upgrade_due(0):
+                return
+            self._building = True
+        try:
+            self._upgrade()
+        except BaseException:
+            with self._lock:  # stays exact: not a failed multi-second build on every later put
+                self.kind = "exact"
+            raise
+        finally:
+            with self._lock:
+                self._building = False
 
     def _upgrade(self) -> None:
         try:
-            ann = UsearchIndex(self.dim)
+            ann = UsearchIndex(self.dim)  # the import of usearch: seconds the first time
         except MissingDependencyError:
             logger.info("SemanticCache: usearch is not installed; this namespace stays exact")
-            self.kind = "exact"
+            with self._lock:
+                self.kind = "exact"
             return
-        items = self._impl.items()
-        ann.add_many([k for k, _ in items], np.stack([v for _, v in items]))
-        self._impl = ann
+        with self._lock:
+            exact = self._impl
+            if not isinstance(exact, ExactIndex):
+                return
+            keys, vectors = exact.snapshot()
+        if keys:
+            ann.add_many(keys, vectors)  # the seconds: without the lock
+        with self._lock:
+            # Replay what changed meanwhile: ids are never re-added with another vector (the
+            # cache gives a new question a new id), so the key sets tell it all.
+            present, built = exact.keys(), set(keys)
+            for key in built - present:
+                ann.remove(key)
+            for key in present - built:
+                ann.add(key, exact.vector(key))
+            self._impl = ann
 
     def remove(self, key: int) -> None:
         self._impl.remove(key)

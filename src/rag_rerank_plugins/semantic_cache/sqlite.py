@@ -5,12 +5,16 @@ its process being killed (``kill -9``) at any point; an interrupted transaction 
 the next opener. Ids come from AUTOINCREMENT, so they are never reused and "every id above the
 last one I saw" is exactly what other processes added. ``PRAGMA data_version`` (plus this object's
 own write count) tells a reader in microseconds that nothing changed; clears and invalidations
-bump an ``epoch`` row so every reader rebuilds its index.
+bump an ``epoch`` row so every reader rebuilds its index. A random ``file`` id, stored in the file
+when it is created, is part of every cursor: a file deleted and created again (an operator's
+reset) restarts ids at 1, and a reader that indexed the old file (it reconnects after
+``close()`` or a fork) must rebuild, not read the new file's rows under the old file's ids.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -115,6 +119,7 @@ class SQLiteStore(Store):
         # processes stored meanwhile.
         self._issued = 0
         self._offset = 0
+        self._file = 0  # the open file's random id (meta 'file'), read when it is opened
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
@@ -124,10 +129,11 @@ class SQLiteStore(Store):
         )
         try:
             self._set_up(conn)
+            (file,) = conn.execute("SELECT value FROM meta WHERE key = 'file'").fetchone()
         except BaseException:
             conn.close()
             raise
-        self._conn, self._pid = conn, os.getpid()
+        self._conn, self._pid, self._file = conn, os.getpid(), int(file)
         self._offset = self._issued + 1
         return conn
 
@@ -144,6 +150,11 @@ class SQLiteStore(Store):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
                 conn.executescript(_SCHEMA)
+                # The first opener's id wins (OR IGNORE); a file of an earlier version gets one.
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('file', ?)",
+                    (secrets.randbits(62) + 1,),
+                )
                 return
             except sqlite3.OperationalError as exc:
                 if not _busy(exc) or time.monotonic() + pause > deadline:
@@ -267,16 +278,16 @@ class SQLiteStore(Store):
         with self._lock:
             db = self._db()
             version = self._version(db)
-            if since is not None and version == since[2]:
+            if since is not None and version == since[3]:
                 return False, [], since
             (epoch,) = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-            reset = since is None or since[0] != epoch
-            after = -1 if reset or since is None else since[1]
+            reset = since is None or since[:2] != (self._file, epoch)
+            after = -1 if reset or since is None else since[2]
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM entries WHERE id > ? ORDER BY id", (after,)
             ).fetchall()
-            last = rows[-1][0] if rows else (-1 if since is None or reset else since[1])
-            return reset, [_row(r) for r in rows], (epoch, last, version)
+            last = rows[-1][0] if rows else (-1 if since is None or reset else since[2])
+            return reset, [_row(r) for r in rows], (self._file, epoch, last, version)
 
     def close(self) -> None:
         with self._lock:

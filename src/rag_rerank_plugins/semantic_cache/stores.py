@@ -10,12 +10,14 @@ when a lookup finds them missing.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed put survives the writer being
 killed (``kill -9``) at any point; an interrupted transaction is rolled back by the next opener.
-Entries carry the embedder's label, so caches with different embedders can share a file without
-comparing incomparable vectors.
+Entries carry the embedder's identity (:func:`._helpers.cache_identity`: its label, plus a digest
+of the full spec where the label hides part of a URL), so caches with different embedders can
+share a file without comparing incomparable vectors.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -41,8 +43,11 @@ class Entry:
     created: float
 
 
-#: (epoch, last id seen, store version): what a reader has already seen.
-Cursor = tuple[int, int, int]
+#: (store id, epoch, last id seen, store version): what a reader has already seen. The store id
+#: names the storage itself (a SQLite file's random id, kept in the file): ids restart at 1 in a
+#: new file, so a cursor of another file must reset the reader's index, never extend it (its ids
+#: would name another file's rows, another tenant's answers).
+Cursor = tuple[int, int, int, int]
 
 
 def in_namespace(name: str, namespace: str, subspaces: bool) -> bool:
@@ -95,8 +100,9 @@ class Store(ABC):
 
     @abstractmethod
     def changes(self, since: Cursor | None) -> tuple[bool, list[Entry], Cursor]:
-        """(reset, entries, cursor): every entry when ``reset`` (first call, or after a clear or
-        an invalidation anywhere), else the entries added since ``since``."""
+        """(reset, entries, cursor): every entry when ``reset`` (first call, a cursor of another
+        store or file, or after a clear or an invalidation anywhere), else the entries added
+        since ``since``. Ids are never reused within one store id (``cursor[0]``)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (the SQLite connection)."""
@@ -114,6 +120,7 @@ class MemoryStore(Store):
         #: (model, namespace, query) -> id: a put of a stored question replaces it.
         self._by_query: dict[tuple[str, str, str], int] = {}
         self._next = 1
+        self._id = secrets.randbits(62)
         self._epoch = 0
         self._version = 0
 
@@ -193,14 +200,14 @@ class MemoryStore(Store):
 
     def changes(self, since: Cursor | None) -> tuple[bool, list[Entry], Cursor]:
         with self._lock:
-            cursor = (self._epoch, self._next - 1, self._version)
-            if since is None or since[0] != self._epoch:
+            cursor = (self._id, self._epoch, self._next - 1, self._version)
+            if since is None or since[:2] != cursor[:2]:
                 return True, list(self._entries.values()), cursor
-            if since[2] == self._version:
+            if since[3] == self._version:
                 return False, [], cursor
             fresh: list[Entry] = []
             for key, entry in reversed(self._entries.items()):
-                if key <= since[1]:
+                if key <= since[2]:
                     break
                 fresh.append(entry)
             return False, fresh[::-1], cursor
