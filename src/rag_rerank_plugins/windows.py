@@ -10,8 +10,9 @@ scored unchanged.
 Sizes are in the *model's* tokens, from a private copy of the model's own tokenizer (the model's
 prepare thread tokenizes with the original; fast tokenizers must not be shared across threads). The
 query is kept whole in every window as long as it fits in ``query_tokens``; a longer query is cut
-to that budget. ``tokens="auto"`` fills the model's input (``max_length`` minus query and special
-tokens); an explicit size is capped to that. Windows start every ``stride`` tokens (default half a
+to that budget, or to the model's own query limit where that is lower (below).
+``tokens="auto"`` fills the model's input (``max_length`` minus query and special tokens); an
+explicit size is capped to that. Windows start every ``stride`` tokens (default half a
 window) and the last one ends at the passage's end. Window texts are exact slices of the passage
 (character offsets from the tokenizer), so the model sees the passage's own text. A slice that
 re-tokenizes longer than its token range (cut inside a word or a multi-byte character) is
@@ -19,6 +20,16 @@ narrowed until it fits, so the model never truncates a window (``Windower._fit``
 
 Which window decided the score (the best one for ``max``/``mean``, the first for ``first``) is
 reported per passage as a :class:`WindowInfo` (adapters put it in result metadata).
+
+**What a backend provides** (:func:`windower_for`): ``RerankerModel.window_source()`` returns
+``(tokenizer, max tokens of one query + passage input)``. A reranker that cuts the query on its
+own, before the pair (FlagEmbedding's LLM rerankers keep at most ``query_max_length`` tokens of
+``"A: " + query``), may also define ``window_query_limit() -> int | None``: the most tokens of
+the bare query (counted as the windower counts them) that reach the model; None or no such
+method means no limit of its own. The query is then cut to the lower of that and
+``query_tokens``. Why: cut only to ``query_tokens``, the query's tail was silently dropped by
+the model while every window gave up room for it (at ``max_length=64``, a 600-token passage
+became 200 windows of 6 tokens).
 """
 
 from __future__ import annotations
@@ -143,7 +154,7 @@ def aggregate_scores(scores: Sequence[float], how: str) -> tuple[float, int]:
 class WindowPlan:
     """The (query, window) pairs for one rerank call and how to fold their scores back."""
 
-    query: str  # cut to window_query_tokens for the windows
+    query: str  # cut to window_query_tokens (or the model's lower query limit) for the windows
     windows: tuple[tuple[Window, ...], ...]  # per passage, at least one
     settings: WindowSettings
     window_tokens: int
@@ -207,7 +218,11 @@ class Windower:
     copy (the model's own tokenizer stays with its prepare thread, untouched).
     """
 
-    def __init__(self, tokenizer: Any, max_pair_tokens: int) -> None:
+    def __init__(
+        self, tokenizer: Any, max_pair_tokens: int, max_query_tokens: int | None = None
+    ) -> None:
+        """``max_query_tokens``: the model's own query limit (``window_query_limit``; None:
+        none); the query is cut to the lower of it and ``WindowSettings.query_tokens``."""
         if not max_pair_tokens or max_pair_tokens >= _NO_LIMIT:
             raise ConfigurationError(
                 "Long-document windows need the model's token limit, and this model has none. "
@@ -218,6 +233,8 @@ class Windower:
         self._tok.model_max_length = _NO_LIMIT * 1000
         self._lock = ForkSafeLock()
         self.max_pair_tokens = int(max_pair_tokens)
+        # At least one token: a query cut to nothing would score the window alone.
+        self.max_query_tokens = None if max_query_tokens is None else max(1, int(max_query_tokens))
         self.special_tokens = int(self._tok.num_special_tokens_to_add(pair=True))
         self._offsets = bool(getattr(self._tok, "is_fast", False))
 
@@ -319,14 +336,19 @@ class Windower:
         q_ids, q_offsets = tokenized[0]
         q_len = whole_len = len(q_ids)
         whole_query = query
-        if q_len > settings.query_tokens:
+        # The model's own query limit, where lower: what it would cut off never reaches it,
+        # and windows must not give up room for it (see the module docstring).
+        budget = settings.query_tokens
+        if self.max_query_tokens is not None:
+            budget = min(budget, self.max_query_tokens)
+        if q_len > budget:
             # Cut to the budget, measured on the cut text itself (see _fit): a cut inside a
             # word re-tokenizes longer, and the excess would come off the passage's room.
-            whole, end = query, settings.query_tokens
+            whole, end = query, budget
             while True:
                 query = self._slice(whole, q_ids, q_offsets, 0, end).text
                 q_len = self._count([query])[0]
-                if q_len <= settings.query_tokens or end <= 1:
+                if q_len <= budget or end <= 1:
                     break
                 end -= 1
         room = self.max_pair_tokens - q_len - self.special_tokens
@@ -363,7 +385,10 @@ at_fork(_windowers.clear)
 
 
 def windower_for(model: LoadedModel) -> Windower:
-    """The (cached) windower of a loaded reranker; ConfigurationError when it has no tokenizer."""
+    """The (cached) windower of a loaded reranker; ConfigurationError when it has no tokenizer.
+
+    Reads ``window_source()`` and, where the model defines it, ``window_query_limit()`` (an
+    optional method: backends written before it keep working; see the module docstring)."""
     windower = _windowers.get(model)
     if windower is not None:
         return windower
@@ -374,8 +399,10 @@ def windower_for(model: LoadedModel) -> Windower:
             "none. Use 'cross-encoder' or 'flag-reranker', or turn windows off "
             "(window_tokens=None)."
         )
+    query_limit = getattr(model, "window_query_limit", None)
+    max_query = query_limit() if callable(query_limit) else None
     with _cache_lock:
         windower = _windowers.get(model)
         if windower is None:
-            windower = _windowers[model] = Windower(*info)
+            windower = _windowers[model] = Windower(*info, max_query_tokens=max_query)
     return windower

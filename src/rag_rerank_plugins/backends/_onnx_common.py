@@ -51,7 +51,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._cpu import usable_cores
 from .._forksafe import ForkSafeLock
@@ -863,6 +863,9 @@ class OnnxRuntimeModel:
     #: backends, which run this model's ``prepare``, set their own.
     length_steps: int | None = None
     tokenizer: Any
+    #: Whether :attr:`tokenizer_json` keeps the entry's ``tokenizer.json`` in memory (the
+    #: cross-encoder's long-document windows build their tokenizer from it, on first use).
+    keep_tokenizer_json: ClassVar[bool] = False
 
     def __init__(self, entry: Path, *, threads: int, max_length: int | None = None) -> None:
         """``max_length`` overrides the model's own truncation length (None: the model's)."""
@@ -874,8 +877,14 @@ class OnnxRuntimeModel:
         self._session_source: Path | None = entry / "model.onnx"  # opened on first use
         self._session_lock = ForkSafeLock()
         self.meta: dict[str, Any] = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        raw = (entry / "tokenizer.json").read_bytes()
+        #: The entry's ``tokenizer.json`` as read at load (None unless ``keep_tokenizer_json``;
+        #: None once closed). Why in memory: nothing may be read from the entry after the load,
+        #: since the cache folder may be deleted (or an entry rebuilt) while the model serves;
+        #: re-reading it there failed every windowed call of a loaded model.
+        self.tokenizer_json: bytes | None = raw if self.keep_tokenizer_json else None
         self.tokenizer = configure_tokenizer(
-            Tokenizer.from_file(str(entry / "tokenizer.json")),
+            Tokenizer.from_buffer(raw),
             self.meta,
             self._truncation(max_length),
         )
@@ -958,3 +967,4 @@ class OnnxRuntimeModel:
     def close(self) -> None:
         self.session = None
         self.tokenizer = None
+        self.tokenizer_json = None

@@ -173,6 +173,19 @@ class FlagLLMReranker(LastTokenReranker):
         limit = self.passage_max_length - passage_extra - max(0, pair_extra - len(self.prompt_ids))
         return tok, max(1, limit)
 
+    def window_query_limit(self) -> int:
+        """The most tokens of the bare query that reach the model (the windower's optional
+        query limit, see :mod:`rag_rerank_plugins.windows`): FlagEmbedding cuts
+        ``query instruction + query`` to ``query_max_length`` (3/4 of ``max_length`` unless
+        set) before the pair is built, so the instruction (``"A: "``) comes off that.
+
+        Why: the windower kept the query whole up to ``window_query_tokens`` (64); past this
+        limit its tail never reached the model, silently, while every window still gave up room
+        for it."""
+        q_instruction, q_fmt = self.instructions[0]
+        extra = instruction_tokens(self.tokenizer, q_instruction, q_fmt)
+        return max(1, self.query_max_length - extra)
+
 
 class LayerWiseFlagLLMReranker(FlagLLMReranker):
     """``LayerWiseFlagLLMReranker``'s scores (bge-reranker-v2-minicpm-layerwise): the score head

@@ -57,8 +57,11 @@ and returns floats. The tokenizer is not shared across threads, so ``thread_safe
 **Long-document windows** (:meth:`OnnxCrossEncoder.window_source`): the export's
 ``tokenizer.json`` as a transformers ``PreTrainedTokenizerFast``, with the model's truncation
 length, so windows are cut exactly as for the ``cross-encoder`` backend. transformers (never
-torch) is imported only when windows are first used; loading stays free of it. Without
-transformers installed there is no window source (windows are refused, with a logged hint).
+torch) is imported only when windows are first used; loading stays free of it. The file is read
+once, at load, and kept in memory (its size, e.g. 17 MB for XLM-R's vocabulary): a loaded model
+reads nothing from its cache entry afterwards, so deleting the cache folder while it serves
+breaks no later call. Without transformers installed there is no window source (windows are
+refused, with a logged hint).
 
 The cache, the thread policy and the load-time checks live in :mod:`._onnx_common`, shared with
 the embedder backend (:mod:`.onnx_embedder`); this module holds what is the cross-encoder's own.
@@ -73,7 +76,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConfigurationError, ModelLoadError
+from ..exceptions import ConfigurationError, ModelLoadError, ModelReleasedError
 from . import backend_info
 from ._common import label_index, score_mode_of
 from ._onnx_common import (
@@ -275,6 +278,8 @@ def _max_length(ce: Any) -> int | None:
 class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
     """A cached ONNX export in an onnxruntime session; see the module docstring."""
 
+    keep_tokenizer_json = True  # the window tokenizer is built from it (window_source)
+
     def __init__(
         self,
         entry: Path,
@@ -331,8 +336,17 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
         backend's windows use: the same ids, offsets and special tokens) and the model's input
         limit (0 without one: windows then ask for ``max_length``). A new object per call, never
         the prepare thread's tokenizer; imports transformers (not torch) on first use. None, with
-        a warning, where transformers cannot be imported (the ``onnx`` extra alone)."""
+        a warning, where transformers cannot be imported (the ``onnx`` extra alone).
+
+        Built from the ``tokenizer.json`` read at load (:attr:`tokenizer_json`), never from the
+        cache entry: the cache folder may have been deleted since ("delete the folder to start
+        over"), and reading it here failed every windowed call of the loaded model."""
         global _warned_no_transformers
+        if self.tokenizer_json is None:
+            raise ModelReleasedError(
+                f"{self.meta.get('model')} was closed (released from its pool); get the model "
+                "from the pool again to use long-document windows."
+            )
         try:
             from transformers import PreTrainedTokenizerFast
         except ImportError as exc:
@@ -345,7 +359,11 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
                     exc,
                 )
             return None
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(self.path / "tokenizer.json"))
+        from tokenizers import Tokenizer
+
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_buffer(self.tokenizer_json)
+        )
         # The model's default prompt is prepended to every query (prepare): windows get what is
         # left after it, as on cross-encoder, or each (prompt + query, window) input ran past
         # the limit and lost the window's end (the passage's own end, on the last window).
