@@ -330,7 +330,7 @@ class SharedModelFields(BaseModel):
         if pick is None or self.backend != pick:
             return
         try:
-            self._pool().get(self.spec)
+            self._pool()._lookup(self.spec)  # a racing release starts it over, as calls do
         except ModelNotFoundError:
             raise  # no backend can load a model that is not there
         except (ModelLoadError, MissingDependencyError) as exc:
@@ -520,7 +520,8 @@ class RerankSettings(SharedModelFields):
         self, query: str, texts: Sequence[str], settings: WindowSettings
     ) -> WindowPlan:
         spec = self._checked_spec(self.spec)
-        return windower_for(self._pool().get(spec).model).plan(query, texts, settings)
+        _, model = self._pool()._lookup(spec)  # a racing release starts it over, as calls do
+        return windower_for(model).plan(query, texts, settings)
 
     @staticmethod
     def _check_query(query: Any) -> str:

@@ -135,11 +135,11 @@ class ModelHandle:
             self._metrics.bump("cancelled")
             raise
         except BaseException:
-            self._count(n_items, start, error=True)
+            self._stats.add_call(n_items, time.perf_counter() - start, error=True)
             raise
         finally:
             self._unpin()
-        self._count(n_items, start)
+        self._stats.add_call(n_items, time.perf_counter() - start)
 
     def _execute(
         self, task: Task, items: list[Any], batch_size: int, timeout: float | None, priority: Lane
@@ -154,6 +154,17 @@ class ModelHandle:
         request, slots = self._request(task, items, batch_size, timeout, priority)
         with self._counted(len(items)):
             return spread(await self._executor.arun(request), slots)
+
+    def _warm_up(self, task: Task, items: list[Any]) -> None:
+        """The pool's warm-up pass: through the engine and pinned like a call, but no caller's,
+        so out of calls, items, busy time, caches and latency (the pool counts ``warmups``)."""
+        request, _ = self._request(task, items, 32, None, "interactive")
+        request.counted = False  # out of the engine's latency and queue-wait figures
+        self._pin_or_raise()
+        try:
+            self._executor.run(request)
+        finally:
+            self._unpin()
 
     # -- in-flight calls (what a pool's eviction checks) --------------------------------------
 
@@ -186,12 +197,6 @@ class ModelHandle:
             self._retiring = True
             return True
 
-    def _count(self, n_items: int, start: float, error: bool = False) -> None:
-        self._stats.add(
-            calls=1, items=n_items, busy_seconds=time.perf_counter() - start, errors=int(error)
-        )
-        self._stats.update(last_used=time.time())
-
     # -- reranking ----------------------------------------------------------------------------
 
     def _score_plan(
@@ -205,7 +210,7 @@ class ModelHandle:
         if self._score_cache.enabled:
             self._stats.add(cache_hits=len(checked) - len(missing), cache_misses=len(missing))
         if checked and not missing:
-            self._count(len(checked), time.perf_counter())  # answered from the cache
+            self._stats.add_call(len(checked), 0.0)  # answered from the cache
         elif len(missing) < len(checked):  # the cached part of a call counts as items too
             self._stats.add(items=len(checked) - len(missing))
         return checked, scores, missing, [checked[i] for i in missing]
@@ -254,7 +259,7 @@ class ModelHandle:
         hit = value is not TTLCache.MISSING
         self._stats.add(cache_hits=int(hit), cache_misses=int(not hit))
         if hit:
-            self._count(1, time.perf_counter())
+            self._stats.add_call(1, 0.0)
             return [list(value)]
         return None
 

@@ -88,6 +88,12 @@ MODEL_METRICS: tuple[ModelMetric, ...] = (
     ),
     ModelMetric("errors", "rag_rerank_model_errors_total", "counter", "Model calls that failed"),
     ModelMetric(
+        "warmups",
+        "rag_rerank_model_warmups_total",
+        "counter",
+        "Warm-up passes after a load (no caller's; not in calls)",
+    ),
+    ModelMetric(
         "busy_seconds", "rag_rerank_model_busy_seconds_total", "counter", "Seconds inside calls"
     ),
     ModelMetric(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -181,6 +182,9 @@ class SpecStats:
     calls: int = 0
     items: int = 0  # pairs scored (rerankers) or texts embedded (embedders)
     errors: int = 0
+    #: Warm-up passes the pool ran after a load (preload, a reload after an eviction): device
+    #: work no caller asked for, so never in calls, items, busy_seconds or the latency figures.
+    warmups: int = 0
     passthrough: int = 0  # adapter calls answered in retrieval order (on_error)
     cache_hits: int = 0
     cache_misses: int = 0
@@ -205,6 +209,15 @@ class SpecStats:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
+
+    def add_call(self, items: int, seconds: float, error: bool = False) -> None:
+        """Count one caller's call of ``items`` items that took ``seconds`` (and its use now)."""
+        with self._lock:
+            self.calls += 1
+            self.items += items
+            self.busy_seconds += seconds
+            self.errors += int(error)
+            self.last_used = time.time()
 
     def update(self, **values: Any) -> None:
         """Set fields, atomically."""

@@ -61,6 +61,9 @@ class Request:
     seq: int = field(default_factory=lambda: next(_SEQUENCE))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = False
+    #: False for work no caller asked for (the pool's warm-up pass): kept out of the per-request
+    #: figures (latency, queue wait), or a model nobody called reported a latency.
+    counted: bool = True
     #: Called once when the request settles (the scheduler forgets it).
     on_settled: Callable[[Request], None] | None = field(default=None, repr=False)
 

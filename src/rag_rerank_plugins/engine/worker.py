@@ -306,7 +306,7 @@ class Worker:
         )
         now = time.perf_counter()
         for (request, index), result in zip(batch.entries, checked, strict=True):
-            if request.deliver(index, result):
+            if request.deliver(index, result) and request.counted:
                 started = request.started if request.started is not None else now
                 self.metrics.record_request(
                     started - request.enqueued, now - request.enqueued, request.lane

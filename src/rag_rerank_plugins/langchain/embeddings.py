@@ -322,10 +322,10 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         """The loaded model's (prompts, default_prompt_name); (None, None) for a backend without
         named prompts (its own prompt handling applies). Loads the model on first use."""
         spec = self._checked_spec(self.spec)
-        handle = self._pool().get(spec)  # a dict lookup once loaded
+        # A dict lookup once loaded; a release racing the load starts it over, as calls do.
+        handle, model = self._pool()._lookup(spec)
         cached = self._prompt_cache.get(spec)
         if cached is None or cached[0]() is not handle:
-            model = handle.model
             prompts = getattr(model, "prompts", None)
             default = getattr(model, "default_prompt_name", None)
             named = (dict(prompts) if isinstance(prompts, Mapping) else None, default)

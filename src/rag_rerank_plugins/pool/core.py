@@ -217,8 +217,9 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
 
     def model_info(self, spec: ModelSpec) -> tuple[str, str]:
         """Load ``spec`` if needed; its concrete ``(device, dtype)``. Backends that build on
-        another shared model (the bi-encoder) ask this through ``ModelProvider``."""
-        handle = self.get(spec)
+        another shared model (the bi-encoder) ask this through ``ModelProvider``; a release of
+        ``spec`` meeting its load starts it over (it does not fail the other model's load)."""
+        handle, _ = self._lookup(spec)
         return handle.device, handle.dtype
 
     def preload(self, *specs: ModelSpec, warmup: bool = True) -> list[ModelHandle]:

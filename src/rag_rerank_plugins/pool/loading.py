@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, cast
 from .._exitsafe import native_section
 from .._memory import free_memory
 from ..backends import get_loader
+from ..backends.base import SCORE, Task
 from ..exceptions import ModelLoadError, RagRerankError
 from ..policy import configure_torch_threads
 from ..spec import ModelSpec
 from ._state import LoadReleasedError, PoolState, Slot, fmt_mb, logger
 
 if TYPE_CHECKING:
-    from ..backends.base import ModelProvider
+    from ..backends.base import LoadedModel, ModelProvider
     from ..handle import ModelHandle
 
 __all__ = ["POLL_S", "Loading", "StartOver", "Unwanted"]
@@ -123,6 +124,19 @@ class Loading(PoolState):
 
         return ModelHandle(key, model, stats, self.config)
 
+    def _lookup(self, spec: ModelSpec) -> tuple[ModelHandle, LoadedModel]:
+        """The handle for ``spec`` and its model, loading it if needed, for what is read off the
+        model beside a call: the adapters' named prompts, window plans and ``backend="auto"``
+        check, the server's tokenizer, a backend's shared model (``model_info``). A release
+        that meets the load, or lands before the model is read, starts over with a fresh load,
+        as the calls do (:mod:`.calls`): :meth:`get` raises :class:`ModelReleasedError` there
+        (as documented), which failed the adapter call that only wanted the model's prompts."""
+        while True:
+            handle = self._get(spec, pin=False, start_over=True)
+            model = handle._model  # None: released since the lookup (a racing release)
+            if model is not None:
+                return handle, model
+
     def _busy(self, device: str) -> bool:
         """Whether a call runs on another model of ``device`` (its activations move the CUDA
         allocator's count: a load measured then falls back to the backend's own count)."""
@@ -130,17 +144,21 @@ class Loading(PoolState):
 
     def _warm_up(self, handle: ModelHandle, *, reload: bool = False) -> None:
         """One tiny forward pass. After an eviction (``reload``) a failure only logs: the request
-        that triggered the reload will report the model's real error, if any."""
+        that triggered the reload will report the model's real error, if any. No caller asked
+        for it: counted in ``warmups`` alone, never as a call (calls, items, busy seconds, the
+        latency histogram and percentiles), or a model nobody called reported calls=1 and a
+        latency, and under eviction churn a third of the counted calls were warm-ups."""
         try:
             if handle.kind == "reranker":
-                handle.score_pairs([("warm-up query", "warm-up passage")])
+                handle._warm_up(SCORE, [("warm-up query", "warm-up passage")])
             else:
-                handle.embed(["warm-up text"])
+                handle._warm_up(Task("embed"), ["warm-up text"])
         except Exception as exc:
             if not reload:
                 raise
             logger.warning("rag-rerank: warm-up of %s after a reload failed: %r", handle.spec, exc)
         else:
+            self._stats_for(handle.spec).add(warmups=1)
             with self._lock:
                 self._warm.add(handle)
 

@@ -145,9 +145,10 @@ class ServerState:
 
     def loaded(self, model: ServedModel) -> Any:
         """The backend object of a served model (its tokenizer, windows); loads it if the pool
-        let it go. Call from a worker thread (``asyncio.to_thread``): a load blocks."""
+        let it go (a release racing that load starts it over, as the model calls do). Call from
+        a worker thread (``asyncio.to_thread``): a load blocks."""
         self.check_ready()
-        return self.pool.get(model.spec).model
+        return self.pool._lookup(model.spec)[1]
 
     async def tokens(self, model: ServedModel) -> TextTokens:
         """The model's tokens (:mod:`.tokens`), for truncation and token counts. Refuses with
