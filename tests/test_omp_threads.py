@@ -54,3 +54,13 @@ def test_torch_threads_setting_wins_over_omp(cores) -> None:
 def test_one_thread_per_process_runs_one_device_worker(cores) -> None:
     cores.setenv("OMP_NUM_THREADS", "1")
     assert EngineConfig().cpu_device_workers() == (1, 1)
+
+
+def test_onnx_and_openvino_sessions_get_the_same_cap(cores) -> None:
+    from rag_rerank_plugins.backends import _onnx_common
+
+    cores.delenv("RAG_RERANK_ORT_THREADS", raising=False)
+    cores.setenv("OMP_NUM_THREADS", "2")
+    assert _onnx_common.default_threads() == 2
+    cores.delenv("OMP_NUM_THREADS")
+    assert _onnx_common.default_threads() == 8

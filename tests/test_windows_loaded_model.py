@@ -127,3 +127,24 @@ def test_flag_llm_windows_reach_the_model_whole_with_a_small_max_length(
     scores, _ = plan.aggregate(pool.score_pairs(small, plan.pairs))
     got = {r.index: r.score for r in adapter.rank_texts(query, texts)}
     assert [got[i] for i in range(len(texts))] == pytest.approx(scores, abs=1e-6)
+
+
+def test_flag_reranker_windows_reach_the_model_whole_with_a_small_max_length(
+    pool: ModelPool, tiny_ce_path: str
+) -> None:
+    """``flag-reranker`` has the same separate query cap (``query_max_length``, 3/4 of
+    ``max_length``): a 52-token query at ``max_length=64`` was kept whole for the windows and
+    its tail cut by the model."""
+    pytest.importorskip("FlagEmbedding")
+    query = "a much longer query with many words in it to eat the budget " * 4  # 52 tokens
+    texts = ["abc def ghi " * 100, "jkl mno " * 30]
+    common: dict[str, Any] = {"backend": "flag-reranker", "device": "cpu", "dtype": "float32"}
+    small = ModelSpec(tiny_ce_path, max_length=64, **common)
+    uncut = ModelSpec(tiny_ce_path, max_length=512, **common)
+    plan = windower_for(pool.get(small).model).plan(query, texts, WindowSettings(tokens="auto"))
+
+    assert plan.query != query, "the query is cut to what the model keeps"
+    assert all(q == plan.query for q, _ in plan.pairs)
+    assert pool.score_pairs(small, plan.pairs) == pytest.approx(
+        pool.score_pairs(uncut, plan.pairs), abs=1e-5
+    )

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._cpu import usable_cores
+from .._cpu import compute_threads
 from .._forksafe import ForkSafeLock
 from ..exceptions import (
     ConfigurationError,
@@ -146,9 +146,10 @@ def note_export() -> None:
 
 
 def default_threads() -> int:
-    """Physical cores this process may run on (affinity mask, SMT siblings once, cgroup quota):
+    """Physical cores this process may run on (affinity mask, SMT siblings once, cgroup quota),
+    capped by ``OMP_NUM_THREADS`` when set, as the torch path is (:func:`.._cpu.compute_threads`):
     more intra-op threads than cores only adds contention."""
-    return usable_cores()
+    return compute_threads()
 
 
 def _positive_threads(value: Any, source: str) -> int:

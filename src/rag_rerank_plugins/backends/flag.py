@@ -136,6 +136,18 @@ class FlagReranker(RerankerModel):
         )
         return self.tokenizer, max(1, self.max_length - extra)
 
+    def window_query_limit(self) -> int:
+        """The most tokens of the bare query that reach the model (the windower's optional query
+        limit, :mod:`rag_rerank_plugins.windows`): FlagEmbedding cuts ``query instruction +
+        query`` to ``query_max_length`` (3/4 of ``max_length`` unless set) before building the
+        pair, so past this the query's tail never reached the model while every window still
+        gave up room for it."""
+        flag = self._flag
+        extra = instruction_tokens(
+            self.tokenizer, flag.query_instruction_for_rerank, flag.query_instruction_format
+        )
+        return max(1, self.query_max_length - extra)
+
     def _encode(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         # FlagEmbedding's pre-processing, step by step (compute_score_single_gpu in 1.4.2).
         detailed = self._flag.get_detailed_inputs([[q, p] for q, p in pairs])
