@@ -269,6 +269,10 @@ class RerankerModel(LoadedModel):
         Optional; the default (None) means this backend cannot be windowed. The tokenizer is the
         model's own Hugging Face tokenizer: :mod:`rag_rerank_plugins.windows` uses a private copy,
         never this object, because the model's prepare thread tokenizes with it.
+
+        A backend that cuts the query shorter than the pair (FlagEmbedding's
+        ``query_max_length``) also defines ``window_query_limit() -> int | None``, the most
+        tokens of the bare query that reach the model; the windower then cuts the query there.
         """
         return None
 
