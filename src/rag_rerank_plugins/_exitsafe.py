@@ -15,9 +15,11 @@ idle (:func:`paused`) and between passes (:func:`checkpoint`). At exit an ``atex
 after non-daemon threads were joined, before finalization) closes the gate and waits for the
 running sections, at most :data:`EXIT_WAIT_S` seconds, so a stuck pass cannot hold the exit
 forever. A daemon thread that reaches the closed gate parks there, in Python, where finalization
-ends it cleanly; other threads pass. A call that a non-daemon thread makes after that (an
-``atexit`` hook of the user's that runs after ours) reopens the gate (:func:`caller_waits`), so
-it is served rather than left waiting on a parked worker.
+ends it cleanly; other threads pass. What a non-daemon thread does after that (an ``atexit`` hook
+of the user's that runs after ours: a model call, ``pool.clear()``) runs in :func:`late_caller`:
+the gate opens for it, so the threads it waits for serve it (a parked worker had left it waiting
+forever), and closes again when it returns, waiting for what it started, so nothing is left
+running in torch when the interpreter finalizes.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from typing import Any
 
 __all__ = [
     "EXIT_WAIT_S",
-    "caller_waits",
     "checkpoint",
     "close_and_wait",
+    "late_caller",
     "native_section",
     "paused",
     "running_sections",
@@ -49,6 +51,7 @@ EXIT_WAIT_S = 10.0
 _gate = threading.Condition()
 _running = 0  # threads inside a section now
 _closed = False
+_late = 0  # late_caller scopes open now (the gate is open while there is one)
 _local = threading.local()  # .depth: this thread's nesting of sections
 
 
@@ -109,14 +112,28 @@ def checkpoint() -> None:
             pass
 
 
-def caller_waits() -> None:
-    """A call starts: when the gate has closed and a non-daemon thread (the main thread running
-    a later ``atexit`` hook) calls, reopen it, so the workers it waits for serve it."""
-    global _closed
-    if _closed and not threading.current_thread().daemon:
+@contextlib.contextmanager
+def late_caller() -> Iterator[None]:
+    """Around what a caller waits for from our threads (a call, a release's join): after the
+    gate has closed, a non-daemon thread (the main thread in a later ``atexit`` hook) opens it
+    for the duration, and closes it again after, waiting for the sections its work started
+    (:func:`close_and_wait`). Nothing otherwise."""
+    global _closed, _late
+    if not (_closed or _late) or threading.current_thread().daemon:
+        yield
+        return
+    with _gate:
+        _late += 1
+        _closed = False
+        _gate.notify_all()
+    try:
+        yield
+    finally:
         with _gate:
-            _closed = False
-            _gate.notify_all()
+            _late -= 1
+            last = not _late
+        if last:
+            close_and_wait()
 
 
 def start_daemon(target: Callable[..., Any], *args: Any, name: str, native: bool = True) -> None:
@@ -166,8 +183,8 @@ def close_and_wait(timeout: float | None = None) -> bool:
 def _reopen_in_child() -> None:
     """A forked child: the parent's sections do not run here, and its gate may have been held by
     another thread at the fork."""
-    global _gate, _running, _closed
-    _gate, _closed = threading.Condition(), False
+    global _gate, _running, _closed, _late
+    _gate, _closed, _late = threading.Condition(), False, 0
     _running = 1 if getattr(_local, "depth", 0) else 0  # the forking thread's own section
 
 

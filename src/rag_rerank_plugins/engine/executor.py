@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from .._exitsafe import caller_waits, start_daemon
+from .._exitsafe import late_caller, start_daemon
 from ..backends.base import CallContext, EmbedderModel, LoadedModel, call_context
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError, RagRerankError
@@ -73,7 +73,10 @@ class Executor(ABC):
 
     def run(self, request: Request) -> list[Any]:
         """One result per item, waiting until the request's deadline at most."""
-        caller_waits()
+        with late_caller():  # served even from an atexit hook that runs after the exit gate's
+            return self._run(request)
+
+    def _run(self, request: Request) -> list[Any]:
         future = self._start(request)
         try:
             return future.result(request.remaining_seconds())
@@ -90,7 +93,10 @@ class Executor(ABC):
 
     async def arun(self, request: Request) -> list[Any]:
         """:meth:`run` for coroutines: never blocks the event loop; cancelling withdraws."""
-        caller_waits()
+        with late_caller():
+            return await self._arun(request)
+
+    async def _arun(self, request: Request) -> list[Any]:
         try:
             return await asyncio.wait_for(self._astart(request), request.remaining_seconds())
         except asyncio.TimeoutError:

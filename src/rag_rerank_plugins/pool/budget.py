@@ -15,7 +15,7 @@ import time
 import weakref
 from typing import Any
 
-from .._exitsafe import native_section
+from .._exitsafe import late_caller, native_section
 from ..exceptions import ConfigurationError
 from ..spec import ModelSpec
 from ._state import MB, PoolState, Slot, fmt_mb, logger
@@ -227,7 +227,8 @@ class MemoryBudget(PoolState):
             self._reaper_stop.set()
             thread, self._reaper_thread = self._reaper_thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=10)
+            with late_caller():  # clear() in an atexit hook after the exit gate's: not parked
+                thread.join(timeout=10)
 
     def _reap(self, stop: threading.Event | None = None) -> None:
         """One pass of the reaper: release every idle model unused for ``idle_unload_s``.

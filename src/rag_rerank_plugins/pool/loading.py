@@ -69,6 +69,12 @@ class Loading(PoolState):
                 raise StartOver
 
     def _load(self, key: ModelSpec) -> ModelHandle:
+        """Load ``key`` inside an exit-gate section: interpreter exit waits for the load, and for
+        what a failed one frees (:mod:`.._exitsafe`), even on a caller's daemon thread."""
+        with native_section():
+            return self._load_in_section(key)
+
+    def _load_in_section(self, key: ModelSpec) -> ModelHandle:
         stats = self._stats_for(key)
         configure_torch_threads(self._num_threads)
         loader = get_loader(key.backend)
@@ -82,8 +88,7 @@ class Loading(PoolState):
             seq = self._load_seq
         start = time.perf_counter()
         try:
-            with native_section():  # not cut short by interpreter exit (a daemon load thread)
-                model = loader(key, cast("ModelProvider", self))  # ModelPool is one
+            model = loader(key, cast("ModelProvider", self))  # ModelPool is one
         except RagRerankError as exc:
             stats.add(load_failures=1)
             _drop_partial_load(exc, key.device)
