@@ -18,10 +18,15 @@ How a call maps onto the cache:
   (LangChain hands the cache ``dumps(messages)``; embedding that JSON would compare boilerplate).
 * **value**: the generations as LangChain's own serialisation (``dumps``), read back with
   ``loads`` restricted to generation and message classes, so ``ChatGeneration`` (and its
-  ``AIMessage`` with metadata) survive.
+  ``AIMessage`` with metadata) survive. Metadata values JSON cannot carry (a provider's
+  ``datetime``, a numpy number, ``bytes``) are converted first (:func:`_json_safe`): ``dumps``
+  wrote them as "not implemented" markers that ``loads`` refuses, so such an entry was stored,
+  counted as an update, and failed every read.
 
 A cache failure never fails the chain: a lookup that raises is a miss, an update that raises is
-skipped; both are logged and counted in :meth:`SharedSemanticCache.stats` (``errors``).
+skipped; both are logged and counted in :meth:`SharedSemanticCache.stats` (``errors``). When the
+lookup failed on the transport (a cache server down or hung), the update of that call is not
+tried (``skipped``): it would wait as long for nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from langchain_core.load import Serializable, dumps, loads
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
+    BaseMessage,
     ChatMessage,
     ChatMessageChunk,
     FunctionMessage,
@@ -53,9 +59,10 @@ from langchain_core.messages import (
     ToolMessageChunk,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generation, GenerationChunk
+from pydantic import BaseModel
 
 from ..exceptions import ConfigurationError, InvalidInputError
-from ..semantic_cache._adapter import AdapterCounters, CacheBackend
+from ..semantic_cache._adapter import AdapterCounters, CacheBackend, RecentFailures
 
 __all__ = ["SharedSemanticCache", "split_prompt"]
 
@@ -81,6 +88,73 @@ _ALLOWED: list[type[Serializable]] = [
     ToolMessage,
     ToolMessageChunk,
 ]
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with what JSON cannot carry converted as ``json.dumps(default=str)`` would, so
+    LangChain's ``dumps`` writes no "not implemented" marker (which ``loads`` refuses on every
+    read): numpy numbers and arrays become numbers and lists, sets lists, pydantic models
+    (not LangChain's) their JSON fields, and anything else (``datetime``, ``date``,
+    ``Decimal``, ``UUID``, ``bytes``, enums) its ``str``. LangChain objects are left to
+    ``dumps``."""
+    if value is None or isinstance(value, str | bool | int | float | Serializable):
+        return value
+    if isinstance(value, dict):
+        return {
+            key if key is None or isinstance(key, str | bool | int | float) else str(key): (
+                _json_safe(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, set | frozenset):  # sorted: the same set is the same JSON
+        return [_json_safe(item) for item in sorted(value, key=repr)]
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist) and type(value).__module__.partition(".")[0] == "numpy":
+        return _json_safe(tolist())
+    if isinstance(value, BaseModel):
+        try:
+            return _json_safe(value.model_dump(mode="json"))
+        except Exception:  # a field pydantic cannot write as JSON either
+            return str(value)
+    return str(value)
+
+
+def _safe_fields(model: BaseModel) -> dict[str, Any]:
+    """The dict and list fields of ``model`` (a generation, a message) made :func:`_json_safe`."""
+    return {
+        name: _json_safe(value)
+        for name in type(model).model_fields
+        if isinstance(value := getattr(model, name, None), dict | list)
+    }
+
+
+def _safe_generation(generation: Generation) -> Generation:
+    """A copy of ``generation`` (and of its message) that ``dumps`` writes without markers."""
+    update = _safe_fields(generation)
+    message = getattr(generation, "message", None)
+    if isinstance(message, BaseMessage):
+        update["message"] = message.model_copy(update=_safe_fields(message))
+    return generation.model_copy(update=update)
+
+
+def _not_implemented(data: Any) -> str | None:
+    """The class of the first value ``dumps`` could not serialise in ``data`` (its parsed
+    output), or None."""
+    if isinstance(data, dict):
+        if data.get("lc") == 1 and data.get("type") == "not_implemented":
+            return ".".join(map(str, data.get("id") or ["?"]))
+        items: Any = data.values()
+    elif isinstance(data, list):
+        items = data
+    else:
+        return None
+    for item in items:
+        found = _not_implemented(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _digest(text: str) -> str:
@@ -190,6 +264,8 @@ class SharedSemanticCache(BaseCache):
         self.cache: CacheBackend = cache
         self.prefix = prefix
         self._counters = AdapterCounters("SharedSemanticCache")
+        #: Keys whose lookup failed on the transport: their update is skipped.
+        self._unreachable = RecentFailures()
 
     # -- keys and values ---------------------------------------------------------------------
 
@@ -214,7 +290,19 @@ class SharedSemanticCache(BaseCache):
 
     @staticmethod
     def _encode(return_val: RETURN_VAL_TYPE) -> str:
-        return dumps(list(return_val))
+        """The generations as ``dumps`` writes them, their metadata made JSON first; a
+        ``ValueError`` (the update is skipped and counted as an error) when some value still
+        comes out as a marker ``loads`` refuses: stored, it failed every read."""
+        encoded = dumps([_safe_generation(g) for g in return_val])
+        if '"not_implemented"' in encoded:
+            found = _not_implemented(json.loads(encoded))
+            if found is not None:
+                raise ValueError(
+                    f"a generation holds a {found} that LangChain cannot serialise, so the "
+                    "cached entry could never be read back; not cached. Put JSON values (or "
+                    "serialisable LangChain objects) in the generation's metadata."
+                )
+        return encoded
 
     @staticmethod
     def _decode(value: Any) -> list[Generation]:
@@ -240,6 +328,7 @@ class SharedSemanticCache(BaseCache):
         try:
             generations = self._decode(hit.value)
         except Exception as exc:  # a value another writer put in this namespace
+            self._counters.count("misses")  # the caller got a miss
             self._counters.failed("reading a cached value", exc)
             return None
         self._counters.count("hits")
@@ -253,22 +342,35 @@ class SharedSemanticCache(BaseCache):
         if key is None:
             self._counters.count("misses")
             return None
+        self._unreachable.pop(key)  # a mark left by a call whose update never came
         try:
             hit = self.cache.lookup(key[0], namespace=key[1])
         except Exception as exc:
-            self._counters.failed("lookup", exc)
+            self._lookup_failed(key, exc)
             return None
         return self._answer(hit)
+
+    def _lookup_failed(self, key: tuple[str, str], exc: Exception) -> None:
+        if self._counters.lookup_failed(exc):
+            self._unreachable.add(key)
+
+    def _skip_update(self, key: tuple[str, str]) -> bool:
+        """Whether this prompt's lookup just failed on the transport: then its update would
+        wait for the same server for nothing (counted as skipped)."""
+        if not self._unreachable.pop(key):
+            return False
+        self._counters.skipped("update", "its lookup failed on the transport")
+        return True
 
     def update(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         """Store the generations for this prompt; failures are logged, never raised."""
         key = self._key(prompt, llm_string)
-        if key is None:
+        if key is None or self._skip_update(key):
             return
         try:
             stored = self.cache.put(key[0], self._encode(return_val), namespace=key[1])
         except Exception as exc:
-            self._counters.failed("update", exc)
+            self._counters.update_failed("update", exc)
             return
         # False: the cache skipped it (and logged why); None: a cache that does not say.
         self._counters.count("errors" if stored is False else "updates")
@@ -295,21 +397,22 @@ class SharedSemanticCache(BaseCache):
         if key is None:
             self._counters.count("misses")
             return None
+        self._unreachable.pop(key)  # a mark left by a call whose update never came
         try:
             hit = await self.cache.alookup(key[0], namespace=key[1])
         except Exception as exc:
-            self._counters.failed("lookup", exc)
+            self._lookup_failed(key, exc)
             return None
         return self._answer(hit)
 
     async def aupdate(self, prompt: str, llm_string: str, return_val: RETURN_VAL_TYPE) -> None:
         key = self._key(prompt, llm_string)
-        if key is None:
+        if key is None or self._skip_update(key):
             return
         try:
             stored = await self.cache.aput(key[0], self._encode(return_val), namespace=key[1])
         except Exception as exc:
-            self._counters.failed("update", exc)
+            self._counters.update_failed("update", exc)
             return
         self._counters.count("errors" if stored is False else "updates")
 
@@ -321,7 +424,8 @@ class SharedSemanticCache(BaseCache):
     # -- reporting ---------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """This adapter's hits, misses, updates and errors, and the cache's own ``stats()``."""
+        """This adapter's hits, misses, updates, errors and skipped calls (a cache server that
+        was failing), and the cache's own ``stats()``."""
         return self._counters.snapshot(self.cache)
 
     def __repr__(self) -> str:

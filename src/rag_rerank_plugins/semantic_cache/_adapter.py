@@ -89,7 +89,10 @@ class RecentFailures:
     def pop(self, key: Hashable) -> bool:
         """Whether ``key``'s lookup failed on the transport (forgotten now)."""
         with self._lock:
-            return self._keys.pop(key, False) is None
+            if key not in self._keys:
+                return False
+            del self._keys[key]
+            return True
 
 
 class AdapterCounters:
