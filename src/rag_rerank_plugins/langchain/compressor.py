@@ -8,7 +8,7 @@ from . import _compat  # noqa: F401  # isort: skip
 import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.callbacks.manager import AsyncCallbackManager, CallbackManager
@@ -29,6 +29,9 @@ from ..ranking import Ranked
 from ..spec import ModelSpec
 from ..windows import WindowInfo
 from .cross_encoder import SharedCrossEncoder
+
+if TYPE_CHECKING:
+    from ..pool import ModelPool
 
 __all__ = ["SharedRerankCompressor"]
 
@@ -146,7 +149,39 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         data["model"] = encoder.model_name
         return data
 
-    def __init__(self, **data: Any) -> None:
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            model: str | BaseCrossEncoder = ...,
+            backend: str = ...,
+            top_n: int | None = 3,
+            score_threshold: float | None = None,
+            batch_size: int = ...,
+            score_mode: Literal["raw", "sigmoid"] | None = None,
+            window_tokens: int | Literal["auto"] | None = None,
+            window_stride: int | None = None,
+            window_query_tokens: int = 64,
+            window_aggregate: Literal["max", "mean", "first"] = "max",
+            on_error: Literal["raise", "passthrough"] = "raise",
+            device: str | None = ...,
+            dtype: str = ...,
+            max_length: int | None = None,
+            model_kwargs: dict[str, Any] = ...,
+            pool: ModelPool | None = None,
+            priority: Literal["interactive", "bulk"] = "interactive",
+        ) -> None:
+            """For type checkers only: the runtime ``__init__(**data)`` (it unwraps a
+            cross-encoder ``model``) told them that any keyword, ``topn=5`` too, was fine."""
+
+    else:
+
+        def __init__(self, **data: Any) -> None:
+            self._init(data)
+
+    def _init(self, data: dict[str, Any]) -> None:
+        """``__init__``'s work: a custom cross-encoder ``model`` becomes the scorer."""
         scorer = None
         encoder = data.get("model")
         if isinstance(encoder, BaseCrossEncoder) and not _describes_shared(encoder):

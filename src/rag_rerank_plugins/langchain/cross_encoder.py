@@ -10,13 +10,16 @@ from __future__ import annotations
 from . import _compat  # noqa: F401  # isort: skip
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.cross_encoders import BaseCrossEncoder
 from pydantic import AliasChoices, ConfigDict, Field
 
 from ..adapter_base import SharedModelFields, from_settings
 from ..exceptions import InvalidInputError
+
+if TYPE_CHECKING:
+    from ..pool import ModelPool
 
 __all__ = ["SharedCrossEncoder"]
 
@@ -95,6 +98,26 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
     )
 
     _st_model_kwargs = True
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            model: str = ...,
+            model_name: str = ...,
+            backend: str = ...,
+            batch_size: int = ...,
+            client: Any = None,
+            device: str | None = ...,
+            dtype: str = ...,
+            max_length: int | None = None,
+            model_kwargs: dict[str, Any] = ...,
+            pool: ModelPool | None = None,
+            priority: Literal["interactive", "bulk"] = "interactive",
+        ) -> None:
+            """For type checkers only (runtime: pydantic's): they do not read validation
+            aliases, so ``model_name=`` (HuggingFaceCrossEncoder's spelling) was a false error."""
 
     @property
     def model_name(self) -> str:

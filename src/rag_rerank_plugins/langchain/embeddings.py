@@ -7,8 +7,8 @@ from . import _compat  # noqa: F401  # isort: skip
 
 import asyncio
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.embeddings import Embeddings
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
@@ -18,6 +18,9 @@ from .._stock import check_truncate_dim, refusal
 from ..adapter_base import SharedModelFields, from_settings, sync_override
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..inputs import text_list
+
+if TYPE_CHECKING:
+    from ..pool import ModelPool
 
 __all__ = ["SharedEmbeddings"]
 
@@ -227,6 +230,35 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     #: for them the kwargs decide per call (a key removed since means encode's default).
     _from_kwargs: frozenset[str] = PrivateAttr(default=frozenset())
 
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            model: str = ...,
+            model_name: str = ...,
+            backend: str = ...,
+            batch_size: int = ...,
+            normalize_embeddings: bool = False,
+            show_progress: bool = False,
+            query_normalize_embeddings: bool | None = None,
+            encode_kwargs: dict[str, Any] | None = ...,
+            query_encode_kwargs: dict[str, Any] | None = ...,
+            multi_process: Literal[False] = False,
+            model_prompts: bool = False,
+            replace_newlines: bool = True,
+            cache_folder: str | None = None,
+            device: str | None = ...,
+            dtype: str = ...,
+            max_length: int | None = None,
+            model_kwargs: dict[str, Any] = ...,
+            pool: ModelPool | None = None,
+            priority: Literal["interactive", "bulk"] = "interactive",
+        ) -> None:
+            """For type checkers only (runtime: pydantic's): they do not read validation
+            aliases or before-validators, so ``model_name=`` and ``cache_folder=``
+            (HuggingFaceEmbeddings' arguments) were false errors."""
+
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         private = dict(state.get("__pydantic_private__") or {})
@@ -393,18 +425,20 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         in_backend = normalize and kwargs.get("truncate_dim") is None
         return kwargs, self._resolve(kwargs, named), normalize, in_backend
 
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        texts = self._texts(_document_texts(texts))
-        if not texts:
+    def embed_documents(self, texts: Iterable[str]) -> list[list[float]]:
+        """One vector per text, in order; ``texts`` is a list or any iterable of str (read once,
+        before the model loads)."""
+        items = self._texts(_document_texts(texts))
+        if not items:
             return []
         kwargs, prompt, normalize, in_backend = self._plan(False, self._named_prompts)
         spec, kw = self.spec, {"normalize": in_backend, "prompt": prompt}
         if not self.show_progress:
-            vectors = self._pool_embed(spec, texts, self.batch_size, **kw)
+            vectors = self._pool_embed(spec, items, self.batch_size, **kw)
         else:
             vectors = []
-            with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
-                for chunk in chunks(texts, self.batch_size):
+            with progress_bar(len(items), "Embedding documents", enabled=True) as bar:
+                for chunk in chunks(items, self.batch_size):
                     vectors.extend(self._pool_embed(spec, chunk, self.batch_size, **kw))
                     bar.update(len(chunk))
         return self._finish(vectors, kwargs, normalize)
@@ -422,20 +456,20 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
             return None, None
         return await asyncio.to_thread(self._named_prompts)  # may load: off the event loop
 
-    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+    async def aembed_documents(self, texts: Iterable[str]) -> list[list[float]]:
         if sync_override(self, SharedEmbeddings, "embed_documents", "aembed_documents"):
             return await asyncio.to_thread(self.embed_documents, texts)  # as stock: the override
-        texts = self._texts(_document_texts(texts))
-        if not texts:
+        items = self._texts(_document_texts(texts))
+        if not items:
             return []
         kwargs, prompt, normalize, in_backend = self._plan(False, await self._anamed(False))
         spec, kw = self.spec, {"normalize": in_backend, "prompt": prompt}
         if not self.show_progress:
-            vectors = await self._pool_aembed(spec, texts, self.batch_size, **kw)
+            vectors = await self._pool_aembed(spec, items, self.batch_size, **kw)
         else:
             vectors = []
-            with progress_bar(len(texts), "Embedding documents", enabled=True) as bar:
-                for chunk in chunks(texts, self.batch_size):
+            with progress_bar(len(items), "Embedding documents", enabled=True) as bar:
+                for chunk in chunks(items, self.batch_size):
                     vectors.extend(await self._pool_aembed(spec, chunk, self.batch_size, **kw))
                     bar.update(len(chunk))
         return self._finish(vectors, kwargs, normalize)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
 from . import _compat  # noqa: F401
@@ -26,6 +26,13 @@ from ._stock_args import (
     default_text_instruction,
     embedding_arguments,
 )
+
+if TYPE_CHECKING:
+    import os
+
+    from llama_index.core.callbacks import CallbackManager
+
+    from ..pool import ModelPool
 
 __all__ = ["SharedEmbedding"]
 
@@ -136,9 +143,63 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
         "HuggingFaceEmbedding): no prompt, except its defaults for BGE and Instructor names.",
     )
 
-    def __init__(self, *args: Any, **data: Any) -> None:
-        # HuggingFaceEmbedding's parameters may be given positionally (model_name first).
-        super().__init__(**bind_positional("SharedEmbedding", EMBEDDING_POSITIONAL, args, data))
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            model_name: str = ...,
+            tokenizer_name: Literal["deprecated"] = "deprecated",
+            pooling: Literal["deprecated"] = "deprecated",
+            max_length: int | None = None,
+            query_instruction: str | None = None,
+            text_instruction: str | None = None,
+            normalize: bool = True,
+            model: Literal["deprecated"] = "deprecated",
+            tokenizer: Literal["deprecated"] = "deprecated",
+            embed_batch_size: int = ...,
+            cache_folder: str | os.PathLike[str] | None = None,
+            trust_remote_code: bool = False,
+            device: str | None = ...,
+            callback_manager: CallbackManager | None = None,
+            parallel_process: Literal[False] = False,
+            target_devices: list[str] | None = None,
+            show_progress_bar: bool = False,
+            *,
+            show_progress: bool = False,
+            backend: str = ...,
+            model_prompts: bool = False,
+            dtype: str = ...,
+            model_kwargs: dict[str, Any] | None = ...,
+            pool: ModelPool | None = None,
+            priority: Literal["interactive", "bulk"] = "interactive",
+            num_workers: int | None = None,
+            embeddings_cache: Any = None,
+            rate_limiter: Any = None,
+            # HuggingFaceEmbedding's **model_kwargs: SentenceTransformer's keyword arguments.
+            modules: Any = None,
+            default_prompt_name: str | None = None,
+            revision: str | None = None,
+            local_files_only: bool = False,
+            token: bool | str | None = None,
+            use_auth_token: bool | str | None = None,
+            processor_kwargs: dict[str, Any] | None = None,
+            tokenizer_kwargs: dict[str, Any] | None = None,
+            config_kwargs: dict[str, Any] | None = None,
+            use_kernels: bool = False,
+            kernel_config: Any = None,
+            model_card_data: Any = None,
+            similarity_fn_name: Any = None,  # a name or SentenceTransformer's SimilarityFunction
+            truncate_dim: int | None = None,
+        ) -> None:
+            """For type checkers only: HuggingFaceEmbedding's parameters (positional too, and
+            its ``**model_kwargs`` by name), then ours. The runtime ``__init__(*args, **data)``
+            binds the positional ones, and told type checkers that any keyword was fine."""
+
+    else:
+
+        def __init__(self, *args: Any, **data: Any) -> None:
+            # HuggingFaceEmbedding's parameters may be given positionally (model_name first).
+            super().__init__(**bind_positional("SharedEmbedding", EMBEDDING_POSITIONAL, args, data))
 
     @model_validator(mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
 from . import _compat  # noqa: F401
@@ -31,6 +31,13 @@ from ._stock_args import (
     rerank_arguments,
     rerank_default_max_length,
 )
+
+if TYPE_CHECKING:
+    import os
+
+    from llama_index.core.callbacks import CallbackManager
+
+    from ..pool import ModelPool
 
 __all__ = ["SharedRerankPostprocessor"]
 
@@ -96,8 +103,47 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
         "CPU, by policy), False = 'float32'. None: use dtype.",
     )
 
-    def __init__(self, *args: Any, **data: Any) -> None:
-        # SentenceTransformerRerank's parameters may be given positionally (model first).
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            model: str = ...,
+            device: str | None = ...,
+            cache_folder: str | os.PathLike[str] | None = None,
+            top_n: int | None = 2,
+            keep_retrieval_score: bool = False,
+            cross_encoder_kwargs: dict[str, Any] | None = None,
+            *,
+            backend: str = ...,
+            trust_remote_code: bool = False,
+            use_fp16: bool | None = None,
+            score_threshold: float | None = None,
+            batch_size: int = ...,
+            score_mode: Literal["raw", "sigmoid"] | None = None,
+            window_tokens: int | Literal["auto"] | None = None,
+            window_stride: int | None = None,
+            window_query_tokens: int = 64,
+            window_aggregate: Literal["max", "mean", "first"] = "max",
+            on_error: Literal["raise", "passthrough"] = "raise",
+            dtype: str = ...,
+            max_length: int | None = None,
+            model_kwargs: dict[str, Any] = ...,
+            pool: ModelPool | None = None,
+            priority: Literal["interactive", "bulk"] = "interactive",
+            callback_manager: CallbackManager | None = None,
+        ) -> None:
+            """For type checkers only: SentenceTransformerRerank's parameters (positional too),
+            then ours. The runtime ``__init__(*args, **data)`` binds the positional ones, and
+            told type checkers that any keyword, ``topn=5`` too, was fine."""
+
+    else:
+
+        def __init__(self, *args: Any, **data: Any) -> None:
+            self._init(args, data)
+
+    def _init(self, args: tuple[Any, ...], data: dict[str, Any]) -> None:
+        """``__init__``'s work: SentenceTransformerRerank's parameters may be given positionally
+        (model first)."""
         if args and isinstance(args[0], int) and not isinstance(args[0], bool):
             # llama_index.core.postprocessor.SentenceTransformerRerank takes top_n first.
             raise ConfigurationError(
