@@ -158,29 +158,15 @@ def _checker_init(cls: type[Any]) -> ast.FunctionDef:
     )
 
 
-def _accepted(cls: type[Any]) -> set[str]:
-    """The field names and their validation aliases: the keywords pydantic validation takes."""
-    from pydantic import AliasChoices
-
-    names: set[str] = set()
-    for name, field in cls.model_fields.items():
-        names.add(name)
-        alias = field.validation_alias
-        if isinstance(alias, str):
-            names.add(alias)
-        elif isinstance(alias, AliasChoices):
-            names.update(c for c in alias.choices if isinstance(c, str))
-        if field.alias:
-            names.add(field.alias)
-    return names
-
-
 def test_type_checker_signatures_match_the_fields() -> None:
     """The ``if TYPE_CHECKING:`` signatures name exactly the keywords the constructors accept
     (fields, their aliases, the stock arguments the validators translate), the LlamaIndex ones
     the stock class's positional parameters in its order, and a literal default equals the
     field's: a field added, renamed or re-defaulted without the signature fails here."""
+    pytest.importorskip("llama_index.core")
     from pydantic_core import PydanticUndefined
+
+    from rag_rerank_plugins.llama_index._args import accepted_arguments
 
     for cls, translated, positional in _adapters():
         init = _checker_init(cls)
@@ -188,7 +174,7 @@ def test_type_checker_signatures_match_the_fields() -> None:
         keywords = [a.arg for a in init.args.kwonlyargs]
         declared = params + keywords
         assert len(declared) == len(set(declared)), f"{cls.__name__}: a parameter twice"
-        expected = _accepted(cls) | translated
+        expected = set(accepted_arguments(cls)) | translated
         assert set(declared) == expected, (
             f"{cls.__name__}: only in the TYPE_CHECKING __init__: "
             f"{sorted(set(declared) - expected)}; accepted but missing there: "
