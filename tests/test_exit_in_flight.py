@@ -294,3 +294,37 @@ def test_exit_during_a_load_that_fails_is_clean() -> None:
         out = _run(FAILED_LOAD, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "terminate called" not in out.stderr
+
+
+LATE_LOADS = """
+    import atexit, asyncio
+
+    def late():  # registered before our import: runs after the gate's hook; nothing loaded yet
+        async def main():
+            return await asyncio.gather(*(pool.aembed(emb, ["hello %d" % i]) for i in range(3)))
+
+        print("async", len(asyncio.run(main())), flush=True)
+        print("sync", len(pool.embed(emb2, ["hello"], timeout=30)), flush=True)
+        vectors = asyncio.run(adapter.aembed_documents(["a", "b"]))  # to_thread inside
+        print("adapter", len(vectors), flush=True)
+
+    atexit.register(late)
+    from rag_rerank_plugins import ModelPool
+    from rag_rerank_plugins.langchain import SharedEmbeddings
+    from rag_rerank_plugins.testing import fake_embedder_spec
+
+    pool = ModelPool()
+    emb, emb2 = fake_embedder_spec("a"), fake_embedder_spec("b")
+    adapter = SharedEmbeddings(model="c", backend="fake-embedder", pool=pool)
+    print("main done", flush=True)
+"""
+
+
+def test_an_atexit_hook_after_the_gates_can_load_models_sync_and_async() -> None:
+    """Before: an async call (or one with a timeout) whose model had to load parked its load
+    thread at the closed gate and waited for ever; an adapter's asyncio.to_thread raised
+    "cannot schedule new futures after interpreter shutdown"."""
+    out = _run(LATE_LOADS, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-3:] == ["async 3", "sync 1", "adapter 2"], out.stdout

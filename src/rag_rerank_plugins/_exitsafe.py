@@ -24,14 +24,20 @@ running in torch when the interpreter finalizes.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import contextvars
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import thread as _futures_thread
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "EXIT_WAIT_S",
@@ -43,6 +49,7 @@ __all__ = [
     "running_sections",
     "start_daemon",
     "submit",
+    "to_thread",
 ]
 
 #: Longest wait at exit for work already running (a forward pass, a load).
@@ -138,7 +145,11 @@ def late_caller() -> Iterator[None]:
 
 def start_daemon(target: Callable[..., Any], *args: Any, name: str, native: bool = True) -> None:
     """Start a daemon thread running ``target(*args)`` inside a section (``native=False``: an
-    HTTP call's thread, which exit need not wait for)."""
+    HTTP call's thread, which exit need not wait for). Nothing once Python finalizes (a handle's
+    finalizer run by module teardown): no thread starts then, and ``Thread.start`` would wait
+    for it for ever."""
+    if sys.is_finalizing():
+        return
 
     def run() -> None:
         with native_section(native):
@@ -161,6 +172,38 @@ def submit(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Futu
         except BaseException as exc:  # as the pool's threads keep it: for the caller to see
             future.set_exception(exc)
         return future
+
+
+async def to_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``asyncio.to_thread``, also once the interpreter exits: ``concurrent.futures`` then
+    refuses every submit (an ``atexit`` hook's ``asyncio.run`` raised "cannot schedule new
+    futures after interpreter shutdown"), so the call runs in a daemon thread of its own, with
+    the gate open for it (:func:`late_caller`)."""
+    if not getattr(_futures_thread, "_shutdown", False):
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            result = context.run(fn, *args, **kwargs)
+        except BaseException as exc:  # for the awaiting coroutine to raise
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    with late_caller():
+        threading.Thread(target=run, name="rag-rerank-to-thread", daemon=True).start()
+        return await done
 
 
 def running_sections() -> int:

@@ -7,7 +7,6 @@ microseconds and why ``release()`` frees memory even while adapters exist.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._exitsafe import to_thread
 from ._stock import hf_model_kwargs, lift_spec_fields, st_backend
 from .backend_choice import choose_backend, is_auto, note_failed_pick, torch_backend
 from .backends import backend_info, check_options
@@ -369,7 +369,7 @@ class SharedModelFields(BaseModel):
 
     async def _achecked_spec(self, spec: ModelSpec) -> ModelSpec:
         if self._unconfirmed_pick is not None:  # the first load runs off the event loop
-            await asyncio.to_thread(self._confirm_auto_pick)
+            await to_thread(self._confirm_auto_pick)
         return self._checked_spec(spec)
 
     # The pool calls of every adapter, with this adapter's scheduling lane, each in an
@@ -629,7 +629,7 @@ class RerankSettings(SharedModelFields):
         if settings is None:
             scores = await self._pool_ascore(self.spec, self._pairs(query, texts), self.batch_size)
             return rank(scores, self.top_n, self.score_threshold), None
-        plan = await asyncio.to_thread(self._window_plan, query, texts, settings)
+        plan = await to_thread(self._window_plan, query, texts, settings)
         window_scores = await self._pool_ascore(self.spec, plan.pairs, self.batch_size)
         scores, infos = plan.aggregate(window_scores)
         return rank(scores, self.top_n, self.score_threshold), infos

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from .._exitsafe import late_caller, native_section
+from .._exitsafe import late_caller, native_section, paused
 from ..backends.base import LoadedModel
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError
@@ -132,7 +132,9 @@ class Scheduler:
         with self._queue.cond:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            with late_caller():  # a release in an atexit hook after the exit gate's: not parked
+            # A release in an atexit hook after the exit gate's: the worker is not parked; by a
+            # reaper or finalizer (in a section): exit need not wait for this join.
+            with late_caller(), paused():
                 thread.join()
         with self._queue.cond:
             stranded = list(self._live)

@@ -5,7 +5,6 @@ from __future__ import annotations
 # First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
 from . import _compat  # noqa: F401  # isort: skip
 
-import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from .._exitsafe import to_thread
 from ..adapter_base import RerankSettings, SharedModelFields, from_settings, sync_override
 from ..exceptions import ConfigurationError, InferenceError, InvalidInputError
 from ..ranking import Ranked
@@ -258,7 +258,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     ) -> list[float]:
         if self._scorer is None:
             return await super()._pool_ascore(spec, pairs, batch_size)
-        return await asyncio.to_thread(self._pool_score, spec, pairs, batch_size)
+        return await to_thread(self._pool_score, spec, pairs, batch_size)
 
     def _texts(self, documents: Sequence[Document]) -> list[str]:
         """The texts to score, checked before any model work.
@@ -345,7 +345,7 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
         """Async version; the forward pass runs in a worker thread, never on the event loop."""
         if sync_override(self, SharedRerankCompressor, "compress_documents", "acompress_documents"):
             # As stock: a subclass's compress_documents serves async pipelines too.
-            return await asyncio.to_thread(self.compress_documents, documents, query, callbacks)
+            return await to_thread(self.compress_documents, documents, query, callbacks)
         start = time.perf_counter()
         documents = _document_list(documents)
         ranked, windows, error = await self.arank_texts_guarded(query, self._texts(documents))

@@ -5,7 +5,6 @@ from __future__ import annotations
 # First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
 from . import _compat  # noqa: F401  # isort: skip
 
-import asyncio
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from langchain_core.embeddings import Embeddings
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
 
+from .._exitsafe import to_thread
 from .._progress import chunks, progress_bar
 from .._stock import check_truncate_dim, refusal
 from ..adapter_base import SharedModelFields, from_settings, sync_override
@@ -454,11 +454,11 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
     async def _anamed(self, is_query: bool) -> tuple[dict[str, str] | None, str | None]:
         if not self._needs_prompts(self._call_kwargs(is_query)):
             return None, None
-        return await asyncio.to_thread(self._named_prompts)  # may load: off the event loop
+        return await to_thread(self._named_prompts)  # may load: off the event loop
 
     async def aembed_documents(self, texts: Iterable[str]) -> list[list[float]]:
         if sync_override(self, SharedEmbeddings, "embed_documents", "aembed_documents"):
-            return await asyncio.to_thread(self.embed_documents, texts)  # as stock: the override
+            return await to_thread(self.embed_documents, texts)  # as stock: the override
         items = self._texts(_document_texts(texts))
         if not items:
             return []
@@ -476,7 +476,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         if sync_override(self, SharedEmbeddings, "embed_query", "aembed_query"):
-            return await asyncio.to_thread(self.embed_query, text)  # as stock: the override
+            return await to_thread(self.embed_query, text)  # as stock: the override
         text = self._texts([_query_text(text)])[0]
         kwargs, prompt, normalize, in_backend = self._plan(True, await self._anamed(True))
         vectors = await self._pool_aembed(

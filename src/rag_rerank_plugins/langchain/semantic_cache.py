@@ -61,6 +61,7 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, Generation, GenerationChunk
 from pydantic import BaseModel
 
+from .._exitsafe import to_thread
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..semantic_cache._adapter import AdapterCounters, CacheBackend, RecentFailures
 
@@ -417,9 +418,8 @@ class SharedSemanticCache(BaseCache):
         self._counters.count("errors" if stored is False else "updates")
 
     async def aclear(self, **kwargs: Any) -> None:
-        import asyncio
 
-        await asyncio.to_thread(self.clear, **kwargs)
+        await to_thread(self.clear, **kwargs)
 
     # -- reporting ---------------------------------------------------------------------------
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any, Literal
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
+from .._exitsafe import to_thread
 from . import _compat  # noqa: F401
 
 # isort: split
@@ -306,9 +306,7 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         if sync_override(self, SharedEmbedding, "_get_query_embedding", "_aget_query_embedding"):
-            return await asyncio.to_thread(
-                self._get_query_embedding, query
-            )  # as stock: the override
+            return await to_thread(self._get_query_embedding, query)  # as stock: the override
         query = _one_text(query, "aget_query_embedding")
         return (await self._aembed([query], is_query=True))[0]
 
@@ -317,7 +315,7 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
         if sync_override(self, SharedEmbedding, "_get_text_embedding", "_aget_text_embedding"):
-            return await asyncio.to_thread(self._get_text_embedding, text)  # as stock: the override
+            return await to_thread(self._get_text_embedding, text)  # as stock: the override
         text = _one_text(text, "aget_text_embedding")
         return (await self._aembed([text], is_query=False))[0]
 
@@ -326,9 +324,7 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         if sync_override(self, SharedEmbedding, "_get_text_embeddings", "_aget_text_embeddings"):
-            return await asyncio.to_thread(
-                self._get_text_embeddings, texts
-            )  # as stock: the override
+            return await to_thread(self._get_text_embeddings, texts)  # as stock: the override
         return await self._aembed(texts, is_query=False)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 # The guard first: without llama-index-core, a MissingDependencyError naming the extra.
+from .._exitsafe import to_thread
 from . import _compat  # noqa: F401
 
 # isort: split
@@ -353,7 +353,7 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
             self, SharedRerankPostprocessor, "_postprocess_nodes", "_apostprocess_nodes"
         ):
             # As stock: a subclass's _postprocess_nodes serves async pipelines too.
-            return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)
+            return await to_thread(self._postprocess_nodes, nodes, query_bundle)
         query = self._query(query_bundle)
         assert query_bundle is not None
         texts = self._texts(nodes)

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
 
-from .._exitsafe import start_daemon
+from .._exitsafe import late_caller, start_daemon, to_thread
 from .._mps import empty_cache
 from ..engine_config import no_limit
 from ..exceptions import ModelLoadError, ModelReleasedError, RequestTimeoutError
@@ -94,7 +94,7 @@ class PoolCalls(PoolState):
                 if self._pins:
                     handle._unpin()
                     if self._over:  # evicting closes a worker (joins a thread): not on the loop
-                        await asyncio.to_thread(self._settle)
+                        await to_thread(self._settle)
                 self._after_call(handle)
         raise AssertionError("unreachable")
 
@@ -126,7 +126,8 @@ class PoolCalls(PoolState):
         started = time.monotonic()
         loading = self._start_get(spec)
         try:
-            return loading.result(timeout=max(0.0, deadline - time.monotonic())), True
+            with late_caller():  # its load thread serves an atexit hook after the exit gate's
+                return loading.result(timeout=max(0.0, deadline - time.monotonic())), True
         except FutureTimeout:  # TimeoutError itself from Python 3.11
             raise self._load_timeout(spec, loading, started) from None
         except BaseException:  # e.g. KeyboardInterrupt: the load goes on without this caller
@@ -148,10 +149,11 @@ class PoolCalls(PoolState):
         wrapped.add_done_callback(lambda done: done.cancelled() or done.exception())
         waiting = asyncio.shield(wrapped)  # a cancelled caller: the load goes on
         try:
-            if deadline is None:
-                return await waiting, False
-            left = max(0.0, deadline - time.monotonic())
-            return await asyncio.wait_for(waiting, left), True
+            with late_caller():  # its load thread serves an atexit hook after the exit gate's
+                if deadline is None:
+                    return await waiting, False
+                left = max(0.0, deadline - time.monotonic())
+                return await asyncio.wait_for(waiting, left), True
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             raise self._load_timeout(spec, loading, started) from None
         except BaseException:  # cancelled: nobody takes the handle the load will give

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .._exitsafe import to_thread
 from ..pool import ModelPool, get_pool
 from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
 from ..stats import percentile
@@ -410,7 +411,7 @@ class SemanticCache:
         caller knows it is ``slow``; in a thread otherwise (SQLite's I/O)."""
         if isinstance(self.store, MemoryStore) and not slow:
             return fn(*args)
-        return await asyncio.to_thread(fn, *args)
+        return await to_thread(fn, *args)
 
     def explain(self, query: str, namespace: str = "default") -> list[Verdict]:
         """Every candidate the guard looked at for ``query``, with its scores and the reason it
