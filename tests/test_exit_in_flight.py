@@ -328,3 +328,46 @@ def test_an_atexit_hook_after_the_gates_can_load_models_sync_and_async() -> None
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Exception ignored" not in out.stderr, out.stderr[-2000:]
     assert out.stdout.splitlines()[-3:] == ["async 3", "sync 1", "adapter 2"], out.stdout
+
+
+def test_a_release_from_a_section_does_not_hold_the_exit_for_its_join(gate) -> None:
+    """The idle reaper (or a handle's finalizer) releases a model inside its section as exit
+    begins: the worker it joins parks at the closed gate, so before, exit waited the full
+    ``EXIT_WAIT_S`` for that join. The join now happens outside the section."""
+    from rag_rerank_plugins import ModelPool, ModelSpec
+    from rag_rerank_plugins.backends import register_backend
+    from rag_rerank_plugins.backends.base import RerankerModel
+
+    class Plain(RerankerModel):  # not thread-safe: a scheduled model with a worker thread
+        def score_pairs(self, pairs, batch_size):
+            return [0.5] * len(pairs)
+
+    register_backend(
+        "plain-reap", lambda spec, pool: Plain(), "reranker", uses_torch=False, replace=True
+    )
+    pool = ModelPool()
+    spec = ModelSpec("m", backend="plain-reap", device="cpu")
+    assert pool.score_pairs(spec, [("q", "p")]) == [0.5]
+    inside, go = threading.Event(), threading.Event()
+
+    def reaper() -> None:
+        with gate.native_section():
+            inside.set()
+            go.wait(5)
+            pool.release(spec)
+
+    _in_daemon(reaper)
+    assert inside.wait(5)
+    closed: list[float] = []
+
+    def exit_hook() -> None:
+        start = time.monotonic()
+        gate.close_and_wait(timeout=5)
+        closed.append(time.monotonic() - start)
+
+    hook = threading.Thread(target=exit_hook)
+    hook.start()
+    time.sleep(0.1)  # the hook is waiting for the reaper's section
+    go.set()
+    hook.join(10)
+    assert closed and closed[0] < 2.5, closed
