@@ -412,5 +412,8 @@ class AdapterConfig(ModelDefaults):
         gt=0,
         le=MAX_TORCH_THREADS,
         description="torch intra-op threads, set at the first model load (1 is often faster on "
-        "a small, busy machine), at most 4096; none: torch's own.",
+        "a small, busy machine), at most 4096; none: torch's own. The engine's CPU passes "
+        "share it; unset, they share the usable physical cores, capped by `OMP_NUM_THREADS` "
+        "when it is set (as torch and the stock libraries honour it: run N worker processes "
+        "with `OMP_NUM_THREADS=cores/N`).",
     )

@@ -38,11 +38,12 @@ def lazy_getattr(
 
 
 def lazy_dir(namespace: dict[str, Any], public: list[str]) -> Callable[[], list[str]]:
-    """A module ``__dir__`` listing what is defined already and the lazy public names, so
-    ``dir()`` and notebook tab completion show them before their first use."""
+    """A module ``__dir__`` listing the public names (lazy ones too, before their first use) and
+    the module's own dunder attributes (``__file__``, ``__name__``): what ``dir()`` and notebook
+    tab completion show, without the package's private helpers."""
 
     def __dir__() -> list[str]:
-        return sorted({*namespace, *public})
+        return sorted({*public, *(name for name in namespace if name.startswith("__"))})
 
     return __dir__
 

@@ -94,7 +94,8 @@ class EngineConfig(ConfigModel):
         description="Device workers for a CPU model whose backend may run passes in parallel "
         "(sentence-transformers): each runs whole passes with usable cores / workers torch "
         "threads, which beats one pass spread over every core (MiniLM-L6 BF16, 2 cores: 445 ms vs "
-        "785 ms); none: the usable physical cores (affinity, cgroup quota), at most 8.",
+        "785 ms); none: the usable physical cores (affinity, cgroup quota), capped by "
+        "`OMP_NUM_THREADS` when set, at most 8.",
     )
     bulk_aging_ms: float = Field(
         default=2000.0,
