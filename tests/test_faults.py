@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import math
 import threading
 import time
@@ -132,6 +133,18 @@ def test_langchain_passthrough_keeps_retrieval_order_flags_and_counts(
     assert docs == before, "inputs are never modified"
     stats = comp.stats()
     assert (stats["passthrough"], stats["errors"]) == (1, 1)
+
+
+def test_passthrough_warning_names_the_documents_it_returns(
+    pool: ModelPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The incident log says how many documents went back (top_n applied), not how many came in."""
+    comp = _lc(pool, _backend(lambda s, p: Faulty()), top_n=2, on_error="passthrough")
+    with caplog.at_level(logging.WARNING, logger="rag_rerank_plugins"):
+        out = comp.compress_documents(_docs(["boom", *TEXTS[1:4]]), QUERY)
+    assert len(out) == 2
+    [message] = [r.getMessage() for r in caplog.records if "passthrough" in r.getMessage()]
+    assert "returning the first 2 of 4 documents" in message
 
 
 @pytest.mark.parametrize("use_async", [False, True])

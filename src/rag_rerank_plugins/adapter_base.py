@@ -603,10 +603,12 @@ class RerankSettings(SharedModelFields):
         """Retrieval order, cut to ``top_n``, NaN scores; logged and counted in the pool."""
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:_ERROR_CHARS]
         spec = self.spec
+        keep = n if self.top_n is None else min(n, self.top_n)
         logger.warning(
-            "rag-rerank: reranking with %s failed; returning %d documents in retrieval order "
-            "(on_error='passthrough'): %s",
+            "rag-rerank: reranking with %s failed; returning the first %d of %d documents in "
+            "retrieval order (on_error='passthrough'): %s",
             spec.model,
+            keep,
             n,
             message,
         )
@@ -614,7 +616,6 @@ class RerankSettings(SharedModelFields):
             self._pool().record_passthrough(spec)
         except Exception:  # counting must never turn a degraded answer into an error
             logger.debug("rag-rerank: could not count a passthrough", exc_info=True)
-        keep = n if self.top_n is None else min(n, self.top_n)
         return [Ranked(i, math.nan) for i in range(keep)], None, message
 
     async def arank_texts_windowed(
