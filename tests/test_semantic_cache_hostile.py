@@ -666,3 +666,33 @@ async def test_the_add_that_builds_the_ann_index_runs_off_the_event_loop(
     assert len(upgraded_on) == 1
     assert upgraded_on[0] is not threading.main_thread()  # the loop runs on the main thread
     assert (await cache.alookup("question number 7", namespace="n")) is not None
+
+
+async def test_a_sync_put_on_the_event_loop_still_moves_the_namespace_to_usearch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sync ``put`` on a loop's thread (a notebook cell: ipykernel runs cells on its loop) never
+    built the usearch index: the namespace stayed on the exact search at any size. The build now
+    runs in a thread of its own, and lookups meanwhile answer from the exact index."""
+    pytest.importorskip("usearch")
+    from rag_rerank_plugins.semantic_cache import index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_ANN_SIZE", 20)
+    built = threading.Event()
+    upgraded_on: list[threading.Thread] = []
+    real_upgrade = index_module.NamespaceIndex._upgrade
+
+    def upgrade(self: Any) -> None:
+        upgraded_on.append(threading.current_thread())
+        real_upgrade(self)
+        built.set()
+
+    monkeypatch.setattr(index_module.NamespaceIndex, "_upgrade", upgrade)
+    cache = SemanticCache(embedder=fake_embedder_spec(dim=16), pool=ModelPool(), max_entries=None)
+    for i in range(21):
+        assert cache.put(f"question number {i}", i, namespace="n")  # sync, on the loop's thread
+    assert cache.lookup("question number 7", namespace="n") is not None
+    assert await asyncio.to_thread(built.wait, 30)
+    assert upgraded_on and upgraded_on[0] is not threading.current_thread()
+    assert type(cache._indexes["n"]._impl).__name__ == "UsearchIndex"
+    assert cache.lookup("question number 7", namespace="n") is not None

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exitsafe import to_thread
+from .._exitsafe import start_daemon, to_thread
 from ..pool import ModelPool, get_pool
 from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
 from ..stats import percentile
@@ -212,14 +212,18 @@ class SemanticCache:
         """Move those of ``namespaces`` grown past AUTO_ANN_SIZE to usearch. Called without the
         lock held: the build (seconds) runs unlocked (:meth:`NamespaceIndex.upgrade`), so lookups
         go on meanwhile. Never on an event loop's thread, where it would stall every coroutine:
-        there the namespace stays exact (correct) until a put of it or new entries synced off the
-        loop build it (``aput`` runs such a put in a thread). A failed build leaves the namespace
-        exact, logged and counted in ``stats()["errors"]``."""
-        if _on_loop():
-            return
+        there it runs in a thread of its own (a sync ``put`` from a notebook cell or an async
+        handler; the namespace stays exact, and correct, until the build is in). A failed build
+        leaves the namespace exact, logged and counted in ``stats()["errors"]``."""
         with self._lock:
             found = [(ns, self._indexes.get(ns)) for ns in namespaces]
             due = [(ns, index) for ns, index in found if index is not None and index.upgrade_due(0)]
+        if due and _on_loop():
+            start_daemon(self._upgrade, due, name="rag-rerank-cache-index")
+        else:
+            self._upgrade(due)
+
+    def _upgrade(self, due: list[tuple[str, NamespaceIndex]]) -> None:
         for namespace, index in due:
             try:
                 index.upgrade()
