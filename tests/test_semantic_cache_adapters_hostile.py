@@ -20,6 +20,7 @@ fakes; the cache servers are local sockets or an ``httpx.MockTransport``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import json
@@ -447,3 +448,29 @@ def test_failed_read_of_a_cached_value_is_a_miss() -> None:
     assert adapter.lookup(ART_72, "llm") is None
     stats = adapter.stats()
     assert (stats["hits"], stats["misses"], stats["errors"]) == (0, 1, 1)
+
+
+def test_only_the_probe_ends_the_probing() -> None:
+    """A call let in before the breaker opened, then cancelled (how LangChain and LlamaIndex
+    timeouts end calls), cleared the probing flag: a second call went to a hung server while
+    the probe still waited on it."""
+    from rag_rerank_plugins.semantic_cache.remote import _Breaker
+
+    breaker = _Breaker("semantic cache test", failures=1, cooldown=30)
+    now = time.monotonic()
+    breaker.clock = lambda: now
+    early = breaker.enter("lookup")  # A: in while closed; it hangs
+    failing = breaker.enter("lookup")  # B: fails, which opens the breaker
+    breaker.leave(RemoteUnavailableError("refused"), failing)
+    assert breaker.stats()["breaker"] == "open"
+    breaker.clock = lambda: now + 31
+    probe = breaker.enter("lookup")  # C: the cool-down is over, C probes
+    assert (early, failing, probe) == (False, False, True)
+    breaker.leave(asyncio.CancelledError(), early)  # A is cancelled
+    assert breaker.stats()["breaker"] == "probing"
+    with pytest.raises(CacheSkippedError, match="once the call probing it ends"):
+        breaker.enter("lookup")  # D: still refused while C probes
+    breaker.leave(RemoteUnavailableError("refused"), probe)  # C fails: open for another cool-down
+    assert breaker.stats()["breaker"] == "open"
+    with pytest.raises(CacheSkippedError, match="in 30.0s"):
+        breaker.enter("lookup")

@@ -113,15 +113,16 @@ class _Breaker:
         self._last = ""
         self._counts = {"transport_failures": 0, "skipped": 0}
 
-    def enter(self, action: str) -> None:
-        """Let one call through, or raise :class:`CacheSkippedError` while open."""
+    def enter(self, action: str) -> bool:
+        """Let one call through, or raise :class:`CacheSkippedError` while open. True when this
+        call is the one probing the server (it hands that back to :meth:`leave`)."""
         with self._lock:
             if self._open_until is None:
-                return
+                return False
             left = self._open_until - self.clock()
             if left <= 0 and not self._probing:
                 self._probing = True  # this call probes the server
-                return
+                return True
             self._counts["skipped"] += 1
             when = f"in {left:.1f}s" if left > 0 else "once the call probing it ends"
             failed = f"{self._in_a_row} call(s) in a row (last: {self._last})"
@@ -131,10 +132,13 @@ class _Breaker:
             "or tune the options breaker_failures and breaker_cooldown.",
         )
 
-    def leave(self, exc: BaseException | None) -> None:
-        """Record how the call let through by :meth:`enter` ended (``exc``: what it raised)."""
+    def leave(self, exc: BaseException | None, probing: bool) -> None:
+        """Record how the call let through by :meth:`enter` ended (``exc``: what it raised;
+        ``probing``: what ``enter`` returned). Only the probe ends the probing: a call let in
+        before the breaker opened (cancelled, say) must not let a second probe through."""
         with self._lock:
-            probing, self._probing = self._probing, False
+            if probing:
+                self._probing = False
             if exc is not None and transport_failure(exc):
                 self._counts["transport_failures"] += 1
                 self._in_a_row += 1
@@ -301,24 +305,24 @@ class RemoteSemanticCache:
 
     def _guarded(self, action: str, plan: Plan[T]) -> T:
         """Run ``plan`` through the circuit breaker (sync)."""
-        self._breaker.enter(action)
+        probing = self._breaker.enter(action)
         try:
             answer = self._client.run(plan)
         except BaseException as exc:
-            self._breaker.leave(exc)
+            self._breaker.leave(exc, probing)
             raise
-        self._breaker.leave(None)
+        self._breaker.leave(None, probing)
         return answer
 
     async def _aguarded(self, action: str, plan: Plan[T]) -> T:
         """Run ``plan`` through the circuit breaker (on the event loop)."""
-        self._breaker.enter(action)
+        probing = self._breaker.enter(action)
         try:
             answer = await self._client.arun(plan)
         except BaseException as exc:
-            self._breaker.leave(exc)
+            self._breaker.leave(exc, probing)
             raise
-        self._breaker.leave(None)
+        self._breaker.leave(None, probing)
         return answer
 
     def lookup(self, query: str, namespace: str = "default") -> RemoteCacheHit | None:
