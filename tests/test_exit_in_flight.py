@@ -372,3 +372,68 @@ def test_a_release_from_a_section_does_not_hold_the_exit_for_its_join(gate) -> N
     hook.join(10)
     assert len(closed) == 1
     assert closed[0] < 2.5, closed
+
+
+FINALIZER_CALL = """
+    import os, time
+    from rag_rerank_plugins import ModelPool
+    from rag_rerank_plugins.testing import fake_reranker_spec
+
+    pool = ModelPool()
+    rerank = pool.get(fake_reranker_spec())
+    rerank.score_pairs([("warm", "up")])
+
+    class Late:
+        def __del__(self):  # run by module teardown, as Python finalizes
+            started = time.monotonic()
+            try:
+                answer = rerank.score_pairs([("x y", "x")], timeout=20)
+            except BaseException as exc:
+                answer = type(exc).__name__
+            took = time.monotonic() - started
+            os.write(1, f"score {answer} {took:.1f}\\n".encode())
+
+    keep = Late()
+    print("main done", flush=True)
+"""
+
+
+def test_a_call_from_a_finalizer_as_python_finalizes_is_answered() -> None:
+    """No thread starts once Python finalizes: a call with a timeout on a direct-call model
+    waited out the whole timeout for a thread that never ran, then failed with
+    RequestTimeoutError. The call now runs in the calling thread."""
+    out = _run(FINALIZER_CALL, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    score, answer, took = out.stdout.splitlines()[-1].split(" ")
+    assert (score, answer) == ("score", "[0.5]"), out.stdout
+    assert float(took) < 10, out.stdout
+
+
+LATE_CANCELLED = """
+    import atexit, asyncio, time
+
+    def late():  # registered before our import: after concurrent.futures shut down
+        from rag_rerank_plugins._exitsafe import to_thread
+
+        async def main():
+            try:
+                await asyncio.wait_for(to_thread(time.sleep, 0.5), 0.1)
+            except asyncio.TimeoutError:
+                print("timed out", flush=True)
+
+        asyncio.run(main())
+        time.sleep(1.0)  # the thread ends after its loop closed
+        print("hook done", flush=True)
+
+    atexit.register(late)
+    import rag_rerank_plugins._exitsafe
+"""
+
+
+def test_a_late_to_thread_whose_caller_gave_up_ends_quietly() -> None:
+    """As asyncio.to_thread: the thread finishing after its caller's loop closed printed
+    "Exception in thread ... Event loop is closed"."""
+    out = _run(LATE_CANCELLED, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["timed", "out", "hook", "done"]
+    assert "Exception" not in out.stderr, out.stderr[-2000:]

@@ -143,12 +143,18 @@ def late_caller() -> Iterator[None]:
             close_and_wait()
 
 
-def start_daemon(target: Callable[..., Any], *args: Any, name: str, native: bool = True) -> None:
+def start_daemon(
+    target: Callable[..., Any], *args: Any, name: str, native: bool = True, inline: bool = False
+) -> None:
     """Start a daemon thread running ``target(*args)`` inside a section (``native=False``: an
-    HTTP call's thread, which exit need not wait for). Nothing once Python finalizes (a handle's
-    finalizer run by module teardown): no thread starts then, and ``Thread.start`` would wait
-    for it for ever."""
+    HTTP call's thread, which exit need not wait for). Once Python finalizes (a handle's
+    finalizer, or a call from a ``__del__``, run by module teardown) no thread starts, since
+    ``Thread.start`` would wait for it for ever: ``target`` then runs here when ``inline`` (work
+    a caller waits for: it waited out its whole timeout for a thread that never ran), else not
+    at all."""
     if sys.is_finalizing():
+        if inline:
+            target(*args)
         return
 
     def run() -> None:
@@ -197,9 +203,13 @@ async def to_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         try:
             result = context.run(fn, *args, **kwargs)
         except BaseException as exc:  # for the awaiting coroutine to raise
-            loop.call_soon_threadsafe(settle, None, exc)
+            outcome: tuple[Any, BaseException | None] = (None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (result, None)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (its caller cancelled): nobody waits
+            pass
 
     with late_caller():
         threading.Thread(target=run, name="rag-rerank-to-thread", daemon=True).start()

@@ -248,7 +248,9 @@ class DirectExecutor(Executor):
             except BaseException as exc:  # raised in this thread: no interruption of the caller
                 request.fail(map_error(exc, self.name, interruption=False))
 
-        start_daemon(run, name=f"rag-rerank-direct[{self.name}]", native=self.model.native)
+        start_daemon(
+            run, name=f"rag-rerank-direct[{self.name}]", native=self.model.native, inline=True
+        )
         return request.future
 
     async def _astart(self, request: Request) -> list[Any]:

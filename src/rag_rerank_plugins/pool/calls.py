@@ -179,7 +179,7 @@ class PoolCalls(PoolState):
                 loading.set_result(handle)
 
         context = contextvars.copy_context()  # as asyncio.to_thread: the caller's context
-        start_daemon(context.run, run, name="rag-rerank-load")
+        start_daemon(context.run, run, name="rag-rerank-load", inline=True)
         return loading
 
     def _load_timeout(
