@@ -693,6 +693,7 @@ async def test_a_sync_put_on_the_event_loop_still_moves_the_namespace_to_usearch
         assert cache.put(f"question number {i}", i, namespace="n")  # sync, on the loop's thread
     assert cache.lookup("question number 7", namespace="n") is not None
     assert await asyncio.to_thread(built.wait, 30)
-    assert upgraded_on and upgraded_on[0] is not threading.current_thread()
+    assert upgraded_on
+    assert upgraded_on[0] is not threading.current_thread()
     assert type(cache._indexes["n"]._impl).__name__ == "UsearchIndex"
     assert cache.lookup("question number 7", namespace="n") is not None

@@ -206,10 +206,8 @@ async def to_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
             outcome: tuple[Any, BaseException | None] = (None, exc)
         else:
             outcome = (result, None)
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed (its caller gave up)
             loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop closed meanwhile (its caller cancelled): nobody waits
-            pass
 
     with late_caller():
         threading.Thread(target=run, name="rag-rerank-to-thread", daemon=True).start()
