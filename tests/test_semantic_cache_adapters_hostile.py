@@ -303,6 +303,35 @@ def test_a_generation_that_cannot_be_read_back_is_not_stored() -> None:
     assert stats["cache"]["entries"] == 0  # not an entry that fails every read
 
 
+def test_a_serialisable_object_outside_the_allowlist_is_not_stored() -> None:
+    """``dumps`` writes a serialisable LangChain object (a prompt template here) without a
+    marker, but a hit refuses to rebuild it: it was stored, counted as an update, and every
+    lookup failed with "Deserialization ... is not allowed"."""
+    from langchain_core.prompts import PromptTemplate
+
+    adapter = SharedSemanticCache(fake_cache())
+    info = {"template": PromptTemplate.from_template("say {x}")}
+    adapter.update(ART_72, "llm", [Generation(text="a", generation_info=info)])
+    assert adapter.lookup(ART_72, "llm") is None
+    stats = adapter.stats()
+    assert (stats["updates"], stats["errors"], stats["cache"]["entries"]) == (0, 1, 0)
+
+
+def test_a_cited_document_in_the_metadata_reads_back_as_stock_gives_it() -> None:
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.documents import Document
+
+    source = Document(page_content="cited passage", metadata={"page": 3})
+    generation = ChatGeneration(message=AIMessage(content="hi"), generation_info={"src": source})
+    ours, stock = SharedSemanticCache(fake_cache()), InMemoryCache()
+    for cache in (ours, stock):
+        cache.update(ART_72, "llm", [generation])
+    [hit] = ours.lookup(ART_72, "llm")
+    [stock_hit] = stock.lookup(ART_72, "llm")
+    assert hit.generation_info == stock_hit.generation_info == {"src": source}
+    assert ours.stats()["errors"] == 0
+
+
 # -- the remote cache: hung, down, breaker --------------------------------------------------------
 
 

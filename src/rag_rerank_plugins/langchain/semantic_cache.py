@@ -17,11 +17,12 @@ How a call maps onto the cache:
 * **query**: the text the user asked: the prompt of an LLM, the last message's text of a chat model
   (LangChain hands the cache ``dumps(messages)``; embedding that JSON would compare boilerplate).
 * **value**: the generations as LangChain's own serialisation (``dumps``), read back with
-  ``loads`` restricted to generation and message classes, so ``ChatGeneration`` (and its
-  ``AIMessage`` with metadata) survive. Metadata values JSON cannot carry (a provider's
+  ``loads`` restricted to generation, message and document classes, so ``ChatGeneration`` (and
+  its ``AIMessage`` with metadata) survive. Metadata values JSON cannot carry (a provider's
   ``datetime``, a numpy number, ``bytes``) are converted first (:func:`_json_safe`): ``dumps``
   wrote them as "not implemented" markers that ``loads`` refuses, so such an entry was stored,
-  counted as an update, and failed every read.
+  counted as an update, and failed every read. What still would not read back (another
+  LangChain object in the metadata) is not stored: the update counts as an error.
 
 A cache failure never fails the chain: a lookup that raises is a miss, an update that raises is
 skipped; both are logged and counted in :meth:`SharedSemanticCache.stats` (``errors``). When the
@@ -42,6 +43,7 @@ from typing import Any
 
 from langchain_core._api import LangChainBetaWarning
 from langchain_core.caches import RETURN_VAL_TYPE, BaseCache
+from langchain_core.documents import Document
 from langchain_core.load import Serializable, dumps, loads
 from langchain_core.messages import (
     AIMessage,
@@ -67,10 +69,11 @@ from ..semantic_cache._adapter import AdapterCounters, CacheBackend, RecentFailu
 
 __all__ = ["SharedSemanticCache", "split_prompt"]
 
-#: The classes a cached value may rebuild: generations and every message class a generation
+#: The classes a cached value may rebuild: generations, every message class a generation
 #: may hold (a provider's reply can be a ``ChatMessage`` with a custom role, which the stock
-#: ``InMemoryCache`` and ``SQLiteCache`` give back). Nothing else (a shared cache's content is
-#: not trusted to construct arbitrary LangChain objects).
+#: ``InMemoryCache`` and ``SQLiteCache`` give back) and documents (cited passages in its
+#: metadata). Nothing else (a shared cache's content is not trusted to construct arbitrary
+#: LangChain objects): a generation holding another object is not cached (``_encode``).
 _ALLOWED: list[type[Serializable]] = [
     Generation,
     GenerationChunk,
@@ -88,6 +91,7 @@ _ALLOWED: list[type[Serializable]] = [
     SystemMessageChunk,
     ToolMessage,
     ToolMessageChunk,
+    Document,  # plain data; a generation's metadata may cite passages
 ]
 
 
@@ -301,8 +305,17 @@ class SharedSemanticCache(BaseCache):
                 raise ValueError(
                     f"a generation holds a {found} that LangChain cannot serialise, so the "
                     "cached entry could never be read back; not cached. Put JSON values (or "
-                    "serialisable LangChain objects) in the generation's metadata."
+                    "messages and documents) in the generation's metadata."
                 )
+        try:  # read back as a hit would: a LangChain object outside _ALLOWED fails there
+            SharedSemanticCache._decode(encoded)
+        except Exception as exc:
+            raise ValueError(
+                "a generation holds a value this cache would refuse to rebuild on a hit "
+                f"({type(exc).__name__}: {str(exc)[:200]}), so the cached entry could never be "
+                "read back; not cached. Cached entries rebuild generations, messages and "
+                "documents only: put JSON values in the generation's metadata."
+            ) from exc
         return encoded
 
     @staticmethod
