@@ -697,3 +697,45 @@ async def test_a_sync_put_on_the_event_loop_still_moves_the_namespace_to_usearch
     assert upgraded_on[0] is not threading.current_thread()
     assert type(cache._indexes["n"]._impl).__name__ == "UsearchIndex"
     assert cache.lookup("question number 7", namespace="n") is not None
+
+
+def test_every_usearch_call_runs_inside_an_exit_gate_section(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """usearch is C++: a user's daemon thread whose put was building the index as the script
+    ended aborted the process (status 134, 2 of 10 runs at 10,000 SQLite entries). Its calls now
+    run inside exit-gate sections, where exit waits for them (``_exitsafe``)."""
+    pytest.importorskip("usearch")
+    from rag_rerank_plugins import _exitsafe
+    from rag_rerank_plugins.semantic_cache import index as index_module
+
+    outside: list[str] = []
+
+    class Recording:
+        def __init__(self, real: Any) -> None:
+            self._real = real
+
+        def __getattr__(self, name: str) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if not getattr(_exitsafe._local, "depth", 0):
+                    outside.append(name)
+                return getattr(self._real, name)(*args, **kwargs)
+
+            return call
+
+    real_init = index_module.UsearchIndex.__init__
+
+    def init(self: Any, dim: int) -> None:
+        real_init(self, dim)
+        self._index = Recording(self._index)
+
+    monkeypatch.setattr(index_module.UsearchIndex, "__init__", init)
+    monkeypatch.setattr(index_module, "AUTO_ANN_SIZE", 20)
+    cache = SemanticCache(embedder=fake_embedder_spec(dim=16), pool=ModelPool(), max_entries=None)
+    for i in range(22):
+        assert cache.put(f"question number {i}", i, namespace="n")  # the 21st builds it
+    assert type(cache._indexes["n"]._impl).__name__ == "UsearchIndex"
+    assert cache.put("question number 3", "replaced", namespace="n")  # remove, then add
+    assert cache.lookup("question number 3", namespace="n").value == "replaced"
+    assert cache.invalidate("n") == 22
+    assert outside == []

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._exitsafe import native_section
 from ..exceptions import ConfigurationError, MissingDependencyError
 
 __all__ = ["AUTO_ANN_SIZE", "ExactIndex", "NamespaceIndex", "UsearchIndex", "check_kind"]
@@ -125,10 +126,13 @@ class ExactIndex:
 
 
 class UsearchIndex:
-    """usearch HNSW (cosine), f32 vectors."""
+    """usearch HNSW (cosine), f32 vectors. Its calls run in exit-gate sections (C++ that a
+    daemon thread must not be in as Python finalizes: a user's daemon thread whose put was
+    building the index aborted the process, status 134; ``_exitsafe``)."""
 
     def __init__(self, dim: int) -> None:
-        self._index = _usearch()(ndim=dim, metric="cos", dtype="f32", expansion_search=128)
+        with native_section():
+            self._index = _usearch()(ndim=dim, metric="cos", dtype="f32", expansion_search=128)
         self._keys: set[int] = set()
 
     def __len__(self) -> int:
@@ -138,25 +142,29 @@ class UsearchIndex:
         return key in self._keys
 
     def add(self, key: int, vector: np.ndarray) -> None:
-        if key in self._keys:
-            self._index.remove(key)
-        self._index.add(key, vector)
+        with native_section():
+            if key in self._keys:
+                self._index.remove(key)
+            self._index.add(key, vector)
         self._keys.add(key)
 
     def add_many(self, keys: list[int], vectors: np.ndarray) -> None:
         if keys:
-            self._index.add(np.asarray(keys, dtype=np.uint64), vectors)
+            with native_section():  # the build: seconds at 10,000 entries
+                self._index.add(np.asarray(keys, dtype=np.uint64), vectors)
             self._keys.update(keys)
 
     def remove(self, key: int) -> None:
         if key in self._keys:
-            self._index.remove(key)
+            with native_section():
+                self._index.remove(key)
             self._keys.discard(key)
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         if not self._keys:
             return []
-        matches = self._index.search(vector, min(k, len(self._keys)))
+        with native_section():
+            matches = self._index.search(vector, min(k, len(self._keys)))
         return [
             (int(key), 1.0 - float(dist))
             for key, dist in zip(matches.keys, matches.distances, strict=True)
@@ -164,7 +172,8 @@ class UsearchIndex:
 
     def items(self) -> list[tuple[int, np.ndarray]]:
         keys = sorted(self._keys)
-        vectors = self._index.get(np.asarray(keys, dtype=np.uint64)) if keys else []
+        with native_section():
+            vectors = self._index.get(np.asarray(keys, dtype=np.uint64)) if keys else []
         return list(zip(keys, (np.asarray(v, dtype=np.float32) for v in vectors), strict=True))
 
 
