@@ -330,3 +330,140 @@ async def test_cancelled_async_callers_before_their_turn_load_nothing(
     waiting = asyncio.create_task(pool.ascore_pairs(others[1].spec, PAIRS, timeout=5))
     assert await waiting == FakeReranker().score_pairs(PAIRS, 2)
     assert [other.calls for other in others] == [0, 1]
+
+
+# -- one shared wait per spec; a failed load fails its waiters once ----------------------------
+
+
+def _threads() -> int:
+    return threading.active_count()
+
+
+def test_callers_that_time_out_behind_a_hung_load_leave_no_thread_behind(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """Each caller with a timeout ran the load lookup in a thread of its own, which stayed,
+    polling the load lock, after its caller timed out: 1000 requests, 1001 threads."""
+    loader = Loader()
+    pool = make_pool()
+    before = _threads()
+    for _ in range(60):
+        with pytest.raises(RequestTimeoutError):
+            pool.score_pairs(loader.spec, PAIRS, timeout=0.005)
+    assert loader.started.wait(5)
+    _wait_for(lambda: _threads() <= before + 2)  # the one load thread (and no more)
+    loader.release.set()
+    assert pool.score_pairs(loader.spec, PAIRS, timeout=5) == FakeReranker().score_pairs(PAIRS, 2)
+    assert loader.calls == 1
+
+
+async def test_a_burst_of_async_callers_on_a_cold_model_shares_one_load_thread(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    loader = Loader()
+    pool = make_pool()
+    before = _threads()
+    calls = [asyncio.create_task(pool.ascore_pairs(loader.spec, PAIRS)) for _ in range(200)]
+    await asyncio.to_thread(loader.started.wait, 5)
+    await asyncio.sleep(0.2)  # every task is waiting now
+    assert _threads() <= before + 2
+    loader.release.set()
+    answers = await asyncio.gather(*calls)
+    assert all(a == FakeReranker().score_pairs(PAIRS, 2) for a in answers)
+    assert loader.calls == 1
+
+
+class _SlowFailure:
+    """A loader that fails after ``seconds`` (an unreachable hub, a corrupt 2 GB file)."""
+
+    def __init__(self, seconds: float = 0.4) -> None:
+        self.attempts = 0
+        self.seconds = seconds
+        name = f"slowfail-{uuid.uuid4().hex[:8]}"
+        register_backend(name, self._load, "reranker", uses_torch=False, replace=True)
+        self.spec = ModelSpec("m", backend=name, device="cpu")
+
+    def _load(self, spec: ModelSpec, provider: Any) -> Any:
+        self.attempts += 1
+        time.sleep(self.seconds)
+        raise OSError("weights are corrupt")
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_callers_waiting_on_a_load_that_fails_all_get_its_error_at_once(
+    make_pool: Callable[..., ModelPool], timeout: float | None
+) -> None:
+    """Each waiter retried the failed load in turn: 8 callers, 8 loads, the last one waiting
+    4 s (7 minutes with an unreachable hub). The next call still retries."""
+    failing = _SlowFailure()
+    pool = make_pool()
+
+    def call(_: int) -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            pool.score_pairs(failing.spec, PAIRS, timeout=timeout)
+        except Exception as exc:
+            return type(exc).__name__, time.monotonic() - started
+        return "answered", time.monotonic() - started
+
+    with ThreadPoolExecutor(8) as ex:
+        outcomes = list(ex.map(call, range(8)))
+    assert {name for name, _ in outcomes} == {"ModelLoadError"}
+    assert max(took for _, took in outcomes) < 3 * failing.seconds + 0.5, outcomes
+    assert failing.attempts <= 2  # one (a caller coming after the failure may start one more)
+    attempts = failing.attempts
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        pool.score_pairs(failing.spec, PAIRS, timeout=timeout)
+    assert failing.attempts == attempts + 1  # the next call retries
+
+
+async def test_async_callers_waiting_on_a_load_that_fails_all_get_its_error_at_once(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    failing = _SlowFailure()
+    pool = make_pool()
+    outcomes = await asyncio.gather(
+        *(pool.ascore_pairs(failing.spec, PAIRS) for _ in range(8)), return_exceptions=True
+    )
+    assert all(isinstance(o, ModelLoadError) for o in outcomes), outcomes
+    assert failing.attempts == 1
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_adapter_lookups_of_the_model_are_bounded_by_the_calls_deadline(
+    make_pool: Callable[..., ModelPool], windowed: bool
+) -> None:
+    """Embeddings read the model's named prompts, windowed rerankers its tokenizer, before
+    their call: that lookup waited for a hung load for ever, whatever request_timeout_s said."""
+    from langchain_core.documents import Document
+
+    from rag_rerank_plugins.langchain import SharedEmbeddings, SharedRerankCompressor
+
+    pool = make_pool(EngineConfig(request_timeout_s=0.5))
+    if windowed:
+        loader = Loader()
+        adapter: Any = SharedRerankCompressor(
+            model="m", backend=loader.spec.backend, device="cpu", window_tokens=64, pool=pool
+        )
+        call = lambda: adapter.compress_documents([Document(page_content="a")], "q")  # noqa: E731
+    else:
+        loader = Loader(kind="embedder")
+        adapter = SharedEmbeddings(model="m", backend=loader.spec.backend, device="cpu", pool=pool)
+        call = lambda: adapter.embed_query("q")  # noqa: E731
+    result: list[Any] = []
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            call()
+        except Exception as exc:
+            result.append((type(exc).__name__, time.monotonic() - started))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    loader.release.set()
+    assert result, "the call still waited for the load after 5 s"
+    [(name, took)] = result
+    assert name == "RequestTimeoutError"
+    assert took < 3

@@ -330,7 +330,8 @@ class SharedModelFields(BaseModel):
         if pick is None or self.backend != pick:
             return
         try:
-            self._pool()._lookup(self.spec)  # a racing release starts it over, as calls do
+            pool = self._pool()  # a racing release starts it over; the calls' deadline bounds it
+            pool._lookup(self.spec, pool._deadline(None))
         except ModelNotFoundError:
             raise  # no backend can load a model that is not there
         except (ModelLoadError, MissingDependencyError) as exc:
@@ -520,7 +521,8 @@ class RerankSettings(SharedModelFields):
         self, query: str, texts: Sequence[str], settings: WindowSettings
     ) -> WindowPlan:
         spec = self._checked_spec(self.spec)
-        _, model = self._pool()._lookup(spec)  # a racing release starts it over, as calls do
+        pool = self._pool()  # a racing release starts it over; the calls' deadline bounds it
+        _, model = pool._lookup(spec, pool._deadline(None))
         return windower_for(model).plan(query, texts, settings)
 
     @staticmethod

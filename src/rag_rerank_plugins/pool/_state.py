@@ -16,6 +16,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from .._memory import free_memory, release_window
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from ..handle import ModelHandle
     from ..stats import SpecStats
 
-__all__ = ["MB", "POOLS", "LoadReleasedError", "PoolState", "Slot", "fmt_mb"]
+__all__ = ["MB", "POOLS", "LoadReleasedError", "PoolState", "SharedLoad", "Slot", "fmt_mb"]
 
 logger = logging.getLogger("rag_rerank_plugins.pool")
 MB = 1024 * 1024
@@ -46,14 +47,15 @@ class Slot:
     """Per-spec load lock plus the handle once loaded.
 
     ``retired``: the slot left the pool (released, evicted, or its load failed); a caller that
-    waited on it starts again with a fresh slot. ``cancelled``: released *before* a model was
-    in, i.e. while its load ran or before it started: ``release()`` does not wait for a load
-    (one that never ends would hang every shutdown hook), so the load drops its model the
-    moment it ends and whoever waited on it gets :class:`ModelReleasedError`. Both are set
-    under the pool's ``_lock``, together with ``handle``.
+    waited on it starts again with a fresh slot, or raises ``error`` when its load failed.
+    ``cancelled``: released *before* a model was in, i.e. while its load ran or before it
+    started: ``release()`` does not wait for a load (one that never ends would hang every
+    shutdown hook), so the load drops its model the moment it ends and whoever waited on it gets
+    :class:`ModelReleasedError`. Both are set under the pool's ``_lock``, together with
+    ``handle``.
     """
 
-    __slots__ = ("cancelled", "handle", "loaded_at", "loading", "lock", "retired")
+    __slots__ = ("cancelled", "error", "handle", "loaded_at", "loading", "lock", "retired")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -62,6 +64,14 @@ class Slot:
         self.cancelled = False
         self.loading = False  # a load began in this slot (a waiter then waits for that load)
         self.loaded_at = 0.0  # time.time() of the load: an unused model's idle clock starts here
+        self.error: Exception | None = None  # its load failed: for the callers waiting on it
+
+
+class SharedLoad(Future["ModelHandle"]):
+    """:meth:`~.core.ModelPool._get` of one spec in a thread, for its ``waiters`` (counted
+    under the pool's lock); the load begins only while someone waits."""
+
+    waiters = 0
 
 
 class LoadReleasedError(ModelReleasedError):
@@ -99,6 +109,8 @@ class PoolState:
         self._reasons: dict[ModelSpec, str] = {}  # per key: the first spec's (stats())
         self._spec_reasons: dict[ModelSpec, str] = {}  # per spec as given (spec_stats())
         self._fork_orphans: list[ModelHandle] = []
+        #: Per spec as given: the load its callers with a deadline wait for (:mod:`.waits`).
+        self._shared_loads: dict[ModelSpec, SharedLoad] = {}
         # Loads (under a budget) and evictions hold _mem_lock, taken before any slot lock.
         # Re-entrant: a loader may load another spec (the bi-encoder's embedder).
         self._mem_lock = threading.RLock()

@@ -5,8 +5,9 @@ evicts a model under a running call; a call that races an explicit ``release()``
 the reloaded model. ``release()`` does not wait for a load in flight: a call whose load (its
 own, or the one it waited for) was released starts over with a fresh load, at once when it only
 waited, so no call fails because a release met its load. Async calls never load on the event
-loop: a cold spec loads in a thread. Every call checks its input (texts, pairs, batch size,
-priority) before it looks the model up, so bad input never costs a load.
+loop: a cold spec loads in a thread, one for all its waiting callers (:mod:`.waits`). Every call
+checks its input (texts, pairs, batch size, priority) before it looks the model up, so bad input
+never costs a load.
 
 A call's ``timeout`` (or ``EngineConfig.request_timeout_s``) bounds the whole call, the wait for
 a cold model's load included: a load that is slow, or never ends (a stalled network share, a
@@ -19,21 +20,16 @@ Without a timeout a call waits for the load as before.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, TypeVar
 
-from .._exitsafe import late_caller, start_daemon, to_thread
+from .._exitsafe import to_thread
 from .._mps import empty_cache
-from ..engine_config import no_limit
-from ..exceptions import ModelLoadError, ModelReleasedError, RequestTimeoutError
-from ..inputs import check_batch_size, check_pairs, check_priority, check_texts, check_timeout
+from ..exceptions import ModelReleasedError
+from ..inputs import check_batch_size, check_pairs, check_priority, check_texts
 from ..spec import ModelSpec
-from ._state import PoolState
+from .waits import LoadWaits
 
 if TYPE_CHECKING:
     from ..engine.request import Lane
@@ -44,14 +40,7 @@ __all__ = ["PoolCalls"]
 T = TypeVar("T")
 
 
-class _Loading(Future["ModelHandle"]):
-    """One caller's wait for :meth:`PoolCalls._get` in a thread; ``wanted`` turns false when
-    the caller stops waiting."""
-
-    wanted = True
-
-
-class PoolCalls(PoolState):
+class PoolCalls(LoadWaits):
     """Scoring and embedding through the pool (see the module docstring)."""
 
     # The handle stays pinned from the lookup to the result: never evicted under the call.
@@ -97,126 +86,6 @@ class PoolCalls(PoolState):
                         await to_thread(self._settle)
                 self._after_call(handle)
         raise AssertionError("unreachable")
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        """The call's deadline on the monotonic clock (checked before any load starts)."""
-        seconds = check_timeout(timeout)
-        if seconds is None:
-            seconds = self.config.request_timeout_s
-        seconds = no_limit(seconds)  # inf given: no limit, not request_timeout_s
-        return None if seconds is None else time.monotonic() + seconds
-
-    def _loaded(self, spec: ModelSpec) -> ModelHandle | None:
-        """The loaded handle (pinned when the pool pins), without loading or blocking."""
-        key = self._keys.get(spec)  # resolving a new spec may import torch: not here
-        slot = self._slots.get(key) if key is not None else None
-        handle = slot.handle if slot is not None else None
-        if handle is not None and (not self._pins or handle._pin()):
-            return handle
-        return None
-
-    def _get_by(self, spec: ModelSpec, deadline: float | None) -> tuple[ModelHandle, bool]:
-        """:meth:`_get`, waiting for a load until ``deadline`` at most (module docstring); and
-        whether it waited (then the request gets what is left of the deadline)."""
-        if deadline is None:
-            return self._get(spec, pin=self._pins, start_over=True), False
-        handle = self._loaded(spec)
-        if handle is not None:
-            return handle, False
-        started = time.monotonic()
-        loading = self._start_get(spec)
-        try:
-            with late_caller():  # its load thread serves an atexit hook after the exit gate's
-                return loading.result(timeout=max(0.0, deadline - time.monotonic())), True
-        except FutureTimeout:  # TimeoutError itself from Python 3.11
-            raise self._load_timeout(spec, loading, started) from None
-        except BaseException:  # e.g. KeyboardInterrupt: the load goes on without this caller
-            self._abandon(loading)
-            raise
-
-    async def _aget(self, spec: ModelSpec, deadline: float | None) -> tuple[ModelHandle, bool]:
-        """:meth:`_get_by` for coroutines: a loaded handle at once; a load (first call, or after
-        a release, an eviction or an idle unload), its warm-up and any eviction it causes run
-        in a thread, so the event loop keeps running while the model loads."""
-        handle = self._loaded(spec)
-        if handle is not None:
-            return handle, False
-        started = time.monotonic()
-        loading = self._start_get(spec)
-        wrapped = asyncio.wrap_future(loading)
-        # Read once it ends, so a failed load nobody waits for any more (the caller timed out or
-        # was cancelled) is not logged as "Future exception was never retrieved".
-        wrapped.add_done_callback(lambda done: done.cancelled() or done.exception())
-        waiting = asyncio.shield(wrapped)  # a cancelled caller: the load goes on
-        try:
-            with late_caller():  # its load thread serves an atexit hook after the exit gate's
-                if deadline is None:
-                    return await waiting, False
-                left = max(0.0, deadline - time.monotonic())
-                return await asyncio.wait_for(waiting, left), True
-        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
-            raise self._load_timeout(spec, loading, started) from None
-        except BaseException:  # cancelled: nobody takes the handle the load will give
-            self._abandon(loading)
-            raise
-
-    def _start_get(self, spec: ModelSpec) -> _Loading:
-        """:meth:`_get` in a thread of its own: a caller can stop waiting for it (then a load
-        that has not begun yet never does: :meth:`_abandon`)."""
-        loading = _Loading()
-        loading.set_running_or_notify_cancel()  # running: nobody can cancel it from here on
-
-        def run() -> None:
-            try:
-                handle = self._get(
-                    spec, pin=self._pins, start_over=True, wanted=lambda: loading.wanted
-                )
-            except (KeyboardInterrupt, SystemExit) as exc:  # raised here: interrupts nobody
-                loading.set_exception(ModelLoadError(spec.model, spec.backend, exc))
-            except BaseException as exc:  # the waiting caller raises it
-                loading.set_exception(exc)
-            else:
-                loading.set_result(handle)
-
-        context = contextvars.copy_context()  # as asyncio.to_thread: the caller's context
-        start_daemon(context.run, run, name="rag-rerank-load", inline=True)
-        return loading
-
-    def _load_timeout(
-        self, spec: ModelSpec, loading: _Loading, started: float
-    ) -> RequestTimeoutError:
-        """The error for a caller whose deadline passed while ``loading`` still ran; counted
-        as an errored call of the model in ``stats()`` (at once when the spec was resolved
-        before, else once the load has resolved it)."""
-        self._abandon(loading)
-
-        def count(_: object = None) -> bool:
-            key = self._keys.get(spec) or self._last_keys.get(spec)
-            if key is not None:
-                self._stats_for(key).add(calls=1, errors=1)
-            return key is not None
-
-        if not count():
-            loading.add_done_callback(count)
-        waited = time.monotonic() - started
-        return RequestTimeoutError(
-            f"{spec.model!r} was still loading after {waited:.1f} s, past the call's timeout. "
-            "A load that has begun goes on in the background and later calls use the model once "
-            "it is in: "
-            "retry, preload the model at startup (ModelPool.preload), or give a longer timeout."
-        )
-
-    def _abandon(self, loading: _Loading) -> None:
-        """The caller stopped waiting: a load already running goes on, and the pin it takes for
-        the caller is given back when it ends (an idle or over-budget model stays evictable);
-        one still waiting for its turn (the memory lock under a budget) never begins."""
-        loading.wanted = False
-
-        def unpin(done: Future[ModelHandle]) -> None:
-            if self._pins and done.exception() is None:
-                self._unpin(done.result())
-
-        loading.add_done_callback(unpin)
 
     def _after_call(self, handle: ModelHandle) -> None:
         """Option ``mps_empty_cache``: the MPS cache back to macOS after every call (a fast

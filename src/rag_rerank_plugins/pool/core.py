@@ -145,7 +145,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                     slot = self._slots[key] = Slot()
             with contextlib.ExitStack() as held:
                 try:
-                    self._take_turn(held, key, slot)
+                    self._take_turn(held, key, slot, wanted)
                 except StartOver:
                     continue  # released before a load began in it: a fresh slot
                 except LoadReleasedError:  # the load we waited for, still running, was released
@@ -156,8 +156,10 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                     retired, cancelled, handle = slot.retired, slot.cancelled, slot.handle
                 if cancelled and slot.loading and not start_over:  # its load ended, released
                     raise LoadReleasedError(key, in_flight=False)
+                if retired and slot.error is not None:
+                    raise slot.error  # the load we waited for failed: its error, not a retry
                 if retired:
-                    continue  # evicted, released or failed while we waited: a fresh slot
+                    continue  # evicted or released while we waited: a fresh slot
                 if handle is None:
                     if wanted is not None and not wanted():
                         self._drop_empty(key, slot)
@@ -169,20 +171,25 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                         if start_over:
                             continue
                         raise
-                    except BaseException:
-                        self._drop_empty(key, slot)
+                    except BaseException as exc:
+                        self._drop_empty(key, slot, exc)
                         raise
                 if not pin or handle._pin():
                     return handle
             # Evicted between the lookup and the pin: look again (a fresh slot, or reload).
 
-    def _drop_empty(self, key: ModelSpec, slot: Slot) -> None:
-        """After a failed load: forget the empty slot (a failing spec leaves nothing behind; a
-        caller waiting on it starts again with a fresh one and retries the load)."""
+    def _drop_empty(self, key: ModelSpec, slot: Slot, error: BaseException | None = None) -> None:
+        """After a failed load (``error``) or one nobody wanted: forget the empty slot, so a
+        failing spec leaves nothing behind and the next call retries the load. The callers
+        that were waiting on it raise its error (a Ctrl-C of the loading caller's excepted):
+        each retried the load in turn, so the last of N waited N loads (minutes when the hub is
+        unreachable)."""
         with self._lock:
             if self._slots.get(key) is slot and slot.handle is None:
                 del self._slots[key]
                 slot.retired = True
+                if isinstance(error, Exception):
+                    slot.error = error
 
     def _load_into(self, key: ModelSpec, slot: Slot) -> ModelHandle:
         """Under the slot's lock (and the memory lock with a budget): make room, load, warm up

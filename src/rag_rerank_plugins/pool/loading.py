@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from .._exitsafe import native_section
@@ -27,7 +28,7 @@ from ..spec import ModelSpec
 from ._state import LoadReleasedError, PoolState, Slot, fmt_mb, logger
 
 if TYPE_CHECKING:
-    from ..backends.base import LoadedModel, ModelProvider
+    from ..backends.base import ModelProvider
     from ..handle import ModelHandle
 
 __all__ = ["POLL_S", "Loading", "StartOver", "Unwanted"]
@@ -49,24 +50,38 @@ class Loading(PoolState):
 
     _num_threads: int | None
 
-    def _take_turn(self, held: contextlib.ExitStack, key: ModelSpec, slot: Slot) -> None:
+    def _take_turn(
+        self,
+        held: contextlib.ExitStack,
+        key: ModelSpec,
+        slot: Slot,
+        wanted: Callable[[], bool] | None = None,
+    ) -> None:
         """Take the memory lock (under a budget) then the slot's lock, until ``held`` exits. A
         caller waiting there for someone else's load stops waiting as soon as that load is
         released (it may never end): :class:`LoadReleasedError`; or, when no load had begun in
-        the slot, ``StartOver``."""
+        the slot, ``StartOver``; or once nobody wants its answer (``wanted()`` false: the
+        callers of a shared load all gave up): :class:`Unwanted`."""
         if self.pool_config.manages_memory:
-            self._wait_for(self._mem_lock, key, slot)
+            self._wait_for(self._mem_lock, key, slot, wanted)
             held.callback(self._mem_lock.release)
-        self._wait_for(slot.lock, key, slot)
+        self._wait_for(slot.lock, key, slot, wanted)
         held.callback(slot.lock.release)
 
     @staticmethod
-    def _wait_for(lock: threading.Lock | threading.RLock, key: ModelSpec, slot: Slot) -> None:
+    def _wait_for(
+        lock: threading.Lock | threading.RLock,
+        key: ModelSpec,
+        slot: Slot,
+        wanted: Callable[[], bool] | None,
+    ) -> None:
         while not lock.acquire(timeout=POLL_S):
             if slot.cancelled:
                 if slot.loading:
                     raise LoadReleasedError(key, in_flight=True)
                 raise StartOver
+            if wanted is not None and not wanted():
+                raise Unwanted(key.label)
 
     def _load(self, key: ModelSpec) -> ModelHandle:
         """Load ``key`` inside an exit-gate section: interpreter exit waits for the load, and for
@@ -128,19 +143,6 @@ class Loading(PoolState):
         from ..handle import ModelHandle
 
         return ModelHandle(key, model, stats, self.config)
-
-    def _lookup(self, spec: ModelSpec) -> tuple[ModelHandle, LoadedModel]:
-        """The handle for ``spec`` and its model, loading it if needed, for what is read off the
-        model beside a call: the adapters' named prompts, window plans and ``backend="auto"``
-        check, the server's tokenizer, a backend's shared model (``model_info``). A release
-        that meets the load, or lands before the model is read, starts over with a fresh load,
-        as the calls do (:mod:`.calls`): :meth:`get` raises :class:`ModelReleasedError` there
-        (as documented), which failed the adapter call that only wanted the model's prompts."""
-        while True:
-            handle = self._get(spec, pin=False, start_over=True)
-            model = handle._model  # None: released since the lookup (a racing release)
-            if model is not None:
-                return handle, model
 
     def _busy(self, device: str) -> bool:
         """Whether a call runs on another model of ``device`` (its activations move the CUDA
