@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from ._exitsafe import to_thread
 from ._stock import hf_model_kwargs, lift_spec_fields, st_backend
@@ -39,7 +40,7 @@ from .exceptions import (
 from .handle import ModelHandle
 from .pool import ModelPool, get_pool
 from .ranking import Ranked, rank, validate_threshold, validate_top_n
-from .spec import SECRET_OPTIONS, ModelSpec, Secret
+from .spec import SECRET_OPTIONS, ModelSpec, Secret, redact_urls
 from .tracing import model_span
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
 
@@ -116,6 +117,19 @@ def _hide_secrets(value: Any) -> Any:
     return value
 
 
+def _shown(value: Any) -> Any:
+    """``value`` as repr and dumps show it: secrets hidden, and URLs' credentials and query
+    strings as ``***`` (:func:`redact_urls`, as ``ModelSpec.label`` shows them)."""
+    value = _hide_secrets(value)
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_shown(v) for v in value)
+    if isinstance(value, str) and not isinstance(value, Secret):
+        return redact_urls(value)
+    return value
+
+
 def _refusal(backend: str, options: Mapping[str, Any]) -> str | None:
     """Why ``backend`` refuses ``options`` (:func:`check_options`' message); None if it takes
     them all."""
@@ -163,7 +177,9 @@ class SharedModelFields(BaseModel):
     Subclasses say where the model name lives (``_model_field``) and which backend kind they need.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True, protected_namespaces=(), hide_input_in_errors=True
+    )
 
     _kind: ClassVar[str] = "reranker"
     _model_field: ClassVar[str] = "model"
@@ -191,7 +207,7 @@ class SharedModelFields(BaseModel):
         description="Backend options that change the loaded model (trust_remote_code, revision, "
         "token, config_kwargs={...}, ...): nested dicts are fine, a token is never shown.",
     )
-    pool: ModelPool | None = Field(
+    pool: SkipJsonSchema[ModelPool | None] = Field(  # no schema: model_json_schema() failed
         default=None, exclude=True, repr=False, description="Pool to use; None = get_pool()."
     )
     priority: Literal["interactive", "bulk"] = Field(
@@ -223,13 +239,19 @@ class SharedModelFields(BaseModel):
 
     # A token set past the validators (``model_copy(update=...)``, assignment, or a write into
     # the dict) is a plain str: hidden wherever the adapter is shown or dumped, whatever its way in.
+    # The same for a server URL's credentials or query string (refused at construction by
+    # _check_spec, but a field can be set later), shown as ModelSpec.label shows them.
     @field_serializer("model_kwargs")
     def _dump_hidden(self, value: dict[str, Any]) -> dict[str, Any]:
-        return cast("dict[str, Any]", _hide_secrets(value))
+        return cast("dict[str, Any]", _shown(value))
+
+    @field_serializer("model", "model_name", check_fields=False)
+    def _dump_model(self, value: Any) -> Any:
+        return _shown(value)
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            yield name, _hide_secrets(value) if name == "model_kwargs" else value
+            yield name, _shown(value) if name in ("model_kwargs", "model", "model_name") else value
 
     @field_validator("max_length", "batch_size", mode="before", check_fields=False)
     @classmethod
@@ -283,6 +305,10 @@ class SharedModelFields(BaseModel):
             )
         # Validate model, device, dtype, max_length and option names now, not at the first call
         # (the load). check_options is set arithmetic: construction stays microseconds.
+        from .backends.remote.settings import _refuse_url_secrets
+
+        _refuse_url_secrets(getattr(self, self._model_field))  # before anything shows it
+        _refuse_url_secrets(self.model_kwargs.get("url"))
         spec = self.spec
         try:
             check_options(self.backend, spec.options_dict)

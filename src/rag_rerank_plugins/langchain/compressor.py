@@ -110,7 +110,12 @@ class SharedRerankCompressor(RerankSettings, BaseDocumentCompressor):
     arguments, as in ``HuggingFaceCrossEncoder``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        protected_namespaces=(),
+        extra="forbid",
+        hide_input_in_errors=True,  # a token or a URL's password would show (the start of it)
+    )
     _st_model_kwargs = True
 
     model: str = Field(

@@ -80,6 +80,7 @@ class SharedCrossEncoder(SharedModelFields, BaseCrossEncoder):
         protected_namespaces=(),
         populate_by_name=True,
         extra="forbid",
+        hide_input_in_errors=True,  # a token or a URL's password would show (the start of it)
     )
 
     model: str = Field(

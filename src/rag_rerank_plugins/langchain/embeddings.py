@@ -176,6 +176,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         protected_namespaces=(),
         populate_by_name=True,
         extra="forbid",
+        hide_input_in_errors=True,  # a token or a URL's password would show (the start of it)
     )
     _kind = "embedder"
     _st_model_kwargs = True

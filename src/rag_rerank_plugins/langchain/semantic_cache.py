@@ -66,6 +66,7 @@ from pydantic import BaseModel
 from .._exitsafe import to_thread
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..semantic_cache._adapter import AdapterCounters, CacheBackend, RecentFailures
+from ..semantic_cache._helpers import SharedResource
 
 __all__ = ["SharedSemanticCache", "split_prompt"]
 
@@ -233,7 +234,7 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     return prompt, ""
 
 
-class SharedSemanticCache(BaseCache):
+class SharedSemanticCache(SharedResource, BaseCache):
     """A LangChain LLM cache that answers paraphrases, but not questions that differ by a number.
 
     ``cache``: a :class:`~rag_rerank_plugins.semantic_cache.SemanticCache` (or a

@@ -98,7 +98,12 @@ class SharedEmbedding(SharedPoolState, SharedModelFields, BaseEmbedding):
     """
 
     # extra="forbid": a silently dropped argument (a typo, an instruction) changes results unseen.
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        protected_namespaces=(),
+        extra="forbid",
+        hide_input_in_errors=True,  # a token or a URL's password would show (the start of it)
+    )
     _kind = "embedder"
     _model_field = "model_name"
 

@@ -77,7 +77,12 @@ class SharedRerankPostprocessor(SharedPoolState, RerankSettings, BaseNodePostpro
 
     # extra="forbid": SentenceTransformerRerank raises TypeError for topn=5; silently keeping the
     # default top_n instead would change results unseen.
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        protected_namespaces=(),
+        extra="forbid",
+        hide_input_in_errors=True,  # a token or a URL's password would show (the start of it)
+    )
 
     model: str = Field(
         default_factory=from_settings("reranker_model"),

@@ -17,7 +17,24 @@ from .identity import nfc
 from .sqlite import SQLiteStore
 from .stores import Entry, MemoryStore, Store
 
-__all__ = ["CacheHit", "cache_identity", "open_store"]
+__all__ = ["CacheHit", "SharedResource", "cache_identity", "open_store"]
+
+
+class SharedResource:
+    """A cache is a process-wide resource, like a connection (a store, an index, locks): a
+    deep copy shares it, as the adapters share their pool. Why: LangChain deep-copies a chat
+    model with its ``cache`` (``model_copy(deep=True)``, ``copy.deepcopy``), and that raised
+    "cannot pickle '_thread.lock' object". A pickle says what to do instead."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled: it holds a store connection, an index "
+            "and locks of this process. Build one in each process (a SQLite store path or a "
+            "RemoteSemanticCache URL shares the entries), or attach the cache after unpickling."
+        )
 
 
 @dataclass(frozen=True)

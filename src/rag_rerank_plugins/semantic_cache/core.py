@@ -32,10 +32,11 @@ import numpy as np
 
 from .._exitsafe import start_daemon, to_thread
 from ..pool import ModelPool, get_pool
-from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec
+from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec, redact_urls
 from ..stats import percentile
 from ._helpers import (
     CacheHit,
+    SharedResource,
     _check,
     _check_namespace,
     _decode,
@@ -69,7 +70,7 @@ _ATTEMPTS = 3
 _WINDOW = 1000
 
 
-class SemanticCache:
+class SemanticCache(SharedResource):
     """See the module docstring and the guide docs/guides/semantic-cache.md."""
 
     def __init__(
@@ -123,7 +124,7 @@ class SemanticCache:
 
     def __repr__(self) -> str:
         return (
-            f"SemanticCache(embedder={self.embedder.model!r}, guard={self.guard!r}, "
+            f"SemanticCache(embedder={redact_urls(self.embedder.model)!r}, guard={self.guard!r}, "
             f"threshold={self.threshold}, store={type(self.store).__name__})"
         )
 

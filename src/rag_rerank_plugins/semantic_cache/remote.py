@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..backends.remote.client import RemoteClient, Send, Wait
 from ..backends.remote.protocols import get_protocol
-from ..backends.remote.settings import RemoteSettings, is_url
+from ..backends.remote.settings import RemoteSettings, _refuse_url_secrets, is_url
 from ..exceptions import ConfigurationError, InvalidInputError, RemoteRequestError
+from ..spec import redact_urls
 from ._adapter import CacheSkippedError, transport_failure
-from ._helpers import _valid_text
+from ._helpers import SharedResource, _valid_text
 
 if TYPE_CHECKING:
     from ..backends.remote.client import Plan
@@ -173,7 +174,7 @@ class _Breaker:
             return {"breaker": state, "failures_in_a_row": self._in_a_row, **self._counts}
 
 
-class RemoteSemanticCache:
+class RemoteSemanticCache(SharedResource):
     """The cache of ``rag-rerank serve --semantic-cache ...`` at ``url``.
 
     ``api_key_env`` names the environment variable holding the server's bearer token (read on
@@ -208,8 +209,10 @@ class RemoteSemanticCache:
     ) -> None:
         if not isinstance(url, str) or not is_url(url):
             raise ConfigurationError(
-                f"url must be the server's http(s) URL (e.g. 'http://127.0.0.1:8080'), got {url!r}."
+                f"url must be the server's http(s) URL (e.g. 'http://127.0.0.1:8080'), got "
+                f"{redact_urls(str(url))!r}."
             )
+        _refuse_url_secrets(url)  # as the remote backends: no user:password@, no ?query
         settings = RemoteSettings(
             base_url=url.rstrip("/"),
             model_name=None,

@@ -1,0 +1,132 @@
+"""What frameworks do with adapter and cache OBJECTS: show, dump, copy, pickle, schema.
+
+Found by a hostile review: a server URL's password reached repr, dumps, LangChain's ``dumpd``
+(tracers) and LlamaIndex's ``to_dict`` (IngestionPipeline's cache key) although every spec label
+hides it; ``RemoteSemanticCache`` took such a URL (and a query string, which broke every
+request's path); a chat model using ``SharedSemanticCache`` could not be deep-copied; and
+``model_json_schema()`` failed on every adapter over the ``pool`` field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from typing import Any
+
+import pytest
+from langchain_core.caches import InMemoryCache
+from langchain_core.language_models import FakeListChatModel
+from langchain_core.load import dumpd
+
+from rag_rerank_plugins import ModelSpec
+from rag_rerank_plugins.exceptions import ConfigurationError
+from rag_rerank_plugins.langchain import (
+    SharedCrossEncoder,
+    SharedEmbeddings,
+    SharedRerankCompressor,
+    SharedSemanticCache,
+)
+from rag_rerank_plugins.llama_index import SharedEmbedding, SharedRerankPostprocessor
+from rag_rerank_plugins.semantic_cache import SemanticCache
+from rag_rerank_plugins.semantic_cache.remote import RemoteSemanticCache
+
+PASSWORD = "S3CRETPW"
+WITH_USER = f"http://alice:{PASSWORD}@10.0.0.5:8080"
+WITH_QUERY = f"http://10.0.0.5:8080/?api_key={PASSWORD}"
+
+ADAPTERS: list[tuple[type, str, str]] = [
+    (SharedRerankCompressor, "model", "remote-reranker"),
+    (SharedCrossEncoder, "model", "remote-reranker"),
+    (SharedEmbeddings, "model", "remote-embedder"),
+    (SharedRerankPostprocessor, "model", "remote-reranker"),
+    (SharedEmbedding, "model_name", "remote-embedder"),
+]
+
+
+@pytest.mark.parametrize(("cls", "field", "backend"), ADAPTERS)
+@pytest.mark.parametrize("url", [WITH_USER, WITH_QUERY])
+@pytest.mark.parametrize("where", ["model", "model_kwargs"])
+def test_a_url_with_secrets_is_refused_at_construction_without_echoing_it(
+    cls: type, field: str, backend: str, url: str, where: str
+) -> None:
+    kwargs: dict[str, Any] = {"backend": backend}
+    if where == "model":
+        kwargs[field] = url
+    else:
+        kwargs.update({field: "m", "model_kwargs": {"url": url}})
+    with pytest.raises(ValueError, match="URL") as info:
+        cls(**kwargs)
+    assert PASSWORD not in str(info.value)
+    assert "S3C" not in str(info.value)  # pydantic's input_value showed the start of it
+
+
+@pytest.mark.parametrize(("cls", "field", "backend"), ADAPTERS)
+def test_a_url_set_after_construction_is_never_shown(cls: type, field: str, backend: str) -> None:
+    built = cls(**{field: "http://10.0.0.5:8080", "backend": backend})
+    update = {field: WITH_USER, "model_kwargs": {"url": WITH_QUERY, "token": "hf_abc"}}
+    if cls is SharedRerankCompressor:  # it validates its copies: refused, not shown
+        with pytest.raises(ValueError, match="credentials") as info:
+            built.model_copy(update=update)
+        assert PASSWORD not in str(info.value)
+        return
+    adapter = built.model_copy(update=update)  # past every validator
+    shown = [repr(adapter), str(adapter), adapter.model_dump_json(), json.dumps(dumpd(adapter))]
+    if hasattr(adapter, "to_dict"):
+        shown.append(json.dumps(adapter.to_dict()))
+    for text in shown:
+        assert PASSWORD not in text
+        assert "hf_abc" not in text
+    assert getattr(adapter, field) == WITH_USER  # the field itself is as set
+    with pytest.raises(ConfigurationError, match="credentials"):
+        adapter._check_spec()  # the next call refuses it before any request
+
+
+@pytest.mark.parametrize("url", [WITH_USER, WITH_QUERY])
+def test_the_remote_semantic_cache_refuses_a_url_with_secrets(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        RemoteSemanticCache(url)
+    assert PASSWORD not in str(info.value)
+
+
+def test_a_semantic_caches_repr_hides_its_embedders_url_secrets() -> None:
+    cache = SemanticCache(ModelSpec(WITH_USER, backend="fake-embedder"), guard="dense")
+    assert PASSWORD not in repr(cache)
+    assert PASSWORD not in repr(SharedSemanticCache(cache))
+
+
+def _semantic_cache() -> SharedSemanticCache:
+    return SharedSemanticCache(
+        SemanticCache(ModelSpec("fake", backend="fake-embedder"), guard="dense")
+    )
+
+
+@pytest.mark.parametrize(
+    "copier",
+    [copy.deepcopy, lambda model: model.model_copy(deep=True)],
+    ids=["deepcopy", "model_copy_deep"],
+)
+def test_a_chat_model_with_our_cache_copies_as_with_stock_and_shares_the_cache(copier: Any) -> None:
+    for cache in (InMemoryCache(), _semantic_cache()):
+        llm = FakeListChatModel(responses=["A", "B"], cache=cache)
+        assert llm.invoke("hello").content == "A"
+        clone = copier(llm)
+        assert clone.invoke("hello").content == "A"  # answered from the cache
+    assert clone.cache is cache  # ours: one cache, like the adapters' one pool
+
+
+def test_pickling_our_cache_says_what_to_do() -> None:
+    llm = FakeListChatModel(responses=["A"], cache=_semantic_cache())
+    with pytest.raises(TypeError, match="Build one in each process"):
+        pickle.dumps(llm)
+
+
+@pytest.mark.parametrize("cls", [cls for cls, _, _ in ADAPTERS])
+def test_every_adapter_has_a_json_schema_without_the_pool(cls: type) -> None:
+    schema = cls.model_json_schema()
+    assert "pool" not in schema["properties"]
+    assert (
+        "top_n" in schema["properties"]
+        or "embed_batch_size" in schema["properties"]
+        or ("batch_size" in schema["properties"])
+    )
