@@ -437,3 +437,34 @@ def test_a_late_to_thread_whose_caller_gave_up_ends_quietly() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["timed", "out", "hook", "done"]
     assert "Exception" not in out.stderr, out.stderr[-2000:]
+
+
+LATE_REAL_LOAD = """
+    import atexit, sys
+
+    def late():  # registered before our import: runs after the gate's hook; nothing loaded
+        try:
+            print("answer", pool.score_pairs(spec, [("q", "p")]), flush=True)
+        except Exception as exc:
+            print("error", type(exc).__name__, str(exc), flush=True)
+
+    atexit.register(late)
+    from rag_rerank_plugins import ModelPool, ModelSpec
+
+    pool = ModelPool()
+    spec = ModelSpec(sys.argv[1], backend="cross-encoder", device="cpu", dtype="float32")
+    print("main done", flush=True)
+"""
+
+
+def test_a_first_load_in_a_late_atexit_hook_fails_saying_why(tiny_ce_path: str) -> None:
+    """Libraries refuse to start threads or register exit hooks once Python exits, so a model's
+    first load there fails; it failed with errors that sent users astray (a RuntimeError from an
+    import, "not installed", "operator ... does not exist"). It now says what happened and what
+    to do, and the process still exits cleanly."""
+    out = _run(LATE_REAL_LOAD, tiny_ce_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("error ModelLoadError"), out.stdout
+    assert "interpreter is exiting" in last
+    assert "preload" in last

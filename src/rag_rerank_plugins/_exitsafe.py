@@ -43,6 +43,7 @@ __all__ = [
     "EXIT_WAIT_S",
     "checkpoint",
     "close_and_wait",
+    "exiting",
     "late_caller",
     "native_section",
     "paused",
@@ -212,6 +213,12 @@ async def to_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
     with late_caller():
         threading.Thread(target=run, name="rag-rerank-to-thread", daemon=True).start()
         return await done
+
+
+def exiting() -> bool:
+    """Whether the interpreter has begun to exit (non-daemon threads joined): libraries then
+    refuse to start thread pools or register exit hooks, so a model can no longer load."""
+    return bool(getattr(_futures_thread, "_shutdown", False)) or sys.is_finalizing()
 
 
 def running_sections() -> int:

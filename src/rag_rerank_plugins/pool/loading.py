@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from .._exitsafe import native_section
+from .._exitsafe import exiting, native_section
 from .._memory import free_memory
 from ..backends import get_loader
 from ..backends.base import SCORE, Task
@@ -104,14 +104,14 @@ class Loading(PoolState):
         start = time.perf_counter()
         try:
             model = loader(key, cast("ModelProvider", self))  # ModelPool is one
-        except RagRerankError as exc:
-            stats.add(load_failures=1)
-            _drop_partial_load(exc, key.device)
-            raise
         except BaseException as exc:
             stats.add(load_failures=1)
             _drop_partial_load(exc, key.device)
-            if _interrupts_caller(exc):
+            if exiting() and not isinstance(exc, KeyboardInterrupt):
+                cause = exc.__cause__ if isinstance(exc, RagRerankError) else None
+                why = _AT_EXIT.format(exc=cause or exc)
+                raise ModelLoadError(key.model, key.backend, why) from exc
+            if isinstance(exc, RagRerankError) or _interrupts_caller(exc):
                 raise
             raise ModelLoadError(key.model, key.backend, exc) from exc
         finally:
@@ -168,6 +168,17 @@ class Loading(PoolState):
             self._stats_for(handle.spec).add(warmups=1)
             with self._lock:
                 self._warm.add(handle)
+
+
+#: Why a load failed once the interpreter began to exit (an ``atexit`` hook's first call of a
+#: model, a load still running as the script ended): transformers' loader pool, a module import
+#: registering its own exit hook and so on refuse then, with errors that sent users astray
+#: ("not installed", "operator does not exist").
+_AT_EXIT = (
+    "the interpreter is exiting, and libraries refuse to start threads or register exit hooks "
+    "now ({exc!r}). Load the model before the script ends (ModelPool.preload at startup); an "
+    "atexit hook can use models already loaded."
+)
 
 
 def _interrupts_caller(exc: BaseException) -> bool:
