@@ -130,3 +130,30 @@ def test_every_adapter_has_a_json_schema_without_the_pool(cls: type) -> None:
         or "embed_batch_size" in schema["properties"]
         or ("batch_size" in schema["properties"])
     )
+
+
+@pytest.mark.parametrize(
+    ("changed", "match"),
+    [
+        ({"typo_normalize": True}, "no meaning here"),
+        ({"output_value": "token_embeddings"}, "one vector per text"),
+        ({"batch_size": 0}, "positive int"),
+        ({"precision": "int4"}, "use one of"),
+    ],
+)
+@pytest.mark.parametrize("how", ["model_copy", "in_place"])
+def test_encode_kwargs_changed_after_construction_are_checked_per_call(
+    changed: dict[str, Any], match: str, how: str
+) -> None:
+    """Read per call, as HuggingFaceEmbeddings reads them, but checked only at construction:
+    a typo or an output encode refuses was silently ignored (the stock class raises)."""
+    built = SharedEmbeddings(model="m", backend="fake-embedder")
+    if how == "model_copy":
+        embeddings = built.model_copy(update={"encode_kwargs": changed})
+    else:
+        embeddings = built
+        embeddings.encode_kwargs.update(changed)
+    with pytest.raises(ConfigurationError, match=match):
+        embeddings.embed_documents(["a", "b"])
+    with pytest.raises(ConfigurationError, match=match):
+        embeddings.embed_query("a")  # no query_encode_kwargs: queries use these too

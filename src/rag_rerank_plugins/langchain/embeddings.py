@@ -87,6 +87,8 @@ def _check_encode_value(argument: str, key: str, value: Any) -> None:
         check_truncate_dim(value, where)
     if key in ("prompt", "prompt_name") and value is not None and not isinstance(value, str):
         raise ConfigurationError(f"{where} must be a str or None, got {type(value).__name__}.")
+    if key == "batch_size" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(f"{where}={value!r}: use a positive int (e.g. 32).")
     if key == "task" and value not in (None, "query", "document"):
         raise ConfigurationError(f"{where}={value!r}: use 'query' or 'document'.")
     if (key == "pool" and value is not None) or (key == "device" and isinstance(value, list)):
@@ -343,10 +345,25 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         return self._normalize_queries() if is_query else bool(self._own("normalize_embeddings"))
 
     def _call_kwargs(self, is_query: bool) -> dict[str, Any]:
-        """The encode arguments of one call kind (queries: query_encode_kwargs when given)."""
-        if is_query and self.query_encode_kwargs:
-            return self.query_encode_kwargs
-        return self.encode_kwargs
+        """The encode arguments of one call kind (queries: query_encode_kwargs when given),
+        checked as at construction: read per call, as HuggingFaceEmbeddings reads them, they
+        may have changed since (``model_copy(update=...)``, assignment, an in-place edit), and
+        an unknown key or a value ``encode`` refuses was silently ignored."""
+        use_query = is_query and bool(self.query_encode_kwargs)
+        argument = "query_encode_kwargs" if use_query else "encode_kwargs"
+        kwargs = self.query_encode_kwargs if use_query else self.encode_kwargs
+        table = _QUERY_ENCODE_KEYS if use_query else _ENCODE_KEYS
+        if not isinstance(kwargs, dict):
+            raise ConfigurationError(f"{argument} must be a dict, got {type(kwargs).__name__}.")
+        unknown = sorted(set(kwargs) - set(table))
+        if unknown:
+            raise ConfigurationError(
+                f"{argument} key(s) {', '.join(map(repr, unknown))} have no meaning here. "
+                f"Supported (SentenceTransformer.encode's): {', '.join(sorted(table))}."
+            )
+        for key, value in kwargs.items():
+            _check_encode_value(argument, key, value)
+        return kwargs
 
     def _texts(self, texts: Sequence[str]) -> list[str]:
         return [t.replace("\n", " ") for t in texts] if self.replace_newlines else list(texts)
