@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rag_rerank_plugins import ConfigurationError, ModelPool, ModelSpec
+from rag_rerank_plugins import ConfigurationError, ModelLoadError, ModelPool, ModelSpec
 from rag_rerank_plugins.windows import Windower, WindowSettings, windower_for
 
 pytest.importorskip("sentence_transformers")
@@ -603,3 +603,29 @@ def test_llm_reranker_without_a_pad_token_pads_with_eos(
         atol=1e-6,
         rtol=0,
     )
+
+
+# -- load failures whose library message does not say what to do -------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cross-encoder", "onnx-cross-encoder"])
+def test_an_empty_folder_says_it_is_not_a_saved_model(tmp_path: Path, backend: str) -> None:
+    pool = ModelPool()
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    with pytest.raises(ModelLoadError, match=r"has no config\.json") as info:
+        pool.score_pairs(spec(str(folder), backend), [("q", "p")])
+    assert "save_pretrained" in str(info.value)
+
+
+def test_a_truncated_weights_file_says_to_download_it_again(
+    tmp_path: Path, tiny_ce_path: str
+) -> None:
+    import shutil
+
+    folder = tmp_path / "cut-short"
+    shutil.copytree(tiny_ce_path, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(ModelLoadError, match="damaged or cut short"):
+        ModelPool().score_pairs(spec(str(folder)), [("q", "p")])

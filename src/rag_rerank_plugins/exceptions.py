@@ -134,7 +134,33 @@ class ModelLoadError(RagRerankError):
         self.model = model
         self.backend = backend
         reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
-        super().__init__(f"Could not load model {model!r} with backend {backend!r}: {reason}")
+        super().__init__(
+            f"Could not load model {model!r} with backend {backend!r}: {reason}"
+            + _load_hint(model, reason)
+        )
+
+
+#: What the loaders say about a weights file cut short or overwritten (safetensors' header).
+_DAMAGED = re.compile(r"deserializing header|incomplete metadata|HeaderTooLarge|InvalidHeader")
+
+
+def _load_hint(model: str, reason: str) -> str:
+    """What to do for the load failures whose library message does not say: a local folder
+    that is not a saved model (the libraries talk of a missing ``model_type``), a weights file
+    damaged or cut short (of its header)."""
+    if _DAMAGED.search(reason):
+        return (
+            "\nThe weights file looks damaged or cut short (an interrupted download or copy): "
+            "download or save the model again."
+        )
+    folder = isinstance(model, str) and os.path.isdir(model)
+    if folder and not os.path.exists(os.path.join(model, "config.json")):
+        return (
+            f"\nThe folder {model!r} has no config.json, so it is not a saved model: point at "
+            "the folder that holds config.json and the weights (what save_pretrained or "
+            "CrossEncoder.save write)."
+        )
+    return ""
 
 
 class ModelNotFoundError(ModelLoadError, OSError):
