@@ -97,13 +97,9 @@ def _check_encode_value(argument: str, key: str, value: Any) -> None:
         )
 
 
-def _map_encode_kwargs(
-    data: dict[str, Any], argument: str, table: Mapping[str, str | None]
-) -> dict[str, Any]:
-    kwargs = data.get(argument)
-    if kwargs is None:
-        data[argument] = {}
-        return data
+def _check_encode_kwargs(argument: str, kwargs: Any, table: Mapping[str, str | None]) -> None:
+    """``encode_kwargs`` / ``query_encode_kwargs``: a dict of keys ``table`` knows, with values
+    ``encode`` would take (at construction, and per call: they are read per call)."""
     if not isinstance(kwargs, dict):
         raise ConfigurationError(f"{argument} must be a dict, got {type(kwargs).__name__}.")
     unknown = sorted(set(kwargs) - set(table))
@@ -115,6 +111,17 @@ def _map_encode_kwargs(
         )
     for key, value in kwargs.items():
         _check_encode_value(argument, key, value)
+
+
+def _map_encode_kwargs(
+    data: dict[str, Any], argument: str, table: Mapping[str, str | None]
+) -> dict[str, Any]:
+    kwargs = data.get(argument)
+    if kwargs is None:
+        data[argument] = {}
+        return data
+    _check_encode_kwargs(argument, kwargs, table)
+    for key, value in kwargs.items():
         field = table[key]
         # None is encode's "not given" for these (HuggingFaceEmbeddings passes it on: no
         # normalisation); as a field value it was a pydantic "valid boolean" error.
@@ -352,17 +359,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         use_query = is_query and bool(self.query_encode_kwargs)
         argument = "query_encode_kwargs" if use_query else "encode_kwargs"
         kwargs = self.query_encode_kwargs if use_query else self.encode_kwargs
-        table = _QUERY_ENCODE_KEYS if use_query else _ENCODE_KEYS
-        if not isinstance(kwargs, dict):
-            raise ConfigurationError(f"{argument} must be a dict, got {type(kwargs).__name__}.")
-        unknown = sorted(set(kwargs) - set(table))
-        if unknown:
-            raise ConfigurationError(
-                f"{argument} key(s) {', '.join(map(repr, unknown))} have no meaning here. "
-                f"Supported (SentenceTransformer.encode's): {', '.join(sorted(table))}."
-            )
-        for key, value in kwargs.items():
-            _check_encode_value(argument, key, value)
+        _check_encode_kwargs(argument, kwargs, _QUERY_ENCODE_KEYS if use_query else _ENCODE_KEYS)
         return kwargs
 
     def _texts(self, texts: Sequence[str]) -> list[str]:
