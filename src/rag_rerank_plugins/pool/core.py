@@ -19,7 +19,7 @@ from ..engine_config import EngineConfig, PoolConfig
 from ..exceptions import ConfigurationError, InvalidInputError
 from ..policy import resolve_spec
 from ..spec import ModelSpec
-from ._state import POOLS, LoadReleasedError, Slot, logger
+from ._state import POOLS, LoadReleasedError, Slot, fresh_error, logger
 from .budget import MemoryBudget
 from .calls import PoolCalls
 from .loading import Loading, StartOver, Unwanted
@@ -157,7 +157,8 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
                 if cancelled and slot.loading and not start_over:  # its load ended, released
                     raise LoadReleasedError(key, in_flight=False)
                 if retired and slot.error is not None:
-                    raise slot.error  # the load we waited for failed: its error, not a retry
+                    # The load we waited for failed: its error (a copy), not a retry.
+                    raise fresh_error(slot.error) from slot.error
                 if retired:
                     continue  # evicted or released while we waited: a fresh slot
                 if handle is None:

@@ -23,12 +23,12 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
-from .._exitsafe import late_caller, start_daemon
+from .._exitsafe import late_caller, start_daemon, to_thread
 from ..engine_config import no_limit
 from ..exceptions import ModelLoadError, RequestTimeoutError
 from ..inputs import check_timeout
 from ..spec import ModelSpec
-from ._state import PoolState, SharedLoad
+from ._state import PoolState, SharedLoad, fresh_error
 from .loading import Unwanted
 
 if TYPE_CHECKING:
@@ -73,17 +73,21 @@ class LoadWaits(PoolState):
                 return handle, waited
             load, waited = self._join(spec), True
             try:
-                with late_caller():  # its load thread serves an atexit hook after the gate's
-                    handle = load.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:  # TimeoutError itself from Python 3.11
-                raise self._load_timeout(spec, load, started) from None
-            except Unwanted:
-                continue  # it ended as we joined it: a fresh one
+                try:
+                    with late_caller():  # its load thread serves an atexit hook after the gate's
+                        error = load.exception(timeout=max(0.0, deadline - time.monotonic()))
+                except FutureTimeout:  # TimeoutError itself from Python 3.11
+                    raise self._load_timeout(spec, load, started) from None
+                if isinstance(error, Unwanted):
+                    continue  # it ended as we joined it: a fresh one
+                if error is not None:
+                    raise fresh_error(error) from error
+                handle = load.result()
+                if not pin or handle._pin():  # while the load's own pin holds it
+                    return handle, waited
             finally:
-                self._leave(load)
-            if not pin or handle._pin():
-                return handle, waited
-            # Evicted before we pinned it: look again.
+                self._unpin(self._leave(load))
+            # Released before we pinned it: look again.
 
     async def _aget(self, spec: ModelSpec, deadline: float | None) -> tuple[ModelHandle, bool]:
         """:meth:`_get_by` for coroutines: a loaded handle at once; a load (first call, or after
@@ -99,22 +103,28 @@ class LoadWaits(PoolState):
             # Read once it ends, so a failed load nobody waits for any more (the caller timed
             # out or was cancelled) is not logged as "Future exception was never retrieved".
             wrapped.add_done_callback(lambda done: done.cancelled() or done.exception())
-            waiting = asyncio.shield(wrapped)  # a cancelled caller: the load goes on
             try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 with late_caller():  # its load thread serves an atexit hook after the gate's
-                    if deadline is None:
-                        handle = await waiting
-                    else:
-                        left = max(0.0, deadline - time.monotonic())
-                        handle = await asyncio.wait_for(waiting, left)
-            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
-                raise self._load_timeout(spec, load, started) from None
-            except Unwanted:
-                continue
+                    # wait, not await: a cancelled caller leaves the load alone, and the
+                    # load's error is not raised here (see fresh_error)
+                    done, _ = await asyncio.wait({wrapped}, timeout=left)
+                if not done:
+                    raise self._load_timeout(spec, load, started) from None
+                error = load.exception()
+                if isinstance(error, Unwanted):
+                    continue
+                if error is not None:
+                    raise fresh_error(error) from error
+                handle = load.result()
+                if not self._pins or handle._pin():
+                    return handle, waited
             finally:
-                self._leave(load)
-            if not self._pins or handle._pin():
-                return handle, waited
+                shared = self._leave(load)
+                if shared is not None:  # evicting joins a worker thread: not on the loop
+                    shared._unpin()
+                    if self._over:
+                        await to_thread(self._settle)
 
     def _lookup(
         self, spec: ModelSpec, deadline: float | None = None
@@ -144,32 +154,58 @@ class LoadWaits(PoolState):
             self._start(spec, load)
         return load
 
-    def _leave(self, load: SharedLoad) -> None:
-        """A caller stopped waiting (answered, timed out, cancelled): with none left, a load
-        that has not begun never does."""
+    def _leave(self, load: SharedLoad) -> ModelHandle | None:
+        """A caller stopped waiting (answered and pinned, timed out, cancelled): with none left,
+        a load that has not begun never does. Returns the handle whose shared pin the last
+        caller to leave a finished load must drop (:meth:`_unpin`)."""
         with self._lock:
             load.waiters -= 1
+            return self._last_out(load)
+
+    def _last_out(self, load: SharedLoad) -> ModelHandle | None:
+        """Under ``_lock``: the load's pinned handle once it ended and nobody waits (once)."""
+        if load.waiters or load.pinned is None or not load.done():
+            return None
+        handle, load.pinned = load.pinned, None
+        return handle
+
+    def _unpin(self, handle: ModelHandle | None) -> None:
+        """Drop a pin (nothing for None); a device left over budget meanwhile settles now."""
+        if handle is None:
+            return
+        handle._unpin()
+        if self._over:
+            self._settle()
 
     def _start(self, spec: ModelSpec, load: SharedLoad) -> None:
+        """The load's thread. It pins the handle under the load's locks, for its waiters: each
+        pins it again for itself, and the last to leave drops the load's pin. Unpinned, the
+        next spec's load (waiting for the memory lock under a budget) evicted it before its
+        callers could pin it: calls timed out and models loaded three times."""
         load.set_running_or_notify_cancel()  # running: nobody can cancel it from here on
 
         def run() -> None:
             error: BaseException | None = None
             try:
                 handle = self._get(
-                    spec, pin=False, start_over=True, wanted=lambda: load.waiters > 0
+                    spec, pin=self._pins, start_over=True, wanted=lambda: load.waiters > 0
                 )
             except (KeyboardInterrupt, SystemExit) as exc:  # raised here: interrupts nobody
                 error = ModelLoadError(spec.model, spec.backend, exc)
-            except BaseException as exc:  # every waiting caller raises it
+            except BaseException as exc:  # every waiting caller raises a copy
                 error = exc
             with self._lock:  # out first: a caller coming after a failure starts a new load
                 if self._shared_loads.get(spec) is load:
                     del self._shared_loads[spec]
+                if error is None and self._pins:
+                    load.pinned = handle
             if error is None:
                 load.set_result(handle)
             else:
                 load.set_exception(error)
+            with self._lock:  # everyone left before the end: nobody else drops the pin
+                unpin = self._last_out(load)
+            self._unpin(unpin)
 
         context = contextvars.copy_context()  # as asyncio.to_thread: the caller's context
         start_daemon(context.run, run, name="rag-rerank-load", inline=True)
