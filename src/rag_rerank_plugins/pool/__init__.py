@@ -6,8 +6,10 @@ adapter pins the weights).
 
 Guarantees:
 
-* **Once per spec.** Concurrent first calls for a cold spec wait on a per-spec lock; exactly one
-  loads. Different specs load in parallel. A failed load caches nothing; the next call retries.
+* **Once per spec.** Concurrent first calls for a cold spec wait on a per-spec lock (callers with
+  a deadline and async callers on one shared wait, :mod:`.waits`); exactly one loads. Different
+  specs load in parallel. A failed load caches nothing: the callers waiting on it get its error,
+  and the next call retries.
 * **Thread-safe calls.** Each scheduled model's forward passes run on its engine's worker (fast
   tokenizers raise "Already borrowed" when shared); async calls never load on the event loop.
 * **Fork-aware** (:mod:`.process`). In a child after ``fork`` every lock is new; CUDA/MPS models
