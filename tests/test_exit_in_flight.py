@@ -468,3 +468,28 @@ def test_a_first_load_in_a_late_atexit_hook_fails_saying_why(tiny_ce_path: str) 
     assert last.startswith("error ModelLoadError"), out.stdout
     assert "interpreter is exiting" in last
     assert "preload" in last
+
+
+def test_a_gated_lock_parks_a_daemon_thread_before_it_takes_the_lock(gate) -> None:
+    """The semantic cache's lock (usearch runs under it) is held only inside a section: a
+    daemon thread reaching it after the gate closed parks before taking it, so a late atexit
+    hook's lookup still gets the lock."""
+    lock = gate.GatedLock()
+    assert gate.close_and_wait(1)
+    took = threading.Event()
+
+    def daemon() -> None:
+        with lock:
+            took.set()
+
+    _in_daemon(daemon)
+    time.sleep(0.2)
+    assert not took.is_set()  # parked at the gate
+    assert lock._lock.acquire(timeout=1)  # not holding the lock there
+    lock._lock.release()
+    with lock, lock:  # re-entrant, for a non-daemon thread after exit began too
+        pass
+    with gate._gate:
+        gate._closed = False
+        gate._gate.notify_all()
+    assert took.wait(5)  # reopened: it goes on

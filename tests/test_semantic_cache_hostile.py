@@ -702,9 +702,10 @@ async def test_a_sync_put_on_the_event_loop_still_moves_the_namespace_to_usearch
 def test_every_usearch_call_runs_inside_an_exit_gate_section(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """usearch is C++: a user's daemon thread whose put was building the index as the script
-    ended aborted the process (status 134, 2 of 10 runs at 10,000 SQLite entries). Its calls now
-    run inside exit-gate sections, where exit waits for them (``_exitsafe``)."""
+    """usearch is C++: a user's daemon thread putting into a usearch namespace as the script
+    ended aborted the process (status 134, 4 of 12 runs at 10,000 SQLite entries). Its calls now
+    run inside exit-gate sections, where exit waits for them (``_exitsafe``): the build in its
+    own, the others under the cache's lock, which is only held inside one."""
     pytest.importorskip("usearch")
     from rag_rerank_plugins import _exitsafe
     from rag_rerank_plugins.semantic_cache import index as index_module

@@ -41,6 +41,7 @@ _T = TypeVar("_T")
 
 __all__ = [
     "EXIT_WAIT_S",
+    "GatedLock",
     "checkpoint",
     "close_and_wait",
     "exiting",
@@ -94,6 +95,38 @@ def native_section(needed: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
+        _local.depth = depth
+        if not depth:
+            _leave()
+
+
+class GatedLock:
+    """A re-entrant lock held only inside a section, entered before the lock is taken: for
+    state that native work runs under (the semantic cache's index: usearch is C++). Exit waits
+    for its holder, and a daemon thread parks at the closed gate before taking it, never while
+    holding it: parked there, it would leave an ``atexit`` hook of the user's that needs the
+    lock (a lookup) waiting for ever."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> GatedLock:
+        depth = getattr(_local, "depth", 0)
+        if not depth:
+            _enter()
+        _local.depth = depth + 1
+        try:
+            self._lock.acquire()
+        except BaseException:
+            _local.depth = depth
+            if not depth:
+                _leave()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        depth = _local.depth - 1
         _local.depth = depth
         if not depth:
             _leave()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .._exitsafe import start_daemon, to_thread
+from .._exitsafe import GatedLock, start_daemon, to_thread
 from ..pool import ModelPool, get_pool
 from ..spec import DEFAULT_EMBEDDER, DEFAULT_RERANKER, ModelSpec, redact_urls
 from ..stats import percentile
@@ -104,7 +103,9 @@ class SemanticCache(SharedResource):
         # query strings of URLs, so two remote deployments would compare each other's vectors).
         self._model = cache_identity(self.embedder)
         self._floor = min(CANDIDATE_FLOOR, self.threshold) if guard == "dense" else CANDIDATE_FLOOR
-        self._lock = threading.RLock()
+        # Held inside an exit-gate section (usearch runs under it): a daemon thread parks at
+        # exit before taking it, never while holding it (``_exitsafe.GatedLock``).
+        self._lock = GatedLock()
         self._indexes: dict[str, NamespaceIndex] = {}
         self._corpora: dict[str, BM25Corpus] = {}
         self._tokens: dict[int, list[str]] = {}

@@ -17,12 +17,11 @@ index meanwhile, and only the snapshot and the swap hold the lock (milliseconds)
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Protocol
 
 import numpy as np
 
-from .._exitsafe import native_section
+from .._exitsafe import GatedLock, native_section
 from ..exceptions import ConfigurationError, MissingDependencyError
 
 __all__ = ["AUTO_ANN_SIZE", "ExactIndex", "NamespaceIndex", "UsearchIndex", "check_kind"]
@@ -126,9 +125,11 @@ class ExactIndex:
 
 
 class UsearchIndex:
-    """usearch HNSW (cosine), f32 vectors. Its calls run in exit-gate sections (C++ that a
-    daemon thread must not be in as Python finalizes: a user's daemon thread whose put was
-    building the index aborted the process, status 134; ``_exitsafe``)."""
+    """usearch HNSW (cosine), f32 vectors. Its calls are C++ that a daemon thread must not be
+    inside as Python finalizes (a user's daemon thread putting into a usearch namespace as the
+    script ended aborted the process, status 134 in 4 of 12 runs; ``_exitsafe``): the build runs
+    in an exit-gate section of its own, the other calls under the cache's lock, which is held
+    inside one (``GatedLock``)."""
 
     def __init__(self, dim: int) -> None:
         with native_section():
@@ -142,10 +143,9 @@ class UsearchIndex:
         return key in self._keys
 
     def add(self, key: int, vector: np.ndarray) -> None:
-        with native_section():
-            if key in self._keys:
-                self._index.remove(key)
-            self._index.add(key, vector)
+        if key in self._keys:
+            self._index.remove(key)
+        self._index.add(key, vector)
         self._keys.add(key)
 
     def add_many(self, keys: list[int], vectors: np.ndarray) -> None:
@@ -156,15 +156,13 @@ class UsearchIndex:
 
     def remove(self, key: int) -> None:
         if key in self._keys:
-            with native_section():
-                self._index.remove(key)
+            self._index.remove(key)
             self._keys.discard(key)
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         if not self._keys:
             return []
-        with native_section():
-            matches = self._index.search(vector, min(k, len(self._keys)))
+        matches = self._index.search(vector, min(k, len(self._keys)))
         return [
             (int(key), 1.0 - float(dist))
             for key, dist in zip(matches.keys, matches.distances, strict=True)
@@ -172,8 +170,7 @@ class UsearchIndex:
 
     def items(self) -> list[tuple[int, np.ndarray]]:
         keys = sorted(self._keys)
-        with native_section():
-            vectors = self._index.get(np.asarray(keys, dtype=np.uint64)) if keys else []
+        vectors = self._index.get(np.asarray(keys, dtype=np.uint64)) if keys else []
         return list(zip(keys, (np.asarray(v, dtype=np.float32) for v in vectors), strict=True))
 
 
@@ -185,10 +182,10 @@ class NamespaceIndex:
     never waits for a build.
     """
 
-    def __init__(self, dim: int, kind: str, lock: threading.RLock | None = None) -> None:
+    def __init__(self, dim: int, kind: str, lock: GatedLock | None = None) -> None:
         self.kind = kind
         self.dim = dim
-        self._lock = lock if lock is not None else threading.RLock()
+        self._lock = lock if lock is not None else GatedLock()
         self._building = False
         self._impl: VectorIndex = UsearchIndex(dim) if kind == "usearch" else ExactIndex(dim)
 
