@@ -157,3 +157,43 @@ def test_encode_kwargs_changed_after_construction_are_checked_per_call(
         embeddings.embed_documents(["a", "b"])
     with pytest.raises(ConfigurationError, match=match):
         embeddings.embed_query("a")  # no query_encode_kwargs: queries use these too
+
+
+def test_dumps_without_secrets_load_back_the_same_adapter() -> None:
+    """Only what construction refuses is redacted when shown: an ``@`` in a URL's path and a
+    prompt quoting a URL with a query string dumped as ``***`` and did not load back (or
+    loaded a different prompt)."""
+    url = "https://gateway.example.com/teams/@search/rerank"
+    compressor = SharedRerankCompressor(model=url, backend="remote-reranker")
+    again = SharedRerankCompressor.model_validate(compressor.model_dump())
+    assert again.spec == compressor.spec
+    assert url in repr(compressor)
+    post = SharedRerankPostprocessor(model=url, backend="remote-reranker")
+    assert SharedRerankPostprocessor.from_dict(post.to_dict()).spec == post.spec
+    prompt = "Answer from https://docs.example.com/search?lang=en : "
+    embeddings = SharedEmbeddings(
+        model="m", backend="fake-embedder", model_kwargs={"prompts": {"query": prompt}}
+    )
+    assert SharedEmbeddings.model_validate(embeddings.model_dump()).spec == embeddings.spec
+
+
+def test_integral_encode_batch_size_is_accepted_as_by_stock() -> None:
+    import numpy as np
+
+    embeddings = SharedEmbeddings(
+        model="m", backend="fake-embedder", encode_kwargs={"batch_size": np.int64(8)}
+    )
+    assert len(embeddings.embed_documents(["a", "b"])) == 2
+
+
+def test_a_wider_truncate_dim_set_after_construction_is_refused_per_call() -> None:
+    built = SharedEmbeddings(model="m", backend="fake-embedder", model_kwargs={"truncate_dim": 8})
+    wider = built.model_copy(update={"encode_kwargs": {"truncate_dim": 12}})
+    with pytest.raises(ConfigurationError, match="wider than"):
+        wider.embed_documents(["a"])
+
+
+def test_a_shallow_copy_of_a_cache_shares_it_too() -> None:
+    cache = _semantic_cache()
+    assert copy.copy(cache) is cache
+    assert copy.copy(cache.cache) is cache.cache

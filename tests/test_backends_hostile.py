@@ -629,3 +629,16 @@ def test_a_truncated_weights_file_says_to_download_it_again(
     weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
     with pytest.raises(ModelLoadError, match="damaged or cut short"):
         ModelPool().score_pairs(spec(str(folder)), [("q", "p")])
+
+
+def test_a_sentence_transformers_module_layout_gets_no_config_hint(
+    tmp_path: Path, minilm_path: str
+) -> None:
+    """A folder with modules.json and no root config.json is a saved model (an older
+    sentence-transformers layout): its failure must not say it is not one."""
+    folder = tmp_path / "st-layout"
+    folder.mkdir()
+    (folder / "modules.json").write_text("[]")
+    with pytest.raises(ModelLoadError) as info:
+        ModelPool().embed(spec(str(folder), "sentence-transformers"), ["a"])
+    assert "has no config.json" not in str(info.value)

@@ -493,3 +493,31 @@ def test_a_gated_lock_parks_a_daemon_thread_before_it_takes_the_lock(gate) -> No
         gate._closed = False
         gate._gate.notify_all()
     assert took.wait(5)  # reopened: it goes on
+
+
+LATE_MISSING = """
+    import atexit
+
+    def late():  # registered before our import: after the gate's hook
+        from rag_rerank_plugins import ModelNotFoundError
+        try:
+            pool.score_pairs(spec, [("q", "p")])
+        except ModelNotFoundError as exc:
+            print("not found", "interpreter is exiting" in str(exc), flush=True)
+
+    atexit.register(late)
+    import sentence_transformers  # imported while it can be (an app that used it already)
+    from rag_rerank_plugins import ModelPool, ModelSpec
+
+    pool = ModelPool()
+    spec = ModelSpec("/no/such/model-folder", backend="cross-encoder", device="cpu")
+    print("main done", flush=True)
+"""
+
+
+def test_a_missing_model_at_exit_is_still_model_not_found() -> None:
+    """Only the libraries' exit refusals say "the interpreter is exiting": a mistyped path in
+    an exit hook stays ModelNotFoundError (an OSError), with its own advice."""
+    out = _run(LATE_MISSING, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "not found False", out.stdout

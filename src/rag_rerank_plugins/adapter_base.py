@@ -117,16 +117,24 @@ def _hide_secrets(value: Any) -> Any:
     return value
 
 
-def _shown(value: Any) -> Any:
-    """``value`` as repr and dumps show it: secrets hidden, and URLs' credentials and query
-    strings as ``***`` (:func:`redact_urls`, as ``ModelSpec.label`` shows them)."""
-    value = _hide_secrets(value)
-    if isinstance(value, dict):
-        return {k: _shown(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_shown(v) for v in value)
-    if isinstance(value, str) and not isinstance(value, Secret):
+def _shown_url(value: Any) -> Any:
+    """A server URL as repr and dumps show it: one that construction refuses (credentials, a
+    query string) as ``ModelSpec.label`` shows it; any other value as it is, so that a dump
+    loads back the same adapter (an ``@`` in a URL's path, a prompt quoting a URL)."""
+    from .backends.remote.settings import _refuse_url_secrets
+
+    try:
+        _refuse_url_secrets(value)
+    except ConfigurationError:
         return redact_urls(value)
+    return value
+
+
+def _shown_kwargs(value: Any) -> Any:
+    """``model_kwargs`` as repr and dumps show them: tokens hidden, the server URL shown."""
+    value = _hide_secrets(value)
+    if isinstance(value, dict) and "url" in value:
+        return {**value, "url": _shown_url(value["url"])}
     return value
 
 
@@ -243,15 +251,19 @@ class SharedModelFields(BaseModel):
     # _check_spec, but a field can be set later), shown as ModelSpec.label shows them.
     @field_serializer("model_kwargs")
     def _dump_hidden(self, value: dict[str, Any]) -> dict[str, Any]:
-        return cast("dict[str, Any]", _shown(value))
+        return cast("dict[str, Any]", _shown_kwargs(value))
 
     @field_serializer("model", "model_name", check_fields=False)
     def _dump_model(self, value: Any) -> Any:
-        return _shown(value)
+        return _shown_url(value)
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            yield name, _shown(value) if name in ("model_kwargs", "model", "model_name") else value
+            if name == "model_kwargs":
+                value = _shown_kwargs(value)
+            elif name in ("model", "model_name"):
+                value = _shown_url(value)
+            yield name, value
 
     @field_validator("max_length", "batch_size", mode="before", check_fields=False)
     @classmethod

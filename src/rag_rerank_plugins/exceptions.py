@@ -154,7 +154,12 @@ def _load_hint(model: str, reason: str) -> str:
             "download or save the model again."
         )
     folder = isinstance(model, str) and os.path.isdir(model)
-    if folder and not os.path.exists(os.path.join(model, "config.json")):
+    about_config = "model_type" in reason or "config.json" in reason
+    saved = folder and any(
+        os.path.exists(os.path.join(model, name))
+        for name in ("config.json", "modules.json", "adapter_config.json")
+    )
+    if folder and about_config and not saved:
         return (
             f"\nThe folder {model!r} has no config.json, so it is not a saved model: point at "
             "the folder that holds config.json and the weights (what save_pretrained or "

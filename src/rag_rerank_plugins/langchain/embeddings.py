@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 # First: a clear MissingDependencyError when langchain-core is missing, not a bare ImportError.
 from . import _compat  # noqa: F401  # isort: skip
 
@@ -87,7 +89,9 @@ def _check_encode_value(argument: str, key: str, value: Any) -> None:
         check_truncate_dim(value, where)
     if key in ("prompt", "prompt_name") and value is not None and not isinstance(value, str):
         raise ConfigurationError(f"{where} must be a str or None, got {type(value).__name__}.")
-    if key == "batch_size" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if key == "batch_size" and (
+        isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1
+    ):
         raise ConfigurationError(f"{where}={value!r}: use a positive int (e.g. 32).")
     if key == "task" and value not in (None, "query", "document"):
         raise ConfigurationError(f"{where}={value!r}: use 'query' or 'document'.")
@@ -360,6 +364,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         argument = "query_encode_kwargs" if use_query else "encode_kwargs"
         kwargs = self.query_encode_kwargs if use_query else self.encode_kwargs
         _check_encode_kwargs(argument, kwargs, _QUERY_ENCODE_KEYS if use_query else _ENCODE_KEYS)
+        _check_call_truncation({"model_kwargs": self.model_kwargs, argument: kwargs})
         return kwargs
 
     def _texts(self, texts: Sequence[str]) -> list[str]:

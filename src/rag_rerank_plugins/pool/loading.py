@@ -11,6 +11,7 @@ start or end) when it can be measured, else the backend's own count.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from .._exitsafe import exiting, native_section
 from .._memory import free_memory
 from ..backends import get_loader
 from ..backends.base import SCORE, Task
-from ..exceptions import ModelLoadError, RagRerankError
+from ..exceptions import MissingDependencyError, ModelLoadError, ModelNotFoundError, RagRerankError
 from ..policy import configure_torch_threads
 from ..spec import ModelSpec
 from ._state import LoadReleasedError, PoolState, Slot, fmt_mb, logger
@@ -107,7 +108,7 @@ class Loading(PoolState):
         except BaseException as exc:
             stats.add(load_failures=1)
             _drop_partial_load(exc, key.device)
-            if exiting() and not isinstance(exc, KeyboardInterrupt):
+            if exiting() and _refused_at_exit(exc):
                 cause = exc.__cause__ if isinstance(exc, RagRerankError) else None
                 why = _AT_EXIT.format(exc=cause or exc)
                 raise ModelLoadError(key.model, key.backend, why) from exc
@@ -179,6 +180,27 @@ _AT_EXIT = (
     "now ({exc!r}). Load the model before the script ends (ModelPool.preload at startup); an "
     "atexit hook can use models already loaded."
 )
+
+
+_EXIT_REFUSALS = re.compile(
+    r"after (interpreter )?shutdown|interpreter shutdown|cannot schedule new futures"
+)
+
+
+def _refused_at_exit(exc: BaseException) -> bool:
+    """Whether a load failed because the interpreter exits (a library refusing a thread pool,
+    an exit hook, or the import that registers one), not for a reason of its own: a missing
+    folder stays :class:`ModelNotFoundError`, whatever the time."""
+    if isinstance(exc, ModelNotFoundError):
+        return False
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MissingDependencyError) or _EXIT_REFUSALS.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _interrupts_caller(exc: BaseException) -> bool:

@@ -26,14 +26,17 @@ class SharedResource:
     model with its ``cache`` (``model_copy(deep=True)``, ``copy.deepcopy``), and that raised
     "cannot pickle '_thread.lock' object". A pickle says what to do instead."""
 
+    def __copy__(self) -> Any:
+        return self
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return self
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(
-            f"{type(self).__name__} cannot be pickled: it holds a store connection, an index "
-            "and locks of this process. Build one in each process (a SQLite store path or a "
-            "RemoteSemanticCache URL shares the entries), or attach the cache after unpickling."
+            f"{type(self).__name__} cannot be pickled: it holds connections and locks of this "
+            "process. Build one in each process (a SQLite store path or a RemoteSemanticCache "
+            "URL shares the entries), or attach the cache after unpickling."
         )
 
 
