@@ -374,20 +374,33 @@ async def test_a_burst_of_async_callers_on_a_cold_model_shares_one_load_thread(
     assert loader.calls == 1
 
 
-class _SlowFailure:
-    """A loader that fails after ``seconds`` (an unreachable hub, a corrupt 2 GB file)."""
+class _Timed:
+    """A loader taking ``seconds``: of a model with a known footprint, or (``fails``) failing
+    then (an unreachable hub, a corrupt 2 GB file)."""
 
-    def __init__(self, seconds: float = 0.4) -> None:
-        self.attempts = 0
+    def __init__(self, seconds: float = 0.2, footprint_mb: int = 60, fails: bool = False) -> None:
+        self.calls = 0
         self.seconds = seconds
-        name = f"slowfail-{uuid.uuid4().hex[:8]}"
+        self.footprint_mb = footprint_mb
+        self.fails = fails
+        name = f"timed-{uuid.uuid4().hex[:8]}"
         register_backend(name, self._load, "reranker", uses_torch=False, replace=True)
         self.spec = ModelSpec("m", backend=name, device="cpu")
 
+    @property
+    def attempts(self) -> int:
+        return self.calls
+
     def _load(self, spec: ModelSpec, provider: Any) -> Any:
-        self.attempts += 1
+        self.calls += 1
         time.sleep(self.seconds)
-        raise OSError("weights are corrupt")
+        if self.fails:
+            raise OSError("weights are corrupt")
+        return FakeReranker(footprint_mb=self.footprint_mb)
+
+
+def _failing(seconds: float = 0.4) -> _Timed:
+    return _Timed(seconds, fails=True)
 
 
 @pytest.mark.parametrize("timeout", [None, 30.0])
@@ -396,7 +409,7 @@ def test_callers_waiting_on_a_load_that_fails_all_get_its_error_at_once(
 ) -> None:
     """Each waiter retried the failed load in turn: 8 callers, 8 loads, the last one waiting
     4 s (7 minutes with an unreachable hub). The next call still retries."""
-    failing = _SlowFailure()
+    failing = _failing()
     pool = make_pool()
 
     def call(_: int) -> tuple[str, float]:
@@ -421,7 +434,7 @@ def test_callers_waiting_on_a_load_that_fails_all_get_its_error_at_once(
 async def test_async_callers_waiting_on_a_load_that_fails_all_get_its_error_at_once(
     make_pool: Callable[..., ModelPool],
 ) -> None:
-    failing = _SlowFailure()
+    failing = _failing()
     pool = make_pool()
     outcomes = await asyncio.gather(
         *(pool.ascore_pairs(failing.spec, PAIRS) for _ in range(8)), return_exceptions=True
@@ -470,23 +483,6 @@ def test_adapter_lookups_of_the_model_are_bounded_by_the_calls_deadline(
     assert took < 3
 
 
-class _Timed:
-    """A loader taking ``seconds``, of a model with a known footprint."""
-
-    def __init__(self, seconds: float = 0.2, footprint_mb: int = 60) -> None:
-        self.calls = 0
-        self.seconds = seconds
-        self.footprint_mb = footprint_mb
-        name = f"timed-{uuid.uuid4().hex[:8]}"
-        register_backend(name, self._load, "reranker", uses_torch=False, replace=True)
-        self.spec = ModelSpec("m", backend=name, device="cpu")
-
-    def _load(self, spec: ModelSpec, provider: Any) -> Any:
-        self.calls += 1
-        time.sleep(self.seconds)
-        return FakeReranker(footprint_mb=self.footprint_mb)
-
-
 def test_under_a_budget_each_callers_model_stays_in_until_it_is_pinned(
     make_pool: Callable[..., ModelPool],
 ) -> None:
@@ -517,7 +513,7 @@ def test_each_waiting_caller_gets_its_own_copy_of_the_loads_error(
 ) -> None:
     """One error instance raised in 200 threads gathered every raiser's frames (1205) and, with
     them, every caller's request in memory; each caller now raises a copy chained to it."""
-    failing = _SlowFailure(seconds=0.3)
+    failing = _failing(seconds=0.3)
     pool = make_pool()
 
     def call(_: int) -> BaseException:
