@@ -85,19 +85,30 @@ def native_section(needed: bool = True) -> Iterator[None]:
     """Run work that interpreter exit must not cut short (see the module docstring); nested
     sections count once. ``needed=False`` (an HTTP client's call: a thread in a socket call
     ends cleanly) makes it a no-op, so that exit does not wait for a slow server."""
-    depth = getattr(_local, "depth", 0)
     if not needed:
         yield
         return
-    if not depth:
-        _enter()
-    _local.depth = depth + 1
+    depth = _step_in()
     try:
         yield
     finally:
-        _local.depth = depth
-        if not depth:
-            _leave()
+        _step_out(depth)
+
+
+def _step_in() -> int:
+    """Into this thread's section (the gate counts the outermost only); its depth before."""
+    depth = getattr(_local, "depth", 0)
+    if not depth:
+        _enter()
+    _local.depth = depth + 1
+    return depth
+
+
+def _step_out(depth: int) -> None:
+    """Back to ``depth`` (what :func:`_step_in` returned); out of the gate's count at 0."""
+    _local.depth = depth
+    if not depth:
+        _leave()
 
 
 class GatedLock:
@@ -111,25 +122,17 @@ class GatedLock:
         self._lock = threading.RLock()
 
     def __enter__(self) -> GatedLock:
-        depth = getattr(_local, "depth", 0)
-        if not depth:
-            _enter()
-        _local.depth = depth + 1
+        depth = _step_in()
         try:
             self._lock.acquire()
         except BaseException:
-            _local.depth = depth
-            if not depth:
-                _leave()
+            _step_out(depth)
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._lock.release()
-        depth = _local.depth - 1
-        _local.depth = depth
-        if not depth:
-            _leave()
+        _step_out(_local.depth - 1)
 
 
 @contextlib.contextmanager
