@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -43,6 +43,9 @@ from .ranking import Ranked, rank, validate_threshold, validate_top_n
 from .spec import SECRET_OPTIONS, ModelSpec, Secret, redact_urls
 from .tracing import model_span
 from .windows import WindowInfo, WindowPlan, WindowSettings, windower_for
+
+if TYPE_CHECKING:
+    from .backends.base import LoadedModel
 
 __all__ = ["RerankSettings", "SharedModelFields", "from_settings", "sync_override"]
 
@@ -357,6 +360,13 @@ class SharedModelFields(BaseModel):
     def _pool(self) -> ModelPool:
         return self.pool if self.pool is not None else get_pool()
 
+    def _model_lookup(self, spec: ModelSpec) -> tuple[ModelHandle, LoadedModel]:
+        """The loaded handle and model of ``spec``, for what is read off the model beside a call
+        (prompts, window plans, the auto pick's check): a racing release starts it over, and the
+        calls' deadline (``request_timeout_s``) bounds the wait for a load, as for the calls."""
+        pool = self._pool()
+        return pool._lookup(spec, pool._deadline(None))
+
     # ``backend="auto"``: a measured pick that cannot load this model (an export or conversion
     # its runtime fails on, or a runtime installed but not importable) falls back to torch
     # once, with a warning, instead of failing every call; auto then answers torch for that
@@ -368,8 +378,7 @@ class SharedModelFields(BaseModel):
         if pick is None or self.backend != pick:
             return
         try:
-            pool = self._pool()  # a racing release starts it over; the calls' deadline bounds it
-            pool._lookup(self.spec, pool._deadline(None))
+            self._model_lookup(self.spec)
         except ModelNotFoundError:
             raise  # no backend can load a model that is not there
         except (ModelLoadError, MissingDependencyError) as exc:
@@ -559,8 +568,7 @@ class RerankSettings(SharedModelFields):
         self, query: str, texts: Sequence[str], settings: WindowSettings
     ) -> WindowPlan:
         spec = self._checked_spec(self.spec)
-        pool = self._pool()  # a racing release starts it over; the calls' deadline bounds it
-        _, model = pool._lookup(spec, pool._deadline(None))
+        _, model = self._model_lookup(spec)
         return windower_for(model).plan(query, texts, settings)
 
     @staticmethod

@@ -374,10 +374,7 @@ class SharedEmbeddings(SharedModelFields, Embeddings):
         """The loaded model's (prompts, default_prompt_name); (None, None) for a backend without
         named prompts (its own prompt handling applies). Loads the model on first use."""
         spec = self._checked_spec(self.spec)
-        # A dict lookup once loaded; a release racing the load starts it over, as calls do, and
-        # the calls' deadline (request_timeout_s) bounds the wait for a load.
-        pool = self._pool()
-        handle, model = pool._lookup(spec, pool._deadline(None))
+        handle, model = self._model_lookup(spec)  # a dict lookup once loaded
         cached = self._prompt_cache.get(spec)
         if cached is None or cached[0]() is not handle:
             prompts = getattr(model, "prompts", None)
