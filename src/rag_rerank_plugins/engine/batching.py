@@ -1,16 +1,14 @@
 """Batching: token estimates, micro-batch cutting, and the pass a micro-batch becomes.
 
 Items are sorted by estimated length and cut into passes bounded by the batch-size cap and the
-token budget (sorting alone halved padding waste). The estimate is a character rule corrected
-towards the tokenizer's real counts after every prepared pass (:class:`TokenScale`); only batch
-shapes depend on it, never results.
+token budget (sorting alone halved padding waste). The estimate is a byte rule, one scale for
+every script, corrected towards the tokenizer's real counts after every prepared pass
+(:class:`TokenScale`); only batch shapes depend on it, never results.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -27,25 +25,27 @@ __all__ = ["TOKEN_SCALE_RATE", "Batch", "TokenScale", "cut_micro_batches", "esti
 TOKEN_SCALE_RATE = 0.3
 
 
-@functools.cache
-def _token_pattern() -> re.Pattern[str]:
-    return re.compile(r"\w+|[^\w\s]", re.UNICODE)
-
-
 def estimate_tokens(text: str) -> int:
-    """Cheap subword-count estimate, no tokenizer call: 2 tokens per 7 characters of ASCII text,
-    ~1.3 tokens per word or symbol otherwise (CJK and other scripts pack more tokens per
-    character). Both overestimate WordPiece on English by ~30 %, the scale the default token
-    budgets were tuned with (a tighter ASCII estimate made CPU passes ~6 % slower).
+    """Cheap subword-count estimate, no tokenizer call: 2 tokens per 7 bytes of UTF-8, one rule
+    for every script. It overestimates WordPiece on English by ~30 %, the scale the default
+    token budgets were tuned with (a tighter estimate made CPU passes ~6 % slower).
 
-    It runs in the callers' threads, under the GIL, for every item: the ASCII path costs ~0.1 us
-    where the regex costs ~17 us per passage, time the prepare thread would otherwise wait for.
+    Why bytes: only the items' order and the passes' shapes depend on the estimate, so what
+    matters is that texts in different scripts land on one scale. A UTF-8 byte count gives
+    letters outside ASCII (2-3 bytes) the extra pieces subword tokenizers cut them into.
+    all-MiniLM-L6-v2's tokenizer, real tokens per estimated one: English 0.71, German with
+    umlauts 1.18, Chinese and Japanese 1.16, Russian and Arabic 1.6 (the earlier rule, words x 1.3
+    for any text outside ASCII, gave 1.7 for that German and 3.8-7.3 for the others: a Chinese
+    passage sorted as a fifth of its length); SciFact passages 0.77 with or without a non-ASCII
+    character (0.77 and 0.97 before), which cut the padding of its 2-item passes from 7.5 % to
+    5.8 %. It runs in the callers' threads, under the GIL, for every item: ~0.1 us for ASCII and
+    ~0.6 us for other text (the word regex cost ~11 us per SciFact passage).
     """
     if len(text) > 20_000:  # long texts are truncated by the model anyway
         return len(text) // 3
     if text.isascii():
         return len(text) * 2 // 7 + 1
-    return int(len(_token_pattern().findall(text)) * 1.3) + 1
+    return len(text.encode("utf-8", "surrogatepass")) * 2 // 7 + 1
 
 
 class TokenScale:
