@@ -134,8 +134,24 @@ def test_two_phase_protocol(tiny_ce_path: str, onnx_cache: str, pool: ModelPool)
     assert batch.size == 2
     assert all(v.dtype == np.int64 for v in batch.payload.values())
     assert batch.padded_tokens == batch.payload["input_ids"].size
+    # The real tokens too: without them the engine's stats took its length estimate for them
+    # (padding_ratio came out negative) and its token scale never learned this tokenizer.
+    assert batch.real_tokens == int(batch.payload["attention_mask"].sum())
+    assert 0 < batch.real_tokens < batch.padded_tokens  # the short pair is padded
     scores = model.finish(task, model.forward(task, batch))
     assert scores == model.score_pairs(items, batch_size=1)
+
+
+def test_stats_count_the_tokenizers_real_tokens(
+    real_ce_path: str, onnx_cache: str, passages: list[str]
+) -> None:
+    pool = ModelPool()
+    spec = onnx_spec(real_ce_path, onnx_cache)
+    pool.score_pairs(spec, mixed_pairs(passages))
+    stats = pool.spec_stats(spec)
+    assert 0 <= stats["padding_ratio"] < 0.5
+    assert stats["token_scale"] != 1.0  # learned from the passes' real counts
+    pool.clear()
 
 
 # -- int8 quality on real text ---------------------------------------------------------------

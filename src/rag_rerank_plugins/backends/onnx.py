@@ -318,7 +318,8 @@ class OnnxCrossEncoder(OnnxRuntimeModel, RerankerModel):
     def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
         arrays = self.tokenize([(self._prompt + str(q), str(p)) for q, p in items])
         payload = {n: arrays[n] for n in self._feeds}
-        return Prepared(payload, len(items), int(arrays["input_ids"].size))
+        mask = arrays["attention_mask"]
+        return Prepared(payload, len(items), int(mask.size), int(mask.sum()))
 
     def forward(self, task: Task, batch: Prepared) -> Any:
         return self.session.run([self.output], batch.payload)[0]
