@@ -19,7 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rag_rerank_plugins.backends.base import SCORE
-from rag_rerank_plugins.engine.batching import TokenScale, cut_micro_batches, estimate_tokens
+from rag_rerank_plugins.engine.batching import (
+    LONG_TEXT,
+    TokenScale,
+    cut_micro_batches,
+    estimate_tokens,
+)
 from rag_rerank_plugins.engine.request import Request
 
 SENTENCES = {
@@ -106,4 +111,24 @@ def test_any_text_gets_a_positive_estimate_that_grows_with_it(text: str) -> None
 
 def test_lone_surrogates_and_huge_texts_are_estimated() -> None:
     assert estimate_tokens("\ud800 broken pair from a JSON decoder") >= 1
-    assert estimate_tokens("x" * 50_000) == 50_000 // 3
+    assert estimate_tokens("x" * 50_000) == 50_000 * 2 // 7 + 1
+
+
+@pytest.mark.parametrize("char", ["a", "é", "я", "中", "😀"])
+def test_one_rule_across_the_long_text_boundary(char: str) -> None:
+    """Past LONG_TEXT characters only a prefix is encoded, at the same byte rate: a flat
+    1/3 token per character there once estimated 20,001 Chinese characters at 2.6x fewer
+    tokens than 19,999, and doubling a 15,000-character text lowered its estimate."""
+    below, above = estimate_tokens(char * (LONG_TEXT - 1)), estimate_tokens(char * (LONG_TEXT + 1))
+    assert below <= above <= below * 1.01
+    assert estimate_tokens(char * 15_000 * 2) >= estimate_tokens(char * 15_000)
+    assert estimate_tokens(char * 90_000) == pytest.approx(
+        estimate_tokens(char * 9_000) * 10, rel=0.01
+    )
+
+
+def test_long_texts_in_other_scripts_stay_on_the_scale(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    for lang in ("zh", "ru", "en"):
+        text = (SENTENCES[lang] * 1000)[:30_000]
+        ratio = len(tokenizer.encode(text).ids) / estimate_tokens(text)
+        assert 0.5 <= ratio <= 2.0, (lang, ratio)
