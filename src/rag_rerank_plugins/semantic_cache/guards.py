@@ -17,7 +17,8 @@ decision, and dense similarity alone gets it wrong exactly where it matters ("Ar
 An identical query text always passes (whatever the guard says about it), and is returned before
 any other candidate, whatever a score tie or a rounding above 1.0 says.
 
-Long queries (more than :data:`MAX_SEMANTIC_WORDS` words on either side) only hit on identical
+Long queries (more than :data:`MAX_SEMANTIC_WORDS` lexical tokens on either side: words, and
+each character of a script written without spaces, :func:`.lexical.tokens`) only hit on identical
 text: such a query is mostly not the question (LangChain's LLM cache sees a RAG prompt, the
 retrieved context with the question at its end), and no guard can tell two of them apart.
 """

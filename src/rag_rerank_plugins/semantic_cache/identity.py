@@ -40,7 +40,16 @@ from dataclasses import dataclass
 __all__ = ["Identity", "disagreement", "extract", "fold", "nfc", "words"]
 
 _APOSTROPHES = "'\u2019\uff07"  # ', the typographic one and the full-width one
-_WORD = re.compile(rf"[\w§]+(?:[{_APOSTROPHES}]\w+)*", re.UNICODE)
+#: Letters that ``\w`` leaves out: the vowel signs and viramas of Indic scripts, Thai, Lao,
+#: Myanmar and Khmer (combining marks, written inside a word), Hebrew and Arabic points, the kana
+#: voicing marks. Without them "नहीं" was split into "नह" and a lone mark, and no word list matched.
+_MARKS = (
+    "\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7\u0610-\u061a\u064b-\u065f\u0670"
+    "\u0900-\u0963\u0966-\u0dff\u0e31\u0e34-\u0e3a\u0e47-\u0e4e\u0eb1\u0eb4-\u0ebc"
+    "\u0ec8-\u0ecd\u102b-\u103e\u1056-\u1059\u105e-\u1060\u1062-\u1064\u1067-\u106d"
+    "\u1071-\u1074\u1082-\u108d\u108f\u109a-\u109d\u17b4-\u17d3\u17dd\u3099\u309a"
+)
+_WORD = re.compile(rf"[\w§{_MARKS}]+(?:[{_APOSTROPHES}][\w{_MARKS}]+)*", re.UNICODE)
 #: A digit group; a sign or a leading decimal point counts where it starts the token ("-10",
 #: ".5"), not inside one ("10-20", "CVE-2021", "v.5").
 _NUMBER = re.compile(r"(?:(?<![\w.,])[-\u2212]?[.,]?(?=\d))?\d+(?:[.,]\d+)*")
@@ -142,6 +151,25 @@ _NEGATIONS = {
     "sin", "jamas", "ningun", "ninguna", "nadie", "tampoco",
     "ne", "pas", "sans", "aucun", "aucune", "nicht", "kein", "keine", "keinen", "niemals", "ohne",
 }  # fmt: skip
+#: The same in Italian, Dutch, Russian, Greek, Hindi, Arabic, Hebrew and Korean, as written
+#: (folded into :data:`_NEGATIONS` below: folding strips Greek accents and splits Hangul).
+_OTHER_NEGATIONS = (
+    "non", "senza", "nessuno", "nessuna", "niente", "nulla",
+    "niet", "geen", "nooit", "zonder", "niets", "niemand",
+    "не", "нет", "нельзя", "никогда", "ни", "без", "ничего", "никто",
+    "δεν", "μην", "όχι", "χωρίς", "ποτέ", "κανένας", "τίποτα",
+    "नहीं", "न", "मत", "बिना",
+    "لا", "ليس", "ليست", "لم", "لن", "بدون",
+    "לא", "אין", "בלי",
+    "안",
+)  # fmt: skip
+#: Negation inside a word, where a language does not set it apart: Chinese 不 / 没 (沒),
+#: Japanese polite and past negatives, Korean 않 / 못 / 없. Matched in the text itself. Not 未 or
+#: 别 (未来 "future", 特别 "especially"), nor a bare ない (少ない "few").
+_NEGATION_MARKS = (
+    "不", "没", "沒", "ません", "なかった", "ないで", "しない", "できない", "ではない",
+    "じゃない", "않", "못", "없",
+)  # fmt: skip
 #: Words that show a Portuguese query, where "no" means "in the", not "no". Not "do" ("of the"):
 #: English questions start with it ("Do children with no fever need ...?" is negated).
 _PORTUGUESE = {"o", "os", "dos", "da", "das", "na", "nas", "nos", "ao", "aos", "em",
@@ -154,6 +182,9 @@ def fold(text: str) -> str:
         return text.lower()
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+_NEGATIONS |= {fold(word) for word in _OTHER_NEGATIONS}
 
 
 def nfc(text: str) -> str:
@@ -236,7 +267,7 @@ def extract(text: str) -> Identity:
     entities: set[str] = set()
     named: list[tuple[int, str]] = []  # (word index, folded) of each entity, in order
     contrasts: set[str] = set()
-    negated = False
+    negated = not text.isascii() and any(mark in text for mark in _NEGATION_MARKS)
     mostly_upper = sum(t.group().isupper() for t in raw) > len(raw) / 2
     for i, (match, word) in enumerate(zip(raw, folded, strict=True)):
         token = match.group()

@@ -5,7 +5,12 @@ how rare each word is among the cached questions (BM25's IDF), says whether they
 distinctive words. Fused, they reject near misses that a dense threshold alone lets through.
 
 Tokens are folded words (:func:`.identity.words`) with structural markers canonicalised ("Art."
-and "artigo" are one token) and numbers normalised ("1.000" = "1000"). The corpus statistics
+and "artigo" are one token) and numbers normalised ("1.000" = "1000"). Scripts written without
+spaces (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) count one token per character, as
+character n-gram indexes of those languages do: split on spaces and punctuation alone, a
+Chinese clause was one "word", so two questions differing by a name shared no token at all, and
+a 1,300-character Chinese RAG prompt counted 33 words, under the long-query rule's 160
+(:data:`.guards.MAX_SEMANTIC_WORDS`). The corpus statistics
 (document frequencies, average length) are kept incrementally per namespace, so a put or a
 removal costs a few dictionary updates, and scoring a handful of candidates is microseconds.
 """
@@ -13,6 +18,7 @@ removal costs a few dictionary updates, and scoring a handful of candidates is m
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -24,16 +30,43 @@ K1 = 1.2
 B = 0.75
 
 
+#: Scripts written without spaces between words: CJK ideographs (with extensions and
+#: compatibility forms), Hiragana, Katakana (with its extensions and half-width forms), Thai, Lao,
+#: Myanmar, Khmer.
+_SPACELESS = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]"
+)
+
+
+def _pieces(word: str) -> list[str]:
+    """``word``, or, where it has characters of a script without spaces, each such character
+    and each run of the others ("gpt4模型" -> "gpt4", "模", "型")."""
+    if word.isascii() or not _SPACELESS.search(word):
+        return [word]
+    out: list[str] = []
+    start = 0
+    for match in _SPACELESS.finditer(word):
+        if match.start() > start:
+            out.append(word[start : match.start()])
+        out.append(match.group())
+        start = match.end()
+    if start < len(word):
+        out.append(word[start:])
+    return out
+
+
 def tokens(text: str) -> list[str]:
     """The BM25 tokens of ``text`` (see the module docstring)."""
-    out = []
-    for word in words(text):
-        if word in MARKERS:
-            out.append(f"§{MARKERS[word]}")
-        elif _NUMBER.fullmatch(word):
-            out.append(normalize_number(word))
-        else:
-            out.append(word)
+    out: list[str] = []
+    for whole in words(text):
+        for word in _pieces(whole):
+            if word in MARKERS:
+                out.append(f"§{MARKERS[word]}")
+            elif _NUMBER.fullmatch(word):
+                out.append(normalize_number(word))
+            else:
+                out.append(word)
     return out
 
 
