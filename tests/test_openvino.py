@@ -378,3 +378,51 @@ def test_passes_come_in_the_finer_bucket_lengths_and_padding_changes_no_score(
     monkeypatch.setenv("RAG_RERANK_SHAPE_BUCKETS", "0")
     own_length = [pool.score_pairs(spec, [pair])[0] for pair in pairs]
     assert max(abs(a - b) for a, b in zip(padded, own_length, strict=True)) <= 1e-5
+
+
+# -- pass size ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "large", "want"),
+    [
+        ("avx512_bf16", "bfloat16", True, 512),  # measured: XLM-R large 1.06x at 512
+        ("avx512_bf16", "bfloat16", False, None),  # MiniLM: level, keeps the default
+        ("avx512_bf16", "float32", True, None),  # not measured
+        ("amx", "bfloat16", True, None),  # not measured
+        ("avx2", "float32", True, None),
+    ],
+)
+def test_large_bf16_rerankers_run_512_token_passes_where_measured(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    kind: str,
+    dtype: str,
+    large: bool,
+    want: int | None,
+) -> None:
+    from rag_rerank_plugins.backends import openvino_cross_encoder as ov_ce
+
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", kind)
+    weights = tmp_path / "model.bin"
+    with weights.open("wb") as f:  # sparse: no disk used
+        f.truncate(ov_ce.LARGE_IR_BYTES + 1 if large else 90 << 20)
+    assert ov_ce.cpu_token_budget(dtype, weights) == want
+    assert ov_ce.cpu_token_budget(dtype, tmp_path / "missing.bin") is None
+
+
+def test_a_small_reranker_keeps_the_engines_pass_size(
+    monkeypatch: pytest.MonkeyPatch, tiny_ce_path: str, ov_cache: str
+) -> None:
+    monkeypatch.setenv("RAG_RERANK_CPU_KIND", "avx512_bf16")
+    pool = ModelPool()
+    spec = ModelSpec(
+        tiny_ce_path,
+        backend="openvino-cross-encoder",
+        device="cpu",
+        dtype="bfloat16",
+        options={"cache_dir": ov_cache},
+    )
+    pool.score_pairs(spec, [("q", "a passage")])
+    assert pool.spec_stats(spec)["token_budget"] == 1024
+    pool.clear()
