@@ -33,34 +33,19 @@ B = 0.75
 #: Scripts written without spaces between words: CJK ideographs (with extensions and
 #: compatibility forms), Hiragana, Katakana (with its extensions and half-width forms), Thai, Lao,
 #: Myanmar, Khmer.
-_SPACELESS = re.compile(
-    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
-    "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]"
+_SPACELESS = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"
 )
-
-
-def _pieces(word: str) -> list[str]:
-    """``word``, or, where it has characters of a script without spaces, each such character
-    and each run of the others ("gpt4模型" -> "gpt4", "模", "型")."""
-    if word.isascii() or not _SPACELESS.search(word):
-        return [word]
-    out: list[str] = []
-    start = 0
-    for match in _SPACELESS.finditer(word):
-        if match.start() > start:
-            out.append(word[start : match.start()])
-        out.append(match.group())
-        start = match.end()
-    if start < len(word):
-        out.append(word[start:])
-    return out
+#: One character of those scripts, or a run of anything else ("gpt4模型" -> "gpt4", "模", "型").
+_PIECE = re.compile(f"[{_SPACELESS}]|[^{_SPACELESS}]+")
 
 
 def tokens(text: str) -> list[str]:
     """The BM25 tokens of ``text`` (see the module docstring)."""
     out: list[str] = []
     for whole in words(text):
-        for word in _pieces(whole):
+        for word in [whole] if whole.isascii() else _PIECE.findall(whole):
             if word in MARKERS:
                 out.append(f"§{MARKERS[word]}")
             elif _NUMBER.fullmatch(word):
