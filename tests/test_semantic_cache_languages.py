@@ -16,7 +16,7 @@ import pytest
 from rag_rerank_plugins import ModelPool, ModelSpec
 from rag_rerank_plugins.semantic_cache import SemanticCache
 from rag_rerank_plugins.semantic_cache.guards import MAX_SEMANTIC_WORDS, too_long
-from rag_rerank_plugins.semantic_cache.identity import extract, words
+from rag_rerank_plugins.semantic_cache.identity import disagreement, extract, words
 from rag_rerank_plugins.semantic_cache.lexical import tokens
 
 ZH_CONTEXT = (
@@ -100,10 +100,65 @@ def test_a_negated_question_does_not_get_the_plain_ones_answer(
 
 @pytest.mark.parametrize(
     "text",
-    ["未来的天气怎么样？", "特别推荐哪本书？", "少ない予算で旅行するには？", "Qual é o risco?"],
-)
+    [
+        "未来的天气怎么样？", "特别推荐哪本书？", "少ない予算で旅行するには？", "Qual é o risco?",
+        "Python和Java有什么不同？", "海关没收了哪些物品？", "泰坦尼克号是哪一年沉没的？",
+        "비밀번호를 잘못 입력하면 계정이 잠기나요?", "この薬は副作用が少ないですか？",
+        "昨年の売上は少なかったですか？", "すみません、東京駅はどこですか？",
+        "Πότε πρέπει να παίρνω ασπιρίνη;", "ΠΟΤΕ ΠΡΕΠΕΙ ΝΑ ΠΑΙΡΝΩ ΑΣΠΙΡΙΝΗ;",
+    ],
+)  # fmt: skip
 def test_words_that_only_look_negative_are_not_negations(text: str) -> None:
+    """不同 "different", 没收 "confiscate", 잘못 "wrong", すみません "excuse me", πότε "when?"
+    (ποτέ "never" folds to it): flagged as negated, such a question hid a real negation added
+    to it (the flag was already set), and got the plain question's answer."""
     assert extract(text).negated is False
+
+
+#: A plain question holding a word that looks negative, and the same question negated.
+NEGATED_AGAIN = [
+    ("这两个版本有什么不同？可以直接升级吗？", "这两个版本有什么不同？不可以直接升级吗？"),
+    ("잘못된 약을 먹었을 때 물을 마셔야 합니까?",
+     "잘못된 약을 먹었을 때 물을 마시지 않아야 합니까?"),
+    ("副作用が少ないですが、妊娠中に飲めますか？", "副作用が少ないですが、妊娠中に飲めませんか？"),
+    ("Πότε πρέπει να παίρνω ασπιρίνη;", "Πότε δεν πρέπει να παίρνω ασπιρίνη;"),
+    ("这个药能吃吗？没问题吗？", "这个药不能吃吗？没问题吗？"),  # 没 counted on both sides
+    ("Is it not safe to drive?", "Is it not safe to not drive?"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("plain", "negated"), NEGATED_AGAIN)
+def test_negations_are_counted_so_a_second_one_is_seen(plain: str, negated: str) -> None:
+    assert extract(negated).negations == extract(plain).negations + 1
+    assert disagreement(extract(plain), extract(negated)) == "negation"
+    assert disagreement(extract(plain), extract(plain)) is None
+
+
+@pytest.mark.parametrize(("plain", "negated"), NEGATED_AGAIN[:4])
+def test_a_second_negation_does_not_get_the_first_ones_answer(
+    cache: SemanticCache, plain: str, negated: str
+) -> None:
+    namespace = f"neg2-{abs(hash(plain))}"
+    cache.put(plain, "ANSWER-TO-PLAIN", namespace=namespace)
+    assert cache.lookup(negated, namespace=namespace) is None
+    assert cache.lookup(plain, namespace=namespace) is not None
+
+
+def test_non_prefixed_words_are_negations_in_english_too() -> None:
+    """Italian "non" also catches English "non-toxic": the opposite of "toxic", which hit before.
+    The price, documented: "non-profit" and "nonprofit" are two questions (a miss, not a
+    wrong answer)."""
+    assert disagreement(extract("Is the paint toxic?"), extract("Is the paint non-toxic?"))
+    assert extract("What is a non-profit?").negated
+    assert not extract("What is a nonprofit?").negated
+
+
+def test_a_word_of_combining_marks_alone_is_no_token() -> None:
+    """A lone Hebrew point between spaces is kept in the word pattern (marks belong to their
+    word) and folds to nothing: it must not become an empty word for BM25 or the word count."""
+    assert words("a \u05b0 b") == ["a", "b"]
+    assert tokens("a \u05b0 b") == ["a", "b"]
+    assert "" not in extract("a \u05b0 b").words
 
 
 def test_names_in_scripts_without_case_are_left_to_the_scores(cache: SemanticCache) -> None:

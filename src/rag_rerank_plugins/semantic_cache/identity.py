@@ -24,7 +24,9 @@ the ``hybrid`` guard can demand that they agree:
 * **entities**: acronyms and capitalised words inside a sentence; each must occur (case and
   accent folded) among the other query's words.
 * **negated**: whether any negation ("not", "n't", "never", "não", "sem", "nunca", "sin",
-  "nicht", ...) occurs; one query negated and the other not is a different question.
+  "nicht", ...; word lists in fourteen languages, marks inside words in Chinese, Japanese and
+  Korean) occurs, and how many (``negations``); one query negated and the other not, or
+  negated more often ("有什么不同, 可以...吗" / "...不可以...吗"), is a different question.
 
 Markers ("Art.", "artigo", "article", "§", "seção", "nº") are canonicalised, so "Art. 72" and
 "artigo 72" agree. The rules are deliberately conservative: when in doubt they extract more, which
@@ -153,23 +155,29 @@ _NEGATIONS = {
 }  # fmt: skip
 #: The same in Italian, Dutch, Russian, Greek, Hindi, Arabic, Hebrew and Korean, as written
 #: (folded into :data:`_NEGATIONS` below: folding strips Greek accents and splits Hangul).
+#: Not Greek ποτέ ("never"): it folds to πότε ("when?"); "never" comes with δεν or μην.
 _OTHER_NEGATIONS = (
     "non", "senza", "nessuno", "nessuna", "niente", "nulla",
     "niet", "geen", "nooit", "zonder", "niets", "niemand",
     "не", "нет", "нельзя", "никогда", "ни", "без", "ничего", "никто",
-    "δεν", "μην", "όχι", "χωρίς", "ποτέ", "κανένας", "τίποτα",
+    "δεν", "μην", "όχι", "χωρίς", "κανένας", "τίποτα",
     "नहीं", "न", "मत", "बिना",
     "لا", "ليس", "ليست", "لم", "لن", "بدون",
     "לא", "אין", "בלי",
     "안",
 )  # fmt: skip
 #: Negation inside a word, where a language does not set it apart: Chinese 不 / 没 (沒),
-#: Japanese polite and past negatives, Korean 않 / 못 / 없. Matched in the text itself. Not 未 or
-#: 别 (未来 "future", 特别 "especially"), nor a bare ない (少ない "few").
-_NEGATION_MARKS = (
-    "不", "没", "沒", "ません", "なかった", "ないで", "しない", "できない", "ではない",
-    "じゃない", "않", "못", "없",
-)  # fmt: skip
+#: Japanese polite and past negatives, Korean 않 / 못 / 없. Matched in the text itself, each
+#: occurrence counted (:attr:`Identity.negations`), so a mark inside an ordinary word that a
+#: rule misses costs a cache miss, never hides a second, real negation. Left out where they
+#: begin or end common words: 不同 "different", 不少 "many", 不过 "but", 不但 / 不仅 "not only",
+#: 不久 "soon", 不断 "steadily", 不论 "whatever"; 没收 "confiscate", 沉没 / 淹没 / 埋没 "sink,
+#: flood, bury"; すみません "excuse me"; 少なかった / 少ないです "was / is few" (a bare ない:
+#: 少ない "few"); 잘못 "wrong"; 未 (未来 "future") and 别 (特别 "especially") entirely.
+_NEGATION_MARKS = re.compile(
+    "不(?![同少过過但仅僅久断斷论論])|(?<![沉淹埋])[没沒](?!收)|(?<!すみ)ません|(?<!少)なかった"
+    "|ないで(?!す)|しない|できない|ではない|じゃない|않|(?<!잘)못|없"
+)
 #: Words that show a Portuguese query, where "no" means "in the", not "no". Not "do" ("of the"):
 #: English questions start with it ("Do children with no fever need ...?" is negated).
 _PORTUGUESE = {"o", "os", "dos", "da", "das", "na", "nas", "nos", "ao", "aos", "em",
@@ -204,7 +212,8 @@ def words(text: str) -> list[str]:
     Why split first and fold each word after: folding can change where words end ("½" folds
     to "1", a fraction slash and "2"; one Arabic ligature to four words), and :func:`extract`
     pairs each word with the raw token it came from: both must come from one split."""
-    return [_fold_word(token) for token in _WORD.findall(nfc(text))]
+    folded = (_fold_word(token) for token in _WORD.findall(nfc(text)))
+    return [word for word in folded if word]  # a word of combining marks alone folds to ""
 
 
 def normalize_number(raw: str) -> str:
@@ -238,6 +247,9 @@ class Identity:
     words: frozenset[str]
     #: ``group:side`` of each contrast word ("extreme:0" for "minimum"); see ``_CONTRASTS``.
     contrasts: frozenset[str] = frozenset()
+    #: How many negations (words and marks); ``negated`` is ``negations > 0``. Compared as a
+    #: count: "有什么不同, 可以...吗" and "有什么不同, 不可以...吗" are both negated.
+    negations: int = 0
 
 
 def _code(token: str) -> str | None:
@@ -267,14 +279,14 @@ def extract(text: str) -> Identity:
     entities: set[str] = set()
     named: list[tuple[int, str]] = []  # (word index, folded) of each entity, in order
     contrasts: set[str] = set()
-    negated = not text.isascii() and any(mark in text for mark in _NEGATION_MARKS)
+    negations = 0 if text.isascii() else len(_NEGATION_MARKS.findall(text))
     mostly_upper = sum(t.group().isupper() for t in raw) > len(raw) / 2
     for i, (match, word) in enumerate(zip(raw, folded, strict=True)):
         token = match.group()
         prev = folded[i - 1] if i else ""
         nxt = folded[i + 1] if i + 1 < len(folded) else ""
         if word in _NEGATIONS or word.endswith("n't") or (word == "no" and not portuguese):
-            negated = True
+            negations += 1
         if word in _NUMBER_WORDS:
             numbers.append((match.start(), _NUMBER_WORDS[word]))
             continue
@@ -320,9 +332,10 @@ def extract(text: str) -> Identity:
         numbers=tuple(value for _, value in sorted(numbers)),
         codes=tuple(sorted(codes)),
         entities=frozenset(entities),
-        negated=negated,
-        words=frozenset(folded),
+        negated=negations > 0,
+        words=frozenset(word for word in folded if word),  # a word of marks alone folds to ""
         contrasts=frozenset(contrasts),
+        negations=negations,
     )
 
 
@@ -383,7 +396,7 @@ def disagreement(a: Identity, b: Identity) -> str | None:
         return "numbers"
     if a.codes != b.codes:
         return "codes"
-    if a.negated != b.negated:
+    if a.negated != b.negated or a.negations != b.negations:
         return "negation"
     if _opposed(a.contrasts, b.contrasts):
         return "contrast"
