@@ -359,6 +359,31 @@ def test_openvino_runs_the_repositorys_own_ir(repo: Path, cache: Path) -> None:
     assert build_count() == before
 
 
+def test_the_repositorys_int8_ir_reports_int8(repo: Path, cache: Path, tmp_path: Path) -> None:
+    """sentence-transformers' openvino_model_qint8_quantized.xml is INT8 already: stats said
+    the BF16 or FP32 hint it was compiled with, and the pass-size rule read it as a float IR."""
+    ov = pytest.importorskip("openvino")
+    nncf = pytest.importorskip("nncf")
+    from transformers import AutoTokenizer
+
+    own = tmp_path / "repo"
+    shutil.copytree(repo, own)
+    tokenizer = AutoTokenizer.from_pretrained(own)
+    feeds = [dict(tokenizer(q, p, return_tensors="np")) for q, p in PAIRS]
+    model = ov.Core().read_model(str(own / "openvino" / "openvino_model.xml"))
+    quantized = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds))
+    ov.save_model(quantized, str(own / "openvino" / "openvino_model_qint8_quantized.xml"))
+    int8 = {"file_name": "openvino_model_qint8_quantized.xml"}
+    ce = stock(own, {"backend": "openvino", "model_kwargs": int8})
+    assert len(ce.score(PAIRS)) == len(PAIRS)
+    stats = ce.stats()
+    assert stats["dtype"] == "int8"
+    assert "INT8: FakeQuantize ops" in stats["kernels"]
+    plain = stock(own, {"backend": "openvino", "model_kwargs": {"file_name": "openvino_model.xml"}})
+    plain.score(PAIRS)
+    assert plain.stats()["dtype"] in ("float32", "bfloat16")
+
+
 def test_an_ir_of_another_task_or_with_quantize_is_refused(repo: Path, cache: Path) -> None:
     pytest.importorskip("openvino")
     tokens = stock(

@@ -545,6 +545,16 @@ def _copy_ir(source: Path, final: Path, meta: dict[str, Any]) -> None:
     logger.info("rag-rerank: cached %s's own OpenVINO IR %s: %s", meta["model"], source, final)
 
 
+def has_fake_quantize(xml: Path) -> bool:
+    """Whether an IR is statically quantized (NNCF / POT INT8 IRs carry ``FakeQuantize`` ops).
+    Read from the graph file, a few MB at most (the weights are in ``model.bin``)."""
+    try:
+        with xml.open("rb") as f:
+            return any(b'type="FakeQuantize"' in line for line in f)
+    except OSError:
+        return False
+
+
 def _check_prebuilt(spec: ModelSpec, inner: Any, meta: dict[str, Any]) -> None:
     """Point the twin's ``forward`` at the IR's output, and check on one probe that it gives
     what the twin's ``finish`` reads: a cross-encoder's logits ([pairs, labels]), an embedder's
@@ -888,7 +898,10 @@ class OpenVinoModel:
         # What the CPU plugin chose, not what was asked: a BF16 hint runs FP32 without native
         # BF16, and stats said BF16 (an explicit dtype="bfloat16" on such a CPU).
         runs = compiled_precision(compiled) if compiled is not None else None
-        self.dtype = "int8" if meta["ir"] == "int8" else (runs or dtype)
+        # A repository's IR (file_name) may be INT8 already (sentence-transformers'
+        # openvino_model_qint8_quantized.xml): its FakeQuantize ops say so, not our meta.
+        prebuilt_int8 = bool(meta.get("file")) and has_fake_quantize(entry / "model.xml")
+        self.dtype = "int8" if meta["ir"] == "int8" or prebuilt_int8 else (runs or dtype)
         self.max_tokens = inner.max_tokens
         self.ir_cache_hit = hit
         # Passes run in the engine's parallel CPU device workers, one infer request per thread
@@ -905,6 +918,8 @@ class OpenVinoModel:
         built = "converted"
         if meta.get("file"):  # the repository's IR runs, not the twin's graph it describes
             extra, built = f", the repository's IR {meta['file'].split(':')[0]}, as it is", "copied"
+            if prebuilt_int8:
+                extra += " (INT8: FakeQuantize ops)"
         version = meta["openvino"].split("-")[0]
         streams = f" ({describe_compiled(compiled)})" if compiled is not None else ""
         precision = ""

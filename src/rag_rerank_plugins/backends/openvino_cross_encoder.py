@@ -46,7 +46,7 @@ class OpenVinoCrossEncoder(OpenVinoModel, RerankerModel):
 
 #: IR weights above this many bytes make a large model (XLM-R large, bge-reranker-v2-m3: 2.2 GB
 #: in FP32; base models ~0.44 GB, MiniLM 0.09 GB).
-LARGE_IR_BYTES = 1 << 30
+LARGE_IR_BYTES = 1_000_000_000
 #: Padded tokens per pass for such a model in BF16 on an AVX512-BF16 CPU without AMX.
 LARGE_TOKEN_BUDGET = 512
 
