@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rag_rerank_plugins import ModelPool, ModelSpec
 from rag_rerank_plugins.semantic_cache import SemanticCache
@@ -168,3 +170,27 @@ def test_names_in_scripts_without_case_are_left_to_the_scores(cache: SemanticCac
     hit = cache.lookup("부산의 인구는 얼마입니까?", namespace="ko")
     assert hit is not None
     assert hit.value == "9.4M"
+
+
+#: Text drawn from the scripts and marks the rules read: CJK, kana, Hangul, Greek, Cyrillic,
+#: Devanagari with its vowel signs, Hebrew points, Latin, digits, spaces and punctuation.
+SCRIPTS = st.text(
+    st.sampled_from(
+        list("不同没收沉잘못않없すみませんなかったないでπότεδνеДं्नहीमत\u05b0לא aA1-?,.？、")
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SCRIPTS, SCRIPTS)
+def test_negation_count_invariants(a: str, b: str) -> None:
+    """Whatever the text: ``negated`` is ``negations > 0``; a question agrees with itself; no
+    empty word; and adding a negation word always changes the count, so it is always seen."""
+    ia = extract(a)
+    assert ia.negated == (ia.negations > 0)
+    assert disagreement(ia, extract(a)) is None
+    assert "" not in ia.words
+    assert "" not in words(a)
+    joined = extract(f"{a} not {b}")
+    assert joined.negations == extract(f"{a} {b}").negations + 1
