@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import platform
 import sys
 import warnings
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve simulated requests through LangChain and LlamaIndex; show the pool stats",
         description="Build one vector store per framework, then serve simulated requests, each "
         "with freshly built reranker adapters, and show that every model loaded once. Runs "
-        "offline with the packaged all-MiniLM-L6-v2 (extra 'offline').",
+        "offline with the packaged all-MiniLM-L6-v2. Needs the extras 'langchain,llama-index,"
+        "offline'.",
     )
     demo.add_argument(
         "--requests",
@@ -594,6 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `rag-rerank info | head`: the reader left; no traceback
+        # Python flushes stdout again at exit: point it at devnull so that does not raise too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return code
 
 

@@ -7,7 +7,8 @@ statistics printed at the end show each model loaded exactly once, and the timin
 building an adapter costs microseconds while a request costs milliseconds.
 
 Everything runs offline with the packaged all-MiniLM-L6-v2 (extra ``offline``): it embeds, and the
-``bi-encoder`` backend reranks with the very same loaded embedder.
+``bi-encoder`` backend reranks with the very same loaded embedder. It needs the extras
+``langchain,llama-index,offline`` (a missing one is named in a MissingDependencyError).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from importlib import resources
+from importlib import import_module, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .exceptions import MissingDependencyError
 
 if TYPE_CHECKING:
     from .pool import ModelPool
@@ -179,7 +182,13 @@ def run_demo(
             rerank_model,
         )
 
-    # Heavy imports only here, so that importing this module (and the CLI) stays cheap.
+    # Heavy imports only here, so that importing this module (and the CLI) stays cheap. Our
+    # adapter packages first: without langchain-core or llama-index-core they raise
+    # MissingDependencyError naming the extra, where the stock imports below gave a bare
+    # ModuleNotFoundError.
+    for adapters in ("langchain", "llama_index"):
+        import_module(f"{__package__}.{adapters}._compat")  # their import guards
+
     from langchain_core.documents import Document
     from langchain_core.vectorstores import InMemoryVectorStore
     from llama_index.core import VectorStoreIndex
@@ -188,9 +197,14 @@ def run_demo(
     try:
         from langchain_classic.retrievers import ContextualCompressionRetriever
     except ImportError:  # LangChain < 1.0 ships it in the main package
-        from langchain.retrievers import (  # type: ignore[no-redef,import-not-found]
-            ContextualCompressionRetriever,
-        )
+        try:
+            from langchain.retrievers import (  # type: ignore[no-redef,import-not-found]
+                ContextualCompressionRetriever,
+            )
+        except ImportError:
+            raise MissingDependencyError(
+                "langchain-classic", "langchain", "rag-rerank demo"
+            ) from None
 
     from .langchain import SharedEmbeddings, SharedRerankCompressor
     from .llama_index import SharedEmbedding, SharedRerankPostprocessor

@@ -166,6 +166,15 @@ def fake_embedder_spec(name: str = "fake", **options: object) -> ModelSpec:
     return ModelSpec(name, backend="fake-embedder", device="cpu", options=tuple(options.items()))
 
 
+def _require_st(purpose: str) -> None:
+    """torch and transformers, or a MissingDependencyError naming the ``st`` extra (a bare
+    ModuleNotFoundError told a user of a lighter install nothing about what to add)."""
+    from .backends._torch_common import import_optional
+
+    import_optional("torch", "torch", "st", purpose)
+    import_optional("transformers", "transformers", "st", purpose)
+
+
 def build_cross_encoder(
     path: str | Path,
     *,
@@ -186,6 +195,7 @@ def build_cross_encoder(
     ``num_labels`` > 1 (with optional label names ``id2label``) builds a multi-label classifier,
     e.g. the (not relevant, relevant) heads of msmarco rerankers.
     """
+    _require_st("testing.build_cross_encoder")
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -233,6 +243,7 @@ def build_cross_encoder_from_encoder(
     its activations have the ranges of a trained model, so dtype effects (BF16, FP16, int8)
     on scores and rankings are realistic; the scores still carry no relevance signal to speak of.
     """
+    _require_st("testing.build_cross_encoder_from_encoder")
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
@@ -400,6 +411,7 @@ def train_byte_bpe_tokenizer(
     name some of them. "yes", "no", "Yes" and "No" are single tokens (answer tokens of LLM
     rerankers). Deterministic for the same inputs; nothing is downloaded.
     """
+    _require_st("testing.train_byte_bpe_tokenizer")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -446,6 +458,7 @@ def build_causal_lm_reranker(
     ``vocab_size`` defaults to the tokenizer's (pass 151669 for Qwen3-Reranker's embedding size);
     ``head_dim`` (Qwen3 only) to ``hidden_size // num_heads`` (the real Qwen3 models use 128).
     """
+    _require_st("testing.build_causal_lm_reranker")
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 

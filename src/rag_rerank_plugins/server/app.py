@@ -22,9 +22,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-
 from .. import __version__
+from ..exceptions import MissingDependencyError
+
+try:
+    from fastapi import FastAPI
+except ImportError:  # create_app imported without the extra: name it, as serve() does
+    raise MissingDependencyError("fastapi", "server", "rag_rerank_plugins.server") from None
 from ..pool import ModelPool, get_pool
 from .config import ServerConfig, check_api_key
 from .errors import error_response, handled_exceptions

@@ -357,8 +357,8 @@ class ServerConfig(ModelDefaults):
         sqlite_path = store.removeprefix("sqlite:///") if store else ""
         if store is not None and store != "memory" and (sqlite_path == store or not sqlite_path):
             raise ValueError("must be 'memory' or 'sqlite:///path/to/file.db'")
-        if sqlite_path:
-            from ..semantic_cache.sqlite import check_folder  # numpy: only when configured
+        if store is not None and store != "memory":  # "memory" is no path to check
+            from ..semantic_cache.sqlite import check_folder
 
             try:
                 check_folder(sqlite_path)

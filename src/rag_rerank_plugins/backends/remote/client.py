@@ -85,7 +85,7 @@ def load_httpx() -> Any:
     try:
         import httpx
     except ImportError:
-        raise MissingDependencyError("httpx", "remote", "The remote backends") from None
+        raise MissingDependencyError("httpx", "remote", "The remote backend") from None
     return httpx
 
 
