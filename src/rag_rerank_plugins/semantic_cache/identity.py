@@ -167,16 +167,19 @@ _OTHER_NEGATIONS = (
     "안",
 )  # fmt: skip
 #: Negation inside a word, where a language does not set it apart: Chinese 不 / 没 (沒),
-#: Japanese polite and past negatives, Korean 않 / 못 / 없. Matched in the text itself, each
-#: occurrence counted (:attr:`Identity.negations`), so a mark inside an ordinary word that a
-#: rule misses costs a cache miss, never hides a second, real negation. Left out where they
-#: begin or end common words: 不同 "different", 不少 "many", 不过 "but", 不但 / 不仅 "not only",
-#: 不久 "soon", 不断 "steadily", 不论 "whatever"; 没收 "confiscate", 沉没 / 淹没 / 埋没 "sink,
-#: flood, bury"; すみません "excuse me"; 少なかった / 少ないです "was / is few" (a bare ない:
-#: 少ない "few"); 잘못 "wrong"; 未 (未来 "future") and 别 (特别 "especially") entirely.
+#: Japanese ない / なかった / ません, Korean 않 / 못 / 없. Matched in the text itself, each
+#: occurrence counted (:attr:`Identity.negations`): a mark inside an ordinary word costs a cache
+#: miss, and never hides a second, real negation. So the exclusions are few, for common words
+#: that never negate: 不同 "different" (not 不同意 "disagree"), 不但 / 不仅 "not only", 不断
+#: "steadily", 不论 "whatever", 不久 "soon", 不过 "but" (not 不过分, 不过关); 没收 "confiscate"
+#: (not 没收到 "did not receive"), 沉没 / 淹没 / 埋没 "sink, flood, bury"; すみません "excuse me";
+#: 少ない / 危ない "few, dangerous" (and their past forms); 잘못 "wrong". Not 未 or 别 at all (未来
+#: "future", 特别 "especially"). 不少 ("many", but 不少于 "no fewer than") stays a negation.
 _NEGATION_MARKS = re.compile(
-    "不(?![同少过過但仅僅久断斷论論])|(?<![沉淹埋])[没沒](?!收)|(?<!すみ)ません|(?<!少)なかった"
-    "|ないで(?!す)|しない|できない|ではない|じゃない|않|(?<!잘)못|없"
+    "不(?!同(?!意)|但|仅|僅|断|斷|论|論|久|[过過](?![分关關]))"
+    "|(?<![沉淹埋])[没沒](?!收(?!到))"
+    "|(?<!すみ)ません|(?<![少危])なかった|(?<![少危])ない"
+    "|않|(?<!잘)못|없"
 )
 #: Words that show a Portuguese query, where "no" means "in the", not "no". Not "do" ("of the"):
 #: English questions start with it ("Do children with no fever need ...?" is negated).
