@@ -65,22 +65,23 @@ def test_demo_names_the_missing_extra(blocked: set[str], extra: str) -> None:
     assert f"pip install 'rag-rerank-plugins[{extra}]'" in result.stderr
 
 
-def test_create_app_without_fastapi_names_the_server_extra() -> None:
-    result = _run(
-        {"fastapi", "starlette"},
-        """
-        try:
-            from rag_rerank_plugins.server import create_app
-        except MissingDependencyError as exc:
-            assert exc.extra == "server", exc
-            print(exc)
-        else:
-            raise SystemExit("no error")
-        from rag_rerank_plugins.server import ServerConfig  # reading the config needs no fastapi
-        """,
+def _names_the_extra(blocked: set[str], setup: str, statement: str, extra: str) -> None:
+    """``statement`` (after ``setup``), with ``blocked`` unimportable, raises
+    MissingDependencyError for ``extra``, whose message says what to install."""
+    check = (
+        f"try:\n    {statement}\nexcept MissingDependencyError as exc:\n"
+        f"    assert exc.extra == {extra!r}, exc\n    print(exc)\n"
+        "else:\n    raise SystemExit('no error')\n"
     )
+    result = _run(blocked, textwrap.dedent(setup) + check)
     assert result.returncode == 0, result.stderr
-    assert "pip install 'rag-rerank-plugins[server]'" in result.stdout
+    assert f"pip install 'rag-rerank-plugins[{extra}]'" in result.stdout
+
+
+def test_create_app_without_fastapi_names_the_server_extra() -> None:
+    setup = "from rag_rerank_plugins.server import ServerConfig  # the config needs no fastapi\n"
+    statement = "from rag_rerank_plugins.server import create_app"
+    _names_the_extra({"fastapi", "starlette"}, setup, statement, "server")
 
 
 @pytest.mark.parametrize(
@@ -93,9 +94,7 @@ def test_create_app_without_fastapi_names_the_server_extra() -> None:
     ],
 )
 def test_testing_builders_name_the_st_extra(call: str) -> None:
-    result = _run(
-        {"transformers"},
-        f"""
+    setup = """
         import tempfile
         from rag_rerank_plugins.testing import *  # the fakes import without transformers
         from rag_rerank_plugins.testing import (
@@ -103,17 +102,8 @@ def test_testing_builders_name_the_st_extra(call: str) -> None:
             train_byte_bpe_tokenizer,
         )
         tmp = tempfile.mkdtemp()
-        try:
-            {call}
-        except MissingDependencyError as exc:
-            assert exc.extra == "st", exc
-            print(exc)
-        else:
-            raise SystemExit("no error")
-        """,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "pip install 'rag-rerank-plugins[st]'" in result.stdout
+        """
+    _names_the_extra({"transformers"}, setup, call, "st")
 
 
 def test_the_semantic_cache_needs_only_core_dependencies() -> None:

@@ -97,16 +97,6 @@ def test_negations_in_the_listed_languages_are_told_apart(plain: str, negated: s
     assert extract(negated).negated is True
 
 
-@pytest.mark.parametrize(("plain", "negated"), NEGATED[:4])
-def test_a_negated_question_does_not_get_the_plain_ones_answer(
-    cache: SemanticCache, plain: str, negated: str
-) -> None:
-    namespace = f"neg-{abs(hash(plain))}"
-    cache.put(plain, "yes", namespace=namespace)
-    assert cache.lookup(negated, namespace=namespace) is None
-    assert cache.lookup(plain, namespace=namespace) is not None
-
-
 @pytest.mark.parametrize(
     "text",
     [
@@ -143,11 +133,13 @@ def test_negations_are_counted_so_a_second_one_is_seen(plain: str, negated: str)
     assert disagreement(extract(plain), extract(plain)) is None
 
 
-@pytest.mark.parametrize(("plain", "negated"), NEGATED_AGAIN[:4])
-def test_a_second_negation_does_not_get_the_first_ones_answer(
+@pytest.mark.parametrize(("plain", "negated"), NEGATED[:4] + NEGATED_AGAIN[:4])
+def test_a_negated_question_does_not_get_the_plain_ones_answer(
     cache: SemanticCache, plain: str, negated: str
 ) -> None:
-    namespace = f"neg2-{abs(hash(plain))}"
+    """Through the cache, with the default embedder: a negation (or a second one, next to a
+    word that only looks negative) misses; the plain question still hits."""
+    namespace = f"neg-{abs(hash(plain))}"
     cache.put(plain, "ANSWER-TO-PLAIN", namespace=namespace)
     assert cache.lookup(negated, namespace=namespace) is None
     assert cache.lookup(plain, namespace=namespace) is not None
