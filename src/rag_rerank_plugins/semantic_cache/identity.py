@@ -25,8 +25,10 @@ the ``hybrid`` guard can demand that they agree:
   accent folded) among the other query's words.
 * **negated**: whether any negation ("not", "n't", "never", "não", "sem", "nunca", "sin",
   "nicht", ...; word lists in fourteen languages, marks inside words in Chinese, Japanese and
-  Korean) occurs, and how many (``negations``); one query negated and the other not, or
-  negated more often ("有什么不同, 可以...吗" / "...不可以...吗"), is a different question.
+  Korean) occurs, and how many (``negations``: each mark, and each sentence holding negation
+  words, so that "ne ... pas", "no ... nunca" and "não ... nada" count once, as "pas" or
+  "nunca" alone do); one query negated and the other not, or negated more often
+  ("有什么不同, 可以...吗" / "...不可以...吗"), is a different question.
 
 Markers ("Art.", "artigo", "article", "§", "seção", "nº") are canonicalised, so "Art. 72" and
 "artigo 72" agree. The rules are deliberately conservative: when in doubt they extract more, which
@@ -151,7 +153,8 @@ _NEGATIONS = {
     "cannot", "dont", "doesnt", "didnt", "cant", "wont", "isnt", "arent", "wasnt", "shouldnt",
     "nao", "nem", "nunca", "jamais", "sem", "nenhum", "nenhuma", "nada", "ninguem",
     "sin", "jamas", "ningun", "ninguna", "nadie", "tampoco",
-    "ne", "pas", "sans", "aucun", "aucune", "nicht", "kein", "keine", "keinen", "niemals", "ohne",
+    "ne", "pas", "sans", "aucun", "aucune",
+    "nicht", "kein", "keine", "keinen", "nie", "niemals", "ohne",
 }  # fmt: skip
 #: The same in Italian, Dutch, Russian, Greek, Hindi, Arabic, Hebrew and Korean, as written
 #: (folded into :data:`_NEGATIONS` below: folding strips Greek accents and splits Hangul).
@@ -167,20 +170,23 @@ _OTHER_NEGATIONS = (
     "안",
 )  # fmt: skip
 #: Negation inside a word, where a language does not set it apart: Chinese 不 / 没 (沒),
-#: Japanese ない / なかった / ません, Korean 않 / 못 / 없. Matched in the text itself, each
-#: occurrence counted (:attr:`Identity.negations`): a mark inside an ordinary word costs a cache
-#: miss, and never hides a second, real negation. So the exclusions are few, for common words
-#: that never negate: 不同 "different" (not 不同意 "disagree"), 不但 / 不仅 "not only", 不断
-#: "steadily", 不论 "whatever", 不久 "soon", 不过 "but" (not 不过分, 不过关); 没收 "confiscate"
-#: (not 没收到 "did not receive"), 沉没 / 淹没 / 埋没 "sink, flood, bury"; すみません "excuse me";
-#: 少ない / 危ない "few, dangerous" (and their past forms); 잘못 "wrong". Not 未 or 别 at all (未来
-#: "future", 特别 "especially"). 不少 ("many", but 不少于 "no fewer than") stays a negation.
+#: Japanese ない / なかった / なく(て) / ません, Korean 않 / 못 / 없. Matched in the text
+#: itself, each occurrence counted (:attr:`Identity.negations`): a mark inside an ordinary word
+#: costs a cache miss, and never hides a second, real negation. So a word is left out only where
+#: no negation can begin or end the same way: 不但 / 不仅 "not only", 不论 "whatever"; 沉没 /
+#: 淹没 / 埋没 "sink, flood, bury"; すみません "excuse me"; 少ない / 危ない "few, dangerous" (and
+#: their other forms); 잘못 "wrong". Not 不同 "different" (不同意 "disagree", 不同步 "out of
+#: sync"), 不过 "but" (不过敏 "not allergic"), 没收 "confiscate" (没收到 "not received"), 不少
+#: "many" (不少于 "no fewer than"): those count, a miss at worst. Not 未 or 别 at all (未来
+#: "future", 特别 "especially").
 _NEGATION_MARKS = re.compile(
-    "不(?!同(?!意)|但|仅|僅|断|斷|论|論|久|[过過](?![分关關]))"
-    "|(?<![沉淹埋])[没沒](?!收(?!到))"
-    "|(?<!すみ)ません|(?<![少危])なかった|(?<![少危])ない"
+    "不(?![但仅僅论論])|(?<![沉淹埋])[没沒]"
+    "|(?<!すみ)ません|(?<![少危])な(?:い|かった|く)"
     "|않|(?<!잘)못|없"
 )
+#: Characters that end a sentence: negation words count once per sentence that holds them
+#: (:func:`extract`).
+_SENTENCE_STOPS = frozenset(".?!;\n\u2026\u3002\uff1f\uff01\uff1b")
 #: Words that show a Portuguese query, where "no" means "in the", not "no". Not "do" ("of the"):
 #: English questions start with it ("Do children with no fever need ...?" is negated).
 _PORTUGUESE = {"o", "os", "dos", "da", "das", "na", "nas", "nos", "ao", "aos", "em",
@@ -250,8 +256,9 @@ class Identity:
     words: frozenset[str]
     #: ``group:side`` of each contrast word ("extreme:0" for "minimum"); see ``_CONTRASTS``.
     contrasts: frozenset[str] = frozenset()
-    #: How many negations (words and marks); ``negated`` is ``negations > 0``. Compared as a
-    #: count: "有什么不同, 可以...吗" and "有什么不同, 不可以...吗" are both negated.
+    #: How many negations: each negation mark, and each sentence holding negation words (a
+    #: language's double negation, "ne ... pas", is one). ``negated`` is ``negations > 0``.
+    #: Compared as a count: "有什么不同, 可以...吗" and "有什么不同, 不可以...吗" are both negated.
     negations: int = 0
 
 
@@ -283,13 +290,17 @@ def extract(text: str) -> Identity:
     named: list[tuple[int, str]] = []  # (word index, folded) of each entity, in order
     contrasts: set[str] = set()
     negations = 0 if text.isascii() else len(_NEGATION_MARKS.findall(text))
+    negated_sentences: set[int] = set()
+    sentence = 0
     mostly_upper = sum(t.group().isupper() for t in raw) > len(raw) / 2
     for i, (match, word) in enumerate(zip(raw, folded, strict=True)):
         token = match.group()
         prev = folded[i - 1] if i else ""
         nxt = folded[i + 1] if i + 1 < len(folded) else ""
+        if i and not _SENTENCE_STOPS.isdisjoint(text[raw[i - 1].end() : match.start()]):
+            sentence += 1
         if word in _NEGATIONS or word.endswith("n't") or (word == "no" and not portuguese):
-            negations += 1
+            negated_sentences.add(sentence)
         if word in _NUMBER_WORDS:
             numbers.append((match.start(), _NUMBER_WORDS[word]))
             continue
@@ -335,10 +346,10 @@ def extract(text: str) -> Identity:
         numbers=tuple(value for _, value in sorted(numbers)),
         codes=tuple(sorted(codes)),
         entities=frozenset(entities),
-        negated=negations > 0,
+        negated=negations + len(negated_sentences) > 0,
         words=frozenset(word for word in folded if word),  # a word of marks alone folds to ""
         contrasts=frozenset(contrasts),
-        negations=negations,
+        negations=negations + len(negated_sentences),
     )
 
 
