@@ -84,6 +84,40 @@ def test_create_app_without_fastapi_names_the_server_extra() -> None:
     _names_the_extra({"fastapi", "starlette"}, setup, statement, "server")
 
 
+def test_create_app_with_a_broken_fastapi_quotes_its_error() -> None:
+    """fastapi installed, its starlette not importable: reinstalling the extra is not the fix,
+    so the message says it is installed and quotes the import error."""
+    result = _run(
+        {"starlette"},
+        """
+        try:
+            from rag_rerank_plugins.server import create_app
+        except MissingDependencyError as exc:
+            assert exc.extra == "server", exc
+            assert isinstance(exc.__cause__, ImportError)
+            print(exc)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "installed but cannot be imported" in result.stdout
+    assert "starlette" in result.stdout
+
+
+def test_the_tokenizer_builder_needs_no_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_byte_bpe_tokenizer uses tokenizers and transformers only (an [onnx] install): it
+    checks transformers, not torch; the model builders check both."""
+    from rag_rerank_plugins import testing
+    from rag_rerank_plugins.backends import _torch_common
+
+    checked: list[str] = []
+    monkeypatch.setattr(_torch_common, "import_optional", lambda module, *_: checked.append(module))
+    testing.train_byte_bpe_tokenizer(["yes no a b"], vocab_size=300)
+    assert checked == ["transformers"]
+    checked.clear()
+    testing._require_st("build_cross_encoder")
+    assert checked == ["torch", "transformers"]
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -123,6 +157,19 @@ def test_the_semantic_cache_needs_only_core_dependencies() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only stdout's reader going away ends a command quietly; any other BrokenPipeError (a
+    socket, a child process) is a real error and keeps its traceback."""
+    from rag_rerank_plugins import cli
+
+    def handler(*_: object) -> int:
+        raise BrokenPipeError("a socket")
+
+    monkeypatch.setattr(cli, "_cmd_info", handler)
+    with pytest.raises(BrokenPipeError, match="a socket"):
+        cli.main(["info"])
 
 
 def test_info_into_a_closed_pipe_prints_no_traceback() -> None:

@@ -585,7 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     def out(line: str) -> None:
-        print(line, flush=True)
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:  # `rag-rerank info | head`: the reader left
+            raise _StdoutClosed from None
 
     from .exceptions import RagRerankError
 
@@ -596,11 +599,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `rag-rerank info | head`: the reader left; no traceback
-        # Python flushes stdout again at exit: point it at devnull so that does not raise too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except _StdoutClosed:  # no traceback; other BrokenPipeErrors are real errors
+        _silence_stdout()
         return 1
     return code
+
+
+class _StdoutClosed(Exception):
+    """Standard output's reader went away (a closed pipe) while a command printed."""
+
+
+def _silence_stdout() -> None:
+    """Point the stdout file descriptor at devnull: Python flushes stdout again at exit, and that
+    flush would raise a second BrokenPipeError. Only when stdout is a real file descriptor."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a StringIO, or closed
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -166,12 +166,14 @@ def fake_embedder_spec(name: str = "fake", **options: object) -> ModelSpec:
     return ModelSpec(name, backend="fake-embedder", device="cpu", options=tuple(options.items()))
 
 
-def _require_st(purpose: str) -> None:
-    """torch and transformers, or a MissingDependencyError naming the ``st`` extra (a bare
-    ModuleNotFoundError told a user of a lighter install nothing about what to add)."""
+def _require_st(purpose: str, *, torch: bool = True) -> None:
+    """torch (unless ``torch=False``) and transformers, or a MissingDependencyError naming the
+    ``st`` extra (a bare ModuleNotFoundError told a user of a lighter install nothing about what
+    to add)."""
     from .backends._torch_common import import_optional
 
-    import_optional("torch", "torch", "st", purpose)
+    if torch:
+        import_optional("torch", "torch", "st", purpose)
     import_optional("transformers", "transformers", "st", purpose)
 
 
@@ -411,7 +413,7 @@ def train_byte_bpe_tokenizer(
     name some of them. "yes", "no", "Yes" and "No" are single tokens (answer tokens of LLM
     rerankers). Deterministic for the same inputs; nothing is downloaded.
     """
-    _require_st("testing.train_byte_bpe_tokenizer")
+    _require_st("testing.train_byte_bpe_tokenizer", torch=False)  # tokenizers + transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

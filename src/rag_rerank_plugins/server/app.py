@@ -18,6 +18,7 @@ names it next to a 500's traceback), and a 500 leaves the keep-alive connection 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,8 +28,15 @@ from ..exceptions import MissingDependencyError
 
 try:
     from fastapi import FastAPI
-except ImportError:  # create_app imported without the extra: name it, as serve() does
-    raise MissingDependencyError("fastapi", "server", "rag_rerank_plugins.server") from None
+except ImportError as exc:  # create_app imported without the extra: name it, as serve() does
+    # Installed but failing its own imports (a starlette it does not fit): say so, quoting it.
+    try:
+        _broken = exc if importlib.util.find_spec("fastapi") is not None else None
+    except (ImportError, ValueError):  # no spec to be found either: not installed
+        _broken = None
+    raise MissingDependencyError(
+        "fastapi", "server", "rag_rerank_plugins.server", broken=_broken
+    ) from exc
 from ..pool import ModelPool, get_pool
 from .config import ServerConfig, check_api_key
 from .errors import error_response, handled_exceptions
