@@ -1,12 +1,14 @@
 """OpenVINO under our engine, variants A/B in one process (issue 22).
 
     python benchmarks/openvino_ab.py [--rounds 7] [--dtype bfloat16] [--variants a,b,...]
+        [--shape minilm|xlmr]
 
 Every variant is warm and requests alternate between them round by round, so drift on a shared
 machine hits each alike: compare the ratios inside one run, not the absolute times. The request
 is cpu_peers.py's: 1 query x 50 SciFact passages (``../shared/data/scifact``; run.py's word mix
 when absent) on the MiniLM-L6-shaped cross-encoder carrying the packaged all-MiniLM-L6-v2 encoder
-weights. Each of our variants has a pool of its own, loaded under its settings:
+weights; ``--shape xlmr``: 1 x 20 on the XLM-R large shape (bge-reranker-v2-m3's, random
+weights, run.py's folder). Each of our variants has a pool of its own, loaded under its settings:
 
 * ``ov_before``: the IR as converted before issue 22 (attention left as the ONNX export spells
   it), ``PERFORMANCE_HINT`` LATENCY, one pass at a time (the engine's single device worker);
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--variants", default=",".join([*OURS, *OTHERS]))
     parser.add_argument("--models", type=Path, default=HERE / ".models")
+    parser.add_argument("--shape", default="minilm", choices=["minilm", "xlmr"])
     parser.add_argument(
         "--threads", type=int, help="compute threads for every variant (default: usable cores)"
     )
@@ -122,11 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     from rag_rerank_plugins import ModelPool, ModelSpec
     from rag_rerank_plugins.testing import build_cross_encoder_from_encoder
 
-    model = args.models / "minilm-l6-real-ce"
-    if not (model / "config.json").exists():
-        build_cross_encoder_from_encoder(model)
+    if args.shape == "minilm":
+        model = args.models / "minilm-l6-real-ce"
+        if not (model / "config.json").exists():
+            build_cross_encoder_from_encoder(model)
+    else:
+        from run import _build_xlmr_large
+
+        model = args.models / "xlmr-large-ce"  # the same folder as run.py's and peers.py's
+        if not (model / "config.json").exists():
+            _build_xlmr_large(model)
     os.environ["RAG_RERANK_ONNX_CACHE"] = str(args.models / "export-cache")
-    query, passages = cpu_peers.scifact_passages(50)
+    query, passages = cpu_peers.scifact_passages(50 if args.shape == "minilm" else 20)
     pairs = [(query, p) for p in passages]
     reference = CrossEncoder(str(model), device="cpu", model_kwargs={"dtype": torch.float32})
     want = np.asarray(reference.predict(pairs, batch_size=32))
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     first = statistics.median(next(iter(times.values())))
     lines = [
         f"CPU: {cpu_peers.cpu_line()}",
-        f"{args.rounds} interleaved rounds, 1 x 50 passages, {args.dtype}, "
+        f"{args.rounds} interleaved rounds, {args.shape}, 1 x {len(passages)} passages, "
+        f"{args.dtype}, "
         f"load average at the end {os.getloadavg()[0]:.2f}",
         threads_line(),
         "",
