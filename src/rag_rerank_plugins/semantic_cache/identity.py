@@ -289,7 +289,7 @@ def extract(text: str) -> Identity:
     entities: set[str] = set()
     named: list[tuple[int, str]] = []  # (word index, folded) of each entity, in order
     contrasts: set[str] = set()
-    negations = 0 if text.isascii() else len(_NEGATION_MARKS.findall(text))
+    negations = 0 if text.isascii() else len(_NEGATION_MARKS.findall(text))  # + sentences below
     negated_sentences: set[int] = set()
     sentence = 0
     mostly_upper = sum(t.group().isupper() for t in raw) > len(raw) / 2
@@ -340,16 +340,17 @@ def extract(text: str) -> Identity:
             if named and any(w in _DIRECTIONAL for w in folded[named[-1][0] + 1 : i]):
                 codes.append(f"order:{named[-1][1]}>{word}")
             named.append((i, word))
+    negations += len(negated_sentences)
     numbers.extend(_number_symbols(text))
     codes.extend(_other_symbols(text))
     return Identity(
         numbers=tuple(value for _, value in sorted(numbers)),
         codes=tuple(sorted(codes)),
         entities=frozenset(entities),
-        negated=negations + len(negated_sentences) > 0,
+        negated=negations > 0,
         words=frozenset(word for word in folded if word),  # a word of marks alone folds to ""
         contrasts=frozenset(contrasts),
-        negations=negations + len(negated_sentences),
+        negations=negations,
     )
 
 

@@ -18,25 +18,19 @@ names it next to a 500's traceback), and a 500 leaves the keep-alive connection 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from .. import __version__
-from ..exceptions import MissingDependencyError
+from ..backends._torch_common import import_optional
 
 try:
     from fastapi import FastAPI
-except ImportError as exc:  # create_app imported without the extra: name it, as serve() does
-    # Installed but failing its own imports (a starlette it does not fit): say so, quoting it.
-    try:
-        _broken = exc if importlib.util.find_spec("fastapi") is not None else None
-    except (ImportError, ValueError):  # no spec to be found either: not installed
-        _broken = None
-    raise MissingDependencyError(
-        "fastapi", "server", "rag_rerank_plugins.server", broken=_broken
-    ) from exc
+except ImportError:  # name the extra, as serve() does; a broken fastapi's own error is quoted
+    import_optional("fastapi", "fastapi", "server", "rag_rerank_plugins.server")
+    raise
+
 from ..pool import ModelPool, get_pool
 from .config import ServerConfig, check_api_key
 from .errors import error_response, handled_exceptions
