@@ -148,3 +148,104 @@ def test_a_direct_backend_s_own_interrupts_are_inference_errors_off_the_main_thr
     stats = pool.spec_stats(spec)
     assert (stats["errors"], stats.get("cancelled", 0)) == (1, 0)
     pool.clear()
+
+
+# -- parallel loads of different dtypes ---------------------------------------------------------
+
+
+def _float_dtypes(handle: Any) -> set[Any]:
+    """The dtypes of every floating parameter of the torch modules a loaded handle holds."""
+    import torch
+
+    found: set[Any] = set()
+    for obj in vars(handle.model).values():
+        if isinstance(obj, torch.nn.Module):
+            found |= {p.dtype for p in obj.parameters() if p.is_floating_point()}
+    return found
+
+
+@pytest.fixture
+def slow_dtype_switch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """transformers' ``local_torch_dtype`` (the process-wide default dtype it sets around a
+    model's construction) held a while before and after the build: two unguarded builds in two
+    threads then always overlap, as they did by chance with real models."""
+    import contextlib
+
+    import torch
+    from transformers import modeling_utils
+
+    original = modeling_utils.local_torch_dtype
+
+    @contextlib.contextmanager
+    def held(dtype: Any, model_class_name: str | None = None) -> Iterator[None]:
+        with original(dtype, model_class_name):
+            time.sleep(0.3)
+            yield
+            time.sleep(0.3)
+
+    monkeypatch.setattr(modeling_utils, "local_torch_dtype", held)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)  # never poison later tests, pass or fail
+
+
+def test_parallel_loads_in_two_dtypes_keep_each_dtype_and_the_default(
+    slow_dtype_switch: None, tiny_ce_path: str, minilm_path: str
+) -> None:
+    """Found on an AMX Xeon: three specs loading at once (a bfloat16 cross-encoder, a bfloat16
+    embedder, a float32 cross-encoder) came out with mixed-dtype weights in 5 rounds of 6 (calls
+    failed deep in torch, or ran in float32 while stats() said bfloat16), and torch's default
+    dtype was left at bfloat16 for the whole process. transformers sets that process-wide
+    default around each build; the backends now build one model at a time."""
+    import torch
+
+    specs = [
+        ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="bfloat16"),
+        ModelSpec(minilm_path, backend="sentence-transformers", device="cpu", dtype="bfloat16"),
+        ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32"),
+    ]
+    pool = ModelPool()
+    barrier = threading.Barrier(len(specs))
+    errors: list[BaseException] = []
+
+    def load(spec: ModelSpec) -> None:
+        barrier.wait()
+        try:
+            pool.get(spec)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(spec,)) for spec in specs]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert torch.get_default_dtype() == torch.float32
+        for spec in specs:
+            assert _float_dtypes(pool.get(spec)) == {getattr(torch, spec.dtype)}, spec
+        scores = pool.score_pairs(specs[2], [("q", "a passage"), ("q", "another one")])
+        vectors = pool.embed(specs[1], ["a passage"])
+    finally:
+        pool.clear()
+    fresh = ModelPool()
+    try:
+        assert fresh.score_pairs(specs[2], [("q", "a passage"), ("q", "another one")]) == scores
+        assert fresh.embed(specs[1], ["a passage"]) == vectors
+    finally:
+        fresh.clear()
+
+
+def test_building_puts_back_a_default_dtype_a_library_leaked() -> None:
+    import torch
+
+    from rag_rerank_plugins.backends._torch_common import building
+
+    try:
+        with building():
+            torch.set_default_dtype(torch.bfloat16)  # what an overlapped restore left behind
+        assert torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import ConfigurationError
 from ._torch_common import (
     HostCopy,
+    building,
     features_to,
     import_optional,
     loading_errors,
@@ -189,7 +190,8 @@ def load_causal_lm(spec: ModelSpec, options: dict[str, Any], model_class: Any = 
     cls = model_class or transformers.AutoModelForCausalLM
     with loading_errors(spec):
         tokenizer = transformers.AutoTokenizer.from_pretrained(spec.model, **loading)
-        model = cls.from_pretrained(spec.model, **model_kwargs_for(spec.dtype), **loading)
+        with building():
+            model = cls.from_pretrained(spec.model, **model_kwargs_for(spec.dtype), **loading)
         prepare_module(model, spec.dtype)
         model.to(spec.device)
     return model, tokenizer

@@ -63,7 +63,13 @@ from ..exceptions import (
 )
 from ._build_lock import build_lock
 from ._common import QUANTIZE_MODES, quantize_mode
-from ._torch_common import import_optional, loading_errors, model_kwargs_for, warn_past_positions
+from ._torch_common import (
+    building,
+    import_optional,
+    loading_errors,
+    model_kwargs_for,
+    warn_past_positions,
+)
 from .options import ST_LOADING
 
 if TYPE_CHECKING:
@@ -696,7 +702,7 @@ def st_for_export(spec: ModelSpec, folder: Path, class_name: str) -> Any:
         f"Exporting {spec.model!r} to ONNX (once; a cached export needs only onnxruntime)",
     )
     loading = {k: spec.option(k) for k in sorted(ST_LOADING) if spec.option(k) is not None}
-    with loading_errors(spec):
+    with loading_errors(spec), building():
         model = getattr(st, class_name)(
             str(folder) if spec.is_local_path else spec.model,
             device="cpu",

@@ -4,10 +4,12 @@ Every torch backend loads the same way: import lazily (clear error if the extra 
 installed but not importable), put the weights on one device in the policy's dtype, switch to
 ``eval()`` with gradients off, cap the token limit at what the position table holds
 (:func:`cap_to_positions`), and turn "not found offline" into :class:`ModelNotFoundError` with
-instructions. Two-phase backends (see :mod:`.base`) pin their prepared tensors, copy them to the
-device without blocking, and start one device->host copy per pass (:class:`HostCopy`); on the
-CPU a prepared batch is first padded to its bucket length (:func:`pad_to_bucket`, issue 21: a
-small fixed set of pass shapes, so oneDNN's per-shape kernel caches stop growing).
+instructions. Models are built one at a time (:func:`building`): transformers builds under a
+process-wide default dtype. Two-phase backends (see :mod:`.base`) pin their prepared tensors,
+copy them to the device without blocking, and start one device->host copy per pass
+(:class:`HostCopy`); on the CPU a prepared batch is first padded to its bucket length
+(:func:`pad_to_bucket`, issue 21: a small fixed set of pass shapes, so oneDNN's per-shape kernel
+caches stop growing).
 
 On the CPU, :func:`cpu_kernels` swaps in the faster kernels of :mod:`._cpu_attention` and
 :mod:`._cpu_linear` (backend option ``cpu_kernels``); on every device, :func:`prune_last_layer`
@@ -22,6 +24,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -40,6 +43,7 @@ __all__ = [
     "DECODER_POSITION_TABLES",
     "HostCopy",
     "bind_torch_worker",
+    "building",
     "cap_to_positions",
     "cpu_kernels",
     "cpu_kernels_option",
@@ -350,6 +354,38 @@ def reranker_kernels(module: Any, device: str, cpu: bool, prune: bool) -> str:
     log and ``stats()["kernels"]``."""
     parts = (cpu_kernels(module, device, cpu), prune_last_layer(module, prune))
     return ", ".join(part for part in parts if part)
+
+
+#: Held while a transformers model is built (:func:`building`); re-entrant, as a FlagEmbedding
+#: constructor may build through another loader's code.
+_BUILDING = threading.RLock()
+
+
+@contextlib.contextmanager
+def building() -> Iterator[None]:
+    """Hold around the construction of a transformers model (``from_pretrained``, or the
+    sentence-transformers / FlagEmbedding constructors that call it): one build at a time in
+    this process, and torch's default dtype as it was on entry afterwards.
+
+    Why: transformers builds a model under ``local_torch_dtype``, which sets torch's
+    *process-wide* default dtype for the build and restores the one it saw on entry. The pool
+    loads different specs in parallel, and two builds overlapping in two threads interleaved
+    those set/restore pairs: a bfloat16 model came out with some float32 weights (its calls
+    then failed deep in torch with a dtype mismatch, or ran in float32 while ``stats()`` said
+    bfloat16), a float32 one with bfloat16 weights, and the process could be left with
+    bfloat16 as its default dtype. Reading the weights is most of a build and is disk-bound
+    anyway; everything after it (kernel packing, warm-up) and cached ONNX / OpenVINO loads still
+    run in parallel. A build in a thread of the user's own that does not take this lock can
+    still race ours: transformers' global is not ours to guard."""
+    import torch
+
+    with _BUILDING:
+        before = torch.get_default_dtype()
+        try:
+            yield
+        finally:
+            if torch.get_default_dtype() != before:
+                torch.set_default_dtype(before)
 
 
 @contextlib.contextmanager

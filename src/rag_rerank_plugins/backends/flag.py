@@ -43,6 +43,7 @@ from ._flag_common import (
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    building,
     cpu_kernels,
     cpu_kernels_option,
     cpu_token_budget,
@@ -212,13 +213,14 @@ def load_reranker(spec: ModelSpec, provider: ModelProvider) -> FlagReranker:
     check_preprocessing_options(options)
     flag_mod = import_flag(spec.backend)
     with loading_errors(spec):
-        flag = flag_mod.FlagReranker(
-            spec.model,
-            use_fp16=False,  # our policy casts once, below; FlagEmbedding must never cast per call
-            devices=[spec.device],  # one device: never a process per visible GPU
-            max_length=spec.max_length or FLAG_DEFAULT_MAX_LENGTH,
-            **options,
-        )
+        with building():
+            flag = flag_mod.FlagReranker(
+                spec.model,
+                use_fp16=False,  # our policy casts once, below; FlagEmbedding never casts per call
+                devices=[spec.device],  # one device: never a process per visible GPU
+                max_length=spec.max_length or FLAG_DEFAULT_MAX_LENGTH,
+                **options,
+            )
         flag.max_length = cap_max_length(flag.model, int(flag.max_length), spec.model)
         flag.query_max_length = _fitting_query_max_length(flag, spec.model)
         config = flag.model.config
@@ -373,16 +375,17 @@ def load_m3(spec: ModelSpec, provider: ModelProvider) -> FlagM3Embedder:
     max_length = spec.max_length or FLAG_DEFAULT_MAX_LENGTH
     options.setdefault("query_max_length", max_length)
     with loading_errors(spec):
-        flag = flag_mod.BGEM3FlagModel(
-            spec.model,
-            # Only selects the dtype the weights are *loaded* in (no FP32 detour); every later
-            # cast and device move is ours, once, below.
-            use_fp16=spec.dtype == "float16",
-            use_bf16=spec.dtype == "bfloat16",
-            devices=[spec.device],
-            passage_max_length=max_length,
-            **options,
-        )
+        with building():
+            flag = flag_mod.BGEM3FlagModel(
+                spec.model,
+                # Only selects the dtype the weights are *loaded* in (no FP32 detour); every
+                # later cast and device move is ours, once, below.
+                use_fp16=spec.dtype == "float16",
+                use_bf16=spec.dtype == "bfloat16",
+                devices=[spec.device],
+                passage_max_length=max_length,
+                **options,
+            )
         # BGEM3FlagModel keeps its encoder in .model.model (the heads around it).
         encoder = getattr(flag.model, "model", flag.model)
         for attr in ("passage_max_length", "query_max_length"):

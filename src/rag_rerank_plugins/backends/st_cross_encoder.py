@@ -31,6 +31,7 @@ from ._common import label_index, score_mode_of
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    building,
     cap_to_positions,
     cpu_kernels_option,
     cpu_token_budget,
@@ -187,13 +188,14 @@ def load(spec: ModelSpec, provider: ModelProvider) -> CrossEncoderReranker:
     kernels = cpu_kernels_option(options)
     prune = prune_last_layer_option(options)
     with loading_errors(spec):
-        model = st.CrossEncoder(
-            spec.model,
-            device=spec.device,
-            max_length=spec.max_length,
-            model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
-            **options,
-        )
+        with building():
+            model = st.CrossEncoder(
+                spec.model,
+                device=spec.device,
+                max_length=spec.max_length,
+                model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
+                **options,
+            )
         cap_to_positions(model, spec.max_length, spec.model)
         prepare_module(model, spec.dtype)
         quantize_module(model, quantize, spec.device, spec.dtype)

@@ -23,6 +23,7 @@ from .._stock import check_truncate_dim
 from ._torch_common import (
     HostCopy,
     bind_torch_worker,
+    building,
     cap_to_positions,
     cpu_kernels,
     cpu_kernels_option,
@@ -179,12 +180,13 @@ def load(spec: ModelSpec, provider: ModelProvider) -> SentenceTransformerEmbedde
     quantize = options.pop("quantize", None)
     kernels = cpu_kernels_option(options)
     with loading_errors(spec):
-        model = st.SentenceTransformer(
-            spec.model,
-            device=spec.device,
-            model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
-            **options,
-        )
+        with building():
+            model = st.SentenceTransformer(
+                spec.model,
+                device=spec.device,
+                model_kwargs=model_kwargs_for(spec.dtype, options.pop("model_kwargs", None)),
+                **options,
+            )
         if spec.max_length is not None:
             model.max_seq_length = spec.max_length
         cap_to_positions(model, spec.max_length, spec.model)
