@@ -2,8 +2,9 @@
 
 Found by a hostile probe (each test hung before its fix): a parent thread holding a lock outside
 the pool at the fork left it held in the child forever (the CPU thread binding of a device
-worker: one child in ~60 under load; a window planner's tokenizer: 5 children of 6); and every
-child of a parent with an OpenVINO model hung in the runtime's stream executors.
+worker: one child in ~60 under load; a window planner's tokenizer: 5 children of 6; a model's
+construction); every child of a parent with an OpenVINO model hung in the runtime's stream
+executors; and a child's first load of a new model hung or crashed in OpenMP.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def test_locks_held_by_parent_threads_at_the_fork_are_free_in_the_child(tiny_ce_
     from langchain_core.documents import Document
 
     from rag_rerank_plugins import _cpu, windows
+    from rag_rerank_plugins.backends import _torch_common
     from rag_rerank_plugins.langchain import SharedRerankCompressor
 
     pool = ModelPool()
@@ -69,8 +71,13 @@ def test_locks_held_by_parent_threads_at_the_fork_are_free_in_the_child(tiny_ce_
     model = pool.get(comp.spec).model  # the windower is cached per loaded model
     held, done = threading.Event(), threading.Event()
 
-    def hold() -> None:  # a parent device worker mid-bind, a parent call mid-plan
-        with _cpu._bind_lock, windows._cache_lock, windows.windower_for(model)._lock:
+    def hold() -> None:  # a parent device worker mid-bind, a parent call mid-plan, a build
+        with (
+            _cpu._bind_lock,
+            windows._cache_lock,
+            windows.windower_for(model)._lock,
+            _torch_common.building(),
+        ):
             held.set()
             done.wait(30)
 
@@ -83,12 +90,39 @@ def test_locks_held_by_parent_threads_at_the_fork_are_free_in_the_child(tiny_ce_
             _cpu.set_thread_torch_threads(1)
             _cpu.set_thread_torch_threads(2)
             out = comp.compress_documents(docs, "lorem 1")
+            fresh = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
+            ModelPool().score_pairs(fresh, [("q", "p")])  # builds a model in the child
             return [d.metadata["relevance_score"] for d in out]
 
         assert _in_child(child) == pytest.approx(parent, abs=1e-6)
     finally:
         done.set()
         thread.join(10)
+        pool.clear()
+
+
+def test_a_forked_child_loads_a_model_its_parent_did_not(tiny_ce_path: str) -> None:
+    """A ``multiprocessing`` fork worker's first load of a model its parent had not loaded hung
+    or crashed (SIGSEGV in oneDNN's weight packing): GNU OpenMP's thread team of the forking
+    thread is copied into the child without its threads. The load now runs that thread's torch
+    work on one thread; the child's scores are the parent's."""
+    import torch
+
+    pool = ModelPool()
+    pairs = [("what is the capital of france", "Paris is the capital of France."), ("q", "p")]
+    parent_spec = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
+    try:
+        parent = pool.score_pairs(parent_spec, pairs)  # packs weights on this thread
+        torch.ones(1 << 22).mul_(2)  # and one more parallel region here, whatever the load did
+
+        def child() -> list[float]:
+            spec = ModelSpec(
+                tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32", max_length=64
+            )
+            return ModelPool().score_pairs(spec, pairs)
+
+        assert _in_child(child) == pytest.approx(parent, abs=1e-6)
+    finally:
         pool.clear()
 
 

@@ -7,7 +7,8 @@ by a cgroup v2 CPU quota: the number that matters for compute-bound work in a co
 variable torch and the stock libraries honour (a deployment of N worker processes sets it to
 cores / N; before, our engine ignored it and ran every core in each).
 ``set_thread_torch_threads`` gives one engine thread its own intra-op thread count without
-changing torch's default for every other thread. ``cpu_kind``
+changing torch's default for every other thread; ``fork_safe_threads`` keeps a forked child's
+forking thread off the OpenMP team it inherited. ``cpu_kind``
 names the CPU's matrix units (AMX, AVX512-BF16, AVX2), which decide the fastest backend
 (``backend_choice``) and attention kernel (``backends._cpu_attention``); ``RAG_RERANK_CPU_KIND``
 overrides it, so tests never depend on the host.
@@ -15,15 +16,17 @@ overrides it, so tests never depend on the host.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from ._forksafe import ForkSafeLock
+from ._forksafe import ForkSafeLock, at_fork
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "cgroup_cpu_limit",
     "compute_threads",
     "cpu_kind",
+    "fork_safe_threads",
     "omp_threads",
     "set_thread_torch_threads",
     "usable_cores",
@@ -121,6 +125,41 @@ def set_thread_torch_threads(threads: int) -> None:
         shared = _fresh_thread(torch.get_num_threads)
         torch.set_num_threads(threads)
         _fresh_thread(lambda: torch.set_num_threads(shared))
+
+
+#: In a forked child of a process that had imported torch: the thread that called ``fork()``.
+_forking_thread: int | None = None
+
+
+@at_fork
+def _note_forking_thread() -> None:
+    global _forking_thread
+    _forking_thread = threading.get_ident() if "torch" in sys.modules else None
+
+
+@contextlib.contextmanager
+def fork_safe_threads() -> Iterator[None]:
+    """Run this thread's torch ops on one thread inside, when it is the thread that forked this
+    process; elsewhere do nothing.
+
+    Why: GNU OpenMP (torch's CPU threading) keeps, per OS thread, the team of threads that
+    thread's last parallel region used, and ``fork()`` copies that record into the child but not
+    the threads. The child's forking thread then hung (or crashed) at its first parallel torch
+    op: a ``multiprocessing`` fork worker that loaded a model its parent had not (the load packs
+    the weights with oneDNN on the caller's thread) never answered. New threads start a new
+    team, so device workers and callers on other threads keep their counts; only our work on
+    the forking thread is confined, and its own count is put back afterwards."""
+    if _forking_thread is None or _forking_thread != threading.get_ident():
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    set_thread_torch_threads(1)
+    try:
+        yield
+    finally:
+        set_thread_torch_threads(before)
 
 
 def _fresh_thread(call: Callable[[], _T]) -> _T:

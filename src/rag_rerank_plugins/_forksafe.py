@@ -3,10 +3,10 @@
 Why: a lock that a parent thread held at ``fork()`` stays held in the child forever (that thread
 does not exist there), so the child's first call taking it hangs. The pool renews its own locks
 (:mod:`.pool.process`); every other lock on a call path (a device worker's CPU thread binding, a
-window planner's tokenizer, an ONNX session opening, the backend registry) is a
-:class:`ForkSafeLock`, renewed here by one hook. A cache whose entries a parent thread may have
-been using at the fork (a window planner's tokenizer copy) registers a hook with
-:func:`at_fork` that empties it in the child.
+window planner's tokenizer, an ONNX session opening, the backend registry, a model's
+construction) is a :class:`ForkSafeLock`, renewed here by one hook. A cache whose entries a
+parent thread may have been using at the fork (a window planner's tokenizer copy) registers a
+hook with :func:`at_fork` that empties it in the child.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ __all__ = ["ForkSafeLock", "at_fork"]
 
 
 class ForkSafeLock:
-    """A :class:`threading.Lock` (``with``, ``acquire``, ``release``, ``locked``) that is a new,
+    """A :class:`threading.Lock` (``with``, ``acquire``, ``release``, ``locked``), or with
+    ``reentrant=True`` a :class:`threading.RLock` (``locked`` then unavailable), that is a new,
     unheld lock in a forked child."""
 
-    __slots__ = ("__weakref__", "_lock")
+    __slots__ = ("__weakref__", "_lock", "_reentrant")
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, reentrant: bool = False) -> None:
+        self._reentrant = reentrant
+        self._lock: Any = threading.RLock() if reentrant else threading.Lock()
         _LOCKS.add(self)
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -46,7 +48,7 @@ class ForkSafeLock:
         self._lock.release()
 
     def _renew(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock() if self._reentrant else threading.Lock()
 
 
 # Kept across a module reload (a notebook's %autoreload): locks made before it are renewed too.

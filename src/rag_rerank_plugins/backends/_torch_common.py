@@ -24,11 +24,11 @@ import contextlib
 import importlib
 import importlib.util
 import logging
-import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from .._forksafe import ForkSafeLock
 from ..exceptions import (
     ConfigurationError,
     MissingDependencyError,
@@ -356,9 +356,9 @@ def reranker_kernels(module: Any, device: str, cpu: bool, prune: bool) -> str:
     return ", ".join(part for part in parts if part)
 
 
-#: Held while a transformers model is built (:func:`building`); re-entrant, as a FlagEmbedding
-#: constructor may build through another loader's code.
-_BUILDING = threading.RLock()
+#: Held while a transformers model is built (:func:`building`); re-entrant (a loader may call
+#: another's building code), and new in a forked child (a parent thread may be mid-build).
+_BUILDING = ForkSafeLock(reentrant=True)
 
 
 @contextlib.contextmanager

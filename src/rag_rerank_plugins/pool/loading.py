@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from .._cpu import fork_safe_threads
 from .._exitsafe import exiting, native_section
 from .._memory import free_memory
 from ..backends import get_loader
@@ -104,7 +105,8 @@ class Loading(PoolState):
             seq = self._load_seq
         start = time.perf_counter()
         try:
-            model = loader(key, cast("ModelProvider", self))  # ModelPool is one
+            with fork_safe_threads():
+                model = loader(key, cast("ModelProvider", self))  # ModelPool is one
         except BaseException as exc:
             stats.add(load_failures=1)
             _drop_partial_load(exc, key.device)
