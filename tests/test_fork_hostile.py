@@ -154,3 +154,40 @@ def test_a_child_of_a_parent_with_an_openvino_model_reloads_it(
         assert pool.score_pairs(spec, pairs) == parent  # the parent's is untouched
     finally:
         pool.clear()
+
+
+def test_a_fork_worker_of_a_parent_that_never_imported_us_loads(tiny_ce_path: str) -> None:
+    """The review of the fix above: a parent that used torch but had not imported this package
+    (so no fork hook was registered) forked a ``multiprocessing`` worker whose first load hung.
+    Imported in such a worker, the package treats its main thread as the forking thread."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import multiprocessing, sys, torch
+        x = torch.randn(512, 512); (x @ x).sum()  # the parent's own torch work, 2 threads
+        torch.ones(1 << 22).mul_(2)
+        assert "rag_rerank_plugins" not in sys.modules
+
+        def work():
+            from rag_rerank_plugins import ModelPool, ModelSpec
+            spec = ModelSpec({tiny_ce_path!r}, backend="cross-encoder", device="cpu",
+                             dtype="float32")
+            print(ModelPool().score_pairs(spec, [("q", "p")]), flush=True)
+
+        if __name__ == "__main__":
+            worker = multiprocessing.get_context("fork").Process(target=work)
+            worker.start()
+            worker.join(60)
+            if worker.exitcode is None:
+                worker.kill()
+            sys.exit(0 if worker.exitcode == 0 else 1)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

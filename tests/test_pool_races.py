@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -164,88 +165,208 @@ def _float_dtypes(handle: Any) -> set[Any]:
     return found
 
 
-@pytest.fixture
-def slow_dtype_switch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+@contextlib.contextmanager
+def _dtype_switch_hook(hook: Callable[[Any], None]) -> Iterator[None]:
     """transformers' ``local_torch_dtype`` (the process-wide default dtype it sets around a
-    model's construction) held a while before and after the build: two unguarded builds in two
-    threads then always overlap, as they did by chance with real models."""
-    import contextlib
-
+    model's instantiation) calls ``hook(dtype)`` once it has switched, before the model is
+    instantiated; torch's default dtype is float32 again afterwards, pass or fail."""
     import torch
     from transformers import modeling_utils
 
     original = modeling_utils.local_torch_dtype
 
     @contextlib.contextmanager
-    def held(dtype: Any, model_class_name: str | None = None) -> Iterator[None]:
+    def hooked(dtype: Any, model_class_name: str | None = None) -> Iterator[None]:
         with original(dtype, model_class_name):
-            time.sleep(0.3)
+            hook(dtype)
             yield
-            time.sleep(0.3)
 
-    monkeypatch.setattr(modeling_utils, "local_torch_dtype", held)
+    modeling_utils.local_torch_dtype = hooked
     try:
         yield
     finally:
-        torch.set_default_dtype(torch.float32)  # never poison later tests, pass or fail
+        modeling_utils.local_torch_dtype = original
+        torch.set_default_dtype(torch.float32)  # never poison later tests
 
 
-def test_parallel_loads_in_two_dtypes_keep_each_dtype_and_the_default(
-    slow_dtype_switch: None, tiny_ce_path: str, minilm_path: str
-) -> None:
-    """Found on an AMX Xeon: three specs loading at once (a bfloat16 cross-encoder, a bfloat16
-    embedder, a float32 cross-encoder) came out with mixed-dtype weights in 5 rounds of 6 (calls
-    failed deep in torch, or ran in float32 while stats() said bfloat16), and torch's default
-    dtype was left at bfloat16 for the whole process. transformers sets that process-wide
-    default around each build; the backends now build one model at a time."""
+def _bfloat16_build_after(delay: float, path: str) -> threading.Thread:
+    """A bfloat16 load of ``path`` in another thread, ``delay`` seconds from now."""
+
+    def load() -> None:
+        time.sleep(delay)
+        ModelPool().get(ModelSpec(path, backend="cross-encoder", device="cpu", dtype="bfloat16"))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    return thread
+
+
+PAIRS = [("what is the capital of france", "Paris is the capital."), ("q", "a longer passage")]
+
+
+def test_parallel_loads_in_two_dtypes_keep_each_dtype_and_the_default(tiny_ce_path: str) -> None:
+    """Found on an AMX Xeon: specs loading at once in two dtypes came out with mixed-dtype
+    weights in 5 rounds of 6 (calls failed deep in torch, or ran in float32 while stats() said
+    bfloat16), and torch's default dtype could stay bfloat16. transformers sets that
+    process-wide default around each model's instantiation; those switches now take turns.
+    Here the float32 instantiation waits (up to 3 s) for the bfloat16 switch to open."""
     import torch
 
-    specs = [
-        ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="bfloat16"),
-        ModelSpec(minilm_path, backend="sentence-transformers", device="cpu", dtype="bfloat16"),
-        ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32"),
-    ]
+    f32 = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
+    bf16 = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="bfloat16")
+    f32_open, bf16_open = threading.Event(), threading.Event()
+
+    def hook(dtype: Any) -> None:
+        if dtype == torch.float32:
+            f32_open.set()
+            bf16_open.wait(3)  # unguarded, the other build switches the default right now
+        else:
+            bf16_open.set()
+
     pool = ModelPool()
-    barrier = threading.Barrier(len(specs))
-    errors: list[BaseException] = []
-
-    def load(spec: ModelSpec) -> None:
-        barrier.wait()
-        try:
-            pool.get(spec)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=load, args=(spec,)) for spec in specs]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
+        with _dtype_switch_hook(hook):
+            other = threading.Thread(target=lambda: f32_open.wait(30) and pool.get(bf16))
+            other.start()
+            pool.get(f32)
+            other.join(60)
         assert torch.get_default_dtype() == torch.float32
-        for spec in specs:
-            assert _float_dtypes(pool.get(spec)) == {getattr(torch, spec.dtype)}, spec
-        scores = pool.score_pairs(specs[2], [("q", "a passage"), ("q", "another one")])
-        vectors = pool.embed(specs[1], ["a passage"])
+        assert _float_dtypes(pool.get(f32)) == {torch.float32}
+        assert _float_dtypes(pool.get(bf16)) == {torch.bfloat16}
+        got = [pool.score_pairs(spec, PAIRS) for spec in (f32, bf16)]
     finally:
         pool.clear()
     fresh = ModelPool()
     try:
-        assert fresh.score_pairs(specs[2], [("q", "a passage"), ("q", "another one")]) == scores
-        assert fresh.embed(specs[1], ["a passage"]) == vectors
+        assert got == [fresh.score_pairs(spec, PAIRS) for spec in (f32, bf16)]
     finally:
         fresh.clear()
 
 
-def test_building_puts_back_a_default_dtype_a_library_leaked() -> None:
+def test_steps_that_read_the_default_dtype_wait_for_a_build_in_another_thread(
+    tiny_ce_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review of the fix above: dynamic int8 quantization of a float32 model ran
+    while another thread's bfloat16 build held the default dtype, and its scores moved
+    silently (the ONNX exporter traced bfloat16 constants the same way). They now wait."""
     import torch
 
-    from rag_rerank_plugins.backends._torch_common import building
+    from rag_rerank_plugins.backends import st_cross_encoder
+
+    spec = ModelSpec(
+        tiny_ce_path,
+        backend="cross-encoder",
+        device="cpu",
+        dtype="float32",
+        options={"quantize": "int8"},
+    )
+    want = ModelPool().score_pairs(spec, PAIRS)
+    cap = st_cross_encoder.cap_to_positions
+
+    def late_cap(*args: Any, **kwargs: Any) -> Any:  # the post-build steps start late
+        time.sleep(0.8)
+        return cap(*args, **kwargs)
+
+    monkeypatch.setattr(st_cross_encoder, "cap_to_positions", late_cap)
+    pool = ModelPool()
+
+    def hold(dtype: Any) -> None:
+        if dtype != torch.float32:
+            time.sleep(2.0)  # a bfloat16 instantiation that takes a while
 
     try:
-        with building():
-            torch.set_default_dtype(torch.bfloat16)  # what an overlapped restore left behind
-        assert torch.get_default_dtype() == torch.float32
+        with _dtype_switch_hook(hold):
+            other = _bfloat16_build_after(0.2, tiny_ce_path)
+            got = pool.score_pairs(spec, PAIRS)  # quantizes while the bfloat16 switch is open
+            other.join(60)
     finally:
-        torch.set_default_dtype(torch.float32)
+        pool.clear()
+    assert got == want
+
+
+def test_an_onnx_export_waits_for_a_build_in_another_thread(
+    tiny_ce_path: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same review: an uncached ONNX export traced while another thread's bfloat16 build
+    held the default dtype got bfloat16 constants, and the load failed (no Where(16) kernel)."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from rag_rerank_plugins.backends import onnx as onnx_backend
+
+    spec = ModelSpec(
+        tiny_ce_path,
+        backend="onnx-cross-encoder",
+        device="cpu",
+        options={"cache_dir": str(tmp_path / "cache")},
+    )
+    export = onnx_backend.export_graph
+
+    def late_export(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.8)  # starts while the bfloat16 switch below is open
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_backend, "export_graph", late_export)
+
+    def hold(dtype: Any) -> None:
+        if dtype != torch.float32:
+            time.sleep(2.0)
+
+    pool = ModelPool()
+    try:
+        with _dtype_switch_hook(hold):
+            other = _bfloat16_build_after(0.2, tiny_ce_path)
+            got = pool.score_pairs(spec, PAIRS)
+            other.join(60)
+    finally:
+        pool.clear()
+    reference = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
+    want = ModelPool().score_pairs(reference, PAIRS)
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_transformers_dtype_switch_is_guarded_after_a_load(pool: ModelPool, ce_spec: Any) -> None:
+    """The guard wraps transformers' ``local_torch_dtype``: if a transformers release renames
+    it, this fails and the guard needs a new hook."""
+    from transformers import modeling_utils
+
+    pool.get(ce_spec)
+    assert getattr(modeling_utils.local_torch_dtype, "_rag_rerank_guarded", False)
+
+
+def test_a_stalled_weight_fetch_does_not_hold_other_loads(
+    tiny_ce_path: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review of the first version of the fix above (one lock around each whole model
+    constructor): a stalled download of one model's weights (inside ``from_pretrained``) held
+    every other load in the process, even after that spec was released. The lock now covers
+    only transformers' default-dtype switch around the instantiation."""
+    import shutil
+
+    from transformers import modeling_utils
+
+    stalled = tmp_path / "stalled-ce"
+    shutil.copytree(tiny_ce_path, stalled)
+    fetch = modeling_utils._get_resolved_checkpoint_files
+    release = threading.Event()
+
+    def slow_fetch(*args: Any, **kwargs: Any) -> Any:  # a hub download that does not progress
+        path = str(kwargs.get("pretrained_model_name_or_path", args[0] if args else ""))
+        if "stalled" in path:
+            release.wait(30)
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "_get_resolved_checkpoint_files", slow_fetch)
+    pool = ModelPool()
+    slow = ModelSpec(str(stalled), backend="cross-encoder", device="cpu", dtype="float32")
+    fast = ModelSpec(tiny_ce_path, backend="cross-encoder", device="cpu", dtype="float32")
+    thread = threading.Thread(target=pool.get, args=(slow,), daemon=True)
+    try:
+        thread.start()
+        time.sleep(1.0)  # the stalled load is under way
+        assert len(pool.score_pairs(fast, [("q", "p")], timeout=20)) == 1
+        assert thread.is_alive()  # answered while the other load still waits
+    finally:
+        release.set()
+        thread.join(30)
+        pool.clear()

@@ -127,8 +127,24 @@ def set_thread_torch_threads(threads: int) -> None:
         _fresh_thread(lambda: torch.set_num_threads(shared))
 
 
+def _forked_worker_thread() -> int | None:
+    """At import, in a ``multiprocessing`` fork child whose parent had loaded torch (it is
+    loaded here already): the thread that forked, which is this process's main thread now. For
+    a child whose parent had not imported this package (so :func:`_note_forking_thread` was
+    not registered there)."""
+    if "torch" not in sys.modules:
+        return None
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        return None
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        return None
+    return threading.main_thread().ident
+
+
 #: In a forked child of a process that had imported torch: the thread that called ``fork()``.
-_forking_thread: int | None = None
+_forking_thread: int | None = _forked_worker_thread()
 
 
 @at_fork

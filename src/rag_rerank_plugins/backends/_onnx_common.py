@@ -68,6 +68,7 @@ from ._torch_common import (
     import_optional,
     loading_errors,
     model_kwargs_for,
+    steady_default_dtype,
     warn_past_positions,
 )
 from .options import ST_LOADING
@@ -765,7 +766,7 @@ def export_graph(
     fp32 = folder / ("model.onnx" if mode == "float32" else "model-fp32.onnx")
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in inputs}
     axes[output] = output_axes
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), steady_default_dtype():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),

@@ -4,10 +4,10 @@ Every torch backend loads the same way: import lazily (clear error if the extra 
 installed but not importable), put the weights on one device in the policy's dtype, switch to
 ``eval()`` with gradients off, cap the token limit at what the position table holds
 (:func:`cap_to_positions`), and turn "not found offline" into :class:`ModelNotFoundError` with
-instructions. Models are built one at a time (:func:`building`): transformers builds under a
-process-wide default dtype. Two-phase backends (see :mod:`.base`) pin their prepared tensors,
-copy them to the device without blocking, and start one device->host copy per pass
-(:class:`HostCopy`); on the CPU a prepared batch is first padded to its bucket length
+instructions. transformers builds under a process-wide default dtype, so its switches take turns
+across threads (:func:`guard_dtype_switch`). Two-phase backends (see :mod:`.base`) pin their
+prepared tensors, copy them to the device without blocking, and start one device->host copy per
+pass (:class:`HostCopy`); on the CPU a prepared batch is first padded to its bucket length
 (:func:`pad_to_bucket`, issue 21: a small fixed set of pass shapes, so oneDNN's per-shape kernel
 caches stop growing).
 
@@ -44,6 +44,7 @@ __all__ = [
     "HostCopy",
     "bind_torch_worker",
     "building",
+    "guard_dtype_switch",
     "cap_to_positions",
     "cpu_kernels",
     "cpu_kernels_option",
@@ -59,6 +60,7 @@ __all__ = [
     "position_table_limit",
     "prepared_batch",
     "prepare_module",
+    "steady_default_dtype",
     "torch_dtype",
     "warn_past_positions",
     "warm_tokenizer",
@@ -234,9 +236,10 @@ def quantize_module(module: Any, mode: str | None, device: str, dtype: str) -> A
         )
     import torch
 
-    return torch.ao.quantization.quantize_dynamic(
-        module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
-    )
+    with steady_default_dtype():
+        return torch.ao.quantization.quantize_dynamic(
+            module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+        )
 
 
 def cpu_kernels_option(options: dict[str, Any]) -> bool:
@@ -356,36 +359,66 @@ def reranker_kernels(module: Any, device: str, cpu: bool, prune: bool) -> str:
     return ", ".join(part for part in parts if part)
 
 
-#: Held while a transformers model is built (:func:`building`); re-entrant (a loader may call
-#: another's building code), and new in a forked child (a parent thread may be mid-build).
-_BUILDING = ForkSafeLock(reentrant=True)
+#: Held while torch's process-wide default dtype may differ from the one our work expects:
+#: inside transformers' switch of it around a model's construction (:func:`guard_dtype_switch`),
+#: and around our own work that reads it (:func:`steady_default_dtype`). Re-entrant (a model's
+#: ``__init__`` may build another), and new in a forked child (a parent thread may hold it).
+_DTYPE_SWITCH = ForkSafeLock(reentrant=True)
+_GUARD_INSTALL = ForkSafeLock()
+
+
+def guard_dtype_switch() -> None:
+    """Make transformers' ``local_torch_dtype`` hold :data:`_DTYPE_SWITCH` (once per process;
+    again if something replaced it).
+
+    Why: transformers builds a model under ``local_torch_dtype``, which sets torch's
+    *process-wide* default dtype for the model's instantiation and restores the one it saw on
+    entry. The pool loads different specs in parallel, and two builds in two threads interleaved
+    those set/restore pairs: a bfloat16 model came out with some float32 weights (its calls then
+    failed deep in torch, or ran in float32 while ``stats()`` said bfloat16), a float32 one with
+    bfloat16-rounded weights, and the process could keep bfloat16 as its default dtype. Holding
+    the lock inside that switch makes the switches take turns and covers only the instantiation:
+    downloads, weight reads, kernel packing and warm-up of different specs still run in parallel
+    (a lock around the whole constructor let one stalled download hold every other load), and a
+    transformers build in a thread of the user's own takes turns too. A transformers without the
+    function has nothing to guard."""
+    try:
+        from transformers import modeling_utils
+    except ImportError:
+        return
+    with _GUARD_INSTALL:
+        switch = getattr(modeling_utils, "local_torch_dtype", None)
+        if switch is None or getattr(switch, "_rag_rerank_guarded", False):
+            return
+
+        @contextlib.contextmanager
+        def guarded(*args: Any, **kwargs: Any) -> Iterator[None]:
+            with _DTYPE_SWITCH, switch(*args, **kwargs):
+                yield
+
+        guarded._rag_rerank_guarded = True  # type: ignore[attr-defined]
+        modeling_utils.local_torch_dtype = guarded
 
 
 @contextlib.contextmanager
 def building() -> Iterator[None]:
-    """Hold around the construction of a transformers model (``from_pretrained``, or the
-    sentence-transformers / FlagEmbedding constructors that call it): one build at a time in
-    this process, and torch's default dtype as it was on entry afterwards.
+    """Around the construction of a transformers model (``from_pretrained``, or the
+    sentence-transformers / FlagEmbedding constructors that call it): transformers' default-dtype
+    switch takes turns with every other build's (:func:`guard_dtype_switch`)."""
+    guard_dtype_switch()
+    yield
 
-    Why: transformers builds a model under ``local_torch_dtype``, which sets torch's
-    *process-wide* default dtype for the build and restores the one it saw on entry. The pool
-    loads different specs in parallel, and two builds overlapping in two threads interleaved
-    those set/restore pairs: a bfloat16 model came out with some float32 weights (its calls
-    then failed deep in torch with a dtype mismatch, or ran in float32 while ``stats()`` said
-    bfloat16), a float32 one with bfloat16 weights, and the process could be left with
-    bfloat16 as its default dtype. Reading the weights is most of a build and is disk-bound
-    anyway; everything after it (kernel packing, warm-up) and cached ONNX / OpenVINO loads still
-    run in parallel. A build in a thread of the user's own that does not take this lock can
-    still race ours: transformers' global is not ours to guard."""
-    import torch
 
-    with _BUILDING:
-        before = torch.get_default_dtype()
-        try:
-            yield
-        finally:
-            if torch.get_default_dtype() != before:
-                torch.set_default_dtype(before)
+@contextlib.contextmanager
+def steady_default_dtype() -> Iterator[None]:
+    """Hold while our torch work reads the default dtype: no build in another thread switches
+    it meanwhile. Dynamic int8 quantization's observers and the ONNX exporter's traced constants
+    take it: overlapping a bfloat16 build, the first quantized a float32 model differently
+    (scores moved silently) and the second traced bfloat16 constants (the export failed its
+    check)."""
+    guard_dtype_switch()
+    with _DTYPE_SWITCH:
+        yield
 
 
 @contextlib.contextmanager
