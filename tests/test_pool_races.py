@@ -370,3 +370,70 @@ def test_a_stalled_weight_fetch_does_not_hold_other_loads(
         release.set()
         thread.join(30)
         pool.clear()
+
+
+def test_a_transformers_without_the_switch_still_builds_one_at_a_time_and_restores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """transformers releases the ``st`` extra admits (4.46+) set the default dtype inline, with
+    no ``local_torch_dtype``, and left it switched when a load failed: there the whole
+    construction holds the lock and the default seen on entry comes back."""
+    import torch
+    from transformers import modeling_utils
+
+    from rag_rerank_plugins.backends import _torch_common
+
+    monkeypatch.delattr(modeling_utils, "local_torch_dtype")
+    seen: list[bool] = []
+
+    def probe() -> None:  # another thread's build could take the lock now?
+        free = _torch_common._DTYPE_SWITCH.acquire(blocking=False)
+        if free:
+            _torch_common._DTYPE_SWITCH.release()
+        seen.append(free)
+
+    def failing_build() -> None:
+        with _torch_common.building():
+            other = threading.Thread(target=probe)
+            other.start()
+            other.join(10)
+            torch.set_default_dtype(torch.bfloat16)  # what such a release does, then fails
+            raise OSError("weights missing")
+
+    try:
+        assert not _torch_common.guard_dtype_switch()
+        with pytest.raises(OSError, match="weights missing"):
+            failing_build()
+        assert seen == [False]
+        assert torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_a_switch_waiting_on_a_thread_of_the_build_goes_ahead_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model whose ``__init__`` waits on a thread that builds another model deadlocked on
+    the guard (the review of its first version): that switch now waits at most
+    ``SWITCH_WAIT_S``, then goes ahead with a warning."""
+    import torch
+    from transformers import modeling_utils
+
+    from rag_rerank_plugins.backends import _torch_common
+
+    assert _torch_common.guard_dtype_switch()
+    monkeypatch.setattr(_torch_common, "SWITCH_WAIT_S", 0.5)
+
+    def inner_build() -> None:
+        with modeling_utils.local_torch_dtype(torch.float32):
+            pass
+
+    try:
+        with modeling_utils.local_torch_dtype(torch.bfloat16):  # the outer model's __init__
+            helper = threading.Thread(target=inner_build)
+            helper.start()
+            helper.join(10)
+            assert not helper.is_alive()
+        assert "goes ahead" in caplog.text
+    finally:
+        torch.set_default_dtype(torch.float32)

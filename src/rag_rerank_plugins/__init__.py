@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from . import _cpu as _cpu  # light; registers its fork hook before any fork (fork_safe_threads)
+from . import _cpu as _cpu  # ~5 ms, no torch: registers its fork hook (fork_safe_threads)
 from ._environ_checks import CHECKS as _ENVIRON_CHECKS
 from ._lazy import lazy_dir, lazy_getattr
 

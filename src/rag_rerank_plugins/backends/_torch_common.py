@@ -367,9 +367,16 @@ _DTYPE_SWITCH = ForkSafeLock(reentrant=True)
 _GUARD_INSTALL = ForkSafeLock()
 
 
-def guard_dtype_switch() -> None:
+#: How long a build waits for another thread's default-dtype switch before it switches anyway
+#: (with a warning): a model whose ``__init__`` waits on a thread that builds another model
+#: would otherwise deadlock. Instantiation takes seconds even for large models.
+SWITCH_WAIT_S = 60.0
+
+
+def guard_dtype_switch() -> bool:
     """Make transformers' ``local_torch_dtype`` hold :data:`_DTYPE_SWITCH` (once per process;
-    again if something replaced it).
+    again if something replaced it). False where transformers has no such function (before
+    4.5x it switched the default inline): :func:`building` then holds the lock itself.
 
     Why: transformers builds a model under ``local_torch_dtype``, which sets torch's
     *process-wide* default dtype for the model's instantiation and restores the one it saw on
@@ -380,33 +387,59 @@ def guard_dtype_switch() -> None:
     the lock inside that switch makes the switches take turns and covers only the instantiation:
     downloads, weight reads, kernel packing and warm-up of different specs still run in parallel
     (a lock around the whole constructor let one stalled download hold every other load), and a
-    transformers build in a thread of the user's own takes turns too. A transformers without the
-    function has nothing to guard."""
+    transformers build in a thread of the user's own takes turns too. A switch that waits more
+    than :data:`SWITCH_WAIT_S` goes ahead unguarded, with a warning, rather than hang."""
     try:
         from transformers import modeling_utils
     except ImportError:
-        return
+        return False
     with _GUARD_INSTALL:
         switch = getattr(modeling_utils, "local_torch_dtype", None)
-        if switch is None or getattr(switch, "_rag_rerank_guarded", False):
-            return
+        if switch is None:
+            return False
+        if getattr(switch, "_rag_rerank_guarded", False):
+            return True
 
         @contextlib.contextmanager
         def guarded(*args: Any, **kwargs: Any) -> Iterator[None]:
-            with _DTYPE_SWITCH, switch(*args, **kwargs):
-                yield
+            held = _DTYPE_SWITCH.acquire(timeout=SWITCH_WAIT_S)
+            if not held:
+                logger.warning(
+                    "a model build waited %.0f s for another thread's switch of torch's default "
+                    "dtype and goes ahead; if both build at once, check their weights' dtypes",
+                    SWITCH_WAIT_S,
+                )
+            try:
+                with switch(*args, **kwargs):
+                    yield
+            finally:
+                if held:
+                    _DTYPE_SWITCH.release()
 
         guarded._rag_rerank_guarded = True  # type: ignore[attr-defined]
         modeling_utils.local_torch_dtype = guarded
+        return True
 
 
 @contextlib.contextmanager
 def building() -> Iterator[None]:
     """Around the construction of a transformers model (``from_pretrained``, or the
     sentence-transformers / FlagEmbedding constructors that call it): transformers' default-dtype
-    switch takes turns with every other build's (:func:`guard_dtype_switch`)."""
-    guard_dtype_switch()
-    yield
+    switch takes turns with every other build's (:func:`guard_dtype_switch`). A transformers
+    without that switch sets the default inline, and does not restore it when a load fails: the
+    whole construction then holds the lock, and the default dtype seen on entry is put back."""
+    if guard_dtype_switch():
+        yield
+        return
+    import torch
+
+    with _DTYPE_SWITCH:
+        before = torch.get_default_dtype()
+        try:
+            yield
+        finally:
+            if torch.get_default_dtype() != before:
+                torch.set_default_dtype(before)
 
 
 @contextlib.contextmanager
