@@ -437,3 +437,30 @@ def test_a_switch_waiting_on_a_thread_of_the_build_goes_ahead_with_a_warning(
         assert "goes ahead" in caplog.text
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_a_build_that_fails_inside_the_switch_frees_it_for_other_threads() -> None:
+    import torch
+    from transformers import modeling_utils
+
+    from rag_rerank_plugins.backends import _torch_common
+
+    assert _torch_common.guard_dtype_switch()
+    with (
+        pytest.raises(RuntimeError, match="instantiation failed"),
+        modeling_utils.local_torch_dtype(torch.bfloat16),
+    ):
+        raise RuntimeError("instantiation failed")
+    assert torch.get_default_dtype() == torch.float32
+    freed: list[bool] = []
+
+    def take() -> None:
+        got = _torch_common._DTYPE_SWITCH.acquire(timeout=5)
+        if got:
+            _torch_common._DTYPE_SWITCH.release()
+        freed.append(got)
+
+    other = threading.Thread(target=take)
+    other.start()
+    other.join(10)
+    assert freed == [True]
