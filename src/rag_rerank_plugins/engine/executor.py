@@ -79,10 +79,13 @@ class Executor(ABC):
     def _run(self, request: Request) -> list[Any]:
         future = self._start(request)
         try:
-            return future.result(request.remaining_seconds())
-        except FutureTimeout:
-            request.withdraw()
-            raise timeout_error(self.name, request.timeout) from None
+            try:
+                return future.result(request.remaining_seconds())
+            except FutureTimeout:
+                if future.done():  # the model's own error is one (a nested call's timeout)
+                    return future.result()  # or its result came just now
+                request.withdraw()
+                raise timeout_error(self.name, request.timeout) from None
         except BaseException as exc:
             if not future.done():  # interrupted while waiting (Ctrl-C): nobody wants it now
                 request.withdraw()
@@ -99,7 +102,9 @@ class Executor(ABC):
     async def _arun(self, request: Request) -> list[Any]:
         try:
             return await asyncio.wait_for(self._astart(request), request.remaining_seconds())
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, RagRerankError):  # the model's answer (a nested call timed
+                raise  # out), not this caller's timeout: wait_for's own is a bare one
             request.withdraw()
             raise timeout_error(self.name, request.timeout) from None
         except (asyncio.CancelledError, GeneratorExit):  # a cancelled task, a closed coroutine

@@ -29,7 +29,7 @@ from ..exceptions import InferenceError, ModelReleasedError
 from ..stats import Metrics
 from .queue import RequestQueue
 from .request import Request
-from .worker import Worker
+from .worker import Worker, engine_of_this_thread
 
 __all__ = ["Scheduler"]
 
@@ -65,7 +65,15 @@ class Scheduler:
         RequestTimeoutError: then it was never accepted); its future resolves to one result per
         item, in input order. ``wait=False``: None instead of waiting for room in a full queue
         (an event loop then awaits ``on_room`` and retries until ``admit_by``; see
-        :meth:`RequestQueue.add`)."""
+        :meth:`RequestQueue.add`). A call from one of this engine's own threads (a backend's
+        forward, prepare or finish calling its own model) is refused at once with
+        InferenceError: it would wait for a pass that waits for it."""
+        if engine_of_this_thread() is self._worker.token:
+            raise InferenceError(
+                f"{self.name} was called from inside one of its own passes (its forward, "
+                "prepare or finish): that call would wait for itself. Call the model from "
+                "outside its backend, or give the nested use its own spec (its own load)."
+            )
         request.batch_size = min(request.batch_size, self._worker.config.max_batch_size)
         if not request.lengths:
             request.lengths, request.token_scale = self._worker.scale.lengths(request.items)

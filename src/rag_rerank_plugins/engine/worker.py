@@ -38,11 +38,22 @@ from .queue import RequestQueue
 from .request import Entry
 from .validate import check_results
 
-__all__ = ["LOOKAHEAD", "Worker"]
+__all__ = ["LOOKAHEAD", "Worker", "engine_of_this_thread"]
 
 #: Micro-batches prepared ahead of the device. On the simulated device (16 callers): 2 -> 82 %,
 #: 3 -> 85 %, 4 -> 89 %, 6 -> 90 % of the pipelined bound; 4 keeps rounds short for fairness.
 LOOKAHEAD = 4
+
+
+#: Per thread: the token of the worker whose engine thread this is (its serve loop, a prepare or
+#: device thread). A call into that same model from inside one of its passes would wait for
+#: itself, so the scheduler refuses it (:func:`engine_of_this_thread`).
+_ENGINE_THREAD = threading.local()
+
+
+def engine_of_this_thread() -> object | None:
+    """The :attr:`Worker.token` of the engine running this thread (None outside engines)."""
+    return getattr(_ENGINE_THREAD, "token", None)
 
 
 class Worker:
@@ -62,11 +73,12 @@ class Worker:
         metrics.token_budget = self.budget
         self.scale = TokenScale(model.max_tokens or 512)
         self.dimension = model.dimension if isinstance(model, EmbedderModel) else None
+        self.token = object()  # marks this engine's threads; holds nothing alive
         self.prepare_pool: ThreadPoolExecutor | None = None
         if config.pipeline:
             workers = config.prepare_threads(model.device) if model.concurrent_prepare else 1
             self.prepare_pool = ThreadPoolExecutor(
-                workers, thread_name_prefix=f"rag-rerank-prepare[{self.name}]"
+                workers, f"rag-rerank-prepare[{self.name}]", _mark_thread, (self.token,)
             )
         #: Parallel device workers (a CPU model with ``parallel_forward``); None: the worker
         #: thread runs every pass itself.
@@ -77,7 +89,7 @@ class Worker:
             if workers > 1:
                 self.device_workers, self.device_threads = workers, config.cpu_threads()
                 self.device_pool = ThreadPoolExecutor(
-                    workers, thread_name_prefix=f"rag-rerank-device[{self.name}]"
+                    workers, f"rag-rerank-device[{self.name}]", _mark_thread, (self.token,)
                 )
         self._bound_threads: dict[int, int] = {}  # device-pool thread id -> threads bound
         self.idle = True  # waiting for work with nothing in hand
@@ -97,6 +109,7 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------------
 
     def serve(self) -> None:
+        _mark_thread(self.token)
         formed: deque[Batch] = deque()  # cut into micro-batches, not yet sent to prepare
         ahead: deque[Batch] = deque()  # being prepared (or prepared), in order
         running: Batch | None = None  # launched on the device, not yet finished
@@ -331,3 +344,7 @@ class Worker:
             exc = wrapped
         for request in requests.values():
             request.fail(exc)
+
+
+def _mark_thread(token: object) -> None:
+    _ENGINE_THREAD.token = token

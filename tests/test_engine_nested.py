@@ -1,0 +1,186 @@
+"""Backends that call models from inside their own passes: a model calling itself is refused at
+once (it used to wait for itself forever), and a model calling another one gets that model's
+answer, its timeout included, as any caller does.
+
+Before the fix: a scheduled model whose ``forward`` (or ``prepare``, or ``finish``) called the
+same model hung without a timeout on a single device thread (a GPU, or one CPU worker), and
+worked or hung on parallel CPU workers depending on whether another worker was free. A nested
+call to *another* model that timed out reached the outer caller as "no result within None s",
+the outer caller's timeout that it never set. Every wait here is bounded: a wedged engine fails
+the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from rag_rerank_plugins import ModelPool, ModelSpec
+from rag_rerank_plugins.backends import register_backend
+from rag_rerank_plugins.backends.base import Prepared, RerankerModel, Task
+from rag_rerank_plugins.engine_config import EngineConfig
+from rag_rerank_plugins.exceptions import InferenceError, RequestTimeoutError
+from rag_rerank_plugins.testing import FakeReranker
+
+PAIRS = [("red apple", "a red apple"), ("red apple", "a green pear")]
+EXPECTED = FakeReranker().score_pairs(PAIRS, 2)
+NESTED = ("nested", "nested")  # the item a nested call sends; its pass makes no call
+
+
+class Calling(RerankerModel):
+    """A two-phase reranker whose ``stage`` (prepare, forward or finish) runs ``call`` once per
+    pass that is not itself a nested call, and records what the call raised."""
+
+    def __init__(self, stage: str, *, device: str = "cuda", pass_s: float = 0.0) -> None:
+        self.stage = stage
+        self.device = device
+        self.parallel_forward = device == "cpu"  # type: ignore[misc]  # per instance
+        self.pass_s = pass_s
+        self.call: Callable[[], Any] = lambda: None
+        self.raised: list[BaseException] = []
+        self.threads: set[str] = set()
+
+    def _maybe_call(self, stage: str, pairs: Sequence[tuple[str, str]]) -> None:
+        if stage != self.stage or NESTED in pairs:
+            return
+        self.threads.add(threading.current_thread().name)
+        try:
+            self.call()
+        except BaseException as exc:
+            self.raised.append(exc)
+            raise
+
+    def prepare(self, task: Task, items: Sequence[Any]) -> Prepared:
+        self._maybe_call("prepare", items)
+        return Prepared(list(items), len(items))
+
+    def forward(self, task: Task, batch: Prepared) -> Any:
+        self._maybe_call("forward", batch.payload)
+        time.sleep(self.pass_s)
+        return batch.payload
+
+    def finish(self, task: Task, pending: Any) -> list[float]:
+        self._maybe_call("finish", pending)
+        return FakeReranker().score_pairs(pending, len(pending))
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
+        return self.finish(Task("score"), self.forward(Task("score"), self.prepare(Task(), pairs)))
+
+
+def _spec(model: RerankerModel) -> ModelSpec:
+    name = f"nested-{uuid.uuid4().hex[:8]}"
+    register_backend(name, lambda spec, provider: model, "reranker", uses_torch=False, replace=True)
+    return ModelSpec("m", backend=name, device="cpu")
+
+
+def _bounded(fn: Callable[[], Any], seconds: float = 10.0) -> Any:
+    """fn()'s result or exception, from a daemon thread; fails the test if it hangs."""
+    future: Future[Any] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="nested-caller", daemon=True).start()
+    try:
+        return future.result(seconds)
+    except BaseException as exc:
+        if not future.done():
+            pytest.fail(f"the call did not resolve within {seconds} s (the engine waits on itself)")
+        return exc
+
+
+@pytest.fixture
+def pool() -> Iterator[ModelPool]:
+    pool = ModelPool(config=EngineConfig(cpu_workers=2))
+    yield pool
+    thread = threading.Thread(target=pool.clear, name="nested-clear", daemon=True)
+    thread.start()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "forward", "finish"])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])  # one device thread; parallel CPU workers
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_model_calling_itself_from_its_own_pass_is_refused_at_once(
+    pool: ModelPool, stage: str, device: str, how: str
+) -> None:
+    model = Calling(stage, device=device)
+    spec = _spec(model)
+
+    def nested() -> Any:
+        if how == "sync":
+            return pool.score_pairs(spec, [NESTED])
+        return asyncio.run(pool.ascore_pairs(spec, [NESTED]))
+
+    model.call = nested
+    started = time.monotonic()
+    outcome = _bounded(lambda: pool.score_pairs(spec, PAIRS))
+    assert time.monotonic() - started < 5  # at once, not after some timeout
+    assert isinstance(outcome, InferenceError), outcome
+    assert "from inside one of its own passes" in str(outcome)
+    # The nested call raised (once per pass: CPU workers split the two pairs into two passes).
+    assert model.raised
+    assert all(type(e) is InferenceError for e in model.raised), model.raised
+    # The threads that called were the engine's own (the refusal was for the right reason).
+    assert all(name.startswith("rag-rerank-") for name in model.threads), model.threads
+    # The model is intact: the next outer call (making no nested call) is served.
+    model.call = lambda: None
+    assert _bounded(lambda: pool.score_pairs(spec, PAIRS)) == EXPECTED
+    assert pool.spec_stats(spec)["queue_depth"] == 0
+
+
+def test_calls_from_other_threads_are_served_while_a_pass_runs(pool: ModelPool) -> None:
+    """The refusal is by thread, not by model: callers outside the engine are never refused,
+    even while the model is in a pass, and a model calling a different model is served."""
+    inner = Calling("forward", pass_s=0.0)
+    inner_spec = _spec(inner)
+    outer = Calling("forward", pass_s=0.2)
+    outer_spec = _spec(outer)
+    outer.call = lambda: pool.score_pairs(inner_spec, PAIRS)
+    first = threading.Thread(target=lambda: pool.score_pairs(outer_spec, PAIRS), daemon=True)
+    first.start()
+    time.sleep(0.05)  # the first outer pass is running
+    assert _bounded(lambda: pool.score_pairs(outer_spec, [NESTED])) == [
+        FakeReranker().score_pairs([NESTED], 1)[0]
+    ]
+    first.join(5)
+    assert outer.raised == []
+    assert _bounded(lambda: pool.score_pairs(outer_spec, PAIRS)) == EXPECTED
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_nested_calls_timeout_is_that_calls_error_not_the_outer_callers(
+    pool: ModelPool, how: str
+) -> None:
+    """The outer caller set no timeout: it must get the inner model's RequestTimeoutError (its
+    name and its 0.2 s), not a timeout of its own 'within None s'."""
+    inner = Calling("forward", pass_s=2.0)
+    inner_spec = _spec(inner)
+    outer = Calling("forward")
+    outer_spec = _spec(outer)
+    outer.call = lambda: pool.score_pairs(inner_spec, PAIRS, timeout=0.2)
+    if how == "sync":
+        outcome = _bounded(lambda: pool.score_pairs(outer_spec, PAIRS))
+    else:
+        outcome = _bounded(lambda: asyncio.run(pool.ascore_pairs(outer_spec, PAIRS)))
+    assert isinstance(outcome, RequestTimeoutError), outcome
+    assert "0.2 s" in str(outcome), outcome
+    assert "None" not in str(outcome), outcome
+    assert outcome is outer.raised[0]  # the inner call's own error, unchanged
+    # The outer model is intact; its own caller timeout still works (and names its own value).
+    outer.call = lambda: None
+    assert _bounded(lambda: pool.score_pairs(outer_spec, PAIRS)) == EXPECTED
+    outer.pass_s = 1.0
+    late = _bounded(lambda: pool.score_pairs(outer_spec, PAIRS, timeout=0.1))
+    assert isinstance(late, RequestTimeoutError), late
+    assert "0.1 s" in str(late), late
