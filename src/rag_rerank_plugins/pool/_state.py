@@ -6,8 +6,10 @@ each concern lives in its own module as a small mixin over one state.
 
 Lock discipline: ``_lock`` guards the dicts (``_slots``, ``_stats``, ``_keys``); ``_mem_lock``
 (re-entrant; taken before any slot lock) serialises loads under a budget and evictions; each
-slot's lock serialises the load of one spec. Counters of a spec are changed only through
-:meth:`SpecStats.add` / :meth:`SpecStats.update`, under the stats' own lock.
+slot's lock serialises the load of one spec (not re-entrant: a loader asking for its own spec
+is refused before it would wait on it, :meth:`PoolState._refuse_own_load`). Counters of a spec
+are changed only through :meth:`SpecStats.add` / :meth:`SpecStats.update`, under the stats'
+own lock.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .._memory import free_memory, release_window
 from ..backends import backend_info
 from ..engine_config import EngineConfig, PoolConfig
-from ..exceptions import ModelReleasedError
+from ..exceptions import ModelLoadError, ModelReleasedError
 from ..spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -115,6 +117,12 @@ class LoadReleasedError(ModelReleasedError):
         )
 
 
+#: Per thread: (pool id, key) of the loads whose loader runs in this thread now. A loader asking
+#: its own pool for the model it is loading would wait for its own load (the slot's lock, or the
+#: shared load's future): :meth:`PoolState._refuse_own_load` refuses that at once.
+_LOADING_HERE = threading.local()
+
+
 class PoolState:
     """State shared by the pool's parts (see the module docstring)."""
 
@@ -163,6 +171,25 @@ class PoolState:
 
     def _settle(self) -> None:
         raise NotImplementedError  # budget.MemoryBudget._settle
+
+    def _loads_here(self) -> set[tuple[int, ModelSpec]]:
+        """The loads running in this thread (:data:`_LOADING_HERE`), created on first use."""
+        here = getattr(_LOADING_HERE, "keys", None)
+        if here is None:
+            here = _LOADING_HERE.keys = set()
+        return here
+
+    def _refuse_own_load(self, spec: ModelSpec) -> None:
+        """Raise when this thread is running the loader of ``spec`` in this pool."""
+        here = getattr(_LOADING_HERE, "keys", None)
+        if here and (id(self), self._keys.get(spec, spec)) in here:
+            raise ModelLoadError(
+                spec.model,
+                spec.backend,
+                "its loader asked the pool for the model it is loading, which would wait for "
+                "its own load. A loader may use other specs; use this one once the load "
+                "returned (e.g. warm it up in the backend's own constructor).",
+            )
 
     def _stats_for(self, key: ModelSpec) -> SpecStats:
         with self._lock:

@@ -133,6 +133,7 @@ class ModelPool(PoolCalls, MemoryBudget, Loading):
         turn (``wanted()`` false) does not begin (:class:`Unwanted`): under a tight budget,
         callers that time out would otherwise each still load (and evict) a model for nobody."""
         key = self.key(spec)
+        self._refuse_own_load(key)
         while True:
             slot = self._slots.get(key)
             if slot is not None:

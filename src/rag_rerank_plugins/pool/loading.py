@@ -104,6 +104,8 @@ class Loading(PoolState):
             self._load_seq += 1
             seq = self._load_seq
         start = time.perf_counter()
+        here, mine = self._loads_here(), (id(self), key)
+        here.add(mine)
         try:
             with fork_safe_threads():
                 model = loader(key, cast("ModelProvider", self))  # ModelPool is one
@@ -118,6 +120,7 @@ class Loading(PoolState):
                 raise
             raise ModelLoadError(key.model, key.backend, exc) from exc
         finally:
+            here.discard(mine)
             with self._lock:
                 self._loading -= 1
                 alone = alone and self._load_seq == seq  # no other load overlapped this one

@@ -144,6 +144,7 @@ class LoadWaits(PoolState):
 
     def _join(self, spec: ModelSpec) -> SharedLoad:
         """The spec's shared load, started if none runs, with this caller counted as waiting."""
+        self._refuse_own_load(spec)
         with self._lock:
             load = self._shared_loads.get(spec)
             fresh = load is None
