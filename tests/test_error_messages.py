@@ -45,3 +45,27 @@ def test_an_optional_package_that_cannot_be_imported_is_not_called_missing(
     assert "pip install 'rag-rerank-plugins[flag]'" in message
     with pytest.raises(MissingDependencyError, match="which is not installed"):
         import_optional("rag_rerank_absent_pkg", "FlagEmbedding", "flag", "The 'x' backend")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (None, "no result in time"),
+        (0.19956630200067593, "within 0.2 s"),  # what a cold load left of 0.2 s
+        (0.1994, "within 0.199 s"),
+        (0.0005, "within 0.0005 s"),
+        (30, "within 30 s"),
+        (99.97, "within 100 s"),
+        (999.7, "within 1000 s"),  # never 1e+03
+        (86400.0, "within 86400 s"),
+    ],
+)
+def test_a_timeout_message_shows_the_seconds_as_a_person_would(
+    seconds: float | None, shown: str
+) -> None:
+    from rag_rerank_plugins.engine.request import timeout_error
+
+    message = str(timeout_error("m", seconds))
+    assert shown in message
+    assert "None" not in message
+    assert "e+" not in message

@@ -161,7 +161,10 @@ Entry = tuple[Request, int]
 def timeout_error(name: str, timeout: float | None) -> RequestTimeoutError:
     # 3 significant digits: after a cold load the engine gets what the load left of the
     # caller's timeout (0.19956630200067593 s reads as 0.2, and 0.1994 as 0.199).
-    within = "in time" if timeout is None else f"within {timeout:.3g} s"
+    if timeout is None:
+        within = "in time"
+    else:  # 3 significant digits below 100 s; whole seconds above (no 1e+03)
+        within = f"within {timeout:.0f} s" if timeout >= 99.5 else f"within {timeout:.3g} s"
     return RequestTimeoutError(
         f"{name}: no result {within} (queued or running). Raise the timeout, "
         "reduce load, or add replicas."
