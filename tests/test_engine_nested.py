@@ -192,8 +192,11 @@ def test_a_nested_calls_timeout_is_that_calls_error_not_the_outer_callers(
 # -- loaders that call the pool ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["sync", "timeout", "async", "get", "user-spec"])
-def test_a_loader_asking_its_pool_for_its_own_model_is_refused_at_once(how: str) -> None:
+@pytest.mark.parametrize("target", ["key", "user-spec", "twin-spec"])
+@pytest.mark.parametrize("how", ["sync", "timeout", "async", "get"])
+def test_a_loader_asking_its_pool_for_its_own_model_is_refused_at_once(
+    how: str, target: str
+) -> None:
     """Before: a loader that warmed its model up through the pool (or fetched it with
     ``pool.get``) waited for its own load: forever without a timeout (the slot's lock), until
     the timeout with one (the shared load's future). Now the nested call raises
@@ -204,18 +207,22 @@ def test_a_loader_asking_its_pool_for_its_own_model_is_refused_at_once(how: str)
     nest = [True]
     user_spec = ModelSpec("m", backend=name)  # device "auto": the loader gets it resolved
 
+    # The loader gets the resolved key; the user's spec; a spec never seen that resolves to the
+    # same key (found only by resolving it).
+    twin = ModelSpec("m", backend=name, device="cpu")
+
     def load(spec: ModelSpec, provider: Any) -> FakeReranker:
         if nest[0]:
-            target = user_spec if how == "user-spec" else spec
+            other = {"key": spec, "user-spec": user_spec, "twin-spec": twin}[target]
             try:
-                if how == "sync" or how == "user-spec":
-                    pool.score_pairs(target, PAIRS)
+                if how == "sync":
+                    pool.score_pairs(other, PAIRS)
                 elif how == "timeout":
-                    pool.score_pairs(target, PAIRS, timeout=30)
+                    pool.score_pairs(other, PAIRS, timeout=30)
                 elif how == "async":
-                    asyncio.run(pool.ascore_pairs(target, PAIRS))
+                    asyncio.run(pool.ascore_pairs(other, PAIRS))
                 else:
-                    pool.get(target)
+                    pool.get(other)
             except BaseException as exc:
                 nested.append(exc)
                 raise
@@ -237,16 +244,24 @@ def test_a_loader_asking_its_pool_for_its_own_model_is_refused_at_once(how: str)
         _bounded(pool.clear)
 
 
+@pytest.mark.parametrize("how", ["sync", "timeout", "async"])
 @pytest.mark.parametrize("budget", [None, {"cpu": 10_000}])
-def test_a_loader_may_use_other_models_of_its_pool(budget: dict[str, int] | None) -> None:
+def test_a_loader_may_use_other_models_of_its_pool(budget: dict[str, int] | None, how: str) -> None:
     """The refusal is for the model being loaded only: a loader that scores with another spec
-    (under a memory budget too, whose lock the load holds) gets its answer."""
+    gets its answer. Under a memory budget the load holds the pool's memory lock: a call with a
+    deadline, or an async one, used to hand the other spec's load to a load thread that waited
+    for that lock (a timeout, or a hang); a loader's calls now load inline."""
     pool = ModelPool(memory_budget_mb=budget) if budget else ModelPool()
     inner_spec = _spec(FakeReranker())
     seen: list[list[float]] = []
 
     def load(spec: ModelSpec, provider: Any) -> FakeReranker:
-        seen.append(pool.score_pairs(inner_spec, PAIRS))
+        if how == "sync":
+            seen.append(pool.score_pairs(inner_spec, PAIRS))
+        elif how == "timeout":
+            seen.append(pool.score_pairs(inner_spec, PAIRS, timeout=30))
+        else:
+            seen.append(asyncio.run(pool.ascore_pairs(inner_spec, PAIRS)))
         return FakeReranker()
 
     name = f"nested-outer-{uuid.uuid4().hex[:8]}"
@@ -255,5 +270,43 @@ def test_a_loader_may_use_other_models_of_its_pool(budget: dict[str, int] | None
         outer = ModelSpec("m", backend=name, device="cpu")
         assert _bounded(lambda: pool.score_pairs(outer, PAIRS)) == EXPECTED
         assert seen == [EXPECTED]
+    finally:
+        _bounded(pool.clear)
+
+
+def test_a_child_forked_inside_a_loader_may_load_that_model() -> None:
+    """The loads running in a thread are a thread-local, which fork copies on the forking
+    thread: a child forked by a loader was refused the model its parent was loading, though
+    nothing loads it in the child."""
+    import multiprocessing
+
+    pool = ModelPool()
+    name = f"nested-fork-{uuid.uuid4().hex[:8]}"
+    answers: list[Any] = []
+    in_child = [False]
+
+    def child(conn: Any) -> None:
+        in_child[0] = True  # the child's own load of the model forks nothing
+        try:
+            conn.send(pool.score_pairs(ModelSpec("m", backend=name, device="cpu"), PAIRS))
+        except BaseException as exc:
+            conn.send(repr(exc))
+
+    def load(spec: ModelSpec, provider: Any) -> FakeReranker:
+        if not in_child[0]:
+            ctx = multiprocessing.get_context("fork")
+            parent_end, child_end = ctx.Pipe()
+            process = ctx.Process(target=child, args=(child_end,), daemon=True)
+            process.start()
+            answers.append(parent_end.recv() if parent_end.poll(30) else "no answer")
+            process.join(10)
+        return FakeReranker()
+
+    register_backend(name, load, "reranker", uses_torch=False, replace=True)
+    try:
+        assert _bounded(lambda: pool.score_pairs(ModelSpec("m", backend=name), PAIRS), 60) == (
+            EXPECTED
+        )
+        assert answers == [EXPECTED]
     finally:
         _bounded(pool.clear)

@@ -39,6 +39,7 @@ __all__ = [
     "SharedLoad",
     "Slot",
     "fmt_mb",
+    "forget_loads_here",
     "fresh_error",
 ]
 
@@ -123,6 +124,11 @@ class LoadReleasedError(ModelReleasedError):
 _LOADING_HERE = threading.local()
 
 
+def forget_loads_here() -> None:
+    """In a forked child: the forking thread's loads do not run here (the pool was renewed)."""
+    _LOADING_HERE.keys = None
+
+
 class PoolState:
     """State shared by the pool's parts (see the module docstring)."""
 
@@ -172,6 +178,9 @@ class PoolState:
     def _settle(self) -> None:
         raise NotImplementedError  # budget.MemoryBudget._settle
 
+    def key(self, spec: ModelSpec) -> ModelSpec:
+        raise NotImplementedError  # core.ModelPool.key
+
     def _loads_here(self) -> set[tuple[int, ModelSpec]]:
         """The loads running in this thread (:data:`_LOADING_HERE`), created on first use."""
         here = getattr(_LOADING_HERE, "keys", None)
@@ -179,10 +188,16 @@ class PoolState:
             here = _LOADING_HERE.keys = set()
         return here
 
+    def _loading_in_this_thread(self) -> bool:
+        """Whether this thread is running a loader of this pool (its calls then load inline:
+        under a budget the loader holds the memory lock a load thread would wait for)."""
+        return any(pool == id(self) for pool, _ in getattr(_LOADING_HERE, "keys", None) or ())
+
     def _refuse_own_load(self, spec: ModelSpec) -> None:
         """Raise when this thread is running the loader of ``spec`` in this pool."""
-        here = getattr(_LOADING_HERE, "keys", None)
-        if here and (id(self), self._keys.get(spec, spec)) in here:
+        if not self._loading_in_this_thread():
+            return
+        if (id(self), self.key(spec)) in _LOADING_HERE.keys:  # any spec of the same key
             raise ModelLoadError(
                 spec.model,
                 spec.backend,

@@ -16,7 +16,7 @@ import os
 import threading
 
 from ..policy import resolve_device
-from ._state import POOLS, Slot
+from ._state import POOLS, Slot, forget_loads_here
 from .core import ModelPool
 
 __all__ = ["after_fork", "get_pool"]
@@ -60,6 +60,7 @@ def _after_fork_in_child() -> None:
     # The parent's answers ("auto" -> "cuda:0") do not hold here: CUDA is unusable in a child
     # forked after the parent initialised it, and resolve_device must say so.
     resolve_device.cache_clear()
+    forget_loads_here()  # a fork from inside a loader: that load is not running here
     for pool in list(POOLS):
         if isinstance(pool, ModelPool):
             after_fork(pool)

@@ -64,7 +64,7 @@ class LoadWaits(PoolState):
         """:meth:`_get`, waiting for a load until ``deadline`` at most; and whether it waited
         (then the request gets what is left of the deadline). ``pin``: the pool's default."""
         pin = self._pins if pin is None else pin
-        if deadline is None:
+        if deadline is None or self._loading_in_this_thread():  # a loader's: inline, untimed
             return self._get(spec, pin=pin, start_over=True), False
         started, waited = time.monotonic(), False
         while True:
@@ -93,6 +93,8 @@ class LoadWaits(PoolState):
         """:meth:`_get_by` for coroutines: a loaded handle at once; a load (first call, or after
         a release, an eviction or an idle unload), its warm-up and any eviction it causes run
         in the shared thread, so the event loop keeps running while the model loads."""
+        if self._loading_in_this_thread():  # a loader's own event loop: inline, as _get_by
+            return self._get(spec, pin=self._pins, start_over=True), False
         started, waited = time.monotonic(), False
         while True:
             handle = self._loaded(spec, self._pins)
@@ -144,7 +146,6 @@ class LoadWaits(PoolState):
 
     def _join(self, spec: ModelSpec) -> SharedLoad:
         """The spec's shared load, started if none runs, with this caller counted as waiting."""
-        self._refuse_own_load(spec)
         with self._lock:
             load = self._shared_loads.get(spec)
             fresh = load is None
