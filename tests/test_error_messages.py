@@ -54,6 +54,7 @@ def test_an_optional_package_that_cannot_be_imported_is_not_called_missing(
         (0.19956630200067593, "within 0.2 s"),  # what a cold load left of 0.2 s
         (0.1994, "within 0.199 s"),
         (0.0005, "within 0.0005 s"),
+        (1e-7, "within 0.0000001 s"),
         (30, "within 30 s"),
         (99.97, "within 100 s"),
         (999.7, "within 1000 s"),  # never 1e+03
@@ -69,3 +70,4 @@ def test_a_timeout_message_shows_the_seconds_as_a_person_would(
     assert shown in message
     assert "None" not in message
     assert "e+" not in message
+    assert "e-" not in message

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from ..backends.base import Task
@@ -163,8 +164,10 @@ def timeout_error(name: str, timeout: float | None) -> RequestTimeoutError:
     # caller's timeout (0.19956630200067593 s reads as 0.2, and 0.1994 as 0.199).
     if timeout is None:
         within = "in time"
-    else:  # 3 significant digits below 100 s; whole seconds above (no 1e+03)
-        within = f"within {timeout:.0f} s" if timeout >= 99.5 else f"within {timeout:.3g} s"
+    elif timeout >= 99.5:  # whole seconds (never 1e+03)
+        within = f"within {timeout:.0f} s"
+    else:  # 3 significant digits, never an exponent (1e-07 reads 0.0000001)
+        within = f"within {Decimal(f'{timeout:.3g}'):f} s"
     return RequestTimeoutError(
         f"{name}: no result {within} (queued or running). Raise the timeout, "
         "reduce load, or add replicas."
