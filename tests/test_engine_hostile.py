@@ -380,23 +380,34 @@ threading.Thread(target=late).start()
 """
 
 
+@pytest.mark.parametrize("refusing", [False, True])
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_calls_from_a_non_daemon_thread_and_an_atexit_hook_are_served(
-    tiny_ce_path: str, workers: str
+    tiny_ce_path: str, workers: str, refusing: bool
 ) -> None:
     """Once the interpreter starts to exit, concurrent.futures refuses new work (its exit hook
     runs before non-daemon threads are joined and before atexit hooks). Every call to a
     scheduled model from such a thread or hook was 'the engine's worker crashed ... Please
-    report this'; the worker now runs the stage itself."""
+    report this'; the worker now runs the stage itself. ``refusing``: as on CPython
+    3.12.0-3.12.2, which refuse every new thread there too (binding a device worker's torch
+    threads starts one: the call failed with "can't create new thread at interpreter
+    shutdown")."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from test_exit_in_flight import REFUSE_LATE_THREADS
+
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src, "RAG_RERANK_CPU_WORKERS": workers}
     done = subprocess.run(
-        [sys.executable, "-c", EXIT_CALLS, tiny_ce_path],
+        [
+            sys.executable,
+            "-c",
+            (REFUSE_LATE_THREADS if refusing else "") + EXIT_CALLS,
+            tiny_ce_path,
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -521,3 +521,78 @@ def test_a_missing_model_at_exit_is_still_model_not_found() -> None:
     out = _run(LATE_MISSING, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1] == "not found False", out.stdout
+
+
+# -- CPython 3.12.0-3.12.2: no new thread once the interpreter exits ----------------------------
+
+#: CPython 3.12.0-3.12.2 refuse ``Thread.start`` once finalization began: in non-daemon threads
+#: still running after the main thread returned, and in atexit hooks (gh-104690; lifted again
+#: in 3.12.3, gh-113964). Prefixed to a script, this makes any Python behave so.
+REFUSE_LATE_THREADS = """
+import threading
+_start = threading.Thread.start
+def _refusing_start(self):
+    if not threading.main_thread().is_alive():
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+    return _start(self)
+threading.Thread.start = _refusing_start
+"""
+
+
+def test_atexit_loads_and_calls_are_served_where_python_refuses_new_threads() -> None:
+    """On 3.12.1 an atexit hook's first load (its shared load thread), its timed call on a
+    direct model and an adapter's to_thread each raised "can't create new thread at
+    interpreter shutdown". Each now runs in the calling thread."""
+    out = _run(REFUSE_LATE_THREADS + textwrap.dedent(LATE_LOADS), timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-3:] == ["async 3", "sync 1", "adapter 2"], out.stdout
+
+
+def test_a_late_to_thread_runs_inline_where_python_refuses_new_threads() -> None:
+    out = _run(REFUSE_LATE_THREADS + textwrap.dedent(LATE_CANCELLED), timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["hook", "done"], out.stdout
+    assert "Exception" not in out.stderr, out.stderr[-2000:]
+
+
+LATE_SCHEDULED = """
+    import atexit
+
+    def late():  # a scheduled model's first call at exit: its worker thread must start
+        try:
+            print("answer", pool.score_pairs(spec, [("q", "p")], timeout=20), flush=True)
+        except Exception as exc:
+            print("error", type(exc).__name__, str(exc), flush=True)
+
+    atexit.register(late)
+    from rag_rerank_plugins import ModelPool, ModelSpec
+    from rag_rerank_plugins.backends import register_backend
+    from rag_rerank_plugins.backends.base import RerankerModel
+
+    class Plain(RerankerModel):  # not thread-safe: scheduled, with a worker thread
+        def score_pairs(self, pairs, batch_size):
+            return [0.5] * len(pairs)
+
+    register_backend("plain-late", lambda spec, pool: Plain(), "reranker", uses_torch=False)
+    pool = ModelPool()
+    spec = ModelSpec("m", backend="plain-late", device="cpu")
+    print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("refusing", [False, True])
+def test_a_scheduled_models_first_call_at_exit_is_answered_or_refused_saying_why(
+    refusing: bool,
+) -> None:
+    """Where Python refuses the worker's thread, the call must not wait for a worker that
+    never started (its timeout, or for ever): it fails at once, saying why."""
+    script = (REFUSE_LATE_THREADS if refusing else "") + textwrap.dedent(LATE_SCHEDULED)
+    out = _run(script, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.splitlines()[-1]
+    if refusing:
+        assert last.startswith("error InferenceError"), out.stdout
+        assert "refuses new threads" in last, last
+    else:
+        assert last == "answer [0.5]", out.stdout

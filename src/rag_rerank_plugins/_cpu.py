@@ -180,9 +180,12 @@ def fork_safe_threads() -> Iterator[None]:
 
 def _fresh_thread(call: Callable[[], _T]) -> _T:
     """``call()`` on a new, short-lived thread (its torch thread count is the process-wide one)."""
+    from ._exitsafe import start_thread  # asyncio: not at this module's (eager) import
+
     out: list[_T] = []
     thread = threading.Thread(target=lambda: out.append(call()), name="rag-rerank-torch-threads")
-    thread.start()
+    if not start_thread(thread):  # Python is exiting and refuses threads: here, near enough
+        return call()
     thread.join()
     if not out:
         raise RuntimeError("setting torch's thread count failed; see the thread's traceback above")

@@ -198,7 +198,22 @@ def start_daemon(
         with native_section(native):
             target(*args)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    if not start_thread(threading.Thread(target=run, name=name, daemon=True)) and inline:
+        target(*args)
+
+
+def start_thread(thread: threading.Thread) -> bool:
+    """``thread.start()``; False where Python refuses new threads because it is exiting.
+    CPython 3.12.0-3.12.2 refuse them in atexit hooks and in non-daemon threads still running
+    after the main thread returned (gh-104690; lifted in 3.12.3): the callers then do the work
+    in their own thread, or say why they cannot."""
+    try:
+        thread.start()
+    except RuntimeError:
+        if not exiting():
+            raise
+        return False
+    return True
 
 
 def submit(pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -247,7 +262,8 @@ async def to_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
             loop.call_soon_threadsafe(settle, *outcome)
 
     with late_caller():
-        threading.Thread(target=run, name="rag-rerank-to-thread", daemon=True).start()
+        if not start_thread(threading.Thread(target=run, name="rag-rerank-to-thread", daemon=True)):
+            return context.run(fn, *args, **kwargs)  # no thread to be had: here, blocking
         return await done
 
 

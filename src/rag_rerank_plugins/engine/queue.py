@@ -88,9 +88,9 @@ class RequestQueue:
                 self._wait_for_room(request, timeout)
                 if request.done:
                     return False
+            start_worker()  # first: a worker that cannot start refuses the request whole
             self._requests.append(request)
             self.metrics.queue_depth = len(self._requests)
-            start_worker()
             self.cond.notify_all()
             return True
 

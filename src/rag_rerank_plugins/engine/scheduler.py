@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from .._exitsafe import late_caller, native_section, paused
+from .._exitsafe import late_caller, native_section, paused, start_thread
 from ..backends.base import LoadedModel
 from ..engine_config import EngineConfig
 from ..exceptions import InferenceError, ModelReleasedError
@@ -98,7 +98,13 @@ class Scheduler:
             self._thread = threading.Thread(
                 target=self._run, name=f"rag-rerank-worker[{self.name}]", daemon=True
             )
-            self._thread.start()
+            if not start_thread(self._thread):  # before the request is queued: refused whole
+                self._thread = None
+                raise InferenceError(
+                    f"{self.name}: the interpreter is exiting and refuses new threads (Python "
+                    "3.12.0-3.12.2), so this model's worker cannot start. Call the model "
+                    "once before exit (its worker then serves exit hooks), or use Python 3.12.3+."
+                )
 
     def _run(self) -> None:
         try:

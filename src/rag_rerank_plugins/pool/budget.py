@@ -15,7 +15,7 @@ import time
 import weakref
 from typing import Any
 
-from .._exitsafe import late_caller, native_section
+from .._exitsafe import late_caller, native_section, start_thread
 from ..exceptions import ConfigurationError
 from ..spec import ModelSpec
 from ._state import MB, PoolState, Slot, fmt_mb, logger
@@ -220,7 +220,8 @@ class MemoryBudget(PoolState):
             self._reaper_finalizer = weakref.finalize(self, stop.set)
             # Started under the lock: clear() (_stop_reaper) joins what it finds published, and
             # joining a thread not started yet raised, leaving every model loaded.
-            thread.start()
+            if not start_thread(thread):  # Python is exiting: no idle unloads now
+                self._reaper_thread = None
 
     def _stop_reaper(self) -> None:
         with self._lock:  # as _ensure_reaper: a reaper started meanwhile is not left running
