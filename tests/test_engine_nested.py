@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -30,6 +29,7 @@ from rag_rerank_plugins.backends.base import Prepared, RerankerModel, Task
 from rag_rerank_plugins.engine_config import EngineConfig
 from rag_rerank_plugins.exceptions import InferenceError, ModelLoadError, RequestTimeoutError
 from rag_rerank_plugins.testing import FakeReranker
+from test_engine_hostile import _in_thread, _outcome
 
 PAIRS = [("red apple", "a red apple"), ("red apple", "a green pear")]
 EXPECTED = FakeReranker().score_pairs(PAIRS, 2)
@@ -84,21 +84,7 @@ def _spec(model: RerankerModel) -> ModelSpec:
 
 def _bounded(fn: Callable[[], Any], seconds: float = 10.0) -> Any:
     """fn()'s result or exception, from a daemon thread; fails the test if it hangs."""
-    future: Future[Any] = Future()
-
-    def target() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=target, name="nested-caller", daemon=True).start()
-    try:
-        return future.result(seconds)
-    except BaseException as exc:
-        if not future.done():
-            pytest.fail(f"the call did not resolve within {seconds} s (the engine waits on itself)")
-        return exc
+    return _outcome(_in_thread(fn), seconds, "the call (the engine waits on itself)")
 
 
 @pytest.fixture
