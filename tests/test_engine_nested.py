@@ -296,3 +296,73 @@ def test_a_child_forked_inside_a_loader_may_load_that_model() -> None:
         assert answers == [EXPECTED]
     finally:
         _bounded(pool.clear)
+
+
+@pytest.mark.parametrize("how", ["timeout", "async"])
+def test_two_loaders_calling_each_others_model_end_at_their_timeout(how: str) -> None:
+    """A cycle is not recognised, but its timeouts must still end it. A loader's calls load
+    inline; at first their wait for the *other* loader's slot had no limit, so two loaders
+    calling each other's model held each other for good and every later call of either model
+    timed out. Their waits now end at the call's timeout, and the models load afterwards."""
+    pool = ModelPool()
+    tag = uuid.uuid4().hex[:8]
+    a = ModelSpec("a", backend=f"cycle-a-{tag}", device="cpu")
+    b = ModelSpec("b", backend=f"cycle-b-{tag}", device="cpu")
+    both_loading = threading.Barrier(2)
+    nest = [True]
+
+    def loader(other: ModelSpec) -> Callable[[ModelSpec, Any], FakeReranker]:
+        def load(spec: ModelSpec, provider: Any) -> FakeReranker:
+            if nest[0]:
+                both_loading.wait(5)
+                if how == "timeout":
+                    pool.score_pairs(other, PAIRS, timeout=0.5)
+                else:
+                    asyncio.run(pool.ascore_pairs(other, PAIRS, timeout=0.5))
+            return FakeReranker()
+
+        return load
+
+    register_backend(a.backend, loader(b), "reranker", uses_torch=False, replace=True)
+    register_backend(b.backend, loader(a), "reranker", uses_torch=False, replace=True)
+    try:
+        calls = [_in_thread(lambda spec=spec: pool.score_pairs(spec, PAIRS)) for spec in (a, b)]
+        outcomes = [_outcome(call, 10, "a loader in a cycle") for call in calls]
+        # At least one nested wait timed out and failed its load (the other may then finish).
+        assert any(isinstance(o, ModelLoadError | RequestTimeoutError) for o in outcomes)
+        nest[0] = False
+        for spec in (a, b):  # nothing is left holding either model's slot
+            assert _bounded(lambda spec=spec: pool.score_pairs(spec, PAIRS, timeout=5)) == EXPECTED
+    finally:
+        _bounded(pool.clear)
+
+
+def test_binding_torch_threads_where_python_refuses_new_threads() -> None:
+    """At exit on CPython 3.12.0-3.12.2 no short-lived thread can read torch's process-wide
+    count: the binding still takes effect (it used to be undone by its own restore step)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import threading, torch
+        from rag_rerank_plugins import _cpu, _exitsafe
+        torch.set_num_threads(2)
+        _exitsafe.start_thread = lambda thread: False  # as at exit on 3.12.0-3.12.2
+        seen = []
+        def bind():
+            torch.get_num_threads()
+            _cpu.set_thread_torch_threads(1)
+            seen.append(torch.get_num_threads())
+        t = threading.Thread(target=bind)
+        _exitsafe.threading.Thread.start(t)
+        t.join()
+        print(seen)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[1]", done.stdout

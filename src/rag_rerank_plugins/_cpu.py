@@ -122,9 +122,14 @@ def set_thread_torch_threads(threads: int) -> None:
     if torch.get_num_threads() == threads:  # also this thread's first call: it adopts the value
         return
     with _bind_lock:
-        shared = _fresh_thread(torch.get_num_threads)
+        try:
+            shared = _fresh_thread(torch.get_num_threads)
+        except _NoThread:  # Python is exiting and refuses threads: the default goes too
+            torch.set_num_threads(threads)
+            return
         torch.set_num_threads(threads)
-        _fresh_thread(lambda: torch.set_num_threads(shared))
+        with contextlib.suppress(_NoThread):
+            _fresh_thread(lambda: torch.set_num_threads(shared))
 
 
 def _forked_worker_thread() -> int | None:
@@ -178,14 +183,18 @@ def fork_safe_threads() -> Iterator[None]:
         set_thread_torch_threads(before)
 
 
+class _NoThread(Exception):
+    """Python is exiting and refuses new threads (CPython 3.12.0-3.12.2)."""
+
+
 def _fresh_thread(call: Callable[[], _T]) -> _T:
     """``call()`` on a new, short-lived thread (its torch thread count is the process-wide one)."""
     from ._exitsafe import start_thread  # asyncio: not at this module's (eager) import
 
     out: list[_T] = []
     thread = threading.Thread(target=lambda: out.append(call()), name="rag-rerank-torch-threads")
-    if not start_thread(thread):  # Python is exiting and refuses threads: here, near enough
-        return call()
+    if not start_thread(thread):
+        raise _NoThread
     thread.join()
     if not out:
         raise RuntimeError("setting torch's thread count failed; see the thread's traceback above")

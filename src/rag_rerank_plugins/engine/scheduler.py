@@ -101,9 +101,9 @@ class Scheduler:
             if not start_thread(self._thread):  # before the request is queued: refused whole
                 self._thread = None
                 raise InferenceError(
-                    f"{self.name}: the interpreter is exiting and refuses new threads (Python "
-                    "3.12.0-3.12.2), so this model's worker cannot start. Call the model "
-                    "once before exit (its worker then serves exit hooks), or use Python 3.12.3+."
+                    f"{self.name}: the interpreter is exiting and refused a new thread (CPython "
+                    "3.12.0-3.12.2 refuse every one then), so this model's worker cannot start. "
+                    "Call the model once before exit (its worker then serves exit hooks)."
                 )
 
     def _run(self) -> None:
@@ -136,9 +136,15 @@ class Scheduler:
                 held = list(self._live)
         for request in held:
             request.fail(error)
+        stranded: list[Request] = []
         with self._queue.cond:
             if len(self._queue) and not self._queue.closing:
-                self._ensure_worker()  # untouched requests still queued get a fresh worker
+                try:
+                    self._ensure_worker()  # untouched requests still queued get a fresh worker
+                except InferenceError as refused:  # exiting, and no thread to be had
+                    error, stranded = refused, list(self._live)
+        for request in stranded:
+            request.fail(error)
 
     def close(self) -> None:
         """Stop accepting work, finish what is queued, and stop the threads."""

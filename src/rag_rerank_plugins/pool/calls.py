@@ -15,7 +15,9 @@ progress bar's lock left held: docs/troubleshooting.md), raises :class:`RequestT
 the deadline instead of holding the caller; a load that has begun goes on in its thread and later
 calls use the model once it is in, while one that had not begun (waiting its turn behind other
 loads under a memory budget) never starts, so callers that gave up load nothing for nobody.
-Without a timeout a call waits for the load as before.
+Without a timeout a call waits for the load as before. A call made inside a loader (a backend
+that uses another model of the pool while it loads) loads in the loader's thread instead, its
+own event loop's included; its timeout then bounds the wait for a load in another thread.
 """
 
 from __future__ import annotations

@@ -62,10 +62,13 @@ class LoadWaits(PoolState):
         self, spec: ModelSpec, deadline: float | None, pin: bool | None = None
     ) -> tuple[ModelHandle, bool]:
         """:meth:`_get`, waiting for a load until ``deadline`` at most; and whether it waited
-        (then the request gets what is left of the deadline). ``pin``: the pool's default."""
+        (then the request gets what is left of the deadline). ``pin``: the pool's default. A
+        loader's own call loads in its thread (:meth:`_inline_get`)."""
         pin = self._pins if pin is None else pin
-        if deadline is None or self._loading_in_this_thread():  # a loader's: inline, untimed
+        if deadline is None:
             return self._get(spec, pin=pin, start_over=True), False
+        if self._loading_in_this_thread():
+            return self._inline_get(spec, deadline, pin), False
         started, waited = time.monotonic(), False
         while True:
             handle = self._loaded(spec, pin)
@@ -92,9 +95,10 @@ class LoadWaits(PoolState):
     async def _aget(self, spec: ModelSpec, deadline: float | None) -> tuple[ModelHandle, bool]:
         """:meth:`_get_by` for coroutines: a loaded handle at once; a load (first call, or after
         a release, an eviction or an idle unload), its warm-up and any eviction it causes run
-        in the shared thread, so the event loop keeps running while the model loads."""
-        if self._loading_in_this_thread():  # a loader's own event loop: inline, as _get_by
-            return self._get(spec, pin=self._pins, start_over=True), False
+        in the shared thread, so the event loop keeps running while the model loads. On a
+        loader's own event loop (``asyncio.run`` inside a loader) it loads inline instead."""
+        if self._loading_in_this_thread():
+            return self._inline_get(spec, deadline, self._pins), False
         started, waited = time.monotonic(), False
         while True:
             handle = self._loaded(spec, self._pins)
@@ -143,6 +147,25 @@ class LoadWaits(PoolState):
             model = handle._model  # None: released since the lookup (a racing release)
             if model is not None:
                 return handle, model
+
+    def _inline_get(self, spec: ModelSpec, deadline: float | None, pin: bool) -> ModelHandle:
+        """A loader's own call (:meth:`_loading_in_this_thread`) loads in the loader's thread:
+        under a budget the loader holds the memory lock a load thread would wait for. Waiting
+        for another thread's load of the spec still ends at ``deadline`` (two loaders that call
+        each other's model would otherwise hold each other's slot for good)."""
+        started = time.monotonic()
+        wanted = None if deadline is None else (lambda: time.monotonic() < deadline)
+        try:
+            return self._get(spec, pin=pin, start_over=True, wanted=wanted)
+        except Unwanted:
+            key = self._keys.get(spec)
+            if key is not None:
+                self._stats_for(key).add(calls=1, errors=1)
+            raise RequestTimeoutError(
+                f"{spec.model!r} was still loading in another thread after "
+                f"{time.monotonic() - started:.1f} s, past the call's timeout (a call made "
+                "inside a loader). Retry, or preload the model at startup (ModelPool.preload)."
+            ) from None
 
     def _join(self, spec: ModelSpec) -> SharedLoad:
         """The spec's shared load, started if none runs, with this caller counted as waiting."""
